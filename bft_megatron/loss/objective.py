@@ -1,0 +1,213 @@
+"""The SFT / DFT / BFT objective over per-token NLL and sample boundaries.
+
+Layer two of the loss: pure tensor math on ``[tokens]`` vectors (never on logits). Its only
+communication is the optional context-parallel all-gather of two floats per token.
+
+Flattened view used throughout (``N`` = tokens of the *global* sequence, ``S`` = samples):
+``seg[t]`` = sample id of token t (``S`` for trailing padding), ``m[t]`` = supervised flag,
+``a[t] = -nll[t] = log c[t]``. Supervised tokens are *compacted* by a cumulative sum of ``m``: the
+compacted index ``k[t]`` orders every sample's supervised tokens contiguously, so all window sums of
+the spec are differences of one float64 prefix sum over the compacted sequence; per-sample minima are
+``scatter_reduce(amin)``. No per-sample Python loop, no host synchronisation, O(N) memory.
+
+Gradient placement: every weight (token weight ``w``, sample weight ``s_b``, ``1/n_b``) is detached, so
+``loss_sum = sum_t coef[t] * nll[t]`` back-propagates ``coef[t] * (softmax - onehot)`` into the logits
+through the cross-entropy's own backward, with no extra pass over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from bft_megatron.loss.metrics import MetricPartials
+from bft_megatron.parallel.context_parallel import local_to_global_positions
+
+__all__ = ["objective", "METHODS", "VARIANTS"]
+
+METHODS = ("sft", "dft", "bft")
+VARIANTS = ("v1", "v3")
+
+
+def _check_args(nll, loss_mask, method, variant, group_size, gamma, eps, cu_seqlens) -> None:
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if not gamma > 0:
+        raise ValueError(f"gamma must be > 0, got {gamma!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if nll.dim() != 2 or nll.shape != loss_mask.shape:
+        raise ValueError(f"nll and loss_mask must both be [b, s]; got {tuple(nll.shape)} and {tuple(loss_mask.shape)}")
+    if cu_seqlens is not None and (nll.shape[0] != 1 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2):
+        raise ValueError(f"packed input needs nll [1, T] and cu_seqlens [S+1]; got nll {tuple(nll.shape)}, "
+                         f"cu_seqlens {tuple(cu_seqlens.shape)}")
+
+
+def _sample_ids(shape: tuple[int, int], cu_seqlens: torch.Tensor | None, device) -> tuple[torch.Tensor, int]:
+    """``seg[N]`` (int64) for the global flat sequence and the number of samples ``S``."""
+    batch, length = shape
+    if cu_seqlens is None:
+        return torch.arange(batch, device=device).repeat_interleave(length), batch
+    pos = torch.arange(length, device=device)
+    seg = torch.searchsorted(cu_seqlens.to(torch.int64)[1:], pos, right=True)
+    return seg, cu_seqlens.numel() - 1
+
+
+def _gather_cp(a: torch.Tensor, m: torch.Tensor, global_len: int, positions: list[torch.Tensor], cp_group):
+    """All-gather ``(a, m)`` of every CP rank and scatter them into global token order."""
+    local = torch.stack((a, m))
+    parts = [torch.empty_like(local) for _ in positions]
+    dist.all_gather(parts, local, group=cp_group)
+    full = local.new_zeros(2, global_len)
+    full[:, torch.cat(positions)] = torch.cat(parts, dim=1)
+    return full[0], full[1]
+
+
+def _segment_prefix(values: torch.Tensor, k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Float64 prefix sums over the compacted supervised sequence: ``P[j] = sum of values[:j]``.
+
+    ``values`` ``[N, C]`` are scattered to their compacted slots ``k`` (unsupervised tokens go to a
+    discarded slot ``N``), then cumulated; ``P`` has ``N+1`` rows.
+    """
+    n = values.shape[0]
+    slots = torch.where(m, k, n)
+    comp = values.new_zeros(n + 1, values.shape[1], dtype=torch.float64)
+    comp.index_copy_(0, slots, torch.where(m.unsqueeze(1), values.double(), 0.0))
+    prefix = comp.new_zeros(n + 1, values.shape[1])
+    prefix[1:] = torch.cumsum(comp[:n], dim=0)
+    return prefix
+
+
+def _segment_min(values: torch.Tensor, index: torch.Tensor, num: int) -> torch.Tensor:
+    """Per-sample minimum of ``values`` (``index == num`` discards); +inf where a sample has none."""
+    out = values.new_full((num + 1,), float("inf"))
+    return out.scatter_reduce_(0, index, values, reduce="amin", include_self=True)[:num]
+
+
+def _bft_weights(a, m, seg, num_samples, variant, g, gamma, eps):
+    """Token weights ``w[N]``, per-sample ``p_b``, ``s_b``, ``n_b`` for BFT (all detached)."""
+    n_tok = a.shape[0]
+    m_int = m.to(torch.int64)
+    k = torch.cumsum(m_int, 0) - 1                                   # compacted index of each token
+    n_b = torch.zeros(num_samples + 1, dtype=torch.int64, device=a.device).index_add_(0, seg, m_int)[:num_samples]
+    start = torch.cumsum(n_b, 0) - n_b                               # first compacted slot of each sample
+    sid = seg.clamp(max=num_samples - 1)
+    tok_start, tok_end = start[sid], (start + n_b)[sid]
+    c = torch.exp(a)
+    if variant == "v1":
+        prefix = _segment_prefix(a.unsqueeze(1), k, m)[:, 0]          # sums of log c
+        hi = k + g
+        valid = m & (hi <= tok_end)                                  # full windows starting at k
+        window = prefix[hi.clamp(max=n_tok)] - prefix[k.clamp(min=0)]
+        min_window = _segment_min(torch.where(valid, window, float("inf")), torch.where(valid, seg, num_samples),
+                                  num_samples)
+        total = prefix[start + n_b] - prefix[start]
+        log_p = torch.where(n_b >= g, min_window / g, total / n_b.clamp(min=1))
+        p = torch.exp(log_p).clamp(0.0, 1.0)
+        w = c
+    else:
+        prefix = _segment_prefix(c.unsqueeze(1), k, m)[:, 0]          # sums of c
+        lo = torch.maximum(k - (g - 1) // 2, tok_start)
+        hi = torch.minimum(k + g // 2, tok_end - 1)                   # ceil((g-1)/2) == g // 2
+        lo, hi = torch.where(m, lo, 0), torch.where(m, hi, 0)
+        c_loc = (prefix[hi + 1] - prefix[lo]) / (hi - lo + 1).clamp(min=1)
+        p = _segment_min(torch.where(m, c_loc, float("inf")), torch.where(m, seg, num_samples), num_samples)
+        p = torch.where(n_b > 0, p, 1.0).clamp(0.0, 1.0)
+        w = torch.clamp(c.double() / (c_loc + eps), 0.0, 1.0)
+    s = 1.0 - p.pow(gamma)
+    return w.float(), p, s, n_b
+
+
+def objective(
+    nll: torch.Tensor,
+    loss_mask: torch.Tensor,
+    *,
+    method: str = "bft",
+    variant: str = "v1",
+    group_size: int = 256,
+    gamma: float = 1.0,
+    eps: float = 1e-6,
+    cu_seqlens: torch.Tensor | None = None,
+    cp_group: dist.ProcessGroup | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, MetricPartials]:
+    """SFT / DFT / BFT loss as ``(loss_sum, num_units, metrics)`` for Megatron's per-token-loss contract.
+
+    Args:
+        nll: per-token NLL, ``[b, s]`` (padded: each row a sample) or ``[1, T]`` with ``cu_seqlens``
+            (packed: each segment a sample). Under context parallelism this rank's load-balanced shard
+            (``[b, s/CP]`` / ``[1, T/CP]``), and ``cu_seqlens`` are the *global* boundaries, each sample
+            padded to a multiple of ``2*CP`` (padding masked).
+        loss_mask: same shape; nonzero where the label is supervised.
+        method: ``sft`` (w=1, s=1), ``dft`` (w=sg(c), s=1), ``bft`` (per-sample weight ``1 - p_b**gamma``).
+        variant: BFT variant, ``v1`` (released code: min window mean of log c) or ``v3`` (paper:
+            group-normalised token weights). Ignored for sft/dft.
+        group_size, gamma, eps: BFT's ``g``, ``gamma`` and ``eps``.
+        cp_group: context-parallel group, or None.
+
+    Returns:
+        ``loss_sum`` fp32 scalar (a sum: the caller divides by the global ``num_units``);
+        ``num_units`` 0-dim int64: supervised tokens (sft/dft) or samples with >= 1 supervised token
+        (bft; counted on CP rank 0 only); ``metrics`` local :class:`MetricPartials`.
+    """
+    _check_args(nll, loss_mask, method, variant, group_size, gamma, eps, cu_seqlens)
+    l_loc = nll.float().reshape(-1)
+    m_loc = loss_mask.reshape(-1) != 0
+    metrics = MetricPartials()
+    tokens = m_loc.sum()
+    metrics.add_sum("lm_loss", torch.where(m_loc, l_loc.detach(), 0.0).sum(), tokens)
+    if method == "sft":
+        metrics.add_sum("token_weight", tokens.double(), tokens)
+        return torch.where(m_loc, l_loc, 0.0).sum(), tokens.to(torch.int64), metrics
+    c_loc = torch.exp(-l_loc.detach())
+    if method == "dft":
+        coef = torch.where(m_loc, c_loc, 0.0)
+        metrics.add_sum("token_weight", coef.sum(), tokens)
+        return (coef * l_loc).sum(), tokens.to(torch.int64), metrics
+    return _bft(l_loc, m_loc, tuple(nll.shape), variant, group_size, gamma, eps, cu_seqlens, cp_group, metrics)
+
+
+def _bft(l_loc, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, cp_group, metrics):
+    cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
+    cp_rank = dist.get_rank(cp_group) if cp_group is not None else 0
+    a_loc = -l_loc.detach()
+    batch, local_len = local_shape
+    global_shape = (batch, local_len * cp_size)
+    if cp_size > 1:
+        positions = [local_to_global_positions(local_shape, cp_size, r, cu_seqlens, l_loc.device)
+                     for r in range(cp_size)]
+        a, m_f = _gather_cp(a_loc, m_loc.float(), batch * local_len * cp_size, positions, cp_group)
+        m = m_f != 0
+    else:
+        positions, a, m = None, a_loc, m_loc
+    seg, num_samples = _sample_ids(global_shape, cu_seqlens, l_loc.device)
+    m = m & (seg < num_samples)
+    seg = torch.where(m, seg, num_samples)
+    w, p, s, n_b = _bft_weights(a, m, seg, num_samples, variant, g, gamma, eps)
+    sid = seg.clamp(max=num_samples - 1)
+    coef = torch.where(m, w.double() * (s / n_b.clamp(min=1))[sid], 0.0).float()
+    w_tok = torch.where(m, w, 0.0)
+    if positions is not None:
+        mine = positions[cp_rank]
+        coef, w_tok = coef[mine], w_tok[mine]
+    loss_sum = (coef * l_loc).sum()
+    present = n_b > 0
+    count_here = cp_rank == 0                                        # per-sample stats: CP rank 0 only
+    num_units = present.sum() if count_here else present.sum() * 0
+    _sample_metrics(metrics, p, s, n_b, present, g, count_here)
+    metrics.add_sum("token_weight", w_tok.sum(), m_loc.sum())
+    return loss_sum, num_units.to(torch.int64), metrics
+
+
+def _sample_metrics(metrics: MetricPartials, p, s, n_b, present, g, count_here: bool) -> None:
+    scale = 1.0 if count_here else 0.0
+    count = present.sum() * scale
+    metrics.add_sum("p_conf", torch.where(present, p, 0.0).sum() * scale, count)
+    metrics.add_sum("sample_weight", torch.where(present, s, 0.0).sum() * scale, count)
+    metrics.add_sum("short_frac", (present & (n_b < g)).sum() * scale, count)
+    inf = torch.tensor(float("inf"), dtype=p.dtype, device=p.device)
+    metrics.add_min("p_conf", torch.where(present, p, inf).amin() if count_here else inf)
+    metrics.add_max("p_conf", torch.where(present, p, -inf).amax() if count_here else -inf)

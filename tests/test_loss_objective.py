@@ -1,0 +1,227 @@
+"""The objective (and the NLL feeding it) against the spec's worked example and the per-sample oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bft_megatron.loss import objective, reduce_metrics, vocab_parallel_nll
+from tests.loss_reference import _reference_loss_from_logits, _reference_objective
+
+FP32 = dict(atol=1e-6, rtol=1e-6)
+CASES = [("sft", "v1"), ("dft", "v1"), ("bft", "v1"), ("bft", "v3")]
+
+
+def _worked_example():
+    nll = torch.tensor([[9, 9, 0.1, 0.2, 2.0, 3.0, 0.1, 0.05], [9, 9, 1, 1, 1, 1, 1, 1.0]])
+    mask = torch.zeros(2, 8)
+    mask[:, 2:] = 1
+    return nll, mask
+
+
+@pytest.mark.parametrize("variant,expected_p,expected", [
+    ("v1", [0.265803, 0.367879], 0.165972),
+    ("v3", [0.477173, 0.367879], 0.373132),
+])
+def test_spec_worked_example(variant, expected_p, expected):
+    nll, mask = _worked_example()
+    loss_sum, units, metrics = objective(nll, mask, variant=variant, group_size=4)
+    assert units.dtype == torch.int64 and units.dim() == 0 and int(units) == 2
+    assert float(loss_sum / units) == pytest.approx(expected, abs=1e-6)
+    ref, ref_p = _reference_objective(nll, mask, variant=variant, group_size=4)
+    assert float(ref) == pytest.approx(expected, abs=1e-6)
+    assert ref_p == pytest.approx(expected_p, abs=1e-6)
+    stats = reduce_metrics(metrics)
+    assert stats["p_conf_min"] == pytest.approx(min(expected_p), abs=1e-6)
+    assert stats["p_conf_max"] == pytest.approx(max(expected_p), abs=1e-6)
+    assert stats["p_conf"] == pytest.approx(sum(expected_p) / 2, abs=1e-6)
+    assert stats["sample_weight"] == pytest.approx(1 - sum(expected_p) / 2, abs=1e-6)
+    assert stats["short_frac"] == 0.0
+
+
+def _multi_turn_mask(gen, batch, length, p_empty=0.15):
+    """Random masks made of 0-3 assistant spans per row, some rows empty."""
+    mask = torch.zeros(batch, length)
+    for b in range(batch):
+        if torch.rand(1, generator=gen).item() < p_empty:
+            continue
+        for _ in range(int(torch.randint(1, 4, (1,), generator=gen))):
+            lo = int(torch.randint(0, length, (1,), generator=gen))
+            hi = int(torch.randint(lo, length + 1, (1,), generator=gen))
+            mask[b, lo:hi] = 1
+    return mask
+
+
+def _random_case(seed, batch=3, length=40, vocab=17, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, length, vocab, generator=gen) * scale
+    labels = torch.randint(0, vocab, (batch, length), generator=gen)
+    return logits, labels, _multi_turn_mask(gen, batch, length)
+
+
+def _ours(logits, labels, mask, **kw):
+    nll = vocab_parallel_nll(logits, labels)
+    loss_sum, units, _ = objective(nll, mask, **kw)
+    return loss_sum / units.clamp(min=1)
+
+
+def _check_against_oracle(logits, labels, mask, tol, **kw):
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().double().requires_grad_(True)
+    ours = _ours(x1, labels, mask, **kw)
+    ref = _reference_loss_from_logits(x2, labels, mask, **kw)
+    ours.backward()
+    ref.backward()
+    torch.testing.assert_close(ours.double(), ref.detach(), **tol)
+    torch.testing.assert_close(x1.grad.double(), x2.grad, **tol)
+
+
+@pytest.mark.parametrize("method,variant", CASES)
+@pytest.mark.parametrize("group_size", [1, 3, 8, 64])
+@pytest.mark.parametrize("gamma", [1.0, 2.0])
+def test_random_multiturn_against_oracle(method, variant, group_size, gamma):
+    for seed in range(3):
+        logits, labels, mask = _random_case(seed, scale=1.0)
+        _check_against_oracle(logits, labels, mask, FP32, method=method, variant=variant, group_size=group_size,
+                              gamma=gamma)
+
+
+@pytest.mark.parametrize("method,variant", CASES)
+def test_extreme_logits_and_gamma(method, variant):
+    logits, labels, mask = _random_case(7, scale=60.0)
+    _check_against_oracle(logits, labels, mask, FP32, method=method, variant=variant, group_size=5, gamma=2.5,
+                          eps=1e-3)
+
+
+def test_windows_use_compacted_supervised_tokens():
+    # Two turns separated by unsupervised prompt tokens: the v1 window of size 4 must span both turns.
+    nll = torch.tensor([[0.1, 0.1, 9.0, 9.0, 9.0, 2.0, 2.0]])
+    mask = torch.tensor([[1, 1, 0, 0, 0, 1, 1.0]])
+    loss_sum, units, metrics = objective(nll, mask, group_size=4)
+    p = torch.exp(-torch.tensor([0.1, 0.1, 2.0, 2.0]).mean())
+    assert reduce_metrics(metrics)["p_conf"] == pytest.approx(float(p), rel=1e-6)
+
+
+def test_short_and_empty_samples():
+    nll = torch.tensor([[0.5, 1.0, 1.5, 0.0], [3.0, 3.0, 3.0, 3.0], [1.0, 2.0, 3.0, 4.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [0, 0, 0, 0], [1, 1, 1, 1.0]])
+    loss_sum, units, metrics = objective(nll, mask, group_size=4)
+    assert int(units) == 2                                   # the empty row is not a sample
+    stats = reduce_metrics(metrics)
+    assert stats["short_frac"] == pytest.approx(0.5)
+    p_short = float(torch.exp(-torch.tensor([0.5, 1.0, 1.5]).mean()))   # geometric mean
+    p_full = float(torch.exp(-torch.tensor([1.0, 2.0, 3.0, 4.0]).mean()))
+    assert stats["p_conf_max"] == pytest.approx(max(p_short, p_full), rel=1e-6)
+    all_empty = objective(nll, torch.zeros_like(mask), group_size=4)
+    assert int(all_empty[1]) == 0 and float(all_empty[0]) == 0.0
+
+
+def test_single_microbatch_mean_equals_loss():
+    # Spec: on one micro-batch whose samples all have supervised tokens, loss_sum / num_units is the loss.
+    logits, labels, _ = _random_case(11)
+    mask = torch.ones(labels.shape)
+    mask[:, :5] = 0
+    for method, variant in CASES:
+        ours = _ours(logits, labels, mask, method=method, variant=variant, group_size=6)
+        ref = _reference_loss_from_logits(logits.double(), labels, mask, method=method, variant=variant, group_size=6)
+        torch.testing.assert_close(ours.double(), ref, **FP32)
+
+
+@pytest.mark.parametrize("method,variant", CASES)
+def test_packed_equals_padded(method, variant):
+    gen = torch.Generator().manual_seed(3)
+    lengths = [9, 14, 5, 12]
+    nll = torch.rand(len(lengths), max(lengths), generator=gen) * 4
+    mask = _multi_turn_mask(gen, len(lengths), max(lengths), p_empty=0.0)
+    for b, n in enumerate(lengths):
+        mask[b, n:] = 0
+    packed_nll = torch.cat([nll[b, :n] for b, n in enumerate(lengths)]).unsqueeze(0)
+    packed_mask = torch.cat([mask[b, :n] for b, n in enumerate(lengths)]).unsqueeze(0)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    kw = dict(method=method, variant=variant, group_size=4)
+    a_sum, a_units, a_m = objective(nll, mask, **kw)
+    b_sum, b_units, b_m = objective(packed_nll, packed_mask, cu_seqlens=cu, **kw)
+    assert int(a_units) == int(b_units)
+    torch.testing.assert_close(a_sum, b_sum, **FP32)
+    assert reduce_metrics(a_m).keys() == reduce_metrics(b_m).keys()
+    # A packed row is *not* one sample: treating it as one changes the BFT objective.
+    if method == "bft":
+        one_row = objective(packed_nll, packed_mask, **kw)
+        assert int(one_row[1]) == 1
+
+
+def test_packed_trailing_padding_is_ignored():
+    nll = torch.tensor([[1.0, 2.0, 3.0, 0.5, 0.5, 7.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1.0]])   # the two trailing tokens lie past cu_seqlens[-1]
+    cu = torch.tensor([0, 3, 5])
+    loss_sum, units, _ = objective(nll, mask, cu_seqlens=cu, group_size=2)
+    ref = _reference_objective(nll[:, :5], mask[:, :5], cu_seqlens=cu, group_size=2)[0]
+    assert int(units) == 2
+    torch.testing.assert_close(loss_sum / units, ref.float(), **FP32)
+
+
+def test_bf16_logits_within_tolerance():
+    # bf16 logits (the model's output dtype): compared with the fp64 oracle on the *same* bf16 values,
+    # the only extra error is the bf16 rounding of the returned gradient.
+    logits, labels, mask = _random_case(5, batch=4, length=64, vocab=50)
+    logits = logits.bfloat16()
+    for method, variant in CASES:
+        x1 = logits.clone().requires_grad_(True)
+        x2 = logits.double().requires_grad_(True)
+        ours = _ours(x1, labels, mask, method=method, variant=variant, group_size=16)
+        ref = _reference_loss_from_logits(x2, labels, mask, method=method, variant=variant, group_size=16)
+        ours.backward()
+        ref.backward()
+        assert x1.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(ours.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x1.grad.double(), x2.grad, atol=1e-4, rtol=1e-2)
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(method="ppo"), "method"), (dict(variant="v2"), "variant"), (dict(group_size=0), "group_size"),
+    (dict(group_size=2.0), "group_size"), (dict(gamma=0.0), "gamma"), (dict(eps=-1.0), "eps"),
+])
+def test_bad_arguments_name_the_field(kwargs, field):
+    nll, mask = _worked_example()
+    with pytest.raises(ValueError, match=field):
+        objective(nll, mask, **kwargs)
+
+
+def test_bad_shapes_are_rejected():
+    nll, mask = _worked_example()
+    with pytest.raises(ValueError, match="loss_mask"):
+        objective(nll, mask[:, :4])
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        objective(nll, mask, cu_seqlens=torch.tensor([0, 8]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 10_000),
+    batch=st.integers(1, 4),
+    length=st.integers(1, 33),
+    group_size=st.integers(1, 40),
+    case=st.sampled_from(CASES),
+    packed=st.booleans(),
+)
+def test_hypothesis_random_shapes(seed, batch, length, group_size, case, packed):
+    gen = torch.Generator().manual_seed(seed)
+    nll = torch.rand(batch, length, generator=gen).double() * 5
+    mask = (torch.rand(batch, length, generator=gen) < 0.6).double()
+    cu = None
+    if packed:
+        nll, mask = nll.reshape(1, -1), mask.reshape(1, -1)
+        cuts = torch.randint(0, batch * length + 1, (3,), generator=gen).sort().values.tolist()
+        cu = torch.tensor(sorted({0, batch * length, *cuts}))
+    method, variant = case
+    x = nll.clone().requires_grad_(True)
+    loss_sum, units, _ = objective(x, mask, method=method, variant=variant, group_size=group_size, cu_seqlens=cu)
+    ours = loss_sum / units.clamp(min=1)
+    y = nll.clone().requires_grad_(True)
+    ref, _ = _reference_objective(y, mask, method=method, variant=variant, group_size=group_size, cu_seqlens=cu)
+    (ours + 0 * x.sum()).backward()
+    (ref + 0 * y.sum()).backward()
+    torch.testing.assert_close(ours.double(), ref.detach(), **FP32)
+    torch.testing.assert_close(x.grad, y.grad, **FP32)
