@@ -88,14 +88,14 @@ def vocab_parallel_nll(
     Args:
         logits: ``[..., V/TP]`` this rank's contiguous vocabulary slice (Megatron: ``[s, b, V/TP]``),
             any float dtype. Rank ``r`` of ``tp_group`` owns columns ``r*V/TP .. (r+1)*V/TP``.
-        labels: ``[...]`` int64 global vocabulary ids. Ids outside ``[0, V)`` (e.g. -100) give
-            ``logsumexp`` and must be masked by the caller.
+        labels: ``[...]`` int64 global vocabulary ids. Ids outside ``[0, V)`` (e.g. -100) give a
+            finite, meaningless value and must be masked by the caller.
         tp_group: the tensor-parallel group; ``None`` or a group of size 1 means no communication.
         inplace: for fp32 logits, reuse their storage as the work buffer (saves one copy; the
             caller's logits are clobbered). bf16/fp16 logits are never modified.
 
     Returns:
-        fp32 ``[...]`` per-token NLL, identical on every rank of ``tp_group``. Backward writes the
+        fp32 ``[...]`` per-token NLL (computed in fp32 whatever the input dtype), identical on every rank of ``tp_group``. Backward writes the
         gradient into the saved softmax buffer (no extra ``[tokens, V/TP]`` allocation in fp32).
     """
     if logits.shape[:-1] != labels.shape:
