@@ -76,9 +76,9 @@ def _methods(mcore_ce, labels, mask, cu):
         loss = F.cross_entropy(x.float().view(-1, x.shape[-1]), labels.view(-1), reduction="none")
         return (loss * m_sb.view(-1)).sum() / m_sb.sum()
 
-    def ours(method, variant="v1"):
+    def ours(method, variant="v1", impl="torch", inplace=False):
         def fn(x):
-            nll = vocab_parallel_nll(x, labels)                       # [s, 1]
+            nll = vocab_parallel_nll(x, labels, impl=impl, inplace=inplace)   # [s, 1]
             loss_sum, units, _ = objective(nll.t(), m_sb.t(), method=method, variant=variant, cu_seqlens=cu)
             return loss_sum / units
         return fn
@@ -87,10 +87,15 @@ def _methods(mcore_ce, labels, mask, cu):
         "megatron-core vocab_parallel_cross_entropy": mcore,
         "torch cross_entropy (fp32 upcast)": torch_ce,
         "straightforward BFT (authors' style)": lambda x: _naive_bft(x, labels, mask, cu),
-        "bft_megatron sft": ours("sft"),
-        "bft_megatron dft": ours("dft"),
-        "bft_megatron bft v1": ours("bft", "v1"),
-        "bft_megatron bft v3": ours("bft", "v3"),
+        "bft_megatron sft (eager NLL)": ours("sft"),
+        "bft_megatron dft (eager NLL)": ours("dft"),
+        "bft_megatron bft v1 (eager NLL)": ours("bft", "v1"),
+        "bft_megatron bft v3 (eager NLL)": ours("bft", "v3"),
+        "bft_megatron sft (triton NLL)": ours("sft", impl="triton"),
+        "bft_megatron dft (triton NLL)": ours("dft", impl="triton"),
+        "bft_megatron bft v1 (triton NLL)": ours("bft", "v1", impl="triton"),
+        "bft_megatron bft v3 (triton NLL)": ours("bft", "v3", impl="triton"),
+        "bft_megatron bft v1 (triton NLL, in-place grad)": ours("bft", "v1", impl="triton", inplace=True),
     }
 
 
