@@ -55,8 +55,9 @@ def test_no_host_synchronisation(method, variant, packed, impl):
         torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
-def test_triton_matches_eager_at_llm_vocab(dtype, tol):
+# Gradients: fp32 differ only by summation order (atol 1e-6); bf16 by one rounding of the output.
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 2e-5, 2e-2)])
+def test_triton_matches_eager_at_llm_vocab(dtype, atol, rtol):
     gen = torch.Generator(device="cuda").manual_seed(1)
     logits = (torch.randn(257, 2, 32003, device="cuda", generator=gen) * 4).to(dtype)
     labels = torch.randint(0, 32003, (257, 2), device="cuda", generator=gen)
@@ -69,7 +70,7 @@ def test_triton_matches_eager_at_llm_vocab(dtype, tol):
         out[impl] = (nll.detach(), x.grad)
     torch.testing.assert_close(out["triton"][0], out["torch"][0], atol=1e-5, rtol=1e-5)
     assert out["triton"][1].dtype == dtype
-    torch.testing.assert_close(out["triton"][1].float(), out["torch"][1].float(), atol=tol * 1e-3, rtol=tol)
+    torch.testing.assert_close(out["triton"][1].float(), out["torch"][1].float(), atol=atol, rtol=rtol)
 
 
 def test_triton_inplace_gradient_reuses_logits_storage():
