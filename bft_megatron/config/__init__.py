@@ -1,0 +1,10 @@
+"""Typed configuration: YAML + dotted CLI overrides -> dataclasses, validated before any model exists."""
+
+from bft_megatron.config.base import ConfigError, apply_overrides, from_dict, to_dict
+from bft_megatron.config.schema import (CheckpointConfig, Config, DataConfig, LoggingConfig, LossConfig, ModelConfig,
+                                        ParallelConfig, RopeScaling, TrainConfig, load_config)
+from bft_megatron.config.validate import Layout, validate
+
+__all__ = ["ConfigError", "apply_overrides", "from_dict", "to_dict", "Config", "ModelConfig", "ParallelConfig",
+           "TrainConfig", "LossConfig", "DataConfig", "CheckpointConfig", "LoggingConfig", "RopeScaling",
+           "load_config", "Layout", "validate"]

@@ -1,0 +1,1 @@
+"""The trainer: megatron-core schedules, DDP, optimizer, BFT loss, validation, logging."""

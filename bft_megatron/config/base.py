@@ -1,0 +1,173 @@
+"""Generic typed-config machinery: dataclasses <- YAML dicts, dotted CLI overrides, strict keys.
+
+* :func:`from_dict` builds a (nested) dataclass from a mapping, rejecting unknown keys with an
+  error naming the key and its section (``unknown key 'lrr' in section 'train'``).
+* :func:`parse_override` / :func:`apply_overrides` turn ``a.b=c`` strings into nested dicts, the
+  value parsed against the field's declared type (``train.lr=1e-4`` -> float, ``parallel.vp=null``
+  -> None, ``train.bf16=false`` -> bool).
+* :func:`to_dict` is the inverse (for logging and checkpoint metadata).
+
+Supported field types: bool, int, float, str, ``Literal[...]``, ``X | None``, nested dataclasses
+and ``dict``. No third-party schema library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
+
+import yaml
+
+__all__ = ["ConfigError", "from_dict", "to_dict", "parse_override", "apply_overrides", "load_yaml"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded or is invalid; the message names the field and value."""
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert one value against a declared type; ``where`` is ``section.field`` for errors."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where} must not be null")
+    if dataclasses.is_dataclass(inner):
+        if isinstance(value, inner):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        return from_dict(inner, value, where)
+    if typing.get_origin(inner) is Literal:
+        choices = typing.get_args(inner)
+        if value not in choices:
+            raise ConfigError(f"{where} must be one of {list(choices)}, got {value!r}")
+        return value
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if inner is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if inner is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if inner is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    if inner is dict or typing.get_origin(inner) is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{where} must be a mapping, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict | None, section: str = ""):
+    """Build dataclass ``cls`` from ``data``; unknown keys and bad types raise :class:`ConfigError`."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"section {section or cls.__name__!r} must be a mapping, got {data!r}")
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown key {key!r} in section {section or '<top>'!r}; "
+                              f"valid keys: {', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{section}.{k}" if section else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj) -> dict:
+    """Dataclass -> plain nested dict (YAML/JSON-serialisable)."""
+    return dataclasses.asdict(obj)
+
+
+def _field_type(cls, path: list[str]):
+    """Declared type of the dotted ``path`` inside dataclass ``cls`` (None if unknown)."""
+    tp = cls
+    for i, name in enumerate(path):
+        inner, _ = _unwrap_optional(tp)
+        if not dataclasses.is_dataclass(inner):
+            return None
+        hints = _hints(inner)
+        if name not in hints:
+            section = ".".join(path[:i]) or "<top>"
+            raise ConfigError(f"unknown key {name!r} in section {section!r}")
+        tp = hints[name]
+    return tp
+
+
+def _parse_scalar(text: str, tp) -> Any:
+    """Parse a CLI value: YAML scalar syntax, but keep strings for str fields (``name=1e3`` stays text)."""
+    inner, optional = _unwrap_optional(tp) if tp is not None else (None, False)
+    if optional and text.lower() in ("null", "none", "~"):
+        return None
+    if inner is str or (typing.get_origin(inner) is Literal and all(isinstance(c, str) for c in typing.get_args(inner))):
+        return text
+    if inner is float:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    return yaml.safe_load(text)
+
+
+def parse_override(item: str, cls) -> tuple[list[str], Any]:
+    """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4) typed against ``cls``."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, text = item.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {item!r} has an empty key")
+    return path, _parse_scalar(text.strip(), _field_type(cls, path))
+
+
+def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
+    """Return a copy of ``data`` with every ``a.b=c`` override applied (later ones win)."""
+    out = yaml.safe_load(yaml.safe_dump(data)) if data else {}
+    for item in overrides:
+        path, value = parse_override(item, cls)
+        node = out
+        for name in path[:-1]:
+            if not isinstance(node.get(name), dict):
+                node[name] = {}
+            node = node[name]
+        node[path[-1]] = value
+    return out
+
+
+def load_yaml(path: str) -> dict:
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data

@@ -1,0 +1,60 @@
+"""Read a Hugging Face ``config.json`` (Llama-3.x, Qwen2.x) into :class:`ModelConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from bft_megatron.config.base import ConfigError
+
+__all__ = ["model_fields_from_hf", "merge_hf_config"]
+
+_FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+
+
+def _rope_scaling(raw):
+    from bft_megatron.config.schema import RopeScaling
+
+    if not raw:
+        return None
+    kind = raw.get("rope_type", raw.get("type"))
+    if kind != "llama3":
+        raise ConfigError(f"model.rope_scaling: only rope_type 'llama3' is supported, got {kind!r}")
+    return RopeScaling(factor=float(raw["factor"]), low_freq_factor=float(raw["low_freq_factor"]),
+                       high_freq_factor=float(raw["high_freq_factor"]),
+                       original_max_position_embeddings=int(raw["original_max_position_embeddings"]))
+
+
+def model_fields_from_hf(hf: dict) -> dict:
+    """Map HF config keys to ours. Raises :class:`ConfigError` for an unsupported architecture."""
+    archs = hf.get("architectures") or []
+    family = next((_FAMILIES[a] for a in archs if a in _FAMILIES), None)
+    if family is None:
+        raise ConfigError(f"model.from_hf: unsupported architectures {archs!r}; expected one of {list(_FAMILIES)}")
+    heads = int(hf["num_attention_heads"])
+    return {
+        "family": family,
+        "hidden_size": int(hf["hidden_size"]),
+        "num_layers": int(hf["num_hidden_layers"]),
+        "num_attention_heads": heads,
+        "num_query_groups": int(hf.get("num_key_value_heads", heads)),
+        "ffn_hidden_size": int(hf["intermediate_size"]),
+        "vocab_size": int(hf["vocab_size"]),
+        "max_position_embeddings": int(hf.get("max_position_embeddings", 4096)),
+        "rope_theta": float(hf.get("rope_theta", 10000.0)),
+        "rope_scaling": _rope_scaling(hf.get("rope_scaling")),
+        "norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
+        "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
+        "qkv_bias": family == "qwen2" or bool(hf.get("attention_bias", False)),
+    }
+
+
+def merge_hf_config(model, explicit: set[str]):
+    """Fill ``model`` from ``model.from_hf/config.json``; keys set explicitly in YAML/CLI win."""
+    path = os.path.join(model.from_hf, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"model.from_hf: {path} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        fields = model_fields_from_hf(json.load(fh))
+    return dataclasses.replace(model, **{k: v for k, v in fields.items() if k not in explicit})

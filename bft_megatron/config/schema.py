@@ -1,0 +1,143 @@
+"""The training config: one dataclass per YAML section. Semantics of every field: docs/training.md."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from bft_megatron.config.base import apply_overrides, from_dict, load_yaml
+
+try:  # the data engineer's DataConfig (branch `data`); a minimal stand-in until it lands
+    from bft_megatron.config.data import DataConfig
+except ImportError:  # pragma: no cover - replaced when branch `data` is merged
+    from bft_megatron.config._data_placeholder import DataConfig
+
+__all__ = ["RopeScaling", "ModelConfig", "ParallelConfig", "TrainConfig", "LossConfig", "CheckpointConfig",
+           "LoggingConfig", "Config", "DataConfig", "load_config"]
+
+
+@dataclass
+class RopeScaling:
+    """Llama-3.x ``rope_scaling`` (``rope_type: llama3``)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass
+class ModelConfig:
+    """Architecture, HF naming. ``from_hf: DIR`` fills unset fields from ``DIR/config.json``."""
+
+    from_hf: str | None = None
+    family: Literal["llama", "qwen2"] = "llama"
+    hidden_size: int = 0
+    num_layers: int = 0
+    num_attention_heads: int = 0
+    num_query_groups: int | None = None  # None = num_attention_heads (MHA)
+    ffn_hidden_size: int = 0
+    vocab_size: int = 0
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    make_vocab_size_divisible_by: int = 128
+    init_method_std: float = 0.02
+
+    @property
+    def kv_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vp: int | None = None  # virtual pipeline chunks per pipeline rank (interleaved 1F1B)
+    cp: int = 1
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = False
+    bucket_size: int | None = None
+    timeout_minutes: int = 30
+
+
+@dataclass
+class TrainConfig:
+    global_batch_size: int = 8  # rows (sequences) per optimizer step, over all DP ranks
+    micro_batch_size: int = 1
+    train_iters: int = 100
+    lr: float = 1e-5
+    min_lr: float = 0.0
+    warmup_iters: int = 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    decay_iters: int | None = None  # None = train_iters
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    bf16: bool = True
+    fp8: Literal["hybrid", "e4m3"] | None = None
+    fp8_recipe: Literal["delayed", "tensorwise"] = "tensorwise"
+    recompute: Literal["full", "selective"] | None = None
+    seed: int = 1234
+    eval_interval: int = 0  # 0 = no validation
+    eval_iters: int = 1
+    exit_duration_minutes: float | None = None
+    max_consecutive_skips: int = 3  # non-finite steps in a row before aborting
+    dropout: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    method: Literal["sft", "dft", "bft"] = "bft"
+    variant: Literal["v1", "v3"] = "v1"
+    group_size: int = 256
+    gamma: float = 1.0
+    eps: float = 1e-6
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None  # directory; checkpoints go to save/iter_XXXXXXX
+    save_interval: int = 0  # 0 = only at the end / on signal
+    load: str | None = None  # a run directory (uses its `latest`) or one iter_ directory
+    finetune: bool = False  # load weights only: fresh optimizer, scheduler, data position, step 0
+    keep_last: int | None = None  # None = keep all
+    async_save: bool = False
+    save_on_signal: bool = True  # SIGTERM / SIGUSR1 -> save and exit
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard_dir: str | None = None
+    peak_tflops: float | None = None  # per-GPU peak for MFU; None = auto (H100/H200 BF16 989)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + dotted overrides -> :class:`Config` (HF config merged, not validated)."""
+    from bft_megatron.config.hf import merge_hf_config
+
+    data = load_yaml(path) if path else {}
+    data = apply_overrides(data, list(overrides or []), Config)
+    cfg = from_dict(Config, data)
+    if cfg.model.from_hf:
+        cfg.model = merge_hf_config(cfg.model, explicit=set((data.get("model") or {}).keys()))
+    return cfg

@@ -1,0 +1,135 @@
+"""Config validation: every check runs before any model or GPU memory exists.
+
+:func:`validate` raises :class:`ConfigError` (a ``ValueError``) naming the field(s) and value(s).
+It returns the derived layout (data-parallel size, micro-batches per step) so callers do not
+recompute it differently.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from bft_megatron.config.base import ConfigError
+from bft_megatron.config.schema import Config
+
+__all__ = ["Layout", "validate", "have_transformer_engine"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    dp: int
+    num_microbatches: int  # per DP rank per optimizer step
+
+
+def have_transformer_engine() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def _check_model(m) -> None:
+    for name in ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "vocab_size",
+                 "max_position_embeddings"):
+        value = getattr(m, name)
+        _require(value > 0, f"model.{name} must be > 0, got {value} (set it or use model.from_hf)")
+    _require(m.hidden_size % m.num_attention_heads == 0,
+             f"model.hidden_size={m.hidden_size} must be divisible by model.num_attention_heads={m.num_attention_heads}")
+    _require(m.kv_groups > 0 and m.num_attention_heads % m.kv_groups == 0,
+             f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
+             f"model.num_query_groups={m.num_query_groups}")
+    _require(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
+    _require(m.norm_epsilon > 0, f"model.norm_epsilon must be > 0, got {m.norm_epsilon}")
+    rs = m.rope_scaling
+    if rs is not None:
+        _require(rs.factor > 0, f"model.rope_scaling.factor must be > 0, got {rs.factor}")
+        _require(rs.high_freq_factor > rs.low_freq_factor > 0,
+                 f"model.rope_scaling needs high_freq_factor > low_freq_factor > 0, got "
+                 f"{rs.high_freq_factor} and {rs.low_freq_factor}")
+
+
+def _check_parallel(cfg: Config, world_size: int) -> int:
+    p, m = cfg.parallel, cfg.model
+    for name in ("tp", "pp", "cp"):
+        _require(getattr(p, name) >= 1, f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    mp = p.tp * p.pp * p.cp
+    _require(world_size % mp == 0, f"world size {world_size} is not divisible by parallel.tp*pp*cp = "
+                                   f"{p.tp}*{p.pp}*{p.cp} = {mp} (tp*pp*cp*dp must equal the world size)")
+    _require(m.num_attention_heads % p.tp == 0,
+             f"model.num_attention_heads={m.num_attention_heads} must be divisible by parallel.tp={p.tp}")
+    _require(m.kv_groups % p.tp == 0, f"model.num_query_groups={m.kv_groups} must be divisible by parallel.tp={p.tp}")
+    if p.vp is not None and p.vp > 1:
+        _require(p.pp > 1, f"parallel.vp={p.vp} (interleaved pipeline) requires parallel.pp > 1, got pp={p.pp}")
+    chunks = p.pp * (p.vp or 1)
+    _require(m.num_layers % chunks == 0,
+             f"model.num_layers={m.num_layers} must be divisible by parallel.pp*vp = {p.pp}*{p.vp or 1} = {chunks}")
+    seq = cfg.data.seq_length
+    _require(seq > 0, f"data.seq_length must be > 0, got {seq}")
+    if p.cp > 1:
+        _require(seq % (2 * p.cp) == 0, f"data.seq_length={seq} must be divisible by 2*parallel.cp = {2 * p.cp}")
+        _require(have_transformer_engine(),
+                 f"parallel.cp={p.cp} needs Transformer Engine attention (the local attention has no context "
+                 "parallelism); install transformer-engine or set parallel.cp=1")
+    if p.sequence_parallel:
+        _require(p.tp > 1, "parallel.sequence_parallel=true requires parallel.tp > 1")
+        _require((seq // p.cp) % p.tp == 0,
+                 f"data.seq_length/parallel.cp = {seq}/{p.cp} must be divisible by parallel.tp={p.tp} "
+                 "with sequence_parallel")
+    if p.overlap_param_gather:
+        _require(p.distributed_optimizer, "parallel.overlap_param_gather=true requires parallel.distributed_optimizer")
+    return world_size // mp
+
+
+def _check_train(cfg: Config, dp: int) -> int:
+    t = cfg.train
+    _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
+    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+             f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size*dp = "
+             f"{t.micro_batch_size}*{dp} = {t.micro_batch_size * dp}")
+    _require(t.global_batch_size > 0, f"train.global_batch_size must be > 0, got {t.global_batch_size}")
+    _require(t.train_iters > 0, f"train.train_iters must be > 0, got {t.train_iters}")
+    _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
+    _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
+    _require(0 <= t.warmup_iters <= t.train_iters,
+             f"train.warmup_iters={t.warmup_iters} must be in [0, train.train_iters={t.train_iters}]")
+    _require(t.clip_grad >= 0, f"train.clip_grad must be >= 0, got {t.clip_grad}")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _require(0.0 <= t.dropout < 1.0, f"train.dropout must be in [0, 1), got {t.dropout}")
+    _require(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
+    _require(t.eval_interval >= 0 and t.eval_iters >= 1,
+             f"train.eval_interval must be >= 0 and train.eval_iters >= 1, got {t.eval_interval}, {t.eval_iters}")
+    if t.fp8 is not None:
+        _require(have_transformer_engine(), f"train.fp8={t.fp8!r} requires Transformer Engine, which is not installed")
+        _require(t.bf16, f"train.fp8={t.fp8!r} requires train.bf16=true")
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    p = cfg.parallel
+    if p.vp is not None and p.vp > 1:
+        _require(num_micro % p.pp == 0, f"interleaved pipeline: micro-batches per step = global_batch_size/"
+                                        f"(micro_batch_size*dp) = {num_micro} must be divisible by parallel.pp={p.pp}")
+    return num_micro
+
+
+def _check_loss_ckpt(cfg: Config) -> None:
+    lo, c = cfg.loss, cfg.checkpoint
+    _require(lo.group_size >= 1, f"loss.group_size must be >= 1, got {lo.group_size}")
+    _require(lo.gamma > 0, f"loss.gamma must be > 0, got {lo.gamma}")
+    _require(lo.eps >= 0, f"loss.eps must be >= 0, got {lo.eps}")
+    _require(c.save_interval >= 0, f"checkpoint.save_interval must be >= 0, got {c.save_interval}")
+    _require(not (c.save_interval and not c.save), f"checkpoint.save_interval={c.save_interval} needs checkpoint.save")
+    _require(c.keep_last is None or c.keep_last >= 1, f"checkpoint.keep_last must be >= 1 or null, got {c.keep_last}")
+    _require(not (c.finetune and not c.load), "checkpoint.finetune=true needs checkpoint.load")
+    _require(cfg.logging.log_interval >= 1, f"logging.log_interval must be >= 1, got {cfg.logging.log_interval}")
+
+
+def validate(cfg: Config, world_size: int) -> Layout:
+    """Check ``cfg`` for ``world_size`` processes; raise :class:`ConfigError` naming field and value."""
+    _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
+    _check_model(cfg.model)
+    dp = _check_parallel(cfg, world_size)
+    num_micro = _check_train(cfg, dp)
+    _check_loss_ckpt(cfg)
+    return Layout(world_size=world_size, dp=dp, num_microbatches=num_micro)

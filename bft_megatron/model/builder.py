@@ -1,0 +1,118 @@
+"""Build megatron-core ``GPTModel`` chunks (Llama-3.x / Qwen2.x) from the typed config.
+
+One chunk per virtual pipeline stage (``parallel.vp``; one chunk without interleaving). Chunk ``i``
+of pipeline rank ``r`` holds the embedding iff ``r == 0 and i == 0`` and the output layer iff
+``r == pp-1 and i == vp-1``; megatron computes each chunk's layer offset from ``vp_stage``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bft_megatron.config.schema import Config
+from bft_megatron.model.layers import llama3_inv_freq
+from bft_megatron.model.spec import block_spec, have_te
+from bft_megatron.parallel.bootstrap import ParallelGroups
+
+__all__ = ["transformer_config", "build_model_chunks"]
+
+
+def _precision_kwargs(cfg: Config, on_cpu: bool) -> dict:
+    t = cfg.train
+    dtype = torch.bfloat16 if t.bf16 else torch.float32
+    kw = dict(bf16=t.bf16, params_dtype=dtype, pipeline_dtype=dtype)
+    if t.fp8 is not None:
+        kw.update(fp8=t.fp8, fp8_recipe=t.fp8_recipe)
+    return kw
+
+
+def _recompute_kwargs(cfg: Config) -> dict:
+    if cfg.train.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    if cfg.train.recompute == "selective":
+        return dict(recompute_granularity="selective")
+    return {}
+
+
+def transformer_config(cfg: Config, groups: ParallelGroups):
+    """megatron ``TransformerConfig`` for ``cfg``: Llama-style blocks, per-token loss contract."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m, p = cfg.model, cfg.parallel
+    on_cpu = groups.device.type == "cpu"
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.kv_groups, ffn_hidden_size=m.ffn_hidden_size,
+        kv_channels=m.hidden_size // m.num_attention_heads,
+        normalization="RMSNorm", layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=m.qkv_bias,
+        hidden_dropout=cfg.train.dropout, attention_dropout=cfg.train.dropout,
+        init_method_std=m.init_method_std, attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+        virtual_pipeline_model_parallel_size=groups.vp_size, context_parallel_size=p.cp,
+        sequence_parallel=p.sequence_parallel,
+        # The loss returns a sum and a unit count; the schedule divides by the global count.
+        calculate_per_token_loss=True,
+        # CUDA-only fusions off on CPU; gradient_accumulation_fusion needs an apex/TE extension.
+        gradient_accumulation_fusion=False, use_cpu_initialization=on_cpu,
+        bias_activation_fusion=not on_cpu, bias_dropout_fusion=not on_cpu, apply_rope_fusion=False,
+        masked_softmax_fusion=not on_cpu, persist_layer_norm=False, cross_entropy_loss_fusion=False,
+        batch_p2p_sync=not on_cpu, deallocate_pipeline_outputs=True,
+        **_precision_kwargs(cfg, on_cpu), **_recompute_kwargs(cfg),
+    )
+
+
+def _install_llama3_rope(model, cfg: Config) -> None:
+    rs = cfg.model.rope_scaling
+    if rs is None or not hasattr(model, "rotary_pos_emb"):
+        return
+    emb = model.rotary_pos_emb
+    head_dim = cfg.model.hidden_size // cfg.model.num_attention_heads
+    inv = llama3_inv_freq(head_dim, cfg.model.rope_theta, rs.factor, rs.low_freq_factor, rs.high_freq_factor,
+                          rs.original_max_position_embeddings)
+    emb.inv_freq = inv.to(emb.inv_freq.device)
+
+
+def _build_chunk(cfg: Config, groups: ParallelGroups, tconfig, vp_stage: int | None, use_te: bool):
+    from megatron.core.models.gpt import GPTModel
+
+    num_chunks = groups.vp_size or 1
+    chunk = vp_stage or 0
+    pre = groups.is_first_pp_stage and chunk == 0
+    post = groups.is_last_pp_stage and chunk == num_chunks - 1
+    m = cfg.model
+    model = GPTModel(
+        config=tconfig, transformer_layer_spec=block_spec(tconfig, use_te, vp_stage, groups.pp_rank),
+        vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, groups.tp_size),
+        max_sequence_length=max(m.max_position_embeddings, cfg.data.seq_length),
+        pre_process=pre, post_process=post, parallel_output=True,
+        share_embeddings_and_output_weights=m.tie_embeddings, position_embedding_type="rope",
+        rotary_base=int(m.rope_theta), rope_scaling=m.rope_scaling is not None,
+        rope_scaling_factor=m.rope_scaling.factor if m.rope_scaling else 8.0,
+        pg_collection=groups.pg_collection, vp_stage=vp_stage,
+    )
+    _install_llama3_rope(model, cfg)
+    return model
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the vocabulary to a multiple of ``divisible_by * tp`` (padding is stripped on export)."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_model_chunks(cfg: Config, groups: ParallelGroups) -> tuple[list[torch.nn.Module], object]:
+    """Unwrapped ``GPTModel`` chunks for this rank (no DDP / Float16Module yet) and the TransformerConfig."""
+    from megatron.core import tensor_parallel
+
+    tconfig = transformer_config(cfg, groups)
+    use_te = have_te()
+    stages = list(range(groups.vp_size)) if groups.vp_size else [None]
+    chunks = [_build_chunk(cfg, groups, tconfig, vp, use_te) for vp in stages]
+    for chunk in chunks:
+        for param in chunk.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        if groups.device.type == "cuda":
+            chunk.cuda(torch.cuda.current_device())
+    return chunks, tconfig

@@ -1,0 +1,47 @@
+"""Layers the local (non-Transformer-Engine) spec needs beyond megatron-core's own.
+
+megatron-core's ``WrappedTorchNorm`` refuses sequence parallelism: under SP each tensor-parallel
+rank normalises a different slice of the sequence, so the norm weight's gradient is a *partial* sum
+that must be all-reduced over TP. ``finalize_model_grads`` does that for every parameter carrying
+``sequence_parallel=True``; :class:`RMSNorm` sets that flag.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["RMSNorm", "llama3_inv_freq"]
+
+
+class RMSNorm(torch.nn.Module):
+    """Llama RMSNorm: ``x / rms(x) * weight``, statistics in fp32, result in the input dtype."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # Tells finalize_model_grads to all-reduce this grad over TP when sequence parallel is on.
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+def llama3_inv_freq(head_dim: int, theta: float, factor: float, low_freq_factor: float, high_freq_factor: float,
+                    original_max_position_embeddings: int) -> torch.Tensor:
+    """Llama-3.x scaled RoPE inverse frequencies ``[head_dim/2]`` (HF ``rope_type: llama3``).
+
+    megatron-core 0.16 only exposes ``factor``; the other three are fixed there (1, 4, 8192), so we
+    compute the frequencies ourselves and install them on the model's rotary embedding.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    low_wavelen = original_max_position_embeddings / low_freq_factor
+    high_wavelen = original_max_position_embeddings / high_freq_factor
+    wavelen = 2 * torch.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)

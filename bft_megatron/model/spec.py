@@ -1,0 +1,44 @@
+"""Transformer layer specs: Transformer Engine when importable, megatron-core's local modules otherwise."""
+
+from __future__ import annotations
+
+import importlib.util
+
+from bft_megatron.model.layers import RMSNorm
+from bft_megatron.utils.logging import get_logger
+
+__all__ = ["have_te", "block_spec"]
+
+_log = get_logger(__name__)
+_WARNED = {"local": False}
+
+
+def have_te() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int):
+    """The decoder-block spec for this pipeline stage / virtual chunk.
+
+    TE: megatron-core's TE layer spec (norms fused into ``linear_qkv`` / ``linear_fc1``).
+    Local: megatron-core's local layer spec with :class:`RMSNorm` (sequence-parallel capable) for
+    the layer norms and the final norm. Unfused attention: fine for CPU tests, slow on GPU.
+    """
+    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
+                                                          get_gpt_layer_with_transformer_engine_spec)
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    if use_te:
+        layer = get_gpt_layer_with_transformer_engine_spec()
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
+    if not _WARNED["local"]:
+        _log.warning("Transformer Engine not importable: using megatron-core's local layer spec "
+                     "(unfused attention, no FP8, no context parallelism)")
+        _WARNED["local"] = True
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)

@@ -1,0 +1,131 @@
+"""Process-group bootstrap: the only module that reads megatron's ``parallel_state`` globals.
+
+:func:`initialize` brings up ``torch.distributed`` from the torchrun environment (NCCL on GPU,
+gloo on CPU with :mod:`bft_megatron.parallel.cpu_compat` applied), builds megatron's model-parallel
+groups and seeds every RNG, then returns :class:`ParallelGroups`, which the rest of the package
+takes as an argument instead of reaching into globals.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bft_megatron.parallel import cpu_compat
+from bft_megatron.utils.logging import get_logger
+
+__all__ = ["ParallelGroups", "initialize", "destroy", "seed_everything"]
+
+_log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """Process groups and this rank's coordinates. ``pg_collection`` is megatron's own container."""
+
+    world_size: int
+    rank: int
+    tp: dist.ProcessGroup
+    pp: dist.ProcessGroup
+    dp: dist.ProcessGroup
+    cp: dist.ProcessGroup
+    dp_cp: dist.ProcessGroup
+    mp: dist.ProcessGroup
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    cp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    cp_rank: int
+    vp_size: int | None
+    pg_collection: object
+    device: torch.device
+
+    @property
+    def is_first_pp_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_pp_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def dp_cp_size(self) -> int:
+        return self.dp_size * self.cp_size
+
+
+def _init_process_group(backend: str, timeout_minutes: int) -> None:
+    if dist.is_initialized():
+        return
+    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.setdefault(var, {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                                    "MASTER_PORT": "29500"}[var])
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch; megatron's tensor-parallel streams are seeded in :func:`initialize`."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def initialize(tp: int = 1, pp: int = 1, vp: int | None = None, cp: int = 1, seed: int = 1234,
+               timeout_minutes: int = 30) -> ParallelGroups:
+    """Initialise distributed state for ``tp x pp x cp x dp`` (dp inferred from the world size).
+
+    ``vp`` is the number of virtual pipeline chunks per rank (None or 1 = no interleaving).
+    Seeding follows Megatron: the default stream gets ``seed + 100 * pp_rank`` (dropout outside
+    TP regions), the tensor-parallel stream ``seed + 2718 + tp_rank`` (inside).
+    """
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        cpu_compat.apply()
+    else:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    _init_process_group("nccl" if on_gpu else "gloo", timeout_minutes)
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    vp = vp if vp and vp > 1 else None
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     virtual_pipeline_model_parallel_size=vp, context_parallel_size=cp,
+                                     create_gloo_process_groups=True)
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    seed_everything(seed + 100 * pp_rank)
+    model_parallel_cuda_manual_seed(seed + 100 * pp_rank)
+    groups = ParallelGroups(
+        world_size=dist.get_world_size(), rank=dist.get_rank(),
+        tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
+        dp=ps.get_data_parallel_group(), cp=ps.get_context_parallel_group(),
+        dp_cp=ps.get_data_parallel_group(with_context_parallel=True), mp=ps.get_model_parallel_group(),
+        tp_size=ps.get_tensor_model_parallel_world_size(), pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_size=ps.get_data_parallel_world_size(), cp_size=ps.get_context_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=pp_rank,
+        dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank(),
+        vp_size=vp, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"),
+    )
+    _log.info("parallel layout: world=%d tp=%d pp=%d vp=%s cp=%d dp=%d backend=%s", groups.world_size, tp, pp,
+              vp, cp, groups.dp_size, dist.get_backend())
+    return groups
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the default process group (tests, clean exits)."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

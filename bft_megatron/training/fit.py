@@ -1,0 +1,89 @@
+"""The outer loop: steps, logging cadence, validation, checkpoint cadence, signal and time-limit exits.
+
+Exit requests (SIGTERM / SIGUSR1 when ``checkpoint.save_on_signal``, or ``train.exit_duration_minutes``
+elapsed) are agreed on by all ranks with one all-reduce per step, so every rank saves the same
+iteration and leaves the loop together.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from bft_megatron.training.loop import Trainer, TrainState
+from bft_megatron.training.progress import to_rank0
+from bft_megatron.utils.logging import get_logger
+
+__all__ = ["fit", "ExitRequest"]
+
+_log = get_logger(__name__)
+
+
+class ExitRequest:
+    """Set by signal handlers; polled (and agreed on) once per step."""
+
+    def __init__(self, install: bool) -> None:
+        self.requested = False
+        self.reason = ""
+        if install:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame) -> None:
+        self.requested = True
+        self.reason = signal.Signals(signum).name
+
+
+def _agree(local: bool, device) -> bool:
+    flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _log_step(trainer: Trainer, result, step_time: float) -> None:
+    it = trainer.state.iteration
+    values = to_rank0(result.metrics if trainer.groups.rank == trainer.reporter else None, trainer.reporter,
+                      trainer.groups)
+    if trainer.groups.rank != 0:
+        return
+    grad_norm = float(result.grad_norm) if result.grad_norm is not None else None
+    trainer.state.history.append({"iteration": it, "loss": values.get("loss"), "lm_loss": values.get("lm_loss"),
+                                  "grad_norm": grad_norm, "skipped": result.skipped})
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    _log.info(trainer.progress.line(it, values, step_time, lr, grad_norm, trainer.state.skipped_steps))
+
+
+def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = None) -> TrainState:
+    """Train until ``train.train_iters`` (or an agreed exit); save at cadence, on exit and at the end."""
+    cfg, state = trainer.cfg, trainer.state
+    exit_request = exit_request or ExitRequest(install=False)
+    started = time.time()
+    step_times: list[float] = []
+    saved_at = -1
+    while state.iteration < cfg.train.train_iters:
+        t0 = time.perf_counter()
+        result = trainer.train_step()
+        trainer._account(result)
+        step_times.append(time.perf_counter() - t0)
+        it = state.iteration
+        if it % cfg.logging.log_interval == 0 or it == cfg.train.train_iters:
+            _log_step(trainer, result, sum(step_times[-cfg.logging.log_interval:]) / len(step_times[-cfg.logging.log_interval:]))
+        if cfg.train.eval_interval and it % cfg.train.eval_interval == 0 and trainer.valid_data is not None:
+            trainer.evaluate()
+        if checkpointer is not None and cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
+            checkpointer.save(trainer)
+            saved_at = it
+        timed_out = (cfg.train.exit_duration_minutes is not None
+                     and time.time() - started > 60 * cfg.train.exit_duration_minutes)
+        if _agree(exit_request.requested or timed_out, trainer.groups.device):
+            _log.info("exit requested (%s) at step %d", exit_request.reason or "exit_duration_minutes", it)
+            break
+    if checkpointer is not None and saved_at != state.iteration:
+        checkpointer.save(trainer)
+    if checkpointer is not None:
+        checkpointer.finalize()
+    trainer.progress.close()
+    return state

@@ -1,0 +1,145 @@
+"""The training loop: one optimizer step per global batch, validation, logging, checkpoints, exits.
+
+Non-finite handling: after the forward/backward pass every rank checks its loss partials (last
+stage) and its gradient buffer; one all-reduce over the world agrees on the verdict. A bad step is
+skipped everywhere (no optimizer or scheduler step; its rows count as consumed); after
+``train.max_consecutive_skips`` bad steps in a row the run aborts with an error on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from bft_megatron.config.schema import Config
+from bft_megatron.config.validate import Layout
+from bft_megatron.loss import MetricPartials, reduce_metrics
+from bft_megatron.parallel.bootstrap import ParallelGroups
+from bft_megatron.training.batch import RowSampler, collate
+from bft_megatron.training.progress import ProgressLog, reporter_rank, to_rank0
+from bft_megatron.training.step import make_forward_step
+from bft_megatron.utils.logging import get_logger
+
+__all__ = ["TrainState", "NonFiniteError", "Trainer"]
+
+_log = get_logger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    """Raised on every rank after too many consecutive non-finite steps."""
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint restores besides model/optimizer/scheduler."""
+
+    iteration: int = 0
+    consumed_rows: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    history: list = field(default_factory=list)  # per-step {"loss", "lm_loss", "grad_norm", "skipped"}
+
+
+@dataclass
+class StepResult:
+    metrics: dict
+    grad_norm: float | None
+    skipped: bool
+
+
+class Trainer:
+    """Owns the wrapped model chunks, optimizer, scheduler and data samplers of one run."""
+
+    def __init__(self, cfg: Config, layout: Layout, groups: ParallelGroups, model, tconfig, optimizer, scheduler,
+                 train_data, valid_data=None) -> None:
+        self.cfg, self.layout, self.groups = cfg, layout, groups
+        self.model, self.tconfig, self.optimizer, self.scheduler = model, tconfig, optimizer, scheduler
+        self.state = TrainState()
+        self.train_sampler = RowSampler(train_data, seed=cfg.data.seed)
+        self.valid_data = valid_data
+        self.packed = cfg.data.layout == "packed"
+        self.progress = ProgressLog(cfg, groups)
+        self.reporter = reporter_rank(groups)
+        self.poison_steps: set[int] = set()  # test seam: iterations whose loss is made NaN
+
+    # ---------------------------------------------------------------- one step
+    def _fwd_bwd(self, rows: list[list[dict]], forward_only: bool, poison: bool = False) -> list[MetricPartials]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        micro = [collate(r, self.packed, self.groups.device) for r in rows]
+        if poison:
+            for mb in micro:
+                mb.loss_mask = mb.loss_mask * math.nan
+        iters = [iter(micro) for _ in self.model]
+        fwd_bwd = get_forward_backward_func(pp_size=self.groups.pp_size, vp_size=self.groups.vp_size)
+        out = fwd_bwd(forward_step_func=make_forward_step(self.cfg.loss, self.groups.tp),
+                      data_iterator=iters if len(iters) > 1 else iters[0], model=self.model,
+                      num_microbatches=len(micro), seq_length=self.cfg.data.seq_length,
+                      micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
+        return list(out) if self.groups.is_last_pp_stage else []
+
+    def _all_finite(self, partials: list[MetricPartials]) -> bool:
+        ok = all(bool(torch.isfinite(p.sums["loss"]).all()) for p in partials)
+        for chunk in self.model:
+            for param in chunk.parameters():
+                grad = getattr(param, "main_grad", None)
+                if grad is not None and not bool(torch.isfinite(grad).all()):
+                    ok = False
+                    break
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.groups.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def train_step(self) -> StepResult:
+        t, g = self.cfg.train, self.groups
+        rows = self.train_sampler.step_rows(t.global_batch_size, t.micro_batch_size, g.dp_size, g.dp_rank)
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        partials = self._fwd_bwd(rows, forward_only=False, poison=self.state.iteration in self.poison_steps)
+        finite = self._all_finite(partials)
+        grad_norm = None
+        if finite:
+            updated, grad_norm, _ = self.optimizer.step()
+            if updated:
+                self.scheduler.step(increment=1)
+        metrics = reduce_metrics(partials, g.dp_cp) if partials else {}
+        return StepResult(metrics=metrics, grad_norm=grad_norm, skipped=not finite)
+
+    def _account(self, result: StepResult) -> None:
+        s = self.state
+        s.iteration += 1
+        s.consumed_rows = self.train_sampler.consumed
+        if result.skipped:
+            s.skipped_steps += 1
+            s.consecutive_skips += 1
+            _log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", s.iteration,
+                         s.consecutive_skips)
+            if s.consecutive_skips >= self.cfg.train.max_consecutive_skips:
+                raise NonFiniteError(f"{s.consecutive_skips} consecutive non-finite steps (limit "
+                                     f"train.max_consecutive_skips={self.cfg.train.max_consecutive_skips}); aborting")
+        else:
+            s.consecutive_skips = 0
+
+    # ---------------------------------------------------------------- validation
+    def evaluate(self) -> dict:
+        """Forward-only over ``eval_iters`` global batches of the validation rows (same every time)."""
+        t, g = self.cfg.train, self.groups
+        sampler = RowSampler(self.valid_data, seed=self.cfg.data.seed + 1)
+        partials: list[MetricPartials] = []
+        for chunk in self.model:
+            chunk.eval()
+        with torch.no_grad():
+            for _ in range(t.eval_iters):
+                rows = sampler.step_rows(t.global_batch_size, t.micro_batch_size, g.dp_size, g.dp_rank)
+                partials += self._fwd_bwd(rows, forward_only=True)
+        for chunk in self.model:
+            chunk.train()
+        values = reduce_metrics(partials, g.dp_cp) if partials else {}
+        values = to_rank0(values if g.rank == self.reporter else None, self.reporter, g)
+        self.progress.eval(self.state.iteration, values)
+        return values

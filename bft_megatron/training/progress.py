@@ -1,0 +1,127 @@
+"""Progress reporting: metric hand-off from the last pipeline stage, the rank-0 line, TensorBoard, MFU.
+
+Losses exist only on the last pipeline stage; the training loop reduces the metric partials there
+(over DP x CP) and :func:`to_rank0` ships the resulting small dict to global rank 0, which logs.
+
+MFU (model FLOPs utilisation), stated formula::
+
+    flops_per_token = 6 * P_matmul + 6 * L * s * h
+    MFU             = tokens_per_s_per_gpu * flops_per_token / peak_flops_per_gpu
+
+``P_matmul`` = parameters taking part in matmuls (all transformer-layer weights + the output
+layer ``V*h``; the input embedding is a lookup and is excluded), ``6`` = forward (2) + backward (4)
+FLOPs per weight per token; ``6*L*s*h`` = attention scores and weighted sum (``QK^T`` and ``AV``,
+``4*s*h`` forward per layer per token, halved for causal masking, x3 for fwd+bwd). Recompute is not
+counted (model FLOPs, not hardware FLOPs). Peak: 989 TFLOP/s (H100/H200 dense BF16) unless
+``logging.peak_tflops`` is set; no MFU on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from bft_megatron.config.schema import Config
+from bft_megatron.model.builder import padded_vocab_size
+from bft_megatron.parallel.bootstrap import ParallelGroups
+from bft_megatron.utils.logging import get_logger
+
+__all__ = ["reporter_rank", "to_rank0", "flops_per_token", "peak_flops", "ProgressLog"]
+
+_log = get_logger(__name__)
+
+
+def reporter_rank(groups: ParallelGroups) -> int:
+    """Global rank of (last PP stage, tp=dp=cp=0): it holds the reduced metrics. Collective."""
+    mine = groups.is_last_pp_stage and groups.tp_rank == 0 and groups.dp_rank == 0 and groups.cp_rank == 0
+    flag = torch.tensor([groups.rank if mine else -1], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def to_rank0(values: dict | None, src: int, groups: ParallelGroups) -> dict:
+    """Send ``values`` from ``src`` to global rank 0 (every rank calls; returns {} elsewhere)."""
+    if src == 0:
+        return values or {}
+    box = [values if groups.rank == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return (box[0] or {}) if groups.rank == 0 else {}
+
+
+def flops_per_token(cfg: Config) -> float:
+    m, s = cfg.model, cfg.data.seq_length
+    h, layers, ffn = m.hidden_size, m.num_layers, m.ffn_hidden_size
+    head_dim = h // m.num_attention_heads
+    attn = h * (m.num_attention_heads + 2 * m.kv_groups) * head_dim + h * h  # qkv + proj
+    mlp = 3 * h * ffn  # gate, up, down
+    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, 1)
+    p_matmul = layers * (attn + mlp) + vocab * h
+    return 6.0 * p_matmul + 6.0 * layers * s * h
+
+
+def peak_flops(configured_tflops: float | None) -> float | None:
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        if "H100" in name or "H200" in name:
+            return 989e12
+    return None
+
+
+class ProgressLog:
+    """Formats the progress line and writes TensorBoard scalars (global rank 0 only)."""
+
+    def __init__(self, cfg: Config, groups: ParallelGroups) -> None:
+        self.cfg, self.groups = cfg, groups
+        self.flops = flops_per_token(cfg)
+        self.peak = peak_flops(cfg.logging.peak_tflops)
+        self.writer = None
+        if groups.rank == 0 and cfg.logging.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
+
+    def line(self, it: int, values: dict, step_time: float, lr: float, grad_norm: float | None,
+             skipped: int) -> str:
+        t = self.cfg.train
+        tokens_per_gpu = t.global_batch_size * self.cfg.data.seq_length / self.groups.world_size / max(step_time, 1e-9)
+        eta_min = (t.train_iters - it) * step_time / 60
+        parts = [f"step {it}/{t.train_iters}", f"loss {values.get('loss', math.nan):.6f}",
+                 f"lm loss {values.get('lm_loss', math.nan):.6f}", f"lr {lr:.3e}",
+                 f"grad norm {grad_norm:.4f}" if grad_norm is not None else "grad norm n/a",
+                 f"tok/s/GPU {tokens_per_gpu:.1f}"]
+        if self.peak:
+            parts.append(f"MFU {tokens_per_gpu * self.flops / self.peak:.3f}")
+        parts += [f"{step_time * 1000:.0f} ms/step", f"ETA {eta_min:.1f} min"]
+        if skipped:
+            parts.append(f"skipped {skipped}")
+        for k in ("p_conf", "p_conf_min", "sample_weight", "token_weight"):
+            if k in values:
+                parts.append(f"{k} {values[k]:.4f}")
+        self._scalars(it, values, lr, grad_norm, tokens_per_gpu, prefix="train")
+        return " | ".join(parts)
+
+    def _scalars(self, it, values, lr, grad_norm, tokens_per_gpu, prefix) -> None:
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, float) and math.isfinite(v):
+                self.writer.add_scalar(f"{prefix}/{k}", v, it)
+        if lr is not None:
+            self.writer.add_scalar(f"{prefix}/lr", lr, it)
+        if grad_norm is not None and math.isfinite(grad_norm):
+            self.writer.add_scalar(f"{prefix}/grad_norm", grad_norm, it)
+        if tokens_per_gpu is not None:
+            self.writer.add_scalar(f"{prefix}/tokens_per_s_per_gpu", tokens_per_gpu, it)
+
+    def eval(self, it: int, values: dict) -> None:
+        if self.groups.rank == 0:
+            _log.info("validation at step %d | %s", it, " | ".join(f"{k} {v:.6f}" for k, v in sorted(values.items())))
+            self._scalars(it, values, None, None, None, prefix="valid")
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,52 @@
+"""``forward_step`` / ``loss_func`` in megatron's per-token-loss contract (pretrain_gpt style).
+
+``forward_step(data_iterator, model)`` runs one micro-batch through one model chunk and returns
+``(output_tensor, partial(loss_func, ...))``; the pipeline schedule calls the loss function on the
+last stage only. ``loss_func`` returns ``(loss_sum, num_units, metrics)``:
+
+* ``loss_sum`` — fp32 scalar, a SUM over this micro-batch (``sum_b s_b * L_b`` for BFT). The
+  schedule back-propagates it unscaled; ``finalize_model_grads`` all-reduces the accumulated
+  ``num_units`` over DP x CP and scales every gradient by ``1/total``: an exact global mean.
+* ``num_units`` — 0-dim integer tensor (tokens for sft/dft, samples for bft).
+* ``metrics`` — :class:`bft_megatron.loss.MetricPartials` (plus the objective's own sum/count under
+  ``loss``), reduced once per logging interval by the training loop.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from bft_megatron.config.schema import LossConfig
+from bft_megatron.loss import objective, vocab_parallel_nll
+from bft_megatron.training.batch import MicroBatch
+
+__all__ = ["forward_step", "loss_func"]
+
+
+def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: torch.Tensor):
+    """Per-token NLL from ``[b, s, V/TP]`` logits, then the configured objective over samples."""
+    # GPTModel (labels=None) returns logits [b, s, V/TP]; padding labels are masked below.
+    nll = vocab_parallel_nll(output_tensor, batch.labels, tp_group)  # fp32 [b, s], equal on all TP ranks
+    mask = batch.loss_mask
+    if batch.cu_seqlens is not None:  # packed rows: samples are segments of the flattened [1, b*s] view
+        nll, mask = nll.reshape(1, -1), mask.reshape(1, -1)
+    loss_sum, num_units, metrics = objective(
+        nll, mask, method=loss_cfg.method, variant=loss_cfg.variant, group_size=loss_cfg.group_size,
+        gamma=loss_cfg.gamma, eps=loss_cfg.eps, cu_seqlens=batch.cu_seqlens,
+    )
+    metrics.add_sum("loss", loss_sum.detach(), num_units)
+    return loss_sum, num_units, metrics
+
+
+def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group):
+    """One micro-batch through ``model`` (one chunk). Every stage reads the full micro-batch itself."""
+    batch: MicroBatch = next(data_iterator)
+    output = model(batch.tokens, batch.position_ids, batch.attention_mask)
+    return output, partial(loss_func, batch, loss_cfg, tp_group)
+
+
+def make_forward_step(loss_cfg: LossConfig, tp_group):
+    """The two-argument callable megatron's schedules expect."""
+    return partial(forward_step, loss_cfg=loss_cfg, tp_group=tp_group)
