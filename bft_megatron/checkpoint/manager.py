@@ -1,0 +1,158 @@
+"""Save and load training checkpoints with megatron dist_checkpointing (torch_dist format).
+
+Save protocol (``Checkpointer.save``): every rank writes its shards of ``<save>/iter_N`` (sync, or
+async through megatron's ``AsyncCallsQueue``); when all ranks are done (barrier / async finalize),
+rank 0 atomically moves ``latest`` to ``iter_N`` and prunes to ``keep_last``. Load
+(``Checkpointer.load``): full resume (model, optimizer, scheduler, data position, RNG at the same
+layout) or ``finetune`` (weights only, fresh everything else). Loading at another TP/PP/VP works
+because every sharded key is global.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from bft_megatron.checkpoint import pointer
+from bft_megatron.checkpoint.state import (OPT_METADATA, init_optimizer_state, layout_of, model_sharded_state_dict,
+                                           restore_rng, rng_sharded_object, tolerate_missing_adam_step, untie_adam_steps, unwrap)
+from bft_megatron.config.base import to_dict
+from bft_megatron.utils.logging import get_logger
+
+__all__ = ["Checkpointer"]
+
+_log = get_logger(__name__)
+
+
+class Checkpointer:
+    def __init__(self, cfg, groups) -> None:
+        self.cfg, self.groups = cfg, groups
+        self.ckpt = cfg.checkpoint
+        self._async_queue = None
+        self.before_commit = None  # test seam: called on every rank after shards are written
+
+    # ------------------------------------------------------------------ save
+    def _state_for_save(self, trainer) -> dict:
+        model_sd = model_sharded_state_dict(trainer.model)
+        sd = dict(model_sd)
+        merged_model = {k: v for d in model_sd.values() for k, v in d.items()}
+        sd["optimizer"] = trainer.optimizer.sharded_state_dict(merged_model, is_loading=False, metadata=OPT_METADATA)
+        sd["rng_state"] = rng_sharded_object(self.groups)
+        sd["scheduler"] = trainer.scheduler.state_dict()
+        s = trainer.state
+        sd["train_state"] = {"iteration": s.iteration, "consumed_rows": s.consumed_rows,
+                             "skipped_steps": s.skipped_steps}
+        sd["layout"] = layout_of(self.groups)
+        sd["config"] = to_dict(self.cfg)
+        return sd
+
+    def save(self, trainer) -> str:
+        from megatron.core import dist_checkpointing
+
+        run_dir = self.ckpt.save
+        iteration = trainer.state.iteration
+        path = os.path.join(run_dir, pointer.iter_dirname(iteration))
+        self.finalize()  # at most one save in flight
+        if self.groups.rank == 0:
+            os.makedirs(path, exist_ok=True)
+        dist.barrier()
+        sd = self._state_for_save(trainer)
+        request = dist_checkpointing.save(sd, path, async_sharded_save=self.ckpt.async_save)
+        if self.ckpt.async_save:
+            request.add_finalize_fn(lambda: self._commit(iteration))
+            self._queue().schedule_async_request(request)
+            _log.info("checkpoint %s: async save started", path)
+        else:
+            self._commit(iteration)
+        return path
+
+    def _commit(self, iteration: int) -> None:
+        if self.before_commit is not None:
+            self.before_commit(iteration)
+        dist.barrier()
+        if self.groups.rank == 0:
+            pointer.write_latest(self.ckpt.save, iteration)
+            removed = pointer.prune(self.ckpt.save, self.ckpt.keep_last, iteration)
+            _log.info("checkpoint iter %d complete (latest updated%s)", iteration,
+                      f"; pruned {removed}" if removed else "")
+        dist.barrier()
+
+    def _queue(self):
+        if self._async_queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._async_queue = AsyncCallsQueue()
+        return self._async_queue
+
+    def finalize(self) -> None:
+        """Block until an in-flight async save is written and committed."""
+        if self._async_queue is not None:
+            self._async_queue.maybe_finalize_async_calls(blocking=True)
+
+    # ------------------------------------------------------------------ load
+    def load(self, trainer) -> bool:
+        """Load ``checkpoint.load`` into ``trainer``; returns False when there is nothing to load."""
+        from megatron.core import dist_checkpointing
+
+        if not self.ckpt.load:
+            return False
+        path = pointer.resolve_load_dir(self.ckpt.load)
+        if path is None:
+            if self.ckpt.finetune:
+                raise FileNotFoundError(f"checkpoint.load={self.ckpt.load}: no complete checkpoint to fine-tune from")
+            _log.info("checkpoint.load=%s: no complete checkpoint yet, starting from scratch", self.ckpt.load)
+            return False
+        common = dist_checkpointing.load_common_state_dict(path)
+        same_layout = common.get("layout") == layout_of(self.groups)
+        if self.ckpt.finetune:
+            self._load_weights(trainer, path)
+        else:
+            self._load_full(trainer, path, common, same_layout)
+        _log.info("loaded %s (%s%s)", path, "weights only" if self.ckpt.finetune else "full state",
+                  "" if same_layout else f", resharded from {common.get('layout')}")
+        return True
+
+    def _load_weights(self, trainer, path: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        request = model_sharded_state_dict(trainer.model)
+        loaded = dist_checkpointing.load(request, path)
+        self._apply_model(trainer, loaded)
+        trainer.optimizer.reload_model_params()
+
+    def _apply_model(self, trainer, loaded: dict) -> None:
+        if len(trainer.model) == 1:
+            unwrap(trainer.model[0]).load_state_dict(loaded["model"])
+        else:
+            for i, chunk in enumerate(trainer.model):
+                unwrap(chunk).load_state_dict(loaded[f"model{i}"])
+
+    def _load_full(self, trainer, path: str, common: dict, same_layout: bool) -> None:
+        from megatron.core import dist_checkpointing
+
+        init_optimizer_state(trainer.optimizer)
+        model_sd = model_sharded_state_dict(trainer.model)
+        request = dict(model_sd)
+        merged_model = {k: v for d in model_sd.values() for k, v in d.items()}
+        request["optimizer"] = trainer.optimizer.sharded_state_dict(merged_model, is_loading=True,
+                                                                    metadata=OPT_METADATA)
+        if same_layout:
+            request["rng_state"] = rng_sharded_object(self.groups)
+        loaded = dist_checkpointing.load(request, path)
+        self._apply_model(trainer, loaded)
+        with tolerate_missing_adam_step(trainer.optimizer):
+            trainer.optimizer.load_state_dict(loaded["optimizer"])
+        cloned = untie_adam_steps(trainer.optimizer)
+        if cloned:
+            _log.info("resume: gave %d parameters their own Adam step counter", cloned)
+        trainer.scheduler.load_state_dict(common["scheduler"])
+        ts = common["train_state"]
+        trainer.state.iteration = int(ts["iteration"])
+        trainer.state.consumed_rows = int(ts["consumed_rows"])
+        trainer.state.skipped_steps = int(ts.get("skipped_steps", 0))
+        trainer.train_sampler.consumed = trainer.state.consumed_rows
+        if same_layout:
+            restore_rng(loaded["rng_state"])
+        torch.distributed.barrier()

@@ -1,0 +1,138 @@
+"""What goes into a checkpoint, as megatron sharded state dicts.
+
+* ``model`` / ``model<i>`` (virtual chunks): megatron's own sharded state dicts — keys are global
+  (layer numbers offset per stage, TP shards as slices), so a checkpoint loads at any TP/PP/VP.
+* ``optimizer``: ``sharded_state_dict(..., metadata={"distrib_optim_sharding_type":
+  "fully_reshardable"})`` — canonical per-parameter Adam state, reloadable at another layout.
+* ``rng_state``: one ShardedObject per global rank, restored only at the identical layout.
+* common (rank-0) items: scheduler state, :class:`TrainState` (iteration, consumed rows), layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from bft_megatron.parallel.bootstrap import ParallelGroups
+
+__all__ = ["OPT_METADATA", "layout_of", "model_sharded_state_dict", "init_optimizer_state", "torch_optimizers",
+           "untie_adam_steps", "rng_sharded_object", "restore_rng", "unwrap", "tolerate_missing_adam_step"]
+
+OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def layout_of(groups: ParallelGroups) -> dict:
+    return {"tp": groups.tp_size, "pp": groups.pp_size, "vp": groups.vp_size, "cp": groups.cp_size,
+            "dp": groups.dp_size, "world": groups.world_size}
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def model_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
+    """Sharded state dicts of the unwrapped chunks (wrappers would prefix every key with ``module.``)."""
+    if len(model) == 1:
+        return {"model": unwrap(model[0]).sharded_state_dict()}
+    return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+
+
+def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside a megatron (possibly chained) optimizer."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    megatron_opts = chained if chained is not None else [optimizer]
+    return [m.optimizer for m in megatron_opts if getattr(m, "optimizer", None) is not None]
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Create zero Adam state (one ``step`` tensor per parameter) so a sharded load has targets."""
+    for opt in torch_optimizers(optimizer):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                st = opt.state[p]
+                if len(st) == 0:
+                    st["exp_avg"] = torch.zeros_like(p.data)
+                    st["exp_avg_sq"] = torch.zeros_like(p.data)
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+
+
+def untie_adam_steps(optimizer) -> int:
+    """Give every parameter its own ``step`` tensor (the resume trap; returns how many were cloned).
+
+    megatron's DistributedOptimizer (torch Adam, no TE/apex) loads one shared ``step`` tensor into
+    every parameter's state; torch Adam increments ``state["step"]`` in place once per parameter, so
+    a shared tensor advances N times per optimizer step and the bias correction goes wrong
+    silently. Cloning restores one counter per parameter.
+    """
+    cloned = 0
+    for opt in torch_optimizers(optimizer):
+        seen: set[int] = set()
+        for st in opt.state.values():
+            step = st.get("step")
+            if isinstance(step, torch.Tensor):
+                if id(step) in seen:
+                    st["step"] = step.detach().clone()
+                    cloned += 1
+                seen.add(id(st["step"]))
+    return cloned
+
+
+@contextlib.contextmanager
+def tolerate_missing_adam_step(optimizer):
+    """Let a ``fully_reshardable`` load copy only the per-parameter keys the checkpoint has.
+
+    megatron-core 0.16 (torch Adam, no TE/apex) first loads a ``step`` into every parameter state,
+    then copies each checkpointed tensor into *every* state key, including ``step``, which the
+    fully-reshardable format does not store -> ``KeyError: 'step'``. Within this context each
+    DistributedOptimizer copies the intersection of keys (``step`` keeps the loaded value).
+    """
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if not hasattr(opt, "_set_main_param_and_optimizer_states"):
+            continue
+        original = opt._set_main_param_and_optimizer_states
+
+        def copy_present(model_param, tensors, _opt=opt, _orig=original):
+            if _opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+                return _orig(model_param, tensors)
+            group_index, group_order = _opt.model_param_group_index_map[model_param]
+            main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+            dst = {"param": main_param, **_opt.optimizer.state[main_param]}
+            for key in dst.keys() & tensors.keys():
+                dst[key].copy_(tensors[key])
+
+        opt._set_main_param_and_optimizer_states = copy_present
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class method
+
+
+def _rng_states() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    states = {"torch": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state()
+    return states
+
+
+def rng_sharded_object(groups: ParallelGroups):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject("rng_state", _rng_states(), (groups.world_size,), (groups.rank,), replica_id=0)
+
+
+def restore_rng(states: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    get_cuda_rng_tracker().set_states(states["tracker"])
