@@ -1,0 +1,138 @@
+"""Streaming Hugging Face safetensors I/O: read one tensor at a time, write bounded shards.
+
+:class:`HFReader` never loads a checkpoint whole: it reads ``model.safetensors.index.json`` (or the
+single ``model.safetensors``) and fetches each tensor on demand with ``safe_open``, so host memory
+holds only the tensors the caller keeps. :class:`ShardWriter` buffers tensors up to
+``max_shard_bytes`` and then writes one shard file; :func:`finalize_shards` gives the shards of
+one or several writers (e.g. one per pipeline stage) the standard ``model-0000k-of-0000N`` names
+and writes the index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from bft_megatron.utils.logging import get_logger
+
+__all__ = ["HFReader", "ShardWriter", "finalize_shards", "copy_side_files", "SIDE_FILES", "DEFAULT_SHARD_BYTES"]
+
+_log = get_logger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DEFAULT_SHARD_BYTES = 5 * 1024**3  # HF's default max_shard_size
+SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+              "chat_template.json")
+
+
+class HFReader:
+    """Lazy access to the tensors of an HF checkpoint directory."""
+
+    def __init__(self, hf_dir: str) -> None:
+        self.dir = hf_dir
+        index_path = os.path.join(hf_dir, INDEX)
+        if os.path.isfile(index_path):
+            with open(index_path, encoding="utf-8") as fh:
+                self.weight_map: dict[str, str] = json.load(fh)["weight_map"]
+        elif os.path.isfile(os.path.join(hf_dir, SINGLE)):
+            with safe_open(os.path.join(hf_dir, SINGLE), framework="pt") as fh:
+                self.weight_map = {name: SINGLE for name in fh.keys()}
+        else:
+            raise FileNotFoundError(f"{hf_dir}: neither {INDEX} nor {SINGLE} found (only safetensors is supported)")
+        self._handles: dict[str, object] = {}
+        self.consumed: set[str] = set()
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (a private copy in host memory)."""
+        if name not in self.weight_map:
+            raise KeyError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
+        fname = self.weight_map[name]
+        if fname not in self._handles:
+            self._handles[fname] = safe_open(os.path.join(self.dir, fname), framework="pt")
+        self.consumed.add(name)
+        return self._handles[fname].get_tensor(name)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class ShardWriter:
+    """Accumulate tensors; write a shard whenever the buffer would exceed ``max_shard_bytes``.
+
+    Shards get provisional names ``.part-<tag>-<k>.safetensors``; :func:`finalize_shards` renames
+    them. ``manifest`` maps each provisional file to the tensor names it holds.
+    """
+
+    def __init__(self, out_dir: str, max_shard_bytes: int = DEFAULT_SHARD_BYTES, tag: str = "0") -> None:
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.max_bytes, self.tag = out_dir, max_shard_bytes, tag
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._bytes = 0
+        self.manifest: dict[str, list[str]] = {}
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._buffer and self._bytes + nbytes > self.max_bytes:
+            self.flush()
+        # safetensors wants contiguous, non-shared storage: clone views (e.g. split QKV parts).
+        self._buffer[name] = tensor.detach().contiguous().clone() if tensor._base is not None else tensor.detach()
+        self._bytes += nbytes
+        self.total_bytes += nbytes
+
+    def flush(self) -> None:
+        if not self._buffer:
+            return
+        fname = f".part-{self.tag}-{len(self.manifest):05d}.safetensors"
+        save_file(self._buffer, os.path.join(self.out_dir, fname), metadata={"format": "pt"})
+        self.manifest[fname] = list(self._buffer)
+        self._buffer, self._bytes = {}, 0
+
+
+def finalize_shards(out_dir: str, manifests: list[dict[str, list[str]]], total_bytes: int) -> str:
+    """Rename provisional shards (in ``manifests`` order) to ``model-0000k-of-0000N`` and write the index."""
+    parts = [(fname, names) for manifest in manifests for fname, names in sorted(manifest.items())]
+    weight_map: dict[str, str] = {}
+    for k, (fname, names) in enumerate(parts, start=1):
+        final = f"model-{k:05d}-of-{len(parts):05d}.safetensors"
+        os.replace(os.path.join(out_dir, fname), os.path.join(out_dir, final))
+        for name in names:
+            if name in weight_map:
+                raise ValueError(f"tensor {name!r} written twice ({weight_map[name]} and {final})")
+            weight_map[name] = final
+    index = {"metadata": {"total_size": total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+    path = os.path.join(out_dir, INDEX)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(index, fh, indent=2)
+    _log.info("wrote %d shard(s), %.1f MB, index %s", len(parts), total_bytes / 1e6, path)
+    return path
+
+
+def copy_side_files(src_dir: str | None, dst_dir: str, with_config: bool = False) -> list[str]:
+    """Copy tokenizer files and generation_config.json (and config.json if asked) that exist in ``src_dir``."""
+    if not src_dir:
+        return []
+    os.makedirs(dst_dir, exist_ok=True)
+    names = SIDE_FILES + (("config.json",) if with_config else ())
+    copied = []
+    for name in names:
+        src = os.path.join(src_dir, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied

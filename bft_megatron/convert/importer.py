@@ -1,0 +1,171 @@
+"""HF safetensors -> megatron dist checkpoint (torch_dist), streamed tensor by tensor.
+
+The model skeleton comes from the trainer's builder (:func:`bft_megatron.model.build_model_chunks`)
+at TP1/PP1 on the ``meta`` device, so it costs no memory and its ``sharded_state_dict`` has exactly
+the keys, shapes and sharding (QKV groups, swiglu factory, padded vocab with
+``allow_shape_mismatch``) that a training run at any TP/PP asks for. Each megatron tensor is built
+from the HF tensors it needs (read one at a time with ``safe_open``) and *assigned* into the
+skeleton, so host memory holds the model once (plus one layer's transients), never twice.
+
+Output layout (a trainer run directory, loadable with ``checkpoint.load=OUT checkpoint.finetune=true``)::
+
+    OUT/latest            -> iter_0000000
+    OUT/iter_0000000/     the dist checkpoint ({"model": ..., common: config, layout, hf_import})
+    OUT/hf/               config.json, generation_config.json, tokenizer files of the source
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import torch
+
+from bft_megatron.checkpoint import pointer
+from bft_megatron.config.base import to_dict
+from bft_megatron.config.hf import model_fields_from_hf
+from bft_megatron.config.schema import Config, ModelConfig
+from bft_megatron.convert.hf_io import HFReader, copy_side_files
+from bft_megatron.convert.mapping import Rule, detect_spec, global_rules, layer_rules
+from bft_megatron.convert.qkv import merge_gate_up, merge_qkv
+from bft_megatron.convert.runtime import process_group
+from bft_megatron.model import build_model_chunks, padded_vocab_size
+from bft_megatron.utils.logging import get_logger
+
+__all__ = ["import_hf", "model_config_from_hf_dir", "legacy_rope_keys", "build_megatron_tensor", "HF_SUBDIR"]
+
+_log = get_logger(__name__)
+
+HF_SUBDIR = "hf"
+# HF tensors that carry no parameters of their own (recomputed buffers in old Llama exports).
+_IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def legacy_rope_keys(hf: dict) -> dict:
+    """Copy of an HF config dict with top-level ``rope_theta`` / ``rope_scaling``.
+
+    transformers >= 5 writes ``rope_parameters`` (theta and scaling together) instead of the
+    4.x keys that :func:`model_fields_from_hf` reads; without this, rope theta and Llama-3.1
+    scaling would silently fall back to defaults.
+    """
+    hf = dict(hf)
+    rope = hf.get("rope_parameters")
+    if isinstance(rope, dict):
+        if "rope_theta" in rope:
+            hf.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default" and not hf.get("rope_scaling"):
+            hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return hf
+
+
+def model_config_from_hf_dir(hf_dir: str) -> ModelConfig:
+    """:class:`ModelConfig` from ``hf_dir/config.json`` (unsupported architectures raise ConfigError)."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    with open(path, encoding="utf-8") as fh:
+        hf = legacy_rope_keys(json.load(fh))
+    fields = model_fields_from_hf(hf)
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and int(head_dim) * fields["num_attention_heads"] != fields["hidden_size"]:
+        raise ValueError(f"{path}: head_dim={head_dim} != hidden_size/num_attention_heads "
+                         f"({fields['hidden_size']}/{fields['num_attention_heads']}); not supported")
+    return ModelConfig(from_hf=hf_dir, **fields)
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pad ``[V, H]`` with zero rows to ``[rows, H]`` (megatron's padded vocabulary)."""
+    if t.shape[0] > rows:
+        raise ValueError(f"vocabulary tensor has {t.shape[0]} rows, more than the padded size {rows}")
+    if t.shape[0] == rows:
+        return t
+    return torch.cat((t, t.new_zeros(rows - t.shape[0], *t.shape[1:])))
+
+
+def build_megatron_tensor(rule: Rule, read, m: ModelConfig, layer: int | None, padded_vocab: int) -> torch.Tensor:
+    """One megatron tensor (global, TP-independent layout) from the HF tensors of ``rule``.
+
+    ``read(name)`` returns an HF tensor; ``layer`` fills ``{i}`` in per-layer HF names.
+    """
+    names = rule.hf_names(layer)
+    if rule.kind == "qkv":
+        head_dim = m.hidden_size // m.num_attention_heads
+        q, k, v = (read(n) for n in names)
+        return merge_qkv(q, k, v, m.num_attention_heads, m.kv_groups, head_dim)
+    if rule.kind == "gate_up":
+        gate, up = (read(n) for n in names)
+        return merge_gate_up(gate, up, tp=1)
+    tensor = read(names[0])
+    if rule.kind == "vocab":
+        if tensor.shape[0] != m.vocab_size:
+            raise ValueError(f"{names[0]} has {tensor.shape[0]} rows but vocab_size is {m.vocab_size}")
+        return _pad_rows(tensor, padded_vocab)
+    return tensor
+
+
+def _collect_state(reader: HFReader, m: ModelConfig, spec: str, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """megatron ``state_dict`` names (TP1/PP1) -> tensors, read layer by layer."""
+    state: dict[str, torch.Tensor] = {}
+    for rule in global_rules(m.tie_embeddings):
+        state[rule.megatron(spec)] = build_megatron_tensor(rule, reader.get, m, None, padded_vocab)
+    for i in range(m.num_layers):
+        for rule in layer_rules(m.qkv_bias):
+            state[f"decoder.layers.{i}.{rule.megatron(spec)}"] = build_megatron_tensor(rule, reader.get, m, i,
+                                                                                        padded_vocab)
+    return state
+
+
+def _check_all_consumed(reader: HFReader, tied: bool) -> None:
+    unused = [n for n in reader.names() if n not in reader.consumed and not n.endswith(_IGNORABLE_SUFFIXES)
+              and not (tied and n == "lm_head.weight")]
+    if unused:
+        raise ValueError(f"{reader.dir}: {len(unused)} HF tensor(s) have no megatron mapping, e.g. {unused[:5]}")
+
+
+def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put ``state`` into the meta skeleton without copies; every parameter must be covered."""
+    expected = {k for k in model.state_dict() if not k.endswith("_extra_state")}
+    missing, unexpected = expected - set(state), set(state) - expected
+    if missing or unexpected:
+        raise ValueError(f"mapping does not match the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    for name, tensor in state.items():
+        ref = model.get_parameter(name)
+        if tuple(ref.shape) != tuple(tensor.shape):
+            raise ValueError(f"{name}: converted shape {tuple(tensor.shape)} != model shape {tuple(ref.shape)}")
+    model.load_state_dict(state, strict=False, assign=True)
+
+
+def import_hf(hf_dir: str, out_dir: str) -> str:
+    """Convert ``hf_dir`` into a dist checkpoint run directory ``out_dir``; returns the iter_ path."""
+    from megatron.core import dist_checkpointing
+
+    from bft_megatron.parallel.bootstrap import initialize
+
+    m = model_config_from_hf_dir(hf_dir)
+    cfg = Config(model=m)
+    cfg.train = dataclasses.replace(cfg.train, bf16=False)  # keep the source dtype; no Float16 wrapping
+    iter_dir = os.path.join(out_dir, pointer.iter_dirname(0))
+    os.makedirs(iter_dir, exist_ok=True)
+    with process_group():
+        groups = initialize(tp=1, pp=1)
+        # RoPE frequencies are not parameters: the skeleton skips Llama-3 scaling (it cannot run on meta).
+        skeleton_cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, rope_scaling=None))
+        with torch.device("meta"):
+            chunks, _ = build_model_chunks(skeleton_cfg, groups)
+        model = chunks[0]
+        spec = detect_spec(model.state_dict().keys())
+        reader = HFReader(hf_dir)
+        padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, 1)
+        _assign(model, _collect_state(reader, m, spec, padded))
+        _check_all_consumed(reader, m.tie_embeddings)
+        reader.close()
+        sd = {"model": model.sharded_state_dict(), "config": to_dict(cfg),
+              "layout": {"tp": 1, "pp": 1, "vp": None, "cp": 1, "dp": 1, "world": 1},
+              "hf_import": {"source": os.path.abspath(hf_dir), "spec": spec}}
+        dist_checkpointing.save(sd, iter_dir)
+    pointer.write_latest(out_dir, 0)
+    copied = copy_side_files(hf_dir, os.path.join(out_dir, HF_SUBDIR), with_config=True)
+    _log.info("imported %s -> %s (%s spec, %d layers; copied %s)", hf_dir, iter_dir, spec, m.num_layers, copied)
+    return iter_dir

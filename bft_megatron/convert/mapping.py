@@ -1,0 +1,104 @@
+"""Declarative HF <-> megatron-core parameter name table for Llama-3.x and Qwen2.x.
+
+Megatron names are *layer-local* (``self_attention.linear_qkv.weight``) for per-layer rules and
+model-global (``embedding.word_embeddings.weight``) for the others. In a model's ``state_dict`` a
+layer-local name appears as ``decoder.layers.<local index>.<name>``; in a dist checkpoint as the
+sharded key ``decoder.layers.<name>`` with a leading layer axis of size ``num_layers``.
+
+The two layer specs differ only in where the RMSNorm weights live: Transformer Engine fuses them
+into the following linear (``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``);
+the local spec has separate ``input_layernorm`` / ``pre_mlp_layernorm`` modules.
+
+``kind`` says how HF tensors combine into one megatron tensor:
+
+* ``copy``    - one HF tensor, same layout;
+* ``qkv``     - q, k, v projections interleaved per query group (see :mod:`.qkv`);
+* ``gate_up`` - gate and up projections concatenated (per TP shard in memory, see :mod:`.qkv`);
+* ``vocab``   - one HF tensor, rows padded to megatron's padded vocabulary size.
+
+``tp_axis`` is the axis megatron splits over tensor-parallel ranks (0 = column parallel /
+vocab parallel, 1 = row parallel, None = replicated).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["Rule", "SPECS", "GLOBAL_RULES", "LAYER_RULES", "layer_rules", "global_rules", "rule_by_megatron_name",
+           "detect_spec"]
+
+Kind = Literal["copy", "qkv", "gate_up", "vocab"]
+SPECS = ("local", "te")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One megatron tensor and the HF tensor(s) it is made of."""
+
+    local: str  # megatron name under the local spec
+    hf: tuple[str, ...]  # HF names; ``{i}`` is the (global) layer index
+    kind: Kind = "copy"
+    tp_axis: int | None = None
+    te: str | None = None  # megatron name under the TE spec, when different
+    bias: bool = False  # exists only for models with QKV bias (Qwen2)
+
+    def megatron(self, spec: str) -> str:
+        if spec not in SPECS:
+            raise ValueError(f"unknown layer spec {spec!r}; expected one of {SPECS}")
+        return self.te if spec == "te" and self.te else self.local
+
+    def hf_names(self, layer: int | None = None) -> tuple[str, ...]:
+        return tuple(n.format(i=layer) for n in self.hf)
+
+
+_ATTN = "model.layers.{i}.self_attn"
+_MLP = "model.layers.{i}.mlp"
+
+LAYER_RULES: tuple[Rule, ...] = (
+    Rule("input_layernorm.weight", ("model.layers.{i}.input_layernorm.weight",),
+         te="self_attention.linear_qkv.layer_norm_weight"),
+    Rule("self_attention.linear_qkv.weight", (f"{_ATTN}.q_proj.weight", f"{_ATTN}.k_proj.weight",
+                                              f"{_ATTN}.v_proj.weight"), kind="qkv", tp_axis=0),
+    Rule("self_attention.linear_qkv.bias", (f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias"),
+         kind="qkv", tp_axis=0, bias=True),
+    Rule("self_attention.linear_proj.weight", (f"{_ATTN}.o_proj.weight",), tp_axis=1),
+    Rule("pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",),
+         te="mlp.linear_fc1.layer_norm_weight"),
+    Rule("mlp.linear_fc1.weight", (f"{_MLP}.gate_proj.weight", f"{_MLP}.up_proj.weight"), kind="gate_up", tp_axis=0),
+    Rule("mlp.linear_fc2.weight", (f"{_MLP}.down_proj.weight",), tp_axis=1),
+)
+
+EMBEDDING = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), kind="vocab", tp_axis=0)
+FINAL_NORM = Rule("decoder.final_layernorm.weight", ("model.norm.weight",))
+OUTPUT = Rule("output_layer.weight", ("lm_head.weight",), kind="vocab", tp_axis=0)
+GLOBAL_RULES: tuple[Rule, ...] = (EMBEDDING, FINAL_NORM, OUTPUT)
+
+
+def layer_rules(qkv_bias: bool) -> tuple[Rule, ...]:
+    """Per-layer rules for a model with or without QKV bias."""
+    return tuple(r for r in LAYER_RULES if qkv_bias or not r.bias)
+
+
+def global_rules(tied: bool) -> tuple[Rule, ...]:
+    """Embedding, final norm and (untied models only) the output layer."""
+    return tuple(r for r in GLOBAL_RULES if not (tied and r is OUTPUT))
+
+
+def rule_by_megatron_name(name: str, spec: str, qkv_bias: bool = True) -> Rule:
+    """The rule whose megatron name (layer-local or global) under ``spec`` is ``name``."""
+    for rule in layer_rules(qkv_bias) + GLOBAL_RULES:
+        if rule.megatron(spec) == name:
+            return rule
+    raise KeyError(f"no HF mapping for megatron parameter {name!r} (spec {spec!r})")
+
+
+def detect_spec(names) -> str:
+    """``te`` or ``local`` from a collection of megatron names (checkpoint keys or state-dict names)."""
+    te_marker = LAYER_RULES[0].te
+    local_marker = LAYER_RULES[0].local
+    if any(n.endswith(te_marker) for n in names):
+        return "te"
+    if any(n.endswith(local_marker) for n in names):
+        return "local"
+    raise ValueError(f"cannot tell the layer spec: neither {te_marker!r} nor {local_marker!r} among the names")
