@@ -27,13 +27,13 @@ from bft_megatron.config.base import to_dict
 from bft_megatron.config.hf import model_fields_from_hf
 from bft_megatron.config.schema import Config, ModelConfig
 from bft_megatron.convert.hf_io import HFReader, copy_side_files
-from bft_megatron.convert.mapping import Rule, detect_spec, global_rules, layer_rules
-from bft_megatron.convert.qkv import merge_gate_up, merge_qkv
+from bft_megatron.convert.mapping import detect_spec, global_rules, layer_rules
+from bft_megatron.convert.tensors import to_megatron
 from bft_megatron.convert.runtime import process_group
 from bft_megatron.model import build_model_chunks, padded_vocab_size
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["import_hf", "model_config_from_hf_dir", "legacy_rope_keys", "build_megatron_tensor", "HF_SUBDIR"]
+__all__ = ["import_hf", "model_config_from_hf_dir", "legacy_rope_keys", "HF_SUBDIR"]
 
 _log = get_logger(__name__)
 
@@ -74,44 +74,14 @@ def model_config_from_hf_dir(hf_dir: str) -> ModelConfig:
     return ModelConfig(from_hf=hf_dir, **fields)
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """Pad ``[V, H]`` with zero rows to ``[rows, H]`` (megatron's padded vocabulary)."""
-    if t.shape[0] > rows:
-        raise ValueError(f"vocabulary tensor has {t.shape[0]} rows, more than the padded size {rows}")
-    if t.shape[0] == rows:
-        return t
-    return torch.cat((t, t.new_zeros(rows - t.shape[0], *t.shape[1:])))
-
-
-def build_megatron_tensor(rule: Rule, read, m: ModelConfig, layer: int | None, padded_vocab: int) -> torch.Tensor:
-    """One megatron tensor (global, TP-independent layout) from the HF tensors of ``rule``.
-
-    ``read(name)`` returns an HF tensor; ``layer`` fills ``{i}`` in per-layer HF names.
-    """
-    names = rule.hf_names(layer)
-    if rule.kind == "qkv":
-        head_dim = m.hidden_size // m.num_attention_heads
-        q, k, v = (read(n) for n in names)
-        return merge_qkv(q, k, v, m.num_attention_heads, m.kv_groups, head_dim)
-    if rule.kind == "gate_up":
-        gate, up = (read(n) for n in names)
-        return merge_gate_up(gate, up, tp=1)
-    tensor = read(names[0])
-    if rule.kind == "vocab":
-        if tensor.shape[0] != m.vocab_size:
-            raise ValueError(f"{names[0]} has {tensor.shape[0]} rows but vocab_size is {m.vocab_size}")
-        return _pad_rows(tensor, padded_vocab)
-    return tensor
-
-
 def _collect_state(reader: HFReader, m: ModelConfig, spec: str, padded_vocab: int) -> dict[str, torch.Tensor]:
     """megatron ``state_dict`` names (TP1/PP1) -> tensors, read layer by layer."""
     state: dict[str, torch.Tensor] = {}
     for rule in global_rules(m.tie_embeddings):
-        state[rule.megatron(spec)] = build_megatron_tensor(rule, reader.get, m, None, padded_vocab)
+        state[rule.megatron(spec)] = to_megatron(rule, reader.get, m, None, padded_vocab)
     for i in range(m.num_layers):
         for rule in layer_rules(m.qkv_bias):
-            state[f"decoder.layers.{i}.{rule.megatron(spec)}"] = build_megatron_tensor(rule, reader.get, m, i,
+            state[f"decoder.layers.{i}.{rule.megatron(spec)}"] = to_megatron(rule, reader.get, m, i,
                                                                                         padded_vocab)
     return state
 

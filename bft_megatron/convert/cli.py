@@ -1,0 +1,57 @@
+"""``bft-megatron convert import|export``: HF safetensors <-> megatron dist checkpoints.
+
+    bft-megatron convert import --hf HF_DIR --out CKPT
+    bft-megatron convert export --ckpt CKPT --out HF_DIR [--hf SRC_HF_DIR] [--max-shard-size 5GB] [--dtype bf16]
+
+Both run as a single process (no torchrun needed). See docs/convert.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+import torch
+
+__all__ = ["main", "parse_size"]
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` / ``"500MiB"`` / ``"1000000"`` -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).upper() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 5GB, 500MiB or a byte count")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bft-megatron convert", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="direction", required=True)
+    imp = sub.add_parser("import", help="HF safetensors directory -> megatron dist checkpoint (run directory)")
+    imp.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
+    imp.add_argument("--out", required=True, help="output run directory (gets latest, iter_0000000/, hf/)")
+    exp = sub.add_parser("export", help="megatron dist checkpoint -> HF safetensors directory")
+    exp.add_argument("--ckpt", required=True, help="run directory (uses 'latest'), iter_ directory or dist checkpoint")
+    exp.add_argument("--out", required=True, help="output HF directory")
+    exp.add_argument("--hf", default=None, help="HF directory for config.json/tokenizer if the checkpoint lacks them")
+    exp.add_argument("--max-shard-size", type=parse_size, default="5GB", help="per-file size limit (default 5GB)")
+    exp.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast weights (default: keep)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    if args.direction == "import":
+        from bft_megatron.convert.importer import import_hf
+
+        import_hf(args.hf, args.out)
+    else:
+        from bft_megatron.convert.exporter import export_checkpoint
+
+        export_checkpoint(args.ckpt, args.out, hf_dir=args.hf, max_shard_bytes=args.max_shard_size,
+                          dtype=_DTYPES[args.dtype] if args.dtype else None)
+    return 0

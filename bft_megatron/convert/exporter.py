@@ -1,0 +1,160 @@
+"""megatron dist checkpoint -> HF safetensors, layer group by layer group (bounded memory).
+
+The exporter needs no model: it reads the checkpoint's tensor metadata (keys, global shapes), then
+loads a few layers at a time as plain ``ShardedTensor`` requests (``dist_checkpointing`` reshards
+from whatever TP/PP the checkpoint was written at), converts them to HF tensors and hands them to a
+:class:`ShardWriter`. Host memory is bounded by about two shards (one being loaded/converted, one
+being buffered), whatever the model size.
+
+Checkpoint keys are the same for both layer specs (megatron's local spec saves its norms under the
+TE names), and ``linear_fc1`` is stored as ``[gate; up]`` whatever the TP size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from bft_megatron.checkpoint import pointer
+from bft_megatron.config.base import from_dict
+from bft_megatron.config.schema import ModelConfig
+from bft_megatron.convert.hf_config import write_hf_metadata
+from bft_megatron.convert.hf_io import DEFAULT_SHARD_BYTES, ShardWriter, finalize_shards
+from bft_megatron.convert.importer import HF_SUBDIR, model_config_from_hf_dir
+from bft_megatron.convert.mapping import EMBEDDING, FINAL_NORM, OUTPUT, detect_spec, layer_rules
+from bft_megatron.convert.runtime import process_group
+from bft_megatron.convert.tensors import to_hf
+from bft_megatron.utils.logging import get_logger
+
+__all__ = ["export_checkpoint", "resolve_checkpoint_dir"]
+
+_log = get_logger(__name__)
+_LAYER_PREFIX = "decoder.layers."
+
+
+def resolve_checkpoint_dir(path: str) -> str:
+    """A dist checkpoint directory from a run directory (``latest``), an ``iter_`` dir or a plain one."""
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return path
+    resolved = pointer.resolve_load_dir(path)
+    if resolved is None or not os.path.isfile(os.path.join(resolved, "metadata.json")):
+        raise FileNotFoundError(f"{path}: not a dist checkpoint (no metadata.json) nor a run directory with "
+                                f"a 'latest' pointer to one")
+    return resolved
+
+
+def _sources(ckpt_dir: str, common: dict, hf_dir: str | None) -> tuple[ModelConfig, str | None]:
+    """(model config, template HF dir): ``--hf`` > ``<run>/hf`` (import) > the config's ``model.from_hf``."""
+    run_hf = os.path.join(os.path.dirname(os.path.normpath(ckpt_dir)), HF_SUBDIR)
+    saved = common.get("config", {}).get("model") if isinstance(common.get("config"), dict) else None
+    m = from_dict(ModelConfig, saved, "model") if saved else None
+    candidates = [hf_dir, run_hf, m.from_hf if m else None]
+    template = next((d for d in candidates if d and os.path.isfile(os.path.join(d, "config.json"))), None)
+    if hf_dir and template != hf_dir:
+        raise FileNotFoundError(f"--hf {hf_dir}: no config.json there")
+    if m is None:
+        if template is None:
+            raise ValueError(f"{ckpt_dir}: the checkpoint carries no model config; pass --hf DIR with config.json")
+        m = model_config_from_hf_dir(template)
+    return m, template
+
+
+def _range_request(metadata: dict, key: str, start: int, stop: int) -> object:
+    """A request for layers ``[start, stop)`` of a stacked ``decoder.layers.*`` tensor ``[L, ...]``.
+
+    No axis fragmentation (an irregular grid): a single process may ask for any slab, and
+    dist_checkpointing reads the overlapping parts of whatever shards were saved.
+    """
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    md = metadata[key]
+    data = torch.empty((stop - start, *md.global_shape[1:]), dtype=md.dtype)
+    offset = (start,) + (0,) * (len(md.global_shape) - 1)
+    return ShardedTensor(key=key, data=data, dtype=md.dtype, local_shape=tuple(data.shape),
+                         global_shape=tuple(md.global_shape), global_offset=offset, axis_fragmentations=None,
+                         replica_id=0)
+
+
+def _load_global(path: str, metadata: dict, key: str) -> torch.Tensor:
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    md = metadata[key]
+    req = {key: ShardedTensor.from_rank_offsets(key, torch.empty(md.global_shape, dtype=md.dtype), replica_id=0)}
+    return dist_checkpointing.load(req, path)[key]
+
+
+class _Export:
+    """State of one offline export: checkpoint metadata, model config, the shard writer."""
+
+    def __init__(self, path: str, m: ModelConfig, writer: ShardWriter, dtype: torch.dtype | None) -> None:
+        from megatron.core import dist_checkpointing
+
+        self.path, self.m, self.writer, self.dtype = path, m, writer, dtype
+        self.metadata = dist_checkpointing.load_tensors_metadata(path)
+        self.spec = detect_spec(self.metadata.keys())
+        self.rules = layer_rules(m.qkv_bias)
+        self.layer_keys = [_LAYER_PREFIX + r.megatron(self.spec) for r in self.rules]
+        for key in self.layer_keys + [EMBEDDING.local, FINAL_NORM.local]:
+            if key not in self.metadata:
+                raise KeyError(f"{path}: tensor {key!r} missing from the checkpoint")
+        found = self.metadata[self.layer_keys[0]].global_shape[0]
+        if found != m.num_layers:
+            raise ValueError(f"{path}: checkpoint has {found} layers, the model config says {m.num_layers}")
+
+    def write(self, rule, tensor: torch.Tensor, layer: int | None) -> None:
+        for name, t in to_hf(rule, tensor, self.m, layer):
+            self.writer.add(name, t.to(self.dtype) if self.dtype is not None else t)
+
+    def layer_bytes(self) -> int:
+        return sum(math.prod(self.metadata[k].global_shape[1:]) * self.metadata[k].dtype.itemsize
+                   for k in self.layer_keys)
+
+    def layers(self) -> None:
+        from megatron.core import dist_checkpointing
+
+        per_group = max(1, self.writer.max_bytes // max(1, self.layer_bytes()))
+        for start in range(0, self.m.num_layers, per_group):
+            group = range(start, min(start + per_group, self.m.num_layers))
+            request = {key: _range_request(self.metadata, key, group.start, group.stop) for key in self.layer_keys}
+            # A partial (layer-range) request: megatron's whole-tensor coverage check does not apply.
+            loaded = dist_checkpointing.load(request, self.path, validate_access_integrity=False)
+            for i in group:  # loaded[key]: [len(group), ...]
+                for rule, key in zip(self.rules, self.layer_keys):
+                    self.write(rule, loaded[key][i - group.start], i)
+            _log.info("exported layers %d..%d of %d", group.start, group.stop - 1, self.m.num_layers)
+
+    def run(self) -> None:
+        self.write(EMBEDDING, _load_global(self.path, self.metadata, EMBEDDING.local), None)
+        self.layers()
+        self.write(FINAL_NORM, _load_global(self.path, self.metadata, FINAL_NORM.local), None)
+        if not self.m.tie_embeddings:
+            if OUTPUT.local not in self.metadata:
+                raise KeyError(f"{self.path}: untied model but {OUTPUT.local!r} is missing from the checkpoint")
+            self.write(OUTPUT, _load_global(self.path, self.metadata, OUTPUT.local), None)
+
+
+def export_checkpoint(ckpt: str, out_dir: str, hf_dir: str | None = None,
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype | None = None) -> str:
+    """Export a dist checkpoint (run dir, iter_ dir or plain) to an HF directory; returns ``out_dir``.
+
+    ``hf_dir`` supplies config.json / tokenizer when the checkpoint's own sources are absent;
+    ``dtype`` casts the weights (default: keep the checkpoint's dtype).
+    """
+    from megatron.core import dist_checkpointing
+
+    path = resolve_checkpoint_dir(ckpt)
+    with process_group():
+        common = dist_checkpointing.load_common_state_dict(path)
+        m, template = _sources(path, common, hf_dir)
+        writer = ShardWriter(out_dir, max_shard_bytes)
+        job = _Export(path, m, writer, dtype)
+        job.run()
+        writer.flush()
+        finalize_shards(out_dir, [writer.manifest], writer.total_bytes)
+        out_dtype = dtype or job.metadata[EMBEDDING.local].dtype
+    write_hf_metadata(out_dir, m, out_dtype, template)
+    _log.info("exported %s -> %s", path, out_dir)
+    return out_dir

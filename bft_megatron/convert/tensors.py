@@ -1,0 +1,68 @@
+"""Per-rule tensor transforms in both directions (HF <-> megatron), driven by :mod:`.mapping`.
+
+Megatron tensors here are in the *global* layout: gathered over TP, one layer (no layer axis).
+For ``linear_fc1`` the layout depends on how it was gathered: a dist checkpoint stores
+``[gate; up]`` (``tp=1``); concatenating in-memory shards of a TP-``n`` model gives the per-shard
+interleave (``tp=n``). Vocabulary tensors carry megatron's padding rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from bft_megatron.config.schema import ModelConfig
+from bft_megatron.convert.mapping import Rule
+from bft_megatron.convert.qkv import merge_gate_up, merge_qkv, split_gate_up, split_qkv
+
+__all__ = ["to_megatron", "to_hf", "pad_rows"]
+
+
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Pad ``[V, H]`` with zero rows to ``[rows, H]`` (megatron's padded vocabulary)."""
+    if t.shape[0] > rows:
+        raise ValueError(f"vocabulary tensor has {t.shape[0]} rows, more than the padded size {rows}")
+    if t.shape[0] == rows:
+        return t
+    return torch.cat((t, t.new_zeros(rows - t.shape[0], *t.shape[1:])))
+
+
+def _head_dim(m: ModelConfig) -> int:
+    return m.hidden_size // m.num_attention_heads
+
+
+def to_megatron(rule: Rule, read: Callable[[str], torch.Tensor], m: ModelConfig, layer: int | None,
+                padded_vocab: int) -> torch.Tensor:
+    """One megatron tensor (global layout, ``[gate; up]`` for fc1) from the HF tensors of ``rule``.
+
+    ``read(name)`` returns an HF tensor; ``layer`` fills ``{i}`` in per-layer HF names.
+    """
+    names = rule.hf_names(layer)
+    if rule.kind == "qkv":
+        q, k, v = (read(n) for n in names)
+        return merge_qkv(q, k, v, m.num_attention_heads, m.kv_groups, _head_dim(m))
+    if rule.kind == "gate_up":
+        gate, up = (read(n) for n in names)
+        return merge_gate_up(gate, up, tp=1)
+    tensor = read(names[0])
+    if rule.kind == "vocab":
+        if tensor.shape[0] != m.vocab_size:
+            raise ValueError(f"{names[0]} has {tensor.shape[0]} rows but vocab_size is {m.vocab_size}")
+        return pad_rows(tensor, padded_vocab)
+    return tensor
+
+
+def to_hf(rule: Rule, tensor: torch.Tensor, m: ModelConfig, layer: int | None,
+          fc1_tp: int = 1) -> list[tuple[str, torch.Tensor]]:
+    """HF ``(name, tensor)`` pairs from one megatron tensor (global layout; see module doc for fc1)."""
+    names = rule.hf_names(layer)
+    if rule.kind == "qkv":
+        return list(zip(names, split_qkv(tensor, m.num_attention_heads, m.kv_groups, _head_dim(m))))
+    if rule.kind == "gate_up":
+        return list(zip(names, split_gate_up(tensor, tp=fc1_tp)))
+    if rule.kind == "vocab":
+        if tensor.shape[0] < m.vocab_size:
+            raise ValueError(f"{rule.local} has {tensor.shape[0]} rows, fewer than vocab_size={m.vocab_size}")
+        tensor = tensor[: m.vocab_size]  # strip megatron's padding rows
+    return [(names[0], tensor)]
