@@ -1,0 +1,74 @@
+"""Tiny random HF models (Llama-3.1/3.2-like and Qwen2-like) and a tiny tokenizer for the convert tests.
+
+Weights are re-drawn with a large spread (not the 0.02 init) so that logits are O(1) and a wrong
+layout (e.g. QKV not interleaved per group) changes them far beyond the comparison tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               # small so that the tiny head_dim has frequencies in all three llama3 bands
+               "original_max_position_embeddings": 64}
+
+# name -> (family, config overrides, dtype). vocab 300 pads to 384 at TP1 but 512 at TP2.
+CASES = {
+    "llama31_untied": ("llama", dict(vocab_size=300, num_attention_heads=8, num_key_value_heads=2,
+                                     tie_word_embeddings=False, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+                       torch.float32),
+    "llama32_tied": ("llama", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=4,
+                                   tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE, rope_theta=500000.0),
+                     torch.float32),
+    "qwen2_tied": ("qwen2", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=True, rope_theta=1000000.0), torch.float32),
+    "qwen2_untied_bf16": ("qwen2", dict(vocab_size=272, num_attention_heads=8, num_key_value_heads=4,
+                                        tie_word_embeddings=False), torch.bfloat16),
+}
+
+
+def make_tokenizer(out_dir: str, vocab_size: int) -> None:
+    """A word-level fast tokenizer over ``vocab_size`` made-up words (no network)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"w{i}": i for i in range(3, vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out_dir)
+
+
+def make_model(name: str, out_dir: str, seed: int = 0, num_layers: int = 2):
+    """Build, randomise and ``save_pretrained`` one case; returns the HF model (fp32 copy for references)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    family, overrides, dtype = CASES[name]
+    common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers, max_position_embeddings=256,
+                  rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**common, **overrides)).eval()
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+    model.to(dtype).save_pretrained(out_dir)
+    make_tokenizer(out_dir, overrides["vocab_size"])
+    return model.float()
+
+
+def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory (index or single file)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for fname in sorted(os.listdir(path)):
+        if fname.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, fname)))
+    return out

@@ -1,0 +1,167 @@
+"""End to end on CPU: HF -> megatron import, logits at TP1/TP2/PP2 (gloo, spawned), HF export round trip.
+
+One spawned single-process job imports and exports every tiny model; one spawned 2-process job
+loads the imports at TP1 (x DP2), TP2 and PP2 and returns the logits. The HF references are computed
+here. Tolerance: fp32 logits of O(1) scale, max |diff| <= 1e-4 (observed ~1e-6; a wrong QKV
+interleave, RoPE or gate/up order changes them by O(1)).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.convert_models import CASES, make_model, read_safetensors_dir
+from tests.dist_harness import run_distributed
+
+pytestmark = pytest.mark.slow
+
+ATOL = 1e-4
+LOGIT_CASES = [n for n, (_, _, dtype) in CASES.items() if dtype == torch.float32]
+LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
+
+
+def _convert_worker(rank: int, world: int, root: str, names: list[str]) -> None:
+    from bft_megatron.convert.exporter import export_checkpoint
+    from bft_megatron.convert.importer import import_hf
+
+    for name in names:
+        import_hf(os.path.join(root, "hf", name), os.path.join(root, "ckpt", name))
+        # a small shard limit so that the export is split over several files
+        export_checkpoint(os.path.join(root, "ckpt", name), os.path.join(root, "out", name), max_shard_bytes=40_000)
+
+
+def _forward_logits(model, tokens: torch.Tensor, groups, vocab: int) -> torch.Tensor | None:
+    """Full-vocabulary logits ``[b, s, vocab]`` on the last stage's TP rank 0 (None elsewhere)."""
+    import torch.distributed as dist
+
+    b, s = tokens.shape
+    positions = torch.arange(s).unsqueeze(0).expand(b, s)
+    if not groups.is_first_pp_stage:
+        hidden = torch.empty(s, b, model.config.hidden_size)
+        dist.recv(hidden, src=dist.get_global_rank(groups.pp, groups.pp_rank - 1))
+        model.set_input_tensor(hidden)
+    with torch.no_grad():
+        out = model(tokens, positions, None)
+    if not groups.is_last_pp_stage:
+        dist.send(out.contiguous(), dst=dist.get_global_rank(groups.pp, groups.pp_rank + 1))
+        return None
+    shards = [torch.empty_like(out) for _ in range(groups.tp_size)]
+    dist.all_gather(shards, out.contiguous(), group=groups.tp)
+    return torch.cat(shards, dim=-1)[..., :vocab] if groups.tp_rank == 0 else None
+
+
+def _scramble_qkv(model, m) -> None:
+    """Rewrite every linear_qkv as plain [Q; K; V] (the classic wrong layout) in place."""
+    from bft_megatron.convert.qkv import split_qkv
+
+    head_dim = m.hidden_size // m.num_attention_heads
+    with torch.no_grad():
+        for layer in model.decoder.layers:
+            w = layer.self_attention.linear_qkv.weight
+            w.copy_(torch.cat(split_qkv(w, m.num_attention_heads, m.kv_groups, head_dim)))
+
+
+def _logits_worker(rank: int, world: int, root: str, names: list[str], tokens: torch.Tensor) -> dict:
+    import dataclasses
+
+    from megatron.core import parallel_state as ps
+
+    from bft_megatron.config.schema import Config
+    from bft_megatron.convert.importer import model_config_from_hf_dir
+    from bft_megatron.convert.load import load_weights
+    from bft_megatron.model import build_model_chunks
+    from bft_megatron.parallel.bootstrap import initialize
+
+    results = {}
+    for layout, (tp, pp) in LAYOUTS.items():
+        groups = initialize(tp=tp, pp=pp)
+        for name in names:
+            m = model_config_from_hf_dir(os.path.join(root, "hf", name))
+            cfg = Config(model=m)
+            cfg.train = dataclasses.replace(cfg.train, bf16=False)
+            cfg.parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp)
+            chunks, _ = build_model_chunks(cfg, groups)
+            load_weights(chunks, os.path.join(root, "ckpt", name))
+            results[(layout, name)] = _forward_logits(chunks[0], tokens, groups, m.vocab_size)
+            if layout == "tp1" and name == "llama31_untied":
+                _scramble_qkv(chunks[0], m)
+                results[("tp1_scrambled_qkv", name)] = _forward_logits(chunks[0], tokens, groups, m.vocab_size)
+        ps.destroy_model_parallel()
+    return {k: v for k, v in results.items() if v is not None}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("convert"))
+    torch.manual_seed(1)
+    tokens = torch.randint(3, 250, (2, 11))
+    refs = {}
+    for name in CASES:
+        model = make_model(name, os.path.join(root, "hf", name))
+        if name in LOGIT_CASES:
+            with torch.no_grad():
+                refs[name] = model(tokens).logits
+    run_distributed(_convert_worker, 1, root, list(CASES))
+    per_rank = run_distributed(_logits_worker, 2, root, LOGIT_CASES, tokens)
+    logits = {k: v for r in per_rank for k, v in r.items()}
+    return root, refs, logits
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", LOGIT_CASES)
+def test_megatron_logits_match_hf(converted, name, layout):
+    _, refs, logits = converted
+    got, ref = logits[(layout, name)], refs[name]
+    assert got.shape == ref.shape
+    assert ref.abs().max() > 1.0  # the comparison is not between near-zero logits
+    diff = (got - ref).abs().max().item()
+    assert diff <= ATOL, f"{name} at {layout}: max |logits diff| {diff:.3g} > {ATOL}"
+
+
+def test_wrong_qkv_layout_breaks_logits(converted):
+    """The logits comparison is sensitive to the QKV interleave (GQA: 8 heads, 2 groups)."""
+    _, refs, logits = converted
+    diff = (logits[("tp1_scrambled_qkv", "llama31_untied")] - refs["llama31_untied"]).abs().max().item()
+    assert diff > 1000 * ATOL
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_export_of_import_is_bit_identical(converted, name):
+    root = converted[0]
+    src = read_safetensors_dir(os.path.join(root, "hf", name))
+    out_dir = os.path.join(root, "out", name)
+    out = read_safetensors_dir(out_dir)
+    assert sorted(out) == sorted(src)
+    for key, tensor in src.items():
+        assert out[key].dtype == tensor.dtype, key
+        assert torch.equal(out[key], tensor), f"{name}: {key} differs"
+    if CASES[name][1]["tie_word_embeddings"]:
+        assert "lm_head.weight" not in src  # tied small models carry no lm_head
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), encoding="utf-8") as fh:
+        index = json.load(fh)
+    assert set(index["weight_map"]) == set(src) and len(set(index["weight_map"].values())) > 1
+    for fname in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert os.path.isfile(os.path.join(out_dir, fname)), fname
+
+
+@pytest.mark.parametrize("name", ["llama31_untied", "qwen2_tied"])
+def test_export_loads_with_transformers(converted, name):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root, refs, _ = converted
+    out_dir = os.path.join(root, "out", name)
+    model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+    torch.manual_seed(1)
+    tokens = torch.randint(3, 250, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, refs[name])
+    gen = model.generate(tokens[:1, :4], max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 8)
+    AutoTokenizer.from_pretrained(out_dir)
+    for fname in ("tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(out_dir, fname), "rb") as a, open(os.path.join(root, "hf", name, fname), "rb") as b:
+            assert a.read() == b.read(), fname
