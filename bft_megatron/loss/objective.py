@@ -208,6 +208,8 @@ def _sample_metrics(metrics: MetricPartials, p, s, n_b, present, g, count_here: 
     metrics.add_sum("p_conf", torch.where(present, p, 0.0).sum() * scale, count)
     metrics.add_sum("sample_weight", torch.where(present, s, 0.0).sum() * scale, count)
     metrics.add_sum("short_frac", (present & (n_b < g)).sum() * scale, count)
-    inf = torch.tensor(float("inf"), dtype=p.dtype, device=p.device)
-    metrics.add_min("p_conf", torch.where(present, p, inf).amin() if count_here else inf)
-    metrics.add_max("p_conf", torch.where(present, p, -inf).amax() if count_here else -inf)
+    # Extrema over no samples are +/-inf (dropped at reduction); built without a host->device copy.
+    p_min = torch.where(present, p, float("inf")).amin()
+    p_max = torch.where(present, p, float("-inf")).amax()
+    metrics.add_min("p_conf", p_min if count_here else torch.full_like(p_min, float("inf")))
+    metrics.add_max("p_conf", p_max if count_here else torch.full_like(p_max, float("-inf")))

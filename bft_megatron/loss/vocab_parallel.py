@@ -76,26 +76,49 @@ class _VocabParallelNLL(torch.autograd.Function):
         return grad.to(ctx.in_dtype), None, None, None
 
 
+def _triton_function():
+    """The Triton autograd function, or None where Triton (or a CUDA device) is unavailable."""
+    global _TRITON
+    if _TRITON is None:
+        try:
+            from bft_megatron.loss.triton_nll import TritonVocabParallelNLL
+
+            _TRITON = TritonVocabParallelNLL
+        except ImportError:
+            _TRITON = False
+    return _TRITON or None
+
+
+_TRITON = None
+IMPLS = ("auto", "torch", "triton")
+
+
 def vocab_parallel_nll(
     logits: torch.Tensor,
     labels: torch.Tensor,
     tp_group: dist.ProcessGroup | None = None,
     *,
     inplace: bool = False,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """Per-token NLL ``-log softmax(logits)[label]`` in fp32 from vocabulary-parallel logits.
 
     Args:
         logits: ``[..., V/TP]`` this rank's contiguous vocabulary slice (Megatron: ``[s, b, V/TP]``),
             any float dtype. Rank ``r`` of ``tp_group`` owns columns ``r*V/TP .. (r+1)*V/TP``.
-        labels: ``[...]`` int64 global vocabulary ids. Ids outside ``[0, V)`` (e.g. -100) give
-            ``logsumexp`` and must be masked by the caller.
+        labels: ``[...]`` int64 global vocabulary ids. Ids outside ``[0, V)`` (e.g. -100) give a
+            finite, meaningless value and must be masked by the caller.
         tp_group: the tensor-parallel group; ``None`` or a group of size 1 means no communication.
-        inplace: for fp32 logits, reuse their storage as the work buffer (saves one copy; the
-            caller's logits are clobbered). bf16/fp16 logits are never modified.
+        inplace: allow the caller's logits to be overwritten to save a ``[tokens, V/TP]`` buffer: the
+            eager path reuses fp32 logits as its work buffer, the Triton path writes the gradient
+            into the logits' storage. Safe when nothing else reads the logits afterwards (the
+            model's output feeding only this loss).
+        impl: ``torch`` (eager, megatron-core's algorithm: one fp32 work buffer holding the softmax),
+            ``triton`` (CUDA: fused kernels, no fp32 buffer, logits read once forward and once
+            backward), or ``auto`` = triton on CUDA when Triton imports, else torch.
 
     Returns:
-        fp32 ``[...]`` per-token NLL, identical on every rank of ``tp_group``. Backward writes the
+        fp32 ``[...]`` per-token NLL (computed in fp32 whatever the input dtype), identical on every rank of ``tp_group``. Backward writes the
         gradient into the saved softmax buffer (no extra ``[tokens, V/TP]`` allocation in fp32).
     """
     if logits.shape[:-1] != labels.shape:
@@ -103,4 +126,10 @@ def vocab_parallel_nll(
                          f"dimension {tuple(logits.shape[:-1])}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got dtype {logits.dtype}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl != "torch" and logits.is_cuda and _triton_function() is not None:
+        return _triton_function().apply(logits, labels, tp_group, inplace)
+    if impl == "triton":
+        raise ValueError("impl='triton' needs CUDA logits and an importable triton")
     return _VocabParallelNLL.apply(logits, labels, tp_group, inplace)

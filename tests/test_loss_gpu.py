@@ -1,0 +1,84 @@
+"""GPU checks of the loss: same values as on CPU, and no host synchronisation in forward or backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bft_megatron.loss import objective, vocab_parallel_nll
+
+pytestmark = pytest.mark.gpu
+CASES = [("sft", "v1"), ("dft", "v1"), ("bft", "v1"), ("bft", "v3")]
+
+
+def _data(device):
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(96, 1, 257, generator=gen) * 3
+    labels = torch.randint(0, 257, (96, 1), generator=gen)
+    mask = (torch.rand(96, 1, generator=gen) < 0.7).float()
+    cu = torch.tensor([0, 10, 40, 41, 96], dtype=torch.int32)
+    return logits.to(device), labels.to(device), mask.to(device), cu.to(device)
+
+
+def _run(data, method, variant, packed, dtype=torch.float32, impl="auto"):
+    logits, labels, mask, cu = data
+    x = logits.to(dtype).requires_grad_(True)
+    nll = vocab_parallel_nll(x, labels, impl=impl)
+    loss_sum, units, _ = objective(nll.t(), mask.t(), method=method, variant=variant, group_size=8,
+                                   cu_seqlens=cu if packed else None)
+    loss_sum.backward()
+    return loss_sum.detach(), units, x.grad
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("method,variant", CASES)
+def test_cuda_matches_cpu(method, variant, packed, impl):
+    cpu = _run(_data("cpu"), method, variant, packed)
+    gpu = _run(_data("cuda"), method, variant, packed, impl=impl)
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=1e-5, rtol=1e-5)
+    assert int(gpu[1]) == int(cpu[1])
+    torch.testing.assert_close(gpu[2].cpu(), cpu[2], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("method,variant", CASES)
+def test_no_host_synchronisation(method, variant, packed, impl):
+    data = _data("cuda")
+    _run(data, method, variant, packed, torch.bfloat16, impl)       # warm up kernels and caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _run(data, method, variant, packed, torch.bfloat16, impl)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+# Gradients: fp32 differ only by summation order (atol 1e-6); bf16 by one rounding of the output.
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-6, 1e-5), (torch.bfloat16, 2e-5, 2e-2)])
+def test_triton_matches_eager_at_llm_vocab(dtype, atol, rtol):
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    logits = (torch.randn(257, 2, 32003, device="cuda", generator=gen) * 4).to(dtype)
+    labels = torch.randint(0, 32003, (257, 2), device="cuda", generator=gen)
+    weights = torch.rand(257, 2, device="cuda", generator=gen)
+    out = {}
+    for impl in ("torch", "triton"):
+        x = logits.clone().requires_grad_(True)
+        nll = vocab_parallel_nll(x, labels, impl=impl)
+        (nll * weights).sum().backward()
+        out[impl] = (nll.detach(), x.grad)
+    torch.testing.assert_close(out["triton"][0], out["torch"][0], atol=1e-5, rtol=1e-5)
+    assert out["triton"][1].dtype == dtype
+    torch.testing.assert_close(out["triton"][1].float(), out["torch"][1].float(), atol=atol, rtol=rtol)
+
+
+def test_triton_inplace_gradient_reuses_logits_storage():
+    logits = torch.randn(64, 1, 5000, device="cuda").bfloat16().requires_grad_(True)
+    labels = torch.randint(0, 5000, (64, 1), device="cuda")
+    ref_x = logits.detach().clone().requires_grad_(True)
+    vocab_parallel_nll(ref_x, labels, impl="triton").sum().backward()
+    work = logits.detach().clone().requires_grad_(True)
+    vocab_parallel_nll(work, labels, impl="triton", inplace=True).sum().backward()
+    torch.testing.assert_close(work.grad, ref_x.grad, atol=0, rtol=0)
+    assert work.grad.data_ptr() == work.data_ptr()
