@@ -35,6 +35,7 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
     def _state_for_save(self, trainer) -> dict:
+        init_optimizer_state(trainer.optimizer)  # no-op after the first step; needed to save at step 0
         model_sd = model_sharded_state_dict(trainer.model)
         sd = dict(model_sd)
         merged_model = {k: v for d in model_sd.values() for k, v in d.items()}

@@ -122,10 +122,11 @@ def initialize(tp: int = 1, pp: int = 1, vp: int | None = None, cp: int = 1, see
     return groups
 
 
-def destroy() -> None:
-    """Tear down megatron's groups and the default process group (tests, clean exits)."""
+def destroy(keep_process_group: bool = False) -> None:
+    """Tear down megatron's groups and (unless kept, e.g. to re-initialise at another layout in
+    tests) the default process group."""
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
-    if dist.is_initialized():
+    if dist.is_initialized() and not keep_process_group:
         dist.destroy_process_group()

@@ -12,6 +12,8 @@ machine without CUDA, :func:`apply` patches exactly those spots:
   Stream / stream`` return null stream objects (grad-buffer and p2p code paths);
 * ``Tensor.type()`` reports CPU float tensors as ``torch.cuda.*Tensor`` so the optimizer's and
   clip-grad's dtype assertions accept them;
+* pipeline point-to-point messages carry a tag per direction (gloo would otherwise swap
+  activations and gradients at PP=2 with interleaving, see :func:`_tagged_batched_p2p_ops`);
 * the CUDA RNG-states tracker of ``tensor_parallel.random`` is replaced by one that forks the CPU
   generator, so ``model_parallel_cuda_manual_seed`` and activation recompute work.
 
@@ -158,6 +160,36 @@ def _patch_megatron_rng() -> None:
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 
 
+_TAG_TO_NEXT, _TAG_TO_PREV = 1, 2
+
+
+def _tagged_batched_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next, group,
+                            prev_pipeline_rank, next_pipeline_rank):
+    """megatron's batched pipeline p2p with a tag per direction.
+
+    With PP=2 and interleaving, a rank's previous and next pipeline ranks are the same process. gloo
+    matches point-to-point messages by (peer, tag) in posting order, and megatron posts
+    ``send_prev`` before ``send_next`` but ``recv_prev`` before ``recv_next``: untagged, activations
+    land in gradient buffers and vice versa (same shapes, so silently). Tagging messages by travel
+    direction makes the matching unambiguous.
+    """
+    dist = torch.distributed
+    ops = []
+    for tensor, op, peer, tag in ((tensor_send_prev, dist.isend, prev_pipeline_rank, _TAG_TO_PREV),
+                                  (tensor_recv_prev, dist.irecv, prev_pipeline_rank, _TAG_TO_NEXT),
+                                  (tensor_send_next, dist.isend, next_pipeline_rank, _TAG_TO_NEXT),
+                                  (tensor_recv_next, dist.irecv, next_pipeline_rank, _TAG_TO_PREV)):
+        if tensor is not None:
+            ops.append(dist.P2POp(op, tensor, peer, group, tag))
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
+def _patch_megatron_p2p() -> None:
+    from megatron.core.pipeline_parallel import p2p_communication
+
+    p2p_communication._batched_p2p_ops = _tagged_batched_p2p_ops
+
+
 def apply(force: bool = False) -> bool:
     """Install the CPU patches if CUDA is unavailable (or ``force``). Returns whether they are active.
 
@@ -169,6 +201,7 @@ def apply(force: bool = False) -> bool:
         return False
     _patch_torch_cuda()
     _patch_megatron_rng()
+    _patch_megatron_p2p()
     mode = _CudaToCpuMode()
     mode.__enter__()
     _STATE.update(applied=True, mode=mode)

@@ -1,0 +1,190 @@
+"""``bft-megatron plan``: per-GPU memory and a throughput estimate for a config, before any GPU is touched.
+
+The model is analytic (documented term by term in docs/launch.md) and uses the trainer's actual choices:
+bf16 parameters, fp32 gradient buffers (``grad_reduce_in_fp32``), Adam with fp32 master weights and two
+moments (sharded over data-parallel ranks with the distributed optimizer), TE fused attention (no
+``seq^2`` activations), the Triton NLL on the last pipeline stage (bf16 logits + their bf16 gradient).
+It reports the most loaded pipeline stage (first or last), since that is the one that runs out of memory.
+
+Throughput: Megatron's FLOP count (causal attention halved) divided by an assumed MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import dataclass
+
+GIB = 2**30
+# CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers, allocator fragmentation: measured ~2.5 GiB on H100.
+RUNTIME_OVERHEAD_GIB = 2.5
+
+
+@dataclass
+class MemoryPlan:
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    activations_recompute: float
+    logits: float
+    fp8_buffers: float
+    overhead: float
+
+    def total(self, recompute: bool) -> float:
+        acts = self.activations_recompute if recompute else self.activations
+        return (self.weights + self.gradients + self.optimizer + acts + self.logits + self.fp8_buffers
+                + self.overhead)
+
+
+def _padded_vocab(m, tp: int) -> int:
+    multiple = m.make_vocab_size_divisible_by * tp
+    return int(math.ceil(m.vocab_size / multiple) * multiple)
+
+
+def layer_params(m) -> int:
+    """Parameters of one transformer layer (attention + SwiGLU MLP + two norms)."""
+    head_dim = m.hidden_size // m.num_attention_heads
+    qkv_out = m.hidden_size + 2 * m.kv_groups * head_dim
+    attn = m.hidden_size * qkv_out + m.hidden_size * m.hidden_size + (qkv_out if m.qkv_bias else 0)
+    mlp = 3 * m.hidden_size * m.ffn_hidden_size
+    return attn + mlp + 2 * m.hidden_size
+
+
+def total_params(m) -> int:
+    embed = m.vocab_size * m.hidden_size
+    return m.num_layers * layer_params(m) + embed * (1 if m.tie_embeddings else 2) + m.hidden_size
+
+
+def _stage_params(m, p, stage: str) -> float:
+    """Parameters held by one GPU of the ``first``, ``last`` or ``only`` (PP=1) pipeline stage."""
+    table = _padded_vocab(m, p.tp) * m.hidden_size / p.tp
+    params = m.num_layers / p.pp * layer_params(m) / p.tp
+    if stage in ("first", "only"):
+        params += table
+    if stage == "last" or (stage == "only" and not m.tie_embeddings):
+        params += table                        # output layer (a tied copy lives on the last stage too)
+    if stage in ("last", "only"):
+        params += m.hidden_size                # final norm
+    return params
+
+
+def _layer_activation_bytes(m, seq: int, mbs: int, p) -> float:
+    """Bytes one layer keeps for backward per micro-batch (bf16, TE fused attention, no dropout)."""
+    sb = seq / p.cp * mbs
+    h, f = m.hidden_size, m.ffn_hidden_size
+    head_dim = h // m.num_attention_heads
+    qkv_out = h + 2 * m.kv_groups * head_dim
+    split = 2 * (4 * h + qkv_out + 3 * f)      # qkv/proj/fc1/fc2 inputs, q/k/v, attn out, fc1 out, swiglu out
+    norms = 2 * 2 * h                          # the two norm inputs: sharded only with sequence parallel
+    softmax_stats = 4 * m.num_attention_heads  # fp32 log-sum-exp per head (flash attention)
+    per_token = split / p.tp + (norms / p.tp if p.sequence_parallel else norms) + softmax_stats / p.tp
+    return sb * per_token
+
+
+def _in_flight(p, num_microbatches: int) -> float:
+    """Micro-batches whose activations the first pipeline stage holds at once (1F1B / interleaved)."""
+    if p.pp == 1:
+        return 1.0
+    vp = p.vp or 1
+    flight = min(p.pp, num_microbatches)
+    return flight * (1 + (p.pp - 1) / (p.pp * vp)) if vp > 1 else flight
+
+
+def plan_memory(cfg, dp: int, num_microbatches: int) -> tuple[MemoryPlan, str]:
+    """Memory of the most loaded GPU (bytes -> GiB) and which stage that is."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    seq, mbs = cfg.data.seq_length, t.micro_batch_size
+    layers_here = m.num_layers / p.pp
+    act_layer = _layer_activation_bytes(m, seq, mbs, p)
+    in_flight = _in_flight(p, num_microbatches)
+    layer_input = 2 * seq / p.cp * mbs * m.hidden_size / (p.tp if p.sequence_parallel else 1)
+    vocab = _padded_vocab(m, p.tp)
+    plans = {}
+    for stage in (("only",) if p.pp == 1 else ("first", "last")):
+        params = _stage_params(m, p, stage)
+        shard = dp * p.cp if p.distributed_optimizer else 1
+        logits = 2 * 2 * seq / p.cp * mbs * vocab / p.tp if stage != "first" else 0.0
+        flight = 1.0 if stage == "last" else in_flight
+        linear_params = layers_here * (layer_params(m) - 2 * m.hidden_size) / p.tp
+        plans[stage] = MemoryPlan(
+            weights=2 * params / GIB,
+            gradients=4 * params / GIB,
+            optimizer=12 * params / shard / GIB,
+            activations=flight * layers_here * act_layer / GIB,
+            activations_recompute=(flight * layers_here * layer_input + act_layer) / GIB,
+            logits=logits / GIB,
+            fp8_buffers=(2 * linear_params / GIB) if t.fp8 else 0.0,
+            overhead=RUNTIME_OVERHEAD_GIB,
+        )
+    recompute = t.recompute == "full"
+    stage = max(plans, key=lambda k: plans[k].total(recompute))
+    return plans[stage], stage
+
+
+def flops_per_token(m, seq: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), causal attention halved (Megatron)."""
+    head_dim = m.hidden_size // m.num_attention_heads
+    qkv_out = m.hidden_size + 2 * m.kv_groups * head_dim
+    dense = m.hidden_size * qkv_out + m.hidden_size ** 2 + 3 * m.hidden_size * m.ffn_hidden_size
+    attention = 2 * seq * m.hidden_size * 0.5                     # QK^T and AV, causal half
+    forward = 2 * m.num_layers * (dense + attention) + 2 * m.hidden_size * m.vocab_size
+    return 3 * forward
+
+
+def plan_throughput(cfg, mfu: float, peak_tflops: float) -> float:
+    """Tokens per second per GPU at the given MFU."""
+    return mfu * peak_tflops * 1e12 / flops_per_token(cfg.model, cfg.data.seq_length)
+
+
+def _derived_layout(cfg, gpus: int) -> tuple[int, int]:
+    p, t = cfg.parallel, cfg.train
+    model_parallel = p.tp * p.pp * p.cp
+    if gpus % model_parallel:
+        raise ValueError(f"--gpus={gpus} is not divisible by parallel.tp*pp*cp = {model_parallel}")
+    dp = gpus // model_parallel
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ValueError(f"train.global_batch_size={t.global_batch_size} is not divisible by "
+                         f"train.micro_batch_size*dp = {t.micro_batch_size}*{dp}")
+    return dp, t.global_batch_size // (t.micro_batch_size * dp)
+
+
+def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
+    dp, nmb = _derived_layout(cfg, gpus)
+    mem, stage = plan_memory(cfg, dp, nmb)
+    p = cfg.parallel
+    recompute = cfg.train.recompute == "full"
+    tps = plan_throughput(cfg, mfu, peak_tflops)
+    rows = [
+        f"layout: {gpus} GPUs = TP{p.tp} x PP{p.pp}{f' x VP{p.vp}' if p.vp else ''} x CP{p.cp} x DP{dp}; "
+        f"{nmb} micro-batches/step; params {total_params(cfg.model) / 1e9:.2f} B",
+        f"most loaded GPU: {stage} pipeline stage",
+        f"  weights (bf16)                 {mem.weights:8.2f} GiB",
+        f"  gradients (fp32 buffers)       {mem.gradients:8.2f} GiB",
+        f"  optimizer (fp32 master + Adam) {mem.optimizer:8.2f} GiB",
+        f"  activations                    {mem.activations:8.2f} GiB (full recompute: {mem.activations_recompute:.2f})",
+        f"  logits + their gradient        {mem.logits:8.2f} GiB",
+        f"  fp8 weight copies              {mem.fp8_buffers:8.2f} GiB",
+        f"  runtime overhead               {mem.overhead:8.2f} GiB",
+        f"  total{' (with recompute)' if recompute else ''}                     {mem.total(recompute):8.2f} GiB",
+        f"throughput at MFU {mfu:.2f} of {peak_tflops:.0f} TFLOP/s: {tps:,.0f} tokens/s/GPU "
+        f"({flops_per_token(cfg.model, cfg.data.seq_length) / 1e9:.1f} GFLOP/token)",
+    ]
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bft-megatron plan", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="training config YAML")
+    ap.add_argument("--gpus", type=int, required=True, help="total GPUs (world size)")
+    ap.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation [0.40]")
+    ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak (H100 BF16 dense: 989)")
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=4")
+    args = ap.parse_args(argv)
+    from bft_megatron.config.schema import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    sys.stdout.write(format_plan(cfg, args.gpus, args.mfu, args.peak_tflops) + "\n")
+    return 0

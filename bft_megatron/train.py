@@ -1,0 +1,62 @@
+"""``bft-megatron train`` / ``python -m bft_megatron.train``: fine-tune with BFT on megatron-core.
+
+Launch with torchrun (``torchrun --nproc-per-node N -m bft_megatron.train --config C.yaml
+train.lr=1e-5 ...``). Without CUDA it runs on CPU with gloo (cpu_compat applied automatically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["main"]
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bft-megatron train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", "-c", help="YAML config file")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 parallel.tp=2")
+    parser.add_argument("--check", action="store_true", help="load and validate the config, then exit")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    from bft_megatron.config import ConfigError, load_config, validate
+    from bft_megatron.utils.logging import get_logger
+
+    log = get_logger("bft_megatron.train")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = load_config(args.config, args.overrides)
+        layout = validate(cfg, world_size)
+    except (ConfigError, FileNotFoundError) as exc:
+        log.error("config error: %s", exc)
+        return 2
+    if args.check:
+        log.info("config OK: world=%d dp=%d micro-batches/step=%d", world_size, layout.dp, layout.num_microbatches)
+        return 0
+
+    from bft_megatron.checkpoint import Checkpointer
+    from bft_megatron.parallel import bootstrap
+    from bft_megatron.training.build import build_trainer
+    from bft_megatron.training.fit import ExitRequest, fit
+
+    p = cfg.parallel
+    groups = bootstrap.initialize(p.tp, p.pp, p.vp, p.cp, seed=cfg.train.seed, timeout_minutes=p.timeout_minutes)
+    try:
+        trainer = build_trainer(cfg, layout, groups)
+        checkpointer = Checkpointer(cfg, groups)
+        checkpointer.load(trainer)
+        exit_request = ExitRequest(install=cfg.checkpoint.save_on_signal)
+        state = fit(trainer, checkpointer if cfg.checkpoint.save else None, exit_request)
+        log.info("done: %d steps, %d skipped, %d rows consumed", state.iteration, state.skipped_steps,
+                 state.consumed_rows)
+    finally:
+        bootstrap.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

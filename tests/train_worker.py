@@ -1,0 +1,79 @@
+"""Multi-process worker for the trainer tests (launched by tests/launch.py through torchrun).
+
+Runs a list of training runs in one process group, re-initialising megatron's model-parallel groups
+per run (so several layouts share one launch and its import cost). Rank 0 writes per-run results
+(loss history, skipped steps, latest pointer) as JSON. Test seams used here: ``poison`` (make
+the loss of given iterations NaN on given ranks), ``signal_at`` (rank 0 sends itself SIGUSR1 after
+a step), ``die_in_commit`` (exit hard after shards are written, before ``latest`` moves).
+"""
+
+import json
+import os
+import signal
+import sys
+import warnings
+
+warnings.filterwarnings("ignore")
+
+
+def run_one(spec: dict) -> dict:
+    import torch.distributed as dist
+
+    from bft_megatron.checkpoint import Checkpointer
+    from bft_megatron.config import load_config, validate
+    from bft_megatron.parallel import bootstrap
+    from bft_megatron.training.build import build_trainer
+    from bft_megatron.training.fit import ExitRequest, fit
+    from bft_megatron.training.loop import NonFiniteError
+
+    cfg = load_config(None, spec["overrides"])
+    layout = validate(cfg, int(os.environ["WORLD_SIZE"]))
+    p = cfg.parallel
+    groups = bootstrap.initialize(p.tp, p.pp, p.vp, p.cp, seed=cfg.train.seed)
+    trainer = build_trainer(cfg, layout, groups)
+    ckpt = Checkpointer(cfg, groups)
+    ckpt.load(trainer)
+    if dist.get_rank() in spec.get("poison_ranks", [dist.get_rank()]):
+        trainer.poison_steps = set(spec.get("poison", []))
+    if "die_in_commit" in spec:
+        ckpt.before_commit = lambda it: os._exit(17) if it == spec["die_in_commit"] else None
+    exit_request = ExitRequest(install=True)
+    if "signal_at" in spec and dist.get_rank() == 0:
+        step = trainer.train_step
+
+        def train_step_then_signal():
+            result = step()
+            if trainer.state.iteration + 1 == spec["signal_at"]:
+                os.kill(os.getpid(), signal.SIGUSR1)
+            return result
+
+        trainer.train_step = train_step_then_signal
+    if spec.get("save_init"):
+        ckpt.save(trainer)
+    error = None
+    try:
+        fit(trainer, ckpt if cfg.checkpoint.save else None, exit_request)
+    except NonFiniteError as exc:
+        error = str(exc)
+    out = {"history": trainer.state.history, "iteration": trainer.state.iteration,
+           "skipped": trainer.state.skipped_steps, "error": error}
+    bootstrap.destroy(keep_process_group=True)
+    return out
+
+
+def main() -> None:
+    import torch.distributed as dist
+
+    with open(sys.argv[1]) as fh:
+        job = json.load(fh)
+    results = [run_one(spec) for spec in job["runs"]]
+    if dist.get_rank() == 0:
+        with open(job["out"], "w") as fh:
+            json.dump(results, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    main()
