@@ -72,3 +72,47 @@ def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
         if fname.endswith(".safetensors"):
             out.update(load_file(os.path.join(path, fname)))
     return out
+
+
+def write_hub_style_config(hf_dir: str) -> None:
+    """Rewrite config.json the way Hub checkpoints of Llama-3.1 / Qwen2.5 have it (transformers 4.x keys).
+
+    transformers 5 saves ``rope_parameters``; published checkpoints carry top-level ``rope_theta``
+    and ``rope_scaling``, which transformers 5 still reads.
+    """
+    import json
+
+    path = os.path.join(hf_dir, "config.json")
+    with open(path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    rope = config.pop("rope_parameters", None) or {}
+    config["rope_theta"] = rope.pop("rope_theta", 10000.0)
+    config["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2)
+
+
+def megatron_logits(model, tokens: torch.Tensor, groups, vocab: int) -> torch.Tensor | None:
+    """Full-vocabulary logits ``[b, s, vocab]`` of one megatron chunk at any TP/PP (manual p2p).
+
+    Returned on the last stage's TP rank 0 (None elsewhere). ``model`` may be wrapped (DDP, Float16Module).
+    """
+    import torch.distributed as dist
+
+    from bft_megatron.convert.live_export import unwrap
+
+    model = unwrap(model)
+    b, s = tokens.shape
+    positions = torch.arange(s).unsqueeze(0).expand(b, s)
+    if not groups.is_first_pp_stage:
+        hidden = torch.empty(s, b, model.config.hidden_size)
+        dist.recv(hidden, src=dist.get_global_rank(groups.pp, groups.pp_rank - 1))
+        model.set_input_tensor(hidden)
+    with torch.no_grad():
+        out = model(tokens, positions, None)
+    if not groups.is_last_pp_stage:
+        dist.send(out.contiguous(), dst=dist.get_global_rank(groups.pp, groups.pp_rank + 1))
+        return None
+    shards = [torch.empty_like(out) for _ in range(groups.tp_size)]
+    dist.all_gather(shards, out.contiguous(), group=groups.tp)
+    return torch.cat(shards, dim=-1)[..., :vocab] if groups.tp_rank == 0 else None

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from tests.convert_models import CASES, make_model, read_safetensors_dir
+from tests.convert_models import CASES, make_model, megatron_logits, read_safetensors_dir
 from tests.dist_harness import run_distributed
 
 pytestmark = pytest.mark.slow
@@ -32,26 +32,6 @@ def _convert_worker(rank: int, world: int, root: str, names: list[str]) -> None:
         import_hf(os.path.join(root, "hf", name), os.path.join(root, "ckpt", name))
         # a small shard limit so that the export is split over several files
         export_checkpoint(os.path.join(root, "ckpt", name), os.path.join(root, "out", name), max_shard_bytes=40_000)
-
-
-def _forward_logits(model, tokens: torch.Tensor, groups, vocab: int) -> torch.Tensor | None:
-    """Full-vocabulary logits ``[b, s, vocab]`` on the last stage's TP rank 0 (None elsewhere)."""
-    import torch.distributed as dist
-
-    b, s = tokens.shape
-    positions = torch.arange(s).unsqueeze(0).expand(b, s)
-    if not groups.is_first_pp_stage:
-        hidden = torch.empty(s, b, model.config.hidden_size)
-        dist.recv(hidden, src=dist.get_global_rank(groups.pp, groups.pp_rank - 1))
-        model.set_input_tensor(hidden)
-    with torch.no_grad():
-        out = model(tokens, positions, None)
-    if not groups.is_last_pp_stage:
-        dist.send(out.contiguous(), dst=dist.get_global_rank(groups.pp, groups.pp_rank + 1))
-        return None
-    shards = [torch.empty_like(out) for _ in range(groups.tp_size)]
-    dist.all_gather(shards, out.contiguous(), group=groups.tp)
-    return torch.cat(shards, dim=-1)[..., :vocab] if groups.tp_rank == 0 else None
 
 
 def _scramble_qkv(model, m) -> None:
@@ -86,10 +66,10 @@ def _logits_worker(rank: int, world: int, root: str, names: list[str], tokens: t
             cfg.parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp)
             chunks, _ = build_model_chunks(cfg, groups)
             load_weights(chunks, os.path.join(root, "ckpt", name))
-            results[(layout, name)] = _forward_logits(chunks[0], tokens, groups, m.vocab_size)
+            results[(layout, name)] = megatron_logits(chunks[0], tokens, groups, m.vocab_size)
             if layout == "tp1" and name == "llama31_untied":
                 _scramble_qkv(chunks[0], m)
-                results[("tp1_scrambled_qkv", name)] = _forward_logits(chunks[0], tokens, groups, m.vocab_size)
+                results[("tp1_scrambled_qkv", name)] = megatron_logits(chunks[0], tokens, groups, m.vocab_size)
         ps.destroy_model_parallel()
     return {k: v for k, v in results.items() if v is not None}
 
