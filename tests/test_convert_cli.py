@@ -1,0 +1,56 @@
+"""``bft-megatron convert import|export`` as a user runs it (fresh processes), and its error messages."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.convert_models import make_model, read_safetensors_dir
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "bft_megatron.cli", "convert", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_cli_import_then_export_round_trip(tmp_path):
+    hf, ckpt, out = (str(tmp_path / d) for d in ("hf", "ckpt", "out"))
+    make_model("qwen2_untied_bf16", hf)
+    res = _cli("import", "--hf", hf, "--out", ckpt)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert open(os.path.join(ckpt, "latest")).read().strip() == "iter_0000000"
+    res = _cli("export", "--ckpt", ckpt, "--out", out, "--max-shard-size", "50KB", "--dtype", "fp32")
+    assert res.returncode == 0, res.stderr[-3000:]
+    src, got = read_safetensors_dir(hf), read_safetensors_dir(out)
+    assert sorted(src) == sorted(got)
+    assert all(got[k].dtype == torch.float32 and torch.equal(got[k], src[k].float()) for k in src)
+    with open(os.path.join(out, "config.json")) as fh:
+        assert json.load(fh)["dtype"] == "float32"
+
+
+def test_cli_import_names_missing_and_unmapped_tensors(tmp_path):
+    hf = str(tmp_path / "hf")
+    make_model("llama31_untied", hf)
+    path = os.path.join(hf, "model.safetensors")
+    original = load_file(path)
+    missing = {k: v for k, v in original.items() if k != "model.layers.0.mlp.up_proj.weight"}
+    save_file(missing, path, metadata={"format": "pt"})
+    res = _cli("import", "--hf", hf, "--out", str(tmp_path / "ckpt"))
+    assert res.returncode != 0
+    assert "model.layers.0.mlp.up_proj.weight" in res.stderr and "not found" in res.stderr
+    extra = dict(original, **{"model.layers.1.self_attn.o_proj.bias": torch.zeros(64)})  # not a Llama parameter
+    save_file(extra, path, metadata={"format": "pt"})
+    res = _cli("import", "--hf", hf, "--out", str(tmp_path / "ckpt2"))
+    assert res.returncode != 0 and "model.layers.1.self_attn.o_proj.bias" in res.stderr
+    assert "no megatron mapping" in res.stderr

@@ -1,0 +1,149 @@
+"""Unit tests of the convert building blocks (no megatron process groups): layouts, name table, I/O, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from bft_megatron.config.base import ConfigError
+from bft_megatron.config.schema import ModelConfig
+from bft_megatron.convert.cli import parse_size
+from bft_megatron.convert.hf_io import HFReader, ShardWriter, finalize_shards
+from bft_megatron.convert.importer import legacy_rope_keys, model_config_from_hf_dir
+from bft_megatron.convert.mapping import (EMBEDDING, LAYER_RULES, OUTPUT, detect_spec, global_rules, layer_rules,
+                                          rule_by_megatron_name)
+from bft_megatron.convert.qkv import merge_gate_up, merge_qkv, split_gate_up, split_qkv
+from bft_megatron.convert.tensors import to_hf, to_megatron
+from tests.convert_models import read_safetensors_dir
+
+
+def _rows(n: int, start: int = 0) -> torch.Tensor:
+    """``[n, 2]`` with row r = (start + r, start + r): makes row provenance visible."""
+    return (torch.arange(n) + start).float().unsqueeze(1).repeat(1, 2)
+
+
+def test_qkv_interleaves_per_query_group():
+    # 4 query heads, 2 groups, head_dim 1: group g holds q heads 2g, 2g+1, then k_g, then v_g.
+    q, k, v = _rows(4, 0), _rows(2, 100), _rows(2, 200)
+    fused = merge_qkv(q, k, v, num_heads=4, num_groups=2, head_dim=1)
+    assert fused[:, 0].tolist() == [0, 1, 100, 200, 2, 3, 101, 201]
+    back = split_qkv(fused, 4, 2, 1)
+    assert all(torch.equal(a, b) for a, b in zip(back, (q, k, v)))
+
+
+@pytest.mark.parametrize("heads,groups,head_dim", [(8, 8, 4), (8, 2, 4), (8, 1, 4), (4, 2, 16)])
+def test_qkv_round_trip_weights_and_bias(heads, groups, head_dim):
+    q, k, v = torch.randn(heads * head_dim, 6), torch.randn(groups * head_dim, 6), torch.randn(groups * head_dim, 6)
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(merge_qkv(q, k, v, heads, groups, head_dim), heads,
+                                                           groups, head_dim), (q, k, v)))
+    qb, kb, vb = q[:, 0].clone(), k[:, 0].clone(), v[:, 0].clone()
+    fused = merge_qkv(qb, kb, vb, heads, groups, head_dim)
+    assert fused.shape == ((heads + 2 * groups) * head_dim,)
+    assert all(torch.equal(a, b) for a, b in zip(split_qkv(fused, heads, groups, head_dim), (qb, kb, vb)))
+
+
+def test_gate_up_is_per_tp_shard():
+    gate, up = _rows(4, 0), _rows(4, 100)
+    assert merge_gate_up(gate, up, tp=1)[:, 0].tolist() == [0, 1, 2, 3, 100, 101, 102, 103]
+    fused = merge_gate_up(gate, up, tp=2)
+    assert fused[:, 0].tolist() == [0, 1, 100, 101, 2, 3, 102, 103]
+    g, u = split_gate_up(fused, tp=2)
+    assert torch.equal(g, gate) and torch.equal(u, up)
+
+
+def test_layout_errors_name_the_bad_value():
+    with pytest.raises(ValueError, match="num_query_groups=3"):
+        merge_qkv(torch.zeros(8, 2), torch.zeros(2, 2), torch.zeros(2, 2), 8, 3, 1)
+    with pytest.raises(ValueError, match="k projection has 3 rows, expected 2"):
+        merge_qkv(torch.zeros(8, 2), torch.zeros(3, 2), torch.zeros(2, 2), 8, 2, 1)
+    with pytest.raises(ValueError, match="linear_qkv has 5 rows"):
+        split_qkv(torch.zeros(5, 2), 8, 2, 1)
+    with pytest.raises(ValueError, match="not divisible by tensor-parallel size 4"):
+        merge_gate_up(torch.zeros(6, 2), torch.zeros(6, 2), tp=4)
+
+
+def test_name_table_covers_both_specs():
+    te = {r.megatron("te") for r in LAYER_RULES}
+    local = {r.megatron("local") for r in LAYER_RULES}
+    assert "self_attention.linear_qkv.layer_norm_weight" in te and "input_layernorm.weight" in local
+    assert "mlp.linear_fc1.layer_norm_weight" in te and "pre_mlp_layernorm.weight" in local
+    assert rule_by_megatron_name("pre_mlp_layernorm.weight", "local").hf == ("model.layers.{i}.post_attention_layernorm.weight",)
+    assert detect_spec(["decoder.layers.0.input_layernorm.weight"]) == "local"
+    assert detect_spec(["decoder.layers.self_attention.linear_qkv.layer_norm_weight"]) == "te"
+    assert not any(r.bias for r in layer_rules(qkv_bias=False))
+    assert OUTPUT not in global_rules(tied=True) and OUTPUT in global_rules(tied=False)
+    with pytest.raises(KeyError, match="linear_qkv.bias"):
+        rule_by_megatron_name("self_attention.linear_qkv.bias", "local", qkv_bias=False)
+    with pytest.raises(ValueError, match="unknown layer spec 'fast'"):
+        EMBEDDING.megatron("fast")
+
+
+def test_vocab_padding_round_trip_and_mismatch():
+    m = ModelConfig(hidden_size=2, num_attention_heads=1, num_layers=1, ffn_hidden_size=2, vocab_size=5)
+    emb = torch.randn(5, 2)
+    padded = to_megatron(EMBEDDING, {"model.embed_tokens.weight": emb}.__getitem__, m, None, padded_vocab=8)
+    assert padded.shape == (8, 2) and torch.equal(padded[5:], torch.zeros(3, 2))
+    ((name, back),) = to_hf(EMBEDDING, padded, m, None)
+    assert name == "model.embed_tokens.weight" and torch.equal(back, emb)
+    with pytest.raises(ValueError, match="has 6 rows but vocab_size is 5"):
+        to_megatron(EMBEDDING, lambda n: torch.zeros(6, 2), m, None, padded_vocab=8)
+
+
+def test_shard_writer_bounds_files_and_reader_streams(tmp_path):
+    out = str(tmp_path)
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}  # 400 bytes each
+    writer = ShardWriter(out, max_shard_bytes=900)
+    for name, t in tensors.items():
+        writer.add(name, t)
+    writer.flush()
+    finalize_shards(out, [writer.manifest], writer.total_bytes)
+    files = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+    assert files == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
+                     "model-00003-of-00003.safetensors"]
+    assert all(os.path.getsize(os.path.join(out, f)) < 900 + 400 for f in files)
+    reader = HFReader(out)
+    assert torch.equal(reader.get("t3"), tensors["t3"]) and reader.consumed == {"t3"}
+    with pytest.raises(KeyError, match="tensor 'nope' not found"):
+        reader.get("nope")
+    with open(os.path.join(out, "model.safetensors.index.json")) as fh:
+        assert json.load(fh)["metadata"]["total_size"] == 2000
+    assert set(read_safetensors_dir(out)) == set(tensors)
+
+
+def test_reader_needs_safetensors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors.index.json nor model.safetensors"):
+        HFReader(str(tmp_path))
+
+
+def _write_config(path, **kw) -> str:
+    base = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 100}
+    base.update(kw)
+    with open(os.path.join(path, "config.json"), "w") as fh:
+        json.dump(base, fh)
+    return str(path)
+
+
+def test_transformers5_rope_parameters_are_read(tmp_path):
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+    m = model_config_from_hf_dir(_write_config(tmp_path, rope_parameters=rope))
+    assert m.rope_theta == 500000.0 and m.rope_scaling is not None and m.rope_scaling.factor == 8.0
+    plain = legacy_rope_keys({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
+    assert plain["rope_theta"] == 1e6 and "rope_scaling" not in plain
+
+
+def test_unsupported_configs_are_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="MistralForCausalLM"):
+        model_config_from_hf_dir(_write_config(tmp_path, architectures=["MistralForCausalLM"]))
+    with pytest.raises(ValueError, match="head_dim=32"):
+        model_config_from_hf_dir(_write_config(tmp_path, head_dim=32))
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("100MiB") == 100 * 2**20 and parse_size("123") == 123
+    with pytest.raises(Exception, match="bad size '5 parsecs'"):
+        parse_size("5 parsecs")
