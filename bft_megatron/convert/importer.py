@@ -3,7 +3,7 @@
 The model skeleton comes from the trainer's builder (:func:`bft_megatron.model.build_model_chunks`)
 at TP1/PP1 on the ``meta`` device, so it costs no memory and its ``sharded_state_dict`` has exactly
 the keys, shapes and sharding (QKV groups, swiglu factory, padded vocab with
-``allow_shape_mismatch``) that a training run at any TP/PP asks for. Each megatron tensor is built
+``allow_shape_mismatch``) that a training run at any TP/PP, local or TE spec, asks for. Each megatron tensor is built
 from the HF tensors it needs (read one at a time with ``safe_open``) and *assigned* into the
 skeleton, so host memory holds the model once (plus one layer's transients), never twice.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from unittest import mock
 
 import torch
 
@@ -30,7 +31,7 @@ from bft_megatron.convert.hf_io import HFReader, copy_side_files
 from bft_megatron.convert.mapping import detect_spec, global_rules, layer_rules
 from bft_megatron.convert.tensors import to_megatron
 from bft_megatron.convert.runtime import process_group
-from bft_megatron.model import build_model_chunks, padded_vocab_size
+from bft_megatron.model import build_model_chunks, builder, padded_vocab_size
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["import_hf", "model_config_from_hf_dir", "legacy_rope_keys", "HF_SUBDIR"]
@@ -122,7 +123,10 @@ def import_hf(hf_dir: str, out_dir: str) -> str:
         groups = initialize(tp=1, pp=1)
         # RoPE frequencies are not parameters: the skeleton skips Llama-3 scaling (it cannot run on meta).
         skeleton_cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, rope_scaling=None))
-        with torch.device("meta"):
+        # Local spec even where TE is installed: TE modules allocate on CUDA explicitly (defeating
+        # the meta device), and checkpoint keys do not depend on the spec (megatron's local layers
+        # save their norms under the TE names), so TE runs load the result all the same.
+        with torch.device("meta"), mock.patch.object(builder, "have_te", lambda: False):
             chunks, _ = build_model_chunks(skeleton_cfg, groups)
         model = chunks[0]
         spec = detect_spec(model.state_dict().keys())
