@@ -92,26 +92,35 @@ def write_hub_style_config(hf_dir: str) -> None:
         json.dump(config, fh, indent=2)
 
 
-def megatron_logits(model, tokens: torch.Tensor, groups, vocab: int) -> torch.Tensor | None:
-    """Full-vocabulary logits ``[b, s, vocab]`` of one megatron chunk at any TP/PP (manual p2p).
+def megatron_logits(chunks: list, tokens: torch.Tensor, groups, vocab: int) -> torch.Tensor | None:
+    """Full-vocabulary logits ``[b, s, vocab]`` of a megatron model at any TP/PP/VP (manual p2p, gloo).
 
-    Returned on the last stage's TP rank 0 (None elsewhere). ``model`` may be wrapped (DDP, Float16Module).
+    Virtual stages run in pipeline order: chunk v of rank r follows chunk v of rank r-1, and chunk v
+    of rank 0 follows chunk v-1 of the last rank. Returned on the last stage's TP rank 0 (None
+    elsewhere). ``chunks`` may be wrapped (DDP, Float16Module).
     """
     import torch.distributed as dist
 
     from bft_megatron.convert.live_export import unwrap
 
-    model = unwrap(model)
     b, s = tokens.shape
     positions = torch.arange(s).unsqueeze(0).expand(b, s)
-    if not groups.is_first_pp_stage:
-        hidden = torch.empty(s, b, model.config.hidden_size)
-        dist.recv(hidden, src=dist.get_global_rank(groups.pp, groups.pp_rank - 1))
-        model.set_input_tensor(hidden)
-    with torch.no_grad():
-        out = model(tokens, positions, None)
+    prev = dist.get_global_rank(groups.pp, (groups.pp_rank - 1) % groups.pp_size)
+    nxt = dist.get_global_rank(groups.pp, (groups.pp_rank + 1) % groups.pp_size)
+    out = None
+    for v, chunk in enumerate(chunks):
+        model = unwrap(chunk)
+        first = v == 0 and groups.is_first_pp_stage
+        last = v == len(chunks) - 1 and groups.is_last_pp_stage
+        if not first:
+            hidden = torch.empty(s, b, model.config.hidden_size)
+            dist.recv(hidden, src=prev)
+            model.set_input_tensor(hidden)
+        with torch.no_grad():
+            out = model(tokens, positions, None)
+        if not last:
+            dist.send(out.contiguous(), dst=nxt)
     if not groups.is_last_pp_stage:
-        dist.send(out.contiguous(), dst=dist.get_global_rank(groups.pp, groups.pp_rank + 1))
         return None
     shards = [torch.empty_like(out) for _ in range(groups.tp_size)]
     dist.all_gather(shards, out.contiguous(), group=groups.tp)

@@ -66,10 +66,10 @@ def _logits_worker(rank: int, world: int, root: str, names: list[str], tokens: t
             cfg.parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp)
             chunks, _ = build_model_chunks(cfg, groups)
             load_weights(chunks, os.path.join(root, "ckpt", name))
-            results[(layout, name)] = megatron_logits(chunks[0], tokens, groups, m.vocab_size)
+            results[(layout, name)] = megatron_logits(chunks, tokens, groups, m.vocab_size)
             if layout == "tp1" and name == "llama31_untied":
                 _scramble_qkv(chunks[0], m)
-                results[("tp1_scrambled_qkv", name)] = megatron_logits(chunks[0], tokens, groups, m.vocab_size)
+                results[("tp1_scrambled_qkv", name)] = megatron_logits(chunks, tokens, groups, m.vocab_size)
         ps.destroy_model_parallel()
     return {k: v for k, v in results.items() if v is not None}
 

@@ -1,7 +1,7 @@
 """Fine-tune an imported tiny model with the trainer's own loop, export it, load it with transformers.
 
 Flow (spawned gloo processes): import (1 process) -> ``bft_megatron.training`` build/finetune-load/fit for
-3 steps at TP2 (Qwen2, tied, QKV bias) and at PP2 (Llama-3.1, untied, rope scaling), then
+3 steps at TP2 (Qwen2, tied, QKV bias), PP2 and PP2 x VP2 (Llama-3.1, untied, rope scaling), then
 ``export_to_hf`` from the in-memory chunks, with the trainer's final checkpoint saved too ->
 offline export of that checkpoint (1 process). Checks: both exports are bit-identical, the weights
 moved, transformers' logits of the export equal the trained megatron model's (fp32, <= 1e-4), and
@@ -21,7 +21,12 @@ from tests.dist_harness import run_distributed
 pytestmark = pytest.mark.slow
 
 ATOL = 1e-4
-RUNS = {"qwen2_tied": ["parallel.tp=2"], "llama31_untied": ["parallel.pp=2"]}
+# run -> (model case, layers, layout overrides, save a checkpoint). The VP run saves none: the trainer's
+# Checkpointer cannot save at VP > 1 yet (reported), so it checks the live export only.
+RUNS = {"qwen2_tp2": ("qwen2_tied", 2, ["parallel.tp=2"], True),
+        "llama31_pp2": ("llama31_untied", 2, ["parallel.pp=2"], True),
+        "llama31_pp2_vp2": ("llama31_untied", 4, ["parallel.pp=2", "parallel.vp=2"], False)}
+SAVED = [r for r, spec in RUNS.items() if spec[3]]
 TRAIN = ["data.seq_length=32", "data.layout=packed", "data.synthetic_samples=256", "train.bf16=false",
          "train.global_batch_size=4", "train.micro_batch_size=2", "train.lr=3e-3", "train.warmup_iters=0",
          "train.train_iters=3", "train.dropout=0.0", "loss.method=bft", "loss.group_size=2", "logging.log_interval=1"]
@@ -30,15 +35,15 @@ TRAIN = ["data.seq_length=32", "data.layout=packed", "data.synthetic_samples=256
 def _import_worker(rank: int, world: int, root: str) -> None:
     from bft_megatron.convert.importer import import_hf
 
-    for name in RUNS:
-        import_hf(os.path.join(root, "hf", name), os.path.join(root, "init", name))
+    for run in RUNS:
+        import_hf(os.path.join(root, "hf", run), os.path.join(root, "init", run))
 
 
 def _export_worker(rank: int, world: int, root: str) -> None:
     from bft_megatron.convert.exporter import export_checkpoint
 
-    for name in RUNS:
-        export_checkpoint(os.path.join(root, "run", name), os.path.join(root, "offline", name))
+    for run in SAVED:
+        export_checkpoint(os.path.join(root, "run", run), os.path.join(root, "offline", run))
 
 
 def _train_worker(rank: int, world: int, root: str, tokens: torch.Tensor) -> dict:
@@ -50,18 +55,18 @@ def _train_worker(rank: int, world: int, root: str, tokens: torch.Tensor) -> dic
     from bft_megatron.training.fit import fit
 
     logits = {}
-    for name, layout in RUNS.items():
+    for run, (_, _, layout, save) in RUNS.items():
         cfg = load_config(None, TRAIN + layout + [
-            f"model.from_hf={root}/hf/{name}", f"checkpoint.load={root}/init/{name}", "checkpoint.finetune=true",
-            f"checkpoint.save={root}/run/{name}"])
+            f"model.from_hf={root}/hf/{run}", f"checkpoint.load={root}/init/{run}", "checkpoint.finetune=true"]
+            + ([f"checkpoint.save={root}/run/{run}"] if save else []))
         p = cfg.parallel
         groups = bootstrap.initialize(p.tp, p.pp, p.vp, p.cp, seed=cfg.train.seed)
         trainer = build_trainer(cfg, validate(cfg, world), groups)
         checkpointer = Checkpointer(cfg, groups)
         assert checkpointer.load(trainer)
-        fit(trainer, checkpointer)
-        export_to_hf(trainer.model, cfg.model, os.path.join(root, "live", name), groups)
-        logits[name] = megatron_logits(trainer.model[0], tokens, groups, cfg.model.vocab_size)
+        fit(trainer, checkpointer if save else None)
+        export_to_hf(trainer.model, cfg.model, os.path.join(root, "live", run), groups)
+        logits[run] = megatron_logits(trainer.model, tokens, groups, cfg.model.vocab_size)
         bootstrap.destroy(keep_process_group=True)
     return {k: v for k, v in logits.items() if v is not None}
 
@@ -69,9 +74,9 @@ def _train_worker(rank: int, world: int, root: str, tokens: torch.Tensor) -> dic
 @pytest.fixture(scope="module")
 def finetuned(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("finetune"))
-    for name in RUNS:
-        make_model(name, os.path.join(root, "hf", name), seed=3)
-        write_hub_style_config(os.path.join(root, "hf", name))
+    for run, (case, layers, _, _) in RUNS.items():
+        make_model(case, os.path.join(root, "hf", run), seed=3, num_layers=layers)
+        write_hub_style_config(os.path.join(root, "hf", run))
     torch.manual_seed(2)
     tokens = torch.randint(3, 250, (2, 9))
     run_distributed(_import_worker, 1, root)
@@ -80,7 +85,7 @@ def finetuned(tmp_path_factory):
     return root, tokens, {k: v for r in per_rank for k, v in r.items()}
 
 
-@pytest.mark.parametrize("name", list(RUNS))
+@pytest.mark.parametrize("name", SAVED)
 def test_live_export_equals_offline_export(finetuned, name):
     root = finetuned[0]
     live = read_safetensors_dir(os.path.join(root, "live", name))
@@ -99,6 +104,7 @@ def test_finetuned_export_matches_megatron_and_generates(finetuned, name):
 
     root, tokens, logits = finetuned
     out_dir = os.path.join(root, "live", name)
+    assert sorted(read_safetensors_dir(out_dir)) == sorted(read_safetensors_dir(os.path.join(root, "hf", name)))
     model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
     with torch.no_grad():
         hf_logits = model(tokens).logits
