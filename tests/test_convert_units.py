@@ -141,6 +141,8 @@ def test_unsupported_configs_are_rejected(tmp_path):
         model_config_from_hf_dir(_write_config(tmp_path, architectures=["MistralForCausalLM"]))
     with pytest.raises(ValueError, match="head_dim=32"):
         model_config_from_hf_dir(_write_config(tmp_path, head_dim=32))
+    with pytest.raises(ValueError, match="use_sliding_window=true"):
+        model_config_from_hf_dir(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"], use_sliding_window=True))
 
 
 def test_parse_size():

@@ -72,6 +72,8 @@ def model_config_from_hf_dir(hf_dir: str) -> ModelConfig:
     if head_dim is not None and int(head_dim) * fields["num_attention_heads"] != fields["hidden_size"]:
         raise ValueError(f"{path}: head_dim={head_dim} != hidden_size/num_attention_heads "
                          f"({fields['hidden_size']}/{fields['num_attention_heads']}); not supported")
+    if hf.get("use_sliding_window"):
+        raise ValueError(f"{path}: use_sliding_window=true is not supported (the megatron model attends globally)")
     return ModelConfig(from_hf=hf_dir, **fields)
 
 
