@@ -1,7 +1,7 @@
 """Fine-tune an imported tiny model with the trainer's own loop, export it, load it with transformers.
 
 Flow (spawned gloo processes): import (1 process) -> ``bft_megatron.training`` build/finetune-load/fit for
-3 steps at TP2 (Qwen2, tied, QKV bias), PP2 and PP2 x VP2 (Llama-3.1, untied, rope scaling), then
+3 steps at TP2 and PP2 (Qwen2, tied, QKV bias), PP2 and PP2 x VP2 (Llama-3.1, untied, rope scaling), then
 ``export_to_hf`` from the in-memory chunks, with the trainer's final checkpoint saved too ->
 offline export of that checkpoint (1 process). Checks: both exports are bit-identical, the weights
 moved, transformers' logits of the export equal the trained megatron model's (fp32, <= 1e-4), and
@@ -24,6 +24,7 @@ ATOL = 1e-4
 # run -> (model case, layers, layout overrides, save a checkpoint). The VP run saves none: the trainer's
 # Checkpointer cannot save at VP > 1 yet (reported), so it checks the live export only.
 RUNS = {"qwen2_tp2": ("qwen2_tied", 2, ["parallel.tp=2"], True),
+        "qwen2_pp2": ("qwen2_tied", 2, ["parallel.pp=2"], True),  # tied embedding split over stages
         "llama31_pp2": ("llama31_untied", 2, ["parallel.pp=2"], True),
         "llama31_pp2_vp2": ("llama31_untied", 4, ["parallel.pp=2", "parallel.vp=2"], False)}
 SAVED = [r for r, spec in RUNS.items() if spec[3]]

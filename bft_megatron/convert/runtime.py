@@ -20,8 +20,15 @@ __all__ = ["process_group"]
 
 @contextlib.contextmanager
 def process_group() -> Iterator[bool]:
-    """Yield True if this context created (and will destroy) the default process group."""
+    """Yield True if this context created (and will destroy) the default process group.
+
+    The offline converters are single-process tools: inside a job of several ranks every rank would
+    write (or request) the same tensors, so that is refused.
+    """
     if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise RuntimeError(f"the offline converters run as one process, not inside a job of "
+                               f"{dist.get_world_size()} ranks (use export_to_hf from a training job)")
         yield False
         return
     with tempfile.TemporaryDirectory() as tmp:
