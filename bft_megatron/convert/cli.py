@@ -13,8 +13,11 @@ import re
 
 import torch
 
+from bft_megatron.utils.logging import get_logger
+
 __all__ = ["main", "parse_size"]
 
+_log = get_logger(__name__)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
            "fp16": torch.float16, "float16": torch.float16}
@@ -44,14 +47,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
+    """Exit code 0 on success, 2 on a bad input (message logged, no traceback)."""
     args = _parser().parse_args(argv)
-    if args.direction == "import":
-        from bft_megatron.convert.importer import import_hf
+    try:
+        if args.direction == "import":
+            from bft_megatron.convert.importer import import_hf
 
-        import_hf(args.hf, args.out)
-    else:
-        from bft_megatron.convert.exporter import export_checkpoint
+            import_hf(args.hf, args.out)
+        else:
+            from bft_megatron.convert.exporter import export_checkpoint
 
-        export_checkpoint(args.ckpt, args.out, hf_dir=args.hf, max_shard_bytes=args.max_shard_size,
-                          dtype=_DTYPES[args.dtype] if args.dtype else None)
+            export_checkpoint(args.ckpt, args.out, hf_dir=args.hf, max_shard_bytes=args.max_shard_size,
+                              dtype=_DTYPES[args.dtype] if args.dtype else None)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:  # ConfigError is a ValueError
+        _log.error("convert %s failed: %s", args.direction, exc)
+        return 2
     return 0

@@ -120,6 +120,8 @@ def import_hf(hf_dir: str, out_dir: str) -> str:
     cfg = Config(model=m)
     cfg.train = dataclasses.replace(cfg.train, bf16=False)  # keep the source dtype; no Float16 wrapping
     iter_dir = os.path.join(out_dir, pointer.iter_dirname(0))
+    if os.path.isdir(iter_dir) and os.listdir(iter_dir):
+        raise FileExistsError(f"{iter_dir} is not empty; import into a new directory")
     os.makedirs(iter_dir, exist_ok=True)
     with process_group():
         groups = initialize(tp=1, pp=1)
