@@ -104,7 +104,7 @@ def megatron_logits(chunks: list, tokens: torch.Tensor, groups, vocab: int) -> t
     from bft_megatron.convert.live_export import unwrap
 
     b, s = tokens.shape
-    positions = torch.arange(s).unsqueeze(0).expand(b, s)
+    positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
     prev = dist.get_global_rank(groups.pp, (groups.pp_rank - 1) % groups.pp_size)
     nxt = dist.get_global_rank(groups.pp, (groups.pp_rank + 1) % groups.pp_size)
     out = None
@@ -113,7 +113,7 @@ def megatron_logits(chunks: list, tokens: torch.Tensor, groups, vocab: int) -> t
         first = v == 0 and groups.is_first_pp_stage
         last = v == len(chunks) - 1 and groups.is_last_pp_stage
         if not first:
-            hidden = torch.empty(s, b, model.config.hidden_size)
+            hidden = torch.empty(s, b, model.config.hidden_size, device=tokens.device)
             dist.recv(hidden, src=prev)
             model.set_input_tensor(hidden)
         with torch.no_grad():

@@ -130,8 +130,10 @@ def import_hf(hf_dir: str, out_dir: str) -> str:
         # Local spec even where TE is installed: TE modules allocate on CUDA explicitly (defeating
         # the meta device), and checkpoint keys do not depend on the spec (megatron's local layers
         # save their norms under the TE names), so TE runs load the result all the same.
+        # A CPU "device" keeps the builder from moving the skeleton to CUDA on GPU machines.
+        cpu_groups = dataclasses.replace(groups, device=torch.device("cpu"))
         with torch.device("meta"), mock.patch.object(builder, "have_te", lambda: False):
-            chunks, _ = build_model_chunks(skeleton_cfg, groups)
+            chunks, _ = build_model_chunks(skeleton_cfg, cpu_groups)
         model = chunks[0]
         spec = detect_spec(model.state_dict().keys())
         reader = HFReader(hf_dir)
