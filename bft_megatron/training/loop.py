@@ -49,6 +49,7 @@ class StepResult:
     metrics: dict
     grad_norm: float | None
     skipped: bool
+    lr: float  # the learning rate this step used (the scheduler has already moved on)
 
 
 class Trainer:
@@ -102,13 +103,13 @@ class Trainer:
         self.optimizer.zero_grad()
         partials = self._fwd_bwd(rows, forward_only=False, poison=self.state.iteration in self.poison_steps)
         finite = self._all_finite(partials)
-        grad_norm = None
+        grad_norm, lr = None, self.optimizer.param_groups[0]["lr"]
         if finite:
             updated, grad_norm, _ = self.optimizer.step()
             if updated:
                 self.scheduler.step(increment=1)
         metrics = reduce_metrics(partials, g.dp_cp) if partials else {}
-        return StepResult(metrics=metrics, grad_norm=grad_norm, skipped=not finite)
+        return StepResult(metrics=metrics, grad_norm=grad_norm, skipped=not finite, lr=lr)
 
     def _account(self, result: StepResult) -> None:
         s = self.state

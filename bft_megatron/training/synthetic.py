@@ -1,9 +1,12 @@
-"""A synthetic, learnable chat dataset (used when ``data.train_path`` is unset: demos and tests).
+"""A synthetic chat dataset with easy and hard samples (used when ``data.train_path`` is unset).
 
-Each sample is ``prompt SEP reverse(prompt) EOS``; only the response (reversed prompt + EOS) is
-supervised, so the loss falls quickly and per-sample confidences differ (BFT has something to
-weigh). Rows are generated from ``(seed, index)`` alone: identical on every rank, no files.
-Token ids: 0 = PAD, 1 = EOS, 2 = SEP, prompts use ``3 .. vocab_size-1``.
+Each sample is ``prompt SEP response EOS`` with a random prompt; only the response (and EOS) is
+supervised. In most samples the response is a chain ``y_{k+1} = f(y_k)`` of a fixed permutation-like
+map ``f`` started from ``f(last prompt token)`` — learnable in a few dozen steps by a tiny model, so
+the loss falls quickly on a CPU. A fraction ``noise`` of the samples has a random response instead
+(unlearnable, low confidence), so per-sample confidences differ and BFT has something to weigh.
+Rows are generated from ``(seed, index)`` alone: identical on every rank, no files.
+Token ids: 0 = PAD, 1 = EOS, 2 = SEP, content uses ``3 .. vocab_size-1``.
 """
 
 from __future__ import annotations
@@ -17,13 +20,22 @@ PAD, EOS, SEP = 0, 1, 2
 
 class SyntheticChatDataset:
     def __init__(self, num_rows: int, seq_length: int, vocab_size: int, packed: bool, seed: int = 0,
-                 min_prompt: int = 3, max_prompt: int | None = None) -> None:
+                 min_prompt: int | None = None, max_prompt: int | None = None, noise: float = 0.15) -> None:
         if vocab_size < 8:
             raise ValueError(f"vocab_size must be >= 8 for the synthetic dataset, got {vocab_size}")
         self.num_rows, self.seq_length, self.vocab_size = num_rows, seq_length, vocab_size
         self.packed, self.seed = packed, seed
-        self.min_prompt = min_prompt
-        self.max_prompt = max_prompt or max(min_prompt, (seq_length - 3) // 2)
+        # No tiny samples: BFT averages per sample, so a 3-token tail sample would weigh ~10x per token.
+        self.min_prompt = min_prompt or max(3, seq_length // 16)
+        self.max_prompt = max_prompt or max(self.min_prompt, (seq_length - 3) // 2)
+        self.noise = noise
+
+    def _chain(self, start: int, n: int) -> np.ndarray:
+        out, x, span = np.empty(n, dtype=np.int64), int(start), self.vocab_size - 3
+        for k in range(n):
+            x = 3 + (7 * x + 11) % span
+            out[k] = x
+        return out
 
     def __len__(self) -> int:
         return self.num_rows
@@ -35,7 +47,9 @@ class SyntheticChatDataset:
             return None
         n = int(rng.integers(self.min_prompt, longest + 1))
         prompt = rng.integers(3, self.vocab_size, size=n)
-        ids = np.concatenate((prompt, [SEP], prompt[::-1], [EOS]))  # 2n + 2 ids -> 2n + 1 positions
+        noisy = rng.random() < self.noise
+        response = rng.integers(3, self.vocab_size, size=n) if noisy else self._chain(prompt[-1], n)
+        ids = np.concatenate((prompt, [SEP], response, [EOS]))  # 2n + 2 ids -> 2n + 1 positions
         mask = np.zeros(ids.size - 1, dtype=np.float32)
         mask[n:] = 1.0  # labels from the first response token (after SEP) to EOS
         return ids[:-1], ids[1:], mask
