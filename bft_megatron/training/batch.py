@@ -47,6 +47,16 @@ class MicroBatch:
     position_ids: torch.Tensor
     attention_mask: torch.Tensor | None  # [b, 1, s, s] bool, True = masked; None = plain causal
     cu_seqlens: torch.Tensor | None  # [S+1] int64 over the flattened [1, b*s] view; None = padded rows
+    max_seqlen: int = 0  # longest segment (THD attention needs it as a host int)
+    poison: bool = False  # fault injection (tests): the loss of this micro-batch becomes NaN
+
+    def packed_seq_params(self):
+        """THD view for Transformer Engine attention: the micro-batch as one ``[1, b*s]`` sequence."""
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu = self.cu_seqlens.to(torch.int32)
+        return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=self.max_seqlen,
+                               max_seqlen_kv=self.max_seqlen)
 
     @property
     def num_tokens(self) -> int:
@@ -71,17 +81,21 @@ def _block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return (~(same & causal)).unsqueeze(1)
 
 
-def collate(rows: list[dict[str, np.ndarray]], packed: bool, device: torch.device) -> MicroBatch:
-    """Stack rows into a :class:`MicroBatch` (masks and boundaries built on CPU, then moved)."""
+def collate(rows: list[dict[str, np.ndarray]], packed: bool, device: torch.device, thd: bool = False) -> MicroBatch:
+    """Stack rows into a :class:`MicroBatch` (masks and boundaries built on CPU, then moved).
+
+    ``thd``: packed rows will go through THD attention (Transformer Engine), so no dense mask is built.
+    """
     t = {k: torch.from_numpy(np.stack([np.asarray(r[k]) for r in rows])) for k in ROW_KEYS}
     seg = t["segment_ids"]
-    mask = _block_causal_mask(seg) if packed else None
+    mask = _block_causal_mask(seg) if packed and not thd else None
     cu = _cu_seqlens(seg) if packed else None
     to = dict(device=device, non_blocking=True)
     return MicroBatch(
         tokens=t["tokens"].long().to(**to), labels=t["labels"].long().to(**to),
         loss_mask=t["loss_mask"].float().to(**to), position_ids=t["position_ids"].long().to(**to),
         attention_mask=None if mask is None else mask.to(**to), cu_seqlens=None if cu is None else cu.to(**to),
+        max_seqlen=int((cu[1:] - cu[:-1]).max()) if cu is not None else 0,
     )
 
 

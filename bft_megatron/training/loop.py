@@ -8,7 +8,6 @@ skipped everywhere (no optimizer or scheduler step; its rows count as consumed);
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -63,6 +62,10 @@ class Trainer:
         self.train_sampler = RowSampler(train_data, seed=cfg.data.seed)
         self.valid_data = valid_data
         self.packed = cfg.data.layout == "packed"
+        # Packed rows use THD attention when the layer spec is Transformer Engine's (GPU), else a dense mask.
+        from bft_megatron.model.spec import have_te
+
+        self.thd = self.packed and have_te() and groups.device.type == "cuda"
         self.progress = ProgressLog(cfg, groups)
         self.reporter = reporter_rank(groups)
         self.poison_steps: set[int] = set()  # test seam: iterations whose loss is made NaN
@@ -71,13 +74,13 @@ class Trainer:
     def _fwd_bwd(self, rows: list[list[dict]], forward_only: bool, poison: bool = False) -> list[MetricPartials]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro = [collate(r, self.packed, self.groups.device) for r in rows]
+        micro = [collate(r, self.packed, self.groups.device, thd=self.thd) for r in rows]
         if poison:
             for mb in micro:
-                mb.loss_mask = mb.loss_mask * math.nan
+                mb.poison = True
         iters = [iter(micro) for _ in self.model]
         fwd_bwd = get_forward_backward_func(pp_size=self.groups.pp_size, vp_size=self.groups.vp_size)
-        out = fwd_bwd(forward_step_func=make_forward_step(self.cfg.loss, self.groups.tp),
+        out = fwd_bwd(forward_step_func=make_forward_step(self.cfg.loss, self.groups.tp, self.thd),
                       data_iterator=iters if len(iters) > 1 else iters[0], model=self.model,
                       num_microbatches=len(micro), seq_length=self.cfg.data.seq_length,
                       micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
