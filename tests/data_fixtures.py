@@ -123,3 +123,16 @@ def synthetic_chats(n: int, seed: int = 0) -> list[dict]:
         out.append({"messages": [{"role": "user", "content": f"Question {i}: tell me about item {i}."},
                                  {"role": "assistant", "content": f"Item {i}: {answer}."}]})
     return out
+
+
+def prepare_dir(out: Path, records: list, **overrides) -> Path:
+    """Prepare ``records`` (a jsonl next to ``out``) with the demo tokenizer; return the train split dir."""
+    from bft_megatron.config.data import DataConfig, SourceConfig
+    from bft_megatron.data.prepare import run
+
+    src = write_jsonl(out.parent / f"{out.name}.jsonl", records)
+    values = dict(train=[SourceConfig(path=str(src))], tokenizer=DEMO_SP, template="chatml", seq_length=256,
+                  output_dir=str(out), num_workers=1)
+    values.update(overrides)
+    run(DataConfig(**values))
+    return out / "train"
