@@ -71,7 +71,7 @@ def test_on_error_raise_names_file_and_line_and_skip_counts(tmp_path, capsys):
     assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o2"),
                  "--on-error", "skip", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "records=5 samples=4" in out and "skipped=invalid_record=1, malformed_json=1" in out
+    assert "records=6 samples=4" in out and "skipped=invalid_record=1, malformed_json=1" in out
     assert "bad.jsonl:line 5" in out and "bad.jsonl:line 6: empty conversation" in out
 
 

@@ -110,7 +110,9 @@ def test_template_that_rewrites_answers_is_an_error():
 
 
 def test_supervised_tokens_overlap_rule():
-    offsets = [(0, 3), (3, 5), (5, 5), (5, 9), (9, 12)]
+    offsets = [(0, 3), (3, 5), (5, 5), (5, 9), (9, 12), (12, 12), (4, 4)]
     got = supervised_tokens(offsets, [(4, 6), (10, 11)])
-    assert got.tolist() == [False, True, False, True, True]
-    assert supervised_tokens(offsets, []).tolist() == [False] * 5
+    # overlap counts; a zero-width token counts where it stands (5 is inside [4, 6), 12 is not)
+    assert got.tolist() == [False, True, True, True, True, False, True]
+    assert supervised_tokens([(0, 4), (4, 8)], [(4, 8)]).tolist() == [False, True]  # touching is not overlap
+    assert supervised_tokens(offsets, []).tolist() == [False] * 7

@@ -8,6 +8,7 @@ happens later, in the collator. Both layouts are deterministic given the seed.
 from __future__ import annotations
 
 import bisect
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,19 +36,29 @@ def pack_best_fit(lengths: np.ndarray, seq_length: int, seed: int) -> Layout:
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(lengths))
     order = order[np.argsort(-lengths[order], kind="stable")]
-    free: list[tuple[int, int]] = []  # (remaining capacity, row id), sorted: best fit = first that fits
+    # Rows grouped by remaining capacity: ``caps`` holds the distinct non-zero capacities, sorted, so
+    # its length (and each insertion's cost) is bounded by seq_length, not by the number of rows.
+    caps: list[int] = []
+    by_cap: dict[int, deque[int]] = {}
     rows: list[list[int]] = []
     for idx in order.tolist():
         need = int(lengths[idx])
-        pos = bisect.bisect_left(free, (need, -1))
-        if pos < len(free):
-            remaining, row = free.pop(pos)
+        pos = bisect.bisect_left(caps, need)
+        if pos < len(caps):
+            remaining = caps[pos]
+            row = by_cap[remaining].popleft()
+            if not by_cap[remaining]:
+                del caps[pos], by_cap[remaining]
         else:
             remaining, row = seq_length, len(rows)
             rows.append([])
         rows[row].append(idx)
-        if remaining - need > 0:
-            bisect.insort(free, (remaining - need, row))
+        left = remaining - need
+        if left > 0:
+            if left not in by_cap:
+                bisect.insort(caps, left)
+                by_cap[left] = deque()
+            by_cap[left].append(row)
     perm = rng.permutation(len(rows))
     out = [np.asarray(rows[r], dtype=np.int64) for r in perm.tolist()]
     return Layout(out, _efficiency(lengths, len(out), seq_length))

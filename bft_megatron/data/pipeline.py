@@ -6,7 +6,7 @@ import json
 import multiprocessing as mp
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
@@ -23,6 +23,9 @@ from bft_megatron.data.storage import SampleStream, write_split
 from bft_megatron.data.templates import check_template
 from bft_megatron.data.tokenize import Encoded, apply_length_policy, encode
 from bft_megatron.data.tokenizer import Tokenizer, describe, load_tokenizer
+from bft_megatron.utils.logging import get_logger
+
+log = get_logger(__name__)
 
 CHUNK = 64  # conversations per worker task: large enough to amortise pickling, small for a smooth bar
 
@@ -32,6 +35,7 @@ _WORKER: dict[str, Any] = {}
 @dataclass
 class SplitStats:
     records: int = 0
+    parsed: int = 0  # records that were valid JSON (sample ids count these)
     samples: int = 0
     tokens: int = 0
     supervised_tokens: int = 0
@@ -69,14 +73,19 @@ def _encode_chunk(chunk: list[Conversation]) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def _conversations(src: SourceConfig, on_error: str, skips: SkipLog, cache_dir: str,
-                   counter: list[int]) -> Iterator[Conversation]:
-    for raw in read_records(src.path, src.split, skips, cache_dir):
-        counter[0] += 1
+def _conversations(src: SourceConfig, skips: SkipLog, cache_dir: str, first: int,
+                   ordinals: deque[int], seen: list[int]) -> Iterator[Conversation]:
+    """Valid conversations of one source. Each one's ordinal (``first`` + its position among the
+    source's parseable records) is queued on ``ordinals``; ``seen[0]`` counts parseable records."""
+    for i, raw in enumerate(read_records(src.path, src.split, skips, cache_dir)):
+        seen[0] = i + 1
         try:
-            yield to_conversation(raw.data, src.format, raw.where)
+            conv = to_conversation(raw.data, src.format, raw.where)
         except DataError as err:
             skips.handle(err, "invalid_record")
+            continue
+        ordinals.append(first + i)
+        yield conv
 
 
 def _chunks(items: Iterable[Conversation]) -> Iterator[list[Conversation]]:
@@ -103,14 +112,21 @@ def _encoded(cfg: DataConfig, chunks: Iterator[list[Conversation]]) -> Iterator[
 
 def _tokenize_source(cfg: DataConfig, src: SourceConfig, stream: SampleStream, stats: SplitStats,
                      cache_dir: str, bar: tqdm) -> list[int]:
-    """Append one source's samples to ``stream``; return their stream indices."""
-    counter = [0]
+    """Append one source's samples to ``stream``; return their stream indices.
+
+    A sample's id is its record ordinal over all sources of the split, so it traces back to a source
+    (``per_source`` in the index lists each source's parseable record count, in order).
+    """
+    ordinals: deque[int] = deque()
+    seen = [0]
     mine: list[int] = []
-    skipped_before = stats.skips.total
-    convs = _conversations(src, cfg.on_error, stats.skips, cache_dir, counter)
+    skipped_before, malformed_before = stats.skips.total, stats.skips.counts["malformed_json"]
+    log.info("reading %s (weight %s)", src.path, src.weight)
+    convs = _conversations(src, stats.skips, cache_dir, stats.parsed, ordinals, seen)
     for results in _encoded(cfg, _chunks(convs)):
         for kind, a, b in results:
             bar.update(1)
+            ordinal = ordinals.popleft()  # results arrive in submission order
             if kind == "error":
                 stats.skips.handle(DataError(a, b), "template_error")
                 continue
@@ -119,10 +135,13 @@ def _tokenize_source(cfg: DataConfig, src: SourceConfig, stream: SampleStream, s
             stats.length[status] += 1
             if sample is not None:
                 mine.append(len(stream.lengths))
-                stream.append(sample.tokens, sample.loss_mask, len(stream.lengths))
-    stats.records += counter[0]
-    stats.per_source.append({"path": src.path, "weight": src.weight, "records": counter[0],
-                             "samples": len(mine), "skipped": stats.skips.total - skipped_before})
+                stream.append(sample.tokens, sample.loss_mask, ordinal)
+    malformed = stats.skips.counts["malformed_json"] - malformed_before  # lines that never parsed
+    stats.parsed += seen[0]
+    stats.records += seen[0] + malformed
+    stats.per_source.append({"path": src.path, "weight": src.weight, "records": seen[0] + malformed,
+                             "parsed": seen[0], "samples": len(mine),
+                             "skipped": stats.skips.total - skipped_before})
     return mine
 
 
@@ -180,6 +199,9 @@ def _rewrite_stats(out: Path, stats: SplitStats) -> None:
 def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: Optional[str] = None) -> dict[str, SplitStats]:
     tok = load_tokenizer(cfg.tokenizer)
     check_template(cfg.template, tok)
+    if tok.chat_template and cfg.template != "tokenizer":
+        log.info("using the built-in %r template; the tokenizer's own chat_template is used only with "
+                 "template: tokenizer", cfg.template)
     results: dict[str, SplitStats] = {}
     with tempfile.TemporaryDirectory(prefix="bft-prepare-") as tmp:
         for split, sources in (("train", cfg.train), ("valid", cfg.valid)):

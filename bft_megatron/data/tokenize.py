@@ -35,12 +35,14 @@ def supervised_tokens(offsets: Sequence[tuple[int, int]], spans: Sequence[Span])
     if not spans:
         return np.zeros(len(off), dtype=bool)
     sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-    # the last span starting before the token ends is the only one it can overlap
-    j = np.searchsorted(sp[:, 0], off[:, 1], side="left") - 1
+    empty = off[:, 1] == off[:, 0]
+    # The last span starting before a token ends is the only one it can overlap. A zero-width token
+    # (offsets trimmed by some post-processors) counts where it stands: inside [start, end) of a span.
+    j = np.where(empty, np.searchsorted(sp[:, 0], off[:, 0], side="right"),
+                 np.searchsorted(sp[:, 0], off[:, 1], side="left")) - 1
     valid = j >= 0
     ends = np.where(valid, sp[np.clip(j, 0, None), 1], -1)
-    return valid & (ends > off[:, 0]) & (off[:, 1] > off[:, 0])
-
+    return valid & (ends > off[:, 0])
 
 def shift_mask(target: np.ndarray) -> np.ndarray:
     """Per-token 'is supervised' -> per-position 'label is supervised' (last position 0)."""
