@@ -52,10 +52,9 @@ def test_epochs_cover_all_rows_and_reshuffle():
 def test_consumed_rows_advance_per_global_batch():
     s = GlobalBatchSampler(10, global_batch_size=4, micro_batch_size=1, dp_rank=1, dp_size=2, seed=0)
     it = iter(s)
-    first = [next(it), next(it)]
-    assert first == [[int(x)] for x in s.global_batch(0)[2:4]]
-    next(it)
-    assert s.consumed_rows == 4
+    assert next(it) == [int(s.global_batch(0)[2])] and s.consumed_rows == 0
+    assert next(it) == [int(s.global_batch(0)[3])] and s.consumed_rows == 4  # batch fully handed out
+    assert next(it) == [int(s.global_batch(4)[2])] and s.consumed_rows == 4
 
 
 @pytest.mark.parametrize("kwargs,match", [

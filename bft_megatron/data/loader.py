@@ -69,11 +69,14 @@ class GlobalBatchSampler:
         return [mine[i: i + self.mbs].tolist() for i in range(0, self.per_rank, self.mbs)]
 
     def __iter__(self) -> Iterator[list[int]]:
-        """Endless; ``consumed_rows`` advances by one global batch after its last micro-batch."""
+        """Endless. ``consumed_rows`` advances by one global batch as its last micro-batch is handed
+        out, so a checkpoint taken after the optimizer step records the batch as consumed."""
         while True:
-            for micro in self.rank_microbatches(self.global_batch(self.consumed_rows)):
+            micros = self.rank_microbatches(self.global_batch(self.consumed_rows))
+            for i, micro in enumerate(micros):
+                if i == len(micros) - 1:
+                    self.consumed_rows += self.gbs
                 yield micro
-            self.consumed_rows += self.gbs
 
 
 def iterate_batches(dataset: PackedDataset, sampler: GlobalBatchSampler, *, packed: Optional[bool] = None,

@@ -105,6 +105,10 @@ def check_template(name: str, tok: Tokenizer) -> None:
         ids, _ = tok.encode_offsets(marker)
         if len(ids) != 1:
             raise ValueError(f"template={name!r} needs {marker!r} as one token, but {tok.name} splits it into {ids}")
+    if name == "plain":  # plain writes bos/eos as text: they must map back to their own ids
+        for marker, want in ((tok.eos_token, tok.eos_id), (tok.bos_token, tok.bos_id)):
+            if marker and tok.encode_offsets(marker)[0] != [want]:
+                raise ValueError(f"template='plain': {tok.name} does not encode {marker!r} as id {want}")
 
 
 def _eot_end(text: str, pos: int, tok: Tokenizer) -> Optional[int]:
