@@ -89,6 +89,8 @@ def hf_tokenizer(name: str) -> str:
     """Directory of a tiny fast tokenizer: 'llama31', 'qwen25', 'rewriting' or 'qwen_plain' (no template)."""
     spec = {"llama31": ("llama", LLAMA31_LIKE), "qwen25": ("qwen", QWEN25_LIKE),
             "rewriting": ("qwen", REWRITING), "qwen_plain": ("qwen", None),
+            "hashes": ("qwen", "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + ' ###\\n' }}"
+                                "{%- endfor %}{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"),
             "upper": ("qwen", QWEN25_LIKE.replace("message['content'] + '<|im_end|>", "message['content']|upper + '<|im_end|>"))}[name]
     return _build_hf(*spec)
 

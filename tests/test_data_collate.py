@@ -113,3 +113,31 @@ def test_decode_packed_row_boundaries_and_masks(tmp_path):
         assert tok.decode(sup) == msgs[1]["content"] + "<|im_end|>"
         # labels are the next token of the same sample
         assert labels[lo: lo + n - 1].tolist() == tokens[lo + 1: lo + n].tolist()
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_sample = st.integers(1, 12).flatmap(lambda n: st.tuples(
+    st.lists(st.integers(1, 99), min_size=n, max_size=n), st.lists(st.integers(0, 1), min_size=n, max_size=n)))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(_sample, min_size=1, max_size=4), min_size=1, max_size=3), st.sampled_from([1, 2, 4, 6, 8]))
+def test_packed_segments_equal_padded_rows(rows_spec, pad_multiple):
+    """Whatever the rows and CP/SP padding, each packed segment carries exactly its padded-layout sample."""
+    rows = []
+    for samples in rows_spec:
+        samples = [(t, m[:-1] + [0]) for t, m in samples]  # stored masks end with 0
+        rows.append(_row(samples, seq_length=12))
+    packed = collate(rows, packed=True, pad_multiple=pad_multiple)
+    singles = [_row([s], seq_length=12) for spec in rows_spec for s in [(t, m[:-1] + [0]) for t, m in spec]]
+    padded = collate(singles, packed=False, pad_multiple=pad_multiple)
+    cu, real = packed["cu_seqlens"].tolist(), packed["cu_seqlens_unpadded"].tolist()
+    assert packed["tokens"].shape[1] == cu[-1] and cu[-1] % pad_multiple == 0
+    for i in range(len(singles)):
+        lo, n = cu[i], real[i + 1] - real[i]
+        assert (cu[i + 1] - lo) % pad_multiple == 0 and cu[i + 1] - lo - n < pad_multiple
+        for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            assert packed[key][0, lo:lo + n].tolist() == padded[key][i, :n].tolist(), key
+        assert packed["loss_mask"][0, lo + n - 1:cu[i + 1]].sum() == 0

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bft_megatron.data.prepare import main
+from bft_megatron.cli import main as cli_main
 from bft_megatron.data.tokenizer import load_tokenizer
 from data_fixtures import ASSETS, DEMO_SP, REPO
 
@@ -52,8 +52,8 @@ def test_prepare_demo_twice_is_byte_identical(tmp_path, capsys):
     digests = []
     for name in ("a", "b"):
         out = tmp_path / name
-        assert main(["--config", str(REPO / "configs" / "data_demo.yaml"), "--output", str(out),
-                     "--num-workers", "1", "--no-progress"]) == 0
+        assert cli_main(["prepare", "--config", str(REPO / "configs" / "data_demo.yaml"), "--output", str(out),
+                         "--num-workers", "1", "--no-progress"]) == 0
         digests.append({p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
                         for p in sorted(out.rglob("*")) if p.is_file()})
     summary = capsys.readouterr().out

@@ -110,6 +110,25 @@ def test_malformed_json_array_names_line(tmp_path):
     p.write_text('[\n {"prompt": "a", "response": "b"},\n {"prompt": }\n]\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"a\.json:line 3: malformed JSON"):
         _convs(p)
+    convs, skips = _convs(p, policy="skip")
+    assert convs == [] and skips.counts == {"malformed_json": 1} and "whole file" in skips.examples[0]
+
+
+def test_hub_name_is_a_thin_datasets_call(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(name, split=None, cache_dir=None):
+        calls.append((name, split))
+        return [CHATS[2], CHATS[3]]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    skips = SkipLog()
+    raws = list(read_records("org/chat-set", "validation", skips))
+    assert calls == [("org/chat-set", "validation")]
+    assert [r.where for r in raws] == ["hub:org/chat-set[validation]:row 0", "hub:org/chat-set[validation]:row 1"]
+    assert to_conversation(raws[1].data, "auto", raws[1].where).messages[1].content == "The quick brown fox."
 
 
 def test_explicit_format_is_enforced(tmp_path):

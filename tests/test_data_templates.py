@@ -116,3 +116,9 @@ def test_supervised_tokens_overlap_rule():
     assert got.tolist() == [False, True, True, True, True, False, True]
     assert supervised_tokens([(0, 4), (4, 8)], [(4, 8)]).tolist() == [False, True]  # touching is not overlap
     assert supervised_tokens(offsets, []).tolist() == [False] * 7
+
+
+def test_template_without_known_end_marker_supervises_its_closing_text():
+    tok = _tok("hashes")
+    enc = encode(NO_SYSTEM, "tokenizer", tok)
+    assert [tok.decode(r) for r in supervised_runs(enc)] == [a + " ###" for a in ANSWERS]

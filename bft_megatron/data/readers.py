@@ -67,11 +67,14 @@ def _read_jsonl_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
                              "malformed_json")
 
 
-def _read_json_stdlib(path: Path) -> Iterator[RawRecord]:
+def _read_json_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:line {exc.lineno}", f"malformed JSON ({exc.msg} at column {exc.colno})") from None
+        # one JSON document: under on_error=skip the whole file is the counted skip
+        skips.handle(DataError(f"{path}:line {exc.lineno}", f"malformed JSON ({exc.msg} at column {exc.colno}); "
+                                                            "the whole file is unreadable"), "malformed_json")
+        return
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]  # the {"data": [...]} wrapper that datasets' json builder also accepts
     if not isinstance(data, list):
@@ -87,7 +90,7 @@ def _read_local_file(path: Path, skips: SkipLog, cache_dir: Optional[str]) -> It
         if path.suffix == ".parquet":
             raise DataError(str(path), f"cannot read parquet file: {exc}") from exc
         log.warning("datasets could not read %s (%s); re-reading with the json module", path, type(exc).__name__)
-        reader = _read_jsonl_stdlib(path, skips) if path.suffix == ".jsonl" else _read_json_stdlib(path)
+        reader = _read_jsonl_stdlib(path, skips) if path.suffix == ".jsonl" else _read_json_stdlib(path, skips)
         yield from reader
         return
     if path.suffix == ".jsonl":
