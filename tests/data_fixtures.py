@@ -3,8 +3,10 @@ templates (written for these tests), the bundled demo sentencepiece model, and s
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -80,6 +82,7 @@ def _build_hf(kind: str, template: str | None) -> str:
     if template:
         fast.chat_template = template
     out = Path(tempfile.mkdtemp(prefix=f"bft-tok-{kind}-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     fast.save_pretrained(str(out))
     return str(out)
 

@@ -8,7 +8,7 @@ import pytest
 from bft_megatron.data.collate import collate
 from bft_megatron.data.storage import PackedDataset, Row
 from bft_megatron.data.tokenizer import load_tokenizer
-from data_fixtures import CHATS, DEMO_SP, prepare_dir, synthetic_chats
+from tests.data_fixtures import CHATS, DEMO_SP, prepare_dir, synthetic_chats
 
 P = 0  # pad id
 

@@ -13,7 +13,7 @@ import pytest
 
 from bft_megatron.cli import main as cli_main
 from bft_megatron.data.tokenizer import load_tokenizer
-from data_fixtures import ASSETS, DEMO_SP, REPO
+from tests.data_fixtures import ASSETS, DEMO_SP, REPO
 
 TRAIN, VALID = ASSETS / "hpo_train.jsonl", ASSETS / "hpo_valid.jsonl"
 

@@ -77,7 +77,7 @@ def test_permutation_is_reproducible_across_instances():
 def test_iterate_batches_end_to_end_matches_across_dp_layouts(tmp_path):
     from bft_megatron.data.loader import iterate_batches
     from bft_megatron.data.storage import PackedDataset
-    from data_fixtures import prepare_dir, synthetic_chats
+    from tests.data_fixtures import prepare_dir, synthetic_chats
 
     ds = PackedDataset(prepare_dir(tmp_path / "p", synthetic_chats(40, seed=3), seq_length=128))
 

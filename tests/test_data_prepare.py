@@ -13,7 +13,7 @@ from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.prepare import main, run
 from bft_megatron.data.storage import PackedDataset
-from data_fixtures import CHATS, DEMO_SP, prepare_dir, synthetic_chats, write_jsonl
+from tests.data_fixtures import CHATS, DEMO_SP, prepare_dir, synthetic_chats, write_jsonl
 
 
 def _digest(directory: Path) -> dict[str, str]:

@@ -10,7 +10,7 @@ import pytest
 from bft_megatron.data.errors import DataError, SkipLog
 from bft_megatron.data.readers import read_records
 from bft_megatron.data.records import Message, to_conversation
-from data_fixtures import CHATS, write_jsonl
+from tests.data_fixtures import CHATS, write_jsonl
 
 
 def _convs(path: Path, policy: str = "raise", fmt: str = "auto"):

@@ -10,7 +10,7 @@ from bft_megatron.data.records import Conversation, Message
 from bft_megatron.data.templates import check_template, render
 from bft_megatron.data.tokenize import encode, supervised_tokens
 from bft_megatron.data.tokenizer import load_tokenizer
-from data_fixtures import DEMO_SP, hf_tokenizer
+from tests.data_fixtures import DEMO_SP, hf_tokenizer
 
 CONV = Conversation((Message("system", "Be brief."), Message("user", "What is microcephaly?"),
                      Message("assistant", "A small head circumference."), Message("user", "Which genes?"),

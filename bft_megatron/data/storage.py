@@ -25,7 +25,7 @@ from bft_megatron.data.tokenize import MASK_DTYPE, TOKEN_DTYPE
 FORMAT_NAME = "bft-megatron-prepared"
 FORMAT_VERSION = 1
 ARRAYS = ("tokens", "loss_mask", "sample_offsets", "row_offsets", "sample_ids")
-_CHUNK_SAMPLES = 65536
+_CHUNK_SAMPLES = 4096  # bounds the gather index to 4096 * seq_length int64s
 
 
 class SampleStream:
