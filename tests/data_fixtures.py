@@ -25,7 +25,8 @@ LLAMA31_LIKE = (
     "{{- 'Cutting Knowledge Date: December 2023\\n' }}{{- 'Today Date: ' + date_string + '\\n\\n' }}"
     "{{- system_message }}{{- '<|eot_id|>' }}"
     "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
+    "+ message['content'] | trim + '<|eot_id|>' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
@@ -34,7 +35,8 @@ LLAMA31_LIKE = (
 QWEN25_LIKE = (
     "{%- if messages and messages[0]['role'] == 'system' %}"
     "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
-    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. "
+    "You are a helpful assistant.<|im_end|>\\n' }}"
     "{%- endif %}"
     "{%- for message in messages %}{%- if not (message['role'] == 'system' and loop.first) %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -87,14 +89,15 @@ def _build_hf(kind: str, template: str | None) -> str:
     return str(out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_tokenizer(name: str) -> str:
     """Directory of a tiny fast tokenizer: 'llama31', 'qwen25', 'rewriting' or 'qwen_plain' (no template)."""
     spec = {"llama31": ("llama", LLAMA31_LIKE), "qwen25": ("qwen", QWEN25_LIKE),
             "rewriting": ("qwen", REWRITING), "qwen_plain": ("qwen", None),
             "hashes": ("qwen", "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + ' ###\\n' }}"
                                 "{%- endfor %}{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"),
-            "upper": ("qwen", QWEN25_LIKE.replace("message['content'] + '<|im_end|>", "message['content']|upper + '<|im_end|>"))}[name]
+            "upper": ("qwen", QWEN25_LIKE.replace("message['content'] + '<|im_end|>",
+                                                  "message['content']|upper + '<|im_end|>"))}[name]
     return _build_hf(*spec)
 
 
@@ -106,7 +109,8 @@ CHATS = [
                   {"role": "assistant", "content": "Many, for example ASPM."}]},
     {"instruction": "Define ataxia.", "input": "Answer in one sentence.", "output": "Poor coordination of movement."},
     {"prompt": "Hello, how are you?", "response": "Fine, thank you."},
-    {"messages": [{"role": "user", "content": "Name a fox."}, {"role": "assistant", "content": "The quick brown fox."}]},
+    {"messages": [{"role": "user", "content": "Name a fox."},
+                  {"role": "assistant", "content": "The quick brown fox."}]},
 ]
 
 

@@ -93,7 +93,7 @@ def test_bad_record_names_file_line_and_problem(tmp_path, line, message):
     path = write_jsonl(tmp_path / "bad.jsonl", CHATS[2:4], raw_lines=[line])
     with pytest.raises(DataError) as info:
         _convs(path)
-    assert f"bad.jsonl:line 3" in str(info.value) and message in str(info.value)
+    assert "bad.jsonl:line 3" in str(info.value) and message in str(info.value)
 
 
 def test_skip_policy_counts_and_keeps_good_records(tmp_path):

@@ -74,7 +74,7 @@ def parse_diseases(path: Path, terms: dict[str, dict]) -> dict[str, dict]:
     """disease id -> {name, features: {hpo id: frequency text}, inheritance: set}."""
     diseases: dict[str, dict] = {}
     with path.open(encoding="utf-8") as fh:
-        rows = [l.rstrip("\n").split("\t") for l in fh if not l.startswith("#")]
+        rows = [line.rstrip("\n").split("\t") for line in fh if not line.startswith("#")]
     for cols in rows[1:]:
         did, name, qualifier, hpo, _ref, _ev, _onset, freq = cols[:8]
         aspect = cols[10]

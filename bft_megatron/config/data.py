@@ -7,7 +7,6 @@ overrides) can build it without special cases. ``validate()`` names the offendin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 FORMATS = ("auto", "messages", "alpaca", "prompt_response")
 TEMPLATES = ("llama3", "chatml", "plain", "tokenizer")
@@ -26,7 +25,7 @@ class SourceConfig:
 
     path: str = ""
     weight: float = 1.0  # passes over this source per epoch; a fraction takes a seeded subsample
-    split: Optional[str] = None  # hub datasets only (default "train")
+    split: str | None = None  # hub datasets only (default "train")
     format: str = "auto"  # record shape; auto-detected per record when "auto"
 
     def validate(self, where: str) -> None:

@@ -36,7 +36,7 @@ class SkipLog:
     def total(self) -> int:
         return sum(self.counts.values())
 
-    def merge(self, other: "SkipLog") -> None:
+    def merge(self, other: SkipLog) -> None:
         self.counts.update(other.counts)
         room = self.max_examples - len(self.examples)
         self.examples.extend(other.examples[: max(room, 0)])

@@ -9,7 +9,7 @@ dp_size except which slice a rank takes, so a checkpoint taken at one layout res
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -36,7 +36,7 @@ class GlobalBatchSampler:
         self.num_rows, self.gbs, self.mbs = num_rows, global_batch_size, micro_batch_size
         self.dp_rank, self.dp_size, self.per_rank = dp_rank, dp_size, per_rank
         self.seed, self.consumed_rows = seed, consumed_rows
-        self._perm_epoch: Optional[int] = None
+        self._perm_epoch: int | None = None
         self._perm = np.zeros(0, dtype=np.int64)
 
     @property
@@ -79,7 +79,7 @@ class GlobalBatchSampler:
                 yield micro
 
 
-def iterate_batches(dataset: PackedDataset, sampler: GlobalBatchSampler, *, packed: Optional[bool] = None,
+def iterate_batches(dataset: PackedDataset, sampler: GlobalBatchSampler, *, packed: bool | None = None,
                     pad_multiple: int = 1) -> Iterator[dict[str, Any]]:
     """Collated micro-batches of this rank; ``packed`` defaults to how the dataset was prepared."""
     use_packed = dataset.packed if packed is None else packed

@@ -9,7 +9,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -196,7 +196,7 @@ def _rewrite_stats(out: Path, stats: SplitStats) -> None:
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: Optional[str] = None) -> dict[str, SplitStats]:
+def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = None) -> dict[str, SplitStats]:
     tok = load_tokenizer(cfg.tokenizer)
     check_template(cfg.template, tok)
     if tok.chat_template and cfg.template != "tokenizer":

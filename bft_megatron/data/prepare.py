@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def load_config(path: Optional[str]) -> DataConfig:
+def load_config(path: str | None) -> DataConfig:
     if not path:
         return DataConfig()
     raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}

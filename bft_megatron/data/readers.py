@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 from bft_megatron.data.errors import DataError, SkipLog
 from bft_megatron.utils.logging import get_logger
@@ -46,7 +46,7 @@ def _nonblank_lines(path: Path) -> list[int]:
         return [i for i, line in enumerate(fh, 1) if line.strip()]
 
 
-def _load_with_datasets(path: Path, cache_dir: Optional[str]) -> Any:
+def _load_with_datasets(path: Path, cache_dir: str | None) -> Any:
     import datasets
 
     datasets.disable_progress_bars()
@@ -63,7 +63,8 @@ def _read_jsonl_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
             try:
                 yield RawRecord(json.loads(line), where)
             except json.JSONDecodeError as exc:
-                skips.handle(DataError(where, f"malformed JSON ({exc.msg} at column {exc.colno}): {line.strip()[:80]!r}"),
+                snippet = line.strip()[:80]
+                skips.handle(DataError(where, f"malformed JSON ({exc.msg} at column {exc.colno}): {snippet!r}"),
                              "malformed_json")
 
 
@@ -83,7 +84,7 @@ def _read_json_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
         yield RawRecord(rec, f"{path}:record {i}")
 
 
-def _read_local_file(path: Path, skips: SkipLog, cache_dir: Optional[str]) -> Iterator[RawRecord]:
+def _read_local_file(path: Path, skips: SkipLog, cache_dir: str | None) -> Iterator[RawRecord]:
     try:
         ds = _load_with_datasets(path, cache_dir)
     except Exception as exc:  # noqa: BLE001 - any Arrow/datasets failure: fall back to locate the bad line
@@ -103,7 +104,7 @@ def _read_local_file(path: Path, skips: SkipLog, cache_dir: Optional[str]) -> It
             yield RawRecord(rec, f"{path}:{unit} {i}")
 
 
-def _read_hub(name: str, split: Optional[str], cache_dir: Optional[str]) -> Iterator[RawRecord]:
+def _read_hub(name: str, split: str | None, cache_dir: str | None) -> Iterator[RawRecord]:
     """A thin call; cannot be exercised offline."""
     import datasets
 
@@ -112,8 +113,8 @@ def _read_hub(name: str, split: Optional[str], cache_dir: Optional[str]) -> Iter
         yield RawRecord(rec, f"hub:{name}[{split or 'train'}]:row {i}")
 
 
-def read_records(path: str, split: Optional[str], skips: SkipLog,
-                 cache_dir: Optional[str] = None) -> Iterator[RawRecord]:
+def read_records(path: str, split: str | None, skips: SkipLog,
+                 cache_dir: str | None = None) -> Iterator[RawRecord]:
     """Every raw record of one source, in a deterministic order."""
     if os.path.exists(path):
         for file in list_files(path):

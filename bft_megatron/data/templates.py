@@ -12,7 +12,7 @@ template rewrites earlier turns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.records import Conversation, Message
@@ -111,7 +111,7 @@ def check_template(name: str, tok: Tokenizer) -> None:
                 raise ValueError(f"template='plain': {tok.name} does not encode {marker!r} as id {want}")
 
 
-def _eot_end(text: str, pos: int, tok: Tokenizer) -> Optional[int]:
+def _eot_end(text: str, pos: int, tok: Tokenizer) -> int | None:
     """End of the end-of-turn marker that follows the answer at ``pos``, if one is there."""
     for marker in (tok.eos_token, *EOT_CANDIDATES):
         if marker and text.startswith(marker, pos):

@@ -8,7 +8,7 @@ token at t+1 of the same sample) is supervised; the last position of every sampl
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -61,7 +61,7 @@ def encode(conv: Conversation, template: str, tok: Tokenizer, supervise: str = "
     return Encoded(np.asarray(ids, dtype=TOKEN_DTYPE), shift_mask(target))
 
 
-def apply_length_policy(enc: Encoded, seq_length: int, policy: str) -> tuple[Optional[Encoded], str]:
+def apply_length_policy(enc: Encoded, seq_length: int, policy: str) -> tuple[Encoded | None, str]:
     """Return (sample or None, status): ok | truncated | dropped_too_long | dropped_no_supervision."""
     n = len(enc.tokens)
     if n <= seq_length:

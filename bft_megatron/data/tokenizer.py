@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 Offsets = list[tuple[int, int]]
 
@@ -29,10 +29,10 @@ class Tokenizer:
     name: str
     vocab_size: int
     eos_id: int
-    bos_id: Optional[int]
+    bos_id: int | None
     pad_id: int
     fingerprint: str
-    chat_template: Optional[str] = None
+    chat_template: str | None = None
 
     def encode_offsets(self, text: str) -> tuple[list[int], Offsets]:
         raise NotImplementedError
@@ -40,7 +40,7 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         raise NotImplementedError
 
-    def token_to_id(self, token: str) -> Optional[int]:
+    def token_to_id(self, token: str) -> int | None:
         raise NotImplementedError
 
     def id_to_token(self, idx: int) -> str:
@@ -54,7 +54,7 @@ class Tokenizer:
         return self.id_to_token(self.eos_id)
 
     @property
-    def bos_token(self) -> Optional[str]:
+    def bos_token(self) -> str | None:
         return None if self.bos_id is None else self.id_to_token(self.bos_id)
 
 
@@ -83,7 +83,7 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids))
 
-    def token_to_id(self, token: str) -> Optional[int]:
+    def token_to_id(self, token: str) -> int | None:
         idx = self._tok.convert_tokens_to_ids(token)
         return None if idx is None or idx == self._tok.unk_token_id else int(idx)
 
@@ -153,7 +153,7 @@ class SPTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
 
-    def token_to_id(self, token: str) -> Optional[int]:
+    def token_to_id(self, token: str) -> int | None:
         idx = int(self._sp.piece_to_id(token))
         return None if idx == self._sp.unk_id() and token != self._sp.id_to_piece(idx) else idx
 
