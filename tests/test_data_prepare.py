@@ -104,3 +104,13 @@ def test_supervise_last_reduces_supervision(tmp_path):
     all_ = PackedDataset(prepare_dir(tmp_path / "a", CHATS[:1], supervise="all"))
     last = PackedDataset(prepare_dir(tmp_path / "l", CHATS[:1], supervise="last"))
     assert 0 < last.index["supervised_tokens"] < all_.index["supervised_tokens"]
+
+
+def test_split_with_no_usable_sample_is_an_error(tmp_path):
+    src = write_jsonl(tmp_path / "bad.jsonl", [], raw_lines=["{", "{"])
+    cfg = DataConfig(train=[SourceConfig(path=str(src))], tokenizer=DEMO_SP, output_dir=str(tmp_path / "o"),
+                     on_error="skip")
+    with pytest.raises(DataError, match="train split: no usable samples: 2 records"):
+        run(cfg)
+    assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o"),
+                 "--on-error", "skip", "--no-progress"]) == 2

@@ -170,6 +170,9 @@ def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok:
             per_source = [_tokenize_source(cfg, s, stream, stats, cache_dir, bar) for s in sources]
         stats.seconds = time.perf_counter() - start
         tokens, mask = stream.close()
+        if not stream.lengths:
+            raise DataError(f"{split} split", f"no usable samples: {stats.records} records, skipped "
+                                              f"{dict(stats.skips.counts)}, length policy {dict(stats.length)}")
         selection = mix(per_source, [s.weight for s in sources], cfg.seed)
         lengths = np.asarray(stream.lengths, dtype=np.int64)
         layout = (pack_best_fit if cfg.packing else one_per_row)(lengths[selection], cfg.seq_length, cfg.seed)
