@@ -96,3 +96,16 @@ def test_iterate_batches_end_to_end_matches_across_dp_layouts(tmp_path):
 
     ref = samples(1, 4, 0, 6)
     assert samples(2, 1, 0, 6) == ref and samples(4, 1, 8, 4) == ref[2:]
+
+
+def test_batch_loader_resumes_from_its_consumed_rows(tmp_path):
+    from bft_megatron.data.loader import BatchLoader
+    from tests.data_fixtures import prepare_dir, synthetic_chats
+
+    path = str(prepare_dir(tmp_path / "p", synthetic_chats(30, seed=6), seq_length=128))
+    first = BatchLoader(path, global_batch_size=4, micro_batch_size=2, seed=2, pad_multiple=2)
+    it = iter(first)
+    seen = [next(it)["sample_ids"].tolist() for _ in range(6)]  # 3 global batches of 2 micro-batches
+    assert first.consumed_rows == 12 and first.num_microbatches == 2
+    again = BatchLoader(path, global_batch_size=4, micro_batch_size=4, seed=2, consumed_rows=8)
+    assert next(iter(again))["sample_ids"].tolist() == seen[4] + seen[5]

@@ -122,3 +122,29 @@ def test_template_without_known_end_marker_supervises_its_closing_text():
     tok = _tok("hashes")
     enc = encode(NO_SYSTEM, "tokenizer", tok)
     assert [tok.decode(r) for r in supervised_runs(enc)] == [a + " ###" for a in ANSWERS]
+
+
+def test_sentencepiece_with_default_normalisation(tmp_path):
+    """A model trained here with sentencepiece defaults (NFKC, whitespace collapsing, dummy prefix,
+    no pad id): offsets still map onto the original text, and masks still follow answer boundaries."""
+    import io
+
+    import sentencepiece as spm
+
+    from tests.data_fixtures import CORPUS
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=70,
+                                   hard_vocab_limit=False, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+                                   num_threads=1, minloglevel=2)
+    (tmp_path / "d.model").write_bytes(model.getvalue())
+    tok = load_tokenizer(str(tmp_path / "d.model"))
+    assert tok.pad_id == tok.eos_id  # no pad piece: fall back to eos
+    enc = encode(CONV, "chatml", tok)
+    runs = supervised_runs(enc)
+    im_end = tok.token_to_id("<|im_end|>")
+    assert len(runs) == 2 and [r[-1] for r in runs] == [im_end, im_end]
+    first, second = (tok.decode(r[:-1]) for r in runs)  # tiny vocab: some letters decode as unknown
+    assert first.endswith("small head circumference.") and second.strip().startswith("Many, for example")
+    prompt = tok.decode(enc.tokens[: int(np.argmax(enc.loss_mask)) + 1].tolist())
+    assert "microcephaly?" in prompt and "circumference" not in prompt

@@ -86,3 +86,30 @@ def iterate_batches(dataset: PackedDataset, sampler: GlobalBatchSampler, *, pack
     for micro in sampler:
         yield collate([dataset[r] for r in micro], packed=use_packed, pad_multiple=pad_multiple,
                       pad_id=dataset.pad_id)
+
+
+class BatchLoader:
+    """The trainer's one-stop object: a prepared split, its sampler, and collated micro-batches.
+
+    ``consumed_rows`` is what a checkpoint stores; pass it back to resume (at any DP layout).
+    """
+
+    def __init__(self, directory: str, *, global_batch_size: int, micro_batch_size: int, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 0, consumed_rows: int = 0, pad_multiple: int = 1,
+                 packed: bool | None = None) -> None:
+        self.dataset = PackedDataset(directory)
+        self.sampler = GlobalBatchSampler(len(self.dataset), global_batch_size=global_batch_size,
+                                          micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                                          seed=seed, consumed_rows=consumed_rows)
+        self.pad_multiple, self.packed = pad_multiple, packed
+
+    @property
+    def consumed_rows(self) -> int:
+        return self.sampler.consumed_rows
+
+    @property
+    def num_microbatches(self) -> int:
+        return self.sampler.num_microbatches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iterate_batches(self.dataset, self.sampler, packed=self.packed, pad_multiple=self.pad_multiple)
