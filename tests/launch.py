@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # vocabulary padded identically at TP1 and TP2 (so checkpoints reshard), fp32, no dropout.
 TINY = ["model.hidden_size=64", "model.num_layers=4", "model.num_attention_heads=4", "model.num_query_groups=2",
         "model.ffn_hidden_size=128", "model.vocab_size=128", "model.make_vocab_size_divisible_by=32",
-        "model.max_position_embeddings=64", "data.seq_length=32", "data.layout=packed", "data.synthetic_samples=512",
+        "model.max_position_embeddings=64", "data.seq_length=32", "data.packing=true",
         "train.bf16=false", "train.global_batch_size=8", "train.micro_batch_size=2", "train.lr=3e-3",
         "train.warmup_iters=1", "train.train_iters=4", "train.dropout=0.0", "loss.method=bft", "loss.group_size=4",
         "train.clip_grad=1.0"]

@@ -130,3 +130,4 @@ def test_demo_config_validates():
     cfg = load_config("configs/demo_cpu.yaml")
     assert validate(cfg, 1).dp == 1
     assert cfg.loss.method == "bft" and cfg.train.bf16 is False
+    assert cfg.data.train and cfg.data.output_dir  # the bundled demo data, prepared on first use

@@ -5,6 +5,9 @@
   the run goes on. ``max_consecutive_skips`` bad steps in a row abort the run on all ranks.
 * SIGUSR1 delivered to rank 0 after step 2 makes all ranks save step 2 and leave the loop;
   ``latest`` names that checkpoint and a RESUME marker records the early stop.
+* ``exit_duration_minutes`` elapsed: save after the current step and stop (RESUME marker).
+* ``async_save``: checkpoints are committed when finalised; ``keep_last=1`` prunes the older one; the
+  run directory resumes at its last step (nothing left to train).
 """
 
 import math
@@ -25,6 +28,10 @@ def results(tmp_path_factory):
         {"overrides": TINY + ["train.max_consecutive_skips=2"], "poison": [1, 2], "poison_ranks": [1]},
         {"overrides": TINY + [f"checkpoint.save={sig_dir}"], "signal_at": 2},
         {"overrides": TINY},
+        {"overrides": TINY + [f"checkpoint.save={sig_dir}/async", "checkpoint.async_save=true",
+                              "checkpoint.save_interval=2", "checkpoint.keep_last=1"]},
+        {"overrides": TINY + [f"checkpoint.save={sig_dir}/timed", "train.exit_duration_minutes=0.0"]},
+        {"overrides": TINY + [f"checkpoint.load={sig_dir}/async"]},
     ]
     return launch(2, runs), sig_dir
 
@@ -55,3 +62,23 @@ def test_signal_saves_and_exits(results):
         assert fh.read().strip() == "iter_0000002"
     with open(os.path.join(sig_dir, "RESUME")) as fh:
         assert fh.read().strip() == "SIGUSR1"
+
+
+def test_exit_duration_saves_and_stops(results):
+    runs, sig_dir = results
+    assert runs[5]["iteration"] == 1
+    with open(os.path.join(sig_dir, "timed", "latest")) as fh:
+        assert fh.read().strip() == "iter_0000001"
+    with open(os.path.join(sig_dir, "timed", "RESUME")) as fh:
+        assert fh.read().strip() == "exit_duration_minutes"
+
+
+def test_async_save_commits_and_prunes(results):
+    runs, sig_dir = results
+    run_dir = os.path.join(sig_dir, "async")
+    assert runs[4]["iteration"] == 4
+    with open(os.path.join(run_dir, "latest")) as fh:
+        assert fh.read().strip() == "iter_0000004"
+    assert sorted(d for d in os.listdir(run_dir) if d.startswith("iter_")) == ["iter_0000004"]
+    assert not os.path.exists(os.path.join(run_dir, "RESUME"))
+    assert runs[6]["iteration"] == 4 and runs[6]["history"] == []  # resumed at the end: nothing to do

@@ -13,55 +13,53 @@ from bft_megatron.config.schema import LossConfig
 from bft_megatron.loss import objective
 from bft_megatron.model.builder import padded_vocab_size
 from bft_megatron.model.layers import RMSNorm, llama3_inv_freq
-from bft_megatron.training.batch import RowSampler, collate
+from bft_megatron.data.collate import collate
+from bft_megatron.training.batch import StepData, to_micro_batch
 from bft_megatron.training.step import loss_func
 from bft_megatron.training.synthetic import SyntheticChatDataset
 
 
 def test_synthetic_rows_are_deterministic_and_well_formed():
-    ds = SyntheticChatDataset(16, 32, 50, packed=True, seed=3)
+    ds = SyntheticChatDataset(16, 64, 50, packed=True, seed=3)
     a, b = ds[5], ds[5]
-    assert all(np.array_equal(a[k], b[k]) for k in a)
-    seg, toks, labels = a["segment_ids"], a["tokens"], a["labels"]
-    for sid in np.unique(seg):
-        idx = np.nonzero(seg == sid)[0]
-        assert np.array_equal(a["position_ids"][idx], np.arange(idx.size))  # positions restart per sample
-    supervised = a["loss_mask"] > 0
-    assert supervised.any() and (labels[supervised] > 0).all()
-    assert np.array_equal(toks[1:][seg[1:] == seg[:-1]], labels[:-1][seg[1:] == seg[:-1]])  # next-token labels
-    padded = SyntheticChatDataset(4, 32, 50, packed=False)[0]
-    assert np.unique(padded["segment_ids"]).size <= 2  # one sample (+ padding)
+    assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.loss_mask, b.loss_mask)
+    assert a.seqlens.sum() == a.tokens.size <= 64 and a.seqlens.size > 1
+    start = 0
+    for n in a.seqlens:  # prompt SEP response EOS: the last position (label beyond EOS) is never supervised
+        toks, mask = a.tokens[start:start + n], a.loss_mask[start:start + n]
+        assert toks[-1] == 1 and mask[-1] == 0 and mask.sum() == (n - 2) // 2 + 1
+        start += n
+    assert SyntheticChatDataset(4, 64, 50, packed=False)[0].seqlens.size == 1
 
 
-def test_collate_block_causal_mask_and_boundaries():
-    row = {"tokens": np.arange(6), "labels": np.arange(6), "loss_mask": np.ones(6, np.float32),
-           "position_ids": np.array([0, 1, 2, 0, 1, 0]), "segment_ids": np.array([0, 0, 0, 1, 1, 2])}
-    mb = collate([row, row], packed=True, device=torch.device("cpu"))
-    assert mb.cu_seqlens.tolist() == [0, 3, 5, 6, 9, 11, 12]
+def test_micro_batch_block_causal_mask_and_fixed_shape():
+    row = SyntheticChatDataset(4, 64, 50, packed=True, seed=1)[0]
+    d = collate([row, row], packed=True, pad_id=0)
+    mb = to_micro_batch(d, torch.device("cpu"), total=128, pad_id=0, dense_mask=True)
+    assert mb.tokens.shape == (1, 128) and int(mb.cu_seqlens[-1]) == 128
+    n0 = int(row.seqlens[0])
     allowed = ~mb.attention_mask[0, 0]
-    assert allowed[4].tolist() == [False, False, False, True, True, False]  # own segment, causal
-    assert allowed[2].tolist() == [True, True, True, False, False, False]
+    assert allowed[n0 - 1, : n0].all() and not allowed[n0 - 1, n0:].any()  # own sample, causal
+    assert allowed[n0, n0] and not allowed[n0, : n0].any()  # next sample starts fresh
     assert not allowed[0, 1]
-    assert collate([row], packed=False, device=torch.device("cpu")).attention_mask is None
+    assert float(mb.loss_mask[0, int(d["tokens"].shape[1]):].sum()) == 0  # trailing padding unsupervised
+    thd = to_micro_batch(d, torch.device("cpu"), total=128, pad_id=0, dense_mask=False)
+    assert thd.attention_mask is None and thd.packed_seq_params().max_seqlen_q == thd.max_seqlen
 
 
-def test_sampler_global_batch_is_independent_of_dp_split():
-    ds = SyntheticChatDataset(20, 16, 32, packed=False)
+def test_step_data_global_batch_is_independent_of_dp_split():
+    ds = SyntheticChatDataset(40, 32, 32, packed=False)
 
-    def rows(dp, mbs, steps=3):
-        per_step = []
-        samplers = [RowSampler(ds, seed=1) for _ in range(dp)]
-        for _ in range(steps):
-            got = []
-            for rank, s in enumerate(samplers):
-                got += [r["tokens"].tobytes() for mb in s.step_rows(8, mbs, dp, rank) for r in mb]
-            per_step.append(sorted(got))
-        return per_step
+    def steps(dp, mbs, n=3):
+        datas = [StepData(ds, packed=False, global_batch_size=8, micro_batch_size=mbs, dp_rank=r, dp_size=dp,
+                          seed=1, seq_length=32, device=torch.device("cpu"), dense_mask=True) for r in range(dp)]
+        out = []
+        for _ in range(n):
+            rows = [mb.tokens[i].numpy().tobytes() for d in datas for mb in d.next_step() for i in range(mbs)]
+            out.append(sorted(rows))
+        return out
 
-    assert rows(1, 8) == rows(2, 2) == rows(4, 1)
-    s = RowSampler(ds, seed=1, consumed=16)
-    assert [r["tokens"].tobytes() for r in s.step_rows(8, 8, 1, 0)[0]] == \
-        [r["tokens"].tobytes() for r in RowSampler(ds, seed=1).step_rows(24, 24, 1, 0)[0][16:]]
+    assert steps(1, 8) == steps(2, 2) == steps(4, 1)
 
 
 def _megatron_scaled(head_dim, theta, factor):
@@ -140,9 +138,9 @@ def test_untie_adam_steps_gives_each_param_its_own_counter():
 @pytest.mark.parametrize("method", ["sft", "dft", "bft"])
 def test_loss_func_matches_objective_on_full_vocab(method):
     torch.manual_seed(0)
-    rows = [SyntheticChatDataset(4, 24, 40, packed=True, seed=1)[i] for i in range(2)]
-    mb = collate(rows, packed=True, device=torch.device("cpu"))
-    logits = torch.randn(2, 24, 40, requires_grad=True)
+    rows = [SyntheticChatDataset(4, 48, 40, packed=True, seed=1)[i] for i in range(2)]
+    mb = to_micro_batch(collate(rows, packed=True), torch.device("cpu"), total=96, pad_id=0, dense_mask=True)
+    logits = torch.randn(1, 96, 40, requires_grad=True)
     cfg = LossConfig(method=method, group_size=4)
     loss_sum, units, metrics = loss_func(mb, cfg, None, logits)
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), mb.labels.reshape(-1), reduction="none")

@@ -17,7 +17,8 @@ import torch.distributed as dist
 
 from bft_megatron.checkpoint import pointer
 from bft_megatron.checkpoint.state import (OPT_METADATA, init_optimizer_state, layout_of, model_sharded_state_dict,
-                                           restore_rng, rng_sharded_object, tolerate_missing_adam_step, untie_adam_steps, unwrap)
+                                           restore_rng, rng_sharded_object, tolerate_missing_adam_step,
+                                           untie_adam_steps, unwrap)
 from bft_megatron.config.base import to_dict
 from bft_megatron.utils.logging import get_logger
 
@@ -153,7 +154,7 @@ class Checkpointer:
         trainer.state.iteration = int(ts["iteration"])
         trainer.state.consumed_rows = int(ts["consumed_rows"])
         trainer.state.skipped_steps = int(ts.get("skipped_steps", 0))
-        trainer.train_sampler.consumed = trainer.state.consumed_rows
+        trainer.train_data.consumed_rows = trainer.state.consumed_rows
         if same_layout:
             restore_rng(loaded["rng_state"])
         torch.distributed.barrier()

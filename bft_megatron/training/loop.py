@@ -8,7 +8,7 @@ skipped everywhere (no optimizer or scheduler step; its rows count as consumed);
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +18,7 @@ from bft_megatron.config.schema import Config
 from bft_megatron.config.validate import Layout
 from bft_megatron.loss import MetricPartials, reduce_metrics
 from bft_megatron.parallel.bootstrap import ParallelGroups
-from bft_megatron.training.batch import RowSampler, collate
+from bft_megatron.training.batch import StepData
 from bft_megatron.training.progress import ProgressLog, reporter_rank, to_rank0
 from bft_megatron.training.step import make_forward_step
 from bft_megatron.utils.logging import get_logger
@@ -59,31 +59,42 @@ class Trainer:
         self.cfg, self.layout, self.groups = cfg, layout, groups
         self.model, self.tconfig, self.optimizer, self.scheduler = model, tconfig, optimizer, scheduler
         self.state = TrainState()
-        self.train_sampler = RowSampler(train_data, seed=cfg.data.seed)
-        self.valid_data = valid_data
-        self.packed = cfg.data.layout == "packed"
         # Packed rows use THD attention when the layer spec is Transformer Engine's (GPU), else a dense mask.
         from bft_megatron.model.spec import have_te
 
-        self.thd = self.packed and have_te() and groups.device.type == "cuda"
+        self.thd = bool(train_data.packed) and have_te() and groups.device.type == "cuda"
+        self.train_data = self._step_data(train_data, cfg.data.seed)
+        self.valid_data = valid_data
         self.progress = ProgressLog(cfg, groups)
         self.reporter = reporter_rank(groups)
         self.poison_steps: set[int] = set()  # test seam: iterations whose loss is made NaN
 
+    def _step_data(self, dataset, seed: int) -> StepData:
+        t, g = self.cfg.train, self.groups
+        return StepData(dataset, packed=bool(dataset.packed), global_batch_size=t.global_batch_size,
+                        micro_batch_size=t.micro_batch_size, dp_rank=g.dp_rank, dp_size=g.dp_size, seed=seed,
+                        seq_length=self.cfg.data.seq_length, device=g.device, dense_mask=not self.thd)
+
+    def _loss_cfg(self):
+        """The configured loss, or plain SFT during ``loss.sft_warmup_iters`` (validation follows suit)."""
+        lo = self.cfg.loss
+        return dataclasses.replace(lo, method="sft") if self.state.iteration < lo.sft_warmup_iters else lo
+
     # ---------------------------------------------------------------- one step
-    def _fwd_bwd(self, rows: list[list[dict]], forward_only: bool, poison: bool = False) -> list[MetricPartials]:
+    def _fwd_bwd(self, data: StepData, forward_only: bool, poison: bool = False) -> list[MetricPartials]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro = [collate(r, self.packed, self.groups.device, thd=self.thd) for r in rows]
+        micro = data.next_step()
+        seq_length, micro_batch_size = data.schedule_shape
         if poison:
             for mb in micro:
                 mb.poison = True
         iters = [iter(micro) for _ in self.model]
         fwd_bwd = get_forward_backward_func(pp_size=self.groups.pp_size, vp_size=self.groups.vp_size)
-        out = fwd_bwd(forward_step_func=make_forward_step(self.cfg.loss, self.groups.tp, self.thd),
+        out = fwd_bwd(forward_step_func=make_forward_step(self._loss_cfg(), self.groups.tp, self.thd),
                       data_iterator=iters if len(iters) > 1 else iters[0], model=self.model,
-                      num_microbatches=len(micro), seq_length=self.cfg.data.seq_length,
-                      micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
+                      num_microbatches=len(micro), seq_length=seq_length, micro_batch_size=micro_batch_size,
+                      forward_only=forward_only)
         return list(out) if self.groups.is_last_pp_stage else []
 
     def _all_finite(self, partials: list[MetricPartials]) -> bool:
@@ -99,12 +110,12 @@ class Trainer:
         return bool(flag.item())
 
     def train_step(self) -> StepResult:
-        t, g = self.cfg.train, self.groups
-        rows = self.train_sampler.step_rows(t.global_batch_size, t.micro_batch_size, g.dp_size, g.dp_rank)
+        g = self.groups
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        partials = self._fwd_bwd(rows, forward_only=False, poison=self.state.iteration in self.poison_steps)
+        partials = self._fwd_bwd(self.train_data, forward_only=False,
+                                 poison=self.state.iteration in self.poison_steps)
         finite = self._all_finite(partials)
         grad_norm, lr = None, self.optimizer.param_groups[0]["lr"]
         if finite:
@@ -117,7 +128,7 @@ class Trainer:
     def _account(self, result: StepResult) -> None:
         s = self.state
         s.iteration += 1
-        s.consumed_rows = self.train_sampler.consumed
+        s.consumed_rows = self.train_data.consumed_rows
         if result.skipped:
             s.skipped_steps += 1
             s.consecutive_skips += 1
@@ -133,14 +144,13 @@ class Trainer:
     def evaluate(self) -> dict:
         """Forward-only over ``eval_iters`` global batches of the validation rows (same every time)."""
         t, g = self.cfg.train, self.groups
-        sampler = RowSampler(self.valid_data, seed=self.cfg.data.seed + 1)
+        data = self._step_data(self.valid_data, self.cfg.data.seed + 1)
         partials: list[MetricPartials] = []
         for chunk in self.model:
             chunk.eval()
         with torch.no_grad():
             for _ in range(t.eval_iters):
-                rows = sampler.step_rows(t.global_batch_size, t.micro_batch_size, g.dp_size, g.dp_rank)
-                partials += self._fwd_bwd(rows, forward_only=True)
+                partials += self._fwd_bwd(data, forward_only=True)
         for chunk in self.model:
             chunk.train()
         values = reduce_metrics(partials, g.dp_cp) if partials else {}
