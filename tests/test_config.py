@@ -131,3 +131,16 @@ def test_demo_config_validates():
     assert validate(cfg, 1).dp == 1
     assert cfg.loss.method == "bft" and cfg.train.bf16 is False
     assert cfg.data.train and cfg.data.output_dir  # the bundled demo data, prepared on first use
+
+
+def test_train_cli_check_and_config_errors():
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "bft_megatron.cli", "train", "--config", "configs/demo_cpu.yaml",
+                         "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "layout: 1 GPUs = TP1 x PP1" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "bft_megatron.train", "--config", "configs/demo_cpu.yaml",
+                          "parallel.tp=3", "--check"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "world size 1 is not divisible by parallel.tp*pp*cp" in bad.stderr

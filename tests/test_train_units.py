@@ -151,3 +151,15 @@ def test_loss_func_matches_objective_on_full_vocab(method):
     assert metrics.sums["loss"][0].item() == pytest.approx(float(loss_sum), rel=1e-12)
     loss_sum.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_sft_warmup_switches_method_at_the_configured_step():
+    from bft_megatron.config import load_config
+    from bft_megatron.training.loop import Trainer, TrainState
+
+    trainer = object.__new__(Trainer)  # only the loss selection is under test
+    trainer.cfg = load_config(None, ["loss.method=bft", "loss.sft_warmup_iters=3"])
+    trainer.state = TrainState(iteration=2)
+    assert trainer._loss_cfg().method == "sft"
+    trainer.state.iteration = 3
+    assert trainer._loss_cfg().method == "bft" and trainer._loss_cfg() is trainer.cfg.loss
