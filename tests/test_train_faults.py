@@ -32,6 +32,7 @@ def results(tmp_path_factory):
                               "checkpoint.save_interval=2", "checkpoint.keep_last=1"]},
         {"overrides": TINY + [f"checkpoint.save={sig_dir}/timed", "train.exit_duration_minutes=0.0"]},
         {"overrides": TINY + [f"checkpoint.load={sig_dir}/async"]},
+        {"overrides": TINY + ["train.bf16=true"]},
     ]
     return launch(2, runs), sig_dir
 
@@ -82,3 +83,11 @@ def test_async_save_commits_and_prunes(results):
     assert sorted(d for d in os.listdir(run_dir) if d.startswith("iter_")) == ["iter_0000004"]
     assert not os.path.exists(os.path.join(run_dir, "RESUME"))
     assert runs[6]["iteration"] == 4 and runs[6]["history"] == []  # resumed at the end: nothing to do
+
+
+def test_bf16_dp2_tracks_fp32(results):
+    """Float16Module + bf16 logits (fp32_output=False) + fp32 grad reduction + distributed optimizer."""
+    runs, _ = results
+    fp32, bf16 = runs[3]["history"], runs[7]["history"]
+    assert [h["loss"] for h in bf16] == pytest.approx([h["loss"] for h in fp32], rel=2e-3)
+    assert [h["lm_loss"] for h in bf16] == pytest.approx([h["lm_loss"] for h in fp32], rel=2e-3)

@@ -91,21 +91,34 @@ class Trainer:
                 mb.poison = True
         iters = [iter(micro) for _ in self.model]
         fwd_bwd = get_forward_backward_func(pp_size=self.groups.pp_size, vp_size=self.groups.vp_size)
-        out = fwd_bwd(forward_step_func=make_forward_step(self._loss_cfg(), self.groups.tp, self.thd),
+        step_fn = make_forward_step(self._loss_cfg(), self.groups.tp, self.thd, self.cfg.train.bf16)
+        out = fwd_bwd(forward_step_func=step_fn,
                       data_iterator=iters if len(iters) > 1 else iters[0], model=self.model,
                       num_microbatches=len(micro), seq_length=seq_length, micro_batch_size=micro_batch_size,
                       forward_only=forward_only)
         return list(out) if self.groups.is_last_pp_stage else []
 
-    def _all_finite(self, partials: list[MetricPartials]) -> bool:
-        ok = all(bool(torch.isfinite(p.sums["loss"]).all()) for p in partials)
+    def _grad_tensors(self) -> list[torch.Tensor]:
+        """The contiguous DDP gradient buffers (one check per buffer), or per-parameter grads as fallback."""
+        out = []
         for chunk in self.model:
-            for param in chunk.parameters():
-                grad = getattr(param, "main_grad", None)
-                if grad is not None and not bool(torch.isfinite(grad).all()):
-                    ok = False
-                    break
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.groups.device)
+            buffers = list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", []))
+            if buffers and all(hasattr(b, "grad_data") for b in buffers):
+                out += [b.grad_data for b in buffers]
+            else:
+                out += [p.main_grad for p in chunk.parameters() if getattr(p, "main_grad", None) is not None]
+        return out
+
+    def _all_finite(self, partials: list[MetricPartials]) -> bool:
+        """Agree on every rank whether this step's losses and gradients are finite (one host sync).
+
+        Gradients are checked in the DDP buffers after the DP reduction: a NaN on any rank reaches the
+        reduced shard of its owner, and every rank's local buffer; the MIN all-reduce spreads the verdict.
+        """
+        local = [torch.isfinite(p.sums["loss"]).all() for p in partials]
+        local += [torch.isfinite(g).all() for g in self._grad_tensors()]
+        ok = torch.stack(local).all() if local else torch.tensor(True)
+        flag = ok.to(device=self.groups.device, dtype=torch.int32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 

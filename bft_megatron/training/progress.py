@@ -35,7 +35,7 @@ _log = get_logger(__name__)
 def reporter_rank(groups: ParallelGroups) -> int:
     """Global rank of (last PP stage, tp=dp=cp=0): it holds the reduced metrics. Collective."""
     mine = groups.is_last_pp_stage and groups.tp_rank == 0 and groups.dp_rank == 0 and groups.cp_rank == 0
-    flag = torch.tensor([groups.rank if mine else -1], dtype=torch.int64)
+    flag = torch.tensor([groups.rank if mine else -1], dtype=torch.int64, device=groups.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
 
