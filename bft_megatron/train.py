@@ -18,6 +18,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", "-c", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 parallel.tp=2")
     parser.add_argument("--check", action="store_true", help="load and validate the config, then exit")
+    parser.add_argument("--dry-run", action="store_true", help="validate, print the memory/throughput plan, exit")
     return parser.parse_args(argv)
 
 
@@ -34,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         log.error("config error: %s", exc)
         return 2
-    if args.check:
+    if args.check or args.dry_run:
         log.info("config OK: world=%d dp=%d micro-batches/step=%d", world_size, layout.dp, layout.num_microbatches)
+        if args.dry_run:
+            from bft_megatron.config.plan import format_plan
+
+            sys.stdout.write(format_plan(cfg, world_size, 0.40, cfg.logging.peak_tflops or 989.0) + "\n")
         return 0
 
     from bft_megatron.checkpoint import Checkpointer

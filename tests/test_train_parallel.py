@@ -9,7 +9,11 @@ Every other layout fine-tunes from the same initial weights, so all runs start i
 * resuming the TP2+SP x DP2 run's step-2 checkpoint at TP1 x DP1 (TP and DP resharding of model
   and optimizer state) matches its uninterrupted steps 3-4 within rtol 1e-5;
 * a process killed after writing step 4's shards but before committing leaves ``latest`` at step
-  2, and resuming from the run directory continues bitwise like the reference.
+  2; restarting the same config (``checkpoint.save`` = that directory) resumes from it and continues
+  bitwise like the reference.
+* a Qwen2-style variant (tied embeddings, QKV bias) with llama3 RoPE scaling matches its own TP1
+  reference at TP2 x PP2 (tied embedding/output gradients are all-reduced across the first and last
+  pipeline stages).
 """
 
 import os
@@ -27,12 +31,20 @@ def _losses(result):
     return [h["loss"] for h in result["history"]]
 
 
+VARIANT = ["model.tie_embeddings=true", "model.qkv_bias=true", "model.family=qwen2", "model.rope_scaling.factor=4",
+           "model.rope_scaling.original_max_position_embeddings=16"]
+
+
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("ref"))
-    result = launch(1, [{"overrides": TINY + [f"checkpoint.save={run_dir}", "checkpoint.save_interval=2"],
-                         "save_init": True}])[0]
-    return run_dir, result
+    variant_dir = str(tmp_path_factory.mktemp("variant"))
+    result, variant = launch(1, [
+        {"overrides": TINY + [f"checkpoint.save={run_dir}", "checkpoint.save_interval=2"], "save_init": True},
+        {"overrides": TINY + VARIANT + [f"checkpoint.save={variant_dir}", "checkpoint.save_interval=100"],
+         "save_init": True},
+    ])
+    return run_dir, result, variant_dir, variant
 
 
 LAYOUTS = {
@@ -47,19 +59,21 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def layouts(ref, tmp_path_factory):
-    run_dir, _ = ref
+    run_dir, variant_dir = ref[0], ref[2]
     init = os.path.join(run_dir, "iter_0000000")
     tp2_dir = str(tmp_path_factory.mktemp("tp2_sp"))
     runs = []
     for name, extra in LAYOUTS.items():
         save = [f"checkpoint.save={tp2_dir}", "checkpoint.save_interval=2"] if name == "tp2_sp" else []
         runs.append({"overrides": TINY + [f"checkpoint.load={init}", "checkpoint.finetune=true"] + extra + save})
+    runs.append({"overrides": TINY + VARIANT + [f"checkpoint.load={variant_dir}/iter_0000000", "checkpoint.finetune=true",
+                                                "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"]})
     results = launch(4, runs, timeout=400)
-    return dict(zip(LAYOUTS, results)), tp2_dir
+    return dict(zip(LAYOUTS, results)), tp2_dir, results[-1]
 
 
 def test_reference_trains(ref):
-    _, result = ref
+    result = ref[1]
     losses = _losses(result)
     assert len(losses) == 4 and all(l == l for l in losses)
     assert result["skipped"] == 0
@@ -73,7 +87,7 @@ def test_layout_matches_tp1(ref, layouts, name):
 
 
 @pytest.fixture(scope="module")
-def killed(ref, tmp_path_factory):
+def killed(tmp_path_factory):
     """Same config as the reference; dies (exit 17) after writing step 4's shards, before commit."""
     run_dir = str(tmp_path_factory.mktemp("killed"))
     proc = launch_raw(1, [{"overrides": TINY + [f"checkpoint.save={run_dir}", "checkpoint.save_interval=2"],
@@ -91,12 +105,13 @@ def test_kill_during_save_keeps_previous_latest(killed):
 
 @pytest.fixture(scope="module")
 def resumed(ref, layouts, killed):
-    ref_dir, _ = ref
+    ref_dir = ref[0]
     tp2_dir = layouts[1]
     runs = [
         {"overrides": TINY + [f"checkpoint.load={ref_dir}/iter_0000002"]},
         {"overrides": TINY + [f"checkpoint.load={tp2_dir}/iter_0000002"]},
-        {"overrides": TINY + [f"checkpoint.load={killed[0]}"]},
+        # restart of the crashed job with its own config: resumes from checkpoint.save's `latest`
+        {"overrides": TINY + [f"checkpoint.save={killed[0]}", "checkpoint.save_interval=2"]},
     ]
     return launch(1, runs)
 
@@ -111,5 +126,13 @@ def test_resume_resharded_tp2_dp2_to_tp1(layouts, resumed):
     assert _losses(resumed[1]) == pytest.approx(uninterrupted, rel=RTOL, abs=ATOL)
 
 
-def test_resume_after_kill_continues_from_previous_checkpoint(ref, resumed):
+def test_restart_after_kill_resumes_from_previous_checkpoint(ref, killed, resumed):
     assert _losses(resumed[2]) == _losses(ref[1])[2:]
+    with open(os.path.join(killed[0], "latest")) as fh:
+        assert fh.read().strip() == "iter_0000004"  # the stale partial save was replaced and committed
+
+
+def test_tied_qkv_bias_rope_scaled_variant_tp2_pp2(ref, layouts):
+    want = _losses(ref[3])
+    assert want != _losses(ref[1])  # the variant is a different model
+    assert _losses(layouts[2]) == pytest.approx(want, rel=RTOL, abs=ATOL)

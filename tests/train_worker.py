@@ -16,6 +16,16 @@ import warnings
 warnings.filterwarnings("ignore")
 
 
+def _die(code: int) -> None:
+    """Crash hard, taking this rank's helper processes (dist_checkpointing's spawned workers) along,
+    as a scheduler's kill of the job would; otherwise they outlive us and hold the test's pipes."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        child.kill()
+    os._exit(code)
+
+
 def run_one(spec: dict) -> dict:
     import torch.distributed as dist
 
@@ -36,7 +46,7 @@ def run_one(spec: dict) -> dict:
     if dist.get_rank() in spec.get("poison_ranks", [dist.get_rank()]):
         trainer.poison_steps = set(spec.get("poison", []))
     if "die_in_commit" in spec:
-        ckpt.before_commit = lambda it: os._exit(17) if it == spec["die_in_commit"] else None
+        ckpt.before_commit = lambda it: _die(17) if it == spec["die_in_commit"] else None
     exit_request = ExitRequest(install=True)
     if "signal_at" in spec and dist.get_rank() == 0:
         step = trainer.train_step

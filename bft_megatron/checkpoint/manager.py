@@ -11,13 +11,15 @@ because every sharded key is global.
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 import torch.distributed as dist
 
 from bft_megatron.checkpoint import pointer
 from bft_megatron.checkpoint.state import (OPT_METADATA, init_optimizer_state, layout_of, model_sharded_state_dict,
-                                           restore_rng, rng_sharded_object, tolerate_missing_adam_step, untie_adam_steps, unwrap)
+                                           restore_rng, rng_sharded_object, tolerate_missing_adam_step,
+                                           untie_adam_steps, unwrap)
 from bft_megatron.config.base import to_dict
 from bft_megatron.utils.logging import get_logger
 
@@ -57,6 +59,8 @@ class Checkpointer:
         path = os.path.join(run_dir, pointer.iter_dirname(iteration))
         self.finalize()  # at most one save in flight
         if self.groups.rank == 0:
+            if os.path.isdir(path):  # a stale, uncommitted save of this iteration (crash): start clean
+                shutil.rmtree(path)
             os.makedirs(path, exist_ok=True)
         dist.barrier()
         sd = self._state_for_save(trainer)
@@ -94,9 +98,15 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ load
     def load(self, trainer) -> bool:
-        """Load ``checkpoint.load`` into ``trainer``; returns False when there is nothing to load."""
-        from megatron.core import dist_checkpointing
+        """Resume or load into ``trainer``; returns False when there is nothing to load.
 
+        A complete checkpoint in ``checkpoint.save`` wins (a restarted or requeued job resumes its own run,
+        fully, even when ``checkpoint.load`` names a pretrained checkpoint to fine-tune from); otherwise
+        ``checkpoint.load`` (weights only with ``finetune``).
+        """
+        own = pointer.read_latest(self.ckpt.save) if self.ckpt.save else None
+        if own is not None:
+            return self._load_path(trainer, own, finetune=False)
         if not self.ckpt.load:
             return False
         path = pointer.resolve_load_dir(self.ckpt.load)
@@ -105,13 +115,18 @@ class Checkpointer:
                 raise FileNotFoundError(f"checkpoint.load={self.ckpt.load}: no complete checkpoint to fine-tune from")
             _log.info("checkpoint.load=%s: no complete checkpoint yet, starting from scratch", self.ckpt.load)
             return False
+        return self._load_path(trainer, path, finetune=self.ckpt.finetune)
+
+    def _load_path(self, trainer, path: str, finetune: bool) -> bool:
+        from megatron.core import dist_checkpointing
+
         common = dist_checkpointing.load_common_state_dict(path)
         same_layout = common.get("layout") == layout_of(self.groups)
-        if self.ckpt.finetune:
+        if finetune:
             self._load_weights(trainer, path)
         else:
             self._load_full(trainer, path, common, same_layout)
-        _log.info("loaded %s (%s%s)", path, "weights only" if self.ckpt.finetune else "full state",
+        _log.info("loaded %s (%s%s)", path, "weights only" if finetune else "full state",
                   "" if same_layout else f", resharded from {common.get('layout')}")
         return True
 
@@ -153,7 +168,7 @@ class Checkpointer:
         trainer.state.iteration = int(ts["iteration"])
         trainer.state.consumed_rows = int(ts["consumed_rows"])
         trainer.state.skipped_steps = int(ts.get("skipped_steps", 0))
-        trainer.train_sampler.consumed = trainer.state.consumed_rows
+        trainer.train_data.consumed_rows = trainer.state.consumed_rows
         if same_layout:
             restore_rng(loaded["rng_state"])
         torch.distributed.barrier()

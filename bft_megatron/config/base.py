@@ -7,8 +7,8 @@
   -> None, ``train.bf16=false`` -> bool).
 * :func:`to_dict` is the inverse (for logging and checkpoint metadata).
 
-Supported field types: bool, int, float, str, ``Literal[...]``, ``X | None``, nested dataclasses
-and ``dict``. No third-party schema library.
+Supported field types: bool, int, float, str, ``Literal[...]``, ``X | None``, nested dataclasses,
+``list[X]`` and ``dict``. No third-party schema library.
 """
 
 from __future__ import annotations
@@ -81,6 +81,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{where} must be a string, got {value!r}")
+    if typing.get_origin(inner) is list or inner is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        args = typing.get_args(inner)
+        return [_coerce(v, args[0], f"{where}[{i}]") if args else v for i, v in enumerate(value)]
     if inner is dict or typing.get_origin(inner) is dict:
         if isinstance(value, dict):
             return dict(value)
@@ -128,7 +133,8 @@ def _parse_scalar(text: str, tp) -> Any:
     inner, optional = _unwrap_optional(tp) if tp is not None else (None, False)
     if optional and text.lower() in ("null", "none", "~"):
         return None
-    if inner is str or (typing.get_origin(inner) is Literal and all(isinstance(c, str) for c in typing.get_args(inner))):
+    literal_str = typing.get_origin(inner) is Literal and all(isinstance(c, str) for c in typing.get_args(inner))
+    if inner is str or literal_str:
         return text
     if inner is float:
         try:

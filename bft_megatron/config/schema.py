@@ -7,10 +7,7 @@ from typing import Literal
 
 from bft_megatron.config.base import apply_overrides, from_dict, load_yaml
 
-try:  # the data engineer's DataConfig (branch `data`); a minimal stand-in until it lands
-    from bft_megatron.config.data import DataConfig
-except ImportError:  # pragma: no cover - replaced when branch `data` is merged
-    from bft_megatron.config._data_placeholder import DataConfig
+from bft_megatron.config.data import DataConfig
 
 __all__ = ["RopeScaling", "ModelConfig", "ParallelConfig", "TrainConfig", "LossConfig", "CheckpointConfig",
            "LoggingConfig", "Config", "DataConfig", "load_config"]
@@ -100,6 +97,10 @@ class LossConfig:
     group_size: int = 256
     gamma: float = 1.0
     eps: float = 1e-6
+    # Plain SFT for the first N optimizer steps, then `method`. DFT/BFT weight tokens by the model's own
+    # confidence, which is meaningless (and self-reinforcing) for a randomly initialised model; 0 for
+    # fine-tuning a pretrained one.
+    sft_warmup_iters: int = 0
 
 
 @dataclass

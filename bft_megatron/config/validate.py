@@ -38,7 +38,8 @@ def _check_model(m) -> None:
         value = getattr(m, name)
         _require(value > 0, f"model.{name} must be > 0, got {value} (set it or use model.from_hf)")
     _require(m.hidden_size % m.num_attention_heads == 0,
-             f"model.hidden_size={m.hidden_size} must be divisible by model.num_attention_heads={m.num_attention_heads}")
+             f"model.hidden_size={m.hidden_size} must be divisible by "
+             f"model.num_attention_heads={m.num_attention_heads}")
     _require(m.kv_groups > 0 and m.num_attention_heads % m.kv_groups == 0,
              f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
              f"model.num_query_groups={m.num_query_groups}")
@@ -74,6 +75,8 @@ def _check_parallel(cfg: Config, world_size: int) -> int:
         _require(have_transformer_engine(),
                  f"parallel.cp={p.cp} needs Transformer Engine attention (the local attention has no context "
                  "parallelism); install transformer-engine or set parallel.cp=1")
+        _require(False, f"parallel.cp={p.cp}: context parallelism is not wired into the trainer yet (the loss "
+                        "supports it; batch splitting does not); set parallel.cp=1")
     if p.sequence_parallel:
         _require(p.tp > 1, "parallel.sequence_parallel=true requires parallel.tp > 1")
         _require((seq // p.cp) % p.tp == 0,
@@ -118,6 +121,7 @@ def _check_loss_ckpt(cfg: Config) -> None:
     _require(lo.group_size >= 1, f"loss.group_size must be >= 1, got {lo.group_size}")
     _require(lo.gamma > 0, f"loss.gamma must be > 0, got {lo.gamma}")
     _require(lo.eps >= 0, f"loss.eps must be >= 0, got {lo.eps}")
+    _require(lo.sft_warmup_iters >= 0, f"loss.sft_warmup_iters must be >= 0, got {lo.sft_warmup_iters}")
     _require(c.save_interval >= 0, f"checkpoint.save_interval must be >= 0, got {c.save_interval}")
     _require(not (c.save_interval and not c.save), f"checkpoint.save_interval={c.save_interval} needs checkpoint.save")
     _require(c.keep_last is None or c.keep_last >= 1, f"checkpoint.keep_last must be >= 1 or null, got {c.keep_last}")

@@ -156,6 +156,15 @@ def _patch_megatron_rng() -> None:
     CpuRNGStatesTracker = _make_tracker_class()
     mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    original_init = mrandom.initialize_rng_tracker
+
+    def initialize_rng_tracker(*args, **kwargs):
+        """megatron's initialiser, but the tracker it leaves behind always forks the CPU generator."""
+        original_init(*args, **kwargs)
+        if not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+            mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+
+    mrandom.initialize_rng_tracker = initialize_rng_tracker
     mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
 

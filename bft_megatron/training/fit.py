@@ -7,6 +7,7 @@ iteration and leaves the loop together.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 
@@ -52,8 +53,17 @@ def _log_step(trainer: Trainer, result, step_time: float) -> None:
     grad_norm = float(result.grad_norm) if result.grad_norm is not None else None
     trainer.state.history.append({"iteration": it, "loss": values.get("loss"), "lm_loss": values.get("lm_loss"),
                                   "grad_norm": grad_norm, "skipped": result.skipped})
-    lr = trainer.optimizer.param_groups[0]["lr"]
-    _log.info(trainer.progress.line(it, values, step_time, lr, grad_norm, trainer.state.skipped_steps))
+    _log.info(trainer.progress.line(it, values, step_time, result.lr, grad_norm, trainer.state.skipped_steps))
+
+
+def _mark_resume(save_dir: str, stopped_early: bool, reason: str) -> None:
+    """``<save>/RESUME`` exists iff the run stopped before ``train_iters`` (launch/slurm.sbatch requeues)."""
+    marker = os.path.join(save_dir, "RESUME")
+    if stopped_early:
+        with open(marker, "w", encoding="utf-8") as fh:
+            fh.write(reason + "\n")
+    elif os.path.exists(marker):
+        os.remove(marker)
 
 
 def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = None) -> TrainState:
@@ -70,7 +80,8 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
         step_times.append(time.perf_counter() - t0)
         it = state.iteration
         if it % cfg.logging.log_interval == 0 or it == cfg.train.train_iters:
-            _log_step(trainer, result, sum(step_times[-cfg.logging.log_interval:]) / len(step_times[-cfg.logging.log_interval:]))
+            recent = step_times[-cfg.logging.log_interval:]
+            _log_step(trainer, result, sum(recent) / len(recent))
         if cfg.train.eval_interval and it % cfg.train.eval_interval == 0 and trainer.valid_data is not None:
             trainer.evaluate()
         if checkpointer is not None and cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
@@ -85,5 +96,8 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
         checkpointer.save(trainer)
     if checkpointer is not None:
         checkpointer.finalize()
+        if trainer.groups.rank == 0:
+            _mark_resume(cfg.checkpoint.save, state.iteration < cfg.train.train_iters,
+                         exit_request.reason or "exit_duration_minutes")
     trainer.progress.close()
     return state

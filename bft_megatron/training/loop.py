@@ -8,8 +8,7 @@ skipped everywhere (no optimizer or scheduler step; its rows count as consumed);
 
 from __future__ import annotations
 
-import math
-import time
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +18,7 @@ from bft_megatron.config.schema import Config
 from bft_megatron.config.validate import Layout
 from bft_megatron.loss import MetricPartials, reduce_metrics
 from bft_megatron.parallel.bootstrap import ParallelGroups
-from bft_megatron.training.batch import RowSampler, collate
+from bft_megatron.training.batch import StepData
 from bft_megatron.training.progress import ProgressLog, reporter_rank, to_rank0
 from bft_megatron.training.step import make_forward_step
 from bft_megatron.utils.logging import get_logger
@@ -49,6 +48,7 @@ class StepResult:
     metrics: dict
     grad_norm: float | None
     skipped: bool
+    lr: float  # the learning rate this step used (the scheduler has already moved on)
 
 
 class Trainer:
@@ -59,61 +59,89 @@ class Trainer:
         self.cfg, self.layout, self.groups = cfg, layout, groups
         self.model, self.tconfig, self.optimizer, self.scheduler = model, tconfig, optimizer, scheduler
         self.state = TrainState()
-        self.train_sampler = RowSampler(train_data, seed=cfg.data.seed)
+        # Packed rows use THD attention when the layer spec is Transformer Engine's (GPU), else a dense mask.
+        from bft_megatron.model.spec import have_te
+
+        self.thd = bool(train_data.packed) and have_te() and groups.device.type == "cuda"
+        self.train_data = self._step_data(train_data, cfg.data.seed)
         self.valid_data = valid_data
-        self.packed = cfg.data.layout == "packed"
         self.progress = ProgressLog(cfg, groups)
         self.reporter = reporter_rank(groups)
         self.poison_steps: set[int] = set()  # test seam: iterations whose loss is made NaN
 
+    def _step_data(self, dataset, seed: int) -> StepData:
+        t, g = self.cfg.train, self.groups
+        return StepData(dataset, packed=bool(dataset.packed), global_batch_size=t.global_batch_size,
+                        micro_batch_size=t.micro_batch_size, dp_rank=g.dp_rank, dp_size=g.dp_size, seed=seed,
+                        seq_length=self.cfg.data.seq_length, device=g.device, dense_mask=not self.thd)
+
+    def _loss_cfg(self):
+        """The configured loss, or plain SFT during ``loss.sft_warmup_iters`` (validation follows suit)."""
+        lo = self.cfg.loss
+        return dataclasses.replace(lo, method="sft") if self.state.iteration < lo.sft_warmup_iters else lo
+
     # ---------------------------------------------------------------- one step
-    def _fwd_bwd(self, rows: list[list[dict]], forward_only: bool, poison: bool = False) -> list[MetricPartials]:
+    def _fwd_bwd(self, data: StepData, forward_only: bool, poison: bool = False) -> list[MetricPartials]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        micro = [collate(r, self.packed, self.groups.device) for r in rows]
+        micro = data.next_step()
+        seq_length, micro_batch_size = data.schedule_shape
         if poison:
             for mb in micro:
-                mb.loss_mask = mb.loss_mask * math.nan
+                mb.poison = True
         iters = [iter(micro) for _ in self.model]
         fwd_bwd = get_forward_backward_func(pp_size=self.groups.pp_size, vp_size=self.groups.vp_size)
-        out = fwd_bwd(forward_step_func=make_forward_step(self.cfg.loss, self.groups.tp),
+        step_fn = make_forward_step(self._loss_cfg(), self.groups.tp, self.thd, self.cfg.train.bf16)
+        out = fwd_bwd(forward_step_func=step_fn,
                       data_iterator=iters if len(iters) > 1 else iters[0], model=self.model,
-                      num_microbatches=len(micro), seq_length=self.cfg.data.seq_length,
-                      micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
+                      num_microbatches=len(micro), seq_length=seq_length, micro_batch_size=micro_batch_size,
+                      forward_only=forward_only)
         return list(out) if self.groups.is_last_pp_stage else []
 
-    def _all_finite(self, partials: list[MetricPartials]) -> bool:
-        ok = all(bool(torch.isfinite(p.sums["loss"]).all()) for p in partials)
+    def _grad_tensors(self) -> list[torch.Tensor]:
+        """The contiguous DDP gradient buffers (one check per buffer), or per-parameter grads as fallback."""
+        out = []
         for chunk in self.model:
-            for param in chunk.parameters():
-                grad = getattr(param, "main_grad", None)
-                if grad is not None and not bool(torch.isfinite(grad).all()):
-                    ok = False
-                    break
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=self.groups.device)
+            buffers = list(getattr(chunk, "buffers", [])) + list(getattr(chunk, "expert_parallel_buffers", []))
+            if buffers and all(hasattr(b, "grad_data") for b in buffers):
+                out += [b.grad_data for b in buffers]
+            else:
+                out += [p.main_grad for p in chunk.parameters() if getattr(p, "main_grad", None) is not None]
+        return out
+
+    def _all_finite(self, partials: list[MetricPartials]) -> bool:
+        """Agree on every rank whether this step's losses and gradients are finite (one host sync).
+
+        Gradients are checked in the DDP buffers after the DP reduction: a NaN on any rank reaches the
+        reduced shard of its owner, and every rank's local buffer; the MIN all-reduce spreads the verdict.
+        """
+        local = [torch.isfinite(p.sums["loss"]).all() for p in partials]
+        local += [torch.isfinite(g).all() for g in self._grad_tensors()]
+        ok = torch.stack(local).all() if local else torch.tensor(True)
+        flag = ok.to(device=self.groups.device, dtype=torch.int32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
     def train_step(self) -> StepResult:
-        t, g = self.cfg.train, self.groups
-        rows = self.train_sampler.step_rows(t.global_batch_size, t.micro_batch_size, g.dp_size, g.dp_rank)
+        g = self.groups
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        partials = self._fwd_bwd(rows, forward_only=False, poison=self.state.iteration in self.poison_steps)
+        partials = self._fwd_bwd(self.train_data, forward_only=False,
+                                 poison=self.state.iteration in self.poison_steps)
         finite = self._all_finite(partials)
-        grad_norm = None
+        grad_norm, lr = None, self.optimizer.param_groups[0]["lr"]
         if finite:
             updated, grad_norm, _ = self.optimizer.step()
             if updated:
                 self.scheduler.step(increment=1)
         metrics = reduce_metrics(partials, g.dp_cp) if partials else {}
-        return StepResult(metrics=metrics, grad_norm=grad_norm, skipped=not finite)
+        return StepResult(metrics=metrics, grad_norm=grad_norm, skipped=not finite, lr=lr)
 
     def _account(self, result: StepResult) -> None:
         s = self.state
         s.iteration += 1
-        s.consumed_rows = self.train_sampler.consumed
+        s.consumed_rows = self.train_data.consumed_rows
         if result.skipped:
             s.skipped_steps += 1
             s.consecutive_skips += 1
@@ -129,14 +157,13 @@ class Trainer:
     def evaluate(self) -> dict:
         """Forward-only over ``eval_iters`` global batches of the validation rows (same every time)."""
         t, g = self.cfg.train, self.groups
-        sampler = RowSampler(self.valid_data, seed=self.cfg.data.seed + 1)
+        data = self._step_data(self.valid_data, self.cfg.data.seed + 1)
         partials: list[MetricPartials] = []
         for chunk in self.model:
             chunk.eval()
         with torch.no_grad():
             for _ in range(t.eval_iters):
-                rows = sampler.step_rows(t.global_batch_size, t.micro_batch_size, g.dp_size, g.dp_rank)
-                partials += self._fwd_bwd(rows, forward_only=True)
+                partials += self._fwd_bwd(data, forward_only=True)
         for chunk in self.model:
             chunk.train()
         values = reduce_metrics(partials, g.dp_cp) if partials else {}

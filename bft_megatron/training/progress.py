@@ -24,7 +24,6 @@ import torch
 import torch.distributed as dist
 
 from bft_megatron.config.schema import Config
-from bft_megatron.model.builder import padded_vocab_size
 from bft_megatron.parallel.bootstrap import ParallelGroups
 from bft_megatron.utils.logging import get_logger
 
@@ -36,7 +35,7 @@ _log = get_logger(__name__)
 def reporter_rank(groups: ParallelGroups) -> int:
     """Global rank of (last PP stage, tp=dp=cp=0): it holds the reduced metrics. Collective."""
     mine = groups.is_last_pp_stage and groups.tp_rank == 0 and groups.dp_rank == 0 and groups.cp_rank == 0
-    flag = torch.tensor([groups.rank if mine else -1], dtype=torch.int64)
+    flag = torch.tensor([groups.rank if mine else -1], dtype=torch.int64, device=groups.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag.item())
 
@@ -51,14 +50,10 @@ def to_rank0(values: dict | None, src: int, groups: ParallelGroups) -> dict:
 
 
 def flops_per_token(cfg: Config) -> float:
-    m, s = cfg.model, cfg.data.seq_length
-    h, layers, ffn = m.hidden_size, m.num_layers, m.ffn_hidden_size
-    head_dim = h // m.num_attention_heads
-    attn = h * (m.num_attention_heads + 2 * m.kv_groups) * head_dim + h * h  # qkv + proj
-    mlp = 3 * h * ffn  # gate, up, down
-    vocab = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, 1)
-    p_matmul = layers * (attn + mlp) + vocab * h
-    return 6.0 * p_matmul + 6.0 * layers * s * h
+    """Model FLOPs per token (formula in the module docstring; shared with ``bft-megatron plan``)."""
+    from bft_megatron.config.plan import flops_per_token as plan_flops
+
+    return plan_flops(cfg.model, cfg.data.seq_length)
 
 
 def peak_flops(configured_tflops: float | None) -> float | None:

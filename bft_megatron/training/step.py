@@ -26,9 +26,12 @@ __all__ = ["forward_step", "loss_func"]
 
 
 def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: torch.Tensor):
-    """Per-token NLL from ``[b, s, V/TP]`` logits, then the configured objective over samples."""
+    """Per-token NLL from ``[b, s, V/TP]`` (or THD ``[1, b*s, V/TP]``) logits, then the objective."""
     # GPTModel (labels=None) returns logits [b, s, V/TP]; padding labels are masked below.
-    nll = vocab_parallel_nll(output_tensor, batch.labels, tp_group)  # fp32 [b, s], equal on all TP ranks
+    labels = batch.labels.reshape(output_tensor.shape[:-1])
+    # inplace: the logits are not needed after the loss (the output layer's backward saves its input and
+    # weight, not its output), so the NLL backward may write the logits' gradient into their storage.
+    nll = vocab_parallel_nll(output_tensor, labels, tp_group, inplace=True)  # fp32, equal on all TP ranks
     mask = batch.loss_mask
     if batch.cu_seqlens is not None:  # packed rows: samples are segments of the flattened [1, b*s] view
         nll, mask = nll.reshape(1, -1), mask.reshape(1, -1)
@@ -36,17 +39,30 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
         nll, mask, method=loss_cfg.method, variant=loss_cfg.variant, group_size=loss_cfg.group_size,
         gamma=loss_cfg.gamma, eps=loss_cfg.eps, cu_seqlens=batch.cu_seqlens,
     )
+    if batch.poison:
+        loss_sum = loss_sum * float("nan")
     metrics.add_sum("loss", loss_sum.detach(), num_units)
     return loss_sum, num_units, metrics
 
 
-def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group):
-    """One micro-batch through ``model`` (one chunk). Every stage reads the full micro-batch itself."""
+def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, thd: bool = False, bf16: bool = False):
+    """One micro-batch through ``model`` (one chunk). Every stage reads the full micro-batch itself.
+
+    ``thd`` (Transformer Engine, packed rows): the micro-batch runs as one ``[1, b*s]`` sequence with
+    ``PackedSeqParams``; otherwise ``[b, s]`` with the dense mask (None = causal).
+    ``bf16``: the model is wrapped in ``Float16Module``; ``fp32_output=False`` keeps the logits in bf16
+    (the NLL computes in fp32 itself; an fp32 copy of ``[tokens, V/TP]`` logits would cost 2x their memory).
+    """
     batch: MicroBatch = next(data_iterator)
-    output = model(batch.tokens, batch.position_ids, batch.attention_mask)
+    kwargs = {"fp32_output": False} if bf16 else {}
+    if thd and batch.cu_seqlens is not None:
+        output = model(batch.tokens.reshape(1, -1), batch.position_ids.reshape(1, -1), None,
+                       packed_seq_params=batch.packed_seq_params(), **kwargs)
+    else:
+        output = model(batch.tokens, batch.position_ids, batch.attention_mask, **kwargs)
     return output, partial(loss_func, batch, loss_cfg, tp_group)
 
 
-def make_forward_step(loss_cfg: LossConfig, tp_group):
+def make_forward_step(loss_cfg: LossConfig, tp_group, thd: bool = False, bf16: bool = False):
     """The two-argument callable megatron's schedules expect."""
-    return partial(forward_step, loss_cfg=loss_cfg, tp_group=tp_group)
+    return partial(forward_step, loss_cfg=loss_cfg, tp_group=tp_group, thd=thd, bf16=bf16)

@@ -1,14 +1,21 @@
-"""A synthetic, learnable chat dataset (used when ``data.train_path`` is unset: demos and tests).
+"""A synthetic chat dataset with easy and hard samples (training without prepared data: tests, smoke runs).
 
-Each sample is ``prompt SEP reverse(prompt) EOS``; only the response (reversed prompt + EOS) is
-supervised, so the loss falls quickly and per-sample confidences differ (BFT has something to
-weigh). Rows are generated from ``(seed, index)`` alone: identical on every rank, no files.
-Token ids: 0 = PAD, 1 = EOS, 2 = SEP, prompts use ``3 .. vocab_size-1``.
+Used when the config names no data (``data.train`` empty and ``data.output_dir`` unset). Each
+sample is ``prompt SEP response EOS`` with a random prompt; only the response and EOS are
+supervised. In most samples the response is a chain ``y_{k+1} = f(y_k)`` of a fixed map ``f``
+started from ``f(last prompt token)`` — learnable in a few dozen steps by a tiny model. A fraction
+``noise`` has a random response instead (unlearnable, low confidence), so per-sample confidences
+differ and BFT has something to weigh. Rows are generated from ``(seed, index)`` alone (identical on
+every rank, no files) in the data layer's :class:`~bft_megatron.data.storage.Row` format, so they go
+through the same sampler and collate as prepared data.
+Token ids: 0 = PAD, 1 = EOS, 2 = SEP, content uses ``3 .. vocab_size-1``.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from bft_megatron.data.storage import Row
 
 __all__ = ["SyntheticChatDataset"]
 
@@ -16,48 +23,56 @@ PAD, EOS, SEP = 0, 1, 2
 
 
 class SyntheticChatDataset:
+    pad_id = PAD
+
     def __init__(self, num_rows: int, seq_length: int, vocab_size: int, packed: bool, seed: int = 0,
-                 min_prompt: int = 3, max_prompt: int | None = None) -> None:
+                 min_prompt: int | None = None, max_prompt: int | None = None, noise: float = 0.15) -> None:
         if vocab_size < 8:
             raise ValueError(f"vocab_size must be >= 8 for the synthetic dataset, got {vocab_size}")
         self.num_rows, self.seq_length, self.vocab_size = num_rows, seq_length, vocab_size
-        self.packed, self.seed = packed, seed
-        self.min_prompt = min_prompt
-        self.max_prompt = max_prompt or max(min_prompt, (seq_length - 3) // 2)
+        self.packed, self.seed, self.noise = packed, seed, noise
+        # No tiny samples: BFT averages per sample, so a 3-token tail sample would weigh ~10x per token.
+        self.min_prompt = min_prompt or max(3, seq_length // 16)
+        self.max_prompt = max_prompt or max(self.min_prompt, (seq_length - 2) // 2)
 
     def __len__(self) -> int:
         return self.num_rows
 
+    def _chain(self, start: int, n: int) -> np.ndarray:
+        out, x, span = np.empty(n, dtype=np.int64), int(start), self.vocab_size - 3
+        for k in range(n):
+            x = 3 + (7 * x + 11) % span
+            out[k] = x
+        return out
+
     def _sample(self, rng: np.random.Generator, room: int):
-        """One sample's (tokens, labels, mask) of length <= room, or None if it cannot fit."""
-        longest = min(self.max_prompt, (room - 1) // 2)  # 2n + 1 positions must fit
+        """(ids, shifted loss mask) of one sample of at most ``room`` tokens, or None if none fits."""
+        longest = min(self.max_prompt, (room - 2) // 2)  # 2n + 2 ids must fit
         if longest < self.min_prompt:
             return None
         n = int(rng.integers(self.min_prompt, longest + 1))
         prompt = rng.integers(3, self.vocab_size, size=n)
-        ids = np.concatenate((prompt, [SEP], prompt[::-1], [EOS]))  # 2n + 2 ids -> 2n + 1 positions
-        mask = np.zeros(ids.size - 1, dtype=np.float32)
-        mask[n:] = 1.0  # labels from the first response token (after SEP) to EOS
-        return ids[:-1], ids[1:], mask
+        noisy = rng.random() < self.noise
+        response = rng.integers(3, self.vocab_size, size=n) if noisy else self._chain(prompt[-1], n)
+        ids = np.concatenate((prompt, [SEP], response, [EOS]))
+        mask = np.zeros(ids.size, dtype=np.float32)
+        mask[n:-1] = 1.0  # position t is supervised iff its label ids[t+1] is a response token or EOS
+        return ids, mask
 
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        s = self.seq_length
+    def __getitem__(self, index: int) -> Row:
         rng = np.random.default_rng([self.seed, int(index)])
-        out = {k: np.zeros(s, dtype=np.int64) for k in ("tokens", "labels", "position_ids", "segment_ids")}
-        out["loss_mask"] = np.zeros(s, dtype=np.float32)
-        pos, seg = 0, 0
-        while pos < s:
-            sample = self._sample(rng, s - pos)
+        tokens, masks, lens = [], [], []
+        room = self.seq_length
+        while True:
+            sample = self._sample(rng, room)
             if sample is None:
                 break
-            toks, labels, mask = sample
-            end = pos + toks.size
-            out["tokens"][pos:end], out["labels"][pos:end], out["loss_mask"][pos:end] = toks, labels, mask
-            out["position_ids"][pos:end] = np.arange(toks.size)
-            out["segment_ids"][pos:end] = seg
-            pos, seg = end, seg + 1
+            tokens.append(sample[0])
+            masks.append(sample[1])
+            lens.append(sample[0].size)
+            room -= sample[0].size
             if not self.packed:
                 break
-        out["segment_ids"][pos:] = seg  # trailing padding: its own (unsupervised) segment
-        out["position_ids"][pos:] = np.arange(s - pos)
-        return out
+        ids = np.arange(len(lens), dtype=np.int64) + int(index) * 1000
+        return Row(np.concatenate(tokens), np.concatenate(masks), np.asarray(lens, dtype=np.int64), ids,
+                   self.seq_length)

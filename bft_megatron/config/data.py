@@ -1,0 +1,114 @@
+"""Configuration of the data layer: which sources to read, how to tokenize, mask and pack them.
+
+Kept as plain dataclasses of simple types so the generic YAML loader (unknown-key rejection, dotted
+overrides) can build it without special cases. ``validate()`` names the offending field and value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FORMATS = ("auto", "messages", "alpaca", "prompt_response")
+TEMPLATES = ("llama3", "chatml", "plain", "tokenizer")
+TRUNCATION = ("truncate", "drop")
+ON_ERROR = ("raise", "skip")
+SUPERVISE = ("all", "last")
+
+
+def _fail(name: str, value: object, why: str) -> None:
+    raise ValueError(f"data config: {name}={value!r}: {why}")
+
+
+@dataclass
+class SourceConfig:
+    """One input: a local json/jsonl/parquet file (or directory of them) or a hub dataset name."""
+
+    path: str = ""
+    weight: float = 1.0  # passes over this source per epoch; a fraction takes a seeded subsample
+    split: str | None = None  # hub datasets only (default "train")
+    format: str = "auto"  # record shape; auto-detected per record when "auto"
+
+    def validate(self, where: str) -> None:
+        if not self.path:
+            _fail(f"{where}.path", self.path, "must name a file, directory or hub dataset")
+        if not (self.weight > 0):
+            _fail(f"{where}.weight", self.weight, "must be > 0")
+        if self.format not in FORMATS:
+            _fail(f"{where}.format", self.format, f"must be one of {FORMATS}")
+
+
+@dataclass
+class DataConfig:
+    train: list[SourceConfig] = field(default_factory=list)
+    valid: list[SourceConfig] = field(default_factory=list)
+    tokenizer: str = ""  # HF tokenizer directory or sentencepiece .model file
+    template: str = "chatml"  # built-in wins by default; "tokenizer" uses the tokenizer's chat_template
+    seq_length: int = 2048
+    packing: bool = True
+    truncation: str = "truncate"
+    on_error: str = "raise"
+    supervise: str = "all"  # all assistant turns, or only the last one
+    seed: int = 1234
+    num_workers: int = 1
+    output_dir: str = ""
+
+    def validate(self) -> None:
+        if not self.train:
+            _fail("train", self.train, "needs at least one source")
+        for name in ("train", "valid"):
+            for i, src in enumerate(getattr(self, name)):
+                if not isinstance(src, SourceConfig):
+                    _fail(f"{name}[{i}]", src, "must be a source mapping (path, weight, split, format)")
+                src.validate(f"{name}[{i}]")
+        if not self.tokenizer:
+            _fail("tokenizer", self.tokenizer, "must name an HF tokenizer directory or a .model file")
+        if self.template not in TEMPLATES:
+            _fail("template", self.template, f"must be one of {TEMPLATES}")
+        if not isinstance(self.seq_length, int) or isinstance(self.seq_length, bool) or self.seq_length < 2:
+            _fail("seq_length", self.seq_length, "must be an integer >= 2")
+        if not isinstance(self.packing, bool):
+            _fail("packing", self.packing, "must be true or false")
+        if self.truncation not in TRUNCATION:
+            _fail("truncation", self.truncation, f"must be one of {TRUNCATION}")
+        if self.on_error not in ON_ERROR:
+            _fail("on_error", self.on_error, f"must be one of {ON_ERROR}")
+        if self.supervise not in SUPERVISE:
+            _fail("supervise", self.supervise, f"must be one of {SUPERVISE}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            _fail("seed", self.seed, "must be a non-negative integer")
+        if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 1:
+            _fail("num_workers", self.num_workers, "must be an integer >= 1")
+        if not self.output_dir:
+            _fail("output_dir", self.output_dir, "must name the directory to write")
+
+
+def _source_from(value: object, where: str) -> SourceConfig:
+    if isinstance(value, str):
+        return SourceConfig(path=value)
+    if not isinstance(value, dict):
+        raise ValueError(f"data config: {where}={value!r}: must be a path or a mapping")
+    known = set(SourceConfig.__dataclass_fields__)
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"data config: {where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    return SourceConfig(**value)
+
+
+def data_config_from_dict(raw: dict) -> DataConfig:
+    """Build (not validate) a DataConfig from a YAML mapping, rejecting unknown keys.
+
+    A stop-gap for ``prepare``'s own ``--config``; the project's generic loader supersedes it.
+    """
+    if not isinstance(raw, dict):
+        raise ValueError(f"data config: expected a mapping, got {type(raw).__name__}")
+    known = set(DataConfig.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"data config: unknown key(s) {unknown}; known: {sorted(known)}")
+    values = dict(raw)
+    for name in ("train", "valid"):
+        items = values.get(name) or []
+        if not isinstance(items, list):
+            items = [items]
+        values[name] = [_source_from(v, f"{name}[{i}]") for i, v in enumerate(items)]
+    return DataConfig(**values)

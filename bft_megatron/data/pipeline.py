@@ -1,0 +1,213 @@
+"""Read -> validate -> tokenize (multiprocess) -> length policy -> mix -> pack -> write, for one split."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import tempfile
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from tqdm import tqdm
+
+from bft_megatron.config.data import DataConfig, SourceConfig
+from bft_megatron.data.errors import DataError, SkipLog
+from bft_megatron.data.packing import one_per_row, pack_best_fit
+from bft_megatron.data.readers import read_records
+from bft_megatron.data.records import Conversation, to_conversation
+from bft_megatron.data.storage import SampleStream, write_split
+from bft_megatron.data.templates import check_template
+from bft_megatron.data.tokenize import Encoded, apply_length_policy, encode
+from bft_megatron.data.tokenizer import Tokenizer, describe, load_tokenizer
+from bft_megatron.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+CHUNK = 64  # conversations per worker task: large enough to amortise pickling, small for a smooth bar
+
+_WORKER: dict[str, Any] = {}
+
+
+@dataclass
+class SplitStats:
+    records: int = 0
+    parsed: int = 0  # records that were valid JSON (sample ids count these)
+    samples: int = 0
+    tokens: int = 0
+    supervised_tokens: int = 0
+    rows: int = 0
+    packing_efficiency: float = 0.0
+    length: Counter = field(default_factory=Counter)  # ok / truncated / dropped_*
+    per_source: list[dict[str, Any]] = field(default_factory=list)
+    skips: SkipLog = field(default_factory=SkipLog)
+    seconds: float = 0.0
+    encoded_tokens: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """Reproducible facts only (no timings), for the index."""
+        return {"records": self.records, "samples": self.samples, "tokens": self.tokens,
+                "supervised_tokens": self.supervised_tokens, "rows": self.rows,
+                "packing_efficiency": round(self.packing_efficiency, 6),
+                "truncated": self.length["truncated"], "dropped_too_long": self.length["dropped_too_long"],
+                "dropped_no_supervision": self.length["dropped_no_supervision"],
+                "skipped": dict(sorted(self.skips.counts.items())), "per_source": self.per_source}
+
+
+def _init_worker(tokenizer: str, template: str, supervise: str) -> None:
+    _WORKER.update(tok=load_tokenizer(tokenizer), template=template, supervise=supervise)
+
+
+def _encode_chunk(chunk: list[Conversation]) -> list[tuple[str, Any, Any]]:
+    """("ok", tokens, mask) or ("error", origin, message) per conversation, in order."""
+    out: list[tuple[str, Any, Any]] = []
+    for conv in chunk:
+        try:
+            enc = encode(conv, _WORKER["template"], _WORKER["tok"], _WORKER["supervise"])
+            out.append(("ok", enc.tokens, enc.loss_mask))
+        except DataError as err:
+            out.append(("error", err.where, err.message))
+    return out
+
+
+def _conversations(src: SourceConfig, skips: SkipLog, cache_dir: str, first: int,
+                   ordinals: deque[int], seen: list[int]) -> Iterator[Conversation]:
+    """Valid conversations of one source. Each one's ordinal (``first`` + its position among the
+    source's parseable records) is queued on ``ordinals``; ``seen[0]`` counts parseable records."""
+    for i, raw in enumerate(read_records(src.path, src.split, skips, cache_dir)):
+        seen[0] = i + 1
+        try:
+            conv = to_conversation(raw.data, src.format, raw.where)
+        except DataError as err:
+            skips.handle(err, "invalid_record")
+            continue
+        ordinals.append(first + i)
+        yield conv
+
+
+def _chunks(items: Iterable[Conversation]) -> Iterator[list[Conversation]]:
+    chunk: list[Conversation] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == CHUNK:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def _encoded(cfg: DataConfig, chunks: Iterator[list[Conversation]]) -> Iterator[list[tuple[str, Any, Any]]]:
+    """Ordered results; a pool only when asked for more than one worker."""
+    if cfg.num_workers <= 1:
+        _init_worker(cfg.tokenizer, cfg.template, cfg.supervise)
+        yield from map(_encode_chunk, chunks)
+        return
+    with mp.get_context("spawn").Pool(cfg.num_workers, _init_worker,
+                                      (cfg.tokenizer, cfg.template, cfg.supervise)) as pool:
+        yield from pool.imap(_encode_chunk, chunks)
+
+
+def _tokenize_source(cfg: DataConfig, src: SourceConfig, stream: SampleStream, stats: SplitStats,
+                     cache_dir: str, bar: tqdm) -> list[int]:
+    """Append one source's samples to ``stream``; return their stream indices.
+
+    A sample's id is its record ordinal over all sources of the split, so it traces back to a source
+    (``per_source`` in the index lists each source's parseable record count, in order).
+    """
+    ordinals: deque[int] = deque()
+    seen = [0]
+    mine: list[int] = []
+    skipped_before, malformed_before = stats.skips.total, stats.skips.counts["malformed_json"]
+    log.info("reading %s (weight %s)", src.path, src.weight)
+    convs = _conversations(src, stats.skips, cache_dir, stats.parsed, ordinals, seen)
+    for results in _encoded(cfg, _chunks(convs)):
+        for kind, a, b in results:
+            bar.update(1)
+            ordinal = ordinals.popleft()  # results arrive in submission order
+            if kind == "error":
+                stats.skips.handle(DataError(a, b), "template_error")
+                continue
+            stats.encoded_tokens += len(a)
+            sample, status = apply_length_policy(Encoded(a, b), cfg.seq_length, cfg.truncation)
+            stats.length[status] += 1
+            if sample is not None:
+                mine.append(len(stream.lengths))
+                stream.append(sample.tokens, sample.loss_mask, ordinal)
+    malformed = stats.skips.counts["malformed_json"] - malformed_before  # lines that never parsed
+    stats.parsed += seen[0]
+    stats.records += seen[0] + malformed
+    stats.per_source.append({"path": src.path, "weight": src.weight, "records": seen[0] + malformed,
+                             "parsed": seen[0], "samples": len(mine),
+                             "skipped": stats.skips.total - skipped_before})
+    return mine
+
+
+def mix(per_source: list[list[int]], weights: list[float], seed: int) -> np.ndarray:
+    """Weight w = passes per epoch: floor(w) full copies plus a seeded subsample of the fraction."""
+    parts: list[np.ndarray] = []
+    for i, (indices, w) in enumerate(zip(per_source, weights)):
+        idx = np.asarray(indices, dtype=np.int64)
+        whole, frac = int(w), w - int(w)
+        parts.extend([idx] * whole)
+        extra = int(round(frac * len(idx)))
+        if extra:
+            pick = np.random.default_rng([seed, i]).choice(len(idx), size=extra, replace=False)
+            parts.append(idx[np.sort(pick)])
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok: Tokenizer,
+                  cache_dir: str, progress: bool = True) -> SplitStats:
+    out = Path(cfg.output_dir) / split
+    stats = SplitStats(skips=SkipLog(policy=cfg.on_error))
+    stream = SampleStream(out, split)
+    start = time.perf_counter()
+    try:
+        with tqdm(desc=f"tokenize {split}", unit=" rec", disable=not progress, leave=False) as bar:
+            per_source = [_tokenize_source(cfg, s, stream, stats, cache_dir, bar) for s in sources]
+        stats.seconds = time.perf_counter() - start
+        tokens, mask = stream.close()
+        if not stream.lengths:
+            raise DataError(f"{split} split", f"no usable samples: {stats.records} records, skipped "
+                                              f"{dict(stats.skips.counts)}, length policy {dict(stats.length)}")
+        selection = mix(per_source, [s.weight for s in sources], cfg.seed)
+        lengths = np.asarray(stream.lengths, dtype=np.int64)
+        layout = (pack_best_fit if cfg.packing else one_per_row)(lengths[selection], cfg.seq_length, cfg.seed)
+        rows = [selection[r] for r in layout.rows]
+        meta = {"split": split, "seq_length": cfg.seq_length, "packed": cfg.packing, "template": cfg.template,
+                "supervise": cfg.supervise, "truncation": cfg.truncation, "seed": cfg.seed,
+                "tokenizer": describe(tok), "packing_efficiency": round(layout.efficiency, 6)}
+        index = write_split(out, tokens, mask, stream.lengths, stream.ids, rows, {**meta, "stats": {}})
+        del tokens, mask
+    finally:
+        stream.remove()
+    stats.samples, stats.tokens = index["num_samples"], index["num_tokens"]
+    stats.supervised_tokens, stats.rows = index["supervised_tokens"], index["num_rows"]
+    stats.packing_efficiency = layout.efficiency
+    _rewrite_stats(out, stats)
+    return stats
+
+
+def _rewrite_stats(out: Path, stats: SplitStats) -> None:
+    """Counts are only known after writing; the index is small, so write it again with them."""
+    path = out / "index.json"
+    index = json.loads(path.read_text(encoding="utf-8"))
+    index["stats"] = stats.to_json()
+    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = None) -> dict[str, SplitStats]:
+    tok = load_tokenizer(cfg.tokenizer)
+    check_template(cfg.template, tok)
+    if tok.chat_template and cfg.template != "tokenizer":
+        log.info("using the built-in %r template; the tokenizer's own chat_template is used only with "
+                 "template: tokenizer", cfg.template)
+    results: dict[str, SplitStats] = {}
+    with tempfile.TemporaryDirectory(prefix="bft-prepare-") as tmp:
+        for split, sources in (("train", cfg.train), ("valid", cfg.valid)):
+            if sources:
+                results[split] = prepare_split(cfg, split, sources, tok, cache_dir or tmp, progress)
+    return results

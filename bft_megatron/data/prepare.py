@@ -1,0 +1,119 @@
+"""``bft-megatron prepare``: tokenize, mask and pack chat data once, into a memory-mapped directory.
+
+Usage::
+
+    bft-megatron prepare --config configs/data_demo.yaml [--output DIR] [--num-workers N]
+    bft-megatron prepare --input a.jsonl [--input b.jsonl:2.0] --tokenizer tok.model --output DIR
+
+The YAML's top-level ``data:`` section is a DataConfig; flags given on the command line override it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bft_megatron.config.data import DataConfig, SourceConfig, data_config_from_dict
+from bft_megatron.data.errors import DataError
+from bft_megatron.data.pipeline import SplitStats, prepare_all
+from bft_megatron.utils.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def _source(spec: str) -> SourceConfig:
+    """``path`` or ``path:weight`` (a trailing number after the last colon is the weight)."""
+    head, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return SourceConfig(path=head, weight=float(tail))
+        except ValueError:
+            pass
+    return SourceConfig(path=spec)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bft-megatron prepare", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML file whose top-level 'data:' section is a DataConfig")
+    p.add_argument("--input", action="append", help="training source: path[:weight] (repeatable)")
+    p.add_argument("--valid", action="append", help="validation source: path (repeatable)")
+    p.add_argument("--tokenizer", help="HF tokenizer directory or sentencepiece .model")
+    p.add_argument("--output", help="output directory")
+    p.add_argument("--template", choices=("llama3", "chatml", "plain", "tokenizer"))
+    p.add_argument("--seq-length", type=int)
+    p.add_argument("--packing", choices=("true", "false"))
+    p.add_argument("--truncation", choices=("truncate", "drop"))
+    p.add_argument("--on-error", choices=("raise", "skip"))
+    p.add_argument("--supervise", choices=("all", "last"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def load_config(path: str | None) -> DataConfig:
+    if not path:
+        return DataConfig()
+    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(raw, dict) or "data" not in raw:
+        raise ValueError(f"{path}: expected a top-level 'data:' section")
+    return data_config_from_dict(raw["data"] or {})
+
+
+def _apply_flags(cfg: DataConfig, args: argparse.Namespace) -> DataConfig:
+    if args.input:
+        cfg.train = [_source(s) for s in args.input]
+    if args.valid:
+        cfg.valid = [SourceConfig(path=s) for s in args.valid]
+    simple = {"tokenizer": "tokenizer", "output": "output_dir", "template": "template", "seq_length": "seq_length",
+              "truncation": "truncation", "on_error": "on_error", "supervise": "supervise", "seed": "seed",
+              "num_workers": "num_workers"}
+    for flag, attr in simple.items():
+        value = getattr(args, flag)
+        if value is not None:
+            setattr(cfg, attr, value)
+    if args.packing is not None:
+        cfg.packing = args.packing == "true"
+    return cfg
+
+
+def format_summary(cfg: DataConfig, results: dict[str, SplitStats]) -> str:
+    lines = [f"prepared {cfg.output_dir} (seq_length={cfg.seq_length}, packing={cfg.packing}, "
+             f"template={cfg.template}, supervise={cfg.supervise})"]
+    for split, st in results.items():
+        rate = st.encoded_tokens / st.seconds if st.seconds > 0 else 0.0
+        skipped = ", ".join(f"{k}={v}" for k, v in sorted(st.skips.counts.items())) or "0"
+        lines += [
+            f"[{split}] records={st.records} samples={st.samples} rows={st.rows} tokens={st.tokens} "
+            f"supervised_tokens={st.supervised_tokens}",
+            f"[{split}] packing_efficiency={st.packing_efficiency:.2%} truncated={st.length['truncated']} "
+            f"dropped_too_long={st.length['dropped_too_long']} "
+            f"dropped_no_supervision={st.length['dropped_no_supervision']} skipped={skipped}",
+            f"[{split}] tokenized {st.records} records in {st.seconds:.2f}s "
+            f"({st.records / max(st.seconds, 1e-9):.0f} rec/s, {rate:.0f} tok/s, workers={cfg.num_workers})",
+        ]
+        lines += [f"[{split}]   skipped: {e}" for e in st.skips.examples]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        cfg = _apply_flags(load_config(args.config), args)
+        cfg.validate()
+        results = prepare_all(cfg, progress=not args.no_progress)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        log.error("prepare failed: %s", err)
+        return 2
+    sys.stdout.write(format_summary(cfg, results))
+    return 0
+
+
+def run(cfg: DataConfig, progress: bool = False) -> dict[str, Any]:
+    """Library entry point (tests, notebooks): validate and prepare, return per-split stats."""
+    cfg.validate()
+    return prepare_all(cfg, progress=progress)

@@ -1,0 +1,124 @@
+"""Turn one raw record (any supported shape) into a validated list of chat messages.
+
+Shapes: ``messages`` (system/user/assistant, multi-turn), alpaca (``instruction``/``input``/``output``,
+optional ``system``) and ``prompt``/``response`` (optional ``system``). Readers built on Arrow fill
+absent keys with None, so "missing" and "null" are reported alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from bft_megatron.data.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A validated chat; ``origin`` says where it came from (``file:line N``) for later errors."""
+
+    messages: tuple[Message, ...]
+    origin: str
+
+
+def detect_format(record: Mapping[str, Any]) -> str:
+    """Pick the record shape from the keys that carry a value."""
+    present = {k for k, v in record.items() if v is not None}
+    if "messages" in present:
+        return "messages"
+    if {"instruction", "output"} & present:
+        return "alpaca"
+    if {"prompt", "response"} & present:
+        return "prompt_response"
+    raise DataError("", f"unrecognised record shape (keys {sorted(present)}); expected 'messages', "
+                        "alpaca 'instruction'/'input'/'output' or 'prompt'/'response'")
+
+
+def _text(record: Mapping[str, Any], key: str, *, required: bool) -> str:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise DataError("", f"missing field {key!r}")
+        return ""
+    if not isinstance(value, str):
+        raise DataError("", f"field {key!r} must be a string, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _system(record: Mapping[str, Any]) -> list[Message]:
+    system = _text(record, "system", required=False)
+    return [Message("system", system)] if system.strip() else []
+
+
+def _from_messages(record: Mapping[str, Any]) -> list[Message]:
+    raw = record.get("messages")
+    if not isinstance(raw, (list, tuple)):
+        raise DataError("", f"field 'messages' must be a list, got {type(raw).__name__}")
+    out: list[Message] = []
+    for i, item in enumerate(raw):
+        if not isinstance(item, Mapping):
+            raise DataError("", f"messages[{i}] must be an object, got {item!r:.60}")
+        role = item.get("role")
+        if role is None:
+            raise DataError("", f"messages[{i}]: missing field 'role'")
+        if role not in ROLES:
+            raise DataError("", f"messages[{i}]: unknown role {role!r} (expected one of {ROLES})")
+        content = item.get("content")
+        if content is None:
+            raise DataError("", f"messages[{i}]: missing field 'content'")
+        if not isinstance(content, str):
+            raise DataError("", f"messages[{i}]: 'content' must be a string, got {content!r:.60}")
+        if role == "system" and i != 0:
+            raise DataError("", f"messages[{i}]: a system message is only allowed first")
+        out.append(Message(role, content))
+    return out
+
+
+def _from_alpaca(record: Mapping[str, Any]) -> list[Message]:
+    instruction = _text(record, "instruction", required=True)
+    extra = _text(record, "input", required=False)
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return _system(record) + [Message("user", prompt), Message("assistant", _text(record, "output", required=True))]
+
+
+def _from_prompt_response(record: Mapping[str, Any]) -> list[Message]:
+    prompt = _text(record, "prompt", required=True)
+    response = _text(record, "response", required=True)
+    return _system(record) + [Message("user", prompt), Message("assistant", response)]
+
+
+_BUILDERS = {"messages": _from_messages, "alpaca": _from_alpaca, "prompt_response": _from_prompt_response}
+
+
+def _check_turns(messages: list[Message]) -> None:
+    """Reject chats that would train on nothing or on an empty answer."""
+    if not messages:
+        raise DataError("", "empty conversation")
+    if not any(m.role == "assistant" for m in messages):
+        raise DataError("", "no assistant turn")
+    for i, m in enumerate(messages):
+        if m.role == "assistant" and not m.content.strip():
+            raise DataError("", f"messages[{i}]: empty assistant turn")
+        if m.role == "user" and not m.content.strip():
+            raise DataError("", f"messages[{i}]: empty user turn")
+
+
+def to_conversation(record: Mapping[str, Any], fmt: str, origin: str) -> Conversation:
+    """Validate ``record`` in shape ``fmt`` (or auto-detect); errors carry ``origin``."""
+    try:
+        if not isinstance(record, Mapping):
+            raise DataError("", f"record must be a JSON object, got {type(record).__name__}")
+        shape = detect_format(record) if fmt == "auto" else fmt
+        messages = _BUILDERS[shape](record)
+        _check_turns(messages)
+    except DataError as err:
+        raise DataError(origin, err.message) from None
+    return Conversation(tuple(messages), origin)

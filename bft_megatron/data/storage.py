@@ -1,0 +1,162 @@
+"""On-disk format of a prepared split: memory-mapped ``.npy`` arrays plus a JSON index.
+
+``<dir>/tokens.npy``          int32 [T]   every sample's tokens, samples in row order
+``<dir>/loss_mask.npy``       uint8 [T]   shifted mask: 1 iff the label at t (token t+1) is supervised
+``<dir>/sample_offsets.npy``  int64 [S+1] sample s = tokens[sample_offsets[s]:sample_offsets[s+1]]
+``<dir>/row_offsets.npy``     int64 [R+1] row r = samples row_offsets[r] .. row_offsets[r+1]-1
+``<dir>/sample_ids.npy``      int64 [S]   index of the sample's conversation in source order (debugging,
+                                           layout-equivalence checks; repeats when a source is upsampled)
+``<dir>/index.json``          metadata, counts and sha256 of each array (no timestamps: byte-reproducible)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from bft_megatron.data.tokenize import MASK_DTYPE, TOKEN_DTYPE
+
+FORMAT_NAME = "bft-megatron-prepared"
+FORMAT_VERSION = 1
+ARRAYS = ("tokens", "loss_mask", "sample_offsets", "row_offsets", "sample_ids")
+_CHUNK_SAMPLES = 4096  # bounds the gather index to 4096 * seq_length int64s
+
+
+class SampleStream:
+    """Append-only scratch store of encoded samples in arrival order (disk-backed, not in RAM)."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tok_path = directory / f".{name}.tokens.tmp"
+        self.mask_path = directory / f".{name}.mask.tmp"
+        self._tok = self.tok_path.open("wb")
+        self._mask = self.mask_path.open("wb")
+        self.lengths: list[int] = []
+        self.ids: list[int] = []
+
+    def append(self, tokens: np.ndarray, mask: np.ndarray, sample_id: int) -> None:
+        self._tok.write(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE).tobytes())
+        self._mask.write(np.ascontiguousarray(mask, dtype=MASK_DTYPE).tobytes())
+        self.lengths.append(len(tokens))
+        self.ids.append(sample_id)
+
+    def close(self) -> tuple[np.ndarray, np.ndarray]:
+        self._tok.close()
+        self._mask.close()
+        if not self.lengths:
+            return np.zeros(0, TOKEN_DTYPE), np.zeros(0, MASK_DTYPE)
+        return (np.memmap(self.tok_path, dtype=TOKEN_DTYPE, mode="r"),
+                np.memmap(self.mask_path, dtype=MASK_DTYPE, mode="r"))
+
+    def remove(self) -> None:
+        for p in (self.tok_path, self.mask_path):
+            if p.exists():
+                p.unlink()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _gather(src: np.ndarray, src_offsets: np.ndarray, order: np.ndarray, dst: np.ndarray,
+            dst_offsets: np.ndarray) -> None:
+    """dst[sample k] = src[sample order[k]], vectorised a chunk of samples at a time."""
+    for lo in range(0, len(order), _CHUNK_SAMPLES):
+        sel = order[lo: lo + _CHUNK_SAMPLES]
+        starts = src_offsets[sel]
+        lens = src_offsets[sel + 1] - starts
+        base = dst_offsets[lo]
+        total = int(lens.sum())
+        shift = np.repeat(starts - (dst_offsets[lo: lo + len(sel)] - base), lens)
+        dst[base: base + total] = src[shift + np.arange(total)]
+
+
+def write_split(out: Path, tokens: np.ndarray, mask: np.ndarray, lengths: Sequence[int],
+                sample_ids: Sequence[int], rows: list[np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write the samples of ``rows`` (indices into the arrival-order stream) in row order."""
+    out.mkdir(parents=True, exist_ok=True)
+    lengths_arr = np.asarray(lengths, dtype=np.int64)
+    src_offsets = np.concatenate([[0], np.cumsum(lengths_arr)]).astype(np.int64)
+    order = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+    dst_offsets = np.concatenate([[0], np.cumsum(lengths_arr[order])]).astype(np.int64)
+    row_offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    total = int(dst_offsets[-1])
+    dst_tok = np.lib.format.open_memmap(out / "tokens.npy", mode="w+", dtype=TOKEN_DTYPE, shape=(total,))
+    dst_mask = np.lib.format.open_memmap(out / "loss_mask.npy", mode="w+", dtype=MASK_DTYPE, shape=(total,))
+    if total:
+        _gather(np.asarray(tokens), src_offsets, order, dst_tok, dst_offsets)
+        _gather(np.asarray(mask), src_offsets, order, dst_mask, dst_offsets)
+    dst_tok.flush()
+    dst_mask.flush()
+    supervised = int(np.count_nonzero(dst_mask)) if total else 0
+    del dst_tok, dst_mask
+    np.save(out / "sample_offsets.npy", dst_offsets)
+    np.save(out / "row_offsets.npy", row_offsets)
+    np.save(out / "sample_ids.npy", np.asarray(sample_ids, dtype=np.int64)[order])
+    index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta,
+             "num_rows": len(rows), "num_samples": len(order), "num_tokens": total,
+             "supervised_tokens": supervised,
+             "files": {f"{name}.npy": _sha256(out / f"{name}.npy") for name in ARRAYS}}
+    tmp = out / "index.json.tmp"
+    tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, out / "index.json")
+    return index
+
+
+def read_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(directory) / "index.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a prepared data directory (run `bft-megatron prepare`)")
+    index = json.loads(path.read_text(encoding="utf-8"))
+    if index.get("format") != FORMAT_NAME or index.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format {index.get('format')!r} v{index.get('version')!r}, "
+                         f"expected {FORMAT_NAME!r} v{FORMAT_VERSION}")
+    return index
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row: its samples' tokens and shifted loss masks back to back, and the sample lengths."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    seqlens: np.ndarray  # int64 [num samples in row]
+    sample_ids: np.ndarray
+    seq_length: int
+
+
+class PackedDataset:
+    """Random access to the rows of a prepared split (memory-mapped; cheap to open in every rank)."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.index = read_index(self.directory)
+        arrays = {n: np.load(self.directory / f"{n}.npy", mmap_mode="r") for n in ARRAYS}
+        self.tokens, self.loss_mask = arrays["tokens"], arrays["loss_mask"]
+        self.sample_offsets = np.asarray(arrays["sample_offsets"])
+        self.row_offsets = np.asarray(arrays["row_offsets"])
+        self.sample_ids = np.asarray(arrays["sample_ids"])
+        self.seq_length = int(self.index["seq_length"])
+        self.packed = bool(self.index["packed"])
+        self.pad_id = int(self.index["tokenizer"]["pad_id"])
+
+    def __len__(self) -> int:
+        return len(self.row_offsets) - 1
+
+    def __getitem__(self, r: int) -> Row:
+        if not 0 <= r < len(self):
+            raise IndexError(f"row {r} out of range [0, {len(self)})")
+        s0, s1 = int(self.row_offsets[r]), int(self.row_offsets[r + 1])
+        t0, t1 = int(self.sample_offsets[s0]), int(self.sample_offsets[s1])
+        return Row(np.array(self.tokens[t0:t1]), np.array(self.loss_mask[t0:t1]),
+                   np.diff(self.sample_offsets[s0: s1 + 1]), self.sample_ids[s0:s1].copy(), self.seq_length)

@@ -1,0 +1,161 @@
+"""Render a conversation to text plus the character spans that are supervised.
+
+Supervised = each assistant turn's content plus the end-of-turn token that closes it. Built-in
+templates (llama3, chatml, plain) build the text piece by piece, so the spans are exact. With
+``template: tokenizer`` the tokenizer's own Jinja chat template renders the text; real templates
+(Llama-3.1, Qwen2.5) carry no generation markers and inject dates or default system prompts, so the
+spans are found from prefix differences (render the chat up to the turn's prompt and up to the turn's
+end; the answer is what was added), falling back to a left-to-right search of the answer text when a
+template rewrites earlier turns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from bft_megatron.data.errors import DataError
+from bft_megatron.data.records import Conversation, Message
+from bft_megatron.data.tokenizer import Tokenizer
+
+Span = tuple[int, int]
+
+# Markers a chat template may close an assistant turn with, most specific first.
+EOT_CANDIDATES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+REQUIRED_TOKENS = {
+    "llama3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "chatml": ("<|im_start|>", "<|im_end|>"),
+    "plain": (),
+}
+
+
+@dataclass(frozen=True)
+class Rendered:
+    text: str
+    spans: tuple[Span, ...]  # one per assistant turn, in order
+
+
+class _Builder:
+    """Accumulates text and records the span of each supervised piece."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.pos = 0
+        self.spans: list[Span] = []
+
+    def add(self, text: str, supervised: bool = False) -> None:
+        if supervised:
+            self.spans.append((self.pos, self.pos + len(text)))
+        self.parts.append(text)
+        self.pos += len(text)
+
+    def result(self) -> Rendered:
+        return Rendered("".join(self.parts), tuple(self.spans))
+
+
+def _llama3(messages: tuple[Message, ...], tok: Tokenizer) -> Rendered:
+    b = _Builder()
+    b.add("<|begin_of_text|>")
+    for m in messages:
+        # Meta's template trims message content; we do the same so our text matches theirs.
+        b.add(f"<|start_header_id|>{m.role}<|end_header_id|>\n\n")
+        b.add(m.content.strip() + "<|eot_id|>", supervised=m.role == "assistant")
+    return b.result()
+
+
+def _chatml(messages: tuple[Message, ...], tok: Tokenizer) -> Rendered:
+    b = _Builder()
+    for m in messages:
+        b.add(f"<|im_start|>{m.role}\n")
+        b.add(m.content + "<|im_end|>", supervised=m.role == "assistant")
+        b.add("\n")
+    return b.result()
+
+
+def _plain(messages: tuple[Message, ...], tok: Tokenizer) -> Rendered:
+    """``System\\n\\nUser: ...\\n\\nAssistant: ...</s>`` with the tokenizer's own bos/eos."""
+    b = _Builder()
+    if tok.bos_token:
+        b.add(tok.bos_token)
+    for i, m in enumerate(messages):
+        sep = "\n\n" if i + 1 < len(messages) else ""
+        if m.role == "system":
+            b.add(m.content + "\n\n")
+        elif m.role == "user":
+            b.add(f"User: {m.content}\n\nAssistant: ")
+        else:
+            b.add(m.content + tok.eos_token, supervised=True)
+            b.add(sep)
+    return b.result()
+
+
+BUILTINS: dict[str, Callable[[tuple[Message, ...], Tokenizer], Rendered]] = {
+    "llama3": _llama3, "chatml": _chatml, "plain": _plain,
+}
+
+
+def check_template(name: str, tok: Tokenizer) -> None:
+    """A built-in template whose markers are not single tokens would train on garbage: refuse it."""
+    if name == "tokenizer":
+        if not tok.chat_template:
+            raise ValueError(f"template='tokenizer' but {tok.name} has no chat_template")
+        return
+    for marker in REQUIRED_TOKENS[name]:
+        ids, _ = tok.encode_offsets(marker)
+        if len(ids) != 1:
+            raise ValueError(f"template={name!r} needs {marker!r} as one token, but {tok.name} splits it into {ids}")
+    if name == "plain":  # plain writes bos/eos as text: they must map back to their own ids
+        for marker, want in ((tok.eos_token, tok.eos_id), (tok.bos_token, tok.bos_id)):
+            if marker and tok.encode_offsets(marker)[0] != [want]:
+                raise ValueError(f"template='plain': {tok.name} does not encode {marker!r} as id {want}")
+
+
+def _eot_end(text: str, pos: int, tok: Tokenizer) -> int | None:
+    """End of the end-of-turn marker that follows the answer at ``pos``, if one is there."""
+    for marker in (tok.eos_token, *EOT_CANDIDATES):
+        if marker and text.startswith(marker, pos):
+            return pos + len(marker)
+    return None
+
+
+def _answer_span(text: str, lo: int, hi: int, content: str, tok: Tokenizer, where: str) -> Span:
+    """Locate ``content`` in ``text[lo:hi]`` and extend it over the closing end-of-turn marker."""
+    needle = content.strip()
+    start = text.find(needle, lo, hi)
+    if start < 0:
+        raise DataError(where, f"assistant answer {needle[:40]!r} not found in the rendered chat template")
+    end = start + len(needle)
+    eot = _eot_end(text, end, tok)
+    if eot is not None and eot <= hi:
+        return start, eot
+    tail = text[end:hi].rstrip()
+    return start, end + len(tail)  # no known marker: keep what the template appended, minus whitespace
+
+
+def _render_tokenizer(conv: Conversation, tok: Tokenizer) -> Rendered:
+    msgs = [{"role": m.role, "content": m.content} for m in conv.messages]
+    full = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    spans: list[Span] = []
+    cursor = 0
+    for i, m in enumerate(conv.messages):
+        if m.role != "assistant":
+            continue
+        try:
+            prompt = tok.apply_chat_template(msgs[:i], add_generation_prompt=True) if i else ""
+            upto = tok.apply_chat_template(msgs[: i + 1], add_generation_prompt=False)
+        except Exception:  # noqa: BLE001 - some templates reject partial chats; search instead
+            prompt, upto = "", "\0"
+        if upto.startswith(prompt) and full.startswith(upto) and len(prompt) >= cursor:
+            span = _answer_span(full, len(prompt), len(upto), m.content, tok, conv.origin)
+        else:  # template rewrites earlier turns: search forward from the previous answer
+            span = _answer_span(full, cursor, len(full), m.content, tok, conv.origin)
+        spans.append(span)
+        cursor = span[1]
+    return Rendered(full, tuple(spans))
+
+
+def render(conv: Conversation, template: str, tok: Tokenizer) -> Rendered:
+    if template == "tokenizer":
+        return _render_tokenizer(conv, tok)
+    return BUILTINS[template](conv.messages, tok)

@@ -1,0 +1,75 @@
+"""Conversation -> (token ids, loss mask), plus the length policy.
+
+The stored ``loss_mask`` is already shifted: ``loss_mask[t] = 1`` iff the label at position t (the
+token at t+1 of the same sample) is supervised; the last position of every sample is 0 because its
+"next token" would belong to the following sample in a packed row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from bft_megatron.data.errors import DataError
+from bft_megatron.data.records import Conversation
+from bft_megatron.data.templates import Span, render
+from bft_megatron.data.tokenizer import Tokenizer
+
+TOKEN_DTYPE = np.int32
+MASK_DTYPE = np.uint8
+
+
+@dataclass(frozen=True)
+class Encoded:
+    tokens: np.ndarray  # int32 [n]
+    loss_mask: np.ndarray  # uint8 [n], shifted (see module docstring)
+
+
+def supervised_tokens(offsets: Sequence[tuple[int, int]], spans: Sequence[Span]) -> np.ndarray:
+    """1 for each token whose character range overlaps a supervised span (spans sorted, disjoint)."""
+    if not offsets:
+        return np.zeros(0, dtype=bool)
+    off = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    if not spans:
+        return np.zeros(len(off), dtype=bool)
+    sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    empty = off[:, 1] == off[:, 0]
+    # The last span starting before a token ends is the only one it can overlap. A zero-width token
+    # (offsets trimmed by some post-processors) counts where it stands: inside [start, end) of a span.
+    j = np.where(empty, np.searchsorted(sp[:, 0], off[:, 0], side="right"),
+                 np.searchsorted(sp[:, 0], off[:, 1], side="left")) - 1
+    valid = j >= 0
+    ends = np.where(valid, sp[np.clip(j, 0, None), 1], -1)
+    return valid & (ends > off[:, 0])
+
+def shift_mask(target: np.ndarray) -> np.ndarray:
+    """Per-token 'is supervised' -> per-position 'label is supervised' (last position 0)."""
+    mask = np.zeros(len(target), dtype=MASK_DTYPE)
+    mask[:-1] = target[1:]
+    return mask
+
+
+def encode(conv: Conversation, template: str, tok: Tokenizer, supervise: str = "all") -> Encoded:
+    rendered = render(conv, template, tok)
+    spans = rendered.spans[-1:] if supervise == "last" else rendered.spans
+    ids, offsets = tok.encode_offsets(rendered.text)
+    target = supervised_tokens(offsets, spans)
+    if not target.any():
+        raise DataError(conv.origin, "no supervised tokens after templating")
+    return Encoded(np.asarray(ids, dtype=TOKEN_DTYPE), shift_mask(target))
+
+
+def apply_length_policy(enc: Encoded, seq_length: int, policy: str) -> tuple[Encoded | None, str]:
+    """Return (sample or None, status): ok | truncated | dropped_too_long | dropped_no_supervision."""
+    n = len(enc.tokens)
+    if n <= seq_length:
+        return enc, "ok"
+    if policy == "drop":
+        return None, "dropped_too_long"
+    mask = enc.loss_mask[:seq_length].copy()
+    mask[-1] = 0  # its label (token seq_length) was cut off
+    if not mask.any():
+        return None, "dropped_no_supervision"
+    return Encoded(enc.tokens[:seq_length].copy(), mask), "truncated"

@@ -1,0 +1,176 @@
+"""One interface over Hugging Face tokenizers (a local directory) and sentencepiece ``.model`` files.
+
+Masking works on character offsets, so the adapter's one essential method is ``encode_offsets``:
+token ids plus the character span each token covers. Special-token strings that appear in the text
+(``<|im_end|>``, ``</s>``, ...) become their single ids, as in ``apply_chat_template`` output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Sequence
+
+Offsets = list[tuple[int, int]]
+
+
+def _hash_files(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for p in sorted(paths):
+        digest.update(p.name.encode())
+        digest.update(p.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class Tokenizer:
+    """Common surface: ``encode_offsets``, ``decode``, special ids, optional chat template."""
+
+    name: str
+    vocab_size: int
+    eos_id: int
+    bos_id: int | None
+    pad_id: int
+    fingerprint: str
+    chat_template: str | None = None
+
+    def encode_offsets(self, text: str) -> tuple[list[int], Offsets]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    def id_to_token(self, idx: int) -> str:
+        raise NotImplementedError
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        raise ValueError(f"tokenizer {self.name} has no chat template; choose template: llama3|chatml|plain")
+
+    @property
+    def eos_token(self) -> str:
+        return self.id_to_token(self.eos_id)
+
+    @property
+    def bos_token(self) -> str | None:
+        return None if self.bos_id is None else self.id_to_token(self.bos_id)
+
+
+class HFTokenizer(Tokenizer):
+    def __init__(self, path: str) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if not getattr(self._tok, "is_fast", False):
+            raise ValueError(f"{path}: a fast tokenizer (tokenizer.json) is needed for character offsets")
+        self.name = path
+        self.vocab_size = len(self._tok)
+        if self._tok.eos_token_id is None:
+            raise ValueError(f"{path}: tokenizer defines no eos_token")
+        self.eos_id = int(self._tok.eos_token_id)
+        self.bos_id = None if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
+        pad = self._tok.pad_token_id
+        self.pad_id = int(pad) if pad is not None else self.eos_id
+        self.chat_template = getattr(self._tok, "chat_template", None) or None
+        self.fingerprint = _hash_files([f for f in Path(path).iterdir() if f.is_file()])
+
+    def encode_offsets(self, text: str) -> tuple[list[int], Offsets]:
+        enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids))
+
+    def token_to_id(self, token: str) -> int | None:
+        idx = self._tok.convert_tokens_to_ids(token)
+        return None if idx is None or idx == self._tok.unk_token_id else int(idx)
+
+    def id_to_token(self, idx: int) -> str:
+        return self._tok.convert_ids_to_tokens(int(idx))
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if not self.chat_template:
+            return super().apply_chat_template(messages, add_generation_prompt)
+        return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+class SPTokenizer(Tokenizer):
+    """sentencepiece model; control symbols (``<s>``, ``</s>``) written in text are mapped to their ids."""
+
+    def __init__(self, path: str) -> None:
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self.name = path
+        self.vocab_size = int(self._sp.get_piece_size())
+        self.eos_id = int(self._sp.eos_id())
+        if self.eos_id < 0:
+            raise ValueError(f"{path}: sentencepiece model defines no eos id")
+        self.bos_id = int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else None
+        self.pad_id = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else self.eos_id
+        self.fingerprint = _hash_files([Path(path)])
+        controls = [i for i in range(self.vocab_size) if self._sp.is_control(i) and self._sp.id_to_piece(i)]
+        self._controls = {self._sp.id_to_piece(i): i for i in controls}
+        alternation = "|".join(re.escape(t) for t in sorted(self._controls, key=len, reverse=True))
+        self._split = re.compile(f"({alternation})") if alternation else None
+
+    def _encode_plain(self, text: str, base: int) -> tuple[list[int], Offsets]:
+        """sentencepiece reports byte offsets; convert them to character offsets of ``text``."""
+        if not text:
+            return [], []
+        proto = self._sp.encode(text, return_type="proto")
+        raw = text.encode("utf-8")
+        char_of_byte = [0] * (len(raw) + 1)
+        pos = 0
+        for ci, ch in enumerate(text):
+            width = len(ch.encode("utf-8"))
+            for b in range(width):
+                char_of_byte[pos + b] = ci
+            pos += width
+        char_of_byte[len(raw)] = len(text)
+        ids = [int(p.id) for p in proto.pieces]
+        offs = [(base + char_of_byte[p.begin], base + char_of_byte[p.end]) for p in proto.pieces]
+        return ids, offs
+
+    def encode_offsets(self, text: str) -> tuple[list[int], Offsets]:
+        parts = self._split.split(text) if self._split else [text]
+        ids: list[int] = []
+        offs: Offsets = []
+        pos = 0
+        for part in parts:
+            if part in self._controls:
+                ids.append(self._controls[part])
+                offs.append((pos, pos + len(part)))
+            else:
+                a, b = self._encode_plain(part, pos)
+                ids += a
+                offs += b
+            pos += len(part)
+        return ids, offs
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def token_to_id(self, token: str) -> int | None:
+        idx = int(self._sp.piece_to_id(token))
+        return None if idx == self._sp.unk_id() and token != self._sp.id_to_piece(idx) else idx
+
+    def id_to_token(self, idx: int) -> str:
+        return self._sp.id_to_piece(int(idx))
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    """A directory means Hugging Face (AutoTokenizer, offline); a ``.model`` file means sentencepiece."""
+    p = Path(path)
+    if p.is_dir():
+        return HFTokenizer(path)
+    if p.suffix == ".model" and p.is_file():
+        return SPTokenizer(path)
+    raise ValueError(f"tokenizer={path!r}: expected an HF tokenizer directory or a sentencepiece .model file")
+
+
+def describe(tok: Tokenizer) -> dict[str, Any]:
+    return {"path": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
+            "pad_id": tok.pad_id, "fingerprint": tok.fingerprint}

@@ -1,0 +1,147 @@
+"""Shared builders for the data-layer tests: tiny HF tokenizers with Llama-3.1- and Qwen2.5-like chat
+templates (written for these tests), the bundled demo sentencepiece model, and small chat files."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ASSETS = REPO / "bft_megatron" / "data" / "assets"
+DEMO_SP = str(ASSETS / "hpo_sp.model")
+
+# Llama-3.1-like: bos, a system header that injects knowledge/today dates, trimmed contents,
+# no generation markers around assistant content.
+LLAMA31_LIKE = (
+    "{{- bos_token }}"
+    "{%- if not date_string is defined %}{%- set date_string = '26 Jul 2024' %}{%- endif %}"
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content']|trim %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set system_message = '' %}{%- endif %}"
+    "{{- '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{{- 'Cutting Knowledge Date: December 2023\\n' }}{{- 'Today Date: ' + date_string + '\\n\\n' }}"
+    "{{- system_message }}{{- '<|eot_id|>' }}"
+    "{%- for message in messages %}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' "
+    "+ message['content'] | trim + '<|eot_id|>' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+
+# Qwen2.5-like: a default system prompt is injected when the chat has none.
+QWEN25_LIKE = (
+    "{%- if messages and messages[0]['role'] == 'system' %}"
+    "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. "
+    "You are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}{%- if not (message['role'] == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Rewrites earlier turns (like templates that drop past reasoning): earlier answers get a "(earlier) "
+# prefix only once a later turn exists, so prefix differences fail and the search fallback is used.
+REWRITING = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' and not loop.last %}"
+    "{{- '<|im_start|>assistant\\n(earlier) ' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.", "Hello, how are you today?",
+    "Microcephaly is a head circumference below the normal range.", "Which genes are linked to ataxia?",
+    "You are a helpful assistant.", "system user assistant", "Cutting Knowledge Date: December 2023",
+] * 20
+
+SPECIALS = {
+    "llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+    "qwen": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+}
+
+
+def _build_hf(kind: str, template: str | None) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS[kind],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    if kind == "llama":
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if template:
+        fast.chat_template = template
+    out = Path(tempfile.mkdtemp(prefix=f"bft-tok-{kind}-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    fast.save_pretrained(str(out))
+    return str(out)
+
+
+@functools.cache
+def hf_tokenizer(name: str) -> str:
+    """Directory of a tiny fast tokenizer: 'llama31', 'qwen25', 'rewriting' or 'qwen_plain' (no template)."""
+    spec = {"llama31": ("llama", LLAMA31_LIKE), "qwen25": ("qwen", QWEN25_LIKE),
+            "rewriting": ("qwen", REWRITING), "qwen_plain": ("qwen", None),
+            "hashes": ("qwen", "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + ' ###\\n' }}"
+                                "{%- endfor %}{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"),
+            "upper": ("qwen", QWEN25_LIKE.replace("message['content'] + '<|im_end|>",
+                                                  "message['content']|upper + '<|im_end|>"))}[name]
+    return _build_hf(*spec)
+
+
+CHATS = [
+    {"messages": [{"role": "system", "content": "Be brief."},
+                  {"role": "user", "content": "What is microcephaly?"},
+                  {"role": "assistant", "content": "A small head circumference."},
+                  {"role": "user", "content": "Which genes?"},
+                  {"role": "assistant", "content": "Many, for example ASPM."}]},
+    {"instruction": "Define ataxia.", "input": "Answer in one sentence.", "output": "Poor coordination of movement."},
+    {"prompt": "Hello, how are you?", "response": "Fine, thank you."},
+    {"messages": [{"role": "user", "content": "Name a fox."},
+                  {"role": "assistant", "content": "The quick brown fox."}]},
+]
+
+
+def write_jsonl(path: Path, records: list, raw_lines: list[str] | None = None) -> Path:
+    lines = [json.dumps(r) for r in records] + (raw_lines or [])
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def synthetic_chats(n: int, seed: int = 0) -> list[dict]:
+    """Chats of varied lengths (some long) for packing/loader/prepare tests."""
+    import random
+
+    rng = random.Random(seed)
+    words = "the gene causes a phenotype with abnormal growth of the skull and ataxia".split()
+    out = []
+    for i in range(n):
+        answer = " ".join(rng.choice(words) for _ in range(rng.randint(3, 120)))
+        out.append({"messages": [{"role": "user", "content": f"Question {i}: tell me about item {i}."},
+                                 {"role": "assistant", "content": f"Item {i}: {answer}."}]})
+    return out
+
+
+def prepare_dir(out: Path, records: list, **overrides) -> Path:
+    """Prepare ``records`` (a jsonl next to ``out``) with the demo tokenizer; return the train split dir."""
+    from bft_megatron.config.data import DataConfig, SourceConfig
+    from bft_megatron.data.prepare import run
+
+    src = write_jsonl(out.parent / f"{out.name}.jsonl", records)
+    values = dict(train=[SourceConfig(path=str(src))], tokenizer=DEMO_SP, template="chatml", seq_length=256,
+                  output_dir=str(out), num_workers=1)
+    values.update(overrides)
+    run(DataConfig(**values))
+    return out / "train"

@@ -1,0 +1,146 @@
+"""Typed config: strict YAML loading, dotted overrides, HF config import, validation messages."""
+
+import json
+
+import pytest
+
+from bft_megatron.config import Config, ConfigError, from_dict, load_config, validate
+from bft_megatron.config.base import apply_overrides, parse_override
+
+TINY = ["model.hidden_size=64", "model.num_layers=4", "model.num_attention_heads=4", "model.num_query_groups=2",
+        "model.ffn_hidden_size=128", "model.vocab_size=128", "data.seq_length=32", "train.global_batch_size=8",
+        "train.micro_batch_size=2"]
+
+
+def cfg_with(*extra):
+    return load_config(None, TINY + list(extra))
+
+
+def test_unknown_key_names_key_and_section(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 1.0e-4\n  learning_rate: 3\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'learning_rate' in section 'train'"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"unknown key 'rope_scalng' in section 'model'"):
+        from_dict(Config, {"model": {"rope_scalng": {}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'bogus' in section 'model.rope_scaling'"):
+        from_dict(Config, {"model": {"rope_scaling": {"bogus": 1}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'optim' in section '<top>'"):
+        from_dict(Config, {"optim": {}})
+
+
+def test_unknown_override_key_rejected():
+    with pytest.raises(ConfigError, match=r"unknown key 'lrr' in section 'train'"):
+        load_config(None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_overrides_are_typed():
+    assert parse_override("train.lr=1e-4", Config) == (["train", "lr"], 1e-4)
+    assert parse_override("train.bf16=false", Config)[1] is False
+    assert parse_override("parallel.vp=null", Config)[1] is None
+    assert parse_override("parallel.tp=2", Config)[1] == 2
+    assert parse_override("checkpoint.save=123", Config)[1] == "123"  # str field stays text
+    cfg = load_config(None, ["train.lr=5e-5", "train.lr=6e-5", "model.rope_scaling.factor=32"])
+    assert cfg.train.lr == 6e-5 and cfg.model.rope_scaling.factor == 32.0
+    assert cfg.model.rope_scaling.original_max_position_embeddings == 8192
+    with pytest.raises(ConfigError, match=r"train.micro_batch_size must be an integer, got 'two'"):
+        load_config(None, ["train.micro_batch_size=two"])
+    with pytest.raises(ConfigError, match=r"loss.method must be one of \['sft', 'dft', 'bft'\], got 'xft'"):
+        load_config(None, ["loss.method=xft"])
+    assert apply_overrides({"a": 1}, [], Config) == {"a": 1}
+
+
+def test_yaml_file_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  hidden_size: 64\ntrain:\n  lr: 1.0e-3\n  decay: linear\n")
+    cfg = load_config(str(path), ["train.lr=2e-3"])
+    assert cfg.model.hidden_size == 64 and cfg.train.lr == 2e-3 and cfg.train.decay == "linear"
+
+
+def test_from_hf_llama31(tmp_path):
+    hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 32,
+          "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,
+          "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+          "tie_word_embeddings": False,
+          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 8192}}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg = load_config(None, [f"model.from_hf={tmp_path}", "model.num_layers=2"])
+    m = cfg.model
+    assert (m.hidden_size, m.num_layers, m.num_query_groups, m.ffn_hidden_size) == (4096, 2, 8, 14336)
+    assert m.rope_theta == 500000.0 and m.rope_scaling.factor == 8.0 and not m.tie_embeddings and not m.qkv_bias
+
+
+def test_from_hf_qwen2_has_qkv_bias(tmp_path):
+    hf = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "num_hidden_layers": 24,
+          "num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,
+          "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    m = load_config(None, [f"model.from_hf={tmp_path}"]).model
+    assert m.family == "qwen2" and m.qkv_bias and m.tie_embeddings and m.rope_scaling is None
+
+
+def test_from_hf_rejects_unknown_arch(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ConfigError, match="unsupported architectures"):
+        load_config(None, [f"model.from_hf={tmp_path}"])
+
+
+def test_valid_layouts():
+    layout = validate(cfg_with(), 1)
+    assert (layout.dp, layout.num_microbatches) == (1, 4)
+    layout = validate(cfg_with("parallel.tp=2", "parallel.pp=2", "parallel.vp=2", "train.micro_batch_size=1"), 8)
+    assert (layout.dp, layout.num_microbatches) == (2, 4)
+
+
+@pytest.mark.parametrize("extra, world, message", [
+    (["parallel.tp=2"], 3, r"world size 3 is not divisible by parallel.tp\*pp\*cp"),
+    (["parallel.tp=8"], 8, r"model.num_attention_heads=4 must be divisible by parallel.tp=8"),
+    (["parallel.tp=4"], 4, r"model.num_query_groups=2 must be divisible by parallel.tp=4"),
+    (["parallel.pp=3"], 3, r"model.num_layers=4 must be divisible by parallel.pp\*vp"),
+    (["parallel.pp=2", "parallel.vp=4"], 2, r"model.num_layers=4 must be divisible by parallel.pp\*vp = 2\*4"),
+    (["parallel.vp=2"], 1, r"parallel.vp=2 .* requires parallel.pp > 1"),
+    (["parallel.cp=2", "data.seq_length=30"], 2, r"data.seq_length=30 must be divisible by 2\*parallel.cp = 4"),
+    (["parallel.cp=2"], 2, r"parallel.cp=2 needs Transformer Engine"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_length=33"], 2,
+     r"data.seq_length/parallel.cp = 33/1 must be divisible by parallel.tp=2"),
+    (["parallel.sequence_parallel=true"], 1, r"sequence_parallel=true requires parallel.tp > 1"),
+    (["train.global_batch_size=6"], 2, r"train.global_batch_size=6 must be divisible by train.micro_batch_size\*dp"),
+    (["train.fp8=hybrid"], 1, r"train.fp8='hybrid' requires Transformer Engine"),
+    (["train.min_lr=1.0"], 1, r"train.min_lr=1.0 must be in \[0, train.lr="),
+    (["train.warmup_iters=1000"], 1, r"train.warmup_iters=1000 must be in \[0, train.train_iters=100\]"),
+    (["loss.group_size=0"], 1, r"loss.group_size must be >= 1, got 0"),
+    (["loss.gamma=0"], 1, r"loss.gamma must be > 0, got 0"),
+    (["model.hidden_size=0"], 1, r"model.hidden_size must be > 0, got 0"),
+    (["model.num_query_groups=3"], 1, r"model.num_attention_heads=4 must be divisible by model.num_query_groups=3"),
+    (["checkpoint.save_interval=10"], 1, r"checkpoint.save_interval=10 needs checkpoint.save"),
+    (["checkpoint.finetune=true"], 1, r"checkpoint.finetune=true needs checkpoint.load"),
+    (["parallel.pp=2", "parallel.vp=2", "train.micro_batch_size=1", "train.global_batch_size=3"], 2,
+     r"micro-batches per step .* = 3 must be divisible by parallel.pp=2"),
+    (["model.rope_scaling.low_freq_factor=4"], 1, r"high_freq_factor > low_freq_factor"),
+])
+def test_validation_errors_name_field_and_value(extra, world, message):
+    with pytest.raises(ValueError, match=message):
+        validate(cfg_with(*extra), world)
+
+
+def test_demo_config_validates():
+    cfg = load_config("configs/demo_cpu.yaml")
+    assert validate(cfg, 1).dp == 1
+    assert cfg.loss.method == "bft" and cfg.train.bf16 is False
+    assert cfg.data.train and cfg.data.output_dir  # the bundled demo data, prepared on first use
+
+
+def test_train_cli_check_and_config_errors():
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "bft_megatron.cli", "train", "--config", "configs/demo_cpu.yaml",
+                         "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "layout: 1 GPUs = TP1 x PP1" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "bft_megatron.train", "--config", "configs/demo_cpu.yaml",
+                          "parallel.tp=3", "--check"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "world size 1 is not divisible by parallel.tp*pp*cp" in bad.stderr

@@ -1,0 +1,49 @@
+"""DataConfig validation names the field and the bad value; the YAML mapping loader rejects unknown keys."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from bft_megatron.config.data import DataConfig, SourceConfig, data_config_from_dict
+
+
+def _good() -> DataConfig:
+    return DataConfig(train=[SourceConfig(path="a.jsonl")], tokenizer="tok.model", output_dir="out")
+
+
+def test_good_config_validates():
+    _good().validate()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("train", []), ("tokenizer", ""), ("template", "vicuna"), ("seq_length", 1), ("seq_length", "2048"),
+    ("packing", "yes"), ("truncation", "cut"), ("on_error", "ignore"), ("supervise", "first"), ("seed", -1),
+    ("num_workers", 0), ("output_dir", ""),
+])
+def test_bad_field_is_named_with_its_value(field, value):
+    cfg = dataclasses.replace(_good(), **{field: value})
+    with pytest.raises(ValueError, match=f"{field}={value!r}".replace("[", r"\[").replace("]", r"\]")):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("src,match", [
+    (SourceConfig(path=""), r"train\[0\]\.path=''"), (SourceConfig(path="a", weight=0), r"train\[0\]\.weight=0"),
+    (SourceConfig(path="a", format="csv"), r"train\[0\]\.format='csv'"),
+])
+def test_bad_source_is_named(src, match):
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(_good(), train=[src]).validate()
+
+
+def test_from_dict():
+    cfg = data_config_from_dict({"train": ["a.jsonl", {"path": "b.parquet", "weight": 0.5}],
+                                 "valid": "v.jsonl", "tokenizer": "t", "output_dir": "o"})
+    assert cfg.train == [SourceConfig(path="a.jsonl"), SourceConfig(path="b.parquet", weight=0.5)]
+    assert cfg.valid == [SourceConfig(path="v.jsonl")]
+    cfg.validate()
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['tokeniser'\]"):
+        data_config_from_dict({"tokeniser": "x"})
+    with pytest.raises(ValueError, match=r"train\[0\]: unknown key\(s\) \['wieght'\]"):
+        data_config_from_dict({"train": [{"path": "a", "wieght": 2}]})

@@ -1,0 +1,116 @@
+"""``bft-megatron prepare``: summary, byte-reproducibility, config handling, policies, mixing, workers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bft_megatron.config.data import DataConfig, SourceConfig
+from bft_megatron.data.errors import DataError
+from bft_megatron.data.prepare import main, run
+from bft_megatron.data.storage import PackedDataset
+from tests.data_fixtures import CHATS, DEMO_SP, prepare_dir, synthetic_chats, write_jsonl
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_cli_prints_summary_and_is_byte_reproducible(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", synthetic_chats(40) + CHATS)
+    val = write_jsonl(tmp_path / "val.jsonl", CHATS)
+    args = ["--input", str(src), "--valid", str(val), "--tokenizer", DEMO_SP, "--seq-length", "256",
+            "--no-progress"]
+    assert main(args + ["--output", str(tmp_path / "a")]) == 0
+    summary = capsys.readouterr().out
+    for key in ("[train] records=44 samples=44", "supervised_tokens=", "packing_efficiency=", "truncated=0",
+                "skipped=0", "tok/s", "[valid] records=4 samples=4"):
+        assert key in summary, key
+    assert main(args + ["--output", str(tmp_path / "b")]) == 0
+    a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
+    assert set(a) == {f"{s}/{f}" for s in ("train", "valid") for f in
+                      ("index.json", "tokens.npy", "loss_mask.npy", "sample_offsets.npy", "row_offsets.npy",
+                       "sample_ids.npy")}
+    assert a == b
+
+
+def test_config_yaml_and_flag_override(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", CHATS)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  train:\n    - path: {src}\n  tokenizer: {DEMO_SP}\n  seq_length: 128\n"
+                   f"  packing: false\n  output_dir: {tmp_path / 'out'}\n", encoding="utf-8")
+    assert main(["--config", str(cfg), "--no-progress", "--seq-length", "200"]) == 0
+    index = json.loads((tmp_path / "out" / "train" / "index.json").read_text())
+    assert index["seq_length"] == 200 and index["packed"] is False and index["num_rows"] == 4
+    cfg.write_text("data:\n  tokeniser: x\n", encoding="utf-8")
+    assert main(["--config", str(cfg)]) == 2  # the logged error names the key (see test_data_config)
+
+
+def test_truncation_policies_are_counted(tmp_path):
+    chats = synthetic_chats(30, seed=4)
+    trunc = PackedDataset(prepare_dir(tmp_path / "t", chats, seq_length=64, truncation="truncate"))
+    stats = trunc.index["stats"]
+    assert stats["truncated"] > 0 and stats["samples"] + stats["dropped_no_supervision"] == 30
+    assert np.diff(trunc.sample_offsets).max() <= 64
+    drop = PackedDataset(prepare_dir(tmp_path / "d", chats, seq_length=64, truncation="drop"))
+    dstats = drop.index["stats"]
+    assert dstats["dropped_too_long"] == stats["truncated"] + stats["dropped_no_supervision"]
+    assert dstats["samples"] == 30 - dstats["dropped_too_long"]
+
+
+def test_on_error_raise_names_file_and_line_and_skip_counts(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "bad.jsonl", CHATS, raw_lines=['{"prompt": ', json.dumps({"messages": []})])
+    cfg = DataConfig(train=[SourceConfig(path=str(src))], tokenizer=DEMO_SP, output_dir=str(tmp_path / "o"))
+    with pytest.raises(DataError, match=r"bad\.jsonl:line 5: malformed JSON"):
+        run(cfg)
+    assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o2"),
+                 "--on-error", "skip", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "records=6 samples=4" in out and "skipped=invalid_record=1, malformed_json=1" in out
+    assert "bad.jsonl:line 5" in out and "bad.jsonl:line 6: empty conversation" in out
+
+
+def test_weighted_mixing(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", synthetic_chats(10, seed=1))
+    b = write_jsonl(tmp_path / "b.jsonl", synthetic_chats(10, seed=2))
+    cfg = DataConfig(train=[SourceConfig(path=str(a), weight=2.0), SourceConfig(path=str(b), weight=0.5)],
+                     tokenizer=DEMO_SP, seq_length=256, output_dir=str(tmp_path / "o"))
+    run(cfg)
+    ds = PackedDataset(tmp_path / "o" / "train")
+    ids = np.sort(ds.sample_ids)
+    counts = np.bincount(ids, minlength=20)
+    assert counts[:10].tolist() == [2] * 10  # source a: two passes
+    assert counts[10:].sum() == 5 and set(counts[10:].tolist()) <= {0, 1}  # source b: a seeded half
+    assert ds.index["stats"]["per_source"][1]["weight"] == 0.5
+
+
+def test_workers_do_not_change_the_output(tmp_path):
+    chats = synthetic_chats(150, seed=5)
+    one = prepare_dir(tmp_path / "w1", chats, num_workers=1)
+    two = prepare_dir(tmp_path / "w2", chats, num_workers=2)
+    a, b = _digest(one), _digest(two)
+    ia, ib = (json.loads((d / "index.json").read_text()) for d in (one, two))
+    for index in (ia, ib):  # the only difference: the input files are named after the output dirs
+        index["stats"]["per_source"][0].pop("path")
+    assert ia == ib and a.pop("index.json") and b.pop("index.json") and a == b
+
+
+def test_supervise_last_reduces_supervision(tmp_path):
+    all_ = PackedDataset(prepare_dir(tmp_path / "a", CHATS[:1], supervise="all"))
+    last = PackedDataset(prepare_dir(tmp_path / "l", CHATS[:1], supervise="last"))
+    assert 0 < last.index["supervised_tokens"] < all_.index["supervised_tokens"]
+
+
+def test_split_with_no_usable_sample_is_an_error(tmp_path):
+    src = write_jsonl(tmp_path / "bad.jsonl", [], raw_lines=["{", "{"])
+    cfg = DataConfig(train=[SourceConfig(path=str(src))], tokenizer=DEMO_SP, output_dir=str(tmp_path / "o"),
+                     on_error="skip")
+    with pytest.raises(DataError, match="train split: no usable samples: 2 records"):
+        run(cfg)
+    assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o"),
+                 "--on-error", "skip", "--no-progress"]) == 2

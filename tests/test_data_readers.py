@@ -1,0 +1,145 @@
+"""Readers (json/jsonl/parquet through datasets), record shapes, and every bad-input path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bft_megatron.data.errors import DataError, SkipLog
+from bft_megatron.data.readers import read_records
+from bft_megatron.data.records import Message, to_conversation
+from tests.data_fixtures import CHATS, write_jsonl
+
+
+def _convs(path: Path, policy: str = "raise", fmt: str = "auto"):
+    skips = SkipLog(policy=policy)
+    out = []
+    for raw in read_records(str(path), None, skips, cache_dir=str(path.parent / "cache")):
+        try:
+            out.append(to_conversation(raw.data, fmt, raw.where))
+        except DataError as err:
+            skips.handle(err, "invalid_record")
+    return out, skips
+
+
+EXPECTED_ROLES = [("system", "user", "assistant", "user", "assistant"), ("user", "assistant"),
+                  ("user", "assistant"), ("user", "assistant")]
+
+
+def test_jsonl_all_shapes(tmp_path):
+    convs, skips = _convs(write_jsonl(tmp_path / "a.jsonl", CHATS))
+    assert [tuple(m.role for m in c.messages) for c in convs] == EXPECTED_ROLES
+    assert convs[1].messages[0] == Message("user", "Define ataxia.\n\nAnswer in one sentence.")
+    assert convs[1].messages[1].content == "Poor coordination of movement."
+    assert convs[2].messages == (Message("user", "Hello, how are you?"), Message("assistant", "Fine, thank you."))
+    assert convs[0].origin.endswith("a.jsonl:line 1") and convs[3].origin.endswith("a.jsonl:line 4")
+    assert skips.total == 0
+
+
+def test_json_array_and_parquet_match_jsonl(tmp_path):
+    import datasets
+
+    (tmp_path / "a.json").write_text(json.dumps(CHATS), encoding="utf-8")
+    ref, _ = _convs(write_jsonl(tmp_path / "c.jsonl", CHATS))
+    got, _ = _convs(tmp_path / "a.json")
+    assert [c.messages for c in got] == [c.messages for c in ref]
+    # Dataset.from_list takes its schema from the first record, so give parquet one shape only
+    datasets.Dataset.from_list([CHATS[0], CHATS[3]]).to_parquet(str(tmp_path / "b.parquet"))
+    got, _ = _convs(tmp_path / "b.parquet")
+    assert [c.messages for c in got] == [ref[0].messages, ref[3].messages]
+    assert _convs(tmp_path / "b.parquet")[0][1].origin.endswith("b.parquet:row 1")
+
+
+def test_directory_reads_files_in_sorted_order(tmp_path):
+    d = tmp_path / "dir"
+    d.mkdir()
+    write_jsonl(d / "b.jsonl", CHATS[3:4])
+    write_jsonl(d / "a.jsonl", CHATS[2:3])
+    (d / "notes.txt").write_text("ignored")
+    convs, _ = _convs(d)
+    assert [c.messages[1].content for c in convs] == ["Fine, thank you.", "The quick brown fox."]
+
+
+def test_blank_lines_keep_true_line_numbers(tmp_path):
+    p = tmp_path / "a.jsonl"
+    p.write_text(f"\n{json.dumps(CHATS[2])}\n\n{json.dumps({'prompt': 'x'})}\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"a\.jsonl:line 4: missing field 'response'"):
+        _convs(p)
+
+
+BAD = [
+    ('{"prompt": "a", "response": "b"', "malformed JSON"),
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "unknown role 'robot'"),
+    (json.dumps({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}), "missing field 'content'"),
+    (json.dumps({"messages": [{"content": "x"}]}), "missing field 'role'"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}),
+     "empty assistant turn"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}]}), "no assistant turn"),
+    (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+                              {"role": "assistant", "content": "a"}]}), "system message is only allowed first"),
+    (json.dumps({"messages": "hello"}), "must be a list"),
+    (json.dumps({"instruction": "do it"}), "missing field 'output'"),
+    (json.dumps({"prompt": "p", "response": 3}), "must be a string"),
+    (json.dumps({"prompt": "p"}), "missing field 'response'"),
+    (json.dumps({"text": "just text"}), "unrecognised record shape"),
+    (json.dumps(["not", "an", "object"]), "must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("line,message", BAD, ids=[m for _, m in BAD])
+def test_bad_record_names_file_line_and_problem(tmp_path, line, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", CHATS[2:4], raw_lines=[line])
+    with pytest.raises(DataError) as info:
+        _convs(path)
+    assert "bad.jsonl:line 3" in str(info.value) and message in str(info.value)
+
+
+def test_skip_policy_counts_and_keeps_good_records(tmp_path):
+    lines = [BAD[0][0], BAD[1][0], BAD[4][0]]
+    path = write_jsonl(tmp_path / "mixed.jsonl", CHATS[2:4], raw_lines=lines)
+    convs, skips = _convs(path, policy="skip")
+    assert len(convs) == 2
+    assert skips.counts == {"malformed_json": 1, "invalid_record": 2}
+    assert any("mixed.jsonl:line 3" in e for e in skips.examples)
+
+
+def test_malformed_json_array_names_line(tmp_path):
+    p = tmp_path / "a.json"
+    p.write_text('[\n {"prompt": "a", "response": "b"},\n {"prompt": }\n]\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"a\.json:line 3: malformed JSON"):
+        _convs(p)
+    convs, skips = _convs(p, policy="skip")
+    assert convs == [] and skips.counts == {"malformed_json": 1} and "whole file" in skips.examples[0]
+
+
+def test_hub_name_is_a_thin_datasets_call(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(name, split=None, cache_dir=None):
+        calls.append((name, split))
+        return [CHATS[2], CHATS[3]]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    skips = SkipLog()
+    raws = list(read_records("org/chat-set", "validation", skips))
+    assert calls == [("org/chat-set", "validation")]
+    assert [r.where for r in raws] == ["hub:org/chat-set[validation]:row 0", "hub:org/chat-set[validation]:row 1"]
+    assert to_conversation(raws[1].data, "auto", raws[1].where).messages[1].content == "The quick brown fox."
+
+
+def test_explicit_format_is_enforced(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [CHATS[2]])
+    with pytest.raises(DataError, match="missing field 'instruction'"):
+        _convs(path, fmt="alpaca")
+
+
+def test_missing_file_and_bad_suffix(tmp_path):
+    with pytest.raises(DataError, match="file not found"):
+        _convs(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        _convs(tmp_path / "x.csv")

@@ -1,0 +1,150 @@
+"""Templates and masking: supervised tokens are exactly each answer plus its end-of-turn token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bft_megatron.data.errors import DataError
+from bft_megatron.data.records import Conversation, Message
+from bft_megatron.data.templates import check_template, render
+from bft_megatron.data.tokenize import encode, supervised_tokens
+from bft_megatron.data.tokenizer import load_tokenizer
+from tests.data_fixtures import DEMO_SP, hf_tokenizer
+
+CONV = Conversation((Message("system", "Be brief."), Message("user", "What is microcephaly?"),
+                     Message("assistant", "A small head circumference."), Message("user", "Which genes?"),
+                     Message("assistant", "Many, for example ASPM.")), "test:line 1")
+ANSWERS = ["A small head circumference.", "Many, for example ASPM."]
+NO_SYSTEM = Conversation(CONV.messages[1:], "test:line 2")
+
+
+def _tok(name: str):
+    return load_tokenizer(DEMO_SP if name == "sp" else hf_tokenizer(name))
+
+
+def supervised_runs(enc) -> list[list[int]]:
+    """Contiguous runs of supervised *target* tokens (undo the shift: target[t+1] = loss_mask[t])."""
+    target = np.zeros(len(enc.tokens), dtype=bool)
+    target[1:] = enc.loss_mask[:-1].astype(bool)
+    runs, cur = [], []
+    for tok_id, sup in zip(enc.tokens.tolist(), target.tolist()):
+        if sup:
+            cur.append(tok_id)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+CASES = [  # tokenizer, template, end-of-turn text
+    ("sp", "chatml", "<|im_end|>"), ("sp", "llama3", "<|eot_id|>"),
+    ("llama31", "llama3", "<|eot_id|>"), ("llama31", "tokenizer", "<|eot_id|>"),
+    ("qwen25", "chatml", "<|im_end|>"), ("qwen25", "tokenizer", "<|im_end|>"), ("qwen25", "plain", "<|im_end|>"),
+    ("rewriting", "tokenizer", "<|im_end|>"),
+]
+
+
+@pytest.mark.parametrize("tok_name,template,eot", CASES, ids=[f"{a}-{b}" for a, b, _ in CASES])
+@pytest.mark.parametrize("conv", [CONV, NO_SYSTEM], ids=["system", "nosystem"])
+def test_supervised_tokens_are_answer_plus_eot(tok_name, template, eot, conv):
+    tok = _tok(tok_name)
+    check_template(template, tok)
+    enc = encode(conv, template, tok)
+    runs = supervised_runs(enc)
+    assert [tok.decode(r) for r in runs] == [a + eot for a in ANSWERS]
+    assert enc.loss_mask[-1] == 0 and enc.tokens.dtype == np.int32
+    # everything before the first answer (system prompt, injected dates, headers) is masked
+    first = tok.encode_offsets(render(conv, template, tok).text)[0]
+    assert list(enc.tokens) == first
+
+
+def test_plain_template_with_sentencepiece_control_eos():
+    tok = _tok("sp")
+    enc = encode(CONV, "plain", tok)
+    runs = supervised_runs(enc)
+    assert [r[-1] for r in runs] == [tok.eos_id, tok.eos_id]
+    # "Assistant: " ends with a space that sentencepiece merges into the answer's first piece ("▁A"):
+    # a token overlapping the answer is supervised, as the model must emit it at inference time
+    assert [tok.decode(r[:-1]) for r in runs] == [" " + a for a in ANSWERS]
+    assert enc.tokens[0] == tok.bos_id
+    assert "User: What is microcephaly?\n\nAssistant: " in tok.decode(enc.tokens)
+
+
+def test_supervise_last_only():
+    tok = _tok("sp")
+    enc = encode(CONV, "chatml", tok, supervise="last")
+    assert [tok.decode(r) for r in supervised_runs(enc)] == [ANSWERS[1] + "<|im_end|>"]
+
+
+def test_builtin_and_tokenizer_templates_agree_on_supervised_tokens():
+    """Llama-3.1-like template injects dates; Qwen2.5-like injects a default system prompt."""
+    for name, builtin in (("llama31", "llama3"), ("qwen25", "chatml")):
+        tok = _tok(name)
+        a, b = encode(NO_SYSTEM, builtin, tok), encode(NO_SYSTEM, "tokenizer", tok)
+        assert supervised_runs(a) == supervised_runs(b)
+        assert len(b.tokens) > len(a.tokens)  # the injected text is there, and masked
+    assert "Today Date" in render(NO_SYSTEM, "tokenizer", _tok("llama31")).text
+    assert "You are Qwen" in render(NO_SYSTEM, "tokenizer", _tok("qwen25")).text
+
+
+def test_llama3_trims_content_like_meta_template():
+    tok = _tok("llama31")
+    conv = Conversation((Message("user", "hi"), Message("assistant", "  padded answer \n")), "t")
+    assert [tok.decode(r) for r in supervised_runs(encode(conv, "llama3", tok))] == ["padded answer<|eot_id|>"]
+    assert supervised_runs(encode(conv, "llama3", tok)) == supervised_runs(encode(conv, "tokenizer", tok))
+
+
+def test_missing_template_tokens_are_refused():
+    with pytest.raises(ValueError, match="needs '<\\|im_start\\|>' as one token"):
+        check_template("chatml", _tok("llama31"))
+    with pytest.raises(ValueError, match="needs '<\\|begin_of_text\\|>'"):
+        check_template("llama3", _tok("qwen25"))
+    with pytest.raises(ValueError, match="has no chat_template"):
+        check_template("tokenizer", _tok("qwen_plain"))
+
+
+def test_template_that_rewrites_answers_is_an_error():
+    with pytest.raises(DataError, match="test:line 1: assistant answer .* not found"):
+        encode(CONV, "tokenizer", _tok("upper"))
+
+
+def test_supervised_tokens_overlap_rule():
+    offsets = [(0, 3), (3, 5), (5, 5), (5, 9), (9, 12), (12, 12), (4, 4)]
+    got = supervised_tokens(offsets, [(4, 6), (10, 11)])
+    # overlap counts; a zero-width token counts where it stands (5 is inside [4, 6), 12 is not)
+    assert got.tolist() == [False, True, True, True, True, False, True]
+    assert supervised_tokens([(0, 4), (4, 8)], [(4, 8)]).tolist() == [False, True]  # touching is not overlap
+    assert supervised_tokens(offsets, []).tolist() == [False] * 7
+
+
+def test_template_without_known_end_marker_supervises_its_closing_text():
+    tok = _tok("hashes")
+    enc = encode(NO_SYSTEM, "tokenizer", tok)
+    assert [tok.decode(r) for r in supervised_runs(enc)] == [a + " ###" for a in ANSWERS]
+
+
+def test_sentencepiece_with_default_normalisation(tmp_path):
+    """A model trained here with sentencepiece defaults (NFKC, whitespace collapsing, dummy prefix,
+    no pad id): offsets still map onto the original text, and masks still follow answer boundaries."""
+    import io
+
+    import sentencepiece as spm
+
+    from tests.data_fixtures import CORPUS
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=70,
+                                   hard_vocab_limit=False, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+                                   num_threads=1, minloglevel=2)
+    (tmp_path / "d.model").write_bytes(model.getvalue())
+    tok = load_tokenizer(str(tmp_path / "d.model"))
+    assert tok.pad_id == tok.eos_id  # no pad piece: fall back to eos
+    enc = encode(CONV, "chatml", tok)
+    runs = supervised_runs(enc)
+    im_end = tok.token_to_id("<|im_end|>")
+    assert len(runs) == 2 and [r[-1] for r in runs] == [im_end, im_end]
+    first, second = (tok.decode(r[:-1]) for r in runs)  # tiny vocab: some letters decode as unknown
+    assert first.endswith("small head circumference.") and second.strip().startswith("Many, for example")
+    prompt = tok.decode(enc.tokens[: int(np.argmax(enc.loss_mask)) + 1].tolist())
+    assert "microcephaly?" in prompt and "circumference" not in prompt

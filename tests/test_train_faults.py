@@ -1,0 +1,93 @@
+"""Non-finite steps and signal-triggered save-and-exit, on two gloo processes (DP2, CPU).
+
+* A NaN loss on data-parallel rank 1 only must skip the step on *every* rank (rank 0's own loss is
+  finite; it learns about the NaN through the all-reduced flag): no optimizer step, no grad norm,
+  the run goes on. ``max_consecutive_skips`` bad steps in a row abort the run on all ranks.
+* SIGUSR1 delivered to rank 0 after step 2 makes all ranks save step 2 and leave the loop;
+  ``latest`` names that checkpoint and a RESUME marker records the early stop.
+* ``exit_duration_minutes`` elapsed: save after the current step and stop (RESUME marker).
+* ``async_save``: checkpoints are committed when finalised; ``keep_last=1`` prunes the older one; the
+  run directory resumes at its last step (nothing left to train).
+"""
+
+import math
+import os
+
+import pytest
+
+from tests.launch import TINY, launch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    sig_dir = str(tmp_path_factory.mktemp("signal"))
+    runs = [
+        {"overrides": TINY, "poison": [1], "poison_ranks": [1]},
+        {"overrides": TINY + ["train.max_consecutive_skips=2"], "poison": [1, 2], "poison_ranks": [1]},
+        {"overrides": TINY + [f"checkpoint.save={sig_dir}"], "signal_at": 2},
+        {"overrides": TINY},
+        {"overrides": TINY + [f"checkpoint.save={sig_dir}/async", "checkpoint.async_save=true",
+                              "checkpoint.save_interval=2", "checkpoint.keep_last=1"]},
+        {"overrides": TINY + [f"checkpoint.save={sig_dir}/timed", "train.exit_duration_minutes=0.0"]},
+        {"overrides": TINY + [f"checkpoint.load={sig_dir}/async"]},
+        {"overrides": TINY + ["train.bf16=true"]},
+    ]
+    return launch(2, runs), sig_dir
+
+
+def test_nan_on_one_rank_skips_step_everywhere(results):
+    poisoned, clean = results[0][0], results[0][3]
+    hist = poisoned["history"]
+    assert [h["skipped"] for h in hist] == [False, True, False, False]
+    assert hist[1]["grad_norm"] is None and math.isnan(hist[1]["loss"])
+    assert poisoned["skipped"] == 1 and poisoned["iteration"] == 4 and poisoned["error"] is None
+    # Step 1 is untouched; afterwards the skipped update changes the trajectory but stays finite.
+    assert hist[0]["loss"] == clean["history"][0]["loss"]
+    assert all(math.isfinite(h["loss"]) for i, h in enumerate(hist) if i != 1)
+    assert hist[2]["loss"] != clean["history"][2]["loss"]
+
+
+def test_consecutive_nan_steps_abort(results):
+    aborted = results[0][1]
+    assert aborted["error"] is not None and "consecutive non-finite" in aborted["error"]
+    assert aborted["iteration"] == 3 and aborted["skipped"] == 2
+
+
+def test_signal_saves_and_exits(results):
+    (runs, sig_dir) = results
+    stopped = runs[2]
+    assert stopped["iteration"] == 2
+    with open(os.path.join(sig_dir, "latest")) as fh:
+        assert fh.read().strip() == "iter_0000002"
+    with open(os.path.join(sig_dir, "RESUME")) as fh:
+        assert fh.read().strip() == "SIGUSR1"
+
+
+def test_exit_duration_saves_and_stops(results):
+    runs, sig_dir = results
+    assert runs[5]["iteration"] == 1
+    with open(os.path.join(sig_dir, "timed", "latest")) as fh:
+        assert fh.read().strip() == "iter_0000001"
+    with open(os.path.join(sig_dir, "timed", "RESUME")) as fh:
+        assert fh.read().strip() == "exit_duration_minutes"
+
+
+def test_async_save_commits_and_prunes(results):
+    runs, sig_dir = results
+    run_dir = os.path.join(sig_dir, "async")
+    assert runs[4]["iteration"] == 4
+    with open(os.path.join(run_dir, "latest")) as fh:
+        assert fh.read().strip() == "iter_0000004"
+    assert sorted(d for d in os.listdir(run_dir) if d.startswith("iter_")) == ["iter_0000004"]
+    assert not os.path.exists(os.path.join(run_dir, "RESUME"))
+    assert runs[6]["iteration"] == 4 and runs[6]["history"] == []  # resumed at the end: nothing to do
+
+
+def test_bf16_dp2_tracks_fp32(results):
+    """Float16Module + bf16 logits (fp32_output=False) + fp32 grad reduction + distributed optimizer."""
+    runs, _ = results
+    fp32, bf16 = runs[3]["history"], runs[7]["history"]
+    assert [h["loss"] for h in bf16] == pytest.approx([h["loss"] for h in fp32], rel=2e-3)
+    assert [h["lm_loss"] for h in bf16] == pytest.approx([h["lm_loss"] for h in fp32], rel=2e-3)
