@@ -28,7 +28,7 @@ RUNS = {"qwen2_tp2": ("qwen2_tied", 2, ["parallel.tp=2"], True),
         "llama31_pp2": ("llama31_untied", 2, ["parallel.pp=2"], True),
         "llama31_pp2_vp2": ("llama31_untied", 4, ["parallel.pp=2", "parallel.vp=2"], False)}
 SAVED = [r for r, spec in RUNS.items() if spec[3]]
-TRAIN = ["data.seq_length=32", "data.layout=packed", "data.synthetic_samples=256", "train.bf16=false",
+TRAIN = ["data.seq_length=32", "data.packing=true", "train.bf16=false",
          "train.global_batch_size=4", "train.micro_batch_size=2", "train.lr=3e-3", "train.warmup_iters=0",
          "train.train_iters=3", "train.dropout=0.0", "loss.method=bft", "loss.group_size=2", "logging.log_interval=1"]
 
