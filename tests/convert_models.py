@@ -42,8 +42,11 @@ def make_tokenizer(out_dir: str, vocab_size: int) -> None:
     fast.save_pretrained(out_dir)
 
 
-def make_model(name: str, out_dir: str, seed: int = 0, num_layers: int = 2):
-    """Build, randomise and ``save_pretrained`` one case; returns the HF model (fp32 copy for references)."""
+def make_model(name: str, out_dir: str, seed: int = 0, num_layers: int = 2, max_shard_size: str | None = None):
+    """Build, randomise and ``save_pretrained`` one case; returns the HF model (fp32 copy for references).
+
+    ``max_shard_size`` (e.g. ``"100KB"``) saves several safetensors files plus an index.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     family, overrides, dtype = CASES[name]
@@ -58,7 +61,7 @@ def make_model(name: str, out_dir: str, seed: int = 0, num_layers: int = 2):
                 p.copy_(1.0 + 0.2 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.15)
-    model.to(dtype).save_pretrained(out_dir)
+    model.to(dtype).save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     make_tokenizer(out_dir, overrides["vocab_size"])
     return model.float()
 

@@ -26,7 +26,8 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_import_then_export_round_trip(tmp_path):
     hf, ckpt, out = (str(tmp_path / d) for d in ("hf", "ckpt", "out"))
-    make_model("qwen2_untied_bf16", hf)
+    make_model("qwen2_untied_bf16", hf, max_shard_size="60KB")
+    assert os.path.isfile(os.path.join(hf, "model.safetensors.index.json"))  # a sharded source
     res = _cli("import", "--hf", hf, "--out", ckpt)
     assert res.returncode == 0, res.stderr[-3000:]
     assert open(os.path.join(ckpt, "latest")).read().strip() == "iter_0000000"
