@@ -70,7 +70,8 @@ def test_name_table_covers_both_specs():
     local = {r.megatron("local") for r in LAYER_RULES}
     assert "self_attention.linear_qkv.layer_norm_weight" in te and "input_layernorm.weight" in local
     assert "mlp.linear_fc1.layer_norm_weight" in te and "pre_mlp_layernorm.weight" in local
-    assert rule_by_megatron_name("pre_mlp_layernorm.weight", "local").hf == ("model.layers.{i}.post_attention_layernorm.weight",)
+    post_norm = ("model.layers.{i}.post_attention_layernorm.weight",)
+    assert rule_by_megatron_name("pre_mlp_layernorm.weight", "local").hf == post_norm
     assert detect_spec(["decoder.layers.0.input_layernorm.weight"]) == "local"
     assert detect_spec(["decoder.layers.self_attention.linear_qkv.layer_norm_weight"]) == "te"
     assert not any(r.bias for r in layer_rules(qkv_bias=False))
