@@ -41,7 +41,8 @@ def write_random_llama(out: str, layers: int, hidden: int, ffn: int, vocab: int)
         shapes.update({p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
                        p + "self_attn.q_proj.weight": (hidden, hidden),
                        p + "self_attn.o_proj.weight": (hidden, hidden),
-                       p + "self_attn.k_proj.weight": (kv * 128, hidden), p + "self_attn.v_proj.weight": (kv * 128, hidden),
+                       p + "self_attn.k_proj.weight": (kv * 128, hidden),
+                       p + "self_attn.v_proj.weight": (kv * 128, hidden),
                        p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
                        p + "mlp.down_proj.weight": (hidden, ffn)})
     names = list(shapes)
