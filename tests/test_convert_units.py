@@ -112,6 +112,8 @@ def test_shard_writer_bounds_files_and_reader_streams(tmp_path):
     with open(os.path.join(out, "model.safetensors.index.json")) as fh:
         assert json.load(fh)["metadata"]["total_size"] == 2000
     assert set(read_safetensors_dir(out)) == set(tensors)
+    with pytest.raises(FileExistsError, match="already holds HF weights"):
+        ShardWriter(out)
 
 
 def test_reader_needs_safetensors(tmp_path):

@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["HFReader", "ShardWriter", "finalize_shards", "copy_side_files", "SIDE_FILES", "DEFAULT_SHARD_BYTES"]
+__all__ = ["HFReader", "ShardWriter", "finalize_shards", "stale_weights_error", "copy_side_files", "SIDE_FILES",
+           "DEFAULT_SHARD_BYTES"]
 
 _log = get_logger(__name__)
 
@@ -69,6 +70,15 @@ class HFReader:
         self._handles.clear()
 
 
+def stale_weights_error(out_dir: str) -> str | None:
+    """An error message if ``out_dir`` already holds HF weights (stale shards would sit beside a new index)."""
+    if not os.path.isdir(out_dir):
+        return None
+    stale = [f for f in os.listdir(out_dir) if f in (INDEX, SINGLE) or
+             (f.startswith("model-") and f.endswith(".safetensors"))]
+    return f"{out_dir} already holds HF weights ({stale[0]}, ...); export into a new directory" if stale else None
+
+
 class ShardWriter:
     """Accumulate tensors; write a shard whenever the buffer would exceed ``max_shard_bytes``.
 
@@ -80,6 +90,9 @@ class ShardWriter:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
         os.makedirs(out_dir, exist_ok=True)
+        stale = stale_weights_error(out_dir)
+        if stale:
+            raise FileExistsError(stale)
         self.out_dir, self.max_bytes, self.tag = out_dir, max_shard_bytes, tag
         self._buffer: dict[str, torch.Tensor] = {}
         self._bytes = 0

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from bft_megatron.config.schema import ModelConfig
 from bft_megatron.convert.hf_config import write_hf_metadata
-from bft_megatron.convert.hf_io import DEFAULT_SHARD_BYTES, ShardWriter, finalize_shards
+from bft_megatron.convert.hf_io import DEFAULT_SHARD_BYTES, ShardWriter, finalize_shards, stale_weights_error
 from bft_megatron.convert.mapping import OUTPUT, detect_spec, rule_by_megatron_name
 from bft_megatron.convert.tensors import to_hf
 from bft_megatron.parallel.bootstrap import ParallelGroups
@@ -83,6 +83,10 @@ def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, ou
     ``tokenizer_dir`` (default ``model_cfg.from_hf``) supplies tokenizer files and the config.json
     template (checked against ``model_cfg``). ``dtype`` casts (default: the parameters' dtype).
     """
+    verdict = [stale_weights_error(out_dir) if groups.rank == 0 else None]
+    dist.broadcast_object_list(verdict, src=0)  # every rank refuses together (no half-entered collectives)
+    if verdict[0]:
+        raise FileExistsError(verdict[0])
     participates = groups.dp_rank == 0 and groups.cp_rank == 0
     manifests: list[dict[str, list[str]]] = []
     total, out_dtype = 0, dtype
