@@ -81,7 +81,7 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
     while state.iteration < cfg.train.train_iters:
         t0 = time.perf_counter()
         result = trainer.train_step()
-        trainer._account(result)
+        trainer.record_step(result)
         step_times.append(time.perf_counter() - t0)
         interval_tokens += result.real_tokens
         it = state.iteration

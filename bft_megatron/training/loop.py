@@ -140,7 +140,8 @@ class Trainer:
         return StepResult(metrics=metrics, grad_norm=grad_norm, skipped=not finite, lr=lr,
                           real_tokens=self.train_data.last_real_tokens)
 
-    def _account(self, result: StepResult) -> None:
+    def record_step(self, result: StepResult) -> None:
+        """Advance the iteration and data position; count skips (raises after too many in a row)."""
         s = self.state
         s.iteration += 1
         s.consumed_rows = self.train_data.consumed_rows
