@@ -144,3 +144,8 @@ def test_train_cli_check_and_config_errors():
     bad = subprocess.run([sys.executable, "-m", "bft_megatron.train", "--config", "configs/demo_cpu.yaml",
                           "parallel.tp=3", "--check"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "world size 1 is not divisible by parallel.tp*pp*cp" in bad.stderr
+
+
+def test_data_sources_are_validated_by_the_data_layer():
+    with pytest.raises(ValueError, match="data config: template='nope'"):
+        validate(load_config("configs/demo_cpu.yaml", ["data.template=nope"]), 1)

@@ -3,7 +3,8 @@
 One TP1 reference run saves its initial weights (iteration 0) and checkpoints at steps 2 and 4.
 Every other layout fine-tunes from the same initial weights, so all runs start identical:
 
-* DP4, TP2+SP (x DP2), TP2 (x DP2), PP2 (x DP2), PP2 x VP2 (x DP2), TP2 x PP2 must reproduce the
+* DP4, DP4 with full activation recompute, TP2+SP (x DP2), TP2 (x DP2, non-distributed
+  optimizer), PP2 (x DP2), PP2 x VP2 (x DP2), TP2 x PP2 must reproduce the
   reference losses for 4 steps (fp32; reductions reorder sums -> rtol 1e-5);
 * resuming the reference from step 2 at the same layout is bitwise identical;
 * resuming the TP2+SP x DP2 run's step-2 checkpoint at TP1 x DP1 (TP and DP resharding of model
@@ -49,6 +50,7 @@ def ref(tmp_path_factory):
 
 LAYOUTS = {
     "dp4": [],
+    "dp4_recompute": ["train.recompute=full"],
     "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "tp2": ["parallel.tp=2", "parallel.distributed_optimizer=false"],
     "pp2": ["parallel.pp=2", "train.micro_batch_size=1"],

@@ -49,15 +49,26 @@ def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
 
 
 def init_optimizer_state(optimizer) -> None:
-    """Create zero Adam state (one ``step`` tensor per parameter) so a sharded load has targets."""
-    for opt in torch_optimizers(optimizer):
-        for group in opt.param_groups:
-            for p in group["params"]:
-                st = opt.state[p]
-                if len(st) == 0:
-                    st["exp_avg"] = torch.zeros_like(p.data)
-                    st["exp_avg_sq"] = torch.zeros_like(p.data)
-                    st["step"] = torch.zeros((), dtype=torch.float32)
+    """Create zero optimizer state so a sharded save/load has targets (no-op where state exists).
+
+    megatron's own ``init_state_fn`` creates the Adam moments (TE FusedAdam keeps its step in the param
+    groups); torch Adam/AdamW additionally need one ``step`` tensor per parameter.
+    """
+    chained = getattr(optimizer, "chained_optimizers", None)
+    for m in chained if chained is not None else [optimizer]:
+        inner = getattr(m, "optimizer", None)
+        if inner is None:
+            continue
+        if getattr(m, "init_state_fn", None) is not None:
+            m.init_state_fn(inner, getattr(m, "config", None))
+        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    st = inner.state[p]
+                    if "exp_avg" not in st:
+                        st["exp_avg"] = torch.zeros_like(p.data)
+                        st["exp_avg_sq"] = torch.zeros_like(p.data)
+                    st.setdefault("step", torch.zeros((), dtype=torch.float32))
 
 
 def untie_adam_steps(optimizer) -> int:

@@ -136,4 +136,6 @@ def validate(cfg: Config, world_size: int) -> Layout:
     dp = _check_parallel(cfg, world_size)
     num_micro = _check_train(cfg, dp)
     _check_loss_ckpt(cfg)
+    if cfg.data.train:  # sources to prepare: the data layer's own checks (tokenizer, template, ...)
+        cfg.data.validate()
     return Layout(world_size=world_size, dp=dp, num_microbatches=num_micro)

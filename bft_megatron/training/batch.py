@@ -101,14 +101,17 @@ class StepData:
                                           seed=seed)
         self.total = micro_batch_size * seq_length
         self.consumed_rows = 0
+        self.last_real_tokens = 0  # non-padding tokens of this rank's last step (effective throughput)
 
     def next_step(self) -> list[MicroBatch]:
         """This DP rank's micro-batches of the next global batch; advances ``consumed_rows``."""
         batch = self.sampler.global_batch(self.consumed_rows)
         self.consumed_rows += self.sampler.gbs
-        out = []
+        out, self.last_real_tokens = [], 0
         for rows in self.sampler.rank_microbatches(batch):
-            d = collate([self.dataset[int(r)] for r in rows], packed=self.packed, pad_id=self.dataset.pad_id)
+            samples = [self.dataset[int(r)] for r in rows]
+            self.last_real_tokens += sum(len(s.tokens) for s in samples)
+            d = collate(samples, packed=self.packed, pad_id=self.dataset.pad_id)
             out.append(to_micro_batch(d, self.device, total=self.total, pad_id=self.dataset.pad_id,
                                       dense_mask=self.dense_mask))
         return out

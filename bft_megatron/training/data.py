@@ -57,6 +57,10 @@ def open_datasets(cfg: Config):
         train = PackedDataset(train_dir)
         if train.seq_length > d.seq_length:
             raise ValueError(f"prepared rows are {train.seq_length} tokens but data.seq_length={d.seq_length}")
+        tok_vocab = int(train.index["tokenizer"].get("vocab_size", 0))
+        if tok_vocab > cfg.model.vocab_size:
+            raise ValueError(f"the data was tokenized with a {tok_vocab}-token vocabulary but model.vocab_size="
+                             f"{cfg.model.vocab_size}")
         return train, PackedDataset(valid_dir) if _prepared(valid_dir) else None
     valid_rows = max(64, cfg.train.global_batch_size * cfg.train.eval_iters)
     return (SyntheticChatDataset(SYNTHETIC_TRAIN_ROWS, d.seq_length, cfg.model.vocab_size, d.packing, seed=d.seed),

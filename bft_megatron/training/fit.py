@@ -44,12 +44,17 @@ def _agree(local: bool, device) -> bool:
     return bool(flag.item())
 
 
-def _log_step(trainer: Trainer, result, step_time: float) -> None:
+def _log_step(trainer: Trainer, result, step_time: float, real_tokens: int, interval_time: float) -> None:
+    """Every rank calls this (collectives); rank 0 logs. ``real_tokens``: this rank's over the interval."""
     it = trainer.state.iteration
     values = to_rank0(result.metrics if trainer.groups.rank == trainer.reporter else None, trainer.reporter,
                       trainer.groups)
+    count = torch.tensor([real_tokens], dtype=torch.float64, device=trainer.groups.device)
+    dist.all_reduce(count, group=trainer.groups.dp)  # one DP group's ranks hold the whole global batch
     if trainer.groups.rank != 0:
         return
+    values["effective_tokens_per_s_per_gpu"] = float(count.item()) / trainer.groups.world_size / max(interval_time,
+                                                                                                      1e-9)
     grad_norm = float(result.grad_norm) if result.grad_norm is not None else None
     trainer.state.history.append({"iteration": it, "loss": values.get("loss"), "lm_loss": values.get("lm_loss"),
                                   "grad_norm": grad_norm, "skipped": result.skipped})
@@ -72,16 +77,18 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
     exit_request = exit_request or ExitRequest(install=False)
     started = time.time()
     step_times: list[float] = []
-    saved_at = -1
+    saved_at, interval_tokens = -1, 0
     while state.iteration < cfg.train.train_iters:
         t0 = time.perf_counter()
         result = trainer.train_step()
-        trainer._account(result)
+        trainer.record_step(result)
         step_times.append(time.perf_counter() - t0)
+        interval_tokens += result.real_tokens
         it = state.iteration
         if it % cfg.logging.log_interval == 0 or it == cfg.train.train_iters:
             recent = step_times[-cfg.logging.log_interval:]
-            _log_step(trainer, result, sum(recent) / len(recent))
+            _log_step(trainer, result, sum(recent) / len(recent), interval_tokens, sum(recent))
+            interval_tokens = 0
         if cfg.train.eval_interval and it % cfg.train.eval_interval == 0 and trainer.valid_data is not None:
             trainer.evaluate()
         if checkpointer is not None and cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:

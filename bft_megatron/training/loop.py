@@ -49,6 +49,7 @@ class StepResult:
     grad_norm: float | None
     skipped: bool
     lr: float  # the learning rate this step used (the scheduler has already moved on)
+    real_tokens: int  # non-padding tokens this rank processed
 
 
 class Trainer:
@@ -136,9 +137,11 @@ class Trainer:
             if updated:
                 self.scheduler.step(increment=1)
         metrics = reduce_metrics(partials, g.dp_cp) if partials else {}
-        return StepResult(metrics=metrics, grad_norm=grad_norm, skipped=not finite, lr=lr)
+        return StepResult(metrics=metrics, grad_norm=grad_norm, skipped=not finite, lr=lr,
+                          real_tokens=self.train_data.last_real_tokens)
 
-    def _account(self, result: StepResult) -> None:
+    def record_step(self, result: StepResult) -> None:
+        """Advance the iteration and data position; count skips (raises after too many in a row)."""
         s = self.state
         s.iteration += 1
         s.consumed_rows = self.train_data.consumed_rows

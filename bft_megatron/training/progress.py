@@ -90,7 +90,12 @@ class ProgressLog:
                  f"tok/s/GPU {tokens_per_gpu:.1f}"]
         if self.peak:
             parts.append(f"MFU {tokens_per_gpu * self.flops / self.peak:.3f}")
-        parts += [f"{step_time * 1000:.0f} ms/step", f"ETA {eta_min:.1f} min"]
+        parts.append(f"{step_time * 1000:.0f} ms/step")
+        if torch.cuda.is_available():
+            parts.append(f"mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        if "effective_tokens_per_s_per_gpu" in values:
+            parts.append(f"effective tok/s/GPU {values['effective_tokens_per_s_per_gpu']:.1f}")
+        parts.append(f"ETA {eta_min:.1f} min")
         if skipped:
             parts.append(f"skipped {skipped}")
         for k in ("p_conf", "p_conf_min", "sample_weight", "token_weight"):

@@ -1,0 +1,115 @@
+"""Trainer throughput on one GPU: runs ``bft_megatron.train`` for a few steps per setting, side by side.
+
+Each setting is a separate process (clean CUDA state, its own peak memory). Reported per setting: median
+step time over the steps after warm-up, tokens/s/GPU, MFU (the trainer's formula, docs/training.md),
+peak allocated memory, and the planner's estimate for the same config (``bft-megatron plan``).
+
+    python bench/train_bench.py --suite 1b      # ~1B Llama shape: sft vs bft, BF16 vs FP8
+    python bench/train_bench.py --suite 8b      # Llama-3-8B layer shapes x 8 layers, seq 8192, packed
+    python bench/train_bench.py --suite demo    # demo data: packed vs padded effective tokens/s
+Writes a markdown table to stdout and, with --json, the raw numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP = re.compile(r"step (\d+)/\d+ .*?tok/s/GPU ([\d.]+)(?: \| MFU ([\d.]+))? \| (\d+) ms/step.*?(?:mem ([\d.]+) GiB)?")
+EFFECTIVE = re.compile(r"effective tok/s/GPU ([\d.]+)")
+
+SUITES = {
+    "1b": ("configs/bench/llama_1b.yaml", [
+        ("sft bf16", ["loss.method=sft"]),
+        ("bft bf16", ["loss.method=bft"]),
+        ("sft fp8 tensorwise", ["loss.method=sft", "train.fp8=hybrid", "train.fp8_recipe=tensorwise"]),
+        ("bft fp8 tensorwise", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=tensorwise"]),
+        ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed"]),
+    ]),
+    "8b": ("configs/bench/llama8b_proxy.yaml", [
+        ("sft bf16", ["loss.method=sft"]),
+        ("bft bf16", ["loss.method=bft"]),
+        ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed"]),
+        ("bft fp8 tensorwise", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=tensorwise"]),
+    ]),
+    "demo": ("configs/bench/demo_gpu.yaml", [
+        ("bft packed", ["data.packing=true"]),
+        ("bft padded", ["data.packing=false"]),
+    ]),
+}
+
+
+def run_setting(config: str, overrides: list[str], iters: int, warmup: int, timeout: float) -> dict:
+    cmd = [sys.executable, "-m", "bft_megatron.train", "--config", config, f"train.train_iters={iters}",
+           "logging.log_interval=1", "checkpoint.save=null", *overrides]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    start = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    steps = [m for m in STEP.finditer(out) if int(m.group(1)) > warmup]
+    if proc.returncode != 0 or not steps:
+        return {"error": out[-3000:], "cmd": " ".join(cmd)}
+    ms = statistics.median(float(m.group(4)) for m in steps)
+    tok = statistics.median(float(m.group(2)) for m in steps)
+    mfu = [float(m.group(3)) for m in steps if m.group(3)]
+    mem = [float(m.group(5)) for m in steps if m.group(5)]
+    eff = [float(m.group(1)) for m in EFFECTIVE.finditer(out)]
+    return {"ms": ms, "tok_s_gpu": tok, "mfu": statistics.median(mfu) if mfu else None,
+            "peak_gib": max(mem) if mem else None, "effective_tok_s_gpu": statistics.median(eff) if eff else None,
+            "wall_s": time.time() - start, "cmd": " ".join(cmd)}
+
+
+def planned_gib(config: str, overrides: list[str]) -> float | None:
+    from bft_megatron.config.plan import plan_memory
+    from bft_megatron.config.schema import load_config
+
+    cfg = load_config(os.path.join(ROOT, config), overrides)
+    mbs = cfg.train.micro_batch_size
+    mem, _ = plan_memory(cfg, 1, cfg.train.global_batch_size // mbs)
+    return mem.total(cfg.train.recompute == "full")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=sorted(SUITES), required=True)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--timeout", type=float, default=240)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    config, settings = SUITES[args.suite]
+    rows = []
+    for name, overrides in settings:
+        res = run_setting(config, overrides, args.iters, args.warmup, args.timeout)
+        res.update(name=name, plan_gib=planned_gib(config, overrides))
+        rows.append(res)
+        sys.stdout.write(f"{name}: {json.dumps({k: v for k, v in res.items() if k != 'error'})}\n")
+        if "error" in res:
+            sys.stdout.write(res["error"] + "\n")
+    base = rows[0].get("ms")
+    lines = [f"suite {args.suite}: {config}, median of steps {args.warmup + 1}..{args.iters}",
+             "| setting | ms/step | vs first | tok/s/GPU | MFU | peak GiB | plan GiB | effective tok/s/GPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed | | | | | | |")
+            continue
+        fmt = (lambda v, f: f.format(v) if v is not None else "n/a")
+        lines.append(f"| {r['name']} | {r['ms']:.0f} | {r['ms'] / base:.3f} | {r['tok_s_gpu']:.0f} | "
+                     f"{fmt(r['mfu'], '{:.3f}')} | {fmt(r['peak_gib'], '{:.2f}')} | {fmt(r['plan_gib'], '{:.2f}')} | "
+                     f"{fmt(r['effective_tok_s_gpu'], '{:.0f}')} |")
+    sys.stdout.write("\n".join(lines) + "\n")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
