@@ -22,8 +22,28 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STEP = re.compile(r"step (\d+)/\d+ .*?tok/s/GPU ([\d.]+)(?: \| MFU ([\d.]+))? \| (\d+) ms/step.*?(?:mem ([\d.]+) GiB)?")
-EFFECTIVE = re.compile(r"effective tok/s/GPU ([\d.]+)")
+FIELDS = {"step": r"step (\d+)/\d+", "tok": r"\| tok/s/GPU ([\d.]+)", "mfu": r"MFU ([\d.]+)",
+          "ms": r"([\d.]+) ms/step", "mem": r"mem ([\d.]+) GiB", "eff": r"effective tok/s/GPU ([\d.]+)"}
+
+
+def _parse_steps(out: str, warmup: int) -> list[dict]:
+    """One dict per progress line after the warm-up steps (fields absent from a line are None)."""
+    rows = []
+    for line in out.splitlines():
+        if "ms/step" not in line or "validation" in line:
+            continue
+        row = {}
+        for key, pattern in FIELDS.items():
+            m = re.search(pattern, line)
+            row[key] = float(m.group(1)) if m else None
+        if row["step"] is not None and row["step"] > warmup:
+            rows.append(row)
+    return rows
+
+
+def _median(rows: list[dict], key: str):
+    values = [r[key] for r in rows if r[key] is not None]
+    return statistics.median(values) if values else None
 
 SUITES = {
     "1b": ("configs/bench/llama_1b.yaml", [
@@ -41,7 +61,7 @@ SUITES = {
     ]),
     "demo": ("configs/bench/demo_gpu.yaml", [
         ("bft packed", ["data.packing=true"]),
-        ("bft padded", ["data.packing=false"]),
+        ("bft padded", ["data.packing=false", "data.output_dir=runs/bench/data_1024_padded"]),
     ]),
 }
 
@@ -53,16 +73,12 @@ def run_setting(config: str, overrides: list[str], iters: int, warmup: int, time
     start = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
-    steps = [m for m in STEP.finditer(out) if int(m.group(1)) > warmup]
+    steps = _parse_steps(out, warmup)
     if proc.returncode != 0 or not steps:
         return {"error": out[-3000:], "cmd": " ".join(cmd)}
-    ms = statistics.median(float(m.group(4)) for m in steps)
-    tok = statistics.median(float(m.group(2)) for m in steps)
-    mfu = [float(m.group(3)) for m in steps if m.group(3)]
-    mem = [float(m.group(5)) for m in steps if m.group(5)]
-    eff = [float(m.group(1)) for m in EFFECTIVE.finditer(out)]
-    return {"ms": ms, "tok_s_gpu": tok, "mfu": statistics.median(mfu) if mfu else None,
-            "peak_gib": max(mem) if mem else None, "effective_tok_s_gpu": statistics.median(eff) if eff else None,
+    mem = [r["mem"] for r in steps if r["mem"] is not None]
+    return {"ms": _median(steps, "ms"), "tok_s_gpu": _median(steps, "tok"), "mfu": _median(steps, "mfu"),
+            "peak_gib": max(mem) if mem else None, "effective_tok_s_gpu": _median(steps, "eff"),
             "wall_s": time.time() - start, "cmd": " ".join(cmd)}
 
 
