@@ -22,6 +22,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 FIELDS = {"step": r"step (\d+)/\d+", "tok": r"\| tok/s/GPU ([\d.]+)", "mfu": r"MFU ([\d.]+)",
           "ms": r"([\d.]+) ms/step", "mem": r"mem ([\d.]+) GiB", "eff": r"effective tok/s/GPU ([\d.]+)"}
 

@@ -104,7 +104,7 @@ def megatron_logits(chunks: list, tokens: torch.Tensor, groups, vocab: int) -> t
     """
     import torch.distributed as dist
 
-    from bft_megatron.convert.live_export import unwrap
+    from bft_megatron.checkpoint.state import unwrap
 
     b, s = tokens.shape
     positions = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)

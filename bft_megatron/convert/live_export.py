@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from bft_megatron.checkpoint.state import unwrap
 from bft_megatron.config.schema import ModelConfig
 from bft_megatron.convert.hf_config import write_hf_metadata
 from bft_megatron.convert.hf_io import DEFAULT_SHARD_BYTES, ShardWriter, finalize_shards, stale_weights_error
@@ -29,13 +30,6 @@ __all__ = ["export_to_hf", "unwrap"]
 
 _log = get_logger(__name__)
 _LAYERS = "decoder.layers."
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
 
 
 def _gather_tp(param: torch.Tensor, axis: int | None, groups: ParallelGroups) -> torch.Tensor:
