@@ -8,7 +8,8 @@ Every other layout fine-tunes from the same initial weights, so all runs start i
   reference losses for 4 steps (fp32; reductions reorder sums -> rtol 1e-5);
 * resuming the reference from step 2 at the same layout is bitwise identical;
 * resuming the TP2+SP x DP2 run's step-2 checkpoint at TP1 x DP1 (TP and DP resharding of model
-  and optimizer state) matches its uninterrupted steps 3-4 within rtol 1e-5;
+  and optimizer state) matches its uninterrupted steps 3-4 within rtol 1e-5, and likewise the
+  PP2 x VP2 x DP2 run's checkpoint at PP1;
 * a process killed after writing step 4's shards but before committing leaves ``latest`` at step
   2; restarting the same config (``checkpoint.save`` = that directory) resumes from it and continues
   bitwise like the reference.
@@ -64,14 +65,16 @@ def layouts(ref, tmp_path_factory):
     run_dir, variant_dir = ref[0], ref[2]
     init = os.path.join(run_dir, "iter_0000000")
     tp2_dir = str(tmp_path_factory.mktemp("tp2_sp"))
+    vp_dir = str(tmp_path_factory.mktemp("pp2_vp2"))
+    saves = {"tp2_sp": tp2_dir, "pp2_vp2": vp_dir}
     runs = []
     for name, extra in LAYOUTS.items():
-        save = [f"checkpoint.save={tp2_dir}", "checkpoint.save_interval=2"] if name == "tp2_sp" else []
+        save = [f"checkpoint.save={saves[name]}", "checkpoint.save_interval=2"] if name in saves else []
         runs.append({"overrides": TINY + [f"checkpoint.load={init}", "checkpoint.finetune=true"] + extra + save})
     runs.append({"overrides": TINY + VARIANT + [f"checkpoint.load={variant_dir}/iter_0000000", "checkpoint.finetune=true",
                                                 "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"]})
     results = launch(4, runs, timeout=400)
-    return dict(zip(LAYOUTS, results)), tp2_dir, results[-1]
+    return dict(zip(LAYOUTS, results)), tp2_dir, results[-1], vp_dir
 
 
 def test_reference_trains(ref):
@@ -114,6 +117,7 @@ def resumed(ref, layouts, killed):
         {"overrides": TINY + [f"checkpoint.load={tp2_dir}/iter_0000002"]},
         # restart of the crashed job with its own config: resumes from checkpoint.save's `latest`
         {"overrides": TINY + [f"checkpoint.save={killed[0]}", "checkpoint.save_interval=2"]},
+        {"overrides": TINY + [f"checkpoint.load={layouts[3]}/iter_0000002"]},
     ]
     return launch(1, runs)
 
@@ -126,6 +130,11 @@ def test_resume_same_layout_is_bitwise(ref, resumed):
 def test_resume_resharded_tp2_dp2_to_tp1(layouts, resumed):
     uninterrupted = _losses(layouts[0]["tp2_sp"])[2:]
     assert _losses(resumed[1]) == pytest.approx(uninterrupted, rel=RTOL, abs=ATOL)
+
+
+def test_resume_resharded_pp2_vp2_dp2_to_pp1(layouts, resumed):
+    uninterrupted = _losses(layouts[0]["pp2_vp2"])[2:]
+    assert _losses(resumed[3]) == pytest.approx(uninterrupted, rel=RTOL, abs=ATOL)
 
 
 def test_restart_after_kill_resumes_from_previous_checkpoint(ref, killed, resumed):

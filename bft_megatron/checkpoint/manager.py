@@ -40,8 +40,9 @@ class Checkpointer:
         init_optimizer_state(trainer.optimizer)  # no-op after the first step; needed to save at step 0
         model_sd = model_sharded_state_dict(trainer.model)
         sd = dict(model_sd)
-        merged_model = {k: v for d in model_sd.values() for k, v in d.items()}
-        sd["optimizer"] = trainer.optimizer.sharded_state_dict(merged_model, is_loading=False, metadata=OPT_METADATA)
+        # Pass the nested per-chunk dicts: megatron maps parameters through their values, and the chunks'
+        # local keys (decoder.layers.0...) collide, so merging them would lose parameters under VP.
+        sd["optimizer"] = trainer.optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPT_METADATA)
         sd["rng_state"] = rng_sharded_object(self.groups)
         sd["scheduler"] = trainer.scheduler.state_dict()
         s = trainer.state
@@ -151,9 +152,7 @@ class Checkpointer:
         init_optimizer_state(trainer.optimizer)
         model_sd = model_sharded_state_dict(trainer.model)
         request = dict(model_sd)
-        merged_model = {k: v for d in model_sd.values() for k, v in d.items()}
-        request["optimizer"] = trainer.optimizer.sharded_state_dict(merged_model, is_loading=True,
-                                                                    metadata=OPT_METADATA)
+        request["optimizer"] = trainer.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPT_METADATA)
         if same_layout:
             request["rng_state"] = rng_sharded_object(self.groups)
         loaded = dist_checkpointing.load(request, path)
