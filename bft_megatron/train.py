@@ -22,6 +22,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _export_hf(cfg, trainer, groups, state, log) -> None:
+    """``checkpoint.export_hf``: write the final weights as HF safetensors (collective; skipped if stopped early)."""
+    if state.iteration < cfg.train.train_iters:
+        log.info("stopped at step %d before train.train_iters=%d: no HF export", state.iteration,
+                 cfg.train.train_iters)
+        return
+    from bft_megatron.convert.live_export import export_to_hf
+
+    out_dir = os.path.join(cfg.checkpoint.save or ".", f"hf_iter_{state.iteration:07d}")
+    export_to_hf(trainer.model, cfg.model, out_dir, groups, tokenizer_dir=cfg.model.from_hf)
+    log.info("exported Hugging Face weights to %s", out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     from bft_megatron.config import ConfigError, load_config, validate
@@ -58,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         state = fit(trainer, checkpointer if cfg.checkpoint.save else None, exit_request)
         log.info("done: %d steps, %d skipped, %d rows consumed", state.iteration, state.skipped_steps,
                  state.consumed_rows)
+        if cfg.checkpoint.export_hf:
+            _export_hf(cfg, trainer, groups, state, log)
     finally:
         bootstrap.destroy()
     return 0

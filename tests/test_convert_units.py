@@ -12,7 +12,9 @@ from bft_megatron.config.base import ConfigError
 from bft_megatron.config.schema import ModelConfig
 from bft_megatron.convert.cli import parse_size
 from bft_megatron.convert.hf_io import HFReader, ShardWriter, finalize_shards
-from bft_megatron.convert.importer import legacy_rope_keys, model_config_from_hf_dir
+from bft_megatron.config.hf import merge_hf_config
+from bft_megatron.config.schema import ModelConfig
+from bft_megatron.convert.importer import model_config_from_hf_dir
 from bft_megatron.convert.mapping import (EMBEDDING, LAYER_RULES, OUTPUT, detect_spec, global_rules, layer_rules,
                                           rule_by_megatron_name)
 from bft_megatron.convert.qkv import merge_gate_up, merge_qkv, split_gate_up, split_qkv
@@ -135,8 +137,12 @@ def test_transformers5_rope_parameters_are_read(tmp_path):
             "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
     m = model_config_from_hf_dir(_write_config(tmp_path, rope_parameters=rope))
     assert m.rope_theta == 500000.0 and m.rope_scaling is not None and m.rope_scaling.factor == 8.0
-    plain = legacy_rope_keys({"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
-    assert plain["rope_theta"] == 1e6 and "rope_scaling" not in plain
+    # The trainer's `model.from_hf` reads the same fields.
+    trained = merge_hf_config(ModelConfig(from_hf=str(tmp_path)), explicit=set())
+    assert trained.rope_theta == 500000.0 and trained.rope_scaling == m.rope_scaling
+    plain = model_config_from_hf_dir(_write_config(tmp_path, rope_parameters={"rope_type": "default",
+                                                                              "rope_theta": 1e6}))
+    assert plain.rope_theta == 1e6 and plain.rope_scaling is None
 
 
 def test_unsupported_configs_are_rejected(tmp_path):

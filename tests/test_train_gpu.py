@@ -15,7 +15,7 @@ pytestmark = pytest.mark.gpu
 
 GPU_TINY = ["model.hidden_size=128", "model.num_layers=2", "model.num_attention_heads=4", "model.num_query_groups=2",
             "model.ffn_hidden_size=384", "model.vocab_size=256", "model.make_vocab_size_divisible_by=64",
-            "data.seq_length=128", "data.layout=packed", "train.global_batch_size=16", "train.micro_batch_size=4",
+            "data.seq_length=128", "data.packing=true", "train.global_batch_size=16", "train.micro_batch_size=4",
             "train.lr=3e-3", "train.warmup_iters=5", "train.train_iters=30", "train.bf16=true", "loss.group_size=16"]
 
 

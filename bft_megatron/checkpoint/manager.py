@@ -16,6 +16,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from bft_megatron.checkpoint.weights import load_model_weights
 from bft_megatron.checkpoint import pointer
 from bft_megatron.checkpoint.state import (OPT_METADATA, init_optimizer_state, layout_of, model_sharded_state_dict,
                                            restore_rng, rng_sharded_object, tolerate_missing_adam_step,
@@ -132,11 +133,7 @@ class Checkpointer:
         return True
 
     def _load_weights(self, trainer, path: str) -> None:
-        from megatron.core import dist_checkpointing
-
-        request = model_sharded_state_dict(trainer.model)
-        loaded = dist_checkpointing.load(request, path)
-        self._apply_model(trainer, loaded)
+        load_model_weights(trainer.model, path)
         trainer.optimizer.reload_model_params()
 
     def _apply_model(self, trainer, loaded: dict) -> None:

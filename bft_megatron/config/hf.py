@@ -26,12 +26,39 @@ def _rope_scaling(raw):
                        original_max_position_embeddings=int(raw["original_max_position_embeddings"]))
 
 
+def _legacy_rope_keys(hf: dict) -> dict:
+    """Copy of an HF config dict with top-level ``rope_theta`` / ``rope_scaling``.
+
+    transformers >= 5 writes ``rope_parameters`` (theta and scaling together) instead of the 4.x keys;
+    without this, rope theta and Llama-3.1 scaling would silently fall back to defaults.
+    """
+    hf = dict(hf)
+    rope = hf.get("rope_parameters")
+    if isinstance(rope, dict):
+        if "rope_theta" in rope:
+            hf.setdefault("rope_theta", rope["rope_theta"])
+        if rope.get("rope_type", "default") != "default" and not hf.get("rope_scaling"):
+            hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return hf
+
+
+def _check_supported(hf: dict) -> None:
+    heads, hidden, head_dim = int(hf["num_attention_heads"]), int(hf["hidden_size"]), hf.get("head_dim")
+    if head_dim is not None and int(head_dim) * heads != hidden:
+        raise ConfigError(f"model.from_hf: head_dim={head_dim} != hidden_size/num_attention_heads "
+                          f"({hidden}/{heads}); not supported")
+    if hf.get("use_sliding_window"):
+        raise ConfigError("model.from_hf: use_sliding_window=true is not supported (the model attends globally)")
+
+
 def model_fields_from_hf(hf: dict) -> dict:
     """Map HF config keys to ours. Raises :class:`ConfigError` for an unsupported architecture."""
+    hf = _legacy_rope_keys(hf)
     archs = hf.get("architectures") or []
     family = next((_FAMILIES[a] for a in archs if a in _FAMILIES), None)
     if family is None:
         raise ConfigError(f"model.from_hf: unsupported architectures {archs!r}; expected one of {list(_FAMILIES)}")
+    _check_supported(hf)
     heads = int(hf["num_attention_heads"])
     return {
         "family": family,

@@ -112,6 +112,7 @@ class CheckpointConfig:
     keep_last: int | None = None  # None = keep all
     async_save: bool = False
     save_on_signal: bool = True  # SIGTERM / SIGUSR1 -> save and exit
+    export_hf: bool = False  # after the last step, also write HF safetensors to <save>/hf_iter_<N>
 
 
 @dataclass

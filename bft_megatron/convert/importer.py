@@ -34,7 +34,7 @@ from bft_megatron.convert.runtime import process_group
 from bft_megatron.model import build_model_chunks, builder, padded_vocab_size
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["import_hf", "model_config_from_hf_dir", "legacy_rope_keys", "HF_SUBDIR"]
+__all__ = ["import_hf", "model_config_from_hf_dir", "HF_SUBDIR"]
 
 _log = get_logger(__name__)
 
@@ -43,37 +43,13 @@ HF_SUBDIR = "hf"
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def legacy_rope_keys(hf: dict) -> dict:
-    """Copy of an HF config dict with top-level ``rope_theta`` / ``rope_scaling``.
-
-    transformers >= 5 writes ``rope_parameters`` (theta and scaling together) instead of the
-    4.x keys that :func:`model_fields_from_hf` reads; without this, rope theta and Llama-3.1
-    scaling would silently fall back to defaults.
-    """
-    hf = dict(hf)
-    rope = hf.get("rope_parameters")
-    if isinstance(rope, dict):
-        if "rope_theta" in rope:
-            hf.setdefault("rope_theta", rope["rope_theta"])
-        if rope.get("rope_type", "default") != "default" and not hf.get("rope_scaling"):
-            hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return hf
-
-
 def model_config_from_hf_dir(hf_dir: str) -> ModelConfig:
     """:class:`ModelConfig` from ``hf_dir/config.json`` (unsupported architectures raise ConfigError)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
     with open(path, encoding="utf-8") as fh:
-        hf = legacy_rope_keys(json.load(fh))
-    fields = model_fields_from_hf(hf)
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) * fields["num_attention_heads"] != fields["hidden_size"]:
-        raise ValueError(f"{path}: head_dim={head_dim} != hidden_size/num_attention_heads "
-                         f"({fields['hidden_size']}/{fields['num_attention_heads']}); not supported")
-    if hf.get("use_sliding_window"):
-        raise ValueError(f"{path}: use_sliding_window=true is not supported (the megatron model attends globally)")
+        fields = model_fields_from_hf(json.load(fh))
     return ModelConfig(from_hf=hf_dir, **fields)
 
 

@@ -1,0 +1,39 @@
+"""`checkpoint.export_hf: true`: the trainer writes HF safetensors after its last step, loadable by transformers."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.launch import ROOT, TINY
+
+
+@pytest.mark.slow
+def test_train_exports_hf_weights_at_the_end(tmp_path):
+    save = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bft_megatron.train", *TINY, "train.train_iters=2", f"checkpoint.save={save}",
+           "checkpoint.export_hf=true"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = save / "hf_iter_0000002"
+    assert (out / "config.json").is_file() and (out / "model.safetensors.index.json").is_file()
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert model.config.hidden_size == 64 and model.config.num_hidden_layers == 4
+    assert model.get_input_embeddings().weight.shape[0] == 128          # vocabulary padding stripped
+    generated = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 7)
+
+
+def test_export_hf_needs_a_save_dir():
+    from bft_megatron.config import ConfigError, load_config, validate
+
+    cfg = load_config(None, TINY + ["checkpoint.export_hf=true"])
+    with pytest.raises(ConfigError, match="checkpoint.export_hf"):
+        validate(cfg, 1)
