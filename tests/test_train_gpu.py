@@ -38,13 +38,16 @@ def _trainer(groups, extra=()):
 
 
 def test_thd_packing_matches_samples_alone(groups):
-    from bft_megatron.training.batch import collate
+    from bft_megatron.data.collate import collate
+    from bft_megatron.training.batch import to_micro_batch
 
     trainer = _trainer(groups)
     assert trainer.thd
     model = trainer.model[0]
-    rows = [trainer.train_sampler.dataset[i] for i in range(2)]
-    mb = collate(rows, packed=True, device=groups.device, thd=True)
+    data = trainer.train_data
+    rows = [data.dataset[i] for i in range(2)]
+    mb = to_micro_batch(collate(rows, packed=True, pad_id=data.dataset.pad_id), groups.device,
+                        total=2 * trainer.cfg.data.seq_length, pad_id=data.dataset.pad_id, dense_mask=False)
     with torch.no_grad():
         packed = model(mb.tokens.reshape(1, -1), mb.position_ids.reshape(1, -1), None,
                        packed_seq_params=mb.packed_seq_params())[0].float()
@@ -65,7 +68,8 @@ def test_bf16_bft_trains_and_resumes(groups, tmp_path):
     fit(trainer, Checkpointer(trainer.cfg, groups))
     hist = trainer.state.history
     assert hist[-1]["lm_loss"] < 0.7 * hist[0]["lm_loss"], [h["lm_loss"] for h in hist]
-    resumed = _trainer(groups, save + [f"checkpoint.load={tmp_path}/iter_0000020"])
+    # No checkpoint.save here: a run resumes its own save dir's `latest` (iteration 30) before checkpoint.load.
+    resumed = _trainer(groups, [f"checkpoint.load={tmp_path}/iter_0000020"])
     ck = Checkpointer(resumed.cfg, groups)
     assert ck.load(resumed)
     fit(resumed, None)
