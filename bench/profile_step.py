@@ -1,0 +1,61 @@
+"""Profile a few training steps on one GPU and list where the host waits for the device.
+
+    python bench/profile_step.py --config configs/bench/llama_1b.yaml [--iters 6] [overrides ...]
+
+Prints the events with the most self CPU time and every synchronising call (``.item()``, blocking copies,
+stream/device synchronise) with the Python stack that issued it, per training step. A step whose host
+time exceeds its device time is launch-bound: the fix is fewer syncs, not faster kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item",
+               "cudaMemcpyAsync", "cudaEventSynchronize")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--out", default=None, help="write the report here as well")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    from bft_megatron.config import load_config, validate
+    from bft_megatron.parallel import bootstrap
+    from bft_megatron.training.build import build_trainer
+    from bft_megatron.training.fit import fit
+
+    cfg = load_config(args.config, args.overrides + [f"train.train_iters={args.iters}", "checkpoint.save=null"])
+    groups = bootstrap.initialize(seed=cfg.train.seed)
+    trainer = build_trainer(cfg, validate(cfg, 1), groups)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        fit(trainer, None)
+        torch.cuda.synchronize()
+    lines = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)]
+    stacks = prof.key_averages(group_by_stack_n=6)
+    for evt in stacks:
+        if evt.key in SYNC_EVENTS:
+            where = " <- ".join(s for s in evt.stack if "bft_megatron" in s or "megatron" in s
+                                or "transformer_engine" in s)[:600]
+            lines.append(f"{evt.key}: {evt.count / args.iters:.1f}/step, self cpu {evt.self_cpu_time_total / 1e3:.1f} ms"
+                         f" total | {where}")
+    report = "\n".join(lines) + "\n"
+    sys.stdout.write(report)
+    if args.out:
+        with open(args.out, "w") as fh:
+            fh.write(report)
+    bootstrap.destroy()
+
+
+if __name__ == "__main__":
+    main()
