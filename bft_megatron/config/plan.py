@@ -148,6 +148,8 @@ def plan_throughput(cfg, mfu: float, peak_tflops: float) -> float:
 
 def _derived_layout(cfg, gpus: int) -> tuple[int, int]:
     p, t = cfg.parallel, cfg.train
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
     model_parallel = p.tp * p.pp * p.cp
     if gpus % model_parallel:
         raise ValueError(f"--gpus={gpus} is not divisible by parallel.tp*pp*cp = {model_parallel}")
@@ -193,8 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from bft_megatron.config.schema import load_config
 
+    if not 0 < args.mfu <= 1:
+        ap.error(f"--mfu must be in (0, 1], got {args.mfu}")
     cfg = load_config(args.config, args.overrides)
-    sys.stdout.write(format_plan(cfg, args.gpus, args.mfu, args.peak_tflops) + "\n")
+    try:
+        report = format_plan(cfg, args.gpus, args.mfu, args.peak_tflops)
+    except ValueError as exc:
+        ap.error(str(exc))                     # exit status 2 with the message, no traceback
+    sys.stdout.write(report + "\n")
     return 0
 
 
