@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -65,7 +66,7 @@ def test_two_nodes_on_loopback(tmp_path):
         codes = _wait_all(procs, TIMEOUT_S)
     finally:
         _kill_groups(procs)
-    texts = [open(path, encoding="utf-8", errors="replace").read() for path in logs]
+    texts = [Path(path).read_text(encoding="utf-8", errors="replace") for path in logs]
     assert codes == [0, 0], f"exit codes {codes}\n--- node 0\n{texts[0][-6000:]}\n--- node 1\n{texts[1][-3000:]}"
     node0, node1 = texts
     assert "torchrun.sh: node 0/2, 1 proc/node, master 127.0.0.1" in node0
