@@ -83,13 +83,22 @@ def _layer_activation_bytes(m, seq: int, mbs: int, p) -> float:
     return sb * per_token
 
 
-def _in_flight(p, num_microbatches: int) -> float:
-    """Micro-batches whose activations the first pipeline stage holds at once (1F1B / interleaved)."""
+def _in_flight(p, num_microbatches: int, stage: str) -> float:
+    """Micro-batches of ``num_layers/pp`` layers whose activations a pipeline stage holds at once.
+
+    Megatron's schedules keep ``warmup + 1`` forward passes (of one model chunk each) before the first
+    backward: 1F1B ``pp - rank - 1``; interleaved ``2*(pp - rank - 1) + (vp - 1)*pp`` chunks, capped at
+    all of them. A chunk is ``1/vp`` of the stage's layers. First stage: ``pp`` (1F1B) or
+    ``pp*(1 + (pp-1)/(pp*vp))`` (interleaved); the last stage: 1, or ``((vp-1)*pp + 1)/vp``.
+    """
     if p.pp == 1:
         return 1.0
+    rank = 0 if stage == "first" else p.pp - 1
     vp = p.vp or 1
-    flight = min(p.pp, num_microbatches)
-    return flight * (1 + (p.pp - 1) / (p.pp * vp)) if vp > 1 else flight
+    if vp == 1:
+        return float(min(p.pp - rank, num_microbatches))
+    chunks = min(2 * (p.pp - rank - 1) + (vp - 1) * p.pp + 1, num_microbatches * vp)
+    return chunks / vp
 
 
 def plan_memory(cfg, dp: int, num_microbatches: int) -> tuple[MemoryPlan, str]:
@@ -98,7 +107,6 @@ def plan_memory(cfg, dp: int, num_microbatches: int) -> tuple[MemoryPlan, str]:
     seq, mbs = cfg.data.seq_length, t.micro_batch_size
     layers_here = m.num_layers / p.pp
     act_layer = _layer_activation_bytes(m, seq, mbs, p)
-    in_flight = _in_flight(p, num_microbatches)
     layer_input = 2 * seq / p.cp * mbs * m.hidden_size / (p.tp if p.sequence_parallel else 1)
     vocab = _padded_vocab(m, p.tp)
     plans = {}
@@ -106,7 +114,7 @@ def plan_memory(cfg, dp: int, num_microbatches: int) -> tuple[MemoryPlan, str]:
         params = _stage_params(m, p, stage)
         shard = dp * p.cp if p.distributed_optimizer else 1
         logits = 2 * 2 * seq / p.cp * mbs * vocab / p.tp if stage != "first" else 0.0
-        flight = 1.0 if stage == "last" else in_flight
+        flight = _in_flight(p, num_microbatches, stage)
         linear_params = layers_here * (layer_params(m) - 2 * m.hidden_size) / p.tp
         plans[stage] = MemoryPlan(
             weights=2 * params / GIB,
@@ -140,6 +148,8 @@ def plan_throughput(cfg, mfu: float, peak_tflops: float) -> float:
 
 def _derived_layout(cfg, gpus: int) -> tuple[int, int]:
     p, t = cfg.parallel, cfg.train
+    if gpus < 1:
+        raise ValueError(f"--gpus must be >= 1, got {gpus}")
     model_parallel = p.tp * p.pp * p.cp
     if gpus % model_parallel:
         raise ValueError(f"--gpus={gpus} is not divisible by parallel.tp*pp*cp = {model_parallel}")
@@ -167,7 +177,7 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
         f"  logits + their gradient        {mem.logits:8.2f} GiB",
         f"  fp8 weight copies              {mem.fp8_buffers:8.2f} GiB",
         f"  runtime overhead               {mem.overhead:8.2f} GiB",
-        f"  total{' (with recompute)' if recompute else ''}                     {mem.total(recompute):8.2f} GiB",
+        f"  {'total (with recompute)' if recompute else 'total':<31}{mem.total(recompute):8.2f} GiB",
         f"throughput at MFU {mfu:.2f} of {peak_tflops:.0f} TFLOP/s: {tps:,.0f} tokens/s/GPU "
         f"({flops_per_token(cfg.model, cfg.data.seq_length) / 1e9:.1f} GFLOP/token)",
     ]
@@ -185,6 +195,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from bft_megatron.config.schema import load_config
 
+    if not 0 < args.mfu <= 1:
+        ap.error(f"--mfu must be in (0, 1], got {args.mfu}")
     cfg = load_config(args.config, args.overrides)
-    sys.stdout.write(format_plan(cfg, args.gpus, args.mfu, args.peak_tflops) + "\n")
+    try:
+        report = format_plan(cfg, args.gpus, args.mfu, args.peak_tflops)
+    except ValueError as exc:
+        ap.error(str(exc))                     # exit status 2 with the message, no traceback
+    sys.stdout.write(report + "\n")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

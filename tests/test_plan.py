@@ -1,0 +1,216 @@
+"""``bft-megatron plan``: the memory and FLOP model, checked against numbers written out by hand.
+
+The tiny model: hidden 64, 4 layers, 4 heads / 2 KV groups (head_dim 16), SwiGLU FFN 128, vocabulary 250
+padded to 256 (multiple of 64 x TP), 32-token rows, micro-batch 2. All bytes below are derived here from
+first principles (bf16 weights, fp32 gradient buffers, fp32 master + two Adam moments, bf16 activations),
+not by calling the planner's helpers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bft_megatron.config.plan import (GIB, RUNTIME_OVERHEAD_GIB, flops_per_token, format_plan, main, plan_memory,
+                                      total_params)
+from bft_megatron.config.schema import load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["model.hidden_size=64", "model.num_layers=4", "model.num_attention_heads=4", "model.num_query_groups=2",
+        "model.ffn_hidden_size=128", "model.vocab_size=250", "model.make_vocab_size_divisible_by=64",
+        "data.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=8"]
+
+# One layer: QKV 64 x (64 + 2*2*16 = 128), output projection 64 x 64, SwiGLU 3 x 64 x 128, two norms of 64.
+LAYER = 64 * 128 + 64 * 64 + 3 * 64 * 128 + 2 * 64          # 36992
+LINEAR = LAYER - 2 * 64                                      # 36864 (FP8-cast weights)
+TABLE = 256 * 64                                             # padded embedding / output layer: 16384
+# Activations per token per layer (TP1), bf16: four hidden-sized tensors (qkv input, attention output,
+# projection input, fc1 input) + q/k/v (128) + fc1 output (gate and up, 2 x 128) + SwiGLU output (128);
+# plus the two norm inputs (2 x 2 x 64) and the fp32 log-sum-exp per head (4 x 4).
+ACT_TOKEN = 2 * (4 * 64 + 128 + 3 * 128) + 2 * 2 * 64 + 4 * 4   # 1808 bytes
+TOKENS = 32 * 2                                               # seq x micro-batch
+ACT_LAYER = TOKENS * ACT_TOKEN                                # 115712 bytes
+LOGITS = 2 * 2 * TOKENS * 256                                 # bf16 logits + bf16 gradient: 65536 bytes
+
+
+def cfg_of(*overrides: str):
+    return load_config(None, TINY + list(overrides))
+
+
+def gib(nbytes: float) -> float:
+    return nbytes / GIB
+
+
+def test_total_params_tiny_and_real_models():
+    assert total_params(cfg_of().model) == 4 * LAYER + 2 * 250 * 64 + 64                # untied: 180032
+    assert total_params(cfg_of("model.tie_embeddings=true").model) == 4 * LAYER + 250 * 64 + 64
+    llama8b = cfg_of("model.hidden_size=4096", "model.num_layers=32", "model.num_attention_heads=32",
+                     "model.num_query_groups=8", "model.ffn_hidden_size=14336", "model.vocab_size=128256")
+    assert total_params(llama8b.model) == pytest.approx(8.03e9, rel=1e-3)
+    llama70b = load_config(os.path.join(ROOT, "configs/llama3.1_70b_tp8pp4.yaml"))
+    assert total_params(llama70b.model) == pytest.approx(70.55e9, rel=1e-3)
+    qwen72b = load_config(os.path.join(ROOT, "configs/qwen2.5_72b.yaml"))
+    assert total_params(qwen72b.model) == pytest.approx(72.71e9, rel=1e-3)   # Qwen's model card: 72.7B
+
+
+def test_single_stage_untied_distributed_optimizer_dp2():
+    mem, stage = plan_memory(cfg_of(), dp=2, num_microbatches=2)
+    params = 4 * LAYER + 2 * TABLE + 64                       # layers + embedding + output layer + final norm
+    assert stage == "only"
+    assert mem.weights == pytest.approx(gib(2 * params))
+    assert mem.gradients == pytest.approx(gib(4 * params))
+    assert mem.optimizer == pytest.approx(gib(12 * params / 2))          # sharded over 2 DP ranks
+    assert mem.activations == pytest.approx(gib(4 * ACT_LAYER))         # 4 layers, 1 micro-batch in flight
+    assert mem.logits == pytest.approx(gib(LOGITS))
+    assert mem.fp8_buffers == 0.0 and mem.overhead == RUNTIME_OVERHEAD_GIB
+    expected = gib(18 * params - 6 * params + 4 * ACT_LAYER + LOGITS) + 2.5
+    assert mem.total(recompute=False) == pytest.approx(expected)
+
+
+def test_tied_embeddings_hold_one_table_on_a_single_stage():
+    untied, _ = plan_memory(cfg_of(), dp=1, num_microbatches=4)
+    tied, _ = plan_memory(cfg_of("model.tie_embeddings=true"), dp=1, num_microbatches=4)
+    assert untied.weights - tied.weights == pytest.approx(gib(2 * TABLE))
+    assert untied.optimizer - tied.optimizer == pytest.approx(gib(12 * TABLE))   # dp=1: nothing sharded
+
+
+def test_distributed_optimizer_shards_only_the_optimizer():
+    on, _ = plan_memory(cfg_of(), dp=4, num_microbatches=1)
+    off, _ = plan_memory(cfg_of("parallel.distributed_optimizer=false"), dp=4, num_microbatches=1)
+    assert off.optimizer == pytest.approx(4 * on.optimizer)
+    assert (off.weights, off.gradients) == (on.weights, on.gradients)
+
+
+def test_tensor_and_sequence_parallel_split_activations_and_logits():
+    mem, _ = plan_memory(cfg_of("parallel.tp=2"), dp=1, num_microbatches=4)
+    # Vocabulary padded to a multiple of 64 x 2 = 128: still 256; everything /2 except the norm inputs.
+    act = TOKENS * (2 * (4 * 64 + 128 + 3 * 128) / 2 + 2 * 2 * 64 + 4 * 4 / 2)
+    assert mem.activations == pytest.approx(gib(4 * act))
+    assert mem.logits == pytest.approx(gib(LOGITS / 2))
+    sp, _ = plan_memory(cfg_of("parallel.tp=2", "parallel.sequence_parallel=true"), dp=1, num_microbatches=4)
+    assert sp.activations == pytest.approx(gib(4 * TOKENS * ACT_TOKEN / 2))   # norm inputs sharded too
+
+
+def test_pipeline_first_stage_is_most_loaded_with_small_vocab():
+    mem, stage = plan_memory(cfg_of("parallel.pp=2"), dp=1, num_microbatches=4)
+    assert stage == "first"
+    params = 2 * LAYER + TABLE                                # 2 layers + embedding, no final norm
+    assert mem.weights == pytest.approx(gib(2 * params))
+    assert mem.activations == pytest.approx(gib(2 * 2 * ACT_LAYER))     # 1F1B: pp=2 micro-batches in flight
+    assert mem.logits == 0.0
+
+
+def test_pipeline_last_stage_wins_with_large_vocab():
+    mem, stage = plan_memory(cfg_of("parallel.pp=2", "model.vocab_size=8192"), dp=1, num_microbatches=4)
+    assert stage == "last"
+    params = 2 * LAYER + 8192 * 64 + 64                       # 2 layers + output layer + final norm
+    assert mem.weights == pytest.approx(gib(2 * params))
+    assert mem.activations == pytest.approx(gib(1 * 2 * ACT_LAYER))     # the last stage holds 1 micro-batch
+    assert mem.logits == pytest.approx(gib(2 * 2 * TOKENS * 8192))
+
+
+def test_pipeline_tied_embedding_copy_lives_on_last_stage():
+    untied, _ = plan_memory(cfg_of("parallel.pp=2", "model.vocab_size=8192"), dp=1, num_microbatches=4)
+    tied, stage = plan_memory(cfg_of("parallel.pp=2", "model.vocab_size=8192", "model.tie_embeddings=true"),
+                              dp=1, num_microbatches=4)
+    assert stage == "last" and tied.weights == untied.weights
+
+
+def test_interleaved_pipeline_follows_megatron_warmup():
+    # pp=2, vp=2, 4 micro-batches: Megatron warms up 2*(pp-rank-1) + (vp-1)*pp chunk passes, holds one more.
+    # First stage: 2 + 2 + 1 = 5 chunks of 1 layer = 2.5 micro-batches of the stage's 2 layers.
+    # Last stage:  0 + 2 + 1 = 3 chunks = 1.5 micro-batches.
+    overrides = ("parallel.pp=2", "parallel.vp=2")
+    first, stage = plan_memory(cfg_of(*overrides), dp=1, num_microbatches=4)
+    assert stage == "first" and first.activations == pytest.approx(gib(2.5 * 2 * ACT_LAYER))
+    last, stage = plan_memory(cfg_of(*overrides, "model.vocab_size=8192"), dp=1, num_microbatches=4)
+    assert stage == "last" and last.activations == pytest.approx(gib(1.5 * 2 * ACT_LAYER))
+
+
+def test_fewer_microbatches_than_stages_caps_in_flight():
+    mem, _ = plan_memory(cfg_of("parallel.pp=4"), dp=1, num_microbatches=2)
+    assert mem.activations == pytest.approx(gib(2 * 1 * ACT_LAYER))    # min(pp=4, m=2) x 1 layer
+
+
+def test_full_recompute_keeps_layer_inputs_plus_one_layer():
+    mem, _ = plan_memory(cfg_of("train.recompute=full"), dp=1, num_microbatches=4)
+    layer_input = 2 * TOKENS * 64                             # bf16 hidden state entering each layer
+    assert mem.activations_recompute == pytest.approx(gib(4 * layer_input + ACT_LAYER))
+    assert mem.total(recompute=True) == pytest.approx(mem.total(False) - mem.activations + mem.activations_recompute)
+    assert "total (with recompute)" in format_plan(cfg_of("train.recompute=full"), 1, 0.4, 989.0)
+
+
+def test_fp8_adds_weight_and_transpose_copies_of_linear_layers():
+    mem, _ = plan_memory(cfg_of("train.fp8=hybrid"), dp=1, num_microbatches=4)
+    assert mem.fp8_buffers == pytest.approx(gib(2 * 4 * LINEAR))        # 1-byte weight + 1-byte transpose
+    tp2, _ = plan_memory(cfg_of("train.fp8=hybrid", "parallel.tp=2"), dp=1, num_microbatches=4)
+    assert tp2.fp8_buffers == pytest.approx(mem.fp8_buffers / 2)
+
+
+def test_flops_per_token_by_hand():
+    # Forward: 2 FLOPs per weight of the dense layers, 2*s*h for QK^T+AV (4*s*h halved for causal masking),
+    # 2*h*V for the output layer; training = 3 x forward.
+    dense = 64 * 128 + 64 * 64 + 3 * 64 * 128
+    expected = 3 * (2 * 4 * (dense + 32 * 64) + 2 * 64 * 250)
+    assert flops_per_token(cfg_of().model, 32) == expected == 1029888
+    report = format_plan(cfg_of(), 4, 0.5, 100.0)             # 0.5 x 100 TFLOP/s / 1029888 FLOP per token
+    assert f"{0.5 * 100e12 / expected:,.0f} tokens/s/GPU" in report
+    assert "TP1 x PP1 x CP1 x DP4; 1 micro-batches/step" in report
+
+
+@pytest.mark.parametrize("gpus, gbs, message", [
+    (0, 8, "--gpus must be >= 1"),
+    (3, 8, "--gpus=3 is not divisible by parallel.tp\\*pp\\*cp = 2"),          # tp=2
+    (6, 8, "global_batch_size=8 is not divisible by train.micro_batch_size\\*dp = 2\\*3"),
+])
+def test_bad_gpus_raise(gpus, gbs, message):
+    with pytest.raises(ValueError, match=message):
+        format_plan(cfg_of("parallel.tp=2", f"train.global_batch_size={gbs}"), gpus, 0.4, 989.0)
+
+
+def test_main_reports_bad_gpus_as_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", os.path.join(ROOT, "configs/llama3.1_8b.yaml"), "--gpus", "7"])
+    assert exc.value.code == 2 and "--gpus=7 is not divisible" in capsys.readouterr().err
+
+
+def test_cli_plan_subprocess():
+    cmd = [sys.executable, "-m", "bft_megatron.cli", "plan", "--config", "configs/llama3.1_8b.yaml", "--gpus", "8",
+           "--mfu", "0.5", "train.recompute=full"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "8 GPUs = TP2 x PP1 x CP1 x DP4; 16 micro-batches/step; params 8.03 B" in out
+    assert "total (with recompute)" in out and "at MFU 0.50" in out
+    total = float(out.split("total (with recompute)")[1].split("GiB")[0])
+    assert math.isfinite(total) and 30 < total < 50
+
+
+RECIPES = {"llama3.1_8b.yaml": 8, "llama3.1_70b_tp8pp4.yaml": 32, "llama3.1_70b_tp4pp4vp5_fp8.yaml": 32,
+           "qwen2.5_72b.yaml": 32}
+
+
+@pytest.mark.parametrize("name, gpus", sorted(RECIPES.items()))
+def test_recipes_validate_fit_and_state_their_plan(name, gpus, monkeypatch):
+    """Each recipe validates at its GPU count (TE assumed present for FP8), fits an 80 GB H100 with margin,
+    and its header quotes the planner's current total (so the comment cannot drift from the planner)."""
+    validate_mod = importlib.import_module("bft_megatron.config.validate")   # the package exports the function
+    monkeypatch.setattr(validate_mod, "have_transformer_engine", lambda: True)
+    path = os.path.join(ROOT, "configs", name)
+    cfg = load_config(path)
+    layout = validate_mod.validate(cfg, gpus)
+    mem, _ = plan_memory(cfg, layout.dp, layout.num_microbatches)
+    total = mem.total(cfg.train.recompute == "full")
+    assert total < 75.0
+    with open(path, encoding="utf-8") as fh:
+        header = fh.read().split("\nmodel:", 1)[0]
+    assert f"GPUs: {gpus} = " in header and f"{total:.1f} GiB planned" in header
+    assert "tokens/s/GPU" in header
+    assert (cfg.loss.method, cfg.loss.variant, cfg.loss.group_size) == ("bft", "v1", 256)
+    assert cfg.train.exit_duration_minutes and cfg.checkpoint.save_interval and cfg.logging.tensorboard_dir
+    assert cfg.parallel.distributed_optimizer and cfg.train.bf16 and cfg.data.packing
