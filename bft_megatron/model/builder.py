@@ -56,7 +56,9 @@ def transformer_config(cfg: Config, groups: ParallelGroups):
         calculate_per_token_loss=True,
         # CUDA-only fusions off on CPU; gradient_accumulation_fusion needs an apex/TE extension.
         gradient_accumulation_fusion=False, use_cpu_initialization=on_cpu,
-        bias_activation_fusion=not on_cpu, bias_dropout_fusion=not on_cpu, apply_rope_fusion=False,
+        bias_activation_fusion=not on_cpu, bias_dropout_fusion=not on_cpu,
+        # TE's fused RoPE; megatron's unfused THD path syncs the host per packed sample (.item() in a loop).
+        apply_rope_fusion=not on_cpu and have_te(),
         masked_softmax_fusion=not on_cpu, persist_layer_norm=False, cross_entropy_loss_fusion=False,
         batch_p2p_sync=not on_cpu, deallocate_pipeline_outputs=True,
         **_precision_kwargs(cfg, on_cpu), **_recompute_kwargs(cfg),
