@@ -82,15 +82,19 @@ class DataConfig:
             _fail("output_dir", self.output_dir, "must name the directory to write")
 
 
+def _reject_unknown(value: dict, cls, where: str) -> None:
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"data config: {where}unknown key(s) {unknown}; known: {sorted(known)}")
+
+
 def _source_from(value: object, where: str) -> SourceConfig:
     if isinstance(value, str):
         return SourceConfig(path=value)
     if not isinstance(value, dict):
         raise ValueError(f"data config: {where}={value!r}: must be a path or a mapping")
-    known = set(SourceConfig.__dataclass_fields__)
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(f"data config: {where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    _reject_unknown(value, SourceConfig, f"{where}: ")
     return SourceConfig(**value)
 
 
@@ -101,10 +105,7 @@ def data_config_from_dict(raw: dict) -> DataConfig:
     """
     if not isinstance(raw, dict):
         raise ValueError(f"data config: expected a mapping, got {type(raw).__name__}")
-    known = set(DataConfig.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"data config: unknown key(s) {unknown}; known: {sorted(known)}")
+    _reject_unknown(raw, DataConfig, "")
     values = dict(raw)
     for name in ("train", "valid"):
         items = values.get(name) or []
