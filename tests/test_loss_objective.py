@@ -182,6 +182,7 @@ def test_bf16_logits_within_tolerance():
 @pytest.mark.parametrize("kwargs,field", [
     (dict(method="ppo"), "method"), (dict(variant="v2"), "variant"), (dict(group_size=0), "group_size"),
     (dict(group_size=2.0), "group_size"), (dict(gamma=0.0), "gamma"), (dict(eps=-1.0), "eps"),
+    (dict(eps=0.0), "eps"),
 ])
 def test_bad_arguments_name_the_field(kwargs, field):
     nll, mask = _worked_example()

@@ -37,3 +37,18 @@ def test_export_hf_needs_a_save_dir():
     cfg = load_config(None, TINY + ["checkpoint.export_hf=true"])
     with pytest.raises(ConfigError, match="checkpoint.export_hf"):
         validate(cfg, 1)
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_keeps_its_checkpoint(tmp_path):
+    save = tmp_path / "run"
+    cmd = [sys.executable, "-m", "bft_megatron.train", *TINY, "train.train_iters=2", f"checkpoint.save={save}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    sentinel = save / "iter_0000002" / "sentinel"
+    sentinel.write_text("the committed checkpoint must not be deleted and rewritten")
+    again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sentinel.is_file()
+    assert (save / "latest").read_text().strip() == "iter_0000002"

@@ -48,7 +48,7 @@ class Checkpointer:
         sd["scheduler"] = trainer.scheduler.state_dict()
         s = trainer.state
         sd["train_state"] = {"iteration": s.iteration, "consumed_rows": s.consumed_rows,
-                             "skipped_steps": s.skipped_steps}
+                             "skipped_steps": s.skipped_steps, "consecutive_skips": s.consecutive_skips}
         sd["layout"] = layout_of(self.groups)
         sd["config"] = to_dict(self.cfg)
         return sd
@@ -60,6 +60,9 @@ class Checkpointer:
         iteration = trainer.state.iteration
         path = os.path.join(run_dir, pointer.iter_dirname(iteration))
         self.finalize()  # at most one save in flight
+        if pointer.read_latest(run_dir) == path:  # already complete (e.g. a finished run started again)
+            _log.info("checkpoint %s is already complete; not rewriting it", path)
+            return path
         if self.groups.rank == 0:
             if os.path.isdir(path):  # a stale, uncommitted save of this iteration (crash): start clean
                 shutil.rmtree(path)
@@ -164,6 +167,7 @@ class Checkpointer:
         trainer.state.iteration = int(ts["iteration"])
         trainer.state.consumed_rows = int(ts["consumed_rows"])
         trainer.state.skipped_steps = int(ts.get("skipped_steps", 0))
+        trainer.state.consecutive_skips = int(ts.get("consecutive_skips", 0))
         trainer.train_data.consumed_rows = trainer.state.consumed_rows
         if same_layout:
             restore_rng(loaded["rng_state"])

@@ -120,7 +120,7 @@ def _check_loss_ckpt(cfg: Config) -> None:
     lo, c = cfg.loss, cfg.checkpoint
     _require(lo.group_size >= 1, f"loss.group_size must be >= 1, got {lo.group_size}")
     _require(lo.gamma > 0, f"loss.gamma must be > 0, got {lo.gamma}")
-    _require(lo.eps >= 0, f"loss.eps must be >= 0, got {lo.eps}")
+    _require(lo.eps > 0, f"loss.eps must be > 0, got {lo.eps}")
     _require(lo.sft_warmup_iters >= 0, f"loss.sft_warmup_iters must be >= 0, got {lo.sft_warmup_iters}")
     _require(c.save_interval >= 0, f"checkpoint.save_interval must be >= 0, got {c.save_interval}")
     _require(not (c.save_interval and not c.save), f"checkpoint.save_interval={c.save_interval} needs checkpoint.save")

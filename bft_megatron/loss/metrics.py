@@ -1,9 +1,9 @@
-"""Loss statistics as local partials, reduced once at logging time.
+"""Loss statistics as local partials, reduced once per step (never per micro-batch).
 
 Per micro-batch the objective returns *partials* (tensors, no host sync): ``sums`` hold
 ``[sum, count]`` pairs, ``mins``/``maxs`` hold running extrema. The training loop merges the
-partials of all its micro-batches and calls :func:`reduce_metrics` only when it logs, which costs
-three all-reduces over the data-parallel x context-parallel group.
+partials of all its micro-batches and calls :func:`reduce_metrics` once per optimizer step, which
+costs three all-reduces over the data-parallel x context-parallel group.
 
 Which group: per-sample statistics are counted on context-parallel rank 0 only (every CP rank holds
 the same per-sample values), token statistics on every CP rank for its own tokens; so one reduction

@@ -38,8 +38,8 @@ def _check_args(nll, loss_mask, method, variant, group_size, gamma, eps, cu_seql
         raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
     if not gamma > 0:
         raise ValueError(f"gamma must be > 0, got {gamma!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (v3 divides by a window mean that can underflow to 0), got {eps!r}")
     if nll.dim() != 2 or nll.shape != loss_mask.shape:
         raise ValueError(f"nll and loss_mask must both be [b, s]; got {tuple(nll.shape)} and {tuple(loss_mask.shape)}")
     if cu_seqlens is not None and (nll.shape[0] != 1 or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2):

@@ -77,7 +77,8 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
     exit_request = exit_request or ExitRequest(install=False)
     started = time.time()
     step_times: list[float] = []
-    saved_at, interval_tokens = -1, 0
+    # A run resumed at iteration N already has checkpoint N: only save again after new steps.
+    saved_at, interval_tokens = (state.iteration if state.iteration > 0 else -1), 0
     while state.iteration < cfg.train.train_iters:
         t0 = time.perf_counter()
         result = trainer.train_step()
