@@ -96,6 +96,15 @@ class Checkpointer:
             self._async_queue = AsyncCallsQueue()
         return self._async_queue
 
+    def poll(self) -> None:
+        """Commit an async save whose shards are all written (collective, non-blocking; call every step).
+
+        Without it a finished async save would only be committed at the next save, so a crash in between
+        would fall back a whole save interval although the shards were on disk.
+        """
+        if self._async_queue is not None:
+            self._async_queue.maybe_finalize_async_calls(blocking=False)
+
     def finalize(self) -> None:
         """Block until an in-flight async save is written and committed."""
         if self._async_queue is not None:

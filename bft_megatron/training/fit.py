@@ -95,6 +95,8 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
         if checkpointer is not None and cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
             checkpointer.save(trainer)
             saved_at = it
+        if checkpointer is not None:
+            checkpointer.poll()
         timed_out = (cfg.train.exit_duration_minutes is not None
                      and time.time() - started > 60 * cfg.train.exit_duration_minutes)
         if _agree(exit_request.requested or timed_out, trainer.groups.device):
