@@ -13,7 +13,6 @@ from bft_megatron.config.schema import ModelConfig
 from bft_megatron.convert.cli import parse_size
 from bft_megatron.convert.hf_io import HFReader, ShardWriter, finalize_shards
 from bft_megatron.config.hf import merge_hf_config
-from bft_megatron.config.schema import ModelConfig
 from bft_megatron.convert.importer import model_config_from_hf_dir
 from bft_megatron.convert.mapping import (EMBEDDING, LAYER_RULES, OUTPUT, detect_spec, global_rules, layer_rules,
                                           rule_by_megatron_name)

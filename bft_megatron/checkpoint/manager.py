@@ -16,11 +16,11 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from bft_megatron.checkpoint.weights import load_model_weights
 from bft_megatron.checkpoint import pointer
 from bft_megatron.checkpoint.state import (OPT_METADATA, init_optimizer_state, layout_of, model_sharded_state_dict,
                                            restore_rng, rng_sharded_object, tolerate_missing_adam_step,
                                            untie_adam_steps, unwrap)
+from bft_megatron.checkpoint.weights import load_model_weights
 from bft_megatron.config.base import to_dict
 from bft_megatron.utils.logging import get_logger
 

@@ -7,7 +7,6 @@ from functools import partial
 import torch
 
 from bft_megatron.config.schema import Config
-from bft_megatron.parallel.bootstrap import ParallelGroups
 
 __all__ = ["wrap_model", "build_optimizer", "build_scheduler", "install_schedule_hooks"]
 
