@@ -6,6 +6,7 @@ peak allocated memory, and the planner's estimate for the same config (``bft-meg
 
     python bench/train_bench.py --suite 1b      # ~1B Llama shape: sft vs bft, BF16 vs FP8
     python bench/train_bench.py --suite 8b      # Llama-3-8B layer shapes x 8 layers, seq 8192, packed
+    python bench/train_bench.py --suite 8b-te   # the same with TE performance options, BF16 vs FP8
     python bench/train_bench.py --suite demo    # demo data: packed vs padded effective tokens/s
 Writes a markdown table to stdout and, with --json, the raw numbers.
 """
@@ -46,6 +47,8 @@ def _median(rows: list[dict], key: str):
     values = [r[key] for r in rows if r[key] is not None]
     return statistics.median(values) if values else None
 
+# gradient_accumulation_fusion is on by default (TE on CUDA); te_op_fuser is opt-in.
+NO_GAF, FUSER = "train.gradient_accumulation_fusion=false", "train.te_op_fuser=true"
 SUITES = {
     "1b": ("configs/bench/llama_1b.yaml", [
         ("sft bf16", ["loss.method=sft"]),
@@ -55,10 +58,18 @@ SUITES = {
         ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed"]),
     ]),
     "8b": ("configs/bench/llama8b_proxy.yaml", [
-        ("sft bf16", ["loss.method=sft"]),
-        ("bft bf16", ["loss.method=bft"]),
-        ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed"]),
-        ("bft fp8 tensorwise", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=tensorwise"]),
+        ("sft bf16", ["loss.method=sft", FUSER]),
+        ("bft bf16", ["loss.method=bft", FUSER]),
+        ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
+        ("bft fp8 tensorwise", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=tensorwise", FUSER]),
+    ]),
+    # TE performance options (docs/training.md): gradient-accumulation fusion and TE's fused MLP ops.
+    "8b-te": ("configs/bench/llama8b_proxy.yaml", [
+        ("bft bf16", ["loss.method=bft", NO_GAF]),
+        ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", NO_GAF]),
+        ("bft bf16 +gaf +fuser", ["loss.method=bft", FUSER]),
+        ("bft fp8 delayed +gaf +fuser", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
+        ("bft fp8 delayed +gaf", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed"]),
     ]),
     "demo": ("configs/bench/demo_gpu.yaml", [
         ("bft packed", ["data.packing=true"]),

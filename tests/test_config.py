@@ -93,6 +93,8 @@ def test_valid_layouts():
     assert (layout.dp, layout.num_microbatches) == (1, 4)
     layout = validate(cfg_with("parallel.tp=2", "parallel.pp=2", "parallel.vp=2", "train.micro_batch_size=1"), 8)
     assert (layout.dp, layout.num_microbatches) == (2, 4)
+    layout = validate(cfg_with("parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"), 8)
+    assert (layout.dp, layout.num_microbatches) == (2, 2)  # context parallel needs no Transformer Engine
 
 
 @pytest.mark.parametrize("extra, world, message", [
@@ -103,7 +105,8 @@ def test_valid_layouts():
     (["parallel.pp=2", "parallel.vp=4"], 2, r"model.num_layers=4 must be divisible by parallel.pp\*vp = 2\*4"),
     (["parallel.vp=2"], 1, r"parallel.vp=2 .* requires parallel.pp > 1"),
     (["parallel.cp=2", "data.seq_length=30"], 2, r"data.seq_length=30 must be divisible by 2\*parallel.cp = 4"),
-    (["parallel.cp=2"], 2, r"parallel.cp=2 needs Transformer Engine"),
+    (["parallel.cp=2", "parallel.tp=4", "model.num_query_groups=4", "parallel.sequence_parallel=true",
+      "data.seq_length=36"], 8, r"data.seq_length/parallel.cp = 36/2 must be divisible by parallel.tp=4"),
     (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_length=33"], 2,
      r"data.seq_length/parallel.cp = 33/1 must be divisible by parallel.tp=2"),
     (["parallel.sequence_parallel=true"], 1, r"sequence_parallel=true requires parallel.tp > 1"),

@@ -42,12 +42,11 @@ def test_thd_packing_matches_samples_alone(groups):
     from bft_megatron.training.batch import to_micro_batch
 
     trainer = _trainer(groups)
-    assert trainer.thd
     model = trainer.model[0]
     data = trainer.train_data
     rows = [data.dataset[i] for i in range(2)]
     mb = to_micro_batch(collate(rows, packed=True, pad_id=data.dataset.pad_id), groups.device,
-                        total=2 * trainer.cfg.data.seq_length, pad_id=data.dataset.pad_id, dense_mask=False)
+                        total=2 * trainer.cfg.data.seq_length, pad_id=data.dataset.pad_id)
     with torch.no_grad():
         packed = model(mb.tokens.reshape(1, -1), mb.position_ids.reshape(1, -1), None,
                        packed_seq_params=mb.packed_seq_params())[0].float()
@@ -82,3 +81,32 @@ def test_fp8_tensorwise_runs(groups):
     trainer = _trainer(groups, ["train.fp8=hybrid", "train.fp8_recipe=tensorwise", "train.train_iters=5"])
     fit(trainer, None)
     assert all(h["loss"] == h["loss"] for h in trainer.state.history)
+
+
+def _reseeded_trainer(groups, extra):
+    """A trainer whose weights are initialised from the same RNG state as every other call's."""
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(1234)
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+    return _trainer(groups, list(extra))
+
+
+def test_te_performance_options_keep_parameters_and_losses(groups):
+    """gradient_accumulation_fusion (TE layers write main_grad; the output layer falls back without apex) and
+    te_op_fuser (TEFusedMLP) change kernels, not the model: same parameter names, same losses (bf16)."""
+    from bft_megatron.training.fit import fit
+
+    steps = ["train.train_iters=6", "train.warmup_iters=1", "loss.method=sft"]
+    base = _reseeded_trainer(groups, steps + ["train.gradient_accumulation_fusion=false"])
+    fast = _reseeded_trainer(groups, steps + ["train.gradient_accumulation_fusion=true", "train.te_op_fuser=true"])
+    names = [n for n, _ in base.model[0].named_parameters()]
+    assert names == [n for n, _ in fast.model[0].named_parameters()]
+    assert type(fast.model[0].module.module.decoder.layers[0].mlp).__name__ == "TEFusedMLP"
+    assert fast.tconfig.gradient_accumulation_fusion and not base.tconfig.gradient_accumulation_fusion
+    fit(base, None)
+    fit(fast, None)
+    want = [h["loss"] for h in base.state.history]
+    got = [h["loss"] for h in fast.state.history]
+    assert want[-1] < 0.9 * want[0], want  # SFT learns, so a gradient that went missing would show
+    assert got == pytest.approx(want, rel=2e-2), (got, want)

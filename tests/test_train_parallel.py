@@ -4,12 +4,15 @@ One TP1 reference run saves its initial weights (iteration 0) and checkpoints at
 Every other layout fine-tunes from the same initial weights, so all runs start identical:
 
 * DP4, DP4 with full activation recompute, TP2+SP (x DP2), TP2 (x DP2, non-distributed
-  optimizer), PP2 (x DP2), PP2 x VP2 (x DP2), TP2 x PP2 must reproduce the
-  reference losses for 4 steps (fp32; reductions reorder sums -> rtol 1e-5);
+  optimizer), PP2 (x DP2), PP2 x VP2 (x DP2), TP2 x PP2, CP2 (x DP2), CP4, CP2 x TP2+SP,
+  CP2 x PP2 must reproduce the reference losses for 4 steps (fp32; reductions reorder sums ->
+  rtol 1e-5); so must CP2 with padded (unpacked) rows against a padded TP1 reference. Under CP
+  packed samples are padded to multiples of 2*CP and sharded; attention is ReferenceAttention
+  (all-gathered keys/values) on CPU, and BFT's per-sample statistics are gathered over CP;
 * resuming the reference from step 2 at the same layout is bitwise identical;
 * resuming the TP2+SP x DP2 run's step-2 checkpoint at TP1 x DP1 (TP and DP resharding of model
   and optimizer state) matches its uninterrupted steps 3-4 within rtol 1e-5, and likewise the
-  PP2 x VP2 x DP2 run's checkpoint at PP1;
+  PP2 x VP2 x DP2 run's checkpoint at PP1 and the CP2 x DP2 run's at CP1;
 * a process killed after writing step 4's shards but before committing leaves ``latest`` at step
   2; restarting the same config (``checkpoint.save`` = that directory) resumes from it and continues
   bitwise like the reference.
@@ -33,6 +36,7 @@ def _losses(result):
     return [h["loss"] for h in result["history"]]
 
 
+PADDED = ["data.packing=false"]
 VARIANT = ["model.tie_embeddings=true", "model.qkv_bias=true", "model.family=qwen2", "model.rope_scaling.factor=4",
            "model.rope_scaling.original_max_position_embeddings=16"]
 
@@ -41,12 +45,15 @@ VARIANT = ["model.tie_embeddings=true", "model.qkv_bias=true", "model.family=qwe
 def ref(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("ref"))
     variant_dir = str(tmp_path_factory.mktemp("variant"))
-    result, variant = launch(1, [
+    padded_dir = str(tmp_path_factory.mktemp("padded"))
+    result, variant, padded = launch(1, [
         {"overrides": TINY + [f"checkpoint.save={run_dir}", "checkpoint.save_interval=2"], "save_init": True},
         {"overrides": TINY + VARIANT + [f"checkpoint.save={variant_dir}", "checkpoint.save_interval=100"],
          "save_init": True},
+        {"overrides": TINY + PADDED + [f"checkpoint.save={padded_dir}", "checkpoint.save_interval=100"],
+         "save_init": True},
     ])
-    return run_dir, result, variant_dir, variant
+    return run_dir, result, variant_dir, variant, padded_dir, padded
 
 
 LAYOUTS = {
@@ -57,6 +64,10 @@ LAYOUTS = {
     "pp2": ["parallel.pp=2", "train.micro_batch_size=1"],
     "pp2_vp2": ["parallel.pp=2", "parallel.vp=2", "train.micro_batch_size=1"],
     "tp2_pp2": ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"],
+    "cp2": ["parallel.cp=2"],
+    "cp4": ["parallel.cp=4"],
+    "cp2_tp2_sp": ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
+    "cp2_pp2": ["parallel.cp=2", "parallel.pp=2", "train.micro_batch_size=1"],
 }
 
 
@@ -66,15 +77,18 @@ def layouts(ref, tmp_path_factory):
     init = os.path.join(run_dir, "iter_0000000")
     tp2_dir = str(tmp_path_factory.mktemp("tp2_sp"))
     vp_dir = str(tmp_path_factory.mktemp("pp2_vp2"))
-    saves = {"tp2_sp": tp2_dir, "pp2_vp2": vp_dir}
+    cp_dir = str(tmp_path_factory.mktemp("cp2"))
+    saves = {"tp2_sp": tp2_dir, "pp2_vp2": vp_dir, "cp2": cp_dir}
     runs = []
     for name, extra in LAYOUTS.items():
         save = [f"checkpoint.save={saves[name]}", "checkpoint.save_interval=2"] if name in saves else []
         runs.append({"overrides": TINY + [f"checkpoint.load={init}", "checkpoint.finetune=true"] + extra + save})
     runs.append({"overrides": TINY + VARIANT + [f"checkpoint.load={variant_dir}/iter_0000000", "checkpoint.finetune=true",
                                                 "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"]})
-    results = launch(4, runs, timeout=400)
-    return dict(zip(LAYOUTS, results)), tp2_dir, results[-1], vp_dir
+    runs.append({"overrides": TINY + PADDED + [f"checkpoint.load={ref[4]}/iter_0000000", "checkpoint.finetune=true",
+                                               "parallel.cp=2"]})
+    results = launch(4, runs, timeout=500)
+    return dict(zip(LAYOUTS, results)), tp2_dir, results[-2], vp_dir, results[-1], cp_dir
 
 
 def test_reference_trains(ref):
@@ -89,6 +103,12 @@ def test_layout_matches_tp1(ref, layouts, name):
     ref_losses = _losses(ref[1])
     got = _losses(layouts[0][name])
     assert got == pytest.approx(ref_losses, rel=RTOL, abs=ATOL), f"{name}: {got} vs {ref_losses}"
+
+
+def test_context_parallel_padded_rows_match_tp1(ref, layouts):
+    want = _losses(ref[5])
+    assert want != _losses(ref[1])  # padded rows: a different batch layout than the packed reference
+    assert _losses(layouts[4]) == pytest.approx(want, rel=RTOL, abs=ATOL)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +138,7 @@ def resumed(ref, layouts, killed):
         # restart of the crashed job with its own config: resumes from checkpoint.save's `latest`
         {"overrides": TINY + [f"checkpoint.save={killed[0]}", "checkpoint.save_interval=2"]},
         {"overrides": TINY + [f"checkpoint.load={layouts[3]}/iter_0000002"]},
+        {"overrides": TINY + [f"checkpoint.load={layouts[5]}/iter_0000002"]},
     ]
     return launch(1, runs)
 
@@ -135,6 +156,12 @@ def test_resume_resharded_tp2_dp2_to_tp1(layouts, resumed):
 def test_resume_resharded_pp2_vp2_dp2_to_pp1(layouts, resumed):
     uninterrupted = _losses(layouts[0]["pp2_vp2"])[2:]
     assert _losses(resumed[3]) == pytest.approx(uninterrupted, rel=RTOL, abs=ATOL)
+
+
+def test_resume_resharded_cp2_dp2_to_cp1(layouts, resumed):
+    """The distributed optimizer shards over DP x CP: a CP2 x DP2 checkpoint resumes at one process."""
+    uninterrupted = _losses(layouts[0]["cp2"])[2:]
+    assert _losses(resumed[4]) == pytest.approx(uninterrupted, rel=RTOL, abs=ATOL)
 
 
 def test_restart_after_kill_resumes_from_previous_checkpoint(ref, killed, resumed):

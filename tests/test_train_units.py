@@ -14,6 +14,7 @@ from bft_megatron.loss import objective
 from bft_megatron.model.builder import padded_vocab_size
 from bft_megatron.model.layers import RMSNorm, llama3_inv_freq
 from bft_megatron.data.collate import collate
+from bft_megatron.parallel.context_parallel import split_for_cp
 from bft_megatron.training.batch import StepData, to_micro_batch
 from bft_megatron.training.step import loss_func
 from bft_megatron.training.synthetic import SyntheticChatDataset
@@ -32,19 +33,45 @@ def test_synthetic_rows_are_deterministic_and_well_formed():
     assert SyntheticChatDataset(4, 64, 50, packed=False)[0].seqlens.size == 1
 
 
-def test_micro_batch_block_causal_mask_and_fixed_shape():
+def test_micro_batch_fixed_shape_and_thd_params():
     row = SyntheticChatDataset(4, 64, 50, packed=True, seed=1)[0]
     d = collate([row, row], packed=True, pad_id=0)
-    mb = to_micro_batch(d, torch.device("cpu"), total=128, pad_id=0, dense_mask=True)
+    mb = to_micro_batch(d, torch.device("cpu"), total=128, pad_id=0)
     assert mb.tokens.shape == (1, 128) and int(mb.cu_seqlens[-1]) == 128
-    n0 = int(row.seqlens[0])
-    allowed = ~mb.attention_mask[0, 0]
-    assert allowed[n0 - 1, : n0].all() and not allowed[n0 - 1, n0:].any()  # own sample, causal
-    assert allowed[n0, n0] and not allowed[n0, : n0].any()  # next sample starts fresh
-    assert not allowed[0, 1]
+    assert mb.cu_seqlens.tolist()[:-1] == d["cu_seqlens"].tolist()  # one trailing padding segment added
     assert float(mb.loss_mask[0, int(d["tokens"].shape[1]):].sum()) == 0  # trailing padding unsupervised
-    thd = to_micro_batch(d, torch.device("cpu"), total=128, pad_id=0, dense_mask=False)
-    assert thd.attention_mask is None and thd.packed_seq_params().max_seqlen_q == thd.max_seqlen
+    assert mb.packed_seq_params().max_seqlen_q == mb.max_seqlen >= int(np.diff(mb.cu_seqlens.numpy()).max())
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_context_parallel_shards_cover_the_micro_batch(packed):
+    """CP2/CP4 shards: samples padded to 2*CP, shards are the load-balanced chunks, together the whole batch."""
+    ds = SyntheticChatDataset(8, 64, 50, packed=packed, seed=2)
+    for cp in (2, 4):
+        datas = [StepData(ds, packed=packed, global_batch_size=2, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1,
+                          seq_length=64, device=torch.device("cpu"), cp_size=cp, cp_rank=r) for r in range(cp)]
+        full = StepData(ds, packed=packed, global_batch_size=2, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1,
+                        seq_length=64, device=torch.device("cpu"), cp_size=cp, cp_rank=0)
+        full.cp_size = 1  # same padding and length, no split: the global micro-batch
+        whole = full.next_step()[0]
+        shards = [d.next_step()[0] for d in datas]
+        total = whole.tokens.numel()
+        assert total % (2 * cp) == 0 and all(s.tokens.numel() == total // cp for s in shards)
+        if packed:
+            lens = np.diff(whole.cu_seqlens.numpy())
+            assert (lens % (2 * cp) == 0).all() and total >= 2 * 64
+            assert all(torch.equal(s.cu_seqlens, whole.cu_seqlens) for s in shards)  # global boundaries
+        for key in ("tokens", "labels", "loss_mask"):
+            want = getattr(whole, key)
+            got = [split_for_cp(want, cp, r, whole.cu_seqlens) for r in range(cp)]
+            assert all(torch.equal(g, getattr(s, key)) for g, s in zip(got, shards))
+        assert sum(float(s.loss_mask.sum()) for s in shards) == float(whole.loss_mask.sum())
+
+
+def test_max_padded_row_length_bounds_every_row():
+    ds = SyntheticChatDataset(64, 64, 50, packed=True, seed=4)
+    bound = ds.max_padded_row_length(8)
+    assert all(int((-(-ds[i].seqlens // 8) * 8).sum()) <= bound for i in range(len(ds)))
 
 
 def test_step_data_global_batch_is_independent_of_dp_split():
@@ -52,7 +79,7 @@ def test_step_data_global_batch_is_independent_of_dp_split():
 
     def steps(dp, mbs, n=3):
         datas = [StepData(ds, packed=False, global_batch_size=8, micro_batch_size=mbs, dp_rank=r, dp_size=dp,
-                          seed=1, seq_length=32, device=torch.device("cpu"), dense_mask=True) for r in range(dp)]
+                          seed=1, seq_length=32, device=torch.device("cpu")) for r in range(dp)]
         out = []
         for _ in range(n):
             rows = [mb.tokens[i].numpy().tobytes() for d in datas for mb in d.next_step() for i in range(mbs)]
@@ -139,7 +166,7 @@ def test_untie_adam_steps_gives_each_param_its_own_counter():
 def test_loss_func_matches_objective_on_full_vocab(method):
     torch.manual_seed(0)
     rows = [SyntheticChatDataset(4, 48, 40, packed=True, seed=1)[i] for i in range(2)]
-    mb = to_micro_batch(collate(rows, packed=True), torch.device("cpu"), total=96, pad_id=0, dense_mask=True)
+    mb = to_micro_batch(collate(rows, packed=True), torch.device("cpu"), total=96, pad_id=0)
     logits = torch.randn(1, 96, 40)
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, 40), mb.labels.reshape(-1), reduction="none")
     ref_grad_logits = logits.clone().requires_grad_()

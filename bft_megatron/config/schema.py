@@ -82,6 +82,12 @@ class TrainConfig:
     fp8: Literal["hybrid", "e4m3"] | None = None
     fp8_recipe: Literal["delayed", "tensorwise"] = "tensorwise"
     recompute: Literal["full", "selective"] | None = None
+    # Transformer Engine performance options. TE linear layers accumulate weight gradients straight into
+    # the fp32 main_grad buffers (used with TE on CUDA, ignored otherwise, as in Megatron-LM);
+    gradient_accumulation_fusion: bool = True
+    # the MLP (norm, fc1, SwiGLU, fc2) runs through TE's fused operation API (te.ops), same parameters
+    # (needs TE).
+    te_op_fuser: bool = False
     seed: int = 1234
     eval_interval: int = 0  # 0 = no validation
     eval_iters: int = 1

@@ -72,11 +72,6 @@ def _check_parallel(cfg: Config, world_size: int) -> int:
     _require(seq > 0, f"data.seq_length must be > 0, got {seq}")
     if p.cp > 1:
         _require(seq % (2 * p.cp) == 0, f"data.seq_length={seq} must be divisible by 2*parallel.cp = {2 * p.cp}")
-        _require(have_transformer_engine(),
-                 f"parallel.cp={p.cp} needs Transformer Engine attention (the local attention has no context "
-                 "parallelism); install transformer-engine or set parallel.cp=1")
-        _require(False, f"parallel.cp={p.cp}: context parallelism is not wired into the trainer yet (the loss "
-                        "supports it; batch splitting does not); set parallel.cp=1")
     if p.sequence_parallel:
         _require(p.tp > 1, "parallel.sequence_parallel=true requires parallel.tp > 1")
         _require((seq // p.cp) % p.tp == 0,
@@ -108,6 +103,8 @@ def _check_train(cfg: Config, dp: int) -> int:
     if t.fp8 is not None:
         _require(have_transformer_engine(), f"train.fp8={t.fp8!r} requires Transformer Engine, which is not installed")
         _require(t.bf16, f"train.fp8={t.fp8!r} requires train.bf16=true")
+    if t.te_op_fuser:
+        _require(have_transformer_engine(), "train.te_op_fuser=true requires Transformer Engine, which is not installed")
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)
     p = cfg.parallel
     if p.vp is not None and p.vp > 1:

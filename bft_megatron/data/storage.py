@@ -153,6 +153,12 @@ class PackedDataset:
     def __len__(self) -> int:
         return len(self.row_offsets) - 1
 
+    def max_padded_row_length(self, multiple: int) -> int:
+        """Longest row once each of its samples is padded to a multiple of ``multiple`` (context parallel)."""
+        lens = np.diff(self.sample_offsets)
+        padded = np.concatenate([[0], np.cumsum(-(-lens // multiple) * multiple)])
+        return int(np.max(padded[self.row_offsets[1:]] - padded[self.row_offsets[:-1]], initial=0))
+
     def __getitem__(self, r: int) -> Row:
         if not 0 <= r < len(self):
             raise IndexError(f"row {r} out of range [0, {len(self)})")

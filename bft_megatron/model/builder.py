@@ -7,6 +7,8 @@ of pipeline rank ``r`` holds the embedding iff ``r == 0 and i == 0`` and the out
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +37,38 @@ def _recompute_kwargs(cfg: Config) -> dict:
     return {}
 
 
+def _grad_accum_fusion(cfg: Config, on_cpu: bool) -> bool:
+    return bool(cfg.train.gradient_accumulation_fusion) and not on_cpu and have_te()
+
+
+@contextlib.contextmanager
+def _output_layer_without_apex(enabled: bool):
+    """Let megatron build a model with ``gradient_accumulation_fusion`` although apex is absent.
+
+    TE's linear layers fuse the weight-gradient accumulation themselves (``fuse_wgrad_accumulation``);
+    only megatron's own ``ColumnParallelLinear`` (the output layer) needs apex's
+    ``fused_weight_gradient_mlp_cuda`` and refuses to build without it. Without apex we build anyway
+    and switch the fusion off on the output layer (:func:`_unfuse_output_layer`): it accumulates its
+    gradient the ordinary way, through megatron DDP's hook.
+    """
+    from megatron.core.tensor_parallel import layers
+
+    patch = enabled and not layers._grad_accum_fusion_available
+    if patch:
+        layers._grad_accum_fusion_available = True
+    try:
+        yield patch
+    finally:
+        if patch:
+            layers._grad_accum_fusion_available = False
+
+
+def _unfuse_output_layer(model) -> None:
+    output_layer = getattr(model, "output_layer", None)
+    if output_layer is not None:
+        output_layer.gradient_accumulation_fusion = False
+
+
 def transformer_config(cfg: Config, groups: ParallelGroups):
     """megatron ``TransformerConfig`` for ``cfg``: Llama-style blocks, per-token loss contract."""
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -54,8 +88,8 @@ def transformer_config(cfg: Config, groups: ParallelGroups):
         sequence_parallel=p.sequence_parallel,
         # The loss returns a sum and a unit count; the schedule divides by the global count.
         calculate_per_token_loss=True,
-        # CUDA-only fusions off on CPU; gradient_accumulation_fusion needs an apex/TE extension.
-        gradient_accumulation_fusion=False, use_cpu_initialization=on_cpu,
+        # CUDA-only fusions off on CPU; gradient accumulation fusion: TE layers only (see _build_chunk).
+        gradient_accumulation_fusion=_grad_accum_fusion(cfg, on_cpu), use_cpu_initialization=on_cpu,
         bias_activation_fusion=not on_cpu, bias_dropout_fusion=not on_cpu,
         # TE's fused RoPE; megatron's unfused THD path syncs the host per packed sample (.item() in a loop).
         apply_rope_fusion=not on_cpu and have_te(),
@@ -77,15 +111,25 @@ def _install_llama3_rope(model, cfg: Config) -> None:
 
 
 def _build_chunk(cfg: Config, groups: ParallelGroups, tconfig, vp_stage: int | None, use_te: bool):
-    from megatron.core.models.gpt import GPTModel
-
     num_chunks = groups.vp_size or 1
     chunk = vp_stage or 0
     pre = groups.is_first_pp_stage and chunk == 0
     post = groups.is_last_pp_stage and chunk == num_chunks - 1
+    spec = block_spec(tconfig, use_te, vp_stage, groups.pp_rank, te_op_fuser=cfg.train.te_op_fuser)
+    with _output_layer_without_apex(tconfig.gradient_accumulation_fusion) as patched:
+        model = _gpt_model(cfg, tconfig, spec, groups, vp_stage, pre, post)
+    if patched:
+        _unfuse_output_layer(model)
+    _install_llama3_rope(model, cfg)
+    return model
+
+
+def _gpt_model(cfg: Config, tconfig, spec, groups: ParallelGroups, vp_stage, pre: bool, post: bool):
+    from megatron.core.models.gpt import GPTModel
+
     m = cfg.model
-    model = GPTModel(
-        config=tconfig, transformer_layer_spec=block_spec(tconfig, use_te, vp_stage, groups.pp_rank),
+    return GPTModel(
+        config=tconfig, transformer_layer_spec=spec,
         vocab_size=padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, groups.tp_size),
         max_sequence_length=max(m.max_position_embeddings, cfg.data.seq_length),
         pre_process=pre, post_process=post, parallel_output=True,
@@ -94,8 +138,6 @@ def _build_chunk(cfg: Config, groups: ParallelGroups, tconfig, vp_stage: int | N
         rope_scaling_factor=m.rope_scaling.factor if m.rope_scaling else 8.0,
         pg_collection=groups.pg_collection, vp_stage=vp_stage,
     )
-    _install_llama3_rope(model, cfg)
-    return model
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

@@ -17,12 +17,14 @@ def have_te() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int):
+def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_fuser: bool = False):
     """The decoder-block spec for this pipeline stage / virtual chunk.
 
-    TE: megatron-core's TE layer spec (norms fused into ``linear_qkv`` / ``linear_fc1``).
+    TE: megatron-core's TE layer spec (norms fused into ``linear_qkv`` / ``linear_fc1``); with
+    ``te_op_fuser`` the MLP is megatron's ``TEFusedMLP`` (TE's operation API; same parameters).
     Local: megatron-core's local layer spec with :class:`RMSNorm` (sequence-parallel capable) for
-    the layer norms and the final norm. Unfused attention: fine for CPU tests, slow on GPU.
+    the layer norms and the final norm, and :class:`ReferenceAttention` as core attention (THD
+    packing and context parallelism, like TE's; dense O(T^2) scores: fine for CPU tests, slow on GPU).
     """
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_layer_with_transformer_engine_spec)
@@ -30,15 +32,18 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int):
 
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     if use_te:
-        layer = get_gpt_layer_with_transformer_engine_spec()
+        layer = get_gpt_layer_with_transformer_engine_spec(use_te_op_fuser=te_op_fuser)
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
     if not _WARNED["local"]:
         _log.warning("Transformer Engine not importable: using megatron-core's local layer spec "
-                     "(unfused attention, no FP8, no context parallelism)")
+                     "(dense reference attention, no FP8)")
         _WARNED["local"] = True
+    from bft_megatron.model.reference_attention import ReferenceAttention
+
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
+    layer.submodules.self_attention.submodules.core_attention = ReferenceAttention
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)

@@ -6,8 +6,9 @@ machine without CUDA, :func:`apply` patches exactly those spots:
 * ``torch.cuda.current_device()`` returns ``"cpu"`` (RoPE, buffers, DDP, p2p allocate there);
 * tensors created with a literal ``device="cuda"`` (schedules, optimizer, clip-grads, grad scaler)
   and ``Tensor.cuda()`` calls stay on CPU: a :class:`torch.overrides.TorchFunctionMode` rewrites the
-  ``device`` argument. It is entered once and never left (the mode stack is per thread; megatron
-  creates these tensors on the training thread);
+  ``device`` argument, and drops ``pin_memory=True`` (no pinned allocator without CUDA; megatron's
+  RoPE shard for context parallelism asks for it). It is entered once and never left (the mode stack
+  is per thread; megatron creates these tensors on the training thread);
 * ``torch.cuda.synchronize / empty_cache`` are no-ops and ``current_stream / default_stream /
   Stream / stream`` return null stream objects (grad-buffer and p2p code paths);
 * ``Tensor.type()`` reports CPU float tensors as ``torch.cuda.*Tensor`` so the optimizer's and
@@ -64,6 +65,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             return args[0]
         if "device" in kwargs:
             kwargs = dict(kwargs, device=_to_cpu_device(kwargs["device"]))
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
         if func is torch.Tensor.to and len(args) > 1:
             args = (args[0], _to_cpu_device(args[1]), *args[2:])
         return func(*args, **kwargs)

@@ -5,15 +5,19 @@ Rows (prepared data or :mod:`~bft_megatron.training.synthetic`) are chosen by th
 and collated by ``bft_megatron.data.collate``: padded ``[b, s]`` or packed ``[1, T]`` with
 ``cu_seqlens`` (see docs/data.md).
 
-Fixed shapes: a packed micro-batch is padded at its end to ``T = micro_batch_size * seq_length``
-(one extra unsupervised segment), so pipeline stages exchange tensors of one shape and the schedule
-sees ``(seq_length=T, micro_batch_size=1)``.
+Fixed shapes: a packed micro-batch is padded at its end to ``T`` tokens (``micro_batch_size *
+seq_length`` without CP; :func:`micro_batch_length`) with one extra unsupervised segment, so pipeline
+stages exchange tensors of one shape and the schedule sees ``(seq_length=T, micro_batch_size=1)``.
 
-Attention: with Transformer Engine, packed micro-batches go through THD (``PackedSeqParams``).
-megatron's local attention (CPU) supports neither THD nor context parallelism, so there packed
-micro-batches get a dense block-diagonal causal mask ``[1, 1, T, T]`` (True = masked) built from
-``cu_seqlens``; padded rows use the default causal mask. The loss always sees the true sample
-boundaries through ``cu_seqlens``.
+Attention: packed micro-batches always run as THD (``PackedSeqParams``): Transformer Engine's attention
+on GPU, :class:`~bft_megatron.model.reference_attention.ReferenceAttention` in the local spec (CPU).
+
+Context parallelism (``cp_size > 1``): every sample of a packed row is padded to a multiple of ``2*CP``
+(unsupervised; TE's THD partitioning needs it), the fixed length ``T`` grows to fit the longest padded
+row of the dataset, and each CP rank keeps its load-balanced shard (two of the ``2*CP`` chunks of each
+sample, or of each padded row) — :func:`~bft_megatron.parallel.context_parallel.split_for_cp`. Shards
+are cut on the host, before the copy to the device. ``cu_seqlens`` stay *global* (padded) boundaries:
+attention and the loss's CP gather both need them.
 """
 
 from __future__ import annotations
@@ -22,22 +26,25 @@ from dataclasses import dataclass
 
 import torch
 
-from bft_megatron.data.collate import collate
+from bft_megatron.data.collate import collate, round_up
 from bft_megatron.data.loader import GlobalBatchSampler
+from bft_megatron.parallel.context_parallel import split_for_cp
+from bft_megatron.utils.logging import get_logger
 
-__all__ = ["MicroBatch", "to_micro_batch", "StepData"]
+__all__ = ["MicroBatch", "to_micro_batch", "StepData", "micro_batch_length"]
+
+_log = get_logger(__name__)
 
 
 @dataclass
 class MicroBatch:
-    """Tensors of one micro-batch on the training device: ``[b, s]`` (padded) or ``[1, T]`` (packed)."""
+    """One micro-batch on the training device: ``[b, s]`` (padded) or ``[1, T]`` (packed); ``/CP`` under CP."""
 
     tokens: torch.Tensor
     labels: torch.Tensor
     loss_mask: torch.Tensor  # float32 0/1: the label at this position is supervised
     position_ids: torch.Tensor
-    attention_mask: torch.Tensor | None  # [1, 1, T, T] bool, True = masked; None = causal / THD
-    cu_seqlens: torch.Tensor | None  # [S+1] int64 sample boundaries of the packed row; None = padded
+    cu_seqlens: torch.Tensor | None  # [S+1] int64 global (padded) sample boundaries of the row; None = padded
     max_seqlen: int = 0  # longest segment (THD attention needs it as a host int)
     poison: bool = False  # fault injection (tests): the loss of this micro-batch becomes NaN
 
@@ -50,19 +57,12 @@ class MicroBatch:
                                max_seqlen_kv=self.max_seqlen)
 
 
-def _block_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
-    """``[1, 1, T, T]`` bool: query i may attend key j iff j <= i and both are in the same segment."""
-    seg = torch.searchsorted(cu_seqlens[1:], torch.arange(total), right=True)
-    allowed = (seg.unsqueeze(1) == seg.unsqueeze(0)) & torch.ones(total, total, dtype=torch.bool).tril()
-    return (~allowed)[None, None]
-
-
 def _pad_packed(d: dict, total: int, pad_id: int) -> dict:
     """Extend a packed ``[1, T']`` micro-batch to ``[1, total]`` with one unsupervised trailing segment."""
     extra = total - d["tokens"].shape[1]
     if extra < 0:
-        raise ValueError(f"packed micro-batch of {d['tokens'].shape[1]} tokens exceeds micro_batch_size*seq_length"
-                         f" = {total}")
+        raise ValueError(f"packed micro-batch of {d['tokens'].shape[1]} tokens exceeds the fixed micro-batch "
+                         f"length T = {total}")
     if extra == 0:
         return d
     out = dict(d)
@@ -74,32 +74,61 @@ def _pad_packed(d: dict, total: int, pad_id: int) -> dict:
     return out
 
 
-def to_micro_batch(d: dict, device: torch.device, *, total: int, pad_id: int, dense_mask: bool) -> MicroBatch:
-    """Data-layer micro-batch dict -> :class:`MicroBatch` (masks built on CPU, then moved)."""
+def to_micro_batch(d: dict, device: torch.device, *, total: int, pad_id: int, cp_size: int = 1,
+                   cp_rank: int = 0) -> MicroBatch:
+    """Data-layer micro-batch dict -> :class:`MicroBatch`: fixed length, this CP rank's shard, on ``device``."""
     packed = "cu_seqlens" in d
     if packed:
         d = _pad_packed(d, total, pad_id)
     cu = d["cu_seqlens"].long() if packed else None
-    mask = _block_causal_mask(cu, total) if packed and dense_mask else None
-    to = dict(device=device, non_blocking=True)
-    return MicroBatch(
-        tokens=d["tokens"].long().to(**to), labels=d["labels"].long().to(**to),
-        loss_mask=d["loss_mask"].float().to(**to), position_ids=d["position_ids"].long().to(**to),
-        attention_mask=None if mask is None else mask.to(**to), cu_seqlens=None if cu is None else cu.to(**to),
-        max_seqlen=int(d["max_seqlen"]) if packed else 0,
-    )
+    fields = {"tokens": d["tokens"].long(), "labels": d["labels"].long(), "loss_mask": d["loss_mask"].float(),
+              "position_ids": d["position_ids"].long()}
+    if cp_size > 1:
+        fields = {k: split_for_cp(v, cp_size, cp_rank, cu) for k, v in fields.items()}
+    if cu is not None:
+        fields["cu_seqlens"] = cu
+    # CUDA: pinned host memory, so the copies are truly asynchronous (a copy from pageable memory
+    # synchronises the stream first, stalling the host's launch-ahead once per tensor).
+    pin = device.type == "cuda"
+    moved = {k: (v.pin_memory() if pin else v).to(device=device, non_blocking=True) for k, v in fields.items()}
+    moved.setdefault("cu_seqlens", None)
+    return MicroBatch(**moved, max_seqlen=int(d["max_seqlen"]) if packed else 0)
+
+
+def micro_batch_length(dataset, *, packed: bool, micro_batch_size: int, seq_length: int, cp_size: int,
+                       tp_sp: int = 1) -> int:
+    """Fixed token count ``T`` of one packed micro-batch (``mbs * seq_length`` without CP).
+
+    Under CP each sample grows to a multiple of ``2*CP``: ``T`` becomes ``mbs`` times the longest
+    padded row (``dataset.max_padded_row_length``), rounded to ``2*CP*tp_sp`` (``tp_sp`` = TP with
+    sequence parallel, else 1) so every CP and SP shard is whole. Padded (unpacked) rows keep
+    ``seq_length`` columns (validation requires it to be a multiple of ``2*CP``).
+    """
+    base = micro_batch_size * seq_length
+    if not packed or cp_size == 1:
+        return base
+    longest = max(seq_length, int(dataset.max_padded_row_length(2 * cp_size)))
+    return int(round_up(micro_batch_size * longest, 2 * cp_size * tp_sp))
 
 
 class StepData:
     """One split's rows, served one global batch per call; state = ``consumed_rows``."""
 
     def __init__(self, dataset, *, packed: bool, global_batch_size: int, micro_batch_size: int, dp_rank: int,
-                 dp_size: int, seed: int, seq_length: int, device: torch.device, dense_mask: bool) -> None:
-        self.dataset, self.packed, self.device, self.dense_mask = dataset, packed, device, dense_mask
+                 dp_size: int, seed: int, seq_length: int, device: torch.device, cp_size: int = 1, cp_rank: int = 0,
+                 tp_sp: int = 1) -> None:
+        self.dataset, self.packed, self.device = dataset, packed, device
+        self.cp_size, self.cp_rank = cp_size, cp_rank
         self.sampler = GlobalBatchSampler(len(dataset), global_batch_size=global_batch_size,
                                           micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
                                           seed=seed)
-        self.total = micro_batch_size * seq_length
+        self.total = micro_batch_length(dataset, packed=packed, micro_batch_size=micro_batch_size,
+                                        seq_length=seq_length, cp_size=cp_size, tp_sp=tp_sp)
+        # Per-sample padding: only context parallelism needs it (TE's THD partitioning, 2*CP chunks).
+        self.pad_multiple = 2 * cp_size if cp_size > 1 else 1
+        if self.total > micro_batch_size * seq_length:
+            _log.info("context parallel: samples padded to multiples of %d, packed micro-batch length %d -> %d tokens",
+                      self.pad_multiple, micro_batch_size * seq_length, self.total)
         self.consumed_rows = 0
         self.last_real_tokens = 0  # non-padding tokens of this rank's last step (effective throughput)
 
@@ -111,13 +140,13 @@ class StepData:
         for rows in self.sampler.rank_microbatches(batch):
             samples = [self.dataset[int(r)] for r in rows]
             self.last_real_tokens += sum(len(s.tokens) for s in samples)
-            d = collate(samples, packed=self.packed, pad_id=self.dataset.pad_id)
+            d = collate(samples, packed=self.packed, pad_multiple=self.pad_multiple, pad_id=self.dataset.pad_id)
             out.append(to_micro_batch(d, self.device, total=self.total, pad_id=self.dataset.pad_id,
-                                      dense_mask=self.dense_mask))
+                                      cp_size=self.cp_size, cp_rank=self.cp_rank))
         return out
 
     @property
     def schedule_shape(self) -> tuple[int, int]:
-        """(seq_length, micro_batch_size) as the pipeline schedule must see them."""
+        """(seq_length, micro_batch_size) as the pipeline schedule must see them (global: it divides by CP)."""
         return (self.total, 1) if self.packed else (self.total // self.sampler.mbs, self.sampler.mbs)
 

@@ -60,10 +60,6 @@ class Trainer:
         self.cfg, self.layout, self.groups = cfg, layout, groups
         self.model, self.tconfig, self.optimizer, self.scheduler = model, tconfig, optimizer, scheduler
         self.state = TrainState()
-        # Packed rows use THD attention when the layer spec is Transformer Engine's (GPU), else a dense mask.
-        from bft_megatron.model.spec import have_te
-
-        self.thd = bool(train_data.packed) and have_te() and groups.device.type == "cuda"
         self.train_data = self._step_data(train_data, cfg.data.seed)
         self.valid_data = valid_data
         self.progress = ProgressLog(cfg, groups)
@@ -74,7 +70,8 @@ class Trainer:
         t, g = self.cfg.train, self.groups
         return StepData(dataset, packed=bool(dataset.packed), global_batch_size=t.global_batch_size,
                         micro_batch_size=t.micro_batch_size, dp_rank=g.dp_rank, dp_size=g.dp_size, seed=seed,
-                        seq_length=self.cfg.data.seq_length, device=g.device, dense_mask=not self.thd)
+                        seq_length=self.cfg.data.seq_length, device=g.device, cp_size=g.cp_size, cp_rank=g.cp_rank,
+                        tp_sp=g.tp_size if self.cfg.parallel.sequence_parallel else 1)
 
     def _loss_cfg(self):
         """The configured loss, or plain SFT during ``loss.sft_warmup_iters`` (validation follows suit)."""
@@ -92,7 +89,8 @@ class Trainer:
                 mb.poison = True
         iters = [iter(micro) for _ in self.model]
         fwd_bwd = get_forward_backward_func(pp_size=self.groups.pp_size, vp_size=self.groups.vp_size)
-        step_fn = make_forward_step(self._loss_cfg(), self.groups.tp, self.thd, self.cfg.train.bf16)
+        cp_group = self.groups.cp if self.groups.cp_size > 1 else None
+        step_fn = make_forward_step(self._loss_cfg(), self.groups.tp, cp_group, self.cfg.train.bf16)
         out = fwd_bwd(forward_step_func=step_fn,
                       data_iterator=iters if len(iters) > 1 else iters[0], model=self.model,
                       num_microbatches=len(micro), seq_length=seq_length, micro_batch_size=micro_batch_size,

@@ -25,8 +25,12 @@ from bft_megatron.training.batch import MicroBatch
 __all__ = ["forward_step", "loss_func"]
 
 
-def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: torch.Tensor):
-    """Per-token NLL from ``[b, s, V/TP]`` (or THD ``[1, b*s, V/TP]``) logits, then the objective."""
+def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: torch.Tensor, cp_group=None):
+    """Per-token NLL from ``[b, s, V/TP]`` (or THD ``[1, b*s, V/TP]``) logits, then the objective.
+
+    Under context parallelism the logits, labels and mask are this rank's shard (``s/CP``) and
+    ``cp_group`` lets the objective gather per-sample statistics (BFT's window minimum spans ranks).
+    """
     # GPTModel (labels=None) returns logits [b, s, V/TP]; padding labels are masked below.
     labels = batch.labels.reshape(output_tensor.shape[:-1])
     # inplace: the logits are not needed after the loss (the output layer's backward saves its input and
@@ -37,7 +41,7 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
         nll, mask = nll.reshape(1, -1), mask.reshape(1, -1)
     loss_sum, num_units, metrics = objective(
         nll, mask, method=loss_cfg.method, variant=loss_cfg.variant, group_size=loss_cfg.group_size,
-        gamma=loss_cfg.gamma, eps=loss_cfg.eps, cu_seqlens=batch.cu_seqlens,
+        gamma=loss_cfg.gamma, eps=loss_cfg.eps, cu_seqlens=batch.cu_seqlens, cp_group=cp_group,
     )
     if batch.poison:
         loss_sum = loss_sum * float("nan")
@@ -45,24 +49,24 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
     return loss_sum, num_units, metrics
 
 
-def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, thd: bool = False, bf16: bool = False):
+def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False):
     """One micro-batch through ``model`` (one chunk). Every stage reads the full micro-batch itself.
 
-    ``thd`` (Transformer Engine, packed rows): the micro-batch runs as one ``[1, b*s]`` sequence with
-    ``PackedSeqParams``; otherwise ``[b, s]`` with the dense mask (None = causal).
+    Packed rows (``cu_seqlens``) run as one ``[1, T]`` THD sequence with ``PackedSeqParams``; padded
+    rows as ``[b, s]`` with the causal mask. ``cp_group`` (context parallel > 1) goes to the loss.
     ``bf16``: the model is wrapped in ``Float16Module``; ``fp32_output=False`` keeps the logits in bf16
     (the NLL computes in fp32 itself; an fp32 copy of ``[tokens, V/TP]`` logits would cost 2x their memory).
     """
     batch: MicroBatch = next(data_iterator)
     kwargs = {"fp32_output": False} if bf16 else {}
-    if thd and batch.cu_seqlens is not None:
+    if batch.cu_seqlens is not None:
         output = model(batch.tokens.reshape(1, -1), batch.position_ids.reshape(1, -1), None,
                        packed_seq_params=batch.packed_seq_params(), **kwargs)
     else:
-        output = model(batch.tokens, batch.position_ids, batch.attention_mask, **kwargs)
-    return output, partial(loss_func, batch, loss_cfg, tp_group)
+        output = model(batch.tokens, batch.position_ids, None, **kwargs)
+    return output, partial(loss_func, batch, loss_cfg, tp_group, cp_group=cp_group)
 
 
-def make_forward_step(loss_cfg: LossConfig, tp_group, thd: bool = False, bf16: bool = False):
-    """The two-argument callable megatron's schedules expect."""
-    return partial(forward_step, loss_cfg=loss_cfg, tp_group=tp_group, thd=thd, bf16=bf16)
+def make_forward_step(loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False):
+    """The two-argument callable megatron's schedules expect (``cp_group``: None unless CP > 1)."""
+    return partial(forward_step, loss_cfg=loss_cfg, tp_group=tp_group, cp_group=cp_group, bf16=bf16)

@@ -38,6 +38,15 @@ class SyntheticChatDataset:
     def __len__(self) -> int:
         return self.num_rows
 
+    def max_padded_row_length(self, multiple: int) -> int:
+        """An upper bound on a row's length once each sample is padded to a multiple of ``multiple``.
+
+        Samples are at least ``2*min_prompt+2`` tokens, so a row holds at most ``seq_length // that``
+        of them, each growing by at most ``multiple - 1``.
+        """
+        most = self.seq_length // (2 * self.min_prompt + 2) if self.packed else 1
+        return self.seq_length + max(most, 1) * (multiple - 1)
+
     def _chain(self, start: int, n: int) -> np.ndarray:
         out, x, span = np.empty(n, dtype=np.int64), int(start), self.vocab_size - 3
         for k in range(n):
