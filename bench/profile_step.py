@@ -5,6 +5,9 @@
 Prints the events with the most self CPU time and every synchronising call (``.item()``, blocking copies,
 stream/device synchronise) with the Python stack that issued it, per training step. A step whose host
 time exceeds its device time is launch-bound: the fix is fewer syncs, not faster kernels.
+
+``--sync-trace``: instead of the profiler, run the steps under ``torch.cuda.set_sync_debug_mode("warn")``
+and list the Python call sites of every synchronising operation torch reports, most frequent first.
 """
 
 from __future__ import annotations
@@ -17,6 +20,37 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+def _sync_trace(fit, trainer, iters: int) -> str:
+    """Call sites of synchronising torch ops over ``iters`` steps (after one warm-up step)."""
+    import collections
+    import traceback
+    import warnings
+
+    trainer.cfg.train.train_iters = 1
+    fit(trainer, None)
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
+        keep = [f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames
+                if any(k in f.filename for k in ("bft_megatron", "megatron", "transformer_engine"))]
+        sites[(str(message).split("\n")[0][:80], " <- ".join(reversed(keep[-4:])))] += 1
+
+    previous = warnings.showwarning
+    warnings.showwarning = record
+    warnings.simplefilter("always")
+    torch.cuda.set_sync_debug_mode("warn")
+    trainer.cfg.train.train_iters = 1 + iters
+    try:
+        fit(trainer, None)
+        torch.cuda.synchronize()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = previous
+    lines = [f"{count / iters:6.1f}/step  {what} | {where}" for (what, where), count in sites.most_common(30)]
+    return "synchronising call sites (torch sync debug mode):\n" + "\n".join(lines)
+
+
 SYNC_EVENTS = ("aten::_local_scalar_dense", "cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item",
                "cudaMemcpyAsync", "cudaEventSynchronize")
 
@@ -26,6 +60,7 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--out", default=None, help="write the report here as well")
+    ap.add_argument("--sync-trace", action="store_true", help="list synchronising call sites instead of profiling")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
@@ -38,6 +73,14 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides + [f"train.train_iters={args.iters}", "checkpoint.save=null"])
     groups = bootstrap.initialize(seed=cfg.train.seed)
     trainer = build_trainer(cfg, validate(cfg, 1), groups)
+    if args.sync_trace:
+        report = _sync_trace(fit, trainer, args.iters) + "\n"
+        sys.stdout.write(report)
+        if args.out:
+            with open(args.out, "w") as fh:
+                fh.write(report)
+        bootstrap.destroy()
+        return
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         fit(trainer, None)
         torch.cuda.synchronize()
