@@ -43,7 +43,17 @@ def test_from_dict():
     assert cfg.train == [SourceConfig(path="a.jsonl"), SourceConfig(path="b.parquet", weight=0.5)]
     assert cfg.valid == [SourceConfig(path="v.jsonl")]
     cfg.validate()
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['tokeniser'\]"):
+    with pytest.raises(ValueError, match=r"unknown key 'tokeniser' in section 'data'"):
         data_config_from_dict({"tokeniser": "x"})
-    with pytest.raises(ValueError, match=r"train\[0\]: unknown key\(s\) \['wieght'\]"):
+    with pytest.raises(ValueError, match=r"unknown key 'wieght' in section 'data.train\[0\]'"):
         data_config_from_dict({"train": [{"path": "a", "wieght": 2}]})
+    with pytest.raises(ValueError, match=r"data.seq_length must be an integer, got 'long'"):
+        data_config_from_dict({"seq_length": "long"})
+
+
+def test_training_config_accepts_the_source_shorthands():
+    """The trainer's config goes through the same loader: bare paths and a single source work there too."""
+    from bft_megatron.config import load_config
+
+    cfg = load_config(None, ["data.train=a.jsonl", "data.tokenizer=t"])
+    assert cfg.data.train == [SourceConfig(path="a.jsonl")]

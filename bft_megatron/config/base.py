@@ -8,7 +8,9 @@
 * :func:`to_dict` is the inverse (for logging and checkpoint metadata).
 
 Supported field types: bool, int, float, str, ``Literal[...]``, ``X | None``, nested dataclasses,
-``list[X]`` and ``dict``. No third-party schema library.
+``list[X]`` and ``dict``. No third-party schema library. Two shorthands: a single value where a list is
+expected is a one-element list (``train: a.jsonl``), and a string where a dataclass is expected goes to
+the dataclass's ``from_str`` if it has one (``SourceConfig.from_str(path)``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(inner):
         if isinstance(value, inner):
             return value
+        if isinstance(value, str) and hasattr(inner, "from_str"):
+            return inner.from_str(value)
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         return from_dict(inner, value, where)
@@ -83,7 +87,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where} must be a string, got {value!r}")
     if typing.get_origin(inner) is list or inner is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
+            value = [value]  # shorthand: one item
         args = typing.get_args(inner)
         return [_coerce(v, args[0], f"{where}[{i}]") if args else v for i, v in enumerate(value)]
     if inner is dict or typing.get_origin(inner) is dict:

@@ -1,7 +1,8 @@
 """Configuration of the data layer: which sources to read, how to tokenize, mask and pack them.
 
-Kept as plain dataclasses of simple types so the generic YAML loader (unknown-key rejection, dotted
-overrides) can build it without special cases. ``validate()`` names the offending field and value.
+Plain dataclasses of simple types, built by the generic loader (:mod:`bft_megatron.config.base`:
+unknown-key rejection, dotted overrides; a source may be written as a bare path, and a single source
+without a list). ``validate()`` names the offending field and value.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ class SourceConfig:
     weight: float = 1.0  # passes over this source per epoch; a fraction takes a seeded subsample
     split: str | None = None  # hub datasets only (default "train")
     format: str = "auto"  # record shape; auto-detected per record when "auto"
+
+    @classmethod
+    def from_str(cls, path: str) -> "SourceConfig":
+        """Shorthand: ``train: [a.jsonl]`` means ``train: [{path: a.jsonl}]``."""
+        return cls(path=path)
 
     def validate(self, where: str) -> None:
         if not self.path:
@@ -82,34 +88,8 @@ class DataConfig:
             _fail("output_dir", self.output_dir, "must name the directory to write")
 
 
-def _reject_unknown(value: dict, cls, where: str) -> None:
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(value) - known)
-    if unknown:
-        raise ValueError(f"data config: {where}unknown key(s) {unknown}; known: {sorted(known)}")
-
-
-def _source_from(value: object, where: str) -> SourceConfig:
-    if isinstance(value, str):
-        return SourceConfig(path=value)
-    if not isinstance(value, dict):
-        raise ValueError(f"data config: {where}={value!r}: must be a path or a mapping")
-    _reject_unknown(value, SourceConfig, f"{where}: ")
-    return SourceConfig(**value)
-
-
 def data_config_from_dict(raw: dict) -> DataConfig:
-    """Build (not validate) a DataConfig from a YAML mapping, rejecting unknown keys.
+    """Build (not validate) a DataConfig from the ``data:`` mapping of a YAML file (``prepare --config``)."""
+    from bft_megatron.config.base import from_dict
 
-    A stop-gap for ``prepare``'s own ``--config``; the project's generic loader supersedes it.
-    """
-    if not isinstance(raw, dict):
-        raise ValueError(f"data config: expected a mapping, got {type(raw).__name__}")
-    _reject_unknown(raw, DataConfig, "")
-    values = dict(raw)
-    for name in ("train", "valid"):
-        items = values.get(name) or []
-        if not isinstance(items, list):
-            items = [items]
-        values[name] = [_source_from(v, f"{name}[{i}]") for i, v in enumerate(items)]
-    return DataConfig(**values)
+    return from_dict(DataConfig, raw, "data")
