@@ -21,12 +21,12 @@ from tests.dist_harness import run_distributed
 pytestmark = pytest.mark.slow
 
 ATOL = 1e-4
-# run -> (model case, layers, layout overrides, save a checkpoint). The VP run saves none: the trainer's
-# Checkpointer cannot save at VP > 1 yet (reported), so it checks the live export only.
+# run -> (model case, layers, layout overrides, save a checkpoint). Every run saves its final checkpoint,
+# the interleaved (VP) one included, and its offline export must equal the live one.
 RUNS = {"qwen2_tp2": ("qwen2_tied", 2, ["parallel.tp=2"], True),
         "qwen2_pp2": ("qwen2_tied", 2, ["parallel.pp=2"], True),  # tied embedding split over stages
         "llama31_pp2": ("llama31_untied", 2, ["parallel.pp=2"], True),
-        "llama31_pp2_vp2": ("llama31_untied", 4, ["parallel.pp=2", "parallel.vp=2"], False)}
+        "llama31_pp2_vp2": ("llama31_untied", 4, ["parallel.pp=2", "parallel.vp=2"], True)}
 SAVED = [r for r, spec in RUNS.items() if spec[3]]
 TRAIN = ["data.seq_length=32", "data.packing=true", "train.bf16=false",
          "train.global_batch_size=4", "train.micro_batch_size=2", "train.lr=3e-3", "train.warmup_iters=0",
