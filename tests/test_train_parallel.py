@@ -5,7 +5,7 @@ Every other layout fine-tunes from the same initial weights, so all runs start i
 
 * DP4, DP4 with full activation recompute, TP2+SP (x DP2), TP2 (x DP2, non-distributed
   optimizer), PP2 (x DP2), PP2 x VP2 (x DP2), TP2 x PP2, CP2 (x DP2), CP4, CP2 x TP2+SP,
-  CP2 x PP2 must reproduce the reference losses for 4 steps (fp32; reductions reorder sums ->
+  CP2 x PP2, CP2 with full recompute must reproduce the reference losses for 4 steps (fp32; reductions reorder sums ->
   rtol 1e-5); so must CP2 with padded (unpacked) rows against a padded TP1 reference. Under CP
   packed samples are padded to multiples of 2*CP and sharded; attention is ReferenceAttention
   (all-gathered keys/values) on CPU, and BFT's per-sample statistics are gathered over CP;
@@ -68,6 +68,7 @@ LAYOUTS = {
     "cp4": ["parallel.cp=4"],
     "cp2_tp2_sp": ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
     "cp2_pp2": ["parallel.cp=2", "parallel.pp=2", "train.micro_batch_size=1"],
+    "cp2_recompute": ["parallel.cp=2", "train.recompute=full"],
 }
 
 
