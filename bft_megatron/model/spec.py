@@ -38,7 +38,7 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
         return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
     if not _WARNED["local"]:
         _log.warning("Transformer Engine not importable: using megatron-core's local layer spec "
-                     "(dense reference attention, no FP8)")
+                     "(dense O(T^2) reference attention: for tests and tiny models; no FP8)")
         _WARNED["local"] = True
     from bft_megatron.model.reference_attention import ReferenceAttention
 
