@@ -1,5 +1,6 @@
 """Typed config: strict YAML loading, dotted overrides, HF config import, validation messages."""
 
+import importlib
 import json
 
 import pytest
@@ -152,3 +153,12 @@ def test_train_cli_check_and_config_errors():
 def test_data_sources_are_validated_by_the_data_layer():
     with pytest.raises(ValueError, match="data config: template='nope'"):
         validate(load_config("configs/demo_cpu.yaml", ["data.template=nope"]), 1)
+
+
+def test_fp8_needs_a_multiple_of_8_tokens_per_rank(monkeypatch):
+    validate_mod = importlib.import_module("bft_megatron.config.validate")
+    monkeypatch.setattr(validate_mod, "have_transformer_engine", lambda: True)
+    with pytest.raises(ValueError, match=r"data.seq_length=36 must be a multiple of 8\*cp\*\(tp with sequence "
+                                         r"parallel\) = 16"):
+        validate_mod.validate(cfg_with("train.fp8=hybrid", "parallel.cp=2", "data.seq_length=36"), 2)
+    validate_mod.validate(cfg_with("train.fp8=hybrid", "parallel.cp=2", "data.seq_length=32"), 2)

@@ -141,3 +141,13 @@ def test_packed_segments_equal_padded_rows(rows_spec, pad_multiple):
         for key in ("tokens", "labels", "loss_mask", "position_ids"):
             assert packed[key][0, lo:lo + n].tolist() == padded[key][i, :n].tolist(), key
         assert packed["loss_mask"][0, lo + n - 1:cu[i + 1]].sum() == 0
+
+
+def test_max_padded_row_length_matches_collate_in_chunks(tmp_path):
+    """The trainer's fixed CP micro-batch length: the longest row after per-sample padding, scanned in chunks."""
+    ds = PackedDataset(prepare_dir(tmp_path / "p", synthetic_chats(60, seed=4), packing=True))
+    for multiple in (1, 4, 8):
+        want = max(int(collate([ds[r]], packed=True, pad_multiple=multiple)["tokens"].shape[1])
+                   for r in range(len(ds)))
+        assert ds.max_padded_row_length(multiple, rows_per_chunk=3) == want
+        assert ds.max_padded_row_length(multiple) == want  # cached per multiple

@@ -57,3 +57,9 @@ def test_training_config_accepts_the_source_shorthands():
 
     cfg = load_config(None, ["data.train=a.jsonl", "data.tokenizer=t"])
     assert cfg.data.train == [SourceConfig(path="a.jsonl")]
+    cfg = load_config(None, ["data.train=[a.jsonl,{path: b.jsonl, weight: 2}]"])
+    assert cfg.data.train == [SourceConfig(path="a.jsonl"), SourceConfig(path="b.jsonl", weight=2.0)]
+    assert data_config_from_dict({"train": {"path": "a"}, "valid": None}).valid == []  # `valid:` left empty
+    # A dotted override cannot reach into a list (it used to replace the whole list silently).
+    with pytest.raises(ValueError, match=r"override 'data.train.path': data.train is a list"):
+        load_config(None, ["data.train.path=b.jsonl"])

@@ -56,7 +56,8 @@ def test_context_parallel_shards_cover_the_micro_batch(packed):
         whole = full.next_step()[0]
         shards = [d.next_step()[0] for d in datas]
         total = whole.tokens.numel()
-        assert total % (2 * cp) == 0 and all(s.tokens.numel() == total // cp for s in shards)
+        assert all(s.tokens.numel() == total // cp for s in shards)
+        assert total % (2 * cp) == 0 and (not packed or (total // cp) % 8 == 0)  # whole 8-token FP8 tiles
         if packed:
             lens = np.diff(whole.cu_seqlens.numpy())
             assert (lens % (2 * cp) == 0).all() and total >= 2 * 64
@@ -66,6 +67,16 @@ def test_context_parallel_shards_cover_the_micro_batch(packed):
             got = [split_for_cp(want, cp, r, whole.cu_seqlens) for r in range(cp)]
             assert all(torch.equal(g, getattr(s, key)) for g, s in zip(got, shards))
         assert sum(float(s.loss_mask.sum()) for s in shards) == float(whole.loss_mask.sum())
+
+
+def test_padded_rows_are_widened_to_the_configured_seq_length():
+    """Data prepared at a shorter seq_length: every padded micro-batch still has data.seq_length columns."""
+    ds = SyntheticChatDataset(8, 32, 50, packed=False, seed=5)
+    data = StepData(ds, packed=False, global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1,
+                    seq_length=64, device=torch.device("cpu"))
+    for mb in data.next_step():
+        assert mb.tokens.shape == (2, 64) and data.schedule_shape == (64, 2)
+        assert float(mb.loss_mask[:, 32:].sum()) == 0 and mb.position_ids[0].tolist() == list(range(64))
 
 
 def test_max_padded_row_length_bounds_every_row():

@@ -9,8 +9,9 @@
 
 Supported field types: bool, int, float, str, ``Literal[...]``, ``X | None``, nested dataclasses,
 ``list[X]`` and ``dict``. No third-party schema library. Two shorthands: a single value where a list is
-expected is a one-element list (``train: a.jsonl``), and a string where a dataclass is expected goes to
-the dataclass's ``from_str`` if it has one (``SourceConfig.from_str(path)``).
+expected is a one-element list (``train: a.jsonl``; null is an empty list), and a string where a dataclass
+is expected goes to the dataclass's ``from_str`` if it has one (``SourceConfig.from_str(path)``). A
+dotted override cannot reach inside a list (``data.train.path=x`` is an error: set ``data.train`` whole).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if value is None:
         if optional:
             return None
+        if typing.get_origin(inner) is list or inner is list:
+            return []  # `valid:` left empty in YAML
         raise ConfigError(f"{where} must not be null")
     if dataclasses.is_dataclass(inner):
         if isinstance(value, inner):
@@ -87,7 +90,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(f"{where} must be a string, got {value!r}")
     if typing.get_origin(inner) is list or inner is list:
         if not isinstance(value, list):
-            value = [value]  # shorthand: one item
+            value = [value]  # shorthand: one item (a scalar or one mapping)
         args = typing.get_args(inner)
         return [_coerce(v, args[0], f"{where}[{i}]") if args else v for i, v in enumerate(value)]
     if inner is dict or typing.get_origin(inner) is dict:
@@ -123,6 +126,10 @@ def _field_type(cls, path: list[str]):
     for i, name in enumerate(path):
         inner, _ = _unwrap_optional(tp)
         if not dataclasses.is_dataclass(inner):
+            if typing.get_origin(inner) is list or inner is list:
+                whole = ".".join(path[:i])
+                raise ConfigError(f"override {'.'.join(path)!r}: {whole} is a list; set it as a whole, e.g. "
+                                  f"{whole}=[a.jsonl,b.jsonl]")
             return None
         hints = _hints(inner)
         if name not in hints:

@@ -103,6 +103,11 @@ def _check_train(cfg: Config, dp: int) -> int:
     if t.fp8 is not None:
         _require(have_transformer_engine(), f"train.fp8={t.fp8!r} requires Transformer Engine, which is not installed")
         _require(t.bf16, f"train.fp8={t.fp8!r} requires train.bf16=true")
+        p = cfg.parallel
+        shards = p.cp * (p.tp if p.sequence_parallel else 1)
+        _require(cfg.data.seq_length % (8 * shards) == 0,
+                 f"train.fp8={t.fp8!r}: data.seq_length={cfg.data.seq_length} must be a multiple of 8*cp*(tp with "
+                 f"sequence parallel) = {8 * shards} (FP8 GEMMs need a multiple of 8 tokens per rank)")
     if t.te_op_fuser:
         _require(have_transformer_engine(), "train.te_op_fuser=true requires Transformer Engine, which is not installed")
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)

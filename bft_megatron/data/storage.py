@@ -153,11 +153,23 @@ class PackedDataset:
     def __len__(self) -> int:
         return len(self.row_offsets) - 1
 
-    def max_padded_row_length(self, multiple: int) -> int:
-        """Longest row once each of its samples is padded to a multiple of ``multiple`` (context parallel)."""
-        lens = np.diff(self.sample_offsets)
-        padded = np.concatenate([[0], np.cumsum(-(-lens // multiple) * multiple)])
-        return int(np.max(padded[self.row_offsets[1:]] - padded[self.row_offsets[:-1]], initial=0))
+    def max_padded_row_length(self, multiple: int, rows_per_chunk: int = 1 << 20) -> int:
+        """Longest row once each of its samples is padded to a multiple of ``multiple`` (context parallel).
+
+        Scanned in chunks of rows (bounded host memory for very large splits) and cached per multiple.
+        """
+        cache = self.__dict__.setdefault("_max_padded_row", {})
+        if multiple not in cache:
+            best = 0
+            for r0 in range(0, len(self), rows_per_chunk):
+                r1 = min(len(self), r0 + rows_per_chunk)
+                s0, s1 = int(self.row_offsets[r0]), int(self.row_offsets[r1])
+                lens = np.diff(self.sample_offsets[s0:s1 + 1])
+                padded = np.concatenate([[0], np.cumsum(-(-lens // multiple) * multiple)])
+                starts = np.asarray(self.row_offsets[r0:r1 + 1]) - s0
+                best = max(best, int(np.max(padded[starts[1:]] - padded[starts[:-1]], initial=0)))
+            cache[multiple] = best
+        return cache[multiple]
 
     def __getitem__(self, r: int) -> Row:
         if not 0 <= r < len(self):

@@ -74,12 +74,29 @@ def _pad_packed(d: dict, total: int, pad_id: int) -> dict:
     return out
 
 
+def _pad_columns(d: dict, width: int, pad_id: int) -> dict:
+    """Widen a padded ``[b, s']`` micro-batch to ``[b, width]`` (data prepared with a shorter seq_length)."""
+    extra = width - d["tokens"].shape[1]
+    if extra < 0:
+        raise ValueError(f"padded micro-batch rows of {d['tokens'].shape[1]} tokens exceed data.seq_length={width}")
+    if extra == 0:
+        return d
+    out = dict(d)
+    rows = d["tokens"].shape[0]
+    for key, fill in (("tokens", pad_id), ("labels", pad_id), ("loss_mask", 0)):
+        out[key] = torch.cat((d[key], torch.full((rows, extra), fill, dtype=d[key].dtype)), dim=1)
+    out["position_ids"] = torch.arange(width).expand(rows, width).clone()
+    return out
+
+
 def to_micro_batch(d: dict, device: torch.device, *, total: int, pad_id: int, cp_size: int = 1,
                    cp_rank: int = 0) -> MicroBatch:
     """Data-layer micro-batch dict -> :class:`MicroBatch`: fixed length, this CP rank's shard, on ``device``."""
     packed = "cu_seqlens" in d
     if packed:
         d = _pad_packed(d, total, pad_id)
+    else:  # every micro-batch [b, total/b]: pipeline stages exchange one shape
+        d = _pad_columns(d, total // d["tokens"].shape[0], pad_id)
     cu = d["cu_seqlens"].long() if packed else None
     fields = {"tokens": d["tokens"].long(), "labels": d["labels"].long(), "loss_mask": d["loss_mask"].float(),
               "position_ids": d["position_ids"].long()}
@@ -100,15 +117,16 @@ def micro_batch_length(dataset, *, packed: bool, micro_batch_size: int, seq_leng
     """Fixed token count ``T`` of one packed micro-batch (``mbs * seq_length`` without CP).
 
     Under CP each sample grows to a multiple of ``2*CP``: ``T`` becomes ``mbs`` times the longest
-    padded row (``dataset.max_padded_row_length``), rounded to ``2*CP*tp_sp`` (``tp_sp`` = TP with
-    sequence parallel, else 1) so every CP and SP shard is whole. Padded (unpacked) rows keep
+    padded row (``dataset.max_padded_row_length``), rounded to ``16*CP*tp_sp`` (``tp_sp`` = TP with
+    sequence parallel, else 1): every CP and SP shard is whole and holds a multiple of 8 tokens (FP8
+    GEMMs need that; validation requires the same of ``seq_length``). Padded (unpacked) rows keep
     ``seq_length`` columns (validation requires it to be a multiple of ``2*CP``).
     """
     base = micro_batch_size * seq_length
     if not packed or cp_size == 1:
         return base
     longest = max(seq_length, int(dataset.max_padded_row_length(2 * cp_size)))
-    return int(round_up(micro_batch_size * longest, 2 * cp_size * tp_sp))
+    return int(round_up(micro_batch_size * longest, 16 * cp_size * tp_sp))
 
 
 class StepData:
