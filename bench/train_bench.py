@@ -8,6 +8,8 @@ peak allocated memory, and the planner's estimate for the same config (``bft-meg
     python bench/train_bench.py --suite 8b      # Llama-3-8B layer shapes x 8 layers, seq 8192, packed
     python bench/train_bench.py --suite 8b-te   # the same with TE performance options, BF16 vs FP8
     python bench/train_bench.py --suite demo    # demo data: packed vs padded effective tokens/s
+``--rounds N`` runs the settings N times interleaved (A B A B ...) and reports medians over the rounds,
+with each run's time in the JSON (``ms_runs``): use it for ratios near a target.
 Writes a markdown table to stdout and, with --json, the raw numbers.
 """
 
@@ -104,36 +106,65 @@ def planned_gib(config: str, overrides: list[str]) -> float | None:
     return mem.total(cfg.train.recompute == "full")
 
 
+def _combine(runs: list[dict]) -> dict:
+    """One setting over several rounds: medians of the per-run medians, the max peak, and the spread."""
+    ok = [r for r in runs if "error" not in r]
+    if not ok:
+        return runs[-1]
+    out = {k: statistics.median([r[k] for r in ok if r.get(k) is not None] or [None])
+           for k in ("ms", "tok_s_gpu", "mfu", "effective_tok_s_gpu")}
+    peaks = [r["peak_gib"] for r in ok if r.get("peak_gib") is not None]
+    out.update(peak_gib=max(peaks) if peaks else None, ms_runs=[r["ms"] for r in ok], cmd=ok[0]["cmd"])
+    return out
+
+
+def _run_rounds(config: str, settings, args) -> list[dict]:
+    """Every setting ``args.rounds`` times, interleaved (A B C A B C ...), so drift hits all settings alike."""
+    runs: dict[str, list[dict]] = {name: [] for name, _ in settings}
+    for _ in range(args.rounds):
+        for name, overrides in settings:
+            res = run_setting(config, overrides, args.iters, args.warmup, args.timeout)
+            runs[name].append(res)
+            sys.stdout.write(f"{name}: {json.dumps({k: v for k, v in res.items() if k != 'error'})}\n")
+            if "error" in res:
+                sys.stdout.write(res["error"] + "\n")
+    rows = []
+    for name, overrides in settings:
+        row = _combine(runs[name])
+        row.update(name=name, plan_gib=planned_gib(config, overrides))
+        rows.append(row)
+    return rows
+
+
+def _table(suite: str, config: str, rows: list[dict], args) -> str:
+    base = rows[0].get("ms")
+    lines = [f"suite {suite}: {config}, median of steps {args.warmup + 1}..{args.iters}"
+             + (f", median over {args.rounds} interleaved rounds" if args.rounds > 1 else ""),
+             "| setting | ms/step | vs first | tok/s/GPU | MFU | peak GiB | plan GiB | effective tok/s/GPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt = (lambda v, f: f.format(v) if v is not None else "n/a")
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | failed | | | | | | |")
+            continue
+        lines.append(f"| {r['name']} | {r['ms']:.0f} | {r['ms'] / base:.3f} | {r['tok_s_gpu']:.0f} | "
+                     f"{fmt(r['mfu'], '{:.3f}')} | {fmt(r['peak_gib'], '{:.2f}')} | {fmt(r['plan_gib'], '{:.2f}')} | "
+                     f"{fmt(r['effective_tok_s_gpu'], '{:.0f}')} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=sorted(SUITES), required=True)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="run the settings this many times, interleaved")
     ap.add_argument("--timeout", type=float, default=240)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     config, settings = SUITES[args.suite]
-    rows = []
-    for name, overrides in settings:
-        res = run_setting(config, overrides, args.iters, args.warmup, args.timeout)
-        res.update(name=name, plan_gib=planned_gib(config, overrides))
-        rows.append(res)
-        sys.stdout.write(f"{name}: {json.dumps({k: v for k, v in res.items() if k != 'error'})}\n")
-        if "error" in res:
-            sys.stdout.write(res["error"] + "\n")
-    base = rows[0].get("ms")
-    lines = [f"suite {args.suite}: {config}, median of steps {args.warmup + 1}..{args.iters}",
-             "| setting | ms/step | vs first | tok/s/GPU | MFU | peak GiB | plan GiB | effective tok/s/GPU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['name']} | failed | | | | | | |")
-            continue
-        fmt = (lambda v, f: f.format(v) if v is not None else "n/a")
-        lines.append(f"| {r['name']} | {r['ms']:.0f} | {r['ms'] / base:.3f} | {r['tok_s_gpu']:.0f} | "
-                     f"{fmt(r['mfu'], '{:.3f}')} | {fmt(r['peak_gib'], '{:.2f}')} | {fmt(r['plan_gib'], '{:.2f}')} | "
-                     f"{fmt(r['effective_tok_s_gpu'], '{:.0f}')} |")
-    sys.stdout.write("\n".join(lines) + "\n")
+    rows = _run_rounds(config, settings, args)
+    sys.stdout.write(_table(args.suite, config, rows, args))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=2)
