@@ -79,6 +79,27 @@ def test_padded_rows_are_widened_to_the_configured_seq_length():
         assert float(mb.loss_mask[:, 32:].sum()) == 0 and mb.position_ids[0].tolist() == list(range(64))
 
 
+def test_prefetched_step_equals_built_step_and_is_dropped_after_a_rewind():
+    ds = SyntheticChatDataset(32, 64, 50, packed=True, seed=6)
+
+    def data():
+        return StepData(ds, packed=True, global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1,
+                        seq_length=64, device=torch.device("cpu"))
+
+    plain, ahead = data(), data()
+    plain.next_step()
+    ahead.next_step()
+    ahead.prefetch()
+    assert ahead.consumed_rows == plain.consumed_rows  # prefetch does not advance
+    for want, got in zip(plain.next_step(), ahead.next_step()):
+        assert torch.equal(want.tokens, got.tokens) and torch.equal(want.cu_seqlens, got.cu_seqlens)
+    assert ahead.last_real_tokens == plain.last_real_tokens and ahead.consumed_rows == plain.consumed_rows
+    ahead.prefetch()  # built for the step at 8 rows ...
+    ahead.consumed_rows = 0  # ... but the position is rewound (a benchmark or a reload): rebuilt from 0
+    first = data().next_step()
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(first, ahead.next_step()))
+
+
 def test_max_padded_row_length_bounds_every_row():
     ds = SyntheticChatDataset(64, 64, 50, packed=True, seed=4)
     bound = ds.max_padded_row_length(8)

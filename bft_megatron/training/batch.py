@@ -149,18 +149,34 @@ class StepData:
                       self.pad_multiple, micro_batch_size * seq_length, self.total)
         self.consumed_rows = 0
         self.last_real_tokens = 0  # non-padding tokens of this rank's last step (effective throughput)
+        self._prefetched = None  # (consumed_rows, micro-batches, real tokens) built ahead by prefetch()
 
-    def next_step(self) -> list[MicroBatch]:
-        """This DP rank's micro-batches of the next global batch; advances ``consumed_rows``."""
-        batch = self.sampler.global_batch(self.consumed_rows)
-        self.consumed_rows += self.sampler.gbs
-        out, self.last_real_tokens = [], 0
-        for rows in self.sampler.rank_microbatches(batch):
+    def _build(self, consumed_rows: int) -> tuple[list[MicroBatch], int]:
+        """This DP rank's micro-batches of the global batch starting at ``consumed_rows``, and their real tokens."""
+        out, real = [], 0
+        for rows in self.sampler.rank_microbatches(self.sampler.global_batch(consumed_rows)):
             samples = [self.dataset[int(r)] for r in rows]
-            self.last_real_tokens += sum(len(s.tokens) for s in samples)
+            real += sum(len(s.tokens) for s in samples)
             d = collate(samples, packed=self.packed, pad_multiple=self.pad_multiple, pad_id=self.dataset.pad_id)
             out.append(to_micro_batch(d, self.device, total=self.total, pad_id=self.dataset.pad_id,
                                       cp_size=self.cp_size, cp_rank=self.cp_rank))
+        return out, real
+
+    def prefetch(self) -> None:
+        """Build the next step's micro-batches now (the trainer calls this while the GPU runs the backward).
+
+        Nothing advances: :meth:`next_step` uses them only if ``consumed_rows`` has not moved meanwhile.
+        """
+        self._prefetched = (self.consumed_rows, *self._build(self.consumed_rows))
+
+    def next_step(self) -> list[MicroBatch]:
+        """This DP rank's micro-batches of the next global batch; advances ``consumed_rows``."""
+        ready, self._prefetched = self._prefetched, None
+        if ready is not None and ready[0] == self.consumed_rows:
+            out, self.last_real_tokens = ready[1], ready[2]
+        else:
+            out, self.last_real_tokens = self._build(self.consumed_rows)
+        self.consumed_rows += self.sampler.gbs
         return out
 
     @property

@@ -128,6 +128,10 @@ class Trainer:
         self.optimizer.zero_grad()
         partials = self._fwd_bwd(self.train_data, forward_only=False,
                                  poison=self.state.iteration in self.poison_steps)
+        if self.state.iteration + 1 < self.cfg.train.train_iters:
+            # The host has queued the whole backward; build the next batch while the GPU runs it (the
+            # finiteness check below is the step's first host sync).
+            self.train_data.prefetch()
         finite = self._all_finite(partials)
         grad_norm, lr = None, self.optimizer.param_groups[0]["lr"]
         if finite:
