@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.launch import ROOT, TINY
+from tests.launch import ROOT, TINY, _free_port
 
 
 @pytest.mark.slow
@@ -52,3 +52,26 @@ def test_rerunning_a_finished_run_keeps_its_checkpoint(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert sentinel.is_file()
     assert (save / "latest").read_text().strip() == "iter_0000002"
+
+
+@pytest.mark.slow
+def test_context_parallel_run_exports_what_its_checkpoint_holds(tmp_path):
+    """CP2 x TP2 (4 gloo ranks): the in-job export (written by CP rank 0 of each TP group) equals the offline
+    export of the same run's final checkpoint, tensor for tensor, bit for bit."""
+    from tests.convert_models import read_safetensors_dir
+
+    save = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--master-addr=127.0.0.1",
+           f"--master-port={_free_port()}", "-m", "bft_megatron.train", *TINY, "parallel.cp=2", "parallel.tp=2",
+           "train.train_iters=2", f"checkpoint.save={save}", "checkpoint.export_hf=true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline = tmp_path / "offline"
+    cli = [sys.executable, "-m", "bft_megatron.cli", "convert", "export", "--ckpt", str(save), "--out", str(offline)]
+    proc = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    live, ref = read_safetensors_dir(str(save / "hf_iter_0000002")), read_safetensors_dir(str(offline))
+    assert live.keys() == ref.keys() and len(live) > 10
+    for name, tensor in ref.items():
+        assert torch.equal(live[name], tensor), name
