@@ -140,6 +140,8 @@ def resumed(ref, layouts, killed):
         {"overrides": TINY + [f"checkpoint.save={killed[0]}", "checkpoint.save_interval=2"]},
         {"overrides": TINY + [f"checkpoint.load={layouts[3]}/iter_0000002"]},
         {"overrides": TINY + [f"checkpoint.load={layouts[5]}/iter_0000002"]},
+        # the reference from scratch, logging every 3rd step: metrics are only reduced on logged steps
+        {"overrides": TINY + ["logging.log_interval=3"]},
     ]
     return launch(1, runs)
 
@@ -163,6 +165,12 @@ def test_resume_resharded_cp2_dp2_to_cp1(layouts, resumed):
     """The distributed optimizer shards over DP x CP: a CP2 x DP2 checkpoint resumes at one process."""
     uninterrupted = _losses(layouts[0]["cp2"])[2:]
     assert _losses(resumed[4]) == pytest.approx(uninterrupted, rel=RTOL, abs=ATOL)
+
+
+def test_sparse_logging_reports_the_same_losses(ref, resumed):
+    sparse = resumed[5]
+    assert [h["iteration"] for h in sparse["history"]] == [3, 4]  # every 3rd step and the last
+    assert _losses(sparse) == _losses(ref[1])[2:]  # bitwise: skipping the reduction changes nothing else
 
 
 def test_restart_after_kill_resumes_from_previous_checkpoint(ref, killed, resumed):

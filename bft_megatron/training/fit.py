@@ -81,7 +81,9 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
     saved_at, interval_tokens = (state.iteration if state.iteration > 0 else -1), 0
     while state.iteration < cfg.train.train_iters:
         t0 = time.perf_counter()
-        result = trainer.train_step()
+        upcoming = state.iteration + 1
+        result = trainer.train_step(report=upcoming % cfg.logging.log_interval == 0
+                                    or upcoming == cfg.train.train_iters)
         trainer.record_step(result)
         step_times.append(time.perf_counter() - t0)
         interval_tokens += result.real_tokens

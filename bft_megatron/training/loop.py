@@ -121,7 +121,9 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
-    def train_step(self) -> StepResult:
+    def train_step(self, report: bool = True) -> StepResult:
+        """One optimizer step. ``report``: reduce the metrics over DP x CP (only steps that get logged need
+        them; skipping it saves three small all-reduces and a host sync per step)."""
         g = self.groups
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -138,7 +140,7 @@ class Trainer:
             updated, grad_norm, _ = self.optimizer.step()
             if updated:
                 self.scheduler.step(increment=1)
-        metrics = reduce_metrics(partials, g.dp_cp) if partials else {}
+        metrics = reduce_metrics(partials, g.dp_cp) if partials and report else {}
         return StepResult(metrics=metrics, grad_norm=grad_norm, skipped=not finite, lr=lr,
                           real_tokens=self.train_data.last_real_tokens)
 
