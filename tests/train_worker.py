@@ -51,8 +51,8 @@ def run_one(spec: dict) -> dict:
     if "signal_at" in spec and dist.get_rank() == 0:
         step = trainer.train_step
 
-        def train_step_then_signal():
-            result = step()
+        def train_step_then_signal(**kwargs):
+            result = step(**kwargs)
             if trainer.state.iteration + 1 == spec["signal_at"]:
                 os.kill(os.getpid(), signal.SIGUSR1)
             return result
