@@ -229,3 +229,53 @@ def test_sft_warmup_switches_method_at_the_configured_step():
     assert trainer._loss_cfg().method == "sft"
     trainer.state.iteration = 3
     assert trainer._loss_cfg().method == "bft" and trainer._loss_cfg() is trainer.cfg.loss
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from bft_megatron.data.storage import Row  # noqa: E402
+from bft_megatron.parallel.context_parallel import local_to_global_positions  # noqa: E402
+from bft_megatron.training.batch import micro_batch_length  # noqa: E402
+
+
+class _Rows:
+    """A minimal dataset of given packed rows (what StepData needs for the micro-batch length)."""
+
+    pad_id = 0
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def max_padded_row_length(self, multiple):
+        return max(int((-(-r.seqlens // multiple) * multiple).sum()) for r in self.rows)
+
+
+@settings(max_examples=40, deadline=None)
+@given(lengths=st.lists(st.lists(st.integers(1, 40), min_size=1, max_size=5), min_size=1, max_size=3),
+       cp=st.sampled_from([2, 4]), tp_sp=st.sampled_from([1, 2]))
+def test_cp_shards_partition_every_packed_micro_batch(lengths, cp, tp_sp):
+    """Random packed rows: every sample padded to 2*CP, T a multiple of 16*CP*tp_sp, and the CP shards are a
+    partition of the global micro-batch (each token on exactly one rank, at its load-balanced position)."""
+    rows = []
+    for i, lens in enumerate(lengths):
+        lens = np.asarray(lens, dtype=np.int64)
+        tokens = np.arange(1, int(lens.sum()) + 1, dtype=np.int64) + 1000 * i  # distinct, nonzero ids
+        rows.append(Row(tokens, np.ones(len(tokens), np.float32), lens, np.arange(len(lens)), 64))
+    seq = max(64, max(int(r.seqlens.sum()) for r in rows))
+    total = micro_batch_length(_Rows(rows), packed=True, micro_batch_size=len(rows), seq_length=seq, cp_size=cp,
+                               tp_sp=tp_sp)
+    assert total % (16 * cp * tp_sp) == 0
+    d = collate(rows, packed=True, pad_multiple=2 * cp)
+    whole = to_micro_batch(d, torch.device("cpu"), total=total, pad_id=0)
+    assert whole.tokens.shape == (1, total) and (np.diff(whole.cu_seqlens.numpy()) % (2 * cp) == 0).all()
+    seen = torch.zeros(total, dtype=torch.long)
+    for rank in range(cp):
+        shard = to_micro_batch(d, torch.device("cpu"), total=total, pad_id=0, cp_size=cp, cp_rank=rank)
+        pos = local_to_global_positions((1, total // cp), cp, rank, whole.cu_seqlens)
+        assert torch.equal(shard.tokens.reshape(-1), whole.tokens.reshape(-1)[pos])
+        assert torch.equal(shard.loss_mask.reshape(-1), whole.loss_mask.reshape(-1)[pos])
+        seen[pos] += 1
+    assert bool((seen == 1).all())
+    real = whole.tokens[whole.tokens > 0]
+    assert sorted(real.tolist()) == sorted(np.concatenate([r.tokens for r in rows]).tolist())  # nothing lost
