@@ -68,7 +68,8 @@ def main() -> None:
     for pair in range(args.warmup + args.pairs):
         rows = trainer.train_data.consumed_rows
         for method in (("sft", "bft") if pair % 2 == 0 else ("bft", "sft")):
-            trainer.train_data.consumed_rows = rows  # both methods see the same global batch
+            # both methods see the same global batch (the rewind drops the prefetched batch: equal cost for both)
+            trainer.train_data.consumed_rows = rows
             seconds, peak = _timed_step(trainer, method)
             if pair >= args.warmup:
                 times[method].append(seconds)

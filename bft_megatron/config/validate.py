@@ -83,7 +83,7 @@ def _check_parallel(cfg: Config, world_size: int) -> int:
 
 
 def _check_train(cfg: Config, dp: int) -> int:
-    t = cfg.train
+    t, p = cfg.train, cfg.parallel
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
              f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size*dp = "
@@ -103,7 +103,6 @@ def _check_train(cfg: Config, dp: int) -> int:
     if t.fp8 is not None:
         _require(have_transformer_engine(), f"train.fp8={t.fp8!r} requires Transformer Engine, which is not installed")
         _require(t.bf16, f"train.fp8={t.fp8!r} requires train.bf16=true")
-        p = cfg.parallel
         shards = p.cp * (p.tp if p.sequence_parallel else 1)
         _require(cfg.data.seq_length % (8 * shards) == 0,
                  f"train.fp8={t.fp8!r}: data.seq_length={cfg.data.seq_length} must be a multiple of 8*cp*(tp with "
@@ -111,7 +110,6 @@ def _check_train(cfg: Config, dp: int) -> int:
     if t.te_op_fuser:
         _require(have_transformer_engine(), "train.te_op_fuser=true requires Transformer Engine, which is not installed")
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)
-    p = cfg.parallel
     if p.vp is not None and p.vp > 1:
         _require(num_micro % p.pp == 0, f"interleaved pipeline: micro-batches per step = global_batch_size/"
                                         f"(micro_batch_size*dp) = {num_micro} must be divisible by parallel.pp={p.pp}")

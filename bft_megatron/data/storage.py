@@ -149,6 +149,7 @@ class PackedDataset:
         self.seq_length = int(self.index["seq_length"])
         self.packed = bool(self.index["packed"])
         self.pad_id = int(self.index["tokenizer"]["pad_id"])
+        self._max_padded_row: dict[int, int] = {}  # max_padded_row_length cache, per multiple
 
     def __len__(self) -> int:
         return len(self.row_offsets) - 1
@@ -158,7 +159,7 @@ class PackedDataset:
 
         Scanned in chunks of rows (bounded host memory for very large splits) and cached per multiple.
         """
-        cache = self.__dict__.setdefault("_max_padded_row", {})
+        cache = self._max_padded_row
         if multiple not in cache:
             best = 0
             for r0 in range(0, len(self), rows_per_chunk):

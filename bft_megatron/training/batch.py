@@ -57,17 +57,24 @@ class MicroBatch:
                                max_seqlen_kv=self.max_seqlen)
 
 
-def _pad_packed(d: dict, total: int, pad_id: int) -> dict:
-    """Extend a packed ``[1, T']`` micro-batch to ``[1, total]`` with one unsupervised trailing segment."""
-    extra = total - d["tokens"].shape[1]
+def _widen(d: dict, width: int, pad_id: int, what: str) -> tuple[dict, int]:
+    """``d`` with ``tokens/labels/loss_mask`` padded on the right to ``width`` columns (unsupervised), and
+    the number of columns added; the caller extends ``position_ids`` (and ``cu_seqlens``) to match."""
+    rows, have = d["tokens"].shape
+    extra = width - have
     if extra < 0:
-        raise ValueError(f"packed micro-batch of {d['tokens'].shape[1]} tokens exceeds the fixed micro-batch "
-                         f"length T = {total}")
-    if extra == 0:
-        return d
+        raise ValueError(f"{what} of {have} tokens exceeds {width}")
     out = dict(d)
     for key, fill in (("tokens", pad_id), ("labels", pad_id), ("loss_mask", 0)):
-        out[key] = torch.cat((d[key], torch.full((1, extra), fill, dtype=d[key].dtype)), dim=1)
+        out[key] = torch.cat((d[key], torch.full((rows, extra), fill, dtype=d[key].dtype)), dim=1)
+    return out, extra
+
+
+def _pad_packed(d: dict, total: int, pad_id: int) -> dict:
+    """Extend a packed ``[1, T']`` micro-batch to ``[1, total]`` with one unsupervised trailing segment."""
+    if d["tokens"].shape[1] == total:
+        return d
+    out, extra = _widen(d, total, pad_id, "packed micro-batch (the fixed micro-batch length T)")
     out["position_ids"] = torch.cat((d["position_ids"], torch.arange(extra).unsqueeze(0)), dim=1)
     out["cu_seqlens"] = torch.cat((d["cu_seqlens"].long(), torch.tensor([total])))
     out["max_seqlen"] = max(int(d["max_seqlen"]), extra)
@@ -76,16 +83,10 @@ def _pad_packed(d: dict, total: int, pad_id: int) -> dict:
 
 def _pad_columns(d: dict, width: int, pad_id: int) -> dict:
     """Widen a padded ``[b, s']`` micro-batch to ``[b, width]`` (data prepared with a shorter seq_length)."""
-    extra = width - d["tokens"].shape[1]
-    if extra < 0:
-        raise ValueError(f"padded micro-batch rows of {d['tokens'].shape[1]} tokens exceed data.seq_length={width}")
-    if extra == 0:
+    if d["tokens"].shape[1] == width:
         return d
-    out = dict(d)
-    rows = d["tokens"].shape[0]
-    for key, fill in (("tokens", pad_id), ("labels", pad_id), ("loss_mask", 0)):
-        out[key] = torch.cat((d[key], torch.full((rows, extra), fill, dtype=d[key].dtype)), dim=1)
-    out["position_ids"] = torch.arange(width).expand(rows, width).clone()
+    out, _ = _widen(d, width, pad_id, "padded micro-batch rows (data.seq_length)")
+    out["position_ids"] = torch.arange(width).expand(d["tokens"].shape[0], width).clone()
     return out
 
 
@@ -102,14 +103,16 @@ def to_micro_batch(d: dict, device: torch.device, *, total: int, pad_id: int, cp
               "position_ids": d["position_ids"].long()}
     if cp_size > 1:
         fields = {k: split_for_cp(v, cp_size, cp_rank, cu) for k, v in fields.items()}
-    if cu is not None:
-        fields["cu_seqlens"] = cu
-    # CUDA: pinned host memory, so the copies are truly asynchronous (a copy from pageable memory
-    # synchronises the stream first, stalling the host's launch-ahead once per tensor).
-    pin = device.type == "cuda"
-    moved = {k: (v.pin_memory() if pin else v).to(device=device, non_blocking=True) for k, v in fields.items()}
-    moved.setdefault("cu_seqlens", None)
-    return MicroBatch(**moved, max_seqlen=int(d["max_seqlen"]) if packed else 0)
+    fields["cu_seqlens"] = cu
+
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        # CUDA: pinned host memory, so the copy is truly asynchronous (a copy from pageable memory
+        # synchronises the stream first, stalling the host's launch-ahead once per tensor).
+        if t is None:
+            return None
+        return (t.pin_memory() if device.type == "cuda" else t).to(device=device, non_blocking=True)
+
+    return MicroBatch(**{k: move(v) for k, v in fields.items()}, max_seqlen=int(d["max_seqlen"]) if packed else 0)
 
 
 def micro_batch_length(dataset, *, packed: bool, micro_batch_size: int, seq_length: int, cp_size: int,
