@@ -81,6 +81,9 @@ def main() -> None:
                 fh.write(report)
         bootstrap.destroy()
         return
+    trainer.cfg.train.train_iters = 1  # warm-up step outside the profile (compilation, autotuning, caches)
+    fit(trainer, None)
+    trainer.cfg.train.train_iters = 1 + args.iters
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
         fit(trainer, None)
         torch.cuda.synchronize()

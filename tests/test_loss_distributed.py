@@ -83,7 +83,7 @@ def _dp_scenario(rank, group, method, variant):
     return {"loss": loss_total / units_total, "grad": weight.grad / units_total}
 
 
-def _cp_scenario(rank, cp_group, tp_group, method, variant, packed):
+def _cp_scenario(rank, cp_group, tp_group, method, variant, packed, compile_backend=None):
     if packed:
         logits, labels, mask, cu = _packed_data(2)
     else:
@@ -97,7 +97,8 @@ def _cp_scenario(rank, cp_group, tp_group, method, variant, packed):
     local = local.contiguous().requires_grad_(True)
     nll = vocab_parallel_nll(local, split_for_cp(labels, cp_size, cp_rank, cu), tp_group)
     loss_sum, units, metrics = objective(nll, split_for_cp(mask, cp_size, cp_rank, cu), method=method,
-                                         variant=variant, group_size=GROUP, cu_seqlens=cu, cp_group=cp_group)
+                                         variant=variant, group_size=GROUP, cu_seqlens=cu, cp_group=cp_group,
+                                         compile_backend=compile_backend)
     totals = torch.stack((loss_sum.detach().double(), units.double()))
     dist.all_reduce(totals, group=cp_group)
     (loss_sum / totals[1].float()).backward()
@@ -118,6 +119,9 @@ def _all_scenarios(rank, world):
         out[("dp", method, variant)] = _dp_scenario(rank, groups[2], method, variant)
         for packed in (False, True):
             out[("cp", packed, method, variant)] = _cp_scenario(rank, groups[2], None, method, variant, packed)
+            if method == "bft":  # loss.compile: the compiled weight math with the CP gather around it
+                out[("cpc", packed, method, variant)] = _cp_scenario(rank, groups[2], None, method, variant, packed,
+                                                                     compile_backend="aot_eager")
             out[("cptp", packed, method, variant)] = _cp_scenario(rank, cp_of_pair, groups[2], method, variant,
                                                                   packed)
     return out
@@ -186,11 +190,22 @@ def _check_cp(results, key, packed, method, variant):
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("method,variant", CASES)
 def test_context_parallel_equals_cp1(results, packed, method, variant):
-    loss, flat_grad, units, ref_metrics = _check_cp(results, "cp", packed, method, variant)
+    _assert_cp_equals_cp1(results, "cp", packed, method, variant)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("variant", ["v1", "v3"])
+def test_compiled_bft_math_under_context_parallel(results, packed, variant):
+    _assert_cp_equals_cp1(results, "cpc", packed, "bft", variant)
+
+
+def _assert_cp_equals_cp1(results, key, packed, method, variant):
+    loss, flat_grad, units, ref_metrics = _check_cp(results, key, packed, method, variant)
     for pair in ((0, 1), (2, 3)):
         got_units = 0
         for rank in pair:
-            r = results[rank][("cp", packed, method, variant)]
+            r = results[rank][(key, packed, method, variant)]
             torch.testing.assert_close(r["loss"], loss, **FP32)
             torch.testing.assert_close(r["grad"].reshape(-1, flat_grad.shape[-1]).double(), flat_grad[r["positions"]],
                                        **FP32)

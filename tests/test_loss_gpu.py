@@ -20,12 +20,12 @@ def _data(device):
     return logits.to(device), labels.to(device), mask.to(device), cu.to(device)
 
 
-def _run(data, method, variant, packed, dtype=torch.float32, impl="auto"):
+def _run(data, method, variant, packed, dtype=torch.float32, impl="auto", compile_backend=None):
     logits, labels, mask, cu = data
     x = logits.to(dtype).requires_grad_(True)
     nll = vocab_parallel_nll(x, labels, impl=impl)
     loss_sum, units, _ = objective(nll.t(), mask.t(), method=method, variant=variant, group_size=8,
-                                   cu_seqlens=cu if packed else None)
+                                   cu_seqlens=cu if packed else None, compile_backend=compile_backend)
     loss_sum.backward()
     return loss_sum.detach(), units, x.grad
 
@@ -41,16 +41,28 @@ def test_cuda_matches_cpu(method, variant, packed, impl):
     torch.testing.assert_close(gpu[2].cpu(), cpu[2], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("variant", ["v1", "v3"])
+def test_compiled_bft_math_matches_cpu(variant, packed):
+    """``loss.compile`` (the GPU default): BFT's weight math through inductor equals the eager CPU loss."""
+    cpu = _run(_data("cpu"), "bft", variant, packed)
+    gpu = _run(_data("cuda"), "bft", variant, packed, compile_backend="inductor")
+    torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=1e-5, rtol=1e-5)
+    assert int(gpu[1]) == int(cpu[1])
+    torch.testing.assert_close(gpu[2].cpu(), cpu[2], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("compile_backend", [None, "inductor"])
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("method,variant", CASES)
-def test_no_host_synchronisation(method, variant, packed, impl):
+def test_no_host_synchronisation(method, variant, packed, impl, compile_backend):
     data = _data("cuda")
-    _run(data, method, variant, packed, torch.bfloat16, impl)       # warm up kernels and caches
+    _run(data, method, variant, packed, torch.bfloat16, impl, compile_backend)  # warm up kernels and caches
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        _run(data, method, variant, packed, torch.bfloat16, impl)
+        _run(data, method, variant, packed, torch.bfloat16, impl, compile_backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -279,3 +279,13 @@ def test_cp_shards_partition_every_packed_micro_batch(lengths, cp, tp_sp):
     assert bool((seen == 1).all())
     real = whole.tokens[whole.tokens > 0]
     assert sorted(real.tolist()) == sorted(np.concatenate([r.tokens for r in rows]).tolist())  # nothing lost
+
+
+@pytest.mark.parametrize("setting,device,expected", [
+    (None, "cpu", None), (None, "cuda", "inductor"), (False, "cuda", None), (True, "cpu", "inductor"),
+])
+def test_loss_compile_resolves_per_device(setting, device, expected):
+    """``loss.compile``: null compiles BFT's weight math on CUDA only; true/false force it."""
+    from bft_megatron.training.step import loss_compile_backend
+
+    assert loss_compile_backend(LossConfig(compile=setting), torch.device(device)) == expected

@@ -3,7 +3,7 @@
 Per micro-batch the objective returns *partials* (tensors, no host sync): ``sums`` hold
 ``[sum, count]`` pairs, ``mins``/``maxs`` hold running extrema. The training loop merges the
 partials of all its micro-batches and calls :func:`reduce_metrics` once per optimizer step, which
-costs three all-reduces over the data-parallel x context-parallel group.
+costs two all-reduces over the data-parallel x context-parallel group and one host synchronisation.
 
 Which group: per-sample statistics are counted on context-parallel rank 0 only (every CP rank holds
 the same per-sample values), token statistics on every CP rank for its own tokens; so one reduction
@@ -32,6 +32,13 @@ class MetricPartials:
         pair = torch.stack((total.detach().double(), count.detach().double()))
         self.sums[name] = self.sums[name] + pair if name in self.sums else pair
 
+    def add_pairs(self, names, flat: torch.Tensor) -> None:
+        """``add_sum`` for several names from one float64 ``[2*len(names)]`` tensor of (sum, count) pairs
+        (views into it: no kernel per statistic)."""
+        for i, name in enumerate(names):
+            pair = flat[2 * i:2 * i + 2].detach()
+            self.sums[name] = self.sums[name] + pair if name in self.sums else pair
+
     def add_min(self, name: str, value: torch.Tensor) -> None:
         v = value.detach().double()
         self.mins[name] = torch.minimum(self.mins[name], v) if name in self.mins else v
@@ -52,14 +59,14 @@ class MetricPartials:
         return out
 
 
-def _reduce_stacked(values: dict[str, torch.Tensor], op, group) -> dict[str, torch.Tensor]:
-    if not values:
-        return {}
+def _stack(values: dict[str, torch.Tensor]) -> tuple[list[str], torch.Tensor | None]:
     keys = sorted(values)
-    stacked = torch.stack([values[k] for k in keys])
-    if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
-        dist.all_reduce(stacked, op=op, group=group)
-    return dict(zip(keys, stacked.unbind(0)))
+    return keys, (torch.stack([values[k] for k in keys]) if keys else None)
+
+
+def _all_reduce(tensor: torch.Tensor | None, op, group) -> None:
+    if tensor is not None and group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
 
 
 def reduce_metrics(partials: list[MetricPartials] | MetricPartials, group=None) -> dict[str, float]:
@@ -68,20 +75,30 @@ def reduce_metrics(partials: list[MetricPartials] | MetricPartials, group=None) 
     Means come out under their own name (``sum / count``; NaN when the count is 0), extrema as
     ``<name>_min`` / ``<name>_max`` (absent when no rank saw a value). Every rank of ``group`` must
     call this with partials holding the same keys (the objective always emits the same keys for a
-    given method).
+    given method). Two all-reduces (sums; minima with negated maxima) and one device-to-host copy.
     """
     if isinstance(partials, MetricPartials):
         partials = [partials]
     merged = MetricPartials()
     for p in partials:
         merged = merged.merge(p)
+    sum_keys, sums = _stack(merged.sums)
+    min_keys, mins = _stack(merged.mins)
+    max_keys, maxs = _stack(merged.maxs)
+    _all_reduce(sums, dist.ReduceOp.SUM, group)
+    extrema = [t for t in (mins, None if maxs is None else -maxs) if t is not None]
+    extrema = torch.cat(extrema) if extrema else None
+    _all_reduce(extrema, dist.ReduceOp.MIN, group)
+    parts = [t.reshape(-1) for t in (sums, extrema) if t is not None]
+    host = torch.cat(parts).tolist() if parts else []   # the one host synchronisation
     out: dict[str, float] = {}
-    for k, pair in _reduce_stacked(merged.sums, dist.ReduceOp.SUM, group).items():
-        total, count = pair.tolist()
+    for i, k in enumerate(sum_keys):
+        total, count = host[2 * i], host[2 * i + 1]
         out[k] = total / count if count > 0 else float("nan")
-    for suffix, values, op in (("_min", merged.mins, dist.ReduceOp.MIN), ("_max", merged.maxs, dist.ReduceOp.MAX)):
-        for k, v in _reduce_stacked(values, op, group).items():
-            x = v.item()
-            if abs(x) != float("inf"):
-                out[k + suffix] = x
+    ext = host[2 * len(sum_keys):]
+    named = [(k + "_min", x) for k, x in zip(min_keys, ext)] + [(k + "_max", -x) for k, x in
+                                                                zip(max_keys, ext[len(min_keys):])]
+    for name, x in named:
+        if abs(x) != float("inf"):
+            out[name] = x
     return out

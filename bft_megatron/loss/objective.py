@@ -23,7 +23,7 @@ import torch.distributed as dist
 from bft_megatron.loss.metrics import MetricPartials
 from bft_megatron.parallel.context_parallel import local_to_global_positions
 
-__all__ = ["objective", "METHODS", "VARIANTS"]
+__all__ = ["objective", "compiled_bft_math", "METHODS", "VARIANTS"]
 
 METHODS = ("sft", "dft", "bft")
 VARIANTS = ("v1", "v3")
@@ -133,6 +133,7 @@ def objective(
     eps: float = 1e-6,
     cu_seqlens: torch.Tensor | None = None,
     cp_group: dist.ProcessGroup | None = None,
+    compile_backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, MetricPartials]:
     """SFT / DFT / BFT loss as ``(loss_sum, num_units, metrics)`` for Megatron's per-token-loss contract.
 
@@ -147,6 +148,8 @@ def objective(
             group-normalised token weights). Ignored for sft/dft.
         group_size, gamma, eps: BFT's ``g``, ``gamma`` and ``eps``.
         cp_group: context-parallel group, or None.
+        compile_backend: BFT only: run the weight math through ``torch.compile`` with this backend
+            (``"inductor"`` on GPUs); None = eager. Same values to float rounding.
 
     Returns:
         ``loss_sum`` fp32 scalar (a sum: the caller divides by the global ``num_units``);
@@ -167,10 +170,11 @@ def objective(
         coef = torch.where(m_loc, c_loc, 0.0)
         metrics.add_sum("token_weight", coef.sum(), tokens)
         return (coef * l_loc).sum(), tokens.to(torch.int64), metrics
-    return _bft(l_loc, m_loc, tuple(nll.shape), variant, group_size, gamma, eps, cu_seqlens, cp_group, metrics)
+    return _bft(l_loc, m_loc, tuple(nll.shape), variant, group_size, gamma, eps, cu_seqlens, cp_group, metrics,
+                compile_backend)
 
 
-def _bft(l_loc, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, cp_group, metrics):
+def _bft(l_loc, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, cp_group, metrics, compile_backend):
     cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
     cp_rank = dist.get_rank(cp_group) if cp_group is not None else 0
     a_loc = -l_loc.detach()
@@ -180,36 +184,69 @@ def _bft(l_loc, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, cp_group
         positions = [local_to_global_positions(local_shape, cp_size, r, cu_seqlens, l_loc.device)
                      for r in range(cp_size)]
         a, m_f = _gather_cp(a_loc, m_loc.float(), batch * local_len * cp_size, positions, cp_group)
-        m = m_f != 0
+        m, mine = m_f != 0, positions[cp_rank]
     else:
-        positions, a, m = None, a_loc, m_loc
-    seg, num_samples = _sample_ids(global_shape, cu_seqlens, l_loc.device)
+        a, m, mine = a_loc, m_loc, None
+    math = _bft_math if compile_backend is None else compiled_bft_math(compile_backend)
+    coef, stats = math(a, m, global_shape, cu_seqlens, mine, variant, g, gamma, eps, cp_rank == 0)
+    loss_sum = (coef * l_loc).sum()
+    metrics.add_pairs(SAMPLE_STATS, stats[:2 * len(SAMPLE_STATS)])
+    metrics.add_min("p_conf", stats[-3])
+    metrics.add_max("p_conf", stats[-2])
+    return loss_sum, stats[-1].to(torch.int64), metrics
+
+
+# Names of the (sum, count) pairs in the statistics vector of ``_bft_math``, in order.
+SAMPLE_STATS = ("p_conf", "sample_weight", "short_frac", "token_weight")
+
+
+def _bft_math(a, m, global_shape, cu_seqlens, mine, variant, g, gamma, eps, count_here: bool):
+    """BFT's detached math from the global ``a = log c`` and supervised flags ``m`` (no communication).
+
+    Returns ``coef`` (fp32, this rank's tokens: ``coef[t] = w_t * s_b / n_b`` on supervised tokens, else 0)
+    and one float64 statistics vector: the (sum, count) pairs of :data:`SAMPLE_STATS`, then ``p`` min,
+    ``p`` max (+-inf without samples) and the number of samples with a supervised token (the loss's
+    units). Per-sample statistics count on CP rank 0 only (``count_here``); ``mine`` selects this
+    CP rank's tokens from the global sequence (None without CP). Pure tensor code, so that
+    ``torch.compile`` can fuse its ~100 small kernels into a few (see :func:`compiled_bft_math`).
+    """
+    seg, num_samples = _sample_ids(global_shape, cu_seqlens, a.device)
     m = m & (seg < num_samples)
     seg = torch.where(m, seg, num_samples)
     w, p, s, n_b = _bft_weights(a, m, seg, num_samples, variant, g, gamma, eps)
     sid = seg.clamp(max=num_samples - 1)
     coef = torch.where(m, w.double() * (s / n_b.clamp(min=1))[sid], 0.0).float()
     w_tok = torch.where(m, w, 0.0)
-    if positions is not None:
-        mine = positions[cp_rank]
-        coef, w_tok = coef[mine], w_tok[mine]
-    loss_sum = (coef * l_loc).sum()
+    m_tok = m
+    if mine is not None:
+        coef, w_tok, m_tok = coef[mine], w_tok[mine], m[mine]
     present = n_b > 0
-    count_here = cp_rank == 0                                        # per-sample stats: CP rank 0 only
-    num_units = present.sum() if count_here else present.sum() * 0
-    _sample_metrics(metrics, p, s, n_b, present, g, count_here)
-    metrics.add_sum("token_weight", w_tok.sum(), m_loc.sum())
-    return loss_sum, num_units.to(torch.int64), metrics
-
-
-def _sample_metrics(metrics: MetricPartials, p, s, n_b, present, g, count_here: bool) -> None:
     scale = 1.0 if count_here else 0.0
-    count = present.sum() * scale
-    metrics.add_sum("p_conf", torch.where(present, p, 0.0).sum() * scale, count)
-    metrics.add_sum("sample_weight", torch.where(present, s, 0.0).sum() * scale, count)
-    metrics.add_sum("short_frac", (present & (n_b < g)).sum() * scale, count)
-    # Extrema over no samples are +/-inf (dropped at reduction); built without a host->device copy.
+    count = present.sum().double() * scale
     p_min = torch.where(present, p, float("inf")).amin()
     p_max = torch.where(present, p, float("-inf")).amax()
-    metrics.add_min("p_conf", p_min if count_here else torch.full_like(p_min, float("inf")))
-    metrics.add_max("p_conf", p_max if count_here else torch.full_like(p_max, float("-inf")))
+    stats = torch.stack((
+        torch.where(present, p, 0.0).sum().double() * scale, count,
+        torch.where(present, s, 0.0).sum().double() * scale, count,
+        (present & (n_b < g)).sum().double() * scale, count,
+        w_tok.sum().double(), m_tok.sum().double(),
+        p_min.double() if count_here else torch.full_like(p_min, float("inf"), dtype=torch.float64),
+        p_max.double() if count_here else torch.full_like(p_max, float("-inf"), dtype=torch.float64),
+        count,
+    ))
+    return coef, stats
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_bft_math(backend: str = "inductor"):
+    """:func:`_bft_math` under ``torch.compile`` (dynamic shapes: the token and sample counts vary).
+
+    On a GPU the eager objective is ~130 small kernels per micro-batch, which costs more host time than
+    GPU time at 1B-model shapes; inductor fuses the element-wise chains around the scans and gathers.
+    Same result to float rounding (the prefix sums stay float64). One compiled function per backend.
+    """
+    if backend not in _COMPILED:
+        _COMPILED[backend] = torch.compile(_bft_math, backend=backend, dynamic=True, fullgraph=True)
+    return _COMPILED[backend]
