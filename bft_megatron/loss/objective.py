@@ -22,8 +22,11 @@ import torch.distributed as dist
 
 from bft_megatron.loss.metrics import MetricPartials
 from bft_megatron.parallel.context_parallel import local_to_global_positions
+from bft_megatron.utils.logging import get_logger
 
 __all__ = ["objective", "compiled_bft_math", "METHODS", "VARIANTS"]
+
+_log = get_logger(__name__)
 
 METHODS = ("sft", "dft", "bft")
 VARIANTS = ("v1", "v3")
@@ -75,17 +78,16 @@ def _segment_prefix(values: torch.Tensor, k: torch.Tensor, m: torch.Tensor) -> t
     """
     n = values.shape[0]
     slots = torch.where(m, k, n)
-    comp = values.new_zeros(n + 1, values.shape[1], dtype=torch.float64)
-    comp.index_copy_(0, slots, torch.where(m.unsqueeze(1), values.double(), 0.0))
-    prefix = comp.new_zeros(n + 1, values.shape[1])
-    prefix[1:] = torch.cumsum(comp[:n], dim=0)
-    return prefix
+    # Out of place throughout (no writes into slices): inductor in torch 2.11 cannot lower a mutated SliceView.
+    comp = values.new_zeros(n + 1, values.shape[1], dtype=torch.float64).index_copy(
+        0, slots, torch.where(m.unsqueeze(1), values.double(), 0.0))
+    return torch.cat((comp.new_zeros(1, values.shape[1]), torch.cumsum(comp[:n], dim=0)))
 
 
 def _segment_min(values: torch.Tensor, index: torch.Tensor, num: int) -> torch.Tensor:
     """Per-sample minimum of ``values`` (``index == num`` discards); +inf where a sample has none."""
     out = values.new_full((num + 1,), float("inf"))
-    return out.scatter_reduce_(0, index, values, reduce="amin", include_self=True)[:num]
+    return out.scatter_reduce(0, index, values, reduce="amin", include_self=True)[:num]
 
 
 def _bft_weights(a, m, seg, num_samples, variant, g, gamma, eps):
@@ -93,7 +95,7 @@ def _bft_weights(a, m, seg, num_samples, variant, g, gamma, eps):
     n_tok = a.shape[0]
     m_int = m.to(torch.int64)
     k = torch.cumsum(m_int, 0) - 1                                   # compacted index of each token
-    n_b = torch.zeros(num_samples + 1, dtype=torch.int64, device=a.device).index_add_(0, seg, m_int)[:num_samples]
+    n_b = torch.zeros(num_samples + 1, dtype=torch.int64, device=a.device).index_add(0, seg, m_int)[:num_samples]
     start = torch.cumsum(n_b, 0) - n_b                               # first compacted slot of each sample
     sid = seg.clamp(max=num_samples - 1)
     tok_start, tok_end = start[sid], (start + n_b)[sid]
@@ -187,8 +189,8 @@ def _bft(l_loc, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, cp_group
         m, mine = m_f != 0, positions[cp_rank]
     else:
         a, m, mine = a_loc, m_loc, None
-    math = _bft_math if compile_backend is None else compiled_bft_math(compile_backend)
-    coef, stats = math(a, m, global_shape, cu_seqlens, mine, variant, g, gamma, eps, cp_rank == 0)
+    args = (a, m, global_shape, cu_seqlens, mine, variant, g, gamma, eps, cp_rank == 0)
+    coef, stats = _bft_math(*args) if compile_backend is None else _run_compiled(compile_backend, args)
     loss_sum = (coef * l_loc).sum()
     metrics.add_pairs(SAMPLE_STATS, stats[:2 * len(SAMPLE_STATS)])
     metrics.add_min("p_conf", stats[-3])
@@ -238,6 +240,27 @@ def _bft_math(a, m, global_shape, cu_seqlens, mine, variant, g, gamma, eps, coun
 
 
 _COMPILED: dict[str, object] = {}
+_FAILED: set[str] = set()
+
+
+def _run_compiled(backend: str, args):
+    """The compiled math; if compiling fails (a backend bug for some shape), warn once and stay eager."""
+    if backend not in _FAILED:
+        try:
+            return compiled_bft_math(backend)(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure: the eager math is the same function
+            if not _is_compile_error(err):
+                raise
+            _FAILED.add(backend)
+            reason = " ".join([line.strip() for line in str(err).splitlines() if line.strip()][:2])
+            _log.warning("torch.compile (%s) of BFT's weight math failed (%s: %s); continuing eagerly "
+                         "(set loss.compile=false to skip the attempt)", backend, type(err).__name__, reason)
+    return _bft_math(*args)
+
+
+def _is_compile_error(err: Exception) -> bool:
+    """Errors raised by dynamo / inductor themselves, not by the math (those re-raise eagerly anyway)."""
+    return type(err).__module__.startswith(("torch._dynamo", "torch._inductor")) or isinstance(err, NotImplementedError)
 
 
 def compiled_bft_math(backend: str = "inductor"):
