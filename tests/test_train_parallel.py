@@ -16,6 +16,7 @@ Every other layout fine-tunes from the same initial weights, so all runs start i
 * a process killed after writing step 4's shards but before committing leaves ``latest`` at step
   2; restarting the same config (``checkpoint.save`` = that directory) resumes from it and continues
   bitwise like the reference.
+* ``loss.compile=true`` (BFT's weight math through torch.compile/inductor) reproduces the reference losses;
 * a Qwen2-style variant (tied embeddings, QKV bias) with llama3 RoPE scaling matches its own TP1
   reference at TP2 x PP2 (tied embedding/output gradients are all-reduced across the first and last
   pipeline stages).
@@ -142,6 +143,8 @@ def resumed(ref, layouts, killed):
         {"overrides": TINY + [f"checkpoint.load={layouts[5]}/iter_0000002"]},
         # the reference from scratch, logging every 3rd step: metrics are only reduced on logged steps
         {"overrides": TINY + ["logging.log_interval=3"]},
+        # loss.compile=true: BFT's weight math through torch.compile (inductor) inside the trainer's loop
+        {"overrides": TINY + ["loss.compile=true"]},
     ]
     return launch(1, runs)
 
@@ -171,6 +174,13 @@ def test_sparse_logging_reports_the_same_losses(ref, resumed):
     sparse = resumed[5]
     assert [h["iteration"] for h in sparse["history"]] == [3, 4]  # every 3rd step and the last
     assert _losses(sparse) == _losses(ref[1])[2:]  # bitwise: skipping the reduction changes nothing else
+
+
+def test_compiled_loss_math_trains_like_eager(ref, resumed):
+    """``loss.compile=true`` reaches the objective through the loop (inductor was used) and trains like eager."""
+    compiled = resumed[6]
+    assert compiled["compiled"] == ["inductor"] and ref[1]["compiled"] == []
+    assert _losses(compiled) == pytest.approx(_losses(ref[1]), rel=RTOL, abs=ATOL)
 
 
 def test_restart_after_kill_resumes_from_previous_checkpoint(ref, killed, resumed):

@@ -65,8 +65,9 @@ def run_one(spec: dict) -> dict:
         fit(trainer, ckpt if cfg.checkpoint.save else None, exit_request)
     except NonFiniteError as exc:
         error = str(exc)
+    compiled = sorted(sys.modules["bft_megatron.loss.objective"]._COMPILED)  # torch.compile backends used
     out = {"history": trainer.state.history, "iteration": trainer.state.iteration,
-           "skipped": trainer.state.skipped_steps, "error": error}
+           "skipped": trainer.state.skipped_steps, "error": error, "compiled": compiled}
     bootstrap.destroy(keep_process_group=True)
     return out
 
