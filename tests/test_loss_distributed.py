@@ -102,6 +102,10 @@ def _cp_scenario(rank, cp_group, tp_group, method, variant, packed, compile_back
     totals = torch.stack((loss_sum.detach().double(), units.double()))
     dist.all_reduce(totals, group=cp_group)
     (loss_sum / totals[1].float()).backward()
+    if compile_backend is not None:
+        from bft_megatron.loss.objective import compile_failed
+
+        assert not compile_failed(compile_backend), "the compiled math fell back to eager"
     return {"loss": totals[0] / totals[1], "grad": local.grad, "units": int(units),
             "positions": local_to_global_positions(tuple(nll.shape), cp_size, cp_rank, cu),
             "metrics": reduce_metrics(metrics, cp_group)}

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bft_megatron.loss import objective, vocab_parallel_nll
+from bft_megatron.loss.objective import compile_failed
 
 pytestmark = pytest.mark.gpu
 CASES = [("sft", "v1"), ("dft", "v1"), ("bft", "v1"), ("bft", "v3")]
@@ -47,6 +48,7 @@ def test_compiled_bft_math_matches_cpu(variant, packed):
     """``loss.compile`` (the GPU default): BFT's weight math through inductor equals the eager CPU loss."""
     cpu = _run(_data("cpu"), "bft", variant, packed)
     gpu = _run(_data("cuda"), "bft", variant, packed, compile_backend="inductor")
+    assert not compile_failed("inductor"), "inductor failed; the objective fell back to eager"
     torch.testing.assert_close(gpu[0].cpu(), cpu[0], atol=1e-5, rtol=1e-5)
     assert int(gpu[1]) == int(cpu[1])
     torch.testing.assert_close(gpu[2].cpu(), cpu[2], atol=1e-6, rtol=1e-5)
@@ -65,6 +67,7 @@ def test_no_host_synchronisation(method, variant, packed, impl, compile_backend)
         _run(data, method, variant, packed, torch.bfloat16, impl, compile_backend)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert compile_backend is None or not compile_failed(compile_backend)
 
 
 # Gradients: fp32 differ only by summation order (atol 1e-6); bf16 by one rounding of the output.

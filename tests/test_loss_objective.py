@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bft_megatron.loss import objective, reduce_metrics, vocab_parallel_nll
+from bft_megatron.loss.objective import compile_failed
 from tests.loss_reference import _reference_loss_from_logits, _reference_objective
 
 FP32 = dict(atol=1e-6, rtol=1e-6)
@@ -268,8 +269,10 @@ def test_compiled_bft_math_matches_eager(backend):
                 assert m1.keys() == m0.keys()
                 for k in m0:
                     assert m1[k] == pytest.approx(m0[k], rel=1e-6, abs=1e-9), k
-    # one graph per (variant, packed) plus at most one re-specialisation each (e.g. a single sample)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2 * 2 * len(VARIANTS_ALL)
+    # compiled for real (not the eager fallback): one graph per (variant, packed) plus at most one
+    # re-specialisation each (e.g. a single sample)
+    assert not compile_failed(backend)
+    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2 * 2 * len(VARIANTS_ALL)
 
 
 def test_compile_failure_falls_back_to_eager(monkeypatch):
@@ -293,4 +296,5 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     got = [objective(nll, mask, group_size=16, cu_seqlens=cu, compile_backend="bft_test_broken") for _ in range(2)]
     assert all(torch.equal(g[0], want[0]) and int(g[1]) == int(want[1]) for g in got)
     assert len(warnings) == 1 and "bft_test_broken" in warnings[0] and "SliceView" in warnings[0]
+    assert compile_failed("bft_test_broken")
     torch._dynamo.reset()

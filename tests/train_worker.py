@@ -65,7 +65,8 @@ def run_one(spec: dict) -> dict:
         fit(trainer, ckpt if cfg.checkpoint.save else None, exit_request)
     except NonFiniteError as exc:
         error = str(exc)
-    compiled = sorted(sys.modules["bft_megatron.loss.objective"]._COMPILED)  # torch.compile backends used
+    objective_module = sys.modules["bft_megatron.loss.objective"]
+    compiled = sorted(set(objective_module._COMPILED) - objective_module._FAILED)  # backends that compiled
     out = {"history": trainer.state.history, "iteration": trainer.state.iteration,
            "skipped": trainer.state.skipped_steps, "error": error, "compiled": compiled}
     bootstrap.destroy(keep_process_group=True)

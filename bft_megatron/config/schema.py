@@ -107,7 +107,7 @@ class LossConfig:
     # confidence, which is meaningless (and self-reinforcing) for a randomly initialised model; 0 for
     # fine-tuning a pretrained one.
     sft_warmup_iters: int = 0
-    # torch.compile BFT's per-token weight math (~130 small kernels per micro-batch in eager mode, host-bound
+    # torch.compile BFT's per-token weight math (~110 small ops per micro-batch in eager mode, host-bound
     # at 1B shapes). None = on when training on CUDA, off on CPU. Same values to float rounding.
     compile: bool | None = None
 

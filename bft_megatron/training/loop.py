@@ -124,7 +124,7 @@ class Trainer:
 
     def train_step(self, report: bool = True) -> StepResult:
         """One optimizer step. ``report``: reduce the metrics over DP x CP (only steps that get logged need
-        them; skipping it saves three small all-reduces and a host sync per step)."""
+        them; skipping it saves two small all-reduces and a host sync per step)."""
         g = self.groups
         for chunk in self.model:
             chunk.zero_grad_buffer()

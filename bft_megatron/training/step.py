@@ -22,7 +22,7 @@ from bft_megatron.config.schema import LossConfig
 from bft_megatron.loss import objective, vocab_parallel_nll
 from bft_megatron.training.batch import MicroBatch
 
-__all__ = ["forward_step", "loss_func"]
+__all__ = ["forward_step", "loss_func", "make_forward_step", "loss_compile_backend"]
 
 
 def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: torch.Tensor, cp_group=None,
