@@ -1,7 +1,7 @@
 """End to end on CPU: HF -> megatron import, logits at TP1/TP2/PP2 (gloo, spawned), HF export round trip.
 
-One spawned single-process job imports and exports every tiny model; one spawned 2-process job
-loads the imports at TP1 (x DP2), TP2 and PP2 and returns the logits. The HF references are computed
+One spawned single-process job imports (plainly and with ``low_memory``) and exports every tiny model;
+one spawned 2-process job loads the imports at TP1 (x DP2), TP2 and PP2 and returns the logits. The HF references are computed
 here. Tolerance: fp32 logits of O(1) scale, max |diff| <= 1e-4 (observed ~1e-6; a wrong QKV
 interleave, RoPE or gate/up order changes them by O(1)).
 """
@@ -14,6 +14,7 @@ import os
 import pytest
 import torch
 
+from bft_megatron.convert.importer import SPILL_SUBDIR
 from tests.convert_models import CASES, make_model, megatron_logits, read_safetensors_dir
 from tests.dist_harness import run_distributed
 
@@ -29,9 +30,11 @@ def _convert_worker(rank: int, world: int, root: str, names: list[str]) -> None:
     from bft_megatron.convert.importer import import_hf
 
     for name in names:
-        import_hf(os.path.join(root, "hf", name), os.path.join(root, "ckpt", name))
-        # a small shard limit so that the export is split over several files
-        export_checkpoint(os.path.join(root, "ckpt", name), os.path.join(root, "out", name), max_shard_bytes=40_000)
+        for suffix, low_memory in (("", False), ("_low", True)):  # import --low-memory: spilled, memory-mapped
+            ckpt = os.path.join(root, "ckpt" + suffix, name)
+            import_hf(os.path.join(root, "hf", name), ckpt, low_memory=low_memory)
+            # a small shard limit so that the export is split over several files
+            export_checkpoint(ckpt, os.path.join(root, "out" + suffix, name), max_shard_bytes=40_000)
 
 
 def _scramble_qkv(model, m) -> None:
@@ -109,11 +112,13 @@ def test_wrong_qkv_layout_breaks_logits(converted):
     assert diff > 1000 * ATOL
 
 
+@pytest.mark.parametrize("suffix", ["", "_low"], ids=["import", "import_low_memory"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_export_of_import_is_bit_identical(converted, name):
+def test_export_of_import_is_bit_identical(converted, name, suffix):
     root = converted[0]
     src = read_safetensors_dir(os.path.join(root, "hf", name))
-    out_dir = os.path.join(root, "out", name)
+    out_dir = os.path.join(root, "out" + suffix, name)
+    assert not os.path.exists(os.path.join(root, "ckpt" + suffix, name, SPILL_SUBDIR))  # spill files removed
     out = read_safetensors_dir(out_dir)
     assert sorted(out) == sorted(src)
     for key, tensor in src.items():

@@ -1,6 +1,6 @@
 """``bft-megatron convert import|export``: HF safetensors <-> megatron dist checkpoints.
 
-    bft-megatron convert import --hf HF_DIR --out CKPT
+    bft-megatron convert import --hf HF_DIR --out CKPT [--low-memory]
     bft-megatron convert export --ckpt CKPT --out HF_DIR [--hf SRC_HF_DIR] [--max-shard-size 5GB] [--dtype bf16]
 
 Both run as a single process (no torchrun needed). See docs/convert.md.
@@ -37,6 +37,9 @@ def _parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="HF safetensors directory -> megatron dist checkpoint (run directory)")
     imp.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     imp.add_argument("--out", required=True, help="output run directory (gets latest, iter_0000000/, hf/)")
+    imp.add_argument("--low-memory", action="store_true",
+                     help="spill converted layers to OUT/.import_spill and memory-map them: about one layer of "
+                          "resident host memory instead of the whole model, for the model's size in temporary disk")
     exp = sub.add_parser("export", help="megatron dist checkpoint -> HF safetensors directory")
     exp.add_argument("--ckpt", required=True, help="run directory (uses 'latest'), iter_ directory or dist checkpoint")
     exp.add_argument("--out", required=True, help="output HF directory")
@@ -53,7 +56,7 @@ def main(argv: list[str]) -> int:
         if args.direction == "import":
             from bft_megatron.convert.importer import import_hf
 
-            import_hf(args.hf, args.out)
+            import_hf(args.hf, args.out, low_memory=args.low_memory)
         else:
             from bft_megatron.convert.exporter import export_checkpoint
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from unittest import mock
 
 import torch
@@ -34,11 +35,12 @@ from bft_megatron.convert.runtime import process_group
 from bft_megatron.model import build_model_chunks, builder, padded_vocab_size
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["import_hf", "model_config_from_hf_dir", "HF_SUBDIR"]
+__all__ = ["import_hf", "model_config_from_hf_dir", "HF_SUBDIR", "SPILL_SUBDIR"]
 
 _log = get_logger(__name__)
 
 HF_SUBDIR = "hf"
+SPILL_SUBDIR = ".import_spill"  # import --low-memory: converted layers, memory-mapped, removed at the end
 # HF tensors that carry no parameters of their own (recomputed buffers in old Llama exports).
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -53,15 +55,47 @@ def model_config_from_hf_dir(hf_dir: str) -> ModelConfig:
     return ModelConfig(from_hf=hf_dir, **fields)
 
 
-def _collect_state(reader: HFReader, m: ModelConfig, spec: str, padded_vocab: int) -> dict[str, torch.Tensor]:
-    """megatron ``state_dict`` names (TP1/PP1) -> tensors, read layer by layer."""
-    state: dict[str, torch.Tensor] = {}
-    for rule in global_rules(m.tie_embeddings):
-        state[rule.megatron(spec)] = to_megatron(rule, reader.get, m, None, padded_vocab)
+def _spill(tensors: dict[str, torch.Tensor], spill_dir: str | None, name: str) -> dict[str, torch.Tensor]:
+    """With ``spill_dir``: write ``tensors`` there and return them memory-mapped from the file.
+
+    The returned tensors are backed by the page cache (file pages the kernel can drop and re-read),
+    not by anonymous memory, so holding the whole model costs about one layer of resident memory.
+    """
+    if spill_dir is None:
+        return tensors
+    path = os.path.join(spill_dir, f"{name}.pt")
+    torch.save(tensors, path)
+    tensors.clear()
+    return torch.load(path, mmap=True, weights_only=True)
+
+
+def _spill_views(sharded_sd: dict, spill_dir: str) -> None:
+    """Build megatron's sharded-tensor factories now and spill every view they produce.
+
+    The swiglu factory saves fc1 as separate gate/up shards, views of the fc1 weight; megatron's
+    writer clones CPU views before writing (else a view would serialise its whole storage) and keeps the
+    clones until the write, i.e. another half of the model (about 75 GB for Llama-3-70B). Spilling each
+    view as its own file-backed tensor first keeps that resident memory at one view.
+    """
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(sharded_sd)  # what save() does first; a no-op there afterwards
+    for i, sh in enumerate(nested_values(sharded_sd)):
+        data = getattr(sh, "data", None) if isinstance(sh, ShardedTensor) else None
+        if data is not None and data.untyped_storage().nbytes() != data.numel() * data.element_size():
+            sh.data = _spill({"view": data.clone()}, spill_dir, f"view_{i:06d}")["view"]
+
+
+def _collect_state(reader: HFReader, m: ModelConfig, spec: str, padded_vocab: int,
+                   spill_dir: str | None = None) -> dict[str, torch.Tensor]:
+    """megatron ``state_dict`` names (TP1/PP1) -> tensors, read layer by layer (spilled per layer if asked)."""
+    state = _spill({rule.megatron(spec): to_megatron(rule, reader.get, m, None, padded_vocab)
+                    for rule in global_rules(m.tie_embeddings)}, spill_dir, "global")
     for i in range(m.num_layers):
-        for rule in layer_rules(m.qkv_bias):
-            state[f"decoder.layers.{i}.{rule.megatron(spec)}"] = to_megatron(rule, reader.get, m, i,
-                                                                                        padded_vocab)
+        layer = {f"decoder.layers.{i}.{rule.megatron(spec)}": to_megatron(rule, reader.get, m, i, padded_vocab)
+                 for rule in layer_rules(m.qkv_bias)}
+        state.update(_spill(layer, spill_dir, f"layer_{i:05d}"))
     return state
 
 
@@ -86,8 +120,27 @@ def _assign(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     model.load_state_dict(state, strict=False, assign=True)
 
 
-def import_hf(hf_dir: str, out_dir: str) -> str:
-    """Convert ``hf_dir`` into a dist checkpoint run directory ``out_dir``; returns the iter_ path."""
+def _meta_skeleton(cfg: Config, groups) -> torch.nn.Module:
+    """The TP1/PP1 model on the ``meta`` device (no memory), local spec."""
+    # RoPE frequencies are not parameters: the skeleton skips Llama-3 scaling (it cannot run on meta).
+    skeleton_cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, rope_scaling=None))
+    # Local spec even where TE is installed: TE modules allocate on CUDA explicitly (defeating
+    # the meta device), and checkpoint keys do not depend on the spec (megatron's local layers
+    # save their norms under the TE names), so TE runs load the result all the same.
+    # A CPU "device" keeps the builder from moving the skeleton to CUDA on GPU machines.
+    cpu_groups = dataclasses.replace(groups, device=torch.device("cpu"))
+    with torch.device("meta"), mock.patch.object(builder, "have_te", lambda: False):
+        chunks, _ = build_model_chunks(skeleton_cfg, cpu_groups)
+    return chunks[0]
+
+
+def import_hf(hf_dir: str, out_dir: str, low_memory: bool = False) -> str:
+    """Convert ``hf_dir`` into a dist checkpoint run directory ``out_dir``; returns the iter_ path.
+
+    ``low_memory``: spill each converted layer to ``out_dir/.import_spill`` and memory-map it back, so
+    resident host memory stays about one layer instead of the whole model, at the cost of the model's
+    size in temporary disk space (removed at the end) and one extra write and read of it.
+    """
     from megatron.core import dist_checkpointing
 
     from bft_megatron.parallel.bootstrap import initialize
@@ -99,28 +152,27 @@ def import_hf(hf_dir: str, out_dir: str) -> str:
     if os.path.isdir(iter_dir) and os.listdir(iter_dir):
         raise FileExistsError(f"{iter_dir} is not empty; import into a new directory")
     os.makedirs(iter_dir, exist_ok=True)
+    spill_dir = os.path.join(out_dir, SPILL_SUBDIR) if low_memory else None
     with process_group():
-        groups = initialize(tp=1, pp=1)
-        # RoPE frequencies are not parameters: the skeleton skips Llama-3 scaling (it cannot run on meta).
-        skeleton_cfg = dataclasses.replace(cfg, model=dataclasses.replace(m, rope_scaling=None))
-        # Local spec even where TE is installed: TE modules allocate on CUDA explicitly (defeating
-        # the meta device), and checkpoint keys do not depend on the spec (megatron's local layers
-        # save their norms under the TE names), so TE runs load the result all the same.
-        # A CPU "device" keeps the builder from moving the skeleton to CUDA on GPU machines.
-        cpu_groups = dataclasses.replace(groups, device=torch.device("cpu"))
-        with torch.device("meta"), mock.patch.object(builder, "have_te", lambda: False):
-            chunks, _ = build_model_chunks(skeleton_cfg, cpu_groups)
-        model = chunks[0]
+        model = _meta_skeleton(cfg, initialize(tp=1, pp=1))
         spec = detect_spec(model.state_dict().keys())
         reader = HFReader(hf_dir)
         padded = padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, 1)
-        _assign(model, _collect_state(reader, m, spec, padded))
-        _check_all_consumed(reader, m.tie_embeddings)
-        reader.close()
-        sd = {"model": model.sharded_state_dict(), "config": to_dict(cfg),
-              "layout": {"tp": 1, "pp": 1, "vp": None, "cp": 1, "dp": 1, "world": 1},
-              "hf_import": {"source": os.path.abspath(hf_dir), "spec": spec}}
-        dist_checkpointing.save(sd, iter_dir)
+        try:
+            if spill_dir:
+                os.makedirs(spill_dir, exist_ok=True)
+            _assign(model, _collect_state(reader, m, spec, padded, spill_dir))
+            _check_all_consumed(reader, m.tie_embeddings)
+            reader.close()
+            sd = {"model": model.sharded_state_dict(), "config": to_dict(cfg),
+                  "layout": {"tp": 1, "pp": 1, "vp": None, "cp": 1, "dp": 1, "world": 1},
+                  "hf_import": {"source": os.path.abspath(hf_dir), "spec": spec}}
+            if spill_dir:
+                _spill_views(sd["model"], spill_dir)
+            dist_checkpointing.save(sd, iter_dir)
+        finally:  # mapped spill files stay readable after their unlinking until the tensors go
+            if spill_dir:
+                shutil.rmtree(spill_dir, ignore_errors=True)
     pointer.write_latest(out_dir, 0)
     copied = copy_side_files(hf_dir, os.path.join(out_dir, HF_SUBDIR), with_config=True)
     _log.info("imported %s -> %s (%s spec, %d layers; copied %s)", hf_dir, iter_dir, spec, m.num_layers, copied)
