@@ -214,3 +214,18 @@ def test_recipes_validate_fit_and_state_their_plan(name, gpus, monkeypatch):
     assert (cfg.loss.method, cfg.loss.variant, cfg.loss.group_size) == ("bft", "v1", 256)
     assert cfg.train.exit_duration_minutes and cfg.checkpoint.save_interval and cfg.logging.tensorboard_dir
     assert cfg.parallel.distributed_optimizer and cfg.train.bf16 and cfg.data.packing
+
+
+def test_grown_row_length_scales_the_token_terms():
+    """CP pads packed samples, growing rows past data.seq_length: the trainer re-plans with the measured
+    length; only the token-proportional terms (activations, logits) grow, linearly."""
+    cfg = load_config(os.path.join(ROOT, "configs/llama3.1_8b_32k_cp4.yaml"))
+    seq = cfg.data.seq_length
+    base, _ = plan_memory(cfg, 1, 8)
+    same, _ = plan_memory(cfg, 1, 8, seq_length=None)
+    grown, _ = plan_memory(cfg, 1, 8, seq_length=seq * 1.1)
+    assert same == base
+    assert (grown.weights, grown.gradients, grown.optimizer) == (base.weights, base.gradients, base.optimizer)
+    assert grown.activations == pytest.approx(base.activations * 1.1, rel=1e-9)
+    assert grown.logits == pytest.approx(base.logits * 1.1, rel=1e-9)
+    assert grown.total(False) > base.total(False)

@@ -101,10 +101,14 @@ def _in_flight(p, num_microbatches: int, stage: str) -> float:
     return chunks / vp
 
 
-def plan_memory(cfg, dp: int, num_microbatches: int) -> tuple[MemoryPlan, str]:
-    """Memory of the most loaded GPU (bytes -> GiB) and which stage that is."""
+def plan_memory(cfg, dp: int, num_microbatches: int, seq_length: float | None = None) -> tuple[MemoryPlan, str]:
+    """Memory of the most loaded GPU (bytes -> GiB) and which stage that is.
+
+    ``seq_length``: tokens per row if not ``data.seq_length`` (packed rows under CP grow by their samples'
+    padding to multiples of 2*CP; the trainer re-plans with the measured length).
+    """
     m, p, t = cfg.model, cfg.parallel, cfg.train
-    seq, mbs = cfg.data.seq_length, t.micro_batch_size
+    seq, mbs = seq_length or cfg.data.seq_length, t.micro_batch_size
     layers_here = m.num_layers / p.pp
     act_layer = _layer_activation_bytes(m, seq, mbs, p)
     layer_input = 2 * seq / p.cp * mbs * m.hidden_size / (p.tp if p.sequence_parallel else 1)

@@ -66,6 +66,21 @@ class Trainer:
         self.reporter = reporter_rank(groups)
         self.poison_steps: set[int] = set()  # test seam: iterations whose loss is made NaN
         self.loss_backend = loss_compile_backend(cfg.loss, groups.device)
+        self._log_grown_plan()
+
+    def _log_grown_plan(self) -> None:
+        """Under CP, packed micro-batches grow past ``mbs * seq_length`` (sample padding): re-plan memory."""
+        t, seq = self.cfg.train, self.cfg.data.seq_length
+        grown = self.train_data.total / t.micro_batch_size
+        if grown <= seq or self.groups.rank != 0:
+            return
+        from bft_megatron.config.plan import plan_memory
+
+        recompute = t.recompute == "full"
+        before = plan_memory(self.cfg, self.layout.dp, self.layout.num_microbatches)[0].total(recompute)
+        after = plan_memory(self.cfg, self.layout.dp, self.layout.num_microbatches, grown)[0].total(recompute)
+        _log.info("memory plan at the grown micro-batch length (%.0f tokens per row instead of %d): %.2f GiB "
+                  "per GPU (%.2f GiB planned at data.seq_length)", grown, seq, after, before)
 
     def _step_data(self, dataset, seed: int) -> StepData:
         t, g = self.cfg.train, self.groups
