@@ -9,6 +9,11 @@ at 1B shapes that noise (+-15%) hides a 1% effect. Here one model, optimizer and
 attention cost), the order alternating between pairs, timed with a device synchronisation on each
 side. Reported: median step time per method, the median and 10th/90th percentiles of the
 per-pair ratio bft/sft, and the peak memory of each method's steps.
+
+At micro-batch 1 x 4096 tokens the 1B step is bound by host launch time and single steps jitter by
++-15%; ``train.micro_batch_size=2`` (same global batch) is 1.5x faster and resolves the ratio to
+about +-0.7% with 50 pairs (docs/benchmarks.md). ``loss.compile=true|false`` compares BFT's compiled
+and eager weight math.
 """
 
 from __future__ import annotations
