@@ -268,8 +268,8 @@ def compile_failed(backend: str) -> bool:
 def compiled_bft_math(backend: str = "inductor"):
     """:func:`_bft_math` under ``torch.compile`` (dynamic shapes: the token and sample counts vary).
 
-    On a GPU the eager BFT objective is ~110 small ops per micro-batch more than SFT, which cost more host time than
-    GPU time at 1B-model shapes; inductor fuses the element-wise chains around the scans and gathers.
+    On a GPU the eager BFT objective is ~110 small ops per micro-batch more than SFT, which cost more host
+    time than GPU time at 1B-model shapes; inductor fuses the element-wise chains around the scans and gathers.
     Same result to float rounding (the prefix sums stay float64). One compiled function per backend.
     """
     if backend not in _COMPILED:
