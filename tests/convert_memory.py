@@ -4,8 +4,9 @@
 
 Writes a random bf16 Llama-shaped HF checkpoint (two safetensors shards + index) without building an
 HF model, then runs each step under ``/usr/bin/time -v`` in a fresh process and prints a table of its
-max RSS (the kernel's high-water mark) and of its anonymous resident memory, sampled every 10 ms. The baseline is the same interpreter importing torch/megatron/transformers and starting a
-one-rank gloo group. Numbers go into docs/convert.md.
+max RSS (the kernel's high-water mark) and of its anonymous resident memory, sampled every 10 ms.
+The baseline is the same interpreter importing torch/megatron/transformers and starting a one-rank
+gloo group. Numbers go into docs/convert.md.
 """
 
 from __future__ import annotations

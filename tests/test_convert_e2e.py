@@ -1,8 +1,8 @@
 """End to end on CPU: HF -> megatron import, logits at TP1/TP2/PP2 (gloo, spawned), HF export round trip.
 
 One spawned single-process job imports (plainly and with ``low_memory``) and exports every tiny model;
-one spawned 2-process job loads the imports at TP1 (x DP2), TP2 and PP2 and returns the logits. The HF references are computed
-here. Tolerance: fp32 logits of O(1) scale, max |diff| <= 1e-4 (observed ~1e-6; a wrong QKV
+one spawned 2-process job loads the imports at TP1 (x DP2), TP2 and PP2 and returns the logits. The HF
+references are computed here. Tolerance: fp32 logits of O(1) scale, max |diff| <= 1e-4 (observed ~1e-6; a wrong QKV
 interleave, RoPE or gate/up order changes them by O(1)).
 """
 
