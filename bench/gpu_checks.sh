@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Every single-GPU check of the project in one command, for a short GPU session (an H100 / H200 with
+# megatron-core and Transformer Engine installed). Logs go to OUT_DIR; the summary lines to stdout.
+#
+#     bash bench/gpu_checks.sh OUT_DIR [quick|full]
+#
+# quick (~5 min): the GPU tests (loss incl. compiled BFT math, trainer, convert) and the 1B bft/sft pair
+#                 at micro-batch 2 with the BFT math compiled and eager.
+# full (~10 min): also FP8 vs BF16 on the 8B proxy over three interleaved rounds.
+# Numbers belong in docs/benchmarks.md with the hardware and versions printed first.
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_checks.sh OUT_DIR [quick|full]}
+mode=${2:-quick}
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+python3 - <<'EOF' | tee "$out/versions.txt"
+import torch, megatron.core
+try:
+    import transformer_engine as te
+    te_version = te.__version__
+except ImportError:
+    te_version = "not installed"
+print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | megatron-core {megatron.core.__version__} "
+      f"| TE {te_version}")
+EOF
+python3 -m pytest -q -p no:cacheprovider tests/test_loss_gpu.py tests/test_train_gpu.py tests/test_convert_gpu.py \
+    > "$out/gpu_tests.log" 2>&1
+echo "gpu tests: $(tail -n 1 "$out/gpu_tests.log")"
+for compile in true false; do
+    python3 bench/loss_ab_bench.py --config configs/bench/llama_1b.yaml --pairs 50 --warmup 3 \
+        train.micro_batch_size=2 loss.compile=$compile > "$out/ab_1b_mbs2_compile_$compile.log" 2>&1
+    echo "1b bft/sft mbs2 compile=$compile: $(grep -E '"(sft_ms|bft_ms|ratio_median|ratio_p10|ratio_p90)"' \
+        "$out/ab_1b_mbs2_compile_$compile.log" | tr -d ' \n')"
+done
+grep -h "torch.compile" "$out"/*.log | head -n 3
+if [[ $mode == full ]]; then
+    python3 bench/train_bench.py --suite 8b-fp8 --rounds 3 --iters 10 --warmup 3 --json "$out/fp8_rounds.json" \
+        > "$out/fp8_rounds.log" 2>&1
+    tail -n 4 "$out/fp8_rounds.log"
+fi
