@@ -107,9 +107,10 @@ class LossConfig:
     # confidence, which is meaningless (and self-reinforcing) for a randomly initialised model; 0 for
     # fine-tuning a pretrained one.
     sft_warmup_iters: int = 0
-    # torch.compile BFT's per-token weight math (~110 small ops per micro-batch in eager mode, host-bound
-    # at 1B shapes). None = on when training on CUDA, off on CPU. Same values to float rounding.
-    compile: bool | None = None
+    # torch.compile (inductor) BFT's per-token weight math: ~110 small ops per micro-batch fewer to launch in
+    # eager mode, which is host-bound at 1B shapes. Opt-in until its GPU compilation is verified again
+    # (docs/loss.md); same values to float rounding; a compiler failure falls back to eager with a warning.
+    compile: bool = False
 
 
 @dataclass

@@ -65,7 +65,7 @@ class Trainer:
         self.progress = ProgressLog(cfg, groups)
         self.reporter = reporter_rank(groups)
         self.poison_steps: set[int] = set()  # test seam: iterations whose loss is made NaN
-        self.loss_backend = loss_compile_backend(cfg.loss, groups.device)
+        self.loss_backend = loss_compile_backend(cfg.loss)
         self._log_grown_plan()
 
     def _log_grown_plan(self) -> None:

@@ -78,7 +78,6 @@ def make_forward_step(loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool 
                    compile_backend=compile_backend)
 
 
-def loss_compile_backend(loss_cfg: LossConfig, device: torch.device) -> str | None:
-    """``loss.compile`` resolved: inductor when on (None = on for CUDA devices), else eager (None)."""
-    on = loss_cfg.compile if loss_cfg.compile is not None else device.type == "cuda"
-    return "inductor" if on else None
+def loss_compile_backend(loss_cfg: LossConfig) -> str | None:
+    """``loss.compile`` resolved to a ``torch.compile`` backend for BFT's weight math (None = eager)."""
+    return "inductor" if loss_cfg.compile else None
