@@ -9,11 +9,13 @@
 # full (~10 min): also FP8 vs BF16 on the 8B proxy over three interleaved rounds.
 # Numbers belong in docs/benchmarks.md with the hardware and versions printed first.
 set -uo pipefail
-out=${1:?usage: bash bench/gpu_checks.sh OUT_DIR [quick|full]}
+usage="usage: bash bench/gpu_checks.sh OUT_DIR [quick|full]"
 mode=${2:-quick}
-mkdir -p "$out"
+[[ $mode == quick || $mode == full ]] || { echo "$usage (got mode '$mode')" >&2; exit 2; }
+out=$(mkdir -p "${1:?$usage}" && cd "$1" && pwd) || exit 2   # absolute: we cd to the repository next
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
+failed=()
 python3 - <<'EOF' | tee "$out/versions.txt"
 import torch, megatron.core
 try:
@@ -25,17 +27,22 @@ print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | megatron-co
       f"| TE {te_version}")
 EOF
 python3 -m pytest -q -p no:cacheprovider tests/test_loss_gpu.py tests/test_train_gpu.py tests/test_convert_gpu.py \
-    > "$out/gpu_tests.log" 2>&1
+    > "$out/gpu_tests.log" 2>&1 || failed+=(gpu_tests)
 echo "gpu tests: $(tail -n 1 "$out/gpu_tests.log")"
 for compile in true false; do
     python3 bench/loss_ab_bench.py --config configs/bench/llama_1b.yaml --pairs 50 --warmup 3 \
-        train.micro_batch_size=2 loss.compile=$compile > "$out/ab_1b_mbs2_compile_$compile.log" 2>&1
+        train.micro_batch_size=2 loss.compile=$compile > "$out/ab_1b_mbs2_compile_$compile.log" 2>&1 \
+        || failed+=(ab_compile_$compile)
     echo "1b bft/sft mbs2 compile=$compile: $(grep -E '"(sft_ms|bft_ms|ratio_median|ratio_p10|ratio_p90)"' \
         "$out/ab_1b_mbs2_compile_$compile.log" | tr -d ' \n')"
 done
 grep -h "torch.compile" "$out"/*.log | head -n 3
 if [[ $mode == full ]]; then
     python3 bench/train_bench.py --suite 8b-fp8 --rounds 3 --iters 10 --warmup 3 --json "$out/fp8_rounds.json" \
-        > "$out/fp8_rounds.log" 2>&1
+        > "$out/fp8_rounds.log" 2>&1 || failed+=(fp8_rounds)
     tail -n 4 "$out/fp8_rounds.log"
+fi
+if (( ${#failed[@]} )); then
+    echo "FAILED: ${failed[*]} (logs in $out)" >&2
+    exit 1
 fi

@@ -6,7 +6,8 @@ Writes a random bf16 Llama-shaped HF checkpoint (two safetensors shards + index)
 HF model, then runs each step under ``/usr/bin/time -v`` in a fresh process and prints a table of its
 max RSS (the kernel's high-water mark) and of its anonymous resident memory, sampled every 10 ms.
 The baseline is the same interpreter importing torch/megatron/transformers and starting a one-rank
-gloo group. Numbers go into docs/convert.md.
+gloo group. Caveats: only the main process is sampled (megatron's checkpoint writer forks worker
+processes whose memory is not counted), and a peak shorter than the 10 ms sampling period can be missed. Numbers go into docs/convert.md.
 """
 
 from __future__ import annotations

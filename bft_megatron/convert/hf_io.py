@@ -57,7 +57,7 @@ class HFReader:
         return list(self.weight_map)
 
     def get(self, name: str) -> torch.Tensor:
-        """Read one tensor (a private copy in host memory)."""
+        """Read one tensor: a copy-on-write map of the safetensors file (file-backed until written)."""
         if name not in self.weight_map:
             raise KeyError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
         fname = self.weight_map[name]

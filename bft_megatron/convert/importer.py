@@ -5,7 +5,8 @@ at TP1/PP1 on the ``meta`` device, so it costs no memory and its ``sharded_state
 the keys, shapes and sharding (QKV groups, swiglu factory, padded vocab with
 ``allow_shape_mismatch``) that a training run at any TP/PP, local or TE spec, asks for. Each megatron tensor is built
 from the HF tensors it needs (read one at a time with ``safe_open``) and *assigned* into the
-skeleton, so host memory holds the model once (plus one layer's transients), never twice.
+skeleton, so host memory holds the model at most once, never twice: tensors that pass through unchanged
+stay copy-on-write maps of the safetensors files; ``low_memory`` spills the transformed ones too.
 
 Output layout (a trainer run directory, loadable with ``checkpoint.load=OUT checkpoint.finetune=true``)::
 
@@ -69,22 +70,27 @@ def _spill(tensors: dict[str, torch.Tensor], spill_dir: str | None, name: str) -
     return torch.load(path, mmap=True, weights_only=True)
 
 
-def _spill_views(sharded_sd: dict, spill_dir: str) -> None:
-    """Build megatron's sharded-tensor factories now and spill every view they produce.
+def _own_storage_views(sharded_sd: dict) -> None:
+    """Build megatron's sharded-tensor factories now and give every view its own exact storage.
 
-    The swiglu factory saves fc1 as separate gate/up shards, views of the fc1 weight; megatron's
-    writer clones CPU views before writing (else a view would serialise its whole storage) and keeps the
-    clones until the write, i.e. another half of the model (about 75 GB for Llama-3-70B). Spilling each
-    view as its own file-backed tensor first keeps that resident memory at one view.
+    The swiglu factory saves fc1 as separate gate/up shards, views of the fc1 weight; megatron's writer
+    clones CPU tensors whose storage is larger than themselves (a view would otherwise serialise its whole
+    storage) and keeps the clones until the write: another copy of every fc1 (about 75 GB for
+    Llama-3-70B). A tensor over an exact slice of the same memory needs no clone and no copy.
     """
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     apply_factories(sharded_sd)  # what save() does first; a no-op there afterwards
-    for i, sh in enumerate(nested_values(sharded_sd)):
-        data = getattr(sh, "data", None) if isinstance(sh, ShardedTensor) else None
-        if data is not None and data.untyped_storage().nbytes() != data.numel() * data.element_size():
-            sh.data = _spill({"view": data.clone()}, spill_dir, f"view_{i:06d}")["view"]
+    for sh in nested_values(sharded_sd):
+        data = sh.data if isinstance(sh, ShardedTensor) else None
+        if data is None or not data.is_contiguous():
+            continue
+        nbytes = data.numel() * data.element_size()
+        if data.untyped_storage().nbytes() != nbytes:
+            start = data.storage_offset() * data.element_size()
+            exact = data.untyped_storage()[start:start + nbytes]
+            sh.data = torch.empty(0, dtype=data.dtype).set_(exact, 0, data.shape, data.stride())
 
 
 def _collect_state(reader: HFReader, m: ModelConfig, spec: str, padded_vocab: int,
@@ -167,8 +173,7 @@ def import_hf(hf_dir: str, out_dir: str, low_memory: bool = False) -> str:
             sd = {"model": model.sharded_state_dict(), "config": to_dict(cfg),
                   "layout": {"tp": 1, "pp": 1, "vp": None, "cp": 1, "dp": 1, "world": 1},
                   "hf_import": {"source": os.path.abspath(hf_dir), "spec": spec}}
-            if spill_dir:
-                _spill_views(sd["model"], spill_dir)
+            _own_storage_views(sd["model"])
             dist_checkpointing.save(sd, iter_dir)
         finally:  # mapped spill files stay readable after their unlinking until the tensors go
             if spill_dir:
