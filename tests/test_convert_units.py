@@ -157,3 +157,25 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("100MiB") == 100 * 2**20 and parse_size("123") == 123
     with pytest.raises(Exception, match="bad size '5 parsecs'"):
         parse_size("5 parsecs")
+
+
+def test_low_memory_import_spills_only_transformed_tensors():
+    """``--low-memory`` spills what conversion creates (QKV interleave, fc1 [gate; up]); tensors passed
+    through unchanged stay the reader's own (file-backed) tensors."""
+    from bft_megatron.convert.importer import _convert
+    from bft_megatron.convert.mapping import layer_rules
+
+    m = ModelConfig(hidden_size=8, num_attention_heads=2, num_query_groups=1, num_layers=1, ffn_hidden_size=6,
+                    vocab_size=16)
+    shapes = {"self_attn.q_proj.weight": (8, 8), "self_attn.k_proj.weight": (4, 8), "self_attn.v_proj.weight": (4, 8),
+              "self_attn.o_proj.weight": (8, 8), "mlp.gate_proj.weight": (6, 8), "mlp.up_proj.weight": (6, 8),
+              "mlp.down_proj.weight": (8, 6), "input_layernorm.weight": (8,), "post_attention_layernorm.weight": (8,)}
+    tensors = {f"model.layers.0.{k}": torch.randn(*v) for k, v in shapes.items()}
+
+    class Reader:
+        def get(self, name):
+            return tensors[name]
+
+    new = {r.local: _convert(r, Reader(), m, 0, 16)[1] for r in layer_rules(False)}
+    assert {k for k, v in new.items() if v} == {r.local for r in layer_rules(False) if r.kind in ("qkv", "gate_up")}
+    assert any(not v for v in new.values())

@@ -38,8 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     imp.add_argument("--out", required=True, help="output run directory (gets latest, iter_0000000/, hf/)")
     imp.add_argument("--low-memory", action="store_true",
-                     help="spill converted layers to OUT/.import_spill and memory-map them: about one layer of "
-                          "resident host memory instead of the whole model, for the model's size in temporary disk")
+                     help="spill each layer's transformed tensors (QKV, fc1) to OUT/.import_spill and memory-map them: "
+                          "about one layer of resident host memory, for ~65%% of the model's size in temporary disk")
     exp = sub.add_parser("export", help="megatron dist checkpoint -> HF safetensors directory")
     exp.add_argument("--ckpt", required=True, help="run directory (uses 'latest'), iter_ directory or dist checkpoint")
     exp.add_argument("--out", required=True, help="output HF directory")
