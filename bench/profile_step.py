@@ -21,13 +21,11 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 def _sync_trace(fit, trainer, iters: int) -> str:
-    """Call sites of synchronising torch ops over ``iters`` steps (after one warm-up step)."""
+    """Call sites of synchronising torch ops over the next ``iters`` steps."""
     import collections
     import traceback
     import warnings
 
-    trainer.cfg.train.train_iters = 1
-    fit(trainer, None)
     sites: collections.Counter = collections.Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):
@@ -40,7 +38,6 @@ def _sync_trace(fit, trainer, iters: int) -> str:
     warnings.showwarning = record
     warnings.simplefilter("always")
     torch.cuda.set_sync_debug_mode("warn")
-    trainer.cfg.train.train_iters = 1 + iters
     try:
         fit(trainer, None)
         torch.cuda.synchronize()
@@ -63,8 +60,6 @@ def main() -> None:
     ap.add_argument("--sync-trace", action="store_true", help="list synchronising call sites instead of profiling")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    from torch.profiler import ProfilerActivity, profile
-
     from bft_megatron.config import load_config, validate
     from bft_megatron.parallel import bootstrap
     from bft_megatron.training.build import build_trainer
@@ -73,34 +68,32 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides + [f"train.train_iters={args.iters}", "checkpoint.save=null"])
     groups = bootstrap.initialize(seed=cfg.train.seed)
     trainer = build_trainer(cfg, validate(cfg, 1), groups)
-    if args.sync_trace:
-        report = _sync_trace(fit, trainer, args.iters) + "\n"
-        sys.stdout.write(report)
-        if args.out:
-            with open(args.out, "w") as fh:
-                fh.write(report)
-        bootstrap.destroy()
-        return
-    trainer.cfg.train.train_iters = 1  # warm-up step outside the profile (compilation, autotuning, caches)
+    trainer.cfg.train.train_iters = 1  # warm-up step outside the measurement (compilation, autotuning, caches)
     fit(trainer, None)
     trainer.cfg.train.train_iters = 1 + args.iters
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
-        fit(trainer, None)
-        torch.cuda.synchronize()
-    lines = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)]
-    stacks = prof.key_averages(group_by_stack_n=6)
-    for evt in stacks:
-        if evt.key in SYNC_EVENTS:
-            where = " <- ".join(s for s in evt.stack if "bft_megatron" in s or "megatron" in s
-                                or "transformer_engine" in s)[:600]
-            lines.append(f"{evt.key}: {evt.count / args.iters:.1f}/step, self cpu {evt.self_cpu_time_total / 1e3:.1f} ms"
-                         f" total | {where}")
-    report = "\n".join(lines) + "\n"
+    report = (_sync_trace if args.sync_trace else _profile)(fit, trainer, args.iters) + "\n"
     sys.stdout.write(report)
     if args.out:
         with open(args.out, "w") as fh:
             fh.write(report)
     bootstrap.destroy()
+
+
+def _profile(fit, trainer, iters: int) -> str:
+    """Top events by self CPU time and every synchronising event with its stack, over the next ``iters`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True) as prof:
+        fit(trainer, None)
+        torch.cuda.synchronize()
+    lines = [prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)]
+    for evt in prof.key_averages(group_by_stack_n=6):
+        if evt.key in SYNC_EVENTS:
+            where = " <- ".join(s for s in evt.stack if "bft_megatron" in s or "megatron" in s
+                                or "transformer_engine" in s)[:600]
+            lines.append(f"{evt.key}: {evt.count / iters:.1f}/step, self cpu {evt.self_cpu_time_total / 1e3:.1f} ms"
+                         f" total | {where}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

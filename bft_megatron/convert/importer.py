@@ -107,23 +107,19 @@ def _convert(rule, reader: HFReader, m: ModelConfig, layer: int | None, padded_v
     return out, out.data_ptr() not in read_ptrs
 
 
-def _converted(rules, name_of, reader, m, layer, padded_vocab, spill_dir, spill_name) -> dict[str, torch.Tensor]:
-    """Converted tensors of ``rules``; with ``spill_dir`` the transformed ones come back memory-mapped."""
-    kept, transformed = {}, {}
-    for rule in rules:
-        tensor, new = _convert(rule, reader, m, layer, padded_vocab)
-        (transformed if new else kept)[name_of(rule)] = tensor
-    return {**kept, **_spill(transformed, spill_dir, spill_name)}
-
-
 def _collect_state(reader: HFReader, m: ModelConfig, spec: str, padded_vocab: int,
                    spill_dir: str | None = None) -> dict[str, torch.Tensor]:
-    """megatron ``state_dict`` names (TP1/PP1) -> tensors, read layer by layer (spilled per layer if asked)."""
-    state = _converted(global_rules(m.tie_embeddings), lambda r: r.megatron(spec), reader, m, None, padded_vocab,
-                       spill_dir, "global")
-    for i in range(m.num_layers):
-        state.update(_converted(layer_rules(m.qkv_bias), lambda r, i=i: f"decoder.layers.{i}.{r.megatron(spec)}",
-                                reader, m, i, padded_vocab, spill_dir, f"layer_{i:05d}"))
+    """megatron ``state_dict`` names (TP1/PP1) -> tensors, read layer by layer; with ``spill_dir`` each group's
+    transformed tensors come back memory-mapped (pass-through ones are file-backed already)."""
+    groups = [(None, global_rules(m.tie_embeddings), "", "global")]
+    groups += [(i, layer_rules(m.qkv_bias), f"decoder.layers.{i}.", f"layer_{i:05d}") for i in range(m.num_layers)]
+    state: dict[str, torch.Tensor] = {}
+    for layer, rules, prefix, spill_name in groups:
+        transformed = {}
+        for rule in rules:
+            tensor, new = _convert(rule, reader, m, layer, padded_vocab)
+            (transformed if new else state)[prefix + rule.megatron(spec)] = tensor
+        state.update(_spill(transformed, spill_dir, spill_name))
     return state
 
 

@@ -29,15 +29,16 @@ class MetricPartials:
     maxs: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def add_sum(self, name: str, total: torch.Tensor, count: torch.Tensor) -> None:
-        pair = torch.stack((total.detach().double(), count.detach().double()))
-        self.sums[name] = self.sums[name] + pair if name in self.sums else pair
+        self._add_pair(name, torch.stack((total.detach().double(), count.detach().double())))
 
     def add_pairs(self, names, flat: torch.Tensor) -> None:
         """``add_sum`` for several names from one float64 ``[2*len(names)]`` tensor of (sum, count) pairs
         (views into it: no kernel per statistic)."""
         for i, name in enumerate(names):
-            pair = flat[2 * i:2 * i + 2].detach()
-            self.sums[name] = self.sums[name] + pair if name in self.sums else pair
+            self._add_pair(name, flat[2 * i:2 * i + 2].detach())
+
+    def _add_pair(self, name: str, pair: torch.Tensor) -> None:
+        self.sums[name] = self.sums[name] + pair if name in self.sums else pair
 
     def add_min(self, name: str, value: torch.Tensor) -> None:
         v = value.detach().double()

@@ -20,7 +20,7 @@ from bft_megatron.loss import MetricPartials, reduce_metrics
 from bft_megatron.parallel.bootstrap import ParallelGroups
 from bft_megatron.training.batch import StepData
 from bft_megatron.training.progress import ProgressLog, reporter_rank, to_rank0
-from bft_megatron.training.step import loss_compile_backend, make_forward_step
+from bft_megatron.training.step import make_forward_step
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["TrainState", "NonFiniteError", "Trainer"]
@@ -65,7 +65,6 @@ class Trainer:
         self.progress = ProgressLog(cfg, groups)
         self.reporter = reporter_rank(groups)
         self.poison_steps: set[int] = set()  # test seam: iterations whose loss is made NaN
-        self.loss_backend = loss_compile_backend(cfg.loss)
         self._log_grown_plan()
 
     def _log_grown_plan(self) -> None:
@@ -106,7 +105,7 @@ class Trainer:
         iters = [iter(micro) for _ in self.model]
         fwd_bwd = get_forward_backward_func(pp_size=self.groups.pp_size, vp_size=self.groups.vp_size)
         cp_group = self.groups.cp if self.groups.cp_size > 1 else None
-        step_fn = make_forward_step(self._loss_cfg(), self.groups.tp, cp_group, self.cfg.train.bf16, self.loss_backend)
+        step_fn = make_forward_step(self._loss_cfg(), self.groups.tp, cp_group, self.cfg.train.bf16)
         out = fwd_bwd(forward_step_func=step_fn,
                       data_iterator=iters if len(iters) > 1 else iters[0], model=self.model,
                       num_microbatches=len(micro), seq_length=seq_length, micro_batch_size=micro_batch_size,

@@ -25,13 +25,12 @@ from bft_megatron.training.batch import MicroBatch
 __all__ = ["forward_step", "loss_func", "make_forward_step", "loss_compile_backend"]
 
 
-def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: torch.Tensor, cp_group=None,
-              compile_backend: str | None = None):
+def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: torch.Tensor, cp_group=None):
     """Per-token NLL from ``[b, s, V/TP]`` (or THD ``[1, b*s, V/TP]``) logits, then the objective.
 
     Under context parallelism the logits, labels and mask are this rank's shard (``s/CP``) and
     ``cp_group`` lets the objective gather per-sample statistics (BFT's window minimum spans ranks).
-    ``compile_backend``: ``torch.compile`` backend for BFT's weight math, or None (eager).
+    ``loss.compile`` runs BFT's weight math through ``torch.compile``.
     """
     # GPTModel (labels=None) returns logits [b, s, V/TP]; padding labels are masked below.
     labels = batch.labels.reshape(output_tensor.shape[:-1])
@@ -44,7 +43,7 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
     loss_sum, num_units, metrics = objective(
         nll, mask, method=loss_cfg.method, variant=loss_cfg.variant, group_size=loss_cfg.group_size,
         gamma=loss_cfg.gamma, eps=loss_cfg.eps, cu_seqlens=batch.cu_seqlens, cp_group=cp_group,
-        compile_backend=compile_backend,
+        compile_backend=loss_compile_backend(loss_cfg),
     )
     if batch.poison:
         loss_sum = loss_sum * float("nan")
@@ -52,8 +51,7 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
     return loss_sum, num_units, metrics
 
 
-def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False,
-                 compile_backend: str | None = None):
+def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False):
     """One micro-batch through ``model`` (one chunk). Every stage reads the full micro-batch itself.
 
     Packed rows (``cu_seqlens``) run as one ``[1, T]`` THD sequence with ``PackedSeqParams``; padded
@@ -68,14 +66,12 @@ def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_gro
                        packed_seq_params=batch.packed_seq_params(), **kwargs)
     else:
         output = model(batch.tokens, batch.position_ids, None, **kwargs)
-    return output, partial(loss_func, batch, loss_cfg, tp_group, cp_group=cp_group, compile_backend=compile_backend)
+    return output, partial(loss_func, batch, loss_cfg, tp_group, cp_group=cp_group)
 
 
-def make_forward_step(loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False,
-                      compile_backend: str | None = None):
+def make_forward_step(loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False):
     """The two-argument callable megatron's schedules expect (``cp_group``: None unless CP > 1)."""
-    return partial(forward_step, loss_cfg=loss_cfg, tp_group=tp_group, cp_group=cp_group, bf16=bf16,
-                   compile_backend=compile_backend)
+    return partial(forward_step, loss_cfg=loss_cfg, tp_group=tp_group, cp_group=cp_group, bf16=bf16)
 
 
 def loss_compile_backend(loss_cfg: LossConfig) -> str | None:
