@@ -6,6 +6,10 @@ Prints the events with the most self CPU time and every synchronising call (``.i
 stream/device synchronise) with the Python stack that issued it, per training step. A step whose host
 time exceeds its device time is launch-bound: the fix is fewer syncs, not faster kernels.
 
+``--kernels``: instead, the device time per step by kernel family (GEMMs by input type, attention, TE casts,
+norms, the loss, the optimizer, the rest) and the 25 kernels with the most device time: where an FP8 step
+spends what FP8 cannot speed up.
+
 ``--sync-trace``: instead of the profiler, run the steps under ``torch.cuda.set_sync_debug_mode("warn")``
 and list the Python call sites of every synchronising operation torch reports, most frequent first.
 """
@@ -58,6 +62,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--out", default=None, help="write the report here as well")
     ap.add_argument("--sync-trace", action="store_true", help="list synchronising call sites instead of profiling")
+    ap.add_argument("--kernels", action="store_true", help="device time per kernel family instead of host events")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     from bft_megatron.config import load_config, validate
@@ -71,7 +76,8 @@ def main() -> None:
     trainer.cfg.train.train_iters = 1  # warm-up step outside the measurement (compilation, autotuning, caches)
     fit(trainer, None)
     trainer.cfg.train.train_iters = 1 + args.iters
-    report = (_sync_trace if args.sync_trace else _profile)(fit, trainer, args.iters) + "\n"
+    mode = _sync_trace if args.sync_trace else _kernels if args.kernels else _profile
+    report = mode(fit, trainer, args.iters) + "\n"
     sys.stdout.write(report)
     if args.out:
         with open(args.out, "w") as fh:
@@ -93,6 +99,48 @@ def _profile(fit, trainer, iters: int) -> str:
                                 or "transformer_engine" in s)[:600]
             lines.append(f"{evt.key}: {evt.count / iters:.1f}/step, self cpu {evt.self_cpu_time_total / 1e3:.1f} ms"
                          f" total | {where}")
+    return "\n".join(lines)
+
+
+# Kernel families by name, first match wins (cuBLAS/cuBLASLt names carry the input type: e4m3/e5m2 for FP8).
+FAMILIES = (("gemm fp8", r"(gemm|nvjet|cutlass|xmma).*(e4m3|e5m2|fp8)|(e4m3|e5m2|fp8).*(gemm|nvjet|cutlass)"),
+            ("gemm bf16/fp32", r"gemm|nvjet|cutlass|xmma|cublas"),
+            ("attention", r"flash|fmha|fused_attn|cudnn|attn"),
+            ("te cast/transpose/amax", r"cast|transpose|amax|quantiz|scale_inv|fp8"),
+            ("norm", r"norm"),
+            ("loss (nll)", r"nll|cross_entropy|_fwd_kernel|_bwd_kernel|logsumexp"),
+            ("optimizer", r"adam|multi_tensor|l2norm|foreach"),
+            ("reduce/copy", r"reduce|copy|memcpy|memset|cat"),
+            ("other", r"."))
+
+
+def _kernels(fit, trainer, iters: int) -> str:
+    """Device time per step by kernel family, and the kernels with the most device time."""
+    import re
+    from torch.profiler import ProfilerActivity, profile
+
+    if not torch.cuda.is_available():
+        return "--kernels needs a CUDA device"
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fit(trainer, None)
+        torch.cuda.synchronize()
+    per_kernel = {}
+    for evt in prof.key_averages():
+        us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+        if us > 0:
+            per_kernel[evt.key] = (us / 1e3 / iters, evt.count / iters)
+    families = {name: 0.0 for name, _ in FAMILIES}
+    for key, (ms, _) in per_kernel.items():
+        name = next(n for n, pat in FAMILIES if re.search(pat, key, re.IGNORECASE))
+        families[name] += ms
+    total = sum(families.values())
+    if not total:
+        return "no device kernels recorded (is this a CUDA run?)"
+    lines = [f"device time per step: {total:.1f} ms"]
+    lines += [f"  {name:24s} {ms:8.1f} ms  {100 * ms / total:5.1f}%" for name, ms in families.items() if ms]
+    lines.append("top kernels (ms/step, launches/step, name):")
+    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]
+    lines += [f"  {ms:8.2f} {count:6.1f}  {key[:150]}" for key, (ms, count) in top]
     return "\n".join(lines)
 
 

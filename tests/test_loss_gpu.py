@@ -45,7 +45,7 @@ def test_cuda_matches_cpu(method, variant, packed, impl):
 @pytest.mark.parametrize("packed", [False, True])
 @pytest.mark.parametrize("variant", ["v1", "v3"])
 def test_compiled_bft_math_matches_cpu(variant, packed):
-    """``loss.compile`` (the GPU default): BFT's weight math through inductor equals the eager CPU loss."""
+    """``loss.compile`` (opt-in): BFT's weight math through inductor equals the eager CPU loss."""
     cpu = _run(_data("cpu"), "bft", variant, packed)
     gpu = _run(_data("cuda"), "bft", variant, packed, compile_backend="inductor")
     assert not compile_failed("inductor"), "inductor failed; the objective fell back to eager"

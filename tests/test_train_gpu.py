@@ -93,8 +93,9 @@ def _reseeded_trainer(groups, extra):
 
 
 def test_te_performance_options_keep_parameters_and_losses(groups):
-    """gradient_accumulation_fusion (TE layers write main_grad; the output layer falls back without apex) and
-    te_op_fuser (TEFusedMLP) change kernels, not the model: same parameter names, same losses (bf16)."""
+    """gradient_accumulation_fusion (TE layers write main_grad; without apex the output layer through
+    TorchWgradAccum) and te_op_fuser (TEFusedMLP) change kernels, not the model: same parameter names, same
+    losses (bf16)."""
     from bft_megatron.training.fit import fit
 
     steps = ["train.train_iters=6", "train.warmup_iters=1", "loss.method=sft"]
@@ -104,9 +105,27 @@ def test_te_performance_options_keep_parameters_and_losses(groups):
     assert names == [n for n, _ in fast.model[0].named_parameters()]
     assert type(fast.model[0].module.module.decoder.layers[0].mlp).__name__ == "TEFusedMLP"
     assert fast.tconfig.gradient_accumulation_fusion and not base.tconfig.gradient_accumulation_fusion
+    assert fast.model[0].module.module.output_layer.gradient_accumulation_fusion
     fit(base, None)
     fit(fast, None)
     want = [h["loss"] for h in base.state.history]
     got = [h["loss"] for h in fast.state.history]
     assert want[-1] < 0.9 * want[0], want  # SFT learns, so a gradient that went missing would show
     assert got == pytest.approx(want, rel=2e-2), (got, want)
+
+
+def test_torch_wgrad_accum_adds_the_weight_gradient_into_main_grad():
+    """The apex stand-in for the output layer: ``main_grad += grad_output^T @ input`` in place, bf16 inputs
+    accumulated in fp32 (equal to the fp32 product up to summation order)."""
+    from bft_megatron.model.builder import TorchWgradAccum, torch_wgrad_accum_available
+
+    assert torch_wgrad_accum_available()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(512, 256, device="cuda", generator=gen).bfloat16()
+    dy = torch.randn(512, 1000, device="cuda", generator=gen).bfloat16()
+    main = torch.randn(1000, 256, device="cuda", generator=gen)
+    want = main + dy.float().t() @ x.float()
+    ptr = main.data_ptr()
+    TorchWgradAccum.wgrad_gemm_accum_fp32(x, dy, main)
+    assert main.data_ptr() == ptr
+    torch.testing.assert_close(main, want, rtol=1e-5, atol=1e-3)

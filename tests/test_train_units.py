@@ -288,3 +288,23 @@ def test_loss_compile_resolves_to_a_backend(setting, expected):
 
     assert LossConfig().compile is False
     assert loss_compile_backend(LossConfig(compile=setting)) == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), None])
+def test_all_finite_flags_exactly_the_non_finite_elements(dtype, bad):
+    """The loop's one-pass check (max-abs norm) agrees with ``isfinite().all()``: NaN and +-inf anywhere
+    in any tensor are caught; huge finite values (a sum would overflow) and empty tensors are not."""
+    from bft_megatron.training.loop import all_finite
+
+    big = torch.finfo(dtype).max
+    tensors = [torch.full((1000,), big, dtype=dtype), torch.zeros(0, dtype=dtype),
+               torch.randn(37, 3, dtype=torch.float64)]
+    assert bool(all_finite(tensors))
+    for which, pos in [(0, 0), (0, 999), (2, (36, 2))]:
+        poisoned = [t.clone() for t in tensors]
+        if bad is not None:
+            poisoned[which][pos] = bad
+        assert bool(all_finite(poisoned)) == (bad is None)
+        assert bool(all_finite(poisoned)) == all(bool(torch.isfinite(t).all()) for t in poisoned)
+    assert bool(all_finite([]))

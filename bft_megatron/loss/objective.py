@@ -56,7 +56,9 @@ def _sample_ids(shape: tuple[int, int], cu_seqlens: torch.Tensor | None, device)
     if cu_seqlens is None:
         return torch.arange(batch, device=device).repeat_interleave(length), batch
     pos = torch.arange(length, device=device)
-    seg = torch.searchsorted(cu_seqlens.to(torch.int64)[1:], pos, right=True)
+    # cu_seqlens[0] == 0 <= pos: counting all boundaries <= pos, minus one, avoids slicing the boundaries
+    # (inductor's bucketize lowering wants a whole buffer). Tokens after the last sample get seg == S.
+    seg = torch.searchsorted(cu_seqlens.to(torch.int64), pos, right=True) - 1
     return seg, cu_seqlens.numel() - 1
 
 
@@ -78,10 +80,11 @@ def _segment_prefix(values: torch.Tensor, k: torch.Tensor, m: torch.Tensor) -> t
     """
     n = values.shape[0]
     slots = torch.where(m, k, n)
-    # Out of place throughout (no writes into slices): inductor in torch 2.11 cannot lower a mutated SliceView.
+    # Scans only over whole tensors, slicing afterwards: inductor (torch 2.11, CUDA) cannot lower a scan
+    # whose input is a SliceView of a scattered buffer ("NotImplementedError: SliceView").
     comp = values.new_zeros(n + 1, values.shape[1], dtype=torch.float64).index_copy(
         0, slots, torch.where(m.unsqueeze(1), values.double(), 0.0))
-    return torch.cat((comp.new_zeros(1, values.shape[1]), torch.cumsum(comp[:n], dim=0)))
+    return torch.cat((comp.new_zeros(1, values.shape[1]), torch.cumsum(comp, dim=0)[:n]))
 
 
 def _segment_min(values: torch.Tensor, index: torch.Tensor, num: int) -> torch.Tensor:
@@ -95,8 +98,9 @@ def _bft_weights(a, m, seg, num_samples, variant, g, gamma, eps):
     n_tok = a.shape[0]
     m_int = m.to(torch.int64)
     k = torch.cumsum(m_int, 0) - 1                                   # compacted index of each token
-    n_b = torch.zeros(num_samples + 1, dtype=torch.int64, device=a.device).index_add(0, seg, m_int)[:num_samples]
-    start = torch.cumsum(n_b, 0) - n_b                               # first compacted slot of each sample
+    n_all = torch.zeros(num_samples + 1, dtype=torch.int64, device=a.device).index_add(0, seg, m_int)
+    n_b = n_all[:num_samples]                                        # slot num_samples: unsupervised tokens
+    start = (torch.cumsum(n_all, 0) - n_all)[:num_samples]           # first compacted slot of each sample
     sid = seg.clamp(max=num_samples - 1)
     tok_start, tok_end = start[sid], (start + n_b)[sid]
     c = torch.exp(a)

@@ -41,18 +41,45 @@ def _grad_accum_fusion(cfg: Config, on_cpu: bool) -> bool:
     return bool(cfg.train.gradient_accumulation_fusion) and not on_cpu and have_te()
 
 
+class TorchWgradAccum:
+    """Stand-in for apex's ``fused_weight_gradient_mlp_cuda``, which megatron's own ``ColumnParallelLinear``
+    (the output layer) calls under ``gradient_accumulation_fusion``: ``main_grad += grad_output^T @ input``
+    as one GEMM with bf16 inputs accumulating into the fp32 ``main_grad`` (torch's ``addmm`` with
+    ``out_dtype``, CUDA only). Without it the output layer writes a bf16 weight gradient (vocab x hidden:
+    1 GiB at Llama-3 shapes) and DDP's hook adds it to ``main_grad`` in a separate pass, per micro-batch.
+    Arguments are 2-D: ``total_input [N, in]``, ``grad_output [N, out]``, ``main_grad [out, in]``.
+    """
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
+        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32, out=main_grad)
+
+    @staticmethod
+    def wgrad_gemm_accum_fp16(total_input, grad_output, main_grad):
+        main_grad.addmm_(grad_output.t(), total_input)
+
+
+def torch_wgrad_accum_available() -> bool:
+    """Whether :class:`TorchWgradAccum` can run here (a CUDA device and ``aten::addmm.dtype_out``)."""
+    return torch.cuda.is_available() and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
 @contextlib.contextmanager
 def _output_layer_without_apex(enabled: bool):
     """Let megatron build a model with ``gradient_accumulation_fusion`` although apex is absent.
 
     TE's linear layers fuse the weight-gradient accumulation themselves (``fuse_wgrad_accumulation``);
     only megatron's own ``ColumnParallelLinear`` (the output layer) needs apex's
-    ``fused_weight_gradient_mlp_cuda`` and refuses to build without it. Without apex we build anyway
-    and switch the fusion off on the output layer (:func:`_unfuse_output_layer`): it accumulates its
-    gradient the ordinary way, through megatron DDP's hook.
+    ``fused_weight_gradient_mlp_cuda`` and refuses to build without it. Without apex, megatron gets
+    :class:`TorchWgradAccum` in its place (installed for the process: the backward looks the module up
+    when it runs). Where torch cannot do that either, we build anyway and switch the fusion off on the
+    output layer (yields True; :func:`_unfuse_output_layer`): it accumulates through DDP's hook.
     """
     from megatron.core.tensor_parallel import layers
 
+    if enabled and not layers._grad_accum_fusion_available and torch_wgrad_accum_available():
+        layers.fused_weight_gradient_mlp_cuda = TorchWgradAccum
+        layers._grad_accum_fusion_available = True
     patch = enabled and not layers._grad_accum_fusion_available
     if patch:
         layers._grad_accum_fusion_available = True
