@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 
 import torch
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the report here as well")
     ap.add_argument("--sync-trace", action="store_true", help="list synchronising call sites instead of profiling")
     ap.add_argument("--kernels", action="store_true", help="device time per kernel family instead of host events")
+    ap.add_argument("--top", type=int, default=25, help="--kernels: how many kernels to list")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     from bft_megatron.config import load_config, validate
@@ -76,8 +78,13 @@ def main() -> None:
     trainer.cfg.train.train_iters = 1  # warm-up step outside the measurement (compilation, autotuning, caches)
     fit(trainer, None)
     trainer.cfg.train.train_iters = 1 + args.iters
-    mode = _sync_trace if args.sync_trace else _kernels if args.kernels else _profile
-    report = mode(fit, trainer, args.iters) + "\n"
+    if args.sync_trace:
+        report = _sync_trace(fit, trainer, args.iters)
+    elif args.kernels:
+        report = _kernels(fit, trainer, args.iters, args.top)
+    else:
+        report = _profile(fit, trainer, args.iters)
+    report += "\n"
     sys.stdout.write(report)
     if args.out:
         with open(args.out, "w") as fh:
@@ -102,21 +109,24 @@ def _profile(fit, trainer, iters: int) -> str:
     return "\n".join(lines)
 
 
-# Kernel families by name, first match wins (cuBLAS/cuBLASLt names carry the input type: e4m3/e5m2 for FP8).
-FAMILIES = (("gemm fp8", r"(gemm|nvjet|cutlass|xmma).*(e4m3|e5m2|fp8)|(e4m3|e5m2|fp8).*(gemm|nvjet|cutlass)"),
+# Kernel families by name, first match wins (cuBLASLt's Hopper FP8 kernels are named nvjet_sm90_q*; others carry e4m3/e5m2).
+FAMILIES = (("gemm fp8", r"nvjet_sm\d+_q|(gemm|nvjet|cutlass|xmma).*(e4m3|e5m2|fp8)|(e4m3|e5m2|fp8).*(gemm|cutlass)"),
             ("gemm bf16/fp32", r"gemm|nvjet|cutlass|xmma|cublas"),
             ("attention", r"flash|fmha|fused_attn|cudnn|attn"),
             ("te cast/transpose/amax", r"cast|transpose|amax|quantiz|scale_inv|fp8"),
+            ("optimizer", r"adam|multi_tensor|l2norm|foreach"),
             ("norm", r"norm"),
             ("loss (nll)", r"nll|cross_entropy|_fwd_kernel|_bwd_kernel|logsumexp"),
-            ("optimizer", r"adam|multi_tensor|l2norm|foreach"),
             ("reduce/copy", r"reduce|copy|memcpy|memset|cat"),
             ("other", r"."))
 
 
-def _kernels(fit, trainer, iters: int) -> str:
+def _family(kernel: str) -> str:
+    return next(name for name, pattern in FAMILIES if re.search(pattern, kernel, re.IGNORECASE))
+
+
+def _kernels(fit, trainer, iters: int, top: int) -> str:
     """Device time per step by kernel family, and the kernels with the most device time."""
-    import re
     from torch.profiler import ProfilerActivity, profile
 
     if not torch.cuda.is_available():
@@ -131,16 +141,15 @@ def _kernels(fit, trainer, iters: int) -> str:
             per_kernel[evt.key] = (us / 1e3 / iters, evt.count / iters)
     families = {name: 0.0 for name, _ in FAMILIES}
     for key, (ms, _) in per_kernel.items():
-        name = next(n for n, pat in FAMILIES if re.search(pat, key, re.IGNORECASE))
-        families[name] += ms
+        families[_family(key)] += ms
     total = sum(families.values())
     if not total:
         return "no device kernels recorded (is this a CUDA run?)"
     lines = [f"device time per step: {total:.1f} ms"]
     lines += [f"  {name:24s} {ms:8.1f} ms  {100 * ms / total:5.1f}%" for name, ms in families.items() if ms]
-    lines.append("top kernels (ms/step, launches/step, name):")
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:25]
-    lines += [f"  {ms:8.2f} {count:6.1f}  {key[:150]}" for key, (ms, count) in top]
+    lines.append("top kernels (ms/step, launches/step, family, name):")
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:top]
+    lines += [f"  {ms:8.2f} {count:6.1f}  {_family(key):24s} {key[:150]}" for key, (ms, count) in ranked]
     return "\n".join(lines)
 
 

@@ -129,3 +129,23 @@ def test_torch_wgrad_accum_adds_the_weight_gradient_into_main_grad():
     TorchWgradAccum.wgrad_gemm_accum_fp32(x, dy, main)
     assert main.data_ptr() == ptr
     torch.testing.assert_close(main, want, rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_fused_output_layer_wgrad_gives_the_unfused_gradients(groups, tie):
+    """The output layer's weight gradient through TorchWgradAccum (and TE's fused accumulation elsewhere) equals
+    the unfused gradients after one step: untied, and tied, where the embedding's own gradient must survive
+    next to the output layer's (megatron's ``zero_out_wgrad`` dummy; a lost half would be a large error)."""
+    extra = ["train.train_iters=1", "train.warmup_iters=0", "loss.method=sft", f"model.tie_embeddings={tie}"]
+    grads = []
+    for fused in (False, True):
+        trainer = _reseeded_trainer(groups, extra + [f"train.gradient_accumulation_fusion={fused}"])
+        assert trainer.model[0].module.module.output_layer.gradient_accumulation_fusion == fused
+        trainer.train_step()
+        named = dict(trainer.model[0].module.module.named_parameters())
+        keys = ["embedding.word_embeddings.weight"] + ([] if tie else ["output_layer.weight"])
+        grads.append({k: named[k].main_grad.float().clone() for k in keys})
+    for key, want in grads[0].items():
+        got = grads[1][key]
+        rel = float((got - want).norm() / want.norm())
+        assert want.norm() > 0 and rel < 1e-2, (key, rel)
