@@ -113,7 +113,7 @@ def _profile(fit, trainer, iters: int) -> str:
 FAMILIES = (("gemm fp8", r"nvjet_sm\d+_q|(gemm|nvjet|cutlass|xmma).*(e4m3|e5m2|fp8)|(e4m3|e5m2|fp8).*(gemm|cutlass)"),
             ("gemm bf16/fp32", r"gemm|nvjet|cutlass|xmma|cublas"),
             ("attention", r"flash|fmha|fused_attn|cudnn|attn"),
-            ("te cast/transpose/amax", r"cast|transpose|amax|quantiz|scale_inv|fp8"),
+            ("te cast/transpose/amax", r"(?<!no)(?<!With)cast|transpose|amax|quantiz|scale_inv|fp8"),
             ("optimizer", r"adam|multi_tensor|l2norm|foreach"),
             ("norm", r"norm"),
             ("loss (nll)", r"nll|cross_entropy|_fwd_kernel|_bwd_kernel|logsumexp"),
