@@ -185,6 +185,10 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
         f"throughput at MFU {mfu:.2f} of {peak_tflops:.0f} TFLOP/s: {tps:,.0f} tokens/s/GPU "
         f"({flops_per_token(cfg.model, cfg.data.seq_length) / 1e9:.1f} GFLOP/token)",
     ]
+    if p.cp > 1 and cfg.data.packing:
+        rows.append(f"note: under CP{p.cp} each packed sample is padded to a multiple of {2 * p.cp} tokens, so rows "
+                    f"grow past data.seq_length by up to {2 * p.cp - 1} tokens per sample; the trainer logs the "
+                    "plan again at the measured length")
     return "\n".join(rows)
 
 
