@@ -6,7 +6,8 @@
 #
 # quick (~5 min): the GPU tests (loss incl. compiled BFT math, trainer, convert) and the 1B bft/sft pair
 #                 at micro-batch 2 with the BFT math compiled and eager.
-# full (~10 min): also FP8 vs BF16 on the 8B proxy over three interleaved rounds.
+# full (~10 min): also FP8 vs BF16 on the 8B proxy over three interleaved rounds, and the FP8 step's
+#                 device time by kernel family (bench/profile_step.py --kernels).
 # Numbers belong in docs/benchmarks.md with the hardware and versions printed first.
 set -uo pipefail
 usage="usage: bash bench/gpu_checks.sh OUT_DIR [quick|full]"
@@ -41,6 +42,10 @@ if [[ $mode == full ]]; then
     python3 bench/train_bench.py --suite 8b-fp8 --rounds 3 --iters 10 --warmup 3 --json "$out/fp8_rounds.json" \
         > "$out/fp8_rounds.log" 2>&1 || failed+=(fp8_rounds)
     tail -n 4 "$out/fp8_rounds.log"
+    python3 bench/profile_step.py --config configs/bench/llama8b_proxy.yaml --iters 3 --kernels --top 45 \
+        train.te_op_fuser=true train.fp8=hybrid train.fp8_recipe=delayed > "$out/fp8_kernels.log" 2>&1 \
+        || failed+=(fp8_kernels)
+    grep -A 10 "device time per step" "$out/fp8_kernels.log"
 fi
 if (( ${#failed[@]} )); then
     echo "FAILED: ${failed[*]} (logs in $out)" >&2
