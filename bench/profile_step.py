@@ -7,7 +7,7 @@ stream/device synchronise) with the Python stack that issued it, per training st
 time exceeds its device time is launch-bound: the fix is fewer syncs, not faster kernels.
 
 ``--kernels``: instead, the device time per step by kernel family (GEMMs by input type, attention, TE casts,
-norms, the loss, the optimizer, the rest) and the 25 kernels with the most device time: where an FP8 step
+norms, the loss, the optimizer, the rest) and the kernels with the most device time (``--top``, 25): where an FP8 step
 spends what FP8 cannot speed up.
 
 ``--sync-trace``: instead of the profiler, run the steps under ``torch.cuda.set_sync_debug_mode("warn")``
@@ -110,7 +110,8 @@ def _profile(fit, trainer, iters: int) -> str:
 
 
 # Kernel families by name, first match wins (cuBLASLt's Hopper FP8 kernels are named nvjet_sm90_q*; others carry e4m3/e5m2).
-FAMILIES = (("gemm fp8", r"nvjet_sm\d+_q|(gemm|nvjet|cutlass|xmma).*(e4m3|e5m2|fp8)|(e4m3|e5m2|fp8).*(gemm|cutlass)"),
+FAMILIES = (("gemm fp8", r"nvjet_sm\d+_q|(gemm|nvjet|cutlass|xmma).*(e4m3|e5m2|fp8)"
+                         r"|(e4m3|e5m2|fp8).*(gemm|cutlass)"),
             ("gemm bf16/fp32", r"gemm|nvjet|cutlass|xmma|cublas"),
             ("attention", r"flash|fmha|fused_attn|cudnn|attn"),
             ("te cast/transpose/amax", r"(?<!no)(?<!With)cast|transpose|amax|quantiz|scale_inv|fp8"),

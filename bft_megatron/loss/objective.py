@@ -147,7 +147,8 @@ def objective(
         nll: per-token NLL, ``[b, s]`` (padded: each row a sample) or ``[1, T]`` with ``cu_seqlens``
             (packed: each segment a sample). Under context parallelism this rank's load-balanced shard
             (``[b, s/CP]`` / ``[1, T/CP]``), and ``cu_seqlens`` are the *global* boundaries, each sample
-            padded to a multiple of ``2*CP`` (padding masked).
+            padded to a multiple of ``2*CP`` (padding masked). ``cu_seqlens[0]`` must be 0 (as the collator
+            writes them; not checked, which would cost a host sync); tokens after the last boundary are padding.
         loss_mask: same shape; nonzero where the label is supervised.
         method: ``sft`` (w=1, s=1), ``dft`` (w=sg(c), s=1), ``bft`` (per-sample weight ``1 - p_b**gamma``).
         variant: BFT variant, ``v1`` (released code: min window mean of log c) or ``v3`` (paper:

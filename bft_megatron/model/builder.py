@@ -8,6 +8,7 @@ of pipeline rank ``r`` holds the embedding iff ``r == 0 and i == 0`` and the out
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -59,9 +60,20 @@ class TorchWgradAccum:
         main_grad.addmm_(grad_output.t(), total_input)
 
 
+@functools.cache
 def torch_wgrad_accum_available() -> bool:
-    """Whether :class:`TorchWgradAccum` can run here (a CUDA device and ``aten::addmm.dtype_out``)."""
-    return torch.cuda.is_available() and hasattr(torch.ops.aten.addmm, "dtype_out")
+    """Whether :class:`TorchWgradAccum` runs here: a CUDA device and an ``addmm`` that accumulates bf16
+    products into an fp32 tensor. Probed once: torch 2.8-2.9 have ``aten::addmm.dtype_out`` but their CUDA
+    kernel still rejects an fp32 ``self`` with bf16 matrices."""
+    if not (torch.cuda.is_available() and hasattr(torch.ops.aten.addmm, "dtype_out")):
+        return False
+    acc = torch.zeros(2, 2, device="cuda")
+    ones = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+    try:
+        TorchWgradAccum.wgrad_gemm_accum_fp32(ones, ones, acc)
+    except RuntimeError:
+        return False
+    return bool((acc == 2).all())
 
 
 @contextlib.contextmanager
