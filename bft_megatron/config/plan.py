@@ -186,7 +186,9 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
         f"({flops_per_token(cfg.model, cfg.data.seq_length) / 1e9:.1f} GFLOP/token)",
     ]
     if p.cp > 1 and cfg.data.packing:
-        rounding = 16 * p.cp * (p.tp if p.sequence_parallel else 1)
+        from bft_megatron.config.validate import packed_row_multiple
+
+        rounding = packed_row_multiple(p.cp, p.tp if p.sequence_parallel else 1)
         rows.append(f"note: under CP{p.cp} each packed sample is padded to a multiple of {2 * p.cp} tokens, so rows "
                     f"grow past data.seq_length by up to {2 * p.cp - 1} tokens per sample (plus rounding to a "
                     f"multiple of {rounding}); the trainer logs the plan again at the measured length")

@@ -82,6 +82,12 @@ def _check_parallel(cfg: Config, world_size: int) -> int:
     return world_size // mp
 
 
+def packed_row_multiple(cp: int, tp_sp: int) -> int:
+    """Multiple that a packed micro-batch's length is rounded to under context parallelism: every CP and
+    SP shard whole and a multiple of 8 tokens (FP8 GEMMs); ``tp_sp`` = TP with sequence parallel, else 1."""
+    return 16 * cp * tp_sp
+
+
 def _check_train(cfg: Config, dp: int) -> int:
     t, p = cfg.train, cfg.parallel
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")

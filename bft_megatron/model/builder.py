@@ -89,17 +89,19 @@ def _output_layer_without_apex(enabled: bool):
     """
     from megatron.core.tensor_parallel import layers
 
-    if enabled and not layers._grad_accum_fusion_available and torch_wgrad_accum_available():
+    if not enabled or layers._grad_accum_fusion_available:    # no fusion asked for, or apex present
+        yield False
+        return
+    if torch_wgrad_accum_available():
         layers.fused_weight_gradient_mlp_cuda = TorchWgradAccum
         layers._grad_accum_fusion_available = True
-    patch = enabled and not layers._grad_accum_fusion_available
-    if patch:
-        layers._grad_accum_fusion_available = True
+        yield False
+        return
+    layers._grad_accum_fusion_available = True
     try:
-        yield patch
+        yield True
     finally:
-        if patch:
-            layers._grad_accum_fusion_available = False
+        layers._grad_accum_fusion_available = False
 
 
 def _unfuse_output_layer(model) -> None:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bft_megatron.config.validate import packed_row_multiple
 from bft_megatron.data.collate import collate, round_up
 from bft_megatron.data.loader import GlobalBatchSampler
 from bft_megatron.parallel.context_parallel import split_for_cp
@@ -129,7 +130,7 @@ def micro_batch_length(dataset, *, packed: bool, micro_batch_size: int, seq_leng
     if not packed or cp_size == 1:
         return base
     longest = max(seq_length, int(dataset.max_padded_row_length(2 * cp_size)))
-    return int(round_up(micro_batch_size * longest, 16 * cp_size * tp_sp))
+    return int(round_up(micro_batch_size * longest, packed_row_multiple(cp_size, tp_sp)))
 
 
 class StepData:

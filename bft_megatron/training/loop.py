@@ -32,8 +32,8 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """0-dim bool tensor: every element of every tensor is finite (no host sync).
 
     One read pass per tensor: the max-abs norm propagates NaN and is inf for +-inf, and unlike a sum it
-    cannot overflow on finite values. ``torch.isfinite(g).all()`` costs several passes with temporaries
-    over the fp32 gradient buffer (~20 ms per step on an H200 for the 8B proxy, docs/benchmarks.md).
+    cannot overflow on finite values. ``torch.isfinite(g).all()`` costs several passes with full-size
+    temporaries over the fp32 gradient buffer (>= 11 ms per step on an H200 for the 8B proxy, docs/benchmarks.md).
     """
     flags = [torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"))) for t in tensors if t.numel()]
     return torch.stack(flags).all() if flags else torch.tensor(True)
