@@ -8,6 +8,7 @@ peak allocated memory, and the planner's estimate for the same config (``bft-meg
     python bench/train_bench.py --suite 8b      # Llama-3-8B layer shapes x 8 layers, seq 8192, packed
     python bench/train_bench.py --suite 8b-te   # the same with TE performance options, BF16 vs FP8
     python bench/train_bench.py --suite 8b-fp8 --rounds 3   # bft BF16 vs FP8 delayed only, interleaved
+    python bench/train_bench.py --suite 8b-emb --rounds 2   # embedding wgrad into main_grad vs DDP's hook
     python bench/train_bench.py --suite demo    # demo data: packed vs padded effective tokens/s
 ``--rounds N`` runs the settings N times interleaved (A B A B ...) and reports medians over the rounds,
 with each run's time in the JSON (``ms_runs``): use it for ratios near a target.
@@ -52,6 +53,8 @@ def _median(rows: list[dict], key: str):
 
 # gradient_accumulation_fusion is on by default (TE on CUDA); te_op_fuser is opt-in.
 NO_GAF, FUSER = "train.gradient_accumulation_fusion=false", "train.te_op_fuser=true"
+# Not an override: run_setting starts bench/train_unfused_embedding.py instead of bft_megatron.train.
+UNFUSED_EMB = "<unfused embedding wgrad>"
 SUITES = {
     "1b": ("configs/bench/llama_1b.yaml", [
         ("sft bf16", ["loss.method=sft"]),
@@ -79,6 +82,15 @@ SUITES = {
         ("bft fp8 delayed +gaf +fuser", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
         ("bft fp8 delayed +gaf", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed"]),
     ]),
+    # The word embedding's weight gradient straight into main_grad (default) vs through DDP's hook; the
+    # baseline runs bench/train_unfused_embedding.py (use with --rounds).
+    "8b-emb": ("configs/bench/llama8b_proxy.yaml", [
+        ("bft bf16 emb via hook", ["loss.method=bft", FUSER, UNFUSED_EMB]),
+        ("bft bf16", ["loss.method=bft", FUSER]),
+        ("bft fp8 delayed emb via hook", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER,
+                                          UNFUSED_EMB]),
+        ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
+    ]),
     "demo": ("configs/bench/demo_gpu.yaml", [
         ("bft packed", ["data.packing=true"]),
         ("bft padded", ["data.packing=false", "data.output_dir=runs/bench/data_1024_padded"]),
@@ -87,7 +99,11 @@ SUITES = {
 
 
 def run_setting(config: str, overrides: list[str], iters: int, warmup: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "bft_megatron.train", "--config", config, f"train.train_iters={iters}",
+    entry = ["-m", "bft_megatron.train"]
+    if UNFUSED_EMB in overrides:
+        entry = [os.path.join(ROOT, "bench", "train_unfused_embedding.py")]
+        overrides = [o for o in overrides if o != UNFUSED_EMB]
+    cmd = [sys.executable, *entry, "--config", config, f"train.train_iters={iters}",
            "logging.log_interval=1", "checkpoint.save=null", *overrides]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.time()
@@ -137,7 +153,7 @@ def _run_rounds(config: str, settings, args) -> list[dict]:
     rows = []
     for name, overrides in settings:
         row = _combine(runs[name])
-        row.update(name=name, plan_gib=planned_gib(config, overrides))
+        row.update(name=name, plan_gib=planned_gib(config, [o for o in overrides if o != UNFUSED_EMB]))
         rows.append(row)
     return rows
 

@@ -119,7 +119,7 @@ def test_te_performance_options_keep_parameters_and_losses(groups):
 def test_torch_wgrad_accum_adds_the_weight_gradient_into_main_grad():
     """The apex stand-in for the output layer: ``main_grad += grad_output^T @ input`` in place, bf16 inputs
     accumulated in fp32 (equal to the fp32 product up to summation order)."""
-    from bft_megatron.model.builder import TorchWgradAccum, torch_wgrad_accum_available
+    from bft_megatron.model.wgrad import TorchWgradAccum, torch_wgrad_accum_available
 
     assert torch_wgrad_accum_available()
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -17,6 +17,8 @@ Every other layout fine-tunes from the same initial weights, so all runs start i
   2; restarting the same config (``checkpoint.save`` = that directory) resumes from it and continues
   bitwise like the reference.
 * ``loss.compile=true`` (BFT's weight math through torch.compile/inductor) reproduces the reference losses;
+* the word embedding's gradient accumulated straight into ``main_grad`` (default) trains like the unfused
+  path through DDP's hook;
 * a Qwen2-style variant (tied embeddings, QKV bias) with llama3 RoPE scaling matches its own TP1
   reference at TP2 x PP2 (tied embedding/output gradients are all-reduced across the first and last
   pipeline stages).
@@ -145,6 +147,8 @@ def resumed(ref, layouts, killed):
         {"overrides": TINY + ["logging.log_interval=3"]},
         # loss.compile=true: BFT's weight math through torch.compile (inductor) inside the trainer's loop
         {"overrides": TINY + ["loss.compile=true"]},
+        # the word embedding's gradient through DDP's hook instead of straight into main_grad
+        {"overrides": TINY + ["train.gradient_accumulation_fusion=false"]},
     ]
     return launch(1, runs)
 
@@ -181,6 +185,18 @@ def test_compiled_loss_math_trains_like_eager(ref, resumed):
     compiled = resumed[6]
     assert compiled["compiled"] == ["inductor"] and ref[1]["compiled"] == []
     assert _losses(compiled) == pytest.approx(_losses(ref[1]), rel=RTOL, abs=ATOL)
+
+
+def test_fused_embedding_wgrad_trains_like_the_unfused_one(ref, layouts, resumed):
+    """The reference (and every layout, e.g. TP2 with masked vocabulary rows, SP, tied PP) adds the word
+    embedding's gradient straight into main_grad (``gradient_accumulation_fusion``, on by default, also on CPU);
+    through DDP's hook instead it trains the same."""
+    unfused = resumed[7]
+    assert ref[1]["embedding_wgrad_fused"] is True and unfused["embedding_wgrad_fused"] is False
+    assert all(layouts[0][name]["embedding_wgrad_fused"] for name in ("tp2_sp", "pp2_vp2", "cp2_tp2_sp"))
+    # tied embeddings: fused on the first of two stages; not where the output layer shares the weight (PP1)
+    assert layouts[2]["embedding_wgrad_fused"] is True and ref[3]["embedding_wgrad_fused"] is False
+    assert _losses(unfused) == pytest.approx(_losses(ref[1]), rel=RTOL, abs=ATOL)
 
 
 def test_restart_after_kill_resumes_from_previous_checkpoint(ref, killed, resumed):

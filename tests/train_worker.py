@@ -26,6 +26,15 @@ def _die(code: int) -> None:
     os._exit(code)
 
 
+def _embedding_wgrad_fused(trainer) -> bool | None:
+    """Whether the last backward added the word embedding's gradient into main_grad itself (the flag DDP's
+    hook reads; reset at the next zero_grad_buffer). None on ranks without the embedding."""
+    for name, param in trainer.model[0].named_parameters():
+        if name.endswith("embedding.word_embeddings.weight"):
+            return bool(param.grad_added_to_main_grad)
+    return None
+
+
 def run_one(spec: dict) -> dict:
     import torch.distributed as dist
 
@@ -68,7 +77,8 @@ def run_one(spec: dict) -> dict:
     objective_module = sys.modules["bft_megatron.loss.objective"]
     compiled = sorted(set(objective_module._COMPILED) - objective_module._FAILED)  # backends that compiled
     out = {"history": trainer.state.history, "iteration": trainer.state.iteration,
-           "skipped": trainer.state.skipped_steps, "error": error, "compiled": compiled}
+           "skipped": trainer.state.skipped_steps, "error": error, "compiled": compiled,
+           "embedding_wgrad_fused": _embedding_wgrad_fused(trainer)}
     bootstrap.destroy(keep_process_group=True)
     return out
 

@@ -82,8 +82,9 @@ class TrainConfig:
     fp8: Literal["hybrid", "e4m3"] | None = None
     fp8_recipe: Literal["delayed", "tensorwise"] = "tensorwise"
     recompute: Literal["full", "selective"] | None = None
-    # Transformer Engine performance options. TE linear layers accumulate weight gradients straight into
-    # the fp32 main_grad buffers (used with TE on CUDA, ignored otherwise, as in Megatron-LM);
+    # Performance options. Weight gradients accumulate straight into the fp32 main_grad buffers: TE's
+    # linear layers and the output layer with TE on CUDA (as in Megatron-LM), the word embedding everywhere
+    # (pure torch; bft_megatron.model.wgrad);
     gradient_accumulation_fusion: bool = True
     # the MLP (norm, fc1, SwiGLU, fc2) runs through TE's fused operation API (te.ops), same parameters
     # (needs TE).

@@ -7,15 +7,13 @@ of pipeline rank ``r`` holds the embedding iff ``r == 0 and i == 0`` and the out
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from bft_megatron.config.schema import Config
 from bft_megatron.model.layers import llama3_inv_freq
 from bft_megatron.model.spec import block_spec, have_te
+from bft_megatron.model.wgrad import fuse_embedding_wgrad, output_layer_without_apex, unfuse_output_layer
 from bft_megatron.parallel.bootstrap import ParallelGroups
 
 __all__ = ["transformer_config", "build_model_chunks"]
@@ -40,74 +38,6 @@ def _recompute_kwargs(cfg: Config) -> dict:
 
 def _grad_accum_fusion(cfg: Config, on_cpu: bool) -> bool:
     return bool(cfg.train.gradient_accumulation_fusion) and not on_cpu and have_te()
-
-
-class TorchWgradAccum:
-    """Stand-in for apex's ``fused_weight_gradient_mlp_cuda``, which megatron's own ``ColumnParallelLinear``
-    (the output layer) calls under ``gradient_accumulation_fusion``: ``main_grad += grad_output^T @ input``
-    as one GEMM with bf16 inputs accumulating into the fp32 ``main_grad`` (torch's ``addmm`` with
-    ``out_dtype``, CUDA only). Without it the output layer writes a bf16 weight gradient (vocab x hidden:
-    1 GiB at Llama-3 shapes) and DDP's hook adds it to ``main_grad`` in a separate pass, per micro-batch.
-    Arguments are 2-D: ``total_input [N, in]``, ``grad_output [N, out]``, ``main_grad [out, in]``.
-    """
-
-    @staticmethod
-    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
-        torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=torch.float32, out=main_grad)
-
-    @staticmethod
-    def wgrad_gemm_accum_fp16(total_input, grad_output, main_grad):
-        main_grad.addmm_(grad_output.t(), total_input)
-
-
-@functools.cache
-def torch_wgrad_accum_available() -> bool:
-    """Whether :class:`TorchWgradAccum` runs here: a CUDA device and an ``addmm`` that accumulates bf16
-    products into an fp32 tensor. Probed once: torch 2.8-2.9 have ``aten::addmm.dtype_out`` but their CUDA
-    kernel still rejects an fp32 ``self`` with bf16 matrices."""
-    if not (torch.cuda.is_available() and hasattr(torch.ops.aten.addmm, "dtype_out")):
-        return False
-    acc = torch.zeros(2, 2, device="cuda")
-    ones = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
-    try:
-        TorchWgradAccum.wgrad_gemm_accum_fp32(ones, ones, acc)
-    except RuntimeError:
-        return False
-    return bool((acc == 2).all())
-
-
-@contextlib.contextmanager
-def _output_layer_without_apex(enabled: bool):
-    """Let megatron build a model with ``gradient_accumulation_fusion`` although apex is absent.
-
-    TE's linear layers fuse the weight-gradient accumulation themselves (``fuse_wgrad_accumulation``);
-    only megatron's own ``ColumnParallelLinear`` (the output layer) needs apex's
-    ``fused_weight_gradient_mlp_cuda`` and refuses to build without it. Without apex, megatron gets
-    :class:`TorchWgradAccum` in its place (installed for the process: the backward looks the module up
-    when it runs). Where torch cannot do that either, we build anyway and switch the fusion off on the
-    output layer (yields True; :func:`_unfuse_output_layer`): it accumulates through DDP's hook.
-    """
-    from megatron.core.tensor_parallel import layers
-
-    if not enabled or layers._grad_accum_fusion_available:    # no fusion asked for, or apex present
-        yield False
-        return
-    if torch_wgrad_accum_available():
-        layers.fused_weight_gradient_mlp_cuda = TorchWgradAccum
-        layers._grad_accum_fusion_available = True
-        yield False
-        return
-    layers._grad_accum_fusion_available = True
-    try:
-        yield True
-    finally:
-        layers._grad_accum_fusion_available = False
-
-
-def _unfuse_output_layer(model) -> None:
-    output_layer = getattr(model, "output_layer", None)
-    if output_layer is not None:
-        output_layer.gradient_accumulation_fusion = False
 
 
 def transformer_config(cfg: Config, groups: ParallelGroups):
@@ -157,10 +87,12 @@ def _build_chunk(cfg: Config, groups: ParallelGroups, tconfig, vp_stage: int | N
     pre = groups.is_first_pp_stage and chunk == 0
     post = groups.is_last_pp_stage and chunk == num_chunks - 1
     spec = block_spec(tconfig, use_te, vp_stage, groups.pp_rank, te_op_fuser=cfg.train.te_op_fuser)
-    with _output_layer_without_apex(tconfig.gradient_accumulation_fusion) as patched:
+    with output_layer_without_apex(tconfig.gradient_accumulation_fusion) as patched:
         model = _gpt_model(cfg, tconfig, spec, groups, vp_stage, pre, post)
     if patched:
-        _unfuse_output_layer(model)
+        unfuse_output_layer(model)
+    if cfg.train.gradient_accumulation_fusion:
+        fuse_embedding_wgrad(model)  # pure torch: on CPU too
     _install_llama3_rope(model, cfg)
     return model
 
