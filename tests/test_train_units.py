@@ -177,6 +177,40 @@ def test_latest_pointer_is_atomic_and_prune_keeps_last(tmp_path):
     assert pointer.resolve_load_dir(os.path.join(run, "iter_0000004")).endswith("iter_0000004")
 
 
+
+def _iter_dirs(run, *its):
+    for it in its:
+        os.makedirs(os.path.join(run, pointer.iter_dirname(it)))
+
+
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_commit_removes_uncommitted_saves_before_pruning(tmp_path, keep_last):
+    """A save killed before its commit (iter 20, between latest=10 and the next commits) must neither
+    count toward keep_last nor outlive the complete checkpoints; saves newer than the commit stay."""
+    run = str(tmp_path)
+    _iter_dirs(run, 10)
+    assert pointer.commit(run, 10, keep_last) == []
+    _iter_dirs(run, 20)  # written, never committed (SIGKILL mid-save); the job resumes from 10
+    _iter_dirs(run, 15)
+    assert pointer.commit(run, 15, keep_last) == ([10] if keep_last == 1 else [])
+    assert pointer.list_iterations(run) == ([15, 20] if keep_last == 1 else [10, 15, 20])  # 20 > 15: untouched
+    _iter_dirs(run, 30, 40)  # 40: newer than the commit below (not ours to judge)
+    assert pointer.commit(run, 30, keep_last) == ([15, 20] if keep_last == 1 else [10, 20])
+    assert pointer.list_iterations(run) == ([30, 40] if keep_last == 1 else [15, 30, 40])
+    assert pointer.latest_iteration(run) == 30
+
+
+def test_first_commit_without_latest_keeps_older_directories(tmp_path):
+    """With no previous latest nothing is known to be a leftover: older directories count as complete."""
+    run = str(tmp_path)
+    _iter_dirs(run, 5, 7, 9, 12)
+    assert pointer.latest_iteration(run) is None
+    assert pointer.commit(run, 9, 2) == [5]
+    assert pointer.list_iterations(run) == [7, 9, 12]
+    _iter_dirs(run, 11)
+    assert pointer.commit(run, 11, None) == []  # nothing between 9 and 11; 12 is newer
+    assert pointer.read_latest(run).endswith("iter_0000011")
+
 def test_untie_adam_steps_gives_each_param_its_own_counter():
     params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
     opt = torch.optim.Adam(params, lr=0.1)

@@ -2,7 +2,8 @@
 
 Save protocol (``Checkpointer.save``): every rank writes its shards of ``<save>/iter_N`` (sync, or
 async through megatron's ``AsyncCallsQueue``); when all ranks are done (barrier / async finalize),
-rank 0 atomically moves ``latest`` to ``iter_N`` and prunes to ``keep_last``. Load
+rank 0 deletes uncommitted leftovers, atomically moves ``latest`` to ``iter_N`` and prunes to
+``keep_last`` (``pointer.commit``). Load
 (``Checkpointer.load``): full resume (model, optimizer, scheduler, data position, RNG at the same
 layout) or ``finetune`` (weights only, fresh everything else). Loading at another TP/PP/VP works
 because every sharded key is global.
@@ -83,8 +84,7 @@ class Checkpointer:
             self.before_commit(iteration)
         dist.barrier()
         if self.groups.rank == 0:
-            pointer.write_latest(self.ckpt.save, iteration)
-            removed = pointer.prune(self.ckpt.save, self.ckpt.keep_last, iteration)
+            removed = pointer.commit(self.ckpt.save, iteration, self.ckpt.keep_last)
             _log.info("checkpoint iter %d complete (latest updated%s)", iteration,
                       f"; pruned {removed}" if removed else "")
         dist.barrier()

@@ -3,8 +3,15 @@
 ``<save>/iter_0000042/`` holds one megatron dist checkpoint (torch_dist). ``<save>/latest`` is a
 one-line text file naming the newest *complete* checkpoint; it is written to a temporary file,
 fsynced and renamed over the old one (atomic on POSIX) only after every rank finished writing. A
-crash or kill during a save therefore leaves ``latest`` at the previous complete checkpoint and the
-half-written ``iter_`` directory is ignored (and removed by the next successful save's cleanup).
+crash or kill during a save therefore leaves ``latest`` at the previous complete checkpoint; a resume
+ignores the half-written ``iter_`` directory. :func:`commit` later removes it: every ``iter_``
+directory newer than the previous ``latest`` and older than the checkpoint being committed was never
+committed (nothing else is in flight then), so it is deleted and not counted toward ``keep_last``.
+A leftover newer than the committed checkpoint stays until a later commit passes it, or is replaced
+when a save reaches the same iteration. Directories at or below the previous ``latest`` carry no
+marker of completeness, so all of them count as complete (and are pruned by age only); without a
+previous ``latest`` (first commit into the directory) nothing is taken for a leftover either: every
+directory below the committed one counts as complete.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ import os
 import re
 import shutil
 
-__all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "list_iterations", "prune"]
+__all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "list_iterations", "prune",
+           "commit"]
 
 LATEST = "latest"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
@@ -61,17 +69,44 @@ def list_iterations(run_dir: str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(_ITER_RE.match, os.listdir(run_dir)) if m)
 
 
-def prune(run_dir: str, keep_last: int | None, current: int) -> list[int]:
-    """Remove checkpoints older than the newest ``keep_last`` complete ones, and stale partial ones.
+def latest_iteration(run_dir: str) -> int | None:
+    """The iteration ``latest`` names, or None when there is no (well-formed) ``latest``."""
+    path = read_latest(run_dir)
+    m = _ITER_RE.match(os.path.basename(path)) if path else None
+    return int(m.group(1)) if m else None
 
-    Partial directories are those newer than nothing we know is complete: anything not ``<= current``
-    is left alone (another save may be in flight); older-than-kept ones are deleted. Returns removed
-    iterations.
+
+def _remove(run_dir: str, iterations: list[int]) -> None:
+    for i in iterations:
+        shutil.rmtree(os.path.join(run_dir, iter_dirname(i)), ignore_errors=True)
+
+
+def prune(run_dir: str, keep_last: int | None, current: int) -> list[int]:
+    """Remove all but the newest ``keep_last`` ``iter_`` directories at or below ``current``.
+
+    Every such directory is taken as complete (:func:`commit` removes uncommitted ones first);
+    ``current`` is always kept, and directories newer than ``current`` are left alone. Returns the
+    removed iterations.
     """
     its = [i for i in list_iterations(run_dir) if i <= current]
     keep = set(its[-keep_last:]) if keep_last else set(its)
     keep.add(current)
     removed = [i for i in its if i not in keep]
-    for i in removed:
-        shutil.rmtree(os.path.join(run_dir, iter_dirname(i)), ignore_errors=True)
+    _remove(run_dir, removed)
     return removed
+
+
+def commit(run_dir: str, iteration: int, keep_last: int | None) -> list[int]:
+    """Make ``iter_<iteration>`` the ``latest`` checkpoint and clean up; returns the removed iterations.
+
+    Call on one rank, after every rank finished writing ``iteration`` and with no other save in
+    flight. First deletes the uncommitted leftovers strictly between the previous ``latest`` and
+    ``iteration`` (a save killed before its commit; none when there is no previous ``latest``), then
+    moves ``latest``, then prunes to ``keep_last`` (:func:`prune`). A crash between the steps leaves
+    ``latest`` on a complete checkpoint.
+    """
+    previous = latest_iteration(run_dir)
+    stale = [] if previous is None else [i for i in list_iterations(run_dir) if previous < i < iteration]
+    _remove(run_dir, stale)
+    write_latest(run_dir, iteration)
+    return sorted(stale + prune(run_dir, keep_last, iteration))
