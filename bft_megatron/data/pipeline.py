@@ -1,8 +1,12 @@
-"""Read -> validate -> tokenize (multiprocess) -> length policy -> mix -> pack -> write, for one split."""
+"""Read -> validate -> tokenize (multiprocess) -> length policy -> mix -> pack -> write, for one split.
+
+A split's ``index.json`` is removed when its preparation starts and published (atomically) only once
+all of the split, stats included, is written; :func:`missing_splits` names the configured splits
+without one (never prepared, or interrupted).
+"""
 
 from __future__ import annotations
 
-import json
 import multiprocessing as mp
 import tempfile
 import time
@@ -19,7 +23,7 @@ from bft_megatron.data.errors import DataError, SkipLog
 from bft_megatron.data.packing import one_per_row, pack_best_fit
 from bft_megatron.data.readers import read_records
 from bft_megatron.data.records import Conversation, to_conversation
-from bft_megatron.data.storage import SampleStream, write_split
+from bft_megatron.data.storage import SampleStream, is_prepared, publish_index, unpublish, write_split
 from bft_megatron.data.templates import check_template
 from bft_megatron.data.tokenize import Encoded, apply_length_policy, encode
 from bft_megatron.data.tokenizer import Tokenizer, describe, load_tokenizer
@@ -164,6 +168,7 @@ def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok:
     out = Path(cfg.output_dir) / split
     stats = SplitStats(skips=SkipLog(policy=cfg.on_error))
     stream = SampleStream(out, split)
+    unpublish(out)
     start = time.perf_counter()
     try:
         with tqdm(desc=f"tokenize {split}", unit=" rec", disable=not progress, leave=False) as bar:
@@ -180,34 +185,40 @@ def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok:
         meta = {"split": split, "seq_length": cfg.seq_length, "packed": cfg.packing, "template": cfg.template,
                 "supervise": cfg.supervise, "truncation": cfg.truncation, "seed": cfg.seed,
                 "tokenizer": describe(tok), "packing_efficiency": round(layout.efficiency, 6)}
-        index = write_split(out, tokens, mask, stream.lengths, stream.ids, rows, {**meta, "stats": {}})
+        index = write_split(out, tokens, mask, stream.lengths, stream.ids, rows, meta)
         del tokens, mask
     finally:
         stream.remove()
     stats.samples, stats.tokens = index["num_samples"], index["num_tokens"]
     stats.supervised_tokens, stats.rows = index["supervised_tokens"], index["num_rows"]
     stats.packing_efficiency = layout.efficiency
-    _rewrite_stats(out, stats)
+    publish_index(out, {**index, "stats": stats.to_json()})
     return stats
 
 
-def _rewrite_stats(out: Path, stats: SplitStats) -> None:
-    """Counts are only known after writing; the index is small, so write it again with them."""
-    path = out / "index.json"
-    index = json.loads(path.read_text(encoding="utf-8"))
-    index["stats"] = stats.to_json()
-    path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+def configured_splits(cfg: DataConfig) -> dict[str, list[SourceConfig]]:
+    """The splits ``cfg`` names sources for, in preparation order."""
+    return {split: sources for split, sources in (("train", cfg.train), ("valid", cfg.valid)) if sources}
 
 
-def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = None) -> dict[str, SplitStats]:
+def missing_splits(cfg: DataConfig) -> list[str]:
+    """Configured splits with no complete prepared directory under ``cfg.output_dir``."""
+    return [split for split in configured_splits(cfg) if not is_prepared(Path(cfg.output_dir) / split)]
+
+
+def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = None,
+                splits: Iterable[str] | None = None) -> dict[str, SplitStats]:
+    """Prepare every configured split (only those in ``splits`` when given)."""
     tok = load_tokenizer(cfg.tokenizer)
     check_template(cfg.template, tok)
     if tok.chat_template and cfg.template != "tokenizer":
         log.info("using the built-in %r template; the tokenizer's own chat_template is used only with "
                  "template: tokenizer", cfg.template)
+    wanted = configured_splits(cfg)
+    if splits is not None:
+        wanted = {split: sources for split, sources in wanted.items() if split in set(splits)}
     results: dict[str, SplitStats] = {}
     with tempfile.TemporaryDirectory(prefix="bft-prepare-") as tmp:
-        for split, sources in (("train", cfg.train), ("valid", cfg.valid)):
-            if sources:
-                results[split] = prepare_split(cfg, split, sources, tok, cache_dir or tmp, progress)
+        for split, sources in wanted.items():
+            results[split] = prepare_split(cfg, split, sources, tok, cache_dir or tmp, progress)
     return results

@@ -113,7 +113,8 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def run(cfg: DataConfig, progress: bool = False) -> dict[str, Any]:
-    """Library entry point (tests, notebooks): validate and prepare, return per-split stats."""
+def run(cfg: DataConfig, progress: bool = False, splits: list[str] | None = None) -> dict[str, Any]:
+    """Library entry point (trainer, tests, notebooks): validate and prepare (only ``splits`` when
+    given), return per-split stats."""
     cfg.validate()
-    return prepare_all(cfg, progress=progress)
+    return prepare_all(cfg, progress=progress, splits=splits)

@@ -7,6 +7,9 @@
 ``<dir>/sample_ids.npy``      int64 [S]   index of the sample's conversation in source order (debugging,
                                            layout-equivalence checks; repeats when a source is upsampled)
 ``<dir>/index.json``          metadata, counts and sha256 of each array (no timestamps: byte-reproducible)
+
+``index.json`` is written last, atomically (:func:`publish_index`), and removed before a split is
+rewritten: a directory with an ``index.json`` holds a complete split (:func:`is_prepared`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from bft_megatron.data.tokenize import MASK_DTYPE, TOKEN_DTYPE
 FORMAT_NAME = "bft-megatron-prepared"
 FORMAT_VERSION = 1
 ARRAYS = ("tokens", "loss_mask", "sample_offsets", "row_offsets", "sample_ids")
+INDEX = "index.json"
 _CHUNK_SAMPLES = 4096  # bounds the gather index to 4096 * seq_length int64s
 
 
@@ -83,7 +87,10 @@ def _gather(src: np.ndarray, src_offsets: np.ndarray, order: np.ndarray, dst: np
 
 def write_split(out: Path, tokens: np.ndarray, mask: np.ndarray, lengths: Sequence[int],
                 sample_ids: Sequence[int], rows: list[np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write the samples of ``rows`` (indices into the arrival-order stream) in row order."""
+    """Write the samples of ``rows`` (indices into the arrival-order stream) in row order.
+
+    Returns the split's index; it is not published (the caller adds its stats, then :func:`publish_index`).
+    """
     out.mkdir(parents=True, exist_ok=True)
     lengths_arr = np.asarray(lengths, dtype=np.int64)
     src_offsets = np.concatenate([[0], np.cumsum(lengths_arr)]).astype(np.int64)
@@ -107,14 +114,31 @@ def write_split(out: Path, tokens: np.ndarray, mask: np.ndarray, lengths: Sequen
              "num_rows": len(rows), "num_samples": len(order), "num_tokens": total,
              "supervised_tokens": supervised,
              "files": {f"{name}.npy": _sha256(out / f"{name}.npy") for name in ARRAYS}}
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, out / "index.json")
     return index
 
 
+def is_prepared(directory: str | os.PathLike[str]) -> bool:
+    """Whether ``directory`` holds a complete prepared split (its ``index.json`` is published)."""
+    return (Path(directory) / INDEX).is_file()
+
+
+def unpublish(out: Path) -> None:
+    """Remove ``out``'s index (before its arrays are rewritten): an interrupted rewrite is not a split."""
+    (out / INDEX).unlink(missing_ok=True)
+
+
+def publish_index(out: Path, index: dict[str, Any]) -> None:
+    """Write ``index.json`` atomically (temporary file, fsync, rename): readers see all of it or none."""
+    tmp = out / f".{INDEX}.tmp.{os.getpid()}"
+    with tmp.open("w", encoding="utf-8") as fh:
+        fh.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, out / INDEX)
+
+
 def read_index(directory: str | os.PathLike[str]) -> dict[str, Any]:
-    path = Path(directory) / "index.json"
+    path = Path(directory) / INDEX
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not a prepared data directory (run `bft-megatron prepare`)")
     index = json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,120 @@
+"""The trainer's first-use preparation (``bft_megatron.training.data.open_datasets``) and split publication.
+
+* Every configured split whose ``index.json`` is missing is prepared, also when ``train/`` already is
+  (valid sources added later, or a run killed between the splits); prepared splits are not redone.
+* A split is published (``index.json``) only once complete: a failed or interrupted rewrite leaves none.
+* On two gloo ranks every rank calls exactly one barrier and gets the same valid split, whatever it
+  finds on disk when it looks (rank 1 starts only once rank 0 has published ``train/``).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from bft_megatron.config.data import DataConfig, SourceConfig
+from bft_megatron.config.schema import load_config
+from bft_megatron.data.errors import DataError
+from bft_megatron.data.prepare import run
+from bft_megatron.data.storage import is_prepared, publish_index, read_index
+from bft_megatron.training.data import open_datasets
+from tests.data_fixtures import CHATS, DEMO_SP, synthetic_chats, write_jsonl
+from tests.dist_harness import run_distributed
+
+
+def _sources(tmp: Path) -> tuple[Path, Path]:
+    return (write_jsonl(tmp / "train.jsonl", synthetic_chats(24, seed=3)),
+            write_jsonl(tmp / "valid.jsonl", CHATS))
+
+
+def _overrides(train: Path, valid: Path | None, out: Path) -> list[str]:
+    over = [f"data.train={train}", f"data.tokenizer={DEMO_SP}", f"data.output_dir={out}", "data.seq_length=256",
+            "data.template=chatml", "model.vocab_size=4096"]
+    return over + ([f"data.valid={valid}"] if valid else [])
+
+
+def _prepare_train_only(train: Path, out: Path) -> None:
+    run(DataConfig(train=[SourceConfig(path=str(train))], tokenizer=DEMO_SP, seq_length=256, output_dir=str(out)))
+
+
+def test_valid_sources_added_after_train_was_prepared(tmp_path):
+    train_src, valid_src = _sources(tmp_path)
+    out = tmp_path / "out"
+    _prepare_train_only(train_src, out)
+    train_index = (out / "train" / "index.json").stat().st_mtime_ns
+    train, valid = open_datasets(load_config(None, _overrides(train_src, None, out)))
+    assert valid is None and not (out / "valid").exists()
+    train, valid = open_datasets(load_config(None, _overrides(train_src, valid_src, out)))
+    assert valid is not None and len(valid) > 0 and valid.index["stats"]["records"] == len(CHATS)
+    assert (out / "train" / "index.json").stat().st_mtime_ns == train_index  # not prepared again
+
+
+def test_split_interrupted_before_publication_is_prepared_again(tmp_path):
+    train_src, valid_src = _sources(tmp_path)
+    out = tmp_path / "out"
+    cfg = load_config(None, _overrides(train_src, valid_src, out))
+    open_datasets(cfg)
+    (out / "valid" / "index.json").unlink()  # as if killed after writing valid's arrays
+    (out / "valid" / "tokens.npy").write_bytes(b"partial")
+    _, valid = open_datasets(cfg)
+    assert valid is not None and valid.index["stats"]["records"] == len(CHATS)
+    assert sorted(p.name for p in (out / "valid").iterdir() if p.name.startswith(".")) == []
+
+
+def test_failed_rewrite_unpublishes_and_publish_is_atomic(tmp_path):
+    train_src, _ = _sources(tmp_path)
+    out = tmp_path / "out"
+    _prepare_train_only(train_src, out)
+    index = read_index(out / "train")
+    assert index["stats"]["records"] == 24  # published once, stats included
+    bad = write_jsonl(tmp_path / "bad.jsonl", [], raw_lines=["{"])
+    with pytest.raises(DataError, match="no usable samples"):
+        run(DataConfig(train=[SourceConfig(path=str(bad))], tokenizer=DEMO_SP, output_dir=str(out), on_error="skip"))
+    assert not is_prepared(out / "train")  # no index naming arrays that a rewrite may have replaced
+    publish_index(out / "train", index)
+    assert read_index(out / "train") == index and [p.name for p in (out / "train").glob(".index*")] == []
+
+
+# ---------------------------------------------------------------------------- two gloo ranks
+def _open_on_rank(rank: int, world: int, scenarios: list[tuple[list[str], str | None]]) -> list:
+    """Per scenario: (barrier calls, train rows, valid rows or None). ``wait_for``: rank 1 opens the
+    data only once that file exists (rank 0 is then between its own check and the barrier)."""
+    import torch.distributed as dist
+
+    real, calls = dist.barrier, []
+
+    def counted_barrier(*args, **kwargs):
+        calls.append(1)  # monitored: an unpaired barrier fails in seconds instead of hanging the test
+        dist.monitored_barrier(timeout=timedelta(seconds=30))
+
+    results = []
+    dist.barrier = counted_barrier
+    try:
+        for overrides, wait_for in scenarios:
+            calls.clear()
+            deadline = time.monotonic() + 120
+            while rank == 1 and wait_for and not Path(wait_for).is_file() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            train, valid = open_datasets(load_config(None, overrides))
+            results.append((len(calls), len(train), None if valid is None else len(valid)))
+    finally:
+        dist.barrier = real
+    return results
+
+
+def test_all_ranks_meet_at_one_barrier_and_agree_on_valid(tmp_path):
+    train_src, valid_src = _sources(tmp_path)
+    fresh, added, no_valid = tmp_path / "fresh", tmp_path / "added", tmp_path / "no_valid"
+    _prepare_train_only(train_src, added)
+    _prepare_train_only(train_src, no_valid)
+    scenarios = [(_overrides(train_src, valid_src, fresh), str(fresh / "train" / "index.json")),
+                 (_overrides(train_src, valid_src, added), None),
+                 (_overrides(train_src, None, no_valid), None)]
+    per_rank = run_distributed(_open_on_rank, 2, scenarios, timeout=240)
+    assert per_rank[0] == per_rank[1]
+    (fresh_calls, rows, fresh_valid), (added_calls, _, added_valid), (none_calls, _, none_valid) = per_rank[0]
+    assert (fresh_calls, added_calls, none_calls) == (1, 1, 1)
+    assert rows > 0 and fresh_valid == added_valid and fresh_valid > 0 and none_valid is None
