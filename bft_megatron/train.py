@@ -37,7 +37,7 @@ def _export_hf(cfg, trainer, groups, state, log) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    from bft_megatron.config import ConfigError, load_config, validate
+    from bft_megatron.config import config_warnings, load_config, validate
     from bft_megatron.utils.logging import get_logger
 
     log = get_logger("bft_megatron.train")
@@ -45,9 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         layout = validate(cfg, world_size)
-    except (ConfigError, FileNotFoundError) as exc:
-        log.error("config error: %s", exc)
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError and the data layer's checks are ValueErrors
+        hint = ("; outside torchrun the world size is 1: set WORLD_SIZE=N to check or plan for N processes"
+                if "WORLD_SIZE" not in os.environ and "world size" in str(exc) else "")
+        log.error("config error: %s%s", exc, hint)
         return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        for warning in config_warnings(cfg):
+            log.warning("config: %s", warning)
     if args.check or args.dry_run:
         log.info("config OK: world=%d dp=%d micro-batches/step=%d", world_size, layout.dp, layout.num_microbatches)
         if args.dry_run:

@@ -148,6 +148,34 @@ def test_train_cli_check_and_config_errors():
     bad = subprocess.run([sys.executable, "-m", "bft_megatron.train", "--config", "configs/demo_cpu.yaml",
                           "parallel.tp=3", "--check"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "world size 1 is not divisible by parallel.tp*pp*cp" in bad.stderr
+    assert "set WORLD_SIZE=N" in bad.stderr  # outside torchrun: how to check for N processes
+
+
+def test_train_cli_reports_data_config_errors_without_a_traceback():
+    from bft_megatron.train import main
+
+    assert main(["--config", "configs/demo_cpu.yaml", "data.template=llama", "--check"]) == 2
+
+
+def test_config_warnings_flag_settings_that_defeat_themselves():
+    from bft_megatron.config import config_warnings
+
+    assert config_warnings(load_config("configs/demo_cpu.yaml")) == []
+    got = config_warnings(load_config("configs/demo_cpu.yaml", ["data.seq_length=4096", "loss.sft_warmup_iters=120"]))
+    assert len(got) == 2
+    assert "data.seq_length=4096 exceeds model.max_position_embeddings=" in got[0]
+    assert "loss.sft_warmup_iters=120 >= train.train_iters=120: loss.method=bft never runs" in got[1]
+    assert config_warnings(load_config("configs/demo_cpu.yaml", ["loss.method=sft", "loss.sft_warmup_iters=500"])) == []
+
+
+def test_idle_notes_name_a_finished_run_and_a_missing_validation_split():
+    from bft_megatron.training.fit import idle_notes
+
+    cfg = load_config("configs/demo_cpu.yaml", ["train.eval_interval=10"])
+    assert idle_notes(cfg, 0, has_valid=True) == []
+    done, no_valid = idle_notes(cfg, cfg.train.train_iters, has_valid=False)
+    assert "already train.train_iters=120: nothing to train" in done
+    assert "train.eval_interval=10 but there is no validation split" in no_valid
 
 
 def test_data_sources_are_validated_by_the_data_layer():

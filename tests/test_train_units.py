@@ -342,3 +342,19 @@ def test_all_finite_flags_exactly_the_non_finite_elements(dtype, bad):
         assert bool(all_finite(poisoned)) == (bad is None)
         assert bool(all_finite(poisoned)) == all(bool(torch.isfinite(t).all()) for t in poisoned)
     assert bool(all_finite([]))
+
+
+def test_single_process_without_torchrun_gets_a_free_port(monkeypatch):
+    """Two single-process runs on one host must not both bind 29500; torchrun's own settings are kept."""
+    from bft_megatron.parallel import bootstrap
+
+    seen = []
+    monkeypatch.setattr(bootstrap.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(bootstrap.dist, "init_process_group", lambda **kw: seen.append(dict(os.environ)))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", env)  # a plain dict, restored after the test
+    bootstrap._init_process_group("gloo", 1)
+    assert seen[-1]["WORLD_SIZE"] == "1" and seen[-1]["MASTER_PORT"] != "29500"
+    env["MASTER_PORT"] = "29611"
+    bootstrap._init_process_group("gloo", 1)
+    assert seen[-1]["MASTER_PORT"] == "29611"

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from bft_megatron.config.base import ConfigError
 from bft_megatron.config.schema import Config
 
-__all__ = ["Layout", "validate", "have_transformer_engine"]
+__all__ = ["Layout", "validate", "config_warnings", "have_transformer_engine"]
 
 
 @dataclass(frozen=True)
@@ -147,3 +147,17 @@ def validate(cfg: Config, world_size: int) -> Layout:
     if cfg.data.train:  # sources to prepare: the data layer's own checks (tokenizer, template, ...)
         cfg.data.validate()
     return Layout(world_size=world_size, dp=dp, num_microbatches=num_micro)
+
+
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that are valid but probably not what was meant (logged by the trainer, ``--check`` and
+    ``--dry-run``)."""
+    out = []
+    m, t, lo = cfg.model, cfg.train, cfg.loss
+    if cfg.data.seq_length > m.max_position_embeddings:
+        out.append(f"data.seq_length={cfg.data.seq_length} exceeds model.max_position_embeddings="
+                   f"{m.max_position_embeddings}: positions beyond the model's context length")
+    if lo.method != "sft" and lo.sft_warmup_iters >= t.train_iters:
+        out.append(f"loss.sft_warmup_iters={lo.sft_warmup_iters} >= train.train_iters={t.train_iters}: "
+                   f"loss.method={lo.method} never runs (every step is SFT)")
+    return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -65,10 +66,18 @@ class ParallelGroups:
 def _init_process_group(backend: str, timeout_minutes: int) -> None:
     if dist.is_initialized():
         return
-    for var in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.setdefault(var, {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                                    "MASTER_PORT": "29500"}[var])
+    for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(var, default)
+    if "MASTER_PORT" not in os.environ:  # without torchrun: one process, its own group on a free local port
+        os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def _free_port() -> int:
+    """A currently free TCP port on localhost (two single-process runs on one host must not clash on 29500)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def seed_everything(seed: int) -> None:

@@ -71,10 +71,26 @@ def _mark_resume(save_dir: str, stopped_early: bool, reason: str) -> None:
         os.remove(marker)
 
 
+def idle_notes(cfg, iteration: int, has_valid: bool) -> list[str]:
+    """Why a run will not train, or not validate, although its config suggests it (logged at the start)."""
+    notes = []
+    if iteration >= cfg.train.train_iters:
+        notes.append(f"the loaded checkpoint is at iteration {iteration}, already train.train_iters="
+                     f"{cfg.train.train_iters}: nothing to train (raise train.train_iters to continue, or give a "
+                     "new checkpoint.save to start another run)")
+    if cfg.train.eval_interval and not has_valid:
+        notes.append(f"train.eval_interval={cfg.train.eval_interval} but there is no validation split (data.valid "
+                     "sources, or a prepared valid/ under data.output_dir): no validation will run")
+    return notes
+
+
 def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = None) -> TrainState:
     """Train until ``train.train_iters`` (or an agreed exit); save at cadence, on exit and at the end."""
     cfg, state = trainer.cfg, trainer.state
     exit_request = exit_request or ExitRequest(install=False)
+    if trainer.groups.rank == 0:
+        for note in idle_notes(cfg, state.iteration, trainer.valid_data is not None):
+            _log.warning(note)
     started = time.time()
     step_times: list[float] = []
     # A run resumed at iteration N already has checkpoint N: only save again after new steps.
