@@ -121,6 +121,8 @@ def test_valid_layouts():
     (["model.num_query_groups=3"], 1, r"model.num_attention_heads=4 must be divisible by model.num_query_groups=3"),
     (["checkpoint.save_interval=10"], 1, r"checkpoint.save_interval=10 needs checkpoint.save"),
     (["checkpoint.finetune=true"], 1, r"checkpoint.finetune=true needs checkpoint.load"),
+    (["checkpoint.finetune=true", "checkpoint.load=no/such/ckpt"], 1,
+     r"checkpoint.load=no/such/ckpt does not exist \(checkpoint.finetune=true starts from it\)"),
     (["parallel.pp=2", "parallel.vp=2", "train.micro_batch_size=1", "train.global_batch_size=3"], 2,
      r"micro-batches per step .* = 3 must be divisible by parallel.pp=2"),
     (["model.rope_scaling.low_freq_factor=4"], 1, r"high_freq_factor > low_freq_factor"),

@@ -127,7 +127,10 @@ class Checkpointer:
         if path is None:
             if self.ckpt.finetune:
                 raise FileNotFoundError(f"checkpoint.load={self.ckpt.load}: no complete checkpoint to fine-tune from")
-            _log.info("checkpoint.load=%s: no complete checkpoint yet, starting from scratch", self.ckpt.load)
+            if os.path.exists(self.ckpt.load):
+                _log.info("checkpoint.load=%s: no complete checkpoint yet, starting from scratch", self.ckpt.load)
+            else:
+                _log.warning("checkpoint.load=%s does not exist: starting from scratch", self.ckpt.load)
             return False
         return self._load_path(trainer, path, finetune=self.ckpt.finetune)
 

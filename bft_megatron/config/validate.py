@@ -8,6 +8,7 @@ recompute it differently.
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 
 from bft_megatron.config.base import ConfigError
@@ -132,6 +133,8 @@ def _check_loss_ckpt(cfg: Config) -> None:
     _require(not (c.save_interval and not c.save), f"checkpoint.save_interval={c.save_interval} needs checkpoint.save")
     _require(c.keep_last is None or c.keep_last >= 1, f"checkpoint.keep_last must be >= 1 or null, got {c.keep_last}")
     _require(not (c.finetune and not c.load), "checkpoint.finetune=true needs checkpoint.load")
+    _require(not (c.finetune and not os.path.exists(c.load)),
+             f"checkpoint.load={c.load} does not exist (checkpoint.finetune=true starts from it)")
     _require(not (c.export_hf and not c.save),
              "checkpoint.export_hf=true needs checkpoint.save (the export goes to <save>/hf_iter_<N>)")
     _require(cfg.logging.log_interval >= 1, f"logging.log_interval must be >= 1, got {cfg.logging.log_interval}")
