@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = build_trainer(cfg, layout, groups)
         checkpointer = Checkpointer(cfg, groups)
-        checkpointer.load(trainer)
+        try:
+            checkpointer.load(trainer)
+        except ConfigError as exc:  # e.g. the config changes the checkpoint's LR schedule (every rank raises)
+            log.error("config error: %s", exc)
+            return 2
         exit_request = ExitRequest(install=cfg.checkpoint.save_on_signal)
         state = fit(trainer, checkpointer if cfg.checkpoint.save else None, exit_request)
         log.info("done: %d steps, %d skipped, %d rows consumed", state.iteration, state.skipped_steps,

@@ -8,16 +8,22 @@
 * ``exit_duration_minutes`` elapsed: save after the current step and stop (RESUME marker).
 * ``async_save``: checkpoints are committed when finalised; ``keep_last=1`` prunes the older one; the
   run directory resumes at its last step (nothing left to train).
+* Resuming the signal run's step-2 checkpoint with a longer ``train.train_iters`` (another LR schedule) fails on
+  both ranks before loading, naming the field and both values; with ``checkpoint.override_scheduler=true`` (and a
+  new ``train.lr``) it continues from step 2 with the learning rates a fresh schedule of the new config gives.
 """
 
 import math
 import os
+from types import SimpleNamespace
 
 import pytest
 
 from tests.launch import TINY, launch
 
 pytestmark = pytest.mark.slow
+
+EXTENDED = ["train.train_iters=6", "train.lr=1e-3", "checkpoint.override_scheduler=true"]
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +39,8 @@ def results(tmp_path_factory):
         {"overrides": TINY + [f"checkpoint.save={sig_dir}/timed", "train.exit_duration_minutes=0.0"]},
         {"overrides": TINY + [f"checkpoint.load={sig_dir}/async"]},
         {"overrides": TINY + ["train.bf16=true"]},
+        {"overrides": TINY + [f"checkpoint.load={sig_dir}", "train.train_iters=6"]},
+        {"overrides": TINY + [f"checkpoint.load={sig_dir}"] + EXTENDED},
     ]
     return launch(2, runs), sig_dir
 
@@ -91,3 +99,32 @@ def test_bf16_dp2_tracks_fp32(results):
     fp32, bf16 = runs[3]["history"], runs[7]["history"]
     assert [h["loss"] for h in bf16] == pytest.approx([h["loss"] for h in fp32], rel=2e-3)
     assert [h["lm_loss"] for h in bf16] == pytest.approx([h["lm_loss"] for h in fp32], rel=2e-3)
+
+
+def test_resume_with_another_schedule_fails_naming_the_field(results):
+    runs, sig_dir = results
+    failed = runs[8]
+    assert failed["history"] == [] and len(failed["load_errors"]) == 2  # raised on both ranks, nothing trained
+    message = failed["load_errors"][0]
+    assert failed["load_errors"][1] == message
+    assert f"resuming {sig_dir}/iter_0000002 (iteration 2)" in message
+    assert "train.train_iters: checkpoint 4, config 6 (scheduler lr_decay_steps 4 -> 6" in message
+    assert "checkpoint.override_scheduler=true" in message
+
+
+def test_override_scheduler_continues_with_the_new_schedule(results):
+    """Steps 3-6 use the learning rates of the new config's schedule at optimizer steps 2-5 (step count kept)."""
+    from bft_megatron.config import load_config
+    from bft_megatron.training.setup import build_scheduler
+
+    extended = results[0][9]
+    assert extended["iteration"] == 6 and [h["iteration"] for h in extended["history"]] == [3, 4, 5, 6]
+    fresh = build_scheduler(SimpleNamespace(param_groups=[{}]), load_config(None, TINY + EXTENDED))
+    fresh.step(2)
+    want = []
+    for _ in range(4):
+        want.append(fresh.optimizer.param_groups[0]["lr"])
+        fresh.step(1)
+    assert [h["lr"] for h in extended["history"]] == want
+    old = [h["lr"] for h in results[0][3]["history"]]  # the uninterrupted 4-step run with the old schedule
+    assert want[:2] != old[2:] and want[0] > 0

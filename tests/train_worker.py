@@ -4,7 +4,8 @@ Runs a list of training runs in one process group, re-initialising megatron's mo
 per run (so several layouts share one launch and its import cost). Rank 0 writes per-run results
 (loss history, skipped steps, latest pointer) as JSON. Test seams used here: ``poison`` (make
 the loss of given iterations NaN on given ranks), ``signal_at`` (rank 0 sends itself SIGUSR1 after
-a step), ``die_in_commit`` (exit hard after shards are written, before ``latest`` moves).
+a step), ``die_in_commit`` (exit hard after shards are written, before ``latest`` moves). A run whose
+checkpoint load raises ``ConfigError`` reports every rank's message (``load_errors``) and does not train.
 """
 
 import json
@@ -39,7 +40,7 @@ def run_one(spec: dict) -> dict:
     import torch.distributed as dist
 
     from bft_megatron.checkpoint import Checkpointer
-    from bft_megatron.config import load_config, validate
+    from bft_megatron.config import ConfigError, load_config, validate
     from bft_megatron.parallel import bootstrap
     from bft_megatron.training.build import build_trainer
     from bft_megatron.training.fit import ExitRequest, fit
@@ -51,7 +52,13 @@ def run_one(spec: dict) -> dict:
     groups = bootstrap.initialize(p.tp, p.pp, p.vp, p.cp, seed=cfg.train.seed)
     trainer = build_trainer(cfg, layout, groups)
     ckpt = Checkpointer(cfg, groups)
-    ckpt.load(trainer)
+    try:
+        ckpt.load(trainer)
+    except ConfigError as exc:  # raised on every rank (e.g. another LR schedule): report each rank's, don't train
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, str(exc))
+        bootstrap.destroy(keep_process_group=True)
+        return {"load_errors": errors, "history": [], "iteration": trainer.state.iteration}
     if dist.get_rank() in spec.get("poison_ranks", [dist.get_rank()]):
         trainer.poison_steps = set(spec.get("poison", []))
     if "die_in_commit" in spec:

@@ -6,7 +6,8 @@ rank 0 deletes uncommitted leftovers, atomically moves ``latest`` to ``iter_N`` 
 ``keep_last`` (``pointer.commit``). Load
 (``Checkpointer.load``): full resume (model, optimizer, scheduler, data position, RNG at the same
 layout) or ``finetune`` (weights only, fresh everything else). Loading at another TP/PP/VP works
-because every sharded key is global.
+because every sharded key is global. A full resume first checks that the config reproduces the checkpoint's
+learning-rate schedule (``schedule.py``; ``checkpoint.override_scheduler`` to change it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from bft_megatron.checkpoint import pointer
+from bft_megatron.checkpoint.schedule import check_schedule, group_bounds, restore_group_bounds
 from bft_megatron.checkpoint.state import (OPT_METADATA, init_optimizer_state, layout_of, model_sharded_state_dict,
                                            restore_rng, rng_sharded_object, tolerate_missing_adam_step,
                                            untie_adam_steps, unwrap)
@@ -140,8 +142,10 @@ class Checkpointer:
         common = dist_checkpointing.load_common_state_dict(path)
         same_layout = common.get("layout") == layout_of(self.groups)
         if finetune:
-            self._load_weights(trainer, path)
+            self._load_weights(trainer, path)  # fresh optimizer and scheduler: the config's schedule from step 0
         else:
+            # First, on every rank: a schedule the config does not reproduce fails before anything is loaded.
+            check_schedule(trainer.scheduler, common, self.cfg, path, self.groups.rank)
             self._load_full(trainer, path, common, same_layout)
         _log.info("loaded %s (%s%s)", path, "weights only" if finetune else "full state",
                   "" if same_layout else f", resharded from {common.get('layout')}")
@@ -169,11 +173,15 @@ class Checkpointer:
             request["rng_state"] = rng_sharded_object(self.groups)
         loaded = dist_checkpointing.load(request, path)
         self._apply_model(trainer, loaded)
+        bounds = group_bounds(trainer.optimizer)
         with tolerate_missing_adam_step(trainer.optimizer):
             trainer.optimizer.load_state_dict(loaded["optimizer"])
+        restore_group_bounds(trainer.optimizer, bounds)  # the config's max_lr/min_lr, not the checkpoint's
         cloned = untie_adam_steps(trainer.optimizer)
         if cloned:
             _log.info("resume: gave %d parameters their own Adam step counter", cloned)
+        # Built with megatron's override flag = checkpoint.override_scheduler (else the values must match, as
+        # checked first): the step count comes from the checkpoint, the schedule from the config.
         trainer.scheduler.load_state_dict(common["scheduler"])
         ts = common["train_state"]
         trainer.state.iteration = int(ts["iteration"])

@@ -57,7 +57,7 @@ def _log_step(trainer: Trainer, result, step_time: float, real_tokens: int, inte
                                                                                                       1e-9)
     grad_norm = float(result.grad_norm) if result.grad_norm is not None else None
     trainer.state.history.append({"iteration": it, "loss": values.get("loss"), "lm_loss": values.get("lm_loss"),
-                                  "grad_norm": grad_norm, "skipped": result.skipped})
+                                  "grad_norm": grad_norm, "skipped": result.skipped, "lr": result.lr})
     _log.info(trainer.progress.line(it, values, step_time, result.lr, grad_norm, trainer.state.skipped_steps))
 
 

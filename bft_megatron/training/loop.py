@@ -51,7 +51,8 @@ class TrainState:
     consumed_rows: int = 0
     skipped_steps: int = 0
     consecutive_skips: int = 0
-    history: list = field(default_factory=list)  # per-step {"loss", "lm_loss", "grad_norm", "skipped"}
+    # rank 0: per logged step {"iteration", "loss", "lm_loss", "grad_norm", "skipped", "lr"}
+    history: list = field(default_factory=list)
 
 
 @dataclass

@@ -53,7 +53,10 @@ def build_optimizer(model: list[torch.nn.Module], cfg: Config):
 def build_scheduler(optimizer, cfg: Config):
     """Linear warmup from 0 to ``lr`` over ``warmup_iters``, then cosine/linear decay to ``min_lr``.
 
-    Steps are optimizer steps (the scheduler is stepped with increment 1 per successful step).
+    Steps are optimizer steps (the scheduler is stepped with increment 1 per successful step). On resume
+    megatron's ``load_state_dict`` takes the step count from the checkpoint and, as in Megatron-LM, asserts that
+    the schedule values match, or with ``checkpoint.override_scheduler`` keeps this config's; the checkpointer
+    compares them first (``checkpoint/schedule.py``) to fail with the config fields named.
     """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -63,7 +66,7 @@ def build_scheduler(optimizer, cfg: Config):
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_iters,
         lr_decay_steps=max(decay_iters, t.warmup_iters + 1), lr_decay_style=t.decay, start_wd=t.weight_decay,
         end_wd=t.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True, override_opt_param_scheduler=False,
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=cfg.checkpoint.override_scheduler,
     )
 
 

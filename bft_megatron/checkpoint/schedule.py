@@ -1,0 +1,133 @@
+"""Resuming with another learning-rate schedule: compare the checkpoint's scheduler state with the config's.
+
+megatron's ``OptimizerParamScheduler.load_state_dict`` takes the checkpoint's schedule values
+(``use_checkpoint_opt_param_scheduler``), the freshly built scheduler's (``override_opt_param_scheduler``), or
+asserts that both agree (neither flag: Megatron-LM's default). The trainer builds it the Megatron-LM way, with
+``override_opt_param_scheduler = checkpoint.override_scheduler`` (``training/setup.py``), and a full resume calls
+:func:`check_schedule` first, on every rank, before anything else is loaded: a mismatch is a :class:`ConfigError`
+naming the config fields and both values (instead of megatron's bare assert half-way through loading, or, as
+``use_checkpoint_opt_param_scheduler`` would, silently keeping the old schedule); with ``override_scheduler`` it is
+a warning and the config's schedule applies from the checkpoint's step count on.
+
+The optimizer's parameter groups carry bounds too (``max_lr``/``min_lr``, which ``get_lr`` prefers to the
+scheduler's own), and loading the optimizer state replaces them with the checkpoint's: megatron's override alone
+would decay a new ``train.lr`` schedule from the old peak (Megatron-LM issue #1138). :func:`group_bounds` /
+:func:`restore_group_bounds` keep the config's across the optimizer load.
+"""
+
+from __future__ import annotations
+
+from bft_megatron.config.base import ConfigError, to_dict
+from bft_megatron.utils.logging import get_logger
+
+__all__ = ["SOURCES", "schedule_changes", "describe_changes", "check_schedule", "group_bounds",
+           "restore_group_bounds"]
+
+_log = get_logger(__name__)
+
+# Scheduler state key -> the config fields ``build_scheduler`` computes it from.
+SOURCES: dict[str, tuple[str, ...]] = {
+    "max_lr": ("train.lr",),
+    "min_lr": ("train.min_lr",),
+    "lr_warmup_steps": ("train.warmup_iters",),
+    "lr_decay_steps": ("train.decay_iters", "train.train_iters", "train.warmup_iters"),
+    "lr_decay_style": ("train.decay",),
+    "start_wd": ("train.weight_decay",),
+    "end_wd": ("train.weight_decay",),
+    "wd_incr_steps": ("train.decay_iters", "train.train_iters"),
+    "wd_incr_style": (),
+}
+_SOURCE_TEXT = {"lr_decay_steps": "train.decay_iters, or train.train_iters when null",
+                "wd_incr_steps": "train.decay_iters, or train.train_iters when null",
+                "wd_incr_style": "fixed by the trainer"}
+_MISSING = object()
+# What OptimizerParamScheduler reads from a parameter group (get_lr, get_wd) in preference to its own values.
+_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _lookup(cfg_dict: dict | None, dotted: str):
+    node = cfg_dict
+    for name in dotted.split("."):
+        if not isinstance(node, dict) or name not in node:
+            return _MISSING
+        node = node[name]
+    return node
+
+
+def schedule_changes(saved: dict, current: dict) -> dict[str, tuple]:
+    """Scheduler keys whose checkpoint value differs from the config's: ``{key: (checkpoint, config)}``.
+
+    Compares what megatron's ``load_state_dict`` checks (every key both state dicts have, with ``==``),
+    except the step count ``num_steps``, which a resume always takes from the checkpoint.
+    """
+    return {k: (saved[k], v) for k, v in current.items() if k != "num_steps" and k in saved and saved[k] != v}
+
+
+def describe_changes(changes: dict[str, tuple], saved_cfg: dict | None, cfg_dict: dict) -> list[str]:
+    """One line per config field that changed and moved a scheduler value, with both values.
+
+    ``saved_cfg``: the config stored in the checkpoint (None if absent). A scheduler value no changed field
+    explains is reported as itself, with the fields it comes from.
+    """
+    by_field: dict[str, list[str]] = {}
+    lines = []
+    for key, (old, new) in changes.items():
+        fields = []
+        for name in SOURCES.get(key, ()):
+            before, after = _lookup(saved_cfg, name), _lookup(cfg_dict, name)
+            if before is not _MISSING and after is not _MISSING and before != after:
+                fields.append(name)
+                by_field.setdefault(name, []).append(f"{key} {_fmt(old)} -> {_fmt(new)}")
+        if not fields:
+            sources = _SOURCE_TEXT.get(key) or ", ".join(SOURCES.get(key, ())) or "unknown"
+            lines.append(f"scheduler {key} (from {sources}): checkpoint {_fmt(old)}, config {_fmt(new)}")
+    named = [f"{name}: checkpoint {_fmt(_lookup(saved_cfg, name))}, config {_fmt(_lookup(cfg_dict, name))} "
+             f"(scheduler {', '.join(moved)})" for name, moved in by_field.items()]
+    return named + lines
+
+
+def check_schedule(scheduler, common: dict, cfg, path: str, rank: int = 0) -> None:
+    """Compare the checkpoint's scheduler state (``common["scheduler"]``) with ``scheduler``, freshly built from
+    ``cfg``. Differences raise :class:`ConfigError` unless ``checkpoint.override_scheduler`` (then a warning, on
+    ``rank`` 0). Reads nothing but ``common``, so every rank decides the same without communicating."""
+    if "scheduler" not in common:
+        raise ConfigError(f"resuming {path}: it holds no optimizer/scheduler state (e.g. an imported HF model); "
+                          "load it with checkpoint.finetune=true")
+    changes = schedule_changes(common["scheduler"], scheduler.state_dict())
+    if not changes:
+        return
+    lines = "\n  ".join(describe_changes(changes, common.get("config"), to_dict(cfg)))
+    iteration = (common.get("train_state") or {}).get("iteration", "?")
+    if not cfg.checkpoint.override_scheduler:
+        raise ConfigError(
+            f"resuming {path} (iteration {iteration}): this config gives another learning-rate schedule than "
+            f"the checkpoint's:\n  {lines}\nSet checkpoint.override_scheduler=true to train with this config's "
+            f"schedule from iteration {iteration} on, or set the values above back to the checkpoint's to keep "
+            f"its schedule.")
+    if rank == 0:
+        _log.warning("checkpoint.override_scheduler=true: resuming %s at iteration %s with this config's "
+                     "learning-rate schedule instead of the checkpoint's:\n  %s", path, iteration, lines)
+
+
+def group_bounds(optimizer) -> list[dict]:
+    """The schedule bounds the optimizer's parameter groups hold now (built from the config), in group order."""
+    return [{k: group[k] for k in _GROUP_KEYS if k in group} for group in optimizer.param_groups]
+
+
+def restore_group_bounds(optimizer, bounds: list[dict]) -> None:
+    """Put :func:`group_bounds` back after loading the optimizer state (which brings the checkpoint's).
+
+    Without ``override_scheduler`` :func:`check_schedule` has made sure they are the checkpoint's anyway."""
+    groups = optimizer.param_groups
+    if len(groups) != len(bounds):
+        raise RuntimeError(f"optimizer has {len(groups)} parameter groups after loading, {len(bounds)} before")
+    for group, saved in zip(groups, bounds):
+        group.update(saved)
