@@ -37,7 +37,7 @@ def _export_hf(cfg, trainer, groups, state, log) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    from bft_megatron.config import config_warnings, load_config, validate
+    from bft_megatron.config import ConfigError, config_warnings, load_config, validate
     from bft_megatron.utils.logging import get_logger
 
     log = get_logger("bft_megatron.train")
