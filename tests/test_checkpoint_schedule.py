@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from bft_megatron.checkpoint.schedule import (check_schedule, describe_changes, group_bounds, restore_group_bounds,
-                                               schedule_changes)
+from bft_megatron.checkpoint.schedule import (adam_changes, check_schedule, describe_changes, group_bounds,
+                                               restore_group_bounds, schedule_changes)
 from bft_megatron.config import ConfigError, load_config, to_dict
 from bft_megatron.training.setup import build_scheduler
 from tests.launch import TINY
@@ -70,6 +70,24 @@ def test_mismatch_is_a_config_error_naming_fields_and_the_fix():
     assert "checkpoint.override_scheduler=true" in message
     with pytest.raises(ConfigError, match="checkpoint.finetune=true"):  # weights only, e.g. an HF import
         check_schedule(scheduler, {"config": common["config"]}, cfg, "hf")
+
+
+def test_adam_settings_live_in_the_param_groups_and_are_compared_too():
+    """Loading the optimizer state brings the checkpoint's betas/eps: a changed train.adam_* must not be lost."""
+    common = _common()
+    scheduler, cfg = _scheduler("train.adam_beta2=0.999")
+    assert schedule_changes(common["scheduler"], scheduler.state_dict()) == {}
+    assert adam_changes(common["config"], to_dict(cfg)) == [
+        "train.adam_beta2: checkpoint 0.95, config 0.999 (Adam's parameter groups)"]
+    with pytest.raises(ConfigError, match=r"train.adam_beta2: checkpoint 0.95, config 0.999"):
+        check_schedule(scheduler, common, cfg, "ckpt")
+    scheduler, cfg = _scheduler("train.adam_beta2=0.999", "checkpoint.override_scheduler=true")
+    check_schedule(scheduler, common, cfg, "ckpt")
+    optimizer = SimpleNamespace(param_groups=[{"betas": (0.9, 0.999), "eps": 1e-8, "max_lr": 3e-3}])
+    bounds = group_bounds(optimizer)
+    optimizer.param_groups = [{"betas": (0.9, 0.95), "eps": 1e-8, "max_lr": 3e-3}]  # the checkpoint's groups
+    restore_group_bounds(optimizer, bounds)
+    assert optimizer.param_groups[0]["betas"] == (0.9, 0.999)
 
 
 def test_override_keeps_the_step_count_and_uses_the_config_schedule():

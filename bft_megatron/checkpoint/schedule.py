@@ -11,8 +11,9 @@ a warning and the config's schedule applies from the checkpoint's step count on.
 
 The optimizer's parameter groups carry bounds too (``max_lr``/``min_lr``, which ``get_lr`` prefers to the
 scheduler's own), and loading the optimizer state replaces them with the checkpoint's: megatron's override alone
-would decay a new ``train.lr`` schedule from the old peak (Megatron-LM issue #1138). :func:`group_bounds` /
-:func:`restore_group_bounds` keep the config's across the optimizer load.
+would decay a new ``train.lr`` schedule from the old peak (Megatron-LM issue #1138). Adam's ``betas`` and ``eps``
+live only there (:data:`ADAM_FIELDS`, compared through the config stored in the checkpoint, same error or
+warning). :func:`group_bounds` / :func:`restore_group_bounds` keep the config's across the optimizer load.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from __future__ import annotations
 from bft_megatron.config.base import ConfigError, to_dict
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["SOURCES", "schedule_changes", "describe_changes", "check_schedule", "group_bounds",
-           "restore_group_bounds"]
+__all__ = ["SOURCES", "ADAM_FIELDS", "schedule_changes", "describe_changes", "adam_changes", "check_schedule",
+           "group_bounds", "restore_group_bounds"]
 
 _log = get_logger(__name__)
 
@@ -41,8 +42,11 @@ _SOURCE_TEXT = {"lr_decay_steps": "train.decay_iters, or train.train_iters when 
                 "wd_incr_steps": "train.decay_iters, or train.train_iters when null",
                 "wd_incr_style": "fixed by the trainer"}
 _MISSING = object()
-# What OptimizerParamScheduler reads from a parameter group (get_lr, get_wd) in preference to its own values.
-_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+# What OptimizerParamScheduler reads from a parameter group (get_lr, get_wd) in preference to its own values,
+# and Adam's own hyper-parameters: all of them come back from the checkpoint with the optimizer state.
+_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd", "betas", "eps")
+# Config fields that reach the optimizer only through its parameter groups (compared like the schedule).
+ADAM_FIELDS = ("train.adam_beta1", "train.adam_beta2", "train.adam_eps")
 
 
 def _fmt(value) -> str:
@@ -94,6 +98,16 @@ def describe_changes(changes: dict[str, tuple], saved_cfg: dict | None, cfg_dict
     return named + lines
 
 
+def adam_changes(saved_cfg: dict | None, cfg_dict: dict) -> list[str]:
+    """One line per Adam hyper-parameter (:data:`ADAM_FIELDS`) that differs from the checkpoint's config."""
+    lines = []
+    for name in ADAM_FIELDS:
+        before, after = _lookup(saved_cfg, name), _lookup(cfg_dict, name)
+        if before is not _MISSING and after is not _MISSING and before != after:
+            lines.append(f"{name}: checkpoint {_fmt(before)}, config {_fmt(after)} (Adam's parameter groups)")
+    return lines
+
+
 def check_schedule(scheduler, common: dict, cfg, path: str, rank: int = 0) -> None:
     """Compare the checkpoint's scheduler state (``common["scheduler"]``) with ``scheduler``, freshly built from
     ``cfg``. Differences raise :class:`ConfigError` unless ``checkpoint.override_scheduler`` (then a warning, on
@@ -102,19 +116,21 @@ def check_schedule(scheduler, common: dict, cfg, path: str, rank: int = 0) -> No
         raise ConfigError(f"resuming {path}: it holds no optimizer/scheduler state (e.g. an imported HF model); "
                           "load it with checkpoint.finetune=true")
     changes = schedule_changes(common["scheduler"], scheduler.state_dict())
-    if not changes:
+    cfg_dict = to_dict(cfg)
+    adam = adam_changes(common.get("config"), cfg_dict)
+    if not changes and not adam:
         return
-    lines = "\n  ".join(describe_changes(changes, common.get("config"), to_dict(cfg)))
+    lines = "\n  ".join(describe_changes(changes, common.get("config"), cfg_dict) + adam)
     iteration = (common.get("train_state") or {}).get("iteration", "?")
     if not cfg.checkpoint.override_scheduler:
         raise ConfigError(
-            f"resuming {path} (iteration {iteration}): this config gives another learning-rate schedule than "
-            f"the checkpoint's:\n  {lines}\nSet checkpoint.override_scheduler=true to train with this config's "
-            f"schedule from iteration {iteration} on, or set the values above back to the checkpoint's to keep "
-            f"its schedule.")
+            f"resuming {path} (iteration {iteration}): this config gives another learning-rate schedule (or "
+            f"Adam settings) than the checkpoint's:\n  {lines}\nSet checkpoint.override_scheduler=true to train "
+            f"with this config's values from iteration {iteration} on, or set the values above back to the "
+            f"checkpoint's to keep them.")
     if rank == 0:
         _log.warning("checkpoint.override_scheduler=true: resuming %s at iteration %s with this config's "
-                     "learning-rate schedule instead of the checkpoint's:\n  %s", path, iteration, lines)
+                     "learning-rate schedule and Adam settings instead of the checkpoint's:\n  %s", path, iteration, lines)
 
 
 def group_bounds(optimizer) -> list[dict]:

@@ -121,8 +121,9 @@ class CheckpointConfig:
     load: str | None = None  # a run directory (uses its `latest`) or one iter_ directory
     finetune: bool = False  # load weights only: fresh optimizer, scheduler, data position, step 0
     # Full resume whose config gives another LR/weight-decay schedule (train.lr, min_lr, warmup_iters, decay,
-    # decay_iters / train_iters, weight_decay) than the checkpoint's: false = error naming the fields; true = use
-    # the config's schedule from the checkpoint's step on (a warning lists the changes).
+    # decay_iters / train_iters, weight_decay) or Adam settings (adam_beta1/2, adam_eps) than the checkpoint's:
+    # false = error naming the fields; true = use the config's values from the checkpoint's step on (a warning
+    # lists the changes).
     override_scheduler: bool = False
     keep_last: int | None = None  # None = keep all
     async_save: bool = False
