@@ -4,11 +4,14 @@ templates (written for these tests), the bundled demo sentencepiece model, and s
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 ASSETS = REPO / "bft_megatron" / "data" / "assets"
@@ -145,3 +148,17 @@ def prepare_dir(out: Path, records: list, **overrides) -> Path:
     values.update(overrides)
     run(DataConfig(**values))
     return out / "train"
+
+
+@contextlib.contextmanager
+def logged(level: int = logging.INFO) -> Iterator[list[logging.LogRecord]]:
+    """Records of the ``bft_megatron`` loggers at ``level`` or above (they do not propagate to caplog)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level)
+    handler.emit = records.append
+    root = logging.getLogger("bft_megatron")
+    root.addHandler(handler)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)

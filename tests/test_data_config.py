@@ -63,3 +63,21 @@ def test_training_config_accepts_the_source_shorthands():
     # A dotted override cannot reach into a list (it used to replace the whole list silently).
     with pytest.raises(ValueError, match=r"override 'data.train.path': data.train is a list"):
         load_config(None, ["data.train.path=b.jsonl"])
+
+
+def test_path_weight_shorthand_is_the_same_in_overrides_yaml_and_prepare():
+    """``path:weight`` (a number after the last colon) means the same everywhere a bare string is a source."""
+    from bft_megatron.config import load_config
+    from bft_megatron.data.prepare import _apply_flags, _parser
+
+    want = [SourceConfig(path="a.jsonl"), SourceConfig(path="dir/b.jsonl", weight=0.5)]
+    assert load_config(None, ["data.train=[a.jsonl, dir/b.jsonl:0.5]"]).data.train == want
+    assert data_config_from_dict({"train": ["a.jsonl", "dir/b.jsonl:0.5"]}).train == want
+    args = _parser().parse_args(["--input", "a.jsonl", "--input", "dir/b.jsonl:0.5", "--valid", "v.jsonl:2"])
+    cfg = _apply_flags(DataConfig(), args)
+    assert cfg.train == want and cfg.valid == [SourceConfig(path="v.jsonl", weight=2.0)]
+    # not a number after the colon: the whole string is the path; the mapping form's path is literal
+    assert SourceConfig.from_str("org/set:v2") == SourceConfig(path="org/set:v2")
+    assert data_config_from_dict({"train": [{"path": "b.jsonl:0.5"}]}).train == [SourceConfig(path="b.jsonl:0.5")]
+    with pytest.raises(ValueError, match=r"train\[0\]\.weight=inf: must be a finite number > 0"):
+        dataclasses.replace(_good(), train=[SourceConfig.from_str("a.jsonl:inf")]).validate()

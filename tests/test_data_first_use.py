@@ -4,11 +4,15 @@
   (valid sources added later, or a run killed between the splits); prepared splits are not redone.
 * A split is published (``index.json``) only once complete: a failed or interrupted rewrite leaves none.
 * On two gloo ranks every rank calls exactly one barrier and gets the same valid split, whatever it
-  finds on disk when it looks (rank 1 starts only once rank 0 has published ``train/``).
+  finds on disk when it looks (rank 1 starts only once rank 0 has published ``train/``), or the same
+  error for a stale split.
+* The trainer logs the preparation summary (and warns when many samples are truncated), and warns when
+  it trains on synthetic data.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -19,9 +23,10 @@ from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.config.schema import load_config
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.prepare import run
+from bft_megatron.data.provenance import PreparedDataMismatch
 from bft_megatron.data.storage import is_prepared, publish_index, read_index
 from bft_megatron.training.data import open_datasets
-from tests.data_fixtures import CHATS, DEMO_SP, synthetic_chats, write_jsonl
+from tests.data_fixtures import CHATS, DEMO_SP, logged, synthetic_chats, write_jsonl
 from tests.dist_harness import run_distributed
 
 
@@ -78,6 +83,29 @@ def test_failed_rewrite_unpublishes_and_publish_is_atomic(tmp_path):
     assert read_index(out / "train") == index and [p.name for p in (out / "train").glob(".index*")] == []
 
 
+def test_first_use_logs_the_summary_and_warns_about_truncation(tmp_path):
+    """As ``bft-megatron prepare`` prints it; the demo truncated a quarter of its samples without a word."""
+    train_src, _ = _sources(tmp_path)
+    over = _overrides(train_src, None, tmp_path / "out") + ["data.seq_length=64"]
+    with logged() as records:
+        open_datasets(load_config(None, over))
+    infos = [r.getMessage() for r in records if r.levelno == logging.INFO]
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any(m.startswith("[train] records=24 samples=") for m in infos)
+    assert any("packing_efficiency=" in m and "truncated=" in m for m in infos)
+    assert len(warnings) == 1 and "samples (" in warnings[0]
+    assert "were longer than data.seq_length=64 and truncated (data.truncation=truncate)" in warnings[0]
+    with logged() as records:
+        open_datasets(load_config(None, over))  # already prepared: nothing to report
+    assert records == []
+
+
+def test_synthetic_data_is_announced():
+    with logged(logging.WARNING) as records:
+        train, _ = open_datasets(load_config(None, ["model.vocab_size=512", "data.seq_length=64"]))
+    assert len(train) > 0 and len(records) == 1 and "training on SYNTHETIC data" in records[0].getMessage()
+
+
 # ---------------------------------------------------------------------------- two gloo ranks
 def _open_on_rank(rank: int, world: int, scenarios: list[tuple[list[str], str | None]]) -> list:
     """Per scenario: (barrier calls, train rows, valid rows or None). ``wait_for``: rank 1 opens the
@@ -98,7 +126,11 @@ def _open_on_rank(rank: int, world: int, scenarios: list[tuple[list[str], str | 
             deadline = time.monotonic() + 120
             while rank == 1 and wait_for and not Path(wait_for).is_file() and time.monotonic() < deadline:
                 time.sleep(0.01)
-            train, valid = open_datasets(load_config(None, overrides))
+            try:
+                train, valid = open_datasets(load_config(None, overrides))
+            except PreparedDataMismatch as err:  # the same error on every rank, after the same barrier
+                results.append((len(calls), str(err)))
+                continue
             results.append((len(calls), len(train), None if valid is None else len(valid)))
     finally:
         dist.barrier = real
@@ -112,9 +144,11 @@ def test_all_ranks_meet_at_one_barrier_and_agree_on_valid(tmp_path):
     _prepare_train_only(train_src, no_valid)
     scenarios = [(_overrides(train_src, valid_src, fresh), str(fresh / "train" / "index.json")),
                  (_overrides(train_src, valid_src, added), None),
-                 (_overrides(train_src, None, no_valid), None)]
+                 (_overrides(train_src, None, no_valid), None),
+                 (_overrides(train_src, None, no_valid) + ["data.packing=false"], None)]
     per_rank = run_distributed(_open_on_rank, 2, scenarios, timeout=240)
     assert per_rank[0] == per_rank[1]
-    (fresh_calls, rows, fresh_valid), (added_calls, _, added_valid), (none_calls, _, none_valid) = per_rank[0]
-    assert (fresh_calls, added_calls, none_calls) == (1, 1, 1)
+    (fresh_calls, rows, fresh_valid), (added_calls, _, added_valid), (none_calls, _, none_valid), stale = per_rank[0]
+    assert (fresh_calls, added_calls, none_calls, stale[0]) == (1, 1, 1, 1)
+    assert "data.packing: prepared true, configured false" in stale[1]
     assert rows > 0 and fresh_valid == added_valid and fresh_valid > 0 and none_valid is None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.prepare import main, run
 from bft_megatron.data.storage import PackedDataset
-from tests.data_fixtures import CHATS, DEMO_SP, prepare_dir, synthetic_chats, write_jsonl
+from tests.data_fixtures import CHATS, DEMO_SP, logged, prepare_dir, synthetic_chats, write_jsonl
 
 
 def _digest(directory: Path) -> dict[str, str]:
@@ -68,8 +69,11 @@ def test_on_error_raise_names_file_and_line_and_skip_counts(tmp_path, capsys):
     cfg = DataConfig(train=[SourceConfig(path=str(src))], tokenizer=DEMO_SP, output_dir=str(tmp_path / "o"))
     with pytest.raises(DataError, match=r"bad\.jsonl:line 5: malformed JSON"):
         run(cfg)
-    assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o2"),
-                 "--on-error", "skip", "--no-progress"]) == 0
+    with logged(logging.WARNING) as warnings:
+        assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o2"),
+                     "--on-error", "skip", "--no-progress"]) == 0
+    assert warnings[-1].getMessage() == ("[train] 2 of 6 records (33.3%) were skipped as unusable "
+                                                  "(data.on_error=skip); the summary names the first ones")
     out = capsys.readouterr().out
     assert "records=6 samples=4" in out and "skipped=invalid_record=1, malformed_json=1" in out
     assert "bad.jsonl:line 5" in out and "bad.jsonl:line 6: empty conversation" in out
@@ -95,9 +99,11 @@ def test_workers_do_not_change_the_output(tmp_path):
     two = prepare_dir(tmp_path / "w2", chats, num_workers=2)
     a, b = _digest(one), _digest(two)
     ia, ib = (json.loads((d / "index.json").read_text()) for d in (one, two))
-    for index in (ia, ib):  # the only difference: the input files are named after the output dirs
+    files = []
+    for index in (ia, ib):  # the only difference: the input files (same contents) are named after the output dirs
         index["stats"]["per_source"][0].pop("path")
-    assert ia == ib and a.pop("index.json") and b.pop("index.json") and a == b
+        files.append([(f["size"], f["sha256"]) for f in index.pop("sources")[0]["files"]])
+    assert files[0] == files[1] and ia == ib and a.pop("index.json") and b.pop("index.json") and a == b
 
 
 def test_supervise_last_reduces_supervision(tmp_path):

@@ -138,8 +138,37 @@ def test_explicit_format_is_enforced(tmp_path):
 
 
 def test_missing_file_and_bad_suffix(tmp_path):
-    with pytest.raises(DataError, match="file not found"):
+    with pytest.raises(DataError, match="no such file or directory"):
         _convs(tmp_path / "nope.jsonl")
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(DataError, match="unsupported file type"):
         _convs(tmp_path / "x.csv")
+
+
+def test_missing_local_paths_are_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """A path that does not exist is a hub id only if it can be one; a failed hub load says both."""
+    import datasets
+
+    def offline(name, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    for path, match in [("mydata/train_dir", r"no such file or directory in mydata/ \(taken as a local path"),
+                        ("a/b/c", "no such file or directory"), ("x.parquet", "no such file or directory"),
+                        ("mydat/train_dir", r"not a local file or directory .*owner/name.*ConnectionError")]:
+        with pytest.raises(DataError, match=match):
+            list(read_records(path, None, SkipLog()))
+
+
+def test_tokenizer_path_errors_say_what_is_wrong(tmp_path):
+    from bft_megatron.data.tokenizer import load_tokenizer
+
+    with pytest.raises(ValueError, match=r"nonexist.model': no such file or directory; expected an HF"):
+        load_tokenizer(str(tmp_path / "nonexist.model"))
+    with pytest.raises(ValueError, match=r"no such file or directory \(a hub id is not downloaded"):
+        load_tokenizer("meta-llama/Llama-3.1-8B")
+    (tmp_path / "tok.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"got a \.txt file"):
+        load_tokenizer(str(tmp_path / "tok.txt"))

@@ -7,6 +7,7 @@ without a list). ``validate()`` names the offending field and value.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 FORMATS = ("auto", "messages", "alpaca", "prompt_response")
@@ -30,15 +31,23 @@ class SourceConfig:
     format: str = "auto"  # record shape; auto-detected per record when "auto"
 
     @classmethod
-    def from_str(cls, path: str) -> "SourceConfig":
-        """Shorthand: ``train: [a.jsonl]`` means ``train: [{path: a.jsonl}]``."""
-        return cls(path=path)
+    def from_str(cls, spec: str) -> "SourceConfig":
+        """Shorthand, the same in YAML, in ``data.train=[...]`` overrides and in ``prepare --input``:
+        ``a.jsonl`` means ``{path: a.jsonl}``, and ``b.jsonl:0.5`` (a number after the last colon)
+        means ``{path: b.jsonl, weight: 0.5}``. In the mapping form ``path`` is taken literally."""
+        head, sep, tail = spec.rpartition(":")
+        if sep and head:
+            try:
+                return cls(path=head, weight=float(tail))
+            except ValueError:
+                pass
+        return cls(path=spec)
 
     def validate(self, where: str) -> None:
         if not self.path:
             _fail(f"{where}.path", self.path, "must name a file, directory or hub dataset")
-        if not (self.weight > 0):
-            _fail(f"{where}.weight", self.weight, "must be > 0")
+        if not (self.weight > 0) or not math.isfinite(self.weight):
+            _fail(f"{where}.weight", self.weight, "must be a finite number > 0")
         if self.format not in FORMATS:
             _fail(f"{where}.format", self.format, f"must be one of {FORMATS}")
 

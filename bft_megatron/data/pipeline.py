@@ -21,6 +21,7 @@ from tqdm import tqdm
 from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError, SkipLog
 from bft_megatron.data.packing import one_per_row, pack_best_fit
+from bft_megatron.data.provenance import source_record
 from bft_megatron.data.readers import read_records
 from bft_megatron.data.records import Conversation, to_conversation
 from bft_megatron.data.storage import SampleStream, is_prepared, publish_index, unpublish, write_split
@@ -170,6 +171,7 @@ def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok:
     stream = SampleStream(out, split)
     unpublish(out)
     start = time.perf_counter()
+    recorded_sources = [source_record(s) for s in sources]  # before reading: a file changed meanwhile is noticed
     try:
         with tqdm(desc=f"tokenize {split}", unit=" rec", disable=not progress, leave=False) as bar:
             per_source = [_tokenize_source(cfg, s, stream, stats, cache_dir, bar) for s in sources]
@@ -183,8 +185,9 @@ def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok:
         layout = (pack_best_fit if cfg.packing else one_per_row)(lengths[selection], cfg.seq_length, cfg.seed)
         rows = [selection[r] for r in layout.rows]
         meta = {"split": split, "seq_length": cfg.seq_length, "packed": cfg.packing, "template": cfg.template,
-                "supervise": cfg.supervise, "truncation": cfg.truncation, "seed": cfg.seed,
-                "tokenizer": describe(tok), "packing_efficiency": round(layout.efficiency, 6)}
+                "supervise": cfg.supervise, "truncation": cfg.truncation, "seed": cfg.seed, "on_error": cfg.on_error,
+                "tokenizer": describe(tok), "sources": recorded_sources,
+                "packing_efficiency": round(layout.efficiency, 6)}
         index = write_split(out, tokens, mask, stream.lengths, stream.ids, rows, meta)
         del tokens, mask
     finally:

@@ -24,23 +24,22 @@ from bft_megatron.utils.logging import get_logger
 
 log = get_logger(__name__)
 
-
-def _source(spec: str) -> SourceConfig:
-    """``path`` or ``path:weight`` (a trailing number after the last colon is the weight)."""
-    head, sep, tail = spec.rpartition(":")
-    if sep:
-        try:
-            return SourceConfig(path=head, weight=float(tail))
-        except ValueError:
-            pass
-    return SourceConfig(path=spec)
+NOTABLE_SHARE = 0.05  # a larger share of samples truncated, dropped or skipped is warned about
+_LENGTH_HINTS = {
+    "truncated": "longer than data.seq_length={L} and truncated (data.truncation=truncate): raise data.seq_length "
+                 "to keep them whole, or set data.truncation=drop to leave them out",
+    "dropped_too_long": "longer than data.seq_length={L} and dropped (data.truncation=drop): raise data.seq_length "
+                        "to keep them, or set data.truncation=truncate",
+    "dropped_no_supervision": "dropped because truncation to data.seq_length={L} left no supervised token: raise "
+                              "data.seq_length",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bft-megatron prepare", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", help="YAML file whose top-level 'data:' section is a DataConfig")
     p.add_argument("--input", action="append", help="training source: path[:weight] (repeatable)")
-    p.add_argument("--valid", action="append", help="validation source: path (repeatable)")
+    p.add_argument("--valid", action="append", help="validation source: path[:weight] (repeatable)")
     p.add_argument("--tokenizer", help="HF tokenizer directory or sentencepiece .model")
     p.add_argument("--output", help="output directory")
     p.add_argument("--template", choices=("llama3", "chatml", "plain", "tokenizer"))
@@ -66,9 +65,9 @@ def load_config(path: str | None) -> DataConfig:
 
 def _apply_flags(cfg: DataConfig, args: argparse.Namespace) -> DataConfig:
     if args.input:
-        cfg.train = [_source(s) for s in args.input]
+        cfg.train = [SourceConfig.from_str(s) for s in args.input]
     if args.valid:
-        cfg.valid = [SourceConfig(path=s) for s in args.valid]
+        cfg.valid = [SourceConfig.from_str(s) for s in args.valid]
     simple = {"tokenizer": "tokenizer", "output": "output_dir", "template": "template", "seq_length": "seq_length",
               "truncation": "truncation", "on_error": "on_error", "supervise": "supervise", "seed": "seed",
               "num_workers": "num_workers"}
@@ -100,6 +99,22 @@ def format_summary(cfg: DataConfig, results: dict[str, SplitStats]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def preparation_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> list[str]:
+    """One line per notable loss: samples truncated or dropped by the length policy, records skipped."""
+    out = []
+    for split, st in results.items():
+        total = sum(st.length.values())  # samples that reached the length policy
+        for key, hint in _LENGTH_HINTS.items():
+            n = st.length[key]
+            if n and n >= NOTABLE_SHARE * total:
+                out.append(f"[{split}] {n} of {total} samples ({n / total:.1%}) were {hint.format(L=cfg.seq_length)}")
+        skipped = st.skips.total
+        if skipped and skipped >= NOTABLE_SHARE * st.records:
+            out.append(f"[{split}] {skipped} of {st.records} records ({skipped / st.records:.1%}) were skipped as "
+                       "unusable (data.on_error=skip); the summary names the first ones")
+    return out
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -110,6 +125,8 @@ def main(argv: list[str]) -> int:
         log.error("prepare failed: %s", err)
         return 2
     sys.stdout.write(format_summary(cfg, results))
+    for warning in preparation_warnings(cfg, results):
+        log.warning("%s", warning)
     return 0
 
 

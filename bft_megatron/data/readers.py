@@ -1,5 +1,9 @@
 """Read raw records through ``datasets`` (local json/jsonl/parquet, or a hub dataset name).
 
+A path that exists is local. One that does not is a hub dataset id only if it looks like one (``name``
+or ``owner/name``, no data-file suffix) and, for ``owner/name``, no local directory ``owner/`` exists;
+otherwise it is reported as a missing local path, and a failed hub load says both.
+
 Arrow's JSON reader reports a parse error without a line number, and fails outright on records whose
 types disagree. When ``datasets`` refuses a local JSON file we re-read it with the standard library,
 line by line, so the error (or the counted skip) names the exact file and line.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +24,7 @@ from bft_megatron.utils.logging import get_logger
 log = get_logger(__name__)
 
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
 
 
 @dataclass(frozen=True)
@@ -104,11 +110,25 @@ def _read_local_file(path: Path, skips: SkipLog, cache_dir: str | None) -> Itera
             yield RawRecord(rec, f"{path}:{unit} {i}")
 
 
+def _missing_local(path: str) -> str | None:
+    """Why a path that does not exist cannot be a hub dataset id, or None if it may be one."""
+    if Path(path).suffix in LOCAL_SUFFIXES or not HUB_ID.fullmatch(path):
+        return "no such file or directory (hub dataset ids look like owner/name)"
+    parent = Path(path).parent
+    if parent != Path(".") and parent.is_dir():
+        return f"no such file or directory in {parent}/ (taken as a local path, not as the hub id owner/name)"
+    return None
+
+
 def _read_hub(name: str, split: str | None, cache_dir: str | None) -> Iterator[RawRecord]:
-    """A thin call; cannot be exercised offline."""
+    """A thin call; only its failure is exercised offline."""
     import datasets
 
-    ds = datasets.load_dataset(name, split=split or "train", cache_dir=cache_dir)
+    try:
+        ds = datasets.load_dataset(name, split=split or "train", cache_dir=cache_dir)
+    except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated...: one clear error for all
+        raise DataError(name, f"not a local file or directory (no such path under {os.getcwd()}), and loading it "
+                              f"as a hub dataset id (owner/name) failed: {type(exc).__name__}: {exc}") from exc
     for i, rec in enumerate(ds):
         yield RawRecord(rec, f"hub:{name}[{split or 'train'}]:row {i}")
 
@@ -119,7 +139,7 @@ def read_records(path: str, split: str | None, skips: SkipLog,
     if os.path.exists(path):
         for file in list_files(path):
             yield from _read_local_file(file, skips, cache_dir)
-    elif Path(path).suffix in LOCAL_SUFFIXES or path.startswith((".", "/")):
-        raise DataError(path, "file not found")
+    elif (why := _missing_local(path)) is not None:
+        raise DataError(path, why)
     else:
         yield from _read_hub(path, split, cache_dir)

@@ -64,7 +64,7 @@ class SampleStream:
                 p.unlink()
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -113,7 +113,7 @@ def write_split(out: Path, tokens: np.ndarray, mask: np.ndarray, lengths: Sequen
     index = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta,
              "num_rows": len(rows), "num_samples": len(order), "num_tokens": total,
              "supervised_tokens": supervised,
-             "files": {f"{name}.npy": _sha256(out / f"{name}.npy") for name in ARRAYS}}
+             "files": {f"{name}.npy": sha256_file(out / f"{name}.npy") for name in ARRAYS}}
     return index
 
 

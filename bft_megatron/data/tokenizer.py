@@ -14,13 +14,44 @@ from typing import Any, Sequence
 
 Offsets = list[tuple[int, int]]
 
+# 2: an HF directory's fingerprint covers its tokenizer files only (1 hashed every file, model weights
+# included); a sentencepiece file's is unchanged
+FINGERPRINT_VERSION = 2
+_TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "chat_template", "spiece",
+                    "sentencepiece")
+
 
 def _hash_files(paths: Sequence[Path]) -> str:
     digest = hashlib.sha256()
     for p in sorted(paths):
         digest.update(p.name.encode())
-        digest.update(p.read_bytes())
+        with p.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def _check_path(path: str) -> Path:
+    """``path`` as an existing HF tokenizer directory or ``.model`` file, or a ValueError saying what it is."""
+    p = Path(path)
+    if p.is_dir() or (p.suffix == ".model" and p.is_file()):
+        return p
+    expected = "expected an HF tokenizer directory or a sentencepiece .model file"
+    if not p.exists():
+        looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+        hub = " (a hub id is not downloaded: fetch the tokenizer and give its directory)" if looks_like_hub_id else ""
+        raise ValueError(f"tokenizer={path!r}: no such file or directory{hub}; {expected}")
+    raise ValueError(f"tokenizer={path!r}: {expected}, got a {p.suffix or 'suffix-less'} file")
+
+
+def tokenizer_fingerprint(path: str) -> str:
+    """Short sha256 of the files that define the tokenizer (cheap: never a model's weights)."""
+    p = _check_path(path)
+    if not p.is_dir():
+        return _hash_files([p])
+    files = [f for f in p.iterdir() if f.is_file()]
+    chosen = [f for f in files if f.name.startswith(_TOKENIZER_FILES) or f.suffix == ".tiktoken"]
+    return _hash_files(chosen or files)
 
 
 class Tokenizer:
@@ -74,7 +105,7 @@ class HFTokenizer(Tokenizer):
         pad = self._tok.pad_token_id
         self.pad_id = int(pad) if pad is not None else self.eos_id
         self.chat_template = getattr(self._tok, "chat_template", None) or None
-        self.fingerprint = _hash_files([f for f in Path(path).iterdir() if f.is_file()])
+        self.fingerprint = tokenizer_fingerprint(path)
 
     def encode_offsets(self, text: str) -> tuple[list[int], Offsets]:
         enc = self._tok(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -110,7 +141,7 @@ class SPTokenizer(Tokenizer):
             raise ValueError(f"{path}: sentencepiece model defines no eos id")
         self.bos_id = int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else None
         self.pad_id = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else self.eos_id
-        self.fingerprint = _hash_files([Path(path)])
+        self.fingerprint = tokenizer_fingerprint(path)
         controls = [i for i in range(self.vocab_size) if self._sp.is_control(i) and self._sp.id_to_piece(i)]
         self._controls = {self._sp.id_to_piece(i): i for i in controls}
         alternation = "|".join(re.escape(t) for t in sorted(self._controls, key=len, reverse=True))
@@ -163,14 +194,9 @@ class SPTokenizer(Tokenizer):
 
 def load_tokenizer(path: str) -> Tokenizer:
     """A directory means Hugging Face (AutoTokenizer, offline); a ``.model`` file means sentencepiece."""
-    p = Path(path)
-    if p.is_dir():
-        return HFTokenizer(path)
-    if p.suffix == ".model" and p.is_file():
-        return SPTokenizer(path)
-    raise ValueError(f"tokenizer={path!r}: expected an HF tokenizer directory or a sentencepiece .model file")
+    return HFTokenizer(path) if _check_path(path).is_dir() else SPTokenizer(path)
 
 
 def describe(tok: Tokenizer) -> dict[str, Any]:
     return {"path": tok.name, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id, "bos_id": tok.bos_id,
-            "pad_id": tok.pad_id, "fingerprint": tok.fingerprint}
+            "pad_id": tok.pad_id, "fingerprint": tok.fingerprint, "fingerprint_version": FINGERPRINT_VERSION}

@@ -2,12 +2,17 @@
 
 * ``data.train`` sources: global rank 0 prepares every configured split (``train``, ``valid``) whose
   ``data.output_dir/<split>/index.json`` is missing (never prepared, added to the config since, or
-  interrupted) with the data layer's ``prepare.run``; then every rank, whatever rank 0 did, meets it
-  at one barrier and opens the splits. A configured ``valid`` split is then required on every rank
-  (so all ranks evaluate, or none); an unconfigured one is used when present.
+  interrupted) with the data layer's ``prepare.run``, and logs its summary (plus a warning when many
+  samples are truncated, dropped or skipped); then every rank, whatever rank 0 did, meets it at one
+  barrier and opens the splits. A configured ``valid`` split is then required on every rank (so all
+  ranks evaluate, or none); an unconfigured one is used when present.
 * only ``data.output_dir``: read its prepared ``train/`` split (``valid/`` too when present).
 * neither: the synthetic chain dataset (:mod:`bft_megatron.training.synthetic`), vocabulary from
-  ``model.vocab_size``.
+  ``model.vocab_size``, with a warning.
+
+Every split opened is checked against the config (:mod:`bft_megatron.data.provenance`: strictly when
+``data.train`` lists sources, only what the config sets otherwise); a difference raises on every rank
+alike (the check reads only the config and the disk), before any model exists.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import os
 
 import torch.distributed as dist
 
+from bft_megatron.config.data import SourceConfig
 from bft_megatron.config.schema import Config
 from bft_megatron.training.synthetic import SyntheticChatDataset
 from bft_megatron.utils.logging import get_logger
@@ -26,45 +32,74 @@ _log = get_logger(__name__)
 SYNTHETIC_TRAIN_ROWS = 4096
 
 
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def _prepare_missing(cfg: Config) -> None:
     """Rank 0 prepares the configured splits that are missing; all ranks then call one barrier."""
     d = cfg.data
     if not d.output_dir:
         raise ValueError("data.train names sources but data.output_dir is empty: set where prepared data goes")
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _rank0():
         from bft_megatron.data.pipeline import missing_splits
 
         missing = missing_splits(d)
         if missing:
-            from bft_megatron.data.prepare import run
+            from bft_megatron.data.prepare import format_summary, preparation_warnings, run
 
             _log.info("preparing %s into %s (bft-megatron prepare)", "+".join(missing), d.output_dir)
-            run(d, splits=missing)
+            results = run(d, splits=missing)
+            for line in format_summary(d, results).splitlines():
+                _log.info("%s", line)
+            for warning in preparation_warnings(d, results):
+                _log.warning("%s", warning)
     if dist.is_initialized():
         dist.barrier()  # every rank, unconditionally: the splits are complete past this point
+
+
+def _open_checked(cfg: Config, splits: dict[str, list[SourceConfig] | None]) -> list:
+    """The prepared splits, once their indexes match the config (``splits``: name -> configured sources)."""
+    from bft_megatron.data.provenance import PreparedDataMismatch, compare, mismatch_message, unchecked_message
+    from bft_megatron.data.storage import PackedDataset
+
+    strict, opened, problems = bool(cfg.data.train), [], {}
+    for split, sources in splits.items():
+        ds = PackedDataset(os.path.join(cfg.data.output_dir, split))
+        differences, unchecked = compare(ds.index, cfg.data, split, sources, strict)
+        if differences:
+            problems[str(ds.directory)] = differences
+        elif unchecked and _rank0():
+            _log.warning("%s", unchecked_message(ds.directory, unchecked))
+        opened.append(ds)
+    if problems:
+        raise PreparedDataMismatch(mismatch_message(problems, strict))
+    return opened
 
 
 def open_datasets(cfg: Config):
     """(train, valid or None) datasets with ``__len__``, ``__getitem__ -> Row``, ``pad_id``, ``packed``."""
     d = cfg.data
     if d.train or d.output_dir:
-        from bft_megatron.data.storage import PackedDataset, is_prepared
+        from bft_megatron.data.storage import is_prepared
 
         if d.train:
             _prepare_missing(cfg)
-        train_dir, valid_dir = (os.path.join(d.output_dir, s) for s in ("train", "valid"))
-        if not is_prepared(train_dir):
+        if not is_prepared(os.path.join(d.output_dir, "train")):
             raise FileNotFoundError(f"data.output_dir={d.output_dir}: no prepared train split (run bft-megatron "
                                     "prepare, or list data.train sources)")
-        train = PackedDataset(train_dir)
-        if train.seq_length > d.seq_length:
-            raise ValueError(f"prepared rows are {train.seq_length} tokens but data.seq_length={d.seq_length}")
+        # configured: required (PackedDataset raises if absent); otherwise used when present
+        use_valid = bool(d.train and d.valid) or is_prepared(os.path.join(d.output_dir, "valid"))
+        train, *valid = _open_checked(cfg, {"train": d.train, **({"valid": d.valid} if use_valid else {})})
         tok_vocab = int(train.index["tokenizer"].get("vocab_size", 0))
         if tok_vocab > cfg.model.vocab_size:
             raise ValueError(f"the data was tokenized with a {tok_vocab}-token vocabulary but model.vocab_size="
                              f"{cfg.model.vocab_size}")
-        use_valid = bool(d.train and d.valid) or is_prepared(valid_dir)  # configured: PackedDataset raises if absent
-        return train, PackedDataset(valid_dir) if use_valid else None
+        return train, valid[0] if valid else None
+    if _rank0():
+        _log.warning("neither data.train nor data.output_dir is set: training on SYNTHETIC data (%d random chat "
+                     "rows, bft_megatron/training/synthetic.py), not on any dataset; list data.train sources to "
+                     "train on real data", SYNTHETIC_TRAIN_ROWS)
     valid_rows = max(64, cfg.train.global_batch_size * cfg.train.eval_iters)
     return (SyntheticChatDataset(SYNTHETIC_TRAIN_ROWS, d.seq_length, cfg.model.vocab_size, d.packing, seed=d.seed),
             SyntheticChatDataset(valid_rows, d.seq_length, cfg.model.vocab_size, d.packing, seed=d.seed + 7919))

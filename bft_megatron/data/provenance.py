@@ -1,0 +1,182 @@
+"""What a prepared split was made from, and whether a config still asks for the same data.
+
+A split's ``index.json`` records the settings it was prepared with (``seq_length``, ``packed``,
+``template``, ``supervise``, ``truncation``, ``seed``, ``on_error``, the tokenizer's fingerprint) and,
+in ``sources``, each source's path, weight, hub split and format and each of its files' name, size,
+mtime and sha256. :func:`compare` lists every difference between that record and a ``DataConfig``:
+
+* ``strict`` (the config lists the split's sources: it says how the data is prepared): every recorded
+  setting must equal the configured one, and the sources must be the same ones, in order, compared by
+  content: a file is unchanged when its size and mtime are, or else when its sha256 is (a copied or
+  moved identical file is the same source; only then is a file read). ``on_error: raise`` differs from
+  a split that skipped records. A hub dataset is compared by name and split only.
+* not strict (only ``data.output_dir``: the prepared split defines the data): only settings the config
+  sets to a non-default value (an unset setting cannot be told from a default) and a configured
+  tokenizer are compared; ``seed`` never (it also seeds the trainer's epoch shuffle), and ``seq_length``
+  only as a bound (rows must not be longer).
+
+What an older index does not record is returned as unchecked, not as a difference.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from bft_megatron.config.data import DataConfig, SourceConfig
+from bft_megatron.data.errors import DataError
+from bft_megatron.data.readers import list_files
+from bft_megatron.data.storage import sha256_file
+from bft_megatron.data.tokenizer import FINGERPRINT_VERSION, tokenizer_fingerprint
+
+__all__ = ["PreparedDataMismatch", "source_record", "compare", "mismatch_message", "unchecked_message"]
+
+SETTINGS = {"seq_length": "seq_length", "packing": "packed", "template": "template", "supervise": "supervise",
+            "truncation": "truncation", "seed": "seed"}  # config field -> index key
+
+
+class PreparedDataMismatch(ValueError):
+    """A prepared split that is not what the config describes (the message lists each difference)."""
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    st = path.stat()
+    return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+
+
+def source_record(src: SourceConfig) -> dict[str, Any]:
+    """What identifies a source's data: its settings and, when local, its files (hub: name and split)."""
+    rec: dict[str, Any] = {"path": src.path, "weight": src.weight, "split": src.split, "format": src.format}
+    if os.path.exists(src.path):
+        rec["files"] = [_file_record(f) for f in list_files(src.path)]
+    return rec
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
+def _line(name: str, prepared: Any, configured: Any) -> str:
+    return f"{name}: prepared {_fmt(prepared)}, configured {_fmt(configured)}"
+
+
+def _file_change(rec: dict[str, Any], path: Path) -> str | None:
+    st = path.stat()
+    if st.st_size != rec["size"]:
+        return f"{rec['size']} bytes when prepared, {st.st_size} now"
+    if st.st_mtime_ns == rec["mtime_ns"] or sha256_file(path) == rec["sha256"]:
+        return None
+    return "same size but other contents than when prepared"
+
+
+def _local_problems(where: str, rec: dict[str, Any], src: SourceConfig) -> list[str]:
+    if not os.path.exists(src.path):
+        return [f"{where}: {src.path} does not exist (prepared from {rec['path']})"]
+    try:
+        files = list_files(src.path)
+    except DataError as err:
+        return [f"{where}: {err}"]
+    before, now = [f["name"] for f in rec["files"]], [f.name for f in files]
+    if len(before) != len(now) or (Path(src.path).is_dir() and before != now):  # a single file may be renamed
+        return [f"{where} ({src.path}): files {before} when prepared, {now} now"]
+    changes = ((f, _file_change(r, f)) for r, f in zip(rec["files"], files))
+    return [f"{where} ({f}): {change}" for f, change in changes if change]
+
+
+def _source_problems(where: str, rec: dict[str, Any], src: SourceConfig) -> list[str]:
+    out = [_line(f"{where}.{k}", rec[k], getattr(src, k)) for k in ("weight", "split", "format")
+           if k in rec and rec[k] != getattr(src, k)]
+    if "files" in rec:
+        return out + _local_problems(where, rec, src)
+    if os.path.normpath(rec["path"]) != os.path.normpath(src.path):  # hub id, or an index without files
+        out.append(_line(f"{where}.path", rec["path"], src.path))
+    return out
+
+
+def _sources_problems(split: str, index: dict[str, Any], sources: list[SourceConfig]) -> tuple[list[str], list[str]]:
+    recs, unchecked = index.get("sources"), []
+    if recs is None:  # older index: paths and weights survive in the stats
+        recs = [{"path": s["path"], "weight": s["weight"]} for s in index.get("stats", {}).get("per_source", [])]
+        if not recs:
+            return [], [f"the {split} sources"]
+        unchecked.append(f"the {split} sources' contents, hub split and format (only paths and weights)")
+    if len(recs) != len(sources):
+        return [f"data.{split}: prepared from {len(recs)} source(s) {[r['path'] for r in recs]}, configured "
+                f"{len(sources)} {[s.path for s in sources]}"], unchecked
+    problems = []
+    for i, (rec, src) in enumerate(zip(recs, sources)):
+        problems += _source_problems(f"data.{split}[{i}]", rec, src)
+    return problems, unchecked
+
+
+def _tokenizer_problems(rec: dict[str, Any], configured: str) -> tuple[list[str], list[str]]:
+    if not configured:
+        return [], []
+    try:
+        fingerprint = tokenizer_fingerprint(configured)
+    except ValueError as err:
+        return [f"data.tokenizer: prepared with {rec.get('path')}, configured: {err}"], []
+    # a sentencepiece file's fingerprint is the same in every version; a directory's changed in version 2
+    if "fingerprint" in rec and (rec.get("fingerprint_version") == FINGERPRINT_VERSION
+                                 or not Path(configured).is_dir()):
+        if fingerprint == rec["fingerprint"]:
+            return [], []
+        return [f"data.tokenizer: prepared with {rec.get('path')} (fingerprint {rec['fingerprint']}), configured "
+                f"{configured} (fingerprint {fingerprint})"], []
+    same_path = os.path.normpath(str(rec.get("path", ""))) == os.path.normpath(configured)
+    return ([] if same_path else [f"data.tokenizer: prepared with {rec.get('path')}, configured {configured}"],
+            ["the tokenizer's files (only its path)"])
+
+
+def _settings_problems(index: dict[str, Any], cfg: DataConfig, strict: bool) -> tuple[list[str], list[str]]:
+    defaults, problems, unchecked = DataConfig(), [], []
+    for name, key in SETTINGS.items():
+        value = getattr(cfg, name)
+        if key not in index:
+            unchecked.append(f"data.{name}")
+        elif name == "seq_length" and not strict:
+            if index[key] > value:
+                problems.append(f"data.seq_length: prepared rows are up to {index[key]} tokens, configured {value}")
+        elif (strict or (name != "seed" and value != getattr(defaults, name))) and index[key] != value:
+            problems.append(_line(f"data.{name}", index[key], value))
+    skipped = sum(index.get("stats", {}).get("skipped", {}).values())
+    if strict and cfg.on_error == "raise" and skipped:
+        problems.append(f"data.on_error: prepared with skip ({skipped} records skipped), configured raise")
+    return problems, unchecked
+
+
+def compare(index: dict[str, Any], cfg: DataConfig, split: str, sources: list[SourceConfig] | None,
+            strict: bool) -> tuple[list[str], list[str]]:
+    """(differences, what the index cannot tell) between a prepared split's index and ``cfg``.
+
+    ``sources``: the split's configured sources (None: not compared, e.g. an unconfigured valid split)."""
+    problems, unchecked = _settings_problems(index, cfg, strict)
+    for more, unknown in (_tokenizer_problems(index.get("tokenizer", {}), cfg.tokenizer),
+                          _sources_problems(split, index, sources) if sources else ([], [])):
+        problems += more
+        unchecked += unknown
+    return problems, unchecked
+
+
+def mismatch_message(problems: dict[str, list[str]], strict: bool) -> str:
+    """``problems``: the differences per prepared split directory."""
+    lines = [f"{directory} was prepared from other data or settings than the config asks for:\n  " + "\n  ".join(p)
+             for directory, p in problems.items()]
+    where = " and ".join(problems)
+    if strict:
+        fix = (f"Prepared data is never rebuilt silently. Use a new data.output_dir, or delete {where} (the trainer "
+               "prepares a missing split on first use), or rebuild with `bft-megatron prepare`.")
+    else:
+        fix = ("With only data.output_dir the prepared data is used as is: set these data.* values to the prepared "
+               f"ones (or leave them unset), or rebuild {where} as configured with `bft-megatron prepare` (or by "
+               "listing data.train sources, prepared on first use).")
+    return "\n".join(lines + [fix])
+
+
+def unchecked_message(directory: str | os.PathLike[str], unchecked: list[str]) -> str:
+    return (f"{directory} was prepared by an older version whose index.json does not record "
+            f"{'; '.join(unchecked)}: these cannot be checked against the config. Delete the directory to "
+            "prepare it again with a complete record.")

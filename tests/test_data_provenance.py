@@ -1,0 +1,131 @@
+"""A prepared split is reused only while it is what the config describes (``bft_megatron.data.provenance``).
+
+* With ``data.train`` sources every recorded setting, the tokenizer (by fingerprint) and the sources (by
+  weight and content: size, then mtime, else sha256) must match; each difference is named with both values.
+* With only ``data.output_dir``, only what the config sets to a non-default value is compared.
+* An index written before these records existed still loads, with a warning naming what cannot be checked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from bft_megatron.config.schema import load_config
+from bft_megatron.data.provenance import PreparedDataMismatch
+from bft_megatron.data.tokenizer import tokenizer_fingerprint
+from bft_megatron.training.data import open_datasets
+from tests.data_fixtures import CHATS, DEMO_SP, hf_tokenizer, logged, synthetic_chats, write_jsonl
+
+BASE = ["data.seq_length=256", "data.template=chatml", "model.vocab_size=4096"]
+
+
+def _setup(tmp: Path, valid: bool = False, extra: list[str] = ()) -> tuple[Path, list[str]]:
+    """Sources prepared on first use into ``tmp/out``; returns the train source and the overrides."""
+    src = write_jsonl(tmp / "train.jsonl", synthetic_chats(24, seed=3))
+    over = [f"data.train={src}", f"data.tokenizer={DEMO_SP}", f"data.output_dir={tmp / 'out'}", *BASE, *extra]
+    if valid:
+        over.append(f"data.valid={write_jsonl(tmp / 'valid.jsonl', CHATS)}")
+    open_datasets(load_config(None, over))
+    return src, over
+
+
+def _mismatch(over: list[str]) -> str:
+    with pytest.raises(PreparedDataMismatch) as info:
+        open_datasets(load_config(None, over))
+    return str(info.value)
+
+
+def copy_hf(tmp: Path) -> str:
+    """An HF tokenizer directory other than the demo's sentencepiece model."""
+    return str(shutil.copytree(hf_tokenizer("qwen_plain"), tmp / "hf_tok"))
+
+
+def test_changed_settings_are_named_with_both_values(tmp_path):
+    _, over = _setup(tmp_path, valid=True)
+    message = _mismatch(over + ["data.packing=false"])  # the walkthrough's case: it used to train on packed rows
+    assert "data.packing: prepared true, configured false" in message
+    assert str(tmp_path / "out" / "train") in message and str(tmp_path / "out" / "valid") in message
+    assert "Use a new data.output_dir, or delete" in message and "bft-megatron prepare" in message
+    message = _mismatch(over + ["data.template=plain", "data.seed=5", "data.supervise=last", "data.truncation=drop",
+                                "data.seq_length=512"])
+    for line in ("data.template: prepared chatml, configured plain", "data.seed: prepared 1234, configured 5",
+                 "data.supervise: prepared all, configured last", "data.truncation: prepared truncate, configured drop",
+                 "data.seq_length: prepared 256, configured 512"):
+        assert line in message
+    open_datasets(load_config(None, over + ["data.num_workers=2"]))  # does not change the data
+
+
+def test_sources_are_compared_by_weight_and_content(tmp_path):
+    src, over = _setup(tmp_path)
+    assert "data.train[0].weight: prepared 1.0, configured 0.5" in _mismatch(over + [f"data.train={src}:0.5"])
+    assert "prepared from 1 source(s)" in _mismatch(over + [f"data.train=[{src}, {src}]"])
+    copy = shutil.copy(src, tmp_path / "moved.jsonl")  # same contents, other path and mtime: the same source
+    os.utime(src, ns=(1, 1))  # touched only: hashed once, unchanged
+    open_datasets(load_config(None, over + [f"data.train={copy}"]))
+    open_datasets(load_config(None, over))
+    text = src.read_bytes()
+    src.write_bytes(text.replace(b"Question 0:", b"Question 9:"))  # same size, other contents
+    assert "same size but other contents than when prepared" in _mismatch(over)
+    src.write_bytes(text + b"\n")
+    assert f"{len(text)} bytes when prepared, {len(text) + 1} now" in _mismatch(over)
+    src.unlink()
+    assert "does not exist" in _mismatch(over)
+
+
+def test_tokenizer_is_compared_by_fingerprint(tmp_path):
+    _, over = _setup(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    copy = shutil.copy(DEMO_SP, tmp_path / "elsewhere")  # the same tokenizer file in another directory: fine
+    open_datasets(load_config(None, over + [f"data.tokenizer={copy}"]))
+    message = _mismatch(over + [f"data.tokenizer={hf_tokenizer('qwen25')}"])
+    assert f"data.tokenizer: prepared with {DEMO_SP} (fingerprint {tokenizer_fingerprint(DEMO_SP)})" in message
+    # a model directory's weights are not part of its tokenizer's fingerprint (nor read to compute it)
+    model_dir = Path(shutil.copytree(hf_tokenizer("qwen25"), tmp_path / "model"))
+    before = tokenizer_fingerprint(str(model_dir))
+    (model_dir / "model.safetensors").write_bytes(b"weights")
+    (model_dir / "config.json").write_text("{}")
+    assert tokenizer_fingerprint(str(model_dir)) == before
+
+
+def test_skipped_records_differ_from_on_error_raise(tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", CHATS, raw_lines=["{not json"])
+    over = [f"data.train={bad}", f"data.tokenizer={DEMO_SP}", f"data.output_dir={tmp_path / 'out'}", *BASE]
+    open_datasets(load_config(None, over + ["data.on_error=skip"]))
+    assert "data.on_error: prepared with skip (1 records skipped), configured raise" in _mismatch(over)
+
+
+def test_output_dir_only_compares_what_the_config_sets(tmp_path):
+    _setup(tmp_path, extra=["data.packing=false", "data.template=llama3"])
+    only = [f"data.output_dir={tmp_path / 'out'}", "model.vocab_size=4096"]
+    train, _ = open_datasets(load_config(None, only + ["data.seed=7", "data.seq_length=512"]))  # defaults: unset
+    assert not train.packed
+    message = _mismatch(only + ["data.template=plain", "data.seq_length=128", f"data.tokenizer={copy_hf(tmp_path)}"])
+    assert "data.template: prepared llama3, configured plain" in message
+    assert "data.seq_length: prepared rows are up to 256 tokens, configured 128" in message
+    assert "data.tokenizer: prepared with" in message and "With only data.output_dir" in message
+    open_datasets(load_config(None, only + [f"data.tokenizer={DEMO_SP}", "data.template=llama3"]))
+
+
+def test_older_index_loads_with_a_warning(tmp_path):
+    src, over = _setup(tmp_path)
+    path = tmp_path / "out" / "train" / "index.json"
+    index = json.loads(path.read_text())
+    for key in ("sources", "on_error", "seed"):
+        index.pop(key)
+    index["tokenizer"].pop("fingerprint_version")
+    path.write_text(json.dumps(index))
+    with logged(logging.WARNING) as records:
+        open_datasets(load_config(None, over + ["data.seed=5"]))  # not recorded: not compared
+    assert len(records) == 1 and "older version" in records[0].getMessage()
+    assert "contents, hub split and format (only paths and weights)" in records[0].getMessage()
+    assert "data.seed" in records[0].getMessage()
+    # what it does record is still compared: settings, source paths and weights, a sentencepiece fingerprint
+    assert "data.packing: prepared true, configured false" in _mismatch(over + ["data.packing=false"])
+    assert "data.train[0].weight" in _mismatch(over + [f"data.train={src}:2"])
+    assert "data.tokenizer: prepared with" in _mismatch(over + [f"data.tokenizer={copy_hf(tmp_path)}"])
