@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bft_megatron.config.base import ConfigError
 from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.readers import list_files
@@ -36,8 +37,9 @@ SETTINGS = {"seq_length": "seq_length", "packing": "packed", "template": "templa
             "truncation": "truncation", "seed": "seed"}  # config field -> index key
 
 
-class PreparedDataMismatch(ValueError):
-    """A prepared split that is not what the config describes (the message lists each difference)."""
+class PreparedDataMismatch(ConfigError):
+    """A prepared split that is not what the config describes (the message lists each difference); a
+    ConfigError (so a ValueError), raised alike on every rank."""
 
 
 def _file_record(path: Path) -> dict[str, Any]:
