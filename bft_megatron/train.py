@@ -69,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p = cfg.parallel
     groups = bootstrap.initialize(p.tp, p.pp, p.vp, p.cp, seed=cfg.train.seed, timeout_minutes=p.timeout_minutes)
     try:
-        trainer = build_trainer(cfg, layout, groups)
-        checkpointer = Checkpointer(cfg, groups)
         try:
+            trainer = build_trainer(cfg, layout, groups)
+            checkpointer = Checkpointer(cfg, groups)
             checkpointer.load(trainer)
-        except ConfigError as exc:  # e.g. the config changes the checkpoint's LR schedule (every rank raises)
+        except ConfigError as exc:  # the prepared data or the checkpoint's LR schedule vs this config (every rank)
             log.error("config error: %s", exc)
             return 2
         exit_request = ExitRequest(install=cfg.checkpoint.save_on_signal)
