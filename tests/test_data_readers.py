@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,27 @@ def test_tokenizer_path_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "tok.txt").write_text("x")
     with pytest.raises(ValueError, match=r"got a \.txt file"):
         load_tokenizer(str(tmp_path / "tok.txt"))
+
+
+def test_sharegpt_conversations_map_roles_and_keep_the_rules():
+    """ShareGPT (``conversations`` of ``from``/``value``; human/gpt or user/assistant; optional ``system``)."""
+    record = {"system": "You are a clinician.",
+              "conversations": [{"from": "human", "value": "Define ataxia."}, {"from": "gpt", "value": "Poor coordination."},
+                                {"from": "user", "value": "And chorea?"}, {"from": "assistant", "value": "Jerky moves."}]}
+    conv = to_conversation(record, "auto", "x.jsonl:line 1")
+    assert conv.messages == (Message("system", "You are a clinician."), Message("user", "Define ataxia."),
+                             Message("assistant", "Poor coordination."), Message("user", "And chorea?"),
+                             Message("assistant", "Jerky moves."))
+    assert to_conversation(record, "sharegpt", "x").messages == conv.messages
+    bad = [({"conversations": [{"from": "tool", "value": "{}"}]}, "conversations[0]: unknown role 'tool'"),
+           ({"conversations": [{"from": "human"}]}, "conversations[0]: missing field 'value'"),
+           ({"conversations": [{"from": "human", "value": "q"}, {"from": "system", "value": "s"}]},
+            "conversations[1]: a system message is only allowed first"),
+           ({"system": "s", "conversations": [{"from": "system", "value": "s2"}, {"from": "gpt", "value": "a"}]},
+            "both a 'system' field and a system turn"),
+           ({"conversations": [{"from": "human", "value": "q"}]}, "no assistant turn")]
+    for rec, message in bad:
+        with pytest.raises(DataError, match=re.escape(message)):
+            to_conversation(rec, "auto", "x.jsonl:line 2")
+    with pytest.raises(DataError, match="field 'conversations' must be a list"):
+        to_conversation({"messages": [], "conversations": None}, "sharegpt", "x")

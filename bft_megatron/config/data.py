@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-FORMATS = ("auto", "messages", "alpaca", "prompt_response")
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response")
 TEMPLATES = ("llama3", "chatml", "plain", "tokenizer")
 TRUNCATION = ("truncate", "drop")
 ON_ERROR = ("raise", "skip")

@@ -1,7 +1,8 @@
 """Turn one raw record (any supported shape) into a validated list of chat messages.
 
-Shapes: ``messages`` (system/user/assistant, multi-turn), alpaca (``instruction``/``input``/``output``,
-optional ``system``) and ``prompt``/``response`` (optional ``system``). Readers built on Arrow fill
+Shapes: ``messages`` (system/user/assistant, multi-turn), ShareGPT ``conversations`` (``from``: system/human/gpt,
+``value``; optional ``system``), alpaca (``instruction``/``input``/``output``, optional ``system``) and
+``prompt``/``response`` (optional ``system``). Readers built on Arrow fill
 absent keys with None, so "missing" and "null" are reported alike.
 """
 
@@ -34,12 +35,14 @@ def detect_format(record: Mapping[str, Any]) -> str:
     present = {k for k, v in record.items() if v is not None}
     if "messages" in present:
         return "messages"
+    if "conversations" in present:
+        return "sharegpt"
     if {"instruction", "output"} & present:
         return "alpaca"
     if {"prompt", "response"} & present:
         return "prompt_response"
-    raise DataError("", f"unrecognised record shape (keys {sorted(present)}); expected 'messages', "
-                        "alpaca 'instruction'/'input'/'output' or 'prompt'/'response'")
+    raise DataError("", f"unrecognised record shape (keys {sorted(present)}); expected 'messages', ShareGPT "
+                        "'conversations', alpaca 'instruction'/'input'/'output' or 'prompt'/'response'")
 
 
 def _text(record: Mapping[str, Any], key: str, *, required: bool) -> str:
@@ -58,28 +61,47 @@ def _system(record: Mapping[str, Any]) -> list[Message]:
     return [Message("system", system)] if system.strip() else []
 
 
-def _from_messages(record: Mapping[str, Any]) -> list[Message]:
-    raw = record.get("messages")
+def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
+           roles: Mapping[str, str]) -> list[Message]:
+    """Validated turns of the list ``record[field]``: ``item[role_key]`` (mapped through ``roles``) and
+    ``item[text_key]``; errors name ``field[i]`` and the record's own key names."""
+    raw = record.get(field)
     if not isinstance(raw, (list, tuple)):
-        raise DataError("", f"field 'messages' must be a list, got {type(raw).__name__}")
+        raise DataError("", f"field {field!r} must be a list, got {type(raw).__name__}")
     out: list[Message] = []
     for i, item in enumerate(raw):
+        where = f"{field}[{i}]"
         if not isinstance(item, Mapping):
-            raise DataError("", f"messages[{i}] must be an object, got {item!r:.60}")
-        role = item.get("role")
+            raise DataError("", f"{where} must be an object, got {item!r:.60}")
+        role = item.get(role_key)
         if role is None:
-            raise DataError("", f"messages[{i}]: missing field 'role'")
-        if role not in ROLES:
-            raise DataError("", f"messages[{i}]: unknown role {role!r} (expected one of {ROLES})")
-        content = item.get("content")
+            raise DataError("", f"{where}: missing field {role_key!r}")
+        if role not in roles:
+            raise DataError("", f"{where}: unknown role {role!r} (expected one of {tuple(roles)})")
+        content = item.get(text_key)
         if content is None:
-            raise DataError("", f"messages[{i}]: missing field 'content'")
+            raise DataError("", f"{where}: missing field {text_key!r}")
         if not isinstance(content, str):
-            raise DataError("", f"messages[{i}]: 'content' must be a string, got {content!r:.60}")
-        if role == "system" and i != 0:
-            raise DataError("", f"messages[{i}]: a system message is only allowed first")
-        out.append(Message(role, content))
+            raise DataError("", f"{where}: {text_key!r} must be a string, got {content!r:.60}")
+        if roles[role] == "system" and i != 0:
+            raise DataError("", f"{where}: a system message is only allowed first")
+        out.append(Message(roles[role], content))
     return out
+
+
+def _from_messages(record: Mapping[str, Any]) -> list[Message]:
+    return _turns(record, "messages", "role", "content", {r: r for r in ROLES})
+
+
+# ShareGPT / LLaMA-Factory ``sharegpt``: human/gpt (also user/assistant) turns; tool turns are not supported.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _from_sharegpt(record: Mapping[str, Any]) -> list[Message]:
+    turns = _turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
+    if _system(record) and turns and turns[0].role == "system":
+        raise DataError("", "both a 'system' field and a system turn in 'conversations'")
+    return _system(record) + turns
 
 
 def _from_alpaca(record: Mapping[str, Any]) -> list[Message]:
@@ -95,7 +117,8 @@ def _from_prompt_response(record: Mapping[str, Any]) -> list[Message]:
     return _system(record) + [Message("user", prompt), Message("assistant", response)]
 
 
-_BUILDERS = {"messages": _from_messages, "alpaca": _from_alpaca, "prompt_response": _from_prompt_response}
+_BUILDERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
+             "prompt_response": _from_prompt_response}
 
 
 def _check_turns(messages: list[Message]) -> None:
