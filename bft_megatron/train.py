@@ -35,36 +35,54 @@ def _export_hf(cfg, trainer, groups, state, log) -> None:
     log.info("exported Hugging Face weights to %s", out_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(sys.argv[1:] if argv is None else argv)
-    from bft_megatron.config import ConfigError, config_warnings, load_config, validate
-    from bft_megatron.utils.logging import get_logger
+def _config(args, log):
+    """(cfg, layout), or None after logging a config error. ``--check`` and real runs also check input paths."""
+    from bft_megatron.config import check_paths, config_warnings, load_config, validate
 
-    log = get_logger("bft_megatron.train")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg = load_config(args.config, args.overrides)
         layout = validate(cfg, world_size)
+        if not args.dry_run:
+            check_paths(cfg)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError and the data layer's checks are ValueErrors
         hint = ("; outside torchrun the world size is 1: set WORLD_SIZE=N to check or plan for N processes"
                 if "WORLD_SIZE" not in os.environ and "world size" in str(exc) else "")
         log.error("config error: %s%s", exc, hint)
-        return 2
+        return None
     if int(os.environ.get("RANK", "0")) == 0:
         for warning in config_warnings(cfg):
             log.warning("config: %s", warning)
+    return cfg, layout
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    from bft_megatron.config import ConfigError
+    from bft_megatron.utils.logging import get_logger
+
+    log = get_logger("bft_megatron.train")
+    loaded = _config(args, log)
+    if loaded is None:
+        return 2
+    cfg, layout = loaded
     if args.check or args.dry_run:
-        log.info("config OK: world=%d dp=%d micro-batches/step=%d", world_size, layout.dp, layout.num_microbatches)
+        log.info("config OK: world=%d dp=%d micro-batches/step=%d", layout.world_size, layout.dp,
+                 layout.num_microbatches)
         if args.dry_run:
             from bft_megatron.config.plan import format_plan
 
-            sys.stdout.write(format_plan(cfg, world_size, 0.40, cfg.logging.peak_tflops or 989.0) + "\n")
+            sys.stdout.write(format_plan(cfg, layout.world_size, 0.40, cfg.logging.peak_tflops or 989.0) + "\n")
         return 0
 
+    from bft_megatron.training.fit import ExitRequest, fit
+
+    # From here on a SIGTERM/SIGUSR1 (data preparation, checkpoint loading included) asks for a clean exit, and
+    # train.exit_duration_minutes counts from here, as Megatron-LM counts from process start.
+    exit_request = ExitRequest(install=cfg.checkpoint.save_on_signal)
     from bft_megatron.checkpoint import Checkpointer
     from bft_megatron.parallel import bootstrap
     from bft_megatron.training.build import build_trainer
-    from bft_megatron.training.fit import ExitRequest, fit
 
     p = cfg.parallel
     groups = bootstrap.initialize(p.tp, p.pp, p.vp, p.cp, seed=cfg.train.seed, timeout_minutes=p.timeout_minutes)
@@ -76,7 +94,6 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:  # the prepared data or the checkpoint's LR schedule vs this config (every rank)
             log.error("config error: %s", exc)
             return 2
-        exit_request = ExitRequest(install=cfg.checkpoint.save_on_signal)
         state = fit(trainer, checkpointer if cfg.checkpoint.save else None, exit_request)
         log.info("done: %d steps, %d skipped, %d rows consumed", state.iteration, state.skipped_steps,
                  state.consumed_rows)

@@ -88,8 +88,9 @@ def test_distributed_optimizer_shards_only_the_optimizer():
 
 def test_tensor_and_sequence_parallel_split_activations_and_logits():
     mem, _ = plan_memory(cfg_of("parallel.tp=2"), dp=1, num_microbatches=4)
-    # Vocabulary padded to a multiple of 64 x 2 = 128: still 256; everything /2 except the norm inputs.
-    act = TOKENS * (2 * (4 * 64 + 128 + 3 * 128) / 2 + 2 * 2 * 64 + 4 * 4 / 2)
+    # Vocabulary padded to a multiple of 64 x 2 = 128: still 256; everything /2 except the norm inputs and
+    # outputs (the qkv and fc1 inputs), which every TP rank holds in full without sequence parallel.
+    act = TOKENS * (2 * (2 * 64 + 128 + 3 * 128) / 2 + 2 * 2 * 64 + 2 * 2 * 64 + 4 * 4 / 2)
     assert mem.activations == pytest.approx(gib(4 * act))
     assert mem.logits == pytest.approx(gib(LOGITS / 2))
     sp, _ = plan_memory(cfg_of("parallel.tp=2", "parallel.sequence_parallel=true"), dp=1, num_microbatches=4)

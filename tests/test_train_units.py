@@ -2,6 +2,7 @@
 Adam step untying, and loss_func against a direct computation."""
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -358,3 +359,42 @@ def test_single_process_without_torchrun_gets_a_free_port(monkeypatch):
     env["MASTER_PORT"] = "29611"
     bootstrap._init_process_group("gloo", 1)
     assert seen[-1]["MASTER_PORT"] == "29611"
+
+
+def test_cli_listens_for_exit_signals_before_building_and_loading(monkeypatch):
+    """A SIGUSR1/SIGTERM during data preparation or checkpoint loading asks for a clean exit (instead of killing
+    the rank with no checkpoint and no RESUME marker), and train.exit_duration_minutes counts from there."""
+    import signal
+    from types import SimpleNamespace
+
+    import bft_megatron.checkpoint as checkpoint
+    import bft_megatron.training.build as build
+    import bft_megatron.training.fit as fit_mod
+    from bft_megatron import train
+    from bft_megatron.parallel import bootstrap
+    from tests.launch import TINY
+
+    seen = {}
+
+    def build_trainer(*args):
+        seen["handler"] = signal.getsignal(signal.SIGUSR1)
+        return SimpleNamespace()
+
+    def fit(trainer, checkpointer, exit_request):
+        seen["exit_request"] = exit_request
+        return SimpleNamespace(iteration=0, skipped_steps=0, consumed_rows=0)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    monkeypatch.setattr(bootstrap, "initialize", lambda *a, **k: SimpleNamespace())
+    monkeypatch.setattr(bootstrap, "destroy", lambda *a, **k: None)
+    monkeypatch.setattr(build, "build_trainer", build_trainer)
+    monkeypatch.setattr(checkpoint, "Checkpointer", lambda cfg, groups: SimpleNamespace(load=lambda trainer: None))
+    monkeypatch.setattr(fit_mod, "fit", fit)
+    try:
+        assert train.main(TINY) == 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    request = seen["exit_request"]
+    assert seen["handler"] == request._handler  # installed before the trainer was built
+    assert request.started <= time.time()

@@ -76,10 +76,12 @@ def _layer_activation_bytes(m, seq: int, mbs: int, p) -> float:
     h, f = m.hidden_size, m.ffn_hidden_size
     head_dim = h // m.num_attention_heads
     qkv_out = h + 2 * m.kv_groups * head_dim
-    split = 2 * (4 * h + qkv_out + 3 * f)      # qkv/proj/fc1/fc2 inputs, q/k/v, attn out, fc1 out, swiglu out
-    norms = 2 * 2 * h                          # the two norm inputs: sharded only with sequence parallel
+    split = 2 * (2 * h + qkv_out + 3 * f)      # proj input, attn out, q/k/v, fc1 out, swiglu out (= fc2 input)
+    # The two norm inputs and the two norm outputs (the qkv and fc1 inputs, kept for their weight gradients):
+    # full on every TP rank unless sequence parallel shards them (Korthikanti et al.: sbh(10 + 24/t) without SP).
+    replicated = 2 * 2 * h + 2 * 2 * h
     softmax_stats = 4 * m.num_attention_heads  # fp32 log-sum-exp per head (flash attention)
-    per_token = split / p.tp + (norms / p.tp if p.sequence_parallel else norms) + softmax_stats / p.tp
+    per_token = split / p.tp + (replicated / p.tp if p.sequence_parallel else replicated) + softmax_stats / p.tp
     return sb * per_token
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from bft_megatron.config.base import ConfigError
 from bft_megatron.config.schema import Config
 
-__all__ = ["Layout", "validate", "config_warnings", "have_transformer_engine"]
+__all__ = ["Layout", "validate", "check_paths", "config_warnings", "have_transformer_engine"]
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,6 @@ def _check_loss_ckpt(cfg: Config) -> None:
     _require(not (c.save_interval and not c.save), f"checkpoint.save_interval={c.save_interval} needs checkpoint.save")
     _require(c.keep_last is None or c.keep_last >= 1, f"checkpoint.keep_last must be >= 1 or null, got {c.keep_last}")
     _require(not (c.finetune and not c.load), "checkpoint.finetune=true needs checkpoint.load")
-    _require(not (c.finetune and not os.path.exists(c.load)),
-             f"checkpoint.load={c.load} does not exist (checkpoint.finetune=true starts from it)")
     _require(not (c.export_hf and not c.save),
              "checkpoint.export_hf=true needs checkpoint.save (the export goes to <save>/hf_iter_<N>)")
     _require(cfg.logging.log_interval >= 1, f"logging.log_interval must be >= 1, got {cfg.logging.log_interval}")
@@ -164,3 +162,11 @@ def config_warnings(cfg: Config) -> list[str]:
         out.append(f"loss.sft_warmup_iters={lo.sft_warmup_iters} >= train.train_iters={t.train_iters}: "
                    f"loss.method={lo.method} never runs (every step is SFT)")
     return out
+
+
+def check_paths(cfg: Config) -> None:
+    """Inputs that must exist on disk for a run (``--check`` and real runs; not ``--dry-run`` / ``plan``,
+    which plan recipes whose paths are placeholders): raises :class:`ConfigError` naming the field."""
+    c = cfg.checkpoint
+    _require(not (c.finetune and c.load and not os.path.exists(c.load)),
+             f"checkpoint.load={c.load} does not exist (checkpoint.finetune=true starts from it)")

@@ -24,11 +24,13 @@ _log = get_logger(__name__)
 
 
 class ExitRequest:
-    """Set by signal handlers; polled (and agreed on) once per step."""
+    """Set by signal handlers; polled (and agreed on) once per step. ``started``: when it was made, the start of
+    ``train.exit_duration_minutes`` (the CLI makes it before building the model and loading the checkpoint)."""
 
     def __init__(self, install: bool) -> None:
         self.requested = False
         self.reason = ""
+        self.started = time.time()
         if install:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._handler)
@@ -91,7 +93,6 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
     if trainer.groups.rank == 0:
         for note in idle_notes(cfg, state.iteration, trainer.valid_data is not None):
             _log.warning(note)
-    started = time.time()
     step_times: list[float] = []
     # A run resumed at iteration N already has checkpoint N: only save again after new steps.
     saved_at, interval_tokens = (state.iteration if state.iteration > 0 else -1), 0
@@ -116,7 +117,7 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
         if checkpointer is not None:
             checkpointer.poll()
         timed_out = (cfg.train.exit_duration_minutes is not None
-                     and time.time() - started > 60 * cfg.train.exit_duration_minutes)
+                     and time.time() - exit_request.started > 60 * cfg.train.exit_duration_minutes)
         if _agree(exit_request.requested or timed_out, trainer.groups.device):
             _log.info("exit requested (%s) at step %d", exit_request.reason or "exit_duration_minutes", it)
             break
