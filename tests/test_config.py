@@ -121,8 +121,6 @@ def test_valid_layouts():
     (["model.num_query_groups=3"], 1, r"model.num_attention_heads=4 must be divisible by model.num_query_groups=3"),
     (["checkpoint.save_interval=10"], 1, r"checkpoint.save_interval=10 needs checkpoint.save"),
     (["checkpoint.finetune=true"], 1, r"checkpoint.finetune=true needs checkpoint.load"),
-    (["checkpoint.finetune=true", "checkpoint.load=no/such/ckpt"], 1,
-     r"checkpoint.load=no/such/ckpt does not exist \(checkpoint.finetune=true starts from it\)"),
     (["parallel.pp=2", "parallel.vp=2", "train.micro_batch_size=1", "train.global_batch_size=3"], 2,
      r"micro-batches per step .* = 3 must be divisible by parallel.pp=2"),
     (["model.rope_scaling.low_freq_factor=4"], 1, r"high_freq_factor > low_freq_factor"),
@@ -151,6 +149,22 @@ def test_train_cli_check_and_config_errors():
                           "parallel.tp=3", "--check"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "world size 1 is not divisible by parallel.tp*pp*cp" in bad.stderr
     assert "set WORLD_SIZE=N" in bad.stderr  # outside torchrun: how to check for N processes
+
+
+def test_missing_finetune_checkpoint_is_caught_by_check_but_not_by_dry_run(tmp_path):
+    """Recipes carry placeholder paths: --dry-run/plan must still plan them; --check and real runs must not
+    start a fine-tune from nothing."""
+    from bft_megatron.config import check_paths
+    from bft_megatron.train import main
+
+    over = ["checkpoint.finetune=true", "checkpoint.load=no/such/ckpt"]
+    cfg = load_config("configs/demo_cpu.yaml", over)
+    validate(cfg, 1)
+    with pytest.raises(ConfigError, match=r"checkpoint.load=no/such/ckpt does not exist \(checkpoint.finetune=true"):
+        check_paths(cfg)
+    check_paths(load_config("configs/demo_cpu.yaml", ["checkpoint.finetune=true", f"checkpoint.load={tmp_path}"]))
+    assert main(["--config", "configs/demo_cpu.yaml", *over, "--check"]) == 2
+    assert main(["--config", "configs/demo_cpu.yaml", *over, "--dry-run"]) == 0
 
 
 def test_train_cli_reports_data_config_errors_without_a_traceback():
