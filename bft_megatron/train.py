@@ -31,7 +31,9 @@ def _export_hf(cfg, trainer, groups, state, log) -> None:
     from bft_megatron.convert.live_export import export_to_hf
 
     out_dir = os.path.join(cfg.checkpoint.save or ".", f"hf_iter_{state.iteration:07d}")
-    export_to_hf(trainer.model, cfg.model, out_dir, groups, tokenizer_dir=cfg.model.from_hf)
+    # the tokenizer and chat template come from cfg (data.tokenizer / data.template), config.json from the
+    # import the run started from (checkpoint.load's hf/) or model.from_hf
+    export_to_hf(trainer.model, cfg.model, out_dir, groups, config=cfg)
     log.info("exported Hugging Face weights to %s", out_dir)
 
 

@@ -66,7 +66,8 @@ def _train_worker(rank: int, world: int, root: str, tokens: torch.Tensor) -> dic
         checkpointer = Checkpointer(cfg, groups)
         assert checkpointer.load(trainer)
         fit(trainer, checkpointer if save else None)
-        export_to_hf(trainer.model, cfg.model, os.path.join(root, "live", run), groups)
+        # config=cfg: config.json and tokenizer from checkpoint.load's hf/ (the import), as the trainer does
+        export_to_hf(trainer.model, cfg.model, os.path.join(root, "live", run), groups, config=cfg)
         logits[run] = megatron_logits(trainer.model, tokens, groups, cfg.model.vocab_size)
         bootstrap.destroy(keep_process_group=True)
     return {k: v for k, v in logits.items() if v is not None}

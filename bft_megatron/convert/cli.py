@@ -1,7 +1,8 @@
 """``bft-megatron convert import|export``: HF safetensors <-> megatron dist checkpoints.
 
     bft-megatron convert import --hf HF_DIR --out CKPT [--low-memory]
-    bft-megatron convert export --ckpt CKPT --out HF_DIR [--hf SRC_HF_DIR] [--max-shard-size 5GB] [--dtype bf16]
+    bft-megatron convert export --ckpt CKPT --out HF_DIR [--tokenizer TOK] [--hf SRC_HF_DIR] [--max-shard-size 5GB]
+                                [--dtype bf16]
 
 Both run as a single process (no torchrun needed). See docs/convert.md.
 """
@@ -43,7 +44,11 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="megatron dist checkpoint -> HF safetensors directory")
     exp.add_argument("--ckpt", required=True, help="run directory (uses 'latest'), iter_ directory or dist checkpoint")
     exp.add_argument("--out", required=True, help="output HF directory")
-    exp.add_argument("--hf", default=None, help="HF directory for config.json/tokenizer if the checkpoint lacks them")
+    exp.add_argument("--tokenizer", default=None,
+                     help="HF tokenizer directory or sentencepiece .model to ship (default: the data.tokenizer the "
+                          "checkpoint's training config names)")
+    exp.add_argument("--hf", default=None, help="HF model directory for config.json (and the tokenizer if none "
+                                                "is found otherwise)")
     exp.add_argument("--max-shard-size", type=parse_size, default="5GB", help="per-file size limit (default 5GB)")
     exp.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast weights (default: keep)")
     return parser
@@ -61,7 +66,7 @@ def main(argv: list[str]) -> int:
             from bft_megatron.convert.exporter import export_checkpoint
 
             export_checkpoint(args.ckpt, args.out, hf_dir=args.hf, max_shard_bytes=args.max_shard_size,
-                              dtype=_DTYPES[args.dtype] if args.dtype else None)
+                              dtype=_DTYPES[args.dtype] if args.dtype else None, tokenizer=args.tokenizer)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:  # ConfigError is a ValueError
         _log.error("convert %s failed: %s", args.direction, exc)
         return 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 
 import torch
 
@@ -21,10 +22,12 @@ from bft_megatron.checkpoint import pointer
 from bft_megatron.config.base import from_dict
 from bft_megatron.config.schema import ModelConfig
 from bft_megatron.convert.hf_config import write_hf_metadata
-from bft_megatron.convert.hf_io import DEFAULT_SHARD_BYTES, ShardWriter, finalize_shards
-from bft_megatron.convert.importer import HF_SUBDIR, model_config_from_hf_dir
+from bft_megatron.convert.hf_io import (DEFAULT_SHARD_BYTES, ShardWriter, begin_staging, finalize_shards,
+                                        publish_staging, stale_weights_error)
+from bft_megatron.convert.importer import model_config_from_hf_dir
 from bft_megatron.convert.mapping import EMBEDDING, FINAL_NORM, OUTPUT, detect_spec, layer_rules
 from bft_megatron.convert.runtime import process_group
+from bft_megatron.convert.sources import CLI_HINT, ExportSources, find_sources
 from bft_megatron.convert.tensors import to_hf
 from bft_megatron.utils.logging import get_logger
 
@@ -45,20 +48,18 @@ def resolve_checkpoint_dir(path: str) -> str:
     return resolved
 
 
-def _sources(ckpt_dir: str, common: dict, hf_dir: str | None) -> tuple[ModelConfig, str | None]:
-    """(model config, template HF dir): ``--hf`` > ``<run>/hf`` (import) > the config's ``model.from_hf``."""
-    run_hf = os.path.join(os.path.dirname(os.path.normpath(ckpt_dir)), HF_SUBDIR)
-    saved = common.get("config", {}).get("model") if isinstance(common.get("config"), dict) else None
-    m = from_dict(ModelConfig, saved, "model") if saved else None
-    candidates = [hf_dir, run_hf, m.from_hf if m else None]
-    template = next((d for d in candidates if d and os.path.isfile(os.path.join(d, "config.json"))), None)
-    if hf_dir and template != hf_dir:
-        raise FileNotFoundError(f"--hf {hf_dir}: no config.json there")
-    if m is None:
-        if template is None:
-            raise ValueError(f"{ckpt_dir}: the checkpoint carries no model config; pass --hf DIR with config.json")
-        m = model_config_from_hf_dir(template)
-    return m, template
+def _sources(ckpt_dir: str, common: dict, hf_dir: str | None,
+             tokenizer: str | None) -> tuple[ModelConfig, ExportSources]:
+    """(model config, where config.json and the tokenizer come from: :func:`find_sources`)."""
+    run_dir = os.path.dirname(os.path.normpath(ckpt_dir))
+    config = common.get("config") if isinstance(common.get("config"), dict) else {}
+    sources = find_sources(config, hf_dir=hf_dir, tokenizer=tokenizer, run_dir=run_dir, hint=CLI_HINT)
+    saved = config.get("model")
+    if saved:
+        return from_dict(ModelConfig, saved, "model"), sources
+    if sources.template_dir is None:
+        raise ValueError(f"{ckpt_dir}: the checkpoint carries no model config; pass --hf DIR with config.json")
+    return model_config_from_hf_dir(sources.template_dir), sources
 
 
 def _range_request(metadata: dict, key: str, start: int, stop: int) -> object:
@@ -89,10 +90,11 @@ def _load_global(path: str, metadata: dict, key: str) -> torch.Tensor:
 class _Export:
     """State of one offline export: checkpoint metadata, model config, the shard writer."""
 
-    def __init__(self, path: str, m: ModelConfig, writer: ShardWriter, dtype: torch.dtype | None) -> None:
+    def __init__(self, path: str, m: ModelConfig, dtype: torch.dtype | None) -> None:
         from megatron.core import dist_checkpointing
 
-        self.path, self.m, self.writer, self.dtype = path, m, writer, dtype
+        self.path, self.m, self.dtype = path, m, dtype
+        self.writer: ShardWriter | None = None  # set by run()
         self.metadata = dist_checkpointing.load_tensors_metadata(path)
         self.spec = detect_spec(self.metadata.keys())
         self.rules = layer_rules(m.qkv_bias)
@@ -126,7 +128,8 @@ class _Export:
                     self.write(rule, loaded[key][i - group.start], i)
             _log.info("exported layers %d..%d of %d", group.start, group.stop - 1, self.m.num_layers)
 
-    def run(self) -> None:
+    def run(self, writer: ShardWriter) -> None:
+        self.writer = writer
         self.write(EMBEDDING, _load_global(self.path, self.metadata, EMBEDDING.local), None)
         self.layers()
         self.write(FINAL_NORM, _load_global(self.path, self.metadata, FINAL_NORM.local), None)
@@ -134,27 +137,40 @@ class _Export:
             if OUTPUT.local not in self.metadata:
                 raise KeyError(f"{self.path}: untied model but {OUTPUT.local!r} is missing from the checkpoint")
             self.write(OUTPUT, _load_global(self.path, self.metadata, OUTPUT.local), None)
+        writer.flush()
 
 
 def export_checkpoint(ckpt: str, out_dir: str, hf_dir: str | None = None,
-                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype | None = None) -> str:
+                      max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype | None = None,
+                      tokenizer: str | None = None) -> str:
     """Export a dist checkpoint (run dir, iter_ dir or plain) to an HF directory; returns ``out_dir``.
 
-    ``hf_dir`` supplies config.json / tokenizer when the checkpoint's own sources are absent;
-    ``dtype`` casts the weights (default: keep the checkpoint's dtype).
+    ``tokenizer`` (HF tokenizer directory or sentencepiece ``.model``) overrides the training tokenizer the
+    checkpoint's config names; ``hf_dir`` supplies config.json (and a tokenizer if no other is found);
+    ``dtype`` casts the weights (default: keep the checkpoint's dtype). Everything that can be checked
+    (checkpoint tensors and layer count, template config.json, tokenizer size) is checked before any shard
+    is written; the export is written into a hidden sibling directory and moved to ``out_dir`` when
+    complete, so a failed export leaves nothing behind that blocks a retry.
     """
     from megatron.core import dist_checkpointing
 
     path = resolve_checkpoint_dir(ckpt)
+    stale = stale_weights_error(out_dir)
+    if stale:
+        raise FileExistsError(stale)
     with process_group():
         common = dist_checkpointing.load_common_state_dict(path)
-        m, template = _sources(path, common, hf_dir)
-        writer = ShardWriter(out_dir, max_shard_bytes)
-        job = _Export(path, m, writer, dtype)
-        job.run()
-        writer.flush()
-        finalize_shards(out_dir, [writer.manifest], writer.total_bytes)
-        out_dtype = dtype or job.metadata[EMBEDDING.local].dtype
-    write_hf_metadata(out_dir, m, out_dtype, template)
+        m, sources = _sources(path, common, hf_dir, tokenizer)
+        job = _Export(path, m, dtype)
+        stage = begin_staging(out_dir)
+        try:
+            write_hf_metadata(stage, m, dtype or job.metadata[EMBEDDING.local].dtype, sources)
+            writer = ShardWriter(stage, max_shard_bytes)
+            job.run(writer)
+            finalize_shards(stage, [writer.manifest], writer.total_bytes)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+    publish_staging(stage, out_dir)
     _log.info("exported %s -> %s", path, out_dir)
     return out_dir

@@ -1,9 +1,12 @@
 """Write the non-weight files of an exported HF model: config.json, generation_config.json, tokenizer.
 
 With a template directory (the source HF model) its config.json is kept, after checking that the
-architecture matches the exported weights, and its tokenizer and generation config are copied.
+architecture matches the exported weights, and its generation config is the base of the new one.
 Without one, config.json is synthesised from :class:`ModelConfig` through transformers' own config
-class (so the key names match the installed transformers version).
+class (so the key names match the installed transformers version). The tokenizer (the training one:
+:mod:`bft_megatron.convert.sources`) is written by :mod:`bft_megatron.convert.hf_tokenizer`, and its
+bos/eos/pad ids and chat end-of-turn token go into both configs; without a tokenizer the synthesised
+config carries no token ids (never transformers' defaults) and a warning says which option supplies one.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import os
 import torch
 
 from bft_megatron.config.schema import ModelConfig
-from bft_megatron.convert.hf_io import copy_side_files
+from bft_megatron.convert.hf_tokenizer import SpecialIds, write_tokenizer
 from bft_megatron.convert.importer import model_config_from_hf_dir
+from bft_megatron.convert.sources import ExportSources
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["write_hf_metadata"]
@@ -27,12 +31,22 @@ _ARCH_FIELDS = ("family", "hidden_size", "num_layers", "num_attention_heads", "k
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _check_template(template_dir: str, m: ModelConfig) -> None:
+def _template_config(sources: ExportSources, m: ModelConfig) -> dict | None:
+    """The template's config.json if it describes ``m``; a mismatch raises for ``--hf``, else is skipped (warning)."""
+    template_dir = sources.template_dir
+    if not (template_dir and os.path.isfile(os.path.join(template_dir, "config.json"))):
+        return None
     t = model_config_from_hf_dir(template_dir)
     bad = [f"{f}: template {getattr(t, f)!r} vs weights {getattr(m, f)!r}" for f in _ARCH_FIELDS
            if getattr(t, f) != getattr(m, f)]
     if bad:
-        raise ValueError(f"{template_dir}/config.json does not describe the exported model: {'; '.join(bad)}")
+        message = f"{template_dir}/config.json does not describe the exported model: {'; '.join(bad)}"
+        if sources.template_explicit:
+            raise ValueError(message)
+        _log.warning("%s; synthesising config.json instead", message)
+        return None
+    with open(os.path.join(template_dir, "config.json"), encoding="utf-8") as fh:
+        return json.load(fh)
 
 
 def _synthesised_config(m: ModelConfig) -> dict:
@@ -56,23 +70,63 @@ def _synthesised_config(m: ModelConfig) -> dict:
     return cfg.to_dict()
 
 
-def write_hf_metadata(out_dir: str, m: ModelConfig, dtype: torch.dtype, template_dir: str | None) -> None:
-    """config.json (+ dtype), generation_config.json and tokenizer files into ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
-    if template_dir and os.path.isfile(os.path.join(template_dir, "config.json")):
-        _check_template(template_dir, m)
-        with open(os.path.join(template_dir, "config.json"), encoding="utf-8") as fh:
-            config = json.load(fh)
+def _set_token_ids(config: dict, ids: SpecialIds) -> None:
+    """bos/eos/pad of config.json from the tokenizer; an eos list that already holds its eos is kept."""
+    eos = config.get("eos_token_id")
+    if ids.eos is not None and not (eos == ids.eos or (isinstance(eos, list) and ids.eos in eos)):
+        config["eos_token_id"] = ids.eos
+    if ids.bos is not None:
+        config["bos_token_id"] = ids.bos
+    if config.get("pad_token_id") is None and ids.pad is not None:
+        config["pad_token_id"] = ids.pad
+
+
+def _generation_config(config: dict, template_dir: str | None, ids: SpecialIds | None) -> dict:
+    """The template's generation_config.json (else one from config.json), with the tokenizer's ids merged in."""
+    path = os.path.join(template_dir, "generation_config.json") if template_dir else None
+    if path and os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            gen = json.load(fh)
     else:
-        _log.warning("no HF template config: synthesising config.json from the model section")
+        import transformers
+
+        gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+        gen["transformers_version"] = transformers.__version__
+    if ids is not None:
+        gen.pop("_from_model_config", None)  # else transformers may re-derive it from config.json's single eos
+        old = gen.get("eos_token_id")
+        old = old if isinstance(old, list) else [] if old is None else [old]
+        eos = list(dict.fromkeys(ids.generation_eos + old))
+        gen["eos_token_id"] = eos[0] if len(eos) == 1 else eos
+        for key, value in (("bos_token_id", ids.bos), ("pad_token_id", ids.pad)):
+            if value is not None:
+                gen[key] = value
+    return gen
+
+
+def write_hf_metadata(out_dir: str, m: ModelConfig, dtype: torch.dtype, sources: ExportSources) -> None:
+    """config.json (+ dtype), generation_config.json, tokenizer files and chat template into ``out_dir``.
+
+    Raises (before writing anything) if an explicit template config.json (``--hf``) does not describe ``m``.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    config = _template_config(sources, m)
+    template_dir = sources.template_dir if config is not None else None
+    if config is None:
+        _log.info("no HF config.json to start from: synthesising config.json from the model section")
         config = _synthesised_config(m)
     config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = _DTYPE_NAMES[dtype]
+    ids = write_tokenizer(sources.tokenizer, out_dir, m.vocab_size) if sources.tokenizer else None
+    if ids is not None:
+        _set_token_ids(config, ids)
+    else:
+        if template_dir is None:  # never transformers' class defaults (Llama's 1/2): no ids rather than wrong ones
+            config.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        _log.warning("NO TOKENIZER in the export (looked at: %s): the folder has no tokenizer files%s; %s",
+                     "; ".join(sources.looked_at),
+                     "" if template_dir else " and config.json / generation_config.json no bos/eos ids "
+                     "(generation will not stop at an end-of-sequence token)", sources.hint)
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2, sort_keys=True)
-    copied = copy_side_files(template_dir, out_dir)
-    if "generation_config.json" not in copied:
-        from transformers import GenerationConfig, PretrainedConfig
-
-        GenerationConfig.from_model_config(PretrainedConfig.from_dict(config)).save_pretrained(out_dir)
-    if not any(name.startswith("tokenizer") for name in copied):
-        _log.warning("no tokenizer files found (template %s): pass --hf DIR to add them", template_dir)
+    with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as fh:
+        json.dump(_generation_config(config, template_dir, ids), fh, indent=2, sort_keys=True)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["HFReader", "ShardWriter", "finalize_shards", "stale_weights_error", "copy_side_files", "SIDE_FILES",
-           "DEFAULT_SHARD_BYTES"]
+           "DEFAULT_SHARD_BYTES", "staging_path", "begin_staging", "publish_staging"]
 
 _log = get_logger(__name__)
 
@@ -77,6 +77,40 @@ def stale_weights_error(out_dir: str) -> str | None:
     stale = [f for f in os.listdir(out_dir) if f in (INDEX, SINGLE) or
              (f.startswith("model-") and f.endswith(".safetensors"))]
     return f"{out_dir} already holds HF weights ({stale[0]}, ...); export into a new directory" if stale else None
+
+
+def staging_path(out_dir: str) -> str:
+    """Where an export into ``out_dir`` is written before it is published: a hidden sibling directory."""
+    out_dir = os.path.normpath(out_dir)
+    return os.path.join(os.path.dirname(out_dir), f".{os.path.basename(out_dir)}.partial")
+
+
+def begin_staging(out_dir: str) -> str:
+    """Refuse an ``out_dir`` holding weights; create an empty staging directory (an earlier failed export's is
+    removed). Returns its path."""
+    stale = stale_weights_error(out_dir)
+    if stale:
+        raise FileExistsError(stale)
+    stage = staging_path(out_dir)
+    if os.path.exists(stage):
+        _log.info("removing %s, left by an export that did not finish", stage)
+        shutil.rmtree(stage)
+    os.makedirs(stage)
+    return stage
+
+
+def publish_staging(stage: str, out_dir: str) -> None:
+    """Move a complete export from ``stage`` to ``out_dir``: a rename, or file by file (the index last) into an
+    existing ``out_dir`` that holds other files."""
+    if os.path.isdir(out_dir) and not os.listdir(out_dir):
+        os.rmdir(out_dir)
+    if not os.path.exists(out_dir):
+        os.replace(stage, out_dir)
+        return
+    names = sorted(os.listdir(stage), key=lambda n: n == INDEX)
+    for name in names:
+        os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
+    os.rmdir(stage)
 
 
 class ShardWriter:

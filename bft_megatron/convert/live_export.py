@@ -1,11 +1,13 @@
 """Export in-memory (TP/PP-sharded) megatron model chunks to an HF directory, from inside a job.
 
 For the trainer's ``export_hf: true``: call :func:`export_to_hf` on every rank after the last step.
-Each pipeline stage writes its own shards (no pipeline traffic): on the ranks with data-parallel and
-context-parallel rank 0, every parameter is all-gathered over the tensor-parallel group one at a
-time and tensor-parallel rank 0 writes it. Global rank 0 then names the shards, writes the index,
-config.json, generation_config.json and tokenizer files. ``out_dir`` must be on a filesystem that
-every writing rank and rank 0 see (it is on one node).
+Global rank 0 first checks the template config.json and the tokenizer and writes config.json,
+generation_config.json and the tokenizer files into a hidden staging sibling of ``out_dir`` (a
+failure there raises on every rank before any shard is written). Each pipeline stage then writes its
+own shards there (no pipeline traffic): on the ranks with data-parallel and context-parallel rank 0,
+every parameter is all-gathered over the tensor-parallel group one at a time and tensor-parallel
+rank 0 writes it. Global rank 0 names the shards, writes the index and moves the complete export to
+``out_dir``, which must be on a filesystem that every writing rank and rank 0 see (it is on one node).
 
 Host memory per writing rank: one gathered parameter plus one shard buffer (``max_shard_bytes``).
 With ``overlap_param_gather`` the distributed optimizer's last parameter all-gather must have
@@ -14,14 +16,19 @@ finished (it has once ``optimizer.step()`` returned and the next forward did not
 
 from __future__ import annotations
 
+import shutil
+
 import torch
 import torch.distributed as dist
 
 from bft_megatron.checkpoint.state import unwrap
-from bft_megatron.config.schema import ModelConfig
+from bft_megatron.config.base import to_dict
+from bft_megatron.config.schema import Config, ModelConfig
 from bft_megatron.convert.hf_config import write_hf_metadata
-from bft_megatron.convert.hf_io import DEFAULT_SHARD_BYTES, ShardWriter, finalize_shards, stale_weights_error
+from bft_megatron.convert.hf_io import (DEFAULT_SHARD_BYTES, ShardWriter, begin_staging, finalize_shards,
+                                        publish_staging, staging_path)
 from bft_megatron.convert.mapping import OUTPUT, detect_spec, rule_by_megatron_name
+from bft_megatron.convert.sources import TRAINER_HINT, find_sources
 from bft_megatron.convert.tensors import to_hf
 from bft_megatron.parallel.bootstrap import ParallelGroups
 from bft_megatron.utils.logging import get_logger
@@ -30,6 +37,8 @@ __all__ = ["export_to_hf", "unwrap"]
 
 _log = get_logger(__name__)
 _LAYERS = "decoder.layers."
+_ERRORS = {"FileExistsError": FileExistsError, "FileNotFoundError": FileNotFoundError, "ValueError": ValueError,
+           "KeyError": KeyError}
 
 
 def _gather_tp(param: torch.Tensor, axis: int | None, groups: ParallelGroups) -> torch.Tensor:
@@ -69,26 +78,50 @@ def _write_chunk(model: torch.nn.Module, m: ModelConfig, groups: ParallelGroups,
             writer.add(name, tensor.to(dtype) if dtype is not None else tensor)
 
 
+def _prepare(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, out_dir: str, groups: ParallelGroups,
+             recorded: dict, tokenizer_dir: str | None, dtype: torch.dtype | None) -> None:
+    """Rank 0 finds the sources, checks them and writes the non-weight files into the staging directory before
+    any shard is written; every rank raises together if that failed (no half-entered collectives)."""
+    error: list = [None]
+    failure = None
+    if groups.rank == 0:
+        try:
+            sources = find_sources(recorded, hf_dir=tokenizer_dir, hint=TRAINER_HINT)
+            stage = begin_staging(out_dir)
+            out_dtype = dtype or next(unwrap(model_chunks[0]).parameters()).dtype
+            write_hf_metadata(stage, model_cfg, out_dtype, sources)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+            shutil.rmtree(staging_path(out_dir), ignore_errors=True)
+            failure, error = exc, [(type(exc).__name__, str(exc))]
+    dist.broadcast_object_list(error, src=0)
+    if failure is not None:
+        raise failure
+    if error[0]:
+        kind, message = error[0]
+        raise _ERRORS.get(kind, RuntimeError)(message)
+
+
 def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, out_dir: str, groups: ParallelGroups,
                  tokenizer_dir: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, config: Config | None = None) -> None:
     """Collective over the world: write ``model_chunks`` (this rank's, possibly wrapped) as HF safetensors.
 
-    ``tokenizer_dir`` (default ``model_cfg.from_hf``) supplies tokenizer files and the config.json
-    template (checked against ``model_cfg``). ``dtype`` casts (default: the parameters' dtype).
+    ``config`` (the training config) names the tokenizer the data was tokenized with (``data.tokenizer``),
+    its chat template (``data.template``) and the import the run started from (``checkpoint.load``, whose
+    ``hf/`` supplies config.json); ``tokenizer_dir`` (default ``model_cfg.from_hf``) is an HF directory for
+    config.json (checked against ``model_cfg``) and a tokenizer if no other is found. ``dtype`` casts
+    (default: the parameters' dtype). Written into a hidden sibling of ``out_dir``, moved there when complete.
     """
-    verdict = [stale_weights_error(out_dir) if groups.rank == 0 else None]
-    dist.broadcast_object_list(verdict, src=0)  # every rank refuses together (no half-entered collectives)
-    if verdict[0]:
-        raise FileExistsError(verdict[0])
+    recorded = to_dict(config) if config is not None else {"model": {"from_hf": model_cfg.from_hf}}
+    _prepare(model_chunks, model_cfg, out_dir, groups, recorded, tokenizer_dir, dtype)
+    stage = staging_path(out_dir)
     participates = groups.dp_rank == 0 and groups.cp_rank == 0
     manifests: list[dict[str, list[str]]] = []
-    total, out_dtype = 0, dtype
+    total = 0
     if participates:
         for index, chunk in enumerate(model_chunks):
             model = unwrap(chunk)
-            out_dtype = out_dtype or next(model.parameters()).dtype
-            writer = ShardWriter(out_dir, max_shard_bytes, tag=f"{groups.pp_rank:03d}-{index:02d}") \
+            writer = ShardWriter(stage, max_shard_bytes, tag=f"{groups.pp_rank:03d}-{index:02d}") \
                 if groups.tp_rank == 0 else None
             _write_chunk(model, model_cfg, groups, writer, dtype)
             if writer is not None:
@@ -96,10 +129,10 @@ def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, ou
                 manifests.append(writer.manifest)
                 total += writer.total_bytes
     gathered: list = [None] * groups.world_size
-    dist.all_gather_object(gathered, (groups.pp_rank, manifests, total, str(out_dtype).split(".")[-1]))
+    dist.all_gather_object(gathered, (groups.pp_rank, manifests, total))
     if groups.rank == 0:
         writers = sorted((g for g in gathered if g[1]), key=lambda g: g[0])
-        finalize_shards(out_dir, [mf for g in writers for mf in g[1]], sum(g[2] for g in writers))
-        write_hf_metadata(out_dir, model_cfg, getattr(torch, writers[0][3]), tokenizer_dir or model_cfg.from_hf)
+        finalize_shards(stage, [mf for g in writers for mf in g[1]], sum(g[2] for g in writers))
+        publish_staging(stage, out_dir)
         _log.info("exported the in-memory model to %s", out_dir)
     dist.barrier()

@@ -1,0 +1,132 @@
+"""Write an export's tokenizer (files and chat template) and read its special token ids.
+
+* An HF tokenizer directory: its tokenizer files are copied byte for byte.
+* A sentencepiece ``.model``: converted to an HF fast tokenizer that encodes as the trainer did
+  (:mod:`bft_megatron.convert.sp_tokenizer`) and saved with ``save_pretrained``.
+
+The chat template: the tokenizer's own, if it has one; otherwise the built-in template the training
+data was rendered with (``data.template``: chatml, llama3 or plain, as Jinja that renders exactly as
+training did), so ``apply_chat_template`` gives the training token ids. The special ids (bos, eos,
+pad, and the template's end-of-turn marker, where it has one) go into config.json and
+generation_config.json (:mod:`bft_megatron.convert.hf_config`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+
+from bft_megatron.convert.chat_templates import BUILTIN_JINJA, end_of_turn
+from bft_megatron.convert.sources import TokenizerSource
+from bft_megatron.utils.logging import get_logger
+
+__all__ = ["SpecialIds", "write_tokenizer", "TOKENIZER_FILES"]
+
+_log = get_logger(__name__)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bos: int | None
+    eos: int | None
+    pad: int | None
+    end_of_turn: int | None  # the chat template's turn-closing token, where it has one
+    size: int  # number of tokens (len(tokenizer))
+
+    @property
+    def generation_eos(self) -> list[int]:
+        """Ids that end a generation: eos, then the end-of-turn token."""
+        return list(dict.fromkeys(i for i in (self.eos, self.end_of_turn) if i is not None))
+
+
+def _token_id(tok, token: str | None) -> int | None:
+    if not token:
+        return None
+    idx = tok.convert_tokens_to_ids(token)
+    return None if idx is None or (idx == tok.unk_token_id and token != tok.unk_token) else int(idx)
+
+
+def _special_ids(tok) -> SpecialIds:
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos  # the trainer's fallback too
+    return SpecialIds(bos=tok.bos_token_id, eos=eos, pad=pad,
+                      end_of_turn=_token_id(tok, end_of_turn(tok.chat_template)), size=len(tok))
+
+
+def _within(ids: SpecialIds, model_vocab: int) -> SpecialIds:
+    """Drop special ids the model has no embedding row for (config.json must not name them)."""
+    fields = {k: getattr(ids, k) for k in ("bos", "eos", "pad", "end_of_turn")}
+    bad = {k: v for k, v in fields.items() if v is not None and v >= model_vocab}
+    if bad:
+        _log.warning("special token ids beyond the model's %d rows left out of config.json: %s", model_vocab, bad)
+    fields = {k: None if k in bad else v for k, v in fields.items()}
+    fields["pad"] = fields["eos"] if fields["pad"] is None else fields["pad"]
+    return SpecialIds(size=ids.size, **fields)
+
+
+def _add_chat_template(out_dir: str, jinja: str) -> None:
+    """Put ``jinja`` into the copied tokenizer_config.json (read by transformers 4.x and 5)."""
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    config = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as fh:
+            config = json.load(fh)
+    config["chat_template"] = jinja
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(config, fh, indent=2, ensure_ascii=False)
+
+
+def _copy_hf(src: TokenizerSource, out_dir: str):
+    """Copy an HF tokenizer directory's files; add the training template if it has none. Returns the tokenizer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src.path, local_files_only=True)
+    for name in TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src.path, name)):
+            shutil.copyfile(os.path.join(src.path, name), os.path.join(out_dir, name))
+    builtin = BUILTIN_JINJA.get(src.template or "")
+    if tok.chat_template:
+        if builtin:
+            _log.info("keeping %s's own chat template (training rendered chats with the built-in %r template)",
+                      src.path, src.template)
+    elif builtin:
+        _add_chat_template(out_dir, builtin)
+        tok.chat_template = builtin
+    return tok
+
+
+def _convert_sentencepiece(src: TokenizerSource, out_dir: str):
+    from bft_megatron.convert.sp_tokenizer import sentencepiece_to_fast
+
+    tok = sentencepiece_to_fast(src.path, chat_template=BUILTIN_JINJA.get(src.template or ""))
+    tok.save_pretrained(out_dir)
+    return tok
+
+
+def _check_record(ids: SpecialIds, src: TokenizerSource) -> None:
+    """Warn when the tokenizer's ids differ from those the prepared training data recorded."""
+    record = src.record or {}
+    pairs = {"bos_id": ids.bos, "eos_id": ids.eos, "vocab_size": ids.size}
+    diff = [f"{k}: data {record[k]} vs tokenizer {v}" for k, v in pairs.items() if k in record and record[k] != v]
+    if diff:
+        _log.warning("the exported tokenizer %s (%s) differs from the one the training data was tokenized with "
+                     "(%s): %s", src.path, src.origin, record.get("path"), "; ".join(diff))
+
+
+def write_tokenizer(src: TokenizerSource, out_dir: str, model_vocab: int) -> SpecialIds:
+    """Write ``src``'s tokenizer files and chat template into ``out_dir``; its special ids."""
+    os.makedirs(out_dir, exist_ok=True)
+    tok = _convert_sentencepiece(src, out_dir) if os.path.isfile(src.path) else _copy_hf(src, out_dir)
+    ids = _special_ids(tok)
+    if ids.size > model_vocab:
+        _log.warning("tokenizer %s (%s) has %d tokens but the model only %d embedding rows: is it the one the model "
+                     "was trained with?", src.path, src.origin, ids.size, model_vocab)
+        ids = _within(ids, model_vocab)
+    _check_record(ids, src)
+    _log.info("tokenizer from %s (%s): bos=%s eos=%s pad=%s end-of-turn=%s, chat template: %s", src.path, src.origin,
+              ids.bos, ids.eos, ids.pad, ids.end_of_turn, "yes" if tok.chat_template else "none")
+    return ids

@@ -1,0 +1,173 @@
+"""The tokenizer an HF export ships: sentencepiece -> HF conversion, chat templates, special ids, sources (fast)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+
+import pytest
+import torch
+
+from bft_megatron.config.schema import ModelConfig
+from bft_megatron.convert.chat_templates import BUILTIN_JINJA
+from bft_megatron.convert.hf_config import write_hf_metadata
+from bft_megatron.convert.sources import CLI_HINT, ExportSources, find_sources
+from bft_megatron.convert.sp_tokenizer import sentencepiece_to_fast
+from bft_megatron.data.records import Conversation, Message
+from bft_megatron.data.templates import render
+from bft_megatron.data.tokenizer import load_tokenizer
+from bft_megatron.data.tokenize import encode
+from tests.convert_models import make_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_TOKENIZER = "bft_megatron/data/assets/hpo_sp.model"  # as the demo config writes it: relative to the repo
+DEMO_DATA = os.path.join(ROOT, "bft_megatron/data/assets/hpo_valid.jsonl")
+TRICKY = ["  two  spaces\tand a tab\n\nnew lines ", "é ü 漢字 🙂 (HP:0001250)", "</s>a<s> b<pad>", " lead", "trail  "]
+TINY_MODEL = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                         vocab_size=3000, max_position_embeddings=64)
+
+
+def _chats(n: int = 20) -> list[list[dict]]:
+    with open(DEMO_DATA, encoding="utf-8") as fh:
+        chats = [json.loads(line)["messages"] for _, line in zip(range(n), fh)]
+    chats.append([{"role": "system", "content": " sys "}, {"role": "user", "content": "q1 "},
+                  {"role": "assistant", "content": " a1\n"}, {"role": "user", "content": "q2"},
+                  {"role": "assistant", "content": "a2"}])
+    return chats
+
+
+def _conv(messages: list[dict]) -> Conversation:
+    return Conversation(tuple(Message(m["role"], m["content"]) for m in messages), "test")
+
+
+def _ids(encoded) -> list[int]:
+    return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+
+@pytest.fixture()
+def log_records():
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("bft_megatron")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+@pytest.mark.parametrize("template", ["chatml", "llama3", "plain"])
+def test_converted_demo_tokenizer_renders_and_encodes_as_training(template):
+    """apply_chat_template of the export = the trainer's built-in template text and token ids, chat by chat."""
+    ours = load_tokenizer(os.path.join(ROOT, DEMO_TOKENIZER))
+    hf = sentencepiece_to_fast(os.path.join(ROOT, DEMO_TOKENIZER), chat_template=BUILTIN_JINJA[template])
+    for chat in _chats():
+        assert hf.apply_chat_template(chat, tokenize=False) == render(_conv(chat), template, ours).text
+        assert _ids(hf.apply_chat_template(chat, tokenize=True)) == encode(_conv(chat), template, ours).tokens.tolist()
+    for text in TRICKY:
+        assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode_offsets(text)[0], text
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+
+
+def test_converted_bpe_tokenizer_with_dummy_prefix_encodes_as_sentencepiece(tmp_path):
+    """The other sentencepiece settings: BPE, nmt_nfkc normalisation, dummy prefix, extra-whitespace removal."""
+    import sentencepiece as spm
+
+    lines = [m["content"] for chat in _chats(60) for m in chat]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=600, model_type="bpe",
+                                   byte_fallback=True, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+                                   minloglevel=2, num_threads=1)
+    path = str(tmp_path / "bpe.model")
+    with open(path, "wb") as fh:
+        fh.write(model.getvalue())
+    ours, hf = load_tokenizer(path), sentencepiece_to_fast(path)
+    for text in TRICKY + [render(_conv(c), "chatml", ours).text for c in _chats(10)]:
+        assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode_offsets(text)[0], text
+
+
+def test_export_metadata_from_the_training_sentencepiece_tokenizer(tmp_path):
+    """No HF template anywhere: config.json / generation_config.json ids are the tokenizer's, not Llama's 1/2."""
+    ours = load_tokenizer(os.path.join(ROOT, DEMO_TOKENIZER))
+    config = {"data": {"tokenizer": DEMO_TOKENIZER, "template": "chatml"}, "model": {}}
+    sources = find_sources(config)
+    assert sources.template_dir is None and sources.tokenizer.template == "chatml"
+    write_hf_metadata(str(tmp_path), TINY_MODEL, torch.float32, sources)
+    with open(tmp_path / "config.json") as fh:
+        cfg = json.load(fh)
+    with open(tmp_path / "generation_config.json") as fh:
+        gen = json.load(fh)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["pad_token_id"]) == (2, 3, 0) == \
+        (ours.bos_id, ours.eos_id, ours.pad_id)
+    assert gen["eos_token_id"] == [ours.eos_id, ours.token_to_id("<|im_end|>")] and gen["bos_token_id"] == 2
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    chat = _chats(1)[0]
+    assert _ids(tok.apply_chat_template(chat, tokenize=True)) == encode(_conv(chat), "chatml", ours).tokens.tolist()
+
+
+def test_hf_tokenizer_without_template_gets_the_training_one_and_explicit_wins(tmp_path, log_records):
+    hf_tok = str(tmp_path / "tok")
+    make_tokenizer(hf_tok, 100)
+    config = {"data": {"tokenizer": str(tmp_path / "moved_away"), "template": "llama3"}, "model": {"from_hf": hf_tok}}
+    sources = find_sources(config)  # the recorded tokenizer is gone: model.from_hf's, with a warning
+    assert sources.tokenizer.path == hf_tok and sources.tokenizer.template == "llama3"
+    assert any("moved_away" in r.getMessage() and "--tokenizer" in r.getMessage() for r in log_records)
+    out = str(tmp_path / "out")
+    write_hf_metadata(out, ModelConfig(**{**TINY_MODEL.__dict__, "vocab_size": 100}), torch.float32, sources)
+    with open(os.path.join(out, "tokenizer_config.json")) as fh:
+        assert json.load(fh)["chat_template"] == BUILTIN_JINJA["llama3"]
+    with open(os.path.join(out, "tokenizer.json"), "rb") as a, open(os.path.join(hf_tok, "tokenizer.json"), "rb") as b:
+        assert a.read() == b.read()  # copied, not re-serialised
+    explicit = find_sources(config, tokenizer=DEMO_TOKENIZER)
+    assert explicit.tokenizer.path.endswith("hpo_sp.model") and explicit.tokenizer.origin == "--tokenizer"
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        find_sources(config, tokenizer=str(tmp_path / "nope.model"))
+
+
+def test_no_tokenizer_anywhere_warns_with_the_option_and_writes_no_default_ids(tmp_path, log_records):
+    sources = find_sources({"model": {}, "data": {}})
+    assert sources.tokenizer is None and sources.hint == CLI_HINT
+    write_hf_metadata(str(tmp_path), TINY_MODEL, torch.float32, sources)
+    with open(tmp_path / "config.json") as fh:
+        cfg = json.load(fh)
+    assert cfg["bos_token_id"] is None and cfg["eos_token_id"] is None
+    warning = next(r.getMessage() for r in log_records if "NO TOKENIZER" in r.getMessage())
+    assert "--tokenizer PATH" in warning and "--hf DIR" in warning
+    hint = "set data.tokenizer"
+    write_hf_metadata(str(tmp_path / "job"), TINY_MODEL, torch.float32, ExportSources(None, None, [], hint))
+    assert hint in [r.getMessage() for r in log_records if "NO TOKENIZER" in r.getMessage()][-1]
+
+
+def test_prepared_data_records_the_tokenizer_when_data_tokenizer_is_unset(tmp_path):
+    """A run that read an already prepared data.output_dir: its index names the tokenizer and template."""
+    from bft_megatron.config.data import DataConfig, SourceConfig
+    from bft_megatron.data.prepare import run
+
+    src = tmp_path / "chats.jsonl"
+    src.write_text("".join(json.dumps({"messages": c}) + "\n" for c in _chats(4)))
+    data = DataConfig(train=[SourceConfig(path=str(src))], tokenizer=os.path.join(ROOT, DEMO_TOKENIZER),
+                      template="plain", seq_length=64, output_dir=str(tmp_path / "prepared"))
+    run(data)
+    found = find_sources({"data": {"tokenizer": "", "output_dir": data.output_dir}}).tokenizer
+    assert found.path.endswith("hpo_sp.model") and found.template == "plain" and found.record["eos_id"] == 3
+
+
+def test_mismatched_template_is_an_error_with_hf_and_skipped_otherwise(tmp_path, log_records):
+    """--hf names the config.json to use: a mismatch fails (before any shard); model.from_hf's (e.g. a run that
+    changed an architecture field) only warns, and config.json is synthesised."""
+    hf = str(tmp_path / "hf")
+    make_tokenizer(hf, 100)
+    with open(os.path.join(hf, "config.json"), "w") as fh:
+        json.dump({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
+                   "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                   "intermediate_size": 96, "vocab_size": 3000}, fh)
+    with pytest.raises(ValueError, match="hidden_size: template 32 vs weights 64"):
+        write_hf_metadata(str(tmp_path / "a"), TINY_MODEL, torch.float32, find_sources({}, hf_dir=hf))
+    assert not os.path.exists(tmp_path / "a" / "config.json")
+    write_hf_metadata(str(tmp_path / "b"), TINY_MODEL, torch.float32, find_sources({"model": {"from_hf": hf}}))
+    with open(tmp_path / "b" / "config.json") as fh:
+        assert json.load(fh)["hidden_size"] == 64
+    assert any("does not describe the exported model" in r.getMessage() for r in log_records)
