@@ -38,6 +38,10 @@ _PLAIN = (
 BUILTIN_JINJA = {"chatml": _CHATML, "llama3": _LLAMA3, "plain": _PLAIN}
 
 
-def end_of_turn(template_text: str | None) -> str | None:
-    """The marker that closes assistant turns in ``template_text`` (None: none known, e.g. ``plain``'s eos)."""
-    return next((c for c in EOT_CANDIDATES if template_text and c in template_text), None)
+def end_of_turn(template: str | dict | None) -> str | None:
+    """The marker that closes assistant turns in ``template`` (None: none known, e.g. ``plain``'s eos).
+
+    ``template`` may be a dict of named templates (transformers' ``chat_template`` with a ``tool_use`` one).
+    """
+    text = "\n".join(map(str, template.values())) if isinstance(template, dict) else template or ""
+    return next((c for c in EOT_CANDIDATES if c in text), None)

@@ -122,11 +122,11 @@ def write_tokenizer(src: TokenizerSource, out_dir: str, model_vocab: int) -> Spe
     os.makedirs(out_dir, exist_ok=True)
     tok = _convert_sentencepiece(src, out_dir) if os.path.isfile(src.path) else _copy_hf(src, out_dir)
     ids = _special_ids(tok)
+    _check_record(ids, src)
     if ids.size > model_vocab:
         _log.warning("tokenizer %s (%s) has %d tokens but the model only %d embedding rows: is it the one the model "
                      "was trained with?", src.path, src.origin, ids.size, model_vocab)
         ids = _within(ids, model_vocab)
-    _check_record(ids, src)
     _log.info("tokenizer from %s (%s): bos=%s eos=%s pad=%s end-of-turn=%s, chat template: %s", src.path, src.origin,
               ids.bos, ids.eos, ids.pad, ids.end_of_turn, "yes" if tok.chat_template else "none")
     return ids
