@@ -171,3 +171,27 @@ def test_mismatched_template_is_an_error_with_hf_and_skipped_otherwise(tmp_path,
     with open(tmp_path / "b" / "config.json") as fh:
         assert json.load(fh)["hidden_size"] == 64
     assert any("does not describe the exported model" in r.getMessage() for r in log_records)
+
+
+@pytest.mark.parametrize("template,expect_builtin", [("llama3", True), ("tokenizer", False)])
+def test_tokenizer_with_its_own_template_exports_the_one_training_used(tmp_path, template, expect_builtin):
+    """A built-in training template replaces the tokenizer's own (evaluation prompts = training prompts);
+    ``data.template: tokenizer`` keeps it. A separate chat_template.jinja would take precedence: not copied."""
+    hf_tok = str(tmp_path / "tok")
+    make_tokenizer(hf_tok, 100)
+    own = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    with open(os.path.join(hf_tok, "tokenizer_config.json")) as fh:
+        config = json.load(fh)
+    config["chat_template"] = own
+    with open(os.path.join(hf_tok, "tokenizer_config.json"), "w") as fh:
+        json.dump(config, fh)
+    with open(os.path.join(hf_tok, "chat_template.jinja"), "w") as fh:
+        fh.write(own)
+    sources = find_sources({"data": {"tokenizer": hf_tok, "template": template}, "model": {}})
+    out = str(tmp_path / "out")
+    write_hf_metadata(out, ModelConfig(**{**TINY_MODEL.__dict__, "vocab_size": 100}), torch.float32, sources)
+    from transformers import AutoTokenizer
+
+    exported = AutoTokenizer.from_pretrained(out).chat_template
+    assert exported == (BUILTIN_JINJA["llama3"] if expect_builtin else own)
+    assert os.path.isfile(os.path.join(out, "chat_template.jinja")) != expect_builtin

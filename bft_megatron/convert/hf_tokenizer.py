@@ -81,19 +81,25 @@ def _add_chat_template(out_dir: str, jinja: str) -> None:
 
 
 def _copy_hf(src: TokenizerSource, out_dir: str):
-    """Copy an HF tokenizer directory's files; add the training template if it has none. Returns the tokenizer."""
+    """Copy an HF tokenizer directory's files with the chat template training used. Returns the tokenizer.
+
+    Training with a built-in template (``data.template`` llama3/chatml/plain) writes that template, replacing
+    the tokenizer's own (Meta's adds a date system header, Qwen's a default system prompt: evaluation prompts
+    would not be the ones the model was fine-tuned on); ``data.template: tokenizer`` keeps the tokenizer's.
+    """
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(src.path, local_files_only=True)
+    builtin = BUILTIN_JINJA.get(src.template or "")
     for name in TOKENIZER_FILES:
+        if builtin and name in ("chat_template.jinja", "chat_template.json"):
+            continue  # a separate template file would take precedence over the one written below
         if os.path.isfile(os.path.join(src.path, name)):
             shutil.copyfile(os.path.join(src.path, name), os.path.join(out_dir, name))
-    builtin = BUILTIN_JINJA.get(src.template or "")
-    if tok.chat_template:
-        if builtin:
-            _log.info("keeping %s's own chat template (training rendered chats with the built-in %r template)",
-                      src.path, src.template)
-    elif builtin:
+    if builtin:
+        if tok.chat_template:
+            _log.info("writing the built-in %r chat template training used in place of %s's own", src.template,
+                      src.path)
         _add_chat_template(out_dir, builtin)
         tok.chat_template = builtin
     return tok
