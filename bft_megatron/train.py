@@ -22,21 +22,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _export_hf(cfg, trainer, groups, state, log) -> None:
-    """``checkpoint.export_hf``: write the final weights as HF safetensors (collective; skipped if stopped early)."""
-    if state.iteration < cfg.train.train_iters:
-        log.info("stopped at step %d before train.train_iters=%d: no HF export", state.iteration,
-                 cfg.train.train_iters)
-        return
-    from bft_megatron.convert.live_export import export_to_hf
-
-    out_dir = os.path.join(cfg.checkpoint.save or ".", f"hf_iter_{state.iteration:07d}")
-    # the tokenizer and chat template come from cfg (data.tokenizer / data.template), config.json from the
-    # import the run started from (checkpoint.load's hf/) or model.from_hf
-    export_to_hf(trainer.model, cfg.model, out_dir, groups, config=cfg)
-    log.info("exported Hugging Face weights to %s", out_dir)
-
-
 def _config(args, log):
     """(cfg, layout), or None after logging a config error. ``--check`` and real runs also check input paths."""
     from bft_megatron.config import check_paths, config_warnings, load_config, validate
@@ -100,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         log.info("done: %d steps, %d skipped, %d rows consumed", state.iteration, state.skipped_steps,
                  state.consumed_rows)
         if cfg.checkpoint.export_hf:
-            _export_hf(cfg, trainer, groups, state, log)
+            from bft_megatron.convert.live_export import export_after_training
+
+            export_after_training(cfg, trainer.model, groups, state.iteration)
     finally:
         bootstrap.destroy()
     return 0

@@ -16,6 +16,7 @@ finished (it has once ``optimizer.step()`` returned and the next forward did not
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import torch
@@ -33,7 +34,7 @@ from bft_megatron.convert.tensors import to_hf
 from bft_megatron.parallel.bootstrap import ParallelGroups
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["export_to_hf", "unwrap"]
+__all__ = ["export_to_hf", "export_after_training", "unwrap"]
 
 _log = get_logger(__name__)
 _LAYERS = "decoder.layers."
@@ -136,3 +137,17 @@ def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, ou
         publish_staging(stage, out_dir)
         _log.info("exported the in-memory model to %s", out_dir)
     dist.barrier()
+
+
+def export_after_training(cfg: Config, model_chunks: list[torch.nn.Module], groups: ParallelGroups,
+                          iteration: int) -> None:
+    """``checkpoint.export_hf``: the final weights to ``<checkpoint.save>/hf_iter_<N>`` (collective), with the
+    tokenizer and chat template from ``cfg`` (``data.tokenizer`` / ``data.template``) and config.json from the
+    import the run started from (``checkpoint.load``'s ``hf/``) or ``model.from_hf``. Skipped, with a log line,
+    when the run stopped before ``train.train_iters``."""
+    if iteration < cfg.train.train_iters:
+        _log.info("stopped at step %d before train.train_iters=%d: no HF export", iteration, cfg.train.train_iters)
+        return
+    out_dir = os.path.join(cfg.checkpoint.save or ".", f"hf_iter_{iteration:07d}")
+    export_to_hf(model_chunks, cfg.model, out_dir, groups, config=cfg)
+    _log.info("exported Hugging Face weights to %s", out_dir)
