@@ -2,14 +2,21 @@
 # Launch `bft-megatron train` on this node with torchrun. One call per node; the same call on every node.
 #
 # Environment (defaults in brackets):
-#   CONFIG          training config YAML                               [configs/demo_cpu.yaml]
-#   NNODES          number of nodes                                    [1]
-#   NODE_RANK       this node's index, 0..NNODES-1                     [0]
-#   MASTER_ADDR     address of node 0, reachable from every node       [127.0.0.1]
-#   MASTER_PORT     a free TCP port on node 0                          [29500]
-#   NPROC_PER_NODE  processes (GPUs) per node                          [number of GPUs, or 1 without GPUs]
-#   PYTHON          interpreter                                        [python3]
+#   CONFIG            training config YAML                                 [configs/demo_cpu.yaml]
+#   NNODES            number of nodes                                      [1]
+#   NODE_RANK         this node's index, 0..NNODES-1                       [0; required when NNODES > 1]
+#   MASTER_ADDR       address of node 0, reachable from every node         [127.0.0.1; required when NNODES > 1]
+#   MASTER_PORT       a free TCP port on node 0                            [29500]
+#   NPROC_PER_NODE    processes (GPUs) per node             [GPUs in CUDA_VISIBLE_DEVICES or on the node; 1 without]
+#   SHUTDOWN_TIMEOUT  seconds torchrun lets the ranks finish their exit save after a signal, then SIGKILL  [1800]
+#   PYTHON            interpreter                                          [python3]
+# plus launch/env.sh's CUDA/NCCL settings, each applied only when not already set in the environment.
 # Extra arguments are passed to the trainer as dotted overrides, e.g. `train.train_iters=100 parallel.tp=8`.
+#
+# Signals: SIGTERM or SIGUSR1 sent to torchrun is forwarded to the ranks, which save a checkpoint and exit
+# (checkpoint.save_on_signal), leaving <checkpoint.save>/RESUME when they stopped before train.train_iters.
+# torchrun then exits non-zero even after a clean save (it re-raises the signal): whoever restarts the run should
+# look at RESUME, not at the exit status.
 #
 # Examples:
 #   bash launch/torchrun.sh                                           # the CPU demo, one process
@@ -20,35 +27,64 @@ set -euo pipefail
 
 CONFIG=${CONFIG:-configs/demo_cpu.yaml}
 NNODES=${NNODES:-1}
+MASTER_PORT=${MASTER_PORT:-29500}
+SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-1800}
+PYTHON=${PYTHON:-python3}
+# With several nodes, a default address or node rank does not fail: every node would rendezvous with itself at
+# 127.0.0.1 (or two nodes would both be node 0) and wait until the rendezvous timeout. Ask instead.
+if (( NNODES > 1 )); then
+  for var in MASTER_ADDR NODE_RANK; do
+    if [[ -z ${!var:-} ]]; then
+      echo "torchrun.sh: NNODES=$NNODES needs $var (node 0's address and this node's index, the same MASTER_ADDR" \
+           "on every node)" >&2
+      exit 2
+    fi
+  done
+fi
 NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
-MASTER_PORT=${MASTER_PORT:-29500}
-PYTHON=${PYTHON:-python3}
 if [[ -z ${NPROC_PER_NODE:-} ]]; then
-  NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then
+    # nvidia-smi lists every GPU of the node whatever CUDA_VISIBLE_DEVICES says: count the visible ones. CUDA
+    # stops at the first invalid entry ("", -1, NoDevFiles from some schedulers), so this does too.
+    NPROC_PER_NODE=0
+    IFS=, read -ra visible <<< "$CUDA_VISIBLE_DEVICES"
+    for dev in "${visible[@]}"; do
+      [[ -n $dev && $dev != -* && $dev != NoDevFiles ]] || break
+      NPROC_PER_NODE=$((NPROC_PER_NODE + 1))
+    done
+  else
+    NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  fi
   [[ $NPROC_PER_NODE -gt 0 ]] || NPROC_PER_NODE=1
 fi
 
-# Megatron needs one CUDA connection so that its communication kernels are ordered with compute
-# (sequence parallel / TP overlap); harmless elsewhere.
-export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
-# Fail fast with a stack trace instead of hanging when one rank dies in a collective.
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
-export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
-# One OpenMP thread per rank unless told otherwise (many ranks share a node's cores).
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-# TE's fused attention must load torch's cuDNN, not an older system copy (see docs/training.md).
-if [[ -z ${CUDNN_HOME:-} ]]; then
-  cudnn_dir=$("$PYTHON" -c "import nvidia.cudnn, os; print(list(nvidia.cudnn.__path__)[0])" 2>/dev/null || true)
-  if [[ -n $cudnn_dir && -d $cudnn_dir/lib ]]; then
-    export CUDNN_HOME=$cudnn_dir LD_LIBRARY_PATH=$cudnn_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  fi
-fi
+# shellcheck source-path=SCRIPTDIR source=env.sh
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 
 [[ -f $CONFIG ]] || { echo "torchrun.sh: CONFIG=$CONFIG does not exist" >&2; exit 2; }
+
+# torchrun's agent forwards only SIGTERM/SIGINT/SIGHUP/SIGQUIT by default (a SIGUSR1 kills the agent and orphans
+# the ranks), and SIGKILLs the ranks 30 s after forwarding one, far too short for an exit save (a 70B checkpoint
+# is ~1 TB: minutes). Recent torchrun (2.13 has both) takes options for these; an older one keeps its defaults,
+# with a warning.
+signal_args=()
+torchrun_help=$("$PYTHON" -m torch.distributed.run --help 2>/dev/null || true)
+if [[ $torchrun_help == *--signals-to-handle* ]]; then
+  signal_args+=(--signals-to-handle "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+else
+  echo "torchrun.sh: warning: this torchrun has no --signals-to-handle: SIGUSR1 kills it instead of the ranks" \
+       "saving; use SIGTERM" >&2
+fi
+if [[ $torchrun_help == *--shutdown-timeout* ]]; then
+  signal_args+=(--shutdown-timeout "$SHUTDOWN_TIMEOUT")
+else
+  echo "torchrun.sh: warning: this torchrun has no --shutdown-timeout: ranks get 30 s to save after a signal" >&2
+fi
+
 echo "torchrun.sh: node ${NODE_RANK}/${NNODES}, ${NPROC_PER_NODE} proc/node, master ${MASTER_ADDR}:${MASTER_PORT}, config ${CONFIG}" >&2
 
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
-  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
+  --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" ${signal_args[@]+"${signal_args[@]}"} \
   -m bft_megatron.train --config "$CONFIG" "$@"

@@ -1,0 +1,45 @@
+# shellcheck shell=bash
+# Environment shared by launch/torchrun.sh and launch/slurm.sbatch. Sourced, not executed; changes no shell options.
+#
+# Every variable is set only when the caller has not set it (`: "${VAR:=value}"`), so anything exported before
+# launching wins: e.g. `NCCL_DEBUG=INFO sbatch ...` or `NCCL_NVLS_ENABLE=1 bash launch/torchrun.sh`.
+# Under SLURM the batch script sources this on the first node and srun passes the exported values to every task.
+# Uses $PYTHON (the interpreter the ranks run; default python3) to locate torch's cuDNN.
+
+# Megatron orders its tensor/sequence-parallel communication kernels with compute through a single CUDA
+# connection (required for SP and TP communication overlap); harmless elsewhere.
+: "${CUDA_DEVICE_MAX_CONNECTIONS:=1}"
+# A failed or timed-out collective aborts the communicators and ends the process, so the job fails instead of
+# hanging on a dead rank (the value torchrun gives its workers when unset).
+: "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
+# NCCL warnings (e.g. a network transport falling back) without the INFO flood; NCCL_DEBUG=INFO to debug.
+: "${NCCL_DEBUG:=WARN}"
+# One OpenMP thread per rank: a node's 8 ranks share its cores, and the data loader is not OpenMP-bound.
+: "${OMP_NUM_THREADS:=1}"
+# NeMo's default: free the memory of tensors used by asynchronous collectives when the collective finishes,
+# instead of through the caching allocator's record_stream (which holds it longer and raises peak memory).
+: "${TORCH_NCCL_AVOID_RECORD_STREAMS:=1}"
+# NeMo's default: no NVLink SHARP (NVLS) collectives. NVLS buffers cost GPU memory on every rank of an NVSwitch
+# node (the recipes plan for 62-64 GiB of 80), and the trainer's all-reduces are not NVLS-bound.
+: "${NCCL_NVLS_ENABLE:=0}"
+# Flight recorder: keep the last TORCH_NCCL_TRACE_BUFFER_SIZE collectives of each rank (host memory) and dump
+# them when the NCCL watchdog times out (parallel.timeout_minutes), to find the rank or collective that hung.
+# Dumps go to TORCH_NCCL_DEBUG_INFO_TEMP_FILE<rank> (torch's default /tmp/nccl_trace_rank_; slurm.sbatch points
+# it at logs/nccl_trace_<job id>/rank_). Analyse one dump directory with `torchfrtrace DIR --prefix rank_`
+# (docs/launch.md, "Node failures and hangs").
+: "${TORCH_NCCL_DUMP_ON_TIMEOUT:=1}"
+: "${TORCH_NCCL_TRACE_BUFFER_SIZE:=20000}"
+export CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_DEBUG OMP_NUM_THREADS \
+  TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_NVLS_ENABLE TORCH_NCCL_DUMP_ON_TIMEOUT TORCH_NCCL_TRACE_BUFFER_SIZE
+
+# Transformer Engine's fused attention must load torch's own cuDNN (the nvidia-cudnn wheel), not an older system
+# copy found first on the library path: with the older one TE silently falls back to unfused attention (half the
+# throughput, three times the activation memory). Skipped when CUDNN_HOME is set or the wheel is absent (CPU).
+if [[ -z ${CUDNN_HOME:-} ]]; then
+  _bft_cudnn_dir=$("${PYTHON:-python3}" -c "import nvidia.cudnn, os; print(list(nvidia.cudnn.__path__)[0])" \
+                   2>/dev/null || true)
+  if [[ -n $_bft_cudnn_dir && -d $_bft_cudnn_dir/lib ]]; then
+    export CUDNN_HOME=$_bft_cudnn_dir LD_LIBRARY_PATH=$_bft_cudnn_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  fi
+  unset _bft_cudnn_dir
+fi
