@@ -1,15 +1,23 @@
-"""The launch scripts parse, pass shellcheck, and fail clearly on a missing config."""
+"""The launch scripts parse and pass shellcheck; launch/torchrun.sh's checks, GPU count and torchrun options.
+
+launch/slurm.sbatch runs end to end against fake SLURM commands in tests/test_launch_slurm.py.
+"""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["launch/torchrun.sh", "launch/slurm.sbatch", ".ci/run"]
+SCRIPTS = ["launch/torchrun.sh", "launch/slurm.sbatch", "launch/env.sh", ".ci/run"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -32,3 +40,132 @@ def test_torchrun_rejects_missing_config(tmp_path):
                             text=True, cwd=ROOT)
     assert result.returncode == 2
     assert "nope.yaml does not exist" in result.stderr
+
+
+# Stands in for $PYTHON: answers torchrun's --help (a canned text, or the real one), fails env.sh's cuDNN lookup,
+# and records the final torchrun command line instead of running it.
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [[ $1 == -c ]]; then exit 1; fi
+if [[ $* == "-m torch.distributed.run --help" ]]; then
+  [[ $FAKE_HELP == real ]] && exec "$REAL_PYTHON" "$@"
+  echo "$FAKE_HELP"
+  exit 0
+fi
+printf '%s\\n' "$@" > "$FAKE_ARGS"
+"""
+FAKE_NVIDIA_SMI = """#!/usr/bin/env bash
+for i in 0 1 2 3 4 5 6 7; do echo "GPU $i: NVIDIA H100 80GB HBM3 (UUID: GPU-$i)"; done
+"""
+NEW_HELP = "  --signals-to-handle SIGNALS_TO_HANDLE\n  --shutdown-timeout SHUTDOWN_TIMEOUT"
+
+
+def _torchrun(tmp_path: Path, help_text: str = NEW_HELP, **extra: str) -> tuple[subprocess.CompletedProcess, list]:
+    bin_dir = tmp_path / "bin"
+    if not bin_dir.exists():
+        bin_dir.mkdir()
+        for name, text in (("python", FAKE_PYTHON), ("nvidia-smi", FAKE_NVIDIA_SMI)):
+            (bin_dir / name).write_text(text)
+            (bin_dir / name).chmod(0o755)
+    args_file = tmp_path / "args.txt"
+    args_file.unlink(missing_ok=True)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "CUDA_VISIBLE_DEVICES",
+                        "SHUTDOWN_TIMEOUT", "CONFIG")}
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env['PATH']}", PYTHON=str(bin_dir / "python"), REAL_PYTHON=sys.executable,
+               FAKE_HELP=help_text, FAKE_ARGS=str(args_file))
+    env.update(extra)
+    result = subprocess.run(["bash", os.path.join(ROOT, "launch/torchrun.sh")], env=env, capture_output=True,
+                            text=True, cwd=ROOT, timeout=60)
+    args = args_file.read_text().splitlines() if args_file.exists() else []
+    return result, args
+
+
+def _option(args: list, name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+@pytest.mark.parametrize("missing", ["MASTER_ADDR", "NODE_RANK"])
+def test_torchrun_multinode_needs_master_and_node_rank(tmp_path, missing):
+    given = {"NNODES": "2", "MASTER_ADDR": "node0", "NODE_RANK": "1"}
+    del given[missing]
+    result, args = _torchrun(tmp_path, **given)
+    assert result.returncode == 2, result.stderr
+    assert f"NNODES=2 needs {missing}" in result.stderr
+    assert args == []
+
+
+@pytest.mark.parametrize("visible, expected", [(None, "8"), ("0,1,2", "3"), ("GPU-aaaa,GPU-bbbb", "2"), ("", "1"),
+                                               ("1,-1,2", "1"), ("NoDevFiles", "1")])
+def test_torchrun_counts_visible_gpus(tmp_path, visible, expected):
+    extra = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    result, args = _torchrun(tmp_path, **extra)    # the fake nvidia-smi lists 8 GPUs whatever is visible
+    assert result.returncode == 0, result.stderr
+    assert _option(args, "--nproc-per-node") == expected
+
+
+def test_torchrun_forwards_usr1_and_waits_for_the_exit_save(tmp_path):
+    result, args = _torchrun(tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert _option(args, "--signals-to-handle") == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+    assert _option(args, "--shutdown-timeout") == "1800"
+    assert args[-4:] == ["-m", "bft_megatron.train", "--config", "configs/demo_cpu.yaml"]   # after the options
+    result, args = _torchrun(tmp_path, SHUTDOWN_TIMEOUT="60")
+    assert _option(args, "--shutdown-timeout") == "60"
+
+
+def test_torchrun_without_the_options_warns(tmp_path):
+    result, args = _torchrun(tmp_path, help_text="usage: torchrun [--nnodes NNODES]")
+    assert result.returncode == 0, result.stderr
+    assert "--signals-to-handle" not in args and "--shutdown-timeout" not in args
+    assert "no --signals-to-handle" in result.stderr and "no --shutdown-timeout" in result.stderr
+
+
+def test_installed_torchrun_has_the_options(tmp_path):
+    result, args = _torchrun(tmp_path, help_text="real")
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr
+    assert "--signals-to-handle" in args and "--shutdown-timeout" in args
+
+
+# configs/demo_cpu.yaml, smaller (as in tests/test_launch_multinode.py), with far more steps than the test waits for.
+SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.ffn_hidden_size=128", "data.seq_length=64",
+         "train.global_batch_size=4", "train.micro_batch_size=2", "train.train_iters=100000", "train.warmup_iters=1",
+         "train.eval_interval=0", "loss.sft_warmup_iters=0", "logging.log_interval=1", "logging.tensorboard_dir=null"]
+
+
+@pytest.mark.slow
+def test_torchrun_usr1_saves_and_leaves_resume(tmp_path):
+    """The real chain: SIGUSR1 to torchrun.sh -> torchrun forwards it -> the trainer saves, writes RESUME, exits."""
+    save = tmp_path / "ckpt"
+    env = dict(os.environ, NPROC_PER_NODE="1", MASTER_PORT=str(_free_port()), CONFIG="configs/demo_cpu.yaml",
+               PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    for var in ("NNODES", "NODE_RANK", "MASTER_ADDR", "SHUTDOWN_TIMEOUT"):
+        env.pop(var, None)
+    log_path = tmp_path / "log.txt"
+    overrides = SMALL + [f"checkpoint.save={save}", f"data.output_dir={tmp_path / 'data'}"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["bash", "launch/torchrun.sh", *overrides], cwd=ROOT, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "step 2/100000 |" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-6000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGUSR1)          # bash exec'd torchrun: this is torchrun's agent
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    text = log_path.read_text(errors="replace")
+    assert "closing signal SIGUSR1" in text, text[-6000:]
+    assert "forcefully" not in text, text[-6000:]            # the rank was not SIGKILLed
+    assert (save / "RESUME").read_text().strip() == "SIGUSR1", text[-6000:]
+    assert (save / "latest").read_text().strip().startswith("iter_")
+    assert proc.returncode != 0                               # torchrun re-raises the signal after a clean save
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
