@@ -91,6 +91,12 @@ SUITES = {
                                           UNFUSED_EMB]),
         ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
     ]),
+    # parallel.grad_reduce_in_fp32=false: bf16 gradient buffers (memory and speed; use with --rounds).
+    "8b-grad": ("configs/bench/llama8b_proxy.yaml", [
+        ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
+        ("bft fp8 delayed bf16 grads", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER,
+                                        "parallel.grad_reduce_in_fp32=false"]),
+    ]),
     "demo": ("configs/bench/demo_gpu.yaml", [
         ("bft packed", ["data.packing=true"]),
         ("bft padded", ["data.packing=false", "data.output_dir=runs/bench/data_1024_padded"]),

@@ -238,3 +238,13 @@ def test_plan_notes_that_packed_rows_grow_under_cp(cp, packing, noted):
     report = format_plan(cfg_of(f"parallel.cp={cp}", f"data.packing={packing}"), 2 * cp, 0.4, 989.0)
     assert ("grow past data.seq_length by up to 3 tokens per sample (plus rounding to a multiple of 32)"
             in report) == noted
+
+
+def test_bf16_gradient_buffers_halve_the_gradient_memory():
+    fp32, _ = plan_memory(cfg_of("train.bf16=true"), dp=1, num_microbatches=1)
+    bf16, _ = plan_memory(cfg_of("train.bf16=true", "parallel.grad_reduce_in_fp32=false"), dp=1, num_microbatches=1)
+    assert bf16.gradients == pytest.approx(fp32.gradients / 2)
+    assert (bf16.weights, bf16.optimizer) == (fp32.weights, fp32.optimizer)
+    fp32_run, _ = plan_memory(cfg_of("train.bf16=false", "parallel.grad_reduce_in_fp32=false"), dp=1,
+                              num_microbatches=1)
+    assert fp32_run.gradients == fp32.gradients  # the buffers follow the parameters' dtype

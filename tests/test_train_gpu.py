@@ -151,3 +151,22 @@ def test_fused_output_layer_wgrad_gives_the_unfused_gradients(groups, tie):
         got = grads[1][key]
         rel = float((got - want).norm() / want.norm())
         assert want.norm() > 0 and rel < 1e-2, (key, rel)
+
+
+def test_bf16_gradient_buffers_train_like_fp32(groups):
+    """parallel.grad_reduce_in_fp32=false: megatron's DDP keeps bf16 gradient buffers (half the memory) and the
+    run trains like one with fp32 buffers (bf16 tolerance); the fused weight-gradient paths (TE, the output
+    layer's TorchWgradAccum, the embedding's index_put_) then accumulate in bf16."""
+    from bft_megatron.training.fit import fit
+
+    steps = ["train.train_iters=6", "train.warmup_iters=1", "loss.method=sft"]
+    base = _reseeded_trainer(groups, steps)
+    half = _reseeded_trainer(groups, steps + ["parallel.grad_reduce_in_fp32=false"])
+    assert base.model[0].buffers[0].grad_data.dtype == torch.float32
+    assert half.model[0].buffers[0].grad_data.dtype == torch.bfloat16
+    fit(base, None)
+    fit(half, None)
+    want = [h["loss"] for h in base.state.history]
+    got = [h["loss"] for h in half.state.history]
+    assert want[-1] < 0.9 * want[0], want
+    assert got == pytest.approx(want, rel=2e-2), (got, want)

@@ -1,7 +1,7 @@
 """``bft-megatron plan``: per-GPU memory and a throughput estimate for a config, before any GPU is touched.
 
 The model is analytic (documented term by term in docs/launch.md) and uses the trainer's actual choices:
-bf16 parameters, fp32 gradient buffers (``grad_reduce_in_fp32``), Adam with fp32 master weights and two
+bf16 parameters, fp32 gradient buffers (bf16 with ``parallel.grad_reduce_in_fp32=false``), Adam with fp32 master weights and two
 moments (sharded over data-parallel ranks with the distributed optimizer), TE fused attention (no
 ``seq^2`` activations), the Triton NLL on the last pipeline stage (bf16 logits + their bf16 gradient).
 It reports the most loaded pipeline stage (first or last), since that is the one that runs out of memory.
@@ -116,6 +116,7 @@ def plan_memory(cfg, dp: int, num_microbatches: int, seq_length: float | None = 
     layer_input = 2 * seq / p.cp * mbs * m.hidden_size / (p.tp if p.sequence_parallel else 1)
     vocab = _padded_vocab(m, p.tp)
     plans = {}
+    grad_bytes = 4 if p.grad_reduce_in_fp32 or not t.bf16 else 2  # the buffers have the parameters' dtype
     for stage in (("only",) if p.pp == 1 else ("first", "last")):
         params = _stage_params(m, p, stage)
         shard = dp * p.cp if p.distributed_optimizer else 1
@@ -124,7 +125,7 @@ def plan_memory(cfg, dp: int, num_microbatches: int, seq_length: float | None = 
         linear_params = layers_here * (layer_params(m) - 2 * m.hidden_size) / p.tp
         plans[stage] = MemoryPlan(
             weights=2 * params / GIB,
-            gradients=4 * params / GIB,
+            gradients=grad_bytes * params / GIB,
             optimizer=12 * params / shard / GIB,
             activations=flight * layers_here * act_layer / GIB,
             activations_recompute=(flight * layers_here * layer_input + act_layer) / GIB,
@@ -177,7 +178,7 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
         f"{nmb} micro-batches/step; params {total_params(cfg.model) / 1e9:.2f} B",
         f"most loaded GPU: {stage} pipeline stage",
         f"  weights (bf16)                 {mem.weights:8.2f} GiB",
-        f"  gradients (fp32 buffers)       {mem.gradients:8.2f} GiB",
+        f"  gradients (grad buffers)       {mem.gradients:8.2f} GiB",
         f"  optimizer (fp32 master + Adam) {mem.optimizer:8.2f} GiB",
         f"  activations                    {mem.activations:8.2f} GiB (full recompute: {mem.activations_recompute:.2f})",
         f"  logits + their gradient        {mem.logits:8.2f} GiB",

@@ -15,8 +15,8 @@ def wrap_model(chunks: list[torch.nn.Module], tconfig, cfg: Config) -> list[torc
     """bf16 -> ``Float16Module``; then megatron DDP (contiguous grad buffers, bucketed reduce).
 
     ``average_in_collective=False``: grads are summed over DP; the per-token-loss contract divides
-    by the global unit count in ``finalize_model_grads`` instead. ``grad_reduce_in_fp32`` keeps
-    the reduction exact in bf16 runs. Only the first chunk uses buckets (as megatron does): the
+    by the global unit count in ``finalize_model_grads`` instead. ``parallel.grad_reduce_in_fp32`` (default)
+    keeps accumulation and reduction in fp32 in bf16 runs. Only the first chunk uses buckets (as megatron does): the
     others' grads are reduced in one go when their backward finishes.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -26,7 +26,7 @@ def wrap_model(chunks: list[torch.nn.Module], tconfig, cfg: Config) -> list[torc
         chunks = [Float16Module(tconfig, c) for c in chunks]
     p = cfg.parallel
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=p.overlap_grad_reduce,
+        grad_reduce_in_fp32=p.grad_reduce_in_fp32, overlap_grad_reduce=p.overlap_grad_reduce,
         overlap_param_gather=p.overlap_param_gather, use_distributed_optimizer=p.distributed_optimizer,
         check_for_nan_in_grad=False,  # the training loop skips non-finite steps itself
         bucket_size=p.bucket_size, average_in_collective=False,
