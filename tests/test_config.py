@@ -164,6 +164,8 @@ def test_missing_finetune_checkpoint_is_caught_by_check_but_not_by_dry_run(tmp_p
         check_paths(cfg)
     check_paths(load_config("configs/demo_cpu.yaml", ["checkpoint.finetune=true", f"checkpoint.load={tmp_path}"]))
     assert main(["--config", "configs/demo_cpu.yaml", *over, "--check"]) == 2
+    (tmp_path / "latest").write_text("iter_0000010\n")  # a restart resumes checkpoint.save's own run instead
+    check_paths(load_config("configs/demo_cpu.yaml", over + [f"checkpoint.save={tmp_path}"]))
     assert main(["--config", "configs/demo_cpu.yaml", *over, "--dry-run"]) == 0
 
 

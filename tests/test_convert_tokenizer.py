@@ -153,6 +153,9 @@ def test_prepared_data_records_the_tokenizer_when_data_tokenizer_is_unset(tmp_pa
     run(data)
     found = find_sources({"data": {"tokenizer": "", "output_dir": data.output_dir}}).tokenizer
     assert found.path.endswith("hpo_sp.model") and found.template == "plain" and found.record["eos_id"] == 3
+    # data.tokenizer set but data.template left at its default: the rows were still rendered with "plain"
+    named = find_sources({"data": {"tokenizer": data.tokenizer, "template": "chatml", "output_dir": data.output_dir}})
+    assert named.tokenizer.template == "plain"
 
 
 def test_mismatched_template_is_an_error_with_hf_and_skipped_otherwise(tmp_path, log_records):
@@ -195,3 +198,16 @@ def test_tokenizer_with_its_own_template_exports_the_one_training_used(tmp_path,
     exported = AutoTokenizer.from_pretrained(out).chat_template
     assert exported == (BUILTIN_JINJA["llama3"] if expect_builtin else own)
     assert os.path.isfile(os.path.join(out, "chat_template.jinja")) != expect_builtin
+
+
+def test_publishing_into_a_folder_removes_an_older_exports_template_file(tmp_path):
+    from bft_megatron.convert.hf_io import publish_staging
+
+    stage, out = tmp_path / ".out.partial", tmp_path / "out"
+    stage.mkdir()
+    out.mkdir()
+    (stage / "tokenizer_config.json").write_text("{}")
+    (out / "chat_template.jinja").write_text("old")  # would take precedence over tokenizer_config.json's
+    (out / "README.md").write_text("kept")
+    publish_staging(str(stage), str(out))
+    assert sorted(os.listdir(out)) == ["README.md", "tokenizer_config.json"] and not stage.exists()

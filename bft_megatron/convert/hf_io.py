@@ -101,13 +101,19 @@ def begin_staging(out_dir: str) -> str:
 
 def publish_staging(stage: str, out_dir: str) -> None:
     """Move a complete export from ``stage`` to ``out_dir``: a rename, or file by file (the index last) into an
-    existing ``out_dir`` that holds other files."""
+    existing ``out_dir`` that holds other files, whose tokenizer files this export does not have are removed."""
     if os.path.isdir(out_dir) and not os.listdir(out_dir):
         os.rmdir(out_dir)
     if not os.path.exists(out_dir):
         os.replace(stage, out_dir)
         return
+    from bft_megatron.convert.hf_tokenizer import TOKENIZER_FILES
+
     names = sorted(os.listdir(stage), key=lambda n: n == INDEX)
+    for name in set(TOKENIZER_FILES) - set(names):  # an older export's tokenizer or template file (a
+        path = os.path.join(out_dir, name)           # chat_template.jinja would override the one written now)
+        if os.path.isfile(path):
+            os.remove(path)
     for name in names:
         os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
     os.rmdir(stage)

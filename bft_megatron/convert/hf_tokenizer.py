@@ -4,9 +4,9 @@
 * A sentencepiece ``.model``: converted to an HF fast tokenizer that encodes as the trainer did
   (:mod:`bft_megatron.convert.sp_tokenizer`) and saved with ``save_pretrained``.
 
-The chat template: the tokenizer's own, if it has one; otherwise the built-in template the training
-data was rendered with (``data.template``: chatml, llama3 or plain, as Jinja that renders exactly as
-training did), so ``apply_chat_template`` gives the training token ids. The special ids (bos, eos,
+The chat template: the one the training data was rendered with. A built-in one (chatml, llama3 or plain,
+as Jinja that renders exactly as training did) replaces any template the tokenizer brings, so
+``apply_chat_template`` gives the training token ids; ``data.template: tokenizer`` keeps the tokenizer's. The special ids (bos, eos,
 pad, and the template's end-of-turn marker, where it has one) go into config.json and
 generation_config.json (:mod:`bft_megatron.convert.hf_config`).
 """

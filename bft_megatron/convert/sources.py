@@ -97,8 +97,11 @@ def _training_tokenizer(config: dict) -> tuple[str | None, str, str | None, dict
     """(recorded path, description, template, prepared-data record) of the tokenizer the training data used."""
     data = config.get("data") or {}
     record, prepared_template = _prepared_record(data)
+    # The template the rows were rendered with: the prepared split's record wins (a run that only names
+    # data.output_dir trains on the data as prepared, whatever its data.template default says).
+    template = prepared_template or data.get("template")
     if data.get("tokenizer"):
-        return data["tokenizer"], f"data.tokenizer={data['tokenizer']}", data.get("template"), record
+        return data["tokenizer"], f"data.tokenizer={data['tokenizer']}", template, record
     if record and record.get("path"):
         return record["path"], f"{data.get('output_dir')}'s tokenizer {record['path']}", prepared_template, record
     return None, "data.tokenizer (not set)", None, None

@@ -78,8 +78,9 @@ def idle_notes(cfg, iteration: int, has_valid: bool) -> list[str]:
     notes = []
     if iteration >= cfg.train.train_iters:
         notes.append(f"the loaded checkpoint is at iteration {iteration}, already train.train_iters="
-                     f"{cfg.train.train_iters}: nothing to train (raise train.train_iters to continue, or give a "
-                     "new checkpoint.save to start another run)")
+                     f"{cfg.train.train_iters}: nothing to train (to continue, raise train.train_iters with "
+                     "checkpoint.override_scheduler=true, or with train.decay_iters at the old train_iters to keep "
+                     "the schedule; or give a new checkpoint.save to start another run)")
     if cfg.train.eval_interval and not has_valid:
         notes.append(f"train.eval_interval={cfg.train.eval_interval} but there is no validation split (data.valid "
                      "sources, or a prepared valid/ under data.output_dir): no validation will run")
