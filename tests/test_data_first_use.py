@@ -3,9 +3,9 @@
 * Every configured split whose ``index.json`` is missing is prepared, also when ``train/`` already is
   (valid sources added later, or a run killed between the splits); prepared splits are not redone.
 * A split is published (``index.json``) only once complete: a failed or interrupted rewrite leaves none.
-* On two gloo ranks every rank calls exactly one barrier and gets the same valid split, whatever it
-  finds on disk when it looks (rank 1 starts only once rank 0 has published ``train/``), or the same
-  error for a stale split.
+* On two gloo ranks every rank takes part in exactly one broadcast (rank 0's verdict) and gets the same
+  valid split, whatever it finds on disk when it looks (rank 1 starts only once rank 0 has published
+  ``train/``), or the same error for a stale split, or fails too when rank 0's preparation fails.
 * The trainer logs the preparation summary (and warns when many samples are truncated), and warns when
   it trains on synthetic data.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,6 @@ from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.config.schema import load_config
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.prepare import run
-from bft_megatron.data.provenance import PreparedDataMismatch
 from bft_megatron.data.storage import is_prepared, publish_index, read_index
 from bft_megatron.training.data import open_datasets
 from tests.data_fixtures import CHATS, DEMO_SP, logged, synthetic_chats, write_jsonl
@@ -108,18 +106,20 @@ def test_synthetic_data_is_announced():
 
 # ---------------------------------------------------------------------------- two gloo ranks
 def _open_on_rank(rank: int, world: int, scenarios: list[tuple[list[str], str | None]]) -> list:
-    """Per scenario: (barrier calls, train rows, valid rows or None). ``wait_for``: rank 1 opens the
-    data only once that file exists (rank 0 is then between its own check and the barrier)."""
+    """Per scenario: (broadcasts, train rows, valid rows or None), or (broadcasts, error type, message).
+    ``wait_for``: rank 1 opens the data only once that file exists (rank 0 is then still preparing)."""
     import torch.distributed as dist
 
-    real, calls = dist.barrier, []
+    from bft_megatron.config.base import ConfigError
 
-    def counted_barrier(*args, **kwargs):
-        calls.append(1)  # monitored: an unpaired barrier fails in seconds instead of hanging the test
-        dist.monitored_barrier(timeout=timedelta(seconds=30))
+    real, calls = dist.broadcast_object_list, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
 
     results = []
-    dist.barrier = counted_barrier
+    dist.broadcast_object_list = counted
     try:
         for overrides, wait_for in scenarios:
             calls.clear()
@@ -128,27 +128,38 @@ def _open_on_rank(rank: int, world: int, scenarios: list[tuple[list[str], str | 
                 time.sleep(0.01)
             try:
                 train, valid = open_datasets(load_config(None, overrides))
-            except PreparedDataMismatch as err:  # the same error on every rank, after the same barrier
-                results.append((len(calls), str(err)))
+            except ConfigError as err:  # rank 0's error, on every rank, after the same broadcast
+                results.append((len(calls), "ConfigError", str(err)))
+                continue
+            except Exception as err:  # noqa: BLE001 - a failed preparation must fail every rank, not hang them
+                results.append((len(calls), "other", str(err)))
                 continue
             results.append((len(calls), len(train), None if valid is None else len(valid)))
     finally:
-        dist.barrier = real
+        dist.broadcast_object_list = real
     return results
 
 
-def test_all_ranks_meet_at_one_barrier_and_agree_on_valid(tmp_path):
+def test_all_ranks_get_rank0s_verdict_and_agree_on_valid(tmp_path):
     train_src, valid_src = _sources(tmp_path)
     fresh, added, no_valid = tmp_path / "fresh", tmp_path / "added", tmp_path / "no_valid"
     _prepare_train_only(train_src, added)
     _prepare_train_only(train_src, no_valid)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}\n')
     scenarios = [(_overrides(train_src, valid_src, fresh), str(fresh / "train" / "index.json")),
                  (_overrides(train_src, valid_src, added), None),
                  (_overrides(train_src, None, no_valid), None),
-                 (_overrides(train_src, None, no_valid) + ["data.packing=false"], None)]
+                 (_overrides(train_src, None, no_valid) + ["data.packing=false"], None),
+                 (_overrides(str(broken), None, tmp_path / "broken_out"), None)]
     per_rank = run_distributed(_open_on_rank, 2, scenarios, timeout=240)
-    assert per_rank[0] == per_rank[1]
-    (fresh_calls, rows, fresh_valid), (added_calls, _, added_valid), (none_calls, _, none_valid), stale = per_rank[0]
+    assert per_rank[0][:4] == per_rank[1][:4]
+    (fresh_calls, rows, fresh_valid), (added_calls, _, added_valid), (none_calls, _, none_valid), stale = per_rank[0][:4]
     assert (fresh_calls, added_calls, none_calls, stale[0]) == (1, 1, 1, 1)
-    assert "data.packing: prepared true, configured false" in stale[1]
+    assert stale[1] == "ConfigError" and "data.packing: prepared true, configured false" in stale[2]
+    # a preparation that fails on rank 0 (a bad record) fails rank 1 too, after the same broadcast, instead of
+    # leaving it waiting at a barrier
+    failed0, failed1 = per_rank[0][4], per_rank[1][4]
+    assert failed0[0] == failed1[0] == 1 and failed0[1] == failed1[1] == "other"
+    assert "unknown role 'robot'" in failed0[2] and "failed on rank 0" in failed1[2] and "robot" in failed1[2]
     assert rows > 0 and fresh_valid == added_valid and fresh_valid > 0 and none_valid is None

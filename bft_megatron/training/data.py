@@ -3,16 +3,16 @@
 * ``data.train`` sources: global rank 0 prepares every configured split (``train``, ``valid``) whose
   ``data.output_dir/<split>/index.json`` is missing (never prepared, added to the config since, or
   interrupted) with the data layer's ``prepare.run``, and logs its summary (plus a warning when many
-  samples are truncated, dropped or skipped); then every rank, whatever rank 0 did, meets it at one
-  barrier and opens the splits. A configured ``valid`` split is then required on every rank (so all
+  samples are truncated, dropped or skipped); then every rank, whatever rank 0 did, receives rank 0's
+  verdict in one broadcast (an error raises on every rank) and opens the splits. A configured ``valid`` split is then required on every rank (so all
   ranks evaluate, or none); an unconfigured one is used when present.
 * only ``data.output_dir``: read its prepared ``train/`` split (``valid/`` too when present).
 * neither: the synthetic chain dataset (:mod:`bft_megatron.training.synthetic`), vocabulary from
   ``model.vocab_size``, with a warning.
 
-Every split opened is checked against the config (:mod:`bft_megatron.data.provenance`: strictly when
-``data.train`` lists sources, only what the config sets otherwise); a difference raises on every rank
-alike (the check reads only the config and the disk), before any model exists.
+Every split opened is checked against the config on rank 0 (:mod:`bft_megatron.data.provenance`: strictly
+when ``data.train`` lists sources, only what the config sets otherwise; one reader of the sources, which other
+nodes need not see); a difference raises on every rank alike, before any model exists.
 """
 
 from __future__ import annotations
@@ -36,65 +36,104 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _prepare_missing(cfg: Config) -> None:
-    """Rank 0 prepares the configured splits that are missing; all ranks then call one barrier."""
-    d = cfg.data
-    if not d.output_dir:
-        raise ValueError("data.train names sources but data.output_dir is empty: set where prepared data goes")
+def _on_rank0(fn, what: str) -> None:
+    """Run ``fn`` on global rank 0 only; then every rank raises what it raised, or goes on (one broadcast,
+    which is also the barrier: the other ranks read the disk only after rank 0 is done with it).
+
+    A ``ConfigError`` reaches the other ranks as a ``ConfigError`` with the same message (the CLI exits 2
+    everywhere); anything else as a ``RuntimeError`` naming it. Without a process group ``fn`` just runs.
+    """
+    from bft_megatron.config.base import ConfigError
+
+    if not dist.is_initialized():
+        fn()
+        return
+    error = None
     if _rank0():
-        from bft_megatron.data.pipeline import missing_splits
-
-        missing = missing_splits(d)
-        if missing:
-            from bft_megatron.data.prepare import format_summary, preparation_warnings, run
-
-            _log.info("preparing %s into %s (bft-megatron prepare)", "+".join(missing), d.output_dir)
-            results = run(d, splits=missing)
-            for line in format_summary(d, results).splitlines():
-                _log.info("%s", line)
-            for warning in preparation_warnings(d, results):
-                _log.warning("%s", warning)
-    if dist.is_initialized():
-        dist.barrier()  # every rank, unconditionally: the splits are complete past this point
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others know
+            error = exc
+    box = [None if error is None else (isinstance(error, ConfigError), f"{type(error).__name__}: {error}",
+                                       str(error))]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        is_config, described, message = box[0]
+        raise ConfigError(message) if is_config else RuntimeError(f"{what} failed on rank 0: {described}")
 
 
-def _open_checked(cfg: Config, splits: dict[str, list[SourceConfig] | None]) -> list:
-    """The prepared splits, once their indexes match the config (``splits``: name -> configured sources)."""
+def _prepare_missing(cfg: Config) -> None:
+    """(Rank 0) prepare the configured splits that are missing and log the summary."""
+    from bft_megatron.data.pipeline import missing_splits
+
+    d = cfg.data
+    missing = missing_splits(d)
+    if missing:
+        from bft_megatron.data.prepare import format_summary, preparation_warnings, run
+
+        _log.info("preparing %s into %s (bft-megatron prepare)", "+".join(missing), d.output_dir)
+        results = run(d, splits=missing)
+        for line in format_summary(d, results).splitlines():
+            _log.info("%s", line)
+        for warning in preparation_warnings(d, results):
+            _log.warning("%s", warning)
+
+
+def _splits(cfg: Config) -> dict[str, list[SourceConfig] | None]:
+    """The splits to open (name -> configured sources): train, and valid when configured (then required:
+    PackedDataset raises if absent) or present."""
+    from bft_megatron.data.storage import is_prepared
+
+    d = cfg.data
+    use_valid = bool(d.train and d.valid) or is_prepared(os.path.join(d.output_dir, "valid"))
+    return {"train": d.train, **({"valid": d.valid} if use_valid else {})}
+
+
+def _check(cfg: Config) -> None:
+    """(Rank 0) the prepared splits exist and match the config (provenance; tokenizer vocabulary)."""
+    from bft_megatron.config.base import ConfigError
     from bft_megatron.data.provenance import PreparedDataMismatch, compare, mismatch_message, unchecked_message
-    from bft_megatron.data.storage import PackedDataset
+    from bft_megatron.data.storage import PackedDataset, is_prepared
 
-    strict, opened, problems = bool(cfg.data.train), [], {}
-    for split, sources in splits.items():
-        ds = PackedDataset(os.path.join(cfg.data.output_dir, split))
-        differences, unchecked = compare(ds.index, cfg.data, split, sources, strict)
+    d = cfg.data
+    if not is_prepared(os.path.join(d.output_dir, "train")):
+        raise FileNotFoundError(f"data.output_dir={d.output_dir}: no prepared train split (run bft-megatron "
+                                "prepare, or list data.train sources)")
+    strict, problems = bool(d.train), {}
+    for split, sources in _splits(cfg).items():
+        ds = PackedDataset(os.path.join(d.output_dir, split))
+        differences, unchecked = compare(ds.index, d, split, sources, strict)
         if differences:
             problems[str(ds.directory)] = differences
-        elif unchecked and _rank0():
+        elif unchecked:
             _log.warning("%s", unchecked_message(ds.directory, unchecked))
-        opened.append(ds)
+        if split == "train" and int(ds.index["tokenizer"].get("vocab_size", 0)) > cfg.model.vocab_size:
+            raise ConfigError(f"the data was tokenized with a {ds.index['tokenizer']['vocab_size']}-token "
+                              f"vocabulary but model.vocab_size={cfg.model.vocab_size}")
     if problems:
         raise PreparedDataMismatch(mismatch_message(problems, strict))
-    return opened
+
+
+def _prepare_and_check(cfg: Config) -> None:
+    if cfg.data.train:
+        _prepare_missing(cfg)
+    _check(cfg)
 
 
 def open_datasets(cfg: Config):
     """(train, valid or None) datasets with ``__len__``, ``__getitem__ -> Row``, ``pad_id``, ``packed``."""
     d = cfg.data
     if d.train or d.output_dir:
-        from bft_megatron.data.storage import is_prepared
+        from bft_megatron.data.storage import PackedDataset
 
-        if d.train:
-            _prepare_missing(cfg)
-        if not is_prepared(os.path.join(d.output_dir, "train")):
-            raise FileNotFoundError(f"data.output_dir={d.output_dir}: no prepared train split (run bft-megatron "
-                                    "prepare, or list data.train sources)")
-        # configured: required (PackedDataset raises if absent); otherwise used when present
-        use_valid = bool(d.train and d.valid) or is_prepared(os.path.join(d.output_dir, "valid"))
-        train, *valid = _open_checked(cfg, {"train": d.train, **({"valid": d.valid} if use_valid else {})})
-        tok_vocab = int(train.index["tokenizer"].get("vocab_size", 0))
-        if tok_vocab > cfg.model.vocab_size:
-            raise ValueError(f"the data was tokenized with a {tok_vocab}-token vocabulary but model.vocab_size="
-                             f"{cfg.model.vocab_size}")
+        if d.train and not d.output_dir:
+            raise ValueError("data.train names sources but data.output_dir is empty: set where prepared data goes")
+        # Rank 0 alone prepares what is missing and checks the splits against the config (one reader of
+        # the sources, even for a multi-node job); every rank then opens the same splits.
+        _on_rank0(lambda: _prepare_and_check(cfg), "data preparation / check")
+        train, *valid = [PackedDataset(os.path.join(d.output_dir, split)) for split in _splits(cfg)]
         return train, valid[0] if valid else None
     if _rank0():
         _log.warning("neither data.train nor data.output_dir is set: training on SYNTHETIC data (%d random chat "
