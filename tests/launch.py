@@ -2,10 +2,10 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
+from bft_megatron.parallel.bootstrap import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,17 +19,11 @@ TINY = ["model.hidden_size=64", "model.num_layers=4", "model.num_attention_heads
         "train.clip_grad=1.0"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(nproc: int, runs: list[dict], tmp: str, timeout: int) -> tuple[subprocess.CompletedProcess, str]:
     job, out = os.path.join(tmp, "job.json"), os.path.join(tmp, "out.json")
     with open(job, "w") as fh:
         json.dump({"runs": runs, "out": out}, fh)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}",
            "--master-addr=127.0.0.1", os.path.join(ROOT, "tests", "train_worker.py"), job]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     # Output goes to a file, not a pipe: a stray grandchild holding a pipe would block us until timeout.

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from bft_megatron.parallel.bootstrap import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -23,12 +23,6 @@ SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.ffn_hidden_size=12
          "train.global_batch_size=4", "train.micro_batch_size=2", "train.train_iters=3", "train.warmup_iters=1",
          "train.eval_interval=0", "loss.sft_warmup_iters=0", "logging.log_interval=1",
          "logging.tensorboard_dir=null"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_node(rank: int, port: int, overrides: list[str], log_path: str) -> subprocess.Popen:
@@ -59,7 +53,7 @@ def _kill_groups(procs: list[subprocess.Popen]) -> None:
 def test_two_nodes_on_loopback(tmp_path):
     save = tmp_path / "ckpt"
     overrides = SMALL + [f"checkpoint.save={save}", f"data.output_dir={tmp_path / 'data'}"]
-    port = _free_port()
+    port = free_port()
     logs = [str(tmp_path / f"node{r}.log") for r in (0, 1)]
     procs = [_start_node(r, port, overrides, logs[r]) for r in (0, 1)]
     try:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from bft_megatron.parallel.bootstrap import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["launch/torchrun.sh", "launch/slurm.sbatch", "launch/env.sh", ".ci/run"]
@@ -137,7 +137,7 @@ SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.ffn_hidden_size=12
 def test_torchrun_usr1_saves_and_leaves_resume(tmp_path):
     """The real chain: SIGUSR1 to torchrun.sh -> torchrun forwards it -> the trainer saves, writes RESUME, exits."""
     save = tmp_path / "ckpt"
-    env = dict(os.environ, NPROC_PER_NODE="1", MASTER_PORT=str(_free_port()), CONFIG="configs/demo_cpu.yaml",
+    env = dict(os.environ, NPROC_PER_NODE="1", MASTER_PORT=str(free_port()), CONFIG="configs/demo_cpu.yaml",
                PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     for var in ("NNODES", "NODE_RANK", "MASTER_ADDR", "SHUTDOWN_TIMEOUT"):
         env.pop(var, None)
@@ -163,9 +163,3 @@ def test_torchrun_usr1_saves_and_leaves_resume(tmp_path):
     assert (save / "RESUME").read_text().strip() == "SIGUSR1", text[-6000:]
     assert (save / "latest").read_text().strip().startswith("iter_")
     assert proc.returncode != 0                               # torchrun re-raises the signal after a clean save
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

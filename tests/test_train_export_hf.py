@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from tests.launch import ROOT, TINY, _free_port
+from bft_megatron.parallel.bootstrap import free_port
+from tests.launch import ROOT, TINY
 
 
 DEMO_TOKENIZER = "bft_megatron/data/assets/hpo_sp.model"  # relative, as the demo recipe writes it
@@ -19,7 +20,7 @@ DEMO_TOKENIZER = "bft_megatron/data/assets/hpo_sp.model"  # relative, as the dem
 def _env() -> dict:
     """A single-process run binds MASTER_PORT (default 29500): a free one, so concurrent test runs do not collide."""
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore",
-                MASTER_PORT=str(_free_port()))
+                MASTER_PORT=str(free_port()))
 
 
 CHATS = [[{"role": "user", "content": f"Which genes are associated with HP:{i:07d}?"},
@@ -117,7 +118,7 @@ def test_context_parallel_run_exports_what_its_checkpoint_holds(tmp_path):
     save = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=4", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", "-m", "bft_megatron.train", *TINY, "parallel.cp=2", "parallel.tp=2",
+           f"--master-port={free_port()}", "-m", "bft_megatron.train", *TINY, "parallel.cp=2", "parallel.tp=2",
            "train.train_iters=2", f"checkpoint.save={save}", "checkpoint.export_hf=true"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

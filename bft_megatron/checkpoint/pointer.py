@@ -20,6 +20,8 @@ import os
 import re
 import shutil
 
+from bft_megatron.utils.files import atomic_write_text
+
 __all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "list_iterations", "prune",
            "commit"]
 
@@ -43,17 +45,7 @@ def read_latest(run_dir: str) -> str | None:
 
 def write_latest(run_dir: str, iteration: int) -> None:
     """Atomically point ``latest`` at ``iter_<iteration>`` (call on one rank, after all ranks saved)."""
-    tmp = os.path.join(run_dir, f".{LATEST}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(iter_dirname(iteration) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, os.path.join(run_dir, LATEST))
-    dir_fd = os.open(run_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write_text(os.path.join(run_dir, LATEST), iter_dirname(iteration) + "\n")
 
 
 def resolve_load_dir(path: str) -> str | None:

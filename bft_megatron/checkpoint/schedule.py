@@ -18,7 +18,7 @@ warning). :func:`group_bounds` / :func:`restore_group_bounds` keep the config's 
 
 from __future__ import annotations
 
-from bft_megatron.config.base import ConfigError, to_dict
+from bft_megatron.config.base import ConfigError, format_value, to_dict
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["SOURCES", "ADAM_FIELDS", "schedule_changes", "describe_changes", "adam_changes", "check_schedule",
@@ -47,14 +47,6 @@ _MISSING = object()
 _GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd", "betas", "eps")
 # Config fields that reach the optimizer only through its parameter groups (compared like the schedule).
 ADAM_FIELDS = ("train.adam_beta1", "train.adam_beta2", "train.adam_eps")
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
 
 
 def _lookup(cfg_dict: dict | None, dotted: str):
@@ -89,11 +81,13 @@ def describe_changes(changes: dict[str, tuple], saved_cfg: dict | None, cfg_dict
             before, after = _lookup(saved_cfg, name), _lookup(cfg_dict, name)
             if before is not _MISSING and after is not _MISSING and before != after:
                 fields.append(name)
-                by_field.setdefault(name, []).append(f"{key} {_fmt(old)} -> {_fmt(new)}")
+                by_field.setdefault(name, []).append(f"{key} {format_value(old)} -> {format_value(new)}")
         if not fields:
             sources = _SOURCE_TEXT.get(key) or ", ".join(SOURCES.get(key, ())) or "unknown"
-            lines.append(f"scheduler {key} (from {sources}): checkpoint {_fmt(old)}, config {_fmt(new)}")
-    named = [f"{name}: checkpoint {_fmt(_lookup(saved_cfg, name))}, config {_fmt(_lookup(cfg_dict, name))} "
+            lines.append(f"scheduler {key} (from {sources}): checkpoint {format_value(old)}, "
+                         f"config {format_value(new)}")
+    named = [f"{name}: checkpoint {format_value(_lookup(saved_cfg, name))}, "
+             f"config {format_value(_lookup(cfg_dict, name))} "
              f"(scheduler {', '.join(moved)})" for name, moved in by_field.items()]
     return named + lines
 
@@ -104,7 +98,8 @@ def adam_changes(saved_cfg: dict | None, cfg_dict: dict) -> list[str]:
     for name in ADAM_FIELDS:
         before, after = _lookup(saved_cfg, name), _lookup(cfg_dict, name)
         if before is not _MISSING and after is not _MISSING and before != after:
-            lines.append(f"{name}: checkpoint {_fmt(before)}, config {_fmt(after)} (Adam's parameter groups)")
+            lines.append(f"{name}: checkpoint {format_value(before)}, config {format_value(after)} "
+                         "(Adam's parameter groups)")
     return lines
 
 
@@ -130,7 +125,8 @@ def check_schedule(scheduler, common: dict, cfg, path: str, rank: int = 0) -> No
             f"checkpoint's to keep them.")
     if rank == 0:
         _log.warning("checkpoint.override_scheduler=true: resuming %s at iteration %s with this config's "
-                     "learning-rate schedule and Adam settings instead of the checkpoint's:\n  %s", path, iteration, lines)
+                     "learning-rate schedule and Adam settings instead of the checkpoint's:\n  %s", path, iteration,
+                     lines)
 
 
 def group_bounds(optimizer) -> list[dict]:

@@ -115,6 +115,13 @@ def from_dict(cls, data: dict | None, section: str = ""):
     return cls(**kwargs)
 
 
+def format_value(value: Any) -> str:
+    """A config value as YAML and the CLI spell it (true/false/null), for messages that name values."""
+    if isinstance(value, bool) or value is None:
+        return {True: "true", False: "false", None: "null"}[value]
+    return str(value)
+
+
 def to_dict(obj) -> dict:
     """Dataclass -> plain nested dict (YAML/JSON-serialisable)."""
     return dataclasses.asdict(obj)

@@ -168,6 +168,8 @@ def check_paths(cfg: Config) -> None:
     """Inputs that must exist on disk for a run (``--check`` and real runs; not ``--dry-run`` / ``plan``,
     which plan recipes whose paths are placeholders): raises :class:`ConfigError` naming the field."""
     c = cfg.checkpoint
-    resumes_own = bool(c.save) and os.path.isfile(os.path.join(c.save, "latest"))  # checkpoint.load is not read
+    from bft_megatron.checkpoint.pointer import read_latest
+
+    resumes_own = bool(c.save) and read_latest(c.save) is not None  # then checkpoint.load is not read
     _require(resumes_own or not (c.finetune and c.load and not os.path.exists(c.load)),
              f"checkpoint.load={c.load} does not exist (checkpoint.finetune=true starts from it)")

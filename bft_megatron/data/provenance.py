@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bft_megatron.config.base import ConfigError
+from bft_megatron.config.base import ConfigError, format_value
 from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.readers import list_files
@@ -55,14 +55,8 @@ def source_record(src: SourceConfig) -> dict[str, Any]:
     return rec
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or value is None:
-        return {True: "true", False: "false", None: "null"}[value]
-    return str(value)
-
-
 def _line(name: str, prepared: Any, configured: Any) -> str:
-    return f"{name}: prepared {_fmt(prepared)}, configured {_fmt(configured)}"
+    return f"{name}: prepared {format_value(prepared)}, configured {format_value(configured)}"
 
 
 def _file_change(rec: dict[str, Any], path: Path) -> str | None:

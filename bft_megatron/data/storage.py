@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bft_megatron.data.tokenize import MASK_DTYPE, TOKEN_DTYPE
+from bft_megatron.utils.files import atomic_write_text
 
 FORMAT_NAME = "bft-megatron-prepared"
 FORMAT_VERSION = 1
@@ -129,12 +130,7 @@ def unpublish(out: Path) -> None:
 
 def publish_index(out: Path, index: dict[str, Any]) -> None:
     """Write ``index.json`` atomically (temporary file, fsync, rename): readers see all of it or none."""
-    tmp = out / f".{INDEX}.tmp.{os.getpid()}"
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, out / INDEX)
+    atomic_write_text(out / INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def read_index(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -96,15 +96,22 @@ def unfuse_output_layer(model) -> None:
 
 
 # ------------------------------------------------------------------------------------------ embedding
+@functools.cache
+def _te_dummy_wgrad():
+    """TE's ``get_dummy_wgrad`` or None (looked up once: a failed import would search sys.path every call)."""
+    try:
+        from transformer_engine.pytorch.module.base import get_dummy_wgrad
+    except ImportError:
+        return None
+    return get_dummy_wgrad
+
+
 def _dummy_wgrad(weight: torch.Tensor) -> torch.Tensor:
     """A weight-shaped tensor for autograd to hand to DDP's hook, which ignores its values: TE's shared
     buffer where TE is installed (the output layer's dummy has the same shape, so no extra memory), else a
     fresh uninitialised one. Either way a new tensor object, so ``AccumulateGrad`` takes it without a copy."""
-    try:
-        from transformer_engine.pytorch.module.base import get_dummy_wgrad
-    except ImportError:
-        return torch.empty_like(weight, memory_format=torch.contiguous_format)
-    if weight.device.type != "cuda":
+    get_dummy_wgrad = _te_dummy_wgrad()
+    if get_dummy_wgrad is None or weight.device.type != "cuda":
         return torch.empty_like(weight, memory_format=torch.contiguous_format)
     return get_dummy_wgrad(list(weight.shape), weight.dtype)
 

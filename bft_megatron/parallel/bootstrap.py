@@ -21,7 +21,7 @@ import torch.distributed as dist
 from bft_megatron.parallel import cpu_compat
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["ParallelGroups", "initialize", "destroy", "seed_everything"]
+__all__ = ["ParallelGroups", "initialize", "destroy", "seed_everything", "free_port"]
 
 _log = get_logger(__name__)
 
@@ -69,11 +69,11 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
     for var, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(var, default)
     if "MASTER_PORT" not in os.environ:  # without torchrun: one process, its own group on a free local port
-        os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
+        os.environ["MASTER_PORT"] = str(free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
 
 
-def _free_port() -> int:
+def free_port() -> int:
     """A currently free TCP port on localhost (two single-process runs on one host must not clash on 29500)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
