@@ -32,14 +32,13 @@ from bft_megatron.convert.mapping import OUTPUT, detect_spec, rule_by_megatron_n
 from bft_megatron.convert.sources import TRAINER_HINT, find_sources
 from bft_megatron.convert.tensors import to_hf
 from bft_megatron.parallel.bootstrap import ParallelGroups
+from bft_megatron.parallel.rank0 import on_rank0
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["export_to_hf", "export_after_training", "unwrap"]
 
 _log = get_logger(__name__)
 _LAYERS = "decoder.layers."
-_ERRORS = {"FileExistsError": FileExistsError, "FileNotFoundError": FileNotFoundError, "ValueError": ValueError,
-           "KeyError": KeyError}
 
 
 def _gather_tp(param: torch.Tensor, axis: int | None, groups: ParallelGroups) -> torch.Tensor:
@@ -79,27 +78,19 @@ def _write_chunk(model: torch.nn.Module, m: ModelConfig, groups: ParallelGroups,
             writer.add(name, tensor.to(dtype) if dtype is not None else tensor)
 
 
-def _prepare(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, out_dir: str, groups: ParallelGroups,
-             recorded: dict, tokenizer_dir: str | None, dtype: torch.dtype | None) -> None:
+def _prepare(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, out_dir: str, recorded: dict,
+             tokenizer_dir: str | None, dtype: torch.dtype | None) -> None:
     """Rank 0 finds the sources, checks them and writes the non-weight files into the staging directory before
     any shard is written; every rank raises together if that failed (no half-entered collectives)."""
-    error: list = [None]
-    failure = None
-    if groups.rank == 0:
-        try:
-            sources = find_sources(recorded, hf_dir=tokenizer_dir, hint=TRAINER_HINT)
-            stage = begin_staging(out_dir)
-            out_dtype = dtype or next(unwrap(model_chunks[0]).parameters()).dtype
-            write_hf_metadata(stage, model_cfg, out_dtype, sources)
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
-            shutil.rmtree(staging_path(out_dir), ignore_errors=True)
-            failure, error = exc, [(type(exc).__name__, str(exc))]
-    dist.broadcast_object_list(error, src=0)
-    if failure is not None:
-        raise failure
-    if error[0]:
-        kind, message = error[0]
-        raise _ERRORS.get(kind, RuntimeError)(message)
+
+    def write_metadata() -> None:
+        sources = find_sources(recorded, hf_dir=tokenizer_dir, hint=TRAINER_HINT)
+        stage = begin_staging(out_dir)
+        out_dtype = dtype or next(unwrap(model_chunks[0]).parameters()).dtype
+        write_hf_metadata(stage, model_cfg, out_dtype, sources)
+
+    on_rank0(write_metadata, "HF export (config, tokenizer)",
+             cleanup=lambda: shutil.rmtree(staging_path(out_dir), ignore_errors=True))
 
 
 def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, out_dir: str, groups: ParallelGroups,
@@ -114,7 +105,7 @@ def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, ou
     (default: the parameters' dtype). Written into a hidden sibling of ``out_dir``, moved there when complete.
     """
     recorded = to_dict(config) if config is not None else {"model": {"from_hf": model_cfg.from_hf}}
-    _prepare(model_chunks, model_cfg, out_dir, groups, recorded, tokenizer_dir, dtype)
+    _prepare(model_chunks, model_cfg, out_dir, recorded, tokenizer_dir, dtype)
     stage = staging_path(out_dir)
     participates = groups.dp_rank == 0 and groups.cp_rank == 0
     manifests: list[dict[str, list[str]]] = []

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from bft_megatron.config.data import SourceConfig
 from bft_megatron.config.schema import Config
+from bft_megatron.parallel.rank0 import on_rank0
 from bft_megatron.training.synthetic import SyntheticChatDataset
 from bft_megatron.utils.logging import get_logger
 
@@ -34,34 +35,6 @@ SYNTHETIC_TRAIN_ROWS = 4096
 
 def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _on_rank0(fn, what: str) -> None:
-    """Run ``fn`` on global rank 0 only; then every rank raises what it raised, or goes on (one broadcast,
-    which is also the barrier: the other ranks read the disk only after rank 0 is done with it).
-
-    A ``ConfigError`` reaches the other ranks as a ``ConfigError`` with the same message (the CLI exits 2
-    everywhere); anything else as a ``RuntimeError`` naming it. Without a process group ``fn`` just runs.
-    """
-    from bft_megatron.config.base import ConfigError
-
-    if not dist.is_initialized():
-        fn()
-        return
-    error = None
-    if _rank0():
-        try:
-            fn()
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others know
-            error = exc
-    box = [None if error is None else (isinstance(error, ConfigError), f"{type(error).__name__}: {error}",
-                                       str(error))]
-    dist.broadcast_object_list(box, src=0)
-    if error is not None:
-        raise error
-    if box[0] is not None:
-        is_config, described, message = box[0]
-        raise ConfigError(message) if is_config else RuntimeError(f"{what} failed on rank 0: {described}")
 
 
 def _prepare_missing(cfg: Config) -> None:
@@ -132,7 +105,7 @@ def open_datasets(cfg: Config):
             raise ValueError("data.train names sources but data.output_dir is empty: set where prepared data goes")
         # Rank 0 alone prepares what is missing and checks the splits against the config (one reader of
         # the sources, even for a multi-node job); every rank then opens the same splits.
-        _on_rank0(lambda: _prepare_and_check(cfg), "data preparation / check")
+        on_rank0(lambda: _prepare_and_check(cfg), "data preparation / check")
         train, *valid = [PackedDataset(os.path.join(d.output_dir, split)) for split in _splits(cfg)]
         return train, valid[0] if valid else None
     if _rank0():

@@ -1,0 +1,47 @@
+"""Run a step on global rank 0 only and let every rank fail together if it fails.
+
+Used where one rank must do file work the others then depend on (first-use data preparation and its check,
+the HF export's metadata): a rank-0 error that the others never heard of would leave them waiting in the next
+collective until the process-group timeout.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from bft_megatron.config.base import ConfigError
+
+__all__ = ["on_rank0"]
+
+# Exception types the other ranks re-raise as themselves, with the same message (ConfigError also for its
+# subclasses: the CLI exits 2 on every rank); anything else becomes a RuntimeError that names it.
+_KINDS = {cls.__name__: cls for cls in (ConfigError, FileExistsError, FileNotFoundError, ValueError, KeyError)}
+
+
+def _describe(error: Exception) -> tuple[str, str]:
+    return ("ConfigError" if isinstance(error, ConfigError) else type(error).__name__), str(error)
+
+
+def on_rank0(fn, what: str, cleanup=None) -> None:
+    """Call ``fn()`` on global rank 0; one broadcast (also a barrier: the others go on only once rank 0 is done)
+    carries its outcome, and every rank raises if it raised. ``cleanup()`` runs on rank 0 after a failure.
+    Without a process group it is the same minus the broadcast."""
+    distributed = dist.is_initialized()
+    error = None
+    if not distributed or dist.get_rank() == 0:
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = exc
+            if cleanup is not None:
+                cleanup()
+    box = [None if error is None else _describe(error)]
+    if distributed:
+        dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        kind, message = box[0]
+        if kind in _KINDS:
+            raise _KINDS[kind](message)
+        raise RuntimeError(f"{what} failed on rank 0: {kind}: {message}")
