@@ -154,14 +154,37 @@ def test_packed_equals_padded(method, variant):
         assert int(one_row[1]) == 1
 
 
-def test_packed_trailing_padding_is_ignored():
-    nll = torch.tensor([[1.0, 2.0, 3.0, 0.5, 0.5, 7.0, 7.0]])
+@pytest.mark.parametrize("method,variant", CASES)
+def test_packed_trailing_padding_is_ignored(method, variant):
+    """Supervised-looking tokens past cu_seqlens[-1] count for no method: not in the loss, the units, the
+    gradient or the lm_loss metric."""
+    nll = torch.tensor([[1.0, 2.0, 3.0, 0.5, 0.5, 7.0, 7.0]], requires_grad=True)
     mask = torch.tensor([[1, 1, 1, 1, 1, 1, 1.0]])   # the two trailing tokens lie past cu_seqlens[-1]
     cu = torch.tensor([0, 3, 5])
-    loss_sum, units, _ = objective(nll, mask, cu_seqlens=cu, group_size=2)
-    ref = _reference_objective(nll[:, :5], mask[:, :5], cu_seqlens=cu, group_size=2)[0]
-    assert int(units) == 2
+    kw = dict(method=method, variant=variant, group_size=2)
+    loss_sum, units, metrics = objective(nll, mask, cu_seqlens=cu, **kw)
+    ref = _reference_objective(nll[:, :5].detach(), mask[:, :5], cu_seqlens=cu, **kw)[0]
+    assert int(units) == (2 if method == "bft" else 5)
     torch.testing.assert_close(loss_sum / units, ref.float(), **FP32)
+    loss_sum.backward()
+    assert torch.all(nll.grad[0, 5:] == 0) and torch.all(nll.grad[0, :5] != 0)
+    torch.testing.assert_close(reduce_metrics(metrics)["lm_loss"], 7.0 / 5, **FP32)
+
+
+@pytest.mark.parametrize("method,variant", CASES)
+def test_non_finite_nll_at_unsupervised_positions_is_ignored(method, variant):
+    """inf/NaN where the mask is 0 (a label nobody supervises) leaves loss and gradient finite and equal
+    to the same input with those positions finite."""
+    mask = torch.tensor([[0, 1, 1, 0, 1, 1, 1, 0.0]])
+    bad = torch.tensor([[float("inf"), 1.0, 0.5, float("nan"), 0.2, 2.0, 0.3, float("inf")]], requires_grad=True)
+    good = torch.where(mask != 0, bad.detach(), 1.0).requires_grad_()
+    kw = dict(method=method, variant=variant, group_size=2)
+    out_bad, out_good = objective(bad, mask, **kw), objective(good, mask, **kw)
+    assert torch.isfinite(out_bad[0]) and int(out_bad[1]) == int(out_good[1])
+    torch.testing.assert_close(out_bad[0], out_good[0], **FP32)
+    out_bad[0].backward()
+    out_good[0].backward()
+    torch.testing.assert_close(bad.grad, good.grad, **FP32)
 
 
 def test_bf16_logits_within_tolerance():

@@ -79,7 +79,7 @@ def _write_chunk(model: torch.nn.Module, m: ModelConfig, groups: ParallelGroups,
 
 
 def _prepare(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, out_dir: str, recorded: dict,
-             tokenizer_dir: str | None, dtype: torch.dtype | None) -> None:
+             tokenizer_dir: str | None, dtype: torch.dtype | None, group: dist.ProcessGroup) -> None:
     """Rank 0 finds the sources, checks them and writes the non-weight files into the staging directory before
     any shard is written; every rank raises together if that failed (no half-entered collectives)."""
 
@@ -89,7 +89,7 @@ def _prepare(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, out_di
         out_dtype = dtype or next(unwrap(model_chunks[0]).parameters()).dtype
         write_hf_metadata(stage, model_cfg, out_dtype, sources)
 
-    on_rank0(write_metadata, "HF export (config, tokenizer)",
+    on_rank0(write_metadata, "HF export (config, tokenizer)", group,
              cleanup=lambda: shutil.rmtree(staging_path(out_dir), ignore_errors=True))
 
 
@@ -105,7 +105,7 @@ def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, ou
     (default: the parameters' dtype). Written into a hidden sibling of ``out_dir``, moved there when complete.
     """
     recorded = to_dict(config) if config is not None else {"model": {"from_hf": model_cfg.from_hf}}
-    _prepare(model_chunks, model_cfg, out_dir, recorded, tokenizer_dir, dtype)
+    _prepare(model_chunks, model_cfg, out_dir, recorded, tokenizer_dir, dtype, groups.control)
     stage = staging_path(out_dir)
     participates = groups.dp_rank == 0 and groups.cp_rank == 0
     manifests: list[dict[str, list[str]]] = []

@@ -148,8 +148,10 @@ def objective(
             (packed: each segment a sample). Under context parallelism this rank's load-balanced shard
             (``[b, s/CP]`` / ``[1, T/CP]``), and ``cu_seqlens`` are the *global* boundaries, each sample
             padded to a multiple of ``2*CP`` (padding masked). ``cu_seqlens[0]`` must be 0 (as the collator
-            writes them; not checked, which would cost a host sync); tokens after the last boundary are padding.
-        loss_mask: same shape; nonzero where the label is supervised.
+            writes them; not checked, which would cost a host sync); tokens after the last boundary are padding
+            for every method (neither loss nor counts), whatever their mask.
+        loss_mask: same shape; nonzero where the label is supervised. Unsupervised positions contribute
+            nothing, even an inf/NaN NLL there.
         method: ``sft`` (w=1, s=1), ``dft`` (w=sg(c), s=1), ``bft`` (per-sample weight ``1 - p_b**gamma``).
         variant: BFT variant, ``v1`` (released code: min window mean of log c) or ``v3`` (paper:
             group-normalised token weights). Ignored for sft/dft.
@@ -166,6 +168,8 @@ def objective(
     _check_args(nll, loss_mask, method, variant, group_size, gamma, eps, cu_seqlens)
     l_loc = nll.float().reshape(-1)
     m_loc = loss_mask.reshape(-1) != 0
+    if cu_seqlens is not None:  # every method: tokens after the last sample are padding, whatever their mask
+        m_loc = m_loc & _inside_samples(tuple(nll.shape), cu_seqlens, cp_group, nll.device)
     metrics = MetricPartials()
     tokens = m_loc.sum()
     metrics.add_sum("lm_loss", torch.where(m_loc, l_loc.detach(), 0.0).sum(), tokens)
@@ -176,9 +180,25 @@ def objective(
     if method == "dft":
         coef = torch.where(m_loc, c_loc, 0.0)
         metrics.add_sum("token_weight", coef.sum(), tokens)
-        return (coef * l_loc).sum(), tokens.to(torch.int64), metrics
+        return (coef * _masked(l_loc, m_loc)).sum(), tokens.to(torch.int64), metrics
     return _bft(l_loc, m_loc, tuple(nll.shape), variant, group_size, gamma, eps, cu_seqlens, cp_group, metrics,
                 compile_backend)
+
+
+def _inside_samples(local_shape, cu_seqlens, cp_group, device) -> torch.Tensor:
+    """``[N]`` bool: this rank's tokens that lie before the last packed boundary ``cu_seqlens[-1]``."""
+    cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
+    if cp_size > 1:
+        pos = local_to_global_positions(local_shape, cp_size, dist.get_rank(cp_group), cu_seqlens, device)
+    else:
+        pos = torch.arange(local_shape[1], device=device)
+    return pos < cu_seqlens[-1]
+
+
+def _masked(l_loc: torch.Tensor, m_loc: torch.Tensor) -> torch.Tensor:
+    """The NLL with unsupervised positions zeroed: a zero coefficient times an inf/NaN NLL there (a label the
+    caller never meant to supervise) would otherwise make the sum NaN. The gradient there stays 0."""
+    return torch.where(m_loc, l_loc, 0.0)
 
 
 def _bft(l_loc, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, cp_group, metrics, compile_backend):
@@ -196,7 +216,7 @@ def _bft(l_loc, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, cp_group
         a, m, mine = a_loc, m_loc, None
     args = (a, m, global_shape, cu_seqlens, mine, variant, g, gamma, eps, cp_rank == 0)
     coef, stats = _bft_math(*args) if compile_backend is None else _run_compiled(compile_backend, args)
-    loss_sum = (coef * l_loc).sum()
+    loss_sum = (coef * _masked(l_loc, m_loc)).sum()
     metrics.add_pairs(SAMPLE_STATS, stats[:2 * len(SAMPLE_STATS)])
     metrics.add_min("p_conf", stats[-3])
     metrics.add_max("p_conf", stats[-2])

@@ -4,6 +4,11 @@
 gloo on CPU with :mod:`bft_megatron.parallel.cpu_compat` applied), builds megatron's model-parallel
 groups and seeds every RNG, then returns :class:`ParallelGroups`, which the rest of the package
 takes as an argument instead of reaching into globals.
+
+Besides megatron's groups it makes one world-sized gloo group, ``control``, whose timeout is
+:data:`RANK0_WAIT_HOURS` instead of ``parallel.timeout_minutes``: the ranks wait on it while global rank 0
+alone does file work of unbounded length (first-use data preparation), which would otherwise trip the
+NCCL/gloo timeout of the default group and kill the job.
 """
 
 from __future__ import annotations
@@ -21,14 +26,19 @@ import torch.distributed as dist
 from bft_megatron.parallel import cpu_compat
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["ParallelGroups", "initialize", "destroy", "seed_everything", "free_port"]
+__all__ = ["ParallelGroups", "initialize", "destroy", "seed_everything", "free_port", "RANK0_WAIT_HOURS"]
 
 _log = get_logger(__name__)
+
+# How long the other ranks wait for rank 0's file work (``ParallelGroups.control``); a crashed rank 0 still
+# ends the wait at once (its sockets close, and torchrun stops the job).
+RANK0_WAIT_HOURS = 24
 
 
 @dataclass(frozen=True)
 class ParallelGroups:
-    """Process groups and this rank's coordinates. ``pg_collection`` is megatron's own container."""
+    """Process groups and this rank's coordinates. ``pg_collection`` is megatron's own container;
+    ``control`` is the world over gloo with a :data:`RANK0_WAIT_HOURS` timeout (rank-0 file work)."""
 
     world_size: int
     rank: int
@@ -49,6 +59,7 @@ class ParallelGroups:
     vp_size: int | None
     pg_collection: object
     device: torch.device
+    control: dist.ProcessGroup
 
     @property
     def is_first_pp_stage(self) -> bool:
@@ -125,6 +136,7 @@ def initialize(tp: int = 1, pp: int = 1, vp: int | None = None, cp: int = 1, see
         dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank(),
         vp_size=vp, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"),
+        control=dist.new_group(backend="gloo", timeout=timedelta(hours=RANK0_WAIT_HOURS)),
     )
     _log.info("parallel layout: world=%d tp=%d pp=%d vp=%s cp=%d dp=%d backend=%s", groups.world_size, tp, pp,
               vp, cp, groups.dp_size, dist.get_backend())

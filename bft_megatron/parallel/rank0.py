@@ -2,7 +2,8 @@
 
 Used where one rank must do file work the others then depend on (first-use data preparation and its check,
 the HF export's metadata): a rank-0 error that the others never heard of would leave them waiting in the next
-collective until the process-group timeout.
+collective until the process-group timeout. Pass ``ParallelGroups.control`` as the group where rank 0's work
+can take long (its timeout is hours, not ``parallel.timeout_minutes``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ def _describe(error: Exception) -> tuple[str, str]:
     return ("ConfigError" if isinstance(error, ConfigError) else type(error).__name__), str(error)
 
 
-def on_rank0(fn, what: str, cleanup=None) -> None:
-    """Call ``fn()`` on global rank 0; one broadcast (also a barrier: the others go on only once rank 0 is done)
-    carries its outcome, and every rank raises if it raised. ``cleanup()`` runs on rank 0 after a failure.
+def on_rank0(fn, what: str, group: dist.ProcessGroup | None = None, cleanup=None) -> None:
+    """Call ``fn()`` on global rank 0; one broadcast over ``group`` (a world-sized group; None: the default
+    group) carries its outcome. It is also a barrier: the others go on only once rank 0 is done, waiting up to
+    ``group``'s timeout. Every rank raises if ``fn`` raised; ``cleanup()`` runs on rank 0 after a failure.
     Without a process group it is the same minus the broadcast."""
     distributed = dist.is_initialized()
     error = None
@@ -37,7 +39,7 @@ def on_rank0(fn, what: str, cleanup=None) -> None:
                 cleanup()
     box = [None if error is None else _describe(error)]
     if distributed:
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
     if error is not None:
         raise error
     if box[0] is not None:

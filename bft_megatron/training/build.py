@@ -14,7 +14,8 @@ __all__ = ["build_trainer"]
 
 
 def build_trainer(cfg: Config, layout: Layout, groups: ParallelGroups) -> Trainer:
-    train_data, valid_data = open_datasets(cfg)  # first: a missing or bad dataset fails before any model exists
+    # first: a missing or bad dataset fails before any model exists
+    train_data, valid_data = open_datasets(cfg, groups.control)
     chunks, tconfig = build_model_chunks(cfg, groups)
     model = wrap_model(chunks, tconfig, cfg)
     optimizer = build_optimizer(model, cfg)

@@ -95,8 +95,11 @@ def _prepare_and_check(cfg: Config) -> None:
     _check(cfg)
 
 
-def open_datasets(cfg: Config):
-    """(train, valid or None) datasets with ``__len__``, ``__getitem__ -> Row``, ``pad_id``, ``packed``."""
+def open_datasets(cfg: Config, wait_group: dist.ProcessGroup | None = None):
+    """(train, valid or None) datasets with ``__len__``, ``__getitem__ -> Row``, ``pad_id``, ``packed``.
+
+    ``wait_group``: the world-sized group the other ranks wait on while rank 0 prepares missing splits
+    (``ParallelGroups.control``, whose timeout outlasts a long preparation; None: the default group)."""
     d = cfg.data
     if d.train or d.output_dir:
         from bft_megatron.data.storage import PackedDataset
@@ -105,7 +108,7 @@ def open_datasets(cfg: Config):
             raise ValueError("data.train names sources but data.output_dir is empty: set where prepared data goes")
         # Rank 0 alone prepares what is missing and checks the splits against the config (one reader of
         # the sources, even for a multi-node job); every rank then opens the same splits.
-        on_rank0(lambda: _prepare_and_check(cfg), "data preparation / check")
+        on_rank0(lambda: _prepare_and_check(cfg), "data preparation / check", wait_group)
         train, *valid = [PackedDataset(os.path.join(d.output_dir, split)) for split in _splits(cfg)]
         return train, valid[0] if valid else None
     if _rank0():

@@ -1,0 +1,76 @@
+"""Rank-0 file work and the group the other ranks wait on (gloo, spawned ranks).
+
+First-use data preparation runs on global rank 0 while the others wait in one broadcast; that wait must
+be governed by ``ParallelGroups.control`` (hours), not by the default group's ``parallel.timeout_minutes``,
+or a long preparation kills the job.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from bft_megatron.config.schema import load_config
+from tests.dist_harness import run_distributed
+
+
+def _timeout(group) -> timedelta:
+    return group._get_backend(torch.device("cpu")).options._timeout
+
+
+def _slow_rank0(rank: int, world: int) -> list[str]:
+    """Rank 0 works 4 s twice; the others wait on a 60 s group, then on a 2 s one."""
+    from bft_megatron.parallel.rank0 import on_rank0
+
+    long_wait = dist.new_group(backend="gloo", timeout=timedelta(seconds=60))
+    short_wait = dist.new_group(backend="gloo", timeout=timedelta(seconds=2))
+    outcomes = []
+    for group in (long_wait, short_wait):
+        try:
+            on_rank0(lambda: time.sleep(4), "slow work", group)
+            outcomes.append("ok")
+        except RuntimeError as err:
+            outcomes.append("timed out" if "imed out" in str(err) or "imeout" in str(err) else str(err))
+    return outcomes
+
+
+def test_the_wait_follows_the_given_groups_timeout():
+    rank0, rank1 = run_distributed(_slow_rank0, 2, timeout=120)
+    assert rank0[0] == "ok"  # (its second broadcast may find rank 1 gone)
+    # The 4 s of work outlasts only the short group's timeout: the group argument is what bounds the wait.
+    assert rank1 == ["ok", "timed out"], rank1
+
+
+def _bootstrap_groups(rank: int, world: int) -> tuple[timedelta, timedelta, int]:
+    from bft_megatron.parallel import bootstrap
+
+    groups = bootstrap.initialize(seed=1, timeout_minutes=30)
+    try:
+        default = dist.distributed_c10d._get_default_group()
+        return _timeout(groups.control), _timeout(default), dist.get_world_size(groups.control)
+    finally:
+        bootstrap.destroy(keep_process_group=True)
+
+
+def test_control_group_is_the_world_with_the_long_timeout():
+    from bft_megatron.parallel.bootstrap import RANK0_WAIT_HOURS
+
+    for control, _default, size in run_distributed(_bootstrap_groups, 2, timeout=120):
+        assert control == timedelta(hours=RANK0_WAIT_HOURS) and size == 2
+
+
+def test_open_datasets_waits_on_the_group_it_is_given(tmp_path, monkeypatch):
+    import bft_megatron.training.data as training_data
+
+    seen = []
+    monkeypatch.setattr(training_data, "on_rank0", lambda fn, what, group=None: seen.append(group))
+    import bft_megatron.data.storage as storage
+
+    monkeypatch.setattr(storage, "PackedDataset", lambda path: path)  # nothing prepared there: open nothing
+    marker = object()
+    cfg = load_config(None, [f"data.output_dir={tmp_path}"])
+    training_data.open_datasets(cfg, marker)
+    assert seen == [marker]
