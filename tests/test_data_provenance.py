@@ -2,6 +2,7 @@
 
 * With ``data.train`` sources every recorded setting, the tokenizer (by fingerprint) and the sources (by
   weight and content: size, then mtime, else sha256) must match; each difference is named with both values.
+  A source touched but unchanged is hashed once: its new mtime is recorded in the index.
 * With only ``data.output_dir``, only what the config sets to a non-default value is compared.
 * An index written before these records existed still loads, with a warning naming what cannot be checked.
 """
@@ -17,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from bft_megatron.config.schema import load_config
+from bft_megatron.data import provenance
 from bft_megatron.data.provenance import PreparedDataMismatch
+from bft_megatron.data.storage import read_index
 from bft_megatron.data.tokenizer import tokenizer_fingerprint
 from bft_megatron.training.data import open_datasets
 from tests.data_fixtures import CHATS, DEMO_SP, hf_tokenizer, logged, synthetic_chats, write_jsonl
@@ -61,14 +64,22 @@ def test_changed_settings_are_named_with_both_values(tmp_path):
     open_datasets(load_config(None, over + ["data.num_workers=2"]))  # does not change the data
 
 
-def test_sources_are_compared_by_weight_and_content(tmp_path):
+def test_sources_are_compared_by_weight_and_content(tmp_path, monkeypatch):
     src, over = _setup(tmp_path)
     assert "data.train[0].weight: prepared 1.0, configured 0.5" in _mismatch(over + [f"data.train={src}:0.5"])
     assert "prepared from 1 source(s)" in _mismatch(over + [f"data.train=[{src}, {src}]"])
     copy = shutil.copy(src, tmp_path / "moved.jsonl")  # same contents, other path and mtime: the same source
-    os.utime(src, ns=(1, 1))  # touched only: hashed once, unchanged
     open_datasets(load_config(None, over + [f"data.train={copy}"]))
-    open_datasets(load_config(None, over))
+    os.utime(src, ns=(1, 1))  # touched only: hashed once, unchanged, and its new mtime recorded
+    with logged(logging.INFO) as records:
+        open_datasets(load_config(None, over))
+    assert any("recorded the new mtimes" in r.getMessage() for r in records)
+    assert read_index(tmp_path / "out" / "train")["sources"][0]["files"][0]["mtime_ns"] == 1
+    hashed = []
+    monkeypatch.setattr(provenance, "sha256_file", lambda path: hashed.append(path) or "")
+    open_datasets(load_config(None, over))  # unchanged since the record: stat() only, no hashing
+    assert hashed == []
+    monkeypatch.undo()
     text = src.read_bytes()
     src.write_bytes(text.replace(b"Question 0:", b"Question 9:"))  # same size, other contents
     assert "same size but other contents than when prepared" in _mismatch(over)
@@ -76,6 +87,21 @@ def test_sources_are_compared_by_weight_and_content(tmp_path):
     assert f"{len(text)} bytes when prepared, {len(text) + 1} now" in _mismatch(over)
     src.unlink()
     assert "does not exist" in _mismatch(over)
+
+
+def test_read_only_prepared_data_is_still_used_after_a_touch(tmp_path, monkeypatch):
+    import bft_megatron.data.storage as storage
+
+    src, over = _setup(tmp_path)
+    os.utime(src, ns=(1, 1))
+
+    def read_only(*_args):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(storage, "publish_index", read_only)
+    with logged(logging.INFO) as records:
+        train, _ = open_datasets(load_config(None, over))
+    assert len(train) > 0 and any("could not record their new mtimes" in r.getMessage() for r in records)
 
 
 def test_tokenizer_is_compared_by_fingerprint(tmp_path):

@@ -8,8 +8,10 @@ mtime and sha256. :func:`compare` lists every difference between that record and
 * ``strict`` (the config lists the split's sources: it says how the data is prepared): every recorded
   setting must equal the configured one, and the sources must be the same ones, in order, compared by
   content: a file is unchanged when its size and mtime are, or else when its sha256 is (a copied or
-  moved identical file is the same source; only then is a file read). ``on_error: raise`` differs from
-  a split that skipped records. A hub dataset is compared by name and split only.
+  moved identical file is the same source; only then is a file read, and its record in the index dict
+  takes the file's current mtime, for the caller to publish so the next check need not hash it again).
+  ``on_error: raise`` differs from a split that skipped records. A hub dataset is compared by name and
+  split only.
 * not strict (only ``data.output_dir``: the prepared split defines the data): only settings the config
   sets to a non-default value (an unset setting cannot be told from a default) and a configured
   tokenizer are compared; ``seed`` never (it also seeds the trainer's epoch shuffle), and ``seq_length``
@@ -60,10 +62,15 @@ def _line(name: str, prepared: Any, configured: Any) -> str:
 
 
 def _file_change(rec: dict[str, Any], path: Path) -> str | None:
+    """What changed in a file since ``rec`` was taken (None: nothing). A file whose mtime changed but whose
+    contents did not (touched, copied) gets its new mtime in ``rec``."""
     st = path.stat()
     if st.st_size != rec["size"]:
         return f"{rec['size']} bytes when prepared, {st.st_size} now"
-    if st.st_mtime_ns == rec["mtime_ns"] or sha256_file(path) == rec["sha256"]:
+    if st.st_mtime_ns == rec["mtime_ns"]:
+        return None
+    if sha256_file(path) == rec["sha256"]:
+        rec["mtime_ns"] = st.st_mtime_ns
         return None
     return "same size but other contents than when prepared"
 
@@ -147,6 +154,8 @@ def _settings_problems(index: dict[str, Any], cfg: DataConfig, strict: bool) -> 
 def compare(index: dict[str, Any], cfg: DataConfig, split: str, sources: list[SourceConfig] | None,
             strict: bool) -> tuple[list[str], list[str]]:
     """(differences, what the index cannot tell) between a prepared split's index and ``cfg``.
+
+    Updates the mtime recorded in ``index`` of a file found unchanged by its sha256 (see the module doc).
 
     ``sources``: the split's configured sources (None: not compared, e.g. an unconfigured valid split)."""
     problems, unchecked = _settings_problems(index, cfg, strict)

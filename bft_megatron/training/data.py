@@ -17,6 +17,7 @@ nodes need not see); a difference raises on every rank alike, before any model e
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch.distributed as dist
@@ -77,16 +78,34 @@ def _check(cfg: Config) -> None:
     strict, problems = bool(d.train), {}
     for split, sources in _splits(cfg).items():
         ds = PackedDataset(os.path.join(d.output_dir, split))
+        recorded = json.dumps(ds.index, sort_keys=True)
         differences, unchecked = compare(ds.index, d, split, sources, strict)
         if differences:
             problems[str(ds.directory)] = differences
         elif unchecked:
             _log.warning("%s", unchecked_message(ds.directory, unchecked))
+        if not differences and json.dumps(ds.index, sort_keys=True) != recorded:
+            _record_new_mtimes(ds)
         if split == "train" and int(ds.index["tokenizer"].get("vocab_size", 0)) > cfg.model.vocab_size:
             raise ConfigError(f"the data was tokenized with a {ds.index['tokenizer']['vocab_size']}-token "
                               f"vocabulary but model.vocab_size={cfg.model.vocab_size}")
     if problems:
         raise PreparedDataMismatch(mismatch_message(problems, strict))
+
+
+def _record_new_mtimes(ds) -> None:
+    """Sources touched but unchanged (sha256) since preparation: keep their new mtimes in ``index.json``, so
+    the next start compares stat() results instead of hashing them again. Best effort (read-only data)."""
+    from bft_megatron.data.storage import publish_index
+
+    try:
+        publish_index(ds.directory, ds.index)
+    except OSError as err:
+        _log.info("%s: sources touched since preparation (contents unchanged) are hashed on every start; could "
+                  "not record their new mtimes (%s)", ds.directory, err)
+        return
+    _log.info("%s: recorded the new mtimes of sources touched since preparation (contents unchanged)",
+              ds.directory)
 
 
 def _prepare_and_check(cfg: Config) -> None:
