@@ -171,6 +171,23 @@ def test_packed_trailing_padding_is_ignored(method, variant):
     torch.testing.assert_close(reduce_metrics(metrics)["lm_loss"], 7.0 / 5, **FP32)
 
 
+@pytest.mark.parametrize("variant", VARIANTS_ALL)
+def test_confident_samples_keep_relative_precision(variant):
+    """p_b near 1 (NLL ~1e-4): s_b = 1 - p_b is small, and an fp32 exp of the log-probabilities lost ~1e-4 of it
+    in v3; loss and gradient must stay within 1e-6 relative of the float64 oracle on the same fp32 NLL."""
+    gen = torch.Generator().manual_seed(11)
+    nll = torch.rand(3, 64, generator=gen) * 2e-4
+    mask = torch.ones(3, 64)
+    ours = nll.clone().requires_grad_()
+    loss_sum, units, _ = objective(ours, mask, method="bft", variant=variant, group_size=8)
+    (loss_sum / units).backward()
+    exact = nll.double().requires_grad_()
+    ref = _reference_objective(exact, mask, method="bft", variant=variant, group_size=8)[0]
+    ref.backward()
+    torch.testing.assert_close((loss_sum / units).double(), ref.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.grad.double(), exact.grad, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("method,variant", CASES)
 def test_non_finite_nll_at_unsupervised_positions_is_ignored(method, variant):
     """inf/NaN where the mask is 0 (a label nobody supervises) leaves loss and gradient finite and equal

@@ -103,7 +103,7 @@ def _bft_weights(a, m, seg, num_samples, variant, g, gamma, eps):
     start = (torch.cumsum(n_all, 0) - n_all)[:num_samples]           # first compacted slot of each sample
     sid = seg.clamp(max=num_samples - 1)
     tok_start, tok_end = start[sid], (start + n_b)[sid]
-    c = torch.exp(a)
+    c = torch.exp(a.double())  # float64: v3's s_b = 1 - min C_loc loses digits in fp32 when p_b is near 1
     if variant == "v1":
         prefix = _segment_prefix(a.unsqueeze(1), k, m)[:, 0]          # sums of log c
         hi = k + g
