@@ -6,6 +6,8 @@
 * SIGUSR1 delivered to rank 0 after step 2 makes all ranks save step 2 and leave the loop;
   ``latest`` names that checkpoint and a RESUME marker records the early stop.
 * ``exit_duration_minutes`` elapsed: save after the current step and stop (RESUME marker).
+* A skipped step steps neither optimizer nor LR scheduler. Resuming (with dropout) reproduces the losses
+  bitwise (RNG states restored) and the skip counters, so a skip before and one after the save abort together.
 * ``async_save``: checkpoints are committed when finalised; ``keep_last=1`` prunes the older one; the
   run directory resumes at its last step (nothing left to train).
 * Resuming the signal run's step-2 checkpoint with a longer ``train.train_iters`` (another LR schedule) fails on
@@ -24,6 +26,8 @@ from tests.launch import TINY, launch
 pytestmark = pytest.mark.slow
 
 EXTENDED = ["train.train_iters=6", "train.lr=1e-3", "checkpoint.override_scheduler=true"]
+# Dropout on, so that a resume must restore the RNG states; two skips in a row abort.
+DROPOUT = TINY + ["train.dropout=0.2", "train.max_consecutive_skips=2"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +45,9 @@ def results(tmp_path_factory):
         {"overrides": TINY + ["train.bf16=true"]},
         {"overrides": TINY + [f"checkpoint.load={sig_dir}", "train.train_iters=6"]},
         {"overrides": TINY + [f"checkpoint.load={sig_dir}"] + EXTENDED},
+        {"overrides": DROPOUT + [f"checkpoint.save={sig_dir}/dropout", "checkpoint.save_interval=2"], "poison": [1]},
+        {"overrides": DROPOUT + [f"checkpoint.load={sig_dir}/dropout/iter_0000002"]},
+        {"overrides": DROPOUT + [f"checkpoint.load={sig_dir}/dropout/iter_0000002"], "poison": [2]},
     ]
     return launch(2, runs), sig_dir
 
@@ -55,6 +62,25 @@ def test_nan_on_one_rank_skips_step_everywhere(results):
     assert hist[0]["loss"] == clean["history"][0]["loss"]
     assert all(math.isfinite(h["loss"]) for i, h in enumerate(hist) if i != 1)
     assert hist[2]["loss"] != clean["history"][2]["loss"]
+
+
+def test_skipped_step_leaves_the_lr_schedule_where_it_was(results):
+    """No optimizer step, no scheduler step: the step after a skip uses the skipped step's learning rate."""
+    poisoned, clean = results[0][0]["history"], results[0][3]["history"]
+    lrs = [h["lr"] for h in clean]
+    assert len(set(lrs)) == 4 and [h["lr"] for h in poisoned] == [lrs[0], lrs[1], lrs[1], lrs[2]]
+
+
+def test_resume_restores_rng_and_skip_counters(results):
+    """With dropout, the resumed losses equal the uninterrupted run's bitwise only if the RNG states come back;
+    the skip count and the run of consecutive skips (step 2 skipped just before the save) come back too."""
+    full, resumed, poisoned = results[0][10:13]
+    assert [h["skipped"] for h in full["history"]] == [False, True, False, False] and full["error"] is None
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"][2:]]
+    assert resumed["skipped"] == 1 and resumed["error"] is None
+    # One more skip right after the resume is the second in a row: the run aborts at step 3.
+    assert poisoned["iteration"] == 3 and poisoned["skipped"] == 2
+    assert poisoned["error"] is not None and "2 consecutive non-finite" in poisoned["error"]
 
 
 def test_consecutive_nan_steps_abort(results):
