@@ -10,9 +10,10 @@ import os
 import pytest
 import torch
 
-from bft_megatron.config.schema import ModelConfig
+from bft_megatron.config.schema import ModelConfig, RopeScaling
 from bft_megatron.convert.chat_templates import BUILTIN_JINJA
 from bft_megatron.convert.hf_config import write_hf_metadata
+from bft_megatron.convert.importer import model_config_from_hf_dir
 from bft_megatron.convert.sources import CLI_HINT, ExportSources, find_sources
 from bft_megatron.convert.sp_tokenizer import sentencepiece_to_fast
 from bft_megatron.data.records import Conversation, Message
@@ -70,6 +71,20 @@ def test_converted_demo_tokenizer_renders_and_encodes_as_training(template):
     assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
 
 
+@pytest.mark.parametrize("template", ["chatml", "llama3", "plain"])
+def test_generation_prompt_is_the_training_text_up_to_the_answer(template):
+    """At inference the model sees apply_chat_template(history, add_generation_prompt=True): exactly the text it
+    was trained on before the assistant's answer, the answer's first character following it directly."""
+    ours = load_tokenizer(os.path.join(ROOT, DEMO_TOKENIZER))
+    hf = sentencepiece_to_fast(os.path.join(ROOT, DEMO_TOKENIZER), chat_template=BUILTIN_JINJA[template])
+    for chat in _chats():
+        prompt = hf.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True)
+        trained = render(_conv(chat), template, ours).text
+        answer = chat[-1]["content"]
+        assert trained.startswith(prompt), (prompt, trained)
+        assert trained[len(prompt):].startswith(answer.strip() if template == "llama3" else answer), template
+
+
 def test_converted_bpe_tokenizer_with_dummy_prefix_encodes_as_sentencepiece(tmp_path):
     """The other sentencepiece settings: BPE, nmt_nfkc normalisation, dummy prefix, extra-whitespace removal."""
     import sentencepiece as spm
@@ -119,6 +134,9 @@ def test_hf_tokenizer_without_template_gets_the_training_one_and_explicit_wins(t
     write_hf_metadata(out, ModelConfig(**{**TINY_MODEL.__dict__, "vocab_size": 100}), torch.float32, sources)
     with open(os.path.join(out, "tokenizer_config.json")) as fh:
         assert json.load(fh)["chat_template"] == BUILTIN_JINJA["llama3"]
+    # A tokenizer without a pad token: training padded with eos, and the export says so too.
+    with open(os.path.join(out, "config.json")) as fh:
+        assert json.load(fh)["pad_token_id"] == load_tokenizer(hf_tok).pad_id == 2
     with open(os.path.join(out, "tokenizer.json"), "rb") as a, open(os.path.join(hf_tok, "tokenizer.json"), "rb") as b:
         assert a.read() == b.read()  # copied, not re-serialised
     explicit = find_sources(config, tokenizer=DEMO_TOKENIZER)
@@ -174,6 +192,52 @@ def test_mismatched_template_is_an_error_with_hf_and_skipped_otherwise(tmp_path,
     with open(tmp_path / "b" / "config.json") as fh:
         assert json.load(fh)["hidden_size"] == 64
     assert any("does not describe the exported model" in r.getMessage() for r in log_records)
+
+
+ROUND_TRIP = {
+    "llama31": dict(rope_theta=500000.0, norm_epsilon=1e-5, max_position_embeddings=256,
+                    rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                             original_max_position_embeddings=128)),
+    "llama32_tied": dict(tie_embeddings=True, norm_epsilon=2e-6, rope_theta=5e5,
+                         rope_scaling=RopeScaling(32.0, 2.0, 8.0, 64)),
+    "qwen2": dict(family="qwen2", qkv_bias=True, tie_embeddings=True, norm_epsilon=1e-6, rope_theta=1e6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROUND_TRIP))
+@pytest.mark.parametrize("dtype,label", [(torch.bfloat16, "bfloat16"), (torch.float32, "float32")])
+def test_synthesised_config_reads_back_as_the_exported_model(tmp_path, name, dtype, label):
+    """Without a template, config.json is built from the model section: read back (ours and transformers'),
+    every field that shapes the outputs is the model's, and the dtype label is the weights' dtype."""
+    from transformers import AutoConfig
+
+    model = ModelConfig(**{**TINY_MODEL.__dict__, **ROUND_TRIP[name]})
+    write_hf_metadata(str(tmp_path), model, dtype, ExportSources(None, None, [], CLI_HINT))
+    back = model_config_from_hf_dir(str(tmp_path))
+    for field in ("family", "hidden_size", "num_layers", "num_attention_heads", "kv_groups", "ffn_hidden_size",
+                  "vocab_size", "tie_embeddings", "qkv_bias", "rope_theta", "rope_scaling", "norm_epsilon",
+                  "max_position_embeddings"):
+        assert getattr(back, field) == getattr(model, field), field
+    with open(tmp_path / "config.json") as fh:
+        raw = json.load(fh)
+    assert raw.get("dtype", raw.get("torch_dtype")) == label
+    hf = AutoConfig.from_pretrained(str(tmp_path))
+    assert hf.rms_norm_eps == model.norm_epsilon and hf.tie_word_embeddings == model.tie_embeddings
+    rope = getattr(hf, "rope_parameters", None) or hf.rope_scaling or {}
+    if model.rope_scaling is not None:
+        assert rope.get("rope_type") == "llama3" and rope["factor"] == model.rope_scaling.factor
+        assert rope["original_max_position_embeddings"] == model.rope_scaling.original_max_position_embeddings
+
+
+@pytest.mark.parametrize("field,value", [("rope_theta", 1e6), ("norm_epsilon", 1e-6),
+                                         ("rope_scaling", RopeScaling(16.0, 1.0, 4.0, 8192))])
+def test_template_config_with_other_rope_or_norm_is_rejected(tmp_path, field, value):
+    """--hf's config.json is kept only if it describes the weights, RoPE and the norm's epsilon included."""
+    model = ModelConfig(**{**TINY_MODEL.__dict__, "rope_scaling": RopeScaling()})
+    write_hf_metadata(str(tmp_path / "hf"), model, torch.float32, ExportSources(None, None, [], CLI_HINT))
+    other = ModelConfig(**{**model.__dict__, field: value})
+    with pytest.raises(ValueError, match=f"{field}: template"):
+        write_hf_metadata(str(tmp_path / "out"), other, torch.float32, find_sources({}, hf_dir=str(tmp_path / "hf")))
 
 
 @pytest.mark.parametrize("template,expect_builtin", [("llama3", True), ("tokenizer", False)])

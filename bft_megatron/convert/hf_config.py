@@ -26,8 +26,10 @@ __all__ = ["write_hf_metadata"]
 
 _log = get_logger(__name__)
 
+# What a template config.json must agree on with the exported weights: everything that changes the model's
+# outputs (max_position_embeddings does not: a run may train at another context length).
 _ARCH_FIELDS = ("family", "hidden_size", "num_layers", "num_attention_heads", "kv_groups", "ffn_hidden_size",
-                "vocab_size", "tie_embeddings", "qkv_bias", "rope_theta", "rope_scaling")
+                "vocab_size", "tie_embeddings", "qkv_bias", "rope_theta", "rope_scaling", "norm_epsilon")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
