@@ -124,10 +124,28 @@ def test_valid_layouts():
     (["parallel.pp=2", "parallel.vp=2", "train.micro_batch_size=1", "train.global_batch_size=3"], 2,
      r"micro-batches per step .* = 3 must be divisible by parallel.pp=2"),
     (["model.rope_scaling.low_freq_factor=4"], 1, r"high_freq_factor > low_freq_factor"),
+    (["parallel.tp=0"], 1, r"parallel.tp must be >= 1, got 0"),
+    (["parallel.cp=-1"], 1, r"parallel.cp must be >= 1, got -1"),
+    (["parallel.overlap_param_gather=true", "parallel.distributed_optimizer=false"], 1,
+     r"overlap_param_gather=true requires parallel.distributed_optimizer"),
+    (["checkpoint.save=/tmp/x", "checkpoint.keep_last=0"], 1, r"checkpoint.keep_last must be >= 1 or null, got 0"),
+    (["train.micro_batch_size=true"], 1, r"train.micro_batch_size must be an integer, got True"),
 ])
 def test_validation_errors_name_field_and_value(extra, world, message):
     with pytest.raises(ValueError, match=message):
         validate(cfg_with(*extra), world)
+
+
+def test_fp8_needs_bf16_even_with_transformer_engine(monkeypatch):
+    import sys
+
+    # (bft_megatron.config re-exports the function validate under the module's name)
+    monkeypatch.setattr(sys.modules["bft_megatron.config.validate"], "have_transformer_engine", lambda: True)
+    with pytest.raises(ValueError, match=r"train.fp8='hybrid' requires train.bf16=true"):
+        validate(cfg_with("train.fp8=hybrid", "train.bf16=false"), 1)
+    with pytest.raises(ValueError, match=r"data.seq_length=100 must be a multiple of 8\*cp"):
+        validate(cfg_with("train.fp8=hybrid", "train.bf16=true", "data.seq_length=100"), 1)
+    assert validate(cfg_with("train.fp8=hybrid", "train.bf16=true", "data.seq_length=128"), 1).dp == 1
 
 
 def test_demo_config_validates():

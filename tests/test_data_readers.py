@@ -197,3 +197,19 @@ def test_sharegpt_conversations_map_roles_and_keep_the_rules():
             to_conversation(rec, "auto", "x.jsonl:line 2")
     with pytest.raises(DataError, match="field 'conversations' must be a list"):
         to_conversation({"messages": [], "conversations": None}, "sharegpt", "x")
+
+
+@pytest.mark.parametrize("record,fmt", [
+    ({"system": "Be brief.", "instruction": "Define ataxia.", "input": "", "output": "Poor coordination."}, "alpaca"),
+    ({"system": "Be brief.", "prompt": "Define ataxia.", "response": "Poor coordination."}, "prompt_response"),
+    ({"system": "Be brief.", "conversations": [{"from": "human", "value": "Define ataxia."},
+                                               {"from": "gpt", "value": "Poor coordination."}]}, "sharegpt"),
+])
+def test_optional_system_field_becomes_the_first_turn(record, fmt):
+    """A record's top-level 'system' (LLaMA-Factory's column) is the chat's system turn, auto-detected or named."""
+    want = (Message("system", "Be brief."), Message("user", "Define ataxia."),
+            Message("assistant", "Poor coordination."))
+    for name in (fmt, "auto"):
+        assert to_conversation(record, name, "test").messages == want
+    without = {k: v for k, v in record.items() if k != "system"}
+    assert to_conversation(without, fmt, "test").messages == want[1:]
