@@ -58,6 +58,16 @@ def test_total_params_tiny_and_real_models():
     assert total_params(qwen72b.model) == pytest.approx(72.71e9, rel=1e-3)   # Qwen's model card: 72.7B
 
 
+@pytest.mark.parametrize("name", ["llama31_untied", "llama32_tied", "qwen2_tied", "qwen2_untied_bf16"])
+def test_total_params_equals_the_hf_models_count(name, tmp_path):
+    """Exact against transformers' own model (QKV bias of Qwen, tied or untied tables, GQA)."""
+    from bft_megatron.convert.importer import model_config_from_hf_dir
+    from tests.convert_models import make_model
+
+    hf = make_model(name, str(tmp_path))
+    assert total_params(model_config_from_hf_dir(str(tmp_path))) == sum(p.numel() for p in hf.parameters())
+
+
 def test_single_stage_untied_distributed_optimizer_dp2():
     mem, stage = plan_memory(cfg_of(), dp=2, num_microbatches=2)
     params = 4 * LAYER + 2 * TABLE + 64                       # layers + embedding + output layer + final norm
