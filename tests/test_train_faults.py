@@ -48,6 +48,7 @@ def results(tmp_path_factory):
         {"overrides": DROPOUT + [f"checkpoint.save={sig_dir}/dropout", "checkpoint.save_interval=2"], "poison": [1]},
         {"overrides": DROPOUT + [f"checkpoint.load={sig_dir}/dropout/iter_0000002"]},
         {"overrides": DROPOUT + [f"checkpoint.load={sig_dir}/dropout/iter_0000002"], "poison": [2]},
+        {"overrides": TINY + [f"checkpoint.load={sig_dir}/iter_0000002", "checkpoint.finetune=true"]},
     ]
     return launch(2, runs), sig_dir
 
@@ -81,6 +82,16 @@ def test_resume_restores_rng_and_skip_counters(results):
     # One more skip right after the resume is the second in a row: the run aborts at step 3.
     assert poisoned["iteration"] == 3 and poisoned["skipped"] == 2
     assert poisoned["error"] is not None and "2 consecutive non-finite" in poisoned["error"]
+
+
+def test_finetune_from_a_mid_run_checkpoint_starts_at_step_zero(results):
+    """finetune=true takes the weights only: iteration, data position, skip counts and the LR schedule start
+    afresh (the same learning rates as a run from scratch), and the losses differ from scratch (other weights)."""
+    runs = results[0]
+    tuned, scratch = runs[13], runs[3]
+    assert [h["iteration"] for h in tuned["history"]] == [1, 2, 3, 4] and tuned["skipped"] == 0
+    assert [h["lr"] for h in tuned["history"]] == [h["lr"] for h in scratch["history"]]
+    assert tuned["history"][0]["loss"] != scratch["history"][0]["loss"]
 
 
 def test_consecutive_nan_steps_abort(results):
