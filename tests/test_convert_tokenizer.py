@@ -100,6 +100,9 @@ def test_converted_bpe_tokenizer_with_dummy_prefix_encodes_as_sentencepiece(tmp_
     ours, hf = load_tokenizer(path), sentencepiece_to_fast(path)
     for text in TRICKY + [render(_conv(c), "chatml", ours).text for c in _chats(10)]:
         assert hf(text, add_special_tokens=False)["input_ids"] == ours.encode_offsets(text)[0], text
+    for text in [t for t in TRICKY if "<" not in t] + lines[:20]:  # generated answers: no control tokens
+        ids = ours.encode_offsets(text)[0]
+        assert hf.decode(ids) == ours.decode(ids), text  # the dummy prefix's space is stripped as in training
 
 
 def test_export_metadata_from_the_training_sentencepiece_tokenizer(tmp_path):

@@ -77,6 +77,8 @@ BAD = [
     (json.dumps({"messages": [{"content": "x"}]}), "missing field 'role'"),
     (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  "}]}),
      "empty assistant turn"),
+    (json.dumps({"messages": [{"role": "user", "content": " \n"}, {"role": "assistant", "content": "a"}]}),
+     "messages[0]: empty user turn"),
     (json.dumps({"messages": [{"role": "user", "content": "q"}]}), "no assistant turn"),
     (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
                               {"role": "assistant", "content": "a"}]}), "system message is only allowed first"),

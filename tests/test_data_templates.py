@@ -9,7 +9,7 @@ from bft_megatron.data.errors import DataError
 from bft_megatron.data.records import Conversation, Message
 from bft_megatron.data.templates import check_template, render
 from bft_megatron.data.tokenize import encode, supervised_tokens
-from bft_megatron.data.tokenizer import load_tokenizer
+from bft_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from tests.data_fixtures import DEMO_SP, hf_tokenizer
 
 CONV = Conversation((Message("system", "Be brief."), Message("user", "What is microcephaly?"),
@@ -102,6 +102,31 @@ def test_missing_template_tokens_are_refused():
         check_template("llama3", _tok("qwen25"))
     with pytest.raises(ValueError, match="has no chat_template"):
         check_template("tokenizer", _tok("qwen_plain"))
+
+
+class _EosInPieces(Tokenizer):
+    """A tokenizer whose eos text '</s>' does not encode to its eos id (eos not registered as special)."""
+
+    name, vocab_size, eos_id, bos_id, pad_id, fingerprint = "stub", 10, 5, None, 5, "x"
+
+    def encode_offsets(self, text):
+        if text == "</s>":
+            return [1, 2], [(0, 2), (2, 4)]
+        return [7] * len(text), [(i, i + 1) for i in range(len(text))]
+
+    def id_to_token(self, idx):
+        return "</s>" if idx == 5 else f"t{idx}"
+
+
+def test_plain_template_refuses_an_eos_that_does_not_encode_to_its_id():
+    """Else the model would learn to emit the pieces of '</s>' and never the id that stops generation."""
+    with pytest.raises(ValueError, match=r"template='plain': stub does not encode '</s>' as id 5"):
+        check_template("plain", _EosInPieces())
+
+
+def test_hf_tokenizer_without_pad_pads_with_eos():
+    tok = _tok("llama31")  # defines no pad token
+    assert tok.pad_id == tok.eos_id
 
 
 def test_template_that_rewrites_answers_is_an_error():

@@ -179,6 +179,22 @@ def test_latest_pointer_is_atomic_and_prune_keeps_last(tmp_path):
 
 
 
+def test_latest_pointer_survives_a_failed_write(tmp_path, monkeypatch):
+    """A crash while writing `latest` (here fsync fails) leaves the previous pointer whole and readable."""
+    run = str(tmp_path)
+    pointer.write_latest(run, 2)
+
+    def failing_fsync(fd):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk gone"):
+        pointer.write_latest(run, 4)
+    monkeypatch.undo()
+    assert pointer.read_latest(run) == os.path.join(run, "iter_0000002")
+    assert os.listdir(run) == ["latest"]  # and no temporary file left behind
+
+
 def _iter_dirs(run, *its):
     for it in its:
         os.makedirs(os.path.join(run, pointer.iter_dirname(it)))
