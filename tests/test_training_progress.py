@@ -1,0 +1,89 @@
+"""The rank-0 progress line (tokens/s/GPU, MFU, ETA) and the TensorBoard scalars, from known inputs.
+
+MFU = tokens/s/GPU x model FLOPs per token (Megatron's count, causal attention halved) / peak FLOP/s; the peak
+is ``logging.peak_tflops`` or 989 TFLOP/s (H100/H200 dense BF16), none on CPU.
+"""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bft_megatron.config import load_config
+from bft_megatron.config.plan import flops_per_token
+from bft_megatron.training.progress import ProgressLog, peak_flops
+
+TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4", "model.num_query_groups=2",
+        "model.ffn_hidden_size=128", "model.vocab_size=128", "data.seq_length=256", "train.global_batch_size=32",
+        "train.train_iters=110"]
+VALUES = {"loss": 1.25, "lm_loss": 2.5, "p_conf": 0.5, "sample_weight": 0.4, "token_weight": 0.3}
+
+
+def _field(line: str, name: str) -> float:
+    return float(re.search(rf"(?:^| \| ){re.escape(name)} ([0-9.]+)", line).group(1))
+
+
+def _log(tmp_path, extra=(), rank=0, world=4) -> ProgressLog:
+    cfg = load_config(None, TINY + [f"logging.tensorboard_dir={tmp_path}"] + list(extra))
+    return ProgressLog(cfg, SimpleNamespace(rank=rank, world_size=world))
+
+
+def test_line_reports_throughput_mfu_and_eta_from_known_inputs(tmp_path):
+    log = _log(tmp_path, ["logging.peak_tflops=0.002"])  # a peak at the tiny model's scale: MFU ~0.35
+    line = log.line(10, VALUES, step_time=2.0, lr=1e-4, grad_norm=0.75, skipped=1)
+    log.close()
+    tokens_per_gpu = 32 * 256 / 4 / 2.0  # rows x seq_length / GPUs / seconds: 1024
+    assert _field(line, "tok/s/GPU") == pytest.approx(tokens_per_gpu, abs=0.05)
+    want_mfu = tokens_per_gpu * flops_per_token(log.cfg.model, 256) / 0.002e12
+    assert 0.1 < want_mfu < 1 and _field(line, "MFU") == pytest.approx(want_mfu, abs=5e-4)
+    assert _field(line, "ETA") == pytest.approx(100 * 2.0 / 60, abs=0.05)  # 100 steps left at 2 s each
+    assert line.startswith("step 10/110 | loss 1.250000 | lm loss 2.500000 | lr 1.000e-04 | grad norm 0.7500")
+    assert "skipped 1" in line and "p_conf 0.5000" in line and "2000 ms/step" in line
+
+
+def test_peak_is_dense_bf16_on_h100_and_h200_and_none_on_cpu(monkeypatch):
+    assert peak_flops(250.0) == 250e12
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert peak_flops(None) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
+        assert peak_flops(None) == 989e12
+
+
+def test_causal_attention_is_halved_in_the_flop_count():
+    m = load_config(None, TINY).model
+    dense = flops_per_token(m, 256)
+    # doubling the sequence adds only the attention term 6*L*s*h (causal: half of 12*L*s*h)
+    assert flops_per_token(m, 512) - dense == pytest.approx(6 * 2 * 256 * 64)
+
+
+def _scalars(directory) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(directory))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_scalars_names_and_values(tmp_path):
+    log = _log(tmp_path)
+    log.line(3, VALUES, step_time=0.5, lr=2e-4, grad_norm=1.5, skipped=0)
+    log.eval(4, {"lm_loss": 2.25, "loss": 1.0})
+    log.close()
+    got = _scalars(tmp_path)
+    for tag, value in [("train/loss", 1.25), ("train/lm_loss", 2.5), ("train/lr", 2e-4), ("train/grad_norm", 1.5),
+                       ("train/p_conf", 0.5), ("train/sample_weight", 0.4), ("train/token_weight", 0.3),
+                       ("train/tokens_per_s_per_gpu", 32 * 256 / 4 / 0.5)]:
+        assert got[tag] == [(3, pytest.approx(value, rel=1e-6))], tag
+    assert got["valid/lm_loss"] == [(4, 2.25)] and got["valid/loss"] == [(4, 1.0)]
+
+
+def test_only_global_rank_0_writes_tensorboard(tmp_path):
+    log = _log(tmp_path, rank=1)
+    log.line(1, VALUES, step_time=1.0, lr=1e-4, grad_norm=None, skipped=0)
+    log.close()
+    assert log.writer is None and not list(tmp_path.iterdir())
