@@ -8,6 +8,7 @@
 * ``exit_duration_minutes`` elapsed: save after the current step and stop (RESUME marker).
 * A skipped step steps neither optimizer nor LR scheduler. Resuming (with dropout) reproduces the losses
   bitwise (RNG states restored) and the skip counters, so a skip before and one after the save abort together.
+* Validation at ``eval_interval`` reports the objective (``loss``) and the plain CE mean (``lm_loss``).
 * ``async_save``: checkpoints are committed when finalised; ``keep_last=1`` prunes the older one; the
   run directory resumes at its last step (nothing left to train).
 * Resuming the signal run's step-2 checkpoint with a longer ``train.train_iters`` (another LR schedule) fails on
@@ -49,6 +50,8 @@ def results(tmp_path_factory):
         {"overrides": DROPOUT + [f"checkpoint.load={sig_dir}/dropout/iter_0000002"]},
         {"overrides": DROPOUT + [f"checkpoint.load={sig_dir}/dropout/iter_0000002"], "poison": [2]},
         {"overrides": TINY + [f"checkpoint.load={sig_dir}/iter_0000002", "checkpoint.finetune=true"]},
+        {"overrides": TINY + ["train.eval_interval=2", "train.eval_iters=2"], "evaluate": True},
+        {"overrides": TINY + ["loss.method=sft", "train.eval_iters=2"], "evaluate": True},
     ]
     return launch(2, runs), sig_dir
 
@@ -92,6 +95,21 @@ def test_finetune_from_a_mid_run_checkpoint_starts_at_step_zero(results):
     assert [h["iteration"] for h in tuned["history"]] == [1, 2, 3, 4] and tuned["skipped"] == 0
     assert [h["lr"] for h in tuned["history"]] == [h["lr"] for h in scratch["history"]]
     assert tuned["history"][0]["loss"] != scratch["history"][0]["loss"]
+
+
+def test_validation_reports_the_plain_ce_mean_and_the_objective(results):
+    """Validation (every train.eval_interval steps, on the same rows each time) reports the objective as
+    ``loss`` and the plain CE token mean as ``lm_loss``: at the same initial weights BFT's lm_loss equals SFT's
+    (for SFT both are the CE mean), while BFT's objective is another number."""
+    bft, sft = results[0][14], results[0][15]
+    assert bft["evaluated_at"] == [2, 4] and sft["evaluated_at"] == []
+    before_bft, before_sft = bft["eval_before"], sft["eval_before"]
+    assert before_bft["lm_loss"] == pytest.approx(before_sft["lm_loss"], rel=1e-6)
+    assert before_sft["loss"] == pytest.approx(before_sft["lm_loss"], rel=1e-6)
+    assert abs(before_bft["loss"] - before_bft["lm_loss"]) > 0.1 * before_bft["lm_loss"]
+    first, second = bft["eval_after"]
+    assert first == second and first["lm_loss"] < before_bft["lm_loss"]  # same rows; the model has trained
+    assert {"p_conf", "sample_weight"} <= set(first)  # the BFT statistics are reported too
 
 
 def test_consecutive_nan_steps_abort(results):

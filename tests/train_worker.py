@@ -4,7 +4,8 @@ Runs a list of training runs in one process group, re-initialising megatron's mo
 per run (so several layouts share one launch and its import cost). Rank 0 writes per-run results
 (loss history, skipped steps, latest pointer) as JSON. Test seams used here: ``poison`` (make
 the loss of given iterations NaN on given ranks), ``signal_at`` (rank 0 sends itself SIGUSR1 after
-a step), ``die_in_commit`` (exit hard after shards are written, before ``latest`` moves). A run whose
+a step), ``die_in_commit`` (exit hard after shards are written, before ``latest`` moves), ``evaluate`` (validate
+before training and twice after it; the iterations ``fit`` validated at are recorded too). A run whose
 checkpoint load raises ``ConfigError`` reports every rank's message (``load_errors``) and does not train.
 """
 
@@ -76,6 +77,14 @@ def run_one(spec: dict) -> dict:
         trainer.train_step = train_step_then_signal
     if spec.get("save_init"):
         ckpt.save(trainer)
+    evaluations = {"before": trainer.evaluate() if spec.get("evaluate") else None, "at": []}
+    validate = trainer.evaluate
+
+    def validate_and_record():
+        evaluations["at"].append(trainer.state.iteration)
+        return validate()
+
+    trainer.evaluate = validate_and_record
     error = None
     try:
         fit(trainer, ckpt if cfg.checkpoint.save else None, exit_request)
@@ -85,7 +94,9 @@ def run_one(spec: dict) -> dict:
     compiled = sorted(set(objective_module._COMPILED) - objective_module._FAILED)  # backends that compiled
     out = {"history": trainer.state.history, "iteration": trainer.state.iteration,
            "skipped": trainer.state.skipped_steps, "error": error, "compiled": compiled,
-           "embedding_wgrad_fused": _embedding_wgrad_fused(trainer)}
+           "embedding_wgrad_fused": _embedding_wgrad_fused(trainer), "evaluated_at": evaluations["at"],
+           "eval_before": evaluations["before"],
+           "eval_after": [validate(), validate()] if spec.get("evaluate") else None}
     bootstrap.destroy(keep_process_group=True)
     return out
 
