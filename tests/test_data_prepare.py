@@ -93,6 +93,20 @@ def test_weighted_mixing(tmp_path):
     assert ds.index["stats"]["per_source"][1]["weight"] == 0.5
 
 
+def test_fractional_weight_is_a_seeded_random_subsample():
+    """The fraction of a weight picks rows at random (seeded, source by source), not the first rows."""
+    from bft_megatron.data.pipeline import mix
+
+    rows = [list(range(100)), list(range(100, 200))]
+    picks = {seed: mix(rows, [0.5, 1.5], seed) for seed in (1, 2)}
+    for seed, pick in picks.items():
+        first, second = pick[pick < 100], pick[pick >= 100]
+        assert len(first) == 50 and len(set(first.tolist())) == 50 and first.tolist() != list(range(50))
+        assert len(second) == 150 and np.bincount(second - 100).max() == 2  # one full pass + half again
+        np.testing.assert_array_equal(mix(rows, [0.5, 1.5], seed), pick)  # same seed, same rows
+    assert picks[1].tolist() != picks[2].tolist()
+
+
 def test_workers_do_not_change_the_output(tmp_path):
     chats = synthetic_chats(150, seed=5)
     one = prepare_dir(tmp_path / "w1", chats, num_workers=1)
