@@ -101,6 +101,19 @@ def test_prefetched_step_equals_built_step_and_is_dropped_after_a_rewind():
     assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(first, ahead.next_step()))
 
 
+@pytest.mark.parametrize("packed", [True, False])
+def test_real_tokens_count_the_rows_not_the_padding(packed):
+    """Effective throughput counts this rank's rows' own tokens, never the padding up to the fixed length."""
+    ds = SyntheticChatDataset(32, 64, 50, packed=packed, seed=6)
+    data = StepData(ds, packed=packed, global_batch_size=8, micro_batch_size=2, dp_rank=1, dp_size=2, seed=1,
+                    seq_length=64, device=torch.device("cpu"))
+    data.next_step()
+    rows = [int(r) for mb in data.sampler.rank_microbatches(data.sampler.global_batch(0)) for r in mb]
+    assert len(rows) == 4
+    want = sum(len(ds[r].tokens) for r in rows)
+    assert data.last_real_tokens == want < 4 * 64
+
+
 def test_max_padded_row_length_bounds_every_row():
     ds = SyntheticChatDataset(64, 64, 50, packed=True, seed=4)
     bound = ds.max_padded_row_length(8)
