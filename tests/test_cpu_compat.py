@@ -19,6 +19,9 @@ SCRIPT = textwrap.dedent('''
     assert torch.zeros(2, device="cuda").device.type == "cpu"
     assert torch.tensor([1.0], device=torch.device("cuda", 0)).device.type == "cpu"
     assert torch.empty(3, device=torch.cuda.current_device()).device.type == "cpu"
+    # pin_memory=True (megatron's distributed-checkpoint buffers) has no pinned allocator without CUDA: dropped
+    pinned = torch.empty(4, pin_memory=True)
+    assert pinned.device.type == "cpu" and not pinned.is_pinned()
     x = torch.ones(2)
     assert x.cuda().device.type == "cpu" and x.to("cuda").device.type == "cpu"
     assert x.to(torch.float64).dtype == torch.float64  # other .to() calls untouched

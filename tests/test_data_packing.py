@@ -39,6 +39,15 @@ def test_best_fit_packs_tightly_and_seed_changes_order():
     assert [r.tolist() for r in a.rows] != [r.tolist() for r in b.rows]
 
 
+def test_best_fit_rows_come_in_a_seeded_random_order():
+    """Best-fit-decreasing opens rows longest-sample first; the rows are then shuffled, so the order a row is
+    read in does not follow the length of its samples."""
+    lengths = np.random.default_rng(0).integers(10, 300, size=2000)
+    longest = [int(lengths[r].max()) for r in pack_best_fit(lengths, 1024, 1).rows]
+    assert np.corrcoef(np.arange(len(longest)), longest)[0, 1] > -0.2
+    assert longest != sorted(longest, reverse=True)
+
+
 def test_best_fit_chooses_the_fullest_row():
     # 6 then 5 open two rows (rem 4, 5); 4 must go to the row with 4 left (best fit), not the first
     layout = pack_best_fit(np.asarray([6, 5, 4, 5]), 10, 0)
