@@ -475,3 +475,22 @@ def test_a_finite_step_resets_the_run_of_skips():
     assert (trainer.state.skipped_steps, trainer.state.consecutive_skips, trainer.state.iteration) == (2, 1, 3)
     with pytest.raises(NonFiniteError, match="2 consecutive non-finite"):
         trainer.record_step(StepResult({}, None, True, 0.0, 0))
+
+
+@pytest.mark.parametrize("sequence_parallel,total", [(True, 192), (False, 160)])
+def test_trainer_rounds_packed_cp_micro_batches_for_sequence_parallel(sequence_parallel, total):
+    """The trainer hands TP to the batch builder only with sequence parallelism: a CP2 packed micro-batch whose
+    longest row pads to 140 tokens is rounded to 16*CP*TP = 64 (192) with SP on TP2, else to 16*CP = 32 (160)."""
+    from types import SimpleNamespace
+
+    from bft_megatron.config import load_config
+    from bft_megatron.training.loop import Trainer
+
+    ds = SyntheticChatDataset(16, 64, 50, packed=True, seed=2)
+    ds.max_padded_row_length = lambda multiple: 140
+    cfg = load_config(None, ["data.seq_length=64", "train.global_batch_size=4", "train.micro_batch_size=1",
+                             f"parallel.sequence_parallel={str(sequence_parallel).lower()}", "parallel.tp=2",
+                             "parallel.cp=2"])
+    groups = SimpleNamespace(tp_size=2, cp_size=2, cp_rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"))
+    stub = SimpleNamespace(cfg=cfg, groups=groups)
+    assert Trainer._step_data(stub, ds, seed=1).total == total
