@@ -44,22 +44,23 @@ def test_the_wait_follows_the_given_groups_timeout():
     assert rank1 == ["ok", "timed out"], rank1
 
 
-def _bootstrap_groups(rank: int, world: int) -> tuple[timedelta, timedelta, int]:
+def _bootstrap_groups(rank: int, world: int) -> tuple[timedelta, int, bool]:
     from bft_megatron.parallel import bootstrap
 
-    groups = bootstrap.initialize(seed=1, timeout_minutes=30)
+    first = bootstrap.initialize(seed=1, timeout_minutes=30)
+    bootstrap.destroy(keep_process_group=True)
+    again = bootstrap.initialize(seed=1, timeout_minutes=30)  # re-initialised (another layout): no second group
     try:
-        default = dist.distributed_c10d._get_default_group()
-        return _timeout(groups.control), _timeout(default), dist.get_world_size(groups.control)
+        return _timeout(again.control), dist.get_world_size(again.control), again.control is first.control
     finally:
         bootstrap.destroy(keep_process_group=True)
 
 
-def test_control_group_is_the_world_with_the_long_timeout():
+def test_control_group_is_the_world_with_the_long_timeout_made_once():
     from bft_megatron.parallel.bootstrap import RANK0_WAIT_HOURS
 
-    for control, _default, size in run_distributed(_bootstrap_groups, 2, timeout=120):
-        assert control == timedelta(hours=RANK0_WAIT_HOURS) and size == 2
+    for control, size, reused in run_distributed(_bootstrap_groups, 2, timeout=120):
+        assert control == timedelta(hours=RANK0_WAIT_HOURS) and size == 2 and reused
 
 
 def test_open_datasets_waits_on_the_group_it_is_given(tmp_path, monkeypatch):

@@ -494,3 +494,21 @@ def test_trainer_rounds_packed_cp_micro_batches_for_sequence_parallel(sequence_p
     groups = SimpleNamespace(tp_size=2, cp_size=2, cp_rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"))
     stub = SimpleNamespace(cfg=cfg, groups=groups)
     assert Trainer._step_data(stub, ds, seed=1).total == total
+
+
+def test_atomic_write_keeps_the_files_permissions(tmp_path):
+    """mkstemp's private 0600 temporary must not become the file: a group-readable index stays readable."""
+    from bft_megatron.utils.files import atomic_write_text
+
+    shared = tmp_path / "index.json"
+    shared.write_text("old")
+    os.chmod(shared, 0o640)
+    atomic_write_text(shared, "new")
+    assert shared.read_text() == "new" and (shared.stat().st_mode & 0o777) == 0o640
+    fresh = tmp_path / "fresh.json"
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(fresh, "x")
+    finally:
+        os.umask(umask)
+    assert (fresh.stat().st_mode & 0o777) == 0o644 and sorted(os.listdir(tmp_path)) == ["fresh.json", "index.json"]

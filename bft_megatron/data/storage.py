@@ -6,8 +6,10 @@
 ``<dir>/row_offsets.npy``     int64 [R+1] row r = samples row_offsets[r] .. row_offsets[r+1]-1
 ``<dir>/sample_ids.npy``      int64 [S]   index of the sample's conversation in source order (debugging,
                                            layout-equivalence checks; repeats when a source is upsampled)
-``<dir>/index.json``          metadata, counts and sha256 of each array (no timestamps: byte-reproducible)
+``<dir>/index.json``          metadata, counts and sha256 of each array, the sources' size/mtime/sha256
 
+The arrays are byte-reproducible (same sources and settings, same bytes); ``index.json`` is too, up to the
+sources' recorded mtimes (which the trainer updates when a touched source's contents are unchanged).
 ``index.json`` is written last, atomically (:func:`publish_index`), and removed before a split is
 rewritten: a directory with an ``index.json`` holds a complete split (:func:`is_prepared`).
 """

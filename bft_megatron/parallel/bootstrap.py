@@ -30,9 +30,22 @@ __all__ = ["ParallelGroups", "initialize", "destroy", "seed_everything", "free_p
 
 _log = get_logger(__name__)
 
-# How long the other ranks wait for rank 0's file work (``ParallelGroups.control``); a crashed rank 0 still
-# ends the wait at once (its sockets close, and torchrun stops the job).
+# How long the other ranks wait for rank 0's file work (``ParallelGroups.control``). A rank 0 whose process
+# dies ends the wait at once (its sockets close, and torchrun stops the job); a rank 0 that hangs (a stalled
+# filesystem) or whose node drops off the network is waited for up to this long.
 RANK0_WAIT_HOURS = 24
+# (default group, its control group): made once per default process group and reused by later initialize()
+# calls (a re-initialisation at another layout in tests, the converter inside a training process).
+_CONTROL: tuple[object, dist.ProcessGroup] | None = None
+
+
+def _control_group() -> dist.ProcessGroup:
+    """World-sized gloo group with a RANK0_WAIT_HOURS timeout. Gloo connects it as a full mesh: world-1 sockets
+    per rank (mind ``ulimit -n`` beyond ~1000 ranks)."""
+    global _CONTROL
+    if _CONTROL is None or _CONTROL[0] is not dist.group.WORLD:
+        _CONTROL = (dist.group.WORLD, dist.new_group(backend="gloo", timeout=timedelta(hours=RANK0_WAIT_HOURS)))
+    return _CONTROL[1]
 
 
 @dataclass(frozen=True)
@@ -136,7 +149,7 @@ def initialize(tp: int = 1, pp: int = 1, vp: int | None = None, cp: int = 1, see
         dp_rank=ps.get_data_parallel_rank(), cp_rank=ps.get_context_parallel_rank(),
         vp_size=vp, pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu"),
-        control=dist.new_group(backend="gloo", timeout=timedelta(hours=RANK0_WAIT_HOURS)),
+        control=_control_group(),
     )
     _log.info("parallel layout: world=%d tp=%d pp=%d vp=%s cp=%d dp=%d backend=%s", groups.world_size, tp, pp,
               vp, cp, groups.dp_size, dist.get_backend())
@@ -148,6 +161,8 @@ def destroy(keep_process_group: bool = False) -> None:
     tests) the default process group."""
     from megatron.core import parallel_state as ps
 
+    global _CONTROL
     ps.destroy_model_parallel()
     if dist.is_initialized() and not keep_process_group:
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the control group too
+        _CONTROL = None

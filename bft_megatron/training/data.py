@@ -85,7 +85,7 @@ def _check(cfg: Config) -> None:
         elif unchecked:
             _log.warning("%s", unchecked_message(ds.directory, unchecked))
         if not differences and json.dumps(ds.index, sort_keys=True) != recorded:
-            _record_new_mtimes(ds)
+            _record_new_mtimes(ds, recorded)
         if split == "train" and int(ds.index["tokenizer"].get("vocab_size", 0)) > cfg.model.vocab_size:
             raise ConfigError(f"the data was tokenized with a {ds.index['tokenizer']['vocab_size']}-token "
                               f"vocabulary but model.vocab_size={cfg.model.vocab_size}")
@@ -93,14 +93,19 @@ def _check(cfg: Config) -> None:
         raise PreparedDataMismatch(mismatch_message(problems, strict))
 
 
-def _record_new_mtimes(ds) -> None:
+def _record_new_mtimes(ds, recorded: str) -> None:
     """Sources touched but unchanged (sha256) since preparation: keep their new mtimes in ``index.json``, so
-    the next start compares stat() results instead of hashing them again. Best effort (read-only data)."""
-    from bft_megatron.data.storage import publish_index
+    the next start compares stat() results instead of hashing them again. Best effort (read-only data), and
+    only if ``index.json`` is still what was read (``recorded``): another job may have rebuilt or be rebuilding
+    the split meanwhile (a rebuild removes ``index.json`` first)."""
+    from bft_megatron.data.storage import publish_index, read_index
 
     try:
+        if json.dumps(read_index(ds.directory), sort_keys=True) != recorded:
+            _log.info("%s: index.json changed since it was read; not recording source mtimes", ds.directory)
+            return
         publish_index(ds.directory, ds.index)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         _log.info("%s: sources touched since preparation (contents unchanged) are hashed on every start; could "
                   "not record their new mtimes (%s)", ds.directory, err)
         return
