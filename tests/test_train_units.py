@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from bft_megatron.checkpoint import pointer
-from bft_megatron.checkpoint.state import untie_adam_steps
 from bft_megatron.config.schema import LossConfig
 from bft_megatron.loss import objective
 from bft_megatron.model.builder import padded_vocab_size
@@ -174,88 +172,6 @@ def test_rmsnorm_marks_sequence_parallel_and_normalises():
 def test_padded_vocab():
     assert padded_vocab_size(128256, 128, 8) == 129024
     assert padded_vocab_size(128, 32, 2) == 128
-
-
-def test_latest_pointer_is_atomic_and_prune_keeps_last(tmp_path):
-    run = str(tmp_path)
-    assert pointer.read_latest(run) is None
-    for it in (2, 4, 6):
-        os.makedirs(os.path.join(run, pointer.iter_dirname(it)))
-        pointer.write_latest(run, it)
-    assert pointer.read_latest(run) == os.path.join(run, "iter_0000006")
-    assert not [f for f in os.listdir(run) if f.startswith(".latest")]  # no temp files left
-    os.makedirs(os.path.join(run, "iter_0000008"))  # an uncommitted (in-flight or crashed) save
-    assert pointer.prune(run, 2, 6) == [2]
-    assert pointer.list_iterations(run) == [4, 6, 8]
-    assert pointer.resolve_load_dir(run) == os.path.join(run, "iter_0000006")
-    assert pointer.resolve_load_dir(os.path.join(run, "iter_0000004")).endswith("iter_0000004")
-
-
-
-def test_latest_pointer_survives_a_failed_write(tmp_path, monkeypatch):
-    """A crash while writing `latest` (here fsync fails) leaves the previous pointer whole and readable."""
-    run = str(tmp_path)
-    pointer.write_latest(run, 2)
-
-    def failing_fsync(fd):
-        raise OSError("disk gone")
-
-    monkeypatch.setattr(os, "fsync", failing_fsync)
-    with pytest.raises(OSError, match="disk gone"):
-        pointer.write_latest(run, 4)
-    monkeypatch.undo()
-    assert pointer.read_latest(run) == os.path.join(run, "iter_0000002")
-    assert os.listdir(run) == ["latest"]  # and no temporary file left behind
-
-
-def _iter_dirs(run, *its):
-    for it in its:
-        os.makedirs(os.path.join(run, pointer.iter_dirname(it)))
-
-
-@pytest.mark.parametrize("keep_last", [1, 2])
-def test_commit_removes_uncommitted_saves_before_pruning(tmp_path, keep_last):
-    """A save killed before its commit (iter 20, between latest=10 and the next commits) must neither
-    count toward keep_last nor outlive the complete checkpoints; saves newer than the commit stay."""
-    run = str(tmp_path)
-    _iter_dirs(run, 10)
-    assert pointer.commit(run, 10, keep_last) == []
-    _iter_dirs(run, 20)  # written, never committed (SIGKILL mid-save); the job resumes from 10
-    _iter_dirs(run, 15)
-    assert pointer.commit(run, 15, keep_last) == ([10] if keep_last == 1 else [])
-    assert pointer.list_iterations(run) == ([15, 20] if keep_last == 1 else [10, 15, 20])  # 20 > 15: untouched
-    _iter_dirs(run, 30, 40)  # 40: newer than the commit below (not ours to judge)
-    assert pointer.commit(run, 30, keep_last) == ([15, 20] if keep_last == 1 else [10, 20])
-    assert pointer.list_iterations(run) == ([30, 40] if keep_last == 1 else [15, 30, 40])
-    assert pointer.latest_iteration(run) == 30
-
-
-def test_first_commit_without_latest_keeps_older_directories(tmp_path):
-    """With no previous latest nothing is known to be a leftover: older directories count as complete."""
-    run = str(tmp_path)
-    _iter_dirs(run, 5, 7, 9, 12)
-    assert pointer.latest_iteration(run) is None
-    assert pointer.commit(run, 9, 2) == [5]
-    assert pointer.list_iterations(run) == [7, 9, 12]
-    _iter_dirs(run, 11)
-    assert pointer.commit(run, 11, None) == []  # nothing between 9 and 11; 12 is newer
-    assert pointer.read_latest(run).endswith("iter_0000011")
-
-def test_untie_adam_steps_gives_each_param_its_own_counter():
-    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
-    opt = torch.optim.Adam(params, lr=0.1)
-    shared = torch.tensor(3.0)
-    for p in params:
-        opt.state[p] = {"step": shared, "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
-
-    class Wrapper:
-        optimizer = opt
-
-    assert untie_adam_steps(Wrapper()) == 3
-    for p in params:
-        p.grad = torch.ones(3)
-    opt.step()
-    assert [float(opt.state[p]["step"]) for p in params] == [4.0] * 4
 
 
 @pytest.mark.parametrize("method", ["sft", "dft", "bft"])
@@ -429,54 +345,6 @@ def test_cli_listens_for_exit_signals_before_building_and_loading(monkeypatch):
     assert request.started <= time.time()
 
 
-# ---------------------------------------------------------------------------- the non-finite step verdict
-def _bare_trainer(max_skips: int = 2):
-    """A Trainer with only what ``_all_finite`` / ``record_step`` read (no model: no gradient buffers)."""
-    from types import SimpleNamespace
-
-    from bft_megatron.training.loop import Trainer, TrainState
-
-    trainer = object.__new__(Trainer)
-    trainer.state = TrainState()
-    trainer.cfg = SimpleNamespace(train=SimpleNamespace(max_consecutive_skips=max_skips))
-    trainer.train_data = SimpleNamespace(consumed_rows=0)
-    trainer.model = []
-    trainer.groups = SimpleNamespace(device=torch.device("cpu"))
-    return trainer
-
-
-def _loss_partials(value: float):
-    from bft_megatron.loss import MetricPartials
-
-    partials = MetricPartials()
-    partials.add_sum("loss", torch.tensor(value), torch.tensor(1))
-    return [partials]
-
-
-def _verdicts(rank: int, world: int) -> list[bool]:
-    """Each rank's verdict for: all finite; a NaN loss on rank 1 only (finite gradients: 0 * inf)."""
-    trainer = _bare_trainer()
-    return [trainer._all_finite(_loss_partials(1.0)),
-            trainer._all_finite(_loss_partials(float("nan") if rank == 1 else 1.0))]
-
-
-def test_a_nan_loss_alone_skips_the_step_on_every_rank():
-    from tests.dist_harness import run_distributed
-
-    assert run_distributed(_verdicts, 2, timeout=120) == [[True, False], [True, False]]
-
-
-def test_a_finite_step_resets_the_run_of_skips():
-    from bft_megatron.training.loop import NonFiniteError, StepResult
-
-    trainer = _bare_trainer(max_skips=2)
-    for skipped in (True, False, True):
-        trainer.record_step(StepResult({}, None, skipped, 0.0, 0))
-    assert (trainer.state.skipped_steps, trainer.state.consecutive_skips, trainer.state.iteration) == (2, 1, 3)
-    with pytest.raises(NonFiniteError, match="2 consecutive non-finite"):
-        trainer.record_step(StepResult({}, None, True, 0.0, 0))
-
-
 @pytest.mark.parametrize("sequence_parallel,total", [(True, 192), (False, 160)])
 def test_trainer_rounds_packed_cp_micro_batches_for_sequence_parallel(sequence_parallel, total):
     """The trainer hands TP to the batch builder only with sequence parallelism: a CP2 packed micro-batch whose
@@ -494,21 +362,3 @@ def test_trainer_rounds_packed_cp_micro_batches_for_sequence_parallel(sequence_p
     groups = SimpleNamespace(tp_size=2, cp_size=2, cp_rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"))
     stub = SimpleNamespace(cfg=cfg, groups=groups)
     assert Trainer._step_data(stub, ds, seed=1).total == total
-
-
-def test_atomic_write_keeps_the_files_permissions(tmp_path):
-    """mkstemp's private 0600 temporary must not become the file: a group-readable index stays readable."""
-    from bft_megatron.utils.files import atomic_write_text
-
-    shared = tmp_path / "index.json"
-    shared.write_text("old")
-    os.chmod(shared, 0o640)
-    atomic_write_text(shared, "new")
-    assert shared.read_text() == "new" and (shared.stat().st_mode & 0o777) == 0o640
-    fresh = tmp_path / "fresh.json"
-    umask = os.umask(0o022)
-    try:
-        atomic_write_text(fresh, "x")
-    finally:
-        os.umask(umask)
-    assert (fresh.stat().st_mode & 0o777) == 0o644 and sorted(os.listdir(tmp_path)) == ["fresh.json", "index.json"]

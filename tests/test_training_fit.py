@@ -1,9 +1,13 @@
-"""fit()'s cadences and its walltime exit, with a stub trainer on one gloo rank (no model)."""
+"""fit()'s cadences and its walltime exit, and the per-step non-finite verdict and skip count, with stub
+trainers (no model) on gloo ranks."""
 
 from __future__ import annotations
 
 import time
 from types import SimpleNamespace
+
+import pytest
+import torch
 
 from tests.dist_harness import run_distributed
 
@@ -46,3 +50,51 @@ def test_exit_duration_is_in_minutes_from_the_start():
     within, = run_distributed(_fit, 1, minute, 40.0)  # 40 s of the minute gone: the run finishes
     past, = run_distributed(_fit, 1, minute, 70.0)    # 70 s: it stops after the step in progress
     assert within[0] == 5 and past[0] == 1
+
+
+# ---------------------------------------------------------------------------- the non-finite step verdict
+def _bare_trainer(max_skips: int = 2):
+    """A Trainer with only what ``_all_finite`` / ``record_step`` read (no model: no gradient buffers)."""
+    from types import SimpleNamespace
+
+    from bft_megatron.training.loop import Trainer, TrainState
+
+    trainer = object.__new__(Trainer)
+    trainer.state = TrainState()
+    trainer.cfg = SimpleNamespace(train=SimpleNamespace(max_consecutive_skips=max_skips))
+    trainer.train_data = SimpleNamespace(consumed_rows=0)
+    trainer.model = []
+    trainer.groups = SimpleNamespace(device=torch.device("cpu"))
+    return trainer
+
+
+def _loss_partials(value: float):
+    from bft_megatron.loss import MetricPartials
+
+    partials = MetricPartials()
+    partials.add_sum("loss", torch.tensor(value), torch.tensor(1))
+    return [partials]
+
+
+def _verdicts(rank: int, world: int) -> list[bool]:
+    """Each rank's verdict for: all finite; a NaN loss on rank 1 only (finite gradients: 0 * inf)."""
+    trainer = _bare_trainer()
+    return [trainer._all_finite(_loss_partials(1.0)),
+            trainer._all_finite(_loss_partials(float("nan") if rank == 1 else 1.0))]
+
+
+def test_a_nan_loss_alone_skips_the_step_on_every_rank():
+    from tests.dist_harness import run_distributed
+
+    assert run_distributed(_verdicts, 2, timeout=120) == [[True, False], [True, False]]
+
+
+def test_a_finite_step_resets_the_run_of_skips():
+    from bft_megatron.training.loop import NonFiniteError, StepResult
+
+    trainer = _bare_trainer(max_skips=2)
+    for skipped in (True, False, True):
+        trainer.record_step(StepResult({}, None, skipped, 0.0, 0))
+    assert (trainer.state.skipped_steps, trainer.state.consecutive_skips, trainer.state.iteration) == (2, 1, 3)
+    with pytest.raises(NonFiniteError, match="2 consecutive non-finite"):
+        trainer.record_step(StepResult({}, None, True, 0.0, 0))

@@ -1,0 +1,112 @@
+"""Checkpoint bookkeeping files: the atomic ``latest`` pointer, pruning and commit order, atomic writes, and
+the Adam step counters untied on resume."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from bft_megatron.checkpoint import pointer
+from bft_megatron.checkpoint.state import untie_adam_steps
+
+
+def test_latest_pointer_is_atomic_and_prune_keeps_last(tmp_path):
+    run = str(tmp_path)
+    assert pointer.read_latest(run) is None
+    for it in (2, 4, 6):
+        os.makedirs(os.path.join(run, pointer.iter_dirname(it)))
+        pointer.write_latest(run, it)
+    assert pointer.read_latest(run) == os.path.join(run, "iter_0000006")
+    assert not [f for f in os.listdir(run) if f.startswith(".latest")]  # no temp files left
+    os.makedirs(os.path.join(run, "iter_0000008"))  # an uncommitted (in-flight or crashed) save
+    assert pointer.prune(run, 2, 6) == [2]
+    assert pointer.list_iterations(run) == [4, 6, 8]
+    assert pointer.resolve_load_dir(run) == os.path.join(run, "iter_0000006")
+    assert pointer.resolve_load_dir(os.path.join(run, "iter_0000004")).endswith("iter_0000004")
+
+
+
+def test_latest_pointer_survives_a_failed_write(tmp_path, monkeypatch):
+    """A crash while writing `latest` (here fsync fails) leaves the previous pointer whole and readable."""
+    run = str(tmp_path)
+    pointer.write_latest(run, 2)
+
+    def failing_fsync(fd):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk gone"):
+        pointer.write_latest(run, 4)
+    monkeypatch.undo()
+    assert pointer.read_latest(run) == os.path.join(run, "iter_0000002")
+    assert os.listdir(run) == ["latest"]  # and no temporary file left behind
+
+
+def _iter_dirs(run, *its):
+    for it in its:
+        os.makedirs(os.path.join(run, pointer.iter_dirname(it)))
+
+
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_commit_removes_uncommitted_saves_before_pruning(tmp_path, keep_last):
+    """A save killed before its commit (iter 20, between latest=10 and the next commits) must neither
+    count toward keep_last nor outlive the complete checkpoints; saves newer than the commit stay."""
+    run = str(tmp_path)
+    _iter_dirs(run, 10)
+    assert pointer.commit(run, 10, keep_last) == []
+    _iter_dirs(run, 20)  # written, never committed (SIGKILL mid-save); the job resumes from 10
+    _iter_dirs(run, 15)
+    assert pointer.commit(run, 15, keep_last) == ([10] if keep_last == 1 else [])
+    assert pointer.list_iterations(run) == ([15, 20] if keep_last == 1 else [10, 15, 20])  # 20 > 15: untouched
+    _iter_dirs(run, 30, 40)  # 40: newer than the commit below (not ours to judge)
+    assert pointer.commit(run, 30, keep_last) == ([15, 20] if keep_last == 1 else [10, 20])
+    assert pointer.list_iterations(run) == ([30, 40] if keep_last == 1 else [15, 30, 40])
+    assert pointer.latest_iteration(run) == 30
+
+
+def test_first_commit_without_latest_keeps_older_directories(tmp_path):
+    """With no previous latest nothing is known to be a leftover: older directories count as complete."""
+    run = str(tmp_path)
+    _iter_dirs(run, 5, 7, 9, 12)
+    assert pointer.latest_iteration(run) is None
+    assert pointer.commit(run, 9, 2) == [5]
+    assert pointer.list_iterations(run) == [7, 9, 12]
+    _iter_dirs(run, 11)
+    assert pointer.commit(run, 11, None) == []  # nothing between 9 and 11; 12 is newer
+    assert pointer.read_latest(run).endswith("iter_0000011")
+
+def test_untie_adam_steps_gives_each_param_its_own_counter():
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
+    opt = torch.optim.Adam(params, lr=0.1)
+    shared = torch.tensor(3.0)
+    for p in params:
+        opt.state[p] = {"step": shared, "exp_avg": torch.zeros(3), "exp_avg_sq": torch.zeros(3)}
+
+    class Wrapper:
+        optimizer = opt
+
+    assert untie_adam_steps(Wrapper()) == 3
+    for p in params:
+        p.grad = torch.ones(3)
+    opt.step()
+    assert [float(opt.state[p]["step"]) for p in params] == [4.0] * 4
+
+
+def test_atomic_write_keeps_the_files_permissions(tmp_path):
+    """mkstemp's private 0600 temporary must not become the file: a group-readable index stays readable."""
+    from bft_megatron.utils.files import atomic_write_text
+
+    shared = tmp_path / "index.json"
+    shared.write_text("old")
+    os.chmod(shared, 0o640)
+    atomic_write_text(shared, "new")
+    assert shared.read_text() == "new" and (shared.stat().st_mode & 0o777) == 0o640
+    fresh = tmp_path / "fresh.json"
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(fresh, "x")
+    finally:
+        os.umask(umask)
+    assert (fresh.stat().st_mode & 0o777) == 0o644 and sorted(os.listdir(tmp_path)) == ["fresh.json", "index.json"]
