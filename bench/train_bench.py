@@ -2,13 +2,16 @@
 
 Each setting is a separate process (clean CUDA state, its own peak memory). Reported per setting: median
 step time over the steps after warm-up, tokens/s/GPU, MFU (the trainer's formula, docs/training.md),
-peak allocated memory, and the planner's estimate for the same config (``bft-megatron plan``).
+peak allocated memory, the GPU's peak used memory as nvidia-smi reports it ("device", see ``DevicePeak``), and
+the planner's estimate for the same config (``bft-megatron plan``, whose runtime term is meant to cover the
+difference between the two).
 
     python bench/train_bench.py --suite 1b      # ~1B Llama shape: sft vs bft, BF16 vs FP8
     python bench/train_bench.py --suite 8b      # Llama-3-8B layer shapes x 8 layers, seq 8192, packed
     python bench/train_bench.py --suite 8b-te   # the same with TE performance options, BF16 vs FP8
     python bench/train_bench.py --suite 8b-fp8 --rounds 3   # bft BF16 vs FP8 delayed only, interleaved
     python bench/train_bench.py --suite 8b-emb --rounds 2   # embedding wgrad into main_grad vs DDP's hook
+    python bench/train_bench.py --suite 70b     # Llama-3.1-70B layer shapes x 4 layers (an H200), planner check
     python bench/train_bench.py --suite demo    # demo data: packed vs padded effective tokens/s
 ``--rounds N`` runs the settings N times interleaved (A B A B ...) and reports medians over the rounds,
 with each run's time in the JSON (``ms_runs``): use it for ratios near a target.
@@ -97,11 +100,45 @@ SUITES = {
         ("bft fp8 delayed bf16 grads", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER,
                                         "parallel.grad_reduce_in_fp32=false"]),
     ]),
+    # Llama-3.1-70B layer shapes x 4 layers (needs ~110 GiB: an H200); measured peak vs the planner incl. recompute.
+    "70b": ("configs/bench/llama70b_proxy.yaml", [
+        ("sft bf16", ["loss.method=sft", FUSER]),
+        ("bft bf16", ["loss.method=bft", FUSER]),
+        ("bft bf16 full recompute", ["loss.method=bft", FUSER, "train.recompute=full"]),
+        ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
+    ]),
     "demo": ("configs/bench/demo_gpu.yaml", [
         ("bft packed", ["data.packing=true"]),
         ("bft padded", ["data.packing=false", "data.output_dir=runs/bench/data_1024_padded"]),
     ]),
 }
+
+
+class DevicePeak:
+    """The GPU's used memory as the driver reports it (``nvidia-smi``, every 250 ms) while a setting runs.
+
+    Unlike ``torch.cuda.max_memory_allocated`` (the trainer's ``mem``) this includes the CUDA context, cuBLAS
+    and cuDNN workspaces, NCCL's buffers and the caching allocator's reserve: what decides an OOM, and what the
+    planner's runtime term stands for. None when ``nvidia-smi`` is missing. Assumes the setting is alone on GPU 0.
+    """
+
+    def __enter__(self):
+        try:
+            self.proc = subprocess.Popen(["nvidia-smi", "-i", "0", "--query-gpu=memory.used",
+                                          "--format=csv,noheader,nounits", "-lms", "250"],
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except FileNotFoundError:
+            self.proc = None
+        self.gib = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        out, _ = self.proc.communicate()
+        mib = [int(v) for v in out.split() if v.isdigit()]
+        self.gib = max(mib) / 1024 if mib else None
 
 
 def run_setting(config: str, overrides: list[str], iters: int, warmup: int, timeout: float) -> dict:
@@ -113,14 +150,16 @@ def run_setting(config: str, overrides: list[str], iters: int, warmup: int, time
            "logging.log_interval=1", "checkpoint.save=null", *overrides]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    with DevicePeak() as device:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
     steps = _parse_steps(out, warmup)
     if proc.returncode != 0 or not steps:
         return {"error": out[-3000:], "cmd": " ".join(cmd)}
     mem = [r["mem"] for r in steps if r["mem"] is not None]
     return {"ms": _median(steps, "ms"), "tok_s_gpu": _median(steps, "tok"), "mfu": _median(steps, "mfu"),
-            "peak_gib": max(mem) if mem else None, "effective_tok_s_gpu": _median(steps, "eff"),
+            "peak_gib": max(mem) if mem else None, "device_gib": device.gib,
+            "effective_tok_s_gpu": _median(steps, "eff"),
             "wall_s": time.time() - start, "cmd": " ".join(cmd)}
 
 
@@ -141,8 +180,10 @@ def _combine(runs: list[dict]) -> dict:
         return runs[-1]
     out = {k: statistics.median([r[k] for r in ok if r.get(k) is not None] or [None])
            for k in ("ms", "tok_s_gpu", "mfu", "effective_tok_s_gpu")}
-    peaks = [r["peak_gib"] for r in ok if r.get("peak_gib") is not None]
-    out.update(peak_gib=max(peaks) if peaks else None, ms_runs=[r["ms"] for r in ok], cmd=ok[0]["cmd"])
+    for key in ("peak_gib", "device_gib"):
+        peaks = [r[key] for r in ok if r.get(key) is not None]
+        out[key] = max(peaks) if peaks else None
+    out.update(ms_runs=[r["ms"] for r in ok], cmd=ok[0]["cmd"])
     return out
 
 
@@ -168,15 +209,17 @@ def _table(suite: str, config: str, rows: list[dict], args) -> str:
     base = rows[0].get("ms")
     lines = [f"suite {suite}: {config}, median of steps {args.warmup + 1}..{args.iters}"
              + (f", median over {args.rounds} interleaved rounds" if args.rounds > 1 else ""),
-             "| setting | ms/step | vs first | tok/s/GPU | MFU | peak GiB | plan GiB | effective tok/s/GPU |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| setting | ms/step | vs first | tok/s/GPU | MFU | peak GiB | device GiB | plan GiB "
+             "| effective tok/s/GPU |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fmt = (lambda v, f: f.format(v) if v is not None else "n/a")
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['name']} | failed | | | | | | |")
+            lines.append(f"| {r['name']} | failed | | | | | | | |")
             continue
         lines.append(f"| {r['name']} | {r['ms']:.0f} | {r['ms'] / base:.3f} | {r['tok_s_gpu']:.0f} | "
-                     f"{fmt(r['mfu'], '{:.3f}')} | {fmt(r['peak_gib'], '{:.2f}')} | {fmt(r['plan_gib'], '{:.2f}')} | "
+                     f"{fmt(r['mfu'], '{:.3f}')} | {fmt(r['peak_gib'], '{:.2f}')} | {fmt(r.get('device_gib'), '{:.2f}')} | "
+                     f"{fmt(r['plan_gib'], '{:.2f}')} | "
                      f"{fmt(r['effective_tok_s_gpu'], '{:.0f}')} |")
     return "\n".join(lines) + "\n"
 
