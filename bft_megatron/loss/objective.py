@@ -168,8 +168,10 @@ def objective(
     _check_args(nll, loss_mask, method, variant, group_size, gamma, eps, cu_seqlens)
     l_loc = nll.float().reshape(-1)
     m_loc = loss_mask.reshape(-1) != 0
+    positions = _cp_positions(tuple(nll.shape), cu_seqlens, cp_group, nll.device, every_rank=method == "bft")
     if cu_seqlens is not None:  # every method: tokens after the last sample are padding, whatever their mask
-        m_loc = m_loc & _inside_samples(tuple(nll.shape), cu_seqlens, cp_group, nll.device)
+        mine = positions[_cp_rank(cp_group)] if positions else torch.arange(nll.shape[1], device=nll.device)
+        m_loc = m_loc & (mine < cu_seqlens[-1])
     metrics = MetricPartials()
     tokens = m_loc.sum()
     metrics.add_sum("lm_loss", torch.where(m_loc, l_loc.detach(), 0.0).sum(), tokens)
@@ -181,18 +183,25 @@ def objective(
         coef = torch.where(m_loc, c_loc, 0.0)
         metrics.add_sum("token_weight", coef.sum(), tokens)
         return (coef * _masked(l_loc, m_loc)).sum(), tokens.to(torch.int64), metrics
-    return _bft(l_loc, m_loc, tuple(nll.shape), variant, group_size, gamma, eps, cu_seqlens, cp_group, metrics,
-                compile_backend)
+    return _bft(l_loc, m_loc, tuple(nll.shape), variant, group_size, gamma, eps, cu_seqlens, cp_group, positions,
+                metrics, compile_backend)
 
 
-def _inside_samples(local_shape, cu_seqlens, cp_group, device) -> torch.Tensor:
-    """``[N]`` bool: this rank's tokens that lie before the last packed boundary ``cu_seqlens[-1]``."""
+def _cp_rank(cp_group) -> int:
+    return dist.get_rank(cp_group) if cp_group is not None else 0
+
+
+def _cp_positions(local_shape, cu_seqlens, cp_group, device, every_rank: bool) -> dict[int, torch.Tensor] | None:
+    """Global positions (``[N]`` long, into the flattened ``[b, s]``) of the tokens of CP rank ``r``, by ``r``.
+
+    None without CP. BFT needs every rank's (to place the all-gathered tokens); sft/dft only their own, and only
+    for the tail mask of packed rows, so they skip the computation for padded rows.
+    """
     cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
-    if cp_size > 1:
-        pos = local_to_global_positions(local_shape, cp_size, dist.get_rank(cp_group), cu_seqlens, device)
-    else:
-        pos = torch.arange(local_shape[1], device=device)
-    return pos < cu_seqlens[-1]
+    if cp_size == 1 or (not every_rank and cu_seqlens is None):
+        return None
+    ranks = range(cp_size) if every_rank else [_cp_rank(cp_group)]
+    return {r: local_to_global_positions(local_shape, cp_size, r, cu_seqlens, device) for r in ranks}
 
 
 def _masked(l_loc: torch.Tensor, m_loc: torch.Tensor) -> torch.Tensor:
@@ -201,16 +210,17 @@ def _masked(l_loc: torch.Tensor, m_loc: torch.Tensor) -> torch.Tensor:
     return torch.where(m_loc, l_loc, 0.0)
 
 
-def _bft(l_loc, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, cp_group, metrics, compile_backend):
-    cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
-    cp_rank = dist.get_rank(cp_group) if cp_group is not None else 0
+def _bft(l_loc, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, cp_group, positions, metrics,
+         compile_backend):
+    """``positions``: every CP rank's global token positions (:func:`_cp_positions`), or None without CP."""
+    cp_size = len(positions) if positions else 1
+    cp_rank = _cp_rank(cp_group)
     a_loc = -l_loc.detach()
     batch, local_len = local_shape
     global_shape = (batch, local_len * cp_size)
-    if cp_size > 1:
-        positions = [local_to_global_positions(local_shape, cp_size, r, cu_seqlens, l_loc.device)
-                     for r in range(cp_size)]
-        a, m_f = _gather_cp(a_loc, m_loc.float(), batch * local_len * cp_size, positions, cp_group)
+    if positions:
+        ordered = [positions[r] for r in range(cp_size)]
+        a, m_f = _gather_cp(a_loc, m_loc.float(), batch * local_len * cp_size, ordered, cp_group)
         m, mine = m_f != 0, positions[cp_rank]
     else:
         a, m, mine = a_loc, m_loc, None
