@@ -86,9 +86,11 @@ def layouts(ref, tmp_path_factory):
     runs = []
     for name, extra in LAYOUTS.items():
         save = [f"checkpoint.save={saves[name]}", "checkpoint.save_interval=2"] if name in saves else []
-        runs.append({"overrides": TINY + [f"checkpoint.load={init}", "checkpoint.finetune=true"] + extra + save})
+        runs.append({"overrides": TINY + [f"checkpoint.load={init}", "checkpoint.finetune=true"] + extra + save,
+                     "count_state": True})
     runs.append({"overrides": TINY + VARIANT + [f"checkpoint.load={variant_dir}/iter_0000000", "checkpoint.finetune=true",
-                                                "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"]})
+                                                "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"],
+                 "count_state": True})
     runs.append({"overrides": TINY + PADDED + [f"checkpoint.load={ref[4]}/iter_0000000", "checkpoint.finetune=true",
                                                "parallel.cp=2"]})
     results = launch(4, runs, timeout=500)
@@ -209,3 +211,38 @@ def test_tied_qkv_bias_rope_scaled_variant_tp2_pp2(ref, layouts):
     want = _losses(ref[3])
     assert want != _losses(ref[1])  # the variant is a different model
     assert _losses(layouts[2]) == pytest.approx(want, rel=RTOL, abs=ATOL)
+
+
+@pytest.mark.parametrize("name", ["dp4", "tp2", "tp2_sp", "pp2", "pp2_vp2", "tp2_pp2", "cp2_pp2", "variant_tp2_pp2"])
+def test_planner_state_terms_match_megatrons_model(layouts, name):
+    """The planner's weight, gradient and optimizer terms per GPU against megatron's real model on every rank:
+    parameters per pipeline stage (TP-split linears, replicated norms, the tied table's copy on the last stage,
+    VP chunks), DDP gradient buffers (parameters plus megatron's padding) and Adam state, which the distributed
+    optimizer shards over the DP x CP ranks of a (TP, PP) position (each holds at most its 1/(dp*cp) of the
+    buffer; the shards add up to the parameters), and which is whole on every rank without it."""
+    from bft_megatron.config import load_config
+    from bft_megatron.config.plan import _stage_params
+
+    if name == "variant_tp2_pp2":
+        overrides, result = TINY + VARIANT + ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"], layouts[2]
+    else:
+        overrides, result = TINY + LAYOUTS[name], layouts[0][name]
+    cfg = load_config(None, overrides)
+    p = cfg.parallel
+    counts = result["state_counts"]
+    shards: dict[tuple[int, int], list[dict]] = {}
+    for c in counts:
+        stage = "only" if p.pp == 1 else ("first" if c["pp_rank"] == 0 else "last")
+        assert c["params"] == pytest.approx(_stage_params(cfg.model, p, stage), rel=0, abs=1e-6), (stage, c)
+        # Padding: each parameter starts at a multiple of 64; with the distributed optimizer each bucket ends at
+        # a multiple of lcm(dp, 128) (megatron's _ParamAndGradBuffer).
+        assert c["params"] <= c["grad_buffer"] <= c["params"] + (64 + 128 * len(counts)) * c["tensors"], c
+        shards.setdefault((c["pp_rank"], c["tp_rank"]), []).append(c)
+    dp_cp = len(counts) // (p.tp * p.pp)
+    for position in shards.values():
+        assert len(position) == dp_cp
+        if p.distributed_optimizer:
+            assert sum(c["adam"] for c in position) == position[0]["params"]
+            assert all(c["adam"] <= -(-c["grad_buffer"] // dp_cp) for c in position)
+        else:
+            assert all(c["adam"] == c["params"] for c in position)

@@ -37,6 +37,24 @@ def _embedding_wgrad_fused(trainer) -> bool | None:
     return None
 
 
+def _state_counts(trainer) -> list[dict]:
+    """Every rank's model-state sizes in elements (all-gathered): its parameters, its DDP gradient buffers
+    (with megatron's padding) and its optimizer's Adam state (``exp_avg``: the distributed optimizer's shard)."""
+    import torch.distributed as dist
+
+    params = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())
+    tensors = sum(1 for chunk in trainer.model for _ in chunk.parameters())
+    grads = sum(b.grad_data.numel() for chunk in trainer.model for b in chunk.buffers + chunk.expert_parallel_buffers)
+    inner = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    adam = sum(st["exp_avg"].numel() for opt in inner for st in opt.optimizer.state.values() if "exp_avg" in st)
+    g = trainer.groups
+    mine = {"pp_rank": g.pp_rank, "dp_rank": g.dp_rank, "cp_rank": g.cp_rank, "tp_rank": g.tp_rank,
+            "params": params, "tensors": tensors, "grad_buffer": grads, "adam": adam}
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
 def run_one(spec: dict) -> dict:
     import torch.distributed as dist
 
@@ -96,6 +114,7 @@ def run_one(spec: dict) -> dict:
            "skipped": trainer.state.skipped_steps, "error": error, "compiled": compiled,
            "embedding_wgrad_fused": _embedding_wgrad_fused(trainer), "evaluated_at": evaluations["at"],
            "eval_before": evaluations["before"],
+           "state_counts": _state_counts(trainer) if spec.get("count_state") else None,
            "eval_after": [validate(), validate()] if spec.get("evaluate") else None}
     bootstrap.destroy(keep_process_group=True)
     return out

@@ -12,9 +12,10 @@ Throughput: Megatron's FLOP count (causal attention halved) divided by an assume
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from dataclasses import dataclass
+
+from bft_megatron.config.schema import load_config, padded_vocab_size
 
 GIB = 2**30
 # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers, allocator fragmentation: measured ~2.5 GiB on H100.
@@ -39,8 +40,7 @@ class MemoryPlan:
 
 
 def _padded_vocab(m, tp: int) -> int:
-    multiple = m.make_vocab_size_divisible_by * tp
-    return int(math.ceil(m.vocab_size / multiple) * multiple)
+    return padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
 
 
 def layer_params(m) -> int:
@@ -60,7 +60,8 @@ def total_params(m) -> int:
 def _stage_params(m, p, stage: str) -> float:
     """Parameters held by one GPU of the ``first``, ``last`` or ``only`` (PP=1) pipeline stage."""
     table = _padded_vocab(m, p.tp) * m.hidden_size / p.tp
-    params = m.num_layers / p.pp * layer_params(m) / p.tp
+    # A layer's linear weights (and the QKV bias) are split over TP; its two norm weights are replicated.
+    params = m.num_layers / p.pp * ((layer_params(m) - 2 * m.hidden_size) / p.tp + 2 * m.hidden_size)
     if stage in ("first", "only"):
         params += table
     if stage == "last" or (stage == "only" and not m.tie_embeddings):
@@ -207,8 +208,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak (H100 BF16 dense: 989)")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=4")
     args = ap.parse_args(argv)
-    from bft_megatron.config.schema import load_config
-
     if not 0 < args.mfu <= 1:
         ap.error(f"--mfu must be in (0, 1], got {args.mfu}")
     cfg = load_config(args.config, args.overrides)

@@ -10,7 +10,13 @@ from bft_megatron.config.base import apply_overrides, from_dict, load_yaml
 from bft_megatron.config.data import DataConfig
 
 __all__ = ["RopeScaling", "ModelConfig", "ParallelConfig", "TrainConfig", "LossConfig", "CheckpointConfig",
-           "LoggingConfig", "Config", "DataConfig", "load_config"]
+           "LoggingConfig", "Config", "DataConfig", "load_config", "padded_vocab_size"]
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron pads the vocabulary to a multiple of ``divisible_by * tp`` (padding is stripped on export)."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
 
 
 @dataclass

@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bft_megatron.config.schema import Config
+from bft_megatron.config.schema import Config, padded_vocab_size
 from bft_megatron.model.layers import llama3_inv_freq
 from bft_megatron.model.spec import block_spec, have_te
 from bft_megatron.model.wgrad import fuse_embedding_wgrad, output_layer_without_apex, unfuse_output_layer
 from bft_megatron.parallel.bootstrap import ParallelGroups
 
-__all__ = ["transformer_config", "build_model_chunks"]
+__all__ = ["transformer_config", "build_model_chunks", "padded_vocab_size"]
 
 
 def _precision_kwargs(cfg: Config, on_cpu: bool) -> dict:
@@ -111,12 +111,6 @@ def _gpt_model(cfg: Config, tconfig, spec, groups: ParallelGroups, vp_stage, pre
         rope_scaling_factor=m.rope_scaling.factor if m.rope_scaling else 8.0,
         pg_collection=groups.pg_collection, vp_stage=vp_stage,
     )
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron pads the vocabulary to a multiple of ``divisible_by * tp`` (padding is stripped on export)."""
-    multiple = divisible_by * tp
-    return -(-vocab_size // multiple) * multiple
 
 
 def build_model_chunks(cfg: Config, groups: ParallelGroups) -> tuple[list[torch.nn.Module], object]:
