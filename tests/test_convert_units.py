@@ -106,6 +106,10 @@ def test_shard_writer_bounds_files_and_reader_streams(tmp_path):
     assert files == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
                      "model-00003-of-00003.safetensors"]
     assert all(os.path.getsize(os.path.join(out, f)) < 900 + 400 for f in files)
+    umask = os.umask(0)
+    os.umask(umask)
+    # readable like the other exported files (safetensors itself creates 0600 files)
+    assert {os.stat(os.path.join(out, f)).st_mode & 0o777 for f in files} == {0o666 & ~umask}
     reader = HFReader(out)
     assert torch.equal(reader.get("t3"), tensors["t3"]) and reader.consumed == {"t3"}
     with pytest.raises(KeyError, match="tensor 'nope' not found"):

@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from bft_megatron.utils.files import default_file_mode
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["HFReader", "ShardWriter", "finalize_shards", "stale_weights_error", "copy_side_files", "SIDE_FILES",
@@ -161,9 +162,13 @@ def finalize_shards(out_dir: str, manifests: list[dict[str, list[str]]], total_b
     """Rename provisional shards (in ``manifests`` order) to ``model-0000k-of-0000N`` and write the index."""
     parts = [(fname, names) for manifest in manifests for fname, names in sorted(manifest.items())]
     weight_map: dict[str, str] = {}
+    mode = default_file_mode()
     for k, (fname, names) in enumerate(parts, start=1):
         final = f"model-{k:05d}-of-{len(parts):05d}.safetensors"
         os.replace(os.path.join(out_dir, fname), os.path.join(out_dir, final))
+        # safetensors writes its files 0600; give them the mode of every other exported file, so serving
+        # jobs and other accounts on a shared file system can read the weights.
+        os.chmod(os.path.join(out_dir, final), mode)
         for name in names:
             if name in weight_map:
                 raise ValueError(f"tensor {name!r} written twice ({weight_map[name]} and {final})")

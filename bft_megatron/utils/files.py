@@ -5,17 +5,22 @@ from __future__ import annotations
 import os
 import tempfile
 
-__all__ = ["atomic_write_text"]
+__all__ = ["atomic_write_text", "default_file_mode"]
+
+
+def default_file_mode() -> int:
+    """What ``open(path, "w")`` gives a new file: 0o666 minus the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _new_file_mode(path: str) -> int:
-    """The existing file's permission bits, else what ``open(path, "w")`` would give (0o666 minus the umask)."""
+    """The existing file's permission bits, else :func:`default_file_mode`."""
     try:
         return os.stat(path).st_mode & 0o777
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        return 0o666 & ~umask
+        return default_file_mode()
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
