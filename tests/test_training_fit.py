@@ -52,6 +52,19 @@ def test_exit_duration_is_in_minutes_from_the_start():
     assert within[0] == 5 and past[0] == 1
 
 
+@pytest.mark.parametrize("method, warmup, at, shown", [("bft", 3, 3, True), ("bft", 3, 2, False), ("bft", 3, 4, False),
+                                                      ("dft", 2, 2, True), ("sft", 3, 3, False), ("bft", 0, 0, False)])
+def test_the_end_of_the_sft_warmup_is_logged_once(method, warmup, at, shown):
+    from bft_megatron.config import load_config
+    from bft_megatron.training.fit import switch_note
+
+    cfg = load_config(None, TINY + [f"loss.method={method}", f"loss.sft_warmup_iters={warmup}", "train.train_iters=9"])
+    note = switch_note(cfg, at)
+    assert (note is not None) == shown
+    if shown:
+        assert f"sft_warmup_iters={warmup}" in note and f"from step {at + 1} the loss is {method}" in note
+
+
 # ---------------------------------------------------------------------------- the non-finite step verdict
 def _bare_trainer(max_skips: int = 2):
     """A Trainer with only what ``_all_finite`` / ``record_step`` read (no model: no gradient buffers)."""

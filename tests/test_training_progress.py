@@ -14,7 +14,7 @@ import torch
 
 from bft_megatron.config import load_config
 from bft_megatron.config.plan import flops_per_token
-from bft_megatron.training.progress import ProgressLog, peak_flops
+from bft_megatron.training.progress import ProgressLog, format_duration, peak_flops
 
 TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4", "model.num_query_groups=2",
         "model.ffn_hidden_size=128", "model.vocab_size=128", "data.seq_length=256", "train.global_batch_size=32",
@@ -39,9 +39,15 @@ def test_line_reports_throughput_mfu_and_eta_from_known_inputs(tmp_path):
     assert _field(line, "tok/s/GPU") == pytest.approx(tokens_per_gpu, abs=0.05)
     want_mfu = tokens_per_gpu * flops_per_token(log.cfg.model, 256) / 0.002e12
     assert 0.1 < want_mfu < 1 and _field(line, "MFU") == pytest.approx(want_mfu, abs=5e-4)
-    assert _field(line, "ETA") == pytest.approx(100 * 2.0 / 60, abs=0.05)  # 100 steps left at 2 s each
+    assert " | ETA 3m20s | " in line  # 100 steps left at 2 s each
     assert line.startswith("step 10/110 | loss 1.250000 | lm loss 2.500000 | lr 1.000e-04 | grad norm 0.7500")
     assert "skipped 1" in line and "p_conf 0.5000" in line and "2000 ms/step" in line
+
+
+@pytest.mark.parametrize("seconds, shown", [(0, "0s"), (44.6, "45s"), (60, "1m00s"), (200, "3m20s"),
+                                             (3599, "59m59s"), (3600, "1h00m"), (60_000, "16h40m"), (-3, "0s")])
+def test_eta_is_readable_from_seconds_to_days(seconds, shown):
+    assert format_duration(seconds) == shown
 
 
 def test_peak_is_dense_bf16_on_h100_and_h200_and_none_on_cpu(monkeypatch):
@@ -77,7 +83,7 @@ def test_tensorboard_scalars_names_and_values(tmp_path):
     got = _scalars(tmp_path)
     for tag, value in [("train/loss", 1.25), ("train/lm_loss", 2.5), ("train/lr", 2e-4), ("train/grad_norm", 1.5),
                        ("train/p_conf", 0.5), ("train/sample_weight", 0.4), ("train/token_weight", 0.3),
-                       ("train/tokens_per_s_per_gpu", 32 * 256 / 4 / 0.5)]:
+                       ("train/tokens_per_s_per_gpu", 32 * 256 / 4 / 0.5), ("train/step_time_ms", 500.0)]:
         assert got[tag] == [(3, pytest.approx(value, rel=1e-6))], tag
     assert got["valid/lm_loss"] == [(4, 2.25)] and got["valid/loss"] == [(4, 1.0)]
 

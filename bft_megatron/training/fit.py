@@ -87,6 +87,16 @@ def idle_notes(cfg, iteration: int, has_valid: bool) -> list[str]:
     return notes
 
 
+def switch_note(cfg, iteration: int) -> str | None:
+    """The line marking the end of ``loss.sft_warmup_iters`` after step ``iteration``, else None."""
+    lo = cfg.loss
+    if lo.method == "sft" or lo.sft_warmup_iters <= 0 or iteration != lo.sft_warmup_iters:
+        return None
+    return (f"step {iteration}: SFT warm-up (loss.sft_warmup_iters={lo.sft_warmup_iters}) done; from step "
+            f"{iteration + 1} the loss is {lo.method} ({lo.variant if lo.method == 'bft' else 'token-weighted'}): "
+            "'loss' drops to the weighted objective's scale, 'lm loss' stays comparable")
+
+
 def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = None) -> TrainState:
     """Train until ``train.train_iters`` (or an agreed exit); save at cadence, on exit and at the end."""
     cfg, state = trainer.cfg, trainer.state
@@ -110,6 +120,9 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
             recent = step_times[-cfg.logging.log_interval:]
             _log_step(trainer, result, sum(recent) / len(recent), interval_tokens, sum(recent))
             interval_tokens = 0
+        note = switch_note(cfg, it) if trainer.groups.rank == 0 else None
+        if note:
+            _log.info(note)
         if cfg.train.eval_interval and it % cfg.train.eval_interval == 0 and trainer.valid_data is not None:
             trainer.evaluate()
         if checkpointer is not None and cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:

@@ -27,7 +27,7 @@ from bft_megatron.config.schema import Config
 from bft_megatron.parallel.bootstrap import ParallelGroups
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["reporter_rank", "to_rank0", "flops_per_token", "peak_flops", "ProgressLog"]
+__all__ = ["reporter_rank", "to_rank0", "flops_per_token", "format_duration", "peak_flops", "ProgressLog"]
 
 _log = get_logger(__name__)
 
@@ -54,6 +54,16 @@ def flops_per_token(cfg: Config) -> float:
     from bft_megatron.config.plan import flops_per_token as plan_flops
 
     return plan_flops(cfg.model, cfg.data.seq_length)
+
+
+def format_duration(seconds: float) -> str:
+    """``45s``, ``3m20s``, ``16h40m``: the ETA of runs from minutes to days, readable at a glance."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def peak_flops(configured_tflops: float | None) -> float | None:
@@ -83,7 +93,6 @@ class ProgressLog:
              skipped: int) -> str:
         t = self.cfg.train
         tokens_per_gpu = t.global_batch_size * self.cfg.data.seq_length / self.groups.world_size / max(step_time, 1e-9)
-        eta_min = (t.train_iters - it) * step_time / 60
         parts = [f"step {it}/{t.train_iters}", f"loss {values.get('loss', math.nan):.6f}",
                  f"lm loss {values.get('lm_loss', math.nan):.6f}", f"lr {lr:.3e}",
                  f"grad norm {grad_norm:.4f}" if grad_norm is not None else "grad norm n/a",
@@ -91,17 +100,22 @@ class ProgressLog:
         if self.peak:
             parts.append(f"MFU {tokens_per_gpu * self.flops / self.peak:.3f}")
         parts.append(f"{step_time * 1000:.0f} ms/step")
-        if torch.cuda.is_available():
-            parts.append(f"mem {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+        mem_gib = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        if mem_gib is not None:
+            parts.append(f"mem {mem_gib:.2f} GiB")
         if "effective_tokens_per_s_per_gpu" in values:
             parts.append(f"effective tok/s/GPU {values['effective_tokens_per_s_per_gpu']:.1f}")
-        parts.append(f"ETA {eta_min:.1f} min")
+        parts.append(f"ETA {format_duration((t.train_iters - it) * step_time)}")
         if skipped:
             parts.append(f"skipped {skipped}")
         for k in ("p_conf", "p_conf_min", "sample_weight", "token_weight"):
             if k in values:
                 parts.append(f"{k} {values[k]:.4f}")
         self._scalars(it, values, lr, grad_norm, tokens_per_gpu, prefix="train")
+        if self.writer is not None:
+            self.writer.add_scalar("train/step_time_ms", step_time * 1000, it)
+            if mem_gib is not None:
+                self.writer.add_scalar("train/mem_allocated_gib", mem_gib, it)
         return " | ".join(parts)
 
     def _scalars(self, it, values, lr, grad_norm, tokens_per_gpu, prefix) -> None:
@@ -119,7 +133,9 @@ class ProgressLog:
 
     def eval(self, it: int, values: dict) -> None:
         if self.groups.rank == 0:
-            _log.info("validation at step %d | %s", it, " | ".join(f"{k} {v:.6f}" for k, v in sorted(values.items())))
+            shown = " | ".join(f"{k.replace('_', ' ') if k == 'lm_loss' else k} {v:.6f}"
+                               for k, v in sorted(values.items()))
+            _log.info("validation at step %d | %s", it, shown)
             self._scalars(it, values, None, None, None, prefix="valid")
 
     def close(self) -> None:
