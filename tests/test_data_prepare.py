@@ -52,6 +52,13 @@ def test_config_yaml_and_flag_override(tmp_path, capsys):
     assert main(["--config", str(cfg)]) == 2  # the logged error names the key (see test_data_config)
 
 
+def test_missing_output_names_the_flag(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", CHATS)
+    with logged(logging.ERROR) as records:
+        assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--no-progress"]) == 2
+    assert any("pass --output DIR" in r.getMessage() for r in records)
+
+
 def test_truncation_policies_are_counted(tmp_path):
     chats = synthetic_chats(30, seed=4)
     trunc = PackedDataset(prepare_dir(tmp_path / "t", chats, seq_length=64, truncation="truncate"))

@@ -119,6 +119,8 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = _apply_flags(load_config(args.config), args)
+        if not cfg.output_dir:  # the config's own message would name data.output_dir, not the flag
+            raise ValueError("no output directory: pass --output DIR (or set data.output_dir in --config)")
         cfg.validate()
         results = prepare_all(cfg, progress=not args.no_progress)
     except (DataError, ValueError, FileNotFoundError) as err:
