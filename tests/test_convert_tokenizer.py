@@ -223,7 +223,17 @@ def test_synthesised_config_reads_back_as_the_exported_model(tmp_path, name, dty
         assert getattr(back, field) == getattr(model, field), field
     with open(tmp_path / "config.json") as fh:
         raw = json.load(fh)
-    assert raw.get("dtype", raw.get("torch_dtype")) == label
+    assert raw["dtype"] == raw["torch_dtype"] == label
+    # what a transformers 4.x reader (most serving stacks) looks at: top-level RoPE keys, not rope_parameters
+    assert raw["rope_theta"] == model.rope_theta
+    if model.rope_scaling is not None:
+        rs = model.rope_scaling
+        assert raw["rope_scaling"] == {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+                                       "high_freq_factor": rs.high_freq_factor,
+                                       "original_max_position_embeddings": rs.original_max_position_embeddings}
+    else:
+        assert raw.get("rope_scaling") is None
+    assert not {"id2label", "label2id", "return_dict"} & set(raw)  # transformers' generic defaults left out
     hf = AutoConfig.from_pretrained(str(tmp_path))
     assert hf.rms_norm_eps == model.norm_epsilon and hf.tie_word_embeddings == model.tie_embeddings
     rope = getattr(hf, "rope_parameters", None) or hf.rope_scaling or {}

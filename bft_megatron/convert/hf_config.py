@@ -51,6 +51,11 @@ def _template_config(sources: ExportSources, m: ModelConfig) -> dict | None:
         return json.load(fh)
 
 
+def _llama3_rope_scaling(rs) -> dict:
+    return {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+            "high_freq_factor": rs.high_freq_factor, "original_max_position_embeddings": rs.original_max_position_embeddings}
+
+
 def _synthesised_config(m: ModelConfig) -> dict:
     from transformers import LlamaConfig, Qwen2Config
 
@@ -59,17 +64,23 @@ def _synthesised_config(m: ModelConfig) -> dict:
                   num_key_value_heads=m.kv_groups, max_position_embeddings=m.max_position_embeddings,
                   rms_norm_eps=m.norm_epsilon, tie_word_embeddings=m.tie_embeddings, rope_theta=m.rope_theta)
     if m.rope_scaling is not None:
-        rs = m.rope_scaling
-        kwargs["rope_scaling"] = {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
-                                  "high_freq_factor": rs.high_freq_factor,
-                                  "original_max_position_embeddings": rs.original_max_position_embeddings}
+        kwargs["rope_scaling"] = _llama3_rope_scaling(m.rope_scaling)
     if m.family == "qwen2":
         cfg = Qwen2Config(**kwargs)
         cfg.architectures = ["Qwen2ForCausalLM"]
     else:
         cfg = LlamaConfig(attention_bias=m.qkv_bias, **kwargs)
         cfg.architectures = ["LlamaForCausalLM"]
-    return cfg.to_dict()
+    # Only what differs from transformers' generic defaults (no id2label / label2id / return_dict ...).
+    config = cfg.to_diff_dict()
+    # transformers >= 5 writes RoPE only as `rope_parameters`; transformers 4.x (and serving stacks pinned to
+    # it) read the top-level `rope_theta` / `rope_scaling` and, without them, would silently use theta 10000
+    # and no llama3 scaling. Both readers accept both forms, so write both (as HF's own Llama-3.1 files do the
+    # 4.x form).
+    config["rope_theta"] = m.rope_theta
+    if m.rope_scaling is not None:  # built afresh: transformers adds rope_theta into the dict it was given
+        config["rope_scaling"] = _llama3_rope_scaling(m.rope_scaling)
+    return config
 
 
 def _set_token_ids(config: dict, ids: SpecialIds) -> None:
@@ -117,7 +128,10 @@ def write_hf_metadata(out_dir: str, m: ModelConfig, dtype: torch.dtype, sources:
     if config is None:
         _log.info("no HF config.json to start from: synthesising config.json from the model section")
         config = _synthesised_config(m)
-    config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = _DTYPE_NAMES[dtype]
+    if template_dir is None:  # ours: the 5.x name and the 4.x one
+        config.update(dtype=_DTYPE_NAMES[dtype], torch_dtype=_DTYPE_NAMES[dtype])
+    else:  # the template's own spelling
+        config["dtype" if "dtype" in config or "torch_dtype" not in config else "torch_dtype"] = _DTYPE_NAMES[dtype]
     ids = write_tokenizer(sources.tokenizer, out_dir, m.vocab_size) if sources.tokenizer else None
     if ids is not None:
         _set_token_ids(config, ids)
