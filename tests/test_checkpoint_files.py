@@ -1,5 +1,5 @@
 """Checkpoint bookkeeping files: the atomic ``latest`` pointer, pruning and commit order, atomic writes, and
-the Adam step counters untied on resume."""
+the Adam step counters untied on resume, and the unwrapping of DDP / Float16Module wrappers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bft_megatron.checkpoint import pointer
-from bft_megatron.checkpoint.state import untie_adam_steps
+from bft_megatron.checkpoint.state import model_sharded_state_dict, untie_adam_steps, unwrap
 
 
 def test_latest_pointer_is_atomic_and_prune_keeps_last(tmp_path):
@@ -110,3 +110,26 @@ def test_atomic_write_keeps_the_files_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert (fresh.stat().st_mode & 0o777) == 0o644 and sorted(os.listdir(tmp_path)) == ["fresh.json", "index.json"]
+
+
+def test_unwrap_removes_every_wrapper_level():
+    """DDP(Float16Module(GPTModel)) under bf16: both levels go, or checkpoint keys and export names get a
+    ``module.`` prefix."""
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    inner = torch.nn.Linear(2, 2)
+    assert unwrap(inner) is inner and unwrap(Wrapper(inner)) is inner and unwrap(Wrapper(Wrapper(inner))) is inner
+    assert [n for n, _ in unwrap(Wrapper(Wrapper(inner))).named_parameters()] == ["weight", "bias"]
+
+    class Sharded(torch.nn.Module):
+        def sharded_state_dict(self):
+            return {"id": id(self)}
+
+    one, two = Sharded(), Sharded()
+    assert model_sharded_state_dict([Wrapper(Wrapper(one))]) == {"model": {"id": id(one)}}
+    assert model_sharded_state_dict([Wrapper(one), Wrapper(two)]) == {"model0": {"id": id(one)},
+                                                                      "model1": {"id": id(two)}}

@@ -54,3 +54,11 @@ def test_trailing_padding_positions_are_unique():
 def test_bad_lengths_are_rejected():
     with pytest.raises(ValueError, match="multiple of 2"):
         split_for_cp(torch.zeros(1, 6), 2, 0)
+
+
+def test_bad_local_shapes_are_rejected():
+    """The loss calls local_to_global_positions directly (not through split_for_cp): its own checks matter."""
+    with pytest.raises(ValueError, match="local length 7 is odd"):
+        local_to_global_positions((2, 7), 2, 0)
+    with pytest.raises(ValueError, match=r"shape \[1, T/CP\], got \(2, 8\)"):
+        local_to_global_positions((2, 8), 2, 0, torch.tensor([0, 8, 16]))

@@ -13,10 +13,12 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.config.schema import load_config
 from bft_megatron.data import provenance
 from bft_megatron.data.provenance import PreparedDataMismatch
@@ -170,3 +172,53 @@ def test_older_index_loads_with_a_warning(tmp_path):
     assert "data.packing: prepared true, configured false" in _mismatch(over + ["data.packing=false"])
     assert "data.train[0].weight" in _mismatch(over + [f"data.train={src}:2"])
     assert "data.tokenizer: prepared with" in _mismatch(over + [f"data.tokenizer={copy_hf(tmp_path)}"])
+
+
+def _sources_index(*sources: SourceConfig, **extra) -> dict:
+    """An index recording only ``sources`` (settings not recorded: unchecked, not compared)."""
+    return {"sources": [provenance.source_record(s) for s in sources], **extra}
+
+
+def test_fewer_configured_sources_than_prepared_differ(tmp_path):
+    a = SourceConfig(path=str(write_jsonl(tmp_path / "a.jsonl", CHATS)))
+    b = SourceConfig(path=str(write_jsonl(tmp_path / "b.jsonl", synthetic_chats(4, seed=1))))
+    index = _sources_index(a, b)
+    assert provenance.compare(index, DataConfig(), "train", [a, b], strict=True)[0] == []
+    problems, _ = provenance.compare(index, DataConfig(), "train", [a], strict=True)  # b dropped from the mix
+    assert problems == [f"data.train: prepared from 2 source(s) {[a.path, b.path]}, configured 1 {[a.path]}"]
+
+
+def test_source_format_and_hub_name_and_split_are_compared(tmp_path):
+    local = SourceConfig(path=str(write_jsonl(tmp_path / "a.jsonl", CHATS)))
+    index = _sources_index(local)
+    problems, _ = provenance.compare(index, DataConfig(), "train", [replace(local, format="sharegpt")], strict=True)
+    assert problems == ["data.train[0].format: prepared auto, configured sharegpt"]
+    hub = SourceConfig(path="some-org/chats", split="train")  # not a local path: compared by name and split
+    index = _sources_index(hub)
+    assert "files" not in index["sources"][0]
+    assert provenance.compare(index, DataConfig(), "train", [hub], strict=True)[0] == []
+    problems, _ = provenance.compare(index, DataConfig(), "train", [replace(hub, split="test")], strict=True)
+    assert problems == ["data.train[0].split: prepared train, configured test"]
+    problems, _ = provenance.compare(index, DataConfig(), "train", [replace(hub, path="other-org/chats")], strict=True)
+    assert problems == ["data.train[0].path: prepared some-org/chats, configured other-org/chats"]
+
+
+def test_older_index_compares_source_paths(tmp_path):
+    """An index from before ``sources`` was recorded: its stats still name each source's path and weight."""
+    index = {"stats": {"per_source": [{"path": str(tmp_path / "a.jsonl"), "weight": 1.0}]}}
+    same = SourceConfig(path=str(tmp_path / "a.jsonl"))
+    problems, unchecked = provenance.compare(index, DataConfig(), "train", [same], strict=True)
+    assert problems == [] and any("only paths and weights" in u for u in unchecked)
+    other = SourceConfig(path=str(tmp_path / "b.jsonl"))
+    problems, _ = provenance.compare(index, DataConfig(), "train", [other], strict=True)
+    assert problems == [f"data.train[0].path: prepared {tmp_path / 'a.jsonl'}, configured {other.path}"]
+
+
+def test_skipped_records_are_only_an_error_when_the_config_lists_the_sources():
+    """With only data.output_dir, on_error is not set (its default is raise): a split that skipped records is
+    used as prepared."""
+    index = {"stats": {"skipped": {"bad_json": 2}}, "sources": []}
+    problems, _ = provenance.compare(index, DataConfig(), "train", None, strict=False)
+    assert problems == []
+    problems, _ = provenance.compare(index, DataConfig(), "train", None, strict=True)
+    assert problems == ["data.on_error: prepared with skip (2 records skipped), configured raise"]

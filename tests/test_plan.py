@@ -190,6 +190,13 @@ def test_main_reports_bad_gpus_as_usage_error(capsys):
     assert exc.value.code == 2 and "--gpus=7 is not divisible" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("mfu", ["0", "1.5", "-0.2"])
+def test_main_rejects_an_mfu_outside_0_1(capsys, mfu):
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", os.path.join(ROOT, "configs/llama3.1_8b.yaml"), "--gpus", "8", "--mfu", mfu])
+    assert exc.value.code == 2 and f"--mfu must be in (0, 1], got {float(mfu)}" in capsys.readouterr().err
+
+
 def test_cli_plan_subprocess():
     cmd = [sys.executable, "-m", "bft_megatron.cli", "plan", "--config", "configs/llama3.1_8b.yaml", "--gpus", "8",
            "--mfu", "0.5", "train.recompute=full"]

@@ -1,0 +1,110 @@
+"""The model's building blocks on CPU, without building a GPTModel: RMSNorm against transformers' LlamaRMSNorm
+(small, large and bf16 inputs), the TransformerConfig the config maps to (the settings the CPU logits and
+layout tests cannot see: recompute, dropout, sequence parallel, per-token loss, dtypes), and the local
+(no Transformer Engine) layer spec.
+"""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from bft_megatron.config.schema import load_config
+from bft_megatron.model import spec
+from bft_megatron.model.builder import transformer_config
+from bft_megatron.model.layers import RMSNorm
+from tests.data_fixtures import logged
+
+TINY = ["model.hidden_size=64", "model.num_layers=4", "model.num_attention_heads=4", "model.num_query_groups=2",
+        "model.ffn_hidden_size=128", "model.vocab_size=128", "train.bf16=false"]
+CPU = SimpleNamespace(device=torch.device("cpu"), vp_size=None)  # what transformer_config reads of the groups
+
+
+def _reference_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm (statistics in fp32, normalised value cast back, then the weight)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    ref = LlamaRMSNorm(weight.numel(), eps=eps).to(weight.dtype)
+    with torch.no_grad():
+        ref.weight.copy_(weight)
+        return ref(x)
+
+
+def _norm(hidden: int, eps: float, dtype: torch.dtype, seed: int = 0) -> RMSNorm:
+    norm = RMSNorm(SimpleNamespace(params_dtype=dtype, sequence_parallel=False), hidden, eps=eps)
+    with torch.no_grad():
+        norm.weight.copy_(1.0 + 0.2 * torch.randn(hidden, generator=torch.Generator().manual_seed(seed)))
+    return norm
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_rmsnorm_matches_llama_rmsnorm_where_eps_matters(scale):
+    """At scale 1e-3 the mean square (~1e-6) is the size of eps: eps must sit inside the square root."""
+    torch.manual_seed(1)
+    norm = _norm(32, 1e-6, torch.float32)
+    x = scale * torch.randn(5, 32)
+    with torch.no_grad():
+        got = norm(x)
+    want = _reference_rmsnorm(x, norm.weight.detach(), 1e-6)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+
+
+def test_rmsnorm_bf16_keeps_the_dtype_and_fp32_statistics():
+    """bf16 in, bf16 out, and bit for bit what LlamaRMSNorm gives (its statistics are in fp32 too); computing
+    the mean square in bf16 would change many elements by a bf16 ulp or more."""
+    torch.manual_seed(2)
+    norm = _norm(256, 1e-5, torch.bfloat16)
+    x = (3.0 * torch.randn(16, 256)).to(torch.bfloat16)
+    with torch.no_grad():
+        got = norm(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, _reference_rmsnorm(x, norm.weight.detach(), 1e-5))
+
+
+def test_transformer_config_carries_the_training_settings():
+    tc = transformer_config(load_config(None, TINY + ["train.recompute=full", "train.dropout=0.1"]), CPU)
+    assert (tc.recompute_granularity, tc.recompute_method, tc.recompute_num_layers) == ("full", "uniform", 1)
+    assert tc.hidden_dropout == tc.attention_dropout == 0.1
+    # the loss returns (sum, units): megatron must divide by the global unit count, not per micro-batch
+    assert tc.calculate_per_token_loss is True
+    # Llama blocks: GQA groups, head_dim = hidden / heads, SwiGLU, no linear biases, fp32 softmax
+    assert (tc.num_attention_heads, tc.num_query_groups, tc.kv_channels) == (4, 2, 16)
+    assert tc.gated_linear_unit and tc.activation_func is torch.nn.functional.silu and not tc.add_bias_linear
+    assert tc.normalization == "RMSNorm" and tc.attention_softmax_in_fp32
+    assert tc.params_dtype == tc.pipeline_dtype == torch.float32 and not tc.bf16
+    selective = transformer_config(load_config(None, TINY + ["train.recompute=selective"]), CPU)
+    assert selective.recompute_granularity == "selective"
+    assert transformer_config(load_config(None, TINY), CPU).recompute_granularity is None
+
+
+def test_transformer_config_parallel_and_precision():
+    cfg = load_config(None, TINY + ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.cp=2",
+                                    "model.qkv_bias=true", "model.norm_epsilon=1e-6", "train.bf16=true"])
+    tc = transformer_config(cfg, CPU)
+    assert tc.sequence_parallel and tc.tensor_model_parallel_size == 2 and tc.context_parallel_size == 2
+    assert tc.add_qkv_bias and tc.layernorm_epsilon == 1e-6
+    assert tc.bf16 and tc.params_dtype == tc.pipeline_dtype == torch.bfloat16
+    # CPU: no CUDA-only fusions (they would fail or be silently different there)
+    assert not (tc.gradient_accumulation_fusion or tc.apply_rope_fusion or tc.masked_softmax_fusion)
+    assert tc.use_cpu_initialization
+
+
+def test_local_spec_uses_our_rmsnorm_and_reference_attention(monkeypatch):
+    """Without TE: every norm is our (sequence-parallel capable) RMSNorm, not megatron's WrappedTorchNorm
+    (which refuses SP), and core attention is ReferenceAttention (THD packing, CP); warned once per process."""
+    from bft_megatron.model.reference_attention import ReferenceAttention
+
+    monkeypatch.setitem(spec._WARNED, "local", False)
+    tc = transformer_config(load_config(None, TINY), CPU)
+    with logged(logging.WARNING) as records:
+        block = spec.block_spec(tc, use_te=False, vp_stage=None, pp_rank=0)
+        spec.block_spec(tc, use_te=False, vp_stage=None, pp_rank=0)
+    assert len([r for r in records if "Transformer Engine not importable" in r.getMessage()]) == 1
+    assert len(block.layer_specs) == 4 and block.layer_norm is RMSNorm
+    for layer in block.layer_specs:
+        sub = layer.submodules
+        assert sub.input_layernorm is RMSNorm and sub.pre_mlp_layernorm is RMSNorm
+        assert sub.self_attention.submodules.core_attention is ReferenceAttention
