@@ -362,3 +362,17 @@ def test_trainer_rounds_packed_cp_micro_batches_for_sequence_parallel(sequence_p
     groups = SimpleNamespace(tp_size=2, cp_size=2, cp_rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"))
     stub = SimpleNamespace(cfg=cfg, groups=groups)
     assert Trainer._step_data(stub, ds, seed=1).total == total
+
+
+def test_the_data_plan_line_states_rows_and_epochs():
+    from bft_megatron.config import load_config
+    from bft_megatron.training.data import data_plan_line
+
+    class Split(list):
+        index = {"num_samples": 1509}
+
+    cfg = load_config(None, ["data.seq_length=512", "train.train_iters=120", "train.global_batch_size=8"])
+    line = data_plan_line(cfg, Split(range(400)))
+    assert line == ("training data: 400 rows of 512 tokens (1509 samples); train.train_iters=120 x "
+                    "train.global_batch_size=8 = 960 rows = 2.40 epochs")
+    assert "samples" not in data_plan_line(cfg, list(range(960))) and "= 1.00 epochs" in data_plan_line(cfg, [0] * 960)

@@ -142,3 +142,17 @@ def open_datasets(cfg: Config, wait_group: dist.ProcessGroup | None = None):
     valid_rows = max(64, cfg.train.global_batch_size * cfg.train.eval_iters)
     return (SyntheticChatDataset(SYNTHETIC_TRAIN_ROWS, d.seq_length, cfg.model.vocab_size, d.packing, seed=d.seed),
             SyntheticChatDataset(valid_rows, d.seq_length, cfg.model.vocab_size, d.packing, seed=d.seed + 7919))
+
+
+def data_plan_line(cfg: Config, train) -> str:
+    """What the run will read: rows in the training split, rows the schedule consumes, and how many epochs
+    that is (the sampler reshuffles the rows each epoch), so a run that sees a fraction of its data, or many
+    passes over it, says so before it starts."""
+    t = cfg.train
+    rows, needed = len(train), t.train_iters * t.global_batch_size
+    index = getattr(train, "index", None)  # PackedDataset's index.json; synthetic data has none
+    index = index if isinstance(index, dict) else {}
+    samples = f" ({index['num_samples']} samples)" if "num_samples" in index else ""
+    return (f"training data: {rows} rows of {cfg.data.seq_length} tokens{samples}; train.train_iters="
+            f"{t.train_iters} x train.global_batch_size={t.global_batch_size} = {needed} rows = "
+            f"{needed / max(rows, 1):.2f} epochs")
