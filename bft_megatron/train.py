@@ -46,8 +46,9 @@ def _config(args, log):
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     from bft_megatron.config import ConfigError
-    from bft_megatron.utils.logging import get_logger
+    from bft_megatron.utils.logging import get_logger, quiet_known_warnings
 
+    quiet_known_warnings()
     log = get_logger("bft_megatron.train")
     loaded = _config(args, log)
     if loaded is None:

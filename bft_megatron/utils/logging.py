@@ -9,8 +9,27 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 _CONFIGURED = False
+
+# Third-party warnings every run of ours would print on every rank, none of them actionable for a user:
+# megatron-core's notices that apex / TE are absent (our own warning already says which layer spec runs), its
+# default CUDA-graph scope's deprecation, torch's deprecation of the collectives megatron calls, and torch's
+# notice when megatron reads ``.grad`` of a non-leaf tensor.
+_KNOWN_NOISE = (
+    (UserWarning, r"Transformer Engine and Apex are not installed"),
+    (UserWarning, r"Apex is not installed"),
+    (UserWarning, r"full scope is deprecated"),
+    (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
+    (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"),
+)
+
+
+def quiet_known_warnings() -> None:
+    """Hide :data:`_KNOWN_NOISE` (entry points only: a library does not change the process's filters)."""
+    for category, message in _KNOWN_NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def _global_rank() -> int:
