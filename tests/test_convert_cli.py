@@ -50,8 +50,29 @@ def test_cli_import_names_missing_and_unmapped_tensors(tmp_path):
     res = _cli("import", "--hf", hf, "--out", str(tmp_path / "ckpt"))
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "model.layers.0.mlp.up_proj.weight" in res.stderr and "not found" in res.stderr
+    assert os.listdir(tmp_path / "ckpt") == []  # the failed import removed its iter_0000000: a retry may go there
     extra = dict(original, **{"model.layers.1.self_attn.o_proj.bias": torch.zeros(64)})  # not a Llama parameter
     save_file(extra, path, metadata={"format": "pt"})
     res = _cli("import", "--hf", hf, "--out", str(tmp_path / "ckpt2"))
     assert res.returncode == 2 and "model.layers.1.self_attn.o_proj.bias" in res.stderr
     assert "no megatron mapping" in res.stderr
+
+
+def test_cli_import_refuses_a_directory_that_holds_checkpoints(tmp_path):
+    """Importing into a training run's checkpoint.save would move its ``latest`` to the weights-only import (the
+    next resume then fails, an export exports the import): refused, like an export into a directory with weights."""
+    hf, run = str(tmp_path / "hf"), tmp_path / "run"
+    make_model("llama32_tied", hf)
+    (run / "iter_0000120").mkdir(parents=True)
+    (run / "iter_0000120" / "metadata.json").write_text("{}")
+    (run / "latest").write_text("iter_0000120\n")
+    res = _cli("import", "--hf", hf, "--out", str(run))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "already holds a checkpoint (a 'latest' pointer to iter_0000120" in res.stderr
+    assert "import into a new directory" in res.stderr
+    assert (run / "latest").read_text() == "iter_0000120\n"
+    assert sorted(os.listdir(run)) == ["iter_0000120", "latest"]
+    (run / "latest").unlink()  # an iter_ directory alone (an unfinished save or import) is refused too
+    res = _cli("import", "--hf", hf, "--out", str(run))
+    assert res.returncode == 2 and "1 iter_ directory (iter_0000120) but no 'latest' pointer" in res.stderr
+    assert sorted(os.listdir(run)) == ["iter_0000120"]

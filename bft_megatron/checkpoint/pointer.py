@@ -23,7 +23,7 @@ import shutil
 from bft_megatron.utils.files import atomic_write_text
 
 __all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "list_iterations", "prune",
-           "commit"]
+           "commit", "existing_checkpoint"]
 
 LATEST = "latest"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
@@ -59,6 +59,21 @@ def list_iterations(run_dir: str) -> list[int]:
     if not os.path.isdir(run_dir):
         return []
     return sorted(int(m.group(1)) for m in map(_ITER_RE.match, os.listdir(run_dir)) if m)
+
+
+def existing_checkpoint(run_dir: str) -> str | None:
+    """What in ``run_dir`` marks it as a checkpoint directory already (``latest`` and its target, or an ``iter_``
+    directory), for a refusal message; None when it holds neither (or does not exist)."""
+    names = [iter_dirname(i) for i in list_iterations(run_dir)]
+    if os.path.isfile(os.path.join(run_dir, LATEST)):
+        target = read_latest(run_dir)
+        return f"a '{LATEST}' pointer to {os.path.basename(target) if target else 'nothing'}" + (
+            f" and {len(names)} iter_ director{'y' if len(names) == 1 else 'ies'} ({', '.join(names[-3:])})"
+            if names else "")
+    if names:
+        return (f"{len(names)} iter_ director{'y' if len(names) == 1 else 'ies'} ({', '.join(names[-3:])}) but no "
+                f"'{LATEST}' pointer (an unfinished save or import)")
+    return None
 
 
 def latest_iteration(run_dir: str) -> int | None:

@@ -158,26 +158,22 @@ def _meta_skeleton(cfg: Config, groups) -> torch.nn.Module:
     return chunks[0]
 
 
-def import_hf(hf_dir: str, out_dir: str, low_memory: bool = False) -> str:
-    """Convert ``hf_dir`` into a dist checkpoint run directory ``out_dir``; returns the iter_ path.
+def _refuse_existing(out_dir: str) -> None:
+    """An ``out_dir`` that holds checkpoints already (e.g. a training run's ``checkpoint.save``) is refused: the
+    import would move its ``latest`` to the weights-only ``iter_0000000``, and resuming, or exporting, the run
+    would then take the import for it."""
+    existing = pointer.existing_checkpoint(out_dir)
+    if existing:
+        raise FileExistsError(f"{out_dir} already holds a checkpoint ({existing}); import into a new directory")
 
-    ``low_memory``: spill each layer's transformed tensors (QKV, fc1; the rest are already file-backed
-    maps of the safetensors files) to ``out_dir/.import_spill`` and memory-map them back, so resident host
-    memory stays about one layer instead of those tensors of the whole model (~65% of it), at the cost of
-    their size in temporary disk space (removed at the end) and one extra write and read of them.
-    """
+
+def _save_import(hf_dir: str, iter_dir: str, cfg: Config, spill_dir: str | None) -> str:
+    """Build the skeleton, fill it from ``hf_dir`` and save it to ``iter_dir``; returns the spec's name."""
     from megatron.core import dist_checkpointing
 
     from bft_megatron.parallel.bootstrap import initialize
 
-    m = model_config_from_hf_dir(hf_dir)
-    cfg = Config(model=m)
-    cfg.train = dataclasses.replace(cfg.train, bf16=False)  # keep the source dtype; no Float16 wrapping
-    iter_dir = os.path.join(out_dir, pointer.iter_dirname(0))
-    if os.path.isdir(iter_dir) and os.listdir(iter_dir):
-        raise FileExistsError(f"{iter_dir} is not empty; import into a new directory")
-    os.makedirs(iter_dir, exist_ok=True)
-    spill_dir = os.path.join(out_dir, SPILL_SUBDIR) if low_memory else None
+    m = cfg.model
     with process_group():
         model = _meta_skeleton(cfg, initialize(tp=1, pp=1))
         spec = detect_spec(model.state_dict().keys())
@@ -197,6 +193,30 @@ def import_hf(hf_dir: str, out_dir: str, low_memory: bool = False) -> str:
         finally:  # mapped spill files stay readable after their unlinking until the tensors go
             if spill_dir:
                 shutil.rmtree(spill_dir, ignore_errors=True)
+    return spec
+
+
+def import_hf(hf_dir: str, out_dir: str, low_memory: bool = False) -> str:
+    """Convert ``hf_dir`` into a dist checkpoint run directory ``out_dir``; returns the iter_ path.
+
+    ``out_dir`` must not hold a checkpoint (``latest`` or an ``iter_`` directory) already.
+    ``low_memory``: spill each layer's transformed tensors (QKV, fc1; the rest are already file-backed
+    maps of the safetensors files) to ``out_dir/.import_spill`` and memory-map them back, so resident host
+    memory stays about one layer instead of those tensors of the whole model (~65% of it), at the cost of
+    their size in temporary disk space (removed at the end) and one extra write and read of them.
+    """
+    _refuse_existing(out_dir)
+    m = model_config_from_hf_dir(hf_dir)
+    cfg = Config(model=m)
+    cfg.train = dataclasses.replace(cfg.train, bf16=False)  # keep the source dtype; no Float16 wrapping
+    iter_dir = os.path.join(out_dir, pointer.iter_dirname(0))
+    os.makedirs(iter_dir)
+    spill_dir = os.path.join(out_dir, SPILL_SUBDIR) if low_memory else None
+    try:
+        spec = _save_import(hf_dir, iter_dir, cfg, spill_dir)
+    except BaseException:  # ours (makedirs refuses an existing one): a failed import leaves nothing that blocks a retry
+        shutil.rmtree(iter_dir, ignore_errors=True)
+        raise
     pointer.write_latest(out_dir, 0)
     copied = copy_side_files(hf_dir, os.path.join(out_dir, HF_SUBDIR), with_config=True)
     _log.info("imported %s -> %s (%s spec, %d layers; copied %s)", hf_dir, iter_dir, spec, m.num_layers, copied)
