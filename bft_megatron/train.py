@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             trainer = build_trainer(cfg, layout, groups)
             checkpointer = Checkpointer(cfg, groups)
             checkpointer.load(trainer)
-        except ConfigError as exc:  # the prepared data or the checkpoint's LR schedule vs this config (every rank)
+        except ConfigError as exc:  # the prepared data, the checkpoint's model or LR schedule vs this config
+            # (raised on every rank)
             log.error("config error: %s", exc)
             return 2
         state = fit(trainer, checkpointer if cfg.checkpoint.save else None, exit_request)

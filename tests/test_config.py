@@ -74,6 +74,30 @@ def test_from_hf_llama31(tmp_path):
     assert m.rope_theta == 500000.0 and m.rope_scaling.factor == 8.0 and not m.tie_embeddings and not m.qkv_bias
 
 
+def test_from_hf_explicit_fields_that_disagree_are_warned_about(tmp_path):
+    """Explicit fields still win over config.json (documented), but each disagreement is named with both values."""
+    import logging
+
+    from tests.data_fixtures import logged
+
+    hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 128,
+          "rope_theta": 500000.0, "rms_norm_eps": 1e-5}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    with logged(logging.WARNING) as records:
+        m = load_config(None, [f"model.from_hf={tmp_path}", "model.rope_theta=10000", "model.norm_epsilon=1e-6",
+                               "model.hidden_size=64"]).model
+    assert m.rope_theta == 10000.0 and m.norm_epsilon == 1e-6 and m.num_layers == 2
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert "model.rope_theta=10000.0 (config.json: 500000.0)" in message
+    assert "model.norm_epsilon=1e-06 (config.json: 1e-05)" in message
+    assert "hidden_size" not in message  # an explicit field equal to config.json's is no news
+    with logged(logging.WARNING) as records:
+        load_config(None, [f"model.from_hf={tmp_path}", "model.num_layers=2"])
+    assert records == []
+
+
 def test_from_hf_qwen2_has_qkv_bias(tmp_path):
     hf = {"architectures": ["Qwen2ForCausalLM"], "hidden_size": 896, "num_hidden_layers": 24,
           "num_attention_heads": 14, "num_key_value_heads": 2, "intermediate_size": 4864, "vocab_size": 151936,

@@ -6,8 +6,9 @@ rank 0 deletes uncommitted leftovers, atomically moves ``latest`` to ``iter_N`` 
 ``keep_last`` (``pointer.commit``). Load
 (``Checkpointer.load``): full resume (model, optimizer, scheduler, data position, RNG at the same
 layout) or ``finetune`` (weights only, fresh everything else). Loading at another TP/PP/VP works
-because every sharded key is global. A full resume first checks that the config reproduces the checkpoint's
-learning-rate schedule (``schedule.py``; ``checkpoint.override_scheduler`` to change it).
+because every sharded key is global. Every load first checks that the config's model is the checkpoint's
+(``architecture.py``), and a full resume that the config reproduces the checkpoint's learning-rate schedule
+(``schedule.py``; ``checkpoint.override_scheduler`` to change it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from bft_megatron.checkpoint import pointer
+from bft_megatron.checkpoint.architecture import check_architecture
 from bft_megatron.checkpoint.schedule import check_schedule, group_bounds, restore_group_bounds
 from bft_megatron.checkpoint.state import (OPT_METADATA, init_optimizer_state, layout_of, model_sharded_state_dict,
                                            restore_rng, rng_sharded_object, tolerate_missing_adam_step,
@@ -141,10 +143,12 @@ class Checkpointer:
 
         common = dist_checkpointing.load_common_state_dict(path)
         same_layout = common.get("layout") == layout_of(self.groups)
+        # First, on every rank: a model the checkpoint does not describe fails before any tensor is loaded.
+        check_architecture(common, self.cfg, path, finetune, self.groups.rank)
         if finetune:
             self._load_weights(trainer, path)  # fresh optimizer and scheduler: the config's schedule from step 0
         else:
-            # First, on every rank: a schedule the config does not reproduce fails before anything is loaded.
+            # Then, on every rank: a schedule the config does not reproduce fails before anything is loaded.
             check_schedule(trainer.scheduler, common, self.cfg, path, self.groups.rank)
             self._load_full(trainer, path, common, same_layout)
         _log.info("loaded %s (%s%s)", path, "weights only" if finetune else "full state",

@@ -6,10 +6,12 @@ import dataclasses
 import json
 import os
 
-from bft_megatron.config.base import ConfigError
+from bft_megatron.config.base import ConfigError, format_value
+from bft_megatron.utils.logging import get_logger
 
 __all__ = ["model_fields_from_hf", "merge_hf_config"]
 
+_log = get_logger(__name__)
 _FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 
 
@@ -77,11 +79,24 @@ def model_fields_from_hf(hf: dict) -> dict:
     }
 
 
+def _shown(value) -> str:
+    return format_value(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+
+
 def merge_hf_config(model, explicit: set[str]):
-    """Fill ``model`` from ``model.from_hf/config.json``; keys set explicitly in YAML/CLI win."""
+    """Fill ``model`` from ``model.from_hf/config.json``; keys set explicitly in YAML/CLI win.
+
+    An explicit value that disagrees with config.json is a warning (global rank 0; every rank loads the config),
+    deliberate for, say, a longer ``max_position_embeddings``, a silent change of the model for ``rope_theta``.
+    """
     path = os.path.join(model.from_hf, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"model.from_hf: {path} does not exist")
     with open(path, encoding="utf-8") as fh:
         fields = model_fields_from_hf(json.load(fh))
+    differ = [f"model.{k}={_shown(getattr(model, k))} (config.json: {_shown(v)})"
+              for k, v in fields.items() if k in explicit and getattr(model, k) != v]
+    if differ and int(os.environ.get("RANK", "0")) == 0:
+        _log.warning("model.from_hf=%s: explicit model fields differ from its config.json and are used instead: %s",
+                     model.from_hf, "; ".join(differ))
     return dataclasses.replace(model, **{k: v for k, v in fields.items() if k not in explicit})

@@ -185,6 +185,8 @@ def _save_import(hf_dir: str, iter_dir: str, cfg: Config, spill_dir: str | None)
             _assign(model, _collect_state(reader, m, spec, padded, spill_dir))
             _check_all_consumed(reader, m.tie_embeddings)
             reader.close()
+            # "config": its model section is what a training run's model is compared with before loading
+            # (checkpoint/architecture.py).
             sd = {"model": model.sharded_state_dict(), "config": to_dict(cfg),
                   "layout": {"tp": 1, "pp": 1, "vp": None, "cp": 1, "dp": 1, "world": 1},
                   "hf_import": {"source": os.path.abspath(hf_dir), "spec": spec}}
