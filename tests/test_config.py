@@ -60,6 +60,29 @@ def test_yaml_file_and_overrides(tmp_path):
     assert cfg.model.hidden_size == 64 and cfg.train.lr == 2e-3 and cfg.train.decay == "linear"
 
 
+@pytest.mark.parametrize("text, message", [
+    ("model:\n  hidden_size: 64\n num_layers: 2\n", r"c.yaml: invalid YAML at line 3, column 2: expected <block end>"),
+    ("model:\n\thidden_size: 64\n", r"c.yaml: invalid YAML at line 2, column 1: found character '\\t'"),
+    ("data:\n  train: [a.jsonl,\nmodel:\n  hidden_size: 3\n",
+     r"c.yaml: invalid YAML at line 4, column 14: .* \(while parsing a flow sequence at line 2, column 10\)"),
+])
+def test_yaml_syntax_errors_name_the_file_and_line(tmp_path, text, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+
+
+def test_bad_override_values_and_missing_files_are_config_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'data.train=\[a.jsonl,': the value is not valid YAML \(.*\); "
+                                          r"close every bracket and quote, e.g. data.train=\[a.jsonl,b.jsonl\]"):
+        load_config(None, ["data.train=[a.jsonl,"])
+    with pytest.raises(ConfigError, match=r"override 'train.bf16=\{': the value is not valid YAML"):
+        load_config(None, ["train.bf16={"])
+    with pytest.raises(ConfigError, match=r"config file .*nope.yaml: No such file or directory"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
 def test_from_hf_llama31(tmp_path):
     hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 32,
           "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336, "vocab_size": 128256,

@@ -50,6 +50,10 @@ def test_config_yaml_and_flag_override(tmp_path, capsys):
     assert index["seq_length"] == 200 and index["packed"] is False and index["num_rows"] == 4
     cfg.write_text("data:\n  tokeniser: x\n", encoding="utf-8")
     assert main(["--config", str(cfg)]) == 2  # the logged error names the key (see test_data_config)
+    cfg.write_text("data:\n\ttokenizer: x\n", encoding="utf-8")  # a tab: a YAML syntax error, no traceback
+    with logged(logging.ERROR) as records:
+        assert main(["--config", str(cfg)]) == 2
+    assert "c.yaml: invalid YAML at line 2, column 1" in records[0].getMessage()
 
 
 def test_missing_output_names_the_flag(tmp_path):

@@ -146,6 +146,18 @@ def _field_type(cls, path: list[str]):
     return tp
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML syntax error: what, where (1-based line and column), and where the construct began."""
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return " ".join(str(exc).split())
+    mark, start = exc.problem_mark, exc.context_mark
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    if exc.context:
+        began = f" at line {start.line + 1}, column {start.column + 1}" if start is not None else ""
+        text += f" ({exc.context}{began})"
+    return text
+
+
 def _parse_scalar(text: str, tp) -> Any:
     """Parse a CLI value: YAML scalar syntax, but keep strings for str fields (``name=1e3`` stays text)."""
     inner, optional = _unwrap_optional(tp) if tp is not None else (None, False)
@@ -170,7 +182,15 @@ def parse_override(item: str, cls) -> tuple[list[str], Any]:
     path = [p for p in key.strip().split(".") if p]
     if not path:
         raise ConfigError(f"override {item!r} has an empty key")
-    return path, _parse_scalar(text.strip(), _field_type(cls, path))
+    tp = _field_type(cls, path)
+    try:
+        return path, _parse_scalar(text.strip(), tp)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        at = f" at column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}{at}); close every bracket "
+                          f"and quote, e.g. {key.strip()}=[a.jsonl,b.jsonl]") from None
 
 
 def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
@@ -188,8 +208,18 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
 
 
 def load_yaml(path: str) -> dict:
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh)
+    """A YAML file's top-level mapping; a missing or unreadable file and bad YAML syntax raise :class:`ConfigError`
+    naming the file (and the line)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: invalid YAML at {_yaml_problem(exc)}; indent with spaces (no "
+                          "tabs) and close every bracket and quote") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

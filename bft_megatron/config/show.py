@@ -15,7 +15,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bft_megatron.config.schema import load_config
 
-    value = load_config(args[0], args[2:])
+    try:
+        value = load_config(args[0], args[2:])
+    except ValueError as exc:  # ConfigError: a missing file, bad YAML, an unknown key, a mistyped value
+        sys.stderr.write(f"config error: {exc}\n")
+        return 2
     for part in args[1].split("."):
         if not hasattr(value, part):
             sys.stderr.write(f"config has no field {args[1]!r} (no {part!r})\n")

@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from bft_megatron.config.data import DataConfig, SourceConfig, data_config_from_dict
 from bft_megatron.data.errors import DataError
@@ -57,8 +54,10 @@ def _parser() -> argparse.ArgumentParser:
 def load_config(path: str | None) -> DataConfig:
     if not path:
         return DataConfig()
-    raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(raw, dict) or "data" not in raw:
+    from bft_megatron.config.base import load_yaml
+
+    raw = load_yaml(path)  # a missing file or bad YAML syntax: ConfigError naming the file and line
+    if "data" not in raw:
         raise ValueError(f"{path}: expected a top-level 'data:' section")
     return data_config_from_dict(raw["data"] or {})
 
