@@ -177,6 +177,15 @@ def test_valid_layouts():
      r"overlap_param_gather=true requires parallel.distributed_optimizer"),
     (["checkpoint.save=/tmp/x", "checkpoint.keep_last=0"], 1, r"checkpoint.keep_last must be >= 1 or null, got 0"),
     (["train.micro_batch_size=true"], 1, r"train.micro_batch_size must be an integer, got True"),
+    (["train.adam_beta1=1.5"], 1, r"train.adam_beta1 must be in \[0, 1\), got 1.5"),
+    (["train.adam_beta2=-0.1"], 1, r"train.adam_beta2 must be in \[0, 1\), got -0.1"),
+    (["train.adam_beta2=1"], 1, r"train.adam_beta2 must be in \[0, 1\), got 1.0"),
+    (["train.adam_eps=0"], 1, r"train.adam_eps must be > 0, got 0.0"),
+    (["train.weight_decay=-0.01"], 1, r"train.weight_decay must be >= 0, got -0.01"),
+    (["train.clip_grad=-1"], 1, r"train.clip_grad must be >= 0, got -1.0"),
+    (["train.decay_iters=0"], 1, r"train.decay_iters must be >= 1 or null \(= train.train_iters\), got 0"),
+    (["train.decay_iters=1", "train.warmup_iters=2"], 1,
+     r"train.decay_iters=1 must be >= train.warmup_iters=2: the decay to train.min_lr ends at decay_iters"),
 ])
 def test_validation_errors_name_field_and_value(extra, world, message):
     with pytest.raises(ValueError, match=message):

@@ -89,6 +89,23 @@ def packed_row_multiple(cp: int, tp_sp: int) -> int:
     return 16 * cp * tp_sp
 
 
+def _check_optimizer(t) -> None:
+    """Adam, clipping and the LR schedule's length (torch's Adam and megatron's scheduler would fail or silently
+    adjust later)."""
+    for name in ("adam_beta1", "adam_beta2"):
+        value = getattr(t, name)
+        _require(0.0 <= value < 1.0, f"train.{name} must be in [0, 1), got {value}")
+    _require(t.adam_eps > 0, f"train.adam_eps must be > 0, got {t.adam_eps} (typically 1e-8)")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _require(t.clip_grad >= 0, f"train.clip_grad must be >= 0, got {t.clip_grad}")
+    if t.decay_iters is not None:
+        _require(t.decay_iters >= 1, f"train.decay_iters must be >= 1 or null (= train.train_iters), got "
+                                     f"{t.decay_iters}")
+        _require(t.decay_iters >= t.warmup_iters,
+                 f"train.decay_iters={t.decay_iters} must be >= train.warmup_iters={t.warmup_iters}: the decay to "
+                 f"train.min_lr ends at decay_iters, after the warmup (null: train.train_iters)")
+
+
 def _check_train(cfg: Config, dp: int) -> int:
     t, p = cfg.train, cfg.parallel
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
@@ -101,8 +118,7 @@ def _check_train(cfg: Config, dp: int) -> int:
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr={t.min_lr} must be in [0, train.lr={t.lr}]")
     _require(0 <= t.warmup_iters <= t.train_iters,
              f"train.warmup_iters={t.warmup_iters} must be in [0, train.train_iters={t.train_iters}]")
-    _require(t.clip_grad >= 0, f"train.clip_grad must be >= 0, got {t.clip_grad}")
-    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check_optimizer(t)
     _require(0.0 <= t.dropout < 1.0, f"train.dropout must be in [0, 1), got {t.dropout}")
     _require(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
     _require(t.eval_interval >= 0 and t.eval_iters >= 1,
