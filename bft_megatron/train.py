@@ -58,9 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("config OK: world=%d dp=%d micro-batches/step=%d", layout.world_size, layout.dp,
                  layout.num_microbatches)
         if args.dry_run:
-            from bft_megatron.config.plan import format_plan
+            from bft_megatron.config.plan import DEFAULT_PEAK_TFLOPS, format_plan
 
-            sys.stdout.write(format_plan(cfg, layout.world_size, 0.40, cfg.logging.peak_tflops or 989.0) + "\n")
+            peak = cfg.logging.peak_tflops or DEFAULT_PEAK_TFLOPS  # as bft-megatron plan's default
+            sys.stdout.write(format_plan(cfg, layout.world_size, 0.40, peak) + "\n")
         return 0
 
     from bft_megatron.training.fit import ExitRequest, fit

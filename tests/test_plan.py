@@ -187,7 +187,45 @@ def test_bad_gpus_raise(gpus, gbs, message):
 def test_main_reports_bad_gpus_as_usage_error(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--config", os.path.join(ROOT, "configs/llama3.1_8b.yaml"), "--gpus", "7"])
-    assert exc.value.code == 2 and "--gpus=7 is not divisible" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "world size 7 is not divisible by parallel.tp*pp*cp" in err and "--gpus 7" in err
+
+
+@pytest.mark.parametrize("gpus, overrides, message", [
+    (24, ["parallel.tp=3"], "model.num_attention_heads=32 must be divisible by parallel.tp=3"),
+    (8, ["parallel.vp=2"], "parallel.vp=2 (interleaved pipeline) requires parallel.pp > 1, got pp=1"),
+    (8, ["train.fp8=hybrid", "train.bf16=false"], "train.fp8='hybrid' requires train.bf16=true"),
+    (8, ["train.lrr=1"], "unknown key 'lrr' in section 'train'"),
+    (8, ["train.adam_beta1=1.5"], "train.adam_beta1 must be in [0, 1), got 1.5"),
+    (8, ["logging.peak_tflops=0"], "logging.peak_tflops must be > 0 or null (auto), got 0.0"),
+    (0, [], "world size must be >= 1, got 0"),
+])
+def test_main_validates_the_config_for_the_gpus_as_the_dry_run_does(gpus, overrides, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", os.path.join(ROOT, "configs/llama3.1_8b.yaml"), "--gpus", str(gpus), *overrides])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"config error: {message}" in err and "Traceback" not in err
+
+
+def test_main_reports_a_missing_config_file_as_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--config", str(tmp_path / "nope.yaml"), "--gpus", "8"])
+    assert exc.value.code == 2 and "nope.yaml: No such file or directory" in capsys.readouterr().err
+
+
+def test_main_plans_fp8_without_transformer_engine_and_takes_the_configs_peak(monkeypatch, capsys):
+    """plan runs on a laptop: only the Transformer Engine availability check is skipped; the peak defaults to
+    logging.peak_tflops (as train --dry-run), --peak-tflops wins."""
+    validate_mod = importlib.import_module("bft_megatron.config.validate")
+    monkeypatch.setattr(validate_mod, "have_transformer_engine", lambda: False)
+    recipe = os.path.join(ROOT, "configs/llama3.1_8b.yaml")
+    assert main(["--config", recipe, "--gpus", "8", "train.fp8=hybrid", "logging.peak_tflops=500"]) == 0
+    out = capsys.readouterr().out
+    assert "of 500 TFLOP/s" in out and "fp8 weight copies" in out
+    assert main(["--config", recipe, "--gpus", "8", "--peak-tflops", "700", "logging.peak_tflops=500"]) == 0
+    assert "of 700 TFLOP/s" in capsys.readouterr().out
+    assert main(["--config", recipe, "--gpus", "8", "logging.peak_tflops=null"]) == 0
+    assert "of 989 TFLOP/s" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mfu", ["0", "1.5", "-0.2"])

@@ -20,6 +20,7 @@ from bft_megatron.config.schema import load_config, padded_vocab_size
 GIB = 2**30
 # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers, allocator fragmentation: measured ~2.5 GiB on H100.
 RUNTIME_OVERHEAD_GIB = 2.5
+DEFAULT_PEAK_TFLOPS = 989.0  # H100/H200 BF16 dense, when neither --peak-tflops nor logging.peak_tflops is given
 
 
 @dataclass
@@ -199,23 +200,38 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
     return "\n".join(rows)
 
 
+def _validated_report(ap: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The plan of the config as ``train --dry-run`` would validate it for ``--gpus`` processes (minus the check
+    that Transformer Engine is installed); a config problem is a usage error (exit 2) naming field and value."""
+    from bft_megatron.config.validate import validate
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        validate(cfg, args.gpus, require_te=False)
+        peak = cfg.logging.peak_tflops if args.peak_tflops is None else args.peak_tflops
+        peak = DEFAULT_PEAK_TFLOPS if peak is None else peak
+        if not peak > 0:
+            raise ValueError(f"the peak must be > 0 TFLOP/s, got {peak} (--peak-tflops or logging.peak_tflops)")
+        return format_plan(cfg, args.gpus, args.mfu, peak)
+    except ValueError as exc:                  # ConfigError and the layout checks: no traceback
+        hint = f" (--gpus {args.gpus} is the world size)" if "world size" in str(exc) else ""
+        ap.error(f"config error: {exc}{hint}")  # exit status 2
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bft-megatron plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="training config YAML")
+    ap.add_argument("--config", required=True, help="training config YAML (validated for --gpus processes as "
+                    "train --dry-run does, except that train.fp8 does not need Transformer Engine installed here)")
     ap.add_argument("--gpus", type=int, required=True, help="total GPUs (world size)")
     ap.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation [0.40]")
-    ap.add_argument("--peak-tflops", type=float, default=989.0, help="per-GPU peak (H100 BF16 dense: 989)")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="per-GPU peak TFLOP/s [the config's logging.peak_tflops, else 989: H100/H200 BF16 dense]")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=4")
     args = ap.parse_args(argv)
     if not 0 < args.mfu <= 1:
         ap.error(f"--mfu must be in (0, 1], got {args.mfu}")
-    cfg = load_config(args.config, args.overrides)
-    try:
-        report = format_plan(cfg, args.gpus, args.mfu, args.peak_tflops)
-    except ValueError as exc:
-        ap.error(str(exc))                     # exit status 2 with the message, no traceback
-    sys.stdout.write(report + "\n")
+    sys.stdout.write(_validated_report(ap, args) + "\n")
     return 0
 
 

@@ -106,7 +106,7 @@ def _check_optimizer(t) -> None:
                  f"train.min_lr ends at decay_iters, after the warmup (null: train.train_iters)")
 
 
-def _check_train(cfg: Config, dp: int) -> int:
+def _check_train(cfg: Config, dp: int, require_te: bool = True) -> int:
     t, p = cfg.train, cfg.parallel
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
     _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
@@ -124,14 +124,16 @@ def _check_train(cfg: Config, dp: int) -> int:
     _require(t.eval_interval >= 0 and t.eval_iters >= 1,
              f"train.eval_interval must be >= 0 and train.eval_iters >= 1, got {t.eval_interval}, {t.eval_iters}")
     if t.fp8 is not None:
-        _require(have_transformer_engine(), f"train.fp8={t.fp8!r} requires Transformer Engine, which is not installed")
+        _require(not require_te or have_transformer_engine(),
+                 f"train.fp8={t.fp8!r} requires Transformer Engine, which is not installed")
         _require(t.bf16, f"train.fp8={t.fp8!r} requires train.bf16=true")
         shards = p.cp * (p.tp if p.sequence_parallel else 1)
         _require(cfg.data.seq_length % (8 * shards) == 0,
                  f"train.fp8={t.fp8!r}: data.seq_length={cfg.data.seq_length} must be a multiple of 8*cp*(tp with "
                  f"sequence parallel) = {8 * shards} (FP8 GEMMs need a multiple of 8 tokens per rank)")
     if t.te_op_fuser:
-        _require(have_transformer_engine(), "train.te_op_fuser=true requires Transformer Engine, which is not installed")
+        _require(not require_te or have_transformer_engine(),
+                 "train.te_op_fuser=true requires Transformer Engine, which is not installed")
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)
     if p.vp is not None and p.vp > 1:
         _require(num_micro % p.pp == 0, f"interleaved pipeline: micro-batches per step = global_batch_size/"
@@ -152,14 +154,18 @@ def _check_loss_ckpt(cfg: Config) -> None:
     _require(not (c.export_hf and not c.save),
              "checkpoint.export_hf=true needs checkpoint.save (the export goes to <save>/hf_iter_<N>)")
     _require(cfg.logging.log_interval >= 1, f"logging.log_interval must be >= 1, got {cfg.logging.log_interval}")
+    peak = cfg.logging.peak_tflops
+    _require(peak is None or peak > 0, f"logging.peak_tflops must be > 0 or null (auto), got {peak}")
 
 
-def validate(cfg: Config, world_size: int) -> Layout:
-    """Check ``cfg`` for ``world_size`` processes; raise :class:`ConfigError` naming field and value."""
+def validate(cfg: Config, world_size: int, require_te: bool = True) -> Layout:
+    """Check ``cfg`` for ``world_size`` processes; raise :class:`ConfigError` naming field and value.
+    ``require_te=False`` (``bft-megatron plan``, on a machine without GPUs) skips only the check that Transformer
+    Engine is installed for ``train.fp8`` / ``train.te_op_fuser``; everything else is checked."""
     _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
     _check_model(cfg.model)
     dp = _check_parallel(cfg, world_size)
-    num_micro = _check_train(cfg, dp)
+    num_micro = _check_train(cfg, dp, require_te)
     _check_loss_ckpt(cfg)
     if cfg.data.train:  # sources to prepare: the data layer's own checks (tokenizer, template, ...)
         cfg.data.validate()
