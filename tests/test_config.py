@@ -243,6 +243,39 @@ def test_missing_finetune_checkpoint_is_caught_by_check_but_not_by_dry_run(tmp_p
     assert main(["--config", "configs/demo_cpu.yaml", *over, "--dry-run"]) == 0
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.train=[nope/train.jsonl]", r"data.train\[0\].path=nope/train.jsonl: no such file or directory"),
+    ("data.valid=[bft_megatron/data/assets/hpo_train.jsonl,missing.parquet:0.5]",
+     r"data.valid\[1\].path=missing.parquet: no such file or directory .*relative paths are taken from "),
+    ("data.train=[bft_megatron]", r"data.train\[0\].path=bft_megatron: no \['.json', '.jsonl', '.parquet'\] files"),
+    ("data.tokenizer=/nope/tok", r"data.tokenizer='/nope/tok': no such file or directory; expected an HF tokenizer"),
+    ("data.tokenizer=configs/demo_cpu.yaml", r"data.tokenizer='configs/demo_cpu.yaml': expected an HF tokenizer "
+                                             r"directory or a sentencepiece .model file, got a .yaml file"),
+])
+def test_check_paths_finds_missing_data_sources_and_tokenizer(override, message):
+    """--check (the SLURM pre-flight) and real runs; not --dry-run/plan, whose recipes carry placeholders."""
+    from bft_megatron.config import check_paths
+    from bft_megatron.train import main
+
+    cfg = load_config("configs/demo_cpu.yaml", [override])
+    validate(cfg, 1)
+    with pytest.raises(ConfigError, match=message):
+        check_paths(cfg)
+    assert main(["--config", "configs/demo_cpu.yaml", override, "--check"]) == 2
+    assert main(["--config", "configs/demo_cpu.yaml", override, "--dry-run"]) == 0
+
+
+def test_check_paths_leaves_hub_names_to_the_data_layer_and_wants_prepared_data(tmp_path):
+    from bft_megatron.config import check_paths
+
+    check_paths(load_config("configs/demo_cpu.yaml"))
+    check_paths(load_config("configs/demo_cpu.yaml", ["data.train=[tatsu-lab/alpaca,ultrachat]"]))  # hub ids
+    only_dir = load_config("configs/demo_cpu.yaml", ["data.train=null", "data.valid=null",
+                                                     f"data.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=rf"data.output_dir={tmp_path}: no prepared train split"):
+        check_paths(only_dir)
+
+
 def test_train_cli_reports_data_config_errors_without_a_traceback():
     from bft_megatron.train import main
 

@@ -98,6 +98,21 @@ def test_first_use_logs_the_summary_and_warns_about_truncation(tmp_path):
     assert records == []
 
 
+def test_data_layer_errors_on_first_use_are_config_errors(tmp_path):
+    """A template the tokenizer does not have, a bad record: the data layer's user errors (DataError) reach the
+    trainer as ConfigError (exit 2, never requeued), naming the output directory and the problem."""
+    from bft_megatron.config.base import ConfigError
+
+    train_src, _ = _sources(tmp_path)
+    over = _overrides(train_src, None, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"data.output_dir=.*out failed: template='tokenizer': .*hpo_sp.model has "
+                                          r"no chat_template"):
+        open_datasets(load_config(None, over + ["data.template=tokenizer"]))
+    bad = write_jsonl(tmp_path / "bad.jsonl", [], raw_lines=['{"prompt": "q"}'])
+    with pytest.raises(ConfigError, match=r"failed: .*bad.jsonl:line 1: missing field 'response'"):
+        open_datasets(load_config(None, _overrides(bad, None, tmp_path / "out2")))
+
+
 def test_synthetic_data_is_announced():
     with logged(logging.WARNING) as records:
         train, _ = open_datasets(load_config(None, ["model.vocab_size=512", "data.seq_length=64"]))
@@ -157,9 +172,49 @@ def test_all_ranks_get_rank0s_verdict_and_agree_on_valid(tmp_path):
     (fresh_calls, rows, fresh_valid), (added_calls, _, added_valid), (none_calls, _, none_valid), stale = per_rank[0][:4]
     assert (fresh_calls, added_calls, none_calls, stale[0]) == (1, 1, 1, 1)
     assert stale[1] == "ConfigError" and "data.packing: prepared true, configured false" in stale[2]
-    # a preparation that fails on rank 0 (a bad record) fails rank 1 too, after the same broadcast, instead of
-    # leaving it waiting at a barrier
+    # a preparation that fails on rank 0 (a bad record: the data layer's DataError) fails rank 1 too, after the
+    # same broadcast, instead of leaving it waiting at a barrier, and as a ConfigError on both (the CLI exits 2)
     failed0, failed1 = per_rank[0][4], per_rank[1][4]
-    assert failed0[0] == failed1[0] == 1 and failed0[1] == failed1[1] == "other"
-    assert "unknown role 'robot'" in failed0[2] and "failed on rank 0" in failed1[2] and "robot" in failed1[2]
+    assert failed0 == failed1 and failed0[:2] == (1, "ConfigError")
+    assert "data preparation for data.output_dir=" in failed0[2] and "unknown role 'robot'" in failed0[2]
     assert rows > 0 and fresh_valid == added_valid and fresh_valid > 0 and none_valid is None
+
+
+def test_failed_first_use_preparation_exits_2_on_every_rank(tmp_path):
+    """The trainer's CLI as two gloo ranks (started as srun does: one process per rank, the torchrun variables
+    set, so each rank's own exit status is seen; torchrun would kill the slower one): rank 0's DataError (every
+    sample longer than data.seq_length under data.truncation=drop) is a one-line config error and exit status 2 on
+    both ranks (slurm.sbatch never requeues exit 2), with the hint what to change; no rank hangs or prints a
+    traceback."""
+    import os
+    import subprocess
+    import sys
+
+    from bft_megatron.parallel.bootstrap import free_port
+
+    root = Path(__file__).resolve().parent.parent
+    train_src, _ = _sources(tmp_path)
+    cmd = [sys.executable, "-m", "bft_megatron.train", "--config", "configs/demo_cpu.yaml", f"data.train={train_src}",
+           "data.valid=null", "data.seq_length=16", "data.truncation=drop", f"data.output_dir={tmp_path / 'out'}",
+           f"checkpoint.save={tmp_path / 'ckpt'}"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    logs = [open(tmp_path / f"rank{rank}.txt", "w+") for rank in (0, 1)]  # files, not pipes (see tests/launch.py)
+    procs = [subprocess.Popen(cmd, cwd=root, env=dict(env, RANK=str(rank), LOCAL_RANK=str(rank)), stdout=log,
+                              stderr=subprocess.STDOUT) for rank, log in enumerate(logs)]
+    try:
+        codes = [proc.wait(timeout=300) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for rank, (log, code) in enumerate(zip(logs, codes)):
+        log.seek(0)
+        out = log.read()
+        log.close()
+        assert code == 2, out[-3000:]
+        errors = [ln for ln in out.splitlines() if " ERROR] " in ln]
+        assert len(errors) == 1 and f" r{rank} ERROR] config error: data preparation for " in errors[0]
+        assert "train split: no usable samples: 24 records" in errors[0] and "dropped_too_long" in errors[0]
+        assert "raise data.seq_length, or set data.truncation=truncate" in errors[0]
+        assert "Traceback" not in out

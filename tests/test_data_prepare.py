@@ -145,3 +145,13 @@ def test_split_with_no_usable_sample_is_an_error(tmp_path):
         run(cfg)
     assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o"),
                  "--on-error", "skip", "--no-progress"]) == 2
+    long = write_jsonl(tmp_path / "long.jsonl", synthetic_chats(3, seed=2))
+    dropped = DataConfig(train=[SourceConfig(path=str(long))], tokenizer=DEMO_SP, output_dir=str(tmp_path / "d"),
+                         seq_length=8, truncation="drop")
+    with pytest.raises(DataError, match=r"'dropped_too_long': 3\}; every sample is longer than data.seq_length=8: "
+                                        r"raise data.seq_length, or set data.truncation=truncate"):
+        run(dropped)
+    dropped.truncation = "truncate"
+    with pytest.raises(DataError, match=r"truncation to data.seq_length=8 left no supervised \(assistant\) token in "
+                                        r"any sample: raise data.seq_length"):
+        run(dropped)

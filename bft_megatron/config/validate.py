@@ -186,9 +186,34 @@ def config_warnings(cfg: Config) -> list[str]:
     return out
 
 
+def _check_data_paths(d) -> None:
+    """Local ``data.train`` / ``data.valid`` sources (a name that may be a hub dataset id is left to the data layer,
+    which loads it), the tokenizer (always local), and prepared data when no sources are listed."""
+    from bft_megatron.data.errors import DataError
+    from bft_megatron.data.readers import local_source_problem
+    from bft_megatron.data.storage import is_prepared
+    from bft_megatron.data.tokenizer import check_tokenizer_path
+
+    for split in ("train", "valid"):
+        for i, src in enumerate(getattr(d, split)):
+            why = local_source_problem(src.path)
+            _require(why is None, f"data.{split}[{i}].path={src.path}: {why} (relative paths are taken from "
+                                  f"{os.getcwd()})")
+    if d.tokenizer:
+        try:
+            check_tokenizer_path(d.tokenizer)
+        except DataError as err:
+            raise ConfigError(f"data.{err}") from None  # "data.tokenizer='...': no such file or directory; ..."
+    if d.output_dir and not d.train:
+        _require(is_prepared(os.path.join(d.output_dir, "train")),
+                 f"data.output_dir={d.output_dir}: no prepared train split (run bft-megatron prepare, or list "
+                 "data.train sources)")
+
+
 def check_paths(cfg: Config) -> None:
     """Inputs that must exist on disk for a run (``--check`` and real runs; not ``--dry-run`` / ``plan``,
     which plan recipes whose paths are placeholders): raises :class:`ConfigError` naming the field."""
+    _check_data_paths(cfg.data)
     c = cfg.checkpoint
     from bft_megatron.checkpoint.pointer import read_latest
 

@@ -164,6 +164,19 @@ def mix(per_source: list[list[int]], weights: list[float], seed: int) -> np.ndar
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+def _no_samples_hint(cfg: DataConfig, stats: SplitStats) -> str:
+    """What to change when the length policy or the skip policy left nothing."""
+    if stats.length["dropped_too_long"]:
+        return (f"; every sample is longer than data.seq_length={cfg.seq_length}: raise data.seq_length, or set "
+                "data.truncation=truncate to keep each sample's first data.seq_length tokens")
+    if stats.length["dropped_no_supervision"]:
+        return (f"; truncation to data.seq_length={cfg.seq_length} left no supervised (assistant) token in any "
+                "sample: raise data.seq_length")
+    if stats.skips.examples:
+        return f"; every record was unusable (skipped under data.on_error=skip), the first: {stats.skips.examples[0]}"
+    return ""
+
+
 def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok: Tokenizer,
                   cache_dir: str, progress: bool = True) -> SplitStats:
     out = Path(cfg.output_dir) / split
@@ -179,7 +192,8 @@ def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok:
         tokens, mask = stream.close()
         if not stream.lengths:
             raise DataError(f"{split} split", f"no usable samples: {stats.records} records, skipped "
-                                              f"{dict(stats.skips.counts)}, length policy {dict(stats.length)}")
+                                              f"{dict(stats.skips.counts)}, length policy {dict(stats.length)}"
+                                              f"{_no_samples_hint(cfg, stats)}")
         selection = mix(per_source, [s.weight for s in sources], cfg.seed)
         lengths = np.asarray(stream.lengths, dtype=np.int64)
         layout = (pack_best_fit if cfg.packing else one_per_row)(lengths[selection], cfg.seq_length, cfg.seed)

@@ -110,6 +110,19 @@ def _read_local_file(path: Path, skips: SkipLog, cache_dir: str | None) -> Itera
             yield RawRecord(rec, f"{path}:{unit} {i}")
 
 
+def local_source_problem(path: str) -> str | None:
+    """Why source ``path`` cannot be read (a missing local path, an unsupported file, a directory without data
+    files), or None: it can be read, or it may be a hub dataset id (not checked offline). The trainer's pre-flight
+    check (``bft_megatron.config.validate.check_paths``) asks this before any preparation."""
+    if not os.path.exists(path):
+        return _missing_local(path)
+    try:
+        list_files(path)
+    except DataError as err:
+        return err.message
+    return None
+
+
 def _missing_local(path: str) -> str | None:
     """Why a path that does not exist cannot be a hub dataset id, or None if it may be one."""
     if Path(path).suffix in LOCAL_SUFFIXES or not HUB_ID.fullmatch(path):

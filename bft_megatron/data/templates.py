@@ -96,19 +96,19 @@ BUILTINS: dict[str, Callable[[tuple[Message, ...], Tokenizer], Rendered]] = {
 
 
 def check_template(name: str, tok: Tokenizer) -> None:
-    """A built-in template whose markers are not single tokens would train on garbage: refuse it."""
+    """A built-in template whose markers are not single tokens would train on garbage: refuse it (DataError)."""
     if name == "tokenizer":
         if not tok.chat_template:
-            raise ValueError(f"template='tokenizer' but {tok.name} has no chat_template")
+            raise DataError("template='tokenizer'", f"{tok.name} has no chat_template")
         return
     for marker in REQUIRED_TOKENS[name]:
         ids, _ = tok.encode_offsets(marker)
         if len(ids) != 1:
-            raise ValueError(f"template={name!r} needs {marker!r} as one token, but {tok.name} splits it into {ids}")
+            raise DataError(f"template={name!r}", f"needs {marker!r} as one token, but {tok.name} splits it into {ids}")
     if name == "plain":  # plain writes bos/eos as text: they must map back to their own ids
         for marker, want in ((tok.eos_token, tok.eos_id), (tok.bos_token, tok.bos_id)):
             if marker and tok.encode_offsets(marker)[0] != [want]:
-                raise ValueError(f"template='plain': {tok.name} does not encode {marker!r} as id {want}")
+                raise DataError("template='plain'", f"{tok.name} does not encode {marker!r} as id {want}")
 
 
 def _eot_end(text: str, pos: int, tok: Tokenizer) -> int | None:

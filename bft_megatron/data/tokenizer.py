@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from bft_megatron.data.errors import DataError
+
 Offsets = list[tuple[int, int]]
 
 # 2: an HF directory's fingerprint covers its tokenizer files only (1 hashed every file, model weights
@@ -31,8 +33,9 @@ def _hash_files(paths: Sequence[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
-def _check_path(path: str) -> Path:
-    """``path`` as an existing HF tokenizer directory or ``.model`` file, or a ValueError saying what it is."""
+def check_tokenizer_path(path: str) -> Path:
+    """``path`` as an existing HF tokenizer directory or ``.model`` file, or a DataError saying what it is
+    (also the trainer's pre-flight check, ``bft_megatron.config.validate.check_paths``)."""
     p = Path(path)
     if p.is_dir() or (p.suffix == ".model" and p.is_file()):
         return p
@@ -40,13 +43,13 @@ def _check_path(path: str) -> Path:
     if not p.exists():
         looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
         hub = " (a hub id is not downloaded: fetch the tokenizer and give its directory)" if looks_like_hub_id else ""
-        raise ValueError(f"tokenizer={path!r}: no such file or directory{hub}; {expected}")
-    raise ValueError(f"tokenizer={path!r}: {expected}, got a {p.suffix or 'suffix-less'} file")
+        raise DataError(f"tokenizer={path!r}", f"no such file or directory{hub}; {expected}")
+    raise DataError(f"tokenizer={path!r}", f"{expected}, got a {p.suffix or 'suffix-less'} file")
 
 
 def tokenizer_fingerprint(path: str) -> str:
     """Short sha256 of the files that define the tokenizer (cheap: never a model's weights)."""
-    p = _check_path(path)
+    p = check_tokenizer_path(path)
     if not p.is_dir():
         return _hash_files([p])
     files = [f for f in p.iterdir() if f.is_file()]
@@ -95,11 +98,11 @@ class HFTokenizer(Tokenizer):
 
         self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if not getattr(self._tok, "is_fast", False):
-            raise ValueError(f"{path}: a fast tokenizer (tokenizer.json) is needed for character offsets")
+            raise DataError(path, "a fast tokenizer (tokenizer.json) is needed for character offsets")
         self.name = path
         self.vocab_size = len(self._tok)
         if self._tok.eos_token_id is None:
-            raise ValueError(f"{path}: tokenizer defines no eos_token")
+            raise DataError(path, "tokenizer defines no eos_token")
         self.eos_id = int(self._tok.eos_token_id)
         self.bos_id = None if self._tok.bos_token_id is None else int(self._tok.bos_token_id)
         pad = self._tok.pad_token_id
@@ -138,7 +141,7 @@ class SPTokenizer(Tokenizer):
         self.vocab_size = int(self._sp.get_piece_size())
         self.eos_id = int(self._sp.eos_id())
         if self.eos_id < 0:
-            raise ValueError(f"{path}: sentencepiece model defines no eos id")
+            raise DataError(path, "sentencepiece model defines no eos id")
         self.bos_id = int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else None
         self.pad_id = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else self.eos_id
         self.fingerprint = tokenizer_fingerprint(path)
@@ -194,7 +197,7 @@ class SPTokenizer(Tokenizer):
 
 def load_tokenizer(path: str) -> Tokenizer:
     """A directory means Hugging Face (AutoTokenizer, offline); a ``.model`` file means sentencepiece."""
-    return HFTokenizer(path) if _check_path(path).is_dir() else SPTokenizer(path)
+    return HFTokenizer(path) if check_tokenizer_path(path).is_dir() else SPTokenizer(path)
 
 
 def describe(tok: Tokenizer) -> dict[str, Any]:

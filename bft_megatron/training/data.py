@@ -73,8 +73,8 @@ def _check(cfg: Config) -> None:
 
     d = cfg.data
     if not is_prepared(os.path.join(d.output_dir, "train")):
-        raise FileNotFoundError(f"data.output_dir={d.output_dir}: no prepared train split (run bft-megatron "
-                                "prepare, or list data.train sources)")
+        raise ConfigError(f"data.output_dir={d.output_dir}: no prepared train split (run bft-megatron prepare, or "
+                          "list data.train sources)")
     strict, problems = bool(d.train), {}
     for split, sources in _splits(cfg).items():
         ds = PackedDataset(os.path.join(d.output_dir, split))
@@ -114,9 +114,18 @@ def _record_new_mtimes(ds, recorded: str) -> None:
 
 
 def _prepare_and_check(cfg: Config) -> None:
-    if cfg.data.train:
-        _prepare_missing(cfg)
-    _check(cfg)
+    """(Rank 0) The data layer's user errors (a bad record, a missing source or tokenizer, a template the tokenizer
+    cannot express, a split with no usable sample) become a :class:`ConfigError`, which :func:`on_rank0` raises on
+    every rank as one: the CLI exits 2 everywhere, and a requeue would fail the same way."""
+    from bft_megatron.config.base import ConfigError
+    from bft_megatron.data.errors import DataError
+
+    try:
+        if cfg.data.train:
+            _prepare_missing(cfg)
+        _check(cfg)
+    except DataError as err:
+        raise ConfigError(f"data preparation for data.output_dir={cfg.data.output_dir} failed: {err}") from err
 
 
 def open_datasets(cfg: Config, wait_group: dist.ProcessGroup | None = None):
@@ -129,7 +138,9 @@ def open_datasets(cfg: Config, wait_group: dist.ProcessGroup | None = None):
         from bft_megatron.data.storage import PackedDataset
 
         if d.train and not d.output_dir:
-            raise ValueError("data.train names sources but data.output_dir is empty: set where prepared data goes")
+            from bft_megatron.config.base import ConfigError
+
+            raise ConfigError("data.train names sources but data.output_dir is empty: set where prepared data goes")
         # Rank 0 alone prepares what is missing and checks the splits against the config (one reader of
         # the sources, even for a multi-node job); every rank then opens the same splits.
         on_rank0(lambda: _prepare_and_check(cfg), "data preparation / check", wait_group)
