@@ -97,3 +97,25 @@ def test_triton_inplace_gradient_reuses_logits_storage():
     vocab_parallel_nll(work, labels, impl="triton", inplace=True).sum().backward()
     torch.testing.assert_close(work.grad, ref_x.grad, atol=0, rtol=0)
     assert work.grad.data_ptr() == work.data_ptr()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("padded", [32768, 36864])  # 765 padding columns in the last block / a whole extra block
+def test_triton_leaves_vocab_padding_out(inplace, padded):
+    """Llama-2 vocabulary padded as megatron pads it: padding columns holding large values change neither the
+    NLL nor the real columns' gradient (float64 reference on the unpadded logits) and get gradient 0."""
+    vocab = 32003
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    logits = torch.randn(129, padded, device="cuda", generator=gen) * 4
+    logits[:, vocab:] = 60.0
+    labels = torch.randint(0, vocab, (129,), device="cuda", generator=gen)
+    ref = logits.bfloat16()[:, :vocab].double().requires_grad_(True)  # the same bf16 values
+    want = torch.nn.functional.cross_entropy(ref, labels, reduction="none")
+    want.sum().backward()
+    leaf = logits.bfloat16().requires_grad_(True)
+    x = leaf * 1 if inplace else leaf  # inplace: a non-leaf whose storage receives the gradient
+    nll = vocab_parallel_nll(x, labels, impl="triton", inplace=inplace, vocab_size=vocab)
+    nll.sum().backward()
+    torch.testing.assert_close(nll.double(), want.detach(), atol=1e-4, rtol=1e-5)  # fp32 accumulation
+    torch.testing.assert_close(leaf.grad[:, :vocab].double(), ref.grad, atol=1e-5, rtol=2e-2)  # bf16 output
+    assert torch.count_nonzero(leaf.grad[:, vocab:]) == 0

@@ -63,3 +63,57 @@ def test_shape_and_dtype_errors():
         vocab_parallel_nll(torch.randn(4, 9), torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="floating point"):
         vocab_parallel_nll(torch.zeros(4, 9, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- megatron's vocabulary padding left out
+def _reference_unpadded(logits: torch.Tensor, labels: torch.Tensor, vocab: int):
+    """NLL and logits gradient (d sum(nll * w) / d logits, w = 1..N) of the model without padding columns:
+    float64 cross-entropy over the first ``vocab`` columns; padding columns get gradient 0."""
+    x = logits.detach().double().requires_grad_(True)
+    nll = F.cross_entropy(x[:, :vocab], labels, reduction="none")
+    (nll * torch.arange(1, len(labels) + 1, dtype=torch.float64)).sum().backward()
+    return nll.detach(), x.grad
+
+
+def _padded_logits(rows: int, vocab: int, padded: int, seed: int = 0):
+    """Logits whose padding columns hold large values: any of them in the softmax would show."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(rows, padded, generator=gen) * 3
+    logits[:, vocab:] = 40 + torch.randn(rows, padded - vocab, generator=gen)
+    return logits, torch.randint(0, vocab, (rows,), generator=gen)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_padding_columns_are_left_out_of_the_softmax(inplace):
+    logits, labels = _padded_logits(9, 29, 32)
+    want_nll, want_grad = _reference_unpadded(logits, labels, 29)
+    leaf = logits.clone().requires_grad_(True)
+    # inplace: a non-leaf fp32 input (as the model's output is), whose storage the NLL may overwrite
+    nll = vocab_parallel_nll(leaf * 1.0 if inplace else leaf, labels, inplace=inplace, vocab_size=29)
+    (nll * torch.arange(1, 10)).sum().backward()
+    torch.testing.assert_close(nll.double(), want_nll, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(leaf.grad.double(), want_grad, atol=1e-6, rtol=1e-6)
+    assert torch.equal(leaf.grad[:, 29:], torch.zeros(9, 3))
+    # without vocab_size the padding columns dominate the softmax
+    assert (vocab_parallel_nll(logits, labels) > want_nll.float() + 5).all()
+
+
+def _tp2_padded(rank: int, world: int, vocab: int):
+    import torch.distributed as dist
+
+    logits, labels = _padded_logits(6, vocab, 16, seed=3)
+    shard = logits[:, rank * 8:(rank + 1) * 8].clone().requires_grad_(True)
+    nll = vocab_parallel_nll(shard, labels, dist.group.WORLD, vocab_size=vocab)
+    (nll * torch.arange(1, 7)).sum().backward()
+    return nll.detach(), shard.grad
+
+
+@pytest.mark.parametrize("vocab", [12, 7])  # rank 1 holds 4 real + 4 padding columns / padding only
+def test_padding_left_out_under_tensor_parallel(vocab):
+    from tests.dist_harness import run_distributed
+
+    logits, labels = _padded_logits(6, vocab, 16, seed=3)
+    want_nll, want_grad = _reference_unpadded(logits, labels, vocab)
+    for rank, (nll, grad) in enumerate(run_distributed(_tp2_padded, 2, vocab)):
+        torch.testing.assert_close(nll.double(), want_nll, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(grad.double(), want_grad[:, rank * 8:(rank + 1) * 8], atol=1e-6, rtol=1e-6)

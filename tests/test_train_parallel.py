@@ -72,6 +72,9 @@ LAYOUTS = {
     "cp2_tp2_sp": ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"],
     "cp2_pp2": ["parallel.cp=2", "parallel.pp=2", "train.micro_batch_size=1"],
     "cp2_recompute": ["parallel.cp=2", "train.recompute=full"],
+    # the reference's weights (vocabulary padded to 128 rows) at TP2 padded to 256: the 128 new rows keep their
+    # random initialisation and must stay out of the softmax (an import padded for TP1 fine-tuned at TP8)
+    "tp2_vocab_padded_256": ["parallel.tp=2", "model.make_vocab_size_divisible_by=128"],
 }
 
 
@@ -88,13 +91,16 @@ def layouts(ref, tmp_path_factory):
         save = [f"checkpoint.save={saves[name]}", "checkpoint.save_interval=2"] if name in saves else []
         runs.append({"overrides": TINY + [f"checkpoint.load={init}", "checkpoint.finetune=true"] + extra + save,
                      "count_state": True})
+    # a full resume (optimizer included) of the reference's step 2 at TP2 with the vocabulary padded to 256
+    runs.append({"overrides": TINY + [f"checkpoint.load={run_dir}/iter_0000002", "parallel.tp=2",
+                                      "model.make_vocab_size_divisible_by=128"]})
     runs.append({"overrides": TINY + VARIANT + [f"checkpoint.load={variant_dir}/iter_0000000", "checkpoint.finetune=true",
                                                 "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"],
                  "count_state": True})
     runs.append({"overrides": TINY + PADDED + [f"checkpoint.load={ref[4]}/iter_0000000", "checkpoint.finetune=true",
                                                "parallel.cp=2"]})
     results = launch(4, runs, timeout=500)
-    return dict(zip(LAYOUTS, results)), tp2_dir, results[-2], vp_dir, results[-1], cp_dir
+    return dict(zip(LAYOUTS, results)), tp2_dir, results[-2], vp_dir, results[-1], cp_dir, results[len(LAYOUTS)]
 
 
 def test_reference_trains(ref):
@@ -163,6 +169,12 @@ def test_resume_same_layout_is_bitwise(ref, resumed):
 def test_resume_resharded_tp2_dp2_to_tp1(layouts, resumed):
     uninterrupted = _losses(layouts[0]["tp2_sp"])[2:]
     assert _losses(resumed[1]) == pytest.approx(uninterrupted, rel=RTOL, abs=ATOL)
+
+
+def test_resume_at_another_vocabulary_padding_continues_the_run(ref, layouts):
+    """TP1 checkpoint (vocabulary padded to 128) resumed at TP2 with 256 rows: the real rows and their Adam
+    state carry over, the new rows are left out of the loss, so the run continues as if uninterrupted."""
+    assert _losses(layouts[6]) == pytest.approx(_losses(ref[1])[2:], rel=RTOL, abs=ATOL)
 
 
 def test_resume_resharded_pp2_vp2_dp2_to_pp1(layouts, resumed):

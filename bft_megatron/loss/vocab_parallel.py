@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["vocab_parallel_nll"]
+__all__ = ["vocab_parallel_nll", "local_valid_columns"]
 
 
 def _group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -29,7 +29,7 @@ def _group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 class _VocabParallelNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, tp_group, inplace: bool):
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, tp_group, inplace: bool, vocab_size):
         tp_size, tp_rank = _group_size_rank(tp_group)
         part = logits.size(-1)
         vocab_start = tp_rank * part
@@ -39,6 +39,10 @@ class _VocabParallelNLL(torch.autograd.Function):
         work = logits.float()
         if work.data_ptr() == logits.data_ptr() and not inplace:
             work = work.clone()
+        # Padding columns (global index >= vocab_size) at -inf: probability 0, so gradient 0 (backward).
+        valid = local_valid_columns(vocab_size, vocab_start, part)
+        if valid < part:
+            work[..., valid:] = float("-inf")
 
         logits_max = work.amax(dim=-1)
         if tp_size > 1:
@@ -73,7 +77,15 @@ class _VocabParallelNLL(torch.autograd.Function):
         onehot = (~not_here).to(grad.dtype).unsqueeze(-1)
         grad.scatter_add_(-1, local_label.unsqueeze(-1), -onehot)
         grad.mul_(grad_nll.unsqueeze(-1))
-        return grad.to(ctx.in_dtype), None, None, None
+        return grad.to(ctx.in_dtype), None, None, None, None
+
+
+def local_valid_columns(vocab_size: int | None, vocab_start: int, part: int) -> int:
+    """How many of this rank's ``part`` columns (from global column ``vocab_start``) are real vocabulary,
+    not megatron's padding: ``part`` without a ``vocab_size``; 0 for a rank holding padding only."""
+    if vocab_size is None:
+        return part
+    return max(0, min(part, vocab_size - vocab_start))
 
 
 def _triton_function():
@@ -100,6 +112,7 @@ def vocab_parallel_nll(
     *,
     inplace: bool = False,
     impl: str = "auto",
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Per-token NLL ``-log softmax(logits)[label]`` in fp32 from vocabulary-parallel logits.
 
@@ -116,6 +129,11 @@ def vocab_parallel_nll(
         impl: ``torch`` (eager, megatron-core's algorithm: one fp32 work buffer holding the softmax),
             ``triton`` (CUDA: fused kernels, no fp32 buffer, logits read once forward and once
             backward), or ``auto`` = triton on CUDA when Triton imports, else torch.
+        vocab_size: the real vocabulary size, or None. Columns at global index ``>= vocab_size`` (megatron
+            pads the vocabulary to a multiple of ``make_vocab_size_divisible_by * tp``) are left out of the
+            softmax: probability and gradient 0, so the NLL is the unpadded (HF) model's whatever the padding
+            and whatever those rows hold (a checkpoint reloaded at another padding leaves new rows at their
+            random initialisation). Labels must be ``< vocab_size``.
 
     Returns:
         fp32 ``[...]`` per-token NLL (computed in fp32 whatever the input dtype), identical on every rank of ``tp_group``. Backward writes the
@@ -129,7 +147,7 @@ def vocab_parallel_nll(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl != "torch" and logits.is_cuda and _triton_function() is not None:
-        return _triton_function().apply(logits, labels, tp_group, inplace)
+        return _triton_function().apply(logits, labels, tp_group, inplace, vocab_size)
     if impl == "triton":
         raise ValueError("impl='triton' needs CUDA logits and an importable triton")
-    return _VocabParallelNLL.apply(logits, labels, tp_group, inplace)
+    return _VocabParallelNLL.apply(logits, labels, tp_group, inplace, vocab_size)

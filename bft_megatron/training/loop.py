@@ -117,7 +117,8 @@ class Trainer:
         iters = [iter(micro) for _ in self.model]
         fwd_bwd = get_forward_backward_func(pp_size=self.groups.pp_size, vp_size=self.groups.vp_size)
         cp_group = self.groups.cp if self.groups.cp_size > 1 else None
-        step_fn = make_forward_step(self._loss_cfg(), self.groups.tp, cp_group, self.cfg.train.bf16)
+        step_fn = make_forward_step(self._loss_cfg(), self.groups.tp, cp_group, self.cfg.train.bf16,
+                                    vocab_size=self.cfg.model.vocab_size)
         out = fwd_bwd(forward_step_func=step_fn,
                       data_iterator=iters if len(iters) > 1 else iters[0], model=self.model,
                       num_microbatches=len(micro), seq_length=seq_length, micro_batch_size=micro_batch_size,

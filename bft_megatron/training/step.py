@@ -25,18 +25,21 @@ from bft_megatron.training.batch import MicroBatch
 __all__ = ["forward_step", "loss_func", "make_forward_step", "loss_compile_backend"]
 
 
-def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: torch.Tensor, cp_group=None):
+def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: torch.Tensor, cp_group=None,
+              vocab_size: int | None = None):
     """Per-token NLL from ``[b, s, V/TP]`` (or THD ``[1, b*s, V/TP]``) logits, then the objective.
 
     Under context parallelism the logits, labels and mask are this rank's shard (``s/CP``) and
     ``cp_group`` lets the objective gather per-sample statistics (BFT's window minimum spans ranks).
-    ``loss.compile`` runs BFT's weight math through ``torch.compile``.
+    ``loss.compile`` runs BFT's weight math through ``torch.compile``. ``vocab_size`` (the model's, unpadded)
+    leaves megatron's vocabulary padding out of the softmax: the loss is the HF model's at any padding.
     """
     # GPTModel (labels=None) returns logits [b, s, V/TP]; padding labels are masked below.
     labels = batch.labels.reshape(output_tensor.shape[:-1])
     # inplace: the logits are not needed after the loss (the output layer's backward saves its input and
     # weight, not its output), so the NLL backward may write the logits' gradient into their storage.
-    nll = vocab_parallel_nll(output_tensor, labels, tp_group, inplace=True)  # fp32, equal on all TP ranks
+    nll = vocab_parallel_nll(output_tensor, labels, tp_group, inplace=True,  # fp32, equal on all TP ranks
+                             vocab_size=vocab_size)
     mask = batch.loss_mask
     if batch.cu_seqlens is not None:  # packed rows: samples are segments of the flattened [1, b*s] view
         nll, mask = nll.reshape(1, -1), mask.reshape(1, -1)
@@ -51,7 +54,8 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
     return loss_sum, num_units, metrics
 
 
-def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False):
+def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False,
+                 vocab_size: int | None = None):
     """One micro-batch through ``model`` (one chunk). Every stage reads the full micro-batch itself.
 
     Packed rows (``cu_seqlens``) run as one ``[1, T]`` THD sequence with ``PackedSeqParams``; padded
@@ -66,12 +70,15 @@ def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_gro
                        packed_seq_params=batch.packed_seq_params(), **kwargs)
     else:
         output = model(batch.tokens, batch.position_ids, None, **kwargs)
-    return output, partial(loss_func, batch, loss_cfg, tp_group, cp_group=cp_group)
+    return output, partial(loss_func, batch, loss_cfg, tp_group, cp_group=cp_group, vocab_size=vocab_size)
 
 
-def make_forward_step(loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False):
-    """The two-argument callable megatron's schedules expect (``cp_group``: None unless CP > 1)."""
-    return partial(forward_step, loss_cfg=loss_cfg, tp_group=tp_group, cp_group=cp_group, bf16=bf16)
+def make_forward_step(loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False,
+                      vocab_size: int | None = None):
+    """The two-argument callable megatron's schedules expect (``cp_group``: None unless CP > 1;
+    ``vocab_size``: the model's unpadded vocabulary, see :func:`loss_func`)."""
+    return partial(forward_step, loss_cfg=loss_cfg, tp_group=tp_group, cp_group=cp_group, bf16=bf16,
+                   vocab_size=vocab_size)
 
 
 def loss_compile_backend(loss_cfg: LossConfig) -> str | None:
