@@ -133,3 +133,26 @@ def test_unwrap_removes_every_wrapper_level():
     assert model_sharded_state_dict([Wrapper(Wrapper(one))]) == {"model": {"id": id(one)}}
     assert model_sharded_state_dict([Wrapper(one), Wrapper(two)]) == {"model0": {"id": id(one)},
                                                                       "model1": {"id": id(two)}}
+
+
+@pytest.mark.parametrize("load, save, finetune, error", [
+    ("{tmp}/typo", "{tmp}/run", False, True),       # a wrong path: never train from scratch instead
+    ("{tmp}/empty", "{tmp}/run", False, True),      # exists, holds no checkpoint
+    ("{tmp}/empty", "{tmp}/run", True, True),
+    ("{tmp}/run", "{tmp}/run", False, False),      # --load X --save X on a first run: from scratch
+])
+def test_load_without_a_checkpoint_raises_unless_it_is_the_own_save_dir(tmp_path, load, save, finetune, error):
+    from types import SimpleNamespace
+
+    from bft_megatron.checkpoint.manager import Checkpointer
+    from bft_megatron.config import ConfigError, load_config
+
+    (tmp_path / "empty").mkdir()
+    cfg = load_config(None, [f"checkpoint.load={load.format(tmp=tmp_path)}",
+                             f"checkpoint.save={save.format(tmp=tmp_path)}", f"checkpoint.finetune={finetune}"])
+    ckpt = Checkpointer(cfg, SimpleNamespace(rank=0))
+    if error:
+        with pytest.raises(ConfigError, match=r"no complete checkpoint there .* or unset it to train from scratch"):
+            ckpt.load(trainer=None)
+    else:
+        assert ckpt.load(trainer=None) is False

@@ -243,6 +243,18 @@ def test_missing_finetune_checkpoint_is_caught_by_check_but_not_by_dry_run(tmp_p
     assert main(["--config", "configs/demo_cpu.yaml", *over, "--dry-run"]) == 0
 
 
+def test_a_missing_resume_checkpoint_is_an_error_unless_it_is_the_runs_own_save_dir(tmp_path):
+    """A typo in checkpoint.load must not quietly train from scratch; Megatron-LM's `--load X --save X` on a
+    first run (nothing saved yet) is fine."""
+    from bft_megatron.config import check_paths
+
+    with pytest.raises(ConfigError, match=r"checkpoint.load=no/such/run does not exist \(a full resume reads it; "
+                                          r"unset checkpoint.load to train from scratch\)"):
+        check_paths(load_config("configs/demo_cpu.yaml", ["checkpoint.load=no/such/run"]))
+    own = str(tmp_path / "run")
+    check_paths(load_config("configs/demo_cpu.yaml", [f"checkpoint.load={own}", f"checkpoint.save={own}/"]))
+
+
 @pytest.mark.parametrize("override, message", [
     ("data.train=[nope/train.jsonl]", r"data.train\[0\].path=nope/train.jsonl: no such file or directory"),
     ("data.valid=[bft_megatron/data/assets/hpo_train.jsonl,missing.parquet:0.5]",

@@ -26,7 +26,8 @@ from bft_megatron.checkpoint.state import (OPT_METADATA, init_optimizer_state, l
                                            restore_rng, rng_sharded_object, tolerate_missing_adam_step,
                                            untie_adam_steps, unwrap)
 from bft_megatron.checkpoint.weights import load_model_weights
-from bft_megatron.config.base import to_dict
+from bft_megatron.config.base import ConfigError, to_dict
+from bft_megatron.config.validate import loads_own_save_dir
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["Checkpointer"]
@@ -129,12 +130,15 @@ class Checkpointer:
             return False
         path = pointer.resolve_load_dir(self.ckpt.load)
         if path is None:
-            if self.ckpt.finetune:
-                raise FileNotFoundError(f"checkpoint.load={self.ckpt.load}: no complete checkpoint to fine-tune from")
-            if os.path.exists(self.ckpt.load):
-                _log.info("checkpoint.load=%s: no complete checkpoint yet, starting from scratch", self.ckpt.load)
-            else:
-                _log.warning("checkpoint.load=%s does not exist: starting from scratch", self.ckpt.load)
+            # Only the run's own save directory may be empty (its first run); anything else is a wrong path,
+            # and training from scratch instead of from it would waste the whole job.
+            if self.ckpt.finetune or not loads_own_save_dir(self.ckpt):
+                raise ConfigError(
+                    f"checkpoint.load={self.ckpt.load}: no complete checkpoint there (no 'latest' pointer and not an "
+                    f"iter_ directory){' to fine-tune from' if self.ckpt.finetune else ''}; point it at a run "
+                    "directory or one of its iter_ directories, or unset it to train from scratch")
+            _log.info("checkpoint.load=%s (this run's checkpoint.save): no complete checkpoint yet, starting from "
+                      "scratch", self.ckpt.load)
             return False
         return self._load_path(trainer, path, finetune=self.ckpt.finetune)
 
@@ -183,7 +187,7 @@ class Checkpointer:
         restore_group_bounds(trainer.optimizer, bounds)  # the config's max_lr/min_lr, not the checkpoint's
         cloned = untie_adam_steps(trainer.optimizer)
         if cloned:
-            _log.info("resume: gave %d parameters their own Adam step counter", cloned)
+            _log.debug("resume: gave %d parameters their own Adam step counter", cloned)
         # Built with megatron's override flag = checkpoint.override_scheduler (else the values must match, as
         # checked first): the step count comes from the checkpoint, the schedule from the config.
         trainer.scheduler.load_state_dict(common["scheduler"])

@@ -218,5 +218,13 @@ def check_paths(cfg: Config) -> None:
     from bft_megatron.checkpoint.pointer import read_latest
 
     resumes_own = bool(c.save) and read_latest(c.save) is not None  # then checkpoint.load is not read
-    _require(resumes_own or not (c.finetune and c.load and not os.path.exists(c.load)),
-             f"checkpoint.load={c.load} does not exist (checkpoint.finetune=true starts from it)")
+    why = ("checkpoint.finetune=true starts from it" if c.finetune else
+           "a full resume reads it; unset checkpoint.load to train from scratch")
+    _require(resumes_own or loads_own_save_dir(c) or not (c.load and not os.path.exists(c.load)),
+             f"checkpoint.load={c.load} does not exist ({why})")
+
+
+def loads_own_save_dir(c) -> bool:
+    """``checkpoint.load`` names this run's own ``checkpoint.save`` (Megatron-LM's ``--load X --save X``): on the
+    first run it holds nothing yet, which is not an error."""
+    return bool(c.load and c.save) and os.path.realpath(c.load) == os.path.realpath(c.save)
