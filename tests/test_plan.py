@@ -303,3 +303,17 @@ def test_bf16_gradient_buffers_halve_the_gradient_memory():
     fp32_run, _ = plan_memory(cfg_of("train.bf16=false", "parallel.grad_reduce_in_fp32=false"), dp=1,
                               num_microbatches=1)
     assert fp32_run.gradients == fp32.gradients  # the buffers follow the parameters' dtype
+
+
+def test_fp32_runs_plan_fp32_weights_and_activations_and_no_master_copy():
+    """train.bf16=false: 4-byte weights, gradients and activations/logits; the optimizer holds only Adam's two
+    fp32 moments (the fp32 weights are the master weights)."""
+    bf16, _ = plan_memory(cfg_of(), dp=2, num_microbatches=2)
+    fp32, _ = plan_memory(cfg_of("train.bf16=false"), dp=2, num_microbatches=2)
+    params = 4 * LAYER + 2 * TABLE + 64
+    assert fp32.weights == pytest.approx(gib(4 * params)) and fp32.gradients == pytest.approx(gib(4 * params))
+    assert fp32.optimizer == pytest.approx(gib(8 * params / 2))
+    assert fp32.activations == pytest.approx(2 * bf16.activations) and fp32.logits == pytest.approx(2 * bf16.logits)
+    out = format_plan(cfg_of("train.bf16=false"), 2, 0.4, 989.0)
+    assert "params 0.18 M" in out and "weights (fp32)" in out and "optimizer (Adam moments" in out
+    assert "weights (bf16)" in format_plan(cfg_of(), 2, 0.4, 989.0)

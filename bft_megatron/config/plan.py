@@ -119,16 +119,20 @@ def plan_memory(cfg, dp: int, num_microbatches: int, seq_length: float | None = 
     vocab = _padded_vocab(m, p.tp)
     plans = {}
     grad_bytes = 4 if p.grad_reduce_in_fp32 or not t.bf16 else 2  # the buffers have the parameters' dtype
+    # bf16 runs: bf16 weights and activations, fp32 master weights + two Adam moments in the optimizer;
+    # fp32 runs (train.bf16=false): fp32 weights and activations, the optimizer holds only the two moments.
+    width, opt_bytes = (1.0, 12) if t.bf16 else (2.0, 8)
+    act_layer, layer_input = width * act_layer, width * layer_input
     for stage in (("only",) if p.pp == 1 else ("first", "last")):
         params = _stage_params(m, p, stage)
         shard = dp * p.cp if p.distributed_optimizer else 1
-        logits = 2 * 2 * seq / p.cp * mbs * vocab / p.tp if stage != "first" else 0.0
+        logits = width * 2 * 2 * seq / p.cp * mbs * vocab / p.tp if stage != "first" else 0.0
         flight = _in_flight(p, num_microbatches, stage)
         linear_params = layers_here * (layer_params(m) - 2 * m.hidden_size) / p.tp
         plans[stage] = MemoryPlan(
-            weights=2 * params / GIB,
+            weights=2 * width * params / GIB,
             gradients=grad_bytes * params / GIB,
-            optimizer=12 * params / shard / GIB,
+            optimizer=opt_bytes * params / shard / GIB,
             activations=flight * layers_here * act_layer / GIB,
             activations_recompute=(flight * layers_here * layer_input + act_layer) / GIB,
             logits=logits / GIB,
@@ -169,6 +173,10 @@ def _derived_layout(cfg, gpus: int) -> tuple[int, int]:
     return dp, t.global_batch_size // (t.micro_batch_size * dp)
 
 
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
 def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
     dp, nmb = _derived_layout(cfg, gpus)
     mem, stage = plan_memory(cfg, dp, nmb)
@@ -177,11 +185,11 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
     tps = plan_throughput(cfg, mfu, peak_tflops)
     rows = [
         f"layout: {gpus} GPUs = TP{p.tp} x PP{p.pp}{f' x VP{p.vp}' if p.vp else ''} x CP{p.cp} x DP{dp}; "
-        f"{nmb} micro-batches/step; params {total_params(cfg.model) / 1e9:.2f} B",
+        f"{nmb} micro-batches/step; params {_count(total_params(cfg.model))}",
         f"most loaded GPU: {stage} pipeline stage",
-        f"  weights (bf16)                 {mem.weights:8.2f} GiB",
+        f"  weights ({'bf16' if cfg.train.bf16 else 'fp32'})                 {mem.weights:8.2f} GiB",
         f"  gradients (grad buffers)       {mem.gradients:8.2f} GiB",
-        f"  optimizer (fp32 master + Adam) {mem.optimizer:8.2f} GiB",
+        f"  optimizer ({'fp32 master + Adam' if cfg.train.bf16 else 'Adam moments     '}) {mem.optimizer:8.2f} GiB",
         f"  activations                    {mem.activations:8.2f} GiB (full recompute: {mem.activations_recompute:.2f})",
         f"  logits + their gradient        {mem.logits:8.2f} GiB",
         f"  fp8 weight copies              {mem.fp8_buffers:8.2f} GiB",
