@@ -156,3 +156,16 @@ def test_load_without_a_checkpoint_raises_unless_it_is_the_own_save_dir(tmp_path
             ckpt.load(trainer=None)
     else:
         assert ckpt.load(trainer=None) is False
+
+
+def test_the_run_config_is_written_and_reads_back_as_the_same_config(tmp_path):
+    from types import SimpleNamespace
+
+    from bft_megatron.checkpoint.manager import Checkpointer
+    from bft_megatron.config import load_config, to_dict
+
+    cfg = load_config("configs/demo_cpu.yaml", [f"checkpoint.save={tmp_path}/run", "train.lr=2e-4",
+                                                "model.rope_scaling.factor=4"])
+    path = Checkpointer(cfg, SimpleNamespace(rank=0)).write_run_config()
+    assert path == f"{tmp_path}/run/config.yaml"
+    assert to_dict(load_config(path)) == to_dict(cfg)

@@ -43,6 +43,19 @@ class Checkpointer:
         self.before_commit = None  # test seam: called on every rank after shards are written
 
     # ------------------------------------------------------------------ save
+    def write_run_config(self) -> str:
+        """``<checkpoint.save>/config.yaml``: the resolved config of this start, every field with its value
+        (defaults included; ``bft-megatron train --config`` reads it back). Rewritten at every start; each
+        checkpoint also keeps the config it was saved with in its metadata. Global rank 0 only."""
+        import yaml
+
+        from bft_megatron.utils.files import atomic_write_text
+
+        os.makedirs(self.ckpt.save, exist_ok=True)
+        path = os.path.join(self.ckpt.save, "config.yaml")
+        atomic_write_text(path, yaml.safe_dump(to_dict(self.cfg), sort_keys=False))
+        return path
+
     def _state_for_save(self, trainer) -> dict:
         init_optimizer_state(trainer.optimizer)  # no-op after the first step; needed to save at step 0
         model_sd = model_sharded_state_dict(trainer.model)

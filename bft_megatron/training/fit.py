@@ -104,6 +104,8 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
     if trainer.groups.rank == 0:
         for note in idle_notes(cfg, state.iteration, trainer.valid_data is not None):
             _log.warning(note)
+        if checkpointer is not None:
+            _log.info("resolved config: %s", checkpointer.write_run_config())
     step_times: list[float] = []
     # A run resumed at iteration N already has checkpoint N: only save again after new steps.
     saved_at, interval_tokens = (state.iteration if state.iteration > 0 else -1), 0
