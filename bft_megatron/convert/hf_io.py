@@ -177,7 +177,7 @@ def finalize_shards(out_dir: str, manifests: list[dict[str, list[str]]], total_b
     path = os.path.join(out_dir, INDEX)
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(index, fh, indent=2)
-    _log.info("wrote %d shard(s), %.1f MB, index %s", len(parts), total_bytes / 1e6, path)
+    _log.info("wrote %d shard(s), %.1f MB, and %s", len(parts), total_bytes / 1e6, INDEX)
     return path
 
 
