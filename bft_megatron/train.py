@@ -31,7 +31,7 @@ def _config(args, log):
         cfg = load_config(args.config, args.overrides)
         layout = validate(cfg, world_size)
         if not args.dry_run:
-            check_paths(cfg)
+            check_paths(cfg, data=args.check)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError and the data layer's checks are ValueErrors
         hint = ("; outside torchrun the world size is 1: set WORLD_SIZE=N to check or plan for N processes"
                 if "WORLD_SIZE" not in os.environ and "world size" in str(exc) else "")

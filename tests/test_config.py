@@ -236,7 +236,12 @@ def test_missing_finetune_checkpoint_is_caught_by_check_but_not_by_dry_run(tmp_p
     validate(cfg, 1)
     with pytest.raises(ConfigError, match=r"checkpoint.load=no/such/ckpt does not exist \(checkpoint.finetune=true"):
         check_paths(cfg)
-    check_paths(load_config("configs/demo_cpu.yaml", ["checkpoint.finetune=true", f"checkpoint.load={tmp_path}"]))
+    empty = ["checkpoint.finetune=true", f"checkpoint.load={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"no complete checkpoint there \(no 'latest' pointer and not an iter_"):
+        check_paths(load_config("configs/demo_cpu.yaml", empty))  # e.g. the HF folder instead of the import
+    (tmp_path / "iter_0000003").mkdir()
+    check_paths(load_config("configs/demo_cpu.yaml", ["checkpoint.finetune=true",
+                                                      f"checkpoint.load={tmp_path}/iter_0000003"]))
     assert main(["--config", "configs/demo_cpu.yaml", *over, "--check"]) == 2
     (tmp_path / "latest").write_text("iter_0000010\n")  # a restart resumes checkpoint.save's own run instead
     check_paths(load_config("configs/demo_cpu.yaml", over + [f"checkpoint.save={tmp_path}"]))
@@ -253,6 +258,20 @@ def test_a_missing_resume_checkpoint_is_an_error_unless_it_is_the_runs_own_save_
         check_paths(load_config("configs/demo_cpu.yaml", ["checkpoint.load=no/such/run"]))
     own = str(tmp_path / "run")
     check_paths(load_config("configs/demo_cpu.yaml", [f"checkpoint.load={own}", f"checkpoint.save={own}/"]))
+    with pytest.raises(ConfigError, match=r"does not exist \(checkpoint.finetune=true starts from it"):
+        check_paths(load_config("configs/demo_cpu.yaml", [f"checkpoint.load={own}", f"checkpoint.save={own}",
+                                                          "checkpoint.finetune=true"]))  # nothing to fine-tune
+
+
+def test_real_runs_leave_the_data_paths_to_rank_0():
+    """Every rank checks the checkpoint (shared storage) before the rendezvous, but not the data sources: they
+    may exist on global rank 0's node only, which prepares them (a failure there ends every rank with exit 2)."""
+    from bft_megatron.config import check_paths
+
+    cfg = load_config("configs/demo_cpu.yaml", ["data.train=[only/on/node0.jsonl]"])
+    check_paths(cfg, data=False)
+    with pytest.raises(ConfigError, match=r"data.train\[0\].path=only/on/node0.jsonl: no such file"):
+        check_paths(cfg)  # --check, on the first node
 
 
 @pytest.mark.parametrize("override, message", [

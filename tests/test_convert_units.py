@@ -183,3 +183,16 @@ def test_low_memory_import_spills_only_transformed_tensors():
     new = {r.local: _convert(r, Reader(), m, 0, 16)[1] for r in layer_rules(False)}
     assert {k for k, v in new.items() if v} == {r.local for r in layer_rules(False) if r.kind in ("qkv", "gate_up")}
     assert any(not v for v in new.values())
+
+
+def test_shards_are_kept_where_chmod_is_refused(tmp_path, monkeypatch):
+    """Some mounts refuse chmod: the export keeps its shards (written by then) and only warns."""
+    def refuse(*args, **kwargs):
+        raise PermissionError("operation not permitted")
+
+    writer = ShardWriter(str(tmp_path))
+    writer.add("t", torch.ones(3))
+    writer.flush()
+    monkeypatch.setattr(os, "chmod", refuse)
+    finalize_shards(str(tmp_path), [writer.manifest], writer.total_bytes)
+    assert torch.equal(HFReader(str(tmp_path)).get("t"), torch.ones(3))

@@ -111,3 +111,33 @@ def test_a_finite_step_resets_the_run_of_skips():
     assert (trainer.state.skipped_steps, trainer.state.consecutive_skips, trainer.state.iteration) == (2, 1, 3)
     with pytest.raises(NonFiniteError, match="2 consecutive non-finite"):
         trainer.record_step(StepResult({}, None, True, 0.0, 0))
+
+
+
+def _fit_with_unwritable_config(rank: int, world: int, save_dir: str) -> tuple[int, list[int]]:
+    from bft_megatron.config import load_config
+    from bft_megatron.training.fit import ExitRequest, fit
+    from bft_megatron.training.loop import TrainState
+
+    def refuse():
+        raise PermissionError("read-only file system")
+
+    cfg = load_config(None, TINY + ["train.train_iters=2", f"checkpoint.save={save_dir}"])
+    state, saved = TrainState(), []
+    trainer = SimpleNamespace(
+        cfg=cfg, state=state, valid_data=None, reporter=0,
+        groups=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), dp=None),
+        progress=SimpleNamespace(line=lambda *a: "", close=lambda: None),
+        train_step=lambda report: SimpleNamespace(real_tokens=0, metrics={}, grad_norm=None, skipped=False, lr=0.0),
+        record_step=lambda result: setattr(state, "iteration", state.iteration + 1))
+    checkpointer = SimpleNamespace(write_run_config=refuse, save=lambda t: saved.append(state.iteration),
+                                   poll=lambda: None, finalize=lambda: None)
+    fit(trainer, checkpointer, ExitRequest(install=False))
+    return state.iteration, saved
+
+
+def test_an_unwritable_run_config_does_not_stop_training(tmp_path):
+    """write_run_config runs on rank 0 alone: an OSError there is a warning, never a rank-0-only exception
+    that would leave the other ranks in the first collective."""
+    [(iterations, saved)] = run_distributed(_fit_with_unwritable_config, 1, str(tmp_path))
+    assert iterations == 2 and saved == [2]

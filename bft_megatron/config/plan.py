@@ -189,7 +189,7 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
         f"most loaded GPU: {stage} pipeline stage",
         f"  weights ({'bf16' if cfg.train.bf16 else 'fp32'})                 {mem.weights:8.2f} GiB",
         f"  gradients (grad buffers)       {mem.gradients:8.2f} GiB",
-        f"  optimizer ({'fp32 master + Adam' if cfg.train.bf16 else 'Adam moments     '}) {mem.optimizer:8.2f} GiB",
+        f"  optimizer ({'fp32 master + Adam' if cfg.train.bf16 else 'Adam moments      '}) {mem.optimizer:8.2f} GiB",
         f"  activations                    {mem.activations:8.2f} GiB (full recompute: {mem.activations_recompute:.2f})",
         f"  logits + their gradient        {mem.logits:8.2f} GiB",
         f"  fp8 weight copies              {mem.fp8_buffers:8.2f} GiB",

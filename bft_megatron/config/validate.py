@@ -210,18 +210,28 @@ def _check_data_paths(d) -> None:
                  "data.train sources)")
 
 
-def check_paths(cfg: Config) -> None:
+def check_paths(cfg: Config, data: bool = True) -> None:
     """Inputs that must exist on disk for a run (``--check`` and real runs; not ``--dry-run`` / ``plan``,
-    which plan recipes whose paths are placeholders): raises :class:`ConfigError` naming the field."""
-    _check_data_paths(cfg.data)
+    which plan recipes whose paths are placeholders): raises :class:`ConfigError` naming the field.
+
+    ``data=False`` (real runs, on every rank): only the checkpoint, which every node must see anyway. The data
+    sources and tokenizer may live on global rank 0's node alone (it prepares; docs/data.md), and a rank that
+    exits before the rendezvous would leave the others waiting; the trainer's rank-0 preparation reports them
+    (exit 2 on every rank) instead. ``--check`` (the SLURM pre-flight, on the first node) checks both."""
+    if data:
+        _check_data_paths(cfg.data)
     c = cfg.checkpoint
-    from bft_megatron.checkpoint.pointer import read_latest
+    from bft_megatron.checkpoint.pointer import read_latest, resolve_load_dir
 
     resumes_own = bool(c.save) and read_latest(c.save) is not None  # then checkpoint.load is not read
+    if resumes_own or not c.load or (loads_own_save_dir(c) and not c.finetune):
+        return
     why = ("checkpoint.finetune=true starts from it" if c.finetune else
            "a full resume reads it; unset checkpoint.load to train from scratch")
-    _require(resumes_own or loads_own_save_dir(c) or not (c.load and not os.path.exists(c.load)),
-             f"checkpoint.load={c.load} does not exist ({why})")
+    _require(os.path.exists(c.load), f"checkpoint.load={c.load} does not exist ({why})")
+    _require(resolve_load_dir(c.load) is not None,
+             f"checkpoint.load={c.load}: no complete checkpoint there (no 'latest' pointer and not an iter_ "
+             f"directory; {why})")
 
 
 def loads_own_save_dir(c) -> bool:

@@ -167,8 +167,12 @@ def finalize_shards(out_dir: str, manifests: list[dict[str, list[str]]], total_b
         final = f"model-{k:05d}-of-{len(parts):05d}.safetensors"
         os.replace(os.path.join(out_dir, fname), os.path.join(out_dir, final))
         # safetensors writes its files 0600; give them the mode of every other exported file, so serving
-        # jobs and other accounts on a shared file system can read the weights.
-        os.chmod(os.path.join(out_dir, final), mode)
+        # jobs and other accounts on a shared file system can read the weights (best effort: some mounts
+        # refuse chmod, and the weights are written by then).
+        try:
+            os.chmod(os.path.join(out_dir, final), mode)
+        except OSError as exc:
+            _log.warning("could not make %s readable like the other files (%s): check its permissions", final, exc)
         for name in names:
             if name in weight_map:
                 raise ValueError(f"tensor {name!r} written twice ({weight_map[name]} and {final})")

@@ -164,7 +164,8 @@ def _refuse_existing(out_dir: str) -> None:
     would then take the import for it."""
     existing = pointer.existing_checkpoint(out_dir)
     if existing:
-        raise FileExistsError(f"{out_dir} already holds a checkpoint ({existing}); import into a new directory")
+        raise FileExistsError(f"{out_dir} already holds a checkpoint ({existing}); import into a new directory "
+                              "(or, if it is the leftover of a killed import, remove it)")
 
 
 def _save_import(hf_dir: str, iter_dir: str, cfg: Config, spill_dir: str | None) -> str:

@@ -105,7 +105,10 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
         for note in idle_notes(cfg, state.iteration, trainer.valid_data is not None):
             _log.warning(note)
         if checkpointer is not None:
-            _log.info("resolved config: %s", checkpointer.write_run_config())
+            try:  # best effort, rank 0 alone: an error here must not leave the other ranks in a collective
+                _log.info("resolved config: %s", checkpointer.write_run_config())
+            except OSError as exc:
+                _log.warning("could not write the resolved config into checkpoint.save: %s", exc)
     step_times: list[float] = []
     # A run resumed at iteration N already has checkpoint N: only save again after new steps.
     saved_at, interval_tokens = (state.iteration if state.iteration > 0 else -1), 0
