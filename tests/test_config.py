@@ -22,7 +22,8 @@ def test_unknown_key_names_key_and_section(tmp_path):
     path.write_text("train:\n  lr: 1.0e-4\n  learning_rate: 3\n")
     with pytest.raises(ConfigError, match=r"unknown key 'learning_rate' in section 'train'"):
         load_config(str(path))
-    with pytest.raises(ConfigError, match=r"unknown key 'rope_scalng' in section 'model'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'rope_scalng' in section 'model' \(did you mean "
+                                          r"'rope_scaling'\?\); valid keys: family, ffn_hidden_size"):
         from_dict(Config, {"model": {"rope_scalng": {}}})
     with pytest.raises(ConfigError, match=r"unknown key 'bogus' in section 'model.rope_scaling'"):
         from_dict(Config, {"model": {"rope_scaling": {"bogus": 1}}})
@@ -31,8 +32,13 @@ def test_unknown_key_names_key_and_section(tmp_path):
 
 
 def test_unknown_override_key_rejected():
-    with pytest.raises(ConfigError, match=r"unknown key 'lrr' in section 'train'"):
+    with pytest.raises(ConfigError, match=r"override 'train.lrr': unknown key 'lrr' in section 'train' \(did you "
+                                          r"mean 'lr'\?\); valid keys: adam_beta1, "):
         load_config(None, ["train.lrr=1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'trian' in section '<top>' \(did you mean 'train'\?\)"):
+        load_config(None, ["trian.lr=1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'zzz' in section 'loss'; valid keys"):  # nothing close
+        load_config(None, ["loss.zzz=1"])
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, ["train.lr"])
 

@@ -195,7 +195,7 @@ def test_main_reports_bad_gpus_as_usage_error(capsys):
     (24, ["parallel.tp=3"], "model.num_attention_heads=32 must be divisible by parallel.tp=3"),
     (8, ["parallel.vp=2"], "parallel.vp=2 (interleaved pipeline) requires parallel.pp > 1, got pp=1"),
     (8, ["train.fp8=hybrid", "train.bf16=false"], "train.fp8='hybrid' requires train.bf16=true"),
-    (8, ["train.lrr=1"], "unknown key 'lrr' in section 'train'"),
+    (8, ["train.lrr=1"], "override 'train.lrr': unknown key 'lrr' in section 'train' (did you mean 'lr'?)"),
     (8, ["train.adam_beta1=1.5"], "train.adam_beta1 must be in [0, 1), got 1.5"),
     (8, ["logging.peak_tflops=0"], "logging.peak_tflops must be > 0 or null (auto), got 0.0"),
     (0, [], "world size must be >= 1, got 0"),

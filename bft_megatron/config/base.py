@@ -17,6 +17,7 @@ dotted override cannot reach inside a list (``data.train.path=x`` is an error: s
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from typing import Any, Literal, Union
@@ -109,10 +110,16 @@ def from_dict(cls, data: dict | None, section: str = ""):
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in names:
-            raise ConfigError(f"unknown key {key!r} in section {section or '<top>'!r}; "
-                              f"valid keys: {', '.join(sorted(names))}")
+            raise ConfigError(_unknown_key(key, section or "<top>", names))
     kwargs = {k: _coerce(v, hints[k], f"{section}.{k}" if section else k) for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _unknown_key(key: str, section: str, names: set[str]) -> str:
+    """``unknown key 'lrr' in section 'train' (did you mean 'lr'?); valid keys: ...``"""
+    close = difflib.get_close_matches(str(key), sorted(names), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"unknown key {key!r} in section {section!r}{hint}; valid keys: {', '.join(sorted(names))}"
 
 
 def format_value(value: Any) -> str:
@@ -140,8 +147,8 @@ def _field_type(cls, path: list[str]):
             return None
         hints = _hints(inner)
         if name not in hints:
-            section = ".".join(path[:i]) or "<top>"
-            raise ConfigError(f"unknown key {name!r} in section {section!r}")
+            raise ConfigError(f"override {'.'.join(path)!r}: "
+                              + _unknown_key(name, ".".join(path[:i]) or "<top>", set(hints)))
         tp = hints[name]
     return tp
 
