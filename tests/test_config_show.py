@@ -33,3 +33,15 @@ def test_bad_arguments_are_a_usage_error(capsys, argv, message):
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert message in captured.err and captured.out == ""
+
+
+def test_values_print_as_yaml_spells_them(capsys):
+    import yaml
+
+    assert main([CONFIG, "train.bf16", "train.bf16=false"]) == 0
+    assert capsys.readouterr().out == "false\n"
+    assert main([CONFIG, "model.rope_scaling", "model.rope_scaling.factor=4"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["factor"] == 4.0
+    assert main([CONFIG, "data.train", "data.train=[a.jsonl,b.jsonl:0.5]"]) == 0
+    sources = yaml.safe_load(capsys.readouterr().out)
+    assert [(s["path"], s["weight"]) for s in sources] == [("a.jsonl", 1.0), ("b.jsonl", 0.5)]

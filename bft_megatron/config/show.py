@@ -1,6 +1,7 @@
 """Print one field of a config after overrides: ``python -m bft_megatron.config.show CONFIG FIELD [overrides]``.
 
 Used by launch scripts (e.g. to find ``checkpoint.save``) so that they read the same config the trainer reads.
+Values print as YAML spells them (``true``, a section or a list as a YAML block); an unset one as an empty line.
 """
 
 from __future__ import annotations
@@ -25,8 +26,29 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"config has no field {args[1]!r} (no {part!r})\n")
             return 2
         value = getattr(value, part)
-    sys.stdout.write(("" if value is None else str(value)) + "\n")
+    sys.stdout.write(render(value) + "\n")
     return 0
+
+
+def render(value) -> str:
+    """A field as YAML spells it: ``true``/``false``; a section or list as a YAML block; unset (None) as an
+    empty string, which launch scripts test for."""
+    import dataclasses
+
+    import yaml
+
+    from bft_megatron.config.base import format_value
+
+    if value is None or isinstance(value, bool):
+        return "" if value is None else format_value(value)
+    if dataclasses.is_dataclass(value) or isinstance(value, (list, dict)):
+        plain = value
+        if dataclasses.is_dataclass(value):
+            plain = dataclasses.asdict(value)
+        elif isinstance(value, list):
+            plain = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+        return yaml.safe_dump(plain, sort_keys=False).rstrip("\n")
+    return str(value)
 
 
 if __name__ == "__main__":
