@@ -65,14 +65,13 @@ def existing_checkpoint(run_dir: str) -> str | None:
     """What in ``run_dir`` marks it as a checkpoint directory already (``latest`` and its target, or an ``iter_``
     directory), for a refusal message; None when it holds neither (or does not exist)."""
     names = [iter_dirname(i) for i in list_iterations(run_dir)]
+    dirs = f"{len(names)} iter_ director{'y' if len(names) == 1 else 'ies'} ({', '.join(names[-3:])})"
     if os.path.isfile(os.path.join(run_dir, LATEST)):
         target = read_latest(run_dir)
         return f"a '{LATEST}' pointer to {os.path.basename(target) if target else 'nothing'}" + (
-            f" and {len(names)} iter_ director{'y' if len(names) == 1 else 'ies'} ({', '.join(names[-3:])})"
-            if names else "")
+            f" and {dirs}" if names else "")
     if names:
-        return (f"{len(names)} iter_ director{'y' if len(names) == 1 else 'ies'} ({', '.join(names[-3:])}) but no "
-                f"'{LATEST}' pointer (an unfinished save or import)")
+        return f"{dirs} but no '{LATEST}' pointer (an unfinished save or import)"
     return None
 
 

@@ -193,11 +193,8 @@ def parse_override(item: str, cls) -> tuple[list[str], Any]:
     try:
         return path, _parse_scalar(text.strip(), tp)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        at = f" at column {mark.column + 1}" if mark is not None else ""
-        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}{at}); close every bracket "
-                          f"and quote, e.g. {key.strip()}=[a.jsonl,b.jsonl]") from None
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(exc)}); close every "
+                          f"bracket and quote, e.g. {key.strip()}=[a.jsonl,b.jsonl]") from None
 
 
 def apply_overrides(data: dict, overrides: list[str], cls) -> dict:

@@ -183,18 +183,19 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
     p = cfg.parallel
     recompute = cfg.train.recompute == "full"
     tps = plan_throughput(cfg, mfu, peak_tflops)
+    bf16 = cfg.train.bf16
+    terms = [(f"weights ({'bf16' if bf16 else 'fp32'})", mem.weights, ""),
+             ("gradients (grad buffers)", mem.gradients, ""),
+             (f"optimizer ({'fp32 master + Adam' if bf16 else 'Adam moments'})", mem.optimizer, ""),
+             ("activations", mem.activations, f" (full recompute: {mem.activations_recompute:.2f})"),
+             ("logits + their gradient", mem.logits, ""), ("fp8 weight copies", mem.fp8_buffers, ""),
+             ("runtime overhead", mem.overhead, ""),
+             ("total (with recompute)" if recompute else "total", mem.total(recompute), "")]
     rows = [
         f"layout: {gpus} GPUs = TP{p.tp} x PP{p.pp}{f' x VP{p.vp}' if p.vp else ''} x CP{p.cp} x DP{dp}; "
         f"{nmb} micro-batches/step; params {_count(total_params(cfg.model))}",
         f"most loaded GPU: {stage} pipeline stage",
-        f"  weights ({'bf16' if cfg.train.bf16 else 'fp32'})                 {mem.weights:8.2f} GiB",
-        f"  gradients (grad buffers)       {mem.gradients:8.2f} GiB",
-        f"  optimizer ({'fp32 master + Adam' if cfg.train.bf16 else 'Adam moments      '}) {mem.optimizer:8.2f} GiB",
-        f"  activations                    {mem.activations:8.2f} GiB (full recompute: {mem.activations_recompute:.2f})",
-        f"  logits + their gradient        {mem.logits:8.2f} GiB",
-        f"  fp8 weight copies              {mem.fp8_buffers:8.2f} GiB",
-        f"  runtime overhead               {mem.overhead:8.2f} GiB",
-        f"  {'total (with recompute)' if recompute else 'total':<31}{mem.total(recompute):8.2f} GiB",
+        *(f"  {label:<31}{gib:8.2f} GiB{note}" for label, gib, note in terms),
         f"throughput at MFU {mfu:.2f} of {peak_tflops:.0f} TFLOP/s: {tps:,.0f} tokens/s/GPU "
         f"({flops_per_token(cfg.model, cfg.data.seq_length) / 1e9:.1f} GFLOP/token)",
     ]

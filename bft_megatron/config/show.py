@@ -41,13 +41,12 @@ def render(value) -> str:
 
     if value is None or isinstance(value, bool):
         return "" if value is None else format_value(value)
-    if dataclasses.is_dataclass(value) or isinstance(value, (list, dict)):
-        plain = value
-        if dataclasses.is_dataclass(value):
-            plain = dataclasses.asdict(value)
-        elif isinstance(value, list):
-            plain = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
-        return yaml.safe_dump(plain, sort_keys=False).rstrip("\n")
+    if dataclasses.is_dataclass(value):
+        value = dataclasses.asdict(value)
+    elif isinstance(value, list):  # data.train / data.valid: lists of SourceConfig
+        value = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    if isinstance(value, (list, dict)):
+        return yaml.safe_dump(value, sort_keys=False).rstrip("\n")
     return str(value)
 
 

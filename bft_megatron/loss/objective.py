@@ -172,19 +172,21 @@ def objective(
     if cu_seqlens is not None:  # every method: tokens after the last sample are padding, whatever their mask
         mine = positions[_cp_rank(cp_group)] if positions else torch.arange(nll.shape[1], device=nll.device)
         m_loc = m_loc & (mine < cu_seqlens[-1])
+    # The NLL with unsupervised positions zeroed (gradient 0 there): a zero coefficient times an inf/NaN NLL at
+    # a label the caller never meant to supervise would otherwise make the sum NaN.
+    l_sup = torch.where(m_loc, l_loc, 0.0)
     metrics = MetricPartials()
     tokens = m_loc.sum()
-    metrics.add_sum("lm_loss", torch.where(m_loc, l_loc.detach(), 0.0).sum(), tokens)
+    metrics.add_sum("lm_loss", l_sup.detach().sum(), tokens)
     if method == "sft":
         metrics.add_sum("token_weight", tokens.double(), tokens)
-        return torch.where(m_loc, l_loc, 0.0).sum(), tokens.to(torch.int64), metrics
-    c_loc = torch.exp(-l_loc.detach())
+        return l_sup.sum(), tokens.to(torch.int64), metrics
     if method == "dft":
-        coef = torch.where(m_loc, c_loc, 0.0)
+        coef = torch.where(m_loc, torch.exp(-l_loc.detach()), 0.0)
         metrics.add_sum("token_weight", coef.sum(), tokens)
-        return (coef * _masked(l_loc, m_loc)).sum(), tokens.to(torch.int64), metrics
-    return _bft(l_loc, m_loc, tuple(nll.shape), variant, group_size, gamma, eps, cu_seqlens, cp_group, positions,
-                metrics, compile_backend)
+        return (coef * l_sup).sum(), tokens.to(torch.int64), metrics
+    return _bft(l_loc, l_sup, m_loc, tuple(nll.shape), variant, group_size, gamma, eps, cu_seqlens, cp_group,
+                positions, metrics, compile_backend)
 
 
 def _cp_rank(cp_group) -> int:
@@ -204,15 +206,10 @@ def _cp_positions(local_shape, cu_seqlens, cp_group, device, every_rank: bool) -
     return {r: local_to_global_positions(local_shape, cp_size, r, cu_seqlens, device) for r in ranks}
 
 
-def _masked(l_loc: torch.Tensor, m_loc: torch.Tensor) -> torch.Tensor:
-    """The NLL with unsupervised positions zeroed: a zero coefficient times an inf/NaN NLL there (a label the
-    caller never meant to supervise) would otherwise make the sum NaN. The gradient there stays 0."""
-    return torch.where(m_loc, l_loc, 0.0)
-
-
-def _bft(l_loc, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, cp_group, positions, metrics,
+def _bft(l_loc, l_sup, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, cp_group, positions, metrics,
          compile_backend):
-    """``positions``: every CP rank's global token positions (:func:`_cp_positions`), or None without CP."""
+    """``l_sup``: the NLL zeroed outside the supervised positions; ``positions``: every CP rank's global token
+    positions (:func:`_cp_positions`), or None without CP."""
     cp_size = len(positions) if positions else 1
     cp_rank = _cp_rank(cp_group)
     a_loc = -l_loc.detach()
@@ -226,7 +223,7 @@ def _bft(l_loc, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, cp_group
         a, m, mine = a_loc, m_loc, None
     args = (a, m, global_shape, cu_seqlens, mine, variant, g, gamma, eps, cp_rank == 0)
     coef, stats = _bft_math(*args) if compile_backend is None else _run_compiled(compile_backend, args)
-    loss_sum = (coef * _masked(l_loc, m_loc)).sum()
+    loss_sum = (coef * l_sup).sum()
     metrics.add_pairs(SAMPLE_STATS, stats[:2 * len(SAMPLE_STATS)])
     metrics.add_min("p_conf", stats[-3])
     metrics.add_max("p_conf", stats[-2])

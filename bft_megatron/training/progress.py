@@ -111,32 +111,23 @@ class ProgressLog:
         for k in ("p_conf", "p_conf_min", "sample_weight", "token_weight"):
             if k in values:
                 parts.append(f"{k} {values[k]:.4f}")
-        self._scalars(it, values, lr, grad_norm, tokens_per_gpu, prefix="train")
-        if self.writer is not None:
-            self.writer.add_scalar("train/step_time_ms", step_time * 1000, it)
-            if mem_gib is not None:
-                self.writer.add_scalar("train/mem_allocated_gib", mem_gib, it)
+        self._scalars(it, {**values, "lr": lr, "grad_norm": grad_norm, "tokens_per_s_per_gpu": tokens_per_gpu,
+                           "step_time_ms": step_time * 1000, "mem_allocated_gib": mem_gib}, prefix="train")
         return " | ".join(parts)
 
-    def _scalars(self, it, values, lr, grad_norm, tokens_per_gpu, prefix) -> None:
+    def _scalars(self, it: int, values: dict, prefix: str) -> None:
+        """Every finite float of ``values`` as ``<prefix>/<name>`` (None and inf/NaN are left out)."""
         if self.writer is None:
             return
         for k, v in values.items():
             if isinstance(v, float) and math.isfinite(v):
                 self.writer.add_scalar(f"{prefix}/{k}", v, it)
-        if lr is not None:
-            self.writer.add_scalar(f"{prefix}/lr", lr, it)
-        if grad_norm is not None and math.isfinite(grad_norm):
-            self.writer.add_scalar(f"{prefix}/grad_norm", grad_norm, it)
-        if tokens_per_gpu is not None:
-            self.writer.add_scalar(f"{prefix}/tokens_per_s_per_gpu", tokens_per_gpu, it)
 
     def eval(self, it: int, values: dict) -> None:
         if self.groups.rank == 0:
-            shown = " | ".join(f"{k.replace('_', ' ') if k == 'lm_loss' else k} {v:.6f}"
-                               for k, v in sorted(values.items()))
+            shown = " | ".join(f"{'lm loss' if k == 'lm_loss' else k} {v:.6f}" for k, v in sorted(values.items()))
             _log.info("validation at step %d | %s", it, shown)
-            self._scalars(it, values, None, None, None, prefix="valid")
+            self._scalars(it, values, prefix="valid")
 
     def close(self) -> None:
         if self.writer is not None:
