@@ -108,3 +108,20 @@ def test_local_spec_uses_our_rmsnorm_and_reference_attention(monkeypatch):
         sub = layer.submodules
         assert sub.input_layernorm is RMSNorm and sub.pre_mlp_layernorm is RMSNorm
         assert sub.self_attention.submodules.core_attention is ReferenceAttention
+
+
+def test_gpt_model_gets_the_exact_rope_theta(monkeypatch):
+    """A non-integer ``rope_theta`` reaches megatron's RotaryEmbedding unrounded: its inverse frequencies equal
+    HF's ``1 / theta ** (2i / d)`` (an ``int(theta)`` would shift every frequency)."""
+    import megatron.core.models.gpt as gpt
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from bft_megatron.model.builder import _gpt_model
+
+    captured = {}
+    monkeypatch.setattr(gpt, "GPTModel", lambda **kw: captured.update(kw))
+    cfg = load_config(None, TINY + ["model.rope_theta=12345.75"])
+    _gpt_model(cfg, None, None, SimpleNamespace(tp_size=1, pg_collection=None), None, True, True)
+    inv = RotaryEmbedding(16, 1.0, rotary_base=captured["rotary_base"], use_cpu_initialization=True).inv_freq
+    want = 1.0 / (12345.75 ** (torch.arange(0, 16, 2, dtype=torch.int64).float() / 16))
+    assert torch.allclose(inv, want, rtol=1e-6, atol=0)

@@ -107,7 +107,8 @@ def _gpt_model(cfg: Config, tconfig, spec, groups: ParallelGroups, vp_stage, pre
         max_sequence_length=max(m.max_position_embeddings, cfg.data.seq_length),
         pre_process=pre, post_process=post, parallel_output=True,
         share_embeddings_and_output_weights=m.tie_embeddings, position_embedding_type="rope",
-        rotary_base=int(m.rope_theta), rope_scaling=m.rope_scaling is not None,
+        # float, as HF: megatron only computes rotary_base ** (2i / d), and int() would truncate e.g. 1e4 + 0.5
+        rotary_base=m.rope_theta, rope_scaling=m.rope_scaling is not None,
         rope_scaling_factor=m.rope_scaling.factor if m.rope_scaling else 8.0,
         pg_collection=groups.pg_collection, vp_stage=vp_stage,
     )
