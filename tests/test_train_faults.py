@@ -5,6 +5,7 @@
   the run goes on. ``max_consecutive_skips`` bad steps in a row abort the run on all ranks.
 * SIGUSR1 delivered to rank 0 after step 2 makes all ranks save step 2 and leave the loop;
   ``latest`` names that checkpoint and a RESUME marker records the early stop.
+* A signal during validation ends it after the batch in progress, then the same save and exit.
 * ``exit_duration_minutes`` elapsed: save after the current step and stop (RESUME marker).
 * A skipped step steps neither optimizer nor LR scheduler. Resuming (with dropout) reproduces the losses
   bitwise (RNG states restored) and the skip counters, so a skip before and one after the save abort together.
@@ -52,6 +53,8 @@ def results(tmp_path_factory):
         {"overrides": TINY + [f"checkpoint.load={sig_dir}/iter_0000002", "checkpoint.finetune=true"]},
         {"overrides": TINY + ["train.eval_interval=2", "train.eval_iters=2"], "evaluate": True},
         {"overrides": TINY + ["loss.method=sft", "train.eval_iters=2"], "evaluate": True},
+        {"overrides": TINY + [f"checkpoint.save={sig_dir}/in_eval", "train.eval_interval=2", "train.eval_iters=3"],
+         "signal_in_eval": True},
     ]
     return launch(2, runs), sig_dir
 
@@ -125,6 +128,19 @@ def test_signal_saves_and_exits(results):
     with open(os.path.join(sig_dir, "latest")) as fh:
         assert fh.read().strip() == "iter_0000002"
     with open(os.path.join(sig_dir, "RESUME")) as fh:
+        assert fh.read().strip() == "SIGUSR1"
+
+
+def test_a_signal_during_validation_ends_it_and_saves(results):
+    """SIGUSR1 on rank 0 in the first of 3 validation batches at step 2: every rank stops validating after that
+    batch (no partial means reported), then saves step 2 and exits, as for a signal during a step."""
+    runs, sig_dir = results
+    stopped = runs[16]
+    assert stopped["iteration"] == 2 and stopped["evaluated_at"] == [2]
+    assert stopped["eval_batches"] == [2] and stopped["eval_last"] == {}
+    with open(os.path.join(sig_dir, "in_eval", "latest")) as fh:
+        assert fh.read().strip() == "iter_0000002"
+    with open(os.path.join(sig_dir, "in_eval", "RESUME")) as fh:
         assert fh.read().strip() == "SIGUSR1"
 
 

@@ -33,7 +33,7 @@ def _fit(rank: int, world: int, overrides: list[str], started_ago_s: float) -> t
         progress=SimpleNamespace(line=lambda it, *a: logged.append(it) or "", close=lambda: None),
         train_step=lambda report: SimpleNamespace(real_tokens=0, metrics={}, grad_norm=None, skipped=False, lr=0.0),
         record_step=lambda result: setattr(state, "iteration", state.iteration + 1),
-        evaluate=lambda: evaluated.append(state.iteration))
+        evaluate=lambda stop=None: evaluated.append(state.iteration))
     exit_request = ExitRequest(install=False)
     exit_request.started = time.time() - started_ago_s
     fit(trainer, None, exit_request)

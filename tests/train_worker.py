@@ -4,7 +4,8 @@ Runs a list of training runs in one process group, re-initialising megatron's mo
 per run (so several layouts share one launch and its import cost). Rank 0 writes per-run results
 (loss history, skipped steps, latest pointer) as JSON. Test seams used here: ``poison`` (make
 the loss of given iterations NaN on given ranks), ``signal_at`` (rank 0 sends itself SIGUSR1 after
-a step), ``die_in_commit`` (exit hard after shards are written, before ``latest`` moves), ``evaluate`` (validate
+a step), ``signal_in_eval`` (rank 0 sends it during its first validation batch; the validation batches each
+rank ran are recorded), ``die_in_commit`` (exit hard after shards are written, before ``latest`` moves), ``evaluate`` (validate
 before training and twice after it; the iterations ``fit`` validated at are recorded too). A run whose
 checkpoint load raises ``ConfigError`` reports every rank's message (``load_errors``) and does not train.
 """
@@ -55,6 +56,26 @@ def _state_counts(trainer) -> list[dict]:
     return everyone
 
 
+def _signal_in_validation(trainer) -> list[int]:
+    """Rank 0 sends itself SIGUSR1 during its first validation batch; returns the list that counts every
+    forward-only batch this rank runs."""
+    import torch.distributed as dist
+
+    forward_only_batches = []
+    fwd_bwd = trainer._fwd_bwd
+
+    def fwd_bwd_then_signal(data, forward_only, **kwargs):
+        out = fwd_bwd(data, forward_only, **kwargs)
+        if forward_only:
+            forward_only_batches.append(trainer.state.iteration)
+            if len(forward_only_batches) == 1 and dist.get_rank() == 0:
+                os.kill(os.getpid(), signal.SIGUSR1)
+        return out
+
+    trainer._fwd_bwd = fwd_bwd_then_signal
+    return forward_only_batches
+
+
 def run_one(spec: dict) -> dict:
     import torch.distributed as dist
 
@@ -93,14 +114,16 @@ def run_one(spec: dict) -> dict:
             return result
 
         trainer.train_step = train_step_then_signal
+    eval_batches = _signal_in_validation(trainer) if spec.get("signal_in_eval") else None
     if spec.get("save_init"):
         ckpt.save(trainer)
     evaluations = {"before": trainer.evaluate() if spec.get("evaluate") else None, "at": []}
     validate = trainer.evaluate
 
-    def validate_and_record():
+    def validate_and_record(**kwargs):
         evaluations["at"].append(trainer.state.iteration)
-        return validate()
+        evaluations["last"] = validate(**kwargs)
+        return evaluations["last"]
 
     trainer.evaluate = validate_and_record
     error = None
@@ -113,7 +136,8 @@ def run_one(spec: dict) -> dict:
     out = {"history": trainer.state.history, "iteration": trainer.state.iteration,
            "skipped": trainer.state.skipped_steps, "error": error, "compiled": compiled,
            "embedding_wgrad_fused": _embedding_wgrad_fused(trainer), "evaluated_at": evaluations["at"],
-           "eval_before": evaluations["before"],
+           "eval_before": evaluations["before"], "eval_last": evaluations.get("last"),
+           "eval_batches": eval_batches,
            "state_counts": _state_counts(trainer) if spec.get("count_state") else None,
            "eval_after": [validate(), validate()] if spec.get("evaluate") else None}
     bootstrap.destroy(keep_process_group=True)

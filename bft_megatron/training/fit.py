@@ -1,8 +1,8 @@
 """The outer loop: steps, logging cadence, validation, checkpoint cadence, signal and time-limit exits.
 
 Exit requests (SIGTERM / SIGUSR1 when ``checkpoint.save_on_signal``, or ``train.exit_duration_minutes``
-elapsed) are agreed on by all ranks with one all-reduce per step, so every rank saves the same
-iteration and leaves the loop together.
+elapsed) are agreed on by all ranks with one all-reduce per step (and per validation batch, so a signal
+during validation ends it early), so every rank saves the same iteration and leaves the loop together.
 """
 
 from __future__ import annotations
@@ -44,6 +44,13 @@ def _agree(local: bool, device) -> bool:
     flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
+
+
+def _exit_agreed(cfg, exit_request: ExitRequest, device) -> bool:
+    """Whether any rank has a signal, or the walltime is up (one all-reduce; every rank must call it)."""
+    timed_out = (cfg.train.exit_duration_minutes is not None
+                 and time.time() - exit_request.started > 60 * cfg.train.exit_duration_minutes)
+    return _agree(exit_request.requested or timed_out, device)
 
 
 def _log_step(trainer: Trainer, result, step_time: float, real_tokens: int, interval_time: float) -> None:
@@ -129,15 +136,13 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
         if note:
             _log.info(note)
         if cfg.train.eval_interval and it % cfg.train.eval_interval == 0 and trainer.valid_data is not None:
-            trainer.evaluate()
+            trainer.evaluate(stop=lambda: _exit_agreed(cfg, exit_request, trainer.groups.device))
         if checkpointer is not None and cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
             checkpointer.save(trainer)
             saved_at = it
         if checkpointer is not None:
             checkpointer.poll()
-        timed_out = (cfg.train.exit_duration_minutes is not None
-                     and time.time() - exit_request.started > 60 * cfg.train.exit_duration_minutes)
-        if _agree(exit_request.requested or timed_out, trainer.groups.device):
+        if _exit_agreed(cfg, exit_request, trainer.groups.device):
             _log.info("exit requested (%s) at step %d", exit_request.reason or "exit_duration_minutes", it)
             break
     if checkpointer is not None and saved_at != state.iteration:

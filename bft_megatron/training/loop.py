@@ -9,6 +9,7 @@ skipped everywhere (no optimizer or scheduler step; its rows count as consumed);
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -187,18 +188,30 @@ class Trainer:
             s.consecutive_skips = 0
 
     # ---------------------------------------------------------------- validation
-    def evaluate(self) -> dict:
-        """Forward-only over ``eval_iters`` global batches of the validation rows (same every time)."""
+    def evaluate(self, stop: Callable[[], bool] | None = None) -> dict:
+        """Forward-only over ``eval_iters`` global batches of the validation rows (same every time).
+
+        ``stop``: asked before each batch (a collective: every rank calls it at the same point); when it
+        returns True, validation ends there and reports nothing (partial means would read like a full
+        validation), so a SIGTERM's grace period is not spent on a long validation.
+        """
         t, g = self.cfg.train, self.groups
         data = self._step_data(self.valid_data, self.cfg.data.seed + 1)
         partials: list[MetricPartials] = []
+        done = 0
         for chunk in self.model:
             chunk.eval()
         with torch.no_grad():
-            for _ in range(t.eval_iters):
+            while done < t.eval_iters and not (stop is not None and stop()):
                 partials += self._fwd_bwd(data, forward_only=True)
+                done += 1
         for chunk in self.model:
             chunk.train()
+        if done < t.eval_iters:
+            if g.rank == 0:
+                _log.info("validation at step %d stopped after %d of %d batches (exit requested): not reported",
+                          self.state.iteration, done, t.eval_iters)
+            return {}
         values = reduce_metrics(partials, g.dp_cp) if partials else {}
         values = to_rank0(values if g.rank == self.reporter else None, self.reporter, g)
         self.progress.eval(self.state.iteration, values)
