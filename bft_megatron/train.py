@@ -79,12 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             trainer = build_trainer(cfg, layout, groups)
             checkpointer = Checkpointer(cfg, groups)
-            checkpointer.load(trainer)
+            from_scratch = not checkpointer.load(trainer)
         except ConfigError as exc:  # the prepared data, the checkpoint's model or LR schedule vs this config
             # (raised on every rank)
             log.error("config error: %s", exc)
             return 2
-        state = fit(trainer, checkpointer if cfg.checkpoint.save else None, exit_request)
+        state = fit(trainer, checkpointer if cfg.checkpoint.save else None, exit_request, from_scratch)
         log.info("done: %d steps, %d skipped, %d rows consumed", state.iteration, state.skipped_steps,
                  state.consumed_rows)
         if cfg.checkpoint.export_hf:

@@ -340,6 +340,21 @@ def test_idle_notes_name_a_finished_run_and_a_missing_validation_split():
     assert "train.eval_interval=10 but there is no validation split" in no_valid
 
 
+@pytest.mark.parametrize("overrides, from_scratch, noted", [
+    (["loss.sft_warmup_iters=0"], True, True), (["loss.sft_warmup_iters=0", "loss.method=dft"], True, True),
+    (["loss.sft_warmup_iters=0"], False, False), ([], True, False),
+    (["loss.sft_warmup_iters=0", "loss.method=sft"], True, False)])
+def test_bft_from_a_random_initialisation_is_noted(overrides, from_scratch, noted):
+    """DFT/BFT weights are the model's probabilities: from random weights without an SFT warm-up the lm loss
+    does not fall, which the start-up notes say (the demo's own warm-up, a loaded model or SFT: no note)."""
+    from bft_megatron.training.fit import idle_notes
+
+    notes = idle_notes(load_config("configs/demo_cpu.yaml", overrides), 0, True, from_scratch=from_scratch)
+    assert bool(notes) == noted
+    if noted:
+        assert "randomly initialised model" in notes[0] and "loss.sft_warmup_iters" in notes[0]
+
+
 def test_data_sources_are_validated_by_the_data_layer():
     with pytest.raises(ValueError, match="data config: template='nope'"):
         validate(load_config("configs/demo_cpu.yaml", ["data.template=nope"]), 1)

@@ -101,10 +101,12 @@ def test_rerunning_a_finished_run_keeps_its_checkpoint(tmp_path):
     env = _env()
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
+    assert "randomly initialised model (nothing was loaded)" in first.stderr  # BFT from scratch, no warm-up
     sentinel = save / "iter_0000002" / "sentinel"
     sentinel.write_text("the committed checkpoint must not be deleted and rewritten")
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "randomly initialised" not in again.stderr  # it loaded its own checkpoint
     assert sentinel.is_file()
     assert (save / "latest").read_text().strip() == "iter_0000002"
 

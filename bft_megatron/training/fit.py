@@ -80,9 +80,17 @@ def _mark_resume(save_dir: str, stopped_early: bool, reason: str) -> None:
         os.remove(marker)
 
 
-def idle_notes(cfg, iteration: int, has_valid: bool) -> list[str]:
-    """Why a run will not train, or not validate, although its config suggests it (logged at the start)."""
+def idle_notes(cfg, iteration: int, has_valid: bool, from_scratch: bool = False) -> list[str]:
+    """Why a run will not train, or not validate, or not learn, although its config suggests it (logged at the
+    start). ``from_scratch``: no checkpoint was loaded (the model keeps its random initialisation)."""
     notes = []
+    lo = cfg.loss
+    if from_scratch and lo.method != "sft" and lo.sft_warmup_iters == 0:
+        notes.append(f"loss.method={lo.method} from step 1 on a randomly initialised model (nothing was loaded): its "
+                     "token weights are the model's own probabilities (about 1/vocab), so the lm loss will not fall "
+                     "and may rise; fine-tune imported weights (bft-megatron convert import, then checkpoint.load="
+                     "DIR checkpoint.finetune=true) or set loss.sft_warmup_iters (docs/training.md, 'Random "
+                     "initialisation and DFT/BFT')")
     if iteration >= cfg.train.train_iters:
         notes.append(f"the loaded checkpoint is at iteration {iteration}, already train.train_iters="
                      f"{cfg.train.train_iters}: nothing to train (to continue, raise train.train_iters with "
@@ -104,12 +112,14 @@ def switch_note(cfg, iteration: int) -> str | None:
             "'loss' drops to the weighted objective's scale, 'lm loss' stays comparable")
 
 
-def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = None) -> TrainState:
-    """Train until ``train.train_iters`` (or an agreed exit); save at cadence, on exit and at the end."""
+def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = None,
+        from_scratch: bool = False) -> TrainState:
+    """Train until ``train.train_iters`` (or an agreed exit); save at cadence, on exit and at the end.
+    ``from_scratch``: nothing was loaded into the model (only for the start-up notes)."""
     cfg, state = trainer.cfg, trainer.state
     exit_request = exit_request or ExitRequest(install=False)
     if trainer.groups.rank == 0:
-        for note in idle_notes(cfg, state.iteration, trainer.valid_data is not None):
+        for note in idle_notes(cfg, state.iteration, trainer.valid_data is not None, from_scratch):
             _log.warning(note)
         if checkpointer is not None:
             try:  # best effort, rank 0 alone: an error here must not leave the other ranks in a collective
