@@ -30,6 +30,12 @@ NNODES=${NNODES:-1}
 MASTER_PORT=${MASTER_PORT:-29500}
 SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-1800}
 PYTHON=${PYTHON:-python3}
+# NNODES is checked as a number before it is compared: bash's arithmetic reads a word as a variable name and stops
+# on "2:4" (torchrun's elastic MIN:MAX, which this static rendezvous does not use) inside `if`, skipping the check.
+if [[ ! $NNODES =~ ^[1-9][0-9]*$ ]]; then
+  echo "torchrun.sh: NNODES=$NNODES must be a whole number of nodes >= 1" >&2
+  exit 2
+fi
 # With several nodes, a default address or node rank does not fail: every node would rendezvous with itself at
 # 127.0.0.1 (or two nodes would both be node 0) and wait until the rendezvous timeout. Ask instead.
 if (( NNODES > 1 )); then
@@ -42,6 +48,11 @@ if (( NNODES > 1 )); then
   done
 fi
 NODE_RANK=${NODE_RANK:-0}
+# A node rank outside 0..NNODES-1 would not fail either: node 0 would wait for a node that never joins.
+if [[ ! $NODE_RANK =~ ^(0|[1-9][0-9]*)$ ]] || (( NODE_RANK >= NNODES )); then
+  echo "torchrun.sh: NODE_RANK=$NODE_RANK must be one of 0..$((NNODES - 1)) (NNODES=$NNODES)" >&2
+  exit 2
+fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 if [[ -z ${NPROC_PER_NODE:-} ]]; then
   if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then

@@ -94,6 +94,21 @@ def test_torchrun_multinode_needs_master_and_node_rank(tmp_path, missing):
     assert args == []
 
 
+@pytest.mark.parametrize("given, message", [
+    ({"NNODES": "2:4", "MASTER_ADDR": "", "NODE_RANK": ""}, "NNODES=2:4 must be a whole number"),   # MIN:MAX
+    ({"NNODES": "two"}, "NNODES=two must be a whole number"),
+    ({"NNODES": "0"}, "NNODES=0 must be a whole number of nodes >= 1"),
+    ({"NNODES": "2", "MASTER_ADDR": "node0", "NODE_RANK": "2"}, "NODE_RANK=2 must be one of 0..1"),
+    ({"NNODES": "2", "MASTER_ADDR": "node0", "NODE_RANK": "one"}, "NODE_RANK=one must be one of 0..1")])
+def test_torchrun_rejects_bad_node_counts_and_ranks(tmp_path, given, message):
+    """A non-numeric NNODES used to skip the MASTER_ADDR/NODE_RANK check (and reach torchrun with 127.0.0.1); a
+    NODE_RANK >= NNODES reached torchrun, where node 0 waits for a node that never joins."""
+    result, args = _torchrun(tmp_path, **given)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert args == []
+
+
 @pytest.mark.parametrize("visible, expected", [(None, "8"), ("0,1,2", "3"), ("GPU-aaaa,GPU-bbbb", "2"), ("", "1"),
                                                ("1,-1,2", "1"), ("NoDevFiles", "1")])
 def test_torchrun_counts_visible_gpus(tmp_path, visible, expected):
