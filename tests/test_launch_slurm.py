@@ -221,6 +221,27 @@ def test_config_error_stops_before_srun(slurm):
     assert slurm.read("srun.args") == "" and slurm.requeues() == []
 
 
+@pytest.mark.parametrize("value", ["two", "2x", "-1"])
+def test_bad_max_crash_requeues_stops_before_srun(slurm, value):
+    """Checked at the start: it used to break the requeue decision only after the crash it was meant for."""
+    result = slurm.run("crash", status=1, MAX_CRASH_REQUEUES=value)
+    assert result.returncode == 2, _out(result)
+    assert f"MAX_CRASH_REQUEUES={value} must be a whole number >= 0" in result.stderr
+    assert slurm.read("calls.log") == "" and slurm.read("srun.args") == "" and slurm.requeues() == []
+
+
+@pytest.mark.parametrize("missing", ["SLURM_JOB_ID", "SLURM_JOB_NODELIST", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE"])
+def test_outside_sbatch_says_so(slurm, missing):
+    """`bash launch/slurm.sbatch CONFIG` outside a job (or without --ntasks-per-node) used to end in `set -u`'s
+    "unbound variable" (exit 1), some of them only after the pre-flight check."""
+    env = slurm.env("finish")
+    del env[missing]
+    result = subprocess.run(slurm.args(), env=env, cwd=slurm.tmp, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, _out(result)
+    assert f"{missing} is not set: submit this script with sbatch" in result.stderr
+    assert slurm.read("calls.log") == "" and slurm.read("srun.args") == ""
+
+
 def _env_file(text: str) -> dict:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
