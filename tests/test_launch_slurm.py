@@ -242,6 +242,20 @@ def test_outside_sbatch_says_so(slurm, missing):
     assert slurm.read("calls.log") == "" and slurm.read("srun.args") == ""
 
 
+def test_save_dir_must_match_checkpoint_save(slurm, tmp_path):
+    """The trainer writes RESUME to checkpoint.save, never to SAVE_DIR: a SAVE_DIR naming another directory (say,
+    exported in the submitting shell) used to delete and look for RESUME there, so a walltime stop never requeued."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    result = slurm.run("early", SAVE_DIR=str(other))
+    assert result.returncode == 2, _out(result)
+    assert f"SAVE_DIR={other} but the trainer saves to checkpoint.save={slurm.save}" in result.stderr
+    assert slurm.read("srun.args") == "" and slurm.requeues() == []
+    result = slurm.run("early", SAVE_DIR=f"{slurm.save}/")            # the same directory, spelled differently
+    assert result.returncode == 0, _out(result)
+    assert slurm.requeues() == [f"requeue {JOB_ID}"], _out(result)
+
+
 def _env_file(text: str) -> dict:
     return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
 
