@@ -175,6 +175,18 @@ def test_crash_requeues_are_bounded_and_reset_by_a_clean_run(slurm):
     assert (slurm.save / "CRASH_REQUEUES").read_text().split() == [JOB_ID, "1"]
 
 
+def test_crash_before_the_save_directory_exists_is_counted(slurm):
+    """A first run that crashes before the trainer makes checkpoint.save (model build, checkpoint load): the count
+    could not be written there, so every crash was requeue 1 of N, without bound."""
+    slurm.save.rmdir()
+    for attempt in (1, 2, 3):
+        slurm.reset_logs()
+        result = slurm.run("crash", status=1, MAX_CRASH_REQUEUES="2")
+        assert result.returncode == 1, _out(result)
+        assert slurm.requeues() == ([f"requeue {JOB_ID}"] if attempt <= 2 else []), _out(result)
+    assert "2 crash requeues in a row" in result.stdout
+
+
 def _run_and_signal(slurm: FakeSlurm, sig: int) -> subprocess.CompletedProcess:
     with open(slurm.tmp / "out.txt", "w+") as out:
         proc = subprocess.Popen(slurm.args(), env=slurm.env("wait_signal"), cwd=slurm.tmp, stdout=out,
