@@ -326,3 +326,18 @@ def test_env_sh_sets_defaults_and_keeps_user_values():
     values = dict(line.split("=", 1) for line in out[:-1])
     assert (values["NCCL_NVLS_ENABLE"], values["CUDA_DEVICE_MAX_CONNECTIONS"], values["NCCL_DEBUG"]) == (
         "1", "8", "INFO")
+
+
+@pytest.mark.parametrize("local_rank, devices, want", [(0, 8, 0), (5, 8, 5), (7, 8, 7), (5, 1, 0), (0, 1, 0),
+                                                       (8, 8, None), (3, 2, None)])
+def test_each_rank_picks_a_gpu_it_can_see(local_rank, devices, want):
+    """srun starts one task per GPU; with all the node's GPUs visible to every task a rank uses GPU LOCAL_RANK,
+    with one GPU bound per task (--gpu-bind, --gpus-per-task=1) the only one it sees; more ranks than GPUs on a node
+    is an error naming both numbers (two ranks sharing a GPU would run out of memory or deadlock in NCCL)."""
+    from bft_megatron.parallel.bootstrap import local_device_index
+
+    if want is None:
+        with pytest.raises(RuntimeError, match=f"LOCAL_RANK={local_rank} but this process sees {devices} GPUs"):
+            local_device_index(local_rank, devices)
+    else:
+        assert local_device_index(local_rank, devices) == want

@@ -26,7 +26,8 @@ import torch.distributed as dist
 from bft_megatron.parallel import cpu_compat
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["ParallelGroups", "initialize", "destroy", "seed_everything", "free_port", "RANK0_WAIT_HOURS"]
+__all__ = ["ParallelGroups", "initialize", "destroy", "seed_everything", "free_port", "local_device_index",
+           "RANK0_WAIT_HOURS"]
 
 _log = get_logger(__name__)
 
@@ -97,6 +98,18 @@ def _init_process_group(backend: str, timeout_minutes: int) -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
 
 
+def local_device_index(local_rank: int, device_count: int) -> int:
+    """The CUDA device of this rank: ``LOCAL_RANK`` when every rank of the node sees all its GPUs (torchrun, and
+    srun by default); device 0 when the scheduler binds one GPU per task (``srun --gpu-bind``,
+    ``--gpus-per-task=1``, a site default), where ``LOCAL_RANK`` 1..7 would name devices that task cannot see."""
+    if device_count == 1 or local_rank < device_count:
+        return 0 if device_count == 1 else local_rank
+    raise RuntimeError(
+        f"LOCAL_RANK={local_rank} but this process sees {device_count} GPUs (CUDA_VISIBLE_DEVICES="
+        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}): start at most one rank per visible GPU per node "
+        "(torchrun --nproc-per-node, srun --ntasks-per-node)")
+
+
 def free_port() -> int:
     """A currently free TCP port on localhost (two single-process runs on one host must not clash on 29500)."""
     with socket.socket() as sock:
@@ -123,7 +136,7 @@ def initialize(tp: int = 1, pp: int = 1, vp: int | None = None, cp: int = 1, see
     if not on_gpu:
         cpu_compat.apply()
     else:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(local_device_index(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
     _init_process_group("nccl" if on_gpu else "gloo", timeout_minutes)
 
     from megatron.core import parallel_state as ps
