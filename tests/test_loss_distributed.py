@@ -1,4 +1,5 @@
-"""The loss over real gloo process groups: TP=2/4, DP=2 x 2 micro-batches, CP=2 (padded and packed), CP x TP.
+"""The loss over real gloo process groups: TP=2/4, DP=2 x 2 micro-batches, CP=2 and CP=4 (padded and packed),
+CP x TP.
 
 Every rank builds the same global data from a seed, computes its share with the production code, and
 returns tensors; the assertions compare them with the single-process oracle in the parent process.
@@ -19,6 +20,7 @@ CASES = [("sft", "v1"), ("dft", "v1"), ("bft", "v1"), ("bft", "v3")]
 FP32 = dict(atol=1e-6, rtol=1e-6)
 GROUP = 4
 PACKED_LENGTHS = [8, 12, 4, 8]          # multiples of 2*CP = 4
+PACKED_LENGTHS_CP4 = [8, 24, 8, 16]     # multiples of 2*CP = 8 (a 32k recipe runs CP4)
 
 
 def _data(seed, batch, length, vocab, empty_row=True):
@@ -31,9 +33,9 @@ def _data(seed, batch, length, vocab, empty_row=True):
     return logits, labels, mask
 
 
-def _packed_data(seed, vocab=12):
-    logits, labels, mask = _data(seed, 1, sum(PACKED_LENGTHS), vocab, empty_row=False)
-    cu = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+def _packed_data(seed, vocab=12, lengths=PACKED_LENGTHS):
+    logits, labels, mask = _data(seed, 1, sum(lengths), vocab, empty_row=False)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     mask[0, cu[-2]:] = 0                  # the last sample has no supervised token
     return logits, labels, mask, cu
 
@@ -83,9 +85,9 @@ def _dp_scenario(rank, group, method, variant):
     return {"loss": loss_total / units_total, "grad": weight.grad / units_total}
 
 
-def _cp_scenario(rank, cp_group, tp_group, method, variant, packed, compile_backend=None):
+def _cp_scenario(rank, cp_group, tp_group, method, variant, packed, compile_backend=None, lengths=PACKED_LENGTHS):
     if packed:
-        logits, labels, mask, cu = _packed_data(2)
+        logits, labels, mask, cu = _packed_data(2, lengths=lengths)
     else:
         (logits, labels, mask), cu = _data(3, 2, 16, 12), None
     cp_size, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
@@ -128,6 +130,8 @@ def _all_scenarios(rank, world):
                                                                      compile_backend="aot_eager")
             out[("cptp", packed, method, variant)] = _cp_scenario(rank, cp_of_pair, groups[2], method, variant,
                                                                   packed)
+            out[("cp4", packed, method, variant)] = _cp_scenario(rank, dist.group.WORLD, None, method, variant,
+                                                                 packed, lengths=PACKED_LENGTHS_CP4)
     return out
 
 
@@ -177,9 +181,9 @@ def test_dp_and_accumulation_match_one_process(results, method, variant):
         torch.testing.assert_close(r["grad"].double(), weight.grad, **FP32)
 
 
-def _check_cp(results, key, packed, method, variant):
+def _check_cp(results, key, packed, method, variant, lengths=PACKED_LENGTHS):
     if packed:
-        logits, labels, mask, cu = _packed_data(2)
+        logits, labels, mask, cu = _packed_data(2, lengths=lengths)
     else:
         (logits, labels, mask), cu = _data(3, 2, 16, 12), None
     loss, grad = _oracle(logits, labels, mask, method, variant, cu)
@@ -199,16 +203,27 @@ def test_context_parallel_equals_cp1(results, packed, method, variant):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("method,variant", CASES)
+def test_context_parallel_4_equals_cp1(results, packed, method, variant):
+    """CP4 (all four ranks): each rank holds two of eight chunks of every sample, so a confidence window (4 tokens
+    here) often straddles two ranks; loss, gradients, statistics and the unit count as at CP1."""
+    _assert_cp_equals_cp1(results, "cp4", packed, method, variant, cp_groups=((0, 1, 2, 3),),
+                          lengths=PACKED_LENGTHS_CP4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("variant", ["v1", "v3"])
 def test_compiled_bft_math_under_context_parallel(results, packed, variant):
     _assert_cp_equals_cp1(results, "cpc", packed, "bft", variant)
 
 
-def _assert_cp_equals_cp1(results, key, packed, method, variant):
-    loss, flat_grad, units, ref_metrics = _check_cp(results, key, packed, method, variant)
-    for pair in ((0, 1), (2, 3)):
+def _assert_cp_equals_cp1(results, key, packed, method, variant, cp_groups=((0, 1), (2, 3)),
+                          lengths=PACKED_LENGTHS):
+    loss, flat_grad, units, ref_metrics = _check_cp(results, key, packed, method, variant, lengths)
+    for ranks in cp_groups:
         got_units = 0
-        for rank in pair:
+        for rank in ranks:
             r = results[rank][(key, packed, method, variant)]
             torch.testing.assert_close(r["loss"], loss, **FP32)
             torch.testing.assert_close(r["grad"].reshape(-1, flat_grad.shape[-1]).double(), flat_grad[r["positions"]],
