@@ -288,3 +288,16 @@ def test_publishing_into_a_folder_removes_an_older_exports_template_file(tmp_pat
     (out / "README.md").write_text("kept")
     publish_staging(str(stage), str(out))
     assert sorted(os.listdir(out)) == ["README.md", "tokenizer_config.json"] and not stage.exists()
+
+
+def test_reexport_from_an_export_updates_both_dtype_spellings(tmp_path):
+    """An export's config.json carries `dtype` (transformers 5) and `torch_dtype` (4.x, what serving stacks
+    pinned to it read). Used again as the template (`--hf` an export, or the hf/ of an import of one), the new
+    weights' dtype must reach both keys: a stale one makes such a reader load, say, fp32 weights as bf16."""
+    first = str(tmp_path / "bf16")
+    write_hf_metadata(first, TINY_MODEL, torch.bfloat16, ExportSources(None, None, [], CLI_HINT))
+    again = str(tmp_path / "fp32")
+    write_hf_metadata(again, TINY_MODEL, torch.float32, find_sources({}, hf_dir=first))
+    with open(os.path.join(again, "config.json")) as fh:
+        raw = json.load(fh)
+    assert (raw["dtype"], raw["torch_dtype"]) == ("float32", "float32")
