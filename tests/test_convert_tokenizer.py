@@ -301,3 +301,19 @@ def test_reexport_from_an_export_updates_both_dtype_spellings(tmp_path):
     with open(os.path.join(again, "config.json")) as fh:
         raw = json.load(fh)
     assert (raw["dtype"], raw["torch_dtype"]) == ("float32", "float32")
+
+
+def test_a_transformers5_template_gets_the_4x_rope_keys(tmp_path):
+    """A template config.json saved by transformers 5 has only `rope_parameters`; the export adds top-level
+    `rope_theta` / `rope_scaling`, or a 4.x reader (vLLM pinned to it) would run theta 10000 without llama3 scaling."""
+    model = ModelConfig(**{**TINY_MODEL.__dict__, "rope_theta": 500000.0, "rope_scaling": RopeScaling()})
+    template = tmp_path / "hf"
+    write_hf_metadata(str(template), model, torch.bfloat16, ExportSources(None, None, [], CLI_HINT))
+    raw = json.loads((template / "config.json").read_text())
+    raw.pop("rope_theta"), raw.pop("rope_scaling")  # as transformers 5 writes it
+    (template / "config.json").write_text(json.dumps(raw))
+    out = tmp_path / "out"
+    write_hf_metadata(str(out), model, torch.bfloat16, find_sources({}, hf_dir=str(template)))
+    got = json.loads((out / "config.json").read_text())
+    assert got["rope_theta"] == 500000.0 and got["rope_parameters"]["rope_theta"] == 500000.0
+    assert got["rope_scaling"]["rope_type"] == "llama3" and got["rope_scaling"]["factor"] == RopeScaling().factor

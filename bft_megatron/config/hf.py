@@ -9,7 +9,7 @@ import os
 from bft_megatron.config.base import ConfigError, format_value
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["model_fields_from_hf", "merge_hf_config"]
+__all__ = ["model_fields_from_hf", "merge_hf_config", "legacy_rope_keys"]
 
 _log = get_logger(__name__)
 _FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
@@ -28,11 +28,12 @@ def _rope_scaling(raw):
                        original_max_position_embeddings=int(raw["original_max_position_embeddings"]))
 
 
-def _legacy_rope_keys(hf: dict) -> dict:
+def legacy_rope_keys(hf: dict) -> dict:
     """Copy of an HF config dict with top-level ``rope_theta`` / ``rope_scaling``.
 
     transformers >= 5 writes ``rope_parameters`` (theta and scaling together) instead of the 4.x keys;
-    without this, rope theta and Llama-3.1 scaling would silently fall back to defaults.
+    without this, rope theta and Llama-3.1 scaling would silently fall back to defaults (when we read a config,
+    and for transformers 4.x readers of an exported one).
     """
     hf = dict(hf)
     rope = hf.get("rope_parameters")
@@ -55,7 +56,7 @@ def _check_supported(hf: dict) -> None:
 
 def model_fields_from_hf(hf: dict) -> dict:
     """Map HF config keys to ours. Raises :class:`ConfigError` for an unsupported architecture."""
-    hf = _legacy_rope_keys(hf)
+    hf = legacy_rope_keys(hf)
     archs = hf.get("architectures") or []
     family = next((_FAMILIES[a] for a in archs if a in _FAMILIES), None)
     if family is None:

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from bft_megatron.config.hf import legacy_rope_keys
 from bft_megatron.config.schema import ModelConfig
 from bft_megatron.convert.hf_tokenizer import SpecialIds, write_tokenizer
 from bft_megatron.convert.importer import model_config_from_hf_dir
@@ -48,7 +49,8 @@ def _template_config(sources: ExportSources, m: ModelConfig) -> dict | None:
         _log.warning("%s; synthesising config.json instead", message)
         return None
     with open(os.path.join(template_dir, "config.json"), encoding="utf-8") as fh:
-        return json.load(fh)
+        # A transformers-5 config.json has only `rope_parameters`: add the 4.x keys, as a synthesised config has.
+        return legacy_rope_keys(json.load(fh))
 
 
 def _llama3_rope_scaling(rs) -> dict:
