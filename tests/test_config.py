@@ -177,6 +177,8 @@ def test_valid_layouts():
     (["parallel.pp=2", "parallel.vp=2", "train.micro_batch_size=1", "train.global_batch_size=3"], 2,
      r"micro-batches per step .* = 3 must be divisible by parallel.pp=2"),
     (["model.rope_scaling.low_freq_factor=4"], 1, r"high_freq_factor > low_freq_factor"),
+    (["model.family=qwen2"], 1, r"model.qkv_bias=false with model.family=qwen2: Qwen2 attention always has q/k/v"),
+    (["model.qkv_bias=true"], 1, r"model.qkv_bias=true with model.family=llama: HF Llama's attention_bias also"),
     (["parallel.tp=0"], 1, r"parallel.tp must be >= 1, got 0"),
     (["parallel.cp=-1"], 1, r"parallel.cp must be >= 1, got -1"),
     (["parallel.overlap_param_gather=true", "parallel.distributed_optimizer=false"], 1,

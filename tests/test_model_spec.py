@@ -82,7 +82,8 @@ def test_transformer_config_carries_the_training_settings():
 
 def test_transformer_config_parallel_and_precision():
     cfg = load_config(None, TINY + ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.cp=2",
-                                    "model.qkv_bias=true", "model.norm_epsilon=1e-6", "train.bf16=true"])
+                                    "model.qkv_bias=true", "model.family=qwen2", "model.norm_epsilon=1e-6",
+                                    "train.bf16=true"])
     tc = transformer_config(cfg, CPU)
     assert tc.sequence_parallel and tc.tensor_model_parallel_size == 2 and tc.context_parallel_size == 2
     assert tc.add_qkv_bias and tc.layernorm_epsilon == 1e-6

@@ -44,6 +44,12 @@ def _check_model(m) -> None:
     _require(m.kv_groups > 0 and m.num_attention_heads % m.kv_groups == 0,
              f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
              f"model.num_query_groups={m.num_query_groups}")
+    # model.family names the HF architecture of the export: its attention biases must be what that class builds.
+    _require(m.family != "qwen2" or m.qkv_bias, "model.qkv_bias=false with model.family=qwen2: Qwen2 attention "
+             "always has q/k/v biases (and the export would not match the weights); set model.qkv_bias=true")
+    _require(m.family != "llama" or not m.qkv_bias, "model.qkv_bias=true with model.family=llama: HF Llama's "
+             "attention_bias also adds an o_proj bias this model does not have, so its export would not load; use "
+             "model.family=qwen2 for q/k/v biases")
     _require(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
     _require(m.norm_epsilon > 0, f"model.norm_epsilon must be > 0, got {m.norm_epsilon}")
     rs = m.rope_scaling
