@@ -25,9 +25,12 @@ LOGIT_CASES = [n for n, (_, _, dtype) in CASES.items() if dtype == torch.float32
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 
 
-def _convert_worker(rank: int, world: int, root: str, names: list[str]) -> None:
-    from bft_megatron.convert.exporter import export_checkpoint
-    from bft_megatron.convert.importer import import_hf
+def _convert_worker(rank: int, world: int, root: str, names: list[str]) -> str:
+    """Imports and exports every case; returns the error of exporting a tied checkpoint as an untied model."""
+    import dataclasses
+
+    from bft_megatron.convert.exporter import _Export, export_checkpoint
+    from bft_megatron.convert.importer import import_hf, model_config_from_hf_dir
 
     for name in names:
         for suffix, low_memory in (("", False), ("_low", True)):  # import --low-memory: spilled, memory-mapped
@@ -35,6 +38,12 @@ def _convert_worker(rank: int, world: int, root: str, names: list[str]) -> None:
             import_hf(os.path.join(root, "hf", name), ckpt, low_memory=low_memory)
             # a small shard limit so that the export is split over several files
             export_checkpoint(ckpt, os.path.join(root, "out" + suffix, name), max_shard_bytes=40_000)
+    untied = dataclasses.replace(model_config_from_hf_dir(os.path.join(root, "hf", "qwen2_tied")), tie_embeddings=False)
+    try:
+        _Export(os.path.join(root, "ckpt", "qwen2_tied", "iter_0000000"), untied, None)
+    except KeyError as exc:
+        return str(exc)
+    return "no error"
 
 
 def _scramble_qkv(model, m) -> None:
@@ -88,16 +97,16 @@ def converted(tmp_path_factory):
         if name in LOGIT_CASES:
             with torch.no_grad():
                 refs[name] = model(tokens).logits
-    run_distributed(_convert_worker, 1, root, list(CASES))
+    [untied_error] = run_distributed(_convert_worker, 1, root, list(CASES))
     per_rank = run_distributed(_logits_worker, 2, root, LOGIT_CASES, tokens)
     logits = {k: v for r in per_rank for k, v in r.items()}
-    return root, refs, logits
+    return root, refs, logits, untied_error
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("name", LOGIT_CASES)
 def test_megatron_logits_match_hf(converted, name, layout):
-    _, refs, logits = converted
+    _, refs, logits, _ = converted
     got, ref = logits[(layout, name)], refs[name]
     assert got.shape == ref.shape
     assert ref.abs().max() > 1.0  # the comparison is not between near-zero logits
@@ -107,9 +116,14 @@ def test_megatron_logits_match_hf(converted, name, layout):
 
 def test_wrong_qkv_layout_breaks_logits(converted):
     """The logits comparison is sensitive to the QKV interleave (GQA: 8 heads, 2 groups)."""
-    _, refs, logits = converted
+    _, refs, logits, _ = converted
     diff = (logits[("tp1_scrambled_qkv", "llama31_untied")] - refs["llama31_untied"]).abs().max().item()
     assert diff > 1000 * ATOL
+
+
+def test_an_untied_export_of_a_tied_checkpoint_fails_before_writing(converted):
+    """The missing output layer is found with the other missing tensors, before any shard is written."""
+    assert "untied model but 'output_layer.weight' is missing" in converted[3]
 
 
 @pytest.mark.parametrize("suffix", ["", "_low"], ids=["import", "import_low_memory"])
@@ -137,7 +151,7 @@ def test_export_of_import_is_bit_identical(converted, name, suffix):
 def test_export_loads_with_transformers(converted, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root, refs, _ = converted
+    root, refs, _, _ = converted
     out_dir = os.path.join(root, "out", name)
     model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
     torch.manual_seed(1)

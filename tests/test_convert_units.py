@@ -159,6 +159,11 @@ def test_unsupported_configs_are_rejected(tmp_path):
 
 def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("100MiB") == 100 * 2**20 and parse_size("123") == 123
+    # the in-job export (checkpoint.export_hf) shards like the CLI's default and transformers' "5GB"
+    from bft_megatron.convert.hf_io import DEFAULT_SHARD_BYTES
+    from bft_megatron.convert.cli import _parser
+
+    assert DEFAULT_SHARD_BYTES == _parser().parse_args(["export", "--ckpt", "c", "--out", "o"]).max_shard_size
     with pytest.raises(Exception, match="bad size '5 parsecs'"):
         parse_size("5 parsecs")
 

@@ -308,7 +308,8 @@ def test_single_process_without_torchrun_gets_a_free_port(monkeypatch):
 
 def test_cli_listens_for_exit_signals_before_building_and_loading(monkeypatch):
     """A SIGUSR1/SIGTERM during data preparation or checkpoint loading asks for a clean exit (instead of killing
-    the rank with no checkpoint and no RESUME marker), and train.exit_duration_minutes counts from there."""
+    the rank with no checkpoint and no RESUME marker), and train.exit_duration_minutes counts from there; fit
+    learns whether the checkpointer loaded anything."""
     import signal
     from types import SimpleNamespace
 
@@ -325,8 +326,8 @@ def test_cli_listens_for_exit_signals_before_building_and_loading(monkeypatch):
         seen["handler"] = signal.getsignal(signal.SIGUSR1)
         return SimpleNamespace()
 
-    def fit(trainer, checkpointer, exit_request):
-        seen["exit_request"] = exit_request
+    def fit(trainer, checkpointer, exit_request, from_scratch):
+        seen["exit_request"], seen["from_scratch"] = exit_request, from_scratch
         return SimpleNamespace(iteration=0, skipped_steps=0, consumed_rows=0)
 
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGUSR1, signal.SIGTERM)}
@@ -343,6 +344,7 @@ def test_cli_listens_for_exit_signals_before_building_and_loading(monkeypatch):
     request = seen["exit_request"]
     assert seen["handler"] == request._handler  # installed before the trainer was built
     assert request.started <= time.time()
+    assert seen["from_scratch"] is True  # the checkpointer loaded nothing: fit's start-up notes are told so
 
 
 @pytest.mark.parametrize("sequence_parallel,total", [(True, 192), (False, 160)])

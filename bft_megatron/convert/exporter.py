@@ -102,6 +102,8 @@ class _Export:
         for key in self.layer_keys + [EMBEDDING.local, FINAL_NORM.local]:
             if key not in self.metadata:
                 raise KeyError(f"{path}: tensor {key!r} missing from the checkpoint")
+        if not m.tie_embeddings and OUTPUT.local not in self.metadata:  # checked before any shard is written
+            raise KeyError(f"{path}: untied model but {OUTPUT.local!r} is missing from the checkpoint")
         found = self.metadata[self.layer_keys[0]].global_shape[0]
         if found != m.num_layers:
             raise ValueError(f"{path}: checkpoint has {found} layers, the model config says {m.num_layers}")
@@ -134,8 +136,6 @@ class _Export:
         self.layers()
         self.write(FINAL_NORM, _load_global(self.path, self.metadata, FINAL_NORM.local), None)
         if not self.m.tie_embeddings:
-            if OUTPUT.local not in self.metadata:
-                raise KeyError(f"{self.path}: untied model but {OUTPUT.local!r} is missing from the checkpoint")
             self.write(OUTPUT, _load_global(self.path, self.metadata, OUTPUT.local), None)
         writer.flush()
 
