@@ -102,8 +102,10 @@ def local_device_index(local_rank: int, device_count: int) -> int:
     """The CUDA device of this rank: ``LOCAL_RANK`` when every rank of the node sees all its GPUs (torchrun, and
     srun by default); device 0 when the scheduler binds one GPU per task (``srun --gpu-bind``,
     ``--gpus-per-task=1``, a site default), where ``LOCAL_RANK`` 1..7 would name devices that task cannot see."""
-    if device_count == 1 or local_rank < device_count:
-        return 0 if device_count == 1 else local_rank
+    if device_count == 1:
+        return 0
+    if local_rank < device_count:
+        return local_rank
     raise RuntimeError(
         f"LOCAL_RANK={local_rank} but this process sees {device_count} GPUs (CUDA_VISIBLE_DEVICES="
         f"{os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')}): start at most one rank per visible GPU per node "
