@@ -58,6 +58,16 @@ REWRITING = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# Refuses chats whose roles do not alternate (as Mistral's, Llama-2's and Gemma's templates do), via raise_exception.
+ALTERNATING = (
+    "{%- for message in messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "Hello, how are you today?",
     "Microcephaly is a head circumference below the normal range.", "Which genes are linked to ataxia?",
@@ -94,9 +104,10 @@ def _build_hf(kind: str, template: str | None) -> str:
 
 @functools.cache
 def hf_tokenizer(name: str) -> str:
-    """Directory of a tiny fast tokenizer: 'llama31', 'qwen25', 'rewriting' or 'qwen_plain' (no template)."""
+    """Directory of a tiny fast tokenizer: 'llama31', 'qwen25', 'rewriting', 'alternating', 'qwen_plain'
+    (no template), ..."""
     spec = {"llama31": ("llama", LLAMA31_LIKE), "qwen25": ("qwen", QWEN25_LIKE),
-            "rewriting": ("qwen", REWRITING), "qwen_plain": ("qwen", None),
+            "rewriting": ("qwen", REWRITING), "qwen_plain": ("qwen", None), "alternating": ("qwen", ALTERNATING),
             "hashes": ("qwen", "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + ' ###\\n' }}"
                                 "{%- endfor %}{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"),
             "upper": ("qwen", QWEN25_LIKE.replace("message['content'] + '<|im_end|>",

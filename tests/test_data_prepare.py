@@ -155,3 +155,21 @@ def test_split_with_no_usable_sample_is_an_error(tmp_path):
     with pytest.raises(DataError, match=r"truncation to data.seq_length=8 left no supervised \(assistant\) token in "
                                         r"any sample: raise data.seq_length"):
         run(dropped)
+
+
+def test_chats_the_tokenizer_template_refuses_are_skipped_as_template_errors(tmp_path):
+    """A template's raise_exception (roles that do not alternate) stops prepare with the record's file and line
+    under on_error: raise, and is a counted template_error under skip (it used to escape as a TemplateError)."""
+    from tests.data_fixtures import hf_tokenizer
+
+    twice = {"messages": [{"role": "user", "content": "q"}, {"role": "user", "content": "again"},
+                          {"role": "assistant", "content": "a"}]}
+    src = write_jsonl(tmp_path / "in.jsonl", [CHATS[2], twice, CHATS[3]])
+    cfg = DataConfig(train=[SourceConfig(path=str(src))], tokenizer=hf_tokenizer("alternating"),
+                     template="tokenizer", seq_length=128, output_dir=str(tmp_path / "o"))
+    with pytest.raises(DataError, match=r"in\.jsonl:line 2: the tokenizer's chat template rejects this chat"):
+        run(cfg)
+    cfg.on_error, cfg.output_dir = "skip", str(tmp_path / "o2")
+    stats = run(cfg)["train"]
+    assert stats.samples == 2 and dict(stats.skips.counts) == {"template_error": 1}
+    assert "in.jsonl:line 2" in stats.skips.examples[0]

@@ -173,3 +173,16 @@ def test_sentencepiece_with_default_normalisation(tmp_path):
     assert first.endswith("small head circumference.") and second.strip().startswith("Many, for example")
     prompt = tok.decode(enc.tokens[: int(np.argmax(enc.loss_mask)) + 1].tolist())
     assert "microcephaly?" in prompt and "circumference" not in prompt
+
+
+def test_a_chat_the_tokenizer_template_refuses_is_a_data_error_naming_the_record():
+    """Templates that raise_exception on some chats (roles that do not alternate, in Mistral's, Llama-2's and
+    Gemma's) must give a DataError naming the record, so that on_error: skip counts it as a template_error
+    instead of aborting the whole preparation with a bare jinja2 TemplateError."""
+    tok = _tok("alternating")
+    ok = Conversation((Message("user", "q"), Message("assistant", "a")), "t")
+    assert [tok.decode(r) for r in supervised_runs(encode(ok, "tokenizer", tok))] == ["a<|im_end|>"]
+    twice = Conversation((Message("user", "q"), Message("user", "again"), Message("assistant", "a")),
+                         "chats.jsonl:line 7")
+    with pytest.raises(DataError, match=r"chats\.jsonl:line 7: .*chat template.*roles must alternate"):
+        encode(twice, "tokenizer", tok)

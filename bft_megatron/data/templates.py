@@ -135,7 +135,11 @@ def _answer_span(text: str, lo: int, hi: int, content: str, tok: Tokenizer, wher
 
 def _render_tokenizer(conv: Conversation, tok: Tokenizer) -> Rendered:
     msgs = [{"role": m.role, "content": m.content} for m in conv.messages]
-    full = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    try:
+        full = tok.apply_chat_template(msgs, add_generation_prompt=False)
+    except Exception as exc:  # noqa: BLE001 - a template's raise_exception (e.g. roles must alternate) is a jinja
+        # TemplateError: as a DataError it names the record and on_error: skip counts it as a template_error
+        raise DataError(conv.origin, f"the tokenizer's chat template rejects this chat: {exc}") from exc
     spans: list[Span] = []
     cursor = 0
     for i, m in enumerate(conv.messages):
