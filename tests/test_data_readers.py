@@ -215,3 +215,13 @@ def test_optional_system_field_becomes_the_first_turn(record, fmt):
         assert to_conversation(record, name, "test").messages == want
     without = {k: v for k, v in record.items() if k != "system"}
     assert to_conversation(without, fmt, "test").messages == want[1:]
+
+
+def test_json_data_wrapper_is_unwrapped(tmp_path):
+    """docs/data.md: a .json file holds a list of records or ``{"data": [...]}``. datasets reads the wrapper as one
+    row with a 'data' column, which used to become one 'unrecognised record shape' error."""
+    (tmp_path / "w.json").write_text(json.dumps({"version": "1", "data": CHATS}), encoding="utf-8")
+    ref, _ = _convs(write_jsonl(tmp_path / "c.jsonl", CHATS))
+    got, skips = _convs(tmp_path / "w.json")
+    assert [c.messages for c in got] == [c.messages for c in ref] and skips.total == 0
+    assert got[3].origin.endswith("w.json:record 3")

@@ -106,8 +106,16 @@ def _read_local_file(path: Path, skips: SkipLog, cache_dir: str | None) -> Itera
             yield RawRecord(rec, f"{path}:line {lines[i]}")
     else:
         unit = "record" if path.suffix == ".json" else "row"
-        for i, rec in enumerate(ds):
+        for i, rec in enumerate(_unwrap_data(ds) if path.suffix == ".json" else ds):
             yield RawRecord(rec, f"{path}:{unit} {i}")
+
+
+def _unwrap_data(ds: Any) -> Any:
+    """The records of a ``{"data": [...]}`` file: datasets reads that object as one row with a 'data' column
+    (the stdlib reader unwraps it the same way), not as the list of records it holds."""
+    if len(ds) == 1 and "data" in ds.column_names and isinstance(ds[0]["data"], list):
+        return ds[0]["data"]
+    return ds
 
 
 def local_source_problem(path: str) -> str | None:
