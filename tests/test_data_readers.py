@@ -225,3 +225,16 @@ def test_json_data_wrapper_is_unwrapped(tmp_path):
     got, skips = _convs(tmp_path / "w.json")
     assert [c.messages for c in got] == [c.messages for c in ref] and skips.total == 0
     assert got[3].origin.endswith("w.json:record 3")
+
+
+def test_strings_that_look_like_timestamps_stay_strings(tmp_path):
+    """Arrow's JSON reader turns a top-level column of strings such as "2021-03-04" into timestamps; JSON has no
+    timestamp type, so such records used to fail as "must be a string, got datetime"."""
+    path = write_jsonl(tmp_path / "dates.jsonl", [{"prompt": "When was it described?", "response": "2021-03-04"}])
+    convs, skips = _convs(path)
+    assert convs[0].messages[1] == Message("assistant", "2021-03-04") and skips.total == 0
+    alpaca = [{"system": "2024-07-26", "instruction": "Date of the update?", "output": "2021-03-05 10:00:00"}] * 2
+    convs, _ = _convs(write_jsonl(tmp_path / "alpaca.jsonl", alpaca))
+    assert convs[1].messages == (Message("system", "2024-07-26"), Message("user", "Date of the update?"),
+                                 Message("assistant", "2021-03-05 10:00:00"))
+    assert convs[1].origin.endswith("alpaca.jsonl:line 2")

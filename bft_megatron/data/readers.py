@@ -90,9 +90,19 @@ def _read_json_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
         yield RawRecord(rec, f"{path}:record {i}")
 
 
+def _infers_timestamps(ds: Any) -> bool:
+    """Whether Arrow typed a JSON column as a timestamp (it does so for strings like "2021-03-04"): JSON has no
+    such type, so the column held strings, which must reach the records unchanged."""
+    import pyarrow as pa
+
+    return any(pa.types.is_timestamp(f.type) or pa.types.is_date(f.type) for f in ds.data.schema)
+
+
 def _read_local_file(path: Path, skips: SkipLog, cache_dir: str | None) -> Iterator[RawRecord]:
     try:
         ds = _load_with_datasets(path, cache_dir)
+        if path.suffix != ".parquet" and _infers_timestamps(ds):
+            raise TypeError("strings read as timestamps")
     except Exception as exc:  # noqa: BLE001 - any Arrow/datasets failure: fall back to locate the bad line
         if path.suffix == ".parquet":
             raise DataError(str(path), f"cannot read parquet file: {exc}") from exc
