@@ -238,3 +238,16 @@ def test_strings_that_look_like_timestamps_stay_strings(tmp_path):
     assert convs[1].messages == (Message("system", "2024-07-26"), Message("user", "Date of the update?"),
                                  Message("assistant", "2021-03-05 10:00:00"))
     assert convs[1].origin.endswith("alpaca.jsonl:line 2")
+
+
+def test_json_lines_in_a_json_file_name_the_bad_line(tmp_path):
+    """datasets reads a .json file laid out as JSON lines; when one line is bad, the json-module re-read must not
+    call the whole file unreadable (naming line 2, "Extra data") and, under skip, drop every good record."""
+    p = tmp_path / "lines.json"
+    p.write_text("\n".join([json.dumps(CHATS[2]), json.dumps(CHATS[3]), '{"prompt": ', json.dumps(CHATS[1])]) + "\n",
+                 encoding="utf-8")
+    with pytest.raises(DataError, match=r"lines\.json:line 3: malformed JSON"):
+        _convs(p)
+    convs, skips = _convs(p, policy="skip")
+    assert [c.origin.rsplit(":", 1)[1] for c in convs] == ["line 1", "line 2", "line 4"]
+    assert skips.counts == {"malformed_json": 1} and "lines.json:line 3" in skips.examples[0]

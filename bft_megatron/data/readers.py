@@ -74,10 +74,22 @@ def _read_jsonl_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
                              "malformed_json")
 
 
-def _read_json_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
+def _first_line_is_object(text: str) -> bool:
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _read_json_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
+        if _first_line_is_object(text):  # JSON lines in a .json file (datasets reads them): name the bad line
+            yield from _read_jsonl_stdlib(path, skips)
+            return
         # one JSON document: under on_error=skip the whole file is the counted skip
         skips.handle(DataError(f"{path}:line {exc.lineno}", f"malformed JSON ({exc.msg} at column {exc.colno}); "
                                                             "the whole file is unreadable"), "malformed_json")
