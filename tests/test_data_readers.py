@@ -251,3 +251,21 @@ def test_json_lines_in_a_json_file_name_the_bad_line(tmp_path):
     convs, skips = _convs(p, policy="skip")
     assert [c.origin.rsplit(":", 1)[1] for c in convs] == ["line 1", "line 2", "line 4"]
     assert skips.counts == {"malformed_json": 1} and "lines.json:line 3" in skips.examples[0]
+
+
+@pytest.mark.parametrize("record,message", [
+    ({"system": "S", "conversations": [{"from": "human", "value": " "}, {"from": "gpt", "value": "a"}]},
+     "conversations[0]: empty user turn"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "\n"}]},
+     "conversations[1]: empty assistant turn"),
+    ({"instruction": "Define ataxia.", "output": "  "}, "field 'output': empty assistant turn"),
+    ({"instruction": " ", "input": "", "output": "a"}, "field 'instruction': empty user turn"),
+    ({"system": "S", "prompt": "p", "response": "\n"}, "field 'response': empty assistant turn"),
+    ({"prompt": "", "response": "r"}, "field 'prompt': empty user turn"),
+])
+def test_empty_turn_errors_name_the_records_own_field(record, message):
+    """An empty turn is named by the record's own field and index: ShareGPT's 'conversations[i]' (not a shifted
+    'messages[i+1]' when a 'system' field is present), alpaca's 'output', prompt/response's 'prompt'."""
+    with pytest.raises(DataError) as info:
+        to_conversation(record, "auto", "f.jsonl:line 3")
+    assert str(info.value) == f"f.jsonl:line 3: {message}"

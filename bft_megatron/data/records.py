@@ -85,8 +85,16 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
             raise DataError("", f"{where}: {text_key!r} must be a string, got {content!r:.60}")
         if roles[role] == "system" and i != 0:
             raise DataError("", f"{where}: a system message is only allowed first")
+        _check_nonempty(roles[role], content, where)
         out.append(Message(roles[role], content))
     return out
+
+
+def _check_nonempty(role: str, content: str, where: str) -> None:
+    """An empty answer would train on nothing but the end-of-turn token, an empty question on a bare header;
+    ``where`` is the record's own field (``conversations[2]``, ``field 'output'``)."""
+    if role in ("user", "assistant") and not content.strip():
+        raise DataError("", f"{where}: empty {role} turn")
 
 
 def _from_messages(record: Mapping[str, Any]) -> list[Message]:
@@ -108,12 +116,17 @@ def _from_alpaca(record: Mapping[str, Any]) -> list[Message]:
     instruction = _text(record, "instruction", required=True)
     extra = _text(record, "input", required=False)
     prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    return _system(record) + [Message("user", prompt), Message("assistant", _text(record, "output", required=True))]
+    output = _text(record, "output", required=True)
+    _check_nonempty("user", prompt, "field 'instruction'")
+    _check_nonempty("assistant", output, "field 'output'")
+    return _system(record) + [Message("user", prompt), Message("assistant", output)]
 
 
 def _from_prompt_response(record: Mapping[str, Any]) -> list[Message]:
     prompt = _text(record, "prompt", required=True)
     response = _text(record, "response", required=True)
+    _check_nonempty("user", prompt, "field 'prompt'")
+    _check_nonempty("assistant", response, "field 'response'")
     return _system(record) + [Message("user", prompt), Message("assistant", response)]
 
 
@@ -122,16 +135,11 @@ _BUILDERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _
 
 
 def _check_turns(messages: list[Message]) -> None:
-    """Reject chats that would train on nothing or on an empty answer."""
+    """Reject chats that would train on nothing (empty turns are refused where their field is known)."""
     if not messages:
         raise DataError("", "empty conversation")
     if not any(m.role == "assistant" for m in messages):
         raise DataError("", "no assistant turn")
-    for i, m in enumerate(messages):
-        if m.role == "assistant" and not m.content.strip():
-            raise DataError("", f"messages[{i}]: empty assistant turn")
-        if m.role == "user" and not m.content.strip():
-            raise DataError("", f"messages[{i}]: empty user turn")
 
 
 def to_conversation(record: Mapping[str, Any], fmt: str, origin: str) -> Conversation:
