@@ -186,3 +186,16 @@ def test_a_chat_the_tokenizer_template_refuses_is_a_data_error_naming_the_record
                          "chats.jsonl:line 7")
     with pytest.raises(DataError, match=r"chats\.jsonl:line 7: .*chat template.*roles must alternate"):
         encode(twice, "tokenizer", tok)
+
+
+def test_answer_with_leading_whitespace_is_supervised_whole_with_tokenizer_template():
+    """Qwen's template keeps content verbatim: the answer's leading whitespace is part of what the model emits and
+    is supervised as with the built-in chatml; it was cut off by searching for the stripped answer. Llama's template
+    trims, and so does the built-in llama3: there the stripped answer is what is rendered."""
+    conv = Conversation((Message("user", "hi"), Message("assistant", "\n  - padded answer \n")), "t")
+    for name, builtin in (("qwen25", "chatml"), ("llama31", "llama3")):
+        tok = _tok(name)
+        assert supervised_runs(encode(conv, "tokenizer", tok)) == supervised_runs(encode(conv, builtin, tok)), name
+    tok = _tok("qwen25")
+    assert [tok.decode(r) for r in supervised_runs(encode(conv, "tokenizer", tok))][0].endswith(
+        "  - padded answer \n<|im_end|>")

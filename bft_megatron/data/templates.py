@@ -120,9 +120,15 @@ def _eot_end(text: str, pos: int, tok: Tokenizer) -> int | None:
 
 
 def _answer_span(text: str, lo: int, hi: int, content: str, tok: Tokenizer, where: str) -> Span:
-    """Locate ``content`` in ``text[lo:hi]`` and extend it over the closing end-of-turn marker."""
-    needle = content.strip()
+    """Locate ``content`` in ``text[lo:hi]`` and extend it over the closing end-of-turn marker.
+
+    The content as given first (Qwen's template keeps it verbatim, leading whitespace included, and that is what
+    the model must emit), then stripped (Llama's template trims it)."""
+    needle = content
     start = text.find(needle, lo, hi)
+    if start < 0:
+        needle = content.strip()
+        start = text.find(needle, lo, hi)
     if start < 0:
         raise DataError(where, f"assistant answer {needle[:40]!r} not found in the rendered chat template")
     end = start + len(needle)
