@@ -173,3 +173,23 @@ def test_chats_the_tokenizer_template_refuses_are_skipped_as_template_errors(tmp
     stats = run(cfg)["train"]
     assert stats.samples == 2 and dict(stats.skips.counts) == {"template_error": 1}
     assert "in.jsonl:line 2" in stats.skips.examples[0]
+
+
+def test_hub_datasets_use_the_hugging_face_cache(tmp_path, monkeypatch):
+    """prepare reads local files through a temporary datasets cache; a hub dataset must not go there: it would be
+    downloaded again into a directory deleted after every prepare, and an offline node (HF_DATASETS_OFFLINE=1)
+    could not load the copy already in the Hugging Face cache."""
+    import datasets
+
+    calls = []
+
+    def fake_load(name, split=None, cache_dir=None, **kwargs):
+        calls.append((name, split, cache_dir))
+        return [CHATS[2], CHATS[3]]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.chdir(tmp_path)
+    stats = run(DataConfig(train=[SourceConfig(path="org/chat-set", split="validation")], tokenizer=DEMO_SP,
+                           seq_length=128, output_dir=str(tmp_path / "o")))
+    assert stats["train"].samples == 2
+    assert calls == [("org/chat-set", "validation", None)]
