@@ -269,3 +269,16 @@ def test_empty_turn_errors_name_the_records_own_field(record, message):
     with pytest.raises(DataError) as info:
         to_conversation(record, "auto", "f.jsonl:line 3")
     assert str(info.value) == f"f.jsonl:line 3: {message}"
+
+
+def test_a_role_that_is_not_a_string_is_a_data_error(tmp_path):
+    """A list or object as the role used to escape as a bare TypeError (unhashable type), with no file or line,
+    that aborted prepare even under on_error: skip."""
+    lines = [json.dumps({"messages": [{"role": ["user"], "content": "q"}, {"role": "assistant", "content": "a"}]}),
+             json.dumps({"conversations": [{"from": {"name": "human"}, "value": "q"}]})]
+    path = write_jsonl(tmp_path / "roles.jsonl", CHATS[2:3], raw_lines=lines)
+    with pytest.raises(DataError, match=r"roles\.jsonl:line 2: messages\[0\]: unknown role \['user'\]"):
+        _convs(path)
+    convs, skips = _convs(path, policy="skip")
+    assert len(convs) == 1 and skips.counts == {"invalid_record": 2}
+    assert "roles.jsonl:line 3: conversations[0]: unknown role {'name': 'human'}" in skips.examples[1]

@@ -76,7 +76,7 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
         role = item.get(role_key)
         if role is None:
             raise DataError("", f"{where}: missing field {role_key!r}")
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:  # a list or object would fail the lookup as unhashable
             raise DataError("", f"{where}: unknown role {role!r} (expected one of {tuple(roles)})")
         content = item.get(text_key)
         if content is None:
