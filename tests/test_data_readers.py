@@ -282,3 +282,16 @@ def test_a_role_that_is_not_a_string_is_a_data_error(tmp_path):
     convs, skips = _convs(path, policy="skip")
     assert len(convs) == 1 and skips.counts == {"invalid_record": 2}
     assert "roles.jsonl:line 3: conversations[0]: unknown role {'name': 'human'}" in skips.examples[1]
+
+
+def test_a_lone_surrogate_is_a_data_error_naming_the_field(tmp_path):
+    r"""JSON can escape half of a surrogate pair ("\ud83d" from a cut emoji); Arrow refuses it and the json module
+    returns a str no tokenizer encodes: the tokenizer's TypeError used to abort prepare with no file or line."""
+    lines = ['{"prompt": "Fever \\ud83d and rash?", "response": "Measles."}',
+             '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a \\udc00"}]}']
+    path = write_jsonl(tmp_path / "s.jsonl", CHATS[2:3], raw_lines=lines)
+    with pytest.raises(DataError, match=r"s\.jsonl:line 2: field 'prompt': not valid Unicode .*'\\ud83d' at character 6"):
+        _convs(path)
+    convs, skips = _convs(path, policy="skip")
+    assert len(convs) == 1 and skips.counts == {"invalid_record": 2}
+    assert "s.jsonl:line 3: messages[1]: 'content' is not valid Unicode" in skips.examples[1]
