@@ -295,3 +295,16 @@ def test_a_lone_surrogate_is_a_data_error_naming_the_field(tmp_path):
     convs, skips = _convs(path, policy="skip")
     assert len(convs) == 1 and skips.counts == {"invalid_record": 2}
     assert "s.jsonl:line 3: messages[1]: 'content' is not valid Unicode" in skips.examples[1]
+
+
+def test_messages_with_a_top_level_system_field_keep_it():
+    """A top-level 'system' is the system turn for every shape; with 'messages' it used to be dropped silently.
+    Both a 'system' field and a system message is ambiguous, as for ShareGPT."""
+    record = {"system": "You are a clinician.", "messages": [{"role": "user", "content": "Define ataxia."},
+                                                             {"role": "assistant", "content": "Poor coordination."}]}
+    assert to_conversation(record, "auto", "x").messages == (
+        Message("system", "You are a clinician."), Message("user", "Define ataxia."),
+        Message("assistant", "Poor coordination."))
+    both = {**record, "messages": [{"role": "system", "content": "Be brief."}, *record["messages"]]}
+    with pytest.raises(DataError, match=r"x\.jsonl:line 2: both a 'system' field and a system turn in 'messages'"):
+        to_conversation(both, "messages", "x.jsonl:line 2")

@@ -1,9 +1,8 @@
 """Turn one raw record (any supported shape) into a validated list of chat messages.
 
 Shapes: ``messages`` (system/user/assistant, multi-turn), ShareGPT ``conversations`` (``from``: system/human/gpt,
-``value``; optional ``system``), alpaca (``instruction``/``input``/``output``, optional ``system``) and
-``prompt``/``response`` (optional ``system``). Readers built on Arrow fill
-absent keys with None, so "missing" and "null" are reported alike.
+``value``), alpaca (``instruction``/``input``/``output``) and ``prompt``/``response``; each with an optional
+top-level ``system``. Readers built on Arrow fill absent keys with None, so "missing" and "null" are reported alike.
 """
 
 from __future__ import annotations
@@ -109,8 +108,16 @@ def _check_nonempty(role: str, content: str, where: str) -> None:
         raise DataError("", f"{where}: empty {role} turn")
 
 
+def _with_system_field(record: Mapping[str, Any], field: str, turns: list[Message]) -> list[Message]:
+    """A top-level ``system`` (LLaMA-Factory's column) as the first turn; one given twice is ambiguous."""
+    system = _system(record)
+    if system and turns and turns[0].role == "system":
+        raise DataError("", f"both a 'system' field and a system turn in {field!r}")
+    return system + turns
+
+
 def _from_messages(record: Mapping[str, Any]) -> list[Message]:
-    return _turns(record, "messages", "role", "content", {r: r for r in ROLES})
+    return _with_system_field(record, "messages", _turns(record, "messages", "role", "content", {r: r for r in ROLES}))
 
 
 # ShareGPT / LLaMA-Factory ``sharegpt``: human/gpt (also user/assistant) turns; tool turns are not supported.
@@ -118,10 +125,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 
 
 def _from_sharegpt(record: Mapping[str, Any]) -> list[Message]:
-    turns = _turns(record, "conversations", "from", "value", SHAREGPT_ROLES)
-    if _system(record) and turns and turns[0].role == "system":
-        raise DataError("", "both a 'system' field and a system turn in 'conversations'")
-    return _system(record) + turns
+    return _with_system_field(record, "conversations", _turns(record, "conversations", "from", "value", SHAREGPT_ROLES))
 
 
 def _from_alpaca(record: Mapping[str, Any]) -> list[Message]:
