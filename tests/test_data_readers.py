@@ -308,3 +308,5 @@ def test_messages_with_a_top_level_system_field_keep_it():
     both = {**record, "messages": [{"role": "system", "content": "Be brief."}, *record["messages"]]}
     with pytest.raises(DataError, match=r"x\.jsonl:line 2: both a 'system' field and a system turn in 'messages'"):
         to_conversation(both, "messages", "x.jsonl:line 2")
+    repeated = {**record, "messages": [{"role": "system", "content": "You are a clinician."}, *record["messages"]]}
+    assert to_conversation(repeated, "auto", "x").messages == to_conversation(record, "auto", "x").messages

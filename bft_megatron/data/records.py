@@ -109,9 +109,12 @@ def _check_nonempty(role: str, content: str, where: str) -> None:
 
 
 def _with_system_field(record: Mapping[str, Any], field: str, turns: list[Message]) -> list[Message]:
-    """A top-level ``system`` (LLaMA-Factory's column) as the first turn; one given twice is ambiguous."""
+    """A top-level ``system`` (LLaMA-Factory's column) as the first turn; two different ones are ambiguous (some
+    datasets repeat the system turn in the field: that is one)."""
     system = _system(record)
     if system and turns and turns[0].role == "system":
+        if system[0].content.strip() == turns[0].content.strip():
+            return turns
         raise DataError("", f"both a 'system' field and a system turn in {field!r}")
     return system + turns
 
