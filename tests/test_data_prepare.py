@@ -193,3 +193,27 @@ def test_hub_datasets_use_the_hugging_face_cache(tmp_path, monkeypatch):
                            seq_length=128, output_dir=str(tmp_path / "o")))
     assert stats["train"].samples == 2
     assert calls == [("org/chat-set", "validation", None)]
+
+
+def test_a_bad_record_with_workers_is_raised_not_a_hang(tmp_path):
+    """With num_workers > 1 the records are read in the pool's task-feeding thread; its DataError (on_error: raise)
+    is pickled to a worker to be re-raised. DataError did not unpickle (two-argument __init__), so the worker died
+    and prepare waited forever. Run in a subprocess, so that a regression fails instead of hanging the suite."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    err = pickle.loads(pickle.dumps(DataError("a.jsonl:line 5", "bad")))
+    assert (type(err), err.where, err.message, str(err)) == (DataError, "a.jsonl:line 5", "bad", "a.jsonl:line 5: bad")
+    src = write_jsonl(tmp_path / "in.jsonl", CHATS, raw_lines=[json.dumps({"prompt": "x", "response": ""})])
+    code = ("from bft_megatron.config.data import DataConfig, SourceConfig\nfrom bft_megatron.data.prepare import run\n"
+            "if __name__ == '__main__':\n"
+            f"    run(DataConfig(train=[SourceConfig(path={str(src)!r})], tokenizer={DEMO_SP!r}, seq_length=128,\n"
+            f"                   output_dir={str(tmp_path / 'o')!r}, num_workers=2))\n")
+    (tmp_path / "job.py").write_text(code, encoding="utf-8")
+    repo = str(Path(__file__).resolve().parents[1])  # this checkout's package, in the job and its workers
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(tmp_path / "job.py")], capture_output=True, text=True, timeout=240,
+                          cwd=repo, env=env)
+    assert proc.returncode != 0 and "in.jsonl:line 5: field 'response': empty assistant turn" in proc.stderr
