@@ -28,7 +28,8 @@ _log = get_logger(__name__)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-DEFAULT_SHARD_BYTES = 5 * 10**9  # HF's default max_shard_size "5GB" (decimal, as transformers and --max-shard-size read it)
+# HF's default max_shard_size "5GB", decimal as transformers (and --max-shard-size) read it
+DEFAULT_SHARD_BYTES = 5 * 10**9
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
               "chat_template.json")
