@@ -5,6 +5,7 @@
   A source touched but unchanged is hashed once: its new mtime is recorded in the index.
 * With only ``data.output_dir``, only what the config sets to a non-default value is compared.
 * An index written before these records existed still loads, with a warning naming what cannot be checked.
+* Data prepared under other record-to-token rules (``RULES_VERSION``) differs in both modes.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def test_older_index_loads_with_a_warning(tmp_path):
     src, over = _setup(tmp_path)
     path = tmp_path / "out" / "train" / "index.json"
     index = json.loads(path.read_text())
-    for key in ("sources", "on_error", "seed"):
+    for key in ("sources", "on_error", "seed", "rules_version"):
         index.pop(key)
     index["tokenizer"].pop("fingerprint_version")
     path.write_text(json.dumps(index))
@@ -168,10 +169,27 @@ def test_older_index_loads_with_a_warning(tmp_path):
     assert len(records) == 1 and "older version" in records[0].getMessage()
     assert "contents, hub split and format (only paths and weights)" in records[0].getMessage()
     assert "data.seed" in records[0].getMessage()
+    assert "the version of the record-to-token rules" in records[0].getMessage()
     # what it does record is still compared: settings, source paths and weights, a sentencepiece fingerprint
     assert "data.packing: prepared true, configured false" in _mismatch(over + ["data.packing=false"])
     assert "data.train[0].weight" in _mismatch(over + [f"data.train={src}:2"])
     assert "data.tokenizer: prepared with" in _mismatch(over + [f"data.tokenizer={copy_hf(tmp_path)}"])
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_data_prepared_by_other_rules_differs(tmp_path, strict):
+    """Data prepared by a version whose record-to-token rules differ (RULES_VERSION) is not reused silently, also
+    when only data.output_dir is given: the same records would now give other tokens or masks."""
+    _, over = _setup(tmp_path)
+    path = tmp_path / "out" / "train" / "index.json"
+    index = json.loads(path.read_text())
+    assert index["rules_version"] == provenance.RULES_VERSION
+    index["rules_version"] = provenance.RULES_VERSION - 1
+    path.write_text(json.dumps(index))
+    only = [f"data.output_dir={tmp_path / 'out'}", "model.vocab_size=4096"]
+    message = _mismatch(over if strict else only)
+    assert (f"data preparation rules: prepared with version {provenance.RULES_VERSION - 1}, this version prepares "
+            f"with {provenance.RULES_VERSION}") in message
 
 
 def _sources_index(*sources: SourceConfig, **extra) -> dict:

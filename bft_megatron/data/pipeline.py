@@ -21,7 +21,7 @@ from tqdm import tqdm
 from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError, SkipLog
 from bft_megatron.data.packing import one_per_row, pack_best_fit
-from bft_megatron.data.provenance import source_record
+from bft_megatron.data.provenance import RULES_VERSION, source_record
 from bft_megatron.data.readers import read_records
 from bft_megatron.data.records import Conversation, to_conversation
 from bft_megatron.data.storage import SampleStream, is_prepared, publish_index, unpublish, write_split
@@ -200,7 +200,7 @@ def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok:
         rows = [selection[r] for r in layout.rows]
         meta = {"split": split, "seq_length": cfg.seq_length, "packed": cfg.packing, "template": cfg.template,
                 "supervise": cfg.supervise, "truncation": cfg.truncation, "seed": cfg.seed, "on_error": cfg.on_error,
-                "tokenizer": describe(tok), "sources": recorded_sources,
+                "tokenizer": describe(tok), "sources": recorded_sources, "rules_version": RULES_VERSION,
                 "packing_efficiency": round(layout.efficiency, 6)}
         index = write_split(out, tokens, mask, stream.lengths, stream.ids, rows, meta)
         del tokens, mask

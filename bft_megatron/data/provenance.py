@@ -1,7 +1,8 @@
 """What a prepared split was made from, and whether a config still asks for the same data.
 
 A split's ``index.json`` records the settings it was prepared with (``seq_length``, ``packed``,
-``template``, ``supervise``, ``truncation``, ``seed``, ``on_error``, the tokenizer's fingerprint) and,
+``template``, ``supervise``, ``truncation``, ``seed``, ``on_error``, the tokenizer's fingerprint, the version of
+the record-to-token rules, :data:`RULES_VERSION`, compared in both modes) and,
 in ``sources``, each source's path, weight, hub split and format and each of its files' name, size,
 mtime and sha256. :func:`compare` lists every difference between that record and a ``DataConfig``:
 
@@ -33,7 +34,15 @@ from bft_megatron.data.readers import list_files
 from bft_megatron.data.storage import sha256_file
 from bft_megatron.data.tokenizer import FINGERPRINT_VERSION, tokenizer_fingerprint
 
-__all__ = ["PreparedDataMismatch", "source_record", "compare", "mismatch_message", "unchecked_message"]
+__all__ = ["PreparedDataMismatch", "RULES_VERSION", "source_record", "compare", "mismatch_message",
+           "unchecked_message"]
+
+# The rules that turn records into tokens and masks, recorded in index.json: bumped when the same sources and
+# settings would now give other tokens or masks, so that data prepared by an older version is not reused unnoticed.
+# 2 (2026-12-02): a top-level 'system' next to 'messages' is the system turn (was dropped); with template: tokenizer
+# an answer's leading whitespace is supervised where the template keeps it (Qwen); a .json {"data": [...]} yields
+# its records; strings Arrow read as dates stay strings.
+RULES_VERSION = 2
 
 SETTINGS = {"seq_length": "seq_length", "packing": "packed", "template": "template", "supervise": "supervise",
             "truncation": "truncation", "seed": "seed"}  # config field -> index key
@@ -134,6 +143,17 @@ def _tokenizer_problems(rec: dict[str, Any], configured: str) -> tuple[list[str]
             ["the tokenizer's files (only its path)"])
 
 
+def _rules_problems(index: dict[str, Any]) -> tuple[list[str], list[str]]:
+    version = index.get("rules_version")
+    if version is None:
+        return [], [f"the version of the record-to-token rules (this one prepares with version {RULES_VERSION}; "
+                    "before version 2 a 'system' field next to 'messages' was dropped)"]
+    if version != RULES_VERSION:
+        return [f"data preparation rules: prepared with version {version}, this version prepares with "
+                f"{RULES_VERSION} (the same records give other tokens or masks; bft_megatron/data/provenance.py)"], []
+    return [], []
+
+
 def _settings_problems(index: dict[str, Any], cfg: DataConfig, strict: bool) -> tuple[list[str], list[str]]:
     defaults, problems, unchecked = DataConfig(), [], []
     for name, key in SETTINGS.items():
@@ -159,7 +179,7 @@ def compare(index: dict[str, Any], cfg: DataConfig, split: str, sources: list[So
 
     ``sources``: the split's configured sources (None: not compared, e.g. an unconfigured valid split)."""
     problems, unchecked = _settings_problems(index, cfg, strict)
-    for more, unknown in (_tokenizer_problems(index.get("tokenizer", {}), cfg.tokenizer),
+    for more, unknown in (_rules_problems(index), _tokenizer_problems(index.get("tokenizer", {}), cfg.tokenizer),
                           _sources_problems(split, index, sources) if sources else ([], [])):
         problems += more
         unchecked += unknown
