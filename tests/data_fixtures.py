@@ -105,9 +105,11 @@ def _build_hf(kind: str, template: str | None) -> str:
 @functools.cache
 def hf_tokenizer(name: str) -> str:
     """Directory of a tiny fast tokenizer: 'llama31', 'qwen25', 'rewriting', 'alternating', 'qwen_plain'
-    (no template), ..."""
+    (no template), 'dated' (writes today's date, as Llama-3.2's), ..."""
     spec = {"llama31": ("llama", LLAMA31_LIKE), "qwen25": ("qwen", QWEN25_LIKE),
             "rewriting": ("qwen", REWRITING), "qwen_plain": ("qwen", None), "alternating": ("qwen", ALTERNATING),
+            "dated": ("qwen", "{{- '<|im_start|>system\\nToday Date: ' + strftime_now('%d %b %Y') + '<|im_end|>\\n' }}"
+                              + QWEN25_LIKE),
             "hashes": ("qwen", "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + ' ###\\n' }}"
                                 "{%- endfor %}{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"),
             "upper": ("qwen", QWEN25_LIKE.replace("message['content'] + '<|im_end|>",

@@ -14,7 +14,7 @@ from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.prepare import main, run
 from bft_megatron.data.storage import PackedDataset
-from tests.data_fixtures import CHATS, DEMO_SP, logged, prepare_dir, synthetic_chats, write_jsonl
+from tests.data_fixtures import CHATS, DEMO_SP, hf_tokenizer, logged, prepare_dir, synthetic_chats, write_jsonl
 
 
 def _digest(directory: Path) -> dict[str, str]:
@@ -88,6 +88,18 @@ def test_on_error_raise_names_file_and_line_and_skip_counts(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "records=6 samples=4" in out and "skipped=invalid_record=1, malformed_json=1" in out
     assert "bad.jsonl:line 5" in out and "bad.jsonl:line 6: empty conversation" in out
+
+
+@pytest.mark.parametrize("tok, warned", [("dated", True), ("qwen25", False)])
+def test_a_template_that_writes_todays_date_is_warned_about(tmp_path, tok, warned):
+    """template: tokenizer with a chat template that calls strftime_now (Llama-3.2's 'Today Date'): the prepared
+    tokens depend on the day, which a reproducible preparation must say."""
+    src = write_jsonl(tmp_path / "a.jsonl", CHATS)
+    cfg = DataConfig(train=[SourceConfig(path=str(src))], tokenizer=hf_tokenizer(tok), template="tokenizer",
+                     seq_length=256, output_dir=str(tmp_path / "o"))
+    with logged(logging.WARNING) as warnings:
+        run(cfg)
+    assert any("writes today's date (strftime_now" in w.getMessage() for w in warnings) == warned
 
 
 def test_weighted_mixing(tmp_path):
