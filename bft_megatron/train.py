@@ -25,6 +25,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _config(args, log):
     """(cfg, layout), or None after logging a config error. ``--check`` and real runs also check input paths."""
     from bft_megatron.config import check_paths, config_warnings, load_config, validate
+    from bft_megatron.config.validate import error_hint
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
@@ -33,9 +34,7 @@ def _config(args, log):
         if not args.dry_run:
             check_paths(cfg, data=args.check)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError and the data layer's checks are ValueErrors
-        hint = ("; outside torchrun the world size is 1: set WORLD_SIZE=N to check or plan for N processes"
-                if "WORLD_SIZE" not in os.environ and "world size" in str(exc) else "")
-        log.error("config error: %s%s", exc, hint)
+        log.error("config error: %s%s", exc, error_hint(str(exc), args.config))
         return None
     if int(os.environ.get("RANK", "0")) == 0:
         for warning in config_warnings(cfg):

@@ -233,6 +233,19 @@ def test_train_cli_check_and_config_errors():
     assert "set WORLD_SIZE=N" in bad.stderr  # outside torchrun: how to check for N processes
 
 
+def test_config_errors_hint_at_the_command_line_fix(monkeypatch):
+    """No --config: a missing model field points at the recipes; outside torchrun a world-size error says how to
+    check for N processes; otherwise nothing is added."""
+    from bft_megatron.config.validate import error_hint
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert "no --config was given: start from a recipe" in error_hint("model.hidden_size must be > 0, got 0", None)
+    assert error_hint("model.hidden_size must be > 0, got 0", "configs/x.yaml") == ""
+    assert "set WORLD_SIZE=N" in error_hint("world size 1 is not divisible by parallel.tp*pp*cp", "c.yaml")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert error_hint("world size 8 is not divisible by parallel.tp*pp*cp", "c.yaml") == ""
+
+
 def test_missing_finetune_checkpoint_is_caught_by_check_but_not_by_dry_run(tmp_path):
     """Recipes carry placeholder paths: --dry-run/plan must still plan them; --check and real runs must not
     start a fine-tune from nothing."""

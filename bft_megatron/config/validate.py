@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from bft_megatron.config.base import ConfigError
 from bft_megatron.config.schema import Config
 
-__all__ = ["Layout", "validate", "check_paths", "config_warnings", "have_transformer_engine"]
+__all__ = ["Layout", "validate", "check_paths", "config_warnings", "error_hint", "have_transformer_engine"]
 
 
 @dataclass(frozen=True)
@@ -244,3 +244,14 @@ def loads_own_save_dir(c) -> bool:
     """``checkpoint.load`` names this run's own ``checkpoint.save`` (Megatron-LM's ``--load X --save X``): on the
     first run it holds nothing yet, which is not an error."""
     return bool(c.load and c.save) and os.path.realpath(c.load) == os.path.realpath(c.save)
+
+
+def error_hint(message: str, config_file: str | None) -> str:
+    """What to add to a config error's message for a command-line user ("" when nothing helps)."""
+    hints = []
+    if "WORLD_SIZE" not in os.environ and "world size" in message:
+        hints.append("outside torchrun the world size is 1: set WORLD_SIZE=N to check or plan for N processes")
+    if config_file is None and message.startswith("model."):
+        hints.append("no --config was given: start from a recipe, e.g. --config configs/demo_cpu.yaml or "
+                     "configs/llama3.1_8b.yaml (or set model.from_hf=DIR)")
+    return "".join(f"; {h}" for h in hints)
