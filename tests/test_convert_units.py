@@ -153,8 +153,16 @@ def test_unsupported_configs_are_rejected(tmp_path):
         model_config_from_hf_dir(_write_config(tmp_path, architectures=["MistralForCausalLM"]))
     with pytest.raises(ValueError, match="head_dim=32"):
         model_config_from_hf_dir(_write_config(tmp_path, head_dim=32))
-    with pytest.raises(ValueError, match="use_sliding_window=true"):
+    with pytest.raises(ValueError, match="use_sliding_window=true with max_window_layers=None < num_hidden_layers=2"):
         model_config_from_hf_dir(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"], use_sliding_window=True))
+    with pytest.raises(ValueError, match="max_window_layers=1 < num_hidden_layers=2"):
+        model_config_from_hf_dir(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
+                                               max_window_layers=1))
+    # Qwen2 slides only in layers >= max_window_layers (none here), or not at all without a window: global attention
+    for extra in ({"max_window_layers": 2}, {"sliding_window": None}):
+        m = model_config_from_hf_dir(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"],
+                                                   use_sliding_window=True, **extra))
+        assert m.family == "qwen2"
 
 
 def test_parse_size():

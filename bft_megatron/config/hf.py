@@ -50,8 +50,12 @@ def _check_supported(hf: dict) -> None:
     if head_dim is not None and int(head_dim) * heads != hidden:
         raise ConfigError(f"model.from_hf: head_dim={head_dim} != hidden_size/num_attention_heads "
                           f"({hidden}/{heads}); not supported")
-    if hf.get("use_sliding_window"):
-        raise ConfigError("model.from_hf: use_sliding_window=true is not supported (the model attends globally)")
+    # Qwen2 slides its attention window only in layers >= max_window_layers: with none of those, attention is global.
+    layers, window_layers = int(hf["num_hidden_layers"]), hf.get("max_window_layers")
+    sliding = hf.get("use_sliding_window") and hf.get("sliding_window", 4096)  # 4096: transformers' default
+    if sliding and (window_layers is None or int(window_layers) < layers):
+        raise ConfigError(f"model.from_hf: use_sliding_window=true with max_window_layers={window_layers} < "
+                          f"num_hidden_layers={layers} is not supported (the model attends globally in every layer)")
 
 
 def model_fields_from_hf(hf: dict) -> dict:
