@@ -177,6 +177,14 @@ def test_tokenizer_path_errors_say_what_is_wrong(tmp_path):
         load_tokenizer(str(tmp_path / "tok.txt"))
 
 
+def test_turns_after_the_last_answer_are_dropped():
+    """A chat ending on a question trains nothing on it: the trailing turns are left out (tokens saved, and the
+    last answer renders as the last turn)."""
+    record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                           {"role": "user", "content": "q2"}]}
+    assert to_conversation(record, "auto", "x").messages == (Message("user", "q1"), Message("assistant", "a1"))
+
+
 def test_sharegpt_conversations_map_roles_and_keep_the_rules():
     """ShareGPT (``conversations`` of ``from``/``value``; human/gpt or user/assistant; optional ``system``)."""
     record = {"system": "You are a clinician.",

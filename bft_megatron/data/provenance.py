@@ -41,7 +41,7 @@ __all__ = ["PreparedDataMismatch", "RULES_VERSION", "source_record", "compare", 
 # settings would now give other tokens or masks, so that data prepared by an older version is not reused unnoticed.
 # 2 (2026-12-02): a top-level 'system' next to 'messages' is the system turn (was dropped); with template: tokenizer
 # an answer's leading whitespace is supervised where the template keeps it (Qwen); a .json {"data": [...]} yields
-# its records; strings Arrow read as dates stay strings.
+# its records; strings Arrow read as dates stay strings; turns after a chat's last answer are dropped.
 RULES_VERSION = 2
 
 SETTINGS = {"seq_length": "seq_length", "packing": "packed", "template": "template", "supervise": "supervise",

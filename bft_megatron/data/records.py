@@ -171,4 +171,8 @@ def to_conversation(record: Mapping[str, Any], fmt: str, origin: str) -> Convers
         _check_turns(messages)
     except DataError as err:
         raise DataError(origin, err.message) from None
-    return Conversation(tuple(messages), origin)
+    # Turns after the last answer train nothing (no supervised token; under causal attention no earlier token
+    # sees them) but cost tokens, and a template that renders the last answer differently (loop.last) would
+    # render it as an earlier one: dropped.
+    last = max(i for i, m in enumerate(messages) if m.role == "assistant")
+    return Conversation(tuple(messages[:last + 1]), origin)
