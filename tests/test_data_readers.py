@@ -248,6 +248,19 @@ def test_strings_that_look_like_timestamps_stay_strings(tmp_path):
     assert convs[1].origin.endswith("alpaca.jsonl:line 2")
 
 
+def test_nested_strings_that_look_like_timestamps_stay_strings(tmp_path):
+    """Arrow also types nested strings as timestamps: inside the records of a {"data": [...]} file, and the turns of
+    'messages'. Only top-level columns were looked at, so these records still failed as "got datetime"."""
+    qa = [{"prompt": "When was it described?", "response": "2021-03-04"}] * 2
+    (tmp_path / "w.json").write_text(json.dumps({"data": qa}), encoding="utf-8")
+    convs, skips = _convs(tmp_path / "w.json")
+    assert [c.messages[1] for c in convs] == [Message("assistant", "2021-03-04")] * 2 and skips.total == 0
+    chat = {"messages": [{"role": "user", "content": "2021-03-04"}, {"role": "assistant", "content": "2021-03-05"}]}
+    convs, skips = _convs(write_jsonl(tmp_path / "m.jsonl", [chat, chat]))
+    assert convs[1].messages == (Message("user", "2021-03-04"), Message("assistant", "2021-03-05"))
+    assert convs[1].origin.endswith("m.jsonl:line 2") and skips.total == 0
+
+
 def test_json_lines_in_a_json_file_name_the_bad_line(tmp_path):
     """datasets reads a .json file laid out as JSON lines; when one line is bad, the json-module re-read must not
     call the whole file unreadable (naming line 2, "Extra data") and, under skip, drop every good record."""

@@ -102,12 +102,23 @@ def _read_json_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
         yield RawRecord(rec, f"{path}:record {i}")
 
 
-def _infers_timestamps(ds: Any) -> bool:
-    """Whether Arrow typed a JSON column as a timestamp (it does so for strings like "2021-03-04"): JSON has no
-    such type, so the column held strings, which must reach the records unchanged."""
+def _has_timestamp(t: Any) -> bool:
+    """Whether Arrow type ``t`` is, or nests (records of a {"data": [...]} file, turns of 'messages'), a timestamp."""
     import pyarrow as pa
 
-    return any(pa.types.is_timestamp(f.type) or pa.types.is_date(f.type) for f in ds.data.schema)
+    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+        return True
+    if pa.types.is_struct(t):
+        return any(_has_timestamp(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _has_timestamp(t.value_type)
+    return False
+
+
+def _infers_timestamps(ds: Any) -> bool:
+    """Whether Arrow typed a JSON field as a timestamp (it does so for strings like "2021-03-04", at any depth):
+    JSON has no such type, so the field held strings, which must reach the records unchanged."""
+    return any(_has_timestamp(f.type) for f in ds.data.schema)
 
 
 def _read_local_file(path: Path, skips: SkipLog, cache_dir: str | None) -> Iterator[RawRecord]:
