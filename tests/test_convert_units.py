@@ -153,8 +153,12 @@ def test_unsupported_configs_are_rejected(tmp_path):
         model_config_from_hf_dir(_write_config(tmp_path, architectures=["MistralForCausalLM"]))
     with pytest.raises(ValueError, match="head_dim=32"):
         model_config_from_hf_dir(_write_config(tmp_path, head_dim=32))
-    with pytest.raises(ValueError, match="use_sliding_window=true with max_window_layers=None < num_hidden_layers=2"):
-        model_config_from_hf_dir(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"], use_sliding_window=True))
+    # without max_window_layers transformers' default 28 applies: a 2-layer model has no sliding layer, 40 layers do
+    assert model_config_from_hf_dir(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"],
+                                                  use_sliding_window=True)).family == "qwen2"
+    with pytest.raises(ValueError, match="use_sliding_window=true with max_window_layers=28 < num_hidden_layers=40"):
+        model_config_from_hf_dir(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
+                                               num_hidden_layers=40))
     with pytest.raises(ValueError, match="max_window_layers=1 < num_hidden_layers=2"):
         model_config_from_hf_dir(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
                                                max_window_layers=1))

@@ -51,7 +51,8 @@ def _check_supported(hf: dict) -> None:
         raise ConfigError(f"model.from_hf: head_dim={head_dim} != hidden_size/num_attention_heads "
                           f"({hidden}/{heads}); not supported")
     # Qwen2 slides its attention window only in layers >= max_window_layers: with none of those, attention is global.
-    layers, window_layers = int(hf["num_hidden_layers"]), hf.get("max_window_layers")
+    # 28: transformers' Qwen2Config default, which applies when config.json has no max_window_layers.
+    layers, window_layers = int(hf["num_hidden_layers"]), hf.get("max_window_layers", 28)
     sliding = hf.get("use_sliding_window") and hf.get("sliding_window", 4096)  # 4096: transformers' default
     if sliding and (window_layers is None or int(window_layers) < layers):
         raise ConfigError(f"model.from_hf: use_sliding_window=true with max_window_layers={window_layers} < "
