@@ -303,6 +303,21 @@ def test_reexport_from_an_export_updates_both_dtype_spellings(tmp_path):
     assert (raw["dtype"], raw["torch_dtype"]) == ("float32", "float32")
 
 
+@pytest.mark.parametrize("kept", ["dtype", "torch_dtype"])
+def test_a_template_with_one_dtype_spelling_gets_both(tmp_path, kept):
+    """transformers 5 saves only `dtype` (4.x only `torch_dtype`); docs/convert.md promises both in every config.json
+    written, as for the rope keys: a 4.x reader of an export from a transformers-5 template found no torch_dtype."""
+    template = tmp_path / "hf"
+    write_hf_metadata(str(template), TINY_MODEL, torch.bfloat16, ExportSources(None, None, [], CLI_HINT))
+    raw = json.loads((template / "config.json").read_text())
+    raw.pop("torch_dtype" if kept == "dtype" else "dtype")
+    (template / "config.json").write_text(json.dumps(raw))
+    out = tmp_path / "out"
+    write_hf_metadata(str(out), TINY_MODEL, torch.float32, find_sources({}, hf_dir=str(template)))
+    got = json.loads((out / "config.json").read_text())
+    assert (got.get("dtype"), got.get("torch_dtype")) == ("float32", "float32")
+
+
 def test_a_transformers5_template_gets_the_4x_rope_keys(tmp_path):
     """A template config.json saved by transformers 5 has only `rope_parameters`; the export adds top-level
     `rope_theta` / `rope_scaling`, or a 4.x reader (vLLM pinned to it) would run theta 10000 without llama3 scaling."""

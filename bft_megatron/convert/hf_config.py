@@ -130,11 +130,10 @@ def write_hf_metadata(out_dir: str, m: ModelConfig, dtype: torch.dtype, sources:
     if config is None:
         _log.info("no HF config.json to start from: synthesising config.json from the model section")
         config = _synthesised_config(m)
-    # transformers 5 reads `dtype`, 4.x (and serving stacks pinned to it) `torch_dtype`. Every spelling the template
-    # has is set: an earlier export's config.json has both, and a stale one would name the old weights' dtype.
-    # A template with neither (and a synthesised config) gets both.
-    spellings = [k for k in ("dtype", "torch_dtype") if k in config] or ["dtype", "torch_dtype"]
-    config.update({k: _DTYPE_NAMES[dtype] for k in spellings})
+    # transformers 5 reads `dtype`, 4.x (and serving stacks pinned to it) `torch_dtype`: both are set, whatever the
+    # template has (transformers 5 saves only `dtype`, 4.x only `torch_dtype`, an earlier export both, where a stale
+    # one would name the old weights' dtype).
+    config.update(dtype=_DTYPE_NAMES[dtype], torch_dtype=_DTYPE_NAMES[dtype])
     ids = write_tokenizer(sources.tokenizer, out_dir, m.vocab_size) if sources.tokenizer else None
     if ids is not None:
         _set_token_ids(config, ids)
