@@ -56,6 +56,19 @@ def _state_counts(trainer) -> list[dict]:
     return everyone
 
 
+def _signal_after_step(trainer, at: int) -> None:
+    """This rank sends itself SIGUSR1 after the step that reaches iteration ``at`` (before it is recorded)."""
+    step = trainer.train_step
+
+    def train_step_then_signal(**kwargs):
+        result = step(**kwargs)
+        if trainer.state.iteration + 1 == at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return result
+
+    trainer.train_step = train_step_then_signal
+
+
 def _signal_in_validation(trainer) -> list[int]:
     """Rank 0 sends itself SIGUSR1 during its first validation batch; returns the list that counts every
     forward-only batch this rank runs."""
@@ -105,15 +118,7 @@ def run_one(spec: dict) -> dict:
         ckpt.before_commit = lambda it: _die(17) if it == spec["die_in_commit"] else None
     exit_request = ExitRequest(install=True)
     if "signal_at" in spec and dist.get_rank() == 0:
-        step = trainer.train_step
-
-        def train_step_then_signal(**kwargs):
-            result = step(**kwargs)
-            if trainer.state.iteration + 1 == spec["signal_at"]:
-                os.kill(os.getpid(), signal.SIGUSR1)
-            return result
-
-        trainer.train_step = train_step_then_signal
+        _signal_after_step(trainer, spec["signal_at"])
     eval_batches = _signal_in_validation(trainer) if spec.get("signal_in_eval") else None
     if spec.get("save_init"):
         ckpt.save(trainer)
