@@ -199,3 +199,18 @@ def test_answer_with_leading_whitespace_is_supervised_whole_with_tokenizer_templ
     tok = _tok("qwen25")
     assert [tok.decode(r) for r in supervised_runs(encode(conv, "tokenizer", tok))][0].endswith(
         "  - padded answer \n<|im_end|>")
+
+
+def test_an_answer_is_not_matched_in_a_later_turn():
+    """Where spans are searched over the rest of the chat (templates that rewrite earlier turns), the answer is the
+    first occurrence of its stripped text; its leading whitespace is added only where the text repeats it. Searching
+    the verbatim ' Yes' would have matched the later user turn of a template that trims the answer."""
+    from bft_megatron.data.templates import _answer_span
+
+    tok = _tok("qwen25")
+    text = "<|im_start|>assistant\nYes<|im_end|>\n<|im_start|>user\nI said Yes<|im_end|>\n"
+    start, end = _answer_span(text, 0, len(text), " Yes", tok, "t")
+    assert text[start:end] == "Yes<|im_end|>"
+    kept = "<|im_start|>assistant\n Yes <|im_end|>\n"  # a verbatim template keeps both sides' whitespace
+    start, end = _answer_span(kept, 0, len(kept), " Yes ", tok, "t")
+    assert kept[start:end] == " Yes <|im_end|>"

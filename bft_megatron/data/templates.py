@@ -122,16 +122,20 @@ def _eot_end(text: str, pos: int, tok: Tokenizer) -> int | None:
 def _answer_span(text: str, lo: int, hi: int, content: str, tok: Tokenizer, where: str) -> Span:
     """Locate ``content`` in ``text[lo:hi]`` and extend it over the closing end-of-turn marker.
 
-    The content as given first (Qwen's template keeps it verbatim, leading whitespace included, and that is what
-    the model must emit), then stripped (Llama's template trims it)."""
-    needle = content
-    start = text.find(needle, lo, hi)
+    The first occurrence of the stripped content is the answer (Llama's template trims it); where the text around
+    it repeats the content's own leading / trailing whitespace (Qwen's keeps content verbatim), that whitespace is
+    part of what the model must emit and is included. Searching the verbatim content instead could match a later
+    text (another turn) when the template trims."""
+    core = content.strip()
+    start = text.find(core, lo, hi)
     if start < 0:
-        needle = content.strip()
-        start = text.find(needle, lo, hi)
-    if start < 0:
-        raise DataError(where, f"assistant answer {needle[:40]!r} not found in the rendered chat template")
-    end = start + len(needle)
+        raise DataError(where, f"assistant answer {core[:40]!r} not found in the rendered chat template")
+    end = start + len(core)
+    lead, trail = content[:len(content) - len(content.lstrip())], content[len(content.rstrip()):]
+    if lead and start - len(lead) >= lo and text.startswith(lead, start - len(lead)):
+        start -= len(lead)
+    if trail and end + len(trail) <= hi and text.startswith(trail, end):
+        end += len(trail)
     eot = _eot_end(text, end, tok)
     if eot is not None and eot <= hi:
         return start, eot
