@@ -18,7 +18,7 @@ class DataError(ValueError):
         # Pickled into a prepare worker (Pool.imap re-raises the task feeder's error there) and back: the default
         # rebuilds from the one formatted message, which this two-argument __init__ refuses; the worker then dies
         # and prepare waits forever.
-        return DataError, (self.where, self.message)
+        return type(self), (self.where, self.message)
 
 
 @dataclass

@@ -231,7 +231,7 @@ def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = 
     if tok.chat_template and cfg.template != "tokenizer":
         log.info("using the built-in %r template; the tokenizer's own chat_template is used only with "
                  "template: tokenizer", cfg.template)
-    elif cfg.template == "tokenizer" and "strftime_now" in tok.chat_template:
+    elif cfg.template == "tokenizer" and "strftime_now" in str(tok.chat_template):  # str: or a dict of named ones
         log.warning("%s's chat template writes today's date (strftime_now, e.g. Llama-3.2's 'Today Date'): "
                     "preparing these sources on another day gives other tokens", tok.name)
     wanted = configured_splits(cfg)
