@@ -235,6 +235,20 @@ def test_json_data_wrapper_is_unwrapped(tmp_path):
     assert got[3].origin.endswith("w.json:record 3")
 
 
+def test_records_with_a_data_field_are_not_unwrapped(tmp_path):
+    """Only a file that is a {"data": [...]} object is unwrapped: a list of records that carry a 'data' field
+    (a list or not), even a list of one, yields those records, as the json module reads them; so does a .jsonl
+    file. A one-record list used to yield the items of its 'data' field as the records."""
+    rec = {"prompt": "Define ataxia.", "response": "Poor coordination.", "data": ["a", "b"]}
+    cases = {"one.json": json.dumps([rec]), "two.json": json.dumps([rec, rec]),
+             "text.json": json.dumps([{**rec, "data": "notes"}]), "line.jsonl": json.dumps(rec) + "\n"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        got = [r.data for r in read_records(str(tmp_path / name), None, SkipLog(policy="raise"),
+                                            cache_dir=str(tmp_path / "cache"))]
+        assert got == json.loads(text) if name.endswith(".json") else got == [rec], name
+
+
 def test_strings_that_look_like_timestamps_stay_strings(tmp_path):
     """Arrow's JSON reader turns a top-level column of strings such as "2021-03-04" into timestamps; JSON has no
     timestamp type, so such records used to fail as "must be a string, got datetime"."""
@@ -331,3 +345,12 @@ def test_messages_with_a_top_level_system_field_keep_it():
         to_conversation(both, "messages", "x.jsonl:line 2")
     repeated = {**record, "messages": [{"role": "system", "content": "You are a clinician."}, *record["messages"]]}
     assert to_conversation(repeated, "auto", "x").messages == to_conversation(record, "auto", "x").messages
+    # the same text up to surrounding whitespace is the same system turn: the chat's own (rendered as written)
+    spaced = {**record, "messages": [{"role": "system", "content": "You are a clinician.\n"}, *record["messages"]]}
+    assert to_conversation(spaced, "auto", "x").messages[0] == Message("system", "You are a clinician.\n")
+    # a chat that opens with an answer has no system turn: the field goes first
+    opens = {"system": "S", "messages": [{"role": "assistant", "content": "Hello."},
+                                         {"role": "user", "content": "Define ataxia."},
+                                         {"role": "assistant", "content": "Poor coordination."}]}
+    assert [m.role for m in to_conversation(opens, "auto", "x").messages] == [
+        "system", "assistant", "user", "assistant"]

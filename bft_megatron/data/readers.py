@@ -139,16 +139,27 @@ def _read_local_file(path: Path, skips: SkipLog, cache_dir: str | None) -> Itera
             yield RawRecord(rec, f"{path}:line {lines[i]}")
     else:
         unit = "record" if path.suffix == ".json" else "row"
-        for i, rec in enumerate(_unwrap_data(ds) if path.suffix == ".json" else ds):
+        for i, rec in enumerate(_unwrap_data(ds, path) if path.suffix == ".json" else ds):
             yield RawRecord(rec, f"{path}:{unit} {i}")
 
 
-def _unwrap_data(ds: Any) -> Any:
+def _unwrap_data(ds: Any, path: Path) -> Any:
     """The records of a ``{"data": [...]}`` file: datasets reads that object as one row with a 'data' column
-    (the stdlib reader unwraps it the same way), not as the list of records it holds."""
-    if len(ds) == 1 and "data" in ds.column_names and isinstance(ds[0]["data"], list):
+    (the stdlib reader unwraps it the same way), not as the list of records it holds. A list holding one record
+    that has a 'data' list field reads the same: only a file that is an object is unwrapped."""
+    if (len(ds) == 1 and "data" in ds.column_names and isinstance(ds[0]["data"], list)
+            and _first_char(path) == "{"):
         return ds[0]["data"]
     return ds
+
+
+def _first_char(path: Path) -> str:
+    """The first character of ``path`` that is not whitespace ("" for none)."""
+    with open(path, encoding="utf-8") as fh:
+        while chunk := fh.read(1 << 16):
+            if chunk.strip():
+                return chunk.lstrip()[0]
+    return ""
 
 
 def local_source_problem(path: str) -> str | None:
