@@ -239,14 +239,23 @@ def test_records_with_a_data_field_are_not_unwrapped(tmp_path):
     """Only a file that is a {"data": [...]} object is unwrapped: a list of records that carry a 'data' field
     (a list or not), even a list of one, yields those records, as the json module reads them; so does a .jsonl
     file. A one-record list used to yield the items of its 'data' field as the records."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     rec = {"prompt": "Define ataxia.", "response": "Poor coordination.", "data": ["a", "b"]}
     cases = {"one.json": json.dumps([rec]), "two.json": json.dumps([rec, rec]),
-             "text.json": json.dumps([{**rec, "data": "notes"}]), "line.jsonl": json.dumps(rec) + "\n"}
-    for name, text in cases.items():
-        (tmp_path / name).write_text(text, encoding="utf-8")
+             "text.json": json.dumps([{**rec, "data": "notes"}]), "line.jsonl": json.dumps(rec) + "\n",
+             "lines.json": json.dumps(rec) + "\n" + json.dumps(rec) + "\n",  # JSON lines in a .json file
+             "textline.json": json.dumps({**rec, "data": "notes"}) + "\n"}
+    want = {"line.jsonl": [rec], "lines.json": [rec, rec], "textline.json": [{**rec, "data": "notes"}],
+            "one.parquet": [rec]}
+    pq.write_table(pa.Table.from_pylist([rec]), tmp_path / "one.parquet")
+    for name in [*cases, "one.parquet"]:
+        if name in cases:
+            (tmp_path / name).write_text(cases[name], encoding="utf-8")
         got = [r.data for r in read_records(str(tmp_path / name), None, SkipLog(policy="raise"),
                                             cache_dir=str(tmp_path / "cache"))]
-        assert got == json.loads(text) if name.endswith(".json") else got == [rec], name
+        assert got == (want[name] if name in want else json.loads(cases[name])), name
 
 
 def test_strings_that_look_like_timestamps_stay_strings(tmp_path):
