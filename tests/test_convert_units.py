@@ -163,7 +163,8 @@ def test_unsupported_configs_are_rejected(tmp_path):
         model_config_from_hf_dir(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"], use_sliding_window=True,
                                                max_window_layers=1))
     # Qwen2 slides only in layers >= max_window_layers (none here), or not at all without a window: global attention
-    for extra in ({"max_window_layers": 2}, {"sliding_window": None}):
+    for extra in ({"max_window_layers": 2}, {"sliding_window": None}, {"sliding_window": None, "num_hidden_layers": 40},
+                  {"sliding_window": None, "max_window_layers": 1}):
         m = model_config_from_hf_dir(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"],
                                                    use_sliding_window=True, **extra))
         assert m.family == "qwen2"

@@ -190,6 +190,10 @@ def test_data_prepared_by_other_rules_differs(tmp_path, strict):
     message = _mismatch(over if strict else only)
     assert (f"data preparation rules: prepared with version {provenance.RULES_VERSION - 1}, this version prepares "
             f"with {provenance.RULES_VERSION}") in message
+    index["rules_version"] = provenance.RULES_VERSION + 1  # prepared by a newer version (then this one was reinstalled)
+    path.write_text(json.dumps(index))
+    assert f"data preparation rules: prepared with version {provenance.RULES_VERSION + 1}" in _mismatch(
+        over if strict else only)
 
 
 def _sources_index(*sources: SourceConfig, **extra) -> dict:

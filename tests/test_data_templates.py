@@ -214,3 +214,12 @@ def test_an_answer_is_not_matched_in_a_later_turn():
     kept = "<|im_start|>assistant\n Yes <|im_end|>\n"  # a verbatim template keeps both sides' whitespace
     start, end = _answer_span(kept, 0, len(kept), " Yes ", tok, "t")
     assert kept[start:end] == " Yes <|im_end|>"
+    # without an end-of-turn marker the answer's own trailing whitespace, where rendered, is still its end
+    bare = "assistant: Yes \n"
+    start, end = _answer_span(bare, 0, len(bare), "Yes \n", tok, "t")
+    assert bare[start:end] == "Yes \n"
+    # whitespace is added only inside text[lo:hi]: what lies outside belongs to the turns around it
+    start, end = _answer_span(kept, kept.index("Yes"), len(kept), " Yes ", tok, "t")
+    assert (start, kept[start:end]) == (kept.index("Yes"), "Yes <|im_end|>")
+    start, end = _answer_span(bare, 0, bare.index(" \n"), "Yes \n", tok, "t")
+    assert bare[start:end] == "Yes"

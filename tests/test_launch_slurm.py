@@ -233,7 +233,7 @@ def test_config_error_stops_before_srun(slurm):
     assert slurm.read("srun.args") == "" and slurm.requeues() == []
 
 
-@pytest.mark.parametrize("value", ["two", "2x", "-1"])
+@pytest.mark.parametrize("value", ["two", "2x", "-1", "08"])  # 08: bash arithmetic's invalid octal
 def test_bad_max_crash_requeues_stops_before_srun(slurm, value):
     """Checked at the start: it used to break the requeue decision only after the crash it was meant for."""
     result = slurm.run("crash", status=1, MAX_CRASH_REQUEUES=value)
