@@ -102,6 +102,24 @@ def test_a_template_that_writes_todays_date_is_warned_about(tmp_path, tok, warne
     assert any("writes today's date (strftime_now" in w.getMessage() for w in warnings) == warned
 
 
+def test_a_named_template_that_writes_todays_date_is_warned_about(tmp_path):
+    """A tokenizer with several named chat templates (its chat_template is a dict) is warned about as well when
+    one of them writes today's date: the check reads the templates, not the dict's names."""
+    import shutil
+
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(hf_tokenizer("qwen25"), tok_dir)
+    dated = (Path(hf_tokenizer("dated")) / "chat_template.jinja").read_text(encoding="utf-8")
+    (tok_dir / "additional_chat_templates").mkdir()
+    (tok_dir / "additional_chat_templates" / "dated.jinja").write_text(dated, encoding="utf-8")
+    src = write_jsonl(tmp_path / "a.jsonl", CHATS)
+    cfg = DataConfig(train=[SourceConfig(path=str(src))], tokenizer=str(tok_dir), template="tokenizer",
+                     seq_length=256, output_dir=str(tmp_path / "o"))
+    with logged(logging.WARNING) as warnings:
+        run(cfg)
+    assert any("writes today's date (strftime_now" in w.getMessage() for w in warnings)
+
+
 def test_weighted_mixing(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", synthetic_chats(10, seed=1))
     b = write_jsonl(tmp_path / "b.jsonl", synthetic_chats(10, seed=2))

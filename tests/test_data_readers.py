@@ -295,6 +295,9 @@ def test_json_lines_in_a_json_file_name_the_bad_line(tmp_path):
     convs, skips = _convs(p, policy="skip")
     assert [c.origin.rsplit(":", 1)[1] for c in convs] == ["line 1", "line 2", "line 4"]
     assert skips.counts == {"malformed_json": 1} and "lines.json:line 3" in skips.examples[0]
+    p.write_text("\n" + p.read_text(encoding="utf-8"), encoding="utf-8")  # a leading blank line: still JSON lines
+    with pytest.raises(DataError, match=r"lines\.json:line 4: malformed JSON"):
+        _convs(p)
 
 
 @pytest.mark.parametrize("record,message", [
