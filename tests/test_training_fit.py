@@ -141,3 +141,33 @@ def test_an_unwritable_run_config_does_not_stop_training(tmp_path):
     that would leave the other ranks in the first collective."""
     [(iterations, saved)] = run_distributed(_fit_with_unwritable_config, 1, str(tmp_path))
     assert iterations == 2 and saved == [2]
+
+
+@pytest.mark.parametrize("stop_before, batches, reported", [(None, 3, True), (1, 1, False), (2, 2, False), (3, 3, True),
+                                                           (0, 0, False)])
+def test_evaluate_runs_eval_iters_batches_unless_stopped(monkeypatch, stop_before, batches, reported):
+    """Validation is exactly train.eval_iters forward-only batches; ``stop`` is asked before each one, and a stop
+    before the last one ends it there and reports nothing (a stub trainer, one rank)."""
+    from bft_megatron.config import load_config
+    from bft_megatron.training import loop
+    from bft_megatron.training.loop import TrainState, Trainer
+
+    monkeypatch.setattr(loop, "to_rank0", lambda values, reporter, groups: values)
+    monkeypatch.setattr(loop, "reduce_metrics", lambda partials, group: {"loss": float(len(partials))})
+    ran, asked, shown = [], [], []
+    chunk = SimpleNamespace(eval=lambda: None, train=lambda: None)
+    trainer = SimpleNamespace(
+        cfg=load_config(None, TINY + ["train.eval_iters=3"]), state=TrainState(), valid_data=object(),
+        groups=SimpleNamespace(rank=0, dp_cp=None), reporter=0, model=[chunk],
+        _step_data=lambda data, seed: data, _fwd_bwd=lambda data, forward_only: ran.append(forward_only) or ["p"],
+        progress=SimpleNamespace(eval=lambda it, values: shown.append(values)))
+
+    def stop():
+        asked.append(len(ran))
+        return stop_before is not None and len(ran) >= stop_before
+
+    values = Trainer.evaluate(trainer, stop=None if stop_before is None else stop)
+    assert ran == [True] * batches
+    assert values == ({"loss": 3.0} if reported else {}) and shown == ([values] if reported else [])
+    if stop_before is not None:
+        assert asked == list(range(min(stop_before, 3) + (stop_before < 3)))
