@@ -271,6 +271,21 @@ def test_strings_that_look_like_timestamps_stay_strings(tmp_path):
     assert convs[1].origin.endswith("alpaca.jsonl:line 2")
 
 
+def test_a_parquet_timestamp_column_is_read_as_is(tmp_path):
+    """Parquet has a real timestamp type: a metadata column of them (created_at) is no misread JSON string, so the
+    file is read by datasets as usual, not refused."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "Define ataxia.", "response": "Poor coordination.",
+             "created_at": datetime.datetime(2021, 3, 4, 10, 0)}] * 2
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "t.parquet")
+    convs, skips = _convs(tmp_path / "t.parquet")
+    assert [c.messages[1] for c in convs] == [Message("assistant", "Poor coordination.")] * 2 and skips.total == 0
+
+
 def test_nested_strings_that_look_like_timestamps_stay_strings(tmp_path):
     """Arrow also types nested strings as timestamps: inside the records of a {"data": [...]} file, and the turns of
     'messages'. Only top-level columns were looked at, so these records still failed as "got datetime"."""
@@ -355,6 +370,8 @@ def test_messages_with_a_top_level_system_field_keep_it():
     both = {**record, "messages": [{"role": "system", "content": "Be brief."}, *record["messages"]]}
     with pytest.raises(DataError, match=r"x\.jsonl:line 2: both a 'system' field and a system turn in 'messages'"):
         to_conversation(both, "messages", "x.jsonl:line 2")
+    with pytest.raises(DataError, match=r"x:.*no assistant turn"):  # a DataError, not an IndexError
+        to_conversation({"system": "S", "messages": []}, "messages", "x")
     repeated = {**record, "messages": [{"role": "system", "content": "You are a clinician."}, *record["messages"]]}
     assert to_conversation(repeated, "auto", "x").messages == to_conversation(record, "auto", "x").messages
     # the same text up to surrounding whitespace is the same system turn: the chat's own (rendered as written)
