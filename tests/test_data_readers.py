@@ -338,12 +338,19 @@ def test_a_role_that_is_not_a_string_is_a_data_error(tmp_path):
     that aborted prepare even under on_error: skip."""
     lines = [json.dumps({"messages": [{"role": ["user"], "content": "q"}, {"role": "assistant", "content": "a"}]}),
              json.dumps({"conversations": [{"from": {"name": "human"}, "value": "q"}]})]
-    path = write_jsonl(tmp_path / "roles.jsonl", CHATS[2:3], raw_lines=lines)
-    with pytest.raises(DataError, match=r"roles\.jsonl:line 2: messages\[0\]: unknown role \['user'\]"):
+    _two_bad_lines(tmp_path / "roles.jsonl", lines, r"roles\.jsonl:line 2: messages\[0\]: unknown role \['user'\]",
+                   "roles.jsonl:line 3: conversations[0]: unknown role {'name': 'human'}")
+
+
+def _two_bad_lines(path, lines: list[str], raised: str, second_skip: str) -> None:
+    """One good chat then ``lines``: the first bad line raises ``raised``; under skip both are counted and the
+    second's example contains ``second_skip``."""
+    write_jsonl(path, CHATS[2:3], raw_lines=lines)
+    with pytest.raises(DataError, match=raised):
         _convs(path)
     convs, skips = _convs(path, policy="skip")
     assert len(convs) == 1 and skips.counts == {"invalid_record": 2}
-    assert "roles.jsonl:line 3: conversations[0]: unknown role {'name': 'human'}" in skips.examples[1]
+    assert second_skip in skips.examples[1]
 
 
 def test_a_lone_surrogate_is_a_data_error_naming_the_field(tmp_path):
@@ -351,12 +358,9 @@ def test_a_lone_surrogate_is_a_data_error_naming_the_field(tmp_path):
     returns a str no tokenizer encodes: the tokenizer's TypeError used to abort prepare with no file or line."""
     lines = ['{"prompt": "Fever \\ud83d and rash?", "response": "Measles."}',
              '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a \\udc00"}]}']
-    path = write_jsonl(tmp_path / "s.jsonl", CHATS[2:3], raw_lines=lines)
-    with pytest.raises(DataError, match=r"s\.jsonl:line 2: field 'prompt': not valid Unicode .*'\\ud83d' at character 6"):
-        _convs(path)
-    convs, skips = _convs(path, policy="skip")
-    assert len(convs) == 1 and skips.counts == {"invalid_record": 2}
-    assert "s.jsonl:line 3: messages[1]: 'content' is not valid Unicode" in skips.examples[1]
+    _two_bad_lines(tmp_path / "s.jsonl", lines,
+                   r"s\.jsonl:line 2: field 'prompt': not valid Unicode .*'\\ud83d' at character 6",
+                   "s.jsonl:line 3: messages[1]: 'content' is not valid Unicode")
 
 
 def test_messages_with_a_top_level_system_field_keep_it():
