@@ -156,6 +156,7 @@ def test_valid_layouts():
     (["parallel.tp=8"], 8, r"model.num_attention_heads=4 must be divisible by parallel.tp=8"),
     (["parallel.tp=4"], 4, r"model.num_query_groups=2 must be divisible by parallel.tp=4"),
     (["parallel.pp=3"], 3, r"model.num_layers=4 must be divisible by parallel.pp\*vp"),
+    (["parallel.tp=2", "model.ffn_hidden_size=129"], 2, r"model.ffn_hidden_size=129 must be divisible by parallel.tp=2"),
     (["parallel.pp=2", "parallel.vp=4"], 2, r"model.num_layers=4 must be divisible by parallel.pp\*vp = 2\*4"),
     (["parallel.vp=2"], 1, r"parallel.vp=2 .* requires parallel.pp > 1"),
     (["parallel.cp=2", "data.seq_length=30"], 2, r"data.seq_length=30 must be divisible by 2\*parallel.cp = 4"),

@@ -70,6 +70,10 @@ def _check_parallel(cfg: Config, world_size: int) -> int:
     _require(m.num_attention_heads % p.tp == 0,
              f"model.num_attention_heads={m.num_attention_heads} must be divisible by parallel.tp={p.tp}")
     _require(m.kv_groups % p.tp == 0, f"model.num_query_groups={m.kv_groups} must be divisible by parallel.tp={p.tp}")
+    # fc2 is row-parallel over the FFN width (and each rank's fc1 holds its gate and up halves): megatron's
+    # divide() would fail an assert at model build, after the process groups exist.
+    _require(m.ffn_hidden_size % p.tp == 0,
+             f"model.ffn_hidden_size={m.ffn_hidden_size} must be divisible by parallel.tp={p.tp}")
     if p.vp is not None and p.vp > 1:
         _require(p.pp > 1, f"parallel.vp={p.vp} (interleaved pipeline) requires parallel.pp > 1, got pp={p.pp}")
     chunks = p.pp * (p.vp or 1)
