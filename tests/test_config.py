@@ -172,6 +172,8 @@ def test_valid_layouts():
     (["loss.group_size=0"], 1, r"loss.group_size must be >= 1, got 0"),
     (["loss.gamma=0"], 1, r"loss.gamma must be > 0, got 0"),
     (["model.hidden_size=0"], 1, r"model.hidden_size must be > 0, got 0"),
+    (["model.make_vocab_size_divisible_by=0"], 1, r"model.make_vocab_size_divisible_by must be >= 1, got 0"),
+    (["model.make_vocab_size_divisible_by=-128"], 1, r"model.make_vocab_size_divisible_by must be >= 1, got -128"),
     (["model.num_query_groups=3"], 1, r"model.num_attention_heads=4 must be divisible by model.num_query_groups=3"),
     (["checkpoint.save_interval=10"], 1, r"checkpoint.save_interval=10 needs checkpoint.save"),
     (["checkpoint.finetune=true"], 1, r"checkpoint.finetune=true needs checkpoint.load"),

@@ -38,6 +38,10 @@ def _check_model(m) -> None:
                  "max_position_embeddings"):
         value = getattr(m, name)
         _require(value > 0, f"model.{name} must be > 0, got {value} (set it or use model.from_hf)")
+    # Megatron pads the vocabulary up to a multiple of it: 0 divides by zero, a negative multiple rounds the
+    # embedding table *down* (-128 gives 2944 rows for 3000 tokens).
+    _require(m.make_vocab_size_divisible_by >= 1,
+             f"model.make_vocab_size_divisible_by must be >= 1, got {m.make_vocab_size_divisible_by}")
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size={m.hidden_size} must be divisible by "
              f"model.num_attention_heads={m.num_attention_heads}")
