@@ -159,6 +159,8 @@ def test_valid_layouts():
     (["parallel.tp=2", "model.ffn_hidden_size=129"], 2, r"model.ffn_hidden_size=129 must be divisible by parallel.tp=2"),
     (["parallel.pp=2", "parallel.vp=4"], 2, r"model.num_layers=4 must be divisible by parallel.pp\*vp = 2\*4"),
     (["parallel.vp=2"], 1, r"parallel.vp=2 .* requires parallel.pp > 1"),
+    (["parallel.pp=2", "parallel.vp=-2"], 2, r"parallel.vp must be >= 1 or null \(no interleaving\), got -2"),
+    (["parallel.pp=2", "parallel.vp=0"], 2, r"parallel.vp must be >= 1 or null \(no interleaving\), got 0"),
     (["parallel.cp=2", "data.seq_length=30"], 2, r"data.seq_length=30 must be divisible by 2\*parallel.cp = 4"),
     (["parallel.cp=2", "parallel.tp=4", "model.num_query_groups=4", "parallel.sequence_parallel=true",
       "data.seq_length=36"], 8, r"data.seq_length/parallel.cp = 36/2 must be divisible by parallel.tp=4"),

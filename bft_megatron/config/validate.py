@@ -78,6 +78,8 @@ def _check_parallel(cfg: Config, world_size: int) -> int:
     # divide() would fail an assert at model build, after the process groups exist.
     _require(m.ffn_hidden_size % p.tp == 0,
              f"model.ffn_hidden_size={m.ffn_hidden_size} must be divisible by parallel.tp={p.tp}")
+    # A negative vp passed the layer check below (80 % -8 == 0) and gave the planner negative chunk counts.
+    _require(p.vp is None or p.vp >= 1, f"parallel.vp must be >= 1 or null (no interleaving), got {p.vp}")
     if p.vp is not None and p.vp > 1:
         _require(p.pp > 1, f"parallel.vp={p.vp} (interleaved pipeline) requires parallel.pp > 1, got pp={p.pp}")
     chunks = p.pp * (p.vp or 1)
