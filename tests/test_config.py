@@ -388,3 +388,20 @@ def test_fp8_needs_a_multiple_of_8_tokens_per_rank(monkeypatch):
                                          r"parallel\) = 16"):
         validate_mod.validate(cfg_with("train.fp8=hybrid", "parallel.cp=2", "data.seq_length=36"), 2)
     validate_mod.validate(cfg_with("train.fp8=hybrid", "parallel.cp=2", "data.seq_length=32"), 2)
+
+
+@pytest.mark.parametrize("extra, world, message", [
+    (["model.hidden_size=72", "model.ffn_hidden_size=144"], 1, r"model.hidden_size = 72 must be a multiple of 16"),
+    (["model.hidden_size=96", "model.num_query_groups=4", "parallel.tp=4"], 4,
+     r"model.hidden_size/parallel.tp = 24 must be a multiple of 16"),
+    (["model.ffn_hidden_size=136", "parallel.tp=2"], 2, r"model.ffn_hidden_size/parallel.tp = 68 must be a multiple of 16"),
+    (["model.hidden_size=48", "model.num_attention_heads=16", "model.num_query_groups=1"], 1,
+     r"\(model.hidden_size \+ 2\*num_query_groups\*head_dim\)/parallel.tp = 54 must be a multiple of 8"),
+])
+def test_fp8_needs_the_gemm_widths_transformer_engine_asserts(extra, world, message, monkeypatch):
+    """TE's assert_dim_for_fp8_exec fails at the first FP8 forward on the GPU; validation names the width first."""
+    validate_mod = importlib.import_module("bft_megatron.config.validate")
+    monkeypatch.setattr(validate_mod, "have_transformer_engine", lambda: True)
+    with pytest.raises(ValueError, match=r"train.fp8='hybrid': " + message):
+        validate_mod.validate(cfg_with("train.fp8=hybrid", *extra), world)
+    validate_mod.validate(cfg_with(*extra), world)  # the same shapes are fine in BF16

@@ -122,6 +122,20 @@ def _check_optimizer(t) -> None:
                  f"train.min_lr ends at decay_iters, after the warmup (null: train.train_iters)")
 
 
+def _check_fp8_widths(m, tp: int, fp8: str) -> None:
+    """TE's FP8 GEMMs assert (``assert_dim_for_fp8_exec``, at the first forward on the GPU) that every input's
+    last dimension is a multiple of 16 and a weight's rows a multiple of 8: the inputs of linear_qkv / fc1
+    (hidden), of linear_proj (hidden/tp per rank) and of fc2 (ffn/tp), and linear_qkv's rows per rank."""
+    head_dim = m.hidden_size // m.num_attention_heads
+    qkv_rows = (m.hidden_size + 2 * m.kv_groups * head_dim) // tp
+    for name, width, multiple in (("model.hidden_size", m.hidden_size, 16),
+                                  ("model.hidden_size/parallel.tp", m.hidden_size // tp, 16),
+                                  ("model.ffn_hidden_size/parallel.tp", m.ffn_hidden_size // tp, 16),
+                                  ("(model.hidden_size + 2*num_query_groups*head_dim)/parallel.tp", qkv_rows, 8)):
+        _require(width % multiple == 0, f"train.fp8={fp8!r}: {name} = {width} must be a multiple of {multiple} "
+                                        "(Transformer Engine's FP8 GEMM shapes)")
+
+
 def _check_train(cfg: Config, dp: int, require_te: bool = True) -> int:
     t, p = cfg.train, cfg.parallel
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
@@ -147,6 +161,7 @@ def _check_train(cfg: Config, dp: int, require_te: bool = True) -> int:
         _require(cfg.data.seq_length % (8 * shards) == 0,
                  f"train.fp8={t.fp8!r}: data.seq_length={cfg.data.seq_length} must be a multiple of 8*cp*(tp with "
                  f"sequence parallel) = {8 * shards} (FP8 GEMMs need a multiple of 8 tokens per rank)")
+        _check_fp8_widths(cfg.model, p.tp, t.fp8)
     if t.te_op_fuser:
         _require(not require_te or have_transformer_engine(),
                  "train.te_op_fuser=true requires Transformer Engine, which is not installed")
