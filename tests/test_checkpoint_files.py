@@ -169,3 +169,29 @@ def test_the_run_config_is_written_and_reads_back_as_the_same_config(tmp_path):
     path = Checkpointer(cfg, SimpleNamespace(rank=0)).write_run_config()
     assert path == f"{tmp_path}/run/config.yaml"
     assert to_dict(load_config(path)) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("load, finetune", [("{save}", True), (None, False)])
+def test_a_save_dir_holding_an_import_is_refused_naming_checkpoint_save(tmp_path, monkeypatch, load, finetune):
+    """checkpoint.save names a `convert import` directory (Megatron-LM's --load X --save X): its 'latest' wins as
+    the run's own checkpoint but holds no training state; the error says to give checkpoint.save a new directory,
+    not (as the resume check would) to set checkpoint.finetune=true, which may be set already."""
+    from types import SimpleNamespace
+
+    from megatron.core import dist_checkpointing
+
+    from bft_megatron.checkpoint.manager import Checkpointer
+    from bft_megatron.config import ConfigError, load_config
+
+    save = str(tmp_path / "import")
+    os.makedirs(os.path.join(save, pointer.iter_dirname(0)))
+    pointer.write_latest(save, 0)
+    common = {"layout": {"tp": 1, "pp": 1, "vp": None, "cp": 1, "dp": 1, "world": 1},
+              "hf_import": {"source": "/models/x", "spec": "local"}}  # what importer._save_import stores
+    monkeypatch.setattr(dist_checkpointing, "load_common_state_dict", lambda path: common)
+    overrides = [f"checkpoint.save={save}", f"checkpoint.finetune={finetune}"]
+    cfg = load_config(None, overrides + ([f"checkpoint.load={load.format(save=save)}"] if load else []))
+    groups = SimpleNamespace(rank=0, tp_size=1, pp_size=1, vp_size=None, cp_size=1, dp_size=1, world_size=1)
+    with pytest.raises(ConfigError, match=rf"checkpoint.save={save}: .*iter_0000000, a weights-only checkpoint.*"
+                                          r"set checkpoint.save to a new directory"):
+        Checkpointer(cfg, groups).load(trainer=SimpleNamespace(scheduler=None))

@@ -138,7 +138,7 @@ class Checkpointer:
         """
         own = pointer.read_latest(self.ckpt.save) if self.ckpt.save else None
         if own is not None:
-            return self._load_path(trainer, own, finetune=False)
+            return self._load_path(trainer, own, finetune=False, own=True)
         if not self.ckpt.load:
             return False
         path = pointer.resolve_load_dir(self.ckpt.load)
@@ -155,10 +155,19 @@ class Checkpointer:
             return False
         return self._load_path(trainer, path, finetune=self.ckpt.finetune)
 
-    def _load_path(self, trainer, path: str, finetune: bool) -> bool:
+    def _load_path(self, trainer, path: str, finetune: bool, own: bool = False) -> bool:
         from megatron.core import dist_checkpointing
 
         common = dist_checkpointing.load_common_state_dict(path)
+        if own and "train_state" not in common:
+            # checkpoint.save is an import's directory (Megatron-LM's --load X --save X with X from `convert
+            # import`): the import wins as "own" and cannot be resumed, whatever checkpoint.finetune says, and
+            # keep_last would later prune it. Say which setting to change instead of "use finetune=true".
+            raise ConfigError(
+                f"checkpoint.save={self.ckpt.save}: its 'latest' names {path}, a weights-only checkpoint (e.g. "
+                "from bft-megatron convert import) that a run cannot resume, and a run must not save into its "
+                "directory (keep_last would prune it); set checkpoint.save to a new directory (fine-tune from it with "
+                f"checkpoint.load={self.ckpt.save} checkpoint.finetune=true)")
         same_layout = common.get("layout") == layout_of(self.groups)
         # First, on every rank: a model the checkpoint does not describe fails before any tensor is loaded.
         check_architecture(common, self.cfg, path, finetune, self.groups.rank)
