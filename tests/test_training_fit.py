@@ -143,6 +143,45 @@ def test_an_unwritable_run_config_does_not_stop_training(tmp_path):
     assert iterations == 2 and saved == [2]
 
 
+def _fit_aborting_on_nan(rank: int, world: int, save_dir: str) -> list:
+    """What a stub run's checkpointer is asked to do when the third step aborts (too many non-finite steps) after
+    a save at step 2, and what fit raised."""
+    from bft_megatron.config import load_config
+    from bft_megatron.training.fit import ExitRequest, fit
+    from bft_megatron.training.loop import NonFiniteError, TrainState
+
+    cfg = load_config(None, TINY + ["train.train_iters=5", f"checkpoint.save={save_dir}", "checkpoint.save_interval=2"])
+    state, calls = TrainState(), []
+
+    def record_step(result):
+        state.iteration += 1
+        if state.iteration == 3:
+            raise NonFiniteError("3 consecutive non-finite steps")
+
+    trainer = SimpleNamespace(
+        cfg=cfg, state=state, valid_data=None, reporter=0,
+        groups=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), dp=None),
+        progress=SimpleNamespace(line=lambda *a: "", close=lambda: None),
+        train_step=lambda report: SimpleNamespace(real_tokens=0, metrics={}, grad_norm=None, skipped=True, lr=0.0),
+        record_step=record_step)
+    checkpointer = SimpleNamespace(write_run_config=lambda: save_dir, poll=lambda: None,
+                                   save=lambda t: calls.append(("save", state.iteration)),
+                                   finalize=lambda: calls.append(("finalize", state.iteration)))
+    try:
+        fit(trainer, checkpointer, ExitRequest(install=False))
+    except NonFiniteError as exc:
+        calls.append(("raised", str(exc)))
+    return calls
+
+
+def test_a_non_finite_abort_commits_the_async_save_in_flight(tmp_path):
+    """The step-2 save may still be writing (async_save) when step 3 aborts the run on every rank: fit finalises it
+    (commits it as `latest`: it predates the bad steps) before re-raising, instead of leaving a complete checkpoint
+    for the next run's first commit to delete as an uncommitted leftover."""
+    [calls] = run_distributed(_fit_aborting_on_nan, 1, str(tmp_path))
+    assert calls == [("save", 2), ("finalize", 3), ("raised", "3 consecutive non-finite steps")]
+
+
 @pytest.mark.parametrize("stop_before, batches, reported", [(None, 3, True), (1, 1, False), (2, 2, False), (3, 3, True),
                                                            (0, 0, False)])
 def test_evaluate_runs_eval_iters_batches_unless_stopped(monkeypatch, stop_before, batches, reported):

@@ -14,7 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from bft_megatron.training.loop import Trainer, TrainState
+from bft_megatron.training.loop import NonFiniteError, Trainer, TrainState
 from bft_megatron.training.progress import to_rank0
 from bft_megatron.utils.logging import get_logger
 
@@ -112,6 +112,18 @@ def switch_note(cfg, iteration: int) -> str | None:
             "'loss' drops to the weighted objective's scale, 'lm loss' stays comparable")
 
 
+def _record(trainer: Trainer, result, checkpointer) -> None:
+    """``trainer.record_step``; its abort after too many non-finite steps (raised on every rank at the same step)
+    first commits an async save still in flight: that state predates the bad steps, the last good one to resume
+    from, and left uncommitted the next run's first commit would delete it as a leftover."""
+    try:
+        trainer.record_step(result)
+    except NonFiniteError:
+        if checkpointer is not None:
+            checkpointer.finalize()
+        raise
+
+
 def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = None,
         from_scratch: bool = False) -> TrainState:
     """Train until ``train.train_iters`` (or an agreed exit); save at cadence, on exit and at the end.
@@ -134,7 +146,7 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
         upcoming = state.iteration + 1
         result = trainer.train_step(report=upcoming % cfg.logging.log_interval == 0
                                     or upcoming == cfg.train.train_iters)
-        trainer.record_step(result)
+        _record(trainer, result, checkpointer)
         step_times.append(time.perf_counter() - t0)
         interval_tokens += result.real_tokens
         it = state.iteration
