@@ -210,3 +210,42 @@ def test_evaluate_runs_eval_iters_batches_unless_stopped(monkeypatch, stop_befor
     assert values == ({"loss": 3.0} if reported else {}) and shown == ([values] if reported else [])
     if stop_before is not None:
         assert asked == list(range(min(stop_before, 3) + (stop_before < 3)))
+
+
+# ---------------------------------------------------------------------------- the logged interval
+def _interval_lines(rank: int, world: int) -> list[tuple[int, float, float]]:
+    """(iteration, ms/step, effective tokens/s) of each progress line of a 6-step run at log_interval=4: step k
+    takes k seconds on a fake clock and has 100 real tokens (one rank, world size 1)."""
+    from bft_megatron.config import load_config
+    from bft_megatron.training import fit as fit_module
+    from bft_megatron.training.fit import ExitRequest, fit
+    from bft_megatron.training.loop import TrainState
+
+    cfg = load_config(None, TINY + ["train.train_iters=6", "logging.log_interval=4"])
+    state, lines, clock = TrainState(), [], [0.0]
+
+    def train_step(report):
+        clock[0] += state.iteration + 1
+        return SimpleNamespace(real_tokens=100, metrics={}, grad_norm=None, skipped=False, lr=0.0)
+
+    def line(it, values, step_time, *rest):
+        lines.append((it, step_time, values["effective_tokens_per_s_per_gpu"]))
+        return ""
+
+    fit_module.time = SimpleNamespace(perf_counter=lambda: clock[0], time=time.time)
+    trainer = SimpleNamespace(
+        cfg=cfg, state=state, valid_data=None, reporter=0,
+        groups=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), dp=None),
+        progress=SimpleNamespace(line=line, close=lambda: None), train_step=train_step,
+        record_step=lambda result: setattr(state, "iteration", state.iteration + 1))
+    fit(trainer, None, ExitRequest(install=False))
+    return lines
+
+
+def test_a_short_last_interval_reports_its_own_steps_only():
+    """The last line (step 6, two steps after the line at 4) divides those two steps' tokens by those two steps'
+    time; it used to take the time of the last log_interval steps (3..6): half the effective tokens/s."""
+    [lines] = run_distributed(_interval_lines, 1)
+    assert lines == [(4, pytest.approx(2.5), pytest.approx(400 / 10)),   # steps 1-4: 1+2+3+4 s
+                     (6, pytest.approx(5.5), pytest.approx(200 / 11))]   # steps 5-6: 5+6 s
+

@@ -138,6 +138,8 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
                 _log.info("resolved config: %s", checkpointer.write_run_config())
             except OSError as exc:
                 _log.warning("could not write the resolved config into checkpoint.save: %s", exc)
+    # The steps since the last progress line: a line's step time and tokens/s cover exactly those (the last line,
+    # fewer than log_interval steps after the previous one, must not take in steps that line already reported).
     step_times: list[float] = []
     # A run resumed at iteration N already has checkpoint N: only save again after new steps.
     saved_at, interval_tokens = (state.iteration if state.iteration > 0 else -1), 0
@@ -151,9 +153,8 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
         interval_tokens += result.real_tokens
         it = state.iteration
         if it % cfg.logging.log_interval == 0 or it == cfg.train.train_iters:
-            recent = step_times[-cfg.logging.log_interval:]
-            _log_step(trainer, result, sum(recent) / len(recent), interval_tokens, sum(recent))
-            interval_tokens = 0
+            _log_step(trainer, result, sum(step_times) / len(step_times), interval_tokens, sum(step_times))
+            step_times, interval_tokens = [], 0
         note = switch_note(cfg, it) if trainer.groups.rank == 0 else None
         if note:
             _log.info(note)
