@@ -11,8 +11,9 @@ MFU (model FLOPs utilisation), stated formula::
 ``P_matmul`` = parameters taking part in matmuls (all transformer-layer weights + the output
 layer ``V*h``; the input embedding is a lookup and is excluded), ``6`` = forward (2) + backward (4)
 FLOPs per weight per token; ``6*L*s*h`` = attention scores and weighted sum (``QK^T`` and ``AV``,
-``4*s*h`` forward per layer per token, halved for causal masking, x3 for fwd+bwd). Recompute is not
-counted (model FLOPs, not hardware FLOPs). Peak: 989 TFLOP/s (H100/H200 dense BF16) unless
+``4*s*h`` forward per layer per token, halved for causal masking, x3 for fwd+bwd; ``s = data.seq_length``
+also for packed rows, whose attention stays within each sample: Megatron-LM's count, an upper bound there, stated
+in docs/training.md). Recompute is not counted (model FLOPs, not hardware FLOPs). Peak: 989 TFLOP/s (H100/H200 dense BF16) unless
 ``logging.peak_tflops`` is set; no MFU on CPU.
 """
 
