@@ -1,7 +1,8 @@
 """The rank-0 progress line (tokens/s/GPU, MFU, ETA) and the TensorBoard scalars, from known inputs.
 
 MFU = tokens/s/GPU x model FLOPs per token (Megatron's count, causal attention halved) / peak FLOP/s; the peak
-is ``logging.peak_tflops`` or 989 TFLOP/s (H100/H200 dense BF16), none on CPU.
+is ``logging.peak_tflops`` or the GPU's dense BF16 peak by device name (989 TFLOP/s on H100 SXM / H200, 756 on H100
+PCIe, 835 on H100 NVL), none on CPU.
 """
 
 from __future__ import annotations
@@ -58,6 +59,18 @@ def test_peak_is_dense_bf16_on_h100_and_h200_and_none_on_cpu(monkeypatch):
     for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, n=name: n)
         assert peak_flops(None) == 989e12
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0), ("NVIDIA GH200 480GB", 989.0),
+    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A100-PCIE-40GB", 312.0), ("NVIDIA GeForce RTX 4090", None)])
+def test_peak_follows_the_device_name_variant_and_the_config_wins(monkeypatch, name, tflops):
+    """Dense BF16 datasheet peaks: the H100 PCIe and NVL parts are not the SXM's 989 TFLOP/s; unlisted: no MFU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
+    assert peak_flops(None) == (tflops * 1e12 if tflops else None)
+    assert peak_flops(500.0) == 500e12
 
 
 def test_causal_attention_is_halved_in_the_flop_count():

@@ -20,7 +20,7 @@ from bft_megatron.config.schema import load_config, padded_vocab_size
 GIB = 2**30
 # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers, allocator fragmentation: measured ~2.5 GiB on H100.
 RUNTIME_OVERHEAD_GIB = 2.5
-DEFAULT_PEAK_TFLOPS = 989.0  # H100/H200 BF16 dense, when neither --peak-tflops nor logging.peak_tflops is given
+DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM / H200 BF16 dense (no GPU is asked), when neither --peak-tflops nor logging.peak_tflops is given
 
 
 @dataclass
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpus", type=int, required=True, help="total GPUs (world size)")
     ap.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation [0.40]")
     ap.add_argument("--peak-tflops", type=float, default=None,
-                    help="per-GPU peak TFLOP/s [the config's logging.peak_tflops, else 989: H100/H200 BF16 dense]")
+                    help="per-GPU peak TFLOP/s [the config's logging.peak_tflops, else 989: H100 SXM/H200 BF16 dense]")
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=4")
     args = ap.parse_args(argv)
     if not 0 < args.mfu <= 1:

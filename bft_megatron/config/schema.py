@@ -145,7 +145,7 @@ class CheckpointConfig:
 class LoggingConfig:
     log_interval: int = 1
     tensorboard_dir: str | None = None
-    peak_tflops: float | None = None  # per-GPU peak for MFU; None = auto (H100/H200 BF16 989)
+    peak_tflops: float | None = None  # per-GPU peak for MFU; None = the GPU's dense BF16 peak by name
 
 
 @dataclass

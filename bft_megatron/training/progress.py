@@ -13,8 +13,9 @@ layer ``V*h``; the input embedding is a lookup and is excluded), ``6`` = forward
 FLOPs per weight per token; ``6*L*s*h`` = attention scores and weighted sum (``QK^T`` and ``AV``,
 ``4*s*h`` forward per layer per token, halved for causal masking, x3 for fwd+bwd; ``s = data.seq_length``
 also for packed rows, whose attention stays within each sample: Megatron-LM's count, an upper bound there, stated
-in docs/training.md). Recompute is not counted (model FLOPs, not hardware FLOPs). Peak: 989 TFLOP/s (H100/H200 dense BF16) unless
-``logging.peak_tflops`` is set; no MFU on CPU.
+in docs/training.md). Recompute is not counted (model FLOPs, not hardware FLOPs). Peak: the GPU's dense BF16 peak
+(:data:`PEAK_BF16_TFLOPS`, e.g. 989 TFLOP/s on H100 SXM / H200, 756 on H100 PCIe) unless ``logging.peak_tflops`` is
+set; no MFU on CPU or an unlisted GPU.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from bft_megatron.config.schema import Config
 from bft_megatron.parallel.bootstrap import ParallelGroups
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["reporter_rank", "to_rank0", "flops_per_token", "format_duration", "peak_flops", "ProgressLog"]
+__all__ = ["reporter_rank", "to_rank0", "flops_per_token", "format_duration", "peak_flops", "PEAK_BF16_TFLOPS",
+           "ProgressLog"]
 
 _log = get_logger(__name__)
 
@@ -67,13 +69,25 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
+# Dense (no sparsity) BF16 peak TFLOP/s per GPU from NVIDIA's datasheets, keyed by a substring of
+# torch.cuda.get_device_name(), first match wins: the H100/H200 PCIe and NVL parts run at lower clocks and power
+# than the SXM ones, so they must be matched before the bare "H100"/"H200" (the SXM names, e.g. "NVIDIA H100 80GB
+# HBM3", "NVIDIA H200"; also "NVIDIA GH200 480GB"), else their MFU reads up to 24% low. BF16 also under train.fp8
+# (the FP8 peaks are twice these; set logging.peak_tflops to measure against one).
+PEAK_BF16_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.0),
+                    ("H200", 989.0), ("A100", 312.0))
+
+
 def peak_flops(configured_tflops: float | None) -> float | None:
+    """Per-GPU peak FLOP/s for MFU: ``logging.peak_tflops`` if set, else :data:`PEAK_BF16_TFLOPS` for this
+    GPU; None (no MFU) on CPU or an unlisted GPU."""
     if configured_tflops:
         return configured_tflops * 1e12
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        if "H100" in name or "H200" in name:
-            return 989e12
+        name = torch.cuda.get_device_name().lower()
+        for key, tflops in PEAK_BF16_TFLOPS:
+            if key.lower() in name:
+                return tflops * 1e12
     return None
 
 
