@@ -165,13 +165,24 @@ def test_fp8_adds_weight_and_transpose_copies_of_linear_layers():
 
 def test_flops_per_token_by_hand():
     # Forward: 2 FLOPs per weight of the dense layers, 2*s*h for QK^T+AV (4*s*h halved for causal masking),
-    # 2*h*V for the output layer; training = 3 x forward.
+    # 2*h*V_pad for the output layer (its GEMM has the padded 256 columns, as in Megatron-LM's count);
+    # training = 3 x forward.
     dense = 64 * 128 + 64 * 64 + 3 * 64 * 128
-    expected = 3 * (2 * 4 * (dense + 32 * 64) + 2 * 64 * 250)
-    assert flops_per_token(cfg_of().model, 32) == expected == 1029888
+    expected = 3 * (2 * 4 * (dense + 32 * 64) + 2 * 64 * 256)
+    assert flops_per_token(cfg_of().model, 32) == expected == 1032192
     report = format_plan(cfg_of(), 4, 0.5, 100.0)             # 0.5 x 100 TFLOP/s / 1029888 FLOP per token
     assert f"{0.5 * 100e12 / expected:,.0f} tokens/s/GPU" in report
     assert "TP1 x PP1 x CP1 x DP4; 1 micro-batches/step" in report
+
+
+def test_flops_count_the_output_layer_at_the_vocabulary_padded_for_tp():
+    """250 pads to 256 at TP1 and TP2 (multiples of 64 and 128), to 512 at TP8: the output GEMM grows with it."""
+    m = cfg_of().model
+    assert flops_per_token(m, 32, tp=2) == flops_per_token(m, 32, tp=1)
+    assert flops_per_token(m, 32, tp=8) - flops_per_token(m, 32) == 3 * 2 * 64 * (512 - 256)
+    report = format_plan(cfg_of("parallel.tp=4"), 4, 0.5, 100.0)   # 250 -> 256 at TP4
+    want = 3 * (2 * 4 * (64 * 128 + 64 * 64 + 3 * 64 * 128 + 32 * 64) + 2 * 64 * 256)
+    assert f"{0.5 * 100e12 / want:,.0f} tokens/s/GPU" in report
 
 
 @pytest.mark.parametrize("gpus, gbs, message", [

@@ -80,6 +80,16 @@ def test_causal_attention_is_halved_in_the_flop_count():
     assert flops_per_token(m, 512) - dense == pytest.approx(6 * 2 * 256 * 64)
 
 
+def test_mfu_counts_the_output_layer_at_the_padded_vocabulary(tmp_path):
+    """The model's output layer has make_vocab_size_divisible_by * tp columns (130 -> 256 at 64 x TP4, 192 at
+    TP1), and so has the MFU numerator, as in Megatron-LM's FLOP count."""
+    log = _log(tmp_path, ["model.vocab_size=130", "model.make_vocab_size_divisible_by=64", "parallel.tp=4"])
+    log.close()
+    padded = load_config(None, TINY + ["model.vocab_size=256"]).model
+    assert log.flops == flops_per_token(padded, 256)
+    assert log.flops - flops_per_token(log.cfg.model, 256, tp=1) == 3 * 2 * 64 * (256 - 192)
+
+
 def _scalars(directory) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -144,19 +144,24 @@ def plan_memory(cfg, dp: int, num_microbatches: int, seq_length: float | None = 
     return plans[stage], stage
 
 
-def flops_per_token(m, seq: int) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward), causal attention halved (Megatron)."""
+def flops_per_token(m, seq: int, tp: int = 1) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward), causal attention halved (Megatron).
+
+    The output layer is counted at the vocabulary padded for ``tp`` (``make_vocab_size_divisible_by * tp``): the
+    model's output GEMM has that many columns, and Megatron-LM's ``num_floating_point_operations`` counts
+    ``padded_vocab_size`` too.
+    """
     head_dim = m.hidden_size // m.num_attention_heads
     qkv_out = m.hidden_size + 2 * m.kv_groups * head_dim
     dense = m.hidden_size * qkv_out + m.hidden_size ** 2 + 3 * m.hidden_size * m.ffn_hidden_size
     attention = 2 * seq * m.hidden_size * 0.5                     # QK^T and AV, causal half
-    forward = 2 * m.num_layers * (dense + attention) + 2 * m.hidden_size * m.vocab_size
+    forward = 2 * m.num_layers * (dense + attention) + 2 * m.hidden_size * _padded_vocab(m, tp)
     return 3 * forward
 
 
 def plan_throughput(cfg, mfu: float, peak_tflops: float) -> float:
     """Tokens per second per GPU at the given MFU."""
-    return mfu * peak_tflops * 1e12 / flops_per_token(cfg.model, cfg.data.seq_length)
+    return mfu * peak_tflops * 1e12 / flops_per_token(cfg.model, cfg.data.seq_length, cfg.parallel.tp)
 
 
 def _derived_layout(cfg, gpus: int) -> tuple[int, int]:
@@ -197,7 +202,7 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
         f"most loaded GPU: {stage} pipeline stage",
         *(f"  {label:<31}{gib:8.2f} GiB{note}" for label, gib, note in terms),
         f"throughput at MFU {mfu:.2f} of {peak_tflops:.0f} TFLOP/s: {tps:,.0f} tokens/s/GPU "
-        f"({flops_per_token(cfg.model, cfg.data.seq_length) / 1e9:.1f} GFLOP/token)",
+        f"({flops_per_token(cfg.model, cfg.data.seq_length, p.tp) / 1e9:.1f} GFLOP/token)",
     ]
     if p.cp > 1 and cfg.data.packing:
         from bft_megatron.config.validate import packed_row_multiple

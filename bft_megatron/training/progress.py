@@ -9,7 +9,8 @@ MFU (model FLOPs utilisation), stated formula::
     MFU             = tokens_per_s_per_gpu * flops_per_token / peak_flops_per_gpu
 
 ``P_matmul`` = parameters taking part in matmuls (all transformer-layer weights + the output
-layer ``V*h``; the input embedding is a lookup and is excluded), ``6`` = forward (2) + backward (4)
+layer ``V_pad*h``, the vocabulary padded to ``make_vocab_size_divisible_by * tp`` as the model's output layer is;
+the input embedding is a lookup and is excluded), ``6`` = forward (2) + backward (4)
 FLOPs per weight per token; ``6*L*s*h`` = attention scores and weighted sum (``QK^T`` and ``AV``,
 ``4*s*h`` forward per layer per token, halved for causal masking, x3 for fwd+bwd; ``s = data.seq_length``
 also for packed rows, whose attention stays within each sample: Megatron-LM's count, an upper bound there, stated
@@ -56,7 +57,7 @@ def flops_per_token(cfg: Config) -> float:
     """Model FLOPs per token (formula in the module docstring; shared with ``bft-megatron plan``)."""
     from bft_megatron.config.plan import flops_per_token as plan_flops
 
-    return plan_flops(cfg.model, cfg.data.seq_length)
+    return plan_flops(cfg.model, cfg.data.seq_length, cfg.parallel.tp)
 
 
 def format_duration(seconds: float) -> str:
