@@ -111,6 +111,15 @@ def test_tensorboard_scalars_names_and_values(tmp_path):
     assert got["valid/lm_loss"] == [(4, 2.25)] and got["valid/loss"] == [(4, 1.0)]
 
 
+def test_skipped_steps_is_a_cumulative_tensorboard_scalar(tmp_path):
+    """Not only the line's 'skipped N': the run's running count of skipped (non-finite) steps, 0 included."""
+    log = _log(tmp_path)
+    for it, skipped in ((1, 0), (2, 1), (3, 3)):
+        log.line(it, VALUES, step_time=0.5, lr=2e-4, grad_norm=1.5, skipped=skipped)
+    log.close()
+    assert _scalars(tmp_path)["train/skipped_steps"] == [(1, 0.0), (2, 1.0), (3, 3.0)]
+
+
 def test_only_global_rank_0_writes_tensorboard(tmp_path):
     log = _log(tmp_path, rank=1)
     log.line(1, VALUES, step_time=1.0, lr=1e-4, grad_norm=None, skipped=0)

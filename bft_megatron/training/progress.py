@@ -127,8 +127,11 @@ class ProgressLog:
         for k in ("p_conf", "p_conf_min", "sample_weight", "token_weight"):
             if k in values:
                 parts.append(f"{k} {values[k]:.4f}")
+        # skipped_steps: the run's cumulative count (a checkpoint restores it), a float so _scalars keeps it; 0 too,
+        # so a curve exists from the start and a jump stands out.
         self._scalars(it, {**values, "lr": lr, "grad_norm": grad_norm, "tokens_per_s_per_gpu": tokens_per_gpu,
-                           "step_time_ms": step_time * 1000, "mem_allocated_gib": mem_gib}, prefix="train")
+                           "step_time_ms": step_time * 1000, "mem_allocated_gib": mem_gib,
+                           "skipped_steps": float(skipped)}, prefix="train")
         return " | ".join(parts)
 
     def _scalars(self, it: int, values: dict, prefix: str) -> None:
