@@ -66,7 +66,7 @@ def test_the_end_of_the_sft_warmup_is_logged_once(method, warmup, at, shown):
 
 
 # ---------------------------------------------------------------------------- the non-finite step verdict
-def _bare_trainer(max_skips: int = 2):
+def _bare_trainer(max_skips: int = 2, rank: int = 0):
     """A Trainer with only what ``_all_finite`` / ``record_step`` read (no model: no gradient buffers)."""
     from types import SimpleNamespace
 
@@ -77,7 +77,7 @@ def _bare_trainer(max_skips: int = 2):
     trainer.cfg = SimpleNamespace(train=SimpleNamespace(max_consecutive_skips=max_skips))
     trainer.train_data = SimpleNamespace(consumed_rows=0)
     trainer.model = []
-    trainer.groups = SimpleNamespace(device=torch.device("cpu"))
+    trainer.groups = SimpleNamespace(device=torch.device("cpu"), rank=rank)
     return trainer
 
 
@@ -111,6 +111,26 @@ def test_a_finite_step_resets_the_run_of_skips():
     assert (trainer.state.skipped_steps, trainer.state.consecutive_skips, trainer.state.iteration) == (2, 1, 3)
     with pytest.raises(NonFiniteError, match="2 consecutive non-finite"):
         trainer.record_step(StepResult({}, None, True, 0.0, 0))
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_skipped_step_is_warned_about_once_by_global_rank_0(rank):
+    """Every rank skips the same step; only global rank 0 says so, with the step and both counts."""
+    import logging
+
+    from bft_megatron.training.loop import StepResult
+    from tests.data_fixtures import logged
+
+    trainer = _bare_trainer(max_skips=5, rank=rank)
+    with logged(logging.WARNING) as records:
+        for skipped in (True, False, True, True):
+            trainer.record_step(StepResult({}, None, skipped, 0.0, 0))
+    messages = [r.getMessage() for r in records]
+    if rank:
+        assert messages == []
+    else:
+        assert [m.split(":")[0] for m in messages] == ["step 1", "step 3", "step 4"]
+        assert "update skipped (2 in a row, 3 skipped in total)" in messages[-1]
 
 
 

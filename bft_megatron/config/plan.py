@@ -20,7 +20,8 @@ from bft_megatron.config.schema import load_config, padded_vocab_size
 GIB = 2**30
 # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers, allocator fragmentation: measured ~2.5 GiB on H100.
 RUNTIME_OVERHEAD_GIB = 2.5
-DEFAULT_PEAK_TFLOPS = 989.0  # H100 SXM / H200 BF16 dense (no GPU is asked), when neither --peak-tflops nor logging.peak_tflops is given
+# H100 SXM / H200 dense BF16, when neither --peak-tflops nor logging.peak_tflops is given (the planner asks no GPU).
+DEFAULT_PEAK_TFLOPS = 989.0
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Non-finite handling: after the forward/backward pass every rank checks its loss partials (last
 stage) and its gradient buffer; one all-reduce over the world agrees on the verdict. A bad step is
-skipped everywhere (no optimizer or scheduler step; its rows count as consumed); after
+skipped everywhere (no optimizer or scheduler step; its rows count as consumed; global rank 0 alone warns); after
 ``train.max_consecutive_skips`` bad steps in a row the run aborts with an error on every rank.
 """
 
@@ -179,8 +179,11 @@ class Trainer:
         if result.skipped:
             s.skipped_steps += 1
             s.consecutive_skips += 1
-            _log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", s.iteration,
-                         s.consecutive_skips)
+            # Every rank reaches the same verdict (one all-reduce), so one line says it all: from every rank it would
+            # be world-size copies of the same warning (the logger passes warnings from all ranks).
+            if self.groups.rank == 0:
+                _log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row, %d skipped in total)",
+                             s.iteration, s.consecutive_skips, s.skipped_steps)
             if s.consecutive_skips >= self.cfg.train.max_consecutive_skips:
                 raise NonFiniteError(f"{s.consecutive_skips} consecutive non-finite steps (limit "
                                      f"train.max_consecutive_skips={self.cfg.train.max_consecutive_skips}); aborting")
