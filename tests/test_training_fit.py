@@ -52,6 +52,30 @@ def test_exit_duration_is_in_minutes_from_the_start():
     assert within[0] == 5 and past[0] == 1
 
 
+def _fit_warnings(rank: int, world: int, overrides: list[str], started_ago_s: float) -> list[str]:
+    """The warnings a stub run (as in _fit) logs."""
+    import logging
+
+    from tests.data_fixtures import logged
+
+    with logged(logging.WARNING) as records:
+        _fit(rank, world, overrides, started_ago_s)
+    return [r.getMessage() for r in records]
+
+
+def test_an_early_stop_without_checkpoint_save_warns_that_nothing_was_saved():
+    """A run stopped by the time limit (or a signal) with no checkpoint.save loses its steps: rank 0 says so; a
+    run that finishes does not warn."""
+    minute = ["train.train_iters=5", "train.exit_duration_minutes=1.0"]
+    [stopped] = run_distributed(_fit_warnings, 1, minute, 70.0)
+    [finished] = run_distributed(_fit_warnings, 1, minute, 0.0)
+    assert [m for m in stopped if "without checkpoint.save" in m] == [
+        "stopped at step 1 of train.train_iters=5 (exit_duration_minutes) without checkpoint.save: nothing was "
+        "saved, a new run starts again from the beginning (set checkpoint.save to save on signals and at the time "
+        "limit)"]
+    assert not [m for m in finished if "without checkpoint.save" in m]
+
+
 @pytest.mark.parametrize("method, warmup, at, shown", [("bft", 3, 3, True), ("bft", 3, 2, False), ("bft", 3, 4, False),
                                                       ("dft", 2, 2, True), ("sft", 3, 3, False), ("bft", 0, 0, False)])
 def test_the_end_of_the_sft_warmup_is_logged_once(method, warmup, at, shown):

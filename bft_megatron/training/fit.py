@@ -170,6 +170,11 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
             break
     if checkpointer is not None and saved_at != state.iteration:
         checkpointer.save(trainer)
+    if checkpointer is None and state.iteration < cfg.train.train_iters and trainer.groups.rank == 0:
+        _log.warning("stopped at step %d of train.train_iters=%d (%s) without checkpoint.save: nothing was saved, "
+                     "a new run starts again from the beginning (set checkpoint.save to save on signals and at the "
+                     "time limit)", state.iteration, cfg.train.train_iters,
+                     exit_request.reason or "exit_duration_minutes")
     if checkpointer is not None:
         checkpointer.finalize()
         if trainer.groups.rank == 0:
