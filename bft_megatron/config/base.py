@@ -8,10 +8,12 @@
 * :func:`to_dict` is the inverse (for logging and checkpoint metadata).
 
 Supported field types: bool, int, float, str, ``Literal[...]``, ``X | None``, nested dataclasses,
-``list[X]`` and ``dict``. No third-party schema library. Two shorthands: a single value where a list is
-expected is a one-element list (``train: a.jsonl``; null is an empty list), and a string where a dataclass
-is expected goes to the dataclass's ``from_str`` if it has one (``SourceConfig.from_str(path)``). A
-dotted override cannot reach inside a list (``data.train.path=x`` is an error: set ``data.train`` whole).
+``list[X]`` and ``dict``. No third-party schema library. Three shorthands: a single value where a list is
+expected is a one-element list (``train: a.jsonl``; null is an empty list), a string where a dataclass
+is expected goes to the dataclass's ``from_str`` if it has one (``SourceConfig.from_str(path)``), and null
+where a (non-optional) dataclass is expected is that section with all defaults (``train:`` left empty; an
+optional one, ``X | None``, stays None). A dotted override cannot reach inside a list (``data.train.path=x``
+is an error: set ``data.train`` whole).
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return None
         if typing.get_origin(inner) is list or inner is list:
             return []  # `valid:` left empty in YAML
+        if dataclasses.is_dataclass(inner):
+            return from_dict(inner, {}, where)  # `train:` left empty in YAML: a section of defaults
         raise ConfigError(f"{where} must not be null")
     if dataclasses.is_dataclass(inner):
         if isinstance(value, inner):

@@ -45,14 +45,29 @@ def legacy_rope_keys(hf: dict) -> dict:
     return hf
 
 
+def _required(hf: dict, key: str):
+    """A key every supported config.json has (a missing or null one used to raise KeyError / TypeError)."""
+    if hf.get(key) is None:
+        raise ConfigError(f"model.from_hf: config.json has no {key} (or it is null)")
+    return hf[key]
+
+
+def _optional(hf: dict, key: str, default):
+    """A key that may be absent; transformers' configs also write some as null (``num_key_value_heads`` in some
+    Llama ones), which means the same as absent: the class default."""
+    value = hf.get(key)
+    return default if value is None else value
+
+
 def _check_supported(hf: dict) -> None:
-    heads, hidden, head_dim = int(hf["num_attention_heads"]), int(hf["hidden_size"]), hf.get("head_dim")
+    heads, hidden = int(_required(hf, "num_attention_heads")), int(_required(hf, "hidden_size"))
+    head_dim = hf.get("head_dim")
     if head_dim is not None and int(head_dim) * heads != hidden:
         raise ConfigError(f"model.from_hf: head_dim={head_dim} != hidden_size/num_attention_heads "
                           f"({hidden}/{heads}); not supported")
     # Qwen2 slides its attention window only in layers >= max_window_layers: with none of those, attention is global.
     # 28: transformers' Qwen2Config default, which applies when config.json has no max_window_layers.
-    layers, window_layers = int(hf["num_hidden_layers"]), hf.get("max_window_layers", 28)
+    layers, window_layers = int(_required(hf, "num_hidden_layers")), hf.get("max_window_layers", 28)
     sliding = hf.get("use_sliding_window") and hf.get("sliding_window", 4096)  # 4096: transformers' default
     if sliding and (window_layers is None or int(window_layers) < layers):
         raise ConfigError(f"model.from_hf: use_sliding_window=true with max_window_layers={window_layers} < "
@@ -73,13 +88,13 @@ def model_fields_from_hf(hf: dict) -> dict:
         "hidden_size": int(hf["hidden_size"]),
         "num_layers": int(hf["num_hidden_layers"]),
         "num_attention_heads": heads,
-        "num_query_groups": int(hf.get("num_key_value_heads", heads)),
-        "ffn_hidden_size": int(hf["intermediate_size"]),
-        "vocab_size": int(hf["vocab_size"]),
-        "max_position_embeddings": int(hf.get("max_position_embeddings", 4096)),
-        "rope_theta": float(hf.get("rope_theta", 10000.0)),
+        "num_query_groups": int(_optional(hf, "num_key_value_heads", heads)),  # transformers: None = MHA
+        "ffn_hidden_size": int(_required(hf, "intermediate_size")),
+        "vocab_size": int(_required(hf, "vocab_size")),
+        "max_position_embeddings": int(_optional(hf, "max_position_embeddings", 4096)),
+        "rope_theta": float(_optional(hf, "rope_theta", 10000.0)),
         "rope_scaling": _rope_scaling(hf.get("rope_scaling")),
-        "norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
+        "norm_epsilon": float(_optional(hf, "rms_norm_eps", 1e-6)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "qkv_bias": family == "qwen2" or bool(hf.get("attention_bias", False)),
     }
