@@ -8,11 +8,57 @@ import json
 
 import pytest
 
-from bft_megatron.config import ConfigError, load_config
+from bft_megatron.config import ConfigError, load_config, validate
 from bft_megatron.config.hf import model_fields_from_hf
+from tests.test_config import cfg_with
 
 LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "intermediate_size": 96, "vocab_size": 100}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["parallel.timeout_minutes=0"], r"parallel.timeout_minutes must be >= 1, got 0"),
+    (["parallel.timeout_minutes=-5"], r"parallel.timeout_minutes must be >= 1, got -5"),
+    (["parallel.bucket_size=0"], r"parallel.bucket_size must be >= 1 or null \(megatron's default\), got 0"),
+    (["parallel.bucket_size=-1"], r"parallel.bucket_size must be >= 1 or null \(megatron's default\), got -1"),
+    (["model.init_method_std=-0.02"], r"model.init_method_std must be > 0, got -0.02"),
+    (["model.init_method_std=0"], r"model.init_method_std must be > 0, got 0.0"),
+    (["model.num_query_groups=0"], r"model.num_query_groups must be >= 1 or null \(= model.num_attention_heads\), "
+                                   r"got 0"),
+    (["model.rope_scaling.original_max_position_embeddings=0"],
+     r"model.rope_scaling.original_max_position_embeddings must be >= 1, got 0"),
+    (["train.exit_duration_minutes=0"], r"train.exit_duration_minutes must be > 0 or null \(no time limit\), got 0.0"),
+    (["train.exit_duration_minutes=-1"], r"train.exit_duration_minutes must be > 0 or null \(no time limit\), "
+                                         r"got -1.0"),
+    (["train.seed=-1"], r"train.seed must be in \[0, 2\*\*31\), got -1"),
+    (["train.seed=4294967296"], r"train.seed must be in \[0, 2\*\*31\), got 4294967296"),
+    (["data.seed=-1"], r"data.seed must be >= 0, got -1"),  # without data.train sources (prepared data)
+])
+def test_out_of_range_values_are_rejected(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(cfg_with(*extra), 1)
+
+
+@pytest.mark.parametrize("field", [
+    "train.lr", "train.min_lr", "train.weight_decay", "train.adam_beta1", "train.adam_beta2", "train.adam_eps",
+    "train.clip_grad", "train.exit_duration_minutes", "train.dropout", "model.init_method_std", "model.rope_theta",
+    "model.norm_epsilon", "model.rope_scaling.factor", "model.rope_scaling.low_freq_factor",
+    "model.rope_scaling.high_freq_factor", "loss.gamma", "loss.eps", "logging.peak_tflops"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_non_finite_floats_are_rejected_naming_the_field(field, value):
+    with pytest.raises(ConfigError, match=rf"^{field} must be a finite number, got {value}$"):
+        validate(cfg_with(f"{field}={value}"), 1)
+
+
+def test_non_finite_source_weights_are_named_with_their_index():
+    with pytest.raises(ConfigError, match=r"data.train\[1\].weight must be a finite number, got inf"):
+        validate(cfg_with("data.train=[a.jsonl, b.jsonl:inf]"), 1)
+
+
+def test_the_new_checks_accept_the_defaults_and_sensible_values():
+    assert validate(cfg_with("parallel.bucket_size=null", "train.exit_duration_minutes=null"), 1).dp == 1
+    assert validate(cfg_with("parallel.bucket_size=40000000", "parallel.timeout_minutes=1", "train.seed=0",
+                             "train.exit_duration_minutes=0.5", "model.rope_scaling.factor=8"), 1).dp == 1
 
 
 def test_an_empty_yaml_section_means_all_defaults(tmp_path):

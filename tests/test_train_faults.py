@@ -42,7 +42,8 @@ def results(tmp_path_factory):
         {"overrides": TINY},
         {"overrides": TINY + [f"checkpoint.save={sig_dir}/async", "checkpoint.async_save=true",
                               "checkpoint.save_interval=2", "checkpoint.keep_last=1"]},
-        {"overrides": TINY + [f"checkpoint.save={sig_dir}/timed", "train.exit_duration_minutes=0.0"]},
+        # 60 us: up before the first step ends (0, which Megatron-LM reads as no limit, is a config error)
+        {"overrides": TINY + [f"checkpoint.save={sig_dir}/timed", "train.exit_duration_minutes=1e-6"]},
         {"overrides": TINY + [f"checkpoint.load={sig_dir}/async"]},
         {"overrides": TINY + ["train.bf16=true"]},
         {"overrides": TINY + [f"checkpoint.load={sig_dir}", "train.train_iters=6"]},

@@ -13,20 +13,22 @@ expected is a one-element list (``train: a.jsonl``; null is an empty list), a st
 is expected goes to the dataclass's ``from_str`` if it has one (``SourceConfig.from_str(path)``), and null
 where a (non-optional) dataclass is expected is that section with all defaults (``train:`` left empty; an
 optional one, ``X | None``, stays None). A dotted override cannot reach inside a list (``data.train.path=x``
-is an error: set ``data.train`` whole).
+is an error: set ``data.train`` whole). :func:`non_finite_floats` lists inf/nan float fields (for validation).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "parse_override", "apply_overrides", "load_yaml"]
+__all__ = ["ConfigError", "from_dict", "to_dict", "parse_override", "apply_overrides", "load_yaml",
+           "non_finite_floats"]
 
 
 class ConfigError(ValueError):
@@ -136,6 +138,21 @@ def format_value(value: Any) -> str:
 def to_dict(obj) -> dict:
     """Dataclass -> plain nested dict (YAML/JSON-serialisable)."""
     return dataclasses.asdict(obj)
+
+
+def non_finite_floats(obj, where: str = "") -> list[tuple[str, float]]:
+    """``(dotted name, value)`` of every inf/nan float in ``obj`` (dataclasses and lists, recursively).
+
+    No float field has a meaning for inf or nan (null is how a field is switched off), and a range check such as
+    ``lr > 0`` lets inf through; one check here covers every field, present and future."""
+    if dataclasses.is_dataclass(obj):
+        return [bad for f in dataclasses.fields(obj)
+                for bad in non_finite_floats(getattr(obj, f.name), f"{where}.{f.name}" if where else f.name)]
+    if isinstance(obj, list):
+        return [bad for i, item in enumerate(obj) for bad in non_finite_floats(item, f"{where}[{i}]")]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return [(where, obj)]
+    return []
 
 
 def _field_type(cls, path: list[str]):

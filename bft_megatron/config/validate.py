@@ -11,7 +11,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-from bft_megatron.config.base import ConfigError
+from bft_megatron.config.base import ConfigError, non_finite_floats
 from bft_megatron.config.schema import Config
 
 __all__ = ["Layout", "validate", "check_paths", "config_warnings", "error_hint", "have_transformer_engine"]
@@ -45,6 +45,9 @@ def _check_model(m) -> None:
     _require(m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size={m.hidden_size} must be divisible by "
              f"model.num_attention_heads={m.num_attention_heads}")
+    # 0 used to mean MHA silently (kv_groups falls back to the heads); null is the documented spelling.
+    _require(m.num_query_groups is None or m.num_query_groups >= 1,
+             f"model.num_query_groups must be >= 1 or null (= model.num_attention_heads), got {m.num_query_groups}")
     _require(m.kv_groups > 0 and m.num_attention_heads % m.kv_groups == 0,
              f"model.num_attention_heads={m.num_attention_heads} must be divisible by "
              f"model.num_query_groups={m.num_query_groups}")
@@ -56,12 +59,19 @@ def _check_model(m) -> None:
              "model.family=qwen2 for q/k/v biases")
     _require(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
     _require(m.norm_epsilon > 0, f"model.norm_epsilon must be > 0, got {m.norm_epsilon}")
+    # torch's normal_ rejects a negative std only at model build (after the process groups exist), and 0 would
+    # make every weight of a from-scratch model zero, and with them every gradient: it could never train.
+    _require(m.init_method_std > 0, f"model.init_method_std must be > 0, got {m.init_method_std}")
     rs = m.rope_scaling
     if rs is not None:
         _require(rs.factor > 0, f"model.rope_scaling.factor must be > 0, got {rs.factor}")
         _require(rs.high_freq_factor > rs.low_freq_factor > 0,
                  f"model.rope_scaling needs high_freq_factor > low_freq_factor > 0, got "
                  f"{rs.high_freq_factor} and {rs.low_freq_factor}")
+        # The wavelength thresholds are this length over the frequency factors: at <= 0 every frequency counts as
+        # low and is divided by factor, a silently different model.
+        _require(rs.original_max_position_embeddings >= 1, "model.rope_scaling.original_max_position_embeddings "
+                 f"must be >= 1, got {rs.original_max_position_embeddings}")
 
 
 def _check_parallel(cfg: Config, world_size: int) -> int:
@@ -96,6 +106,11 @@ def _check_parallel(cfg: Config, world_size: int) -> int:
                  "with sequence_parallel")
     if p.overlap_param_gather:
         _require(p.distributed_optimizer, "parallel.overlap_param_gather=true requires parallel.distributed_optimizer")
+    # A timeout of 0 minutes fails the first collective that has to wait at all. Megatron closes a gradient bucket
+    # once it holds >= bucket_size elements: <= 0 gives one bucket (one padded collective) per parameter.
+    _require(p.timeout_minutes >= 1, f"parallel.timeout_minutes must be >= 1, got {p.timeout_minutes}")
+    _require(p.bucket_size is None or p.bucket_size >= 1,
+             f"parallel.bucket_size must be >= 1 or null (megatron's default), got {p.bucket_size}")
     return world_size // mp
 
 
@@ -153,6 +168,14 @@ def _check_train(cfg: Config, dp: int, require_te: bool = True) -> int:
     _require(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
     _require(t.eval_interval >= 0 and t.eval_iters >= 1,
              f"train.eval_interval must be >= 0 and train.eval_iters >= 1, got {t.eval_interval}, {t.eval_iters}")
+    # 0 would stop after the first step (and save), while Megatron-LM's --exit-duration-in-mins 0 means no limit.
+    _require(t.exit_duration_minutes is None or t.exit_duration_minutes > 0,
+             f"train.exit_duration_minutes must be > 0 or null (no time limit), got {t.exit_duration_minutes}")
+    # numpy's global seed takes [0, 2**32), and each pipeline stage seeds with train.seed + 100 * its rank.
+    _require(0 <= t.seed < 2**31, f"train.seed must be in [0, 2**31), got {t.seed}")
+    # The data layer checks data.seed only with data.train sources; prepared or synthetic data is shuffled with it too
+    # (numpy's default_rng([seed, epoch]) rejects a negative one at the first batch, after the model is built).
+    _require(cfg.data.seed >= 0, f"data.seed must be >= 0, got {cfg.data.seed}")
     if t.fp8 is not None:
         _require(not require_te or have_transformer_engine(),
                  f"train.fp8={t.fp8!r} requires Transformer Engine, which is not installed")
@@ -194,6 +217,9 @@ def validate(cfg: Config, world_size: int, require_te: bool = True) -> Layout:
     ``require_te=False`` (``bft-megatron plan``, on a machine without GPUs) skips only the check that Transformer
     Engine is installed for ``train.fp8`` / ``train.te_op_fuser``; everything else is checked."""
     _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
+    bad = non_finite_floats(cfg)  # before the range checks: inf passes lr > 0, nan would get a misleading message
+    if bad:
+        raise ConfigError(f"{bad[0][0]} must be a finite number, got {bad[0][1]}")
     _check_model(cfg.model)
     dp = _check_parallel(cfg, world_size)
     num_micro = _check_train(cfg, dp, require_te)
