@@ -33,6 +33,7 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_l
     (["train.seed=-1"], r"train.seed must be in \[0, 2\*\*31\), got -1"),
     (["train.seed=4294967296"], r"train.seed must be in \[0, 2\*\*31\), got 4294967296"),
     (["data.seed=-1"], r"data.seed must be >= 0, got -1"),  # without data.train sources (prepared data)
+    (["data.seq_length=1"], r"data.seq_length must be >= 2 \(a prompt token and a target\), got 1"),
 ])
 def test_out_of_range_values_are_rejected(extra, message):
     with pytest.raises(ConfigError, match=message):

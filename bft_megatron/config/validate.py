@@ -96,7 +96,7 @@ def _check_parallel(cfg: Config, world_size: int) -> int:
     _require(m.num_layers % chunks == 0,
              f"model.num_layers={m.num_layers} must be divisible by parallel.pp*vp = {p.pp}*{p.vp or 1} = {chunks}")
     seq = cfg.data.seq_length
-    _require(seq > 0, f"data.seq_length must be > 0, got {seq}")
+    _require(seq >= 2, f"data.seq_length must be >= 2 (a prompt token and a target), got {seq}")
     if p.cp > 1:
         _require(seq % (2 * p.cp) == 0, f"data.seq_length={seq} must be divisible by 2*parallel.cp = {2 * p.cp}")
     if p.sequence_parallel:
