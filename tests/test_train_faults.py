@@ -12,6 +12,8 @@
 * Validation at ``eval_interval`` reports the objective (``loss``) and the plain CE mean (``lm_loss``).
 * ``async_save``: checkpoints are committed when finalised; ``keep_last=1`` prunes the older one; the
   run directory resumes at its last step (nothing left to train).
+* Resuming a checkpoint with another ``data.seed`` (another row order after the data position) warns, naming both
+  seeds; resuming with the same data settings does not.
 * Resuming the signal run's step-2 checkpoint with a longer ``train.train_iters`` (another LR schedule) fails on
   both ranks before loading, naming the field and both values; with ``checkpoint.override_scheduler=true`` (and a
   new ``train.lr``) it continues from step 2 with the learning rates a fresh schedule of the new config gives.
@@ -56,6 +58,7 @@ def results(tmp_path_factory):
         {"overrides": TINY + ["loss.method=sft", "train.eval_iters=2"], "evaluate": True},
         {"overrides": TINY + [f"checkpoint.save={sig_dir}/in_eval", "train.eval_interval=2", "train.eval_iters=3"],
          "signal_in_eval": True},
+        {"overrides": TINY + [f"checkpoint.load={sig_dir}/iter_0000002", "data.seed=99"]},
     ]
     return launch(2, runs), sig_dir
 
@@ -200,3 +203,13 @@ def test_override_scheduler_continues_with_the_new_schedule(results):
     assert [h["lr"] for h in extended["history"]] == want
     old = [h["lr"] for h in results[0][3]["history"]]  # the uninterrupted 4-step run with the old schedule
     assert want[:2] != old[2:] and want[0] > 0
+
+
+def test_resume_with_another_data_seed_warns_that_the_rows_differ(results):
+    runs, sig_dir = results
+    other_seed, same = runs[17], runs[10]
+    assert other_seed["iteration"] == 4
+    [warning] = [w for w in other_seed["load_warnings"] if "other training rows" in w]
+    assert f"resuming {sig_dir}/iter_0000002 on other training rows (data.seed: checkpoint 1234, config 99)" in warning
+    assert "consumed_rows=" in warning
+    assert not [w for w in same["load_warnings"] if "other training rows" in w]

@@ -11,6 +11,7 @@ checkpoint load raises ``ConfigError`` reports every rank's message (``load_erro
 """
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -98,6 +99,7 @@ def run_one(spec: dict) -> dict:
     from bft_megatron.training.build import build_trainer
     from bft_megatron.training.fit import ExitRequest, fit
     from bft_megatron.training.loop import NonFiniteError
+    from tests.data_fixtures import logged
 
     cfg = load_config(None, spec["overrides"])
     layout = validate(cfg, int(os.environ["WORLD_SIZE"]))
@@ -106,7 +108,8 @@ def run_one(spec: dict) -> dict:
     trainer = build_trainer(cfg, layout, groups)
     ckpt = Checkpointer(cfg, groups)
     try:
-        ckpt.load(trainer)
+        with logged(logging.WARNING) as load_records:
+            ckpt.load(trainer)
     except ConfigError as exc:  # raised on every rank (e.g. another LR schedule): report each rank's, don't train
         errors = [None] * dist.get_world_size()
         dist.all_gather_object(errors, str(exc))
@@ -142,7 +145,7 @@ def run_one(spec: dict) -> dict:
            "skipped": trainer.state.skipped_steps, "error": error, "compiled": compiled,
            "embedding_wgrad_fused": _embedding_wgrad_fused(trainer), "evaluated_at": evaluations["at"],
            "eval_before": evaluations["before"], "eval_last": evaluations.get("last"),
-           "eval_batches": eval_batches,
+           "eval_batches": eval_batches, "load_warnings": [r.getMessage() for r in load_records],
            "state_counts": _state_counts(trainer) if spec.get("count_state") else None,
            "eval_after": [validate(), validate()] if spec.get("evaluate") else None}
     bootstrap.destroy(keep_process_group=True)

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from bft_megatron.checkpoint import pointer
 from bft_megatron.checkpoint.architecture import check_architecture
+from bft_megatron.checkpoint.data_order import warn_data_order
 from bft_megatron.checkpoint.schedule import check_schedule, group_bounds, restore_group_bounds
 from bft_megatron.checkpoint.state import (OPT_METADATA, init_optimizer_state, layout_of, model_sharded_state_dict,
                                            restore_rng, rng_sharded_object, tolerate_missing_adam_step,
@@ -67,7 +68,8 @@ class Checkpointer:
         sd["scheduler"] = trainer.scheduler.state_dict()
         s = trainer.state
         sd["train_state"] = {"iteration": s.iteration, "consumed_rows": s.consumed_rows,
-                             "skipped_steps": s.skipped_steps, "consecutive_skips": s.consecutive_skips}
+                             "skipped_steps": s.skipped_steps, "consecutive_skips": s.consecutive_skips,
+                             "train_rows": trainer.train_data.sampler.num_rows}  # the resume's row-order check
         sd["layout"] = layout_of(self.groups)
         sd["config"] = to_dict(self.cfg)
         return sd
@@ -176,6 +178,7 @@ class Checkpointer:
         else:
             # Then, on every rank: a schedule the config does not reproduce fails before anything is loaded.
             check_schedule(trainer.scheduler, common, self.cfg, path, self.groups.rank)
+            warn_data_order(common, self.cfg.data.seed, trainer.train_data.sampler.num_rows, path, self.groups.rank)
             self._load_full(trainer, path, common, same_layout)
         _log.info("loaded %s (%s%s)", path, "weights only" if finetune else "full state",
                   "" if same_layout else f", resharded from {common.get('layout')}")
