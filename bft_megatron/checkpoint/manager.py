@@ -2,8 +2,9 @@
 
 Save protocol (``Checkpointer.save``): every rank writes its shards of ``<save>/iter_N`` (sync, or
 async through megatron's ``AsyncCallsQueue``); when all ranks are done (barrier / async finalize),
-rank 0 deletes uncommitted leftovers, atomically moves ``latest`` to ``iter_N`` and prunes to
-``keep_last`` (``pointer.commit``). Load
+rank 0 writes the checkpoint's HF files (``iter_N/hf/``: config, tokenizer, chat template; ``hf_files.py``),
+deletes uncommitted leftovers, atomically moves ``latest`` to ``iter_N`` and prunes to ``keep_last``
+(``pointer.commit``). Load
 (``Checkpointer.load``): full resume (model, optimizer, scheduler, data position, RNG at the same
 layout) or ``finetune`` (weights only, fresh everything else). Loading at another TP/PP/VP works
 because every sharded key is global. Every load first checks that the config's model is the checkpoint's
@@ -22,6 +23,7 @@ import torch.distributed as dist
 from bft_megatron.checkpoint import pointer
 from bft_megatron.checkpoint.architecture import check_architecture
 from bft_megatron.checkpoint.data_order import warn_data_order
+from bft_megatron.checkpoint.hf_files import CheckpointHF
 from bft_megatron.checkpoint.schedule import check_schedule, group_bounds, restore_group_bounds
 from bft_megatron.checkpoint.state import (OPT_METADATA, init_optimizer_state, layout_of, model_sharded_state_dict,
                                            restore_rng, rng_sharded_object, tolerate_missing_adam_step,
@@ -42,6 +44,8 @@ class Checkpointer:
         self.ckpt = cfg.checkpoint
         self._async_queue = None
         self.before_commit = None  # test seam: called on every rank after shards are written
+        self._hf = CheckpointHF(cfg) if groups.rank == 0 else None
+        self._model_dtype = None  # the parameters' dtype, for the checkpoint's config.json (set by save)
 
     # ------------------------------------------------------------------ save
     def write_run_config(self) -> str:
@@ -89,6 +93,7 @@ class Checkpointer:
                 shutil.rmtree(path)
             os.makedirs(path, exist_ok=True)
         dist.barrier()
+        self._model_dtype = next(unwrap(trainer.model[0]).parameters()).dtype
         sd = self._state_for_save(trainer)
         request = dist_checkpointing.save(sd, path, async_sharded_save=self.ckpt.async_save)
         if self.ckpt.async_save:
@@ -104,6 +109,9 @@ class Checkpointer:
             self.before_commit(iteration)
         dist.barrier()
         if self.groups.rank == 0:
+            # Into the checkpoint before `latest` names it (a kill here leaves it uncommitted, as a kill during
+            # the shards would); its failure is only a warning: the weights, all written, make it complete.
+            self._hf.write(os.path.join(self.ckpt.save, pointer.iter_dirname(iteration)), self._model_dtype)
             removed = pointer.commit(self.ckpt.save, iteration, self.ckpt.keep_last)
             _log.info("checkpoint iter %d complete (latest updated%s)", iteration,
                       f"; pruned {removed}" if removed else "")

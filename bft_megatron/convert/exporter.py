@@ -27,7 +27,7 @@ from bft_megatron.convert.hf_io import (DEFAULT_SHARD_BYTES, ShardWriter, begin_
 from bft_megatron.convert.importer import model_config_from_hf_dir
 from bft_megatron.convert.mapping import EMBEDDING, FINAL_NORM, OUTPUT, detect_spec, layer_rules
 from bft_megatron.convert.runtime import process_group
-from bft_megatron.convert.sources import CLI_HINT, ExportSources, find_sources
+from bft_megatron.convert.sources import CLI_HINT, ExportSources, find_sources, stored_hf_dir
 from bft_megatron.convert.tensors import to_hf
 from bft_megatron.utils.logging import get_logger
 
@@ -53,7 +53,8 @@ def _sources(ckpt_dir: str, common: dict, hf_dir: str | None,
     """(model config, where config.json and the tokenizer come from: :func:`find_sources`)."""
     run_dir = os.path.dirname(os.path.normpath(ckpt_dir))
     config = common.get("config") if isinstance(common.get("config"), dict) else {}
-    sources = find_sources(config, hf_dir=hf_dir, tokenizer=tokenizer, run_dir=run_dir, hint=CLI_HINT)
+    sources = find_sources(config, hf_dir=hf_dir, tokenizer=tokenizer, run_dir=run_dir, hint=CLI_HINT,
+                           stored=stored_hf_dir(ckpt_dir))
     saved = config.get("model")
     if saved:
         return from_dict(ModelConfig, saved, "model"), sources
@@ -145,8 +146,8 @@ def export_checkpoint(ckpt: str, out_dir: str, hf_dir: str | None = None,
                       tokenizer: str | None = None) -> str:
     """Export a dist checkpoint (run dir, iter_ dir or plain) to an HF directory; returns ``out_dir``.
 
-    ``tokenizer`` (HF tokenizer directory or sentencepiece ``.model``) overrides the training tokenizer the
-    checkpoint's config names; ``hf_dir`` supplies config.json (and a tokenizer if no other is found);
+    ``tokenizer`` (HF tokenizer directory or sentencepiece ``.model``) overrides the training tokenizer: the
+    checkpoint's stored copy (``<ckpt>/hf/``, written by the trainer), else the one its config names; ``hf_dir`` supplies config.json (and a tokenizer if no other is found);
     ``dtype`` casts the weights (default: keep the checkpoint's dtype). Everything that can be checked
     (checkpoint tensors and layer count, template config.json, tokenizer size) is checked before any shard
     is written; the export is written into a hidden sibling directory and moved to ``out_dir`` when

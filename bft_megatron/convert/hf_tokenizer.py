@@ -3,6 +3,9 @@
 * An HF tokenizer directory: its tokenizer files are copied byte for byte.
 * A sentencepiece ``.model``: converted to an HF fast tokenizer that encodes as the trainer did
   (:mod:`bft_megatron.convert.sp_tokenizer`) and saved with ``save_pretrained``.
+* A checkpoint's ``hf/`` (what the trainer wrote there with this module when it saved it): every file but
+  config.json / generation_config.json copied byte for byte, chat template included, so the export is the
+  one an export at that time would have written.
 
 The chat template: the one the training data was rendered with. A built-in one (chatml, llama3 or plain,
 as Jinja that renders exactly as training did) replaces any template the tokenizer brings, so
@@ -27,6 +30,7 @@ __all__ = ["SpecialIds", "write_tokenizer", "TOKENIZER_FILES"]
 _log = get_logger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+_NOT_TOKENIZER = ("config.json", "generation_config.json")  # a checkpoint's hf/ also holds these (written anew)
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,16 @@ def _copy_hf(src: TokenizerSource, out_dir: str):
     return tok
 
 
+def _copy_stored(src: TokenizerSource, out_dir: str):
+    """Copy a checkpoint's stored tokenizer files as they are (their chat template is already the training one)."""
+    from transformers import AutoTokenizer
+
+    for name in sorted(os.listdir(src.path)):
+        if name not in _NOT_TOKENIZER and os.path.isfile(os.path.join(src.path, name)):
+            shutil.copyfile(os.path.join(src.path, name), os.path.join(out_dir, name))
+    return AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+
+
 def _convert_sentencepiece(src: TokenizerSource, out_dir: str):
     from bft_megatron.convert.sp_tokenizer import sentencepiece_to_fast
 
@@ -126,7 +140,10 @@ def _check_record(ids: SpecialIds, src: TokenizerSource) -> None:
 def write_tokenizer(src: TokenizerSource, out_dir: str, model_vocab: int) -> SpecialIds:
     """Write ``src``'s tokenizer files and chat template into ``out_dir``; its special ids."""
     os.makedirs(out_dir, exist_ok=True)
-    tok = _convert_sentencepiece(src, out_dir) if os.path.isfile(src.path) else _copy_hf(src, out_dir)
+    if src.stored:
+        tok = _copy_stored(src, out_dir)
+    else:
+        tok = _convert_sentencepiece(src, out_dir) if os.path.isfile(src.path) else _copy_hf(src, out_dir)
     ids = _special_ids(tok)
     _check_record(ids, src)
     if ids.size > model_vocab:

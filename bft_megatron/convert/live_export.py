@@ -22,6 +22,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
+from bft_megatron.checkpoint import pointer
 from bft_megatron.checkpoint.state import unwrap
 from bft_megatron.config.base import to_dict
 from bft_megatron.config.schema import Config, ModelConfig
@@ -29,7 +30,7 @@ from bft_megatron.convert.hf_config import write_hf_metadata
 from bft_megatron.convert.hf_io import (DEFAULT_SHARD_BYTES, ShardWriter, begin_staging, finalize_shards,
                                         publish_staging, staging_path)
 from bft_megatron.convert.mapping import OUTPUT, detect_spec, rule_by_megatron_name
-from bft_megatron.convert.sources import TRAINER_HINT, find_sources
+from bft_megatron.convert.sources import TRAINER_HINT, find_sources, stored_hf_dir
 from bft_megatron.convert.tensors import to_hf
 from bft_megatron.parallel.bootstrap import ParallelGroups
 from bft_megatron.parallel.rank0 import on_rank0
@@ -79,12 +80,13 @@ def _write_chunk(model: torch.nn.Module, m: ModelConfig, groups: ParallelGroups,
 
 
 def _prepare(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, out_dir: str, recorded: dict,
-             tokenizer_dir: str | None, dtype: torch.dtype | None, group: dist.ProcessGroup) -> None:
+             tokenizer_dir: str | None, dtype: torch.dtype | None, group: dist.ProcessGroup,
+             checkpoint_hf: str | None = None) -> None:
     """Rank 0 finds the sources, checks them and writes the non-weight files into the staging directory before
     any shard is written; every rank raises together if that failed (no half-entered collectives)."""
 
     def write_metadata() -> None:
-        sources = find_sources(recorded, hf_dir=tokenizer_dir, hint=TRAINER_HINT)
+        sources = find_sources(recorded, hf_dir=tokenizer_dir, hint=TRAINER_HINT, stored=checkpoint_hf)
         stage = begin_staging(out_dir)
         out_dtype = dtype or next(unwrap(model_chunks[0]).parameters()).dtype
         write_hf_metadata(stage, model_cfg, out_dtype, sources)
@@ -95,17 +97,20 @@ def _prepare(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, out_di
 
 def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, out_dir: str, groups: ParallelGroups,
                  tokenizer_dir: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 dtype: torch.dtype | None = None, config: Config | None = None) -> None:
+                 dtype: torch.dtype | None = None, config: Config | None = None,
+                 checkpoint_hf: str | None = None) -> None:
     """Collective over the world: write ``model_chunks`` (this rank's, possibly wrapped) as HF safetensors.
 
     ``config`` (the training config) names the tokenizer the data was tokenized with (``data.tokenizer``),
     its chat template (``data.template``) and the import the run started from (``checkpoint.load``, whose
     ``hf/`` supplies config.json); ``tokenizer_dir`` (default ``model_cfg.from_hf``) is an HF directory for
-    config.json (checked against ``model_cfg``) and a tokenizer if no other is found. ``dtype`` casts
-    (default: the parameters' dtype). Written into a hidden sibling of ``out_dir``, moved there when complete.
+    config.json (checked against ``model_cfg``) and a tokenizer if no other is found. ``checkpoint_hf``: the
+    ``hf/`` the trainer stored in the checkpoint of these weights, whose tokenizer files and chat template win
+    over ``data.tokenizer``'s. ``dtype`` casts (default: the parameters' dtype). Written into a hidden sibling
+    of ``out_dir``, moved there when complete.
     """
     recorded = to_dict(config) if config is not None else {"model": {"from_hf": model_cfg.from_hf}}
-    _prepare(model_chunks, model_cfg, out_dir, recorded, tokenizer_dir, dtype, groups.control)
+    _prepare(model_chunks, model_cfg, out_dir, recorded, tokenizer_dir, dtype, groups.control, checkpoint_hf)
     stage = staging_path(out_dir)
     participates = groups.dp_rank == 0 and groups.cp_rank == 0
     manifests: list[dict[str, list[str]]] = []
@@ -133,12 +138,16 @@ def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, ou
 def export_after_training(cfg: Config, model_chunks: list[torch.nn.Module], groups: ParallelGroups,
                           iteration: int) -> None:
     """``checkpoint.export_hf``: the final weights to ``<checkpoint.save>/hf_iter_<N>`` (collective), with the
-    tokenizer and chat template from ``cfg`` (``data.tokenizer`` / ``data.template``) and config.json from the
-    import the run started from (``checkpoint.load``'s ``hf/``) or ``model.from_hf``. Skipped, with a log line,
-    when the run stopped before ``train.train_iters``."""
+    tokenizer, chat template and config.json of the final checkpoint's ``hf/`` (else ``data.tokenizer`` /
+    ``data.template``, and config.json from the import the run started from, ``checkpoint.load``'s ``hf/``, or
+    ``model.from_hf``).
+    Skipped, with a log line, when the run stopped before ``train.train_iters``."""
     if iteration < cfg.train.train_iters:
         _log.info("stopped at step %d before train.train_iters=%d: no HF export", iteration, cfg.train.train_iters)
         return
-    out_dir = os.path.join(cfg.checkpoint.save or ".", f"hf_iter_{iteration:07d}")
-    export_to_hf(model_chunks, cfg.model, out_dir, groups, config=cfg)
+    save = cfg.checkpoint.save or "."
+    out_dir = os.path.join(save, f"hf_iter_{iteration:07d}")
+    latest = pointer.read_latest(save)
+    final = latest if latest and os.path.basename(latest) == pointer.iter_dirname(iteration) else None
+    export_to_hf(model_chunks, cfg.model, out_dir, groups, config=cfg, checkpoint_hf=stored_hf_dir(final))
     _log.info("exported Hugging Face weights to %s", out_dir)

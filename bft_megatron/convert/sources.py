@@ -4,15 +4,21 @@ The tokenizer is the one the training data was tokenized with, so the exported f
 chat-templates) as training did. In order:
 
 1. ``--tokenizer PATH`` (offline export only; an HF tokenizer directory or a sentencepiece ``.model``);
-2. the training run's ``data.tokenizer`` (stored with the checkpoint's config), or, when the run read
+2. the checkpoint's own copy, ``<iter dir>/hf/`` (``stored``): the tokenizer files and rendered chat template
+   the trainer wrote into the checkpoint when it saved it (:mod:`bft_megatron.checkpoint.hf_files`), copied
+   as they are; it outlives a moved or deleted ``data.tokenizer``;
+3. the training run's ``data.tokenizer`` (stored with the checkpoint's config), or, when the run read
    an already prepared ``data.output_dir``, the tokenizer recorded in that data's ``train/index.json``;
-3. the HF directories that may also hold one: ``--hf DIR``, the run's own ``hf/`` (an import run
-   directory), the ``hf/`` of the import the run was started from (``checkpoint.load``), ``model.from_hf``.
+4. the HF directories that may also hold one: ``--hf DIR``, the checkpoint's ``hf/`` (2), the run's own
+   ``hf/`` (an import run directory), the ``hf/`` of the checkpoint the run was started from
+   (``checkpoint.load``: an import's, or a trainer checkpoint's of 2), ``model.from_hf``.
 
-config.json comes from the first of the directories in 3 that has one (else it is synthesised from the
+config.json comes from the first of the directories in 4 that has one (else it is synthesised from the
 stored model section); one that does not describe the weights is an error when given with ``--hf``,
-else a warning and a synthesised config.json. Relative paths are tried from the working directory, then from the directory
-that holds the ``bft_megatron`` package (the bundled demo tokenizer's path is relative to it).
+else a warning and a synthesised config.json. With ``--tokenizer`` the checkpoint's ``hf/`` is not used at
+all (its config.json carries its own tokenizer's ids). Relative paths are tried from the working directory,
+then from the directory that holds the ``bft_megatron`` package (the bundled demo tokenizer's path is
+relative to it).
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from bft_megatron.checkpoint.pointer import read_latest
 from bft_megatron.convert.importer import HF_SUBDIR
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["TokenizerSource", "ExportSources", "find_sources", "is_tokenizer", "resolve_path", "CLI_HINT",
-           "TRAINER_HINT"]
+__all__ = ["TokenizerSource", "ExportSources", "find_sources", "is_tokenizer", "resolve_path", "stored_hf_dir",
+           "CLI_HINT", "TRAINER_HINT"]
 
 _log = get_logger(__name__)
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -46,6 +53,7 @@ class TokenizerSource:
     origin: str
     template: str | None = None  # data.template the training data was rendered with (None: no training record)
     record: dict | None = None  # the prepared data's tokenizer record: bos_id, eos_id, pad_id, vocab_size, path
+    stored: bool = False  # a checkpoint's hf/: files already written for this run's export, copied as they are
 
 
 @dataclass
@@ -73,6 +81,14 @@ def is_tokenizer(path: str | None) -> bool:
     if os.path.isfile(path):
         return path.endswith(".model")
     return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_MARKERS)
+
+
+def stored_hf_dir(ckpt_dir: str | None) -> str | None:
+    """``ckpt_dir/hf`` when that checkpoint carries the tokenizer files its trainer stored, else None."""
+    if not ckpt_dir:
+        return None
+    path = os.path.join(ckpt_dir, HF_SUBDIR)
+    return path if os.path.isdir(path) and is_tokenizer(path) else None
 
 
 def _prepared_record(data: dict) -> tuple[dict | None, str | None]:
@@ -108,11 +124,14 @@ def _training_tokenizer(config: dict) -> tuple[str | None, str, str | None, dict
 
 
 def _import_hf_dir(load: str | None) -> str | None:
-    """The ``hf/`` folder of the import run directory ``checkpoint.load`` names (a run or an iter_ directory)."""
+    """The ``hf/`` folder of what ``checkpoint.load`` names: an import's run directory (or its iter_ directory),
+    or a trainer checkpoint's own copy (the iter_ directory named, or the one ``latest`` names)."""
     load = resolve_path(load)
     if not load:
         return None
-    for base in (load, os.path.dirname(os.path.normpath(load))):
+    for base in (load, read_latest(load), os.path.dirname(os.path.normpath(load))):
+        if not base:
+            continue
         if os.path.isdir(os.path.join(base, HF_SUBDIR)):
             return os.path.join(base, HF_SUBDIR)
     return None
@@ -126,12 +145,15 @@ def _explicit_tokenizer(path: str, template: str | None, record: dict | None) ->
 
 
 def find_sources(config: dict | None, hf_dir: str | None = None, tokenizer: str | None = None,
-                 run_dir: str | None = None, hint: str = CLI_HINT) -> ExportSources:
-    """Template dir and tokenizer for an export; ``config`` is the training config as a dict (may be empty)."""
+                 run_dir: str | None = None, hint: str = CLI_HINT, stored: str | None = None) -> ExportSources:
+    """Template dir and tokenizer for an export; ``config`` is the training config as a dict (may be empty),
+    ``stored`` the checkpoint's ``hf/`` (:func:`stored_hf_dir`), ignored when ``tokenizer`` is given."""
     config = config or {}
     if hf_dir and not (os.path.isfile(os.path.join(hf_dir, "config.json")) or is_tokenizer(hf_dir)):
         raise FileNotFoundError(f"--hf {hf_dir}: neither config.json nor tokenizer files there")
-    dirs = [("--hf", hf_dir), ("the run's hf/", os.path.join(run_dir, HF_SUBDIR) if run_dir else None),
+    stored = None if tokenizer else stored
+    dirs = [("--hf", hf_dir), ("the checkpoint's hf/", stored),
+            ("the run's hf/", os.path.join(run_dir, HF_SUBDIR) if run_dir else None),
             ("the hf/ of checkpoint.load", _import_hf_dir((config.get("checkpoint") or {}).get("load"))),
             ("model.from_hf", resolve_path((config.get("model") or {}).get("from_hf")))]
     template = next((d for _, d in dirs if d and os.path.isfile(os.path.join(d, "config.json"))), None)
@@ -142,6 +164,9 @@ def find_sources(config: dict | None, hf_dir: str | None = None, tokenizer: str 
     if tokenizer:
         return ExportSources(template, _explicit_tokenizer(tokenizer, template_name, record), hint=hint,
                              template_explicit=explicit)
+    if is_tokenizer(stored):  # what this checkpoint's export wrote then: the recorded path no longer matters
+        return ExportSources(template, TokenizerSource(stored, f"the checkpoint's copy {stored}", template_name,
+                                                       record, stored=True), hint=hint, template_explicit=explicit)
     if recorded and trained is None:
         _log.warning("the training tokenizer %s is not there (moved, or another machine): looking for one in the "
                      "HF directories; %s", described, hint)

@@ -1,0 +1,94 @@
+"""The Hugging Face files a trainer checkpoint carries: ``<iter dir>/hf/``.
+
+Every checkpoint gets the non-weight files its HF export would write (config.json, generation_config.json,
+the tokenizer files and the rendered Jinja chat template), made by the export's own code
+(:func:`bft_megatron.convert.hf_config.write_hf_metadata` with the sources the in-job export finds), so that
+an export or a generation later uses exactly the tokenizer and template this run trained with, even after the
+directory ``data.tokenizer`` names is moved or deleted (the export prefers this copy:
+:func:`bft_megatron.convert.sources.find_sources`). The subdirectory has the name an import's run-level copy
+has (``convert.importer.HF_SUBDIR``), but lives in the ``iter_`` directory: it is part of that checkpoint
+(written before ``latest`` names it, pruned with it).
+
+Global rank 0 renders the files once, at the first save (the tokenizer does not change during a run), keeps
+them in memory (a few MB) and writes them into every checkpoint through a hidden staging directory renamed to
+``hf/`` when complete, so a checkpoint never holds half of them. A run without a tokenizer (synthetic data)
+stores nothing and says so once; a failure is a warning (once), never an abort: the weights are what makes a
+checkpoint complete, and ``latest`` moves as it would without these files.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from bft_megatron.utils.logging import get_logger
+
+__all__ = ["CHECKPOINT_HF_SUBDIR", "CheckpointHF"]
+
+_log = get_logger(__name__)
+
+CHECKPOINT_HF_SUBDIR = "hf"  # = convert.importer.HF_SUBDIR (not imported: that would load the convert package)
+_STAGE = ".hf.partial"
+
+
+class CheckpointHF:
+    """Writes ``<iter dir>/hf/`` for one run; call :meth:`write` on global rank 0 only."""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self._files: dict[str, bytes] | None = None  # name -> content, rendered at the first save
+        self._no_tokenizer = False  # nothing to store (logged once)
+        self._warned = False
+
+    def write(self, iter_dir: str, dtype) -> bool:
+        """Write the files into ``iter_dir/hf``; False (nothing written) when there is no tokenizer or it
+        failed. ``dtype``: the model parameters' (config.json's ``dtype``, as the in-job export writes it)."""
+        if self._no_tokenizer:
+            return False
+        stage = os.path.join(iter_dir, _STAGE)
+        try:
+            files = self._render(dtype)
+            if files is None:
+                return False
+            shutil.rmtree(stage, ignore_errors=True)
+            os.makedirs(stage)
+            for name, content in files.items():
+                with open(os.path.join(stage, name), "wb") as fh:
+                    fh.write(content)
+            os.replace(stage, os.path.join(iter_dir, CHECKPOINT_HF_SUBDIR))
+            return True
+        except Exception as exc:  # noqa: BLE001 - training goes on; the checkpoint's weights are complete
+            shutil.rmtree(stage, ignore_errors=True)
+            if self._warned:
+                _log.debug("checkpoint %s: no %s/ files (%s)", iter_dir, CHECKPOINT_HF_SUBDIR, exc)
+            else:
+                self._warned = True
+                _log.warning("checkpoint %s: could not store the tokenizer, chat template and HF config (%s: %s); "
+                             "training goes on and the weights are saved, but an export of this run's checkpoints "
+                             "must find the tokenizer itself (data.tokenizer, or --tokenizer PATH)",
+                             iter_dir, type(exc).__name__, exc)
+            return False
+
+    def _render(self, dtype) -> dict[str, bytes] | None:
+        if self._files is not None:
+            return self._files
+        from bft_megatron.config.base import to_dict
+        from bft_megatron.convert.hf_config import write_hf_metadata
+        from bft_megatron.convert.sources import TRAINER_HINT, find_sources
+
+        sources = find_sources(to_dict(self.cfg), hint=TRAINER_HINT)
+        if sources.tokenizer is None:
+            # Synthetic data: no tokenizer to store, and none for the export either (it warns there).
+            self._no_tokenizer = True
+            _log.info("no tokenizer (looked at: %s): checkpoints carry no %s/ files", "; ".join(sources.looked_at),
+                      CHECKPOINT_HF_SUBDIR)
+            return None
+        with tempfile.TemporaryDirectory(prefix="bft_ckpt_hf_") as tmp:
+            write_hf_metadata(tmp, self.cfg.model, dtype, sources)
+            files = {}
+            for name in sorted(n for n in os.listdir(tmp) if os.path.isfile(os.path.join(tmp, n))):
+                with open(os.path.join(tmp, name), "rb") as fh:
+                    files[name] = fh.read()
+        self._files = files
+        return files

@@ -1,0 +1,137 @@
+"""A trainer checkpoint carries its HF files (``iter_N/hf/``: config, tokenizer, the rendered chat template), and
+exports prefer them over the recorded ``data.tokenizer`` path."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from bft_megatron.checkpoint import pointer
+from tests.launch import ROOT, TINY
+from tests.test_train_export_hf import CHATS, DEMO_TOKENIZER, _env
+
+TOKENIZER_RUN = [*TINY, "model.vocab_size=3000", "train.train_iters=2", "checkpoint.save_interval=1",
+                 "data.template=chatml"]
+
+
+@pytest.fixture()
+def log_records():
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("bft_megatron")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def _side_files(folder) -> dict[str, bytes]:
+    """An export's non-weight files (config, generation config, tokenizer, chat template), by name."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())
+            if p.is_file() and not p.name.startswith("model")}
+
+
+def _train(overrides: list[str]) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "bft_megatron.train", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def _check_renders_training_text(hf_dir, tokenizer_path: str) -> None:
+    from transformers import AutoTokenizer
+
+    from bft_megatron.convert.chat_templates import BUILTIN_JINJA
+    from bft_megatron.data.records import Conversation, Message
+    from bft_megatron.data.templates import render
+    from bft_megatron.data.tokenize import encode
+    from bft_megatron.data.tokenizer import load_tokenizer
+
+    ours = load_tokenizer(tokenizer_path)
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    assert tok.chat_template == BUILTIN_JINJA["chatml"]
+    for chat in CHATS[:3]:
+        conv = Conversation(tuple(Message(**m) for m in chat), "test")
+        assert tok.apply_chat_template(chat, tokenize=False) == render(conv, "chatml", ours).text
+        ids = tok.apply_chat_template(chat, tokenize=True)
+        assert list(ids["input_ids"] if hasattr(ids, "keys") else ids) == encode(conv, "chatml", ours).tokens.tolist()
+    config = json.loads((hf_dir / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (2, 3, 0)
+
+
+@pytest.mark.slow
+def test_checkpoints_carry_the_tokenizer_and_exports_outlive_its_directory(tmp_path, log_records):
+    """(a) every checkpoint holds hf/ with the tokenizer and the chat template that renders the training text;
+    (b) with the tokenizer directory moved away, the offline export writes the same files as with it present
+    (and as a fresh render from it with --tokenizer, and as the in-job export), without the fallback warning."""
+    from bft_megatron.convert.exporter import export_checkpoint
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    shutil.copy(os.path.join(ROOT, DEMO_TOKENIZER), tok_dir / "sp.model")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    save = tmp_path / "run"
+    proc = _train(TOKENIZER_RUN + [f"data.train={data}", f"data.tokenizer={tok_dir / 'sp.model'}",
+                                   f"data.output_dir={tmp_path / 'prepared'}", f"checkpoint.save={save}",
+                                   "checkpoint.export_hf=true"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for it in (1, 2):
+        iter_dir = save / pointer.iter_dirname(it)
+        assert sorted(p.name for p in iter_dir.iterdir() if p.name.startswith(".hf")) == []  # no staging left
+        _check_renders_training_text(iter_dir / "hf", str(tok_dir / "sp.model"))
+
+    present, fresh, moved = tmp_path / "present", tmp_path / "fresh", tmp_path / "moved"
+    export_checkpoint(str(save), str(present))
+    export_checkpoint(str(save), str(fresh), tokenizer=str(tok_dir / "sp.model"))  # rendered anew, not copied
+    tok_dir.rename(tmp_path / "elsewhere")
+    log_records.clear()
+    export_checkpoint(str(save), str(moved))
+    assert not [r.getMessage() for r in log_records if r.levelno >= logging.WARNING]
+    expected = _side_files(fresh)
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"} <= expected.keys()
+    assert _side_files(moved) == expected == _side_files(present) == _side_files(save / "hf_iter_0000002")
+    assert expected == _side_files(save / "iter_0000002" / "hf")
+
+
+@pytest.mark.slow
+def test_synthetic_run_stores_no_hf_files(tmp_path):
+    """(c) no tokenizer: checkpoints carry no hf/, said once for the run (not per save)."""
+    save = tmp_path / "run"
+    cmd = [*TINY, "train.train_iters=2", "checkpoint.save_interval=1", f"checkpoint.save={save}",
+           "checkpoint.export_hf=true"]
+    first = _train(cmd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert pointer.list_iterations(str(save)) == [1, 2]
+    assert not any((save / pointer.iter_dirname(it) / "hf").exists() for it in (1, 2))
+    assert first.stderr.count("checkpoints carry no hf/ files") == 1
+
+
+def test_a_tokenizer_that_fails_warns_once_and_the_checkpoint_still_commits(tmp_path, log_records):
+    """The files cannot be made (a corrupt .model): one warning for the run, no hf/ nor staging left, and
+    `latest` still moves to the checkpoint, whose weights are complete."""
+    import torch
+
+    from bft_megatron.checkpoint.manager import Checkpointer
+    from bft_megatron.config import load_config
+    from bft_megatron.convert.runtime import process_group
+
+    broken = tmp_path / "broken.model"
+    broken.write_bytes(b"not a sentencepiece model")
+    save = tmp_path / "run"
+    cfg = load_config(None, TINY + [f"data.tokenizer={broken}", f"checkpoint.save={save}"])
+    ckpt = Checkpointer(cfg, SimpleNamespace(rank=0))
+    ckpt._model_dtype = torch.float32
+    with process_group():
+        for it in (1, 2):
+            (save / pointer.iter_dirname(it)).mkdir(parents=True)  # as if every rank had written its shards
+            ckpt._commit(it)
+            assert pointer.latest_iteration(str(save)) == it
+            assert os.listdir(save / pointer.iter_dirname(it)) == []
+    warnings = [r.getMessage() for r in log_records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "could not store the tokenizer" in warnings[0], warnings
