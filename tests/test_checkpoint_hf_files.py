@@ -1,5 +1,5 @@
 """A trainer checkpoint carries its HF files (``iter_N/hf/``: config, tokenizer, the rendered chat template), and
-exports prefer them over the recorded ``data.tokenizer`` path."""
+exports prefer them over the recorded ``data.tokenizer`` path; ``checkpoint.export_hf`` on a finished run."""
 
 from __future__ import annotations
 
@@ -100,8 +100,9 @@ def test_checkpoints_carry_the_tokenizer_and_exports_outlive_its_directory(tmp_p
 
 
 @pytest.mark.slow
-def test_synthetic_run_stores_no_hf_files(tmp_path):
-    """(c) no tokenizer: checkpoints carry no hf/, said once for the run (not per save)."""
+def test_synthetic_run_stores_no_hf_files_and_a_rerun_keeps_its_export(tmp_path):
+    """(c) no tokenizer: checkpoints carry no hf/, said once for the run (not per save); a finished run started
+    again with checkpoint.export_hf=true leaves its complete hf_iter_N as it is (it raised FileExistsError)."""
     save = tmp_path / "run"
     cmd = [*TINY, "train.train_iters=2", "checkpoint.save_interval=1", f"checkpoint.save={save}",
            "checkpoint.export_hf=true"]
@@ -110,6 +111,14 @@ def test_synthetic_run_stores_no_hf_files(tmp_path):
     assert pointer.list_iterations(str(save)) == [1, 2]
     assert not any((save / pointer.iter_dirname(it) / "hf").exists() for it in (1, 2))
     assert first.stderr.count("checkpoints carry no hf/ files") == 1
+    export = save / "hf_iter_0000002"
+    sentinel = export / "sentinel"
+    sentinel.write_text("a complete export is left as it is")
+    index_mtime = (export / "model.safetensors.index.json").stat().st_mtime_ns
+    again = _train(cmd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "already holds the HF export of step 2" in again.stderr
+    assert sentinel.is_file() and (export / "model.safetensors.index.json").stat().st_mtime_ns == index_mtime
 
 
 def test_a_tokenizer_that_fails_warns_once_and_the_checkpoint_still_commits(tmp_path, log_records):

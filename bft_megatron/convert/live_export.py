@@ -27,7 +27,7 @@ from bft_megatron.checkpoint.state import unwrap
 from bft_megatron.config.base import to_dict
 from bft_megatron.config.schema import Config, ModelConfig
 from bft_megatron.convert.hf_config import write_hf_metadata
-from bft_megatron.convert.hf_io import (DEFAULT_SHARD_BYTES, ShardWriter, begin_staging, finalize_shards,
+from bft_megatron.convert.hf_io import (DEFAULT_SHARD_BYTES, INDEX, ShardWriter, begin_staging, finalize_shards,
                                         publish_staging, staging_path)
 from bft_megatron.convert.mapping import OUTPUT, detect_spec, rule_by_megatron_name
 from bft_megatron.convert.sources import TRAINER_HINT, find_sources, stored_hf_dir
@@ -135,18 +135,31 @@ def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, ou
     dist.barrier()
 
 
+def _exported_already(out_dir: str, groups: ParallelGroups) -> bool:
+    """Whether ``out_dir`` holds a complete export (its index: an export is published whole, the index last);
+    rank 0 looks and tells every rank, so that all of them skip or none."""
+    box = [os.path.isfile(os.path.join(out_dir, INDEX))] if groups.rank == 0 else [None]
+    dist.broadcast_object_list(box, src=0, group=groups.control)
+    return bool(box[0])
+
+
 def export_after_training(cfg: Config, model_chunks: list[torch.nn.Module], groups: ParallelGroups,
                           iteration: int) -> None:
     """``checkpoint.export_hf``: the final weights to ``<checkpoint.save>/hf_iter_<N>`` (collective), with the
     tokenizer, chat template and config.json of the final checkpoint's ``hf/`` (else ``data.tokenizer`` /
     ``data.template``, and config.json from the import the run started from, ``checkpoint.load``'s ``hf/``, or
     ``model.from_hf``).
-    Skipped, with a log line, when the run stopped before ``train.train_iters``."""
+    Skipped, with a log line, when the run stopped before ``train.train_iters``, and when ``hf_iter_<N>`` holds a
+    complete export already (a finished run started again: its weights are that checkpoint's, exported then)."""
     if iteration < cfg.train.train_iters:
         _log.info("stopped at step %d before train.train_iters=%d: no HF export", iteration, cfg.train.train_iters)
         return
     save = cfg.checkpoint.save or "."
     out_dir = os.path.join(save, f"hf_iter_{iteration:07d}")
+    if _exported_already(out_dir, groups):
+        _log.info("%s already holds the HF export of step %d: left as it is (remove it to export again)", out_dir,
+                  iteration)
+        return
     latest = pointer.read_latest(save)
     final = latest if latest and os.path.basename(latest) == pointer.iter_dirname(iteration) else None
     export_to_hf(model_chunks, cfg.model, out_dir, groups, config=cfg, checkpoint_hf=stored_hf_dir(final))
