@@ -90,3 +90,11 @@ def test_hf_required_keys_missing_or_null_are_config_errors(key):
         model_fields_from_hf({**LLAMA, key: None})
     with pytest.raises(ConfigError, match=rf"model.from_hf: config.json has no {key}"):
         model_fields_from_hf({k: v for k, v in LLAMA.items() if k != key})
+
+
+def test_hf_null_rope_theta_takes_rope_parameters_theta():
+    """A config.json with ``rope_theta: null`` beside transformers-5 ``rope_parameters``: null means absent, so the
+    theta in rope_parameters applies (it silently became 10000, the class default, a different model)."""
+    rope = {"rope_type": "default", "rope_theta": 500000.0}
+    fields = model_fields_from_hf({**LLAMA, "rope_theta": None, "rope_parameters": rope})
+    assert fields["rope_theta"] == 500000.0 == model_fields_from_hf({**LLAMA, "rope_parameters": rope})["rope_theta"]

@@ -38,8 +38,8 @@ def legacy_rope_keys(hf: dict) -> dict:
     hf = dict(hf)
     rope = hf.get("rope_parameters")
     if isinstance(rope, dict):
-        if "rope_theta" in rope:
-            hf.setdefault("rope_theta", rope["rope_theta"])
+        if "rope_theta" in rope and hf.get("rope_theta") is None:  # a null rope_theta means absent, too
+            hf["rope_theta"] = rope["rope_theta"]
         if rope.get("rope_type", "default") != "default" and not hf.get("rope_scaling"):
             hf["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     return hf
