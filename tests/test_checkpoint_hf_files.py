@@ -144,3 +144,28 @@ def test_a_tokenizer_that_fails_warns_once_and_the_checkpoint_still_commits(tmp_
             assert os.listdir(save / pointer.iter_dirname(it)) == []
     warnings = [r.getMessage() for r in log_records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "could not store the tokenizer" in warnings[0], warnings
+
+
+@pytest.mark.slow
+def test_a_resumed_run_carries_the_resumed_checkpoints_hf_files_on(tmp_path):
+    """A run resumed after its tokenizer directory moved (prepared data: the tokenizer is not needed to train)
+    stores the hf/ of the checkpoint it resumed from in its new checkpoints, not nothing: before, rank 0 rendered
+    them from the recorded tokenizer path again, found none and saved no hf/, so once keep_last pruned the old
+    checkpoints no export of the run had its tokenizer."""
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    shutil.copy(os.path.join(ROOT, DEMO_TOKENIZER), tok_dir / "sp.model")
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    save, prepared = tmp_path / "run", tmp_path / "prepared"
+    common = [f"data.output_dir={prepared}", f"checkpoint.save={save}", "train.decay_iters=2"]
+    first = _train(TOKENIZER_RUN + common + [f"data.train={data}", f"data.tokenizer={tok_dir / 'sp.model'}"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    stored = _side_files(save / "iter_0000002" / "hf")
+    tok_dir.rename(tmp_path / "elsewhere")
+    again = _train(TOKENIZER_RUN + common + ["train.train_iters=3", "checkpoint.keep_last=1"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert pointer.list_iterations(str(save)) == [3]
+    assert (save / "iter_0000003" / "hf").is_dir(), again.stderr[-3000:]
+    assert _side_files(save / "iter_0000003" / "hf") == stored
+    assert "not there" not in again.stderr and "could not store" not in again.stderr

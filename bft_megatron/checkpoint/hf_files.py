@@ -9,6 +9,11 @@ directory ``data.tokenizer`` names is moved or deleted (the export prefers this 
 has (``convert.importer.HF_SUBDIR``), but lives in the ``iter_`` directory: it is part of that checkpoint
 (written before ``latest`` names it, pruned with it).
 
+A full resume takes them from the resumed checkpoint's ``hf/`` (:attr:`CheckpointHF.resumed`), as an export
+would: the run's tokenizer directory may be gone by then (prepared data needs none to train), and new checkpoints
+rendered from its recorded path would carry no ``hf/``, and, once ``keep_last`` pruned the old ones, no export of
+the run would have its tokenizer.
+
 Global rank 0 renders the files once, at the first save (the tokenizer does not change during a run), keeps
 them in memory (a few MB) and writes them into every checkpoint through a hidden staging directory renamed to
 ``hf/`` when complete, so a checkpoint never holds half of them. A run without a tokenizer (synthetic data)
@@ -40,6 +45,7 @@ class CheckpointHF:
         self._files: dict[str, bytes] | None = None  # name -> content, rendered at the first save
         self._no_tokenizer = False  # nothing to store (logged once)
         self._warned = False
+        self.resumed: str | None = None  # the checkpoint a full resume loaded (its hf/ wins); set by the loader
 
     def write(self, iter_dir: str, dtype) -> bool:
         """Write the files into ``iter_dir/hf``; False (nothing written) when there is no tokenizer or it
@@ -75,9 +81,9 @@ class CheckpointHF:
             return self._files
         from bft_megatron.config.base import to_dict
         from bft_megatron.convert.hf_config import write_hf_metadata
-        from bft_megatron.convert.sources import TRAINER_HINT, find_sources
+        from bft_megatron.convert.sources import TRAINER_HINT, find_sources, stored_hf_dir
 
-        sources = find_sources(to_dict(self.cfg), hint=TRAINER_HINT)
+        sources = find_sources(to_dict(self.cfg), hint=TRAINER_HINT, stored=stored_hf_dir(self.resumed))
         if sources.tokenizer is None:
             # Synthetic data: no tokenizer to store, and none for the export either (it warns there).
             self._no_tokenizer = True

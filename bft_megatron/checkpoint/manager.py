@@ -188,6 +188,8 @@ class Checkpointer:
             check_schedule(trainer.scheduler, common, self.cfg, path, self.groups.rank)
             warn_data_order(common, self.cfg.data.seed, trainer.train_data.sampler.num_rows, path, self.groups.rank)
             self._load_full(trainer, path, common, same_layout)
+            if self._hf is not None:  # the same run goes on: its checkpoints keep the resumed one's HF files
+                self._hf.resumed = path
         _log.info("loaded %s (%s%s)", path, "weights only" if finetune else "full state",
                   "" if same_layout else f", resharded from {common.get('layout')}")
         return True
