@@ -23,6 +23,11 @@ def _rope_scaling(raw):
     kind = raw.get("rope_type", raw.get("type"))
     if kind != "llama3":
         raise ConfigError(f"model.rope_scaling: only rope_type 'llama3' is supported, got {kind!r}")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in keys if raw.get(k) is None]
+    if missing:  # a KeyError / TypeError from float(None) before
+        raise ConfigError(f"model.from_hf: config.json's llama3 rope_scaling has no {', '.join(missing)} (or it is "
+                          "null); llama3 scaling needs all four of " + ", ".join(keys))
     return RopeScaling(factor=float(raw["factor"]), low_freq_factor=float(raw["low_freq_factor"]),
                        high_freq_factor=float(raw["high_freq_factor"]),
                        original_max_position_embeddings=int(raw["original_max_position_embeddings"]))
