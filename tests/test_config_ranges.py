@@ -100,7 +100,8 @@ def test_hf_null_rope_theta_takes_rope_parameters_theta():
     assert fields["rope_theta"] == 500000.0 == model_fields_from_hf({**LLAMA, "rope_parameters": rope})["rope_theta"]
 
 
-@pytest.mark.parametrize("broken", [{"factor": None}, {"low_freq_factor": None}, {"original_max_position_embeddings": None}])
+@pytest.mark.parametrize("broken", [{"factor": None}, {"low_freq_factor": None},
+                                    {"original_max_position_embeddings": None}])
 def test_hf_llama3_rope_scaling_with_a_missing_key_is_a_config_error(broken):
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
