@@ -23,6 +23,7 @@ from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.config.schema import load_config
 from bft_megatron.data import provenance
 from bft_megatron.data.provenance import PreparedDataMismatch
+from bft_megatron.data.prepare import run
 from bft_megatron.data.storage import read_index
 from bft_megatron.data.tokenizer import tokenizer_fingerprint
 from bft_megatron.training.data import open_datasets
@@ -244,3 +245,22 @@ def test_skipped_records_are_only_an_error_when_the_config_lists_the_sources():
     assert problems == []
     problems, _ = provenance.compare(index, DataConfig(), "train", None, strict=True)
     assert problems == ["data.on_error: prepared with skip (2 records skipped), configured raise"]
+
+
+def test_output_dir_only_refuses_a_valid_split_prepared_otherwise_than_train(tmp_path):
+    """`bft-megatron prepare` run again into the same --output without --valid rewrites train/ only; the
+    older valid/ (another template here) must not silently validate a model trained on the new train/."""
+    out = tmp_path / "out"
+    src = write_jsonl(tmp_path / "train.jsonl", synthetic_chats(24, seed=3))
+    valid = write_jsonl(tmp_path / "valid.jsonl", CHATS)
+    run(DataConfig(train=[SourceConfig(str(src))], valid=[SourceConfig(str(valid))], tokenizer=DEMO_SP,
+                   template="llama3", seq_length=256, output_dir=str(out)))
+    only = [f"data.output_dir={out}", "model.vocab_size=4096"]
+    open_datasets(load_config(None, only))  # prepared together: consistent
+    run(DataConfig(train=[SourceConfig(str(src))], tokenizer=DEMO_SP, template="chatml", seq_length=256,
+                   output_dir=str(out)))
+    message = _mismatch(only)
+    assert "data.template: train/ chatml, valid/ llama3" in message
+    assert f"delete {out / 'valid'}" in message and "--valid" in message
+    shutil.rmtree(out / "valid")  # the way out the message names
+    open_datasets(load_config(None, only))

@@ -35,7 +35,7 @@ from bft_megatron.data.storage import sha256_file
 from bft_megatron.data.tokenizer import FINGERPRINT_VERSION, tokenizer_fingerprint
 
 __all__ = ["PreparedDataMismatch", "RULES_VERSION", "source_record", "compare", "mismatch_message",
-           "unchecked_message"]
+           "unchecked_message", "splits_disagree"]
 
 # The rules that turn records into tokens and masks, recorded in index.json: bumped when the same sources and
 # settings would now give other tokens or masks, so that data prepared by an older version is not reused unnoticed.
@@ -184,6 +184,30 @@ def compare(index: dict[str, Any], cfg: DataConfig, split: str, sources: list[So
         problems += more
         unchecked += unknown
     return problems, unchecked
+
+
+def splits_disagree(directory: str | os.PathLike[str], train: dict[str, Any], valid: dict[str, Any]) -> str | None:
+    """Why ``valid/`` cannot validate a model trained on ``train/`` of the same ``directory`` (None: it can).
+
+    With only ``data.output_dir`` the config leaves most settings unset, so each split is compared with the
+    config only loosely; a ``bft-megatron prepare`` that later rewrote ``train/`` alone (no ``--valid``) leaves an
+    older ``valid/`` beside it, and validation would then score text rendered or tokenized otherwise. The splits
+    must agree on what turns records into tokens and masks (template, supervised turns, tokenizer, rules)."""
+    lines = [f"{name}: train/ {format_value(train[key])}, valid/ {format_value(valid[key])}"
+             for name, key in (("data.template", "template"), ("data.supervise", "supervise"),
+                               ("preparation rules version", "rules_version"))
+             if key in train and key in valid and train[key] != valid[key]]
+    tok_t, tok_v = train.get("tokenizer", {}), valid.get("tokenizer", {})
+    if ("fingerprint" in tok_t and "fingerprint" in tok_v and tok_t.get("fingerprint_version")
+            == tok_v.get("fingerprint_version") and tok_t["fingerprint"] != tok_v["fingerprint"]):
+        lines.append(f"data.tokenizer: train/ {tok_t.get('path')} (fingerprint {tok_t['fingerprint']}), valid/ "
+                     f"{tok_v.get('path')} (fingerprint {tok_v['fingerprint']})")
+    if not lines:
+        return None
+    return (f"{directory}: its valid/ split was prepared otherwise than its train/ split (e.g. `bft-megatron prepare` "
+            "run again without --valid rewrote train/ only), so validation would score other tokens:\n  "
+            + "\n  ".join(lines) + f"\nPrepare both splits again into {directory} (bft-megatron prepare --input ... "
+            f"--valid ...), or delete {os.path.join(directory, 'valid')} to train without validation.")
 
 
 def mismatch_message(problems: dict[str, list[str]], strict: bool) -> str:

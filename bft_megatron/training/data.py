@@ -68,16 +68,18 @@ def _splits(cfg: Config) -> dict[str, list[SourceConfig] | None]:
 def _check(cfg: Config) -> None:
     """(Rank 0) the prepared splits exist and match the config (provenance; tokenizer vocabulary)."""
     from bft_megatron.config.base import ConfigError
-    from bft_megatron.data.provenance import PreparedDataMismatch, compare, mismatch_message, unchecked_message
+    from bft_megatron.data.provenance import (PreparedDataMismatch, compare, mismatch_message, splits_disagree,
+                                             unchecked_message)
     from bft_megatron.data.storage import PackedDataset, is_prepared
 
     d = cfg.data
     if not is_prepared(os.path.join(d.output_dir, "train")):
         raise ConfigError(f"data.output_dir={d.output_dir}: no prepared train split (run bft-megatron prepare, or "
                           "list data.train sources)")
-    strict, problems = bool(d.train), {}
+    strict, problems, indexes = bool(d.train), {}, {}
     for split, sources in _splits(cfg).items():
         ds = PackedDataset(os.path.join(d.output_dir, split))
+        indexes[split] = ds.index
         recorded = json.dumps(ds.index, sort_keys=True)
         differences, unchecked = compare(ds.index, d, split, sources, strict)
         if differences:
@@ -91,6 +93,9 @@ def _check(cfg: Config) -> None:
                               f"vocabulary but model.vocab_size={cfg.model.vocab_size}")
     if problems:
         raise PreparedDataMismatch(mismatch_message(problems, strict))
+    disagreement = "valid" in indexes and splits_disagree(d.output_dir, indexes["train"], indexes["valid"])
+    if disagreement:
+        raise PreparedDataMismatch(disagreement)
 
 
 def _record_new_mtimes(ds, recorded: str) -> None:
