@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -332,3 +333,27 @@ def test_a_transformers5_template_gets_the_4x_rope_keys(tmp_path):
     got = json.loads((out / "config.json").read_text())
     assert got["rope_theta"] == 500000.0 and got["rope_parameters"]["rope_theta"] == 500000.0
     assert got["rope_scaling"]["rope_type"] == "llama3" and got["rope_scaling"]["factor"] == RopeScaling().factor
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_export_warns_when_autotokenizer_would_encode_otherwise(tmp_path, family, log_records):
+    """transformers 5 loads any model_type qwen2 folder with Qwen2Tokenizer (byte-level BPE rebuilt from
+    tokenizer.json), which garbles the converted sentencepiece tokenizer: the export must say so and name the
+    class that loads it right, and stay quiet where AutoTokenizer encodes as training did (llama)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    ours = load_tokenizer(os.path.join(ROOT, DEMO_TOKENIZER))
+    model = dataclasses.replace(TINY_MODEL, family=family, qkv_bias=family == "qwen2")
+    write_hf_metadata(str(tmp_path), model, torch.float32,
+                      find_sources({"data": {"tokenizer": DEMO_TOKENIZER, "template": "chatml"}, "model": {}}))
+    chat = _chats(1)[0]
+    training = encode(_conv(chat), "chatml", ours).tokens.tolist()
+    auto_ok = _ids(AutoTokenizer.from_pretrained(str(tmp_path)).apply_chat_template(chat, tokenize=True)) == training
+    warned = [r.getMessage() for r in log_records if "AutoTokenizer loads the exported tokenizer" in r.getMessage()]
+    assert bool(warned) == (not auto_ok), warned
+    if family == "llama":
+        assert auto_ok
+    else:
+        assert warned == [] or ("Qwen2Tokenizer" in warned[0] and "PreTrainedTokenizerFast" in warned[0])
+    fast = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))  # the way the warning names
+    assert _ids(fast.apply_chat_template(chat, tokenize=True)) == training

@@ -18,7 +18,7 @@ import torch
 
 from bft_megatron.config.hf import legacy_rope_keys
 from bft_megatron.config.schema import ModelConfig
-from bft_megatron.convert.hf_tokenizer import SpecialIds, write_tokenizer
+from bft_megatron.convert.hf_tokenizer import SpecialIds, check_auto_tokenizer, write_tokenizer
 from bft_megatron.convert.importer import model_config_from_hf_dir
 from bft_megatron.convert.sources import ExportSources
 from bft_megatron.utils.logging import get_logger
@@ -134,7 +134,7 @@ def write_hf_metadata(out_dir: str, m: ModelConfig, dtype: torch.dtype, sources:
     # template has (transformers 5 saves only `dtype`, 4.x only `torch_dtype`, an earlier export both, where a stale
     # one would name the old weights' dtype).
     config.update(dtype=_DTYPE_NAMES[dtype], torch_dtype=_DTYPE_NAMES[dtype])
-    ids = write_tokenizer(sources.tokenizer, out_dir, m.vocab_size) if sources.tokenizer else None
+    ids, tok = write_tokenizer(sources.tokenizer, out_dir, m.vocab_size) if sources.tokenizer else (None, None)
     if ids is not None:
         _set_token_ids(config, ids)
     else:
@@ -148,3 +148,5 @@ def write_hf_metadata(out_dir: str, m: ModelConfig, dtype: torch.dtype, sources:
         json.dump(config, fh, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as fh:
         json.dump(_generation_config(config, template_dir, ids), fh, indent=2, sort_keys=True)
+    if tok is not None:  # AutoTokenizer reads config.json too: only now can the folder be loaded as users will
+        check_auto_tokenizer(out_dir, tok)

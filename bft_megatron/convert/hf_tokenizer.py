@@ -25,7 +25,7 @@ from bft_megatron.convert.chat_templates import BUILTIN_JINJA, end_of_turn
 from bft_megatron.convert.sources import TokenizerSource
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["SpecialIds", "write_tokenizer", "TOKENIZER_FILES"]
+__all__ = ["SpecialIds", "write_tokenizer", "check_auto_tokenizer", "TOKENIZER_FILES"]
 
 _log = get_logger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -137,8 +137,8 @@ def _check_record(ids: SpecialIds, src: TokenizerSource) -> None:
                      "(%s): %s", src.path, src.origin, record.get("path"), "; ".join(diff))
 
 
-def write_tokenizer(src: TokenizerSource, out_dir: str, model_vocab: int) -> SpecialIds:
-    """Write ``src``'s tokenizer files and chat template into ``out_dir``; its special ids."""
+def write_tokenizer(src: TokenizerSource, out_dir: str, model_vocab: int):
+    """Write ``src``'s tokenizer files and chat template into ``out_dir``; (its special ids, the tokenizer)."""
     os.makedirs(out_dir, exist_ok=True)
     if src.stored:
         tok = _copy_stored(src, out_dir)
@@ -152,4 +152,52 @@ def write_tokenizer(src: TokenizerSource, out_dir: str, model_vocab: int) -> Spe
         ids = _within(ids, model_vocab)
     _log.info("tokenizer from %s (%s): bos=%s eos=%s pad=%s end-of-turn=%s, chat template: %s", src.path, src.origin,
               ids.bos, ids.eos, ids.pad, ids.end_of_turn, "yes" if tok.chat_template else "none")
-    return ids
+    return ids, tok
+
+
+_PROBE_CHAT = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "content": "What is HPO?"},
+               {"role": "assistant", "content": "The Human Phenotype Ontology, 2024 release."}]
+
+
+def _probe_text(tok) -> str:
+    """A text whose ids show whether another tokenizer class encodes as ``tok`` does: a rendered chat (the
+    template's markers must stay single tokens) when there is a template, else plain text."""
+    if tok.chat_template:
+        try:
+            return tok.apply_chat_template(_PROBE_CHAT, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template refusing this chat (e.g. no system role): plain text below
+            pass
+    return "The Human Phenotype Ontology (HPO), release 2024: abnormal gait."
+
+
+def _model_type(out_dir: str) -> str | None:
+    with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as fh:
+        return json.load(fh).get("model_type")
+
+
+def check_auto_tokenizer(out_dir: str, tok) -> None:
+    """Warn when ``AutoTokenizer.from_pretrained(out_dir)`` encodes otherwise than ``tok`` (the tokenizer written).
+
+    Called once config.json is in ``out_dir``: AutoTokenizer picks its class from config.json's ``model_type`` too,
+    and transformers 5 loads a ``qwen2`` folder with ``Qwen2Tokenizer`` (a byte-level BPE built from
+    tokenizer.json) whatever tokenizer_config.json names, which garbles a converted sentencepiece tokenizer
+    (``model.family: qwen2`` trained on a ``.model``). Nothing in the folder can override that, so the export
+    says so and names the class that does load it."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    text = _probe_text(tok)
+    want = tok(text, add_special_tokens=False)["input_ids"]
+    try:
+        auto = AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
+        got = auto(text, add_special_tokens=False)["input_ids"]
+    except Exception as err:  # noqa: BLE001 - any failure to load is what this check reports
+        _log.warning("AutoTokenizer cannot load the exported tokenizer (%s: %s); load it with "
+                     "PreTrainedTokenizerFast.from_pretrained(EXPORT_DIR)", type(err).__name__, err)
+        return
+    if got != want:
+        _log.warning("AutoTokenizer loads the exported tokenizer as %s, which encodes otherwise than the training "
+                     "tokenizer (%d vs %d ids for a probe chat; transformers %s picks the class from config.json's "
+                     "model_type %r): load it with PreTrainedTokenizerFast.from_pretrained(EXPORT_DIR)",
+                     type(auto).__name__, len(got), len(want), transformers.__version__,
+                     _model_type(out_dir))
