@@ -45,3 +45,26 @@ def test_values_print_as_yaml_spells_them(capsys):
     assert main([CONFIG, "data.train", "data.train=[a.jsonl,b.jsonl:0.5]"]) == 0
     sources = yaml.safe_load(capsys.readouterr().out)
     assert [(s["path"], s["weight"]) for s in sources] == [("a.jsonl", 1.0), ("b.jsonl", 0.5)]
+
+
+def test_null_model_fields_take_from_hf_values(tmp_path):
+    """A recipe's explicit shape fields win over model.from_hf; `model.X=null` on the command line unsets one so
+    that config.json's value applies (it used to fail: 'model.hidden_size must not be null'). Nullable fields keep
+    null's meaning, and without from_hf a null is still an error."""
+    import json
+
+    from bft_megatron.config import ConfigError, load_config
+
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo_cpu.yaml")
+
+    hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "intermediate_size": 176, "vocab_size": 3000, "rope_theta": 500000.0,
+          "rms_norm_eps": 1e-6}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    nulls = [f"model.{k}=null" for k in ("hidden_size", "num_layers", "ffn_hidden_size", "rope_theta", "norm_epsilon")]
+    m = load_config(demo, [f"model.from_hf={tmp_path}", *nulls, "model.num_query_groups=null"]).model
+    assert (m.hidden_size, m.num_layers, m.ffn_hidden_size, m.rope_theta, m.norm_epsilon) == (64, 2, 176, 5e5, 1e-6)
+    assert m.num_query_groups is None and m.num_attention_heads == 4  # nullable: null = MHA, as written
+    assert load_config(demo, [f"model.from_hf={tmp_path}"]).model.hidden_size == 128  # YAML wins
+    with pytest.raises(ConfigError, match="model.hidden_size must not be null"):
+        load_config(demo, ["model.hidden_size=null"])

@@ -195,6 +195,8 @@ def _parse_scalar(text: str, tp) -> Any:
     if inner is str or literal_str:
         return text
     if inner is float:
+        if text.lower() in ("null", "~"):  # as YAML reads it for the other types (not the text 'null')
+            return None
         try:
             return float(text)
         except ValueError:

@@ -165,7 +165,22 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
     data = load_yaml(path) if path else {}
     data = apply_overrides(data, list(overrides or []), Config)
+    if isinstance(data.get("model"), dict) and data["model"].get("from_hf"):
+        data["model"] = _without_unset_nulls(data["model"])
     cfg = from_dict(Config, data)
     if cfg.model.from_hf:
         cfg.model = merge_hf_config(cfg.model, explicit=set((data.get("model") or {}).keys()))
     return cfg
+
+
+def _without_unset_nulls(model: dict) -> dict:
+    """With ``model.from_hf``, a null for a model field that cannot be null (``hidden_size``, ``rope_theta``, ...)
+    means "not set here: take config.json's value". It is the only way to unset, from the command line, a field a
+    recipe's YAML sets (``model.num_layers=null``), which the architecture check's error suggests. Nullable fields
+    (``num_query_groups``, ``rope_scaling``) keep null's own meaning; without ``from_hf`` a null stays an error."""
+    import typing
+
+    from bft_megatron.config.base import _unwrap_optional
+
+    hints = typing.get_type_hints(ModelConfig)
+    return {k: v for k, v in model.items() if v is not None or k not in hints or _unwrap_optional(hints[k])[1]}
