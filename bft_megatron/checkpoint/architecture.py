@@ -88,7 +88,8 @@ def check_architecture(common: dict, cfg, path: str, finetune: bool, rank: int =
         _log.info("%s stores no model.%s: not compared with this config's", path, ", model.".join(unchecked))
     if errors:
         source = saved.get("from_hf")
-        hint = f" (or leave them unset: model.from_hf={source} sets them all)" if source else ""
+        hint = (f" (or leave them unset: model.from_hf={source} sets them all; model.FIELD=null unsets one the YAML "
+                "sets)" if source else "")
         what = "weights only" if finetune else f"iteration {(common.get('train_state') or {}).get('iteration', '?')}"
         lines = "\n  ".join(errors)
         raise ConfigError(
