@@ -247,3 +247,18 @@ def test_a_bad_record_with_workers_is_raised_not_a_hang(tmp_path):
     proc = subprocess.run([sys.executable, str(tmp_path / "job.py")], capture_output=True, text=True, timeout=240,
                           cwd=repo, env=env)
     assert proc.returncode != 0 and "in.jsonl:line 5: field 'response': empty assistant turn" in proc.stderr
+
+
+def test_rewriting_train_only_warns_about_the_valid_split_left_beside_it(tmp_path):
+    """`prepare` again into the same --output without --valid rewrites train/ and keeps the older valid/: said at
+    once, with the differences when the trainer would refuse the pair (provenance.splits_disagree)."""
+    src, valid, out = write_jsonl(tmp_path / "t.jsonl", CHATS), write_jsonl(tmp_path / "v.jsonl", CHATS), tmp_path / "o"
+    base = ["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(out), "--no-progress"]
+    assert main(base + ["--valid", str(valid), "--template", "llama3"]) == 0
+    with logged(logging.WARNING) as records:
+        assert main(base + ["--template", "llama3"]) == 0
+    assert any("was kept from an earlier preparation" in r.getMessage() for r in records)
+    with logged(logging.WARNING) as records:
+        assert main(base + ["--template", "chatml"]) == 0
+    message = "\n".join(r.getMessage() for r in records)
+    assert "data.template: train/ chatml, valid/ llama3" in message and "trainer refuses" in message

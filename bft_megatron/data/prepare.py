@@ -126,9 +126,27 @@ def main(argv: list[str]) -> int:
         log.error("prepare failed: %s", err)
         return 2
     sys.stdout.write(format_summary(cfg, results))
-    for warning in preparation_warnings(cfg, results):
+    for warning in preparation_warnings(cfg, results) + _stale_split_warnings(cfg, results):
         log.warning("%s", warning)
     return 0
+
+
+def _stale_split_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> list[str]:
+    """A split this run did not write (no --valid) but an earlier one left in the output directory: the trainer
+    reads it beside the new one, and refuses it if it was prepared otherwise (provenance.splits_disagree)."""
+    import os
+
+    from bft_megatron.data.provenance import splits_disagree
+    from bft_megatron.data.storage import is_prepared, read_index
+
+    if "train" not in results or "valid" in results or not is_prepared(os.path.join(cfg.output_dir, "valid")):
+        return []
+    valid = os.path.join(cfg.output_dir, "valid")
+    problem = splits_disagree(cfg.output_dir, read_index(os.path.join(cfg.output_dir, "train")), read_index(valid))
+    if problem:  # names both values and the way out; the trainer raises with the same text
+        return [f"{problem}\nThe trainer refuses this directory until then."]
+    return [f"{valid} was kept from an earlier preparation (same template, supervise and tokenizer): the trainer "
+            "validates on it beside the new train/ split; pass --valid to rebuild it too"]
 
 
 def run(cfg: DataConfig, progress: bool = False, splits: list[str] | None = None) -> dict[str, Any]:
