@@ -163,4 +163,3 @@ def export_after_training(cfg: Config, model_chunks: list[torch.nn.Module], grou
     latest = pointer.read_latest(save)
     final = latest if latest and os.path.basename(latest) == pointer.iter_dirname(iteration) else None
     export_to_hf(model_chunks, cfg.model, out_dir, groups, config=cfg, checkpoint_hf=stored_hf_dir(final))
-    _log.info("exported Hugging Face weights to %s", out_dir)
