@@ -39,13 +39,14 @@ fi
 # With several nodes, a default address or node rank does not fail: every node would rendezvous with itself at
 # 127.0.0.1 (or two nodes would both be node 0) and wait until the rendezvous timeout. Ask instead.
 if (( NNODES > 1 )); then
-  for var in MASTER_ADDR NODE_RANK; do
-    if [[ -z ${!var:-} ]]; then
-      echo "torchrun.sh: NNODES=$NNODES needs $var (node 0's address and this node's index, the same MASTER_ADDR" \
-           "on every node)" >&2
-      exit 2
-    fi
-  done
+  missing=()
+  [[ -n ${MASTER_ADDR:-} ]] || missing+=("MASTER_ADDR (node 0's address, the same on every node)")
+  [[ -n ${NODE_RANK:-} ]] || missing+=("NODE_RANK (this node's index, 0..$((NNODES - 1)))")
+  if (( ${#missing[@]} )); then
+    joined=$(printf ' and %s' "${missing[@]}")
+    echo "torchrun.sh: NNODES=$NNODES needs ${joined# and }" >&2
+    exit 2
+  fi
 fi
 NODE_RANK=${NODE_RANK:-0}
 # A node rank outside 0..NNODES-1 would not fail either: node 0 would wait for a node that never joins.

@@ -84,13 +84,19 @@ def _option(args: list, name: str) -> str | None:
     return args[args.index(name) + 1] if name in args else None
 
 
-@pytest.mark.parametrize("missing", ["MASTER_ADDR", "NODE_RANK"])
-def test_torchrun_multinode_needs_master_and_node_rank(tmp_path, missing):
+@pytest.mark.parametrize("missing, message", [
+    (["MASTER_ADDR"], "NNODES=2 needs MASTER_ADDR (node 0's address, the same on every node)\n"),
+    (["NODE_RANK"], "NNODES=2 needs NODE_RANK (this node's index, 0..1)\n"),
+    (["MASTER_ADDR", "NODE_RANK"], "NNODES=2 needs MASTER_ADDR (node 0's address, the same on every node) and "
+                                   "NODE_RANK (this node's index, 0..1)\n"),
+])
+def test_torchrun_multinode_needs_master_and_node_rank(tmp_path, missing, message):
     given = {"NNODES": "2", "MASTER_ADDR": "node0", "NODE_RANK": "1"}
-    del given[missing]
+    for name in missing:
+        del given[name]
     result, args = _torchrun(tmp_path, **given)
     assert result.returncode == 2, result.stderr
-    assert f"NNODES=2 needs {missing}" in result.stderr
+    assert result.stderr.endswith(message), result.stderr
     assert args == []
 
 
