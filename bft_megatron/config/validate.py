@@ -11,7 +11,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-from bft_megatron.config.base import ConfigError, non_finite_floats
+from bft_megatron.config.base import ConfigError, format_value, non_finite_floats
 from bft_megatron.config.schema import Config
 
 __all__ = ["Layout", "validate", "check_paths", "config_warnings", "error_hint", "have_transformer_engine"]
@@ -240,6 +240,10 @@ def config_warnings(cfg: Config) -> list[str]:
     if lo.method != "sft" and lo.sft_warmup_iters >= t.train_iters:
         out.append(f"loss.sft_warmup_iters={lo.sft_warmup_iters} >= train.train_iters={t.train_iters}: "
                    f"loss.method={lo.method} never runs (every step is SFT)")
+    c = cfg.checkpoint
+    unused = [f"checkpoint.{k}={format_value(v)}" for k, v in (("async_save", c.async_save), ("keep_last", c.keep_last)) if v]
+    if unused and not c.save:
+        out.append(f"{' and '.join(unused)} without checkpoint.save: nothing is saved, so they do nothing")
     return out
 
 
