@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -13,3 +15,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def log_records():
+    """Records of the ``bft_megatron`` loggers in this process (they do not propagate to caplog)."""
+    from tests.data_fixtures import logged
+
+    with logged(logging.NOTSET) as records:
+        yield records

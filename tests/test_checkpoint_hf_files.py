@@ -21,17 +21,6 @@ TOKENIZER_RUN = [*TINY, "model.vocab_size=3000", "train.train_iters=2", "checkpo
                  "data.template=chatml"]
 
 
-@pytest.fixture()
-def log_records():
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("bft_megatron")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-
-
 def _side_files(folder) -> dict[str, bytes]:
     """An export's non-weight files (config, generation config, tokenizer, chat template), by name."""
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-import logging
 import os
 
 import pytest
@@ -46,17 +45,6 @@ def _conv(messages: list[dict]) -> Conversation:
 
 def _ids(encoded) -> list[int]:
     return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
-
-
-@pytest.fixture()
-def log_records():
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append
-    logger = logging.getLogger("bft_megatron")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 @pytest.mark.parametrize("template", ["chatml", "llama3", "plain"])
