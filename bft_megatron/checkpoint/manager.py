@@ -25,9 +25,9 @@ from bft_megatron.checkpoint.architecture import check_architecture
 from bft_megatron.checkpoint.data_order import warn_data_order
 from bft_megatron.checkpoint.hf_files import CheckpointHF
 from bft_megatron.checkpoint.schedule import check_schedule, group_bounds, restore_group_bounds
-from bft_megatron.checkpoint.state import (OPT_METADATA, init_optimizer_state, layout_of, model_sharded_state_dict,
-                                           restore_rng, rng_sharded_object, tolerate_missing_adam_step,
-                                           untie_adam_steps, unwrap)
+from bft_megatron.checkpoint.state import (OPT_METADATA, gather_params, init_optimizer_state, layout_of,
+                                           model_sharded_state_dict, restore_rng, rng_sharded_object,
+                                           tolerate_missing_adam_step, untie_adam_steps, unwrap)
 from bft_megatron.checkpoint.weights import load_model_weights
 from bft_megatron.config.base import ConfigError, to_dict
 from bft_megatron.config.validate import loads_own_save_dir
@@ -63,6 +63,7 @@ class Checkpointer:
 
     def _state_for_save(self, trainer) -> dict:
         init_optimizer_state(trainer.optimizer)  # no-op after the first step; needed to save at step 0
+        gather_params(trainer.model)  # overlap_param_gather: else the other ranks' shards are one step old
         model_sd = model_sharded_state_dict(trainer.model)
         sd = dict(model_sd)
         # Pass the nested per-chunk dicts: megatron maps parameters through their values, and the chunks'

@@ -1,7 +1,8 @@
 """What goes into a checkpoint, as megatron sharded state dicts.
 
 * ``model`` / ``model<i>`` (virtual chunks): megatron's own sharded state dicts — keys are global
-  (layer numbers offset per stage, TP shards as slices), so a checkpoint loads at any TP/PP/VP.
+  (layer numbers offset per stage, TP shards as slices), so a checkpoint loads at any TP/PP/VP. Under
+  ``overlap_param_gather`` the last step's parameter all-gather is finished first (:func:`gather_params`).
 * ``optimizer``: ``sharded_state_dict(..., metadata={"distrib_optim_sharding_type":
   "fully_reshardable"})`` — canonical per-parameter Adam state, reloadable at another layout.
 * ``rng_state``: one ShardedObject per global rank, restored only at the identical layout.
@@ -16,7 +17,7 @@ import torch
 
 from bft_megatron.parallel.bootstrap import ParallelGroups
 
-__all__ = ["OPT_METADATA", "layout_of", "model_sharded_state_dict", "init_optimizer_state", "torch_optimizers",
+__all__ = ["OPT_METADATA", "layout_of", "model_sharded_state_dict", "gather_params", "init_optimizer_state", "torch_optimizers",
            "untie_adam_steps", "rng_sharded_object", "restore_rng", "unwrap", "tolerate_missing_adam_step"]
 
 OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
@@ -39,6 +40,19 @@ def model_sharded_state_dict(model: list[torch.nn.Module]) -> dict:
     if len(model) == 1:
         return {"model": unwrap(model[0]).sharded_state_dict()}
     return {f"model{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model)}
+
+
+def gather_params(model: list[torch.nn.Module]) -> None:
+    """Finish the distributed optimizer's parameter all-gather of the last step (collective over DP x CP).
+
+    With ``overlap_param_gather`` megatron defers it to the next forward's pre-hooks: until then every rank holds
+    only its own shard of the updated weights, the rest one step old. Whatever reads whole weights between a
+    step and the next forward (a checkpoint save, an HF export) must gather first; the next forward then finds
+    the gather done and does not repeat it, so training continues exactly as without this call.
+    """
+    for chunk in model:
+        if getattr(chunk, "use_forward_hook", False):  # megatron DDP with overlap_param_gather
+            chunk.start_param_sync(force_sync=True)
 
 
 def torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:

@@ -10,8 +10,9 @@ rank 0 writes it. Global rank 0 names the shards, writes the index and moves the
 ``out_dir``, which must be on a filesystem that every writing rank and rank 0 see (it is on one node).
 
 Host memory per writing rank: one gathered parameter plus one shard buffer (``max_shard_bytes``).
-With ``overlap_param_gather`` the distributed optimizer's last parameter all-gather must have
-finished (it has once ``optimizer.step()`` returned and the next forward did not start).
+With ``overlap_param_gather`` megatron leaves the last step's parameter all-gather to the next forward:
+:func:`export_to_hf` finishes it first (``gather_params``), else the other DP ranks' shards would be
+exported one step old.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from bft_megatron.checkpoint import pointer
-from bft_megatron.checkpoint.state import unwrap
+from bft_megatron.checkpoint.state import gather_params, unwrap
 from bft_megatron.config.base import to_dict
 from bft_megatron.config.schema import Config, ModelConfig
 from bft_megatron.convert.hf_config import write_hf_metadata
@@ -111,6 +112,7 @@ def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, ou
     """
     recorded = to_dict(config) if config is not None else {"model": {"from_hf": model_cfg.from_hf}}
     _prepare(model_chunks, model_cfg, out_dir, recorded, tokenizer_dir, dtype, groups.control, checkpoint_hf)
+    gather_params(model_chunks)  # every rank: a collective, before the DP-rank-0 ranks read whole weights
     stage = staging_path(out_dir)
     participates = groups.dp_rank == 0 and groups.cp_rank == 0
     manifests: list[dict[str, list[str]]] = []
