@@ -13,6 +13,10 @@ Host memory per writing rank: one gathered parameter plus one shard buffer (``ma
 With ``overlap_param_gather`` megatron leaves the last step's parameter all-gather to the next forward:
 :func:`export_to_hf` finishes it first (``gather_params``), else the other DP ranks' shards would be
 exported one step old.
+
+No progress bar here (unlike the offline converters): tqdm on many ranks would interleave in the job's log, and
+rank 0's bar would show one stage only. Rank 0 logs a line when the writing starts and one per pipeline stage
+with the bytes it wrote.
 """
 
 from __future__ import annotations
@@ -114,6 +118,7 @@ def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, ou
     _prepare(model_chunks, model_cfg, out_dir, recorded, tokenizer_dir, dtype, groups.control, checkpoint_hf)
     gather_params(model_chunks)  # every rank: a collective, before the DP-rank-0 ranks read whole weights
     stage = staging_path(out_dir)
+    _log.info("HF export to %s: each of %d pipeline stage(s) writes its weights", out_dir, groups.pp_size)
     participates = groups.dp_rank == 0 and groups.cp_rank == 0
     manifests: list[dict[str, list[str]]] = []
     total = 0
@@ -131,6 +136,8 @@ def export_to_hf(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, ou
     dist.all_gather_object(gathered, (groups.pp_rank, manifests, total))
     if groups.rank == 0:
         writers = sorted((g for g in gathered if g[1]), key=lambda g: g[0])
+        for pp_rank, _, nbytes in writers:
+            _log.info("HF export: pipeline stage %d wrote %.1f MB", pp_rank, nbytes / 1e6)
         finalize_shards(stage, [mf for g in writers for mf in g[1]], sum(g[2] for g in writers))
         publish_staging(stage, out_dir)
         _log.info("exported the in-memory model to %s", out_dir)
