@@ -76,3 +76,27 @@ def test_cli_import_refuses_a_directory_that_holds_checkpoints(tmp_path):
     res = _cli("import", "--hf", hf, "--out", str(run))
     assert res.returncode == 2 and "1 iter_ directory (iter_0000120) but no 'latest' pointer" in res.stderr
     assert sorted(os.listdir(run)) == ["iter_0000120"]
+
+
+def _files(path: str) -> dict[str, bytes]:
+    return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+
+
+def test_cli_no_progress_hides_the_bars_and_changes_no_file(tmp_path):
+    """The bars (on by default, as prepare's, also when stderr is a pipe) only report: the exports of imports
+    made with and without ``--no-progress`` are the same bytes, file by file."""
+    hf = str(tmp_path / "hf")
+    make_model("llama31_untied", hf, max_shard_size="60KB")
+    exports = {}
+    for label, flag in (("bars", []), ("quiet", ["--no-progress"])):
+        ckpt, out = str(tmp_path / f"ckpt_{label}"), str(tmp_path / f"out_{label}")
+        imp = _cli("import", "--hf", hf, "--out", ckpt, *flag)
+        assert imp.returncode == 0, imp.stderr[-3000:]
+        exp = _cli("export", "--ckpt", ckpt, "--out", out, "--max-shard-size", "50KB", *flag)
+        assert exp.returncode == 0, exp.stderr[-3000:]
+        shown = [bar in imp.stderr + exp.stderr for bar in ("import: read HF", "import: write", "export:")]
+        assert shown == [not flag] * 3, imp.stderr[-2000:] + exp.stderr[-2000:]
+        assert ("exported layers 0.." in exp.stderr) == bool(flag)  # the log line stands in for the bar
+        exports[label] = _files(out)
+    assert len(exports["bars"]) > 5 and exports["bars"] == exports["quiet"]
+    assert _files(os.path.join(tmp_path / "ckpt_bars", "hf")) == _files(os.path.join(tmp_path / "ckpt_quiet", "hf"))

@@ -1,10 +1,12 @@
 """``bft-megatron convert import|export``: HF safetensors <-> megatron dist checkpoints.
 
-    bft-megatron convert import --hf HF_DIR --out CKPT [--low-memory]
+    bft-megatron convert import --hf HF_DIR --out CKPT [--low-memory] [--no-progress]
     bft-megatron convert export --ckpt CKPT --out HF_DIR [--tokenizer TOK] [--hf SRC_HF_DIR] [--max-shard-size 5GB]
-                                [--dtype bf16]
+                                [--dtype bf16] [--no-progress]
 
-Both run as a single process (no torchrun needed). See docs/convert.md.
+Both run as a single process (no torchrun needed) and show progress bars on stderr counted in bytes of tensors
+(as ``bft-megatron prepare``, also when stderr is not a terminal; ``--no-progress`` hides them).
+See docs/convert.md.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--low-memory", action="store_true",
                      help="spill each layer's transformed tensors (QKV, fc1) to OUT/.import_spill and memory-map them: "
                           "about one layer of resident host memory, for ~65%% of the model's size in temporary disk")
+    imp.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     exp = sub.add_parser("export", help="megatron dist checkpoint -> HF safetensors directory")
     exp.add_argument("--ckpt", required=True, help="run directory (uses 'latest'), iter_ directory or dist checkpoint")
     exp.add_argument("--out", required=True, help="output HF directory")
@@ -51,6 +54,7 @@ def _parser() -> argparse.ArgumentParser:
                                                 "is found otherwise)")
     exp.add_argument("--max-shard-size", type=parse_size, default="5GB", help="per-file size limit (default 5GB)")
     exp.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="cast weights (default: keep)")
+    exp.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
 
@@ -61,12 +65,13 @@ def main(argv: list[str]) -> int:
         if args.direction == "import":
             from bft_megatron.convert.importer import import_hf
 
-            import_hf(args.hf, args.out, low_memory=args.low_memory)
+            import_hf(args.hf, args.out, low_memory=args.low_memory, progress=not args.no_progress)
         else:
             from bft_megatron.convert.exporter import export_checkpoint
 
             export_checkpoint(args.ckpt, args.out, hf_dir=args.hf, max_shard_bytes=args.max_shard_size,
-                              dtype=_DTYPES[args.dtype] if args.dtype else None, tokenizer=args.tokenizer)
+                              dtype=_DTYPES[args.dtype] if args.dtype else None, tokenizer=args.tokenizer,
+                              progress=not args.no_progress)
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:  # ConfigError is a ValueError
         _log.error("convert %s failed: %s", args.direction, exc)
         return 2

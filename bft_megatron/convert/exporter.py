@@ -21,6 +21,7 @@ import torch
 from bft_megatron.checkpoint import pointer
 from bft_megatron.config.base import from_dict
 from bft_megatron.config.schema import ModelConfig
+from bft_megatron.convert import progress as bars
 from bft_megatron.convert.hf_config import write_hf_metadata
 from bft_megatron.convert.hf_io import (DEFAULT_SHARD_BYTES, ShardWriter, begin_staging, finalize_shards,
                                         publish_staging, stale_weights_error)
@@ -96,6 +97,7 @@ class _Export:
 
         self.path, self.m, self.dtype = path, m, dtype
         self.writer: ShardWriter | None = None  # set by run()
+        self.bar = None  # set by run(): a tqdm over the bytes of HF tensors written
         self.metadata = dist_checkpointing.load_tensors_metadata(path)
         self.spec = detect_spec(self.metadata.keys())
         self.rules = layer_rules(m.qkv_bias)
@@ -111,7 +113,28 @@ class _Export:
 
     def write(self, rule, tensor: torch.Tensor, layer: int | None) -> None:
         for name, t in to_hf(rule, tensor, self.m, layer):
-            self.writer.add(name, t.to(self.dtype) if self.dtype is not None else t)
+            out = t.to(self.dtype) if self.dtype is not None else t
+            self.writer.add(name, out)
+            if self.bar is not None:
+                self.bar.update(out.numel() * out.element_size())
+
+    def _hf_bytes(self, rule, key: str) -> int:
+        """Bytes of the HF tensors ``rule`` makes of checkpoint tensor ``key`` (of every layer, for a stacked
+        ``decoder.layers.*`` key): splits (QKV, fc1) keep every element, a vocabulary tensor loses megatron's
+        padding rows, ``dtype`` sets the element size."""
+        md = self.metadata[key]
+        shape = list(md.global_shape)
+        if rule.kind == "vocab":
+            shape[0] = self.m.vocab_size
+        return math.prod(shape) * (self.dtype or md.dtype).itemsize
+
+    def total_bytes(self) -> int:
+        """Bytes of HF tensors the export writes (the bar's total, and the index's ``total_size``)."""
+        rules = [(EMBEDDING, EMBEDDING.local), (FINAL_NORM, FINAL_NORM.local)]
+        if not self.m.tie_embeddings:
+            rules.append((OUTPUT, OUTPUT.local))
+        rules += zip(self.rules, self.layer_keys)
+        return sum(self._hf_bytes(rule, key) for rule, key in rules)
 
     def layer_bytes(self) -> int:
         return sum(math.prod(self.metadata[k].global_shape[1:]) * self.metadata[k].dtype.itemsize
@@ -129,21 +152,26 @@ class _Export:
             for i in group:  # loaded[key]: [len(group), ...]
                 for rule, key in zip(self.rules, self.layer_keys):
                     self.write(rule, loaded[key][i - group.start], i)
-            _log.info("exported layers %d..%d of %d", group.start, group.stop - 1, self.m.num_layers)
+            if self.bar.disable:  # the bar says more; a log line would break it up
+                _log.info("exported layers %d..%d of %d", group.start, group.stop - 1, self.m.num_layers)
 
-    def run(self, writer: ShardWriter) -> None:
+    def run(self, writer: ShardWriter, progress: bool = False) -> None:
         self.writer = writer
+        with bars.byte_bar("export", self.total_bytes(), progress) as self.bar:
+            self._run()
+            writer.flush()  # the last shard: on disk before the bar closes
+
+    def _run(self) -> None:
         self.write(EMBEDDING, _load_global(self.path, self.metadata, EMBEDDING.local), None)
         self.layers()
         self.write(FINAL_NORM, _load_global(self.path, self.metadata, FINAL_NORM.local), None)
         if not self.m.tie_embeddings:
             self.write(OUTPUT, _load_global(self.path, self.metadata, OUTPUT.local), None)
-        writer.flush()
 
 
 def export_checkpoint(ckpt: str, out_dir: str, hf_dir: str | None = None,
                       max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: torch.dtype | None = None,
-                      tokenizer: str | None = None) -> str:
+                      tokenizer: str | None = None, progress: bool = False) -> str:
     """Export a dist checkpoint (run dir, iter_ dir or plain) to an HF directory; returns ``out_dir``.
 
     ``tokenizer`` (HF tokenizer directory or sentencepiece ``.model``) overrides the training tokenizer: the
@@ -151,7 +179,8 @@ def export_checkpoint(ckpt: str, out_dir: str, hf_dir: str | None = None,
     ``dtype`` casts the weights (default: keep the checkpoint's dtype). Everything that can be checked
     (checkpoint tensors and layer count, template config.json, tokenizer size) is checked before any shard
     is written; the export is written into a hidden sibling directory and moved to ``out_dir`` when
-    complete, so a failed export leaves nothing behind that blocks a retry.
+    complete, so a failed export leaves nothing behind that blocks a retry. ``progress``: a bar on stderr
+    over the bytes of HF tensors written (:mod:`.progress`).
     """
     from megatron.core import dist_checkpointing
 
@@ -167,7 +196,7 @@ def export_checkpoint(ckpt: str, out_dir: str, hf_dir: str | None = None,
         try:
             write_hf_metadata(stage, m, dtype or job.metadata[EMBEDDING.local].dtype, sources)
             writer = ShardWriter(stage, max_shard_bytes)
-            job.run(writer)
+            job.run(writer, progress)
             finalize_shards(stage, [writer.manifest], writer.total_bytes)
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)

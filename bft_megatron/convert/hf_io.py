@@ -50,7 +50,9 @@ class HFReader:
         else:
             raise FileNotFoundError(f"{hf_dir}: neither {INDEX} nor {SINGLE} found (only safetensors is supported)")
         self._handles: dict[str, object] = {}
+        self._headers: dict[str, dict] = {}
         self.consumed: set[str] = set()
+        self.bytes_read = 0  # of the tensors returned by get(): what the import's progress bar counts
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -66,7 +68,19 @@ class HFReader:
         if fname not in self._handles:
             self._handles[fname] = safe_open(os.path.join(self.dir, fname), framework="pt")
         self.consumed.add(name)
-        return self._handles[fname].get_tensor(name)
+        tensor = self._handles[fname].get_tensor(name)
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def nbytes(self, name: str) -> int:
+        """Size of tensor ``name`` from its file's header, without reading it (safetensors: an 8-byte
+        little-endian header length, then a JSON header giving each tensor's ``data_offsets``)."""
+        fname = self.weight_map[name]
+        if fname not in self._headers:
+            with open(os.path.join(self.dir, fname), "rb") as fh:
+                self._headers[fname] = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        start, end = self._headers[fname][name]["data_offsets"]
+        return end - start
 
     def close(self) -> None:
         self._handles.clear()

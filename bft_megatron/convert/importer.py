@@ -29,6 +29,7 @@ from bft_megatron.checkpoint import pointer
 from bft_megatron.config.base import to_dict
 from bft_megatron.config.hf import model_fields_from_hf
 from bft_megatron.config.schema import Config, ModelConfig
+from bft_megatron.convert import progress as bars
 from bft_megatron.convert.hf_io import HFReader, copy_side_files
 from bft_megatron.convert.mapping import detect_spec, global_rules, layer_rules
 from bft_megatron.convert.tensors import to_megatron
@@ -36,7 +37,7 @@ from bft_megatron.convert.runtime import process_group
 from bft_megatron.model import build_model_chunks, builder, padded_vocab_size
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["import_hf", "model_config_from_hf_dir", "HF_SUBDIR", "SPILL_SUBDIR"]
+__all__ = ["import_hf", "model_config_from_hf_dir", "read_total_bytes", "HF_SUBDIR", "SPILL_SUBDIR"]
 
 _log = get_logger(__name__)
 
@@ -93,6 +94,15 @@ def _own_storage_views(sharded_sd: dict) -> None:
             sh.data = torch.empty(0, dtype=data.dtype).set_(exact, 0, data.shape, data.stride())
 
 
+def _tensor_bytes(sharded_sd: dict) -> int:
+    """Bytes of the tensors megatron writes for ``sharded_sd`` (the "write" bar's total)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    return sum(sh.data.numel() * sh.data.element_size() for sh in nested_values(sharded_sd)
+               if isinstance(sh, ShardedTensor) and sh.data is not None)
+
+
 def _convert(rule, reader: HFReader, m: ModelConfig, layer: int | None, padded_vocab: int):
     """``(tensor, transformed)``: the megatron tensor of ``rule`` and whether it is new memory (False when
     it is an HF tensor passed through unchanged, i.e. still a file-backed map of the safetensors file)."""
@@ -107,18 +117,33 @@ def _convert(rule, reader: HFReader, m: ModelConfig, layer: int | None, padded_v
     return out, out.data_ptr() not in read_ptrs
 
 
-def _collect_state(reader: HFReader, m: ModelConfig, spec: str, padded_vocab: int,
-                   spill_dir: str | None = None) -> dict[str, torch.Tensor]:
-    """megatron ``state_dict`` names (TP1/PP1) -> tensors, read layer by layer; with ``spill_dir`` each group's
-    transformed tensors come back memory-mapped (pass-through ones are file-backed already)."""
+def _groups(m: ModelConfig) -> list[tuple]:
+    """``(layer or None, rules, megatron name prefix, spill file name)`` of each conversion group, in order."""
     groups = [(None, global_rules(m.tie_embeddings), "", "global")]
-    groups += [(i, layer_rules(m.qkv_bias), f"decoder.layers.{i}.", f"layer_{i:05d}") for i in range(m.num_layers)]
+    return groups + [(i, layer_rules(m.qkv_bias), f"decoder.layers.{i}.", f"layer_{i:05d}")
+                     for i in range(m.num_layers)]
+
+
+def read_total_bytes(reader: HFReader, m: ModelConfig) -> int:
+    """Bytes of the HF tensors the import reads (the "read" bar's total), from the file headers; a tensor
+    missing from ``reader`` is left out (the import then fails on it, naming it)."""
+    return sum(reader.nbytes(name) for layer, rules, _, _ in _groups(m) for rule in rules
+               for name in rule.hf_names(layer) if name in reader)
+
+
+def _collect_state(reader: HFReader, m: ModelConfig, spec: str, padded_vocab: int,
+                   spill_dir: str | None = None, bar=None) -> dict[str, torch.Tensor]:
+    """megatron ``state_dict`` names (TP1/PP1) -> tensors, read layer by layer; with ``spill_dir`` each group's
+    transformed tensors come back memory-mapped (pass-through ones are file-backed already). ``bar`` (tqdm)
+    advances by the bytes read."""
     state: dict[str, torch.Tensor] = {}
-    for layer, rules, prefix, spill_name in groups:
+    for layer, rules, prefix, spill_name in _groups(m):
         transformed = {}
         for rule in rules:
             tensor, new = _convert(rule, reader, m, layer, padded_vocab)
             (transformed if new else state)[prefix + rule.megatron(spec)] = tensor
+            if bar is not None:
+                bar.update(reader.bytes_read - bar.n)
         state.update(_spill(transformed, spill_dir, spill_name))
     return state
 
@@ -168,8 +193,10 @@ def _refuse_existing(out_dir: str) -> None:
                               "(or, if it is the leftover of a killed import, remove it)")
 
 
-def _save_import(hf_dir: str, iter_dir: str, cfg: Config, spill_dir: str | None) -> str:
-    """Build the skeleton, fill it from ``hf_dir`` and save it to ``iter_dir``; returns the spec's name."""
+def _save_import(hf_dir: str, iter_dir: str, cfg: Config, spill_dir: str | None, progress: bool = False) -> str:
+    """Build the skeleton, fill it from ``hf_dir`` and save it to ``iter_dir``; returns the spec's name.
+    ``progress``: a bar for each of the two long stages, reading (and converting) the HF tensors and writing
+    the checkpoint."""
     from megatron.core import dist_checkpointing
 
     from bft_megatron.parallel.bootstrap import initialize
@@ -183,7 +210,9 @@ def _save_import(hf_dir: str, iter_dir: str, cfg: Config, spill_dir: str | None)
         try:
             if spill_dir:
                 os.makedirs(spill_dir, exist_ok=True)
-            _assign(model, _collect_state(reader, m, spec, padded, spill_dir))
+            with bars.byte_bar("import: read HF", read_total_bytes(reader, m), progress) as bar:
+                state = _collect_state(reader, m, spec, padded, spill_dir, bar)
+            _assign(model, state)
             _check_all_consumed(reader, m.tie_embeddings)
             reader.close()
             # "config": its model section is what a training run's model is compared with before loading
@@ -192,14 +221,16 @@ def _save_import(hf_dir: str, iter_dir: str, cfg: Config, spill_dir: str | None)
                   "layout": {"tp": 1, "pp": 1, "vp": None, "cp": 1, "dp": 1, "world": 1},
                   "hf_import": {"source": os.path.abspath(hf_dir), "spec": spec}}
             _own_storage_views(sd["model"])
-            dist_checkpointing.save(sd, iter_dir)
+            with bars.byte_bar("import: write", _tensor_bytes(sd["model"]), progress) as bar, \
+                    bars.watch_dir_bytes(bar, iter_dir):
+                dist_checkpointing.save(sd, iter_dir)
         finally:  # mapped spill files stay readable after their unlinking until the tensors go
             if spill_dir:
                 shutil.rmtree(spill_dir, ignore_errors=True)
     return spec
 
 
-def import_hf(hf_dir: str, out_dir: str, low_memory: bool = False) -> str:
+def import_hf(hf_dir: str, out_dir: str, low_memory: bool = False, progress: bool = False) -> str:
     """Convert ``hf_dir`` into a dist checkpoint run directory ``out_dir``; returns the iter_ path.
 
     ``out_dir`` must not hold a checkpoint (``latest`` or an ``iter_`` directory) already.
@@ -207,6 +238,8 @@ def import_hf(hf_dir: str, out_dir: str, low_memory: bool = False) -> str:
     maps of the safetensors files) to ``out_dir/.import_spill`` and memory-map them back, so resident host
     memory stays about one layer instead of those tensors of the whole model (~65% of it), at the cost of
     their size in temporary disk space (removed at the end) and one extra write and read of them.
+    ``progress``: byte-counting bars on stderr (:mod:`.progress`) for reading the HF tensors and writing the
+    checkpoint.
     """
     _refuse_existing(out_dir)
     m = model_config_from_hf_dir(hf_dir)
@@ -216,7 +249,7 @@ def import_hf(hf_dir: str, out_dir: str, low_memory: bool = False) -> str:
     os.makedirs(iter_dir)
     spill_dir = os.path.join(out_dir, SPILL_SUBDIR) if low_memory else None
     try:
-        spec = _save_import(hf_dir, iter_dir, cfg, spill_dir)
+        spec = _save_import(hf_dir, iter_dir, cfg, spill_dir, progress)
     except BaseException:  # ours (makedirs refuses an existing one): a failed import leaves nothing that blocks a retry
         shutil.rmtree(iter_dir, ignore_errors=True)
         raise
