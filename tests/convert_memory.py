@@ -114,12 +114,13 @@ def main() -> None:
     hf, ck = os.path.join(a.work, "hf"), os.path.join(a.work, "ckpt")
     size = write_random_llama(hf, a.layers, a.hidden, a.ffn, a.vocab)
     cli = [sys.executable, "-m", "bft_megatron.cli", "convert"]
+    imp, exp = cli + ["import", "--no-progress"], cli + ["export", "--no-progress"]  # no bar thread in the numbers
     rows = [("baseline (imports + gloo group)", measure([sys.executable, "-c", BASELINE])),
-            ("import", measure(cli + ["import", "--hf", hf, "--out", ck])),
-            ("import --low-memory", measure(cli + ["import", "--hf", hf, "--out", ck + "_low", "--low-memory"])),
-            ("export, --max-shard-size 5GB", measure(cli + ["export", "--ckpt", ck, "--out", a.work + "/o1"])),
+            ("import", measure(imp + ["--hf", hf, "--out", ck])),
+            ("import --low-memory", measure(imp + ["--hf", hf, "--out", ck + "_low", "--low-memory"])),
+            ("export, --max-shard-size 5GB", measure(exp + ["--ckpt", ck, "--out", a.work + "/o1"])),
             ("export, --max-shard-size 100MB",
-             measure(cli + ["export", "--ckpt", ck, "--out", a.work + "/o2", "--max-shard-size", "100MB"]))]
+             measure(exp + ["--ckpt", ck, "--out", a.work + "/o2", "--max-shard-size", "100MB"]))]
     print(f"model: {size / 1e6:.0f} MB of bf16 weights ({a.layers} layers, hidden {a.hidden}, vocab {a.vocab})")
     print("| step | max RSS | max anonymous RSS (sampled) |")
     for label, (rss, anon) in rows:
