@@ -7,7 +7,6 @@ train.lr=1e-5 ...``). Without CUDA it runs on CPU with gloo (cpu_compat applied 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 __all__ = ["main"]
@@ -22,34 +21,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _config(args, log):
-    """(cfg, layout), or None after logging a config error. ``--check`` and real runs also check input paths."""
-    from bft_megatron.config import check_paths, config_warnings, load_config, validate
-    from bft_megatron.config.validate import error_hint
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        cfg = load_config(args.config, args.overrides)
-        layout = validate(cfg, world_size)
-        if not args.dry_run:
-            check_paths(cfg, data=args.check)
-    except (ValueError, FileNotFoundError) as exc:  # ConfigError and the data layer's checks are ValueErrors
-        log.error("config error: %s%s", exc, error_hint(str(exc), args.config))
-        return None
-    if int(os.environ.get("RANK", "0")) == 0:
-        for warning in config_warnings(cfg):
-            log.warning("config: %s", warning)
-    return cfg, layout
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     from bft_megatron.config import ConfigError
+    from bft_megatron.training.preflight import load_checked
     from bft_megatron.utils.logging import get_logger, quiet_known_warnings
 
     quiet_known_warnings()
     log = get_logger("bft_megatron.train")
-    loaded = _config(args, log)
+    loaded = load_checked(args.config, args.overrides, log, check=args.check, dry_run=args.dry_run)
     if loaded is None:
         return 2
     cfg, layout = loaded
@@ -79,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer = build_trainer(cfg, layout, groups)
             checkpointer = Checkpointer(cfg, groups)
             from_scratch = not checkpointer.load(trainer)
-        except ConfigError as exc:  # the prepared data, the checkpoint's model or LR schedule vs this config
-            # (raised on every rank)
+        except ConfigError as exc:  # prepared data, checkpoint's model or LR schedule vs config (on every rank)
             log.error("config error: %s", exc)
             return 2
         state = fit(trainer, checkpointer if cfg.checkpoint.save else None, exit_request, from_scratch)

@@ -26,6 +26,7 @@ from bft_megatron.data.provenance import PreparedDataMismatch
 from bft_megatron.data.prepare import run
 from bft_megatron.data.storage import read_index
 from bft_megatron.data.tokenizer import tokenizer_fingerprint
+from bft_megatron.train import main as train_main
 from bft_megatron.training.data import open_datasets
 from tests.data_fixtures import CHATS, DEMO_SP, hf_tokenizer, logged, synthetic_chats, write_jsonl
 
@@ -262,5 +263,11 @@ def test_output_dir_only_refuses_a_valid_split_prepared_otherwise_than_train(tmp
     message = _mismatch(only)
     assert "data.template: train/ chatml, valid/ llama3" in message
     assert f"delete {out / 'valid'}" in message and "--valid" in message
+    model = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
+             "model.max_position_embeddings=256", "data.seq_length=256"]
+    with logged(logging.ERROR) as records:  # the SLURM pre-flight finds it too, before any job step starts
+        assert train_main([*only, *model, "--check"]) == 2
+    assert "data.template: train/ chatml, valid/ llama3" in records[0].getMessage()
     shutil.rmtree(out / "valid")  # the way out the message names
     open_datasets(load_config(None, only))
+    assert train_main([*only, *model, "--check"]) == 0

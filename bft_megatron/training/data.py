@@ -119,6 +119,18 @@ def _record_new_mtimes(ds, recorded: str) -> None:
               ds.directory)
 
 
+def check_prepared(cfg: Config) -> bool:
+    """``train --check`` (the SLURM pre-flight): the splits already prepared under ``data.output_dir`` match the
+    config, as the trainer checks them before building the model (raises :class:`PreparedDataMismatch` or
+    :class:`ConfigError`); False when no train split is prepared yet (the trainer's first use prepares it)."""
+    from bft_megatron.data.storage import is_prepared
+
+    if not is_prepared(os.path.join(cfg.data.output_dir, "train")):
+        return False
+    _check(cfg)
+    return True
+
+
 def _prepare_and_check(cfg: Config) -> None:
     """(Rank 0) The data layer's user errors (a bad record, a missing source or tokenizer, a template the tokenizer
     cannot express, a split with no usable sample) become a :class:`ConfigError`, which :func:`on_rank0` raises on

@@ -1,0 +1,35 @@
+"""What ``bft-megatron train`` checks before any process group, model or GPU memory exists.
+
+``load_checked`` loads the YAML and overrides, validates them against ``WORLD_SIZE``, and checks inputs on disk:
+``--check`` (the SLURM pre-flight, on the first node) checks everything a run will read, including data already
+prepared under ``data.output_dir`` that the trainer would refuse; a real run only the checkpoint (its data may
+live on rank 0's node alone); ``--dry-run`` nothing (recipes carry placeholder paths).
+"""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["load_checked"]
+
+
+def load_checked(config_path: str | None, overrides: list[str], log, *, check: bool, dry_run: bool):
+    """(cfg, layout), or None after logging a config error (the CLI then exits 2)."""
+    from bft_megatron.config import check_paths, config_warnings, load_config, validate
+    from bft_megatron.config.validate import error_hint
+    from bft_megatron.training.data import check_prepared
+
+    try:
+        cfg = load_config(config_path, overrides)
+        layout = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        if not dry_run:
+            check_paths(cfg, data=check)
+            if check:  # prepared data the trainer would refuse (another template or tokenizer, valid/ vs train/)
+                check_prepared(cfg)
+    except (ValueError, FileNotFoundError) as exc:  # ConfigError and the data layer's checks are ValueErrors
+        log.error("config error: %s%s", exc, error_hint(str(exc), config_path))
+        return None
+    if int(os.environ.get("RANK", "0")) == 0:
+        for warning in config_warnings(cfg):
+            log.warning("config: %s", warning)
+    return cfg, layout
