@@ -271,3 +271,21 @@ def test_output_dir_only_refuses_a_valid_split_prepared_otherwise_than_train(tmp
     shutil.rmtree(out / "valid")  # the way out the message names
     open_datasets(load_config(None, only))
     assert train_main([*only, *model, "--check"]) == 0
+
+
+def test_check_leaves_a_configured_split_not_prepared_yet_to_the_trainer(tmp_path):
+    """`train --check` with data.train and data.valid sources, only train/ prepared so far: the trainer would
+    prepare valid/ on first use, so the pre-flight checks train/ and passes (and still refuses a train/ the config
+    no longer describes)."""
+    out = tmp_path / "out"
+    src = write_jsonl(tmp_path / "train.jsonl", synthetic_chats(24, seed=3))
+    valid = write_jsonl(tmp_path / "valid.jsonl", CHATS)
+    run(DataConfig(train=[SourceConfig(str(src))], tokenizer=DEMO_SP, template="chatml", seq_length=256,
+                   output_dir=str(out)))
+    assert not (out / "valid").exists()
+    over = [f"data.output_dir={out}", f"data.train=[{{path: {src}}}]", f"data.valid=[{{path: {valid}}}]",
+            f"data.tokenizer={DEMO_SP}", "data.template=chatml", "model.vocab_size=4096", "model.hidden_size=64",
+            "model.num_layers=2", "model.num_attention_heads=4", "model.ffn_hidden_size=128",
+            "model.max_position_embeddings=256", "data.seq_length=256"]
+    assert train_main([*over, "--check"]) == 0
+    assert train_main([*over, "data.template=llama3", "--check"]) == 2

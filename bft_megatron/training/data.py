@@ -66,8 +66,9 @@ def _splits(cfg: Config) -> dict[str, list[SourceConfig] | None]:
     return {"train": d.train, **({"valid": d.valid} if use_valid else {})}
 
 
-def _check(cfg: Config) -> None:
-    """(Rank 0) the prepared splits exist and match the config (provenance; tokenizer vocabulary)."""
+def _check(cfg: Config, prepared_only: bool = False) -> None:
+    """(Rank 0) the prepared splits exist and match the config (provenance; tokenizer vocabulary).
+    ``prepared_only``: skip a configured split not prepared yet (``--check``: the trainer would prepare it)."""
     from bft_megatron.config.base import ConfigError
     from bft_megatron.data.provenance import (PreparedDataMismatch, compare, mismatch_message, splits_disagree,
                                              unchecked_message)
@@ -79,6 +80,8 @@ def _check(cfg: Config) -> None:
                           "list data.train sources)")
     strict, problems, indexes = bool(d.train), {}, {}
     for split, sources in _splits(cfg).items():
+        if prepared_only and not is_prepared(os.path.join(d.output_dir, split)):
+            continue
         ds = PackedDataset(os.path.join(d.output_dir, split))
         indexes[split] = ds.index
         recorded = json.dumps(ds.index, sort_keys=True)
@@ -127,7 +130,7 @@ def check_prepared(cfg: Config) -> bool:
 
     if not is_prepared(os.path.join(cfg.data.output_dir, "train")):
         return False
-    _check(cfg)
+    _check(cfg, prepared_only=True)
     return True
 
 
