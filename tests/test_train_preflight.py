@@ -1,0 +1,122 @@
+"""The train CLI's pre-flight (``training/preflight.py``): ``--check`` / ``--dry-run`` / real runs, the input
+paths each checks (``config.check_paths``) and the hints its config errors carry."""
+
+import pytest
+
+from bft_megatron.config import ConfigError, load_config, validate
+
+
+def test_train_cli_check_and_config_errors():
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "bft_megatron.cli", "train", "--config", "configs/demo_cpu.yaml",
+                         "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "layout: 1 GPUs = TP1 x PP1" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "bft_megatron.train", "--config", "configs/demo_cpu.yaml",
+                          "parallel.tp=3", "--check"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "world size 1 is not divisible by parallel.tp*pp*cp" in bad.stderr
+    assert "set WORLD_SIZE=N" in bad.stderr  # outside torchrun: how to check for N processes
+
+
+def test_config_errors_hint_at_the_command_line_fix(monkeypatch):
+    """No --config: a missing model field points at the recipes; outside torchrun a world-size error says how to
+    check for N processes; otherwise nothing is added."""
+    from bft_megatron.config.validate import error_hint
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert "no --config was given: start from a recipe" in error_hint("model.hidden_size must be > 0, got 0", None)
+    assert error_hint("model.hidden_size must be > 0, got 0", "configs/x.yaml") == ""
+    assert error_hint("train.lr must be > 0, got 0", None) == ""  # not a model field: a recipe is no answer
+    assert "set WORLD_SIZE=N" in error_hint("world size 1 is not divisible by parallel.tp*pp*cp", "c.yaml")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert error_hint("world size 8 is not divisible by parallel.tp*pp*cp", "c.yaml") == ""
+
+
+def test_missing_finetune_checkpoint_is_caught_by_check_but_not_by_dry_run(tmp_path):
+    """Recipes carry placeholder paths: --dry-run/plan must still plan them; --check and real runs must not
+    start a fine-tune from nothing."""
+    from bft_megatron.config import check_paths
+    from bft_megatron.train import main
+
+    over = ["checkpoint.finetune=true", "checkpoint.load=no/such/ckpt"]
+    cfg = load_config("configs/demo_cpu.yaml", over)
+    validate(cfg, 1)
+    with pytest.raises(ConfigError, match=r"checkpoint.load=no/such/ckpt does not exist \(checkpoint.finetune=true"):
+        check_paths(cfg)
+    empty = ["checkpoint.finetune=true", f"checkpoint.load={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"no complete checkpoint there \(no 'latest' pointer and not an iter_"):
+        check_paths(load_config("configs/demo_cpu.yaml", empty))  # e.g. the HF folder instead of the import
+    (tmp_path / "iter_0000003").mkdir()
+    check_paths(load_config("configs/demo_cpu.yaml", ["checkpoint.finetune=true",
+                                                      f"checkpoint.load={tmp_path}/iter_0000003"]))
+    assert main(["--config", "configs/demo_cpu.yaml", *over, "--check"]) == 2
+    (tmp_path / "latest").write_text("iter_0000010\n")  # a restart resumes checkpoint.save's own run instead
+    check_paths(load_config("configs/demo_cpu.yaml", over + [f"checkpoint.save={tmp_path}"]))
+    assert main(["--config", "configs/demo_cpu.yaml", *over, "--dry-run"]) == 0
+
+
+def test_a_missing_resume_checkpoint_is_an_error_unless_it_is_the_runs_own_save_dir(tmp_path):
+    """A typo in checkpoint.load must not quietly train from scratch; Megatron-LM's `--load X --save X` on a
+    first run (nothing saved yet) is fine."""
+    from bft_megatron.config import check_paths
+
+    with pytest.raises(ConfigError, match=r"checkpoint.load=no/such/run does not exist \(a full resume reads it; "
+                                          r"unset checkpoint.load to train from scratch\)"):
+        check_paths(load_config("configs/demo_cpu.yaml", ["checkpoint.load=no/such/run"]))
+    own = str(tmp_path / "run")
+    check_paths(load_config("configs/demo_cpu.yaml", [f"checkpoint.load={own}", f"checkpoint.save={own}/"]))
+    with pytest.raises(ConfigError, match=r"does not exist \(checkpoint.finetune=true starts from it"):
+        check_paths(load_config("configs/demo_cpu.yaml", [f"checkpoint.load={own}", f"checkpoint.save={own}",
+                                                          "checkpoint.finetune=true"]))  # nothing to fine-tune
+
+
+def test_real_runs_leave_the_data_paths_to_rank_0():
+    """Every rank checks the checkpoint (shared storage) before the rendezvous, but not the data sources: they
+    may exist on global rank 0's node only, which prepares them (a failure there ends every rank with exit 2)."""
+    from bft_megatron.config import check_paths
+
+    cfg = load_config("configs/demo_cpu.yaml", ["data.train=[only/on/node0.jsonl]"])
+    check_paths(cfg, data=False)
+    with pytest.raises(ConfigError, match=r"data.train\[0\].path=only/on/node0.jsonl: no such file"):
+        check_paths(cfg)  # --check, on the first node
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.train=[nope/train.jsonl]", r"data.train\[0\].path=nope/train.jsonl: no such file or directory"),
+    ("data.valid=[bft_megatron/data/assets/hpo_train.jsonl,missing.parquet:0.5]",
+     r"data.valid\[1\].path=missing.parquet: no such file or directory .*relative paths are taken from "),
+    ("data.train=[bft_megatron]", r"data.train\[0\].path=bft_megatron: no \['.json', '.jsonl', '.parquet'\] files"),
+    ("data.tokenizer=/nope/tok", r"data.tokenizer='/nope/tok': no such file or directory; expected an HF tokenizer"),
+    ("data.tokenizer=configs/demo_cpu.yaml", r"data.tokenizer='configs/demo_cpu.yaml': expected an HF tokenizer "
+                                             r"directory or a sentencepiece .model file, got a .yaml file"),
+])
+def test_check_paths_finds_missing_data_sources_and_tokenizer(override, message):
+    """--check (the SLURM pre-flight) and real runs; not --dry-run/plan, whose recipes carry placeholders."""
+    from bft_megatron.config import check_paths
+    from bft_megatron.train import main
+
+    cfg = load_config("configs/demo_cpu.yaml", [override])
+    validate(cfg, 1)
+    with pytest.raises(ConfigError, match=message):
+        check_paths(cfg)
+    assert main(["--config", "configs/demo_cpu.yaml", override, "--check"]) == 2
+    assert main(["--config", "configs/demo_cpu.yaml", override, "--dry-run"]) == 0
+
+
+def test_check_paths_leaves_hub_names_to_the_data_layer_and_wants_prepared_data(tmp_path):
+    from bft_megatron.config import check_paths
+
+    check_paths(load_config("configs/demo_cpu.yaml"))
+    check_paths(load_config("configs/demo_cpu.yaml", ["data.train=[tatsu-lab/alpaca,ultrachat]"]))  # hub ids
+    only_dir = load_config("configs/demo_cpu.yaml", ["data.train=null", "data.valid=null",
+                                                     f"data.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=rf"data.output_dir={tmp_path}: no prepared train split"):
+        check_paths(only_dir)
+
+
+def test_train_cli_reports_data_config_errors_without_a_traceback():
+    from bft_megatron.train import main
+
+    assert main(["--config", "configs/demo_cpu.yaml", "data.template=llama", "--check"]) == 2
