@@ -6,7 +6,7 @@ the tokenizer files and the rendered Jinja chat template), made by the export's 
 an export or a generation later uses exactly the tokenizer and template this run trained with, even after the
 directory ``data.tokenizer`` names is moved or deleted (the export prefers this copy:
 :func:`bft_megatron.convert.sources.find_sources`). The subdirectory has the name an import's run-level copy
-has (``convert.importer.HF_SUBDIR``), but lives in the ``iter_`` directory: it is part of that checkpoint
+has (``pointer.HF_SUBDIR``), but lives in the ``iter_`` directory: it is part of that checkpoint
 (written before ``latest`` names it, pruned with it).
 
 A full resume takes them from the resumed checkpoint's ``hf/`` (:attr:`CheckpointHF.resumed`), as an export
@@ -27,13 +27,13 @@ import os
 import shutil
 import tempfile
 
+from bft_megatron.checkpoint.pointer import HF_SUBDIR
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["CHECKPOINT_HF_SUBDIR", "CheckpointHF"]
+__all__ = ["CheckpointHF"]
 
 _log = get_logger(__name__)
 
-CHECKPOINT_HF_SUBDIR = "hf"  # = convert.importer.HF_SUBDIR (not imported: that would load the convert package)
 _STAGE = ".hf.partial"
 
 
@@ -62,12 +62,12 @@ class CheckpointHF:
             for name, content in files.items():
                 with open(os.path.join(stage, name), "wb") as fh:
                     fh.write(content)
-            os.replace(stage, os.path.join(iter_dir, CHECKPOINT_HF_SUBDIR))
+            os.replace(stage, os.path.join(iter_dir, HF_SUBDIR))
             return True
         except Exception as exc:  # noqa: BLE001 - training goes on; the checkpoint's weights are complete
             shutil.rmtree(stage, ignore_errors=True)
             if self._warned:
-                _log.debug("checkpoint %s: no %s/ files (%s)", iter_dir, CHECKPOINT_HF_SUBDIR, exc)
+                _log.debug("checkpoint %s: no %s/ files (%s)", iter_dir, HF_SUBDIR, exc)
             else:
                 self._warned = True
                 _log.warning("checkpoint %s: could not store the tokenizer, chat template and HF config (%s: %s); "
@@ -88,7 +88,7 @@ class CheckpointHF:
             # Synthetic data: no tokenizer to store, and none for the export either (it warns there).
             self._no_tokenizer = True
             _log.info("no tokenizer (looked at: %s): checkpoints carry no %s/ files", "; ".join(sources.looked_at),
-                      CHECKPOINT_HF_SUBDIR)
+                      HF_SUBDIR)
             return None
         with tempfile.TemporaryDirectory(prefix="bft_ckpt_hf_") as tmp:
             write_hf_metadata(tmp, self.cfg.model, dtype, sources)

@@ -23,9 +23,12 @@ import shutil
 from bft_megatron.utils.files import atomic_write_text
 
 __all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "list_iterations", "prune",
-           "commit", "existing_checkpoint"]
+           "commit", "existing_checkpoint", "HF_SUBDIR"]
 
 LATEST = "latest"
+# HF files (config.json, tokenizer, chat template) beside the weights: in an import's run directory, and in each
+# trainer checkpoint's iter_ directory.
+HF_SUBDIR = "hf"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
 

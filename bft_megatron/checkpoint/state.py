@@ -17,8 +17,9 @@ import torch
 
 from bft_megatron.parallel.bootstrap import ParallelGroups
 
-__all__ = ["OPT_METADATA", "layout_of", "model_sharded_state_dict", "gather_params", "init_optimizer_state", "torch_optimizers",
-           "untie_adam_steps", "rng_sharded_object", "restore_rng", "unwrap", "tolerate_missing_adam_step"]
+__all__ = ["OPT_METADATA", "layout_of", "model_sharded_state_dict", "gather_params", "init_optimizer_state",
+           "torch_optimizers", "untie_adam_steps", "rng_sharded_object", "restore_rng", "unwrap",
+           "tolerate_missing_adam_step"]
 
 OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 

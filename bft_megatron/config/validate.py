@@ -241,7 +241,8 @@ def config_warnings(cfg: Config) -> list[str]:
         out.append(f"loss.sft_warmup_iters={lo.sft_warmup_iters} >= train.train_iters={t.train_iters}: "
                    f"loss.method={lo.method} never runs (every step is SFT)")
     c = cfg.checkpoint
-    unused = [f"checkpoint.{k}={format_value(v)}" for k, v in (("async_save", c.async_save), ("keep_last", c.keep_last)) if v]
+    unused = [f"checkpoint.{k}={format_value(v)}" for k, v in (("async_save", c.async_save),
+                                                                ("keep_last", c.keep_last)) if v]
     if unused and not c.save:
         out.append(f"{' and '.join(unused)} without checkpoint.save: nothing is saved, so they do nothing")
     return out

@@ -175,7 +175,8 @@ def export_checkpoint(ckpt: str, out_dir: str, hf_dir: str | None = None,
     """Export a dist checkpoint (run dir, iter_ dir or plain) to an HF directory; returns ``out_dir``.
 
     ``tokenizer`` (HF tokenizer directory or sentencepiece ``.model``) overrides the training tokenizer: the
-    checkpoint's stored copy (``<ckpt>/hf/``, written by the trainer), else the one its config names; ``hf_dir`` supplies config.json (and a tokenizer if no other is found);
+    checkpoint's stored copy (``<ckpt>/hf/``, written by the trainer), else the one its config names;
+    ``hf_dir`` supplies config.json (and a tokenizer if no other is found);
     ``dtype`` casts the weights (default: keep the checkpoint's dtype). Everything that can be checked
     (checkpoint tensors and layer count, template config.json, tokenizer size) is checked before any shard
     is written; the export is written into a hidden sibling directory and moved to ``out_dir`` when

@@ -26,6 +26,7 @@ from unittest import mock
 import torch
 
 from bft_megatron.checkpoint import pointer
+from bft_megatron.checkpoint.pointer import HF_SUBDIR
 from bft_megatron.config.base import to_dict
 from bft_megatron.config.hf import model_fields_from_hf
 from bft_megatron.config.schema import Config, ModelConfig
@@ -41,7 +42,6 @@ __all__ = ["import_hf", "model_config_from_hf_dir", "read_total_bytes", "HF_SUBD
 
 _log = get_logger(__name__)
 
-HF_SUBDIR = "hf"
 SPILL_SUBDIR = ".import_spill"  # import --low-memory: converted layers, memory-mapped, removed at the end
 # HF tensors that carry no parameters of their own (recomputed buffers in old Llama exports).
 _IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq",)

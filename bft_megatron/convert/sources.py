@@ -26,8 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from bft_megatron.checkpoint.pointer import read_latest
-from bft_megatron.convert.importer import HF_SUBDIR
+from bft_megatron.checkpoint.pointer import HF_SUBDIR, read_latest
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["TokenizerSource", "ExportSources", "find_sources", "is_tokenizer", "resolve_path", "stored_hf_dir",
@@ -88,7 +87,7 @@ def stored_hf_dir(ckpt_dir: str | None) -> str | None:
     if not ckpt_dir:
         return None
     path = os.path.join(ckpt_dir, HF_SUBDIR)
-    return path if os.path.isdir(path) and is_tokenizer(path) else None
+    return path if is_tokenizer(path) else None
 
 
 def _prepared_record(data: dict) -> tuple[dict | None, str | None]:
