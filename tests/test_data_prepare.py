@@ -12,7 +12,7 @@ import pytest
 
 from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError
-from bft_megatron.data.prepare import main, run
+from bft_megatron.data.prepare import _FLAG_KEYS, _parser, as_flags, main, run
 from bft_megatron.data.storage import PackedDataset
 from tests.data_fixtures import CHATS, DEMO_SP, hf_tokenizer, logged, prepare_dir, synthetic_chats, write_jsonl
 
@@ -75,6 +75,19 @@ def test_truncation_policies_are_counted(tmp_path):
     assert dstats["samples"] == 30 - dstats["dropped_too_long"]
 
 
+def test_cli_warnings_name_the_flags_the_trainer_names_as_config_keys(tmp_path):
+    """The length-policy warning is shared with the trainer (data.truncation=drop); `prepare` names its flags."""
+    src = write_jsonl(tmp_path / "in.jsonl", synthetic_chats(30, seed=4))
+    with logged(logging.WARNING) as warnings:
+        assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o"),
+                     "--seq-length", "64", "--no-progress"]) == 0
+    text = warnings[0].getMessage()
+    assert "longer than --seq-length 64 and truncated (--truncation truncate): raise --seq-length" in text
+    assert "or set --truncation drop" in text and "data." not in text
+    dests = {a.dest for a in _parser()._actions}
+    assert set(_FLAG_KEYS) <= dests and as_flags("data.output_dir=/x: data.train") == "--output /x: --input"
+
+
 def test_on_error_raise_names_file_and_line_and_skip_counts(tmp_path, capsys):
     src = write_jsonl(tmp_path / "bad.jsonl", CHATS, raw_lines=['{"prompt": ', json.dumps({"messages": []})])
     cfg = DataConfig(train=[SourceConfig(path=str(src))], tokenizer=DEMO_SP, output_dir=str(tmp_path / "o"))
@@ -84,7 +97,7 @@ def test_on_error_raise_names_file_and_line_and_skip_counts(tmp_path, capsys):
         assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o2"),
                      "--on-error", "skip", "--no-progress"]) == 0
     assert warnings[-1].getMessage() == ("[train] 2 of 6 records (33.3%) were skipped as unusable "
-                                                  "(data.on_error=skip); the summary names the first ones")
+                                         "(--on-error skip); the summary names the first ones")
     out = capsys.readouterr().out
     assert "records=6 samples=4" in out and "skipped=invalid_record=1, malformed_json=1" in out
     assert "bad.jsonl:line 5" in out and "bad.jsonl:line 6: empty conversation" in out
@@ -261,4 +274,4 @@ def test_rewriting_train_only_warns_about_the_valid_split_left_beside_it(tmp_pat
     with logged(logging.WARNING) as records:
         assert main(base + ["--template", "chatml"]) == 0
     message = "\n".join(r.getMessage() for r in records)
-    assert "data.template: train/ chatml, valid/ llama3" in message and "trainer refuses" in message
+    assert "--template: train/ chatml, valid/ llama3" in message and "trainer refuses" in message

@@ -11,6 +11,7 @@ The YAML's top-level ``data:`` section is a DataConfig; flags given on the comma
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from typing import Any
 
@@ -60,6 +61,10 @@ def load_config(path: str | None) -> DataConfig:
     if "data" not in raw:
         raise ValueError(f"{path}: expected a top-level 'data:' section")
     return data_config_from_dict(raw["data"] or {})
+
+
+_FLAG_KEYS = ("valid", "tokenizer", "template", "seq_length", "packing", "truncation", "on_error", "supervise",
+              "seed", "num_workers")  # DataConfig fields with a flag of the same name
 
 
 def _apply_flags(cfg: DataConfig, args: argparse.Namespace) -> DataConfig:
@@ -127,8 +132,20 @@ def main(argv: list[str]) -> int:
         return 2
     sys.stdout.write(format_summary(cfg, results))
     for warning in preparation_warnings(cfg, results) + _stale_split_warnings(cfg, results):
-        log.warning("%s", warning)
+        log.warning("%s", as_flags(warning))
     return 0
+
+
+def as_flags(text: str) -> str:
+    """The shared warnings name config keys (``data.truncation=drop``, the trainer's spelling); this command's
+    user passes flags (``--truncation drop``), which override --config's keys as well."""
+    def flag(key: str) -> str | None:
+        return {"output_dir": "--output", "train": "--input"}.get(key) or (
+            f"--{key.replace('_', '-')}" if key in _FLAG_KEYS else None)
+
+    text = re.sub(r"data\.(\w+)=(\S+?)(?=[,):]|\s|$)",
+                  lambda m: f"{flag(m[1])} {m[2]}" if flag(m[1]) else m[0], text)
+    return re.sub(r"data\.(\w+)", lambda m: flag(m[1]) or m[0], text)
 
 
 def _stale_split_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> list[str]:
