@@ -27,7 +27,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-__all__ = ["ConfigError", "from_dict", "to_dict", "parse_override", "apply_overrides", "load_yaml",
+__all__ = ["ConfigError", "unwrap_optional", "from_dict", "to_dict", "parse_override", "apply_overrides", "load_yaml",
            "non_finite_floats"]
 
 
@@ -39,7 +39,8 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _unwrap_optional(tp) -> tuple[Any, bool]:
+def unwrap_optional(tp) -> tuple[Any, bool]:
+    """(T, True) for ``T | None`` / ``Optional[T]``; (tp, False) otherwise."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -50,7 +51,7 @@ def _unwrap_optional(tp) -> tuple[Any, bool]:
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check/convert one value against a declared type; ``where`` is ``section.field`` for errors."""
-    inner, optional = _unwrap_optional(tp)
+    inner, optional = unwrap_optional(tp)
     if value is None:
         if optional:
             return None
@@ -159,7 +160,7 @@ def _field_type(cls, path: list[str]):
     """Declared type of the dotted ``path`` inside dataclass ``cls`` (None if unknown)."""
     tp = cls
     for i, name in enumerate(path):
-        inner, _ = _unwrap_optional(tp)
+        inner, _ = unwrap_optional(tp)
         if not dataclasses.is_dataclass(inner):
             if typing.get_origin(inner) is list or inner is list:
                 whole = ".".join(path[:i])
@@ -188,7 +189,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def _parse_scalar(text: str, tp) -> Any:
     """Parse a CLI value: YAML scalar syntax, but keep strings for str fields (``name=1e3`` stays text)."""
-    inner, optional = _unwrap_optional(tp) if tp is not None else (None, False)
+    inner, optional = unwrap_optional(tp) if tp is not None else (None, False)
     if optional and text.lower() in ("null", "none", "~"):
         return None
     literal_str = typing.get_origin(inner) is Literal and all(isinstance(c, str) for c in typing.get_args(inner))

@@ -180,7 +180,7 @@ def _without_unset_nulls(model: dict) -> dict:
     (``num_query_groups``, ``rope_scaling``) keep null's own meaning; without ``from_hf`` a null stays an error."""
     import typing
 
-    from bft_megatron.config.base import _unwrap_optional
+    from bft_megatron.config.base import unwrap_optional
 
     hints = typing.get_type_hints(ModelConfig)
-    return {k: v for k, v in model.items() if v is not None or k not in hints or _unwrap_optional(hints[k])[1]}
+    return {k: v for k, v in model.items() if v is not None or k not in hints or unwrap_optional(hints[k])[1]}
