@@ -195,3 +195,31 @@ def test_a_save_dir_holding_an_import_is_refused_naming_checkpoint_save(tmp_path
     with pytest.raises(ConfigError, match=rf"checkpoint.save={save}: .*iter_0000000, a weights-only checkpoint.*"
                                           r"set checkpoint.save to a new directory"):
         Checkpointer(cfg, groups).load(trainer=SimpleNamespace(scheduler=None))
+
+
+@pytest.mark.parametrize("replicas, save_on, load_on", [(2, True, False), (2, False, True), (2, False, False),
+                                                        (1, True, True)])
+def test_fully_parallel_strategies_spread_over_the_dp_cp_group_when_asked(tmp_path, replicas, save_on, load_on):
+    """checkpoint.fully_parallel_save/load wrap torch_dist's strategies over the DP x CP group (more than one
+    replica only); off, or with one replica, megatron's plain strategies. (DP2 file sizes and bitwise resumes in
+    test_train_faults.py.)"""
+    from types import SimpleNamespace
+
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (FullyParallelLoadStrategyWrapper,
+                                                                             FullyParallelSaveStrategyWrapper)
+
+    from bft_megatron.checkpoint.manager import Checkpointer
+    from bft_megatron.config import load_config
+
+    (tmp_path / "metadata.json").write_text('{"sharded_backend": "torch_dist", "sharded_backend_version": 1, '
+                                            '"common_backend": "torch", "common_backend_version": 1}')
+    cfg = load_config(None, [f"checkpoint.fully_parallel_save={save_on}", f"checkpoint.fully_parallel_load={load_on}"])
+    group = object()
+    ckpt = Checkpointer(cfg, SimpleNamespace(rank=1, dp_cp_size=replicas, dp_cp=group))
+    save, load = ckpt._save_strategy(), ckpt._load_strategy(str(tmp_path))
+    spread = replicas > 1 and save_on
+    assert isinstance(save, FullyParallelSaveStrategyWrapper) == spread
+    assert (save.parallelization_group is group) if spread else save.backend == "torch_dist"
+    spread = replicas > 1 and load_on
+    assert isinstance(load, FullyParallelLoadStrategyWrapper) == spread
+    assert (load.parallelization_group is group) if spread else load is None

@@ -15,6 +15,8 @@
 * ``overlap_param_gather`` (bf16): the parameter all-gather after an optimizer step waits for the next forward, so
   a save must gather first; otherwise each rank's checkpointed weights hold the other ranks' shards one step old and
   a resume from that step diverges. With the gather it trains like the plain run and resumes bitwise.
+* ``checkpoint.fully_parallel_save`` (default): the two DP replicas share the writing of the model weights both
+  hold (without it rank 0 writes them all); ``fully_parallel_load``: each reads a part; resumes are bitwise.
 * Resuming a checkpoint with another ``data.seed`` (another row order after the data position) warns, naming both
   seeds; resuming with the same data settings does not.
 * Resuming the signal run's step-2 checkpoint with a longer ``train.train_iters`` (another LR schedule) fails on
@@ -67,6 +69,10 @@ def results(tmp_path_factory):
         # no validation at the save step: its forward would gather the parameters before the save
         {"overrides": OVERLAP + [f"checkpoint.save={sig_dir}/overlap", "checkpoint.save_interval=2"]},
         {"overrides": OVERLAP + [f"checkpoint.load={sig_dir}/overlap/iter_0000002"]},
+        {"overrides": OVERLAP + [f"checkpoint.save={sig_dir}/serial", "checkpoint.save_interval=2",
+                                 "checkpoint.fully_parallel_save=false"]},
+        {"overrides": OVERLAP + [f"checkpoint.load={sig_dir}/overlap/iter_0000002",
+                                 "checkpoint.fully_parallel_load=true"]},
     ]
     return launch(2, runs), sig_dir
 
@@ -232,3 +238,27 @@ def test_resume_with_overlapped_param_gather_is_bitwise(results):
     assert [h["loss"] for h in full["history"]] == [h["loss"] for h in plain["history"]]
     assert [h["iteration"] for h in resumed["history"]] == [3, 4]
     assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in full["history"]][2:]
+
+
+def _bytes_per_rank(iter_dir) -> dict[int, int]:
+    """torch_dist's shard files are ``__<global rank>_<writer thread>.distcp``."""
+    sizes: dict[int, int] = {}
+    for name in os.listdir(iter_dir):
+        if name.endswith(".distcp"):
+            rank = int(name.split("_")[2])
+            sizes[rank] = sizes.get(rank, 0) + os.path.getsize(os.path.join(iter_dir, name))
+    return sizes
+
+
+def test_fully_parallel_save_shares_the_replicated_weights_and_loads_back_bitwise(results):
+    runs, sig_dir = results
+    spread = _bytes_per_rank(os.path.join(sig_dir, "overlap", "iter_0000002"))
+    serial = _bytes_per_rank(os.path.join(sig_dir, "serial", "iter_0000002"))
+    # Without the wrapper rank 0 writes every weight and rank 1 only its half of the optimizer state.
+    assert serial[0] > 1.5 * serial[1], serial
+    assert max(spread.values()) < 1.2 * min(spread.values()), spread
+    assert abs(sum(spread.values()) - sum(serial.values())) < 0.02 * sum(serial.values())
+    assert [h["loss"] for h in runs[20]["history"]] == [h["loss"] for h in runs[18]["history"]]
+    read_in_parts, resumed = runs[21], runs[19]
+    assert read_in_parts["error"] is None and [h["iteration"] for h in read_in_parts["history"]] == [3, 4]
+    assert [h["loss"] for h in read_in_parts["history"]] == [h["loss"] for h in resumed["history"]]

@@ -96,7 +96,8 @@ class Checkpointer:
         dist.barrier()
         self._model_dtype = next(unwrap(trainer.model[0]).parameters()).dtype
         sd = self._state_for_save(trainer)
-        request = dist_checkpointing.save(sd, path, async_sharded_save=self.ckpt.async_save)
+        request = dist_checkpointing.save(sd, path, sharded_strategy=self._save_strategy(),
+                                          async_sharded_save=self.ckpt.async_save)
         if self.ckpt.async_save:
             request.add_finalize_fn(lambda: self._commit(iteration))
             self._queue().schedule_async_request(request)
@@ -104,6 +105,28 @@ class Checkpointer:
         else:
             self._commit(iteration)
         return path
+
+    def _save_strategy(self):
+        """torch_dist; with ``checkpoint.fully_parallel_save`` (and more than one replica) spread over the DP x CP
+        group: a shard every replica holds is written by one of them, chosen to balance the bytes per rank, instead
+        of always by the first (which then writes all the weights while the others write their optimizer part)."""
+        from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+        strategy = get_default_save_sharded_strategy("torch_dist")
+        if self.ckpt.fully_parallel_save and self.groups.dp_cp_size > 1:
+            strategy = FullyParallelSaveStrategyWrapper(strategy, self.groups.dp_cp)
+        return strategy
+
+    def _load_strategy(self, path: str):
+        """None (megatron's default for the checkpoint), or with ``checkpoint.fully_parallel_load`` the same
+        spread over the DP x CP group: each replica reads a part and the parts are exchanged."""
+        if not (self.ckpt.fully_parallel_load and self.groups.dp_cp_size > 1):
+            return None
+        from megatron.core.dist_checkpointing.serialization import get_default_load_sharded_strategy
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+
+        return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(path), self.groups.dp_cp)
 
     def _commit(self, iteration: int) -> None:
         if self.before_commit is not None:
@@ -196,7 +219,7 @@ class Checkpointer:
         return True
 
     def _load_weights(self, trainer, path: str) -> None:
-        load_model_weights(trainer.model, path)
+        load_model_weights(trainer.model, path, self._load_strategy(path))
         trainer.optimizer.reload_model_params()
 
     def _apply_model(self, trainer, loaded: dict) -> None:
@@ -215,7 +238,7 @@ class Checkpointer:
         request["optimizer"] = trainer.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPT_METADATA)
         if same_layout:
             request["rng_state"] = rng_sharded_object(self.groups)
-        loaded = dist_checkpointing.load(request, path)
+        loaded = dist_checkpointing.load(request, path, sharded_strategy=self._load_strategy(path))
         self._apply_model(trainer, loaded)
         bounds = group_bounds(trainer.optimizer)
         with tolerate_missing_adam_step(trainer.optimizer):

@@ -21,13 +21,14 @@ def _keys(model: list[torch.nn.Module]) -> list[str]:
     return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
 
 
-def load_model_weights(model: list[torch.nn.Module], path: str) -> None:
-    """Fill every chunk of ``model`` from the checkpoint directory ``path`` (collective; any TP/PP/VP)."""
+def load_model_weights(model: list[torch.nn.Module], path: str, strategy=None) -> None:
+    """Fill every chunk of ``model`` from the checkpoint directory ``path`` (collective; any TP/PP/VP).
+    ``strategy``: a dist_checkpointing load strategy (None: megatron's default for the checkpoint)."""
     from megatron.core import dist_checkpointing
 
     request = {key: {k: v for k, v in unwrap(chunk).sharded_state_dict().items() if not k.endswith(_EXTRA)}
                for key, chunk in zip(_keys(model), model)}
-    loaded = dist_checkpointing.load(request, path)
+    loaded = dist_checkpointing.load(request, path, sharded_strategy=strategy)
     for key, chunk in zip(_keys(model), model):
         missing, unexpected = unwrap(chunk).load_state_dict(loaded[key], strict=False)
         bad = [k for k in missing if not k.endswith(_EXTRA)] + list(unexpected)
