@@ -277,6 +277,8 @@ def test_fp8_needs_a_multiple_of_8_tokens_per_rank(monkeypatch):
                                          r"parallel\) = 16"):
         validate_mod.validate(cfg_with("train.fp8=hybrid", "parallel.cp=2", "data.seq_length=36"), 2)
     validate_mod.validate(cfg_with("train.fp8=hybrid", "parallel.cp=2", "data.seq_length=32"), 2)
+    # Without sequence parallelism every TP rank holds all the tokens: 40 = 8*5 is enough at tp=2.
+    validate_mod.validate(cfg_with("train.fp8=hybrid", "parallel.tp=2", "data.seq_length=40"), 2)
 
 
 @pytest.mark.parametrize("extra, world, message", [
@@ -287,6 +289,8 @@ def test_fp8_needs_a_multiple_of_8_tokens_per_rank(monkeypatch):
      r"model.ffn_hidden_size/parallel.tp = 68 must be a multiple of 16"),
     (["model.hidden_size=48", "model.num_attention_heads=16", "model.num_query_groups=1"], 1,
      r"\(model.hidden_size \+ 2\*num_query_groups\*head_dim\)/parallel.tp = 54 must be a multiple of 8"),
+    (["model.hidden_size=32", "model.num_attention_heads=16", "model.ffn_hidden_size=64", "parallel.tp=2"], 2,
+     r"\(model.hidden_size \+ 2\*num_query_groups\*head_dim\)/parallel.tp = 20 must be a multiple of 8"),  # 40 rows
 ])
 def test_fp8_needs_the_gemm_widths_transformer_engine_asserts(extra, world, message, monkeypatch):
     """TE's assert_dim_for_fp8_exec fails at the first FP8 forward on the GPU; validation names the width first."""

@@ -34,6 +34,16 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_l
     (["train.seed=4294967296"], r"train.seed must be in \[0, 2\*\*31\), got 4294967296"),
     (["data.seed=-1"], r"data.seed must be >= 0, got -1"),  # without data.train sources (prepared data)
     (["data.seq_length=1"], r"data.seq_length must be >= 2 \(a prompt token and a target\), got 1"),
+    # The boundary of each "> 0" check: 0 itself is out of range.
+    (["model.rope_theta=0"], r"model.rope_theta must be > 0, got 0.0"),
+    (["model.norm_epsilon=0"], r"model.norm_epsilon must be > 0, got 0.0"),
+    (["model.rope_scaling.factor=0"], r"model.rope_scaling.factor must be > 0, got 0.0"),
+    (["model.rope_scaling.low_freq_factor=0"], r"needs high_freq_factor > low_freq_factor > 0, got 4.0 and 0.0"),
+    (["train.lr=0", "train.min_lr=0"], r"train.lr must be > 0, got 0.0"),
+    (["loss.eps=0"], r"loss.eps must be > 0, got 0.0"),
+    (["logging.peak_tflops=0"], r"logging.peak_tflops must be > 0 or null \(auto\), got 0.0"),
+    (["train.global_batch_size=0"], r"train.global_batch_size must be > 0, got 0"),
+    (["train.train_iters=0", "train.warmup_iters=0"], r"train.train_iters must be > 0, got 0"),
 ])
 def test_out_of_range_values_are_rejected(extra, message):
     with pytest.raises(ConfigError, match=message):
@@ -49,6 +59,11 @@ def test_out_of_range_values_are_rejected(extra, message):
 def test_non_finite_floats_are_rejected_naming_the_field(field, value):
     with pytest.raises(ConfigError, match=rf"^{field} must be a finite number, got {value}$"):
         validate(cfg_with(f"{field}={value}"), 1)
+
+
+def test_of_several_non_finite_floats_the_first_is_named_with_its_own_value():
+    with pytest.raises(ConfigError, match=r"^train.lr must be a finite number, got inf$"):
+        validate(cfg_with("train.lr=inf", "train.min_lr=nan"), 1)
 
 
 def test_non_finite_source_weights_are_named_with_their_index():
