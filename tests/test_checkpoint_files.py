@@ -25,6 +25,26 @@ def test_latest_pointer_is_atomic_and_prune_keeps_last(tmp_path):
     assert pointer.list_iterations(run) == [4, 6, 8]
     assert pointer.resolve_load_dir(run) == os.path.join(run, "iter_0000006")
     assert pointer.resolve_load_dir(os.path.join(run, "iter_0000004")).endswith("iter_0000004")
+    assert pointer.resolve_load_dir(os.path.join(run, "iter_0000005")) is None  # an iter_ name that is not there
+
+
+def test_pointer_edge_cases_and_what_marks_a_checkpoint_directory(tmp_path):
+    """An empty ``latest`` names nothing; iterations past 7 digits are still iter_ directories; the refusal
+    message of ``existing_checkpoint`` names the pointer's target and the newest three directories."""
+    run = str(tmp_path)
+    assert pointer.existing_checkpoint(run) is None
+    assert pointer.existing_checkpoint(str(tmp_path / "absent")) is None
+    _iter_dirs(run, 1, 2, 3, 4, 12_345_678)
+    assert pointer.list_iterations(run) == [1, 2, 3, 4, 12_345_678]
+    assert pointer.existing_checkpoint(run) == ("5 iter_ directories (iter_0000003, iter_0000004, iter_12345678) "
+                                                "but no 'latest' pointer (an unfinished save or import)")
+    (tmp_path / "latest").write_text("\n")
+    assert pointer.read_latest(run) is None and pointer.latest_iteration(run) is None
+    assert pointer.existing_checkpoint(run) == ("a 'latest' pointer to nothing and 5 iter_ directories (iter_0000003, "
+                                                "iter_0000004, iter_12345678)")
+    pointer.write_latest(run, 12_345_678)
+    assert pointer.latest_iteration(run) == 12_345_678
+    assert pointer.resolve_load_dir(run) == os.path.join(run, "iter_12345678")
 
 
 
