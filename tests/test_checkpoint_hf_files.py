@@ -158,3 +158,69 @@ def test_a_resumed_run_carries_the_resumed_checkpoints_hf_files_on(tmp_path):
     assert (save / "iter_0000003" / "hf").is_dir(), again.stderr[-3000:]
     assert _side_files(save / "iter_0000003" / "hf") == stored
     assert "not there" not in again.stderr and "could not store" not in again.stderr
+
+
+def _hf_writer(overrides: list[str]):
+    from bft_megatron.checkpoint.hf_files import CheckpointHF
+    from bft_megatron.config import load_config
+
+    return CheckpointHF(load_config(None, TINY + ["model.vocab_size=3000", "data.template=chatml", *overrides]))
+
+
+def test_hf_files_are_rendered_once_staged_and_cleaned_up(tmp_path, log_records, monkeypatch):
+    """Rank 0 renders the files at the first write and reuses them (the tokenizer may go away later); a stale
+    staging directory does not stop a write; a failed write leaves no staging directory and warns once."""
+    import torch
+
+    from bft_megatron.checkpoint import hf_files
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    shutil.copy(os.path.join(ROOT, DEMO_TOKENIZER), tok_dir / "sp.model")
+    writer = _hf_writer([f"data.tokenizer={tok_dir / 'sp.model'}"])
+    dirs = [tmp_path / pointer.iter_dirname(it) for it in range(4)]
+    for d in dirs:
+        d.mkdir()
+    assert writer.write(str(dirs[0]), torch.bfloat16)
+    first = _side_files(dirs[0] / "hf")
+    assert {"config.json", "tokenizer.json"} <= first.keys()
+    shutil.rmtree(tok_dir)  # rendered already: the copy in memory is written
+    (dirs[1] / ".hf.partial").mkdir()  # a stale stage, e.g. of a write killed mid-way
+    (dirs[1] / ".hf.partial" / "junk").write_text("x")
+    assert writer.write(str(dirs[1]), torch.bfloat16)
+    assert sorted(os.listdir(dirs[1])) == ["hf"] and _side_files(dirs[1] / "hf") == first
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(hf_files.os, "replace", failing_replace)
+    assert not writer.write(str(dirs[2]), torch.bfloat16)
+    assert not writer.write(str(dirs[3]), torch.bfloat16)
+    assert os.listdir(dirs[2]) == [] and os.listdir(dirs[3]) == []
+    warnings = [r.getMessage() for r in log_records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "could not store the tokenizer" in warnings[0] and "disk full" in warnings[0]
+
+
+def test_hf_files_without_a_tokenizer_and_after_a_resume(tmp_path, log_records):
+    """No tokenizer (synthetic data): nothing written, said once; a resumed run writes the resumed checkpoint's
+    hf/ although the config's tokenizer path is gone."""
+    import torch
+
+    writer = _hf_writer([])
+    for it in (1, 2):
+        (tmp_path / pointer.iter_dirname(it)).mkdir()
+        assert not writer.write(str(tmp_path / pointer.iter_dirname(it)), torch.float32)
+        assert os.listdir(tmp_path / pointer.iter_dirname(it)) == []
+    assert sum("checkpoints carry no hf/ files" in r.getMessage() for r in log_records) == 1
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    (tmp_path / "tok").mkdir()
+    shutil.copy(os.path.join(ROOT, DEMO_TOKENIZER), tmp_path / "tok" / "sp.model")
+    old.mkdir()
+    new.mkdir()
+    assert _hf_writer([f"data.tokenizer={tmp_path / 'tok' / 'sp.model'}"]).write(str(old), torch.float32)
+    shutil.rmtree(tmp_path / "tok")
+    resumed = _hf_writer([f"data.tokenizer={tmp_path / 'tok' / 'sp.model'}"])
+    resumed.resumed = str(old)
+    assert resumed.write(str(new), torch.float32)
+    assert _side_files(new / "hf") == _side_files(old / "hf")
