@@ -268,6 +268,10 @@ def test_output_dir_only_refuses_a_valid_split_prepared_otherwise_than_train(tmp
     with logged(logging.ERROR) as records:  # the SLURM pre-flight finds it too, before any job step starts
         assert train_main([*only, *model, "--check"]) == 2
     assert "data.template: train/ chatml, valid/ llama3" in records[0].getMessage()
+    from bft_megatron.training.preflight import load_checked
+
+    # A real run leaves prepared data to rank 0's trainer (the data may be on its node alone): no refusal here.
+    assert load_checked(None, [*only, *model], logging.getLogger("t"), check=False, dry_run=False) is not None
     shutil.rmtree(out / "valid")  # the way out the message names
     open_datasets(load_config(None, only))
     assert train_main([*only, *model, "--check"]) == 0

@@ -120,3 +120,60 @@ def test_train_cli_reports_data_config_errors_without_a_traceback():
     from bft_megatron.train import main
 
     assert main(["--config", "configs/demo_cpu.yaml", "data.template=llama", "--check"]) == 2
+
+
+class _Log:
+    """The logger ``load_checked`` is given: its records, formatted."""
+
+    def __init__(self):
+        self.records: list[tuple[str, str]] = []
+
+    def error(self, fmt, *args):
+        self.records.append(("error", fmt % args))
+
+    def warning(self, fmt, *args):
+        self.records.append(("warning", fmt % args))
+
+
+def test_load_checked_takes_world_size_and_rank_from_the_environment(monkeypatch):
+    """The layout is checked for WORLD_SIZE processes; only global rank 0 logs the config warnings; a real run
+    (neither --check nor --dry-run) does not look for the data sources; a config error names no recipe when
+    --config was given."""
+    from bft_megatron.training.preflight import load_checked
+
+    over = ["parallel.tp=2", "data.train=[only/on/node0.jsonl]", "data.seq_length=512"]  # > max_position_embeddings
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    log = _Log()
+    cfg, layout = load_checked("configs/demo_cpu.yaml", over, log, check=False, dry_run=False)
+    assert (layout.world_size, layout.dp, cfg.parallel.tp) == (2, 1, 2) and log.records == []
+    monkeypatch.setenv("RANK", "0")
+    assert load_checked("configs/demo_cpu.yaml", over, log, check=False, dry_run=False) is not None
+    [(level, message)] = log.records
+    assert level == "warning" and message.startswith("config: data.seq_length=512 exceeds")
+    log.records.clear()
+    assert load_checked("configs/demo_cpu.yaml", over, log, check=True, dry_run=False) is None
+    [(level, message)] = log.records
+    assert level == "error" and "data.train[0].path=only/on/node0.jsonl: no such file" in message
+    log.records.clear()
+    assert load_checked("configs/demo_cpu.yaml", ["model.hidden_size=0"], log, check=False, dry_run=True) is None
+    [(level, message)] = log.records
+    assert message == "config error: model.hidden_size must be > 0, got 0 (set it or use model.from_hf)"
+
+
+def test_check_reports_a_prepared_split_with_a_missing_array_as_a_config_error(tmp_path):
+    """``--check`` opens the prepared splits: a deleted array file is a FileNotFoundError, reported as a config
+    error (exit 2) rather than a traceback."""
+    from bft_megatron.training.data import open_datasets
+    from bft_megatron.training.preflight import load_checked
+    from tests.data_fixtures import DEMO_SP, synthetic_chats, write_jsonl
+
+    src = write_jsonl(tmp_path / "train.jsonl", synthetic_chats(8, seed=3))
+    over = [f"data.train={src}", f"data.tokenizer={DEMO_SP}", f"data.output_dir={tmp_path / 'out'}",
+            "data.seq_length=256", "data.template=chatml", "model.vocab_size=4096", "data.valid=null"]
+    open_datasets(load_config(None, over))
+    (tmp_path / "out" / "train" / "tokens.npy").unlink()
+    log = _Log()
+    assert load_checked("configs/demo_cpu.yaml", over, log, check=True, dry_run=False) is None
+    [(level, message)] = log.records
+    assert level == "error" and "tokens.npy" in message
