@@ -54,6 +54,42 @@ def test_watch_dir_bytes_leaves_an_unfinished_write_unfinished(tmp_path):
     assert off.n == 0
 
 
+def test_dir_bytes_counts_the_files_directly_under_it(tmp_path, monkeypatch):
+    """Not subdirectories, 0 for a directory not there yet, and a file gone while it is looked at counts 0."""
+    import contextlib
+
+    assert progress._dir_bytes(str(tmp_path / "missing")) == 0
+    (tmp_path / "a").write_bytes(b"x" * 300)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b").write_bytes(b"x" * 50)
+    assert progress._dir_bytes(str(tmp_path)) == 300
+
+    class Gone:
+        def is_file(self, follow_symlinks=True):
+            return True
+
+        def stat(self, follow_symlinks=True):
+            raise FileNotFoundError("renamed meanwhile")
+
+    entries = [Gone(), *os.scandir(tmp_path)]
+    monkeypatch.setattr(progress.os, "scandir", lambda directory: contextlib.nullcontext(entries))
+    assert progress._dir_bytes(str(tmp_path)) == 300
+
+
+def test_watch_dir_bytes_waits_for_the_directory_and_never_goes_back(tmp_path):
+    bar = _quiet_bar(1000)
+    with progress.watch_dir_bytes(bar, str(tmp_path / "out"), interval=0.01):
+        time.sleep(0.1)  # several polls before the directory exists
+        os.makedirs(tmp_path / "out")
+        (tmp_path / "out" / "a").write_bytes(b"x" * 500)
+        assert _wait_for(bar, 500) == 500
+        (tmp_path / "out" / "a").unlink()  # e.g. a temporary file renamed away
+        (tmp_path / "out" / "b").write_bytes(b"x" * 100)
+        time.sleep(0.1)
+        assert bar.n == 500
+    assert bar.n == 1000
+
+
 def test_reader_nbytes_reads_only_headers(tmp_path):
     make_model("qwen2_untied_bf16", str(tmp_path), max_shard_size="60KB")
     reader = HFReader(str(tmp_path))
