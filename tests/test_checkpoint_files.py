@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bft_megatron.checkpoint import pointer
-from bft_megatron.checkpoint.state import model_sharded_state_dict, untie_adam_steps, unwrap
+from bft_megatron.checkpoint.state import gather_params, model_sharded_state_dict, untie_adam_steps, unwrap
 
 
 def test_latest_pointer_is_atomic_and_prune_keeps_last(tmp_path):
@@ -243,3 +243,20 @@ def test_fully_parallel_strategies_spread_over_the_dp_cp_group_when_asked(tmp_pa
     spread = replicas > 1 and load_on
     assert isinstance(load, FullyParallelLoadStrategyWrapper) == spread
     assert (load.parallelization_group is group) if spread else load is None
+
+
+def test_gather_params_finishes_the_deferred_gather_of_every_overlapping_chunk():
+    """Every virtual-pipeline chunk of a megatron DDP with overlap_param_gather gathers synchronously (an async
+    dispatch would let the save read the buffers mid-gather); other chunks (no distributed optimizer, no DDP
+    wrapper) are left alone: their start_param_sync would assert or not exist."""
+    calls = []
+
+    class Chunk:
+        def __init__(self, name, hook):
+            self.name, self.use_forward_hook = name, hook
+
+        def start_param_sync(self, *unused, force_sync=False):
+            calls.append((self.name, force_sync))
+
+    gather_params([Chunk("vp0", True), Chunk("no_overlap", False), torch.nn.Linear(1, 1), Chunk("vp1", True)])
+    assert calls == [("vp0", True), ("vp1", True)]
