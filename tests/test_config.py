@@ -238,6 +238,9 @@ def test_config_warnings_flag_settings_that_defeat_themselves():
     assert config_warnings(load_config("configs/demo_cpu.yaml", unsaved)) == [
         "checkpoint.async_save=true and checkpoint.keep_last=2 without checkpoint.save: nothing is saved, so they do "
         "nothing"]
+    assert config_warnings(load_config("configs/demo_cpu.yaml", unsaved[:1] + ["checkpoint.keep_last=null"])) == []
+    assert config_warnings(load_config("configs/demo_cpu.yaml", unsaved[::2]))[0].startswith(
+        "checkpoint.keep_last=2 without checkpoint.save")
 
 
 def test_idle_notes_name_a_finished_run_and_a_missing_validation_split():
