@@ -177,3 +177,14 @@ def test_check_reports_a_prepared_split_with_a_missing_array_as_a_config_error(t
     assert load_checked("configs/demo_cpu.yaml", over, log, check=True, dry_run=False) is None
     [(level, message)] = log.records
     assert level == "error" and "tokens.npy" in message
+
+
+@pytest.mark.parametrize("value", ["abc", "", "8 gpus"])
+def test_a_bad_world_size_is_a_config_error_naming_it(monkeypatch, value, log_records):
+    """``WORLD_SIZE=abc ... --dry-run`` used to print Python's "invalid literal for int() with base 10: 'abc'",
+    which names neither the variable nor what it should be."""
+    from bft_megatron.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", value)
+    assert main(["--config", "configs/demo_cpu.yaml", "--dry-run"]) == 2
+    assert any(f"WORLD_SIZE={value!r} is not a whole number of processes" in r.getMessage() for r in log_records)

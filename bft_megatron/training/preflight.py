@@ -21,7 +21,7 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
 
     try:
         cfg = load_config(config_path, overrides)
-        layout = validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        layout = validate(cfg, _world_size())
         if not dry_run:
             check_paths(cfg, data=check)
             if check:  # prepared data the trainer would refuse (another template or tokenizer, valid/ vs train/)
@@ -33,3 +33,16 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
         for warning in config_warnings(cfg):
             log.warning("config: %s", warning)
     return cfg, layout
+
+
+def _world_size() -> int:
+    """``WORLD_SIZE`` (set by torchrun and slurm.sbatch; by hand to check or plan for N processes), 1 when unset.
+    A value that is not a whole number is a config error naming it, not Python's ``invalid literal for int()``."""
+    from bft_megatron.config import ConfigError
+
+    text = os.environ.get("WORLD_SIZE", "1")
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"WORLD_SIZE={text!r} is not a whole number of processes (unset it for 1, or set "
+                          "WORLD_SIZE=N to check or plan for N processes)") from None
