@@ -40,12 +40,14 @@ def test_missing_finetune_checkpoint_is_caught_by_check_but_not_by_dry_run(tmp_p
     from bft_megatron.config import check_paths
     from bft_megatron.train import main
 
-    over = ["checkpoint.finetune=true", "checkpoint.load=no/such/ckpt"]
+    # a fresh checkpoint.save: the demo's own (runs/demo_cpu/ckpt, made by the README's set-up) would be resumed
+    fresh = f"checkpoint.save={tmp_path}/new_run"
+    over = ["checkpoint.finetune=true", "checkpoint.load=no/such/ckpt", fresh]
     cfg = load_config("configs/demo_cpu.yaml", over)
     validate(cfg, 1)
     with pytest.raises(ConfigError, match=r"checkpoint.load=no/such/ckpt does not exist \(checkpoint.finetune=true"):
         check_paths(cfg)
-    empty = ["checkpoint.finetune=true", f"checkpoint.load={tmp_path}"]
+    empty = ["checkpoint.finetune=true", f"checkpoint.load={tmp_path}", fresh]
     with pytest.raises(ConfigError, match=r"no complete checkpoint there \(no 'latest' pointer and not an iter_"):
         check_paths(load_config("configs/demo_cpu.yaml", empty))  # e.g. the HF folder instead of the import
     (tmp_path / "iter_0000003").mkdir()
@@ -64,7 +66,8 @@ def test_a_missing_resume_checkpoint_is_an_error_unless_it_is_the_runs_own_save_
 
     with pytest.raises(ConfigError, match=r"checkpoint.load=no/such/run does not exist \(a full resume reads it; "
                                           r"unset checkpoint.load to train from scratch\)"):
-        check_paths(load_config("configs/demo_cpu.yaml", ["checkpoint.load=no/such/run"]))
+        check_paths(load_config("configs/demo_cpu.yaml", ["checkpoint.load=no/such/run",
+                                                          f"checkpoint.save={tmp_path}/new_run"]))  # see above
     own = str(tmp_path / "run")
     check_paths(load_config("configs/demo_cpu.yaml", [f"checkpoint.load={own}", f"checkpoint.save={own}/"]))
     with pytest.raises(ConfigError, match=r"does not exist \(checkpoint.finetune=true starts from it"):
