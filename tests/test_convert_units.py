@@ -179,6 +179,9 @@ def test_parse_size():
     assert DEFAULT_SHARD_BYTES == _parser().parse_args(["export", "--ckpt", "c", "--out", "o"]).max_shard_size
     with pytest.raises(Exception, match="bad size '5 parsecs'"):
         parse_size("5 parsecs")
+    for zero in ("0", "0GB", "0.1B"):  # refused here, naming the option's value, not later as max_shard_bytes
+        with pytest.raises(Exception, match=f"bad size '{zero}': a shard must hold at least 1 byte"):
+            parse_size(zero)
 
 
 def test_low_memory_import_spills_only_transformed_tensors():

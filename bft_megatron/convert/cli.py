@@ -31,7 +31,10 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
     if not match or match.group(2).upper() not in _UNITS:
         raise argparse.ArgumentTypeError(f"bad size {text!r}; use e.g. 5GB, 500MiB or a byte count")
-    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    size = int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+    if size < 1:  # the exporter would refuse it only after finding the tokenizer, naming max_shard_bytes
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: a shard must hold at least 1 byte; use e.g. 5GB")
+    return size
 
 
 def _parser() -> argparse.ArgumentParser:
