@@ -184,6 +184,17 @@ def test_parse_size():
             parse_size(zero)
 
 
+def test_a_missing_checkpoint_is_named_as_missing(tmp_path):
+    """``convert export --ckpt`` with a typo said "not a dist checkpoint (no metadata.json) nor a run directory",
+    as if the directory existed."""
+    from bft_megatron.convert.exporter import resolve_checkpoint_dir
+
+    with pytest.raises(FileNotFoundError, match=r"no/such/run: no such checkpoint directory \(relative paths"):
+        resolve_checkpoint_dir("no/such/run")
+    with pytest.raises(FileNotFoundError, match="not a dist checkpoint"):  # exists, but holds none
+        resolve_checkpoint_dir(str(tmp_path))
+
+
 def test_low_memory_import_spills_only_transformed_tensors():
     """``--low-memory`` spills what conversion creates (QKV interleave, fc1 [gate; up]); tensors passed
     through unchanged stay the reader's own (file-backed) tensors."""

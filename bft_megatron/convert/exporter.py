@@ -42,6 +42,8 @@ def resolve_checkpoint_dir(path: str) -> str:
     """A dist checkpoint directory from a run directory (``latest``), an ``iter_`` dir or a plain one."""
     if os.path.isfile(os.path.join(path, "metadata.json")):
         return path
+    if not os.path.exists(path):  # a typo, or a relative path from another directory: say so plainly
+        raise FileNotFoundError(f"{path}: no such checkpoint directory (relative paths are taken from {os.getcwd()})")
     resolved = pointer.resolve_load_dir(path)
     if resolved is None or not os.path.isfile(os.path.join(resolved, "metadata.json")):
         raise FileNotFoundError(f"{path}: not a dist checkpoint (no metadata.json) nor a run directory with "
