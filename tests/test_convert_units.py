@@ -184,6 +184,16 @@ def test_parse_size():
             parse_size(zero)
 
 
+def test_convert_without_a_direction_names_the_choices(capsys):
+    """``bft-megatron convert`` alone said "the following arguments are required: direction"."""
+    from bft_megatron.convert.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "the following arguments are required: {import,export}" in capsys.readouterr().err
+
+
 def test_a_missing_checkpoint_is_named_as_missing(tmp_path):
     """``convert export --ckpt`` with a typo said "not a dist checkpoint (no metadata.json) nor a run directory",
     as if the directory existed."""

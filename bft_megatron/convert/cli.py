@@ -39,7 +39,7 @@ def parse_size(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bft-megatron convert", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="direction", required=True)
+    sub = parser.add_subparsers(dest="direction", required=True, metavar="{import,export}")
     imp = sub.add_parser("import", help="HF safetensors directory -> megatron dist checkpoint (run directory)")
     imp.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     imp.add_argument("--out", required=True, help="output run directory (gets latest, iter_0000000/, hf/)")
