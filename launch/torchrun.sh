@@ -20,7 +20,10 @@
 #
 # Examples:
 #   bash launch/torchrun.sh                                           # the CPU demo, one process
-#   NPROC_PER_NODE=2 bash launch/torchrun.sh parallel.tp=2            # two gloo processes on CPU
+#   NPROC_PER_NODE=2 bash launch/torchrun.sh parallel.tp=2 \
+#       checkpoint.save=runs/demo_cpu_tp2/ckpt logging.tensorboard_dir=runs/demo_cpu_tp2/tb
+#                                     # two gloo processes on CPU (a new checkpoint.save: in the demo's own the
+#                                     # finished one-process run would be resumed, with nothing left to train)
 #   CONFIG=configs/llama3.1_8b.yaml bash launch/torchrun.sh           # one 8-GPU node
 #   NNODES=4 NODE_RANK=$i MASTER_ADDR=node0 CONFIG=configs/llama3.1_70b_tp8pp4.yaml bash launch/torchrun.sh
 set -euo pipefail
