@@ -16,8 +16,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bft-megatron train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 parallel.tp=2")
-    parser.add_argument("--check", action="store_true", help="load and validate the config, then exit")
-    parser.add_argument("--dry-run", action="store_true", help="validate, print the memory/throughput plan, exit")
+    parser.add_argument("--check", action="store_true", help="validate the config for WORLD_SIZE processes and "
+                        "check the inputs on disk (checkpoint.load, data sources, tokenizer, prepared data), then exit")
+    parser.add_argument("--dry-run", action="store_true", help="validate for WORLD_SIZE processes (no paths checked), "
+                        "print the memory/throughput plan, exit")
     return parser.parse_args(argv)
 
 

@@ -191,3 +191,14 @@ def test_a_bad_world_size_is_a_config_error_naming_it(monkeypatch, value, log_re
     monkeypatch.setenv("WORLD_SIZE", value)
     assert main(["--config", "configs/demo_cpu.yaml", "--dry-run"]) == 2
     assert any(f"WORLD_SIZE={value!r} is not a whole number of processes" in r.getMessage() for r in log_records)
+
+
+def test_train_help_says_what_check_and_dry_run_look_at(capsys):
+    """--check is the SLURM pre-flight: its help used to say only "load and validate the config"."""
+    from bft_megatron.train import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "check the inputs on disk (checkpoint.load, data sources, tokenizer, prepared data)" in text
+    assert "validate for WORLD_SIZE processes (no paths checked)" in text
