@@ -63,6 +63,18 @@ def test_missing_output_names_the_flag(tmp_path):
     assert any("pass --output DIR" in r.getMessage() for r in records)
 
 
+def test_missing_input_or_tokenizer_names_the_flag(tmp_path):
+    """Without them the data config's messages named data fields ("data config: train=[]: needs at least one
+    source", "tokenizer='': ...") that a command-line user never wrote."""
+    src = write_jsonl(tmp_path / "in.jsonl", CHATS)
+    out = ["--output", str(tmp_path / "out"), "--no-progress"]
+    for args, flag in ((["--tokenizer", DEMO_SP], "pass --input PATH[:WEIGHT]"), (["--input", str(src)],
+                                                                                 "pass --tokenizer")):
+        with logged(logging.ERROR) as records:
+            assert main(args + out) == 2
+        assert any(flag in r.getMessage() for r in records), flag
+
+
 def test_truncation_policies_are_counted(tmp_path):
     chats = synthetic_chats(30, seed=4)
     trunc = PackedDataset(prepare_dir(tmp_path / "t", chats, seq_length=64, truncation="truncate"))

@@ -123,7 +123,13 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = _apply_flags(load_config(args.config), args)
-        if not cfg.output_dir:  # the config's own message would name data.output_dir, not the flag
+        # The config's own messages would name data.* fields ("train=[]: needs at least one source"), not the flags.
+        if not cfg.train:
+            raise ValueError("no training data: pass --input PATH[:WEIGHT] (or list data.train in --config)")
+        if not cfg.tokenizer:
+            raise ValueError("no tokenizer: pass --tokenizer (an HF tokenizer directory or a sentencepiece .model; "
+                             "or set data.tokenizer in --config)")
+        if not cfg.output_dir:
             raise ValueError("no output directory: pass --output DIR (or set data.output_dir in --config)")
         cfg.validate()
         results = prepare_all(cfg, progress=not args.no_progress)
