@@ -142,6 +142,17 @@ def test_from_hf_rejects_unknown_arch(tmp_path):
         load_config(None, [f"model.from_hf={tmp_path}"])
 
 
+def test_from_hf_at_an_import_directory_points_at_its_hf_subdirectory(tmp_path):
+    """`convert import` (and every trainer checkpoint) keeps config.json in hf/; from_hf=the import directory
+    said only that DIR/config.json does not exist."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=rf"keeps it in hf/: model.from_hf={tmp_path}/hf\)"):
+        load_config(None, [f"model.from_hf={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"config.json does not exist$"):  # nothing to point at
+        load_config(None, [f"model.from_hf={tmp_path}/hf/nope"])
+
+
 def test_valid_layouts():
     layout = validate(cfg_with(), 1)
     assert (layout.dp, layout.num_microbatches) == (1, 4)

@@ -29,6 +29,7 @@ def test_config_errors_hint_at_the_command_line_fix(monkeypatch):
     assert "no --config was given: start from a recipe" in error_hint("model.hidden_size must be > 0, got 0", None)
     assert error_hint("model.hidden_size must be > 0, got 0", "configs/x.yaml") == ""
     assert error_hint("train.lr must be > 0, got 0", None) == ""  # not a model field: a recipe is no answer
+    assert error_hint("model.from_hf: /m/config.json does not exist", None) == ""  # from_hf was given
     assert "set WORLD_SIZE=N" in error_hint("world size 1 is not divisible by parallel.tp*pp*cp", "c.yaml")
     monkeypatch.setenv("WORLD_SIZE", "8")
     assert error_hint("world size 8 is not divisible by parallel.tp*pp*cp", "c.yaml") == ""

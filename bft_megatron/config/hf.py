@@ -117,7 +117,10 @@ def merge_hf_config(model, explicit: set[str]):
     """
     path = os.path.join(model.from_hf, "config.json")
     if not os.path.isfile(path):
-        raise ConfigError(f"model.from_hf: {path} does not exist")
+        nested = os.path.join(model.from_hf, "hf", "config.json")  # pointer.HF_SUBDIR: an import or iter_ dir
+        hint = (f" (a bft-megatron convert import or checkpoint directory keeps it in hf/: "
+                f"model.from_hf={os.path.join(model.from_hf, 'hf')})" if os.path.isfile(nested) else "")
+        raise ConfigError(f"model.from_hf: {path} does not exist{hint}")
     with open(path, encoding="utf-8") as fh:
         fields = model_fields_from_hf(json.load(fh))
     differ = [f"model.{k}={_shown(getattr(model, k))} (config.json: {_shown(v)})"

@@ -307,7 +307,7 @@ def error_hint(message: str, config_file: str | None) -> str:
     hints = []
     if "WORLD_SIZE" not in os.environ and "world size" in message:
         hints.append("outside torchrun the world size is 1: set WORLD_SIZE=N to check or plan for N processes")
-    if config_file is None and message.startswith("model."):
+    if config_file is None and message.startswith("model.") and not message.startswith("model.from_hf"):
         hints.append("no --config was given: start from a recipe, e.g. --config configs/demo_cpu.yaml or "
                      "configs/llama3.1_8b.yaml (or set model.from_hf=DIR)")
     return "".join(f"; {h}" for h in hints)
