@@ -237,6 +237,11 @@ def test_main_plans_fp8_without_transformer_engine_and_takes_the_configs_peak(mo
     assert "of 700 TFLOP/s" in capsys.readouterr().out
     assert main(["--config", recipe, "--gpus", "8", "logging.peak_tflops=null"]) == 0
     assert "of 989 TFLOP/s" in capsys.readouterr().out
+    assert main(["--config", recipe, "--gpus", "8", "train.te_op_fuser=true"]) == 0  # as its --help says:
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "train.fp8 and train.te_op_fuser do not need Transformer Engine" in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("mfu", ["0", "1.5", "-0.2"])

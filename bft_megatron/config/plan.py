@@ -1,8 +1,8 @@
 """``bft-megatron plan``: per-GPU memory and a throughput estimate for a config, before any GPU is touched.
 
 The model is analytic (documented term by term in docs/launch.md) and uses the trainer's actual choices:
-bf16 parameters, fp32 gradient buffers (bf16 with ``parallel.grad_reduce_in_fp32=false``), Adam with fp32 master weights and two
-moments (sharded over data-parallel ranks with the distributed optimizer), TE fused attention (no
+bf16 parameters, fp32 gradient buffers (bf16 with ``parallel.grad_reduce_in_fp32=false``), Adam with fp32 master
+weights and two moments (sharded over data-parallel ranks with the distributed optimizer), TE fused attention (no
 ``seq^2`` activations), the Triton NLL on the last pipeline stage (bf16 logits + their bf16 gradient).
 It reports the most loaded pipeline stage (first or last), since that is the one that runs out of memory.
 
@@ -237,7 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bft-megatron plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="training config YAML (validated for --gpus processes as "
-                    "train --dry-run does, except that train.fp8 does not need Transformer Engine installed here)")
+                    "train --dry-run does, except that train.fp8 and train.te_op_fuser do not need Transformer Engine "
+                    "installed here)")
     ap.add_argument("--gpus", type=int, required=True, help="total GPUs (world size)")
     ap.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation [0.40]")
     ap.add_argument("--peak-tflops", type=float, default=None,
