@@ -175,6 +175,11 @@ def test_tokenizer_path_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "tok.txt").write_text("x")
     with pytest.raises(ValueError, match=r"got a \.txt file"):
         load_tokenizer(str(tmp_path / "tok.txt"))
+    # a convert import's layout (weights beside, the tokenizer in hf/): transformers' own message named neither
+    (tmp_path / "hf").mkdir()  # the path nor the files it looked for
+    (tmp_path / "hf" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"a directory without tokenizer files .*keeps its tokenizer in hf/"):
+        load_tokenizer(str(tmp_path))
 
 
 def test_turns_after_the_last_answer_are_dropped():

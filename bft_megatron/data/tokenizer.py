@@ -37,9 +37,18 @@ def check_tokenizer_path(path: str) -> Path:
     """``path`` as an existing HF tokenizer directory or ``.model`` file, or a DataError saying what it is
     (also the trainer's pre-flight check, ``bft_megatron.config.validate.check_paths``)."""
     p = Path(path)
-    if p.is_dir() or (p.suffix == ".model" and p.is_file()):
-        return p
     expected = "expected an HF tokenizer directory or a sentencepiece .model file"
+    if p.is_dir():
+        if not any(f.is_file() and (f.name.startswith(_TOKENIZER_FILES) or f.suffix == ".tiktoken")
+                   for f in p.iterdir()):  # else transformers' "Couldn't instantiate the backend tokenizer"
+            nested = p / "hf" / "tokenizer_config.json"  # a convert import's or a trainer checkpoint's hf/
+            hint = f" (a bft-megatron checkpoint keeps its tokenizer in hf/: {p / 'hf'})" if nested.is_file() else ""
+            raise DataError(f"tokenizer={path!r}", f"a directory without tokenizer files (tokenizer.json, "
+                                                   f"tokenizer_config.json, tokenizer.model, vocab.*, ...){hint}; "
+                                                   f"{expected}")
+        return p
+    if p.suffix == ".model" and p.is_file():
+        return p
     if not p.exists():
         looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
         hub = " (a hub id is not downloaded: fetch the tokenizer and give its directory)" if looks_like_hub_id else ""
