@@ -75,6 +75,15 @@ def test_missing_input_or_tokenizer_names_the_flag(tmp_path):
         assert any(flag in r.getMessage() for r in records), flag
 
 
+def test_an_output_that_is_a_file_is_an_error_not_a_traceback(tmp_path):
+    src = write_jsonl(tmp_path / "in.jsonl", CHATS)
+    (tmp_path / "out").write_text("x")
+    with logged(logging.ERROR) as records:
+        assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "out"),
+                     "--no-progress"]) == 2
+    assert any("out': exists and is not a directory" in r.getMessage() for r in records)
+
+
 def test_truncation_policies_are_counted(tmp_path):
     chats = synthetic_chats(30, seed=4)
     trunc = PackedDataset(prepare_dir(tmp_path / "t", chats, seq_length=64, truncation="truncate"))

@@ -8,6 +8,7 @@ without one (never prepared, or interrupted).
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import tempfile
 import time
 from collections import Counter, deque
@@ -226,6 +227,9 @@ def missing_splits(cfg: DataConfig) -> list[str]:
 def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = None,
                 splits: Iterable[str] | None = None) -> dict[str, SplitStats]:
     """Prepare every configured split (only those in ``splits`` when given)."""
+    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):  # else a NotADirectoryError traceback
+        raise DataError(f"output_dir={cfg.output_dir!r}", "exists and is not a directory: name the directory to write "
+                                                          "train/ and valid/ into")
     tok = load_tokenizer(cfg.tokenizer)
     check_template(cfg.template, tok)
     if tok.chat_template and cfg.template != "tokenizer":
