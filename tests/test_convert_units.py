@@ -184,6 +184,18 @@ def test_parse_size():
             parse_size(zero)
 
 
+def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path):
+    """Both ended in a NotADirectoryError traceback (the export only after writing everything to its staging)."""
+    from bft_megatron.convert.hf_io import begin_staging
+    from bft_megatron.convert.importer import _refuse_existing
+
+    (tmp_path / "out").write_text("x")
+    for check in (_refuse_existing, begin_staging):
+        with pytest.raises(FileExistsError, match="out exists and is not a directory"):
+            check(str(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging directory left behind
+
+
 def test_convert_without_a_direction_names_the_choices(capsys):
     """``bft-megatron convert`` alone said "the following arguments are required: direction"."""
     from bft_megatron.convert.cli import main

@@ -107,6 +107,8 @@ def begin_staging(out_dir: str) -> str:
     stale = stale_weights_error(out_dir)
     if stale:
         raise FileExistsError(stale)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # found before the export, not when publishing it
+        raise FileExistsError(f"{out_dir} exists and is not a directory; export into a new directory")
     stage = staging_path(out_dir)
     if os.path.exists(stage):
         _log.info("removing %s, left by an export that did not finish", stage)

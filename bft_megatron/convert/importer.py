@@ -187,6 +187,8 @@ def _refuse_existing(out_dir: str) -> None:
     """An ``out_dir`` that holds checkpoints already (e.g. a training run's ``checkpoint.save``) is refused: the
     import would move its ``latest`` to the weights-only ``iter_0000000``, and resuming, or exporting, the run
     would then take the import for it."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # else a NotADirectoryError traceback
+        raise FileExistsError(f"--out {out_dir} exists and is not a directory; import into a new directory")
     existing = pointer.existing_checkpoint(out_dir)
     if existing:
         raise FileExistsError(f"{out_dir} already holds a checkpoint ({existing}); import into a new directory "
