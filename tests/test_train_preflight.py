@@ -76,6 +76,18 @@ def test_a_missing_resume_checkpoint_is_an_error_unless_it_is_the_runs_own_save_
                                                           "checkpoint.finetune=true"]))  # nothing to fine-tune
 
 
+def test_a_checkpoint_save_that_is_a_file_is_refused_before_training(tmp_path):
+    """It passed --check and the run trained to its first save, then died with NotADirectoryError."""
+    from bft_megatron.config import check_paths
+    from bft_megatron.train import main
+
+    (tmp_path / "ckpt").write_text("x")
+    over = [f"checkpoint.save={tmp_path / 'ckpt'}"]
+    with pytest.raises(ConfigError, match=r"checkpoint.save=.*ckpt exists and is not a directory"):
+        check_paths(load_config("configs/demo_cpu.yaml", over), data=False)  # real runs check this much
+    assert main(["--config", "configs/demo_cpu.yaml", *over, "--check"]) == 2
+
+
 def test_real_runs_leave_the_data_paths_to_rank_0():
     """Every rank checks the checkpoint (shared storage) before the rendezvous, but not the data sources: they
     may exist on global rank 0's node only, which prepares them (a failure there ends every rank with exit 2)."""
