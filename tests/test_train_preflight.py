@@ -86,6 +86,8 @@ def test_a_checkpoint_save_that_is_a_file_is_refused_before_training(tmp_path):
     with pytest.raises(ConfigError, match=r"checkpoint.save=.*ckpt exists and is not a directory"):
         check_paths(load_config("configs/demo_cpu.yaml", over), data=False)  # real runs check this much
     assert main(["--config", "configs/demo_cpu.yaml", *over, "--check"]) == 2
+    with pytest.raises(ConfigError, match=r"logging.tensorboard_dir=.*ckpt exists and is not a directory"):
+        check_paths(load_config("configs/demo_cpu.yaml", [f"logging.tensorboard_dir={tmp_path / 'ckpt'}"]), data=False)
 
 
 def test_real_runs_leave_the_data_paths_to_rank_0():

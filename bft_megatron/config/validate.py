@@ -285,9 +285,11 @@ def check_paths(cfg: Config, data: bool = True) -> None:
     c = cfg.checkpoint
     from bft_megatron.checkpoint.pointer import read_latest, resolve_load_dir
 
-    # Else the run trains to its first save and dies there with NotADirectoryError, its steps lost.
-    _require(not c.save or not os.path.exists(c.save) or os.path.isdir(c.save),
-             f"checkpoint.save={c.save} exists and is not a directory")
+    # Else the run trains to its first save and dies there with NotADirectoryError, its steps lost (and a
+    # TensorBoard directory that is a file fails the start with a FileExistsError traceback).
+    for name, directory in (("checkpoint.save", c.save), ("logging.tensorboard_dir", cfg.logging.tensorboard_dir)):
+        _require(not directory or not os.path.exists(directory) or os.path.isdir(directory),
+                 f"{name}={directory} exists and is not a directory")
 
     resumes_own = bool(c.save) and read_latest(c.save) is not None  # then checkpoint.load is not read
     if resumes_own or not c.load or (loads_own_save_dir(c) and not c.finetune):
