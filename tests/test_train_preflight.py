@@ -51,6 +51,9 @@ def test_missing_finetune_checkpoint_is_caught_by_check_but_not_by_dry_run(tmp_p
     empty = ["checkpoint.finetune=true", f"checkpoint.load={tmp_path}", fresh]
     with pytest.raises(ConfigError, match=r"no complete checkpoint there \(no 'latest' pointer and not an iter_"):
         check_paths(load_config("configs/demo_cpu.yaml", empty))  # e.g. the HF folder instead of the import
+    (tmp_path / "config.json").write_text("{}")  # it is the HF folder: say how to import it
+    with pytest.raises(ConfigError, match=r"holds an HF config.json: import the model first \(bft-megatron convert "):
+        check_paths(load_config("configs/demo_cpu.yaml", empty))
     (tmp_path / "iter_0000003").mkdir()
     check_paths(load_config("configs/demo_cpu.yaml", ["checkpoint.finetune=true",
                                                       f"checkpoint.load={tmp_path}/iter_0000003"]))

@@ -297,9 +297,12 @@ def check_paths(cfg: Config, data: bool = True) -> None:
     why = ("checkpoint.finetune=true starts from it" if c.finetune else
            "a full resume reads it; unset checkpoint.load to train from scratch")
     _require(os.path.exists(c.load), f"checkpoint.load={c.load} does not exist ({why})")
+    hf = os.path.isfile(os.path.join(c.load, "config.json"))  # the HF model itself, not its import
+    hint = (f"; it holds an HF config.json: import the model first (bft-megatron convert import --hf {c.load} "
+            "--out DIR) and load DIR" if hf else "")
     _require(resolve_load_dir(c.load) is not None,
              f"checkpoint.load={c.load}: no complete checkpoint there (no 'latest' pointer and not an iter_ "
-             f"directory; {why})")
+             f"directory; {why}){hint}")
 
 
 def loads_own_save_dir(c) -> bool:
