@@ -240,6 +240,11 @@ def config_warnings(cfg: Config) -> list[str]:
     if lo.method != "sft" and lo.sft_warmup_iters >= t.train_iters:
         out.append(f"loss.sft_warmup_iters={lo.sft_warmup_iters} >= train.train_iters={t.train_iters}: "
                    f"loss.method={lo.method} never runs (every step is SFT)")
+    d = cfg.data
+    if d.valid and not d.train:  # validate() checks the data config only with data.train sources
+        out.append(f"data.valid lists {len(d.valid)} source(s) but data.train none: they are neither prepared nor "
+                   f"compared; the run reads {d.output_dir or '(no data.output_dir: synthetic data)'} as prepared "
+                   "(its valid/ split only if present). List data.train too to prepare both")
     c = cfg.checkpoint
     unused = [f"checkpoint.{k}={format_value(v)}" for k, v in (("async_save", c.async_save),
                                                                 ("keep_last", c.keep_last)) if v]
