@@ -48,8 +48,9 @@ def gather_params(model: list[torch.nn.Module]) -> None:
 
     With ``overlap_param_gather`` megatron defers it to the next forward's pre-hooks: until then every rank holds
     only its own shard of the updated weights, the rest one step old. Whatever reads whole weights between a
-    step and the next forward (a checkpoint save, an HF export) must gather first; the next forward then finds
-    the gather done and does not repeat it, so training continues exactly as without this call.
+    step and the next forward (a checkpoint save, an HF export) must gather first. The next forward finds the
+    gather done (under virtual pipelining the interleaved schedule gathers the chunks after the first again, the
+    same values), so training continues exactly as without this call.
     """
     for chunk in model:
         if getattr(chunk, "use_forward_hook", False):  # megatron DDP with overlap_param_gather
