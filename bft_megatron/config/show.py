@@ -6,6 +6,8 @@ Values print as YAML spells them (``true``, a section or a list as a YAML block)
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import sys
 
 
@@ -23,7 +25,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for part in args[1].split("."):
         if not hasattr(value, part):
-            sys.stderr.write(f"config has no field {args[1]!r} (no {part!r})\n")
+            names = [f.name for f in dataclasses.fields(value)] if dataclasses.is_dataclass(value) else []
+            close = difflib.get_close_matches(part, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            sys.stderr.write(f"config has no field {args[1]!r} (no {part!r}{hint})\n")
             return 2
         value = getattr(value, part)
     sys.stdout.write(render(value) + "\n")
@@ -33,8 +38,6 @@ def main(argv: list[str] | None = None) -> int:
 def render(value) -> str:
     """A field as YAML spells it: ``true``/``false``; a section or list as a YAML block; unset (None) as an
     empty string, which launch scripts test for."""
-    import dataclasses
-
     import yaml
 
     from bft_megatron.config.base import format_value
