@@ -133,8 +133,11 @@ def test_hf_tokenizer_without_template_gets_the_training_one_and_explicit_wins(t
         assert a.read() == b.read()  # copied, not re-serialised
     explicit = find_sources(config, tokenizer=DEMO_TOKENIZER)
     assert explicit.tokenizer.path.endswith("hpo_sp.model") and explicit.tokenizer.origin == "--tokenizer"
-    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+    with pytest.raises(FileNotFoundError, match=r"--tokenizer .*nope.model: no such file or directory"):
         find_sources(config, tokenizer=str(tmp_path / "nope.model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: neither an HF tokenizer directory nor a sentencepiece"):
+        find_sources(config, tokenizer=str(tmp_path / "empty"))
 
 
 def test_no_tokenizer_anywhere_warns_with_the_option_and_writes_no_default_ids(tmp_path, log_records):

@@ -138,6 +138,8 @@ def _import_hf_dir(load: str | None) -> str | None:
 
 def _explicit_tokenizer(path: str, template: str | None, record: dict | None) -> TokenizerSource:
     found = resolve_path(path)
+    if found is None:
+        raise FileNotFoundError(f"--tokenizer {path}: no such file or directory (working directory {os.getcwd()})")
     if not is_tokenizer(found):
         raise FileNotFoundError(f"--tokenizer {path}: neither an HF tokenizer directory nor a sentencepiece .model")
     return TokenizerSource(found, "--tokenizer", template, record)
