@@ -223,3 +223,54 @@ def test_an_answer_is_not_matched_in_a_later_turn():
     assert (start, kept[start:end]) == (kept.index("Yes"), "Yes <|im_end|>")
     start, end = _answer_span(bare, 0, bare.index(" \n"), "Yes \n", tok, "t")
     assert bare[start:end] == "Yes"
+
+
+def _reference_char_offsets(sp, text: str, base: int) -> tuple[list[int], list[tuple[int, int]]]:
+    """The per-character mapping the vectorised SPTokenizer._encode_plain replaced (byte -> character offsets)."""
+    proto = sp.encode(text, return_type="proto")
+    raw = text.encode("utf-8")
+    char_of_byte, pos = [0] * (len(raw) + 1), 0
+    for ci, ch in enumerate(text):
+        for b in range(len(ch.encode("utf-8"))):
+            char_of_byte[pos + b] = ci
+        pos += len(ch.encode("utf-8"))
+    char_of_byte[len(raw)] = len(text)
+    return ([int(p.id) for p in proto.pieces],
+            [(base + char_of_byte[p.begin], base + char_of_byte[p.end]) for p in proto.pieces])
+
+
+@pytest.mark.parametrize("byte_fallback", [False, True])
+def test_sentencepiece_offsets_are_character_offsets_for_multibyte_text(tmp_path, byte_fallback):
+    """ASCII, 2-, 3- and 4-byte characters, unknown ones (byte fallback splits a character over several
+    pieces), control symbols in the text, an empty text: the same ids and character offsets as a per-character
+    mapping."""
+    import io
+
+    import sentencepiece as spm
+
+    from tests.data_fixtures import CORPUS
+
+    model = io.BytesIO()
+    extra = ["Mikrozephalie ist häufig, Ödem: 頭囲 小さい"]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS + extra), model_writer=model, vocab_size=400,
+                                   hard_vocab_limit=False, num_threads=1, byte_fallback=byte_fallback, minloglevel=2)
+    (tmp_path / "m.model").write_bytes(model.getvalue())
+    tok = load_tokenizer(str(tmp_path / "m.model"))
+    texts = ["", "plain ascii text.", "Ödem und Mikrozephalie: häufig ✓", "頭囲が小さい 🧬 gene ASPM",
+             "🧬🧬 x", "  leading   and trailing  ", f"a{tok.eos_token}b ü{tok.eos_token}"]
+    for text in texts:
+        expected_ids: list[int] = []
+        expected_offsets: list[tuple[int, int]] = []
+        pos = 0
+        for part in tok._split.split(text) if tok._split else [text]:
+            if part in tok._controls:
+                expected_ids.append(tok._controls[part])
+                expected_offsets.append((pos, pos + len(part)))
+            elif part:
+                ids, offs = _reference_char_offsets(tok._sp, part, pos)
+                expected_ids += ids
+                expected_offsets += offs
+            pos += len(part)
+        ids, offsets = tok.encode_offsets(text)
+        assert (ids, offsets) == (expected_ids, expected_offsets), text
+        assert all(type(i) is int for i in ids) and all(type(o) is tuple for o in offsets)

@@ -12,6 +12,8 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from bft_megatron.data.errors import DataError
 
 Offsets = list[tuple[int, int]]
@@ -160,22 +162,23 @@ class SPTokenizer(Tokenizer):
         self._split = re.compile(f"({alternation})") if alternation else None
 
     def _encode_plain(self, text: str, base: int) -> tuple[list[int], Offsets]:
-        """sentencepiece reports byte offsets; convert them to character offsets of ``text``."""
+        """sentencepiece reports byte offsets; convert them to character offsets of ``text`` (vectorised: a
+        per-character Python loop here was most of the preparation time with a sentencepiece tokenizer)."""
         if not text:
             return [], []
         proto = self._sp.encode(text, return_type="proto")
+        pieces = [(p.id, p.begin, p.end) for p in proto.pieces]
+        if not pieces:
+            return [], []
+        arr = np.array(pieces, dtype=np.int64)
+        begins, ends = arr[:, 1], arr[:, 2]
         raw = text.encode("utf-8")
-        char_of_byte = [0] * (len(raw) + 1)
-        pos = 0
-        for ci, ch in enumerate(text):
-            width = len(ch.encode("utf-8"))
-            for b in range(width):
-                char_of_byte[pos + b] = ci
-            pos += width
-        char_of_byte[len(raw)] = len(text)
-        ids = [int(p.id) for p in proto.pieces]
-        offs = [(base + char_of_byte[p.begin], base + char_of_byte[p.end]) for p in proto.pieces]
-        return ids, offs
+        if len(raw) != len(text):  # not ASCII: byte b belongs to the character whose first byte is the last at <= b
+            char_of_byte = np.empty(len(raw) + 1, dtype=np.int64)
+            char_of_byte[:-1] = np.cumsum((np.frombuffer(raw, dtype=np.uint8) & 0xC0) != 0x80) - 1
+            char_of_byte[-1] = len(text)
+            begins, ends = char_of_byte[begins], char_of_byte[ends]
+        return arr[:, 0].tolist(), list(zip((begins + base).tolist(), (ends + base).tolist()))
 
     def encode_offsets(self, text: str) -> tuple[list[int], Offsets]:
         parts = self._split.split(text) if self._split else [text]
