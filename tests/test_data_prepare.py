@@ -12,7 +12,7 @@ import pytest
 
 from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError
-from bft_megatron.data.prepare import _FLAG_KEYS, _parser, as_flags, main, run
+from bft_megatron.data.prepare import _FLAG_KEYS, _parser, as_flags, main, preparation_warnings, run
 from bft_megatron.data.storage import PackedDataset
 from tests.data_fixtures import CHATS, DEMO_SP, hf_tokenizer, logged, prepare_dir, synthetic_chats, write_jsonl
 
@@ -107,6 +107,20 @@ def test_cli_warnings_name_the_flags_the_trainer_names_as_config_keys(tmp_path):
     assert "or set --truncation drop" in text and "data." not in text
     dests = {a.dest for a in _parser()._actions}
     assert set(_FLAG_KEYS) <= dests and as_flags("data.output_dir=/x: data.train") == "--output /x: --input"
+
+
+@pytest.mark.parametrize("workers, seconds, warned", [(1, 1165.0, True), (1, 30.0, False), (4, 1165.0, False)])
+def test_a_long_single_process_preparation_suggests_num_workers(monkeypatch, workers, seconds, warned):
+    """200k chats take ~20 min on one worker; the output does not depend on the worker count, so say so."""
+    from bft_megatron.data.pipeline import SplitStats
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    warnings = preparation_warnings(DataConfig(num_workers=workers), {"train": SplitStats(records=200000,
+                                                                                          seconds=seconds)})
+    want = ("[train] preparing 200000 records took 1165 s in one process: data.num_workers=16 tokenizes on 16 of "
+            "this machine's 32 cores (the output is byte-identical)")
+    assert warnings == ([want] if warned else [])
+    assert "--num-workers 16 tokenizes" in as_flags(want)
 
 
 def test_on_error_raise_names_file_and_line_and_skip_counts(tmp_path, capsys):

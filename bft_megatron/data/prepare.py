@@ -11,6 +11,7 @@ The YAML's top-level ``data:`` section is a DataConfig; flags given on the comma
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import Any
@@ -23,6 +24,7 @@ from bft_megatron.utils.logging import get_logger
 log = get_logger(__name__)
 
 NOTABLE_SHARE = 0.05  # a larger share of samples truncated, dropped or skipped is warned about
+SLOW_SECONDS = 120.0  # a split that took longer on one worker gets a data.num_workers hint
 _LENGTH_HINTS = {
     "truncated": "longer than data.seq_length={L} and truncated (data.truncation=truncate): raise data.seq_length "
                  "to keep them whole, or set data.truncation=drop to leave them out",
@@ -116,6 +118,11 @@ def preparation_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> lis
         if skipped and skipped >= NOTABLE_SHARE * st.records:
             out.append(f"[{split}] {skipped} of {st.records} records ({skipped / st.records:.1%}) were skipped as "
                        "unusable (data.on_error=skip); the summary names the first ones")
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if cfg.num_workers == 1 and st.seconds >= SLOW_SECONDS and cores > 1:
+            out.append(f"[{split}] preparing {st.records} records took {st.seconds:.0f} s in one process: "
+                       f"data.num_workers={min(cores, 16)} tokenizes on {min(cores, 16)} of this machine's {cores} "
+                       "cores (the output is byte-identical)")
     return out
 
 
@@ -157,8 +164,6 @@ def as_flags(text: str) -> str:
 def _stale_split_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> list[str]:
     """A split this run did not write (no --valid) but an earlier one left in the output directory: the trainer
     reads it beside the new one, and refuses it if it was prepared otherwise (provenance.splits_disagree)."""
-    import os
-
     from bft_megatron.data.provenance import splits_disagree
     from bft_megatron.data.storage import is_prepared, read_index
 
