@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -271,6 +272,28 @@ def test_hub_datasets_use_the_hugging_face_cache(tmp_path, monkeypatch):
                            seq_length=128, output_dir=str(tmp_path / "o")))
     assert stats["train"].samples == 2
     assert calls == [("org/chat-set", "validation", None)]
+
+
+@pytest.mark.parametrize("tmpdir", [None, "scratch"])
+def test_the_arrow_copy_of_local_sources_goes_beside_the_output_or_to_tmpdir(tmp_path, monkeypatch, tmpdir):
+    """datasets copies a local source to Arrow first (as large as the source): into $TMPDIR when set, else a hidden
+    folder in data.output_dir, not /tmp (RAM or small on many cluster nodes); removed afterwards either way."""
+    from bft_megatron.data import readers
+
+    seen, load = [], readers._load_with_datasets
+    monkeypatch.setattr(readers, "_load_with_datasets", lambda path, cache: seen.append(cache) or load(path, cache))
+    if tmpdir:
+        (tmp_path / tmpdir).mkdir()
+        monkeypatch.setenv("TMPDIR", str(tmp_path / tmpdir))
+    else:
+        monkeypatch.delenv("TMPDIR", raising=False)
+    out = tmp_path / "o"
+    run(DataConfig(train=[SourceConfig(str(write_jsonl(tmp_path / "in.jsonl", CHATS)))], tokenizer=DEMO_SP,
+                   seq_length=128, output_dir=str(out)))
+    [cache] = seen
+    parent = tmp_path / tmpdir if tmpdir else out
+    assert os.path.dirname(cache) == str(parent) and os.path.basename(cache).startswith(".bft-prepare-cache-")
+    assert not os.path.exists(cache) and sorted(os.listdir(out)) == ["train"]
 
 
 def test_a_bad_record_with_workers_is_raised_not_a_hang(tmp_path):

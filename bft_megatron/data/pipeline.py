@@ -224,6 +224,16 @@ def missing_splits(cfg: DataConfig) -> list[str]:
     return [split for split in configured_splits(cfg) if not is_prepared(Path(cfg.output_dir) / split)]
 
 
+def _scratch_parent(cfg: DataConfig) -> str:
+    """Where ``datasets`` puts its Arrow copy of local sources (as large as the sources; removed afterwards):
+    ``$TMPDIR`` when set, else beside the output (``/tmp`` is RAM or small on many cluster nodes, and the output's
+    file system already holds a prepared copy of the same data)."""
+    if os.environ.get("TMPDIR"):
+        return os.environ["TMPDIR"]
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    return cfg.output_dir
+
+
 def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = None,
                 splits: Iterable[str] | None = None) -> dict[str, SplitStats]:
     """Prepare every configured split (only those in ``splits`` when given)."""
@@ -242,7 +252,7 @@ def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = 
     if splits is not None:
         wanted = {split: sources for split, sources in wanted.items() if split in set(splits)}
     results: dict[str, SplitStats] = {}
-    with tempfile.TemporaryDirectory(prefix="bft-prepare-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".bft-prepare-cache-", dir=_scratch_parent(cfg)) as tmp:
         for split, sources in wanted.items():
             results[split] = prepare_split(cfg, split, sources, tok, cache_dir or tmp, progress)
     return results
