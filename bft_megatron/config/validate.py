@@ -242,9 +242,10 @@ def config_warnings(cfg: Config) -> list[str]:
                    f"loss.method={lo.method} never runs (every step is SFT)")
     d = cfg.data
     if d.valid and not d.train:  # validate() checks the data config only with data.train sources
+        reads = (f"the run reads {d.output_dir} as prepared (its valid/ split only if present)" if d.output_dir
+                 else "without data.output_dir the run trains and validates on synthetic data")
         out.append(f"data.valid lists {len(d.valid)} source(s) but data.train none: they are neither prepared nor "
-                   f"compared; the run reads {d.output_dir or '(no data.output_dir: synthetic data)'} as prepared "
-                   "(its valid/ split only if present). List data.train too to prepare both")
+                   f"compared; {reads}. List data.train too to prepare both")
     c = cfg.checkpoint
     unused = [f"checkpoint.{k}={format_value(v)}" for k, v in (("async_save", c.async_save),
                                                                 ("keep_last", c.keep_last)) if v]
