@@ -230,6 +230,11 @@ def test_split_with_no_usable_sample_is_an_error(tmp_path):
     with pytest.raises(DataError, match=r"'dropped_too_long': 3\}; every sample is longer than data.seq_length=8: "
                                         r"raise data.seq_length, or set data.truncation=truncate"):
         run(dropped)
+    with logged(logging.ERROR) as records:  # the command names its flags, as its warnings do
+        assert main(["--input", str(long), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "d"), "--seq-length",
+                     "8", "--truncation", "drop", "--no-progress"]) == 2
+    assert ("every sample is longer than --seq-length 8: raise --seq-length, or set --truncation truncate"
+            in records[-1].getMessage())
     dropped.truncation = "truncate"
     with pytest.raises(DataError, match=r"truncation to data.seq_length=8 left no supervised \(assistant\) token in "
                                         r"any sample: raise data.seq_length"):
