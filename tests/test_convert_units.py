@@ -194,6 +194,12 @@ def test_an_out_that_is_a_file_is_refused_before_any_work(tmp_path):
         with pytest.raises(FileExistsError, match="out exists and is not a directory"):
             check(str(tmp_path / "out"))
     assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging directory left behind
+    from bft_megatron.convert.exporter import export_checkpoint
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "metadata.json").write_text("{}")  # refused before this (unreadable) checkpoint is opened
+    with pytest.raises(FileExistsError, match="out exists and is not a directory"):
+        export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"))
 
 
 def test_convert_without_a_direction_names_the_choices(capsys):

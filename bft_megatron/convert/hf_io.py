@@ -87,7 +87,10 @@ class HFReader:
 
 
 def stale_weights_error(out_dir: str) -> str | None:
-    """An error message if ``out_dir`` already holds HF weights (stale shards would sit beside a new index)."""
+    """An error message if ``out_dir`` already holds HF weights (stale shards would sit beside a new index), or is
+    a file (else a NotADirectoryError when the finished export is published)."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        return f"{out_dir} exists and is not a directory; export into a new directory"
     if not os.path.isdir(out_dir):
         return None
     stale = [f for f in os.listdir(out_dir) if f in (INDEX, SINGLE) or
@@ -107,8 +110,6 @@ def begin_staging(out_dir: str) -> str:
     stale = stale_weights_error(out_dir)
     if stale:
         raise FileExistsError(stale)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # found before the export, not when publishing it
-        raise FileExistsError(f"{out_dir} exists and is not a directory; export into a new directory")
     stage = staging_path(out_dir)
     if os.path.exists(stage):
         _log.info("removing %s, left by an export that did not finish", stage)
