@@ -40,6 +40,10 @@ SYSTEMS = ["You are a biomedical assistant. Answer questions about human phenoty
 GENES = ["ASPM", "MCPH1", "CDK5RAP2", "FXN", "GJB1", "BRCA1", "TP53", "CFTR", "DMD", "SCN1A", "MECP2", "FBN1"]
 
 
+def _emit(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
 def _vocab(rng: np.random.Generator, n: int = 6000) -> list[str]:
     syll = ["an", "ce", "pha", "ly", "ge", "ne", "ti", "ca", "my", "o", "path", "neu", "ro", "card", "io", "hyp",
             "er", "pla", "sia", "dys", "tro", "phy", "ax", "ia", "mi", "cro", "lep", "sy", "ndr", "ome", "the", "and"]
@@ -117,9 +121,9 @@ def prepare(args: argparse.Namespace, src: Path, tok: str, out: Path) -> None:
         sys.exit(f"prepare failed:\n{proc.stderr[-3000:]}")
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # the prepare process and its workers
     peak, cpu = usage.ru_maxrss / 2**20, usage.ru_utime + usage.ru_stime
-    print(proc.stdout.strip())
+    _emit(proc.stdout.strip())
     index = json.loads((out / "train" / "index.json").read_text())
-    print(f"prepare: {args.rows} records in {wall:.1f} s wall = {args.rows / wall:.0f} rec/s, "
+    _emit(f"prepare: {args.rows} records in {wall:.1f} s wall = {args.rows / wall:.0f} rec/s, "
           f"{index['num_tokens'] / wall:.0f} tok/s; CPU {cpu:.1f} s = {cpu / args.rows * 1e3:.2f} ms/record; "
           f"{index['num_rows']} rows, {index['num_samples']} samples, "
           f"{index['num_tokens']} tokens; peak RSS (largest process) {peak:.2f} GiB; "
@@ -137,10 +141,10 @@ def profile(args: argparse.Namespace, src: Path, tok: str, out: Path) -> None:
     prof = cProfile.Profile()
     start = time.perf_counter()
     prof.runcall(run, cfg)
-    print(f"profiled prepare: {time.perf_counter() - start:.1f} s (under cProfile)")
+    _emit(f"profiled prepare: {time.perf_counter() - start:.1f} s (under cProfile)")
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(25)
-    print(text.getvalue())
+    _emit(text.getvalue())
 
 
 LOADER_CHILD = """
@@ -157,7 +161,7 @@ for _ in range(n):
     next(it)
 t2 = time.perf_counter()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(f"{t1 - t0:.4f} {(t2 - t1) / n * 1e3:.3f} {base / 2**10:.0f} {peak / 2**10:.0f}")
+sys.stdout.write(f"{t1 - t0:.4f} {(t2 - t1) / n * 1e3:.3f} {base / 2**10:.0f} {peak / 2**10:.0f}\\n")
 """
 
 
@@ -173,13 +177,13 @@ def loader(args: argparse.Namespace, directory: Path) -> None:
                          seed=1)
         next(iter(ld))
         opens.append(time.perf_counter() - t0)
-    print(f"loader: DP={args.dp}, gbs={gbs}, mbs=1: open + sampler + first micro-batch per rank: median "
+    _emit(f"loader: DP={args.dp}, gbs={gbs}, mbs=1: open + sampler + first micro-batch per rank: median "
           f"{np.median(opens) * 1e3:.1f} ms, max {max(opens) * 1e3:.1f} ms (all {args.dp} ranks: {sum(opens):.2f} s)")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, "-c", LOADER_CHILD, str(directory), str(gbs), str(args.dp), "7",
                           str(args.batches)], env=env, capture_output=True, text=True, check=True)
     first, per_batch, base, peak = res.stdout.split()
-    print(f"loader (one rank, fresh process): first micro-batch after {float(first) * 1e3:.1f} ms, then "
+    _emit(f"loader (one rank, fresh process): first micro-batch after {float(first) * 1e3:.1f} ms, then "
           f"{per_batch} ms per micro-batch ({args.batches} fetched); RSS {base} MiB after imports, peak {peak} MiB "
           f"(+{int(peak) - int(base)} MiB, memory-mapped pages included)")
 
@@ -193,7 +197,7 @@ def check_identical(a: Path, b: Path) -> None:
             for f in s.get("files", []):
                 f.pop("mtime_ns")
         d["tokenizer"].pop("path")
-    print(f"identical arrays: {dict(zip(names, same))}; index.json equal: {ia == ib}")
+    _emit(f"identical arrays: {dict(zip(names, same))}; index.json equal: {ia == ib}")
 
 
 def main() -> None:
@@ -217,7 +221,7 @@ def main() -> None:
     if not src.is_file():
         t0 = time.perf_counter()
         generate(src, args.rows, args.seed)
-        print(f"generated {src} ({src.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s")
+        _emit(f"generated {src} ({src.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.1f} s")
     tok = {"hf": lambda: build_tokenizer(work / "tok", _corpus(work)),
            "sp": lambda: str(REPO / "bft_megatron/data/assets/hpo_sp.model")}.get(args.tokenizer,
                                                                                  lambda: args.tokenizer)()
