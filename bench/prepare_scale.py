@@ -180,7 +180,8 @@ def loader(args: argparse.Namespace, directory: Path) -> None:
     _emit(f"loader: DP={args.dp}, gbs={gbs}, mbs=1: open + sampler + first micro-batch per rank: median "
           f"{np.median(opens) * 1e3:.1f} ms, max {max(opens) * 1e3:.1f} ms (all {args.dp} ranks: {sum(opens):.2f} s)")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    res = subprocess.run([sys.executable, "-c", LOADER_CHILD, str(directory), str(gbs), str(args.dp), "7",
+    rank = min(7, args.dp - 1)
+    res = subprocess.run([sys.executable, "-c", LOADER_CHILD, str(directory), str(gbs), str(args.dp), str(rank),
                           str(args.batches)], env=env, capture_output=True, text=True, check=True)
     first, per_batch, base, peak = res.stdout.split()
     _emit(f"loader (one rank, fresh process): first micro-batch after {float(first) * 1e3:.1f} ms, then "
