@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -13,7 +14,7 @@ import pytest
 
 from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError
-from bft_megatron.data.prepare import _FLAG_KEYS, _parser, as_flags, main, preparation_warnings, run
+from bft_megatron.data.prepare import FLAGS, _parser, as_flags, main, preparation_warnings, run
 from bft_megatron.data.storage import PackedDataset
 from tests.data_fixtures import CHATS, DEMO_SP, hf_tokenizer, logged, prepare_dir, synthetic_chats, write_jsonl
 
@@ -106,8 +107,9 @@ def test_cli_warnings_name_the_flags_the_trainer_names_as_config_keys(tmp_path):
     text = warnings[0].getMessage()
     assert "longer than --seq-length 64 and truncated (--truncation truncate): raise --seq-length" in text
     assert "or set --truncation drop" in text and "data." not in text
-    dests = {a.dest for a in _parser()._actions}
-    assert set(_FLAG_KEYS) <= dests and as_flags("data.output_dir=/x: data.train") == "--output /x: --input"
+    options = {option for action in _parser()._actions for option in action.option_strings}
+    assert set(FLAGS.values()) <= options and set(FLAGS) <= {f.name for f in dataclasses.fields(DataConfig)}
+    assert as_flags("data.output_dir=/x: data.train, data.foo=1") == "--output /x: --input, data.foo=1"
 
 
 @pytest.mark.parametrize("workers, seconds, warned", [(1, 1165.0, True), (1, 30.0, False), (4, 1165.0, False)])

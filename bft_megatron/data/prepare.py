@@ -65,24 +65,23 @@ def load_config(path: str | None) -> DataConfig:
     return data_config_from_dict(raw["data"] or {})
 
 
-_FLAG_KEYS = ("valid", "tokenizer", "template", "seq_length", "packing", "truncation", "on_error", "supervise",
-              "seed", "num_workers")  # DataConfig fields with a flag of the same name
+# DataConfig field -> the flag that sets it (argparse dest = the flag without dashes, '-' as '_')
+FLAGS = {"train": "--input", "valid": "--valid", "tokenizer": "--tokenizer", "output_dir": "--output",
+         "template": "--template", "seq_length": "--seq-length", "packing": "--packing", "truncation": "--truncation",
+         "on_error": "--on-error", "supervise": "--supervise", "seed": "--seed", "num_workers": "--num-workers"}
 
 
 def _apply_flags(cfg: DataConfig, args: argparse.Namespace) -> DataConfig:
-    if args.input:
-        cfg.train = [SourceConfig.from_str(s) for s in args.input]
-    if args.valid:
-        cfg.valid = [SourceConfig.from_str(s) for s in args.valid]
-    simple = {"tokenizer": "tokenizer", "output": "output_dir", "template": "template", "seq_length": "seq_length",
-              "truncation": "truncation", "on_error": "on_error", "supervise": "supervise", "seed": "seed",
-              "num_workers": "num_workers"}
-    for flag, attr in simple.items():
-        value = getattr(args, flag)
+    for attr, flag in FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is None:
+            continue
+        if attr in ("train", "valid"):
+            value = [SourceConfig.from_str(s) for s in value] if value else None
+        elif attr == "packing":
+            value = value == "true"
         if value is not None:
             setattr(cfg, attr, value)
-    if args.packing is not None:
-        cfg.packing = args.packing == "true"
     return cfg
 
 
@@ -153,13 +152,9 @@ def main(argv: list[str]) -> int:
 def as_flags(text: str) -> str:
     """The shared warnings name config keys (``data.truncation=drop``, the trainer's spelling); this command's
     user passes flags (``--truncation drop``), which override --config's keys as well."""
-    def flag(key: str) -> str | None:
-        return {"output_dir": "--output", "train": "--input"}.get(key) or (
-            f"--{key.replace('_', '-')}" if key in _FLAG_KEYS else None)
-
     text = re.sub(r"data\.(\w+)=(\S+?)(?=[,):]|\s|$)",
-                  lambda m: f"{flag(m[1])} {m[2]}" if flag(m[1]) else m[0], text)
-    return re.sub(r"data\.(\w+)", lambda m: flag(m[1]) or m[0], text)
+                  lambda m: f"{FLAGS[m[1]]} {m[2]}" if m[1] in FLAGS else m[0], text)
+    return re.sub(r"data\.(\w+)", lambda m: FLAGS.get(m[1], m[0]), text)
 
 
 def _stale_split_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> list[str]:
