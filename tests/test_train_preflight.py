@@ -220,3 +220,14 @@ def test_train_help_says_what_check_and_dry_run_look_at(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "check the inputs on disk (checkpoint.load, data sources, tokenizer, prepared data)" in text
     assert "validate for WORLD_SIZE processes (no paths checked)" in text
+
+
+@pytest.mark.parametrize("rank, warned", [("0", True), ("1", False), ("x", False)])
+def test_config_warnings_come_from_rank_0_only_and_a_bad_rank_is_no_traceback(monkeypatch, rank, warned):
+    from bft_megatron.training.preflight import load_checked
+
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    log = _Log()
+    assert load_checked("configs/demo_cpu.yaml", ["data.seq_length=512"], log, check=False, dry_run=True)
+    assert [level for level, _ in log.records] == (["warning"] if warned else [])

@@ -29,7 +29,7 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
     except (ValueError, FileNotFoundError) as exc:  # ConfigError and the data layer's checks are ValueErrors
         log.error("config error: %s%s", exc, error_hint(str(exc), config_path))
         return None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if os.environ.get("RANK", "0").strip() in ("0", ""):  # only torchrun's global rank 0 (any other text: not 0)
         for warning in config_warnings(cfg):
             log.warning("config: %s", warning)
     return cfg, layout
