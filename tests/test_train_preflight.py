@@ -91,6 +91,11 @@ def test_a_checkpoint_save_that_is_a_file_is_refused_before_training(tmp_path):
     assert main(["--config", "configs/demo_cpu.yaml", *over, "--check"]) == 2
     with pytest.raises(ConfigError, match=r"logging.tensorboard_dir=.*ckpt exists and is not a directory"):
         check_paths(load_config("configs/demo_cpu.yaml", [f"logging.tensorboard_dir={tmp_path / 'ckpt'}"]), data=False)
+    inside = tmp_path / "ckpt" / "run" / "a"  # makedirs would fail on the file above it just the same
+    with pytest.raises(ConfigError, match=rf"checkpoint.save={inside}: {tmp_path / 'ckpt'} exists and is not a dir"):
+        check_paths(load_config("configs/demo_cpu.yaml", [f"checkpoint.save={inside}"]), data=False)
+    check_paths(load_config("configs/demo_cpu.yaml", [f"checkpoint.save={tmp_path / 'new' / 'run'}",
+                                                      "logging.tensorboard_dir=relative/tb"]), data=False)
 
 
 def test_real_runs_leave_the_data_paths_to_rank_0():
