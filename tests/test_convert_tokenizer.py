@@ -348,3 +348,23 @@ def test_export_warns_when_autotokenizer_would_encode_otherwise(tmp_path, family
         assert warned == [] or ("Qwen2Tokenizer" in warned[0] and "PreTrainedTokenizerFast" in warned[0])
     fast = PreTrainedTokenizerFast.from_pretrained(str(tmp_path))  # the way the warning names
     assert _ids(fast.apply_chat_template(chat, tokenize=True)) == training
+
+
+@pytest.mark.parametrize("files, is_one", [(["tokenizer.json"], True), (["spiece.model"], True), (["vocab.txt"], True),
+                                           (["tok.tiktoken"], True), (["chat_template.jinja"], False),
+                                           (["special_tokens_map.json", "config.json"], False), ([], False)])
+def test_the_trainer_and_the_export_agree_on_what_a_tokenizer_directory_is(tmp_path, files, is_one):
+    """One rule (data/tokenizer.py has_tokenizer_files): a directory the data layer tokenizes with is one the
+    export finds, and one it refuses (a chat template alone) the export skips."""
+    from bft_megatron.convert.sources import is_tokenizer
+    from bft_megatron.data.errors import DataError
+    from bft_megatron.data.tokenizer import check_tokenizer_path
+
+    for name in files:
+        (tmp_path / name).write_text("{}")
+    assert is_tokenizer(str(tmp_path)) == is_one
+    if is_one:
+        check_tokenizer_path(str(tmp_path))
+    else:
+        with pytest.raises(DataError, match="a directory without tokenizer files"):
+            check_tokenizer_path(str(tmp_path))

@@ -27,6 +27,7 @@ import os
 from dataclasses import dataclass, field
 
 from bft_megatron.checkpoint.pointer import HF_SUBDIR, read_latest
+from bft_megatron.data.tokenizer import has_tokenizer_files
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["TokenizerSource", "ExportSources", "find_sources", "is_tokenizer", "resolve_path", "stored_hf_dir",
@@ -34,8 +35,6 @@ __all__ = ["TokenizerSource", "ExportSources", "find_sources", "is_tokenizer", "
 
 _log = get_logger(__name__)
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-# Files that make a directory an HF tokenizer (chat templates alone do not).
-_TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 CLI_HINT = ("pass --tokenizer PATH (the HF tokenizer directory or sentencepiece .model the data was tokenized with) "
             "or --hf DIR (an HF model directory with config.json and tokenizer files)")
@@ -79,7 +78,7 @@ def is_tokenizer(path: str | None) -> bool:
         return False
     if os.path.isfile(path):
         return path.endswith(".model")
-    return os.path.isdir(path) and any(os.path.isfile(os.path.join(path, f)) for f in _TOKENIZER_MARKERS)
+    return has_tokenizer_files(path)  # the data layer's rule: a directory the trainer tokenizes with exports too
 
 
 def stored_hf_dir(ckpt_dir: str | None) -> str | None:

@@ -35,14 +35,25 @@ def _hash_files(paths: Sequence[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+# Files a tokenizer is built from (chat templates, special-token maps and added tokens alone are not one).
+_DEFINING_FILES = ("tokenizer", "vocab", "merges", "spiece", "sentencepiece")
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """Whether ``directory`` holds the files of an HF tokenizer (tokenizer.json, tokenizer_config.json, a
+    sentencepiece or tiktoken model, vocab/merges files): the one rule for the data layer and the exporter."""
+    p = Path(directory)
+    return p.is_dir() and any(f.is_file() and (f.name.startswith(_DEFINING_FILES) or f.suffix == ".tiktoken")
+                              for f in p.iterdir())
+
+
 def check_tokenizer_path(path: str) -> Path:
     """``path`` as an existing HF tokenizer directory or ``.model`` file, or a DataError saying what it is
     (also the trainer's pre-flight check, ``bft_megatron.config.validate.check_paths``)."""
     p = Path(path)
     expected = "expected an HF tokenizer directory or a sentencepiece .model file"
     if p.is_dir():
-        if not any(f.is_file() and (f.name.startswith(_TOKENIZER_FILES) or f.suffix == ".tiktoken")
-                   for f in p.iterdir()):  # else transformers' "Couldn't instantiate the backend tokenizer"
+        if not has_tokenizer_files(p):  # else transformers' "Couldn't instantiate the backend tokenizer"
             nested = p / "hf" / "tokenizer_config.json"  # a convert import's or a trainer checkpoint's hf/
             hint = f" (a bft-megatron checkpoint keeps its tokenizer in hf/: {p / 'hf'})" if nested.is_file() else ""
             raise DataError(f"tokenizer={path!r}", f"a directory without tokenizer files (tokenizer.json, "
