@@ -270,6 +270,12 @@ def test_idle_notes_name_a_finished_run_and_a_missing_validation_split():
     done, no_valid = idle_notes(cfg, cfg.train.train_iters, has_valid=False)
     assert "already train.train_iters=120: nothing to train" in done
     assert "train.eval_interval=10 but there is no validation split" in no_valid
+    [alone] = idle_notes(load_config("configs/demo_cpu.yaml", ["train.eval_on_start=true", "train.eval_interval=0"]), 0,
+                       has_valid=False)
+    assert alone.startswith("train.eval_on_start=true but there is no validation split")
+    [both] = idle_notes(load_config("configs/demo_cpu.yaml", ["train.eval_interval=10", "train.eval_on_start=true"]),
+                        0, has_valid=False)
+    assert both.startswith("train.eval_interval=10 and train.eval_on_start=true but there is no validation split")
 
 
 @pytest.mark.parametrize("overrides, from_scratch, noted", [

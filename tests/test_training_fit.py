@@ -16,9 +16,10 @@ TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads
         "train.micro_batch_size=2", "logging.log_interval=100"]
 
 
-def _fit(rank: int, world: int, overrides: list[str], started_ago_s: float) -> tuple[int, list[int], int]:
+def _fit(rank: int, world: int, overrides: list[str], started_ago_s: float,
+         start_at: int = 0) -> tuple[int, list[int], int]:
     """(iterations trained, iterations validated at, steps logged) of a stub run whose clock started
-    ``started_ago_s`` seconds ago."""
+    ``started_ago_s`` seconds ago, resumed at step ``start_at``."""
     import torch
 
     from bft_megatron.config import load_config
@@ -26,7 +27,7 @@ def _fit(rank: int, world: int, overrides: list[str], started_ago_s: float) -> t
     from bft_megatron.training.loop import TrainState
 
     cfg = load_config(None, TINY + overrides)
-    state, evaluated, logged = TrainState(), [], []
+    state, evaluated, logged = TrainState(iteration=start_at), [], []
     trainer = SimpleNamespace(
         cfg=cfg, state=state, valid_data=object(), reporter=0,
         groups=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), dp=None),
@@ -43,6 +44,13 @@ def _fit(rank: int, world: int, overrides: list[str], started_ago_s: float) -> t
 def test_validation_and_logging_cadence():
     [(iterations, evaluated, logged)] = run_distributed(_fit, 1, ["train.train_iters=7", "train.eval_interval=3"], 0.0)
     assert (iterations, evaluated, logged) == (7, [3, 6], 1)  # log_interval 100: the last step only
+
+
+@pytest.mark.parametrize("start_at, want", [(0, [0, 3, 6]), (2, [3, 6])])
+def test_eval_on_start_validates_the_loaded_weights_before_step_1_unless_resumed(start_at, want):
+    over = ["train.train_iters=7", "train.eval_interval=3", "train.eval_on_start=true"]
+    [(iterations, evaluated, _)] = run_distributed(_fit, 1, over, 0.0, start_at)
+    assert (iterations, evaluated) == (7, want)
 
 
 def test_exit_duration_is_in_minutes_from_the_start():

@@ -102,6 +102,9 @@ class TrainConfig:
     seed: int = 1234
     eval_interval: int = 0  # 0 = no validation
     eval_iters: int = 1
+    # Also validate before the first step of a run that starts at step 0 (a fresh or fine-tuning run, not a
+    # resume): the baseline of the loaded weights (HF TrainingArguments' eval_on_start).
+    eval_on_start: bool = False
     exit_duration_minutes: float | None = None
     max_consecutive_skips: int = 3  # non-finite steps in a row before aborting
     dropout: float = 0.0

@@ -14,6 +14,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from bft_megatron.config.base import format_value
 from bft_megatron.training.loop import NonFiniteError, Trainer, TrainState
 from bft_megatron.training.progress import to_rank0
 from bft_megatron.utils.logging import get_logger
@@ -96,8 +97,10 @@ def idle_notes(cfg, iteration: int, has_valid: bool, from_scratch: bool = False)
                      f"{cfg.train.train_iters}: nothing to train (to continue, raise train.train_iters with "
                      "checkpoint.override_scheduler=true, or with train.decay_iters at the old train_iters to keep "
                      "the schedule; or give a new checkpoint.save to start another run)")
-    if cfg.train.eval_interval and not has_valid:
-        notes.append(f"train.eval_interval={cfg.train.eval_interval} but there is no validation split (data.valid "
+    asked = [f"train.{k}={format_value(v)}" for k, v in (("eval_interval", cfg.train.eval_interval),
+                                                          ("eval_on_start", cfg.train.eval_on_start)) if v]
+    if asked and not has_valid:
+        notes.append(f"{' and '.join(asked)} but there is no validation split (data.valid "
                      "sources, or a prepared valid/ under data.output_dir): no validation will run")
     return notes
 
@@ -143,6 +146,8 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
     step_times: list[float] = []
     # A run resumed at iteration N already has checkpoint N: only save again after new steps.
     saved_at, interval_tokens = (state.iteration if state.iteration > 0 else -1), 0
+    if cfg.train.eval_on_start and state.iteration == 0 and trainer.valid_data is not None:
+        trainer.evaluate(stop=lambda: _exit_agreed(cfg, exit_request, trainer.groups.device))
     while state.iteration < cfg.train.train_iters:
         t0 = time.perf_counter()
         upcoming = state.iteration + 1
