@@ -251,6 +251,12 @@ def test_main_rejects_an_mfu_outside_0_1(capsys, mfu):
     assert exc.value.code == 2 and f"--mfu must be in (0, 1], got {float(mfu)}" in capsys.readouterr().err
 
 
+def test_gflop_per_token_keeps_three_digits_for_tiny_models():
+    from bft_megatron.config.plan import _gflop
+
+    assert [_gflop(x) for x in (433.24e9, 51.46e9, 7.571e6, 0.0)] == ["433.2", "51.5", "0.00757", "0"]
+
+
 def test_cli_plan_subprocess():
     cmd = [sys.executable, "-m", "bft_megatron.cli", "plan", "--config", "configs/llama3.1_8b.yaml", "--gpus", "8",
            "--mfu", "0.5", "train.recompute=full"]
@@ -258,7 +264,7 @@ def test_cli_plan_subprocess():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "8 GPUs = TP2 x PP1 x CP1 x DP4; 16 micro-batches/step; params 8.03 B" in out
-    assert "total (with recompute)" in out and "at MFU 0.50" in out
+    assert "total (with recompute)" in out and "at MFU 0.50" in out and "tokens/s/GPU (51.5 GFLOP/token)" in out
     total = float(out.split("total (with recompute)")[1].split("GiB")[0])
     assert math.isfinite(total) and 30 < total < 50
 

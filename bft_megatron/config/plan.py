@@ -183,6 +183,12 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
+def _gflop(flops: float) -> str:
+    """One decimal at 8B+ scales (433.2), three significant digits for tiny models (0.0523, not 0.0)."""
+    gflop = flops / 1e9
+    return f"{gflop:.1f}" if gflop >= 10 else f"{gflop:.3g}"
+
+
 def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
     dp, nmb = _derived_layout(cfg, gpus)
     mem, stage = plan_memory(cfg, dp, nmb)
@@ -203,7 +209,7 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
         f"most loaded GPU: {stage} pipeline stage",
         *(f"  {label:<31}{gib:8.2f} GiB{note}" for label, gib, note in terms),
         f"throughput at MFU {mfu:.2f} of {peak_tflops:.0f} TFLOP/s: {tps:,.0f} tokens/s/GPU "
-        f"({flops_per_token(cfg.model, cfg.data.seq_length, p.tp) / 1e9:.1f} GFLOP/token)",
+        f"({_gflop(flops_per_token(cfg.model, cfg.data.seq_length, p.tp))} GFLOP/token)",
     ]
     if p.cp > 1 and cfg.data.packing:
         from bft_megatron.config.validate import packed_row_multiple
