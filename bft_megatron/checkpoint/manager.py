@@ -109,7 +109,8 @@ class Checkpointer:
     def _save_strategy(self):
         """torch_dist; with ``checkpoint.fully_parallel_save`` (and more than one replica) spread over the DP x CP
         group: a shard every replica holds is written by one of them, chosen to balance the bytes per rank, instead
-        of always by the first (which then writes all the weights while the others write their optimizer part)."""
+        of always by the first. Every replica holds everything: the weights, and (megatron's fully_reshardable
+        format all-gathers it over DP before a save) the whole optimizer state of its TP/PP shard."""
         from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
         from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 

@@ -140,8 +140,9 @@ class CheckpointConfig:
     override_scheduler: bool = False
     keep_last: int | None = None  # None = keep all
     async_save: bool = False
-    # The data-parallel (x context-parallel) replicas share the writing of what they all hold (the model weights),
-    # as Megatron-LM's --ckpt-fully-parallel-save (its default); false = the first replica writes it alone.
+    # The data-parallel (x context-parallel) replicas share the writing of what they all hold (the weights, and the
+    # optimizer state gathered over DP), as Megatron-LM's --ckpt-fully-parallel-save (its default); false = the first
+    # replica writes it all.
     fully_parallel_save: bool = True
     # Each replica reads a part of what they all load and they exchange it (Megatron-LM's
     # --ckpt-fully-parallel-load, off there too): fewer reads of the file system, more memory while loading.
