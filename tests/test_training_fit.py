@@ -17,9 +17,10 @@ TINY = ["model.hidden_size=64", "model.num_layers=2", "model.num_attention_heads
 
 
 def _fit(rank: int, world: int, overrides: list[str], started_ago_s: float,
-         start_at: int = 0) -> tuple[int, list[int], int]:
+         start_at: int = 0, valid: bool = True) -> tuple[int, list[int], int]:
     """(iterations trained, iterations validated at, steps logged) of a stub run whose clock started
-    ``started_ago_s`` seconds ago, resumed at step ``start_at``."""
+    ``started_ago_s`` seconds ago, resumed at step ``start_at`` (without a validation split unless ``valid``).
+    A validation without a stop callback (it could not end early on an exit request) is listed as -1."""
     import torch
 
     from bft_megatron.config import load_config
@@ -29,12 +30,12 @@ def _fit(rank: int, world: int, overrides: list[str], started_ago_s: float,
     cfg = load_config(None, TINY + overrides)
     state, evaluated, logged = TrainState(iteration=start_at), [], []
     trainer = SimpleNamespace(
-        cfg=cfg, state=state, valid_data=object(), reporter=0,
+        cfg=cfg, state=state, valid_data=object() if valid else None, reporter=0,
         groups=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), dp=None),
         progress=SimpleNamespace(line=lambda it, *a: logged.append(it) or "", close=lambda: None),
         train_step=lambda report: SimpleNamespace(real_tokens=0, metrics={}, grad_norm=None, skipped=False, lr=0.0),
         record_step=lambda result: setattr(state, "iteration", state.iteration + 1),
-        evaluate=lambda stop=None: evaluated.append(state.iteration))
+        evaluate=lambda stop=None: evaluated.append(state.iteration if callable(stop) else -1))
     exit_request = ExitRequest(install=False)
     exit_request.started = time.time() - started_ago_s
     fit(trainer, None, exit_request)
@@ -51,6 +52,13 @@ def test_eval_on_start_validates_the_loaded_weights_before_step_1_unless_resumed
     over = ["train.train_iters=7", "train.eval_interval=3", "train.eval_on_start=true"]
     [(iterations, evaluated, _)] = run_distributed(_fit, 1, over, 0.0, start_at)
     assert (iterations, evaluated) == (7, want)
+
+
+def test_eval_on_start_without_a_validation_split_validates_nothing():
+    """No valid_data (idle_notes says so): evaluate would fail on None, so the start validation is skipped."""
+    [(iterations, evaluated, _)] = run_distributed(_fit, 1, ["train.train_iters=2", "train.eval_on_start=true"], 0.0,
+                                                   0, False)
+    assert (iterations, evaluated) == (2, [])
 
 
 def test_exit_duration_is_in_minutes_from_the_start():
