@@ -81,3 +81,19 @@ def test_path_weight_shorthand_is_the_same_in_overrides_yaml_and_prepare():
     assert data_config_from_dict({"train": [{"path": "b.jsonl:0.5"}]}).train == [SourceConfig(path="b.jsonl:0.5")]
     with pytest.raises(ValueError, match=r"train\[0\]\.weight=inf: must be a finite number > 0"):
         dataclasses.replace(_good(), train=[SourceConfig.from_str("a.jsonl:inf")]).validate()
+
+
+@pytest.mark.parametrize("packing", ["true", "false"])
+def test_every_prepare_flag_sets_its_field_and_unset_flags_keep_the_config(packing):
+    """Each of FLAGS' flags lands in its own DataConfig field (a 0 or 'false' is a value, not 'unset')."""
+    from bft_megatron.data.prepare import _apply_flags, _parser
+
+    args = _parser().parse_args(["--input", "a.jsonl", "--valid", "v.jsonl", "--tokenizer", "t", "--output", "o",
+                                 "--template", "llama3", "--seq-length", "64", "--packing", packing, "--truncation",
+                                 "drop", "--on-error", "skip", "--supervise", "last", "--seed", "0", "--num-workers",
+                                 "3"])
+    cfg = _apply_flags(DataConfig(packing=packing != "true"), args)
+    assert cfg == DataConfig(train=[SourceConfig(path="a.jsonl")], valid=[SourceConfig(path="v.jsonl")], tokenizer="t",
+                             output_dir="o", template="llama3", seq_length=64, packing=packing == "true",
+                             truncation="drop", on_error="skip", supervise="last", seed=0, num_workers=3)
+    assert _apply_flags(dataclasses.replace(cfg), _parser().parse_args([])) == cfg

@@ -110,18 +110,23 @@ def test_cli_warnings_name_the_flags_the_trainer_names_as_config_keys(tmp_path):
     options = {option for action in _parser()._actions for option in action.option_strings}
     assert set(FLAGS.values()) <= options and set(FLAGS) <= {f.name for f in dataclasses.fields(DataConfig)}
     assert as_flags("data.output_dir=/x: data.train, data.foo=1") == "--output /x: --input, data.foo=1"
+    # a value ends before , ) : (the next key=value is converted on its own)
+    assert as_flags("(data.seed=1,data.seq_length=8:data.packing=false)") == "(--seed 1,--seq-length 8:--packing false)"
 
 
-@pytest.mark.parametrize("workers, seconds, warned", [(1, 1165.0, True), (1, 30.0, False), (4, 1165.0, False)])
-def test_a_long_single_process_preparation_suggests_num_workers(monkeypatch, workers, seconds, warned):
-    """200k chats take ~20 min on one worker; the output does not depend on the worker count, so say so."""
+@pytest.mark.parametrize("workers, seconds, cores, warned", [(1, 1165.0, 32, True), (1, 30.0, 32, False),
+                                                            (4, 1165.0, 32, False), (1, 120.0, 32, True),
+                                                            (1, 1165.0, 1, False)])
+def test_a_long_single_process_preparation_suggests_num_workers(monkeypatch, workers, seconds, cores, warned):
+    """200k chats take ~20 min on one worker; the output does not depend on the worker count, so say so (from 2
+    minutes on, and not on a machine with one core)."""
     from bft_megatron.data.pipeline import SplitStats
 
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     warnings = preparation_warnings(DataConfig(num_workers=workers), {"train": SplitStats(records=200000,
                                                                                           seconds=seconds)})
-    want = ("[train] preparing 200000 records took 1165 s in one process: data.num_workers=16 tokenizes on 16 of "
-            "this machine's 32 cores (the output is byte-identical)")
+    want = (f"[train] preparing 200000 records took {seconds:.0f} s in one process: data.num_workers=16 tokenizes "
+            "on 16 of this machine's 32 cores (the output is byte-identical)")
     assert warnings == ([want] if warned else [])
     assert "--num-workers 16 tokenizes" in as_flags(want)
 
@@ -301,6 +306,15 @@ def test_the_arrow_copy_of_local_sources_goes_beside_the_output_or_to_tmpdir(tmp
     parent = tmp_path / tmpdir if tmpdir else out
     assert os.path.dirname(cache) == str(parent) and os.path.basename(cache).startswith(".bft-prepare-cache-")
     assert not os.path.exists(cache) and sorted(os.listdir(out)) == ["train"]
+
+
+def test_an_empty_tmpdir_is_unset_for_the_arrow_copy(tmp_path, monkeypatch):
+    """TMPDIR='' (as tempfile treats it) is not a directory: the copy goes beside the output, which is created."""
+    from bft_megatron.data.pipeline import _scratch_parent
+
+    monkeypatch.setenv("TMPDIR", "")
+    out = tmp_path / "o"
+    assert _scratch_parent(DataConfig(output_dir=str(out))) == str(out) and out.is_dir()
 
 
 def test_a_bad_record_with_workers_is_raised_not_a_hang(tmp_path):
