@@ -352,17 +352,24 @@ def test_export_warns_when_autotokenizer_would_encode_otherwise(tmp_path, family
 
 @pytest.mark.parametrize("files, is_one", [(["tokenizer.json"], True), (["spiece.model"], True), (["vocab.txt"], True),
                                            (["tok.tiktoken"], True), (["chat_template.jinja"], False),
+                                           (["tokenizer_config.json"], True), (["sentencepiece.bpe.model"], True),
+                                           (["tokenizer/x"], False),  # a folder named like a tokenizer file
                                            (["special_tokens_map.json", "config.json"], False), ([], False)])
 def test_the_trainer_and_the_export_agree_on_what_a_tokenizer_directory_is(tmp_path, files, is_one):
     """One rule (data/tokenizer.py has_tokenizer_files): a directory the data layer tokenizes with is one the
     export finds, and one it refuses (a chat template alone) the export skips."""
     from bft_megatron.convert.sources import is_tokenizer
     from bft_megatron.data.errors import DataError
-    from bft_megatron.data.tokenizer import check_tokenizer_path
+    from bft_megatron.data.tokenizer import check_tokenizer_path, has_tokenizer_files
 
+    (tmp_path / "config.json").write_text("{}")
     for name in files:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_text("{}")
     assert is_tokenizer(str(tmp_path)) == is_one
+    # neither a path that is not there nor a file other than a sentencepiece .model (no iterdir on either)
+    assert not is_tokenizer(str(tmp_path / "missing")) and not is_tokenizer(str(tmp_path / "config.json"))
+    assert not has_tokenizer_files(tmp_path / "missing") and not has_tokenizer_files(tmp_path / "config.json")
     if is_one:
         check_tokenizer_path(str(tmp_path))
     else:
