@@ -28,6 +28,7 @@ def test_unset_value_prints_an_empty_line(capsys):
 @pytest.mark.parametrize("argv, message", [
     ([CONFIG, "checkpoint.nosuch"], "config has no field 'checkpoint.nosuch' (no 'nosuch')"),
     ([CONFIG, "train.lrr"], "config has no field 'train.lrr' (no 'lrr'; did you mean 'lr'?)"),
+    ([CONFIG, "train.lr.x"], "config has no field 'train.lr.x' (no 'x')"),  # below a value: nothing to suggest
     ([CONFIG], "usage: python -m bft_megatron.config.show CONFIG FIELD"),
 ])
 def test_bad_arguments_are_a_usage_error(capsys, argv, message):

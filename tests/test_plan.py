@@ -254,7 +254,9 @@ def test_main_rejects_an_mfu_outside_0_1(capsys, mfu):
 def test_gflop_per_token_keeps_three_digits_for_tiny_models():
     from bft_megatron.config.plan import _gflop
 
-    assert [_gflop(x) for x in (433.24e9, 51.46e9, 7.571e6, 0.0)] == ["433.2", "51.5", "0.00757", "0"]
+    assert [_gflop(x) for x in (433.24e9, 51.46e9, 10e9, 7.571e6, 0.0)] == ["433.2", "51.5", "10.0", "0.00757", "0"]
+    plan = format_plan(load_config(os.path.join(ROOT, "configs/demo_cpu.yaml"), []), 1, 0.4, 989.0)
+    assert "tokens/s/GPU (0.00757 GFLOP/token)" in plan  # the demo model printed 0.0
 
 
 def test_cli_plan_subprocess():

@@ -98,6 +98,17 @@ def test_a_checkpoint_save_that_is_a_file_is_refused_before_training(tmp_path):
                                                       "logging.tensorboard_dir=relative/tb"]), data=False)
 
 
+def test_file_in_the_way_names_the_path_as_given_or_the_file_above_it(tmp_path, monkeypatch):
+    from bft_megatron.config.validate import _file_in_the_way
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "f").write_text("x")
+    (tmp_path / "d").mkdir()
+    assert _file_in_the_way("f") == "f" and _file_in_the_way(str(tmp_path / "f")) == str(tmp_path / "f")
+    assert _file_in_the_way("f/a/b") == str(tmp_path / "f")  # the file above, as an absolute path
+    assert [_file_in_the_way(p) for p in (None, "", "d", "d/new/x", "new")] == [None] * 5
+
+
 def test_real_runs_leave_the_data_paths_to_rank_0():
     """Every rank checks the checkpoint (shared storage) before the rendezvous, but not the data sources: they
     may exist on global rank 0's node only, which prepares them (a failure there ends every rank with exit 2)."""
@@ -227,12 +238,18 @@ def test_train_help_says_what_check_and_dry_run_look_at(capsys):
     assert "validate for WORLD_SIZE processes (no paths checked)" in text
 
 
-@pytest.mark.parametrize("rank, warned", [("0", True), ("1", False), ("x", False)])
+@pytest.mark.parametrize("rank, warned", [("0", True), ("1", False), ("x", False), (" 0\n", True), ("", True),
+                                          (None, True)])
 def test_config_warnings_come_from_rank_0_only_and_a_bad_rank_is_no_traceback(monkeypatch, rank, warned):
+    """RANK unset or empty (outside torchrun) is rank 0; without WORLD_SIZE the layout is for one process."""
     from bft_megatron.training.preflight import load_checked
 
-    monkeypatch.setenv("RANK", rank)
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     log = _Log()
-    assert load_checked("configs/demo_cpu.yaml", ["data.seq_length=512"], log, check=False, dry_run=True)
+    _, layout = load_checked("configs/demo_cpu.yaml", ["data.seq_length=512"], log, check=False, dry_run=True)
+    assert layout.world_size == 1
     assert [level for level, _ in log.records] == (["warning"] if warned else [])
