@@ -245,6 +245,43 @@ def test_fully_parallel_strategies_spread_over_the_dp_cp_group_when_asked(tmp_pa
     assert (load.parallelization_group is group) if spread else load is None
 
 
+def test_both_loads_read_with_the_checkpointers_load_strategy(tmp_path, monkeypatch):
+    """A weights-only load (finetune) and a full resume both pass _load_strategy's wrapper to megatron's load."""
+    from types import SimpleNamespace
+
+    from megatron.core import dist_checkpointing
+
+    from bft_megatron.checkpoint import manager
+    from bft_megatron.config import load_config
+
+    class Stop(Exception):
+        pass
+
+    class Chunk(torch.nn.Module):
+        def sharded_state_dict(self):
+            return {}
+
+    seen = []
+
+    def load(request, path, sharded_strategy=None):
+        seen.append(sharded_strategy)
+        raise Stop
+
+    monkeypatch.setattr(dist_checkpointing, "load", load)
+    for name in ("init_optimizer_state", "model_sharded_state_dict"):
+        monkeypatch.setattr(manager, name, lambda *a, **k: {})
+    cfg = load_config(None, ["checkpoint.fully_parallel_load=true"])
+    ckpt = manager.Checkpointer(cfg, SimpleNamespace(rank=0, dp_cp_size=2, dp_cp=object()))
+    strategy = object()
+    monkeypatch.setattr(ckpt, "_load_strategy", lambda path: strategy if path == str(tmp_path) else None)
+    trainer = SimpleNamespace(model=[Chunk()], optimizer=SimpleNamespace(sharded_state_dict=lambda *a, **k: {}))
+    with pytest.raises(Stop):
+        ckpt._load_weights(trainer, str(tmp_path))
+    with pytest.raises(Stop):
+        ckpt._load_full(trainer, str(tmp_path), {}, same_layout=False)
+    assert seen == [strategy, strategy]
+
+
 def test_gather_params_finishes_the_deferred_gather_of_every_overlapping_chunk():
     """Every virtual-pipeline chunk of a megatron DDP with overlap_param_gather gathers synchronously (an async
     dispatch would let the save read the buffers mid-gather); other chunks (no distributed optimizer, no DDP
