@@ -99,7 +99,7 @@ def test_a_checkpoint_save_that_is_a_file_is_refused_before_training(tmp_path):
 
 
 def test_file_in_the_way_names_the_path_as_given_or_the_file_above_it(tmp_path, monkeypatch):
-    from bft_megatron.config.validate import _file_in_the_way
+    from bft_megatron.utils.files import file_in_the_way as _file_in_the_way
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "f").write_text("x")

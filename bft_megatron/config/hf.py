@@ -117,9 +117,11 @@ def merge_hf_config(model, explicit: set[str]):
     """
     path = os.path.join(model.from_hf, "config.json")
     if not os.path.isfile(path):
-        nested = os.path.join(model.from_hf, "hf", "config.json")  # pointer.HF_SUBDIR: an import or iter_ dir
-        hint = (f" (a bft-megatron convert import or checkpoint directory keeps it in hf/: "
-                f"model.from_hf={os.path.join(model.from_hf, 'hf')})" if os.path.isfile(nested) else "")
+        from bft_megatron.checkpoint.pointer import HF_SUBDIR
+
+        nested = os.path.join(model.from_hf, HF_SUBDIR)  # an import's run directory or a checkpoint's iter_ dir
+        hint = (f" (a bft-megatron convert import or checkpoint directory keeps it in {HF_SUBDIR}/: "
+                f"model.from_hf={nested})" if os.path.isfile(os.path.join(nested, "config.json")) else "")
         raise ConfigError(f"model.from_hf: {path} does not exist{hint}")
     with open(path, encoding="utf-8") as fh:
         fields = model_fields_from_hf(json.load(fh))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from bft_megatron.config.base import ConfigError, format_value, non_finite_floats
 from bft_megatron.config.schema import Config
+from bft_megatron.utils.files import not_a_directory
 
 __all__ = ["Layout", "validate", "check_paths", "config_warnings", "error_hint", "have_transformer_engine"]
 
@@ -278,17 +279,6 @@ def _check_data_paths(d) -> None:
                  "data.train sources)")
 
 
-def _file_in_the_way(directory: str | None) -> str | None:
-    """The path at or above ``directory`` that exists and is not a directory (makedirs would fail on it)."""
-    path = os.path.abspath(directory) if directory else None
-    while path and not os.path.exists(path):
-        parent = os.path.dirname(path)
-        path = parent if parent != path else None
-    if path is None or os.path.isdir(path):
-        return None
-    return directory if path == os.path.abspath(directory) else path
-
-
 def check_paths(cfg: Config, data: bool = True) -> None:
     """Inputs that must exist on disk for a run (``--check`` and real runs; not ``--dry-run`` / ``plan``,
     which plan recipes whose paths are placeholders): raises :class:`ConfigError` naming the field.
@@ -305,9 +295,8 @@ def check_paths(cfg: Config, data: bool = True) -> None:
     # Else the run trains to its first save and dies there with NotADirectoryError, its steps lost (and a
     # TensorBoard directory that is a file fails the start with a FileExistsError traceback).
     for name, directory in (("checkpoint.save", c.save), ("logging.tensorboard_dir", cfg.logging.tensorboard_dir)):
-        blocker = _file_in_the_way(directory)
-        _require(blocker is None, f"{name}={directory} exists and is not a directory" if blocker == directory else
-                 f"{name}={directory}: {blocker} exists and is not a directory")
+        problem = not_a_directory(directory)
+        _require(problem is None, f"{name}={problem}")
 
     resumes_own = bool(c.save) and read_latest(c.save) is not None  # then checkpoint.load is not read
     if resumes_own or not c.load or (loads_own_save_dir(c) and not c.finetune):

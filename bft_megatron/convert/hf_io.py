@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bft_megatron.utils.files import default_file_mode
+from bft_megatron.utils.files import default_file_mode, not_a_directory
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["HFReader", "ShardWriter", "finalize_shards", "stale_weights_error", "copy_side_files", "SIDE_FILES",
@@ -89,8 +89,9 @@ class HFReader:
 def stale_weights_error(out_dir: str) -> str | None:
     """An error message if ``out_dir`` already holds HF weights (stale shards would sit beside a new index), or is
     a file (else a NotADirectoryError when the finished export is published)."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        return f"{out_dir} exists and is not a directory; export into a new directory"
+    problem = not_a_directory(out_dir)
+    if problem:
+        return f"{problem}; export into a new directory"
     if not os.path.isdir(out_dir):
         return None
     stale = [f for f in os.listdir(out_dir) if f in (INDEX, SINGLE) or

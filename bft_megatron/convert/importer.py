@@ -36,6 +36,7 @@ from bft_megatron.convert.mapping import detect_spec, global_rules, layer_rules
 from bft_megatron.convert.tensors import to_megatron
 from bft_megatron.convert.runtime import process_group
 from bft_megatron.model import build_model_chunks, builder, padded_vocab_size
+from bft_megatron.utils.files import not_a_directory
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["import_hf", "model_config_from_hf_dir", "read_total_bytes", "HF_SUBDIR", "SPILL_SUBDIR"]
@@ -187,8 +188,9 @@ def _refuse_existing(out_dir: str) -> None:
     """An ``out_dir`` that holds checkpoints already (e.g. a training run's ``checkpoint.save``) is refused: the
     import would move its ``latest`` to the weights-only ``iter_0000000``, and resuming, or exporting, the run
     would then take the import for it."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):  # else a NotADirectoryError traceback
-        raise FileExistsError(f"--out {out_dir} exists and is not a directory; import into a new directory")
+    problem = not_a_directory(out_dir)
+    if problem:  # else a NotADirectoryError traceback
+        raise FileExistsError(f"--out {problem}; import into a new directory")
     existing = pointer.existing_checkpoint(out_dir)
     if existing:
         raise FileExistsError(f"{out_dir} already holds a checkpoint ({existing}); import into a new directory "

@@ -29,6 +29,7 @@ from bft_megatron.data.storage import SampleStream, is_prepared, publish_index, 
 from bft_megatron.data.templates import check_template
 from bft_megatron.data.tokenize import Encoded, apply_length_policy, encode
 from bft_megatron.data.tokenizer import Tokenizer, describe, load_tokenizer
+from bft_megatron.utils.files import file_in_the_way
 from bft_megatron.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -237,9 +238,11 @@ def _scratch_parent(cfg: DataConfig) -> str:
 def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = None,
                 splits: Iterable[str] | None = None) -> dict[str, SplitStats]:
     """Prepare every configured split (only those in ``splits`` when given)."""
-    if os.path.exists(cfg.output_dir) and not os.path.isdir(cfg.output_dir):  # else a NotADirectoryError traceback
-        raise DataError(f"output_dir={cfg.output_dir!r}", "exists and is not a directory: name the directory to write "
-                                                          "train/ and valid/ into")
+    blocker = file_in_the_way(cfg.output_dir)
+    if blocker is not None:  # else a NotADirectoryError traceback
+        where = "" if blocker == cfg.output_dir else f"{blocker} "
+        raise DataError(f"output_dir={cfg.output_dir!r}", f"{where}exists and is not a directory: name the directory "
+                                                          "to write train/ and valid/ into")
     tok = load_tokenizer(cfg.tokenizer)
     check_template(cfg.template, tok)
     if tok.chat_template and cfg.template != "tokenizer":

@@ -76,12 +76,11 @@ def _apply_flags(cfg: DataConfig, args: argparse.Namespace) -> DataConfig:
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is None:
             continue
-        if attr in ("train", "valid"):
-            value = [SourceConfig.from_str(s) for s in value] if value else None
+        if attr in ("train", "valid"):  # append actions: a non-empty list
+            value = [SourceConfig.from_str(s) for s in value]
         elif attr == "packing":
             value = value == "true"
-        if value is not None:
-            setattr(cfg, attr, value)
+        setattr(cfg, attr, value)
     return cfg
 
 
@@ -107,6 +106,7 @@ def format_summary(cfg: DataConfig, results: dict[str, SplitStats]) -> str:
 def preparation_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> list[str]:
     """One line per notable loss: samples truncated or dropped by the length policy, records skipped."""
     out = []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     for split, st in results.items():
         total = sum(st.length.values())  # samples that reached the length policy
         for key, hint in _LENGTH_HINTS.items():
@@ -117,7 +117,6 @@ def preparation_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> lis
         if skipped and skipped >= NOTABLE_SHARE * st.records:
             out.append(f"[{split}] {skipped} of {st.records} records ({skipped / st.records:.1%}) were skipped as "
                        "unusable (data.on_error=skip); the summary names the first ones")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         if cfg.num_workers == 1 and st.seconds >= SLOW_SECONDS and cores > 1:
             out.append(f"[{split}] preparing {st.records} records took {st.seconds:.0f} s in one process: "
                        f"data.num_workers={min(cores, 16)} tokenizes on {min(cores, 16)} of this machine's {cores} "

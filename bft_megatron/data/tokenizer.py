@@ -54,8 +54,11 @@ def check_tokenizer_path(path: str) -> Path:
     expected = "expected an HF tokenizer directory or a sentencepiece .model file"
     if p.is_dir():
         if not has_tokenizer_files(p):  # else transformers' "Couldn't instantiate the backend tokenizer"
-            nested = p / "hf" / "tokenizer_config.json"  # a convert import's or a trainer checkpoint's hf/
-            hint = f" (a bft-megatron checkpoint keeps its tokenizer in hf/: {p / 'hf'})" if nested.is_file() else ""
+            from bft_megatron.checkpoint.pointer import HF_SUBDIR  # a convert import's or a checkpoint's copy
+
+            nested = p / HF_SUBDIR
+            hint = (f" (a bft-megatron checkpoint keeps its tokenizer in {HF_SUBDIR}/: {nested})"
+                    if (nested / "tokenizer_config.json").is_file() else "")
             raise DataError(f"tokenizer={path!r}", f"a directory without tokenizer files (tokenizer.json, "
                                                    f"tokenizer_config.json, tokenizer.model, vocab.*, ...){hint}; "
                                                    f"{expected}")

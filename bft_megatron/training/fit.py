@@ -146,8 +146,11 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
     step_times: list[float] = []
     # A run resumed at iteration N already has checkpoint N: only save again after new steps.
     saved_at, interval_tokens = (state.iteration if state.iteration > 0 else -1), 0
+    def stop_validation() -> bool:  # a collective: asked before each validation batch
+        return _exit_agreed(cfg, exit_request, trainer.groups.device)
+
     if cfg.train.eval_on_start and state.iteration == 0 and trainer.valid_data is not None:
-        trainer.evaluate(stop=lambda: _exit_agreed(cfg, exit_request, trainer.groups.device))
+        trainer.evaluate(stop=stop_validation)
     while state.iteration < cfg.train.train_iters:
         t0 = time.perf_counter()
         upcoming = state.iteration + 1
@@ -164,7 +167,7 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
         if note:
             _log.info(note)
         if cfg.train.eval_interval and it % cfg.train.eval_interval == 0 and trainer.valid_data is not None:
-            trainer.evaluate(stop=lambda: _exit_agreed(cfg, exit_request, trainer.groups.device))
+            trainer.evaluate(stop=stop_validation)
         if checkpointer is not None and cfg.checkpoint.save_interval and it % cfg.checkpoint.save_interval == 0:
             checkpointer.save(trainer)
             saved_at = it

@@ -5,7 +5,29 @@ from __future__ import annotations
 import os
 import tempfile
 
-__all__ = ["atomic_write_text", "default_file_mode"]
+__all__ = ["atomic_write_text", "default_file_mode", "file_in_the_way", "not_a_directory"]
+
+
+def file_in_the_way(directory: str | None) -> str | None:
+    """The path at or above ``directory`` that exists and is not a directory (``os.makedirs`` would fail on it):
+    ``directory`` itself as given, or the absolute path of the file above it; None when nothing is in the way."""
+    path = os.path.abspath(directory) if directory else None
+    while path and not os.path.exists(path):
+        parent = os.path.dirname(path)
+        path = parent if parent != path else None
+    if path is None or os.path.isdir(path):
+        return None
+    return directory if path == os.path.abspath(directory) else path
+
+
+def not_a_directory(directory: str | None) -> str | None:
+    """``"D exists and is not a directory"`` or ``"D: F exists and is not a directory"`` (F a file above D), for
+    messages about a directory a command is about to create or write into; None when it can."""
+    blocker = file_in_the_way(directory)
+    if blocker is None:
+        return None
+    return f"{directory} exists and is not a directory" if blocker == directory else \
+        f"{directory}: {blocker} exists and is not a directory"
 
 
 def default_file_mode() -> int:
