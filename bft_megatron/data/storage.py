@@ -67,6 +67,21 @@ class SampleStream:
                 p.unlink()
 
 
+def advise_random_access(mapped: np.ndarray) -> None:
+    """Tell the kernel that ``mapped`` (an ``np.load(..., mmap_mode="r")`` array) is read at random places.
+
+    The sampler reads rows in shuffled order, and the kernel's default read-ahead for a memory map turns each
+    ~20 kB row into megabytes of reads: from a cold page cache, 200 shuffled 4096-token rows of a 660 MB split read
+    622 MiB from disk at 4.3 ms per row; with ``MADV_RANDOM`` 8.7 MiB at 0.54 ms (docs/benchmarks.md). Pages
+    already cached, also by other ranks, are shared as before. A no-op where ``madvise`` is unavailable."""
+    import mmap
+
+    advice = getattr(mmap, "MADV_RANDOM", None)
+    handle = getattr(mapped, "_mmap", None)  # np.memmap keeps its mmap.mmap here; None for an empty array
+    if advice is not None and handle is not None:
+        handle.madvise(advice)
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -165,6 +180,8 @@ class PackedDataset:
         self.index = read_index(self.directory)
         arrays = {n: np.load(self.directory / f"{n}.npy", mmap_mode="r") for n in ARRAYS}
         self.tokens, self.loss_mask = arrays["tokens"], arrays["loss_mask"]
+        for mapped in (self.tokens, self.loss_mask):
+            advise_random_access(mapped)
         self.sample_offsets = np.asarray(arrays["sample_offsets"])
         self.row_offsets = np.asarray(arrays["row_offsets"])
         self.sample_ids = np.asarray(arrays["sample_ids"])
