@@ -1,6 +1,8 @@
 """Where a synchronous checkpoint save spends its time, and how the torch_dist writer's process count changes it.
 
     python bench/ckpt_save.py --config configs/bench/demo_gpu.yaml --dir /tmp/ckbench --threads 1 2 4 8
+    python bench/ckpt_save.py --config configs/bench/demo_gpu.yaml --dir /tmp/ckbench --threads 2 \
+        --optim default mem_efficient --profile-state
 
 Builds the trainer from the config, trains one step (so the optimizer state exists), then saves ``--rounds``
 times per writer count (interleaved: 1 2 4 8 1 2 4 8 ...), after one warm-up save that is not reported (it
@@ -14,6 +16,11 @@ is split into:
   ``thread_count``, default 2);
 * ``other``: the rest of ``dist_checkpointing.save`` (planning, metadata, the common state) and the commit
   (``iter_N/hf/``, the ``latest`` pointer).
+
+``--optim``: the distributed optimizer's checkpoint metadata per save (interleaved with ``--threads``):
+``default`` is the trainer's (``checkpoint/state.py`` OPT_METADATA, megatron's ``fully_reshardable``), ``mem_efficient``
+adds megatron's ``distrib_optim_fully_reshardable_mem_efficient`` (gather over gloo to the first DP rank only).
+``--profile-state``: one more save whose ``state`` phase runs under cProfile; prints its top functions.
 
 Prints a markdown table (median seconds per phase, GB written, GB/s over the whole save) and, with --json,
 every save's numbers. The run directory is deleted after each save: only one checkpoint is on disk at a time.
@@ -51,6 +58,36 @@ class _Timer:
             finally:
                 self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
         return timed
+
+
+OPTIM = {"default": {}, "mem_efficient": {"distrib_optim_fully_reshardable_mem_efficient": True}}
+
+
+def _set_optim(variant: str) -> None:
+    """The trainer's optimizer checkpoint metadata plus the variant's keys (the dict is shared by reference)."""
+    from bft_megatron.checkpoint import state
+
+    for key in OPTIM["mem_efficient"]:
+        state.OPT_METADATA.pop(key, None)
+    state.OPT_METADATA.update(OPTIM[variant])
+
+
+def _profile_state(checkpointer, trainer, run_dir: str, top: int = 20) -> str:
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    original = checkpointer._state_for_save
+    checkpointer._state_for_save = lambda t: profiler.runcall(original, t)
+    try:
+        checkpointer.save(trainer)
+    finally:
+        checkpointer._state_for_save = original
+        shutil.rmtree(run_dir)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
 
 
 def _instrument(timer: _Timer, thread_count: list[int]):
@@ -96,13 +133,13 @@ def _one_save(checkpointer, trainer, timer: _Timer, run_dir: str) -> dict:
     return row
 
 
-def _table(results: dict[int, list[dict]]) -> str:
-    lines = ["| writer processes | " + " | ".join(f"{p} s" for p in PHASES) + " | GB | GB/s | saves |",
-             "|---:|" + "---:|" * (len(PHASES) + 3)]
-    for threads, rows in results.items():
+def _table(results: dict[str, list[dict]]) -> str:
+    lines = ["| optimizer metadata, writer processes | " + " | ".join(f"{p} s" for p in PHASES) + " | GB | GB/s | saves |",
+             "|---|" + "---:|" * (len(PHASES) + 3)]
+    for setting, rows in results.items():
         med = {k: statistics.median(r[k] for r in rows) for k in PHASES + ("gb",)}
         cells = " | ".join(f"{med[p]:.2f}" for p in PHASES)
-        lines.append(f"| {threads} | {cells} | {med['gb']:.2f} | {med['gb'] / med['total']:.2f} | {len(rows)} |")
+        lines.append(f"| {setting} | {cells} | {med['gb']:.2f} | {med['gb'] / med['total']:.2f} | {len(rows)} |")
     return "\n".join(lines)
 
 
@@ -112,6 +149,8 @@ def main() -> None:
     ap.add_argument("--dir", required=True, help="checkpoint.save for the measured saves (deleted after each)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--optim", nargs="+", choices=sorted(OPTIM), default=["default"])
+    ap.add_argument("--profile-state", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -128,17 +167,23 @@ def main() -> None:
     timer, thread_count = _Timer(), [2]
     checkpointer = _instrument(timer, thread_count)(cfg, groups)
     warmup = _one_save(checkpointer, trainer, timer, args.dir)
-    results: dict[int, list[dict]] = {t: [] for t in args.threads}
+    results: dict[str, list[dict]] = {f"{o}, {t}": [] for o in args.optim for t in args.threads}
     for _ in range(args.rounds):
-        for threads in args.threads:
-            thread_count[0] = threads
-            results[threads].append(_one_save(checkpointer, trainer, timer, args.dir))
-            sys.stderr.write(f"threads {threads}: {results[threads][-1]}\n")
-    sys.stdout.write(f"warm-up save (2 writer processes, not in the table): {warmup['total']:.1f} s\n")
+        for setting in results:
+            optim, threads = setting.split(", ")
+            _set_optim(optim)
+            thread_count[0] = int(threads)
+            results[setting].append(_one_save(checkpointer, trainer, timer, args.dir))
+            sys.stderr.write(f"{setting}: {results[setting][-1]}\n")
+    sys.stdout.write(f"warm-up save (default, 2 writer processes, not in the table): {warmup['total']:.1f} s\n")
     sys.stdout.write(_table(results) + "\n")
+    if args.profile_state:
+        _set_optim(args.optim[0])
+        sys.stdout.write(f"state phase of one more save ({args.optim[0]}) under cProfile:\n")
+        sys.stdout.write(_profile_state(checkpointer, trainer, args.dir))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"warmup": warmup, "saves": {str(k): v for k, v in results.items()}}, fh, indent=1)
+            json.dump({"warmup": warmup, "saves": results}, fh, indent=1)
     bootstrap.destroy()
 
 
