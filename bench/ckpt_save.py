@@ -19,7 +19,9 @@ is split into:
 
 ``--optim``: the distributed optimizer's checkpoint metadata per save (interleaved with ``--threads``):
 ``default`` is the trainer's (``checkpoint/state.py`` OPT_METADATA, megatron's ``fully_reshardable``), ``mem_efficient``
-adds megatron's ``distrib_optim_fully_reshardable_mem_efficient`` (gather over gloo to the first DP rank only).
+adds megatron's ``distrib_optim_fully_reshardable_mem_efficient`` (gather over gloo to the first DP rank only),
+``dp_reshardable`` is megatron's format without the gather (each DP rank writes its own flat buffers; DP-only
+resharding; Megatron-LM's default).
 ``--profile-state``: one more save whose ``state`` phase runs under cProfile; prints its top functions.
 
 Prints a markdown table (median seconds per phase, GB written, GB/s over the whole save) and, with --json,
@@ -60,16 +62,18 @@ class _Timer:
         return timed
 
 
-OPTIM = {"default": {}, "mem_efficient": {"distrib_optim_fully_reshardable_mem_efficient": True}}
+OPTIM = {"default": {}, "mem_efficient": {"distrib_optim_fully_reshardable_mem_efficient": True},
+         "dp_reshardable": {"distrib_optim_sharding_type": "dp_reshardable"}}
 
 
-def _set_optim(variant: str) -> None:
-    """The trainer's optimizer checkpoint metadata plus the variant's keys (the dict is shared by reference)."""
+def _set_optim(variant: str, _default: dict = {}) -> None:
+    """The trainer's optimizer checkpoint metadata with the variant's keys (the dict is shared by reference)."""
     from bft_megatron.checkpoint import state
 
-    for key in OPTIM["mem_efficient"]:
-        state.OPT_METADATA.pop(key, None)
-    state.OPT_METADATA.update(OPTIM[variant])
+    if not _default:
+        _default.update(state.OPT_METADATA)
+    state.OPT_METADATA.clear()
+    state.OPT_METADATA.update(_default, **OPTIM[variant])
 
 
 def _profile_state(checkpointer, trainer, run_dir: str, top: int = 20) -> str:
