@@ -1,5 +1,6 @@
 """Checkpoint bookkeeping files: the atomic ``latest`` pointer, pruning and commit order, atomic writes, and
-the Adam step counters untied on resume, and the unwrapping of DDP / Float16Module wrappers."""
+the Adam step counters untied on resume, the optimizer-state copy on load (never the step, under no_grad), and the
+unwrapping of DDP / Float16Module wrappers."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from bft_megatron.checkpoint import pointer
-from bft_megatron.checkpoint.state import gather_params, model_sharded_state_dict, untie_adam_steps, unwrap
+from bft_megatron.checkpoint.state import (gather_params, model_sharded_state_dict, tolerate_missing_adam_step,
+                                           untie_adam_steps, unwrap)
 
 
 def test_latest_pointer_is_atomic_and_prune_keeps_last(tmp_path):
@@ -112,6 +114,40 @@ def test_untie_adam_steps_gives_each_param_its_own_counter():
         p.grad = torch.ones(3)
     opt.step()
     assert [float(opt.state[p]["step"]) for p in params] == [4.0] * 4
+
+
+def test_optimizer_load_copies_the_checkpoints_tensors_but_never_the_adam_step():
+    """megatron's dp_reshardable loader hands back, as ``step``, the optimizer's own step tensor of the time the load
+    request was built (0 here), and copies into fp32 main parameters (views of the model's leaf parameters) without
+    ``no_grad``; fully_reshardable has no ``step`` at all. The patched copy keeps the loaded step and copies under
+    no_grad."""
+    from types import SimpleNamespace
+
+    model_param = torch.nn.Parameter(torch.zeros(4))
+    main_param = model_param.view(-1)[1:3]  # megatron's fp32 main parameter: a view of the leaf
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    opt.param_groups[0]["params"] = [main_param]  # as megatron swaps in its shards (Adam refuses non-leaves)
+    loaded_step = torch.tensor(2.0)
+    opt.state[main_param] = {"step": loaded_step, "exp_avg": torch.zeros(2), "exp_avg_sq": torch.zeros(2)}
+
+    class FakeDistOpt:
+        def __init__(self):
+            self.optimizer, self.config = opt, SimpleNamespace(use_precision_aware_optimizer_no_fp8_or_ds_fp8=False)
+            self.model_param_group_index_map = {model_param: (0, 0)}
+
+        def _set_main_param_and_optimizer_states(self, model_param, tensors):
+            raise AssertionError("patched away")
+
+    dist_opt = FakeDistOpt()
+    stale = {"param": torch.tensor([1.0, 2.0]), "exp_avg": torch.tensor([3.0, 4.0]),
+             "exp_avg_sq": torch.tensor([5.0, 6.0]), "step": torch.tensor(0.0)}  # dp_reshardable's tensors
+    with tolerate_missing_adam_step(dist_opt):
+        dist_opt._set_main_param_and_optimizer_states(model_param, stale)
+        dist_opt._set_main_param_and_optimizer_states(model_param, {k: v for k, v in stale.items() if k != "step"})
+    assert model_param.tolist() == [0.0, 1.0, 2.0, 0.0]
+    assert opt.state[main_param]["exp_avg_sq"].tolist() == [5.0, 6.0]
+    assert opt.state[main_param]["step"] is loaded_step and float(loaded_step) == 2.0
+    assert "_set_main_param_and_optimizer_states" not in vars(dist_opt)  # the class method again
 
 
 def test_atomic_write_keeps_the_files_permissions(tmp_path):

@@ -4,7 +4,8 @@
   (layer numbers offset per stage, TP shards as slices), so a checkpoint loads at any TP/PP/VP. Under
   ``overlap_param_gather`` the last step's parameter all-gather is finished first (:func:`gather_params`).
 * ``optimizer``: ``sharded_state_dict(..., metadata={"distrib_optim_sharding_type":
-  "fully_reshardable"})`` — canonical per-parameter Adam state, reloadable at another layout.
+  "fully_reshardable"})`` — canonical per-parameter Adam state, reloadable at another layout. (Megatron's
+  ``dp_reshardable``, the flat per-DP-rank buffers, also resumes bitwise through the same load path.)
 * ``rng_state``: one ShardedObject per global rank, restored only at the identical layout.
 * common (rank-0) items: scheduler state, :class:`TrainState` (iteration, consumed rows), layout.
 """
@@ -110,12 +111,21 @@ def untie_adam_steps(optimizer) -> int:
 
 @contextlib.contextmanager
 def tolerate_missing_adam_step(optimizer):
-    """Let a ``fully_reshardable`` load copy only the per-parameter keys the checkpoint has.
+    """Let a distributed-optimizer load copy only the per-parameter tensors the checkpoint has, never ``step``.
 
-    megatron-core 0.16 (torch Adam, no TE/apex) first loads a ``step`` into every parameter state,
-    then copies each checkpointed tensor into *every* state key, including ``step``, which the
-    fully-reshardable format does not store -> ``KeyError: 'step'``. Within this context each
-    DistributedOptimizer copies the intersection of keys (``step`` keeps the loaded value).
+    megatron-core 0.16 (torch Adam, no TE/apex) first loads the param groups' ``step`` into every parameter
+    state (``DistributedOptimizer.load_state_dict``), then copies each checkpointed tensor into *every* state key:
+
+    * ``fully_reshardable`` does not store ``step`` -> ``KeyError: 'step'``;
+    * ``dp_reshardable`` returns, as ``step``, a ``LocalNonpersistentObject`` of this optimizer's own step
+      tensor at the time the load request was built (0 for a fresh optimizer), which would silently
+      overwrite the loaded step: Adam's bias correction restarts and the resumed run diverges;
+    * ``dp_reshardable``'s loader, unlike ``fully_reshardable``'s, does not run under ``torch.no_grad``, and
+      fp32 main parameters are views of the model's leaf parameters -> "a view of a leaf Variable that
+      requires grad is being used in an in-place operation".
+
+    Within this context each DistributedOptimizer copies the checkpoint's keys other than ``step`` (which
+    keeps the param groups' value), under ``torch.no_grad``.
     """
     patched = []
     for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
@@ -129,8 +139,9 @@ def tolerate_missing_adam_step(optimizer):
             group_index, group_order = _opt.model_param_group_index_map[model_param]
             main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
             dst = {"param": main_param, **_opt.optimizer.state[main_param]}
-            for key in dst.keys() & tensors.keys():
-                dst[key].copy_(tensors[key])
+            with torch.no_grad():  # fp32: main params are views of the model's leaf parameters
+                for key in (dst.keys() & tensors.keys()) - {"step"}:
+                    dst[key].copy_(tensors[key])
 
         opt._set_main_param_and_optimizer_states = copy_present
         patched.append(opt)
