@@ -2,7 +2,7 @@
 
     python bench/ckpt_save.py --config configs/bench/demo_gpu.yaml --dir /tmp/ckbench --threads 1 2 4 8
     python bench/ckpt_save.py --config configs/bench/demo_gpu.yaml --dir /tmp/ckbench --threads 2 \
-        --optim default mem_efficient --profile-state
+        --optim fully_reshardable dp_reshardable --profile-state
 
 Builds the trainer from the config, trains one step (so the optimizer state exists), then saves ``--rounds``
 times per writer count (interleaved: 1 2 4 8 1 2 4 8 ...), after one warm-up save that is not reported (it
@@ -17,11 +17,8 @@ is split into:
 * ``other``: the rest of ``dist_checkpointing.save`` (planning, metadata, the common state) and the commit
   (``iter_N/hf/``, the ``latest`` pointer).
 
-``--optim``: the distributed optimizer's checkpoint metadata per save (interleaved with ``--threads``):
-``default`` is the trainer's (``checkpoint/state.py`` OPT_METADATA, megatron's ``fully_reshardable``), ``mem_efficient``
-adds megatron's ``distrib_optim_fully_reshardable_mem_efficient`` (gather over gloo to the first DP rank only),
-``dp_reshardable`` is megatron's format without the gather (each DP rank writes its own flat buffers; DP-only
-resharding; Megatron-LM's default).
+``--optim``: ``checkpoint.optimizer_format`` per save (interleaved with ``--threads``): ``fully_reshardable`` (the
+default) or ``dp_reshardable`` (no gather; each DP rank writes its own flat buffers; Megatron-LM's default).
 ``--profile-state``: one more save whose ``state`` phase runs under cProfile; prints its top functions.
 
 Prints a markdown table (median seconds per phase, GB written, GB/s over the whole save) and, with --json,
@@ -62,18 +59,7 @@ class _Timer:
         return timed
 
 
-OPTIM = {"default": {}, "mem_efficient": {"distrib_optim_fully_reshardable_mem_efficient": True},
-         "dp_reshardable": {"distrib_optim_sharding_type": "dp_reshardable"}}
-
-
-def _set_optim(variant: str, _default: dict = {}) -> None:
-    """The trainer's optimizer checkpoint metadata with the variant's keys (the dict is shared by reference)."""
-    from bft_megatron.checkpoint import state
-
-    if not _default:
-        _default.update(state.OPT_METADATA)
-    state.OPT_METADATA.clear()
-    state.OPT_METADATA.update(_default, **OPTIM[variant])
+FORMATS = ("fully_reshardable", "dp_reshardable")
 
 
 def _profile_state(checkpointer, trainer, run_dir: str, top: int = 20) -> str:
@@ -138,7 +124,8 @@ def _one_save(checkpointer, trainer, timer: _Timer, run_dir: str) -> dict:
 
 
 def _table(results: dict[str, list[dict]]) -> str:
-    lines = ["| optimizer metadata, writer processes | " + " | ".join(f"{p} s" for p in PHASES) + " | GB | GB/s | saves |",
+    header = " | ".join(f"{p} s" for p in PHASES)
+    lines = [f"| optimizer format, writer processes | {header} | GB | GB/s | saves |",
              "|---|" + "---:|" * (len(PHASES) + 3)]
     for setting, rows in results.items():
         med = {k: statistics.median(r[k] for r in rows) for k in PHASES + ("gb",)}
@@ -153,7 +140,7 @@ def main() -> None:
     ap.add_argument("--dir", required=True, help="checkpoint.save for the measured saves (deleted after each)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--optim", nargs="+", choices=sorted(OPTIM), default=["default"])
+    ap.add_argument("--optim", nargs="+", choices=FORMATS, default=[FORMATS[0]])
     ap.add_argument("--profile-state", action="store_true")
     ap.add_argument("--json", default=None)
     ap.add_argument("overrides", nargs="*")
@@ -170,19 +157,20 @@ def main() -> None:
     fit(trainer, None)
     timer, thread_count = _Timer(), [2]
     checkpointer = _instrument(timer, thread_count)(cfg, groups)
+    checkpointer.ckpt.optimizer_format = args.optim[0]
     warmup = _one_save(checkpointer, trainer, timer, args.dir)
     results: dict[str, list[dict]] = {f"{o}, {t}": [] for o in args.optim for t in args.threads}
     for _ in range(args.rounds):
         for setting in results:
             optim, threads = setting.split(", ")
-            _set_optim(optim)
+            checkpointer.ckpt.optimizer_format = optim
             thread_count[0] = int(threads)
             results[setting].append(_one_save(checkpointer, trainer, timer, args.dir))
             sys.stderr.write(f"{setting}: {results[setting][-1]}\n")
-    sys.stdout.write(f"warm-up save (default, 2 writer processes, not in the table): {warmup['total']:.1f} s\n")
+    sys.stdout.write(f"warm-up save ({args.optim[0]}, 2 writer processes, not in the table): {warmup['total']:.1f} s\n")
     sys.stdout.write(_table(results) + "\n")
     if args.profile_state:
-        _set_optim(args.optim[0])
+        checkpointer.ckpt.optimizer_format = args.optim[0]
         sys.stdout.write(f"state phase of one more save ({args.optim[0]}) under cProfile:\n")
         sys.stdout.write(_profile_state(checkpointer, trainer, args.dir))
     if args.json:

@@ -58,13 +58,16 @@ def test_thd_packing_matches_samples_alone(groups):
             torch.testing.assert_close(packed[a:b], alone, atol=3e-2, rtol=3e-2)
 
 
-@pytest.mark.parametrize("async_save", [False, True])
-def test_bf16_bft_trains_and_resumes(groups, tmp_path, async_save):
-    """Bitwise resume from a mid-run checkpoint, written synchronously or by megatron's async writer."""
+@pytest.mark.parametrize("async_save, optimizer_format", [(False, "fully_reshardable"), (True, "fully_reshardable"),
+                                                         (False, "dp_reshardable")])
+def test_bf16_bft_trains_and_resumes(groups, tmp_path, async_save, optimizer_format):
+    """Bitwise resume from a mid-run checkpoint, written synchronously or by megatron's async writer, with either
+    optimizer format (TE's FusedAdam here, torch Adam in the CPU tests)."""
     from bft_megatron.checkpoint import Checkpointer
     from bft_megatron.training.fit import fit
 
-    save = [f"checkpoint.save={tmp_path}", "checkpoint.save_interval=20", f"checkpoint.async_save={async_save}"]
+    save = [f"checkpoint.save={tmp_path}", "checkpoint.save_interval=20", f"checkpoint.async_save={async_save}",
+            f"checkpoint.optimizer_format={optimizer_format}"]
     trainer = _trainer(groups, save)
     fit(trainer, Checkpointer(trainer.cfg, groups))
     hist = trainer.state.history

@@ -25,9 +25,10 @@ from bft_megatron.checkpoint.architecture import check_architecture
 from bft_megatron.checkpoint.data_order import warn_data_order
 from bft_megatron.checkpoint.hf_files import CheckpointHF
 from bft_megatron.checkpoint.schedule import check_schedule, group_bounds, restore_group_bounds
-from bft_megatron.checkpoint.state import (OPT_METADATA, gather_params, init_optimizer_state, layout_of,
-                                           model_sharded_state_dict, restore_rng, rng_sharded_object,
-                                           tolerate_missing_adam_step, untie_adam_steps, unwrap)
+from bft_megatron.checkpoint.state import (gather_params, init_optimizer_state, layout_of, model_sharded_state_dict,
+                                           optimizer_metadata, restore_rng, rng_sharded_object,
+                                           saved_optimizer_format, tolerate_missing_adam_step, untie_adam_steps,
+                                           unwrap)
 from bft_megatron.checkpoint.weights import load_model_weights
 from bft_megatron.config.base import ConfigError, to_dict
 from bft_megatron.config.validate import loads_own_save_dir
@@ -68,7 +69,8 @@ class Checkpointer:
         sd = dict(model_sd)
         # Pass the nested per-chunk dicts: megatron maps parameters through their values, and the chunks'
         # local keys (decoder.layers.0...) collide, so merging them would lose parameters under VP.
-        sd["optimizer"] = trainer.optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPT_METADATA)
+        sd["optimizer"] = trainer.optimizer.sharded_state_dict(
+            model_sd, is_loading=False, metadata=optimizer_metadata(self.ckpt.optimizer_format))
         sd["rng_state"] = rng_sharded_object(self.groups)
         sd["scheduler"] = trainer.scheduler.state_dict()
         s = trainer.state
@@ -109,8 +111,9 @@ class Checkpointer:
     def _save_strategy(self):
         """torch_dist; with ``checkpoint.fully_parallel_save`` (and more than one replica) spread over the DP x CP
         group: a shard every replica holds is written by one of them, chosen to balance the bytes per rank, instead
-        of always by the first. Every replica holds everything: the weights, and (megatron's fully_reshardable
-        format all-gathers it over DP before a save) the whole optimizer state of its TP/PP shard."""
+        of always by the first. Every replica holds the weights and, with the fully_reshardable optimizer format
+        (all-gathered over DP before a save), the whole optimizer state of its TP/PP shard; with dp_reshardable each
+        rank writes its own optimizer shard."""
         from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
         from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
@@ -211,6 +214,7 @@ class Checkpointer:
         else:
             # Then, on every rank: a schedule the config does not reproduce fails before anything is loaded.
             check_schedule(trainer.scheduler, common, self.cfg, path, self.groups.rank)
+            self._check_optimizer_layout(common, path)
             warn_data_order(common, self.cfg.data.seed, trainer.train_data.sampler.num_rows, path, self.groups.rank)
             self._load_full(trainer, path, common, same_layout)
             if self._hf is not None:  # the same run goes on: its checkpoints keep the resumed one's HF files
@@ -218,6 +222,18 @@ class Checkpointer:
         _log.info("loaded %s (%s%s)", path, "weights only" if finetune else "full state",
                   "" if same_layout else f", resharded from {common.get('layout')}")
         return True
+
+    def _check_optimizer_layout(self, common: dict, path: str) -> None:
+        """A ``dp_reshardable`` optimizer state resumes only where every model-parallel size is the saved one."""
+        saved, now = common.get("layout") or {}, layout_of(self.groups)
+        changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in ("tp", "pp", "vp", "cp") if saved.get(k) != now[k]]
+        if saved_optimizer_format(common) != "dp_reshardable" or not changed:
+            return
+        raise ConfigError(
+            f"{path}: its optimizer state is in the dp_reshardable format (checkpoint.optimizer_format), which a full "
+            f"resume can only load at the same tp/pp/vp/cp (dp may change); this run changes {', '.join(changed)}. "
+            "Resume at the saved layout, or start a new run from its weights: checkpoint.load=<that run> "
+            "checkpoint.finetune=true with another checkpoint.save (fresh optimizer state)")
 
     def _load_weights(self, trainer, path: str) -> None:
         load_model_weights(trainer.model, path, self._load_strategy(path))
@@ -236,7 +252,8 @@ class Checkpointer:
         init_optimizer_state(trainer.optimizer)
         model_sd = model_sharded_state_dict(trainer.model)
         request = dict(model_sd)
-        request["optimizer"] = trainer.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPT_METADATA)
+        request["optimizer"] = trainer.optimizer.sharded_state_dict(
+            model_sd, is_loading=True, metadata=optimizer_metadata(saved_optimizer_format(common)))
         if same_layout:
             request["rng_state"] = rng_sharded_object(self.groups)
         loaded = dist_checkpointing.load(request, path, sharded_strategy=self._load_strategy(path))

@@ -3,9 +3,10 @@
 * ``model`` / ``model<i>`` (virtual chunks): megatron's own sharded state dicts — keys are global
   (layer numbers offset per stage, TP shards as slices), so a checkpoint loads at any TP/PP/VP. Under
   ``overlap_param_gather`` the last step's parameter all-gather is finished first (:func:`gather_params`).
-* ``optimizer``: ``sharded_state_dict(..., metadata={"distrib_optim_sharding_type":
-  "fully_reshardable"})`` — canonical per-parameter Adam state, reloadable at another layout. (Megatron's
-  ``dp_reshardable``, the flat per-DP-rank buffers, also resumes bitwise through the same load path.)
+* ``optimizer``: ``sharded_state_dict(..., metadata=optimizer_metadata(checkpoint.optimizer_format))``:
+  ``fully_reshardable`` — canonical per-parameter Adam state, reloadable at another layout — or
+  ``dp_reshardable`` — each DP rank's flat buffers, reloadable at another DP size only, no gather before a save.
+  Both resume bitwise at the same layout (through :func:`tolerate_missing_adam_step`).
 * ``rng_state``: one ShardedObject per global rank, restored only at the identical layout.
 * common (rank-0) items: scheduler state, :class:`TrainState` (iteration, consumed rows), layout.
 """
@@ -18,11 +19,23 @@ import torch
 
 from bft_megatron.parallel.bootstrap import ParallelGroups
 
-__all__ = ["OPT_METADATA", "layout_of", "model_sharded_state_dict", "gather_params", "init_optimizer_state",
-           "torch_optimizers", "untie_adam_steps", "rng_sharded_object", "restore_rng", "unwrap",
-           "tolerate_missing_adam_step"]
+__all__ = ["optimizer_metadata", "saved_optimizer_format", "layout_of", "model_sharded_state_dict", "gather_params",
+           "init_optimizer_state", "torch_optimizers", "untie_adam_steps", "rng_sharded_object", "restore_rng",
+           "unwrap", "tolerate_missing_adam_step"]
 
-OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"  # of checkpoints whose config does not name one
+
+
+def optimizer_metadata(optimizer_format: str) -> dict:
+    """The ``metadata`` of megatron's ``DistributedOptimizer.sharded_state_dict`` for ``checkpoint.optimizer_format``
+    (the same dict must be used to save and to load a checkpoint)."""
+    return {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
+
+
+def saved_optimizer_format(common: dict) -> str:
+    """The optimizer format a checkpoint was saved with (its config), from its common state dict."""
+    ckpt = (common.get("config") or {}).get("checkpoint") or {}
+    return ckpt.get("optimizer_format", DEFAULT_OPTIMIZER_FORMAT)
 
 
 def layout_of(groups: ParallelGroups) -> dict:

@@ -147,6 +147,12 @@ class CheckpointConfig:
     # Each replica reads a part of what they all load and they exchange it (Megatron-LM's
     # --ckpt-fully-parallel-load, off there too): fewer reads of the file system, more memory while loading.
     fully_parallel_load: bool = False
+    # The distributed optimizer's state in a checkpoint (megatron's format names). fully_reshardable: per-parameter
+    # Adam state that a full resume can load at another TP/PP/VP/CP/DP; each save first gathers the whole optimizer
+    # state of a TP/PP shard into host memory on every rank (most of a save's time, docs/benchmarks.md).
+    # dp_reshardable (Megatron-LM's default): each rank writes its own flat shard, no gather; a full resume may
+    # change DP only (weights-only loads, finetune=true, and HF export read either format at any layout).
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = "fully_reshardable"
     save_on_signal: bool = True  # SIGTERM / SIGUSR1 -> save and exit
     export_hf: bool = False  # after the last step, also write HF safetensors to <save>/hf_iter_<N>
 

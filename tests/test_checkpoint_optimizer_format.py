@@ -1,0 +1,64 @@
+"""``checkpoint.optimizer_format=dp_reshardable`` on gloo processes (CPU, torch Adam).
+
+megatron's ``dp_reshardable`` format writes each DP rank's flat optimizer buffers without the host-side gather of
+``fully_reshardable`` (65-73% of a save on an H200, docs/benchmarks.md). With torch Adam on megatron-core 0.16 its
+load silently reset Adam's per-parameter ``step`` to the request's (0: the bias correction restarts, the run
+diverges) and failed on fp32 main parameters; ``tolerate_missing_adam_step`` handles both. Checked here:
+
+* a DP2 resume is bitwise equal to the uninterrupted run, fp32 and bf16 (a save reads the format from the config,
+  a load from the checkpoint's config: resuming it with the default format in the config still works);
+* a DP2 checkpoint resumes at DP1 (within fp32 round-off);
+* a full resume at another TP fails on every rank before loading, naming the format and the change; a weights-only
+  load (``finetune``) at that TP works.
+"""
+
+import pytest
+
+from tests.launch import TINY, launch
+
+pytestmark = pytest.mark.slow
+
+DP_FORMAT = "checkpoint.optimizer_format=dp_reshardable"
+BF16 = TINY + ["train.bf16=true"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dp_format")
+    fp32, bf16 = f"{root}/fp32", f"{root}/bf16"
+    two = launch(2, [
+        {"overrides": TINY + [DP_FORMAT, f"checkpoint.save={fp32}", "checkpoint.save_interval=2"]},
+        {"overrides": TINY + [f"checkpoint.load={fp32}/iter_0000002"]},  # the config's format is the default
+        {"overrides": BF16 + [DP_FORMAT, f"checkpoint.save={bf16}", "checkpoint.save_interval=2"]},
+        {"overrides": BF16 + [DP_FORMAT, f"checkpoint.load={bf16}/iter_0000002"]},
+        {"overrides": TINY + ["parallel.tp=2", f"checkpoint.load={fp32}/iter_0000002"]},
+        {"overrides": TINY + ["parallel.tp=2", f"checkpoint.load={fp32}/iter_0000002", "checkpoint.finetune=true"]},
+    ])
+    one = launch(1, [{"overrides": TINY + [f"checkpoint.load={fp32}/iter_0000002"]}])
+    return two + one
+
+
+def _losses(run) -> list[float]:
+    assert run.get("error") is None and not run.get("load_errors"), run
+    return [h["loss"] for h in run["history"]]
+
+
+@pytest.mark.parametrize("full, resumed", [(0, 1), (2, 3)], ids=["fp32", "bf16"])
+def test_dp2_resume_is_bitwise(runs, full, resumed):
+    assert [h["iteration"] for h in runs[resumed]["history"]] == [3, 4]
+    assert _losses(runs[resumed]) == _losses(runs[full])[2:]
+
+
+def test_dp2_checkpoint_resumes_at_dp1(runs):
+    assert [h["iteration"] for h in runs[6]["history"]] == [3, 4]
+    assert _losses(runs[6]) == pytest.approx(_losses(runs[0])[2:], rel=1e-5)
+
+
+def test_full_resume_at_another_tp_fails_naming_the_format(runs):
+    errors = runs[4]["load_errors"]
+    assert len(errors) == 2 and errors[0] == errors[1], errors
+    assert "dp_reshardable format (checkpoint.optimizer_format)" in errors[0] and "tp 1 -> 2" in errors[0]
+    assert "checkpoint.finetune=true" in errors[0]
+    assert runs[4]["history"] == []
+    finetuned = runs[5]
+    assert [h["iteration"] for h in finetuned["history"]] == [1, 2, 3, 4] and finetuned["error"] is None
