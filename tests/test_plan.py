@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -80,6 +81,19 @@ def test_single_stage_untied_distributed_optimizer_dp2():
     assert mem.fp8_buffers == 0.0 and mem.overhead == RUNTIME_OVERHEAD_GIB
     expected = gib(18 * params - 6 * params + 4 * ACT_LAYER + LOGITS) + 2.5
     assert mem.total(recompute=False) == pytest.approx(expected)
+
+
+def test_checkpoint_row_states_the_gather_of_the_whole_optimizer_shard_into_host_memory():
+    """fully_reshardable copies fp32 main weights + both Adam moments (12 bytes per parameter of the rank's
+    TP/PP shard, not divided by DP) into host memory before a save; dp_reshardable gathers nothing."""
+    recipe = os.path.join(ROOT, "configs/llama3.1_8b.yaml")
+    whole = load_config(recipe, ["parallel.tp=1"])
+    gathered = gib(12 * total_params(whole.model))                   # 89.7 GiB: Llama-3.1-8B on one rank
+    assert f"fully_reshardable gathers {gathered:.1f} GiB" in format_plan(whole, 8, 0.4, 989.0)  # DP8: still whole
+    tp2 = format_plan(load_config(recipe, ["parallel.tp=2"]), 8, 0.4, 989.0)
+    assert re.search(r"gathers (\d+\.\d) GiB", tp2).group(1) == f"{gathered / 2:.1f}"   # 44.9: half per TP rank
+    dp_format = format_plan(load_config(recipe, ["checkpoint.optimizer_format=dp_reshardable"]), 8, 0.4, 989.0)
+    assert "no gather into host memory" in dp_format and "fully_reshardable gathers" not in dp_format
 
 
 def test_tied_embeddings_hold_one_table_on_a_single_stage():

@@ -189,6 +189,20 @@ def _gflop(flops: float) -> str:
     return f"{gflop:.1f}" if gflop >= 10 else f"{gflop:.3g}"
 
 
+def _checkpoint_row(cfg) -> str:
+    """Host memory a save needs per rank for the optimizer format (megatron's fully_reshardable gather copies the
+    fp32 main weights and both Adam moments of the rank's TP/PP shard, unsharded over DP, into host buffers)."""
+    if cfg.checkpoint.optimizer_format == "dp_reshardable":
+        return ("checkpoint saves: optimizer written as dp_reshardable shards, no gather into host memory (a full "
+                "resume keeps tp/pp/vp/cp)")
+    p = cfg.parallel
+    stage_params = max(_stage_params(cfg.model, p, s) for s in (("only",) if p.pp == 1 else ("first", "last")))
+    gib = 12 * stage_params / GIB
+    return (f"checkpoint saves: fully_reshardable gathers {gib:.1f} GiB of optimizer state into host memory on every "
+            f"rank ({8 * gib:.0f} GiB per 8-GPU node) before writing; checkpoint.optimizer_format=dp_reshardable "
+            "skips it")
+
+
 def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
     dp, nmb = _derived_layout(cfg, gpus)
     mem, stage = plan_memory(cfg, dp, nmb)
@@ -211,6 +225,7 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
         f"throughput at MFU {mfu:.2f} of {peak_tflops:.0f} TFLOP/s: {tps:,.0f} tokens/s/GPU "
         f"({_gflop(flops_per_token(cfg.model, cfg.data.seq_length, p.tp))} GFLOP/token)",
     ]
+    rows.append(_checkpoint_row(cfg))
     if p.cp > 1 and cfg.data.packing:
         from bft_megatron.config.validate import packed_row_multiple
 
