@@ -87,10 +87,11 @@ def test_checkpoint_row_states_the_gather_of_the_whole_optimizer_shard_into_host
     """fully_reshardable copies fp32 main weights + both Adam moments (12 bytes per parameter of the rank's
     TP/PP shard, not divided by DP) into host memory before a save; dp_reshardable gathers nothing."""
     recipe = os.path.join(ROOT, "configs/llama3.1_8b.yaml")
-    whole = load_config(recipe, ["parallel.tp=1"])
+    full = ["checkpoint.optimizer_format=fully_reshardable"]  # the recipe itself writes dp_reshardable
+    whole = load_config(recipe, ["parallel.tp=1"] + full)
     gathered = gib(12 * total_params(whole.model))                   # 89.7 GiB: Llama-3.1-8B on one rank
     assert f"fully_reshardable gathers {gathered:.1f} GiB" in format_plan(whole, 8, 0.4, 989.0)  # DP8: still whole
-    tp2 = format_plan(load_config(recipe, ["parallel.tp=2"]), 8, 0.4, 989.0)
+    tp2 = format_plan(load_config(recipe, ["parallel.tp=2"] + full), 8, 0.4, 989.0)
     assert re.search(r"gathers (\d+\.\d) GiB", tp2).group(1) == f"{gathered / 2:.1f}"   # 44.9: half per TP rank
     dp_format = format_plan(load_config(recipe, ["checkpoint.optimizer_format=dp_reshardable"]), 8, 0.4, 989.0)
     assert "no gather into host memory" in dp_format and "fully_reshardable gathers" not in dp_format
