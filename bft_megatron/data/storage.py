@@ -71,13 +71,14 @@ def advise_random_access(mapped: np.ndarray) -> None:
     """Tell the kernel that ``mapped`` (an ``np.load(..., mmap_mode="r")`` array) is read at random places.
 
     The sampler reads rows in shuffled order, and the kernel's default read-ahead for a memory map turns each
-    ~20 kB row into megabytes of reads: from a cold page cache, 200 shuffled 4096-token rows of a 660 MB split read
-    622 MiB from disk at 4.3 ms per row; with ``MADV_RANDOM`` 8.7 MiB at 0.54 ms (docs/benchmarks.md). Pages
-    already cached, also by other ranks, are shared as before. A no-op where ``madvise`` is unavailable."""
+    ~20 kB row into megabytes of reads: from a cold page cache, 201 shuffled rows of up to 4096 tokens (<= 3.9 MiB)
+    of a 662 MB split read 611.6 MiB from disk at ~3 ms per row; with ``MADV_RANDOM`` 8.6 MiB at ~0.7 ms
+    (docs/benchmarks.md, bench/prepare_scale.py). Pages already cached, also by other ranks, are shared as before.
+    A no-op where ``madvise`` is unavailable."""
     import mmap
 
     advice = getattr(mmap, "MADV_RANDOM", None)
-    handle = getattr(mapped, "_mmap", None)  # np.memmap keeps its mmap.mmap here; None for an empty array
+    handle = getattr(mapped, "_mmap", None)  # np.memmap keeps its mmap.mmap here
     if advice is not None and handle is not None:
         handle.madvise(advice)
 
