@@ -6,8 +6,9 @@
 #
 # quick (~5 min): the GPU tests (loss incl. compiled BFT math, trainer, convert) and the 1B bft/sft pair
 #                 at micro-batch 2 with the BFT math compiled and eager.
-# full (~10 min): also FP8 vs BF16 on the 8B proxy over three interleaved rounds, and the FP8 step's
-#                 device time by kernel family (bench/profile_step.py --kernels).
+# full (~12 min): also FP8 vs BF16 on the 8B proxy over three interleaved rounds, the FP8 step's
+#                 device time by kernel family (bench/profile_step.py --kernels), and a 17 GB checkpoint
+#                 save in each optimizer format (bench/ckpt_save.py; needs ~18 GB free under OUT_DIR).
 # Numbers belong in docs/benchmarks.md with the hardware and versions printed first.
 set -uo pipefail
 usage="usage: bash bench/gpu_checks.sh OUT_DIR [quick|full]"
@@ -46,6 +47,9 @@ if [[ $mode == full ]]; then
         train.te_op_fuser=true train.fp8=hybrid train.fp8_recipe=delayed > "$out/fp8_kernels.log" 2>&1 \
         || failed+=(fp8_kernels)
     grep -A 10 "device time per step" "$out/fp8_kernels.log"
+    python3 bench/ckpt_save.py --config configs/bench/demo_gpu.yaml --dir "$out/ckbench" --threads 2 --rounds 1 \
+        --optim dp_reshardable fully_reshardable > "$out/ckpt_save.log" 2>&1 || failed+=(ckpt_save)
+    grep -E "^\|" "$out/ckpt_save.log"
 fi
 if (( ${#failed[@]} )); then
     echo "FAILED: ${failed[*]} (logs in $out)" >&2
