@@ -9,7 +9,8 @@ diverges) and failed on fp32 main parameters; ``tolerate_missing_adam_step`` han
   a load from the checkpoint's config: resuming it with the default format in the config still works);
 * a DP2 checkpoint resumes at DP1 (within fp32 round-off);
 * a full resume at another TP fails on every rank before loading, naming the format and the change; a weights-only
-  load (``finetune``) at that TP works.
+  load (``finetune``) at that TP works; ``train --check`` and the pre-flight of every run (``check_paths``) say so
+  before any model is built, for ``checkpoint.load`` and for the run's own ``checkpoint.save``.
 """
 
 import pytest
@@ -23,7 +24,7 @@ BF16 = TINY + ["train.bf16=true"]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("dp_format")
     fp32, bf16 = f"{root}/fp32", f"{root}/bf16"
     two = launch(2, [
@@ -35,7 +36,12 @@ def runs(tmp_path_factory):
         {"overrides": TINY + ["parallel.tp=2", f"checkpoint.load={fp32}/iter_0000002", "checkpoint.finetune=true"]},
     ])
     one = launch(1, [{"overrides": TINY + [f"checkpoint.load={fp32}/iter_0000002"]}])
-    return two + one
+    return two + one, fp32
+
+
+@pytest.fixture(scope="module")
+def runs(saved):
+    return saved[0]
 
 
 def _losses(run) -> list[float]:
@@ -62,3 +68,19 @@ def test_full_resume_at_another_tp_fails_naming_the_format(runs):
     assert runs[4]["history"] == []
     finetuned = runs[5]
     assert [h["iteration"] for h in finetuned["history"]] == [1, 2, 3, 4] and finetuned["error"] is None
+
+
+def test_preflight_refuses_the_resume_at_another_tp_before_any_model_exists(saved, tmp_path):
+    from bft_megatron.config import check_paths
+    from bft_megatron.config.base import ConfigError
+    from bft_megatron.config.schema import load_config
+
+    fp32 = saved[1]
+    fresh = f"checkpoint.save={tmp_path}/new"
+    for where in ([f"checkpoint.load={fp32}/iter_0000002", fresh], [f"checkpoint.load={fp32}", fresh],
+                  [f"checkpoint.save={fp32}"]):  # the run's own save directory wins over checkpoint.load
+        with pytest.raises(ConfigError, match=r"dp_reshardable format \(checkpoint.optimizer_format\).*tp 1 -> 2"):
+            check_paths(load_config(None, TINY + ["parallel.tp=2"] + where), data=False)
+        check_paths(load_config(None, TINY + where), data=False)  # the saved layout: fine
+    check_paths(load_config(None, TINY + ["parallel.tp=2", "checkpoint.finetune=true", fresh,
+                                          f"checkpoint.load={fp32}"]), data=False)  # weights only: any layout

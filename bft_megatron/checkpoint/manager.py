@@ -26,9 +26,9 @@ from bft_megatron.checkpoint.data_order import warn_data_order
 from bft_megatron.checkpoint.hf_files import CheckpointHF
 from bft_megatron.checkpoint.schedule import check_schedule, group_bounds, restore_group_bounds
 from bft_megatron.checkpoint.state import (gather_params, init_optimizer_state, layout_of, model_sharded_state_dict,
-                                           optimizer_metadata, restore_rng, rng_sharded_object,
-                                           saved_optimizer_format, tolerate_missing_adam_step, untie_adam_steps,
-                                           unwrap)
+                                           optimizer_layout_problem, optimizer_metadata, restore_rng,
+                                           rng_sharded_object, saved_optimizer_format, tolerate_missing_adam_step,
+                                           untie_adam_steps, unwrap)
 from bft_megatron.checkpoint.weights import load_model_weights
 from bft_megatron.config.base import ConfigError, to_dict
 from bft_megatron.config.validate import loads_own_save_dir
@@ -214,7 +214,9 @@ class Checkpointer:
         else:
             # Then, on every rank: a schedule the config does not reproduce fails before anything is loaded.
             check_schedule(trainer.scheduler, common, self.cfg, path, self.groups.rank)
-            self._check_optimizer_layout(common, path)
+            problem = optimizer_layout_problem(common, layout_of(self.groups), path)
+            if problem:
+                raise ConfigError(problem)
             warn_data_order(common, self.cfg.data.seed, trainer.train_data.sampler.num_rows, path, self.groups.rank)
             self._load_full(trainer, path, common, same_layout)
             if self._hf is not None:  # the same run goes on: its checkpoints keep the resumed one's HF files
@@ -222,18 +224,6 @@ class Checkpointer:
         _log.info("loaded %s (%s%s)", path, "weights only" if finetune else "full state",
                   "" if same_layout else f", resharded from {common.get('layout')}")
         return True
-
-    def _check_optimizer_layout(self, common: dict, path: str) -> None:
-        """A ``dp_reshardable`` optimizer state resumes only where every model-parallel size is the saved one."""
-        saved, now = common.get("layout") or {}, layout_of(self.groups)
-        changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in ("tp", "pp", "vp", "cp") if saved.get(k) != now[k]]
-        if saved_optimizer_format(common) != "dp_reshardable" or not changed:
-            return
-        raise ConfigError(
-            f"{path}: its optimizer state is in the dp_reshardable format (checkpoint.optimizer_format), which a full "
-            f"resume can only load at the same tp/pp/vp/cp (dp may change); this run changes {', '.join(changed)}. "
-            "Resume at the saved layout, or start a new run from its weights: checkpoint.load=<that run> "
-            "checkpoint.finetune=true with another checkpoint.save (fresh optimizer state)")
 
     def _load_weights(self, trainer, path: str) -> None:
         load_model_weights(trainer.model, path, self._load_strategy(path))

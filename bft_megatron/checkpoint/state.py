@@ -19,7 +19,7 @@ import torch
 
 from bft_megatron.parallel.bootstrap import ParallelGroups
 
-__all__ = ["optimizer_metadata", "saved_optimizer_format", "layout_of", "model_sharded_state_dict", "gather_params",
+__all__ = ["optimizer_metadata", "saved_optimizer_format", "optimizer_layout_problem", "layout_of", "model_sharded_state_dict", "gather_params",
            "init_optimizer_state", "torch_optimizers", "untie_adam_steps", "rng_sharded_object", "restore_rng",
            "unwrap", "tolerate_missing_adam_step"]
 
@@ -36,6 +36,19 @@ def saved_optimizer_format(common: dict) -> str:
     """The optimizer format a checkpoint was saved with (its config), from its common state dict."""
     ckpt = (common.get("config") or {}).get("checkpoint") or {}
     return ckpt.get("optimizer_format", DEFAULT_OPTIMIZER_FORMAT)
+
+
+def optimizer_layout_problem(common: dict, layout: dict, path: str) -> str | None:
+    """Why a full resume at ``layout`` (tp/pp/vp/cp) cannot load the optimizer state of the checkpoint whose common
+    state dict is ``common``, or None: megatron's ``dp_reshardable`` format reloads at another DP size only."""
+    saved = common.get("layout") or {}
+    changed = [f"{k} {saved.get(k)} -> {layout[k]}" for k in ("tp", "pp", "vp", "cp") if saved.get(k) != layout[k]]
+    if saved_optimizer_format(common) != "dp_reshardable" or not changed:
+        return None
+    return (f"{path}: its optimizer state is in the dp_reshardable format (checkpoint.optimizer_format), which a full "
+            f"resume can only load at the same tp/pp/vp/cp (dp may change); this run changes {', '.join(changed)}. "
+            "Resume at the saved layout, or start a new run from its weights: checkpoint.load=<that run> "
+            "checkpoint.finetune=true with another checkpoint.save (fresh optimizer state)")
 
 
 def layout_of(groups: ParallelGroups) -> dict:

@@ -298,8 +298,11 @@ def check_paths(cfg: Config, data: bool = True) -> None:
         problem = not_a_directory(directory)
         _require(problem is None, f"{name}={problem}")
 
-    resumes_own = bool(c.save) and read_latest(c.save) is not None  # then checkpoint.load is not read
-    if resumes_own or not c.load or (loads_own_save_dir(c) and not c.finetune):
+    own = read_latest(c.save) if c.save else None  # a complete checkpoint there: checkpoint.load is not read
+    if own is not None:
+        _check_resume_layout(cfg, own)
+        return
+    if not c.load or (loads_own_save_dir(c) and not c.finetune):
         return
     why = ("checkpoint.finetune=true starts from it" if c.finetune else
            "a full resume reads it; unset checkpoint.load to train from scratch")
@@ -310,6 +313,25 @@ def check_paths(cfg: Config, data: bool = True) -> None:
     _require(resolve_load_dir(c.load) is not None,
              f"checkpoint.load={c.load}: no complete checkpoint there (no 'latest' pointer and not an iter_ "
              f"directory; {why}){hint}")
+    if not c.finetune:
+        _check_resume_layout(cfg, resolve_load_dir(c.load))
+
+
+def _check_resume_layout(cfg: Config, path: str) -> None:
+    """A full resume whose checkpoint's optimizer format cannot be loaded at this config's layout fails here,
+    before the job builds its model (the load would refuse it only then)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    from bft_megatron.checkpoint.state import optimizer_layout_problem
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except (CheckpointingException, OSError):  # unreadable here: the load itself reports it, with the details
+        return
+    p = cfg.parallel
+    problem = optimizer_layout_problem(common, {"tp": p.tp, "pp": p.pp, "vp": p.vp, "cp": p.cp}, path)
+    _require(problem is None, problem or "")
 
 
 def loads_own_save_dir(c) -> bool:
