@@ -19,9 +19,9 @@ import torch
 
 from bft_megatron.parallel.bootstrap import ParallelGroups
 
-__all__ = ["optimizer_metadata", "saved_optimizer_format", "optimizer_layout_problem", "layout_of", "model_sharded_state_dict", "gather_params",
-           "init_optimizer_state", "torch_optimizers", "untie_adam_steps", "rng_sharded_object", "restore_rng",
-           "unwrap", "tolerate_missing_adam_step"]
+__all__ = ["optimizer_metadata", "saved_optimizer_format", "optimizer_layout_problem", "layout_of",
+           "model_sharded_state_dict", "gather_params", "init_optimizer_state", "torch_optimizers", "untie_adam_steps",
+           "rng_sharded_object", "restore_rng", "unwrap", "tolerate_missing_adam_step"]
 
 DEFAULT_OPTIMIZER_FORMAT = "fully_reshardable"  # of checkpoints whose config does not name one
 
