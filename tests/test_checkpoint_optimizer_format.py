@@ -5,8 +5,8 @@ megatron's ``dp_reshardable`` format writes each DP rank's flat optimizer buffer
 load silently reset Adam's per-parameter ``step`` to the request's (0: the bias correction restarts, the run
 diverges) and failed on fp32 main parameters; ``tolerate_missing_adam_step`` handles both. Checked here:
 
-* a DP2 resume is bitwise equal to the uninterrupted run, fp32 and bf16 (a save reads the format from the config,
-  a load from the checkpoint's config: resuming it with the default format in the config still works);
+* a DP2 resume is bitwise equal to the uninterrupted run, fp32 and bf16, sync and async saves (a save reads the
+  format from the config, a load from the checkpoint's config: resuming with the default format in the config works);
 * a DP2 checkpoint resumes at DP1 (within fp32 round-off);
 * a full resume at another TP fails on every rank before loading, naming the format and the change; a weights-only
   load (``finetune``) at that TP works; ``train --check`` and the pre-flight of every run (``check_paths``) say so
@@ -34,9 +34,12 @@ def saved(tmp_path_factory):
         {"overrides": BF16 + [DP_FORMAT, f"checkpoint.load={bf16}/iter_0000002"]},
         {"overrides": TINY + ["parallel.tp=2", f"checkpoint.load={fp32}/iter_0000002"]},
         {"overrides": TINY + ["parallel.tp=2", f"checkpoint.load={fp32}/iter_0000002", "checkpoint.finetune=true"]},
+        {"overrides": BF16 + [DP_FORMAT, f"checkpoint.save={root}/async", "checkpoint.save_interval=2",
+                              "checkpoint.async_save=true"]},
+        {"overrides": BF16 + [f"checkpoint.load={root}/async/iter_0000002"]},
     ])
     one = launch(1, [{"overrides": TINY + [f"checkpoint.load={fp32}/iter_0000002"]}])
-    return two + one, fp32
+    return two + one, fp32  # runs[8]: the DP1 resume
 
 
 @pytest.fixture(scope="module")
@@ -49,15 +52,15 @@ def _losses(run) -> list[float]:
     return [h["loss"] for h in run["history"]]
 
 
-@pytest.mark.parametrize("full, resumed", [(0, 1), (2, 3)], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("full, resumed", [(0, 1), (2, 3), (6, 7)], ids=["fp32", "bf16", "bf16-async"])
 def test_dp2_resume_is_bitwise(runs, full, resumed):
     assert [h["iteration"] for h in runs[resumed]["history"]] == [3, 4]
     assert _losses(runs[resumed]) == _losses(runs[full])[2:]
 
 
 def test_dp2_checkpoint_resumes_at_dp1(runs):
-    assert [h["iteration"] for h in runs[6]["history"]] == [3, 4]
-    assert _losses(runs[6]) == pytest.approx(_losses(runs[0])[2:], rel=1e-5)
+    assert [h["iteration"] for h in runs[8]["history"]] == [3, 4]
+    assert _losses(runs[8]) == pytest.approx(_losses(runs[0])[2:], rel=1e-5)
 
 
 def test_full_resume_at_another_tp_fails_naming_the_format(runs):
