@@ -5,8 +5,9 @@ megatron's ``dp_reshardable`` format writes each DP rank's flat optimizer buffer
 load silently reset Adam's per-parameter ``step`` to the request's (0: the bias correction restarts, the run
 diverges) and failed on fp32 main parameters; ``tolerate_missing_adam_step`` handles both. Checked here:
 
-* a DP2 resume is bitwise equal to the uninterrupted run, fp32 and bf16, sync and async saves (a save reads the
-  format from the config, a load from the checkpoint's config: resuming with the default format in the config works);
+* a DP2 resume is bitwise equal to the uninterrupted run: fp32 and bf16, sync and async saves, and with four
+  processes under PP2 x VP2 and TP2 x SP. A save takes the format from the config, a load from the checkpoint's
+  config (the resumes here leave the config at the default format);
 * a DP2 checkpoint resumes at DP1 (within fp32 round-off);
 * a full resume at another TP fails on every rank before loading, naming the format and the change; a weights-only
   load (``finetune``) at that TP works; ``train --check`` and the pre-flight of every run (``check_paths``) say so
@@ -21,6 +22,8 @@ pytestmark = pytest.mark.slow
 
 DP_FORMAT = "checkpoint.optimizer_format=dp_reshardable"
 BF16 = TINY + ["train.bf16=true"]
+PP_VP = ["parallel.pp=2", "parallel.vp=2", "train.micro_batch_size=1"]
+TP_SP = ["parallel.tp=2", "parallel.sequence_parallel=true"]
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,13 @@ def saved(tmp_path_factory):
         {"overrides": BF16 + [f"checkpoint.load={root}/async/iter_0000002"]},
     ])
     one = launch(1, [{"overrides": TINY + [f"checkpoint.load={fp32}/iter_0000002"]}])
-    return two + one, fp32  # runs[8]: the DP1 resume
+    four = launch(4, [  # PP2 x VP2 x DP2 and TP2 x SP x DP2: the optimizer shards of model-parallel ranks
+        {"overrides": BF16 + PP_VP + [DP_FORMAT, f"checkpoint.save={root}/pp", "checkpoint.save_interval=2"]},
+        {"overrides": BF16 + PP_VP + [f"checkpoint.load={root}/pp/iter_0000002"]},
+        {"overrides": BF16 + TP_SP + [DP_FORMAT, f"checkpoint.save={root}/tp", "checkpoint.save_interval=2"]},
+        {"overrides": BF16 + TP_SP + [f"checkpoint.load={root}/tp/iter_0000002"]},
+    ])
+    return two + one + four, fp32  # runs[8]: the DP1 resume; runs[9:13]: four processes
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +61,8 @@ def _losses(run) -> list[float]:
     return [h["loss"] for h in run["history"]]
 
 
-@pytest.mark.parametrize("full, resumed", [(0, 1), (2, 3), (6, 7)], ids=["fp32", "bf16", "bf16-async"])
+@pytest.mark.parametrize("full, resumed", [(0, 1), (2, 3), (6, 7), (9, 10), (11, 12)],
+                         ids=["fp32", "bf16", "bf16-async", "bf16-pp2-vp2-dp2", "bf16-tp2-sp-dp2"])
 def test_dp2_resume_is_bitwise(runs, full, resumed):
     assert [h["iteration"] for h in runs[resumed]["history"]] == [3, 4]
     assert _losses(runs[resumed]) == _losses(runs[full])[2:]
