@@ -106,6 +106,11 @@ def _in_flight(p, num_microbatches: int, stage: str) -> float:
     return chunks / vp
 
 
+def _stages(p) -> tuple[str, ...]:
+    """The pipeline stages whose GPUs differ: one without PP, else the first and the last."""
+    return ("only",) if p.pp == 1 else ("first", "last")
+
+
 def plan_memory(cfg, dp: int, num_microbatches: int, seq_length: float | None = None) -> tuple[MemoryPlan, str]:
     """Memory of the most loaded GPU (bytes -> GiB) and which stage that is.
 
@@ -124,7 +129,7 @@ def plan_memory(cfg, dp: int, num_microbatches: int, seq_length: float | None = 
     # fp32 runs (train.bf16=false): fp32 weights and activations, the optimizer holds only the two moments.
     width, opt_bytes = (1.0, 12) if t.bf16 else (2.0, 8)
     act_layer, layer_input = width * act_layer, width * layer_input
-    for stage in (("only",) if p.pp == 1 else ("first", "last")):
+    for stage in _stages(p):
         params = _stage_params(m, p, stage)
         shard = dp * p.cp if p.distributed_optimizer else 1
         logits = width * 2 * 2 * seq / p.cp * mbs * vocab / p.tp if stage != "first" else 0.0
@@ -196,7 +201,7 @@ def _checkpoint_row(cfg) -> str:
         return ("checkpoint saves: optimizer written as dp_reshardable shards, no gather into host memory (a full "
                 "resume keeps tp/pp/vp/cp)")
     p = cfg.parallel
-    stage_params = max(_stage_params(cfg.model, p, s) for s in (("only",) if p.pp == 1 else ("first", "last")))
+    stage_params = max(_stage_params(cfg.model, p, s) for s in _stages(p))
     gib = 12 * stage_params / GIB
     return (f"checkpoint saves: fully_reshardable gathers {gib:.1f} GiB of optimizer state into host memory on every "
             f"rank ({8 * gib:.0f} GiB per 8-GPU node) before writing; checkpoint.optimizer_format=dp_reshardable "

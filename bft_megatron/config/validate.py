@@ -310,11 +310,12 @@ def check_paths(cfg: Config, data: bool = True) -> None:
     hf = os.path.isfile(os.path.join(c.load, "config.json"))  # the HF model itself, not its import
     hint = (f"; it holds an HF config.json: import the model first (bft-megatron convert import --hf {c.load} "
             "--out DIR) and load DIR" if hf else "")
-    _require(resolve_load_dir(c.load) is not None,
+    path = resolve_load_dir(c.load)
+    _require(path is not None,
              f"checkpoint.load={c.load}: no complete checkpoint there (no 'latest' pointer and not an iter_ "
              f"directory; {why}){hint}")
     if not c.finetune:
-        _check_resume_layout(cfg, resolve_load_dir(c.load))
+        _check_resume_layout(cfg, path)
 
 
 def _check_resume_layout(cfg: Config, path: str) -> None:

@@ -146,6 +146,7 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
     step_times: list[float] = []
     # A run resumed at iteration N already has checkpoint N: only save again after new steps.
     saved_at, interval_tokens = (state.iteration if state.iteration > 0 else -1), 0
+
     def stop_validation() -> bool:  # a collective: asked before each validation batch
         return _exit_agreed(cfg, exit_request, trainer.groups.device)
 
