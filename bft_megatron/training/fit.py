@@ -127,6 +127,17 @@ def _record(trainer: Trainer, result, checkpointer) -> None:
         raise
 
 
+def _announce(trainer: Trainer, checkpointer, from_scratch: bool) -> None:
+    """Rank 0, before the first step: the start-up notes, and the resolved config written into checkpoint.save."""
+    for note in idle_notes(trainer.cfg, trainer.state.iteration, trainer.valid_data is not None, from_scratch):
+        _log.warning(note)
+    if checkpointer is not None:
+        try:  # best effort, rank 0 alone: an error here must not leave the other ranks in a collective
+            _log.info("resolved config: %s", checkpointer.write_run_config())
+        except OSError as exc:
+            _log.warning("could not write the resolved config into checkpoint.save: %s", exc)
+
+
 def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = None,
         from_scratch: bool = False) -> TrainState:
     """Train until ``train.train_iters`` (or an agreed exit); save at cadence, on exit and at the end.
@@ -134,13 +145,7 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
     cfg, state = trainer.cfg, trainer.state
     exit_request = exit_request or ExitRequest(install=False)
     if trainer.groups.rank == 0:
-        for note in idle_notes(cfg, state.iteration, trainer.valid_data is not None, from_scratch):
-            _log.warning(note)
-        if checkpointer is not None:
-            try:  # best effort, rank 0 alone: an error here must not leave the other ranks in a collective
-                _log.info("resolved config: %s", checkpointer.write_run_config())
-            except OSError as exc:
-                _log.warning("could not write the resolved config into checkpoint.save: %s", exc)
+        _announce(trainer, checkpointer, from_scratch)
     # The steps since the last progress line: a line's step time and tokens/s cover exactly those (the last line,
     # fewer than log_interval steps after the previous one, must not take in steps that line already reported).
     step_times: list[float] = []
