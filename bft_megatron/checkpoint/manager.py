@@ -39,6 +39,21 @@ __all__ = ["Checkpointer"]
 _log = get_logger(__name__)
 
 
+def _mcore_async_kwargs() -> dict:
+    """``async_strategy="mcore"`` where ``dist_checkpointing.save`` takes it.
+
+    megatron-core 0.17 added ``async_strategy`` to ``save`` with the default ``"nvrx"``, which needs
+    nvidia-resiliency-ext and returns that package's request type; the queue that schedules our async saves is
+    megatron's own ``AsyncCallsQueue`` (the only writer before 0.17), whose requests ``"mcore"`` produces.
+    """
+    import inspect
+
+    from megatron.core import dist_checkpointing
+
+    return {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters \
+        else {}
+
+
 class Checkpointer:
     def __init__(self, cfg, groups) -> None:
         self.cfg, self.groups = cfg, groups
@@ -99,7 +114,7 @@ class Checkpointer:
         self._model_dtype = next(unwrap(trainer.model[0]).parameters()).dtype
         sd = self._state_for_save(trainer)
         request = dist_checkpointing.save(sd, path, sharded_strategy=self._save_strategy(),
-                                          async_sharded_save=self.ckpt.async_save)
+                                          async_sharded_save=self.ckpt.async_save, **_mcore_async_kwargs())
         if self.ckpt.async_save:
             request.add_finalize_fn(lambda: self._commit(iteration))
             self._queue().schedule_async_request(request)
