@@ -6,8 +6,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from bft_megatron.checkpoint.schedule import (adam_changes, check_schedule, describe_changes, group_bounds,
-                                               restore_group_bounds, schedule_changes)
+from bft_megatron.checkpoint import schedule
+from bft_megatron.checkpoint.schedule import (adam_changes, align_saved_group_bounds, check_schedule, describe_changes,
+                                               group_bounds, restore_group_bounds, schedule_changes)
 from bft_megatron.config import ConfigError, load_config, to_dict
 from bft_megatron.training.setup import build_scheduler
 from tests.launch import TINY
@@ -108,6 +109,45 @@ def test_override_keeps_the_step_count_and_uses_the_config_schedule():
     fresh.step(2)
     assert scheduler.state_dict() == fresh.state_dict()
     assert scheduler.optimizer.param_groups[0]["lr"] == fresh.optimizer.param_groups[0]["lr"] > 0
+
+
+MCORE_019_KEYS = ("end_wd", "max_lr", "min_lr", "optimizer", "start_wd", "wd_mult", "lr_mult", "is_expert_parallel",
+                  "is_decoupled_lr")
+MCORE_016_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+
+
+@pytest.mark.parametrize("keys", [MCORE_016_KEYS, MCORE_019_KEYS], ids=["mcore<0.19", "mcore0.19"])
+def test_saved_groups_take_the_current_bounds_where_megatron_matches_groups_by_them(monkeypatch, keys):
+    """megatron-core 0.19 pairs saved and current groups by max_lr/min_lr/start_wd/end_wd too: a resume with a new
+    train.lr would find no group. Each saved group takes the bounds of the current group with its wd_mult (the
+    pairing of megatron < 0.19, where the bounds are no identifier and nothing changes)."""
+    monkeypatch.setattr(schedule, "_identifier_keys", lambda: keys)
+    current = [{"max_lr": 1e-3, "min_lr": 0.0, "wd_mult": 1.0, "lr_mult": 1.0, "params": [0, 1]},
+               {"max_lr": 1e-3, "min_lr": 0.0, "wd_mult": 0.0, "lr_mult": 1.0, "params": [2]}]
+    saved = {"optimizer": {"param_groups": [
+        {"max_lr": 3e-3, "min_lr": 1e-5, "wd_mult": 0.0, "lr_mult": 1.0, "betas": (0.9, 0.95), "params": [0]},
+        {"max_lr": 3e-3, "min_lr": 1e-5, "wd_mult": 1.0, "lr_mult": 1.0, "betas": (0.9, 0.95), "params": [1, 2]}]}}
+    changed = align_saved_group_bounds(SimpleNamespace(param_groups=current), saved)
+    groups = saved["optimizer"]["param_groups"]
+    if keys == MCORE_016_KEYS:
+        assert changed == 0 and all(g["max_lr"] == 3e-3 and g["min_lr"] == 1e-5 for g in groups)
+        return
+    assert changed == 2 and all(g["max_lr"] == 1e-3 and g["min_lr"] == 0.0 for g in groups)
+    assert [g["wd_mult"] for g in groups] == [0.0, 1.0] and [g["params"] for g in groups] == [[0], [1, 2]]
+    assert all(g["betas"] == (0.9, 0.95) for g in groups)  # only the identifying bounds change
+    assert align_saved_group_bounds(SimpleNamespace(param_groups=current), saved) == 0  # aligned: a no-op
+
+
+def test_installed_megatron_pairs_the_aligned_groups():
+    """Against the installed megatron-core's own identifier: after alignment every saved group has a current one."""
+    from megatron.core.optimizer.optimizer import MegatronOptimizer
+
+    current = [{"max_lr": 1e-3, "min_lr": 0.0, "wd_mult": 1.0, "lr_mult": 1.0, "is_expert_parallel": False,
+                "is_decoupled_lr": False, "params": [0]}]
+    saved = {"param_groups": [dict(current[0], max_lr=3e-3, min_lr=1e-5, params=[0])]}
+    align_saved_group_bounds(SimpleNamespace(param_groups=current), saved)
+    paired = MegatronOptimizer._filter_and_reorder_param_groups(current, saved["param_groups"])
+    assert paired == saved["param_groups"]
 
 
 def test_cli_reports_a_load_config_error_and_exits_2(monkeypatch):

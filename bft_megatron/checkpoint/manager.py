@@ -24,7 +24,8 @@ from bft_megatron.checkpoint import pointer
 from bft_megatron.checkpoint.architecture import check_architecture
 from bft_megatron.checkpoint.data_order import warn_data_order
 from bft_megatron.checkpoint.hf_files import CheckpointHF
-from bft_megatron.checkpoint.schedule import check_schedule, group_bounds, restore_group_bounds
+from bft_megatron.checkpoint.schedule import (align_saved_group_bounds, check_schedule, group_bounds,
+                                              restore_group_bounds)
 from bft_megatron.checkpoint.state import (gather_params, init_optimizer_state, layout_of, model_sharded_state_dict,
                                            optimizer_layout_problem, optimizer_metadata, restore_rng,
                                            rng_sharded_object, saved_optimizer_format, tolerate_missing_adam_step,
@@ -264,6 +265,7 @@ class Checkpointer:
         loaded = dist_checkpointing.load(request, path, sharded_strategy=self._load_strategy(path))
         self._apply_model(trainer, loaded)
         bounds = group_bounds(trainer.optimizer)
+        align_saved_group_bounds(trainer.optimizer, loaded["optimizer"])  # megatron-core 0.19 matches groups by them
         with tolerate_missing_adam_step(trainer.optimizer):
             trainer.optimizer.load_state_dict(loaded["optimizer"])
         restore_group_bounds(trainer.optimizer, bounds)  # the config's max_lr/min_lr, not the checkpoint's

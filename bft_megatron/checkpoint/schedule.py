@@ -14,6 +14,9 @@ scheduler's own), and loading the optimizer state replaces them with the checkpo
 would decay a new ``train.lr`` schedule from the old peak (Megatron-LM issue #1138). Adam's ``betas`` and ``eps``
 live only there (:data:`ADAM_FIELDS`, compared through the config stored in the checkpoint, same error or
 warning). :func:`group_bounds` / :func:`restore_group_bounds` keep the config's across the optimizer load.
+From megatron-core 0.19 on, ``max_lr``/``min_lr``/``start_wd``/``end_wd`` also identify a saved group to its
+current one (``param_group_identifier_keys``): with another schedule no group matches and the load fails, so
+:func:`align_saved_group_bounds` first gives the checkpoint's groups the current bounds (put back afterwards anyway).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from bft_megatron.config.base import ConfigError, format_value, to_dict
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["SOURCES", "ADAM_FIELDS", "schedule_changes", "describe_changes", "adam_changes", "check_schedule",
-           "group_bounds", "restore_group_bounds"]
+           "group_bounds", "restore_group_bounds", "align_saved_group_bounds"]
 
 _log = get_logger(__name__)
 
@@ -143,3 +146,54 @@ def restore_group_bounds(optimizer, bounds: list[dict]) -> None:
         raise RuntimeError(f"optimizer has {len(groups)} parameter groups after loading, {len(bounds)} before")
     for group, saved in zip(groups, bounds):
         group.update(saved)
+
+
+def _identifier_keys() -> tuple[str, ...]:
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    return tuple(param_group_identifier_keys)
+
+
+def _group_id(group: dict, keys: tuple[str, ...]) -> tuple:
+    """megatron's identifier of a parameter group restricted to ``keys`` (NeMo's ``pre_`` aliases, missing = None)."""
+    return tuple(group.get(k, group.get(f"pre_{k}")) for k in keys)
+
+
+def _saved_param_groups(node) -> list[list]:
+    """Every ``param_groups`` list in a loaded (possibly chained / nested) optimizer state dict."""
+    if isinstance(node, dict):
+        own = [node["param_groups"]] if isinstance(node.get("param_groups"), list) else []
+        return own + [g for k, v in node.items() if k != "param_groups" for g in _saved_param_groups(v)]
+    if isinstance(node, (list, tuple)):
+        return [g for v in node for g in _saved_param_groups(v)]
+    return []
+
+
+def align_saved_group_bounds(optimizer, state_dict) -> int:
+    """Give the checkpoint's parameter groups (in ``state_dict``, before ``optimizer.load_state_dict``) the schedule
+    bounds of the optimizer's current groups; returns how many saved groups changed.
+
+    megatron-core 0.19 identifies a saved group by ``param_group_identifier_keys``, which then include ``max_lr``,
+    ``min_lr``, ``start_wd`` and ``end_wd`` (before: ``wd_mult``, ``lr_mult``, ``is_expert_parallel``,
+    ``is_decoupled_lr`` only): a resume with another schedule (``override_scheduler``) finds no group and fails with
+    a ``KeyError``/``ValueError``. A saved group takes the bounds of the one current group that agrees with it on the
+    other identifier keys, which is how megatron-core < 0.19 paired them; :func:`restore_group_bounds` puts the
+    config's bounds back after the load in any case. A no-op where the bounds are not identifier keys.
+    """
+    keys = _identifier_keys()
+    bounds = tuple(k for k in keys if k in _GROUP_KEYS)
+    others = tuple(k for k in keys if k not in _GROUP_KEYS)
+    if not bounds:
+        return 0
+    current: dict[tuple, list[dict]] = {}
+    for group in optimizer.param_groups:
+        current.setdefault(_group_id(group, others), []).append(group)
+    changed = 0
+    for groups in _saved_param_groups(state_dict):
+        for saved in groups:
+            match = current.get(_group_id(saved, others), [])
+            if len(match) != 1 or _group_id(saved, bounds) == _group_id(match[0], bounds):
+                continue  # ambiguous or absent: megatron's own error names it; equal: nothing to do
+            saved.update({k: match[0][k] for k in bounds if k in match[0]})
+            changed += 1
+    return changed
