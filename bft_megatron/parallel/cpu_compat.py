@@ -22,6 +22,10 @@ Sequence parallelism additionally needs a norm whose parameters are marked ``seq
 that is a layer-spec concern and lives in :mod:`bft_megatron.model.layers`.
 
 Applied only when CUDA is unavailable (``force=True`` for tests); idempotent.
+
+One more CPU concern happens at import time and so lives apart, in :mod:`bft_megatron.parallel.triton_guard`
+(torch-free, installed by ``import bft_megatron``): megatron-core >= 0.18 imports triton unconditionally, which CPU
+torch wheels lack.
 """
 
 from __future__ import annotations
