@@ -14,6 +14,7 @@ because every sharded key is global. Every load first checks that the config's m
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 
@@ -47,12 +48,10 @@ def _mcore_async_kwargs() -> dict:
     nvidia-resiliency-ext and returns that package's request type; the queue that schedules our async saves is
     megatron's own ``AsyncCallsQueue`` (the only writer before 0.17), whose requests ``"mcore"`` produces.
     """
-    import inspect
-
     from megatron.core import dist_checkpointing
 
-    return {"async_strategy": "mcore"} if "async_strategy" in inspect.signature(dist_checkpointing.save).parameters \
-        else {}
+    takes_strategy = "async_strategy" in inspect.signature(dist_checkpointing.save).parameters
+    return {"async_strategy": "mcore"} if takes_strategy else {}
 
 
 class Checkpointer:
