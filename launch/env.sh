@@ -20,7 +20,7 @@
 # instead of through the caching allocator's record_stream (which holds it longer and raises peak memory).
 : "${TORCH_NCCL_AVOID_RECORD_STREAMS:=1}"
 # NeMo's default: no NVLink SHARP (NVLS) collectives. NVLS buffers cost GPU memory on every rank of an NVSwitch
-# node (the recipes plan for 62-64 GiB of 80), and the trainer's all-reduces are not NVLS-bound.
+# node (the recipes plan for 56-65 GiB of 80), and the trainer's all-reduces are not NVLS-bound.
 : "${NCCL_NVLS_ENABLE:=0}"
 # Flight recorder: keep the last TORCH_NCCL_TRACE_BUFFER_SIZE collectives of each rank (host memory) and dump
 # them when the NCCL watchdog times out (parallel.timeout_minutes), to find the rank or collective that hung.
