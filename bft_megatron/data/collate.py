@@ -2,8 +2,8 @@
 
 Padding for context parallel (and tensor parallel with sequence parallel) is applied here, at train
 time, so one prepared dataset serves every parallel layout: each sample is padded at its end to a
-multiple of ``pad_multiple`` (the trainer uses 2·CP; it rounds only the packed micro-batch total, to 16·CP, or 16·CP·TP under
-SP) with loss_mask 0 and position ids continuing.
+multiple of ``pad_multiple`` (the trainer uses 2·CP; under CP it rounds the packed micro-batch total to
+16·CP, or 16·CP·TP with SP) with loss_mask 0 and position ids continuing.
 Labels are shifted within each sample; the last position of a sample is never supervised.
 """
 
