@@ -282,6 +282,40 @@ def test_publishing_into_a_folder_removes_an_older_exports_template_file(tmp_pat
     assert sorted(os.listdir(out)) == ["README.md", "tokenizer_config.json"] and not stage.exists()
 
 
+def test_publishing_into_a_folder_says_which_of_its_files_are_replaced_or_removed(tmp_path, log_records):
+    """An export into an existing folder replaces its config.json and removes tokenizer files the export does not
+    write (a user's special_tokens_map.json, tokenizer.model): never silently."""
+    from bft_megatron.convert.hf_io import publish_staging
+
+    stage, out = tmp_path / ".out.partial", tmp_path / "out"
+    stage.mkdir()
+    out.mkdir()
+    for name in ("tokenizer_config.json", "config.json"):
+        (stage / name).write_text("{}")
+    (out / "config.json").write_text('{"mine": 1}')
+    (out / "special_tokens_map.json").write_text("{}")
+    (out / "notes.txt").write_text("kept")
+    publish_staging(str(stage), str(out))
+    warning = next(r.getMessage() for r in log_records if "already held files" in r.getMessage())
+    assert "replaced ['config.json']" in warning and "removed ['special_tokens_map.json']" in warning
+    assert "notes.txt" not in warning and (out / "notes.txt").read_text() == "kept"
+
+
+def test_an_export_into_a_checkpoint_directory_is_refused(tmp_path):
+    """`--out` given the `--ckpt` path (a run's or an import's directory, or one iter_ directory) would mix the HF
+    files into the checkpoint; refused before anything is written, as `convert import` refuses the reverse."""
+    from bft_megatron.convert.hf_io import stale_weights_error
+
+    run = tmp_path / "run"
+    (run / "iter_0000006").mkdir(parents=True)
+    (run / "iter_0000006" / ".metadata").write_bytes(b"")
+    assert "holds a bft-megatron checkpoint" in stale_weights_error(str(run))  # an iter_ directory, no latest yet
+    (run / "latest").write_text("iter_0000006")
+    assert "'latest' pointer to iter_0000006" in stale_weights_error(str(run))
+    assert "holds a bft-megatron checkpoint" in stale_weights_error(str(run / "iter_0000006"))
+    assert stale_weights_error(str(tmp_path / "new")) is None
+
+
 def test_reexport_from_an_export_updates_both_dtype_spellings(tmp_path):
     """An export's config.json carries `dtype` (transformers 5) and `torch_dtype` (4.x, what serving stacks
     pinned to it read). Used again as the template (`--hf` an export, or the hf/ of an import of one), the new

@@ -94,6 +94,14 @@ def stale_weights_error(out_dir: str) -> str | None:
         return f"{problem}; export into a new directory"
     if not os.path.isdir(out_dir):
         return None
+    # A checkpoint directory (a run's, an import's, or one iter_ directory) is never an export's target: the HF
+    # files would be mixed into it (`--out` given the `--ckpt` path), as `convert import` refuses the reverse.
+    from bft_megatron.checkpoint.pointer import existing_checkpoint
+
+    held = existing_checkpoint(out_dir) or (
+        "a dist checkpoint (.metadata)" if os.path.isfile(os.path.join(out_dir, ".metadata")) else None)
+    if held:
+        return f"{out_dir} holds a bft-megatron checkpoint ({held}); export into a new directory"
     stale = [f for f in os.listdir(out_dir) if f in (INDEX, SINGLE) or
              (f.startswith("model-") and f.endswith(".safetensors"))]
     return f"{out_dir} already holds HF weights ({stale[0]}, ...); export into a new directory" if stale else None
@@ -130,10 +138,13 @@ def publish_staging(stage: str, out_dir: str) -> None:
     from bft_megatron.convert.hf_tokenizer import TOKENIZER_FILES
 
     names = sorted(os.listdir(stage), key=lambda n: n == INDEX)
-    for name in set(TOKENIZER_FILES) - set(names):  # an older export's tokenizer or template file (a
-        path = os.path.join(out_dir, name)           # chat_template.jinja would override the one written now)
-        if os.path.isfile(path):
-            os.remove(path)
+    removed = sorted(n for n in set(TOKENIZER_FILES) - set(names) if os.path.isfile(os.path.join(out_dir, n)))
+    replaced = sorted(n for n in names if os.path.isfile(os.path.join(out_dir, n)))
+    if removed or replaced:  # files of the user's in an existing folder: say what happens to them
+        _log.warning("%s already held files: replaced %s; removed %s (tokenizer files this export does not "
+                     "write would be mixed with its own)", out_dir, replaced or "none", removed or "none")
+    for name in removed:  # an older export's tokenizer or template file (a chat_template.jinja would override
+        os.remove(os.path.join(out_dir, name))  # the one written now)
     for name in names:
         os.replace(os.path.join(stage, name), os.path.join(out_dir, name))
     os.rmdir(stage)
