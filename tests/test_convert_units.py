@@ -256,3 +256,19 @@ def test_shards_are_kept_where_chmod_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "chmod", refuse)
     finalize_shards(str(tmp_path), [writer.manifest], writer.total_bytes)
     assert torch.equal(HFReader(str(tmp_path)).get("t"), torch.ones(3))
+
+
+def test_import_names_a_mistyped_or_file_hf_path(tmp_path):
+    """`--hf` mistyped, or given the config.json itself: the message names the path as given and what to pass
+    (it used to say "<hf>/config.json does not exist" and "config.json/config.json does not exist")."""
+    from bft_megatron.convert.importer import import_hf
+
+    out = str(tmp_path / "ckpt")
+    with pytest.raises(FileNotFoundError, match=r"--hf .*hf_lama: no such directory.*give the HF model's directory"):
+        import_hf(str(tmp_path / "hf_lama"), out)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match=rf"config.json is a file; .*e.g. --hf {hf}\)"):
+        import_hf(str(hf / "config.json"), out)
+    assert not os.path.exists(out)

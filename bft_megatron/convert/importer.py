@@ -234,6 +234,20 @@ def _save_import(hf_dir: str, iter_dir: str, cfg: Config, spill_dir: str | None,
     return spec
 
 
+def _check_hf_dir(hf_dir: str) -> None:
+    """``--hf`` as an existing directory, or an error naming what it is instead (else "<hf>/config.json does not
+    exist" for a mistyped path, "config.json/config.json" for the file itself)."""
+    if os.path.isdir(hf_dir):
+        return
+    where = "" if os.path.isabs(hf_dir) else f" (relative paths are taken from {os.getcwd()})"
+    if not os.path.exists(hf_dir):
+        raise FileNotFoundError(f"--hf {hf_dir}: no such directory{where}; give the HF model's directory (the one "
+                                "holding config.json and the *.safetensors files)")
+    example = f", e.g. --hf {os.path.dirname(hf_dir) or '.'}" if os.path.basename(hf_dir) == "config.json" else ""
+    raise FileNotFoundError(f"--hf {hf_dir} is a file; give the HF model's directory (the one holding config.json "
+                            f"and the *.safetensors files{example})")
+
+
 def import_hf(hf_dir: str, out_dir: str, low_memory: bool = False, progress: bool = False) -> str:
     """Convert ``hf_dir`` into a dist checkpoint run directory ``out_dir``; returns the iter_ path.
 
@@ -246,6 +260,7 @@ def import_hf(hf_dir: str, out_dir: str, low_memory: bool = False, progress: boo
     checkpoint.
     """
     _refuse_existing(out_dir)
+    _check_hf_dir(hf_dir)
     m = model_config_from_hf_dir(hf_dir)
     cfg = Config(model=m)
     cfg.train = dataclasses.replace(cfg.train, bf16=False)  # keep the source dtype; no Float16 wrapping
