@@ -155,8 +155,13 @@ SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.ffn_hidden_size=12
 
 
 @pytest.mark.slow
-def test_torchrun_usr1_saves_and_leaves_resume(tmp_path):
-    """The real chain: SIGUSR1 to torchrun.sh -> torchrun forwards it -> the trainer saves, writes RESUME, exits."""
+@pytest.mark.parametrize("periodic", [False, True], ids=["first_save_on_exit", "after_a_periodic_save"])
+def test_torchrun_usr1_saves_and_leaves_resume(tmp_path, periodic):
+    """The real chain: SIGUSR1 to torchrun.sh -> torchrun forwards it -> the trainer saves, writes RESUME, exits.
+
+    after_a_periodic_save: torchrun signals the worker's whole process group, and the SIGUSR1 used to kill the
+    write-results server megatron started at the first save, so the save after the signal failed (BrokenPipeError,
+    no RESUME, `latest` left at the periodic save)."""
     save = tmp_path / "ckpt"
     env = dict(os.environ, NPROC_PER_NODE="1", MASTER_PORT=str(free_port()), CONFIG="configs/demo_cpu.yaml",
                PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
@@ -164,12 +169,14 @@ def test_torchrun_usr1_saves_and_leaves_resume(tmp_path):
         env.pop(var, None)
     log_path = tmp_path / "log.txt"
     overrides = SMALL + [f"checkpoint.save={save}", f"data.output_dir={tmp_path / 'data'}"]
+    overrides += ["checkpoint.save_interval=2"] if periodic else []
+    wait_for = "step 3/100000 |" if periodic else "step 2/100000 |"   # periodic: after the save at step 2
     with open(log_path, "w") as log:
         proc = subprocess.Popen(["bash", "launch/torchrun.sh", *overrides], cwd=ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while "step 2/100000 |" not in log_path.read_text(errors="replace"):
+        while wait_for not in log_path.read_text(errors="replace"):
             assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text(errors="replace")[-6000:]
             time.sleep(0.2)
         proc.send_signal(signal.SIGUSR1)          # bash exec'd torchrun: this is torchrun's agent
@@ -181,6 +188,7 @@ def test_torchrun_usr1_saves_and_leaves_resume(tmp_path):
     text = log_path.read_text(errors="replace")
     assert "closing signal SIGUSR1" in text, text[-6000:]
     assert "forcefully" not in text, text[-6000:]            # the rank was not SIGKILLed
+    assert "[rank0]: Traceback" not in text, text[-6000:]    # the save after the signal did not fail
     assert (save / "RESUME").read_text().strip() == "SIGUSR1", text[-6000:]
     assert (save / "latest").read_text().strip().startswith("iter_")
     assert proc.returncode != 0                               # torchrun re-raises the signal after a clean save

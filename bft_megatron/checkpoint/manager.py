@@ -54,6 +54,25 @@ def _mcore_async_kwargs() -> dict:
     return {"async_strategy": "mcore"} if takes_strategy else {}
 
 
+def _shield_mcore_results_queue() -> None:
+    """Start megatron's write-results queue (a ``spawn`` ``Manager`` server that megatron makes at the first save
+    and every later save reuses) in a server that survives SIGTERM/SIGUSR1 (``utils/signal_shield.py``): killed
+    by the signal that asked for the exit save, it failed that save with BrokenPipeError. A no-op where megatron
+    made it already or keeps it elsewhere."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if getattr(fa, "_results_queue", True) is not None:
+        return
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from bft_megatron.utils.signal_shield import ignore_exit_signals
+
+    server = SyncManager(ctx=mp.get_context("spawn"))
+    server.start(ignore_exit_signals)
+    fa._results_queue = server.Queue()  # the proxy keeps its manager (and so the server) alive
+
+
 class Checkpointer:
     def __init__(self, cfg, groups) -> None:
         self.cfg, self.groups = cfg, groups
@@ -113,6 +132,7 @@ class Checkpointer:
         dist.barrier()
         self._model_dtype = next(unwrap(trainer.model[0]).parameters()).dtype
         sd = self._state_for_save(trainer)
+        _shield_mcore_results_queue()
         request = dist_checkpointing.save(sd, path, sharded_strategy=self._save_strategy(),
                                           async_sharded_save=self.ckpt.async_save, **_mcore_async_kwargs())
         if self.ckpt.async_save:
