@@ -24,11 +24,22 @@ SCRIPT = os.path.join(ROOT, "launch", "slurm.sbatch")
 CONFIG = os.path.join(ROOT, "configs", "demo_cpu.yaml")
 JOB_ID = "4242"
 
+# Signals as srun treats them (src/srun/srun.c, _forward_signal): SIGTERM/SIGHUP/SIGQUIT mean "forcing job
+# termination", a SIGKILL to every task; other signals (SIGUSR1, ...) are forwarded to the tasks as they are.
 FAKE_SRUN = """#!/usr/bin/env bash
 echo "$*" >> "$FAKE_DIR/srun.args"
 while [[ $# -gt 0 && $1 == -* ]]; do shift; done        # srun's own options
 export SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1 SLURM_NTASKS_PER_NODE=1
-exec "$@"
+"$@" &
+task=$!
+trap 'echo "srun: forcing job termination"; kill -KILL $task' TERM HUP QUIT
+trap 'kill -USR1 $task' USR1
+trap 'kill -USR2 $task' USR2
+while :; do
+  wait $task; rc=$?
+  kill -0 $task 2>/dev/null || break                    # reaped: rc is the task's status (128+n if killed)
+done
+exit $rc
 """
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
@@ -215,9 +226,11 @@ def test_usr1_is_forwarded_and_the_saved_run_requeued(slurm):
 
 
 def test_term_is_forwarded_but_not_requeued(slurm):
+    """Forwarded as USR1: a SIGTERM to srun is its "forcing job termination", which SIGKILLed every rank."""
     result = _run_and_signal(slurm, signal.SIGTERM)
     assert result.returncode == 0, _out(result)
-    assert (slurm.save / "RESUME").read_text().strip() == "SIGTERM"
+    assert "forcing job termination" not in result.stdout
+    assert (slurm.save / "RESUME").read_text().strip() == "SIGUSR1"
     assert slurm.requeues() == [], _out(result)
     assert "not requeueing" in result.stdout
 
