@@ -354,3 +354,43 @@ def test_rewriting_train_only_warns_about_the_valid_split_left_beside_it(tmp_pat
         assert main(base + ["--template", "chatml"]) == 0
     message = "\n".join(r.getMessage() for r in records)
     assert "--template: train/ chatml, valid/ llama3" in message and "trainer refuses" in message
+
+
+WORKERS_UNDER_SIGNAL = """
+import os, signal, time
+from bft_megatron.config.data import DataConfig
+from bft_megatron.data import pipeline
+from bft_megatron.data.records import to_conversation
+
+def chunks():
+    text = "Short stature with microcephaly and seizures. " * 60
+    conv = to_conversation({"prompt": text, "response": text}, "auto", "x:line 1")
+    for _ in range(120):
+        yield [conv] * pipeline.CHUNK
+
+if __name__ == "__main__":
+    for sig in (signal.SIGTERM, signal.SIGUSR1):       # the trainer's ExitRequest handles both
+        signal.signal(sig, lambda *_: None)
+    results = pipeline._encoded(DataConfig(tokenizer=%(sp)r, num_workers=2), chunks())
+    done = [next(results)]                             # the workers run: every later chunk is queued for them
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        os.killpg(0, sig)                              # as torchrun's agent signals the rank's process group
+    done += list(results)
+    print("chunks:", len(done))
+"""
+
+
+def test_pool_workers_outlive_the_exit_signals_sent_to_the_process_group(tmp_path):
+    """torchrun ``killpg``s a rank's process group with SIGUSR1/SIGTERM; a ``data.num_workers`` pool worker killed
+    mid-chunk lost that chunk and ``Pool.imap`` waited forever (first-use preparation hung the job until SIGKILL).
+    Workers now sit in their own session with SIGUSR1 ignored. In a subprocess with a timeout: a regression fails."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "job.py").write_text(WORKERS_UNDER_SIGNAL % {"sp": DEMO_SP}, encoding="utf-8")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(tmp_path / "job.py")], capture_output=True, text=True, timeout=180,
+                          cwd=repo, env=env, start_new_session=True)
+    assert proc.returncode == 0 and "chunks: 120" in proc.stdout, proc.stdout + proc.stderr[-3000:]

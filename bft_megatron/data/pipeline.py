@@ -31,6 +31,7 @@ from bft_megatron.data.tokenize import Encoded, apply_length_policy, encode
 from bft_megatron.data.tokenizer import Tokenizer, describe, load_tokenizer
 from bft_megatron.utils.files import file_in_the_way
 from bft_megatron.utils.logging import get_logger
+from bft_megatron.utils.signal_shield import detach_pool_worker
 
 log = get_logger(__name__)
 
@@ -66,6 +67,11 @@ class SplitStats:
 
 def _init_worker(tokenizer: str, template: str, supervise: str) -> None:
     _WORKER.update(tok=load_tokenizer(tokenizer), template=template, supervise=supervise)
+
+
+def _init_pool_worker(tokenizer: str, template: str, supervise: str) -> None:
+    detach_pool_worker()  # the launcher's exit signal must not kill a worker mid-chunk (imap would hang)
+    _init_worker(tokenizer, template, supervise)
 
 
 def _encode_chunk(chunk: list[Conversation]) -> list[tuple[str, Any, Any]]:
@@ -112,7 +118,7 @@ def _encoded(cfg: DataConfig, chunks: Iterator[list[Conversation]]) -> Iterator[
         _init_worker(cfg.tokenizer, cfg.template, cfg.supervise)
         yield from map(_encode_chunk, chunks)
         return
-    with mp.get_context("spawn").Pool(cfg.num_workers, _init_worker,
+    with mp.get_context("spawn").Pool(cfg.num_workers, _init_pool_worker,
                                       (cfg.tokenizer, cfg.template, cfg.supervise)) as pool:
         yield from pool.imap(_encode_chunk, chunks)
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import signal
 
-__all__ = ["EXIT_SIGNALS", "ignore_exit_signals"]
+import os
+
+__all__ = ["EXIT_SIGNALS", "ignore_exit_signals", "detach_pool_worker"]
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what bft_megatron.training.fit.ExitRequest handles
 
@@ -21,9 +23,28 @@ def ignore_exit_signals() -> None:
     that ignoring SIGTERM never leaves it behind a rank that was killed."""
     for sig in EXIT_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def detach_pool_worker() -> None:
+    """In a ``multiprocessing.Pool`` worker (``data.num_workers`` > 1): a session of its own, so torchrun's
+    ``killpg`` of the rank's group misses it, and SIGUSR1 ignored (SLURM's ``SignalChildrenProcesses``). SIGTERM
+    keeps its default action because ``Pool.terminate()`` stops workers with it (ignored, the pool's join hangs).
+    A worker killed mid-chunk loses that chunk and ``Pool.imap`` then waits forever: the rank hung in first-use
+    data preparation until the launcher's SIGKILL."""
+    try:
+        os.setsid()
+    except OSError:  # already a session leader
+        pass
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    """SIGKILL this process when the one that started it exits (Linux; elsewhere a no-op)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG (Linux only)
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError, TypeError):
         pass
