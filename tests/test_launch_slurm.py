@@ -63,6 +63,7 @@ env > "$FAKE_DIR/train.env"
 case $FAKE_TRAIN in
   finish) exit 0 ;;
   early) echo exit_duration_minutes > "$FAKE_SAVE/RESUME"; exit 0 ;;
+  term_direct) echo SIGTERM > "$FAKE_SAVE/RESUME"; exit 0 ;;
   crash) exit "$FAKE_STATUS" ;;
   wait_signal)
     trap 'echo SIGUSR1 > "$FAKE_SAVE/RESUME"; exit 0' USR1
@@ -233,6 +234,15 @@ def test_term_is_forwarded_but_not_requeued(slurm):
     assert (slurm.save / "RESUME").read_text().strip() == "SIGUSR1"
     assert slurm.requeues() == [], _out(result)
     assert "not requeueing" in result.stdout
+
+
+def test_a_sigterm_straight_to_the_ranks_is_not_requeued(slurm):
+    """Preemption with GraceTime (and scancel, the time limit) signals the job steps; the batch script may see
+    nothing. The ranks save and exit 0 leaving RESUME=SIGTERM: a stop, not a walltime stop to requeue."""
+    result = slurm.run("term_direct")
+    assert result.returncode == 0, _out(result)
+    assert slurm.requeues() == [], _out(result)
+    assert "saved on a SIGTERM from SLURM" in result.stdout and "not requeueing" in result.stdout
 
 
 def test_config_error_stops_before_srun(slurm):
