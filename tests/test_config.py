@@ -43,6 +43,21 @@ def test_unknown_override_key_rejected():
         load_config(None, ["train.lr"])
 
 
+def test_a_key_without_its_section_points_to_the_sections_that_have_it(tmp_path):
+    """``lr=1e-4`` (or ``lr:`` at the top of a YAML file) names ``train.lr``; a key two sections have names both."""
+    with pytest.raises(ConfigError, match=r"override 'lr': unknown key 'lr' in section '<top>' \(did you mean "
+                                          r"'train.lr'\?\)"):
+        load_config(None, ["lr=1e-4"])
+    path = tmp_path / "c.yaml"
+    path.write_text("seq_length: 512\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'seq_length' in section '<top>' \(did you mean "
+                                          r"'data.seq_length'\?\)"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"unknown key 'seed' in section '<top>' \(did you mean 'train.seed' or "
+                                          r"'data.seed'\?\)"):
+        load_config(None, ["seed=3"])
+
+
 def test_overrides_are_typed():
     assert parse_override("train.lr=1e-4", Config) == (["train", "lr"], 1e-4)
     assert parse_override("train.bf16=false", Config)[1] is False

@@ -117,15 +117,21 @@ def from_dict(cls, data: dict | None, section: str = ""):
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in names:
-            raise ConfigError(_unknown_key(key, section or "<top>", names))
+            raise ConfigError(_unknown_key(key, section or "<top>", names, None if section else hints))
     kwargs = {k: _coerce(v, hints[k], f"{section}.{k}" if section else k) for k, v in data.items()}
     return cls(**kwargs)
 
 
-def _unknown_key(key: str, section: str, names: set[str]) -> str:
-    """``unknown key 'lrr' in section 'train' (did you mean 'lr'?); valid keys: ...``"""
-    close = difflib.get_close_matches(str(key), sorted(names), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+def _unknown_key(key: str, section: str, names: set[str], sections: dict | None = None) -> str:
+    """``unknown key 'lrr' in section 'train' (did you mean 'lr'?); valid keys: ...``
+
+    ``sections`` (the top level's type hints): a key given without its section (``lr=1e-4``) is pointed to the
+    sections that have it (``did you mean 'train.lr'?``)."""
+    qualified = [f"{name}.{key}" for name, tp in (sections or {}).items()
+                 if dataclasses.is_dataclass(unwrap_optional(tp)[0])
+                 and key in {f.name for f in dataclasses.fields(unwrap_optional(tp)[0])}]
+    close = qualified or difflib.get_close_matches(str(key), sorted(names), n=1)
+    hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
     return f"unknown key {key!r} in section {section!r}{hint}; valid keys: {', '.join(sorted(names))}"
 
 
@@ -170,7 +176,7 @@ def _field_type(cls, path: list[str]):
         hints = _hints(inner)
         if name not in hints:
             raise ConfigError(f"override {'.'.join(path)!r}: "
-                              + _unknown_key(name, ".".join(path[:i]) or "<top>", set(hints)))
+                              + _unknown_key(name, ".".join(path[:i]) or "<top>", set(hints), None if i else hints))
         tp = hints[name]
     return tp
 
