@@ -165,6 +165,18 @@ def test_missing_local_paths_are_not_sent_to_the_hub(tmp_path, monkeypatch):
             list(read_records(path, None, SkipLog()))
 
 
+def test_a_comma_separated_path_is_pointed_to_the_list_form(tmp_path, monkeypatch):
+    """``data.train=a.jsonl,b.jsonl`` (no brackets) is one path: its error shows the list override."""
+    from bft_megatron.data.readers import local_source_problem
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text("")
+    want = "several sources are a list: [a.jsonl,b.jsonl] (an override: 'data.train=[a.jsonl,b.jsonl]')"
+    assert local_source_problem("a.jsonl,b.jsonl") == f"no such file or directory; {want}"
+    assert "several sources" not in local_source_problem("x.jsonl,y.jsonl")   # neither exists: no guess
+
+
 def test_tokenizer_path_errors_say_what_is_wrong(tmp_path):
     from bft_megatron.data.tokenizer import load_tokenizer
 

@@ -177,6 +177,10 @@ def local_source_problem(path: str) -> str | None:
 
 def _missing_local(path: str) -> str | None:
     """Why a path that does not exist cannot be a hub dataset id, or None if it may be one."""
+    parts = [p.strip() for p in path.split(",")]
+    if len(parts) > 1 and any(os.path.exists(p) for p in parts):  # a list override without its brackets
+        listed = f"[{','.join(parts)}]"
+        return f"no such file or directory; several sources are a list: {listed} (an override: 'data.train={listed}')"
     if Path(path).suffix in LOCAL_SUFFIXES or not HUB_ID.fullmatch(path):
         return "no such file or directory (hub dataset ids look like owner/name)"
     parent = Path(path).parent
