@@ -219,7 +219,11 @@ def test_a_missing_checkpoint_is_named_as_missing(tmp_path):
 
     with pytest.raises(FileNotFoundError, match=r"no/such/run: no such checkpoint directory \(relative paths"):
         resolve_checkpoint_dir("no/such/run")
-    with pytest.raises(FileNotFoundError, match="not a dist checkpoint"):  # exists, but holds none
+    with pytest.raises(FileNotFoundError, match="not a dist checkpoint") as err:  # exists, but holds none
+        resolve_checkpoint_dir(str(tmp_path))
+    assert "HF model already" not in str(err.value)
+    (tmp_path / "config.json").write_text("{}")  # an HF model folder given to export: says so, and what to run
+    with pytest.raises(FileNotFoundError, match=r"it is an HF model already \(bft-megatron convert import --hf "):
         resolve_checkpoint_dir(str(tmp_path))
 
 

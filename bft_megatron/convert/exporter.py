@@ -46,8 +46,11 @@ def resolve_checkpoint_dir(path: str) -> str:
         raise FileNotFoundError(f"{path}: no such checkpoint directory (relative paths are taken from {os.getcwd()})")
     resolved = pointer.resolve_load_dir(path)
     if resolved is None or not os.path.isfile(os.path.join(resolved, "metadata.json")):
+        hf = os.path.isfile(os.path.join(path, "config.json"))  # an HF model folder: already in HF format
+        hint = (f"; it holds an HF config.json, i.e. it is an HF model already (bft-megatron convert import --hf "
+                f"{path} --out DIR brings it to megatron)" if hf else "")
         raise FileNotFoundError(f"{path}: not a dist checkpoint (no metadata.json) nor a run directory with "
-                                f"a 'latest' pointer to one")
+                                f"a 'latest' pointer to one{hint}")
     return resolved
 
 
