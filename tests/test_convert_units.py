@@ -153,6 +153,12 @@ def test_unsupported_configs_are_rejected(tmp_path):
         model_config_from_hf_dir(_write_config(tmp_path, architectures=["MistralForCausalLM"]))
     with pytest.raises(ValueError, match="head_dim=32"):
         model_config_from_hf_dir(_write_config(tmp_path, head_dim=32))
+    # Llama's attention_bias biases o_proj too: said before any tensor is read ("no megatron mapping" before)
+    with pytest.raises(ConfigError, match=r"attention_bias=true \(Llama with biases on its q/k/v/o projections\)"):
+        model_config_from_hf_dir(_write_config(tmp_path, attention_bias=True))
+    with pytest.raises(ConfigError, match=r"mlp_bias=true \(Llama with biases on its MLP\) is not supported"):
+        model_config_from_hf_dir(_write_config(tmp_path, mlp_bias=True))
+    assert model_config_from_hf_dir(_write_config(tmp_path, attention_bias=False, mlp_bias=False)).family == "llama"
     # without max_window_layers transformers' default 28 applies: a 2-layer model has no sliding layer, 40 layers do
     assert model_config_from_hf_dir(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"],
                                                   use_sliding_window=True)).family == "qwen2"

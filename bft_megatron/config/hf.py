@@ -64,8 +64,13 @@ def _optional(hf: dict, key: str, default):
     return default if value is None else value
 
 
-def _check_supported(hf: dict) -> None:
+def _check_supported(hf: dict, family: str) -> None:
     heads, hidden = int(_required(hf, "num_attention_heads")), int(_required(hf, "hidden_size"))
+    biased = [k for k in ("attention_bias", "mlp_bias") if hf.get(k) and family == "llama"]
+    if biased:  # Llama's attention_bias also biases o_proj, which megatron's qkv bias does not cover
+        raise ConfigError(f"model.from_hf: {'/'.join(f'{k}=true' for k in biased)} (Llama with biases on its "
+                          f"{'q/k/v/o projections' if biased[0] == 'attention_bias' else 'MLP'}) is not supported; "
+                          "biases on q/k/v only are Qwen2's layout (Qwen2ForCausalLM)")
     head_dim = hf.get("head_dim")
     if head_dim is not None and int(head_dim) * heads != hidden:
         raise ConfigError(f"model.from_hf: head_dim={head_dim} != hidden_size/num_attention_heads "
@@ -86,7 +91,7 @@ def model_fields_from_hf(hf: dict) -> dict:
     family = next((_FAMILIES[a] for a in archs if a in _FAMILIES), None)
     if family is None:
         raise ConfigError(f"model.from_hf: unsupported architectures {archs!r}; expected one of {list(_FAMILIES)}")
-    _check_supported(hf)
+    _check_supported(hf, family)
     heads = int(hf["num_attention_heads"])
     return {
         "family": family,
@@ -101,7 +106,7 @@ def model_fields_from_hf(hf: dict) -> dict:
         "rope_scaling": _rope_scaling(hf.get("rope_scaling")),
         "norm_epsilon": float(_optional(hf, "rms_norm_eps", 1e-6)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "qkv_bias": family == "qwen2" or bool(hf.get("attention_bias", False)),
+        "qkv_bias": family == "qwen2",  # Llama with attention_bias is refused above
     }
 
 
