@@ -108,6 +108,17 @@ def test_skip_policy_counts_and_keeps_good_records(tmp_path):
     assert any("mixed.jsonl:line 3" in e for e in skips.examples)
 
 
+def test_a_malformed_line_is_reported_once_with_its_line_number(tmp_path, capfd):
+    """datasets' JSON builder logged "Failed to load JSON ... in row 1" (0-based) before the fallback's DataError
+    named "line 3" of the same file: two reports, numbered differently."""
+    path = write_jsonl(tmp_path / "bad.jsonl", CHATS[2:4], raw_lines=[BAD[0][0]])
+    capfd.readouterr()
+    with pytest.raises(DataError, match=r"bad\.jsonl:line 3: malformed JSON"):
+        _convs(path)
+    out, err = capfd.readouterr()
+    assert "Failed to load JSON" not in out + err and "in row" not in out + err
+
+
 def test_malformed_json_array_names_line(tmp_path):
     p = tmp_path / "a.json"
     p.write_text('[\n {"prompt": "a", "response": "b"},\n {"prompt": }\n]\n', encoding="utf-8")
