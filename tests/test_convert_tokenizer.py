@@ -409,3 +409,39 @@ def test_the_trainer_and_the_export_agree_on_what_a_tokenizer_directory_is(tmp_p
     else:
         with pytest.raises(DataError, match="a directory without tokenizer files"):
             check_tokenizer_path(str(tmp_path))
+
+
+def test_a_stored_copy_is_checked_against_the_tokenizer_class_training_used(tmp_path, log_records):
+    """A qwen2 model trained on an HF tokenizer directory whose config.json makes AutoTokenizer pick Qwen2Tokenizer
+    (the trainer's class): exporting from the checkpoint's hf/ copy loaded the copied files by tokenizer_config.json
+    alone (no config.json there yet), another class that splits digits otherwise, and warned that the export's
+    AutoTokenizer "encodes otherwise than the training tokenizer", advising a class that does. It encodes as
+    training did: no warning."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tests.data_fixtures import hf_tokenizer
+
+    trained = tmp_path / "hf_qwen"
+    shutil.copytree(hf_tokenizer("qwen_plain"), trained)
+    (trained / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    probe = "The Human Phenotype Ontology (HPO), release 2024: abnormal gait."
+    trainer_tok = AutoTokenizer.from_pretrained(str(trained))
+    by_files = AutoTokenizer.from_pretrained(hf_tokenizer("qwen_plain"))  # the class tokenizer_config.json names
+    assert type(trainer_tok).__name__ == "Qwen2Tokenizer"
+    assert trainer_tok(probe)["input_ids"] != by_files(probe)["input_ids"]  # the case: the classes encode otherwise
+    model = dataclasses.replace(TINY_MODEL, family="qwen2", qkv_bias=True)
+    config = {"data": {"tokenizer": str(trained), "template": "chatml"}, "model": {}}
+    stored = tmp_path / "iter_0000002" / "hf"             # what the trainer's save writes beside the weights
+    write_hf_metadata(str(stored), model, torch.float32, find_sources(config))
+    out = tmp_path / "export"
+    sources = find_sources(config, stored=str(stored))
+    assert sources.tokenizer.stored and sources.tokenizer.training == str(trained)
+    log_records.clear()
+    write_hf_metadata(str(out), model, torch.float32, sources)
+    warned = [r.getMessage() for r in log_records if "AutoTokenizer loads the exported tokenizer" in r.getMessage()]
+    assert warned == []
+    exported, chat = AutoTokenizer.from_pretrained(str(out)), _chats(1)[0]
+    want = trainer_tok.apply_chat_template(chat, tokenize=True, chat_template=BUILTIN_JINJA["chatml"])
+    assert _ids(exported.apply_chat_template(chat, tokenize=True)) == _ids(want)

@@ -110,12 +110,20 @@ def _copy_hf(src: TokenizerSource, out_dir: str):
 
 
 def _copy_stored(src: TokenizerSource, out_dir: str):
-    """Copy a checkpoint's stored tokenizer files as they are (their chat template is already the training one)."""
+    """Copy a checkpoint's stored tokenizer files as they are (their chat template is already the training one).
+
+    Returns them loaded with the class the trainer's AutoTokenizer picked in the training tokenizer's directory
+    where that still exists: there config.json's ``model_type`` chose it (a ``qwen2`` folder: Qwen2Tokenizer),
+    while ``out_dir`` has no config.json yet. Loaded by another class, the files can encode otherwise, and
+    :func:`check_auto_tokenizer` compared the export against that instead of training."""
     from transformers import AutoTokenizer
 
     for name in sorted(os.listdir(src.path)):
         if name not in _NOT_TOKENIZER and os.path.isfile(os.path.join(src.path, name)):
             shutil.copyfile(os.path.join(src.path, name), os.path.join(out_dir, name))
+    if src.training and os.path.isdir(src.training):
+        trained_class = type(AutoTokenizer.from_pretrained(src.training, local_files_only=True))
+        return trained_class.from_pretrained(out_dir, local_files_only=True)
     return AutoTokenizer.from_pretrained(out_dir, local_files_only=True)
 
 

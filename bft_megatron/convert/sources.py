@@ -52,6 +52,7 @@ class TokenizerSource:
     template: str | None = None  # data.template the training data was rendered with (None: no training record)
     record: dict | None = None  # the prepared data's tokenizer record: bos_id, eos_id, pad_id, vocab_size, path
     stored: bool = False  # a checkpoint's hf/: files already written for this run's export, copied as they are
+    training: str | None = None  # with stored: the training tokenizer's path where it still exists (its class)
 
 
 @dataclass
@@ -166,7 +167,8 @@ def find_sources(config: dict | None, hf_dir: str | None = None, tokenizer: str 
                              template_explicit=explicit)
     if is_tokenizer(stored):  # what this checkpoint's export wrote then: the recorded path no longer matters
         return ExportSources(template, TokenizerSource(stored, f"the checkpoint's copy {stored}", template_name,
-                                                       record, stored=True), hint=hint, template_explicit=explicit)
+                                                       record, stored=True, training=trained and trained.path),
+                             hint=hint, template_explicit=explicit)
     if recorded and trained is None:
         _log.warning("the training tokenizer %s is not there (moved, or another machine): looking for one in the "
                      "HF directories; %s", described, hint)
