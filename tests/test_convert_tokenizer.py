@@ -411,21 +411,46 @@ def test_the_trainer_and_the_export_agree_on_what_a_tokenizer_directory_is(tmp_p
             check_tokenizer_path(str(tmp_path))
 
 
-def test_a_stored_copy_is_checked_against_the_tokenizer_class_training_used(tmp_path, log_records):
-    """A qwen2 model trained on an HF tokenizer directory whose config.json makes AutoTokenizer pick Qwen2Tokenizer
-    (the trainer's class): exporting from the checkpoint's hf/ copy loaded the copied files by tokenizer_config.json
-    alone (no config.json there yet), another class that splits digits otherwise, and warned that the export's
-    AutoTokenizer "encodes otherwise than the training tokenizer", advising a class that does. It encodes as
-    training did: no warning."""
+def _qwen2_tokenizer_dir(tmp_path):
+    """A byte-level BPE tokenizer directory with a qwen2 config.json: AutoTokenizer picks Qwen2Tokenizer there, which
+    splits digits otherwise than the class its tokenizer_config.json names."""
     import shutil
-
-    from transformers import AutoTokenizer
 
     from tests.data_fixtures import hf_tokenizer
 
     trained = tmp_path / "hf_qwen"
     shutil.copytree(hf_tokenizer("qwen_plain"), trained)
     (trained / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    return trained
+
+
+def test_the_advice_names_the_class_that_encodes_as_training(tmp_path, log_records):
+    """A Llama export given the qwen2 directory's tokenizer (--tokenizer): AutoTokenizer loads the export by
+    tokenizer_config.json (TokenizersBackend, transformers 5's PreTrainedTokenizerFast), training's class was
+    Qwen2Tokenizer. The warning advised PreTrainedTokenizerFast, the very class it had just said encodes otherwise."""
+    import transformers
+
+    trained = _qwen2_tokenizer_dir(tmp_path)
+    out = tmp_path / "export"
+    write_hf_metadata(str(out), TINY_MODEL, torch.float32, find_sources({}, tokenizer=str(trained)))
+    [warned] = [r.getMessage() for r in log_records if "AutoTokenizer loads the exported tokenizer" in r.getMessage()]
+    assert warned.endswith("load it with Qwen2Tokenizer.from_pretrained(EXPORT_DIR)"), warned
+    probe = "The Human Phenotype Ontology (HPO), release 2024: abnormal gait."
+    advised = transformers.Qwen2Tokenizer.from_pretrained(str(out))
+    assert advised(probe)["input_ids"] == transformers.AutoTokenizer.from_pretrained(str(trained))(probe)["input_ids"]
+
+
+def test_a_stored_copy_is_checked_against_the_tokenizer_class_training_used(tmp_path, log_records):
+    """A qwen2 model trained on an HF tokenizer directory whose config.json makes AutoTokenizer pick Qwen2Tokenizer
+    (the trainer's class): exporting from the checkpoint's hf/ copy loaded the copied files by tokenizer_config.json
+    alone (no config.json there yet), another class that splits digits otherwise, and warned that the export's
+    AutoTokenizer "encodes otherwise than the training tokenizer", advising a class that does. It encodes as
+    training did: no warning."""
+    from transformers import AutoTokenizer
+
+    from tests.data_fixtures import hf_tokenizer
+
+    trained = _qwen2_tokenizer_dir(tmp_path)
     probe = "The Human Phenotype Ontology (HPO), release 2024: abnormal gait."
     trainer_tok = AutoTokenizer.from_pretrained(str(trained))
     by_files = AutoTokenizer.from_pretrained(hf_tokenizer("qwen_plain"))  # the class tokenizer_config.json names

@@ -206,6 +206,13 @@ def check_auto_tokenizer(out_dir: str, tok) -> None:
     if got != want:
         _log.warning("AutoTokenizer loads the exported tokenizer as %s, which encodes otherwise than the training "
                      "tokenizer (%d vs %d ids for a probe chat; transformers %s picks the class from config.json's "
-                     "model_type %r): load it with PreTrainedTokenizerFast.from_pretrained(EXPORT_DIR)",
+                     "model_type %r): load it with %s.from_pretrained(EXPORT_DIR)",
                      type(auto).__name__, len(got), len(want), transformers.__version__,
-                     _model_type(out_dir))
+                     _model_type(out_dir), _class_name(tok))
+
+
+def _class_name(tok) -> str:
+    """The transformers class that encodes as ``tok`` does, as a user imports it (transformers 5 names its generic
+    fast tokenizer TokenizersBackend; PreTrainedTokenizerFast is the name both major versions export)."""
+    name = type(tok).__name__
+    return "PreTrainedTokenizerFast" if name in ("TokenizersBackend", "PreTrainedTokenizerFast") else name
