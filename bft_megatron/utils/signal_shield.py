@@ -4,14 +4,13 @@ The launchers deliver SIGTERM/SIGUSR1 to a rank's whole process group, not only 
 ``killpg``s its workers, and so does SLURM with proctrack/pgid or linuxproc, or with cgroup.conf
 ``SignalChildrenProcesses=yes``. A child started with ``spawn`` does not inherit the trainer's handlers, so the
 signal that asks for the exit save also killed megatron's write-results server (``Checkpointer.save``), and that
-save then failed.
+save then failed; a ``data.num_workers`` pool worker killed mid-chunk hung the data preparation.
 """
 
 from __future__ import annotations
 
-import signal
-
 import os
+import signal
 
 __all__ = ["EXIT_SIGNALS", "ignore_exit_signals", "detach_pool_worker"]
 
