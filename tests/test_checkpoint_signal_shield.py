@@ -44,7 +44,7 @@ if __name__ == "__main__":
 def test_results_queue_survives_exit_signals_to_the_process_group(tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(SCRIPT)
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120,
                             start_new_session=True)                    # its own process group, as under torchrun
     assert result.returncode == 0, result.stdout + result.stderr

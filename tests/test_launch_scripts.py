@@ -164,7 +164,8 @@ def test_torchrun_usr1_saves_and_leaves_resume(tmp_path, periodic):
     no RESUME, `latest` left at the periodic save)."""
     save = tmp_path / "ckpt"
     env = dict(os.environ, NPROC_PER_NODE="1", MASTER_PORT=str(free_port()), CONFIG="configs/demo_cpu.yaml",
-               PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+               PYTHON=sys.executable, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     for var in ("NNODES", "NODE_RANK", "MASTER_ADDR", "SHUTDOWN_TIMEOUT"):
         env.pop(var, None)
     log_path = tmp_path / "log.txt"
