@@ -27,14 +27,15 @@ def main():  # imports here: the spawned server re-imports this file, light as b
     for sig in EXIT_SIGNALS:
         signal.signal(sig, lambda *_: None)
     manager._shield_mcore_results_queue()
-    queue = fa._get_write_results_queue()
+    get_queue = getattr(fa, "get_write_results_queue", None) or fa._get_write_results_queue  # 0.17+ / 0.16
+    queue = get_queue()
     queue.put("first save"); assert queue.get() == "first save"
     for sig in EXIT_SIGNALS:
         os.killpg(0, sig)
     time.sleep(1.0)
     queue.put("exit save"); print("queue:", queue.get())
     manager._shield_mcore_results_queue()           # idempotent: the same queue
-    assert fa._get_write_results_queue() is queue
+    assert get_queue() is queue
 
 if __name__ == "__main__":
     main()
