@@ -155,13 +155,15 @@ SMALL = ["model.hidden_size=64", "model.num_layers=2", "model.ffn_hidden_size=12
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("periodic", [False, True], ids=["first_save_on_exit", "after_a_periodic_save"])
-def test_torchrun_usr1_saves_and_leaves_resume(tmp_path, periodic):
+@pytest.mark.parametrize("periodic, extra", [(False, []), (True, []), (True, ["checkpoint.async_save=true"])],
+                         ids=["first_save_on_exit", "after_a_periodic_save", "after_a_periodic_async_save"])
+def test_torchrun_usr1_saves_and_leaves_resume(tmp_path, periodic, extra):
     """The real chain: SIGUSR1 to torchrun.sh -> torchrun forwards it -> the trainer saves, writes RESUME, exits.
 
     after_a_periodic_save: torchrun signals the worker's whole process group, and the SIGUSR1 used to kill the
     write-results server megatron started at the first save, so the save after the signal failed (BrokenPipeError,
-    no RESUME, `latest` left at the periodic save)."""
+    no RESUME, `latest` left at the periodic save). after_a_periodic_async_save: the same with megatron's forked
+    async writer, whose save the exit save waits for."""
     save = tmp_path / "ckpt"
     env = dict(os.environ, NPROC_PER_NODE="1", MASTER_PORT=str(free_port()), CONFIG="configs/demo_cpu.yaml",
                PYTHON=sys.executable, OMP_NUM_THREADS="1",
@@ -170,7 +172,7 @@ def test_torchrun_usr1_saves_and_leaves_resume(tmp_path, periodic):
         env.pop(var, None)
     log_path = tmp_path / "log.txt"
     overrides = SMALL + [f"checkpoint.save={save}", f"data.output_dir={tmp_path / 'data'}"]
-    overrides += ["checkpoint.save_interval=2"] if periodic else []
+    overrides += (["checkpoint.save_interval=2"] if periodic else []) + extra
     wait_for = "step 3/100000 |" if periodic else "step 2/100000 |"   # periodic: after the save at step 2
     with open(log_path, "w") as log:
         proc = subprocess.Popen(["bash", "launch/torchrun.sh", *overrides], cwd=ROOT, env=env, stdout=log,
