@@ -1,0 +1,89 @@
+"""Where records come from: missing local paths vs hub dataset ids, formats and suffixes, tokenizer paths; each
+error says what is wrong with the path."""
+
+from __future__ import annotations
+
+import pytest
+
+from bft_megatron.data.errors import DataError, SkipLog
+from bft_megatron.data.readers import read_records
+from bft_megatron.data.records import to_conversation
+from tests.data_fixtures import CHATS, write_jsonl
+from tests.test_data_readers import _convs
+
+
+def test_hub_name_is_a_thin_datasets_call(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(name, split=None, cache_dir=None):
+        calls.append((name, split))
+        return [CHATS[2], CHATS[3]]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    skips = SkipLog()
+    raws = list(read_records("org/chat-set", "validation", skips))
+    assert calls == [("org/chat-set", "validation")]
+    assert [r.where for r in raws] == ["hub:org/chat-set[validation]:row 0", "hub:org/chat-set[validation]:row 1"]
+    assert to_conversation(raws[1].data, "auto", raws[1].where).messages[1].content == "The quick brown fox."
+
+
+def test_explicit_format_is_enforced(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [CHATS[2]])
+    with pytest.raises(DataError, match="missing field 'instruction'"):
+        _convs(path, fmt="alpaca")
+
+
+def test_missing_file_and_bad_suffix(tmp_path):
+    with pytest.raises(DataError, match="no such file or directory"):
+        _convs(tmp_path / "nope.jsonl")
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match="unsupported file type"):
+        _convs(tmp_path / "x.csv")
+
+
+def test_missing_local_paths_are_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """A path that does not exist is a hub id only if it can be one; a failed hub load says both."""
+    import datasets
+
+    def offline(name, **kwargs):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mydata").mkdir()
+    for path, match in [("mydata/train_dir", r"no such file or directory in mydata/ \(taken as a local path"),
+                        ("a/b/c", "no such file or directory"), ("x.parquet", "no such file or directory"),
+                        ("mydat/train_dir", r"not a local file or directory .*owner/name.*ConnectionError")]:
+        with pytest.raises(DataError, match=match):
+            list(read_records(path, None, SkipLog()))
+
+
+def test_a_comma_separated_path_is_pointed_to_the_list_form(tmp_path, monkeypatch):
+    """``data.train=a.jsonl,b.jsonl`` (no brackets) is one path: its error shows the list override."""
+    from bft_megatron.data.readers import local_source_problem
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.jsonl", "b.jsonl"):
+        (tmp_path / name).write_text("")
+    want = "several sources are a list: [a.jsonl,b.jsonl] (an override: 'data.train=[a.jsonl,b.jsonl]')"
+    assert local_source_problem("a.jsonl,b.jsonl") == f"no such file or directory; {want}"
+    assert "several sources" not in local_source_problem("x.jsonl,y.jsonl")   # neither exists: no guess
+
+
+def test_tokenizer_path_errors_say_what_is_wrong(tmp_path):
+    from bft_megatron.data.tokenizer import load_tokenizer
+
+    with pytest.raises(ValueError, match=r"nonexist.model': no such file or directory; expected an HF"):
+        load_tokenizer(str(tmp_path / "nonexist.model"))
+    with pytest.raises(ValueError, match=r"no such file or directory \(a hub id is not downloaded"):
+        load_tokenizer("meta-llama/Llama-3.1-8B")
+    (tmp_path / "tok.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"got a \.txt file"):
+        load_tokenizer(str(tmp_path / "tok.txt"))
+    # a convert import's layout (weights beside, the tokenizer in hf/): transformers' own message named neither
+    (tmp_path / "hf").mkdir()  # the path nor the files it looked for
+    (tmp_path / "hf" / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"a directory without tokenizer files .*keeps its tokenizer in hf/"):
+        load_tokenizer(str(tmp_path))
