@@ -122,14 +122,18 @@ def from_dict(cls, data: dict | None, section: str = ""):
     return cls(**kwargs)
 
 
+def _field_names(tp) -> set[str]:
+    """The fields of dataclass type ``tp`` (optional or not); none for other types."""
+    inner, _ = unwrap_optional(tp)
+    return {f.name for f in dataclasses.fields(inner)} if dataclasses.is_dataclass(inner) else set()
+
+
 def _unknown_key(key: str, section: str, names: set[str], sections: dict | None = None) -> str:
     """``unknown key 'lrr' in section 'train' (did you mean 'lr'?); valid keys: ...``
 
     ``sections`` (the top level's type hints): a key given without its section (``lr=1e-4``) is pointed to the
     sections that have it (``did you mean 'train.lr'?``)."""
-    qualified = [f"{name}.{key}" for name, tp in (sections or {}).items()
-                 if dataclasses.is_dataclass(unwrap_optional(tp)[0])
-                 and key in {f.name for f in dataclasses.fields(unwrap_optional(tp)[0])}]
+    qualified = [f"{name}.{key}" for name, tp in (sections or {}).items() if key in _field_names(tp)]
     close = qualified or difflib.get_close_matches(str(key), sorted(names), n=1)
     hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
     return f"unknown key {key!r} in section {section!r}{hint}; valid keys: {', '.join(sorted(names))}"
