@@ -68,6 +68,52 @@ def test_exit_duration_is_in_minutes_from_the_start():
     assert within[0] == 5 and past[0] == 1
 
 
+def _fit_signalled(rank: int, world: int, reclaim: bool) -> tuple[int, str, bool]:
+    """(iterations trained, exit reason, whether Python still reported our handler) of a 6-step stub run whose
+    step 1 replaces the SIGUSR1 handler at the C level, as LLVM does at Triton's first compile in a process (here
+    with SIG_IGN; LLVM's own handler drops SIGUSR1 alike), and whose step 3 gets SIGUSR1 (as from torchrun)."""
+    import ctypes
+    import os
+    import signal
+
+    from bft_megatron.config import load_config
+    from bft_megatron.training.fit import ExitRequest, fit
+    from bft_megatron.training.loop import TrainState
+
+    state, seen = TrainState(), []
+
+    def train_step(report):
+        if state.iteration == 0:
+            ctypes.CDLL(None).signal(int(signal.SIGUSR1), ctypes.c_void_p(1))  # SIG_IGN, behind Python's back
+            seen.append(signal.getsignal(signal.SIGUSR1) == exit_request._handler)
+        if state.iteration == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.05)  # delivered (and, with Python's handler, run) before the step ends
+        return SimpleNamespace(real_tokens=0, metrics={}, grad_norm=None, skipped=False, lr=0.0)
+
+    cfg = load_config(None, TINY + ["train.train_iters=6"])
+    trainer = SimpleNamespace(
+        cfg=cfg, state=state, valid_data=None, reporter=0,
+        groups=SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"), dp=None),
+        progress=SimpleNamespace(line=lambda *a: "", close=lambda: None), train_step=train_step,
+        record_step=lambda result: setattr(state, "iteration", state.iteration + 1), evaluate=lambda stop=None: None)
+    exit_request = ExitRequest(install=True)
+    if not reclaim:
+        exit_request.reclaim = lambda: None
+    fit(trainer, None, exit_request)
+    return state.iteration, exit_request.reason, seen[0]
+
+
+@pytest.mark.parametrize("reclaim", [True, False], ids=["reclaimed", "without_reclaim"])
+def test_sigusr1_still_stops_the_run_after_a_library_replaced_its_handler(reclaim):
+    """On GPUs Triton's LLVM took SIGUSR1 at the first step's kernel compile and dropped it: torchrun's and SLURM's
+    exit signal was lost and the rank SIGKILLed without a save. fit polls the C-level handler each step and takes
+    it back (``ExitRequest.reclaim``); the mutant run (no reclaim) shows the signal is lost without it."""
+    [(iterations, reason, python_saw_ours)] = run_distributed(_fit_signalled, 1, reclaim)
+    assert python_saw_ours                            # signal.getsignal cannot tell: the kernel has to be asked
+    assert (iterations, reason) == ((3, "SIGUSR1") if reclaim else (6, ""))
+
+
 def _fit_warnings(rank: int, world: int, overrides: list[str], started_ago_s: float) -> list[str]:
     """The warnings a stub run (as in _fit) logs."""
     import logging

@@ -18,6 +18,7 @@ from bft_megatron.config.base import format_value
 from bft_megatron.training.loop import NonFiniteError, Trainer, TrainState
 from bft_megatron.training.progress import to_rank0
 from bft_megatron.utils.logging import get_logger
+from bft_megatron.utils.signal_shield import EXIT_SIGNALS, native_handler, native_owner
 
 __all__ = ["fit", "ExitRequest"]
 
@@ -32,13 +33,33 @@ class ExitRequest:
         self.requested = False
         self.reason = ""
         self.started = time.time()
+        self._native: dict[int, int | None] = {}  # signal -> the C-level handler Python installed for ours
         if install:
-            for sig in (signal.SIGTERM, signal.SIGUSR1):
+            for sig in EXIT_SIGNALS:
                 signal.signal(sig, self._handler)
+                self._native[sig] = native_handler(sig)
 
     def _handler(self, signum, _frame) -> None:
         self.requested = True
         self.reason = signal.Signals(signum).name
+
+    def reclaim(self) -> None:
+        """Take the handlers back where a native library replaced them (polled with the flag, once per step).
+
+        LLVM in Triton's compiler installs its own SIGTERM/SIGUSR1 handlers at the first compile in the process
+        (inductor for megatron's and TE's ``torch.compile``d fusions, Triton kernels: step 1, new shapes) and drops
+        SIGUSR1, so on GPUs torchrun's and SLURM's SIGUSR1 was lost until the launcher's SIGKILL. A SIGUSR1 that
+        arrives between such a compile and the end of its step is still lost (SIGTERM is not: LLVM restores ours
+        and re-raises it)."""
+        for sig, ours in self._native.items():
+            now = native_handler(sig)
+            if ours is None or now is None:
+                signal.signal(sig, self._handler)  # cannot read it here: re-install anyway (one syscall)
+            elif now != ours:
+                owner = native_owner(now) or f"address {now:#x}"
+                signal.signal(sig, self._handler)
+                _log.info("%s's handler had been replaced by %s; restored (checkpoint.save_on_signal)",
+                          signal.Signals(sig).name, owner)
 
 
 def _agree(local: bool, device) -> bool:
@@ -49,6 +70,7 @@ def _agree(local: bool, device) -> bool:
 
 def _exit_agreed(cfg, exit_request: ExitRequest, device) -> bool:
     """Whether any rank has a signal, or the walltime is up (one all-reduce; every rank must call it)."""
+    exit_request.reclaim()
     timed_out = (cfg.train.exit_duration_minutes is not None
                  and time.time() - exit_request.started > 60 * cfg.train.exit_duration_minutes)
     return _agree(exit_request.requested or timed_out, device)

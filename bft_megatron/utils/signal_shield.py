@@ -1,10 +1,16 @@
-"""Helper processes that outlive the trainer's exit signals (stdlib only: a ``spawn`` child imports this module).
+"""The trainer's exit signals against the processes and libraries that would take them (stdlib only: a ``spawn``
+child imports this module).
 
 The launchers deliver SIGTERM/SIGUSR1 to a rank's whole process group, not only to the rank: torchrun's agent
 ``killpg``s its workers, and so does SLURM with proctrack/pgid or linuxproc, or with cgroup.conf
 ``SignalChildrenProcesses=yes``. A child started with ``spawn`` does not inherit the trainer's handlers, so the
 signal that asks for the exit save also killed megatron's write-results server (``Checkpointer.save``), and that
 save then failed; a ``data.num_workers`` pool worker killed mid-chunk hung the data preparation.
+
+In the rank itself, a native library can replace the handlers at the C level while Python's ``signal.getsignal``
+still reports ours: LLVM, inside Triton's compiler (inductor, Transformer Engine's and our Triton kernels),
+registers its own SIGTERM/SIGUSR1 handlers the first time it compiles in a process, and its SIGUSR1 handler drops
+the signal. ``native_handler`` reads what the kernel will actually call, so ``ExitRequest`` can take them back.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["EXIT_SIGNALS", "ignore_exit_signals", "detach_pool_worker"]
+__all__ = ["EXIT_SIGNALS", "ignore_exit_signals", "detach_pool_worker", "native_handler", "native_owner"]
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what bft_megatron.training.fit.ExitRequest handles
 
@@ -42,8 +48,43 @@ def detach_pool_worker() -> None:
 def _die_with_parent() -> None:
     """SIGKILL this process when the one that started it exits (Linux; elsewhere a no-op)."""
     try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        _libc().prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError, TypeError):
         pass
+
+
+def _libc():
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def native_handler(sig: int) -> int | None:
+    """The address of the function the kernel calls for ``sig`` (0: default, 1: ignored), or None where it cannot
+    be read. Every libc's ``struct sigaction`` starts with the handler (a union of the two handler types)."""
+    import ctypes
+
+    try:
+        buf = ctypes.create_string_buffer(512)  # larger than any libc's struct sigaction
+        if _libc().sigaction(int(sig), None, buf) != 0:
+            return None
+        return ctypes.c_void_p.from_buffer(buf).value or 0
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def native_owner(address: int) -> str:
+    """The shared object holding ``address`` (e.g. ``.../triton/_C/libtriton.so``), or "" if unknown."""
+    import ctypes
+
+    class _DlInfo(ctypes.Structure):
+        _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p), ("sname", ctypes.c_char_p),
+                    ("saddr", ctypes.c_void_p)]
+
+    try:
+        info = _DlInfo()
+        if address > 1 and _libc().dladdr(ctypes.c_void_p(address), ctypes.byref(info)):
+            return (info.fname or b"").decode(errors="replace")
+    except (OSError, AttributeError, TypeError):
+        pass
+    return ""
