@@ -68,10 +68,11 @@ def test_exit_duration_is_in_minutes_from_the_start():
     assert within[0] == 5 and past[0] == 1
 
 
-def _fit_signalled(rank: int, world: int, reclaim: bool) -> tuple[int, str, bool]:
+def _fit_signalled(rank: int, world: int, how: str, reclaim: bool) -> tuple[int, str, bool]:
     """(iterations trained, exit reason, whether Python still reported our handler) of a 6-step stub run whose
-    step 1 replaces the SIGUSR1 handler at the C level, as LLVM does at Triton's first compile in a process (here
-    with SIG_IGN; LLVM's own handler drops SIGUSR1 alike), and whose step 3 gets SIGUSR1 (as from torchrun)."""
+    step 1 replaces the SIGUSR1 handler, ``how="c"`` at the C level as LLVM does at Triton's first compile in a
+    process (here with SIG_IGN; LLVM's own handler drops SIGUSR1 alike) or ``"python"`` through ``signal.signal``,
+    and whose step 3 gets SIGUSR1 (as from torchrun)."""
     import ctypes
     import os
     import signal
@@ -83,8 +84,11 @@ def _fit_signalled(rank: int, world: int, reclaim: bool) -> tuple[int, str, bool
     state, seen = TrainState(), []
 
     def train_step(report):
-        if state.iteration == 0:
+        if state.iteration == 0 and how == "c":
             ctypes.CDLL(None).signal(int(signal.SIGUSR1), ctypes.c_void_p(1))  # SIG_IGN, behind Python's back
+        elif state.iteration == 0:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        if state.iteration == 0:
             seen.append(signal.getsignal(signal.SIGUSR1) == exit_request._handler)
         if state.iteration == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -104,13 +108,15 @@ def _fit_signalled(rank: int, world: int, reclaim: bool) -> tuple[int, str, bool
     return state.iteration, exit_request.reason, seen[0]
 
 
-@pytest.mark.parametrize("reclaim", [True, False], ids=["reclaimed", "without_reclaim"])
-def test_sigusr1_still_stops_the_run_after_a_library_replaced_its_handler(reclaim):
+@pytest.mark.parametrize("how, reclaim", [("c", True), ("c", False), ("python", True)],
+                         ids=["c_level", "c_level_without_reclaim", "python_level"])
+def test_sigusr1_still_stops_the_run_after_a_library_replaced_its_handler(how, reclaim):
     """On GPUs Triton's LLVM took SIGUSR1 at the first step's kernel compile and dropped it: torchrun's and SLURM's
-    exit signal was lost and the rank SIGKILLed without a save. fit polls the C-level handler each step and takes
-    it back (``ExitRequest.reclaim``); the mutant run (no reclaim) shows the signal is lost without it."""
-    [(iterations, reason, python_saw_ours)] = run_distributed(_fit_signalled, 1, reclaim)
-    assert python_saw_ours                            # signal.getsignal cannot tell: the kernel has to be asked
+    exit signal was lost and the rank SIGKILLed without a save. fit polls the handler each step (the kernel's
+    view and Python's) and takes it back (``ExitRequest.reclaim``); the run without reclaim shows the signal is
+    lost without it."""
+    [(iterations, reason, python_saw_ours)] = run_distributed(_fit_signalled, 1, how, reclaim)
+    assert python_saw_ours == (how == "c")            # at the C level signal.getsignal cannot tell
     assert (iterations, reason) == ((3, "SIGUSR1") if reclaim else (6, ""))
 
 

@@ -52,14 +52,23 @@ class ExitRequest:
         arrives between such a compile and the end of its step is still lost (SIGTERM is not: LLVM restores ours
         and re-raises it)."""
         for sig, ours in self._native.items():
-            now = native_handler(sig)
-            if ours is None or now is None:
-                signal.signal(sig, self._handler)  # cannot read it here: re-install anyway (one syscall)
-            elif now != ours:
-                owner = native_owner(now) or f"address {now:#x}"
+            owner = self._taken_by(sig, ours)
+            if owner is not None:
                 signal.signal(sig, self._handler)
-                _log.info("%s's handler had been replaced by %s; restored (checkpoint.save_on_signal)",
-                          signal.Signals(sig).name, owner)
+                if owner:
+                    _log.info("%s's handler had been replaced by %s; restored (checkpoint.save_on_signal)",
+                              signal.Signals(sig).name, owner)
+
+    def _taken_by(self, sig: int, ours: int | None) -> str | None:
+        """Who holds ``sig`` instead of our handler ("": cannot tell, re-install anyway; None: ours)."""
+        if signal.getsignal(sig) != self._handler:  # replaced from Python
+            return repr(signal.getsignal(sig))
+        now = native_handler(sig)
+        if ours is None or now is None:  # the kernel's view cannot be read here: one syscall to be sure
+            return ""
+        if now != ours:
+            return native_owner(now) or f"address {now:#x}"
+        return None
 
 
 def _agree(local: bool, device) -> bool:
