@@ -162,6 +162,11 @@ class LoggingConfig:
     log_interval: int = 1
     tensorboard_dir: str | None = None
     peak_tflops: float | None = None  # per-GPU peak for MFU; None = the GPU's dense BF16 peak by name
+    # Weights & Biases (pip install wandb): on when wandb_project is set; the same scalars as TensorBoard
+    wandb_project: str | None = None
+    wandb_entity: str | None = None  # team or user; None = W&B's default
+    wandb_run_name: str | None = None  # None = the basename of checkpoint.save
+    wandb_dir: str | None = None  # where W&B's wandb/ folder goes; None = checkpoint.save
 
 
 @dataclass

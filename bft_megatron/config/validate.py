@@ -208,15 +208,24 @@ def _check_loss_ckpt(cfg: Config) -> None:
     _require(not (c.finetune and not c.load), "checkpoint.finetune=true needs checkpoint.load")
     _require(not (c.export_hf and not c.save),
              "checkpoint.export_hf=true needs checkpoint.save (the export goes to <save>/hf_iter_<N>)")
-    _require(cfg.logging.log_interval >= 1, f"logging.log_interval must be >= 1, got {cfg.logging.log_interval}")
-    peak = cfg.logging.peak_tflops
-    _require(peak is None or peak > 0, f"logging.peak_tflops must be > 0 or null (auto), got {peak}")
+
+
+def _check_logging(cfg: Config, require_installed: bool) -> None:
+    lc = cfg.logging
+    _require(lc.log_interval >= 1, f"logging.log_interval must be >= 1, got {lc.log_interval}")
+    _require(lc.peak_tflops is None or lc.peak_tflops > 0,
+             f"logging.peak_tflops must be > 0 or null (auto), got {lc.peak_tflops}")
+    if lc.wandb_project:
+        _require(not require_installed or importlib.util.find_spec("wandb") is not None,
+                 f"logging.wandb_project={lc.wandb_project!r} needs the wandb package, which is not installed "
+                 "(pip install wandb), or unset it")
 
 
 def validate(cfg: Config, world_size: int, require_te: bool = True) -> Layout:
     """Check ``cfg`` for ``world_size`` processes; raise :class:`ConfigError` naming field and value.
-    ``require_te=False`` (``bft-megatron plan``, on a machine without GPUs) skips only the check that Transformer
-    Engine is installed for ``train.fp8`` / ``train.te_op_fuser``; everything else is checked."""
+    ``require_te=False`` (``bft-megatron plan``, on a machine without GPUs) skips only the checks that packages
+    are installed (Transformer Engine for ``train.fp8`` / ``train.te_op_fuser``, wandb for
+    ``logging.wandb_project``); everything else is checked."""
     _require(world_size >= 1, f"world size must be >= 1, got {world_size}")
     bad = non_finite_floats(cfg)  # before the range checks: inf passes lr > 0, nan would get a misleading message
     if bad:
@@ -225,6 +234,7 @@ def validate(cfg: Config, world_size: int, require_te: bool = True) -> Layout:
     dp = _check_parallel(cfg, world_size)
     num_micro = _check_train(cfg, dp, require_te)
     _check_loss_ckpt(cfg)
+    _check_logging(cfg, require_te)
     if cfg.data.train:  # sources to prepare: the data layer's own checks (tokenizer, template, ...)
         cfg.data.validate()
     return Layout(world_size=world_size, dp=dp, num_microbatches=num_micro)
@@ -235,6 +245,9 @@ def config_warnings(cfg: Config) -> list[str]:
     ``--dry-run``)."""
     out = []
     m, t, lo = cfg.model, cfg.train, cfg.loss
+    unused = [f"logging.{k}" for k in ("wandb_entity", "wandb_run_name", "wandb_dir") if getattr(cfg.logging, k)]
+    if unused and not cfg.logging.wandb_project:
+        out.append(f"{', '.join(unused)} set but logging.wandb_project is not: no W&B logging")
     if cfg.data.seq_length > m.max_position_embeddings:
         out.append(f"data.seq_length={cfg.data.seq_length} exceeds model.max_position_embeddings="
                    f"{m.max_position_embeddings}: positions beyond the model's context length")
@@ -294,7 +307,9 @@ def check_paths(cfg: Config, data: bool = True) -> None:
 
     # Else the run trains to its first save and dies there with NotADirectoryError, its steps lost (and a
     # TensorBoard directory that is a file fails the start with a FileExistsError traceback).
-    for name, directory in (("checkpoint.save", c.save), ("logging.tensorboard_dir", cfg.logging.tensorboard_dir)):
+    logs = (("logging.tensorboard_dir", cfg.logging.tensorboard_dir),
+            ("logging.wandb_dir", cfg.logging.wandb_dir if cfg.logging.wandb_project else None))
+    for name, directory in (("checkpoint.save", c.save), *logs):
         problem = not_a_directory(directory)
         _require(problem is None, f"{name}={problem}")
 

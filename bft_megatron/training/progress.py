@@ -93,17 +93,21 @@ def peak_flops(configured_tflops: float | None) -> float | None:
 
 
 class ProgressLog:
-    """Formats the progress line and writes TensorBoard scalars (global rank 0 only)."""
+    """Formats the progress line and writes TensorBoard (and W&B) scalars (global rank 0 only)."""
 
     def __init__(self, cfg: Config, groups: ParallelGroups) -> None:
         self.cfg, self.groups = cfg, groups
         self.flops = flops_per_token(cfg)
         self.peak = peak_flops(cfg.logging.peak_tflops)
-        self.writer = None
+        self.writer = self.wandb = None
         if groups.rank == 0 and cfg.logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
+        if groups.rank == 0 and cfg.logging.wandb_project:
+            from bft_megatron.training.wandb_log import WandbLog
+
+            self.wandb = WandbLog(cfg)
 
     def line(self, it: int, values: dict, step_time: float, lr: float, grad_norm: float | None,
              skipped: int) -> str:
@@ -135,12 +139,14 @@ class ProgressLog:
         return " | ".join(parts)
 
     def _scalars(self, it: int, values: dict, prefix: str) -> None:
-        """Every finite float of ``values`` as ``<prefix>/<name>`` (None and inf/NaN are left out)."""
-        if self.writer is None:
-            return
-        for k, v in values.items():
-            if isinstance(v, float) and math.isfinite(v):
-                self.writer.add_scalar(f"{prefix}/{k}", v, it)
+        """Every finite float of ``values`` as ``<prefix>/<name>`` (None and inf/NaN are left out), to TensorBoard
+        and W&B."""
+        finite = {f"{prefix}/{k}": v for k, v in values.items() if isinstance(v, float) and math.isfinite(v)}
+        if self.writer is not None:
+            for k, v in finite.items():
+                self.writer.add_scalar(k, v, it)
+        if self.wandb is not None and finite:
+            self.wandb.log(it, finite)
 
     def eval(self, it: int, values: dict) -> None:
         if self.groups.rank == 0:
@@ -151,3 +157,5 @@ class ProgressLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
