@@ -18,7 +18,7 @@ from bft_megatron.config.base import format_value
 from bft_megatron.training.loop import NonFiniteError, Trainer, TrainState
 from bft_megatron.training.progress import to_rank0
 from bft_megatron.utils.logging import get_logger
-from bft_megatron.utils.signal_shield import EXIT_SIGNALS, native_handler, native_owner
+from bft_megatron.utils.signal_shield import EXIT_SIGNALS, native_handler, native_owner, start_compile_workers
 
 __all__ = ["fit", "ExitRequest"]
 
@@ -34,6 +34,8 @@ class ExitRequest:
         self.reason = ""
         self.started = time.time()
         self._native: dict[int, int | None] = {}  # signal -> the C-level handler Python installed for ours
+        if install and torch.cuda.is_available():  # without CUDA there is no Triton, so no compile workers
+            start_compile_workers()
         if install:
             for sig in EXIT_SIGNALS:
                 signal.signal(sig, self._handler)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["EXIT_SIGNALS", "ignore_exit_signals", "detach_pool_worker", "native_handler", "native_owner"]
+__all__ = ["EXIT_SIGNALS", "ignore_exit_signals", "detach_pool_worker", "start_compile_workers", "native_handler",
+           "native_owner"]
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what bft_megatron.training.fit.ExitRequest handles
 
@@ -43,6 +44,34 @@ def detach_pool_worker() -> None:
         pass
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     _die_with_parent()
+
+
+def start_compile_workers() -> bool:
+    """Start inductor's compile workers now, with the exit signals ignored (a no-op without Triton; True if a pool
+    was started).
+
+    inductor compiles in a sidecar process (``subprocess.Popen`` in the rank's process group, handling SIGINT only)
+    and its worker pool, made at the first ``torch.compile`` (megatron's and TE's fusions: step 1 on GPUs). The
+    launcher's ``killpg`` of the exit signal killed them while the rank lived on (seen on an H200, torch 2.11);
+    a job given to torch 2.13's dead pool never returns (tests/test_compile_workers_signals.py), which would hang
+    the rank at its next compile (one in flight, the first validation's recompile under no_grad, a new shape)
+    instead of saving; torch 2.11's inductor compiled a new function in-process after it. Started here, they
+    inherit SIG_IGN for both signals (kept across exec) and still end with the rank (the sidecar watches its
+    parent)."""
+    try:
+        from torch._inductor import async_compile
+    except ImportError:
+        return False
+    warm = getattr(async_compile, "maybe_warm_pool", None)
+    if warm is None:
+        return False
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in EXIT_SIGNALS}
+    try:
+        warm()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return bool(getattr(async_compile, "_pool_set", ()))
 
 
 def _die_with_parent() -> None:
