@@ -206,7 +206,7 @@ def test_load_without_a_checkpoint_raises_unless_it_is_the_own_save_dir(tmp_path
     (tmp_path / "empty").mkdir()
     cfg = load_config(None, [f"checkpoint.load={load.format(tmp=tmp_path)}",
                              f"checkpoint.save={save.format(tmp=tmp_path)}", f"checkpoint.finetune={finetune}"])
-    ckpt = Checkpointer(cfg, SimpleNamespace(rank=0))
+    ckpt = Checkpointer(cfg, SimpleNamespace(rank=0, control=None))
     if error:
         with pytest.raises(ConfigError, match=r"no complete checkpoint there .* or unset it to train from scratch"):
             ckpt.load(trainer=None)
@@ -247,7 +247,8 @@ def test_a_save_dir_holding_an_import_is_refused_naming_checkpoint_save(tmp_path
     monkeypatch.setattr(dist_checkpointing, "load_common_state_dict", lambda path: common)
     overrides = [f"checkpoint.save={save}", f"checkpoint.finetune={finetune}"]
     cfg = load_config(None, overrides + ([f"checkpoint.load={load.format(save=save)}"] if load else []))
-    groups = SimpleNamespace(rank=0, tp_size=1, pp_size=1, vp_size=None, cp_size=1, dp_size=1, world_size=1)
+    groups = SimpleNamespace(rank=0, tp_size=1, pp_size=1, vp_size=None, cp_size=1, dp_size=1, world_size=1,
+                             control=None)
     with pytest.raises(ConfigError, match=rf"checkpoint.save={save}: .*iter_0000000, a weights-only checkpoint.*"
                                           r"set checkpoint.save to a new directory"):
         Checkpointer(cfg, groups).load(trainer=SimpleNamespace(scheduler=None))

@@ -75,3 +75,35 @@ def test_open_datasets_waits_on_the_group_it_is_given(tmp_path, monkeypatch):
     cfg = load_config(None, [f"data.output_dir={tmp_path}"])
     training_data.open_datasets(cfg, marker)
     assert seen == [marker]
+
+
+def _checkpoint_choices(rank: int, world: int, save_dir: str) -> list:
+    """What each rank loads when rank 1's node sees no ``latest`` (stale metadata), and what rank0_value gives
+    each rank for a rank-specific value and for a rank-0 ConfigError."""
+    from types import SimpleNamespace
+
+    from bft_megatron.checkpoint import manager
+    from bft_megatron.config.base import ConfigError
+    from bft_megatron.parallel.rank0 import rank0_value
+
+    if rank == 1:
+        manager.pointer.read_latest = lambda run_dir: None
+    ckpt = manager.Checkpointer(load_config(None, [f"checkpoint.save={save_dir}"]), SimpleNamespace(rank=rank,
+                                                                                                      control=None))
+    chosen = []
+    ckpt._load_path = lambda trainer, path, finetune, own=False: chosen.append((path, finetune, own)) or True
+    loaded = ckpt.load(trainer=None)
+    try:
+        rank0_value(lambda: (_ for _ in ()).throw(ConfigError("bad on rank 0")), "a check")
+        error = None
+    except ConfigError as exc:
+        error = str(exc)
+    return [loaded, chosen, rank0_value(lambda: f"rank {rank}", "a value"), error]
+
+
+def test_every_rank_loads_the_checkpoint_rank_0_found(tmp_path):
+    (tmp_path / "iter_0000004").mkdir()
+    (tmp_path / "latest").write_text("iter_0000004\n")
+    results = run_distributed(_checkpoint_choices, 2, str(tmp_path))
+    want = [True, [(str(tmp_path / "iter_0000004"), False, True)], "rank 0", "bad on rank 0"]
+    assert results == [want, want]

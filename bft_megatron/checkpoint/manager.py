@@ -34,6 +34,7 @@ from bft_megatron.checkpoint.state import (gather_params, init_optimizer_state, 
 from bft_megatron.checkpoint.weights import load_model_weights
 from bft_megatron.config.base import ConfigError, to_dict
 from bft_megatron.config.validate import loads_own_save_dir
+from bft_megatron.parallel.rank0 import rank0_value
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["Checkpointer"]
@@ -122,7 +123,8 @@ class Checkpointer:
         iteration = trainer.state.iteration
         path = os.path.join(run_dir, pointer.iter_dirname(iteration))
         self.finalize()  # at most one save in flight
-        if pointer.read_latest(run_dir) == path:  # already complete (e.g. a finished run started again)
+        complete = rank0_value(lambda: pointer.read_latest(run_dir) == path, "reading latest", self.groups.control)
+        if complete:  # already complete (e.g. a finished run started again)
             _log.info("checkpoint %s is already complete; not rewriting it", path)
             return path
         if self.groups.rank == 0:
@@ -207,13 +209,20 @@ class Checkpointer:
 
         A complete checkpoint in ``checkpoint.save`` wins (a restarted or requeued job resumes its own run,
         fully, even when ``checkpoint.load`` names a pretrained checkpoint to fine-tune from); otherwise
-        ``checkpoint.load`` (weights only with ``finetune``).
+        ``checkpoint.load`` (weights only with ``finetune``). Global rank 0 decides, for every rank (``rank0_value``).
         """
+        kind, path = rank0_value(self._source, "finding the checkpoint to load", self.groups.control)
+        if kind == "none":
+            return False
+        return self._load_path(trainer, path, finetune=kind == "load" and self.ckpt.finetune, own=kind == "own")
+
+    def _source(self) -> tuple[str, str | None]:
+        """("own", the save directory's latest), ("load", checkpoint.load resolved) or ("none", None)."""
         own = pointer.read_latest(self.ckpt.save) if self.ckpt.save else None
         if own is not None:
-            return self._load_path(trainer, own, finetune=False, own=True)
+            return "own", own
         if not self.ckpt.load:
-            return False
+            return "none", None
         path = pointer.resolve_load_dir(self.ckpt.load)
         if path is None:
             # Only the run's own save directory may be empty (its first run); anything else is a wrong path,
@@ -225,8 +234,8 @@ class Checkpointer:
                     "directory or one of its iter_ directories, or unset it to train from scratch")
             _log.info("checkpoint.load=%s (this run's checkpoint.save): no complete checkpoint yet, starting from "
                       "scratch", self.ckpt.load)
-            return False
-        return self._load_path(trainer, path, finetune=self.ckpt.finetune)
+            return "none", None
+        return "load", path
 
     def _load_path(self, trainer, path: str, finetune: bool, own: bool = False) -> bool:
         from megatron.core import dist_checkpointing

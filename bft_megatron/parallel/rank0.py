@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from bft_megatron.config.base import ConfigError
 
-__all__ = ["on_rank0"]
+__all__ = ["on_rank0", "rank0_value"]
 
 # Exception types the other ranks re-raise as themselves, with the same message (ConfigError also for its
 # subclasses: the CLI exits 2 on every rank); anything else becomes a RuntimeError that names it.
@@ -47,3 +47,18 @@ def on_rank0(fn, what: str, group: dist.ProcessGroup | None = None, cleanup=None
         if kind in _KINDS:
             raise _KINDS[kind](message)
         raise RuntimeError(f"{what} failed on rank 0: {kind}: {message}")
+
+
+def rank0_value(fn, what: str, group: dist.ProcessGroup | None = None):
+    """``fn()`` on global rank 0, its (small, picklable) result returned on every rank; failures as
+    :func:`on_rank0`. For decisions every rank must share, such as which checkpoint ``latest`` names: read on
+    each node, a filesystem that caches metadata per node (NFS after a quick requeue) could answer differently."""
+    result = [None]
+
+    def run() -> None:
+        result[0] = fn()
+
+    on_rank0(run, what, group)
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0, group=group)
+    return result[0]
