@@ -334,3 +334,25 @@ def test_gather_params_finishes_the_deferred_gather_of_every_overlapping_chunk()
 
     gather_params([Chunk("vp0", True), Chunk("no_overlap", False), torch.nn.Linear(1, 1), Chunk("vp1", True)])
     assert calls == [("vp0", True), ("vp1", True)]
+
+
+@pytest.mark.parametrize("saved_on_gpu", [True, False], ids=["gpu_to_cpu", "cpu_to_gpu"])
+def test_rng_states_from_the_other_kind_of_device_are_left_out(monkeypatch, saved_on_gpu):
+    """A CPU checkpoint resumed on a GPU (or back) at the same layout: megatron's tracker would get generator
+    states of the wrong size and fail at its first fork; only the CPU generator is restored then."""
+    from types import SimpleNamespace
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    from bft_megatron.checkpoint import state
+
+    restored = []
+    monkeypatch.setattr(mcore_random, "get_cuda_rng_tracker", lambda: SimpleNamespace(set_states=restored.append))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: restored.append("cuda"))
+    states = {"torch": torch.get_rng_state(), "tracker": {"model-parallel-rng": "states"},
+              **({"cuda": "states"} if saved_on_gpu else {})}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: not saved_on_gpu)
+    assert state.restore_rng(states) is False and restored == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: saved_on_gpu)   # the same kind: all of it
+    assert state.restore_rng(states) is True
+    assert restored == ["cuda"] * saved_on_gpu + [states["tracker"]]

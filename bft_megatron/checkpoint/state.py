@@ -18,6 +18,7 @@ import contextlib
 import torch
 
 from bft_megatron.parallel.bootstrap import ParallelGroups
+from bft_megatron.utils.logging import get_logger
 
 __all__ = ["optimizer_metadata", "saved_optimizer_format", "optimizer_layout_problem", "layout_of",
            "model_sharded_state_dict", "gather_params", "init_optimizer_state", "torch_optimizers", "untie_adam_steps",
@@ -193,10 +194,21 @@ def rng_sharded_object(groups: ParallelGroups):
     return ShardedObject("rng_state", _rng_states(), (groups.world_size,), (groups.rank,), replica_id=0)
 
 
-def restore_rng(states: dict) -> None:
+def restore_rng(states: dict) -> bool:
+    """Put the saved generators back; False where the checkpoint was saved on the other kind of device (only the
+    CPU generator then): megatron's model-parallel tracker holds CUDA generators on GPUs and CPU ones here, whose
+    states differ in size, and a foreign one failed at the first ``fork`` ("RNG state is wrong size")."""
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
+    if ("cuda" in states) != torch.cuda.is_available():
+        saved_on, here = ("GPU", "CPU") if "cuda" in states else ("CPU", "GPU")
+        get_logger(__name__).warning(
+            "the checkpoint was saved on %s and is resumed on %s: its CUDA and model-parallel RNG states are not "
+            "restored (dropout draws differ from an uninterrupted run; the weights and optimizer are restored)",
+            saved_on, here)
+        return False
+    if "cuda" in states:
         torch.cuda.set_rng_state(states["cuda"])
     get_cuda_rng_tracker().set_states(states["tracker"])
+    return True
