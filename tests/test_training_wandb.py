@@ -58,7 +58,7 @@ def test_the_tensorboard_scalars_go_to_one_run_plotted_against_iteration(fake_wa
     log.close()
     (_, init), *rest = fake_wandb
     assert init["project"] == "bio" and init["entity"] == "lab" and init["resume"] == "allow"
-    assert init["name"] == "run7" and init["dir"] == str(save) and os.path.isdir(init["dir"])
+    assert init["name"] == f"{tmp_path.name}/run7" and init["dir"] == str(save) and os.path.isdir(init["dir"])
     assert init["id"] == (save / RUN_ID_FILE).read_text().strip()
     assert init["config"]["logging"]["wandb_project"] == "bio" and init["config"]["train"]["train_iters"] == 10
     assert ("define_metric", "train/*", {"step_metric": "iteration"}) in rest

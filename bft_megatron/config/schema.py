@@ -165,7 +165,7 @@ class LoggingConfig:
     # Weights & Biases (pip install wandb): on when wandb_project is set; the same scalars as TensorBoard
     wandb_project: str | None = None
     wandb_entity: str | None = None  # team or user; None = W&B's default
-    wandb_run_name: str | None = None  # None = the basename of checkpoint.save
+    wandb_run_name: str | None = None  # None = checkpoint.save's last two path components
     wandb_dir: str | None = None  # where W&B's wandb/ folder goes; None = checkpoint.save
 
 

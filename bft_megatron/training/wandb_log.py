@@ -53,7 +53,8 @@ class WandbLog:
         directory = wandb_dir(cfg)
         if directory:
             os.makedirs(directory, exist_ok=True)
-        name = lc.wandb_run_name or (os.path.basename(os.path.normpath(save)) if save else None)
+        # runs/llama3.1_8b/ckpt -> "llama3.1_8b/ckpt": the recipes' save directories are all named ckpt
+        name = lc.wandb_run_name or ("/".join(os.path.abspath(save).split(os.sep)[-2:]) if save else None)
         self.run = wandb.init(project=lc.wandb_project, entity=lc.wandb_entity, name=name, dir=directory,
                               id=_run_id(save), resume="allow", config=to_dict(cfg))
         self.run.define_metric("iteration")

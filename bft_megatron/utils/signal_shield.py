@@ -15,6 +15,7 @@ the signal. ``native_handler`` reads what the kernel will actually call, so ``Ex
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
@@ -82,6 +83,7 @@ def _die_with_parent() -> None:
         pass
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
     import ctypes
 
