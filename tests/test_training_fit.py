@@ -104,7 +104,10 @@ def _fit_signalled(rank: int, world: int, how: str, reclaim: bool) -> tuple[int,
     exit_request = ExitRequest(install=True)
     if not reclaim:
         exit_request.reclaim = lambda: None
+    shielded = []
+    exit_request.shield_compile_workers = shielded.append   # fit starts the compile workers before step 1
     fit(trainer, None, exit_request)
+    assert shielded == [torch.device("cpu")], shielded
     return state.iteration, exit_request.reason, seen[0]
 
 

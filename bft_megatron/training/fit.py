@@ -34,8 +34,6 @@ class ExitRequest:
         self.reason = ""
         self.started = time.time()
         self._native: dict[int, int | None] = {}  # signal -> the C-level handler Python installed for ours
-        if install and torch.cuda.is_available():  # without CUDA there is no Triton, so no compile workers
-            start_compile_workers()
         if install:
             for sig in EXIT_SIGNALS:
                 signal.signal(sig, self._handler)
@@ -44,6 +42,13 @@ class ExitRequest:
     def _handler(self, signum, _frame) -> None:
         self.requested = True
         self.reason = signal.Signals(signum).name
+
+    def shield_compile_workers(self, device: torch.device) -> None:
+        """With the handlers installed, on CUDA: start inductor's compile workers with the exit signals ignored
+        (``start_compile_workers``). After the rank's device is set (inductor may read device properties) and
+        before the first compile (step 1); without CUDA there is no Triton, so no workers."""
+        if self._native and device.type == "cuda":
+            start_compile_workers()
 
     def reclaim(self) -> None:
         """Take the handlers back where a native library replaced them (polled with the flag, once per step).
@@ -177,6 +182,7 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
     ``from_scratch``: nothing was loaded into the model (only for the start-up notes)."""
     cfg, state = trainer.cfg, trainer.state
     exit_request = exit_request or ExitRequest(install=False)
+    exit_request.shield_compile_workers(trainer.groups.device)
     if trainer.groups.rank == 0:
         _announce(trainer, checkpointer, from_scratch)
     # The steps since the last progress line: a line's step time and tokens/s cover exactly those (the last line,
