@@ -89,6 +89,27 @@ def test_only_global_rank_0_and_only_with_a_project(fake_wandb, tmp_path):
     assert fake_wandb == []
 
 
+def _failing_start(rank: int, world: int) -> str:
+    """A W&B start that fails on rank 0 (as with a bad API key), on 2 gloo ranks: what each rank raises."""
+    module = ModuleType("wandb")
+    module.init = lambda **kwargs: (_ for _ in ()).throw(PermissionError("api key not valid"))
+    sys.modules["wandb"] = module
+    try:
+        _progress(["logging.wandb_project=bio"], rank=rank)
+    except Exception as exc:  # noqa: BLE001 - the outcome under test
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
+
+
+def test_a_failed_start_on_rank_0_fails_every_rank():
+    from tests.dist_harness import run_distributed
+
+    rank0, rank1 = run_distributed(_failing_start, 2, timeout=120)
+    assert rank0 == "PermissionError: api key not valid"
+    assert rank1 == ("RuntimeError: starting the W&B run (logging.wandb_project) failed on rank 0: PermissionError: "
+                     "api key not valid")
+
+
 def test_a_project_without_the_package_is_refused_naming_the_field(monkeypatch):
     import importlib.util
 

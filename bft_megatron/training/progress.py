@@ -92,6 +92,18 @@ def peak_flops(configured_tflops: float | None) -> float | None:
     return None
 
 
+def _start_wandb(cfg: Config, groups: ParallelGroups):
+    """The W&B run, on global rank 0 (None elsewhere). A collective when distributed: if W&B fails to start (a bad
+    API key, no network in online mode), every rank raises instead of the others waiting in the next collective."""
+    from bft_megatron.parallel.rank0 import on_rank0
+    from bft_megatron.training.wandb_log import WandbLog
+
+    started = []
+    on_rank0(lambda: started.append(WandbLog(cfg)), "starting the W&B run (logging.wandb_project)",
+             getattr(groups, "control", None))
+    return started[0] if started else None
+
+
 class ProgressLog:
     """Formats the progress line and writes TensorBoard (and W&B) scalars (global rank 0 only)."""
 
@@ -104,10 +116,8 @@ class ProgressLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(cfg.logging.tensorboard_dir)
-        if groups.rank == 0 and cfg.logging.wandb_project:
-            from bft_megatron.training.wandb_log import WandbLog
-
-            self.wandb = WandbLog(cfg)
+        if cfg.logging.wandb_project and (groups.rank == 0 or dist.is_initialized()):
+            self.wandb = _start_wandb(cfg, groups)
 
     def line(self, it: int, values: dict, step_time: float, lr: float, grad_norm: float | None,
              skipped: int) -> str:
