@@ -107,3 +107,23 @@ def test_every_rank_loads_the_checkpoint_rank_0_found(tmp_path):
     results = run_distributed(_checkpoint_choices, 2, str(tmp_path))
     want = [True, [(str(tmp_path / "iter_0000004"), False, True)], "rank 0", "bad on rank 0"]
     assert results == [want, want]
+
+
+def _save_rank0_finds_complete(rank: int, world: int, save_dir: str) -> str:
+    """Checkpointer.save when rank 0 sees the iteration's checkpoint complete and rank 1's node does not yet."""
+    import os
+    from types import SimpleNamespace
+
+    from bft_megatron.checkpoint import manager
+
+    done = os.path.join(save_dir, "iter_0000004")
+    manager.pointer.read_latest = (lambda run_dir: done) if rank == 0 else (lambda run_dir: None)
+    ckpt = manager.Checkpointer(load_config(None, [f"checkpoint.save={save_dir}"]), SimpleNamespace(rank=rank,
+                                                                                                      control=None))
+    return ckpt.save(SimpleNamespace(state=SimpleNamespace(iteration=4)))
+
+
+def test_every_rank_skips_the_save_rank_0_finds_complete(tmp_path):
+    """Per-rank reads sent rank 1 into the save's collectives alone (a hang); now both skip it."""
+    results = run_distributed(_save_rank0_finds_complete, 2, str(tmp_path), timeout=90)
+    assert results == [str(tmp_path / "iter_0000004")] * 2

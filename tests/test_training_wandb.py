@@ -72,6 +72,26 @@ def test_the_tensorboard_scalars_go_to_one_run_plotted_against_iteration(fake_wa
     assert rest[-1] == ("finish",)
 
 
+def test_a_dead_wandb_service_warns_once_and_training_goes_on(fake_wandb, tmp_path, monkeypatch):
+    """W&B's service dies on a SIGTERM sent to the whole SLURM step; the next log call raised on rank 0 in the step
+    that asked for the exit save. Now: one warning, no more W&B calls, no exception."""
+    from bft_megatron.training import wandb_log
+
+    warnings = []
+    monkeypatch.setattr(wandb_log._log, "warning", lambda msg, *args: warnings.append(msg % args))
+    log = _progress(["logging.wandb_project=bio", f"checkpoint.save={tmp_path}"])
+
+    def lost(*_):
+        raise ConnectionResetError("Connection lost")
+
+    log.wandb.run.log = lost
+    for it in (1, 2):
+        log.line(it, {"loss": 1.0}, 0.5, 1e-5, 0.25, 0)
+    log.close()
+    assert warnings == ["W&B log failed (ConnectionResetError: Connection lost); no more W&B logging in this run"]
+    assert ("finish",) not in fake_wandb
+
+
 def test_a_resume_continues_the_run_and_another_save_dir_starts_a_new_one(fake_wandb, tmp_path):
     ids = []
     for save in ("a", "a", "b"):

@@ -1,10 +1,11 @@
 """Weights & Biases logging (``logging.wandb_project``): the TensorBoard scalars, also sent to a W&B run.
 
 Global rank 0 only, as TensorBoard. The run's id is kept in ``<checkpoint.save>/wandb_run_id``, so a resumed or
-requeued job (``launch/slurm.sbatch``) continues the same W&B run. Every point carries ``iteration``, which W&B
-plots ``train/*`` and ``valid/*`` against: W&B's own step counter only grows, so the steps a resume repeats (those
-after its checkpoint) are logged again instead of being dropped. Compute nodes without internet: set
-``WANDB_MODE=offline`` (W&B's own switch) and upload later with ``wandb sync <checkpoint.save>/wandb/offline-run-*``.
+requeued job (``launch/slurm.sbatch``) continues the same W&B run (online; offline, each start writes an
+``offline-run-*`` directory of its own under that id). Every point carries ``iteration``, which W&B plots
+``train/*`` and ``valid/*`` against: W&B's own step counter only grows, so the steps a resume repeats (those after
+its checkpoint) are logged again instead of being dropped. Compute nodes without internet: ``WANDB_MODE=offline``
+(W&B's own switch), then ``wandb sync <wandb_dir>/wandb/offline-run-*``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,13 @@ import uuid
 from bft_megatron.config.base import to_dict
 from bft_megatron.config.schema import Config
 from bft_megatron.utils.files import atomic_write_text
+from bft_megatron.utils.logging import get_logger
 
 __all__ = ["WandbLog", "RUN_ID_FILE", "wandb_dir"]
 
 RUN_ID_FILE = "wandb_run_id"
+
+_log = get_logger(__name__)
 
 
 def wandb_dir(cfg: Config) -> str | None:
@@ -62,7 +66,20 @@ class WandbLog:
             self.run.define_metric(f"{prefix}/*", step_metric="iteration")
 
     def log(self, iteration: int, scalars: dict[str, float]) -> None:
-        self.run.log({"iteration": iteration, **scalars})
+        self._call("log", {"iteration": iteration, **scalars})
 
     def close(self) -> None:
-        self.run.finish()
+        self._call("finish")
+
+    def _call(self, method: str, *args) -> None:
+        """Best effort: W&B's service process (its own session, so torchrun's killpg misses it) dies on a SIGTERM
+        sent to every process of a SLURM step (scancel, preemption, the time limit); the next call then raised on
+        rank 0 in the very step that asked for the exit save, leaving the other ranks waiting. One warning, then
+        no more W&B for this run; TensorBoard and the save go on."""
+        if self.run is None:
+            return
+        try:
+            getattr(self.run, method)(*args)
+        except Exception as exc:  # noqa: BLE001 - logging must never end the run
+            _log.warning("W&B %s failed (%s: %s); no more W&B logging in this run", method, type(exc).__name__, exc)
+            self.run = None
