@@ -28,37 +28,36 @@ def on_rank0(fn, what: str, group: dist.ProcessGroup | None = None, cleanup=None
     group) carries its outcome. It is also a barrier: the others go on only once rank 0 is done, waiting up to
     ``group``'s timeout. Every rank raises if ``fn`` raised; ``cleanup()`` runs on rank 0 after a failure.
     Without a process group it is the same minus the broadcast."""
+    _run_on_rank0(fn, what, group, cleanup, share=False)
+
+
+def rank0_value(fn, what: str, group: dist.ProcessGroup | None = None):
+    """``fn()`` on global rank 0, its (small, picklable) result returned on every rank in the same single
+    broadcast; failures as :func:`on_rank0`. For decisions every rank must share, such as which checkpoint
+    ``latest`` names: read on each node, a filesystem that caches metadata per node (NFS after a quick requeue)
+    could answer differently."""
+    return _run_on_rank0(fn, what, group, None, share=True)
+
+
+def _run_on_rank0(fn, what: str, group, cleanup, share: bool):
     distributed = dist.is_initialized()
-    error = None
+    error = value = None
     if not distributed or dist.get_rank() == 0:
         try:
-            fn()
+            value = fn()
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks know
             error = exc
             if cleanup is not None:
                 cleanup()
-    box = [None if error is None else _describe(error)]
+    box = [(None if error is None else _describe(error), value if share else None)]
     if distributed:
         dist.broadcast_object_list(box, src=0, group=group)
     if error is not None:
         raise error
-    if box[0] is not None:
-        kind, message = box[0]
+    failure, shared = box[0]
+    if failure is not None:
+        kind, message = failure
         if kind in _KINDS:
             raise _KINDS[kind](message)
         raise RuntimeError(f"{what} failed on rank 0: {kind}: {message}")
-
-
-def rank0_value(fn, what: str, group: dist.ProcessGroup | None = None):
-    """``fn()`` on global rank 0, its (small, picklable) result returned on every rank; failures as
-    :func:`on_rank0`. For decisions every rank must share, such as which checkpoint ``latest`` names: read on
-    each node, a filesystem that caches metadata per node (NFS after a quick requeue) could answer differently."""
-    result = [None]
-
-    def run() -> None:
-        result[0] = fn()
-
-    on_rank0(run, what, group)
-    if dist.is_initialized():
-        dist.broadcast_object_list(result, src=0, group=group)
-    return result[0]
+    return shared
