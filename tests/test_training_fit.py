@@ -3,6 +3,7 @@ trainers (no model) on gloo ranks."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from types import SimpleNamespace
 
@@ -68,11 +69,12 @@ def test_exit_duration_is_in_minutes_from_the_start():
     assert within[0] == 5 and past[0] == 1
 
 
-def _fit_signalled(rank: int, world: int, how: str, reclaim: bool) -> tuple[int, str, bool]:
-    """(iterations trained, exit reason, whether Python still reported our handler) of a 6-step stub run whose
-    step 1 replaces the SIGUSR1 handler, ``how="c"`` at the C level as LLVM does at Triton's first compile in a
-    process (here with SIG_IGN; LLVM's own handler drops SIGUSR1 alike) or ``"python"`` through ``signal.signal``,
-    and whose step 3 gets SIGUSR1 (as from torchrun)."""
+def _fit_signalled(rank: int, world: int, how: str, reclaim: bool, guard: bool = True) -> tuple[int, str, bool, list]:
+    """(iterations trained, exit reason, whether Python still reported our handler, the guard's restores) of a
+    6-step stub run whose step 1 replaces the SIGUSR1 handler, ``how="c"`` at the C level as LLVM does at Triton's
+    first compile in a process (here with SIG_IGN; LLVM's own handler drops SIGUSR1 alike) or ``"python"`` through
+    ``signal.signal``, and whose step 3 gets SIGUSR1 (as from torchrun). ``how="fn"``: step 3 itself installs a
+    native function that drops the signal (libc's getpid, as LLVM's info handler) 0.3 s before the signal."""
     import ctypes
     import os
     import signal
@@ -81,15 +83,19 @@ def _fit_signalled(rank: int, world: int, how: str, reclaim: bool) -> tuple[int,
     from bft_megatron.training.fit import ExitRequest, fit
     from bft_megatron.training.loop import TrainState
 
-    state, seen = TrainState(), []
+    state, seen, restored = TrainState(), [], []
+    libc = ctypes.CDLL(None)
 
     def train_step(report):
         if state.iteration == 0 and how == "c":
-            ctypes.CDLL(None).signal(int(signal.SIGUSR1), ctypes.c_void_p(1))  # SIG_IGN, behind Python's back
-        elif state.iteration == 0:
+            libc.signal(int(signal.SIGUSR1), ctypes.c_void_p(1))  # SIG_IGN, behind Python's back
+        elif state.iteration == 0 and how == "python":
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
         if state.iteration == 0:
             seen.append(signal.getsignal(signal.SIGUSR1) == exit_request._handler)
+        if state.iteration == 2 and how == "fn":   # mid-step, as LLVM at a compile: only the guard can help
+            libc.signal(int(signal.SIGUSR1), ctypes.cast(libc.getpid, ctypes.c_void_p))
+            time.sleep(0.3)
         if state.iteration == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
             time.sleep(0.05)  # delivered (and, with Python's handler, run) before the step ends
@@ -104,23 +110,30 @@ def _fit_signalled(rank: int, world: int, how: str, reclaim: bool) -> tuple[int,
     exit_request = ExitRequest(install=True)
     if not reclaim:
         exit_request.reclaim = lambda: None
+    if not guard:
+        exit_request.guard = contextlib.nullcontext
+    exit_request._restored_by_guard = lambda sig, address: restored.append((sig, address))
     shielded = []
     exit_request.shield_compile_workers = shielded.append   # fit starts the compile workers before step 1
     fit(trainer, None, exit_request)
     assert shielded == [torch.device("cpu")], shielded
-    return state.iteration, exit_request.reason, seen[0]
+    return state.iteration, exit_request.reason, seen[0], restored
 
 
-@pytest.mark.parametrize("how, reclaim", [("c", True), ("c", False), ("python", True)],
-                         ids=["c_level", "c_level_without_reclaim", "python_level"])
-def test_sigusr1_still_stops_the_run_after_a_library_replaced_its_handler(how, reclaim):
+@pytest.mark.parametrize("how, reclaim, guard", [("c", True, True), ("c", False, True), ("python", True, True),
+                                                ("fn", True, True), ("fn", True, False)],
+                         ids=["c_level", "c_level_without_reclaim", "python_level", "mid_step", "mid_step_unguarded"])
+def test_sigusr1_still_stops_the_run_after_a_library_replaced_its_handler(how, reclaim, guard):
     """On GPUs Triton's LLVM took SIGUSR1 at the first step's kernel compile and dropped it: torchrun's and SLURM's
     exit signal was lost and the rank SIGKILLed without a save. fit polls the handler each step (the kernel's
-    view and Python's) and takes it back (``ExitRequest.reclaim``); the run without reclaim shows the signal is
-    lost without it."""
-    [(iterations, reason, python_saw_ours)] = run_distributed(_fit_signalled, 1, how, reclaim)
-    assert python_saw_ours == (how == "c")            # at the C level signal.getsignal cannot tell
-    assert (iterations, reason) == ((3, "SIGUSR1") if reclaim else (6, ""))
+    view and Python's) and takes it back (``ExitRequest.reclaim``), and a guard thread does so within the step
+    (``HandlerGuard``); the runs without reclaim or without the guard show the signal is lost without them."""
+    import signal
+
+    [(iterations, reason, python_saw_ours, restored)] = run_distributed(_fit_signalled, 1, how, reclaim, guard)
+    assert python_saw_ours == (how != "python")       # at the C level signal.getsignal cannot tell
+    assert (iterations, reason) == ((3, "SIGUSR1") if reclaim and guard else (6, ""))
+    assert [sig for sig, _ in restored] == ([signal.SIGUSR1] if how == "fn" and guard else [])
 
 
 def _fit_warnings(rank: int, world: int, overrides: list[str], started_ago_s: float) -> list[str]:

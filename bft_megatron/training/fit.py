@@ -18,7 +18,8 @@ from bft_megatron.config.base import format_value
 from bft_megatron.training.loop import NonFiniteError, Trainer, TrainState
 from bft_megatron.training.progress import to_rank0
 from bft_megatron.utils.logging import get_logger
-from bft_megatron.utils.signal_shield import EXIT_SIGNALS, native_handler, native_owner, start_compile_workers
+from bft_megatron.utils.signal_shield import (EXIT_SIGNALS, HandlerGuard, native_action, native_handler, native_owner,
+                                              start_compile_workers)
 
 __all__ = ["fit", "ExitRequest"]
 
@@ -34,10 +35,14 @@ class ExitRequest:
         self.reason = ""
         self.started = time.time()
         self._native: dict[int, int | None] = {}  # signal -> the C-level handler Python installed for ours
+        self._actions: dict[int, bytes] = {}      # signal -> its whole C-level action, for HandlerGuard
         if install:
             for sig in EXIT_SIGNALS:
                 signal.signal(sig, self._handler)
                 self._native[sig] = native_handler(sig)
+                action = native_action(sig)
+                if action is not None:
+                    self._actions[sig] = action
 
     def _handler(self, signum, _frame) -> None:
         self.requested = True
@@ -49,6 +54,15 @@ class ExitRequest:
         before the first compile (step 1); without CUDA there is no Triton, so no workers."""
         if self._native and device.type == "cuda":
             start_compile_workers()
+
+    def guard(self) -> HandlerGuard:
+        """A context in which a thread takes the handlers back within ~50 ms of a native library taking them, also
+        in the middle of a step (``HandlerGuard``); ``reclaim`` still runs between steps."""
+        return HandlerGuard(self._actions, self._handler, self._restored_by_guard)
+
+    def _restored_by_guard(self, sig: int, address: int) -> None:
+        _log.info("%s's handler had been replaced by %s; restored (checkpoint.save_on_signal)",
+                  signal.Signals(sig).name, native_owner(address) or f"address {address:#x}")
 
     def reclaim(self) -> None:
         """Take the handlers back where a native library replaced them (polled with the flag, once per step).
@@ -176,15 +190,10 @@ def _announce(trainer: Trainer, checkpointer, from_scratch: bool) -> None:
             _log.warning("could not write the resolved config into checkpoint.save: %s", exc)
 
 
-def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = None,
-        from_scratch: bool = False) -> TrainState:
-    """Train until ``train.train_iters`` (or an agreed exit); save at cadence, on exit and at the end.
-    ``from_scratch``: nothing was loaded into the model (only for the start-up notes)."""
+def _train(trainer: Trainer, checkpointer, exit_request: ExitRequest) -> int:
+    """fit's steps, validations and cadence saves until the last step or an agreed exit; returns the iteration
+    last saved (-1: none in this run)."""
     cfg, state = trainer.cfg, trainer.state
-    exit_request = exit_request or ExitRequest(install=False)
-    exit_request.shield_compile_workers(trainer.groups.device)
-    if trainer.groups.rank == 0:
-        _announce(trainer, checkpointer, from_scratch)
     # The steps since the last progress line: a line's step time and tokens/s cover exactly those (the last line,
     # fewer than log_interval steps after the previous one, must not take in steps that line already reported).
     step_times: list[float] = []
@@ -221,6 +230,20 @@ def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = 
         if _exit_agreed(cfg, exit_request, trainer.groups.device):
             _log.info("exit requested (%s) at step %d", exit_request.reason or "exit_duration_minutes", it)
             break
+    return saved_at
+
+
+def fit(trainer: Trainer, checkpointer=None, exit_request: ExitRequest | None = None,
+        from_scratch: bool = False) -> TrainState:
+    """Train until ``train.train_iters`` (or an agreed exit); save at cadence, on exit and at the end.
+    ``from_scratch``: nothing was loaded into the model (only for the start-up notes)."""
+    cfg, state = trainer.cfg, trainer.state
+    exit_request = exit_request or ExitRequest(install=False)
+    exit_request.shield_compile_workers(trainer.groups.device)
+    if trainer.groups.rank == 0:
+        _announce(trainer, checkpointer, from_scratch)
+    with exit_request.guard():
+        saved_at = _train(trainer, checkpointer, exit_request)
     if checkpointer is not None and saved_at != state.iteration:
         checkpointer.save(trainer)
     if checkpointer is None and state.iteration < cfg.train.train_iters and trainer.groups.rank == 0:

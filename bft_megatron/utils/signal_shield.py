@@ -10,7 +10,8 @@ save then failed; a ``data.num_workers`` pool worker killed mid-chunk hung the d
 In the rank itself, a native library can replace the handlers at the C level while Python's ``signal.getsignal``
 still reports ours: LLVM, inside Triton's compiler (inductor, Transformer Engine's and our Triton kernels),
 registers its own SIGTERM/SIGUSR1 handlers the first time it compiles in a process, and its SIGUSR1 handler drops
-the signal. ``native_handler`` reads what the kernel will actually call, so ``ExitRequest`` can take them back.
+the signal. ``native_handler`` reads what the kernel will actually call, so ``ExitRequest`` can take them back, and
+``HandlerGuard`` does so from a thread while the main thread is still inside the compiling step.
 """
 
 from __future__ import annotations
@@ -18,11 +19,14 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import threading
+from typing import Callable
 
 __all__ = ["EXIT_SIGNALS", "ignore_exit_signals", "detach_pool_worker", "start_compile_workers", "native_handler",
-           "native_owner"]
+           "native_owner", "native_action", "HandlerGuard"]
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what bft_megatron.training.fit.ExitRequest handles
+_SIGACTION_BYTES = 512  # larger than any libc's struct sigaction
 
 
 def ignore_exit_signals() -> None:
@@ -90,18 +94,37 @@ def _libc():
     return ctypes.CDLL(None, use_errno=True)
 
 
+def native_action(sig: int) -> bytes | None:
+    """The kernel's ``struct sigaction`` for ``sig`` as raw bytes (handler, mask, flags: ``restore_native_action``
+    puts them back from any thread), or None where it cannot be read."""
+    import ctypes
+
+    try:
+        buf = ctypes.create_string_buffer(_SIGACTION_BYTES)
+        if _libc().sigaction(int(sig), None, buf) != 0:
+            return None
+        return buf.raw
+    except (OSError, AttributeError, TypeError):
+        return None
+
+
+def restore_native_action(sig: int, action: bytes) -> bool:
+    """Install a ``native_action`` again (``signal.signal`` only works in the main thread; this does not)."""
+    import ctypes
+
+    try:
+        return _libc().sigaction(int(sig), ctypes.create_string_buffer(action, len(action)), None) == 0
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
 def native_handler(sig: int) -> int | None:
     """The address of the function the kernel calls for ``sig`` (0: default, 1: ignored), or None where it cannot
     be read. Every libc's ``struct sigaction`` starts with the handler (a union of the two handler types)."""
     import ctypes
 
-    try:
-        buf = ctypes.create_string_buffer(512)  # larger than any libc's struct sigaction
-        if _libc().sigaction(int(sig), None, buf) != 0:
-            return None
-        return ctypes.c_void_p.from_buffer(buf).value or 0
-    except (OSError, AttributeError, TypeError):
-        return None
+    action = native_action(sig)
+    return None if action is None else (ctypes.c_void_p.from_buffer_copy(action).value or 0)
 
 
 def native_owner(address: int) -> str:
@@ -119,3 +142,43 @@ def native_owner(address: int) -> str:
     except (OSError, AttributeError, TypeError):
         pass
     return ""
+
+
+class HandlerGuard:
+    """A daemon thread that puts Python's C-level handler back, every ``interval`` seconds, where a native library
+    replaced it with a function of its own while Python's view (``signal.getsignal``) is still ``handler``.
+
+    ``ExitRequest.reclaim`` runs between steps; LLVM takes the handlers *during* a step (Triton's first compile in
+    the process, tens of seconds into step 1 on GPUs), so a SIGUSR1 sent in the rest of that step was dropped. The
+    thread needs the GIL, so the window left is the part of one kernel's compile that holds it. Only foreign
+    functions are replaced: SIG_DFL/SIG_IGN come from ``signal.signal`` itself (whose Python view is updated after
+    the C handler, a race) or from code that means it (``start_compile_workers``); ``reclaim`` handles those in the
+    main thread. ``restored(sig, address)`` is called (in the thread) after each replacement."""
+
+    def __init__(self, actions: dict[int, bytes], handler: Callable, restored: Callable[[int, int], None],
+                 interval: float = 0.05) -> None:
+        self._actions, self._handler, self._restored, self._interval = actions, handler, restored, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bft-signal-guard", daemon=True)
+
+    def __enter__(self) -> "HandlerGuard":
+        if self._actions:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        import ctypes
+
+        ours = {sig: ctypes.c_void_p.from_buffer_copy(action).value or 0 for sig, action in self._actions.items()}
+        while not self._stop.wait(self._interval):
+            for sig, action in self._actions.items():
+                now = native_handler(sig)
+                if now in (None, 0, 1, ours[sig]) or signal.getsignal(sig) != self._handler:
+                    continue
+                if restore_native_action(sig, action):
+                    self._restored(sig, now)
