@@ -18,8 +18,8 @@ from bft_megatron.config.base import format_value
 from bft_megatron.training.loop import NonFiniteError, Trainer, TrainState
 from bft_megatron.training.progress import to_rank0
 from bft_megatron.utils.logging import get_logger
-from bft_megatron.utils.signal_shield import (EXIT_SIGNALS, HandlerGuard, native_action, native_handler, native_owner,
-                                              start_compile_workers)
+from bft_megatron.utils.signal_shield import (EXIT_SIGNALS, HandlerGuard, action_handler, native_action,
+                                              native_handler, native_owner, start_compile_workers)
 
 __all__ = ["fit", "ExitRequest"]
 
@@ -39,8 +39,8 @@ class ExitRequest:
         if install:
             for sig in EXIT_SIGNALS:
                 signal.signal(sig, self._handler)
-                self._native[sig] = native_handler(sig)
-                action = native_action(sig)
+                action = native_action(sig)   # one read: the address for reclaim, the whole action for the guard
+                self._native[sig] = None if action is None else action_handler(action)
                 if action is not None:
                     self._actions[sig] = action
 
@@ -61,8 +61,7 @@ class ExitRequest:
         return HandlerGuard(self._actions, self._handler, self._restored_by_guard)
 
     def _restored_by_guard(self, sig: int, address: int) -> None:
-        _log.info("%s's handler had been replaced by %s; restored (checkpoint.save_on_signal)",
-                  signal.Signals(sig).name, native_owner(address) or f"address {address:#x}")
+        _log_restored(sig, native_owner(address) or f"address {address:#x}")
 
     def reclaim(self) -> None:
         """Take the handlers back where a native library replaced them (polled with the flag, once per step).
@@ -77,8 +76,7 @@ class ExitRequest:
             if owner is not None:
                 signal.signal(sig, self._handler)
                 if owner:
-                    _log.info("%s's handler had been replaced by %s; restored (checkpoint.save_on_signal)",
-                              signal.Signals(sig).name, owner)
+                    _log_restored(sig, owner)
 
     def _taken_by(self, sig: int, ours: int | None) -> str | None:
         """Who holds ``sig`` instead of our handler ("": cannot tell, re-install anyway; None: ours)."""
@@ -90,6 +88,11 @@ class ExitRequest:
         if now != ours:
             return native_owner(now) or f"address {now:#x}"
         return None
+
+
+def _log_restored(sig: int, owner: str) -> None:
+    _log.info("%s's handler had been replaced by %s; restored (checkpoint.save_on_signal)",
+              signal.Signals(sig).name, owner)
 
 
 def _agree(local: bool, device) -> bool:

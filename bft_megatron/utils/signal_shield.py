@@ -23,7 +23,7 @@ import threading
 from typing import Callable
 
 __all__ = ["EXIT_SIGNALS", "ignore_exit_signals", "detach_pool_worker", "start_compile_workers", "native_handler",
-           "native_owner", "native_action", "HandlerGuard"]
+           "native_owner", "native_action", "action_handler", "HandlerGuard"]
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what bft_megatron.training.fit.ExitRequest handles
 _SIGACTION_BYTES = 512  # larger than any libc's struct sigaction
@@ -121,10 +121,15 @@ def restore_native_action(sig: int, action: bytes) -> bool:
 def native_handler(sig: int) -> int | None:
     """The address of the function the kernel calls for ``sig`` (0: default, 1: ignored), or None where it cannot
     be read. Every libc's ``struct sigaction`` starts with the handler (a union of the two handler types)."""
+    action = native_action(sig)
+    return None if action is None else action_handler(action)
+
+
+def action_handler(action: bytes) -> int:
+    """The handler address in a ``native_action`` (0: default, 1: ignored)."""
     import ctypes
 
-    action = native_action(sig)
-    return None if action is None else (ctypes.c_void_p.from_buffer_copy(action).value or 0)
+    return ctypes.c_void_p.from_buffer_copy(action).value or 0
 
 
 def native_owner(address: int) -> str:
@@ -172,9 +177,7 @@ class HandlerGuard:
             self._thread.join(timeout=5)
 
     def _run(self) -> None:
-        import ctypes
-
-        ours = {sig: ctypes.c_void_p.from_buffer_copy(action).value or 0 for sig, action in self._actions.items()}
+        ours = {sig: action_handler(action) for sig, action in self._actions.items()}
         while not self._stop.wait(self._interval):
             for sig, action in self._actions.items():
                 now = native_handler(sig)
