@@ -7,8 +7,10 @@ during validation ends it early), so every rank saves the same iteration and lea
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import threading
 import time
 
 import torch
@@ -90,9 +92,18 @@ class ExitRequest:
         return None
 
 
+_reported: set[tuple[int, str]] = set()  # (signal, owner) already logged at INFO in this process
+_reported_lock = threading.Lock()         # the guard thread and the main thread both log
+
+
 def _log_restored(sig: int, owner: str) -> None:
-    _log.info("%s's handler had been replaced by %s; restored (checkpoint.save_on_signal)",
-              signal.Signals(sig).name, owner)
+    """INFO the first time a (signal, library) pair is seen in this process, DEBUG after: nvrtc takes SIGTERM at
+    every compile, LLVM SIGUSR1 at every new kernel, and one line each tells the user all there is to know."""
+    with _reported_lock:
+        first = (sig, owner) not in _reported
+        _reported.add((sig, owner))
+    _log.log(logging.INFO if first else logging.DEBUG, "%s's handler had been replaced by %s; restored "
+             "(checkpoint.save_on_signal)%s", signal.Signals(sig).name, owner, "" if first else " again")
 
 
 def _agree(local: bool, device) -> bool:
