@@ -378,22 +378,3 @@ def test_the_data_plan_line_states_rows_and_epochs():
     assert line == ("training data: 400 rows of 512 tokens (1509 samples); train.train_iters=120 x "
                     "train.global_batch_size=8 = 960 rows = 2.40 epochs")
     assert "samples" not in data_plan_line(cfg, list(range(960))) and "= 1.00 epochs" in data_plan_line(cfg, [0] * 960)
-
-
-def test_known_third_party_noise_is_hidden_and_nothing_else():
-    import warnings
-
-    from bft_megatron.utils.logging import quiet_known_warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        quiet_known_warnings()
-        warnings.warn("Apex is not installed. Falling back to Torch Norm", UserWarning)
-        warnings.warn("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.", UserWarning)
-        warnings.warn("`torch.distributed.all_gather_into_tensor` is deprecated. Please use ...", FutureWarning)
-        warnings.warn("The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.", UserWarning)
-        warnings.warn("full scope is deprecated. Use empty cuda_graph_scope", UserWarning)
-        warnings.warn("barrier(): using the device under current context. You can specify `device_id`", UserWarning)
-        warnings.warn("Apex is not installed", DeprecationWarning)  # another category: kept
-        warnings.warn("something a user should see", UserWarning)
-    assert [str(w.message) for w in caught] == ["Apex is not installed", "something a user should see"]

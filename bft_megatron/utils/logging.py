@@ -28,10 +28,32 @@ _KNOWN_NOISE = (
 )
 
 
+# Third-party log records, by logger: megatron-core >= 0.19's DDP asks its callers to pass the distributed
+# optimizer's parameter layout and warns when they do not; it then computes the layout itself with the bucket size
+# and data-parallel group it uses (the same computation Megatron-LM's caller makes), so there is nothing to act on.
+_KNOWN_LOG_NOISE = (
+    ("megatron.core.distributed.distributed_data_parallel", "full_param_layout not provided"),
+)
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 def quiet_known_warnings() -> None:
-    """Hide :data:`_KNOWN_NOISE` (entry points only: a library does not change the process's filters)."""
+    """Hide :data:`_KNOWN_NOISE` and :data:`_KNOWN_LOG_NOISE` (entry points only: a library does not change the
+    process's filters)."""
     for category, message in _KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for name, text in _KNOWN_LOG_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMessage(text))
 
 
 def _global_rank() -> int:
