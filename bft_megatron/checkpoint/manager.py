@@ -24,6 +24,8 @@ import torch.distributed as dist
 from bft_megatron.checkpoint import pointer
 from bft_megatron.checkpoint.architecture import check_architecture
 from bft_megatron.checkpoint.data_order import warn_data_order
+from bft_megatron.checkpoint.disk_space import (checkpoint_bytes, explain_failed_save, free_bytes, keep_last_advice,
+                                                space_warning)
 from bft_megatron.checkpoint.hf_files import CheckpointHF
 from bft_megatron.checkpoint.schedule import (align_saved_group_bounds, check_schedule, group_bounds,
                                               restore_group_bounds)
@@ -82,6 +84,7 @@ class Checkpointer:
         self.before_commit = None  # test seam: called on every rank after shards are written
         self._hf = CheckpointHF(cfg) if groups.rank == 0 else None
         self._model_dtype = None  # the parameters' dtype, for the checkpoint's config.json (set by save)
+        self._need = 0  # bytes of the last save (an async one's failure surfaces later, in poll/finalize)
 
     # ------------------------------------------------------------------ save
     def write_run_config(self) -> str:
@@ -134,16 +137,29 @@ class Checkpointer:
         dist.barrier()
         self._model_dtype = next(unwrap(trainer.model[0]).parameters()).dtype
         sd = self._state_for_save(trainer)
+        self._need = self._check_space(sd)
         _shield_mcore_results_queue()
-        request = dist_checkpointing.save(sd, path, sharded_strategy=self._save_strategy(),
-                                          async_sharded_save=self.ckpt.async_save, **_mcore_async_kwargs())
-        if self.ckpt.async_save:
-            request.add_finalize_fn(lambda: self._commit(iteration))
-            self._queue().schedule_async_request(request)
-            _log.info("checkpoint %s: async save started", path)
-        else:
-            self._commit(iteration)
+        with explain_failed_save(run_dir, self._need):
+            request = dist_checkpointing.save(sd, path, sharded_strategy=self._save_strategy(),
+                                              async_sharded_save=self.ckpt.async_save, **_mcore_async_kwargs())
+            if self.ckpt.async_save:
+                request.add_finalize_fn(lambda: self._commit(iteration))
+                self._queue().schedule_async_request(request)
+                _log.info("checkpoint %s: async save started", path)
+            else:
+                self._commit(iteration)
         return path
+
+    def _check_space(self, sd: dict) -> int:
+        """The checkpoint's size in bytes (a collective), and on rank 0 a warning if its filesystem has less free
+        space (``disk_space.py``: a full disk fails the save with an error that does not say so)."""
+        need = checkpoint_bytes(sd, self.groups.control)
+        if self.groups.rank == 0:
+            warning = space_warning(f"checkpoint.save={self.ckpt.save}", need, free_bytes(self.ckpt.save),
+                                    keep_last_advice(self.ckpt.keep_last))
+            if warning:
+                _log.warning("%s", warning)
+        return need
 
     def _save_strategy(self):
         """torch_dist; with ``checkpoint.fully_parallel_save`` (and more than one replica) spread over the DP x CP
@@ -196,12 +212,14 @@ class Checkpointer:
         would fall back a whole save interval although the shards were on disk.
         """
         if self._async_queue is not None:
-            self._async_queue.maybe_finalize_async_calls(blocking=False)
+            with explain_failed_save(self.ckpt.save, self._need):
+                self._async_queue.maybe_finalize_async_calls(blocking=False)
 
     def finalize(self) -> None:
         """Block until an in-flight async save is written and committed."""
         if self._async_queue is not None:
-            self._async_queue.maybe_finalize_async_calls(blocking=True)
+            with explain_failed_save(self.ckpt.save, self._need):
+                self._async_queue.maybe_finalize_async_calls(blocking=True)
 
     # ------------------------------------------------------------------ load
     def load(self, trainer) -> bool:

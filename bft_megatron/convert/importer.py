@@ -26,6 +26,7 @@ from unittest import mock
 import torch
 
 from bft_megatron.checkpoint import pointer
+from bft_megatron.checkpoint.disk_space import explain_failed_save, free_bytes, space_warning, state_bytes
 from bft_megatron.checkpoint.pointer import HF_SUBDIR
 from bft_megatron.config.base import to_dict
 from bft_megatron.config.hf import model_fields_from_hf
@@ -93,15 +94,6 @@ def _own_storage_views(sharded_sd: dict) -> None:
             start = data.storage_offset() * data.element_size()
             exact = data.untyped_storage()[start:start + nbytes]
             sh.data = torch.empty(0, dtype=data.dtype).set_(exact, 0, data.shape, data.stride())
-
-
-def _tensor_bytes(sharded_sd: dict) -> int:
-    """Bytes of the tensors megatron writes for ``sharded_sd`` (the "write" bar's total)."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    return sum(sh.data.numel() * sh.data.element_size() for sh in nested_values(sharded_sd)
-               if isinstance(sh, ShardedTensor) and sh.data is not None)
 
 
 def _convert(rule, reader: HFReader, m: ModelConfig, layer: int | None, padded_vocab: int):
@@ -225,8 +217,13 @@ def _save_import(hf_dir: str, iter_dir: str, cfg: Config, spill_dir: str | None,
                   "layout": {"tp": 1, "pp": 1, "vp": None, "cp": 1, "dp": 1, "world": 1},
                   "hf_import": {"source": os.path.abspath(hf_dir), "spec": spec}}
             _own_storage_views(sd["model"])
-            with bars.byte_bar("import: write", _tensor_bytes(sd["model"]), progress) as bar, \
-                    bars.watch_dir_bytes(bar, iter_dir):
+            need = state_bytes(sd["model"])  # one process: every tensor is a main replica
+            warning = space_warning(f"--out {os.path.dirname(iter_dir)}", need, free_bytes(iter_dir),
+                                    "free space there or import to another --out")
+            if warning:
+                _log.warning("%s", warning)
+            with bars.byte_bar("import: write", need, progress) as bar, bars.watch_dir_bytes(bar, iter_dir), \
+                    explain_failed_save(iter_dir, need):
                 dist_checkpointing.save(sd, iter_dir)
         finally:  # mapped spill files stay readable after their unlinking until the tensors go
             if spill_dir:
