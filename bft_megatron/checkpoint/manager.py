@@ -25,7 +25,7 @@ from bft_megatron.checkpoint import pointer
 from bft_megatron.checkpoint.architecture import check_architecture
 from bft_megatron.checkpoint.data_order import warn_data_order
 from bft_megatron.checkpoint.disk_space import (checkpoint_bytes, explain_failed_save, free_bytes, keep_last_advice,
-                                                space_warning)
+                                                size_text, space_warning)
 from bft_megatron.checkpoint.hf_files import CheckpointHF
 from bft_megatron.checkpoint.schedule import (align_saved_group_bounds, check_schedule, group_bounds,
                                               restore_group_bounds)
@@ -194,7 +194,7 @@ class Checkpointer:
             # the shards would); its failure is only a warning: the weights, all written, make it complete.
             self._hf.write(os.path.join(self.ckpt.save, pointer.iter_dirname(iteration)), self._model_dtype)
             removed = pointer.commit(self.ckpt.save, iteration, self.ckpt.keep_last)
-            _log.info("checkpoint iter %d complete (latest updated%s)", iteration,
+            _log.info("checkpoint iter %d complete (%s; latest updated%s)", iteration, size_text(self._need),
                       f"; pruned {removed}" if removed else "")
         dist.barrier()
 
