@@ -8,6 +8,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -175,3 +176,14 @@ def logged(level: int = logging.INFO) -> Iterator[list[logging.LogRecord]]:
         yield records
     finally:
         root.removeHandler(handler)
+
+
+def megatron_marker(directory: str) -> None:
+    """``directory`` with the two files megatron's save always writes, metadata.json and an (empty) common.pt
+    (``pointer.load_problem`` looks for them)."""
+    import torch
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+
+    os.makedirs(directory, exist_ok=True)
+    save_config(CheckpointingConfig("torch_dist"), directory)
+    torch.save({}, os.path.join(directory, "common.pt"))

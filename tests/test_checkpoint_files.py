@@ -12,6 +12,7 @@ import torch
 from bft_megatron.checkpoint import pointer
 from bft_megatron.checkpoint.state import (gather_params, model_sharded_state_dict, tolerate_missing_adam_step,
                                            untie_adam_steps, unwrap)
+from tests.data_fixtures import megatron_marker
 
 
 def test_latest_pointer_is_atomic_and_prune_keeps_last(tmp_path):
@@ -240,7 +241,7 @@ def test_a_save_dir_holding_an_import_is_refused_naming_checkpoint_save(tmp_path
     from bft_megatron.config import ConfigError, load_config
 
     save = str(tmp_path / "import")
-    os.makedirs(os.path.join(save, pointer.iter_dirname(0)))
+    megatron_marker(os.path.join(save, pointer.iter_dirname(0)))
     pointer.write_latest(save, 0)
     common = {"layout": {"tp": 1, "pp": 1, "vp": None, "cp": 1, "dp": 1, "world": 1},
               "hf_import": {"source": "/models/x", "spec": "local"}}  # what importer._save_import stores

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from bft_megatron.config.schema import load_config
+from tests.data_fixtures import megatron_marker
 from tests.dist_harness import run_distributed
 
 
@@ -102,7 +103,7 @@ def _checkpoint_choices(rank: int, world: int, save_dir: str) -> list:
 
 
 def test_every_rank_loads_the_checkpoint_rank_0_found(tmp_path):
-    (tmp_path / "iter_0000004").mkdir()
+    megatron_marker(str(tmp_path / "iter_0000004"))
     (tmp_path / "latest").write_text("iter_0000004\n")
     results = run_distributed(_checkpoint_choices, 2, str(tmp_path))
     want = [True, [(str(tmp_path / "iter_0000004"), False, True)], "rank 0", "bad on rank 0"]

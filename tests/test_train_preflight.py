@@ -4,6 +4,7 @@ paths each checks (``config.check_paths``) and the hints its config errors carry
 import pytest
 
 from bft_megatron.config import ConfigError, load_config, validate
+from tests.data_fixtures import megatron_marker
 
 
 def test_train_cli_check_and_config_errors():
@@ -54,10 +55,14 @@ def test_missing_finetune_checkpoint_is_caught_by_check_but_not_by_dry_run(tmp_p
     (tmp_path / "config.json").write_text("{}")  # it is the HF folder: say how to import it
     with pytest.raises(ConfigError, match=r"holds an HF config.json: import the model first \(bft-megatron convert "):
         check_paths(load_config("configs/demo_cpu.yaml", empty))
-    (tmp_path / "iter_0000003").mkdir()
-    check_paths(load_config("configs/demo_cpu.yaml", ["checkpoint.finetune=true",
-                                                      f"checkpoint.load={tmp_path}/iter_0000003"]))
+    (tmp_path / "iter_0000003").mkdir()  # an iter_ directory that holds nothing (a save that never finished)
+    finetune3 = ["checkpoint.finetune=true", f"checkpoint.load={tmp_path}/iter_0000003"]
+    with pytest.raises(ConfigError, match=r"iter_0000003 holds no megatron checkpoint"):
+        check_paths(load_config("configs/demo_cpu.yaml", finetune3))
+    megatron_marker(str(tmp_path / "iter_0000003"))
+    check_paths(load_config("configs/demo_cpu.yaml", finetune3))
     assert main(["--config", "configs/demo_cpu.yaml", *over, "--check"]) == 2
+    megatron_marker(str(tmp_path / "iter_0000010"))
     (tmp_path / "latest").write_text("iter_0000010\n")  # a restart resumes checkpoint.save's own run instead
     check_paths(load_config("configs/demo_cpu.yaml", over + [f"checkpoint.save={tmp_path}"]))
     assert main(["--config", "configs/demo_cpu.yaml", *over, "--dry-run"]) == 0

@@ -22,13 +22,16 @@ import shutil
 
 from bft_megatron.utils.files import atomic_write_text
 
-__all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "list_iterations", "prune",
-           "commit", "existing_checkpoint", "HF_SUBDIR"]
+__all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "load_problem", "list_iterations",
+           "prune", "commit", "existing_checkpoint", "HF_SUBDIR"]
 
 LATEST = "latest"
 # HF files (config.json, tokenizer, chat template) beside the weights: in an import's run directory, and in each
 # trainer checkpoint's iter_ directory.
 HF_SUBDIR = "hf"
+# What megatron's torch_dist save always writes beside metadata.json (rank 0's common state: config, iteration);
+# without it megatron's load_common_state_dict fails with an AttributeError on a str path (megatron-core 0.16).
+_COMMON = "common.pt"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 
 
@@ -56,6 +59,31 @@ def resolve_load_dir(path: str) -> str | None:
     if _ITER_RE.match(os.path.basename(os.path.normpath(path))):
         return path if os.path.isdir(path) else None
     return read_latest(path)
+
+
+def load_problem(field: str, value: str, path: str) -> str | None:
+    """Why ``path`` (what ``field=value`` resolved to: its ``latest``'s target, or the ``iter_`` directory it
+    names) cannot be loaded, as a config error's message naming the field; None if it is a megatron checkpoint.
+    Without this a ``latest`` left pointing at a deleted or never-finished directory failed the run only after
+    its data preparation, with megatron's traceback (exit 1: a crash to SLURM's requeue, not a config error)."""
+    from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
+
+    if not os.path.exists(path):
+        why = "does not exist"
+    elif not os.path.isdir(path):
+        why = "is not a directory"
+    elif not (check_is_distributed_checkpoint(path) and os.path.isfile(os.path.join(path, _COMMON))):
+        why = (f"holds no megatron checkpoint (no readable metadata.json or no {_COMMON}: empty, or a save that "
+               "never finished)")
+    else:
+        return None
+    if os.path.normpath(path) == os.path.normpath(value):
+        return f"{field}={value} {why}; point it at a run directory or a complete iter_ directory"
+    complete = [name for name in map(iter_dirname, list_iterations(value))
+                if load_problem(field, os.path.join(value, name), os.path.join(value, name)) is None]
+    return (f"{field}={value}: its '{LATEST}' names {os.path.basename(path)}, which {why}; point '{LATEST}' at a "
+            f"complete iter_ directory there ({', '.join(complete[-3:]) or 'there is none'}), or remove it to start "
+            "without this checkpoint")
 
 
 def list_iterations(run_dir: str) -> list[int]:

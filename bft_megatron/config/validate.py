@@ -303,7 +303,7 @@ def check_paths(cfg: Config, data: bool = True) -> None:
     if data:
         _check_data_paths(cfg.data)
     c = cfg.checkpoint
-    from bft_megatron.checkpoint.pointer import read_latest, resolve_load_dir
+    from bft_megatron.checkpoint.pointer import load_problem, read_latest, resolve_load_dir
 
     # Else the run trains to its first save and dies there with NotADirectoryError, its steps lost (and a
     # TensorBoard directory that is a file fails the start with a FileExistsError traceback).
@@ -315,6 +315,8 @@ def check_paths(cfg: Config, data: bool = True) -> None:
 
     own = read_latest(c.save) if c.save else None  # a complete checkpoint there: checkpoint.load is not read
     if own is not None:
+        problem = load_problem("checkpoint.save", c.save, own)
+        _require(problem is None, problem or "")
         _check_resume_layout(cfg, own)
         return
     if not c.load or (loads_own_save_dir(c) and not c.finetune):
@@ -329,6 +331,8 @@ def check_paths(cfg: Config, data: bool = True) -> None:
     _require(path is not None,
              f"checkpoint.load={c.load}: no complete checkpoint there (no 'latest' pointer and not an iter_ "
              f"directory; {why}){hint}")
+    problem = load_problem("checkpoint.load", c.load, path)
+    _require(problem is None, problem or "")
     if not c.finetune:
         _check_resume_layout(cfg, path)
 

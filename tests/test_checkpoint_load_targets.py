@@ -1,0 +1,70 @@
+"""What ``latest`` or ``checkpoint.load`` names must be a megatron checkpoint: a config error naming the field
+otherwise, from the pre-flight (``check_paths``, on every rank before any process group: ``--check`` and every
+run) and from the load itself (``Checkpointer.load``).
+
+Before, a ``latest`` left pointing at a deleted or never-finished directory passed ``--check``, let the run prepare
+its data, and then failed in megatron's load with a traceback and exit 1 (a crash to SLURM's requeue).
+"""
+
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import pytest
+
+from bft_megatron.checkpoint import pointer
+from bft_megatron.config import ConfigError, check_paths, load_config
+from tests.data_fixtures import megatron_marker
+
+CASES = {  # name -> (what the directory holds, field, expected message)
+    "save_latest_missing": ("latest5", "save", r"checkpoint.save={d}: its 'latest' names iter_0000005, which does "
+                                               r"not exist; point 'latest' at a complete iter_ directory there "
+                                               r"\(iter_0000002\), or remove it"),
+    "save_latest_empty": ("latest5_empty", "save", r"checkpoint.save={d}: its 'latest' names iter_0000005, which "
+                                                   r"holds no megatron checkpoint \(no readable metadata.json or no common.pt"),
+    "load_latest_missing": ("latest5", "load", r"checkpoint.load={d}: its 'latest' names iter_0000005, which does "
+                                               r"not exist"),
+    "load_iter_empty": ("latest5_empty", "load_iter", r"checkpoint.load={d}/iter_0000005 holds no megatron "
+                                                      r"checkpoint .*; point it at a run directory"),
+}
+
+
+def _run_dir(root, holds: str) -> str:
+    d = str(root / "run")
+    megatron_marker(os.path.join(d, pointer.iter_dirname(2)))  # an older complete checkpoint
+    if holds == "latest5_empty":
+        os.makedirs(os.path.join(d, pointer.iter_dirname(5)))
+    pointer.write_latest(d, 5)
+    return d
+
+
+def _overrides(d: str, field: str, tmp_path) -> list[str]:
+    if field == "save":
+        return [f"checkpoint.save={d}"]
+    load = f"{d}/iter_0000005" if field == "load_iter" else d
+    return [f"checkpoint.load={load}", "checkpoint.finetune=true", f"checkpoint.save={tmp_path}/new"]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_a_latest_or_load_that_names_no_checkpoint_is_a_config_error(tmp_path, case):
+    from bft_megatron.checkpoint.manager import Checkpointer
+
+    holds, field, message = CASES[case]
+    d = _run_dir(tmp_path, holds)
+    cfg = load_config(None, _overrides(d, field, tmp_path))
+    pattern = message.format(d=d)
+    with pytest.raises(ConfigError, match=pattern):
+        check_paths(cfg, data=False)
+    with pytest.raises(ConfigError, match=pattern):
+        Checkpointer(cfg, SimpleNamespace(rank=0, control=None)).load(trainer=None)
+
+
+def test_a_complete_target_passes(tmp_path):
+    d = _run_dir(tmp_path, "latest5")
+    megatron_marker(os.path.join(d, pointer.iter_dirname(5)))
+    assert pointer.load_problem("checkpoint.save", d, os.path.join(d, "iter_0000005")) is None
+    assert pointer.load_problem("checkpoint.load", d, os.path.join(d, "iter_0000002")) is None
+    open(os.path.join(d, "iter_0000009"), "w").close()
+    assert pointer.load_problem("checkpoint.load", f"{d}/iter_0000009", f"{d}/iter_0000009").endswith(
+        "iter_0000009 is not a directory; point it at a run directory or a complete iter_ directory")
