@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("config error: %s", exc)
             return 2
         state = fit(trainer, checkpointer if cfg.checkpoint.save else None, exit_request, from_scratch)
-        log.info("done: %d steps, %d skipped, %d rows consumed", state.iteration, state.skipped_steps,
+        early = f" of {cfg.train.train_iters} (stopped early)" if state.iteration < cfg.train.train_iters else ""
+        log.info("done: %d steps%s, %d skipped, %d rows consumed", state.iteration, early, state.skipped_steps,
                  state.consumed_rows)
         if cfg.checkpoint.export_hf:
             from bft_megatron.convert.live_export import export_after_training

@@ -94,6 +94,30 @@ def test_yaml_syntax_errors_name_the_file_and_line(tmp_path, text, message):
         load_config(str(path))
 
 
+@pytest.mark.parametrize("text, message", [
+    ("train: {lr: 1.0e-4, train_iters: 7}\nmodel: {hidden_size: 64}\ntrain:\n  seed: 5\n",
+     r"c.yaml: key 'train' appears twice \(lines 1 and 3\); the second would silently replace the first, so merge"),
+    ("train:\n  lr: 1.0e-4\n  lr: 2.0e-4\n", r"c.yaml: key 'lr' appears twice \(lines 2 and 3\)"),
+])
+def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path, text, message):
+    """PyYAML keeps the last of two equal keys: a second ``train:`` section silently reset the first's lr and
+    train_iters to their defaults. A key merged in with ``<<`` may still be overridden, as YAML means it."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(str(path))
+    path.write_text("train:\n  <<: {lr: 1.0e-4, train_iters: 7}\n  lr: 2.0e-4\n")
+    assert (load_config(str(path)).train.lr, load_config(str(path)).train.train_iters) == (2.0e-4, 7)
+
+
+def test_a_config_file_given_as_an_override_is_pointed_to_config():
+    with pytest.raises(ConfigError, match=r"override 'configs/demo_cpu.yaml' must look like section.key=value \(a "
+                                          r"config file\? pass it as --config configs/demo_cpu.yaml\)"):
+        load_config(None, ["configs/demo_cpu.yaml"])
+    with pytest.raises(ConfigError, match=r"override 'lr' must look like section.key=value$"):
+        load_config(None, ["lr"])
+
+
 def test_bad_override_values_and_missing_files_are_config_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"override 'data.train=\[a.jsonl,': the value is not valid YAML \(.*\); "
                                           r"close every bracket and quote, e.g. data.train=\[a.jsonl,b.jsonl\]"):

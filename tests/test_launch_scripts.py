@@ -6,6 +6,7 @@ launch/slurm.sbatch runs end to end against fake SLURM commands in tests/test_la
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -194,4 +195,5 @@ def test_torchrun_usr1_saves_and_leaves_resume(tmp_path, periodic, extra):
     assert "[rank0]: Traceback" not in text, text[-6000:]    # the save after the signal did not fail
     assert (save / "RESUME").read_text().strip() == "SIGUSR1", text[-6000:]
     assert (save / "latest").read_text().strip().startswith("iter_")
+    assert re.search(r"done: \d+ steps of 100000 \(stopped early\),", text), text[-6000:]
     assert proc.returncode != 0                               # torchrun re-raises the signal after a clean save

@@ -218,7 +218,8 @@ def _parse_scalar(text: str, tp) -> Any:
 def parse_override(item: str, cls) -> tuple[list[str], Any]:
     """``"train.lr=1e-4"`` -> (["train", "lr"], 1e-4) typed against ``cls``."""
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value")
+        hint = f" (a config file? pass it as --config {item})" if item.endswith((".yaml", ".yml")) else ""
+        raise ConfigError(f"override {item!r} must look like section.key=value{hint}")
     key, text = item.split("=", 1)
     path = [p for p in key.strip().split(".") if p]
     if not path:
@@ -245,12 +246,40 @@ def apply_overrides(data: dict, overrides: list[str], cls) -> dict:
     return out
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, first: int, second: int) -> None:
+        super().__init__(f"key {key!r} appears twice (lines {first} and {second})")
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping: PyYAML keeps the last silently, so a second
+    ``train:`` section replaced the whole first one (its ``lr`` and ``train_iters`` back to their defaults) while
+    a misspelt key is an error. Keys merged in with ``<<`` may still be overridden, as YAML means them to be."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in seen:
+                    raise _DuplicateKey(key, seen[key], line)
+                if isinstance(key, typing.Hashable):
+                    seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def load_yaml(path: str) -> dict:
-    """A YAML file's top-level mapping; a missing or unreadable file and bad YAML syntax raise :class:`ConfigError`
-    naming the file (and the line)."""
+    """A YAML file's top-level mapping; a missing or unreadable file, bad YAML syntax and a key given twice in one
+    mapping raise :class:`ConfigError` naming the file (and the line)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise ConfigError(f"config file {path}: {exc}; the second would silently replace the first, so merge "
+                          "them into one") from None
     except OSError as exc:
         raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:
