@@ -178,12 +178,30 @@ def logged(level: int = logging.INFO) -> Iterator[list[logging.LogRecord]]:
         root.removeHandler(handler)
 
 
-def megatron_marker(directory: str) -> None:
-    """``directory`` with the two files megatron's save always writes, metadata.json and an (empty) common.pt
-    (``pointer.load_problem`` looks for them)."""
+def megatron_marker(directory: str, common: dict | None = None) -> None:
+    """``directory`` with the two files megatron's save always writes, metadata.json and common.pt (holding
+    ``common``, default empty; ``pointer.load_problem`` looks for both, the pre-flight reads common.pt)."""
     import torch
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
     os.makedirs(directory, exist_ok=True)
     save_config(CheckpointingConfig("torch_dist"), directory)
-    torch.save({}, os.path.join(directory, "common.pt"))
+    torch.save(common or {}, os.path.join(directory, "common.pt"))
+
+
+def checkpoint_common(cfg, steps: int = 2, train_state: bool = True) -> dict:
+    """The common part (common.pt) of a checkpoint that ``cfg`` saved after ``steps`` optimizer steps, as the
+    pre-flight and the load read it: config, scheduler state, layout, and (not in an import) the train state."""
+    from types import SimpleNamespace
+
+    from bft_megatron.config import to_dict
+    from bft_megatron.training.setup import build_scheduler
+
+    groups = [{"max_lr": cfg.train.lr, "min_lr": cfg.train.min_lr, "wd_mult": 1.0}]  # as megatron's optimizer's
+    scheduler = build_scheduler(SimpleNamespace(param_groups=groups), cfg)
+    scheduler.step(steps)
+    common = {"scheduler": scheduler.state_dict(), "config": to_dict(cfg),
+              "layout": {"tp": 1, "pp": 1, "vp": None, "cp": 1, "dp": 1, "world": 1}}
+    if train_state:
+        common["train_state"] = {"iteration": steps}
+    return common

@@ -1,9 +1,11 @@
-"""What ``latest`` or ``checkpoint.load`` names must be a megatron checkpoint: a config error naming the field
-otherwise, from the pre-flight (``check_paths``, on every rank before any process group: ``--check`` and every
-run) and from the load itself (``Checkpointer.load``).
+"""What ``latest`` or ``checkpoint.load`` names must be a megatron checkpoint the config can load: a config error
+naming the field otherwise, from the pre-flight (``check_paths``, on every rank before any process group:
+``--check`` and every run) and from the load itself (``Checkpointer.load``).
 
 Before, a ``latest`` left pointing at a deleted or never-finished directory passed ``--check``, let the run prepare
-its data, and then failed in megatron's load with a traceback and exit 1 (a crash to SLURM's requeue).
+its data, and then failed in megatron's load with a traceback and exit 1 (a crash to SLURM's requeue); another
+model, a longer schedule or an import as ``checkpoint.save`` passed ``--check`` and failed after the data
+preparation. The single-process checks' own tests are tests/test_checkpoint_schedule.py and _architecture.py.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import pytest
 
 from bft_megatron.checkpoint import pointer
 from bft_megatron.config import ConfigError, check_paths, load_config
-from tests.data_fixtures import megatron_marker
+from tests.data_fixtures import checkpoint_common, megatron_marker
 
 CASES = {  # name -> (what the directory holds, field, expected message)
     "save_latest_missing": ("latest5", "save", r"checkpoint.save={d}: its 'latest' names iter_0000005, which does "
@@ -68,3 +70,43 @@ def test_a_complete_target_passes(tmp_path):
     open(os.path.join(d, "iter_0000009"), "w").close()
     assert pointer.load_problem("checkpoint.load", f"{d}/iter_0000009", f"{d}/iter_0000009").endswith(
         "iter_0000009 is not a directory; point it at a run directory or a complete iter_ directory")
+
+
+def _saved(tmp_path, *overrides, train_state=True) -> str:
+    """A run directory whose ``latest`` names a checkpoint of ``TINY + overrides`` after 2 steps (its common part;
+    ``train_state=False``: an import's)."""
+    from tests.launch import TINY
+
+    common = checkpoint_common(load_config(None, TINY + list(overrides)), steps=2, train_state=train_state)
+    d = str(tmp_path / "run")
+    megatron_marker(os.path.join(d, pointer.iter_dirname(2)), common)
+    pointer.write_latest(d, 2)
+    return d
+
+
+@pytest.mark.parametrize("overrides, train_state, message", [
+    (["train.train_iters=8"], True, r"resuming .*iter_0000002 \(iteration 2\): this config gives another "
+                                    r"learning-rate schedule.*\n  train.train_iters"),
+    (["model.num_layers=2"], True, r"this config's model differs from the checkpoint's:\n  model.num_layers"),
+    ([], False, r"checkpoint.save=.*run: its 'latest' names .*iter_0000002, a weights-only checkpoint"),
+])
+def test_the_preflight_refuses_what_the_load_would(tmp_path, overrides, train_state, message):
+    from tests.launch import TINY
+
+    d = _saved(tmp_path, train_state=train_state)
+    with pytest.raises(ConfigError, match=message):
+        check_paths(load_config(None, TINY + overrides + [f"checkpoint.save={d}"]), data=False)
+
+
+def test_the_preflight_passes_what_the_load_accepts(tmp_path):
+    from tests.launch import TINY
+
+    d = _saved(tmp_path)
+    check_paths(load_config(None, TINY + [f"checkpoint.save={d}"]), data=False)  # the same config resumes
+    longer = ["train.train_iters=8", "checkpoint.override_scheduler=true"]
+    check_paths(load_config(None, TINY + longer + [f"checkpoint.save={d}"]), data=False)
+    finetune = ["train.train_iters=8", f"checkpoint.load={d}", "checkpoint.finetune=true",
+                f"checkpoint.save={tmp_path}/new"]  # weights only: any schedule, the same model
+    check_paths(load_config(None, TINY + finetune), data=False)
+    with pytest.raises(ConfigError, match=r"\(weights only\): this config's model differs"):
+        check_paths(load_config(None, TINY + finetune + ["model.num_layers=2"]), data=False)

@@ -4,7 +4,7 @@ paths each checks (``config.check_paths``) and the hints its config errors carry
 import pytest
 
 from bft_megatron.config import ConfigError, load_config, validate
-from tests.data_fixtures import megatron_marker
+from tests.data_fixtures import checkpoint_common, megatron_marker
 
 
 def test_train_cli_check_and_config_errors():
@@ -62,7 +62,7 @@ def test_missing_finetune_checkpoint_is_caught_by_check_but_not_by_dry_run(tmp_p
     megatron_marker(str(tmp_path / "iter_0000003"))
     check_paths(load_config("configs/demo_cpu.yaml", finetune3))
     assert main(["--config", "configs/demo_cpu.yaml", *over, "--check"]) == 2
-    megatron_marker(str(tmp_path / "iter_0000010"))
+    megatron_marker(str(tmp_path / "iter_0000010"), checkpoint_common(load_config("configs/demo_cpu.yaml", over)))
     (tmp_path / "latest").write_text("iter_0000010\n")  # a restart resumes checkpoint.save's own run instead
     check_paths(load_config("configs/demo_cpu.yaml", over + [f"checkpoint.save={tmp_path}"]))
     assert main(["--config", "configs/demo_cpu.yaml", *over, "--dry-run"]) == 0

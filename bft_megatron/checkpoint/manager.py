@@ -22,17 +22,15 @@ import torch
 import torch.distributed as dist
 
 from bft_megatron.checkpoint import pointer
-from bft_megatron.checkpoint.architecture import check_architecture
+from bft_megatron.checkpoint.compat import check_loadable
 from bft_megatron.checkpoint.data_order import warn_data_order
 from bft_megatron.checkpoint.disk_space import (checkpoint_bytes, explain_failed_save, free_bytes, keep_last_advice,
                                                 size_text, space_warning)
 from bft_megatron.checkpoint.hf_files import CheckpointHF
-from bft_megatron.checkpoint.schedule import (align_saved_group_bounds, check_schedule, group_bounds,
-                                              restore_group_bounds)
+from bft_megatron.checkpoint.schedule import align_saved_group_bounds, group_bounds, restore_group_bounds
 from bft_megatron.checkpoint.state import (gather_params, init_optimizer_state, layout_of, model_sharded_state_dict,
-                                           optimizer_layout_problem, optimizer_metadata, restore_rng,
-                                           rng_sharded_object, saved_optimizer_format, tolerate_missing_adam_step,
-                                           untie_adam_steps, unwrap)
+                                           optimizer_metadata, restore_rng, rng_sharded_object, saved_optimizer_format,
+                                           tolerate_missing_adam_step, untie_adam_steps, unwrap)
 from bft_megatron.checkpoint.weights import load_model_weights
 from bft_megatron.config.base import ConfigError, to_dict
 from bft_megatron.config.validate import loads_own_save_dir
@@ -267,26 +265,14 @@ class Checkpointer:
         from megatron.core import dist_checkpointing
 
         common = dist_checkpointing.load_common_state_dict(path)
-        if own and "train_state" not in common:
-            # checkpoint.save is an import's directory (Megatron-LM's --load X --save X with X from `convert
-            # import`): the import wins as "own" and cannot be resumed, whatever checkpoint.finetune says, and
-            # keep_last would later prune it. Say which setting to change instead of "use finetune=true".
-            raise ConfigError(
-                f"checkpoint.save={self.ckpt.save}: its 'latest' names {path}, a weights-only checkpoint (e.g. "
-                "from bft-megatron convert import) that a run cannot resume, and a run must not save into its "
-                "directory (keep_last would prune it); set checkpoint.save to a new directory (fine-tune from it with "
-                f"checkpoint.load={self.ckpt.save} checkpoint.finetune=true)")
         same_layout = common.get("layout") == layout_of(self.groups)
-        # First, on every rank: a model the checkpoint does not describe fails before any tensor is loaded.
-        check_architecture(common, self.cfg, path, finetune, self.groups.rank)
+        # First, on every rank: a model, schedule or optimizer format the config cannot load fails before any
+        # tensor is loaded (the pre-flight ran the same checks before the model was built).
+        check_loadable(common, self.cfg, path, finetune=finetune, own=own, layout=layout_of(self.groups),
+                       scheduler=trainer.scheduler if not finetune else None, rank=self.groups.rank)
         if finetune:
             self._load_weights(trainer, path)  # fresh optimizer and scheduler: the config's schedule from step 0
         else:
-            # Then, on every rank: a schedule the config does not reproduce fails before anything is loaded.
-            check_schedule(trainer.scheduler, common, self.cfg, path, self.groups.rank)
-            problem = optimizer_layout_problem(common, layout_of(self.groups), path)
-            if problem:
-                raise ConfigError(problem)
             warn_data_order(common, self.cfg.data.seed, trainer.train_data.sampler.num_rows, path, self.groups.rank)
             self._load_full(trainer, path, common, same_layout)
             if self._hf is not None:  # the same run goes on: its checkpoints keep the resumed one's HF files

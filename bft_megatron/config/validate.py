@@ -317,7 +317,7 @@ def check_paths(cfg: Config, data: bool = True) -> None:
     if own is not None:
         problem = load_problem("checkpoint.save", c.save, own)
         _require(problem is None, problem or "")
-        _check_resume_layout(cfg, own)
+        _check_against_checkpoint(cfg, own, finetune=False, own=True)
         return
     if not c.load or (loads_own_save_dir(c) and not c.finetune):
         return
@@ -333,25 +333,25 @@ def check_paths(cfg: Config, data: bool = True) -> None:
              f"directory; {why}){hint}")
     problem = load_problem("checkpoint.load", c.load, path)
     _require(problem is None, problem or "")
-    if not c.finetune:
-        _check_resume_layout(cfg, path)
+    _check_against_checkpoint(cfg, path, finetune=c.finetune, own=False)
 
 
-def _check_resume_layout(cfg: Config, path: str) -> None:
-    """A full resume whose checkpoint's optimizer format cannot be loaded at this config's layout fails here,
-    before the job builds its model (the load would refuse it only then)."""
+def _check_against_checkpoint(cfg: Config, path: str, finetune: bool, own: bool) -> None:
+    """The load's own checks (``checkpoint/compat.py``: an import as the run's save directory, the model, and for
+    a full resume the learning-rate schedule and the optimizer format at this layout), here before the job builds
+    its model or prepares its data; the load would refuse the same config only then."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    from bft_megatron.checkpoint.state import optimizer_layout_problem
+    from bft_megatron.checkpoint.compat import check_loadable, config_scheduler
 
     try:
         common = dist_checkpointing.load_common_state_dict(path)
     except (CheckpointingException, OSError):  # unreadable here: the load itself reports it, with the details
         return
     p = cfg.parallel
-    problem = optimizer_layout_problem(common, {"tp": p.tp, "pp": p.pp, "vp": p.vp, "cp": p.cp}, path)
-    _require(problem is None, problem or "")
+    check_loadable(common, cfg, path, finetune=finetune, own=own, layout={"tp": p.tp, "pp": p.pp, "vp": p.vp,
+                   "cp": p.cp}, scheduler=None if finetune else config_scheduler(cfg), rank=-1)
 
 
 def loads_own_save_dir(c) -> bool:
