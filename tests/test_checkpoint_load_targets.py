@@ -24,7 +24,8 @@ CASES = {  # name -> (what the directory holds, field, expected message)
                                                r"not exist; point 'latest' at a complete iter_ directory there "
                                                r"\(iter_0000002\), or remove it"),
     "save_latest_empty": ("latest5_empty", "save", r"checkpoint.save={d}: its 'latest' names iter_0000005, which "
-                                                   r"holds no megatron checkpoint \(no readable metadata.json or no common.pt"),
+                                                   r"holds no megatron checkpoint \(no readable metadata.json "
+                                                   r"or no common.pt"),
     "load_latest_missing": ("latest5", "load", r"checkpoint.load={d}: its 'latest' names iter_0000005, which does "
                                                r"not exist"),
     "load_iter_empty": ("latest5_empty", "load_iter", r"checkpoint.load={d}/iter_0000005 holds no megatron "
