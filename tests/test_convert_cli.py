@@ -58,6 +58,18 @@ def test_cli_import_names_missing_and_unmapped_tensors(tmp_path):
     assert "no megatron mapping" in res.stderr
 
 
+def test_cli_import_names_the_hf_config_file_not_a_training_field(tmp_path):
+    """An unsupported HF model is named by its config.json (the file the user gave), not by ``model.from_hf``,
+    a training config's field the convert command has none of."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"]}))
+    res = _cli("import", "--hf", str(hf), "--out", str(tmp_path / "ckpt"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"{hf}/config.json: unsupported architectures ['MistralForCausalLM']" in res.stderr
+    assert "model.from_hf" not in res.stderr
+
+
 def test_cli_import_refuses_a_directory_that_holds_checkpoints(tmp_path):
     """Importing into a training run's checkpoint.save would move its ``latest`` to the weights-only import (the
     next resume then fails, an export exports the import): refused, like an export into a directory with weights."""

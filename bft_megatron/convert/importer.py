@@ -28,7 +28,7 @@ import torch
 from bft_megatron.checkpoint import pointer
 from bft_megatron.checkpoint.disk_space import explain_failed_save, free_bytes, space_warning, state_bytes
 from bft_megatron.checkpoint.pointer import HF_SUBDIR
-from bft_megatron.config.base import to_dict
+from bft_megatron.config.base import ConfigError, to_dict
 from bft_megatron.config.hf import model_fields_from_hf
 from bft_megatron.config.schema import Config, ModelConfig
 from bft_megatron.convert import progress as bars
@@ -55,7 +55,11 @@ def model_config_from_hf_dir(hf_dir: str) -> ModelConfig:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
     with open(path, encoding="utf-8") as fh:
-        fields = model_fields_from_hf(json.load(fh))
+        hf = json.load(fh)
+    try:
+        fields = model_fields_from_hf(hf)
+    except ConfigError as exc:  # it names model.from_hf, the training config's field; here the file was given
+        raise ConfigError(str(exc).replace("model.from_hf: ", f"{path}: ", 1)) from None
     return ModelConfig(from_hf=hf_dir, **fields)
 
 
