@@ -113,8 +113,8 @@ def test_a_malformed_line_is_reported_once_with_its_line_number(tmp_path, capfd)
     named "line 3" of the same file: two reports, numbered differently."""
     path = write_jsonl(tmp_path / "bad.jsonl", CHATS[2:4], raw_lines=[BAD[0][0]])
     capfd.readouterr()
-    with pytest.raises(DataError, match=r"bad\.jsonl:line 3: malformed JSON"):
-        _convs(path)
+    with pytest.raises(DataError, match=r"bad\.jsonl:line 3: malformed JSON \(Expecting ',' delimiter at column 32\)"):
+        _convs(path)  # the column where the cut-short line ends, not column 1 of the text after its newline
     out, err = capfd.readouterr()
     assert "Failed to load JSON" not in out + err and "in row" not in out + err
 

@@ -76,7 +76,8 @@ def _read_jsonl_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
                 continue
             where = f"{path}:line {lineno}"
             try:
-                yield RawRecord(json.loads(line), where)
+                # Without its newline: else a line cut short fails at "line 2, column 1", past the newline.
+                yield RawRecord(json.loads(line.rstrip("\r\n")), where)
             except json.JSONDecodeError as exc:
                 snippet = line.strip()[:80]
                 skips.handle(DataError(where, f"malformed JSON ({exc.msg} at column {exc.colno}): {snippet!r}"),
