@@ -111,3 +111,35 @@ def test_the_preflight_passes_what_the_load_accepts(tmp_path):
     check_paths(load_config(None, TINY + finetune), data=False)
     with pytest.raises(ConfigError, match=r"\(weights only\): this config's model differs"):
         check_paths(load_config(None, TINY + finetune + ["model.num_layers=2"]), data=False)
+
+
+def test_only_global_rank_0_judges_the_checkpoint_a_real_run_would_load(tmp_path, monkeypatch):
+    """A node with a stale view of ``latest`` (NFS metadata cache after a requeue) must not refuse what rank 0's
+    load uses: on the other ranks the pre-flight leaves the contents to the load (``contents=False``)."""
+    from bft_megatron.training.preflight import load_checked
+    from bft_megatron.utils.logging import get_logger
+    from tests.launch import TINY
+
+    d = _run_dir(tmp_path, "latest5")  # latest names a missing iter_0000005
+    cfg = load_config(None, TINY + [f"checkpoint.save={d}"])
+    check_paths(cfg, data=False, contents=False)
+    overrides = TINY + [f"checkpoint.save={d}"]
+    for rank, refused in (("0", True), ("1", False), ("3", False)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "4")
+        result = load_checked(None, overrides + ["train.global_batch_size=8"], get_logger(), check=False,
+                              dry_run=False)
+        assert (result is None) == refused, rank
+    monkeypatch.setenv("RANK", "1")  # --check (one process, on the first node) judges everything
+    assert load_checked(None, overrides, get_logger(), check=True, dry_run=False) is None
+
+
+def test_vp_1_is_the_saved_layout_of_no_virtual_pipeline(tmp_path):
+    """megatron keeps vp=1 as None (``bootstrap.initialize``), as a dp_reshardable checkpoint stores it: the
+    pre-flight compares it so, as the load does."""
+    from tests.launch import TINY
+
+    d = _saved(tmp_path, "checkpoint.optimizer_format=dp_reshardable")
+    check_paths(load_config(None, TINY + ["parallel.vp=1", f"checkpoint.save={d}"]), data=False)
+    with pytest.raises(ConfigError, match=r"dp_reshardable format .* this run changes tp 1 -> 2"):
+        check_paths(load_config(None, TINY + ["parallel.tp=2", f"checkpoint.save={d}"]), data=False)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from bft_megatron.config import Config, ConfigError, from_dict, load_config, validate
-from bft_megatron.config.base import apply_overrides, parse_override
+from bft_megatron.config.base import apply_overrides, load_yaml, parse_override
 
 TINY = ["model.hidden_size=64", "model.num_layers=4", "model.num_attention_heads=4", "model.num_query_groups=2",
         "model.ffn_hidden_size=128", "model.vocab_size=128", "data.seq_length=32", "train.global_batch_size=8",
@@ -108,6 +108,10 @@ def test_a_key_given_twice_in_a_yaml_file_is_an_error(tmp_path, text, message):
         load_config(str(path))
     path.write_text("train:\n  <<: {lr: 1.0e-4, train_iters: 7}\n  lr: 2.0e-4\n")
     assert (load_config(str(path)).train.lr, load_config(str(path)).train.train_iters) == (2.0e-4, 7)
+    # a mapping that merges one and is itself merged deeper down: PyYAML flattens it first, in place
+    path.write_text("x-base: &base {lr: 1.0e-4, train_iters: 7}\nx-mid:\n  inner: &mid\n    <<: *base\n"
+                    "    lr: 3.0e-4\ntrain:\n  <<: *mid\n")
+    assert load_yaml(str(path))["train"] == {"lr": 3.0e-4, "train_iters": 7}
 
 
 def test_a_config_file_given_as_an_override_is_pointed_to_config():

@@ -95,7 +95,7 @@ def explain_failed_save(directory: str, need: int):
     torch's own message for it does not say so."""
     try:
         yield
-    except BaseException:
+    except Exception:
         free = free_bytes(directory)
         if free is not None and free < max(_GIB, need // 100):  # a write that hit the end filled the disk
             _log.error("checkpoint save into %s failed with %s free on its filesystem (the checkpoint needs about "

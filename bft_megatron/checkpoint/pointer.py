@@ -66,24 +66,33 @@ def load_problem(field: str, value: str, path: str) -> str | None:
     names) cannot be loaded, as a config error's message naming the field; None if it is a megatron checkpoint.
     Without this a ``latest`` left pointing at a deleted or never-finished directory failed the run only after
     its data preparation, with megatron's traceback (exit 1: a crash to SLURM's requeue, not a config error)."""
-    from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
-
     if not os.path.exists(path):
         why = "does not exist"
     elif not os.path.isdir(path):
         why = "is not a directory"
-    elif not (check_is_distributed_checkpoint(path) and os.path.isfile(os.path.join(path, _COMMON))):
+    elif not (_readable_marker(path) and os.path.isfile(os.path.join(path, _COMMON))):
         why = (f"holds no megatron checkpoint (no readable metadata.json or no {_COMMON}: empty, or a save that "
                "never finished)")
     else:
         return None
     if os.path.normpath(path) == os.path.normpath(value):
         return f"{field}={value} {why}; point it at a run directory or a complete iter_ directory"
-    complete = [name for name in map(iter_dirname, list_iterations(value))
-                if load_problem(field, os.path.join(value, name), os.path.join(value, name)) is None]
-    return (f"{field}={value}: its '{LATEST}' names {os.path.basename(path)}, which {why}; point '{LATEST}' at a "
+    name = os.path.basename(os.path.normpath(path))  # a latest written by hand may end in "/"
+    complete = [d for d in map(iter_dirname, list_iterations(value))
+                if load_problem(field, os.path.join(value, d), os.path.join(value, d)) is None]
+    return (f"{field}={value}: its '{LATEST}' names {name}, which {why}; point '{LATEST}' at a "
             f"complete iter_ directory there ({', '.join(complete[-3:]) or 'there is none'}), or remove it to start "
             "without this checkpoint")
+
+
+def _readable_marker(path: str) -> bool:
+    """megatron's metadata.json is there and parses (corrupt or unreadable: False, not an exception)."""
+    from megatron.core.dist_checkpointing.core import check_is_distributed_checkpoint
+
+    try:
+        return check_is_distributed_checkpoint(path)
+    except (OSError, ValueError, TypeError):  # JSONDecodeError is a ValueError
+        return False
 
 
 def list_iterations(run_dir: str) -> list[int]:

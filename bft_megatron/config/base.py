@@ -256,19 +256,25 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     ``train:`` section replaced the whole first one (its ``lr`` and ``train_iters`` back to their defaults) while
     a misspelt key is an error. Keys merged in with ``<<`` may still be overridden, as YAML means them to be."""
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                line = key_node.start_mark.line + 1
-                if isinstance(key, typing.Hashable) and key in seen:
-                    raise _DuplicateKey(key, seen[key], line)
-                if isinstance(key, typing.Hashable):
-                    seen[key] = line
-        return super().construct_mapping(node, deep)
+    def flatten_mapping(self, node) -> None:
+        # Checked here, before PyYAML copies merged keys into the node (in place: a mapping that merges another is
+        # flattened once, possibly as a deeper node's merge source, before its own construction).
+        checked = self.__dict__.setdefault("_checked_nodes", set())
+        if id(node) not in checked:
+            checked.add(id(node))
+            self._refuse_duplicates(node)
+        super().flatten_mapping(node)
+
+    def _refuse_duplicates(self, node) -> None:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(key, seen[key], line)
+            seen[key] = line
 
 
 def load_yaml(path: str) -> dict:

@@ -292,14 +292,18 @@ def _check_data_paths(d) -> None:
                  "data.train sources)")
 
 
-def check_paths(cfg: Config, data: bool = True) -> None:
+def check_paths(cfg: Config, data: bool = True, contents: bool = True) -> None:
     """Inputs that must exist on disk for a run (``--check`` and real runs; not ``--dry-run`` / ``plan``,
     which plan recipes whose paths are placeholders): raises :class:`ConfigError` naming the field.
 
     ``data=False`` (real runs, on every rank): only the checkpoint, which every node must see anyway. The data
     sources and tokenizer may live on global rank 0's node alone (it prepares; docs/data.md), and a rank that
     exits before the rendezvous would leave the others waiting; the trainer's rank-0 preparation reports them
-    (exit 2 on every rank) instead. ``--check`` (the SLURM pre-flight, on the first node) checks both."""
+    (exit 2 on every rank) instead. ``--check`` (the SLURM pre-flight, on the first node) checks both.
+
+    ``contents=False`` (real runs, every rank but global rank 0): what ``latest`` names and the checkpoint's
+    common state are not judged. A node whose filesystem caches metadata (NFS after a quick requeue) could see an
+    older ``latest`` and refuse a checkpoint the load, decided by rank 0 (``Checkpointer.load``), would use."""
     if data:
         _check_data_paths(cfg.data)
     c = cfg.checkpoint
@@ -315,9 +319,10 @@ def check_paths(cfg: Config, data: bool = True) -> None:
 
     own = read_latest(c.save) if c.save else None  # a complete checkpoint there: checkpoint.load is not read
     if own is not None:
-        problem = load_problem("checkpoint.save", c.save, own)
-        _require(problem is None, problem or "")
-        _check_against_checkpoint(cfg, own, finetune=False, own=True)
+        if contents:
+            problem = load_problem("checkpoint.save", c.save, own)
+            _require(problem is None, problem or "")
+            _check_against_checkpoint(cfg, own, finetune=False, own=True)
         return
     if not c.load or (loads_own_save_dir(c) and not c.finetune):
         return
@@ -331,9 +336,10 @@ def check_paths(cfg: Config, data: bool = True) -> None:
     _require(path is not None,
              f"checkpoint.load={c.load}: no complete checkpoint there (no 'latest' pointer and not an iter_ "
              f"directory; {why}){hint}")
-    problem = load_problem("checkpoint.load", c.load, path)
-    _require(problem is None, problem or "")
-    _check_against_checkpoint(cfg, path, finetune=c.finetune, own=False)
+    if contents:
+        problem = load_problem("checkpoint.load", c.load, path)
+        _require(problem is None, problem or "")
+        _check_against_checkpoint(cfg, path, finetune=c.finetune, own=False)
 
 
 def _check_against_checkpoint(cfg: Config, path: str, finetune: bool, own: bool) -> None:
@@ -350,8 +356,9 @@ def _check_against_checkpoint(cfg: Config, path: str, finetune: bool, own: bool)
     except (CheckpointingException, OSError):  # unreadable here: the load itself reports it, with the details
         return
     p = cfg.parallel
-    check_loadable(common, cfg, path, finetune=finetune, own=own, layout={"tp": p.tp, "pp": p.pp, "vp": p.vp,
-                   "cp": p.cp}, scheduler=None if finetune else config_scheduler(cfg), rank=-1)
+    layout = {"tp": p.tp, "pp": p.pp, "vp": p.vp if p.vp and p.vp > 1 else None, "cp": p.cp}  # vp 1 is saved as None
+    check_loadable(common, cfg, path, finetune=finetune, own=own, layout=layout,
+                   scheduler=None if finetune else config_scheduler(cfg), rank=-1)
 
 
 def loads_own_save_dir(c) -> bool:

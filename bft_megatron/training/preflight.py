@@ -22,17 +22,22 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
     try:
         cfg = load_config(config_path, overrides)
         layout = validate(cfg, _world_size())
-        if not dry_run:
-            check_paths(cfg, data=check)
+        if not dry_run:  # the checkpoint's contents on global rank 0 alone, as the load decides (check_paths)
+            check_paths(cfg, data=check, contents=check or _global_rank_zero())
             if check:  # prepared data the trainer would refuse (another template or tokenizer, valid/ vs train/)
                 check_prepared(cfg)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError and the data layer's checks are ValueErrors
         log.error("config error: %s%s", exc, error_hint(str(exc), config_path))
         return None
-    if os.environ.get("RANK", "0").strip() in ("0", ""):  # only torchrun's global rank 0 (any other text: not 0)
+    if _global_rank_zero():
         for warning in config_warnings(cfg):
             log.warning("config: %s", warning)
     return cfg, layout
+
+
+def _global_rank_zero() -> bool:
+    """torchrun's (or SLURM's) global rank 0, or no launcher at all (any other ``RANK`` text: not 0)."""
+    return os.environ.get("RANK", "0").strip() in ("0", "")
 
 
 def _world_size() -> int:
