@@ -2,7 +2,8 @@
 
 A full disk failed an H200 run's save with torch's ``unexpected pos 704 vs 598`` inside megatron's "Worker
 failure", after the steps were trained. Checked here: the size the checkpointer computes before a save matches the
-bytes the save then writes (DP2: weights replicated, written once; TP2: sharded), a save into a filesystem with less
+bytes the save then writes (DP2: weights replicated, written once; TP2: sharded; an async save; the
+dp_reshardable optimizer format, each rank's flat shard), a save into a filesystem with less
 free space is preceded by a warning naming ``checkpoint.save``, and a save that fails on a full disk says so.
 """
 
@@ -18,6 +19,8 @@ from tests.dist_harness import run_distributed
 from tests.launch import TINY
 
 GIB = 1024 ** 3
+LAYOUTS = {"dp2": [], "tp2": ["parallel.tp=2"], "dp2_async": ["checkpoint.async_save=true"],
+           "dp2_dp_reshardable": ["checkpoint.optimizer_format=dp_reshardable"]}
 
 
 def _written_bytes(path: str) -> int:
@@ -41,7 +44,7 @@ def _save_worker(rank: int, world: int, root: str) -> dict:
     from tests.data_fixtures import logged
 
     real_usage, out = shutil.disk_usage, {}
-    for name, layout in (("dp2", []), ("tp2", ["parallel.tp=2"])):
+    for name, layout in LAYOUTS.items():
         cfg = load_config(None, TINY + layout + [f"checkpoint.save={root}/{name}", "checkpoint.keep_last=2"])
         p = cfg.parallel
         groups = bootstrap.initialize(p.tp, p.pp, p.vp, p.cp, seed=cfg.train.seed)
@@ -49,11 +52,13 @@ def _save_worker(rank: int, world: int, root: str) -> dict:
         ckpt = Checkpointer(cfg, groups)
         with logged() as plenty:
             path = ckpt.save(trainer)
+            ckpt.finalize()  # an async save: written and committed
         need = ckpt._need
         trainer.state.iteration = 1  # a second save, into a filesystem that (we pretend) has half its size free
         shutil.disk_usage = lambda p: SimpleNamespace(free=need // 2)
         with logged() as short:
             ckpt.save(trainer)
+            ckpt.finalize()
         trainer.state.iteration = 2  # a third, whose write fails on the (pretended) full disk
         shutil.disk_usage = lambda p: SimpleNamespace(free=4096)
         real_save, failed = dist_checkpointing.save, None
@@ -79,7 +84,7 @@ def saves(tmp_path_factory):
     return run_distributed(_save_worker, 2, str(tmp_path_factory.mktemp("disk_space")))
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_the_size_computed_before_a_save_is_what_the_save_writes(saves, layout):
     """Every rank computes the same total; the files written hold those bytes plus metadata. Counting every
     rank's replicas (DP2 holds the weights twice) would double the weights. The metadata (a header per tensor
@@ -90,7 +95,7 @@ def test_the_size_computed_before_a_save_is_what_the_save_writes(saves, layout):
     assert rank0["need"] <= rank0["written"] <= rank0["need"] * 1.25, (rank0["need"], rank0["written"])
 
 
-@pytest.mark.parametrize("layout", ["dp2", "tp2"])
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_a_save_that_cannot_fit_is_announced_and_a_full_disk_named(saves, layout):
     rank0, rank1 = saves[0][layout], saves[1][layout]
     assert rank0["plenty"] == [] and rank1["short"] == []  # enough room: nothing; rank 0 alone warns
