@@ -236,7 +236,7 @@ class Checkpointer:
         """("own", the save directory's latest), ("load", checkpoint.load resolved) or ("none", None)."""
         own = pointer.read_latest(self.ckpt.save) if self.ckpt.save else None
         if own is not None:
-            self._require_loadable("checkpoint.save", self.ckpt.save, own)
+            pointer.require_loadable("checkpoint.save", self.ckpt.save, own)
             return "own", own
         if not self.ckpt.load:
             return "none", None
@@ -252,14 +252,8 @@ class Checkpointer:
             _log.info("checkpoint.load=%s (this run's checkpoint.save): no complete checkpoint yet, starting from "
                       "scratch", self.ckpt.load)
             return "none", None
-        self._require_loadable("checkpoint.load", self.ckpt.load, path)
+        pointer.require_loadable("checkpoint.load", self.ckpt.load, path)
         return "load", path
-
-    @staticmethod
-    def _require_loadable(field: str, value: str, path: str) -> None:
-        problem = pointer.load_problem(field, value, path)
-        if problem:
-            raise ConfigError(problem)
 
     def _load_path(self, trainer, path: str, finetune: bool, own: bool = False) -> bool:
         from megatron.core import dist_checkpointing

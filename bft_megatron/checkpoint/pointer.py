@@ -22,7 +22,8 @@ import shutil
 
 from bft_megatron.utils.files import atomic_write_text
 
-__all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "load_problem", "list_iterations",
+__all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "load_problem", "require_loadable",
+           "list_iterations",
            "prune", "commit", "existing_checkpoint", "HF_SUBDIR"]
 
 LATEST = "latest"
@@ -83,6 +84,15 @@ def load_problem(field: str, value: str, path: str) -> str | None:
     return (f"{field}={value}: its '{LATEST}' names {name}, which {why}; point '{LATEST}' at a "
             f"complete iter_ directory there ({', '.join(complete[-3:]) or 'there is none'}), or remove it to start "
             "without this checkpoint")
+
+
+def require_loadable(field: str, value: str, path: str) -> None:
+    """Raise :class:`ConfigError` with :func:`load_problem`'s message if ``path`` cannot be loaded."""
+    from bft_megatron.config.base import ConfigError
+
+    problem = load_problem(field, value, path)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _readable_marker(path: str) -> bool:

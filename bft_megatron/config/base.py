@@ -256,12 +256,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     ``train:`` section replaced the whole first one (its ``lr`` and ``train_iters`` back to their defaults) while
     a misspelt key is an error. Keys merged in with ``<<`` may still be overridden, as YAML means them to be."""
 
+    def __init__(self, stream) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()  # ids of the mapping nodes already checked
+
     def flatten_mapping(self, node) -> None:
         # Checked here, before PyYAML copies merged keys into the node (in place: a mapping that merges another is
         # flattened once, possibly as a deeper node's merge source, before its own construction).
-        checked = self.__dict__.setdefault("_checked_nodes", set())
-        if id(node) not in checked:
-            checked.add(id(node))
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
             self._refuse_duplicates(node)
         super().flatten_mapping(node)
 

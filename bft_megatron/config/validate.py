@@ -307,7 +307,7 @@ def check_paths(cfg: Config, data: bool = True, contents: bool = True) -> None:
     if data:
         _check_data_paths(cfg.data)
     c = cfg.checkpoint
-    from bft_megatron.checkpoint.pointer import load_problem, read_latest, resolve_load_dir
+    from bft_megatron.checkpoint.pointer import read_latest, resolve_load_dir
 
     # Else the run trains to its first save and dies there with NotADirectoryError, its steps lost (and a
     # TensorBoard directory that is a file fails the start with a FileExistsError traceback).
@@ -320,9 +320,7 @@ def check_paths(cfg: Config, data: bool = True, contents: bool = True) -> None:
     own = read_latest(c.save) if c.save else None  # a complete checkpoint there: checkpoint.load is not read
     if own is not None:
         if contents:
-            problem = load_problem("checkpoint.save", c.save, own)
-            _require(problem is None, problem or "")
-            _check_against_checkpoint(cfg, own, finetune=False, own=True)
+            _check_against_checkpoint(cfg, ("checkpoint.save", c.save), own, finetune=False, own=True)
         return
     if not c.load or (loads_own_save_dir(c) and not c.finetune):
         return
@@ -337,19 +335,21 @@ def check_paths(cfg: Config, data: bool = True, contents: bool = True) -> None:
              f"checkpoint.load={c.load}: no complete checkpoint there (no 'latest' pointer and not an iter_ "
              f"directory; {why}){hint}")
     if contents:
-        problem = load_problem("checkpoint.load", c.load, path)
-        _require(problem is None, problem or "")
-        _check_against_checkpoint(cfg, path, finetune=c.finetune, own=False)
+        _check_against_checkpoint(cfg, ("checkpoint.load", c.load), path, finetune=c.finetune, own=False)
 
 
-def _check_against_checkpoint(cfg: Config, path: str, finetune: bool, own: bool) -> None:
-    """The load's own checks (``checkpoint/compat.py``: an import as the run's save directory, the model, and for
-    a full resume the learning-rate schedule and the optimizer format at this layout), here before the job builds
-    its model or prepares its data; the load would refuse the same config only then."""
+def _check_against_checkpoint(cfg: Config, named_by: tuple[str, str], path: str, finetune: bool, own: bool) -> None:
+    """The load's own checks on ``path`` (what the field and value ``named_by`` resolved to): that it is a
+    checkpoint (``pointer.require_loadable``), then ``checkpoint/compat.py`` (an import as the run's save directory,
+    the model, and for a full resume the learning-rate schedule and the optimizer format at this layout), here
+    before the job builds its model or prepares its data; the load would refuse the same config only then."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
     from bft_megatron.checkpoint.compat import check_loadable, config_scheduler
+    from bft_megatron.checkpoint.pointer import require_loadable
+
+    require_loadable(*named_by, path)
 
     try:
         common = dist_checkpointing.load_common_state_dict(path)
