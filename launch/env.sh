@@ -22,15 +22,31 @@
 # NeMo's default: no NVLink SHARP (NVLS) collectives. NVLS buffers cost GPU memory on every rank of an NVSwitch
 # node (the recipes plan for 56-65 GiB of 80), and the trainer's all-reduces are not NVLS-bound.
 : "${NCCL_NVLS_ENABLE:=0}"
-# Flight recorder: keep the last TORCH_NCCL_TRACE_BUFFER_SIZE collectives of each rank (host memory) and dump
-# them when the NCCL watchdog times out (parallel.timeout_minutes), to find the rank or collective that hung.
+# Flight recorder: keep the last 20000 collectives of each rank (host memory) and dump them when the NCCL
+# watchdog times out (parallel.timeout_minutes), to find the rank or collective that hung. torch >= 2.8 reads the
+# size from TORCH_FR_BUFFER_SIZE and warns that TORCH_NCCL_TRACE_BUFFER_SIZE is deprecated; older torch reads only
+# the old name. The installed torch's FlightRecorder header (read without importing torch) says which name it
+# reads; when that lookup fails the old name is set. A size the caller set under either name is kept.
 # Dumps go to TORCH_NCCL_DEBUG_INFO_TEMP_FILE<rank> (torch's default /tmp/nccl_trace_rank_; slurm.sbatch points
 # it at logs/nccl_trace_<job id>/rank_). Analyse one dump directory with `torchfrtrace DIR --prefix rank_`
 # (docs/launch.md, "Node failures and hangs").
 : "${TORCH_NCCL_DUMP_ON_TIMEOUT:=1}"
-: "${TORCH_NCCL_TRACE_BUFFER_SIZE:=20000}"
 export CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_DEBUG OMP_NUM_THREADS \
-  TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_NVLS_ENABLE TORCH_NCCL_DUMP_ON_TIMEOUT TORCH_NCCL_TRACE_BUFFER_SIZE
+  TORCH_NCCL_AVOID_RECORD_STREAMS NCCL_NVLS_ENABLE TORCH_NCCL_DUMP_ON_TIMEOUT
+if [[ -n ${TORCH_FR_BUFFER_SIZE:-} ]]; then
+  export TORCH_FR_BUFFER_SIZE
+elif [[ -n ${TORCH_NCCL_TRACE_BUFFER_SIZE:-} ]]; then
+  export TORCH_NCCL_TRACE_BUFFER_SIZE
+else
+  if "${PYTHON:-python3}" -c "import importlib.util as u, os, sys
+header = os.path.join(u.find_spec('torch').submodule_search_locations[0],
+                      'include/torch/csrc/distributed/c10d/FlightRecorder.hpp')
+sys.exit('TORCH_FR_BUFFER_SIZE' not in open(header).read())" 2>/dev/null; then
+    export TORCH_FR_BUFFER_SIZE=20000
+  else
+    export TORCH_NCCL_TRACE_BUFFER_SIZE=20000
+  fi
+fi
 
 # Transformer Engine's fused attention must load torch's own cuDNN (the nvidia-cudnn wheel), not an older system
 # copy found first on the library path: with the older one TE silently falls back to unfused attention (half the

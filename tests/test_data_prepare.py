@@ -229,6 +229,12 @@ def test_split_with_no_usable_sample_is_an_error(tmp_path):
                      on_error="skip")
     with pytest.raises(DataError, match="train split: no usable samples: 2 records"):
         run(cfg)
+    assert not (tmp_path / "o").exists()  # the failed first try leaves no empty o/train/
+    (tmp_path / "kept" / "valid").mkdir(parents=True)
+    (tmp_path / "kept" / "valid" / "index.json").write_text("{}")
+    with pytest.raises(DataError, match="no usable samples"):
+        run(dataclasses.replace(cfg, output_dir=str(tmp_path / "kept")))
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["valid"]  # the user's directory stays
     assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o"),
                  "--on-error", "skip", "--no-progress"]) == 2
     long = write_jsonl(tmp_path / "long.jsonl", synthetic_chats(3, seed=2))

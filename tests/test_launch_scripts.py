@@ -197,3 +197,28 @@ def test_torchrun_usr1_saves_and_leaves_resume(tmp_path, periodic, extra):
     assert (save / "latest").read_text().strip().startswith("iter_")
     assert re.search(r"done: \d+ steps of 100000 \(stopped early\),", text), text[-6000:]
     assert proc.returncode != 0                               # torchrun re-raises the signal after a clean save
+
+
+@pytest.mark.parametrize("header, preset, want", [
+    ('{"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}', {}, ("20000", None)),   # torch >= 2.8
+    ('{"TORCH_NCCL_TRACE_BUFFER_SIZE"}', {}, (None, "20000")),                           # older torch
+    (None, {}, (None, "20000")),                                                          # no header shipped
+    ('{"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}', {"TORCH_NCCL_TRACE_BUFFER_SIZE": "7"}, (None, "7")),
+    ('{"TORCH_NCCL_TRACE_BUFFER_SIZE"}', {"TORCH_FR_BUFFER_SIZE": "9"}, ("9", None)),
+])
+def test_env_sh_names_the_flight_recorder_size_as_torch_reads_it(tmp_path, header, preset, want):
+    """Setting the name torch deprecated makes every rank warn at each process group's creation; setting only the
+    new name on an older torch would leave the flight recorder at its default size. A caller's value is kept."""
+    torch_dir = tmp_path / "site" / "torch"
+    torch_dir.mkdir(parents=True)
+    (torch_dir / "__init__.py").write_text("raise ImportError('the probe must not import torch')\n")
+    if header is not None:
+        path = torch_dir / "include/torch/csrc/distributed/c10d/FlightRecorder.hpp"
+        path.parent.mkdir(parents=True)
+        path.write_text(f"max_entries_ = getCvarInt(\n    {header}, 2000);\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_BUFFER_SIZE")}
+    env.update(preset, PYTHON=sys.executable, PYTHONPATH=str(tmp_path / "site"))
+    out = subprocess.run(["bash", "-uc", 'source launch/env.sh; printenv TORCH_FR_BUFFER_SIZE || echo -; '
+                          'printenv TORCH_NCCL_TRACE_BUFFER_SIZE || echo -'], env=env, cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert tuple(None if v == "-" else v for v in out) == want

@@ -48,6 +48,7 @@ if [[ $1 == show && $2 == hostnames ]]; then printf 'node001\\nnode002\\n'; fi
 """
 
 FAKE_PYTHON = """#!/usr/bin/env bash
+if [[ $1 == -c && $2 == *FlightRecorder* ]]; then exec "$REAL_PYTHON" "$@"; fi   # env.sh's torch lookup
 if [[ $1 == -c ]]; then                                   # env.sh's cuDNN lookup
   [[ -n ${FAKE_CUDNN:-} ]] && { echo "$FAKE_CUDNN"; exit 0; }
   exit 1
@@ -78,8 +79,8 @@ esac
 CLEARED = ["SAVE_DIR", "MAX_CRASH_REQUEUES", "LOG_DIR", "MASTER_ADDR", "MASTER_PORT", "BFT_ROOT", "SRUN_CPUS_PER_TASK",
            "CUDA_DEVICE_MAX_CONNECTIONS", "TORCH_NCCL_ASYNC_ERROR_HANDLING", "NCCL_DEBUG", "OMP_NUM_THREADS",
            "TORCH_NCCL_AVOID_RECORD_STREAMS", "NCCL_NVLS_ENABLE", "TORCH_NCCL_DUMP_ON_TIMEOUT",
-           "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "CUDNN_HOME", "RANK", "WORLD_SIZE",
-           "LOCAL_RANK", "SLURM_RESTART_COUNT"]
+           "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_DEBUG_INFO_TEMP_FILE", "CUDNN_HOME",
+           "RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_RESTART_COUNT"]
 
 
 class FakeSlurm:
@@ -306,7 +307,8 @@ def test_environment_reaches_the_ranks(slurm):
     assert env["TORCH_NCCL_AVOID_RECORD_STREAMS"] == "1"
     assert env["NCCL_NVLS_ENABLE"] == "0"
     assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
-    assert int(env["TORCH_NCCL_TRACE_BUFFER_SIZE"]) > 0
+    sizes = [env[name] for name in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE") if name in env]
+    assert len(sizes) == 1 and int(sizes[0]) > 0                # one name: the one the installed torch reads
     assert env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == f"{slurm.tmp}/logs/nccl_trace_{JOB_ID}/rank_"
     assert (slurm.tmp / "logs" / f"nccl_trace_{JOB_ID}").is_dir()
     assert env["CUDNN_HOME"] == str(cudnn)                      # the cuDNN fix torchrun.sh had, now here too

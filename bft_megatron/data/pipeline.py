@@ -261,7 +261,23 @@ def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = 
     if splits is not None:
         wanted = {split: sources for split, sources in wanted.items() if split in set(splits)}
     results: dict[str, SplitStats] = {}
-    with tempfile.TemporaryDirectory(prefix=".bft-prepare-cache-", dir=_scratch_parent(cfg)) as tmp:
-        for split, sources in wanted.items():
-            results[split] = prepare_split(cfg, split, sources, tok, cache_dir or tmp, progress)
+    made_output_dir = not os.path.exists(cfg.output_dir)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".bft-prepare-cache-", dir=_scratch_parent(cfg)) as tmp:
+            for split, sources in wanted.items():
+                results[split] = prepare_split(cfg, split, sources, tok, cache_dir or tmp, progress)
+    except BaseException:
+        _remove_empty_outputs(cfg.output_dir, list(wanted), made_output_dir)
+        raise
     return results
+
+
+def _remove_empty_outputs(output_dir: str, splits: list[str], made_output_dir: bool) -> None:
+    """After a failed preparation: the split directories it left empty (and the output directory, if this run
+    created it), so that a failed first try leaves no empty ``train/`` that looks like a preparation."""
+    paths = [os.path.join(output_dir, split) for split in splits] + ([output_dir] if made_output_dir else [])
+    for path in paths:
+        try:
+            os.rmdir(path)  # only an empty directory; a kept split or a user's file stays
+        except OSError:
+            pass
