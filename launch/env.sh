@@ -23,9 +23,9 @@
 # node (the recipes plan for 56-65 GiB of 80), and the trainer's all-reduces are not NVLS-bound.
 : "${NCCL_NVLS_ENABLE:=0}"
 # Flight recorder: keep the last 20000 collectives of each rank (host memory) and dump them when the NCCL
-# watchdog times out (parallel.timeout_minutes), to find the rank or collective that hung. torch >= 2.8 reads the
-# size from TORCH_FR_BUFFER_SIZE and warns that TORCH_NCCL_TRACE_BUFFER_SIZE is deprecated; older torch reads only
-# the old name. The installed torch's FlightRecorder header (read without importing torch) says which name it
+# watchdog times out (parallel.timeout_minutes), to find the rank or collective that hung. Newer torch (2.11 and
+# 2.13 do) reads the size from TORCH_FR_BUFFER_SIZE and warns on every rank that TORCH_NCCL_TRACE_BUFFER_SIZE is
+# deprecated; older torch reads only the old name. The installed torch's FlightRecorder header (read without importing torch) says which name it
 # reads; when that lookup fails the old name is set. A size the caller set under either name is kept.
 # Dumps go to TORCH_NCCL_DEBUG_INFO_TEMP_FILE<rank> (torch's default /tmp/nccl_trace_rank_; slurm.sbatch points
 # it at logs/nccl_trace_<job id>/rank_). Analyse one dump directory with `torchfrtrace DIR --prefix rank_`

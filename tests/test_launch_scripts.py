@@ -200,7 +200,7 @@ def test_torchrun_usr1_saves_and_leaves_resume(tmp_path, periodic, extra):
 
 
 @pytest.mark.parametrize("header, preset, want", [
-    ('{"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}', {}, ("20000", None)),   # torch >= 2.8
+    ('{"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}', {}, ("20000", None)),   # torch 2.11, 2.13
     ('{"TORCH_NCCL_TRACE_BUFFER_SIZE"}', {}, (None, "20000")),                           # older torch
     (None, {}, (None, "20000")),                                                          # no header shipped
     ('{"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}', {"TORCH_NCCL_TRACE_BUFFER_SIZE": "7"}, (None, "7")),
