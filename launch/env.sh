@@ -25,8 +25,9 @@
 # Flight recorder: keep the last 20000 collectives of each rank (host memory) and dump them when the NCCL
 # watchdog times out (parallel.timeout_minutes), to find the rank or collective that hung. Newer torch (2.11 and
 # 2.13 do) reads the size from TORCH_FR_BUFFER_SIZE and warns on every rank that TORCH_NCCL_TRACE_BUFFER_SIZE is
-# deprecated; older torch reads only the old name. The installed torch's FlightRecorder header (read without importing torch) says which name it
-# reads; when that lookup fails the old name is set. A size the caller set under either name is kept.
+# deprecated; older torch reads only the old name. The installed torch's FlightRecorder header (read without
+# importing torch) says which name it reads; when that lookup fails the old name is set. A size the caller set
+# under either name is kept.
 # Dumps go to TORCH_NCCL_DEBUG_INFO_TEMP_FILE<rank> (torch's default /tmp/nccl_trace_rank_; slurm.sbatch points
 # it at logs/nccl_trace_<job id>/rank_). Analyse one dump directory with `torchfrtrace DIR --prefix rank_`
 # (docs/launch.md, "Node failures and hangs").
