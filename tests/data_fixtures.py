@@ -59,6 +59,15 @@ REWRITING = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# QwQ-32B / DeepSeek-R1-Distill-Qwen-like: the generation prompt opens a '<think>\n' the full chat does not hold, so
+# no turn's prompt is a prefix of the full chat and the search fallback is used even for one turn.
+THINKING = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+)
+
 # Refuses chats whose roles do not alternate (as Mistral's, Llama-2's and Gemma's templates do), via raise_exception.
 ALTERNATING = (
     "{%- for message in messages %}"
@@ -111,6 +120,8 @@ def hf_tokenizer(name: str) -> str:
             "rewriting": ("qwen", REWRITING), "qwen_plain": ("qwen", None), "alternating": ("qwen", ALTERNATING),
             "dated": ("qwen", "{{- '<|im_start|>system\\nToday Date: ' + strftime_now('%d %b %Y') + '<|im_end|>\\n' }}"
                               + QWEN25_LIKE),
+            "thinking": ("qwen", THINKING),
+            "rewriting_hashes": ("qwen", REWRITING.replace("<|im_start|>", "### ").replace("<|im_end|>", " ###")),
             "hashes": ("qwen", "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + ' ###\\n' }}"
                                 "{%- endfor %}{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"),
             "upper": ("qwen", QWEN25_LIKE.replace("message['content'] + '<|im_end|>",

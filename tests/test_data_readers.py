@@ -338,3 +338,17 @@ def test_messages_with_a_top_level_system_field_keep_it():
                                          {"role": "assistant", "content": "Poor coordination."}]}
     assert [m.role for m in to_conversation(opens, "auto", "x").messages] == [
         "system", "assistant", "user", "assistant"]
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    """Windows editors and pandas' encoding='utf-8-sig' start a file with a UTF-8 byte-order mark. datasets skips
+    it; the stdlib fallback (a file with a bad line) read it into line 1 and dropped that valid record as malformed
+    JSON, and a {"data": [...]} file's wrapper was not recognised (its first character was the mark)."""
+    text = "\n".join(json.dumps(c) for c in CHATS[2:4]) + "\n" + BAD[0][0] + "\n"
+    (tmp_path / "bom.jsonl").write_text(text, encoding="utf-8-sig")
+    convs, skips = _convs(tmp_path / "bom.jsonl", policy="skip")
+    assert len(convs) == 2 and skips.counts == {"malformed_json": 1}
+    assert any("bom.jsonl:line 3" in e for e in skips.examples)
+    (tmp_path / "bom.json").write_text(json.dumps({"data": CHATS}), encoding="utf-8-sig")
+    got, skips = _convs(tmp_path / "bom.json")
+    assert len(got) == len(CHATS) and skips.total == 0

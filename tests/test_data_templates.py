@@ -274,3 +274,39 @@ def test_sentencepiece_offsets_are_character_offsets_for_multibyte_text(tmp_path
         ids, offsets = tok.encode_offsets(text)
         assert (ids, offsets) == (expected_ids, expected_offsets), text
         assert all(type(i) is int for i in ids) and all(type(o) is tuple for o in offsets)
+
+
+PROMPT_HOLDS_ANSWER = [  # the answer's words stand earlier in a user message, closed by the end-of-turn marker
+    (Conversation((Message("user", "Is 7 prime? Answer Yes or No."), Message("assistant", "Yes")), "t:1"), ["Yes"]),
+    (Conversation((Message("user", "Just say OK"), Message("assistant", "OK"), Message("user", "Thanks"),
+                   Message("assistant", "You are welcome.")), "t:2"), ["OK", "You are welcome."]),
+]
+
+
+@pytest.mark.parametrize("tok_name,eot", [("thinking", "<|im_end|>"), ("rewriting", "<|im_end|>"),
+                                          ("qwen25", "<|im_end|>"), ("llama31", "<|eot_id|>")])
+@pytest.mark.parametrize("conv,answers", PROMPT_HOLDS_ANSWER, ids=["one_turn", "two_turns"])
+def test_answer_words_in_the_prompt_are_not_supervised(tok_name, eot, conv, answers):
+    """A generation prompt that opens text the full chat lacks (QwQ's and R1-Distill's '<think>\\n') or a template
+    that rewrites earlier turns sends the answer search to its fallback; it must start after the prompt the turn
+    shares with the full chat, not at the chat's start (where it took the user's words, and the rest of the chat,
+    as the answer)."""
+    tok = _tok(tok_name)
+    assert [tok.decode(r) for r in supervised_runs(encode(conv, "tokenizer", tok))] == [a + eot for a in answers]
+    rendered = render(conv, "tokenizer", tok)
+    for start, end in rendered.spans:  # in the assistant's turn, not in the user's that says the same words
+        assert rendered.text.rfind("assistant", 0, start) > rendered.text.rfind("user", 0, start)
+
+
+def test_an_assistant_first_chat_is_not_matched_in_the_injected_system_prompt():
+    tok = _tok("qwen25")  # its default system prompt says "You are a helpful assistant."
+    conv = Conversation((Message("assistant", "helpful"), Message("user", "Thanks")), "t:3")
+    assert [tok.decode(r) for r in supervised_runs(encode(conv, "tokenizer", tok))] == ["helpful<|im_end|>"]
+
+
+def test_a_rewritten_turn_without_end_marker_is_an_error_not_a_span_to_the_chat_end():
+    tok = _tok("rewriting_hashes")  # earlier answers rewritten, turns closed by ' ###' (no known marker)
+    with pytest.raises(DataError, match=r"t:2: cannot tell where assistant answer 'OK' ends"):
+        encode(PROMPT_HOLDS_ANSWER[1][0], "tokenizer", tok)
+    conv = PROMPT_HOLDS_ANSWER[0][0]  # the last turn may keep what its template appended
+    assert [tok.decode(r) for r in supervised_runs(encode(conv, "tokenizer", tok))] == ["Yes ###"]

@@ -70,7 +70,7 @@ def _load_with_datasets(path: Path, cache_dir: str | None) -> Any:
 
 
 def _read_jsonl_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
-    with path.open("r", encoding="utf-8") as fh:
+    with path.open("r", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Windows editors) is not line 1's
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -93,7 +93,7 @@ def _first_line_is_object(text: str) -> bool:
 
 
 def _read_json_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -165,7 +165,7 @@ def _unwrap_data(ds: Any, path: Path) -> Any:
 
 def _first_char(path: Path) -> str:
     """The first character of ``path`` that is not whitespace ("" for none)."""
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         while chunk := fh.read(1 << 16):
             if chunk.strip():
                 return chunk.lstrip()[0]

@@ -11,6 +11,8 @@ template rewrites earlier turns.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -119,13 +121,15 @@ def _eot_end(text: str, pos: int, tok: Tokenizer) -> int | None:
     return None
 
 
-def _answer_span(text: str, lo: int, hi: int, content: str, tok: Tokenizer, where: str) -> Span:
+def _answer_span(text: str, lo: int, hi: int, content: str, tok: Tokenizer, where: str,
+                 open_tail: bool = True) -> Span:
     """Locate ``content`` in ``text[lo:hi]`` and extend it over the closing end-of-turn marker.
 
     The first occurrence of the stripped content is the answer (Llama's template trims it); where the text around
     it repeats the content's own leading / trailing whitespace (Qwen's keeps content verbatim), that whitespace is
     part of what the model must emit and is included. Searching the verbatim content instead could match a later
-    text (another turn) when the template trims."""
+    text (another turn) when the template trims. Without a known end-of-turn marker after the answer, what the
+    template appended up to ``hi`` is kept, unless ``open_tail`` is false (``hi`` is not this turn's end)."""
     core = content.strip()
     start = text.find(core, lo, hi)
     if start < 0:
@@ -140,6 +144,9 @@ def _answer_span(text: str, lo: int, hi: int, content: str, tok: Tokenizer, wher
     if eot is not None and eot <= hi:
         return start, eot
     tail = text[end:hi].rstrip()
+    if tail and not open_tail:
+        raise DataError(where, f"cannot tell where assistant answer {core[:40]!r} ends: no known end-of-turn marker "
+                               "follows it, and the chat template renders this turn differently in a longer chat")
     return start, end + len(tail)  # no known marker: keep what the template appended, minus whitespace
 
 
@@ -152,21 +159,40 @@ def _render_tokenizer(conv: Conversation, tok: Tokenizer) -> Rendered:
         raise DataError(conv.origin, f"the tokenizer's chat template rejects this chat: {exc}") from exc
     spans: list[Span] = []
     cursor = 0
+    last = max(i for i, m in enumerate(conv.messages) if m.role == "assistant")
     for i, m in enumerate(conv.messages):
         if m.role != "assistant":
             continue
-        try:
-            prompt = tok.apply_chat_template(msgs[:i], add_generation_prompt=True) if i else ""
-            upto = tok.apply_chat_template(msgs[: i + 1], add_generation_prompt=False)
-        except Exception:  # noqa: BLE001 - some templates reject partial chats; search instead
-            prompt, upto = "", "\0"
-        if upto.startswith(prompt) and full.startswith(upto) and len(prompt) >= cursor:
-            span = _answer_span(full, len(prompt), len(upto), m.content, tok, conv.origin)
-        else:  # template rewrites earlier turns: search forward from the previous answer
-            span = _answer_span(full, cursor, len(full), m.content, tok, conv.origin)
+        prompt = _partial_render(tok, msgs[:i], True) if i else None  # transformers refuses an empty chat
+        upto = _partial_render(tok, msgs[: i + 1], False)
+        bounded = upto is not None and full.startswith(upto)  # this turn ends where the full chat's does
+        if bounded and prompt is not None and upto.startswith(prompt) and len(prompt) >= cursor:
+            lo = len(prompt)
+        else:
+            # An assistant-first chat, a generation prompt that opens text the full chat lacks (QwQ's and
+            # R1-Distill's '<think>\n'), or a template that rewrites earlier turns: the answer starts where the
+            # full chat and the same chat with a marker for this answer part. Searching from the chat's start
+            # instead took the answer's words in a system or user message (closed by its own end-of-turn marker,
+            # or not: then the span ran to the chat's end) for the answer.
+            marked = _partial_render(tok, msgs[:i] + [{"role": "assistant", "content": _MARK}] + msgs[i + 1:], False)
+            lo = max(cursor, len(os.path.commonprefix([marked, full])) if marked is not None else 0)
+        span = _answer_span(full, lo, len(upto) if bounded else len(full), m.content, tok, conv.origin,
+                            open_tail=bounded or i == last)
         spans.append(span)
         cursor = span[1]
     return Rendered(full, tuple(spans))
+
+
+_MARK = "\x00\x01"  # an answer's stand-in: no chat text starts with it
+
+
+def _partial_render(tok: Tokenizer, msgs: list[dict[str, str]], generation_prompt: bool) -> str | None:
+    """The chat template over (some of) a chat; None where the template rejects it (roles must alternate, a chat
+    must start with a user, transformers' refusal of an empty chat, ...): the caller then searches instead."""
+    try:
+        return tok.apply_chat_template(msgs, add_generation_prompt=generation_prompt)
+    except Exception:  # noqa: BLE001 - jinja TemplateError, ValueError, IndexError on messages[0], ...
+        return None
 
 
 def render(conv: Conversation, template: str, tok: Tokenizer) -> Rendered:
