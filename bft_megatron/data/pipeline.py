@@ -203,6 +203,10 @@ def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok:
                                               f"{dict(stats.skips.counts)}, length policy {dict(stats.length)}"
                                               f"{_no_samples_hint(cfg, stats)}")
         selection = mix(per_source, [s.weight for s in sources], cfg.seed)
+        if not len(selection):  # every weight below 1 rounds its source's share down to no sample
+            shares = ", ".join(f"{s.path}:{s.weight:g} of {len(i)} samples" for s, i in zip(sources, per_source))
+            raise DataError(f"{split} split", f"the source weights select no sample ({shares}): a weight below 1 "
+                                              "takes that fraction of its source's samples, rounded; raise it")
         lengths = np.asarray(stream.lengths, dtype=np.int64)
         layout = (pack_best_fit if cfg.packing else one_per_row)(lengths[selection], cfg.seq_length, cfg.seed)
         rows = [selection[r] for r in layout.rows]
