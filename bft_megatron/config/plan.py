@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bft-megatron plan", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="training config YAML (validated for --gpus processes as "
-                    "train --dry-run does, except that train.fp8 and train.te_op_fuser do not need Transformer Engine "
-                    "installed here)")
+                    "train --dry-run does, except that train.fp8, train.te_op_fuser and logging.wandb_project do not "
+                    "need Transformer Engine or wandb installed here)")
     ap.add_argument("--gpus", type=int, required=True, help="total GPUs (world size)")
     ap.add_argument("--mfu", type=float, default=0.40, help="assumed model FLOPs utilisation [0.40]")
     ap.add_argument("--peak-tflops", type=float, default=None,
