@@ -256,7 +256,8 @@ def test_main_plans_fp8_without_transformer_engine_and_takes_the_configs_peak(mo
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert "train.fp8, train.te_op_fuser and logging.wandb_project do not need Transformer Engine or wandb" in " ".join(capsys.readouterr().out.split())
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "train.fp8, train.te_op_fuser and logging.wandb_project do not need Transformer Engine or wandb" in help_text
 
 
 @pytest.mark.parametrize("mfu", ["0", "1.5", "-0.2"])

@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="output HF directory")
     exp.add_argument("--tokenizer", default=None,
                      help="HF tokenizer directory or sentencepiece .model to ship (default: the checkpoint's own "
-                          "iter_N/hf/ copy, else the run's data.tokenizer, else --hf, the import's hf/ or model.from_hf; "
-                          "docs/convert.md)")
+                          "iter_N/hf/ copy, else the run's data.tokenizer, else --hf, the import's hf/ or "
+                          "model.from_hf; docs/convert.md)")
     exp.add_argument("--hf", default=None, help="HF model directory for config.json (and the tokenizer if none "
                                                 "is found otherwise)")
     exp.add_argument("--max-shard-size", type=parse_size, default="5GB", help="per-file size limit (default 5GB)")
