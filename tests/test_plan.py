@@ -287,8 +287,8 @@ def test_cli_plan_subprocess():
     assert math.isfinite(total) and 30 < total < 50
 
 
-RECIPES = {"llama3.1_8b.yaml": 8, "llama3.1_8b_32k_cp4.yaml": 8, "llama3.1_70b_tp8pp4.yaml": 32, "llama3.1_70b_tp4pp4vp5_fp8.yaml": 32,
-           "qwen2.5_72b.yaml": 32}
+RECIPES = {"llama3.1_8b.yaml": 8, "llama3.1_8b_32k_cp4.yaml": 8, "llama3.1_70b_tp8pp4.yaml": 32,
+           "llama3.1_70b_tp4pp4vp5_fp8.yaml": 32, "qwen2.5_72b.yaml": 32}
 
 
 @pytest.mark.parametrize("name, gpus", sorted(RECIPES.items()))
