@@ -199,26 +199,38 @@ def test_torchrun_usr1_saves_and_leaves_resume(tmp_path, periodic, extra):
     assert proc.returncode != 0                               # torchrun re-raises the signal after a clean save
 
 
-@pytest.mark.parametrize("header, preset, want", [
-    ('{"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}', {}, ("20000", None)),   # torch 2.11, 2.13
-    ('{"TORCH_NCCL_TRACE_BUFFER_SIZE"}', {}, (None, "20000")),                           # older torch
-    (None, {}, (None, "20000")),                                                          # no header shipped
-    ('{"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}', {"TORCH_NCCL_TRACE_BUFFER_SIZE": "7"}, (None, "7")),
-    ('{"TORCH_NCCL_TRACE_BUFFER_SIZE"}', {"TORCH_FR_BUFFER_SIZE": "9"}, ("9", None)),
+@pytest.mark.parametrize("version, header, preset, want", [
+    ("2.11.0", '{"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}', {}, ("20000", None, None)),
+    ("2.13.0+cpu", '{"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}', {}, ("20000", None, None)),
+    ("2.6.0", '{"TORCH_NCCL_TRACE_BUFFER_SIZE"}', {}, (None, "20000", "1")),        # older torch
+    ("2.7.0a0+79aa17489c.nv25.04", '{"TORCH_NCCL_TRACE_BUFFER_SIZE"}', {}, (None, "20000", None)),  # NGC 25.04
+    ("2.5.1", None, {}, (None, "20000", "1")),                                       # no header shipped
+    (None, None, {}, (None, "20000", None)),                                         # torch not found
+    ("2.11.0", '{"TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE"}',
+     {"TORCH_NCCL_TRACE_BUFFER_SIZE": "7", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1"}, (None, "7", "1")),
+    ("2.6.0", '{"TORCH_NCCL_TRACE_BUFFER_SIZE"}', {"TORCH_FR_BUFFER_SIZE": "9", "TORCH_NCCL_AVOID_RECORD_STREAMS": "0"},
+     ("9", None, "0")),
 ])
-def test_env_sh_names_the_flight_recorder_size_as_torch_reads_it(tmp_path, header, preset, want):
-    """Setting the name torch deprecated makes every rank warn at each process group's creation; setting only the
-    new name on an older torch would leave the flight recorder at its default size. A caller's value is kept."""
-    torch_dir = tmp_path / "site" / "torch"
-    torch_dir.mkdir(parents=True)
-    (torch_dir / "__init__.py").write_text("raise ImportError('the probe must not import torch')\n")
+def test_env_sh_follows_the_installed_torch(tmp_path, version, header, preset, want):
+    """The flight recorder's size under the name torch reads (the deprecated one makes every rank warn at each
+    process group's creation; only the new name on an older torch would leave the recorder at its default size);
+    TORCH_NCCL_AVOID_RECORD_STREAMS only before torch 2.7 (the default since, with a warning; wrong losses at vp > 1
+    in NGC's 2.7.0a0). A caller's values are kept. torch is found without being imported."""
+    site = tmp_path / "site"
+    (site / "torch").mkdir(parents=True)
+    (site / "torch" / "__init__.py").write_text("raise ImportError('the probe must not import torch')\n")
+    if version is not None:
+        (site / "torch-0.dist-info").mkdir()
+        metadata = f"Metadata-Version: 2.1\nName: torch\nVersion: {version}\n"
+        (site / "torch-0.dist-info" / "METADATA").write_text(metadata)
     if header is not None:
-        path = torch_dir / "include/torch/csrc/distributed/c10d/FlightRecorder.hpp"
+        path = site / "torch/include/torch/csrc/distributed/c10d/FlightRecorder.hpp"
         path.parent.mkdir(parents=True)
         path.write_text(f"max_entries_ = getCvarInt(\n    {header}, 2000);\n")
-    env = {k: v for k, v in os.environ.items() if not k.endswith("_BUFFER_SIZE")}
-    env.update(preset, PYTHON=sys.executable, PYTHONPATH=str(tmp_path / "site"))
-    out = subprocess.run(["bash", "-uc", 'source launch/env.sh; printenv TORCH_FR_BUFFER_SIZE || echo -; '
-                          'printenv TORCH_NCCL_TRACE_BUFFER_SIZE || echo -'], env=env, cwd=ROOT,
-                         capture_output=True, text=True, check=True).stdout.split()
+    names = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE", "TORCH_NCCL_AVOID_RECORD_STREAMS")
+    env = {k: v for k, v in os.environ.items() if k not in names}
+    env.update(preset, PYTHON=sys.executable, PYTHONPATH=str(site), PYTHONNOUSERSITE="1")
+    script = "source launch/env.sh; " + "; ".join(f"printenv {name} || echo -" for name in names)
+    out = subprocess.run(["bash", "-uec", script], env=env, cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.split()
     assert tuple(None if v == "-" else v for v in out) == want

@@ -304,7 +304,7 @@ def test_environment_reaches_the_ranks(slurm):
     env = _env_file(slurm.read("train.env"))
     assert env["SRUN_CPUS_PER_TASK"] == "12"                    # srun no longer inherits --cpus-per-task
     assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1"
-    assert env["TORCH_NCCL_AVOID_RECORD_STREAMS"] == "1"
+    assert "TORCH_NCCL_AVOID_RECORD_STREAMS" not in env         # torch >= 2.7 does it by default (and warns)
     assert env["NCCL_NVLS_ENABLE"] == "0"
     assert env["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "1"
     sizes = [env[name] for name in ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_TRACE_BUFFER_SIZE") if name in env]
@@ -340,7 +340,7 @@ def test_env_sh_sets_defaults_and_keeps_user_values():
     out = subprocess.run(["bash", "-uc", script, "bash", *names], env=base, cwd=ROOT, capture_output=True,
                          text=True, check=True).stdout.split()
     values = dict(line.split("=", 1) for line in out[:-1])
-    assert values == {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+    assert values == {"CUDA_DEVICE_MAX_CONNECTIONS": "1", "TORCH_NCCL_AVOID_RECORD_STREAMS": "UNSET",
                       "NCCL_NVLS_ENABLE": "0", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
                       "TORCH_NCCL_TRACE_BUFFER_SIZE": "20000", "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
                       "OMP_NUM_THREADS": "1", "NCCL_DEBUG": "WARN"}
