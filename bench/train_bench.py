@@ -217,8 +217,10 @@ def _table(suite: str, config: str, rows: list[dict], args) -> str:
         if "error" in r:
             lines.append(f"| {r['name']} | failed | | | | | | | |")
             continue
-        lines.append(f"| {r['name']} | {r['ms']:.0f} | {r['ms'] / base:.3f} | {r['tok_s_gpu']:.0f} | "
-                     f"{fmt(r['mfu'], '{:.3f}')} | {fmt(r['peak_gib'], '{:.2f}')} | {fmt(r.get('device_gib'), '{:.2f}')} | "
+        ratio = fmt(r["ms"] / base if base else None, "{:.3f}")  # n/a when the first setting failed
+        lines.append(f"| {r['name']} | {r['ms']:.0f} | {ratio} | {r['tok_s_gpu']:.0f} | "
+                     f"{fmt(r['mfu'], '{:.3f}')} | {fmt(r['peak_gib'], '{:.2f}')} | "
+                     f"{fmt(r.get('device_gib'), '{:.2f}')} | "
                      f"{fmt(r['plan_gib'], '{:.2f}')} | "
                      f"{fmt(r['effective_tok_s_gpu'], '{:.0f}')} |")
     return "\n".join(lines) + "\n"
