@@ -68,6 +68,33 @@ THINKING = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
 )
 
+# Qwen3 / Qwen3-Thinking-like: every assistant turn opens a think block, empty when the answer carries no
+# '<think>...</think>' (text written between the turn's header and the answer), and the generation prompt ends
+# inside it ('<think>\n': the prompt's end lies inside an answer that starts with its reasoning).
+QWEN3_LIKE = (
+    "{%- for message in messages %}{%- if message['role'] == 'assistant' %}"
+    "{%- if '</think>' in message['content'] %}"
+    "{%- set reasoning = message['content'].split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{%- set content = message['content'].split('</think>')[-1].lstrip('\\n') %}"
+    "{%- else %}{%- set reasoning = '' %}{%- set content = message['content'] %}{%- endif %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
+)
+
+# Qwen1.5-Chat-like: '<|im_end|>' only between turns, none after the chat's last message.
+QWEN15_LIKE = (
+    "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+    "{%- if (loop.last and add_generation_prompt) or not loop.last %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# GLM-4.5-like: no end-of-turn token; a turn ends where the next role tag begins.
+ROLE_TAGS = ("{%- for message in messages %}{{- '<' + message['role'] + '>\\n' + message['content'] }}{%- endfor %}"
+             "{%- if add_generation_prompt %}{{- '<assistant>\\n' }}{%- endif %}")
+
 # Refuses chats whose roles do not alternate (as Mistral's, Llama-2's and Gemma's templates do), via raise_exception.
 ALTERNATING = (
     "{%- for message in messages %}"
@@ -120,7 +147,8 @@ def hf_tokenizer(name: str) -> str:
             "rewriting": ("qwen", REWRITING), "qwen_plain": ("qwen", None), "alternating": ("qwen", ALTERNATING),
             "dated": ("qwen", "{{- '<|im_start|>system\\nToday Date: ' + strftime_now('%d %b %Y') + '<|im_end|>\\n' }}"
                               + QWEN25_LIKE),
-            "thinking": ("qwen", THINKING),
+            "thinking": ("qwen", THINKING), "qwen3": ("qwen", QWEN3_LIKE), "qwen15": ("qwen", QWEN15_LIKE),
+            "role_tags": ("qwen", ROLE_TAGS),
             "rewriting_hashes": ("qwen", REWRITING.replace("<|im_start|>", "### ").replace("<|im_end|>", " ###")),
             "hashes": ("qwen", "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + ' ###\\n' }}"
                                 "{%- endfor %}{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ from bft_megatron.data.records import Conversation, Message
 from bft_megatron.data.templates import check_template, render
 from bft_megatron.data.tokenize import encode, supervised_tokens
 from bft_megatron.data.tokenizer import Tokenizer, load_tokenizer
-from tests.data_fixtures import DEMO_SP, hf_tokenizer
+from tests.data_fixtures import DEMO_SP, hf_tokenizer, logged
 
 CONV = Conversation((Message("system", "Be brief."), Message("user", "What is microcephaly?"),
                      Message("assistant", "A small head circumference."), Message("user", "Which genes?"),
@@ -310,3 +312,44 @@ def test_a_rewritten_turn_without_end_marker_is_an_error_not_a_span_to_the_chat_
         encode(PROMPT_HOLDS_ANSWER[1][0], "tokenizer", tok)
     conv = PROMPT_HOLDS_ANSWER[0][0]  # the last turn may keep what its template appended
     assert [tok.decode(r) for r in supervised_runs(encode(conv, "tokenizer", tok))] == ["Yes ###"]
+
+
+@pytest.mark.parametrize("answer", ["n", ">", "think", "Fine."])
+def test_text_the_template_writes_before_the_answer_is_not_supervised(answer):
+    """Qwen3's template writes an empty think block between the turn's header and the answer: an answer whose
+    words occur in it was matched there (the block and the answer supervised), before the stand-in anchor."""
+    tok = _tok("qwen3")
+    conv = Conversation((Message("user", "Continue? (y/n)"), Message("assistant", answer)), "t:4")
+    assert [tok.decode(r) for r in supervised_runs(encode(conv, "tokenizer", tok))] == [answer + "<|im_end|>"]
+
+
+def test_an_answer_that_opens_with_the_generation_prompts_text_is_found():
+    """Qwen3-Thinking's generation prompt ends with '<think>\\n', inside an answer that starts with its reasoning:
+    the answer begins before the point where the chat with a stand-in departs (it was 'not found')."""
+    tok = _tok("qwen3")
+    answer = "<think>\nThe user asks 2+2.\n</think>\n\n4"
+    conv = Conversation((Message("user", "2+2?"), Message("assistant", answer), Message("user", "And 3+3?"),
+                         Message("assistant", "6")), "t:5")
+    runs = [tok.decode(r) for r in supervised_runs(encode(conv, "tokenizer", tok))]
+    assert runs == [answer + "<|im_end|>", "6<|im_end|>"]
+
+
+def test_the_last_answer_gets_the_end_of_turn_the_template_writes_between_turns():
+    """Qwen1.5-Chat's template writes '<|im_end|>' only between turns: every answer was trained without a stop.
+    An earlier answer's marker lies past its own partial rendering; the last one's is taken from the chat with a
+    user turn after it and written into the text."""
+    tok = _tok("qwen15")
+    enc = encode(CONV, "tokenizer", tok)
+    assert [tok.decode(r) for r in supervised_runs(enc)] == [a + "<|im_end|>" for a in ANSWERS]
+    assert tok.decode(enc.tokens.tolist()).endswith(ANSWERS[1] + "<|im_end|>")
+
+
+def test_a_template_that_writes_no_end_of_turn_is_warned_about():
+    with logged(logging.WARNING) as records:
+        check_template("tokenizer", _tok("role_tags"))
+    assert any("writes nothing after an assistant answer that closes it" in r.getMessage() and
+               "the model is not trained to stop" in r.getMessage() for r in records)
+    with logged(logging.WARNING) as records:
+        for name in ("qwen25", "llama31", "qwen15", "qwen3", "hashes"):
+            check_template("tokenizer", _tok(name))
+    assert not records

@@ -42,10 +42,11 @@ __all__ = ["PreparedDataMismatch", "RULES_VERSION", "source_record", "compare", 
 # 2 (2026-12-02): a top-level 'system' next to 'messages' is the system turn (was dropped); with template: tokenizer
 # an answer's leading whitespace is supervised where the template keeps it (Qwen); a .json {"data": [...]} yields
 # its records; strings Arrow read as dates stay strings; turns after a chat's last answer are dropped.
-# 3 (2026-12-04): with template: tokenizer, where a turn's prompt is not a prefix of the full chat (QwQ's and
-# R1-Distill's '<think>\n' generation prompt, templates that rewrite earlier turns, assistant-first chats) the answer
-# is searched from where the chat with a stand-in answer departs, no longer from the previous answer's end (which
-# could supervise the answer's words in a system or user message); a UTF-8 byte-order mark is not part of line 1.
+# 3 (2026-12-04): with template: tokenizer an answer is the occurrence of its text that covers the point where the
+# chat with a stand-in answer departs (the search from the previous answer's end or the prompt's could supervise
+# the answer's words in a system or user message, or text the template writes before the answer, e.g. Qwen3's
+# empty think block); an end-of-turn marker past the turn's own rendering, or written only between turns
+# (Qwen1.5), closes the answer; a UTF-8 byte-order mark is not part of line 1.
 RULES_VERSION = 3
 
 SETTINGS = {"seq_length": "seq_length", "packing": "packed", "template": "template", "supervise": "supervise",

@@ -3,16 +3,15 @@
 Supervised = each assistant turn's content plus the end-of-turn token that closes it. Built-in
 templates (llama3, chatml, plain) build the text piece by piece, so the spans are exact. With
 ``template: tokenizer`` the tokenizer's own Jinja chat template renders the text; real templates
-(Llama-3.1, Qwen2.5) carry no generation markers and inject dates or default system prompts, so the
-spans are found from prefix differences (render the chat up to the turn's prompt and up to the turn's
-end; the answer is what was added), falling back to a left-to-right search of the answer text when a
-template rewrites earlier turns.
+(Llama-3.1, Qwen2.5) carry no generation markers and inject dates, default system prompts or empty
+reasoning blocks, so each answer is found where the chat with a stand-in for it departs from the full
+rendering (the answer's text must cover that position), and it ends at the end-of-turn marker after it.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +20,7 @@ from bft_megatron.data.records import Conversation, Message
 from bft_megatron.data.tokenizer import Tokenizer
 
 Span = tuple[int, int]
+log = logging.getLogger(__name__)
 
 # Markers a chat template may close an assistant turn with, most specific first.
 EOT_CANDIDATES = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
@@ -102,6 +102,7 @@ def check_template(name: str, tok: Tokenizer) -> None:
     if name == "tokenizer":
         if not tok.chat_template:
             raise DataError("template='tokenizer'", f"{tok.name} has no chat_template")
+        _warn_without_stop(tok)
         return
     for marker in REQUIRED_TOKENS[name]:
         ids, _ = tok.encode_offsets(marker)
@@ -113,6 +114,21 @@ def check_template(name: str, tok: Tokenizer) -> None:
                 raise DataError("template='plain'", f"{tok.name} does not encode {marker!r} as id {want}")
 
 
+def _warn_without_stop(tok: Tokenizer) -> None:
+    """A template that closes an answer with no token of its own (GLM-4.5's turn ends where the next role tag
+    begins) trains no stop: say so once, before the whole data set is rendered that way."""
+    try:
+        probe = _render_tokenizer(Conversation((Message("user", "Hi"), Message("assistant", "Fine")), "probe"), tok)
+    except DataError:
+        return
+    start, end = probe.spans[-1]
+    if probe.text[start:end].strip() == "Fine":
+        log.warning("%s's chat template writes nothing after an assistant answer that closes it (no %s): answers "
+                    "are supervised without an end-of-turn token, so the model is not trained to stop; choose a "
+                    "built-in template (data.template) or a tokenizer whose template ends each turn with one",
+                    tok.name, " / ".join(dict.fromkeys(m for m in (tok.eos_token, *EOT_CANDIDATES) if m)))
+
+
 def _eot_end(text: str, pos: int, tok: Tokenizer) -> int | None:
     """End of the end-of-turn marker that follows the answer at ``pos``, if one is there."""
     for marker in (tok.eos_token, *EOT_CANDIDATES):
@@ -121,27 +137,39 @@ def _eot_end(text: str, pos: int, tok: Tokenizer) -> int | None:
     return None
 
 
-def _answer_span(text: str, lo: int, hi: int, content: str, tok: Tokenizer, where: str,
+def _answer_span(text: str, lo: int, hi: int, content: str, tok: Tokenizer, where: str, anchor: int | None = None,
                  open_tail: bool = True) -> Span:
     """Locate ``content`` in ``text[lo:hi]`` and extend it over the closing end-of-turn marker.
 
-    The first occurrence of the stripped content is the answer (Llama's template trims it); where the text around
-    it repeats the content's own leading / trailing whitespace (Qwen's keeps content verbatim), that whitespace is
-    part of what the model must emit and is included. Searching the verbatim content instead could match a later
-    text (another turn) when the template trims. Without a known end-of-turn marker after the answer, what the
-    template appended up to ``hi`` is kept, unless ``open_tail`` is false (``hi`` is not this turn's end)."""
+    ``anchor`` is where the chat with a stand-in for this answer departs from ``text``: where the template starts
+    writing the answer. The answer is the stripped content's occurrence that covers it, the nearest one (it may
+    begin before it: a template that opens the answer with text the answer also starts with, Qwen3-Thinking's
+    '<think>\n'); never one that ends before it (the words in a system or user message) or begins after it (in
+    text the template writes between the turn's header and the answer: Qwen3's empty think block, gpt-oss's
+    channel). Without an anchor (the template refused the stand-in) the first occurrence from ``lo`` is taken.
+    The stripped content is searched because Llama's template trims it; where the text around it repeats the
+    content's own leading / trailing whitespace (Qwen's keeps content verbatim), that whitespace is part of what
+    the model must emit and is included. A known end-of-turn marker right after the answer is included; without
+    one, what the template appended up to ``hi`` is kept, unless ``open_tail`` is false (``hi`` is not this turn's
+    end)."""
     core = content.strip()
-    start = text.find(core, lo, hi)
+    lead, trail = content[:len(content) - len(content.lstrip())], content[len(content.rstrip()):]
+    if anchor is None:
+        start = text.find(core, lo, hi)
+    else:
+        start = text.rfind(core, lo, min(hi, anchor + len(lead) + len(core)))
+        if start >= 0 and start + len(core) <= anchor:
+            start = -1
     if start < 0:
         raise DataError(where, f"assistant answer {core[:40]!r} not found in the rendered chat template")
     end = start + len(core)
-    lead, trail = content[:len(content) - len(content.lstrip())], content[len(content.rstrip()):]
-    if lead and start - len(lead) >= lo and text.startswith(lead, start - len(lead)):
+    if lead and start - len(lead) >= (lo if anchor is None else min(anchor, start)) \
+            and text.startswith(lead, start - len(lead)):
         start -= len(lead)
     if trail and end + len(trail) <= hi and text.startswith(trail, end):
         end += len(trail)
-    eot = _eot_end(text, end, tok)
-    if eot is not None and eot <= hi:
+    eot = _eot_end(text, end, tok)  # also past hi: Qwen1.5 closes a turn only once another follows it
+    if eot is not None:
         return start, eot
     tail = text[end:hi].rstrip()
     if tail and not open_tail:
@@ -163,34 +191,39 @@ def _render_tokenizer(conv: Conversation, tok: Tokenizer) -> Rendered:
     for i, m in enumerate(conv.messages):
         if m.role != "assistant":
             continue
-        prompt = _partial_render(tok, msgs[:i], True) if i else None  # transformers refuses an empty chat
-        upto = _partial_render(tok, msgs[: i + 1], False)
+        upto = _partial_render(tok, msgs[: i + 1])
         bounded = upto is not None and full.startswith(upto)  # this turn ends where the full chat's does
-        if bounded and prompt is not None and upto.startswith(prompt) and len(prompt) >= cursor:
-            lo = len(prompt)
-        else:
-            # An assistant-first chat, a generation prompt that opens text the full chat lacks (QwQ's and
-            # R1-Distill's '<think>\n'), or a template that rewrites earlier turns: the answer starts where the
-            # full chat and the same chat with a marker for this answer part. Searching from the chat's start
-            # instead took the answer's words in a system or user message (closed by its own end-of-turn marker,
-            # or not: then the span ran to the chat's end) for the answer.
-            marked = _partial_render(tok, msgs[:i] + [{"role": "assistant", "content": _MARK}] + msgs[i + 1:], False)
-            lo = max(cursor, len(os.path.commonprefix([marked, full])) if marked is not None else 0)
-        span = _answer_span(full, lo, len(upto) if bounded else len(full), m.content, tok, conv.origin,
-                            open_tail=bounded or i == last)
+        marked = _partial_render(tok, msgs[:i] + [{"role": "assistant", "content": _MARK}] + msgs[i + 1:])
+        anchor = len(os.path.commonprefix([marked, full])) if marked is not None else None
+        span = _answer_span(full, cursor, len(upto) if bounded else len(full), m.content, tok, conv.origin,
+                            anchor=anchor, open_tail=bounded or i == last)
         spans.append(span)
         cursor = span[1]
-    return Rendered(full, tuple(spans))
+    return _close_last_answer(full, spans, msgs, tok)
+
+
+def _close_last_answer(full: str, spans: list[Span], msgs: list[dict[str, str]], tok: Tokenizer) -> Rendered:
+    """A template that closes a turn only when another follows (Qwen1.5's writes ``<|im_end|>`` between turns, none
+    after the last) would train the chat's last answer without its stop token: where the chat with a user turn
+    after it closes that answer with a known end-of-turn marker, the marker is written and supervised."""
+    start, end = spans[-1]
+    if full[end:].strip() or any(full[:end].endswith(mk) for mk in (tok.eos_token, *EOT_CANDIDATES) if mk):
+        return Rendered(full, tuple(spans))
+    longer = _partial_render(tok, msgs + [{"role": "user", "content": _MARK}])
+    eot = _eot_end(longer, end, tok) if longer is not None and longer.startswith(full[:end]) else None
+    if eot is None:
+        return Rendered(full, tuple(spans))
+    return Rendered(full[:end] + longer[end:eot] + full[end:], (*spans[:-1], (start, eot)))
 
 
 _MARK = "\x00\x01"  # an answer's stand-in: no chat text starts with it
 
 
-def _partial_render(tok: Tokenizer, msgs: list[dict[str, str]], generation_prompt: bool) -> str | None:
-    """The chat template over (some of) a chat; None where the template rejects it (roles must alternate, a chat
-    must start with a user, transformers' refusal of an empty chat, ...): the caller then searches instead."""
+def _partial_render(tok: Tokenizer, msgs: list[dict[str, str]]) -> str | None:
+    """The chat template over another chat than the record's (its first turns, a stand-in answer, one more turn);
+    None where the template rejects that chat (roles must alternate, ...): the caller then does without."""
     try:
-        return tok.apply_chat_template(msgs, add_generation_prompt=generation_prompt)
+        return tok.apply_chat_template(msgs, add_generation_prompt=False)
     except Exception:  # noqa: BLE001 - jinja TemplateError, ValueError, IndexError on messages[0], ...
         return None
 
