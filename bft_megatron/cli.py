@@ -20,6 +20,7 @@ def register(name: str, module: str, func: str, help_text: str) -> None:
 
 register("train", "bft_megatron.train", "main", "fine-tune a model (launch with torchrun)")
 register("prepare", "bft_megatron.data.prepare", "main", "tokenize, mask and pack chat data to disk")
+register("show-data", "bft_megatron.data.show", "main", "print prepared samples with the supervised tokens marked")
 register("convert", "bft_megatron.convert.cli", "main", "import/export Hugging Face checkpoints")
 register("plan", "bft_megatron.config.plan", "main", "estimate memory and throughput for a config")
 
