@@ -52,6 +52,10 @@ def test_show_errors_name_the_directory(tmp_path, capsys):
                                         "--tokenizer"):
         show(str(tmp_path / "o"))
     assert "A small head" in show(str(tmp_path / "o"), tokenizer=DEMO_SP)
+    # another tokenizer with a smaller vocabulary: an error naming both (sentencepiece raised IndexError)
+    with pytest.raises(DataError, match=r"token id \d+ is outside .*vocabulary of 400: the split was prepared with "
+                                        r"relative/tok\.model"):
+        show(str(tmp_path / "o"), tokenizer=hf_tokenizer("qwen25"))
     assert main([str(tmp_path / "missing")]) == 2
     assert main([str(tmp_path / "o"), "--samples", "0"]) == 2
     assert main([str(tmp_path / "o"), "--tokenizer", DEMO_SP]) == 0

@@ -353,3 +353,23 @@ def test_a_template_that_writes_no_end_of_turn_is_warned_about():
         for name in ("qwen25", "llama31", "qwen15", "qwen3", "hashes"):
             check_template("tokenizer", _tok(name))
     assert not records
+
+
+def test_a_header_that_depends_on_the_answer_still_finds_it():
+    """A template whose text before the answer depends on it departs from the stand-in's chat before the answer:
+    no occurrence covers that point, so the first one after it is the answer (it was 'not found')."""
+    from tests.data_fixtures import _build_hf
+
+    tok = load_tokenizer(_build_hf("qwen", (
+        "{%- for m in messages %}{%- if m['role'] == 'assistant' and '```' in m['content'] %}"
+        "{{- '<|im_start|>assistant [code]\\n' }}{%- else %}{{- '<|im_start|>' + m['role'] + '\\n' }}{%- endif %}"
+        "{{- m['content'] + '<|im_end|>\\n' }}{%- endfor %}")))
+    conv = Conversation((Message("user", "Code?"), Message("assistant", "```print(1)```")), "t:6")
+    assert [tok.decode(r) for r in supervised_runs(encode(conv, "tokenizer", tok))] == ["```print(1)```<|im_end|>"]
+
+
+def test_an_answer_that_starts_like_the_stand_in_is_found():
+    tok = _tok("qwen25")
+    conv = Conversation((Message("user", "Q"), Message("assistant", "\x00\x01"), Message("user", "R"),
+                         Message("assistant", "\x00y")), "t:7")
+    assert [r[1] - r[0] for r in render(conv, "tokenizer", tok).spans] == [2 + len("<|im_end|>"), 2 + len("<|im_end|>")]

@@ -79,6 +79,14 @@ def show(directory: str, split: str = "train", samples: int = 3, start: int = 0,
             raise
         raise DataError(path, f"{err} (the path the split was prepared with, relative to that run's working "
                               "directory: run from there, or pass --tokenizer)") from err
+    top = int(np.max(ds.tokens[int(ds.sample_offsets[start]):int(ds.sample_offsets[min(count, start + samples)])],
+                     initial=0))
+    if top >= tok.vocab_size:
+        raise DataError(path, f"token id {top} is outside {tok.name}'s vocabulary of {tok.vocab_size}: the split was "
+                              f"prepared with {ds.index['tokenizer']['path']}")
+    if ds.index["tokenizer"].get("fingerprint") not in (None, tok.fingerprint):
+        log.warning("%s is not the tokenizer %s was prepared with (%s): the text may not be what was trained on",
+                    tok.name, path, ds.index["tokenizer"]["path"])
     out = [f"{path}: {count} samples in {len(ds)} rows of {ds.seq_length} tokens, template "
            f"{ds.index.get('template')!r}, supervise {ds.index.get('supervise')!r}; {OPEN} {CLOSE} = trained on"]
     for s in range(start, min(count, start + samples)):

@@ -11,7 +11,6 @@ rendering (the answer's text must cover that position), and it ends at the end-o
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -158,8 +157,10 @@ def _answer_span(text: str, lo: int, hi: int, content: str, tok: Tokenizer, wher
         start = text.find(core, lo, hi)
     else:
         start = text.rfind(core, lo, min(hi, anchor + len(lead) + len(core)))
-        if start >= 0 and start + len(core) <= anchor:
-            start = -1
+        if start < 0 or start + len(core) <= anchor:
+            # none covers it: a template whose text before the answer depends on the answer (a header that
+            # names its kind) departs earlier; what ends before the anchor is also in the stand-in's chat
+            start = text.find(core, max(lo, anchor), hi)
     if start < 0:
         raise DataError(where, f"assistant answer {core[:40]!r} not found in the rendered chat template")
     end = start + len(core)
@@ -193,8 +194,9 @@ def _render_tokenizer(conv: Conversation, tok: Tokenizer) -> Rendered:
             continue
         upto = _partial_render(tok, msgs[: i + 1])
         bounded = upto is not None and full.startswith(upto)  # this turn ends where the full chat's does
-        marked = _partial_render(tok, msgs[:i] + [{"role": "assistant", "content": _MARK}] + msgs[i + 1:])
-        anchor = len(os.path.commonprefix([marked, full])) if marked is not None else None
+        mark = _MARK_ALT if m.content.strip().startswith(_MARK[0]) else _MARK
+        marked = _partial_render(tok, msgs[:i] + [{"role": "assistant", "content": mark}] + msgs[i + 1:])
+        anchor = _common_prefix_len(marked, full) if marked is not None else None
         span = _answer_span(full, cursor, len(upto) if bounded else len(full), m.content, tok, conv.origin,
                             anchor=anchor, open_tail=bounded or i == last)
         spans.append(span)
@@ -216,7 +218,21 @@ def _close_last_answer(full: str, spans: list[Span], msgs: list[dict[str, str]],
     return Rendered(full[:end] + longer[end:eot] + full[end:], (*spans[:-1], (start, eot)))
 
 
-_MARK = "\x00\x01"  # an answer's stand-in: no chat text starts with it
+_MARK = "\x00\x01"  # an answer's stand-in: no chat text starts with it (one that does gets _MARK_ALT)
+_MARK_ALT = "\x01\x00"
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    """Length of the common prefix, by bisection over C-speed comparisons (os.path.commonprefix compares
+    character by character in Python: once per answer over the whole chat, it doubled preparation time)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a.startswith(b[:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def _partial_render(tok: Tokenizer, msgs: list[dict[str, str]]) -> str | None:
