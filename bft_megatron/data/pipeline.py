@@ -7,6 +7,7 @@ without one (never prepared, or interrupted).
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import tempfile
@@ -281,7 +282,5 @@ def _remove_empty_outputs(output_dir: str, splits: list[str], made_output_dir: b
     created it), so that a failed first try leaves no empty ``train/`` that looks like a preparation."""
     paths = [os.path.join(output_dir, split) for split in splits] + ([output_dir] if made_output_dir else [])
     for path in paths:
-        try:
-            os.rmdir(path)  # only an empty directory; a kept split or a user's file stays
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # only an empty directory goes; a kept split or a user's file stays
+            os.rmdir(path)

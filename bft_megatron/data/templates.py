@@ -125,13 +125,18 @@ def _warn_without_stop(tok: Tokenizer) -> None:
         log.warning("%s's chat template writes nothing after an assistant answer that closes it (no %s): answers "
                     "are supervised without an end-of-turn token, so the model is not trained to stop; choose a "
                     "built-in template (data.template) or a tokenizer whose template ends each turn with one",
-                    tok.name, " / ".join(dict.fromkeys(m for m in (tok.eos_token, *EOT_CANDIDATES) if m)))
+                    tok.name, " / ".join(dict.fromkeys(_end_markers(tok))))
+
+
+def _end_markers(tok: Tokenizer) -> tuple[str, ...]:
+    """The end-of-turn markers an answer may be closed with: the tokenizer's eos, then the known ones."""
+    return tuple(m for m in (tok.eos_token, *EOT_CANDIDATES) if m)
 
 
 def _eot_end(text: str, pos: int, tok: Tokenizer) -> int | None:
     """End of the end-of-turn marker that follows the answer at ``pos``, if one is there."""
-    for marker in (tok.eos_token, *EOT_CANDIDATES):
-        if marker and text.startswith(marker, pos):
+    for marker in _end_markers(tok):
+        if text.startswith(marker, pos):
             return pos + len(marker)
     return None
 
@@ -209,7 +214,7 @@ def _close_last_answer(full: str, spans: list[Span], msgs: list[dict[str, str]],
     after the last) would train the chat's last answer without its stop token: where the chat with a user turn
     after it closes that answer with a known end-of-turn marker, the marker is written and supervised."""
     start, end = spans[-1]
-    if full[end:].strip() or any(full[:end].endswith(mk) for mk in (tok.eos_token, *EOT_CANDIDATES) if mk):
+    if full[end:].strip() or full[:end].endswith(_end_markers(tok)):
         return Rendered(full, tuple(spans))
     longer = _partial_render(tok, msgs + [{"role": "user", "content": _MARK}])
     eot = _eot_end(longer, end, tok) if longer is not None and longer.startswith(full[:end]) else None
