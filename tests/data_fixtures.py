@@ -95,6 +95,19 @@ QWEN15_LIKE = (
 ROLE_TAGS = ("{%- for message in messages %}{{- '<' + message['role'] + '>\\n' + message['content'] }}{%- endfor %}"
              "{%- if add_generation_prompt %}{{- '<assistant>\\n' }}{%- endif %}")
 
+# DeepSeek-R1-Distill-like: every assistant turn is rendered without its reasoning (what precedes '</think>'), and
+# the generation prompt opens '<think>\n': the full chat holds no reasoning at all.
+R1_LIKE = (
+    "{{- bos_token }}{%- for message in messages %}"
+    "{%- if message['role'] == 'system' %}{{- message['content'] }}"
+    "{%- elif message['role'] == 'user' %}{{- '<｜User｜>' + message['content'] }}"
+    "{%- else %}{%- set content = message['content'] %}"
+    "{%- if '</think>' in content %}{%- set content = content.split('</think>')[-1] %}{%- endif %}"
+    "{{- '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<｜Assistant｜><think>\\n' }}{%- endif %}"
+)
+
 # Refuses chats whose roles do not alternate (as Mistral's, Llama-2's and Gemma's templates do), via raise_exception.
 ALTERNATING = (
     "{%- for message in messages %}"
@@ -114,6 +127,7 @@ CORPUS = [
 SPECIALS = {
     "llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
     "qwen": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "r1": ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
 }
 
 
@@ -129,6 +143,8 @@ def _build_hf(kind: str, template: str | None) -> str:
     tok.train_from_iterator(CORPUS, trainer)
     if kind == "llama":
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    elif kind == "r1":
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS["r1"][0], eos_token=SPECIALS["r1"][1])
     else:
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
     if template:
@@ -148,7 +164,8 @@ def hf_tokenizer(name: str) -> str:
             "dated": ("qwen", "{{- '<|im_start|>system\\nToday Date: ' + strftime_now('%d %b %Y') + '<|im_end|>\\n' }}"
                               + QWEN25_LIKE),
             "thinking": ("qwen", THINKING), "qwen3": ("qwen", QWEN3_LIKE), "qwen15": ("qwen", QWEN15_LIKE),
-            "role_tags": ("qwen", ROLE_TAGS),
+            "role_tags": ("qwen", ROLE_TAGS), "r1": ("r1", R1_LIKE),
+            "no_generation_prompt": ("qwen", QWEN25_LIKE.split("{%- if add_generation_prompt %}")[0]),
             "rewriting_hashes": ("qwen", REWRITING.replace("<|im_start|>", "### ").replace("<|im_end|>", " ###")),
             "hashes": ("qwen", "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + ' ###\\n' }}"
                                 "{%- endfor %}{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}"),

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response")
-TEMPLATES = ("llama3", "chatml", "plain", "tokenizer")
+TEMPLATES = ("llama3", "chatml", "plain", "tokenizer", "tokenizer_generation")
 TRUNCATION = ("truncate", "drop")
 ON_ERROR = ("raise", "skip")
 SUPERVISE = ("all", "last")
@@ -57,7 +57,7 @@ class DataConfig:
     train: list[SourceConfig] = field(default_factory=list)
     valid: list[SourceConfig] = field(default_factory=list)
     tokenizer: str = ""  # HF tokenizer directory or sentencepiece .model file
-    template: str = "chatml"  # built-in wins by default; "tokenizer" uses the tokenizer's chat_template
+    template: str = "chatml"  # built-in wins by default; "tokenizer*" use the tokenizer's chat_template
     seq_length: int = 2048
     packing: bool = True
     truncation: str = "truncate"
@@ -89,6 +89,9 @@ class DataConfig:
             _fail("on_error", self.on_error, f"must be one of {ON_ERROR}")
         if self.supervise not in SUPERVISE:
             _fail("supervise", self.supervise, f"must be one of {SUPERVISE}")
+        if self.template == "tokenizer_generation" and self.supervise != "last":
+            _fail("supervise", self.supervise, "template 'tokenizer_generation' trains each record's last answer only "
+                                               "(earlier ones are part of the prompt): set supervise: last")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             _fail("seed", self.seed, "must be a non-negative integer")
         if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 1:

@@ -27,7 +27,7 @@ from bft_megatron.data.provenance import RULES_VERSION, source_record
 from bft_megatron.data.readers import read_records
 from bft_megatron.data.records import Conversation, to_conversation
 from bft_megatron.data.storage import SampleStream, is_prepared, publish_index, unpublish, write_split
-from bft_megatron.data.templates import check_template
+from bft_megatron.data.templates import TOKENIZER_TEMPLATES, check_template
 from bft_megatron.data.tokenize import Encoded, apply_length_policy, encode
 from bft_megatron.data.tokenizer import Tokenizer, describe, load_tokenizer
 from bft_megatron.utils.files import file_in_the_way
@@ -256,10 +256,10 @@ def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = 
                                                           "to write train/ and valid/ into")
     tok = load_tokenizer(cfg.tokenizer)
     check_template(cfg.template, tok)
-    if tok.chat_template and cfg.template != "tokenizer":
+    if tok.chat_template and cfg.template not in TOKENIZER_TEMPLATES:
         log.info("using the built-in %r template; the tokenizer's own chat_template is used only with "
-                 "template: tokenizer", cfg.template)
-    elif cfg.template == "tokenizer" and "strftime_now" in str(tok.chat_template):  # str: or a dict of named ones
+                 "template: tokenizer or tokenizer_generation", cfg.template)
+    elif cfg.template in TOKENIZER_TEMPLATES and "strftime_now" in str(tok.chat_template):  # str: or a dict of named ones
         log.warning("%s's chat template writes today's date (strftime_now, e.g. Llama-3.2's 'Today Date'): "
                     "preparing these sources on another day gives other tokens", tok.name)
     wanted = configured_splits(cfg)

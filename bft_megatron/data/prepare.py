@@ -16,7 +16,7 @@ import re
 import sys
 from typing import Any
 
-from bft_megatron.config.data import DataConfig, SourceConfig, data_config_from_dict
+from bft_megatron.config.data import TEMPLATES, DataConfig, SourceConfig, data_config_from_dict
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.pipeline import SplitStats, prepare_all
 from bft_megatron.utils.logging import get_logger
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--valid", action="append", help="validation source: path[:weight] (repeatable)")
     p.add_argument("--tokenizer", help="HF tokenizer directory or sentencepiece .model")
     p.add_argument("--output", help="output directory")
-    p.add_argument("--template", choices=("llama3", "chatml", "plain", "tokenizer"))
+    p.add_argument("--template", choices=TEMPLATES)
     p.add_argument("--seq-length", type=int)
     p.add_argument("--packing", choices=("true", "false"))
     p.add_argument("--truncation", choices=("truncate", "drop"))

@@ -19,6 +19,8 @@ from bft_megatron.data.records import Conversation, Message
 from bft_megatron.data.tokenizer import Tokenizer
 
 Span = tuple[int, int]
+GENERATION = "tokenizer_generation"  # the last answer after the template's generation prompt (data/generation.py)
+TOKENIZER_TEMPLATES = ("tokenizer", GENERATION)
 log = logging.getLogger(__name__)
 
 # Markers a chat template may close an assistant turn with, most specific first.
@@ -98,10 +100,12 @@ BUILTINS: dict[str, Callable[[tuple[Message, ...], Tokenizer], Rendered]] = {
 
 def check_template(name: str, tok: Tokenizer) -> None:
     """A built-in template whose markers are not single tokens would train on garbage: refuse it (DataError)."""
-    if name == "tokenizer":
+    if name in TOKENIZER_TEMPLATES:
         if not tok.chat_template:
-            raise DataError("template='tokenizer'", f"{tok.name} has no chat_template")
+            raise DataError(f"template={name!r}", f"{tok.name} has no chat_template")
         _warn_without_stop(tok)
+        if name == GENERATION:
+            _warn_without_generation_prompt(tok)
         return
     for marker in REQUIRED_TOKENS[name]:
         ids, _ = tok.encode_offsets(marker)
@@ -126,6 +130,16 @@ def _warn_without_stop(tok: Tokenizer) -> None:
                     "are supervised without an end-of-turn token, so the model is not trained to stop; choose a "
                     "built-in template (data.template) or a tokenizer whose template ends each turn with one",
                     tok.name, " / ".join(dict.fromkeys(_end_markers(tok))))
+
+
+def _warn_without_generation_prompt(tok: Tokenizer) -> None:
+    """``tokenizer_generation`` supervises what follows the generation prompt: a template that ignores
+    ``add_generation_prompt`` leaves the assistant's header in what the model is trained to write."""
+    chat = [{"role": "user", "content": "Hi"}]
+    plain = _partial_render(tok, chat)
+    if plain is not None and plain == _partial_render(tok, chat, generation=True):
+        log.warning("%s's chat template writes nothing for add_generation_prompt=True: with template "
+                    "tokenizer_generation the assistant's header is supervised as part of each answer", tok.name)
 
 
 def _end_markers(tok: Tokenizer) -> tuple[str, ...]:
@@ -240,11 +254,11 @@ def _common_prefix_len(a: str, b: str) -> int:
     return lo
 
 
-def _partial_render(tok: Tokenizer, msgs: list[dict[str, str]]) -> str | None:
+def _partial_render(tok: Tokenizer, msgs: list[dict[str, str]], generation: bool = False) -> str | None:
     """The chat template over another chat than the record's (its first turns, a stand-in answer, one more turn);
     None where the template rejects that chat (roles must alternate, ...): the caller then does without."""
     try:
-        return tok.apply_chat_template(msgs, add_generation_prompt=False)
+        return tok.apply_chat_template(msgs, add_generation_prompt=generation)
     except Exception:  # noqa: BLE001 - jinja TemplateError, ValueError, IndexError on messages[0], ...
         return None
 
@@ -252,4 +266,8 @@ def _partial_render(tok: Tokenizer, msgs: list[dict[str, str]]) -> str | None:
 def render(conv: Conversation, template: str, tok: Tokenizer) -> Rendered:
     if template == "tokenizer":
         return _render_tokenizer(conv, tok)
+    if template == GENERATION:
+        from bft_megatron.data.generation import render_generation  # it builds on this module's helpers
+
+        return render_generation(conv, tok)
     return BUILTINS[template](conv.messages, tok)
