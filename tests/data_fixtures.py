@@ -108,6 +108,12 @@ R1_LIKE = (
     "{%- if add_generation_prompt %}{{- '<｜Assistant｜><think>\\n' }}{%- endif %}"
 )
 
+# Mistral-v0.3-like: no assistant header and no generation prompt ('[/INST]' ends the question); an answer is
+# closed by a space and '</s>'.
+MISTRAL_LIKE = ("{%- for message in messages %}{%- if message['role'] == 'user' %}"
+                "{{- ' [INST] ' + message['content'] + ' [/INST]' }}"
+                "{%- else %}{{- ' ' + message['content'] + ' </s>' }}{%- endif %}{%- endfor %}")
+
 # Refuses chats whose roles do not alternate (as Mistral's, Llama-2's and Gemma's templates do), via raise_exception.
 ALTERNATING = (
     "{%- for message in messages %}"
@@ -165,6 +171,7 @@ def hf_tokenizer(name: str) -> str:
                               + QWEN25_LIKE),
             "thinking": ("qwen", THINKING), "qwen3": ("qwen", QWEN3_LIKE), "qwen15": ("qwen", QWEN15_LIKE),
             "role_tags": ("qwen", ROLE_TAGS), "r1": ("r1", R1_LIKE),
+            "mistral": ("qwen", MISTRAL_LIKE),
             "no_generation_prompt": ("qwen", QWEN25_LIKE.split("{%- if add_generation_prompt %}")[0]),
             "rewriting_hashes": ("qwen", REWRITING.replace("<|im_start|>", "### ").replace("<|im_end|>", " ###")),
             "hashes": ("qwen", "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + ' ###\\n' }}"

@@ -27,7 +27,7 @@ EOS_R1 = "<｜end▁of▁sentence｜>"
 def toks():
     return {name: load_tokenizer(hf_tokenizer(name)) for name in
             ("r1", "thinking", "qwen3", "llama31", "qwen25", "qwen15", "alternating", "role_tags",
-             "no_generation_prompt")}
+             "no_generation_prompt", "mistral")}
 
 
 def _chat(*turns: str) -> Conversation:
@@ -109,6 +109,13 @@ def test_same_as_the_full_template_where_nothing_is_stripped(toks, name):
     assert gen.text[slice(*gen.spans[0])].endswith(("<|eot_id|>", "<|im_end|>"))
 
 
+def test_mistral_everything_after_the_prompt_is_the_answer(toks):
+    """Mistral's prompt ends at '[/INST]' (no header, no generation prompt): the model writes ' ' + answer, and the
+    ' </s>' that closes it (whitespace before a known marker is part of the closing)."""
+    conv = _chat("Q1", "A1", "Q2", "A2")
+    assert _supervised(conv, toks["mistral"]) == _reference_generation(conv, toks["mistral"], " A2", " </s>")
+
+
 def test_qwen15_last_answer_gets_its_stop(toks):
     before, supervised = _supervised(_chat("Q", "A"), toks["qwen15"])
     assert before.endswith("<|im_start|>assistant\n") and supervised == "A<|im_end|>"
@@ -120,10 +127,11 @@ def test_warnings_at_preparation(toks):
         check_template(GEN, toks["role_tags"])
         check_template(GEN, toks["no_generation_prompt"])
         check_template(GEN, toks["r1"])
+        check_template(GEN, toks["mistral"])  # no header to supervise: nothing to warn about
     text = [r.getMessage() for r in records]
     assert sum("not trained to stop" in t for t in text) == 1
     assert sum("writes nothing for add_generation_prompt=True" in t for t in text) == 1
-    assert not any(toks["r1"].name in t for t in text)
+    assert not any(toks["r1"].name in t or toks["mistral"].name in t for t in text)
 
 
 def test_config_requires_supervise_last(tmp_path):

@@ -79,9 +79,11 @@ def _turn_shape(tok: Tokenizer, context: Chat, plain: str | None) -> _Turn:
         return _Turn(header, marked[after:eot], marked[eot:], True)
     longer = _partial_render(tok, context + answer + [{"role": "user", "content": _MARK}])
     eot = _eot_end(longer, after, tok) if longer is not None and longer.startswith(marked[:after]) else None
-    if eot is None:
-        return _Turn(header, "", marked[after:], True)
-    return _Turn(header, longer[after:eot], marked[after:], False)
+    if eot is not None:
+        return _Turn(header, longer[after:eot], marked[after:], False)
+    # no known marker right after it: keep what the template appends (Mistral's ' </s>'; GLM's nothing)
+    tail = marked[after:].rstrip()
+    return _Turn(header, tail, marked[after + len(tail):], True)
 
 
 def _opener(prompt: str, plain: str | None, header: str | None) -> str:

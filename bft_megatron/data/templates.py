@@ -133,13 +133,19 @@ def _warn_without_stop(tok: Tokenizer) -> None:
 
 
 def _warn_without_generation_prompt(tok: Tokenizer) -> None:
-    """``tokenizer_generation`` supervises what follows the generation prompt: a template that ignores
-    ``add_generation_prompt`` leaves the assistant's header in what the model is trained to write."""
+    """``tokenizer_generation`` supervises what follows the generation prompt: a template that writes an assistant
+    header before each answer but none for ``add_generation_prompt`` leaves that header in what is trained.
+    (Mistral's writes no header at all: its '[/INST]' ends the user turn.)"""
     chat = [{"role": "user", "content": "Hi"}]
     plain = _partial_render(tok, chat)
-    if plain is not None and plain == _partial_render(tok, chat, generation=True):
-        log.warning("%s's chat template writes nothing for add_generation_prompt=True: with template "
-                    "tokenizer_generation the assistant's header is supervised as part of each answer", tok.name)
+    marked = _partial_render(tok, chat + [{"role": "assistant", "content": _MARK}])
+    if plain is None or marked is None or not marked.startswith(plain) or _MARK not in marked:
+        return
+    header = marked[len(plain):marked.index(_MARK)]
+    if header.strip() and _partial_render(tok, chat, generation=True) == plain:
+        log.warning("%s's chat template writes nothing for add_generation_prompt=True, though it opens each answer "
+                    "with %r: with template tokenizer_generation that header is supervised as part of the answer",
+                    tok.name, header)
 
 
 def _end_markers(tok: Tokenizer) -> tuple[str, ...]:
