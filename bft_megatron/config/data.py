@@ -15,6 +15,9 @@ TEMPLATES = ("llama3", "chatml", "plain", "tokenizer", "tokenizer_generation")
 TRUNCATION = ("truncate", "drop")
 ON_ERROR = ("raise", "skip")
 SUPERVISE = ("all", "last")
+# The record fields a source's ``columns`` may map onto its own column names (data/records.py reads these).
+COLUMN_FIELDS = ("messages", "conversations", "system", "instruction", "input", "output", "prompt", "response",
+                 "reasoning")
 
 
 def _fail(name: str, value: object, why: str) -> None:
@@ -29,6 +32,7 @@ class SourceConfig:
     weight: float = 1.0  # passes over this source per epoch; a fraction takes a seeded subsample
     split: str | None = None  # hub datasets only (default "train")
     format: str = "auto"  # record shape; auto-detected per record when "auto"
+    columns: dict = field(default_factory=dict)  # record field -> this source's column ({prompt: Question})
 
     @classmethod
     def from_str(cls, spec: str) -> "SourceConfig":
@@ -50,6 +54,13 @@ class SourceConfig:
             _fail(f"{where}.weight", self.weight, "must be a finite number > 0")
         if self.format not in FORMATS:
             _fail(f"{where}.format", self.format, f"must be one of {FORMATS}")
+        if not isinstance(self.columns, dict):
+            _fail(f"{where}.columns", self.columns, "must map record fields to column names ({prompt: Question})")
+        for name, column in self.columns.items():
+            if name not in COLUMN_FIELDS:
+                _fail(f"{where}.columns.{name}", column, f"{name!r} is not a record field: one of {COLUMN_FIELDS}")
+            if not isinstance(column, str) or not column:
+                _fail(f"{where}.columns.{name}", column, "must be the source's column name")
 
 
 @dataclass
@@ -73,7 +84,7 @@ class DataConfig:
         for name in ("train", "valid"):
             for i, src in enumerate(getattr(self, name)):
                 if not isinstance(src, SourceConfig):
-                    _fail(f"{name}[{i}]", src, "must be a source mapping (path, weight, split, format)")
+                    _fail(f"{name}[{i}]", src, "must be a source mapping (path, weight, split, format, columns)")
                 src.validate(f"{name}[{i}]")
         if not self.tokenizer:
             _fail("tokenizer", self.tokenizer, "must name an HF tokenizer directory or a .model file")

@@ -94,7 +94,7 @@ def _conversations(src: SourceConfig, skips: SkipLog, cache_dir: str, first: int
     for i, raw in enumerate(read_records(src.path, src.split, skips, cache_dir)):
         seen[0] = i + 1
         try:
-            conv = to_conversation(raw.data, src.format, raw.where)
+            conv = to_conversation(raw.data, src.format, raw.where, src.columns)
         except DataError as err:
             skips.handle(err, "invalid_record")
             continue

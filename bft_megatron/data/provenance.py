@@ -47,7 +47,9 @@ __all__ = ["PreparedDataMismatch", "RULES_VERSION", "source_record", "compare", 
 # the answer's words in a system or user message, or text the template writes before the answer, e.g. Qwen3's
 # empty think block); an end-of-turn marker past the turn's own rendering, or written only between turns
 # (Qwen1.5), closes the answer; a UTF-8 byte-order mark is not part of line 1.
-RULES_VERSION = 3
+# 4 (2026-12-04): reasoning in its own field (alpaca/prompt_response 'reasoning', a message's 'reasoning_content'
+# or 'reasoning') is trained, as '<think>\n...\n</think>\n\n' before the answer (was ignored).
+RULES_VERSION = 4
 
 SETTINGS = {"seq_length": "seq_length", "packing": "packed", "template": "template", "supervise": "supervise",
             "truncation": "truncation", "seed": "seed"}  # config field -> index key
@@ -65,7 +67,8 @@ def _file_record(path: Path) -> dict[str, Any]:
 
 def source_record(src: SourceConfig) -> dict[str, Any]:
     """What identifies a source's data: its settings and, when local, its files (hub: name and split)."""
-    rec: dict[str, Any] = {"path": src.path, "weight": src.weight, "split": src.split, "format": src.format}
+    rec: dict[str, Any] = {"path": src.path, "weight": src.weight, "split": src.split, "format": src.format,
+                           "columns": dict(src.columns)}
     if os.path.exists(src.path):
         rec["files"] = [_file_record(f) for f in list_files(src.path)]
     return rec
@@ -104,7 +107,7 @@ def _local_problems(where: str, rec: dict[str, Any], src: SourceConfig) -> list[
 
 
 def _source_problems(where: str, rec: dict[str, Any], src: SourceConfig) -> list[str]:
-    out = [_line(f"{where}.{k}", rec[k], getattr(src, k)) for k in ("weight", "split", "format")
+    out = [_line(f"{where}.{k}", rec[k], getattr(src, k)) for k in ("weight", "split", "format", "columns")
            if k in rec and rec[k] != getattr(src, k)]
     if "files" in rec:
         return out + _local_problems(where, rec, src)

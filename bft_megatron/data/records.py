@@ -2,7 +2,10 @@
 
 Shapes: ``messages`` (system/user/assistant, multi-turn), ShareGPT ``conversations`` (``from``: system/human/gpt,
 ``value``), alpaca (``instruction``/``input``/``output``) and ``prompt``/``response``; each with an optional
-top-level ``system``. Readers built on Arrow fill absent keys with None, so "missing" and "null" are reported alike.
+top-level ``system``. Reasoning kept apart from the answer (a ``reasoning`` field next to ``output``/``response``,
+``reasoning_content`` or ``reasoning`` in an assistant message) is written before it as
+``<think>\n{reasoning}\n</think>\n\n{answer}``, the form reasoning models emit. A source's ``columns`` maps these
+field names onto its own (``{prompt: Question, reasoning: Complex_CoT, response: Response}``). Readers built on Arrow fill absent keys with None, so "missing" and "null" are reported alike.
 """
 
 from __future__ import annotations
@@ -97,8 +100,45 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
         if roles[role] == "system" and i != 0:
             raise DataError("", f"{where}: a system message is only allowed first")
         _check_nonempty(roles[role], content, where)
+        if roles[role] == "assistant":
+            content = _with_reasoning(content, _reasoning_of(item, where))
         out.append(Message(roles[role], content))
     return out
+
+
+REASONING_KEYS = ("reasoning_content", "reasoning")  # vLLM's / Qwen3's template's name, and OpenAI-style
+
+
+def _reasoning_of(item: Mapping[str, Any], where: str) -> str:
+    for key in REASONING_KEYS:
+        value = item.get(key)
+        if value is not None:
+            if not isinstance(value, str):
+                raise DataError("", f"{where}: {key!r} must be a string, got {value!r:.60}")
+            _check_unicode(value, f"{where}: {key!r} is")
+            return value
+    return ""
+
+
+def _with_reasoning(answer: str, reasoning: str) -> str:
+    """``answer`` with ``reasoning`` (when any) before it, as a reasoning model writes both."""
+    if not reasoning.strip():
+        return answer
+    if "<think>" in answer:
+        raise DataError("", "reasoning given both in its own field and as '<think>' in the answer")
+    return f"<think>\n{reasoning.strip()}\n</think>\n\n{answer.lstrip()}"
+
+
+def rename_columns(record: Mapping[str, Any], columns: Mapping[str, str]) -> Mapping[str, Any]:
+    """``record`` with each field read from the column ``columns`` names for it (a source's ``columns``)."""
+    if not columns or not isinstance(record, Mapping):
+        return record
+    missing = [f"{column!r} (columns.{name})" for name, column in columns.items() if column not in record]
+    if missing:
+        raise DataError("", f"no column {', '.join(missing)}; the record has {sorted(record)}")
+    renamed = {k: v for k, v in record.items() if k not in columns.values()}
+    renamed.update({name: record[column] for name, column in columns.items()})
+    return renamed
 
 
 def _check_nonempty(role: str, content: str, where: str) -> None:
@@ -138,6 +178,7 @@ def _from_alpaca(record: Mapping[str, Any]) -> list[Message]:
     output = _text(record, "output", required=True)
     _check_nonempty("user", prompt, "field 'instruction'")
     _check_nonempty("assistant", output, "field 'output'")
+    output = _with_reasoning(output, _text(record, "reasoning", required=False))
     return _system(record) + [Message("user", prompt), Message("assistant", output)]
 
 
@@ -146,6 +187,7 @@ def _from_prompt_response(record: Mapping[str, Any]) -> list[Message]:
     response = _text(record, "response", required=True)
     _check_nonempty("user", prompt, "field 'prompt'")
     _check_nonempty("assistant", response, "field 'response'")
+    response = _with_reasoning(response, _text(record, "reasoning", required=False))
     return _system(record) + [Message("user", prompt), Message("assistant", response)]
 
 
@@ -161,11 +203,14 @@ def _check_turns(messages: list[Message]) -> None:
         raise DataError("", "no assistant turn")
 
 
-def to_conversation(record: Mapping[str, Any], fmt: str, origin: str) -> Conversation:
-    """Validate ``record`` in shape ``fmt`` (or auto-detect); errors carry ``origin``."""
+def to_conversation(record: Mapping[str, Any], fmt: str, origin: str,
+                    columns: Mapping[str, str] | None = None) -> Conversation:
+    """Validate ``record`` in shape ``fmt`` (or auto-detect), its fields read from ``columns``; errors carry
+    ``origin``."""
     try:
         if not isinstance(record, Mapping):
             raise DataError("", f"record must be a JSON object, got {type(record).__name__}")
+        record = rename_columns(record, columns or {})
         shape = detect_format(record) if fmt == "auto" else fmt
         messages = _BUILDERS[shape](record)
         _check_turns(messages)

@@ -1,0 +1,104 @@
+"""A source's ``columns`` (its own names for the record fields) and reasoning kept apart from the answer.
+
+Reasoning in its own field (``reasoning`` next to ``response``/``output``; ``reasoning_content`` or ``reasoning``
+in an assistant message) is written before the answer as ``<think>\\n...\\n</think>\\n\\n`` (the oracle below).
+Medical-o1-reasoning-SFT's shape (``Question``, ``Complex_CoT``, ``Response``) is the motivating case.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from bft_megatron.config.data import DataConfig, SourceConfig
+from bft_megatron.config.schema import load_config
+from bft_megatron.data.errors import DataError
+from bft_megatron.data.provenance import PreparedDataMismatch
+from bft_megatron.data.records import to_conversation
+from bft_megatron.training.data import open_datasets
+from tests.data_fixtures import DEMO_SP, hf_tokenizer, write_jsonl
+
+O1 = {"Question": "A child has a small head. Diagnosis?", "Complex_CoT": "\nHead circumference is low.\n",
+      "Response": "Microcephaly."}
+O1_COLUMNS = {"prompt": "Question", "reasoning": "Complex_CoT", "response": "Response"}
+
+
+def _reference_with_reasoning(reasoning: str, answer: str) -> str:
+    return "<think>\n" + reasoning.strip() + "\n</think>\n\n" + answer.lstrip()
+
+
+def _answer(record, fmt="auto", columns=None) -> str:
+    return to_conversation(record, fmt, "test:line 1", columns).messages[-1].content
+
+
+def test_columns_name_the_fields_and_reasoning_precedes_the_answer():
+    conv = to_conversation(O1, "auto", "t", O1_COLUMNS)
+    assert [(m.role, m.content) for m in conv.messages] == [
+        ("user", O1["Question"]), ("assistant", _reference_with_reasoning(O1["Complex_CoT"], O1["Response"]))]
+    alpaca = {"instruction": "Q", "output": "A", "reasoning": "r"}
+    assert _answer(alpaca) == _reference_with_reasoning("r", "A")
+    assert _answer({"prompt": "Q", "response": "A", "reasoning": "  \n"}) == "A"  # blank reasoning: none
+
+
+@pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
+def test_message_reasoning_is_trained_before_its_answer(key):
+    record = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A1", key: "r1"},
+                           {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}
+    conv = to_conversation(record, "auto", "t")
+    assert conv.messages[1].content == _reference_with_reasoning("r1", "A1") and conv.messages[3].content == "A2"
+    sharegpt = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A", key: "r"}]}
+    assert _answer(sharegpt) == _reference_with_reasoning("r", "A")
+
+
+def test_record_errors_name_the_column_and_field():
+    with pytest.raises(DataError, match=r"test:line 1: no column 'Complex_CoT' \(columns.reasoning\); the record "
+                                        r"has \['Question', 'Response'\]"):
+        _answer({k: v for k, v in O1.items() if k != "Complex_CoT"}, columns=O1_COLUMNS)
+    with pytest.raises(DataError, match="both in its own field and as '<think>'"):
+        _answer({"prompt": "Q", "response": "<think>x</think>A", "reasoning": "r"})
+    bad = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "reasoning": 3}]}
+    with pytest.raises(DataError, match=r"messages\[1\]: 'reasoning' must be a string"):
+        _answer(bad)
+
+
+@pytest.mark.parametrize("columns, field, why", [
+    ({"question": "Question"}, "train[0].columns.question", "is not a record field"),
+    ({"prompt": ""}, "train[0].columns.prompt", "must be the source's column name"),
+    (["prompt"], "train[0].columns", "must map record fields"),
+])
+def test_config_validation_names_the_bad_column(tmp_path, columns, field, why):
+    cfg = DataConfig(train=[SourceConfig(path="a.jsonl", columns=columns)], tokenizer="t", output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"data config: {re.escape(field)}=.*{why}"):
+        cfg.validate()
+
+
+def test_columns_from_yaml_prepare_and_are_compared(tmp_path):
+    """Through the trainer's config: a YAML source mapping with ``columns`` prepares on first use, and changed
+    columns make the prepared split differ (its tokens would)."""
+    src = write_jsonl(tmp_path / "o1.jsonl", [O1] * 4)
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text(f"data:\n  train:\n    - path: {src}\n      columns: {{prompt: Question, response: Response, "
+                    f"reasoning: Complex_CoT}}\n  tokenizer: {DEMO_SP}\n  template: chatml\n  seq_length: 256\n"
+                    f"  output_dir: {tmp_path / 'out'}\nmodel:\n  vocab_size: 4096\n")
+    open_datasets(load_config(str(yaml), []))
+    open_datasets(load_config(str(yaml), []))  # the same columns: reused
+    yaml.write_text(yaml.read_text().replace(", reasoning: Complex_CoT", ""))
+    with pytest.raises(PreparedDataMismatch, match=r"data.train\[0\].columns: prepared"):
+        open_datasets(load_config(str(yaml), []))
+
+
+def test_medical_o1_shape_trains_its_reasoning_after_an_r1_prompt(tmp_path, capsys):
+    """The use case end to end: Question / Complex_CoT / Response with an R1-distill-like tokenizer and
+    ``template: tokenizer_generation``: the chain of thought is supervised after the prompt's '<think>\\n'."""
+    from bft_megatron.data.prepare import run
+    from bft_megatron.data.show import main as show
+
+    src = write_jsonl(tmp_path / "o1.jsonl", [O1])
+    run(DataConfig(train=[SourceConfig(path=str(src), columns=O1_COLUMNS)], tokenizer=hf_tokenizer("r1"),
+                   template="tokenizer_generation", supervise="last", seq_length=256,
+                   output_dir=str(tmp_path / "out")))
+    capsys.readouterr()
+    show([str(tmp_path / "out")])
+    assert "<think>\n[[Head circumference is low.\n</think>\n\nMicrocephaly.<｜end▁of▁sentence｜>]]" in \
+        capsys.readouterr().out
