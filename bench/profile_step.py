@@ -109,7 +109,8 @@ def _profile(fit, trainer, iters: int) -> str:
     return "\n".join(lines)
 
 
-# Kernel families by name, first match wins (cuBLASLt's Hopper FP8 kernels are named nvjet_sm90_q*; others carry e4m3/e5m2).
+# Kernel families by name, first match wins (cuBLASLt's Hopper FP8 kernels are named nvjet_sm90_q*; others
+# carry e4m3/e5m2).
 FAMILIES = (("gemm fp8", r"nvjet_sm\d+_q|(gemm|nvjet|cutlass|xmma).*(e4m3|e5m2|fp8)"
                          r"|(e4m3|e5m2|fp8).*(gemm|cutlass)"),
             ("gemm bf16/fp32", r"gemm|nvjet|cutlass|xmma|cublas"),

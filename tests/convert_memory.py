@@ -7,7 +7,8 @@ HF model, then runs each step under ``/usr/bin/time -v`` in a fresh process and 
 max RSS (the kernel's high-water mark) and of its anonymous resident memory, sampled every 10 ms.
 The baseline is the same interpreter importing torch/megatron/transformers and starting a one-rank
 gloo group. Caveats: only the main process is sampled (megatron's checkpoint writer forks worker
-processes whose memory is not counted), and a peak shorter than the 10 ms sampling period can be missed. Numbers go into docs/convert.md.
+processes whose memory is not counted), and a peak shorter than the 10 ms sampling period can be missed.
+Numbers go into docs/convert.md.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from tests.convert_models import make_tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_TOKENIZER = "bft_megatron/data/assets/hpo_sp.model"  # as the demo config writes it: relative to the repo
 DEMO_DATA = os.path.join(ROOT, "bft_megatron/data/assets/hpo_valid.jsonl")
-TRICKY = ["  two  spaces\tand a tab\n\nnew lines ", "é ü 漢字 🙂 (HP:0001250)", "</s>a<s> b<pad>", " lead", "trail  "]
+TRICKY = ["  two  spaces\tand a tab\n\nnew lines ", "é ü 漢字 🙂 (HP:0001250)", "</s>a<s> b<pad>", " lead",
+          "trail  "]
 TINY_MODEL = ModelConfig(hidden_size=64, num_layers=2, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
                          vocab_size=3000, max_position_embeddings=64)
 
@@ -219,8 +220,8 @@ def test_synthesised_config_reads_back_as_the_exported_model(tmp_path, name, dty
     assert raw["rope_theta"] == model.rope_theta
     if model.rope_scaling is not None:
         rs = model.rope_scaling
-        assert raw["rope_scaling"] == {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
-                                       "high_freq_factor": rs.high_freq_factor,
+        assert raw["rope_scaling"] == {"rope_type": "llama3", "factor": rs.factor,
+                                       "low_freq_factor": rs.low_freq_factor, "high_freq_factor": rs.high_freq_factor,
                                        "original_max_position_embeddings": rs.original_max_position_embeddings}
     else:
         assert raw.get("rope_scaling") is None

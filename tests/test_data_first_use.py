@@ -169,7 +169,8 @@ def test_all_ranks_get_rank0s_verdict_and_agree_on_valid(tmp_path):
                  (_overrides(str(broken), None, tmp_path / "broken_out"), None)]
     per_rank = run_distributed(_open_on_rank, 2, scenarios, timeout=240)
     assert per_rank[0][:4] == per_rank[1][:4]
-    (fresh_calls, rows, fresh_valid), (added_calls, _, added_valid), (none_calls, _, none_valid), stale = per_rank[0][:4]
+    fresh, added, none, stale = per_rank[0][:4]
+    (fresh_calls, rows, fresh_valid), (added_calls, _, added_valid), (none_calls, _, none_valid) = fresh, added, none
     assert (fresh_calls, added_calls, none_calls, stale[0]) == (1, 1, 1, 1)
     assert stale[1] == "ConfigError" and "data.packing: prepared true, configured false" in stale[2]
     # a preparation that fails on rank 0 (a bad record: the data layer's DataError) fails rank 1 too, after the

@@ -139,8 +139,10 @@ def test_turns_after_the_last_answer_are_dropped():
 def test_sharegpt_conversations_map_roles_and_keep_the_rules():
     """ShareGPT (``conversations`` of ``from``/``value``; human/gpt or user/assistant; optional ``system``)."""
     record = {"system": "You are a clinician.",
-              "conversations": [{"from": "human", "value": "Define ataxia."}, {"from": "gpt", "value": "Poor coordination."},
-                                {"from": "user", "value": "And chorea?"}, {"from": "assistant", "value": "Jerky moves."}]}
+              "conversations": [{"from": "human", "value": "Define ataxia."},
+                                {"from": "gpt", "value": "Poor coordination."},
+                                {"from": "user", "value": "And chorea?"},
+                                {"from": "assistant", "value": "Jerky moves."}]}
     conv = to_conversation(record, "auto", "x.jsonl:line 1")
     assert conv.messages == (Message("system", "You are a clinician."), Message("user", "Define ataxia."),
                              Message("assistant", "Poor coordination."), Message("user", "And chorea?"),

@@ -49,7 +49,8 @@ def _losses(result):
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
     packed_dir, padded_dir = (str(tmp_path_factory.mktemp(n)) for n in ("packed", "padded"))
-    runs = [{"overrides": GPU_BASE + extra + [f"checkpoint.save={d}", "checkpoint.save_interval=100"], "save_init": True}
+    runs = [{"overrides": GPU_BASE + extra + [f"checkpoint.save={d}", "checkpoint.save_interval=100"],
+             "save_init": True}
             for extra, d in (([], packed_dir), (PADDED, padded_dir))]
     packed, padded = launch(1, runs, timeout=600)
     return {"packed": (packed_dir, packed), "padded": (padded_dir, padded)}

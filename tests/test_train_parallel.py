@@ -94,8 +94,9 @@ def layouts(ref, tmp_path_factory):
     # a full resume (optimizer included) of the reference's step 2 at TP2 with the vocabulary padded to 256
     runs.append({"overrides": TINY + [f"checkpoint.load={run_dir}/iter_0000002", "parallel.tp=2",
                                       "model.make_vocab_size_divisible_by=128"]})
-    runs.append({"overrides": TINY + VARIANT + [f"checkpoint.load={variant_dir}/iter_0000000", "checkpoint.finetune=true",
-                                                "parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"],
+    runs.append({"overrides": TINY + VARIANT + [f"checkpoint.load={variant_dir}/iter_0000000",
+                                                "checkpoint.finetune=true", "parallel.tp=2", "parallel.pp=2",
+                                                "train.micro_batch_size=1"],
                  "count_state": True})
     runs.append({"overrides": TINY + PADDED + [f"checkpoint.load={ref[4]}/iter_0000000", "checkpoint.finetune=true",
                                                "parallel.cp=2"]})

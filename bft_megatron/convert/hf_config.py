@@ -55,7 +55,8 @@ def _template_config(sources: ExportSources, m: ModelConfig) -> dict | None:
 
 def _llama3_rope_scaling(rs) -> dict:
     return {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
-            "high_freq_factor": rs.high_freq_factor, "original_max_position_embeddings": rs.original_max_position_embeddings}
+            "high_freq_factor": rs.high_freq_factor,
+            "original_max_position_embeddings": rs.original_max_position_embeddings}
 
 
 def _synthesised_config(m: ModelConfig) -> dict:

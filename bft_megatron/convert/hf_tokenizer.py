@@ -9,9 +9,9 @@
 
 The chat template: the one the training data was rendered with. A built-in one (chatml, llama3 or plain,
 as Jinja that renders exactly as training did) replaces any template the tokenizer brings, so
-``apply_chat_template`` gives the training token ids; ``data.template: tokenizer`` keeps the tokenizer's. The special ids (bos, eos,
-pad, and the template's end-of-turn marker, where it has one) go into config.json and
-generation_config.json (:mod:`bft_megatron.convert.hf_config`).
+``apply_chat_template`` gives the training token ids; ``data.template: tokenizer`` (and ``tokenizer_generation``)
+keeps the tokenizer's. The special ids (bos, eos, pad, and the template's end-of-turn marker, where it has one) go
+into config.json and generation_config.json (:mod:`bft_megatron.convert.hf_config`).
 """
 
 from __future__ import annotations

@@ -259,7 +259,7 @@ def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = 
     if tok.chat_template and cfg.template not in TOKENIZER_TEMPLATES:
         log.info("using the built-in %r template; the tokenizer's own chat_template is used only with "
                  "template: tokenizer or tokenizer_generation", cfg.template)
-    elif cfg.template in TOKENIZER_TEMPLATES and "strftime_now" in str(tok.chat_template):  # str: or a dict of named ones
+    elif cfg.template in TOKENIZER_TEMPLATES and "strftime_now" in str(tok.chat_template):  # str(): or a dict
         log.warning("%s's chat template writes today's date (strftime_now, e.g. Llama-3.2's 'Today Date'): "
                     "preparing these sources on another day gives other tokens", tok.name)
     wanted = configured_splits(cfg)

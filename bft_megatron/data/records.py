@@ -5,7 +5,8 @@ Shapes: ``messages`` (system/user/assistant, multi-turn), ShareGPT ``conversatio
 top-level ``system``. Reasoning kept apart from the answer (a ``reasoning`` field next to ``output``/``response``,
 ``reasoning_content`` or ``reasoning`` in an assistant message) is written before it as
 ``<think>\n{reasoning}\n</think>\n\n{answer}``, the form reasoning models emit. A source's ``columns`` maps these
-field names onto its own (``{prompt: Question, reasoning: Complex_CoT, response: Response}``). Readers built on Arrow fill absent keys with None, so "missing" and "null" are reported alike.
+field names onto its own (``{prompt: Question, reasoning: Complex_CoT, response: Response}``). Readers built on
+Arrow fill absent keys with None, so "missing" and "null" are reported alike.
 """
 
 from __future__ import annotations

@@ -136,8 +136,9 @@ def vocab_parallel_nll(
             random initialisation). Labels must be ``< vocab_size``.
 
     Returns:
-        fp32 ``[...]`` per-token NLL (computed in fp32 whatever the input dtype), identical on every rank of ``tp_group``. Backward writes the
-        gradient into the saved softmax buffer (no extra ``[tokens, V/TP]`` allocation in fp32).
+        fp32 ``[...]`` per-token NLL (computed in fp32 whatever the input dtype), identical on every rank of
+        ``tp_group``. Backward writes the gradient into the saved softmax buffer (no extra ``[tokens, V/TP]``
+        allocation in fp32).
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"labels shape {tuple(labels.shape)} must equal logits shape without the vocab "

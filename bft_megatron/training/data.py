@@ -4,8 +4,8 @@
   ``data.output_dir/<split>/index.json`` is missing (never prepared, added to the config since, or
   interrupted) with the data layer's ``prepare.run``, and logs its summary (plus a warning when many
   samples are truncated, dropped or skipped); then every rank, whatever rank 0 did, receives rank 0's
-  verdict in one broadcast (an error raises on every rank) and opens the splits. A configured ``valid`` split is then required on every rank (so all
-  ranks evaluate, or none); an unconfigured one is used when present.
+  verdict in one broadcast (an error raises on every rank) and opens the splits. A configured ``valid`` split is
+  then required on every rank (so all ranks evaluate, or none); an unconfigured one is used when present.
 * only ``data.output_dir``: read its prepared ``train/`` split (``valid/`` too when present).
 * neither: the synthetic chain dataset (:mod:`bft_megatron.training.synthetic`), vocabulary from
   ``model.vocab_size``, with a warning.
