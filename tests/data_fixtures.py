@@ -83,6 +83,20 @@ QWEN3_LIKE = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n<think>\\n' }}{%- endif %}"
 )
 
+# Qwen3-like as to history: reasoning is kept in the chat's last answer only (Qwen3 keeps it after the last user
+# message), earlier answers lose it.
+QWEN3_STRIP = (
+    "{%- for message in messages %}{%- if message['role'] == 'assistant' %}"
+    "{%- set content = message['content'].split('</think>')[-1].lstrip('\\n') %}"
+    "{%- if loop.last and '</think>' in message['content'] %}"
+    "{%- set reasoning = message['content'].split('</think>')[0].split('<think>')[-1].strip('\\n') %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n' + reasoning + '\\n</think>\\n\\n' + content + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + content + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 # Qwen1.5-Chat-like: '<|im_end|>' only between turns, none after the chat's last message.
 QWEN15_LIKE = (
     "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
@@ -137,16 +151,27 @@ SPECIALS = {
 }
 
 
-def _build_hf(kind: str, template: str | None) -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Qwen2's pre-tokenizer split: punctuation takes the newlines after it ('>\n\n' is one piece), so a prompt ending
+# '<think>\n' and an answer starting '\n' merge into a token the prompt alone does not have.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|"
+              r"\s+(?!\S)|\s+")
+
+
+def _build_hf(kind: str, template: str | None, corpus: tuple[str, ...] = ()) -> str:
+    """A BPE tokenizer trained on CORPUS (+ ``corpus``; with one, Qwen2's pre-tokenizer split)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if corpus:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS[kind],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(CORPUS, trainer)
+    tok.train_from_iterator(CORPUS + list(corpus), trainer)
     if kind == "llama":
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
     elif kind == "r1":
@@ -169,8 +194,9 @@ def hf_tokenizer(name: str) -> str:
             "rewriting": ("qwen", REWRITING), "qwen_plain": ("qwen", None), "alternating": ("qwen", ALTERNATING),
             "dated": ("qwen", "{{- '<|im_start|>system\\nToday Date: ' + strftime_now('%d %b %Y') + '<|im_end|>\\n' }}"
                               + QWEN25_LIKE),
-            "thinking": ("qwen", THINKING), "qwen3": ("qwen", QWEN3_LIKE), "qwen15": ("qwen", QWEN15_LIKE),
+            "thinking": ("qwen", THINKING), "qwen3": ("qwen", QWEN3_LIKE), "qwen3_strip": ("qwen", QWEN3_STRIP), "qwen15": ("qwen", QWEN15_LIKE),
             "role_tags": ("qwen", ROLE_TAGS), "r1": ("r1", R1_LIKE),
+            "r1_newlines": ("r1", R1_LIKE, ("<think>\n\nHello",) * 40),  # '>\n\n' one token
             "mistral": ("qwen", MISTRAL_LIKE),
             "no_generation_prompt": ("qwen", QWEN25_LIKE.split("{%- if add_generation_prompt %}")[0]),
             "rewriting_hashes": ("qwen", REWRITING.replace("<|im_start|>", "### ").replace("<|im_end|>", " ###")),

@@ -42,13 +42,31 @@ def test_columns_name_the_fields_and_reasoning_precedes_the_answer():
 
 
 @pytest.mark.parametrize("key", ["reasoning_content", "reasoning"])
-def test_message_reasoning_is_trained_before_its_answer(key):
+def test_message_reasoning_is_trained_before_the_last_answer_only(key):
+    """Reasoning models' templates drop reasoning from earlier turns (the model never sees it in a prompt), and
+    ``template: tokenizer`` would not find such an earlier answer: only the last answer's reasoning is kept."""
     record = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A1", key: "r1"},
-                           {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}
+                           {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2", key: "r2"}]}
     conv = to_conversation(record, "auto", "t")
-    assert conv.messages[1].content == _reference_with_reasoning("r1", "A1") and conv.messages[3].content == "A2"
+    assert conv.messages[1].content == "A1" and conv.messages[3].content == _reference_with_reasoning("r2", "A2")
     sharegpt = {"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A", key: "r"}]}
     assert _answer(sharegpt) == _reference_with_reasoning("r", "A")
+    blank_first = {"role": "assistant", "content": "A", "reasoning_content": " ", "reasoning": "r"}
+    assert _answer({"messages": [{"role": "user", "content": "Q"}, blank_first]}) == _reference_with_reasoning("r", "A")
+
+
+def test_multi_turn_reasoning_renders_with_a_template_that_strips_earlier_reasoning():
+    """Qwen3-like templates drop reasoning from turns before the last: with it joined into every answer, the
+    earlier answers were not found in the rendering and the whole record was a template_error."""
+    from bft_megatron.data.templates import render
+    from bft_megatron.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(hf_tokenizer("qwen3_strip"))
+    record = {"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1", "reasoning": "r1"},
+                           {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2", "reasoning": "r2"}]}
+    rendered = render(to_conversation(record, "auto", "t"), "tokenizer", tok)
+    assert [rendered.text[a:b] for a, b in rendered.spans] == ["A1<|im_end|>",
+                                                               "<think>\nr2\n</think>\n\nA2<|im_end|>"]
 
 
 def test_record_errors_name_the_column_and_field():
@@ -60,6 +78,14 @@ def test_record_errors_name_the_column_and_field():
     bad = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "reasoning": 3}]}
     with pytest.raises(DataError, match=r"messages\[1\]: 'reasoning' must be a string"):
         _answer(bad)
+    both = {"messages": [{"role": "user", "content": "Q"},
+                         {"role": "assistant", "content": "<think>x</think>A", "reasoning": "r"}]}
+    with pytest.raises(DataError, match=r"messages\[1\]: reasoning given both"):
+        _answer(both)
+    chat = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], "CoT": "r"}
+    with pytest.raises(DataError, match=r"columns.reasoning: a messages record has no such field \(it reads "
+                                        r"messages, system\)"):
+        _answer(chat, columns={"reasoning": "CoT"})
 
 
 @pytest.mark.parametrize("columns, field, why", [

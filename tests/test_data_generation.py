@@ -80,6 +80,32 @@ def test_r1_answer_continues_what_the_prompt_opened(toks, answer, continuation):
     assert _supervised(conv, toks["r1"]) == _reference_generation(conv, toks["r1"], continuation, EOS_R1)
 
 
+def test_answer_continuing_the_opened_block_is_kept_whole(toks):
+    """Distilled data often starts after the prompt's '<think>\n' already: reasoning, '</think>', answer."""
+    conv = _chat("Q", "R\n</think>\n\nA")
+    assert _supervised(conv, toks["r1"]) == _reference_generation(conv, toks["r1"], "R\n</think>\n\nA", EOS_R1)
+
+
+def test_the_sample_starts_with_the_tokens_of_the_inference_prompt():
+    """Tokenized as one string, a prompt ending '<think>\n' and an answer continuing '\nR' merge into '>\n\n' with
+    Qwen2's pre-tokenizer: the trained prompt would not be the one the model gets. The prompt is tokenized alone."""
+    tok = load_tokenizer(hf_tokenizer("r1_newlines"))
+    conv = _chat("Q", "<think>\n\nHello\n</think>\n\nA")
+    prompt = _reference_generation(conv, tok, "", "")[0]
+    prompt_ids = tok.encode_offsets(prompt)[0]
+    assert tok.encode_offsets(prompt + "\nHello")[0][:len(prompt_ids)] != prompt_ids  # the fixture merges
+    enc = encode(conv, GEN, tok, supervise="last")
+    assert list(enc.tokens[:len(prompt_ids)]) == prompt_ids
+    labels = [int(t) for t, m in zip(enc.tokens[1:], enc.loss_mask[:-1]) if m]
+    assert tok.decode(labels) == "\nHello\n</think>\n\nA" + EOS_R1
+
+
+def test_chat_starting_with_its_answer_is_refused(toks):
+    conv = Conversation((Message("assistant", "A"),), "test:line 1")
+    with pytest.raises(DataError, match="test:line 1: the chat starts with its answer"):
+        render(conv, GEN, toks["qwen25"])
+
+
 @pytest.mark.parametrize("name", ["r1", "thinking"])
 def test_answer_without_the_opened_block_is_refused(toks, name):
     """After a prompt that opens '<think>\\n', an answer with no reasoning would be trained inside the block and

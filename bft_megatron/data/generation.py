@@ -36,19 +36,22 @@ class _Turn:
 def render_generation(conv: Conversation, tok: Tokenizer) -> Rendered:
     msgs = [{"role": m.role, "content": m.content} for m in conv.messages]
     context, answer = msgs[:-1], msgs[-1]["content"]
+    if not context:
+        raise DataError(conv.origin, "the chat starts with its answer: template tokenizer_generation needs a prompt "
+                                     "(a user or system turn) before it")
     try:
         prompt = tok.apply_chat_template(context, add_generation_prompt=True)
         full = tok.apply_chat_template(msgs, add_generation_prompt=False)
     except Exception as exc:  # noqa: BLE001 - a template's raise_exception is a jinja TemplateError
         raise DataError(conv.origin, f"the tokenizer's chat template rejects this chat: {exc}") from exc
-    plain = _partial_render(tok, context) if context else ""
+    plain = _partial_render(tok, context)
     turn = _turn_shape(tok, context, plain)
     kept = _as_rendered(full, prompt, plain, answer, turn)
     if kept is not None:
         return kept
     body = _after_opener(answer, _opener(prompt, plain, turn.header), conv.origin)
     text = prompt + body + turn.closing
-    return Rendered(text + turn.trailer, ((len(prompt), len(text)),))
+    return Rendered(text + turn.trailer, ((len(prompt), len(text)),), (len(prompt),))
 
 
 def _as_rendered(full: str, prompt: str, plain: str | None, answer: str, turn: _Turn) -> Rendered | None:
@@ -62,8 +65,8 @@ def _as_rendered(full: str, prompt: str, plain: str | None, answer: str, turn: _
     if _squeeze(answer) not in _squeeze(full[start:end]):
         return None
     if turn.closed_when_last:
-        return Rendered(full, ((len(prompt), end),))
-    return Rendered(full[:end] + turn.closing + full[end:], ((len(prompt), end + len(turn.closing)),))
+        return Rendered(full, ((len(prompt), end),), (len(prompt),))
+    return Rendered(full[:end] + turn.closing + full[end:], ((len(prompt), end + len(turn.closing)),), (len(prompt),))
 
 
 def _turn_shape(tok: Tokenizer, context: Chat, plain: str | None) -> _Turn:
@@ -97,17 +100,19 @@ def _opener(prompt: str, plain: str | None, header: str | None) -> str:
 
 def _after_opener(answer: str, opener: str, where: str) -> str:
     """The answer less what the generation prompt already wrote of it: the opener, then as much of the answer's
-    following whitespace as the prompt wrote after it. An answer that does not start with the opener would be
-    trained inside it (an unclosed think block): refused."""
+    following whitespace as the prompt wrote after it. An answer that continues the opened block (its reasoning,
+    then the closing tag: distilled data that began after '<think>\n') is kept whole; one that neither starts with
+    the opener nor closes it would be trained inside an unclosed block: refused."""
     core = opener.strip()
     if not core:
         return answer
     body = answer.lstrip()
-    if not body.startswith(core):
+    if body.startswith(core):
+        body = body[len(core):]
+    elif not (core.startswith("<") and "</" + core[1:] in answer):  # continues the opened block: kept whole
         raise DataError(where, f"the chat template's generation prompt opens every answer with {opener!r}, but this "
                                f"answer does not start with {core!r} (it would be trained inside that block): write "
                                "the answer's reasoning first, or choose another template")
-    body = body[len(core):]
     written = opener[len(opener.rstrip()):]
     return body[_common_prefix_len(written, body):]
 

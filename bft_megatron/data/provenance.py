@@ -47,8 +47,8 @@ __all__ = ["PreparedDataMismatch", "RULES_VERSION", "source_record", "compare", 
 # the answer's words in a system or user message, or text the template writes before the answer, e.g. Qwen3's
 # empty think block); an end-of-turn marker past the turn's own rendering, or written only between turns
 # (Qwen1.5), closes the answer; a UTF-8 byte-order mark is not part of line 1.
-# 4 (2026-12-04): reasoning in its own field (alpaca/prompt_response 'reasoning', a message's 'reasoning_content'
-# or 'reasoning') is trained, as '<think>\n...\n</think>\n\n' before the answer (was ignored).
+# 4 (2026-12-04): reasoning in its own field (alpaca/prompt_response 'reasoning', the last answer's
+# 'reasoning_content' or 'reasoning') is trained, as '<think>\n...\n</think>\n\n' before the answer (was ignored).
 RULES_VERSION = 4
 
 SETTINGS = {"seq_length": "seq_length", "packing": "packed", "template": "template", "supervise": "supervise",

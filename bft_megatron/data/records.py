@@ -83,6 +83,7 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
     if not isinstance(raw, (list, tuple)):
         raise DataError("", f"field {field!r} must be a list, got {type(raw).__name__}")
     out: list[Message] = []
+    reasoning = ("", "")  # the last answer's reasoning and where it is
     for i, item in enumerate(raw):
         where = f"{field}[{i}]"
         if not isinstance(item, Mapping):
@@ -102,21 +103,37 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
             raise DataError("", f"{where}: a system message is only allowed first")
         _check_nonempty(roles[role], content, where)
         if roles[role] == "assistant":
-            content = _with_reasoning(content, _reasoning_of(item, where))
+            reasoning = (_reasoning_of(item, where), where)
         out.append(Message(roles[role], content))
-    return out
+    return _with_last_reasoning(out, *reasoning)
+
+
+def _with_last_reasoning(turns: list[Message], reasoning: str, where: str) -> list[Message]:
+    """Only the last answer's reasoning is trained: reasoning models' templates drop it from earlier turns, so the
+    model never sees it in a prompt (and under ``template: tokenizer`` such an answer would not be found)."""
+    last = max((i for i, m in enumerate(turns) if m.role == "assistant"), default=None)
+    if last is None or not reasoning.strip():
+        return turns
+    try:
+        content = _with_reasoning(turns[last].content, reasoning)
+    except DataError as err:
+        raise DataError("", f"{where}: {err.message}") from None
+    return turns[:last] + [Message("assistant", content)] + turns[last + 1:]
 
 
 REASONING_KEYS = ("reasoning_content", "reasoning")  # vLLM's / Qwen3's template's name, and OpenAI-style
 
 
 def _reasoning_of(item: Mapping[str, Any], where: str) -> str:
+    """The first non-blank reasoning field of a message ('' when none)."""
     for key in REASONING_KEYS:
         value = item.get(key)
-        if value is not None:
-            if not isinstance(value, str):
-                raise DataError("", f"{where}: {key!r} must be a string, got {value!r:.60}")
-            _check_unicode(value, f"{where}: {key!r} is")
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DataError("", f"{where}: {key!r} must be a string, got {value!r:.60}")
+        _check_unicode(value, f"{where}: {key!r} is")
+        if value.strip():
             return value
     return ""
 
@@ -196,6 +213,19 @@ _BUILDERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _
              "prompt_response": _from_prompt_response}
 
 
+FIELDS_READ = {"messages": ("messages", "system"), "sharegpt": ("conversations", "system"),
+               "alpaca": ("instruction", "input", "output", "system", "reasoning"),
+               "prompt_response": ("prompt", "response", "system", "reasoning")}
+
+
+def _check_columns_read(shape: str, columns: Mapping[str, str]) -> None:
+    """A column mapped onto a field this record shape does not read would be ignored without a word."""
+    unread = [f"columns.{name}" for name in columns if name not in FIELDS_READ[shape]]
+    if unread:
+        raise DataError("", f"{', '.join(unread)}: a {shape} record has no such field (it reads "
+                            f"{', '.join(FIELDS_READ[shape])})")
+
+
 def _check_turns(messages: list[Message]) -> None:
     """Reject chats that would train on nothing (empty turns are refused where their field is known)."""
     if not messages:
@@ -213,6 +243,7 @@ def to_conversation(record: Mapping[str, Any], fmt: str, origin: str,
             raise DataError("", f"record must be a JSON object, got {type(record).__name__}")
         record = rename_columns(record, columns or {})
         shape = detect_format(record) if fmt == "auto" else fmt
+        _check_columns_read(shape, columns or {})
         messages = _BUILDERS[shape](record)
         _check_turns(messages)
     except DataError as err:

@@ -51,10 +51,22 @@ def shift_mask(target: np.ndarray) -> np.ndarray:
     return mask
 
 
+def _encode_pieces(text: str, breaks: Sequence[int], tok: Tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of ``text``, tokenized piece by piece between ``breaks``."""
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    bounds = [0, *breaks, len(text)]
+    for lo, hi in zip(bounds, bounds[1:]):
+        piece_ids, piece_offsets = tok.encode_offsets(text[lo:hi])
+        ids += piece_ids
+        offsets += [(a + lo, b + lo) for a, b in piece_offsets]
+    return ids, offsets
+
+
 def encode(conv: Conversation, template: str, tok: Tokenizer, supervise: str = "all") -> Encoded:
     rendered = render(conv, template, tok)
     spans = rendered.spans[-1:] if supervise == "last" else rendered.spans
-    ids, offsets = tok.encode_offsets(rendered.text)
+    ids, offsets = _encode_pieces(rendered.text, rendered.breaks, tok)
     target = supervised_tokens(offsets, spans)
     if not target.any():
         raise DataError(conv.origin, "no supervised tokens after templating")
