@@ -7,6 +7,8 @@ stand-in machinery in :mod:`bft_megatron.data.generation`.
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -162,10 +164,20 @@ def test_warnings_at_preparation(toks):
 
 def test_config_requires_supervise_last(tmp_path):
     cfg = DataConfig(train=[SourceConfig(path="a.jsonl")], tokenizer="t", template=GEN, output_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=r"supervise='all'.*tokenizer_generation.*supervise: last"):
+    with pytest.raises(ValueError, match=r"supervise='all'.*tokenizer_generation.*set data.supervise=last"):
         cfg.validate()
     cfg.supervise = "last"
     cfg.validate()
+
+
+def test_prepare_names_the_flag(tmp_path, capsys):
+    from bft_megatron.data.prepare import main
+
+    src = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Q", "response": "<think>r</think>A"}])
+    with logged(logging.ERROR) as records:
+        assert main(["--input", str(src), "--tokenizer", hf_tokenizer("r1"), "--template", GEN,
+                     "--output", str(tmp_path / "out")]) == 2
+    assert "set --supervise last" in records[-1].getMessage()
 
 
 def test_prepare_and_show_data_train_the_reasoning(tmp_path, capsys):

@@ -102,7 +102,7 @@ class DataConfig:
             _fail("supervise", self.supervise, f"must be one of {SUPERVISE}")
         if self.template == "tokenizer_generation" and self.supervise != "last":
             _fail("supervise", self.supervise, "template 'tokenizer_generation' trains each record's last answer only "
-                                               "(earlier ones are part of the prompt): set supervise: last")
+                                               "(earlier ones are part of the prompt): set data.supervise=last")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             _fail("seed", self.seed, "must be a non-negative integer")
         if not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool) or self.num_workers < 1:

@@ -140,7 +140,7 @@ def main(argv: list[str]) -> int:
         results = prepare_all(cfg, progress=not args.no_progress)
     except (DataError, ValueError, FileNotFoundError) as err:
         # the data layer's hints name config keys ("raise data.seq_length"); this command's own errors name both
-        log.error("prepare failed: %s", as_flags(str(err)) if isinstance(err, DataError) else err)
+        log.error("prepare failed: %s", as_flags(str(err)))
         return 2
     sys.stdout.write(format_summary(cfg, results))
     for warning in preparation_warnings(cfg, results) + _stale_split_warnings(cfg, results):
