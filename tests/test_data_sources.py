@@ -17,16 +17,25 @@ def test_hub_name_is_a_thin_datasets_call(monkeypatch):
 
     calls = []
 
-    def fake_load(name, split=None, cache_dir=None):
-        calls.append((name, split))
+    def fake_load(name, subset=None, split=None, cache_dir=None):
+        calls.append((name, subset, split))
         return [CHATS[2], CHATS[3]]
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
     skips = SkipLog()
     raws = list(read_records("org/chat-set", "validation", skips))
-    assert calls == [("org/chat-set", "validation")]
+    assert calls == [("org/chat-set", None, "validation")]  # no configuration: as load_dataset(name)
     assert [r.where for r in raws] == ["hub:org/chat-set[validation]:row 0", "hub:org/chat-set[validation]:row 1"]
     assert to_conversation(raws[1].data, "auto", raws[1].where).messages[1].content == "The quick brown fox."
+    # a dataset with configurations (medical-o1-reasoning-SFT's "en", "zh", ...): load_dataset's name
+    raws = list(read_records("org/chat-set", None, skips, subset="en"))
+    assert calls[-1] == ("org/chat-set", "en", "train") and raws[0].where == "hub:org/chat-set/en[train]:row 0"
+
+
+def test_subset_of_a_local_path_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", [CHATS[2]])
+    with pytest.raises(DataError, match=r"subset='en' names a configuration of a hub dataset; this is a local path"):
+        list(read_records(str(path), None, SkipLog(), subset="en"))
 
 
 def test_explicit_format_is_enforced(tmp_path):
@@ -87,3 +96,14 @@ def test_tokenizer_path_errors_say_what_is_wrong(tmp_path):
     (tmp_path / "hf" / "tokenizer_config.json").write_text("{}")
     with pytest.raises(ValueError, match=r"a directory without tokenizer files .*keeps its tokenizer in hf/"):
         load_tokenizer(str(tmp_path))
+
+
+def test_a_changed_subset_is_other_data():
+    """Prepared from one configuration of a hub dataset, configured with another: named, so not reused."""
+    from bft_megatron.config.data import SourceConfig
+    from bft_megatron.data.provenance import _source_problems, source_record
+
+    rec = source_record(SourceConfig(path="org/chat-set", subset="en"))
+    assert _source_problems("data.train[0]", rec, SourceConfig(path="org/chat-set", subset="en")) == []
+    assert _source_problems("data.train[0]", rec, SourceConfig(path="org/chat-set", subset="zh")) == [
+        "data.train[0].subset: prepared en, configured zh"]

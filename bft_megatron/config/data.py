@@ -31,6 +31,7 @@ class SourceConfig:
     path: str = ""
     weight: float = 1.0  # passes over this source per epoch; a fraction takes a seeded subsample
     split: str | None = None  # hub datasets only (default "train")
+    subset: str | None = None  # hub datasets only: the configuration, load_dataset's name ("en")
     format: str = "auto"  # record shape; auto-detected per record when "auto"
     columns: dict = field(default_factory=dict)  # record field -> this source's column ({prompt: Question})
 
@@ -54,6 +55,8 @@ class SourceConfig:
             _fail(f"{where}.weight", self.weight, "must be a finite number > 0")
         if self.format not in FORMATS:
             _fail(f"{where}.format", self.format, f"must be one of {FORMATS}")
+        if self.subset is not None and (not isinstance(self.subset, str) or not self.subset):
+            _fail(f"{where}.subset", self.subset, "must name a configuration of the hub dataset, or be left unset")
         if not isinstance(self.columns, dict):
             _fail(f"{where}.columns", self.columns, "must map record fields to column names ({prompt: Question})")
         for name, column in self.columns.items():
@@ -84,7 +87,8 @@ class DataConfig:
         for name in ("train", "valid"):
             for i, src in enumerate(getattr(self, name)):
                 if not isinstance(src, SourceConfig):
-                    _fail(f"{name}[{i}]", src, "must be a source mapping (path, weight, split, format, columns)")
+                    _fail(f"{name}[{i}]", src, "must be a source mapping (path, weight, split, subset, format, "
+                                                          "columns)")
                 src.validate(f"{name}[{i}]")
         if not self.tokenizer:
             _fail("tokenizer", self.tokenizer, "must name an HF tokenizer directory or a .model file")

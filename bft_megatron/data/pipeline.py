@@ -91,7 +91,7 @@ def _conversations(src: SourceConfig, skips: SkipLog, cache_dir: str, first: int
                    ordinals: deque[int], seen: list[int]) -> Iterator[Conversation]:
     """Valid conversations of one source. Each one's ordinal (``first`` + its position among the
     source's parseable records) is queued on ``ordinals``; ``seen[0]`` counts parseable records."""
-    for i, raw in enumerate(read_records(src.path, src.split, skips, cache_dir)):
+    for i, raw in enumerate(read_records(src.path, src.split, skips, cache_dir, src.subset)):
         seen[0] = i + 1
         try:
             conv = to_conversation(raw.data, src.format, raw.where, src.columns)

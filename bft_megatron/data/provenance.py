@@ -67,8 +67,8 @@ def _file_record(path: Path) -> dict[str, Any]:
 
 def source_record(src: SourceConfig) -> dict[str, Any]:
     """What identifies a source's data: its settings and, when local, its files (hub: name and split)."""
-    rec: dict[str, Any] = {"path": src.path, "weight": src.weight, "split": src.split, "format": src.format,
-                           "columns": dict(src.columns)}
+    rec: dict[str, Any] = {"path": src.path, "weight": src.weight, "split": src.split, "subset": src.subset,
+                           "format": src.format, "columns": dict(src.columns)}
     if os.path.exists(src.path):
         rec["files"] = [_file_record(f) for f in list_files(src.path)]
     return rec
@@ -107,7 +107,7 @@ def _local_problems(where: str, rec: dict[str, Any], src: SourceConfig) -> list[
 
 
 def _source_problems(where: str, rec: dict[str, Any], src: SourceConfig) -> list[str]:
-    out = [_line(f"{where}.{k}", rec[k], getattr(src, k)) for k in ("weight", "split", "format", "columns")
+    out = [_line(f"{where}.{k}", rec[k], getattr(src, k)) for k in ("weight", "split", "subset", "format", "columns")
            if k in rec and rec[k] != getattr(src, k)]
     if "files" in rec:
         return out + _local_problems(where, rec, src)

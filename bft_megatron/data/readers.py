@@ -199,28 +199,31 @@ def _missing_local(path: str) -> str | None:
     return None
 
 
-def _read_hub(name: str, split: str | None) -> Iterator[RawRecord]:
+def _read_hub(name: str, split: str | None, subset: str | None) -> Iterator[RawRecord]:
     """A thin call; only its failure is exercised offline. Always the Hugging Face datasets cache (HF_HOME,
     HF_DATASETS_CACHE), never the caller's ``cache_dir``: ``prepare`` passes a temporary one for local files, in
     which a hub dataset would be downloaded again on every run and an offline node could not find its copy."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, split=split or "train")
+        ds = datasets.load_dataset(*(name, subset) if subset else (name,), split=split or "train")
     except Exception as exc:  # noqa: BLE001 - offline, unknown id, gated...: one clear error for all
         raise DataError(name, f"not a local file or directory (no such path under {os.getcwd()}), and loading it "
                               f"as a hub dataset id (owner/name) failed: {type(exc).__name__}: {exc}") from exc
+    where = f"hub:{name}{'/' + subset if subset else ''}[{split or 'train'}]"
     for i, rec in enumerate(ds):
-        yield RawRecord(rec, f"hub:{name}[{split or 'train'}]:row {i}")
+        yield RawRecord(rec, f"{where}:row {i}")
 
 
-def read_records(path: str, split: str | None, skips: SkipLog,
-                 cache_dir: str | None = None) -> Iterator[RawRecord]:
+def read_records(path: str, split: str | None, skips: SkipLog, cache_dir: str | None = None,
+                 subset: str | None = None) -> Iterator[RawRecord]:
     """Every raw record of one source, in a deterministic order; ``cache_dir``: datasets' cache for local files."""
+    if os.path.exists(path) and subset:
+        raise DataError(path, f"subset={subset!r} names a configuration of a hub dataset; this is a local path")
     if os.path.exists(path):
         for file in list_files(path):
             yield from _read_local_file(file, skips, cache_dir)
     elif (why := _missing_local(path)) is not None:
         raise DataError(path, why)
     else:
-        yield from _read_hub(path, split)
+        yield from _read_hub(path, split, subset)
