@@ -186,6 +186,30 @@ def _build_hf(kind: str, template: str | None, corpus: tuple[str, ...] = ()) -> 
     return str(out)
 
 
+ZEPHYR_LIKE = ("{%- for m in messages %}{{- '<|' + m['role'] + '|>\\n' + m['content'] + '</s>\\n' }}{%- endfor %}"
+               "{%- if add_generation_prompt %}{{- '<|assistant|>\\n' }}{%- endif %}")
+
+
+@functools.cache
+def metaspace_tokenizer() -> str:
+    """A sentencepiece-style tokenizer (Metaspace, '▁' prepended to the text's first piece, as Llama-2's and
+    Mistral's fast tokenizers do) with a Zephyr-like template: a text tokenized alone gets a leading '▁'."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    specials = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>"]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=specials, show_progress=False))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = ZEPHYR_LIKE
+    out = Path(tempfile.mkdtemp(prefix="bft-tok-metaspace-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    fast.save_pretrained(str(out))
+    return str(out)
+
+
 @functools.cache
 def hf_tokenizer(name: str) -> str:
     """Directory of a tiny fast tokenizer: 'llama31', 'qwen25', 'rewriting', 'alternating', 'qwen_plain'
@@ -194,7 +218,8 @@ def hf_tokenizer(name: str) -> str:
             "rewriting": ("qwen", REWRITING), "qwen_plain": ("qwen", None), "alternating": ("qwen", ALTERNATING),
             "dated": ("qwen", "{{- '<|im_start|>system\\nToday Date: ' + strftime_now('%d %b %Y') + '<|im_end|>\\n' }}"
                               + QWEN25_LIKE),
-            "thinking": ("qwen", THINKING), "qwen3": ("qwen", QWEN3_LIKE), "qwen3_strip": ("qwen", QWEN3_STRIP), "qwen15": ("qwen", QWEN15_LIKE),
+            "thinking": ("qwen", THINKING), "qwen3": ("qwen", QWEN3_LIKE), "qwen3_strip": ("qwen", QWEN3_STRIP),
+            "qwen15": ("qwen", QWEN15_LIKE),
             "role_tags": ("qwen", ROLE_TAGS), "r1": ("r1", R1_LIKE),
             "r1_newlines": ("r1", R1_LIKE, ("<think>\n\nHello",) * 40),  # '>\n\n' one token
             "mistral": ("qwen", MISTRAL_LIKE),

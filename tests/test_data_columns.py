@@ -53,6 +53,25 @@ def test_message_reasoning_is_trained_before_the_last_answer_only(key):
     assert _answer(sharegpt) == _reference_with_reasoning("r", "A")
     blank_first = {"role": "assistant", "content": "A", "reasoning_content": " ", "reasoning": "r"}
     assert _answer({"messages": [{"role": "user", "content": "Q"}, blank_first]}) == _reference_with_reasoning("r", "A")
+    both = {"role": "assistant", "content": "A", "reasoning_content": "rc", "reasoning": "r"}  # the first key wins
+    assert _answer({"messages": [{"role": "user", "content": "Q"}, both]}) == _reference_with_reasoning("rc", "A")
+
+
+def test_an_earlier_answers_dropped_reasoning_is_not_trained_without_it():
+    """Reasoning on an earlier answer only: not carried to the last one; and since that earlier answer, trained
+    with supervise: all, would teach answering without reasoning, encode refuses it there (last: fine)."""
+    from bft_megatron.data.tokenize import encode
+    from bft_megatron.data.tokenizer import load_tokenizer
+
+    record = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A1", "reasoning": "r1"},
+                           {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}
+    conv = to_conversation(record, "auto", "t:line 3")
+    assert [m.content for m in conv.messages] == ["Q", "A1", "Q2", "A2"]
+    tok = load_tokenizer(DEMO_SP)
+    with pytest.raises(DataError, match=r"t:line 3: messages\[1\]: an earlier answer's reasoning is dropped .* "
+                                        r"set data.supervise=last"):
+        encode(conv, "chatml", tok, supervise="all")
+    assert encode(conv, "chatml", tok, supervise="last").loss_mask.any()
 
 
 def test_multi_turn_reasoning_renders_with_a_template_that_strips_earlier_reasoning():
@@ -62,8 +81,10 @@ def test_multi_turn_reasoning_renders_with_a_template_that_strips_earlier_reason
     from bft_megatron.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(hf_tokenizer("qwen3_strip"))
-    record = {"messages": [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1", "reasoning": "r1"},
-                           {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2", "reasoning": "r2"}]}
+    record = {"messages": [{"role": "user", "content": "Q1"},
+                           {"role": "assistant", "content": "A1", "reasoning": "r1"},
+                           {"role": "user", "content": "Q2"},
+                           {"role": "assistant", "content": "A2", "reasoning": "r2"}]}
     rendered = render(to_conversation(record, "auto", "t"), "tokenizer", tok)
     assert [rendered.text[a:b] for a, b in rendered.spans] == ["A1<|im_end|>",
                                                                "<think>\nr2\n</think>\n\nA2<|im_end|>"]
@@ -88,13 +109,17 @@ def test_record_errors_name_the_column_and_field():
         _answer(chat, columns={"reasoning": "CoT"})
 
 
-@pytest.mark.parametrize("columns, field, why", [
-    ({"question": "Question"}, "train[0].columns.question", "is not a record field"),
-    ({"prompt": ""}, "train[0].columns.prompt", "must be the source's column name"),
-    (["prompt"], "train[0].columns", "must map record fields"),
+@pytest.mark.parametrize("columns, fmt, field, why", [
+    ({"question": "Question"}, "auto", "train[0].columns.question", "is not a record field"),
+    ({"prompt": ""}, "auto", "train[0].columns.prompt", "must be the source's column name"),
+    (["prompt"], "auto", "train[0].columns", "must map record fields"),
+    ({"reasoning": "R"}, "messages", "train[0].columns.reasoning", r"is not a messages record field: one of "
+                                                                   r"\('messages', 'system'\)"),
+    ({"prompt": "Q", "response": "Q"}, "auto", "train[0].columns.response", "the same column as columns.prompt"),
 ])
-def test_config_validation_names_the_bad_column(tmp_path, columns, field, why):
-    cfg = DataConfig(train=[SourceConfig(path="a.jsonl", columns=columns)], tokenizer="t", output_dir=str(tmp_path))
+def test_config_validation_names_the_bad_column(tmp_path, columns, fmt, field, why):
+    cfg = DataConfig(train=[SourceConfig(path="a.jsonl", format=fmt, columns=columns)], tokenizer="t",
+                     output_dir=str(tmp_path))
     with pytest.raises(ValueError, match=rf"data config: {re.escape(field)}=.*{why}"):
         cfg.validate()
 

@@ -19,7 +19,7 @@ from bft_megatron.data.records import Conversation, Message
 from bft_megatron.data.templates import check_template, render
 from bft_megatron.data.tokenize import encode
 from bft_megatron.data.tokenizer import load_tokenizer
-from tests.data_fixtures import hf_tokenizer, logged, write_jsonl
+from tests.data_fixtures import hf_tokenizer, logged, metaspace_tokenizer, write_jsonl
 
 GEN = "tokenizer_generation"
 EOS_R1 = "<｜end▁of▁sentence｜>"
@@ -100,6 +100,15 @@ def test_the_sample_starts_with_the_tokens_of_the_inference_prompt():
     assert list(enc.tokens[:len(prompt_ids)]) == prompt_ids
     labels = [int(t) for t, m in zip(enc.tokens[1:], enc.loss_mask[:-1]) if m]
     assert tok.decode(labels) == "\nHello\n</think>\n\nA" + EOS_R1
+
+
+def test_sentencepiece_style_answer_gets_no_leading_space():
+    """A Metaspace tokenizer prepends '▁' to a text tokenized on its own: the answer must be tokenized in place, so
+    its tokens are those of the whole chat (as ``template: tokenizer`` has them), not '▁'-prefixed."""
+    tok = load_tokenizer(metaspace_tokenizer())
+    conv = _chat("Hello, how are you?", "Microcephaly is a small head.")
+    gen, full = encode(conv, GEN, tok, supervise="last"), encode(conv, "tokenizer", tok, supervise="last")
+    assert gen.tokens.tolist() == full.tokens.tolist() and gen.loss_mask.tolist() == full.loss_mask.tolist()
 
 
 def test_chat_starting_with_its_answer_is_refused(toks):

@@ -33,7 +33,15 @@ def test_hub_name_is_a_thin_datasets_call(monkeypatch):
 
 
 def test_subset_of_a_local_path_is_refused(tmp_path):
+    """By the config's validation (before anything is prepared), naming the field; and by the reader."""
+    from bft_megatron.config.data import DataConfig, SourceConfig
+
     path = write_jsonl(tmp_path / "a.jsonl", [CHATS[2]])
+    cfg = DataConfig(train=[SourceConfig(path=str(tmp_path))], valid=[SourceConfig(path=str(path), subset="en")],
+                     tokenizer="t", output_dir=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"data config: valid\[0\].subset='en': names a configuration of a hub "
+                                         r"dataset, but .*a.jsonl is a local path"):
+        cfg.validate()
     with pytest.raises(DataError, match=r"subset='en' names a configuration of a hub dataset; this is a local path"):
         list(read_records(str(path), None, SkipLog(), subset="en"))
 

@@ -8,6 +8,7 @@ without a list). ``validate()`` names the offending field and value.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response")
@@ -15,9 +16,11 @@ TEMPLATES = ("llama3", "chatml", "plain", "tokenizer", "tokenizer_generation")
 TRUNCATION = ("truncate", "drop")
 ON_ERROR = ("raise", "skip")
 SUPERVISE = ("all", "last")
-# The record fields a source's ``columns`` may map onto its own column names (data/records.py reads these).
-COLUMN_FIELDS = ("messages", "conversations", "system", "instruction", "input", "output", "prompt", "response",
-                 "reasoning")
+# The record fields each shape reads (data/records.py), which a source's ``columns`` may map onto its own names.
+FIELDS_READ = {"messages": ("messages", "system"), "sharegpt": ("conversations", "system"),
+               "alpaca": ("instruction", "input", "output", "system", "reasoning"),
+               "prompt_response": ("prompt", "response", "system", "reasoning")}
+COLUMN_FIELDS = tuple(dict.fromkeys(f for fields in FIELDS_READ.values() for f in fields))
 
 
 def _fail(name: str, value: object, why: str) -> None:
@@ -57,13 +60,25 @@ class SourceConfig:
             _fail(f"{where}.format", self.format, f"must be one of {FORMATS}")
         if self.subset is not None and (not isinstance(self.subset, str) or not self.subset):
             _fail(f"{where}.subset", self.subset, "must name a configuration of the hub dataset, or be left unset")
+        if self.subset is not None and os.path.exists(self.path):
+            _fail(f"{where}.subset", self.subset, f"names a configuration of a hub dataset, but {self.path} is a local "
+                                                  "path")
+        self._validate_columns(where)
+
+    def _validate_columns(self, where: str) -> None:
         if not isinstance(self.columns, dict):
             _fail(f"{where}.columns", self.columns, "must map record fields to column names ({prompt: Question})")
+        read = FIELDS_READ.get(self.format, COLUMN_FIELDS)
+        seen: dict[str, str] = {}
         for name, column in self.columns.items():
-            if name not in COLUMN_FIELDS:
-                _fail(f"{where}.columns.{name}", column, f"{name!r} is not a record field: one of {COLUMN_FIELDS}")
+            if name not in read:
+                kind = "record" if self.format == "auto" else f"{self.format} record"
+                _fail(f"{where}.columns.{name}", column, f"{name!r} is not a {kind} field: one of {read}")
             if not isinstance(column, str) or not column:
                 _fail(f"{where}.columns.{name}", column, "must be the source's column name")
+            if column in seen:
+                _fail(f"{where}.columns.{name}", column, f"the same column as columns.{seen[column]}")
+            seen[column] = name
 
 
 @dataclass

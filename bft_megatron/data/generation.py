@@ -51,7 +51,7 @@ def render_generation(conv: Conversation, tok: Tokenizer) -> Rendered:
         return kept
     body = _after_opener(answer, _opener(prompt, plain, turn.header), conv.origin)
     text = prompt + body + turn.closing
-    return Rendered(text + turn.trailer, ((len(prompt), len(text)),), (len(prompt),))
+    return Rendered(text + turn.trailer, ((len(prompt), len(text)),), len(prompt))
 
 
 def _as_rendered(full: str, prompt: str, plain: str | None, answer: str, turn: _Turn) -> Rendered | None:
@@ -65,8 +65,8 @@ def _as_rendered(full: str, prompt: str, plain: str | None, answer: str, turn: _
     if _squeeze(answer) not in _squeeze(full[start:end]):
         return None
     if turn.closed_when_last:
-        return Rendered(full, ((len(prompt), end),), (len(prompt),))
-    return Rendered(full[:end] + turn.closing + full[end:], ((len(prompt), end + len(turn.closing)),), (len(prompt),))
+        return Rendered(full, ((len(prompt), end),), len(prompt))
+    return Rendered(full[:end] + turn.closing + full[end:], ((len(prompt), end + len(turn.closing)),), len(prompt))
 
 
 def _turn_shape(tok: Tokenizer, context: Chat, plain: str | None) -> _Turn:

@@ -11,9 +11,10 @@ Arrow fill absent keys with None, so "missing" and "null" are reported alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from bft_megatron.config.data import FIELDS_READ
 from bft_megatron.data.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -23,6 +24,8 @@ ROLES = ("system", "user", "assistant")
 class Message:
     role: str
     content: str
+    # an earlier answer whose reasoning field was dropped: where it was ("messages[1]"); see _with_last_reasoning
+    dropped_reasoning: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -83,7 +86,7 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
     if not isinstance(raw, (list, tuple)):
         raise DataError("", f"field {field!r} must be a list, got {type(raw).__name__}")
     out: list[Message] = []
-    reasoning = ("", "")  # the last answer's reasoning and where it is
+    reasoning: dict[int, tuple[str, str]] = {}  # answer's index in out -> (its reasoning, where)
     for i, item in enumerate(raw):
         where = f"{field}[{i}]"
         if not isinstance(item, Mapping):
@@ -103,22 +106,29 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
             raise DataError("", f"{where}: a system message is only allowed first")
         _check_nonempty(roles[role], content, where)
         if roles[role] == "assistant":
-            reasoning = (_reasoning_of(item, where), where)
+            reasoning[len(out)] = (_reasoning_of(item, where), where)
         out.append(Message(roles[role], content))
-    return _with_last_reasoning(out, *reasoning)
+    return _with_last_reasoning(out, reasoning)
 
 
-def _with_last_reasoning(turns: list[Message], reasoning: str, where: str) -> list[Message]:
-    """Only the last answer's reasoning is trained: reasoning models' templates drop it from earlier turns, so the
-    model never sees it in a prompt (and under ``template: tokenizer`` such an answer would not be found)."""
-    last = max((i for i, m in enumerate(turns) if m.role == "assistant"), default=None)
-    if last is None or not reasoning.strip():
-        return turns
-    try:
-        content = _with_reasoning(turns[last].content, reasoning)
-    except DataError as err:
-        raise DataError("", f"{where}: {err.message}") from None
-    return turns[:last] + [Message("assistant", content)] + turns[last + 1:]
+def _with_last_reasoning(turns: list[Message], reasoning: dict[int, tuple[str, str]]) -> list[Message]:
+    """Only the last answer's reasoning is joined to it: reasoning models' templates drop it from earlier turns, so
+    the model never sees it in a prompt (and under ``template: tokenizer`` such an answer would not be found).
+    An earlier answer that had some is marked: trained (``supervise: all``) it would teach answering without
+    reasoning, which ``tokenize.encode`` refuses."""
+    turns = list(turns)
+    last = max(reasoning, default=None)
+    for i, (text, where) in reasoning.items():
+        if not text.strip():
+            continue
+        if i != last:
+            turns[i] = Message("assistant", turns[i].content, dropped_reasoning=where)
+            continue
+        try:
+            turns[i] = Message("assistant", _with_reasoning(turns[i].content, text))
+        except DataError as err:
+            raise DataError("", f"{where}: {err.message}") from None
+    return turns
 
 
 REASONING_KEYS = ("reasoning_content", "reasoning")  # vLLM's / Qwen3's template's name, and OpenAI-style
@@ -211,11 +221,6 @@ def _from_prompt_response(record: Mapping[str, Any]) -> list[Message]:
 
 _BUILDERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
              "prompt_response": _from_prompt_response}
-
-
-FIELDS_READ = {"messages": ("messages", "system"), "sharegpt": ("conversations", "system"),
-               "alpaca": ("instruction", "input", "output", "system", "reasoning"),
-               "prompt_response": ("prompt", "response", "system", "reasoning")}
 
 
 def _check_columns_read(shape: str, columns: Mapping[str, str]) -> None:

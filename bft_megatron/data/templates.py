@@ -37,9 +37,8 @@ REQUIRED_TOKENS = {
 class Rendered:
     text: str
     spans: tuple[Span, ...]  # one per assistant turn, in order
-    # where tokenization starts afresh: the end of tokenizer_generation's prompt, so the sample starts with exactly
-    # the tokens the model is given at inference (no token merging the prompt's end with the answer's start)
-    breaks: tuple[int, ...] = ()
+    # tokenizer_generation's inference prompt ends here: the sample starts with exactly that prompt's own tokens
+    prompt_end: int | None = None
 
 
 class _Builder:

@@ -15,7 +15,7 @@ import numpy as np
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.records import Conversation
 from bft_megatron.data.templates import Span, render
-from bft_megatron.data.tokenizer import Tokenizer
+from bft_megatron.data.tokenizer import Offsets, Tokenizer
 
 TOKEN_DTYPE = np.int32
 MASK_DTYPE = np.uint8
@@ -51,22 +51,34 @@ def shift_mask(target: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _encode_pieces(text: str, breaks: Sequence[int], tok: Tokenizer) -> tuple[list[int], list[tuple[int, int]]]:
-    """Token ids and character offsets of ``text``, tokenized piece by piece between ``breaks``."""
-    ids: list[int] = []
-    offsets: list[tuple[int, int]] = []
-    bounds = [0, *breaks, len(text)]
-    for lo, hi in zip(bounds, bounds[1:]):
-        piece_ids, piece_offsets = tok.encode_offsets(text[lo:hi])
-        ids += piece_ids
-        offsets += [(a + lo, b + lo) for a, b in piece_offsets]
-    return ids, offsets
+def _encode_after_prompt(text: str, prompt_end: int | None, tok: Tokenizer) -> tuple[list[int], Offsets]:
+    """Token ids and character offsets of ``text``, whose first ``prompt_end`` characters are an inference prompt
+    that must keep its own tokens. The whole text is tokenized (an answer tokenized alone would get a
+    sentencepiece-style tokenizer's leading '▁'); where a token straddles the prompt's end (Qwen2's pre-tokenizer
+    merges a prompt's '>\n' with an answer's '\n'), the prompt's own tokens replace those before it and the
+    answer's characters under the straddling tokens are tokenized on their own."""
+    ids, offsets = tok.encode_offsets(text)
+    if prompt_end is None:
+        return ids, offsets
+    prompt_ids, prompt_offsets = tok.encode_offsets(text[:prompt_end])
+    if ids[:len(prompt_ids)] == prompt_ids:
+        return ids, offsets
+    after = next((j for j, (start, _) in enumerate(offsets) if start >= prompt_end), len(ids))
+    resume = offsets[after][0] if after < len(ids) else len(text)
+    gap_ids, gap_offsets = tok.encode_offsets(text[prompt_end:resume]) if resume > prompt_end else ([], [])
+    return (prompt_ids + gap_ids + ids[after:],
+            prompt_offsets + [(a + prompt_end, b + prompt_end) for a, b in gap_offsets] + offsets[after:])
 
 
 def encode(conv: Conversation, template: str, tok: Tokenizer, supervise: str = "all") -> Encoded:
+    dropped = [m.dropped_reasoning for m in conv.messages if m.dropped_reasoning]
+    if dropped and supervise == "all":
+        raise DataError(conv.origin, f"{dropped[0]}: an earlier answer's reasoning is dropped (as reasoning models' "
+                                     "templates drop it from history), so with data.supervise=all that answer would "
+                                     "be trained without it: set data.supervise=last, or write one record per answer")
     rendered = render(conv, template, tok)
     spans = rendered.spans[-1:] if supervise == "last" else rendered.spans
-    ids, offsets = _encode_pieces(rendered.text, rendered.breaks, tok)
+    ids, offsets = _encode_after_prompt(rendered.text, rendered.prompt_end, tok)
     target = supervised_tokens(offsets, spans)
     if not target.any():
         raise DataError(conv.origin, "no supervised tokens after templating")
