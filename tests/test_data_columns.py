@@ -153,3 +153,52 @@ def test_medical_o1_shape_trains_its_reasoning_after_an_r1_prompt(tmp_path, caps
     show([str(tmp_path / "out")])
     assert "<think>\n[[Head circumference is low.\n</think>\n\nMicrocephaly.<｜end▁of▁sentence｜>]]" in \
         capsys.readouterr().out
+
+
+HUATUO = "## Thinking\n\n{reasoning}\n\n## Final Response\n\n{answer}"  # HuatuoGPT-o1's form (Llama-3.1/Qwen2.5)
+
+
+def test_reasoning_format_writes_another_form():
+    conv = to_conversation(O1, "auto", "t", O1_COLUMNS, reasoning_format=HUATUO)
+    assert conv.messages[-1].content == ("## Thinking\n\nHead circumference is low.\n\n"
+                                         "## Final Response\n\nMicrocephaly.")
+    with pytest.raises(DataError, match=r"reasoning given both in its own field and as '## Thinking' in the answer"):
+        to_conversation({**O1, "Response": "## Thinking\nx"}, "auto", "t", O1_COLUMNS, reasoning_format=HUATUO)
+
+
+@pytest.mark.parametrize("value, why", [
+    ("{reasoning}", "must hold {reasoning} and {answer} once each"),
+    ("{reasoning}{answer}{extra}", "must hold"),
+    ("{reasoning!r}{answer}", "must hold"),
+    ("{ {reasoning}{answer}", "not a format string"),
+    (3, "must hold"),
+])
+def test_reasoning_format_validation_names_the_value(tmp_path, value, why):
+    cfg = DataConfig(train=[SourceConfig(path="a.jsonl")], tokenizer="t", output_dir=str(tmp_path),
+                     reasoning_format=value)
+    with pytest.raises(ValueError, match=rf"data config: reasoning_format={re.escape(repr(value))}: {re.escape(why)}"):
+        cfg.validate()
+
+
+def test_prepare_flag_and_provenance_of_the_reasoning_format(tmp_path, capsys):
+    """``--reasoning-format`` reaches the records; the format is in index.json, compared with the config's, and the
+    two splits of one directory must agree on it."""
+    from bft_megatron.data.prepare import main
+    from bft_megatron.data.provenance import splits_disagree
+    from bft_megatron.data.show import main as show
+    from bft_megatron.data.storage import read_index
+
+    src = write_jsonl(tmp_path / "o1.jsonl", [{"prompt": O1["Question"], "reasoning": "low", "response": "Micro."}])
+    out = tmp_path / "out"
+    assert main(["--input", str(src), "--valid", str(src), "--tokenizer", DEMO_SP, "--template", "chatml",
+                 "--reasoning-format", HUATUO, "--seq-length", "256", "--output", str(out)]) == 0
+    capsys.readouterr()
+    show([str(out)])
+    assert "[[## Thinking\n\nlow\n\n## Final Response\n\nMicro.<|im_end|>]]" in capsys.readouterr().out
+    train, valid = read_index(out / "train"), read_index(out / "valid")
+    assert train["reasoning_format"] == HUATUO
+    assert "data.reasoning_format: train/ " in splits_disagree(out, train, {**valid, "reasoning_format": "x"})
+    over = [f"data.train={src}", f"data.tokenizer={DEMO_SP}", f"data.output_dir={out}", "data.seq_length=256",
+            "data.template=chatml", "model.vocab_size=4096"]
+    with pytest.raises(PreparedDataMismatch, match=r"data.reasoning_format: prepared"):
+        open_datasets(load_config(None, over))  # the default format: other tokens

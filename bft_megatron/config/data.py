@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import string
 from dataclasses import dataclass, field
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response")
@@ -20,6 +21,7 @@ SUPERVISE = ("all", "last")
 FIELDS_READ = {"messages": ("messages", "system"), "sharegpt": ("conversations", "system"),
                "alpaca": ("instruction", "input", "output", "system", "reasoning"),
                "prompt_response": ("prompt", "response", "system", "reasoning")}
+REASONING_FORMAT = "<think>\n{reasoning}\n</think>\n\n{answer}"  # reasoning models' form (data/reasoning.py)
 COLUMN_FIELDS = tuple(dict.fromkeys(f for fields in FIELDS_READ.values() for f in fields))
 
 
@@ -92,6 +94,7 @@ class DataConfig:
     truncation: str = "truncate"
     on_error: str = "raise"
     supervise: str = "all"  # all assistant turns, or only the last one
+    reasoning_format: str = REASONING_FORMAT  # how a reasoning field joins its answer ({reasoning}, {answer})
     seed: int = 1234
     num_workers: int = 1
     output_dir: str = ""
@@ -119,6 +122,7 @@ class DataConfig:
             _fail("on_error", self.on_error, f"must be one of {ON_ERROR}")
         if self.supervise not in SUPERVISE:
             _fail("supervise", self.supervise, f"must be one of {SUPERVISE}")
+        _check_reasoning_format(self.reasoning_format)
         if self.template == "tokenizer_generation" and self.supervise != "last":
             _fail("supervise", self.supervise, "template 'tokenizer_generation' trains each record's last answer only "
                                                "(earlier ones are part of the prompt): set data.supervise=last")
@@ -128,6 +132,19 @@ class DataConfig:
             _fail("num_workers", self.num_workers, "must be an integer >= 1")
         if not self.output_dir:
             _fail("output_dir", self.output_dir, "must name the directory to write")
+
+
+def _check_reasoning_format(value: object) -> None:
+    """Exactly one ``{reasoning}`` and one ``{answer}``, no other fields (literal braces doubled, as str.format)."""
+    try:
+        fields = [f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "")
+                  for _, f, spec, conv in string.Formatter().parse(value) if f is not None] \
+            if isinstance(value, str) else None
+    except ValueError as exc:  # a single '{' or '}'
+        _fail("reasoning_format", value, f"not a format string ({exc}); write literal braces as {{{{ and }}}}")
+    if fields is None or sorted(fields) != ["answer", "reasoning"]:
+        _fail("reasoning_format", value, "must hold {reasoning} and {answer} once each and no other {field}, e.g. "
+                                         f"{REASONING_FORMAT!r}")
 
 
 def data_config_from_dict(raw: dict) -> DataConfig:

@@ -87,14 +87,14 @@ def _encode_chunk(chunk: list[Conversation]) -> list[tuple[str, Any, Any]]:
     return out
 
 
-def _conversations(src: SourceConfig, skips: SkipLog, cache_dir: str, first: int,
+def _conversations(src: SourceConfig, reasoning_format: str, skips: SkipLog, cache_dir: str, first: int,
                    ordinals: deque[int], seen: list[int]) -> Iterator[Conversation]:
     """Valid conversations of one source. Each one's ordinal (``first`` + its position among the
     source's parseable records) is queued on ``ordinals``; ``seen[0]`` counts parseable records."""
     for i, raw in enumerate(read_records(src.path, src.split, skips, cache_dir, src.subset)):
         seen[0] = i + 1
         try:
-            conv = to_conversation(raw.data, src.format, raw.where, src.columns)
+            conv = to_conversation(raw.data, src.format, raw.where, src.columns, reasoning_format)
         except DataError as err:
             skips.handle(err, "invalid_record")
             continue
@@ -136,7 +136,7 @@ def _tokenize_source(cfg: DataConfig, src: SourceConfig, stream: SampleStream, s
     mine: list[int] = []
     skipped_before, malformed_before = stats.skips.total, stats.skips.counts["malformed_json"]
     log.info("reading %s (weight %s)", src.path, src.weight)
-    convs = _conversations(src, stats.skips, cache_dir, stats.parsed, ordinals, seen)
+    convs = _conversations(src, cfg.reasoning_format, stats.skips, cache_dir, stats.parsed, ordinals, seen)
     for results in _encoded(cfg, _chunks(convs)):
         for kind, a, b in results:
             bar.update(1)
@@ -212,7 +212,8 @@ def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok:
         layout = (pack_best_fit if cfg.packing else one_per_row)(lengths[selection], cfg.seq_length, cfg.seed)
         rows = [selection[r] for r in layout.rows]
         meta = {"split": split, "seq_length": cfg.seq_length, "packed": cfg.packing, "template": cfg.template,
-                "supervise": cfg.supervise, "truncation": cfg.truncation, "seed": cfg.seed, "on_error": cfg.on_error,
+                "supervise": cfg.supervise, "reasoning_format": cfg.reasoning_format, "truncation": cfg.truncation,
+                "seed": cfg.seed, "on_error": cfg.on_error,
                 "tokenizer": describe(tok), "sources": recorded_sources, "rules_version": RULES_VERSION,
                 "packing_efficiency": round(layout.efficiency, 6)}
         index = write_split(out, tokens, mask, stream.lengths, stream.ids, rows, meta)

@@ -48,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--truncation", choices=("truncate", "drop"))
     p.add_argument("--on-error", choices=("raise", "skip"))
     p.add_argument("--supervise", choices=("all", "last"))
+    p.add_argument("--reasoning-format", help="how a reasoning field joins its answer, with {reasoning} and {answer} "
+                                              "(default: '<think>\\n{reasoning}\\n</think>\\n\\n{answer}'; in bash "
+                                              "write newlines as $'...\\n...')")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=int)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -68,7 +71,8 @@ def load_config(path: str | None) -> DataConfig:
 # DataConfig field -> the flag that sets it (argparse dest = the flag without dashes, '-' as '_')
 FLAGS = {"train": "--input", "valid": "--valid", "tokenizer": "--tokenizer", "output_dir": "--output",
          "template": "--template", "seq_length": "--seq-length", "packing": "--packing", "truncation": "--truncation",
-         "on_error": "--on-error", "supervise": "--supervise", "seed": "--seed", "num_workers": "--num-workers"}
+         "on_error": "--on-error", "supervise": "--supervise", "reasoning_format": "--reasoning-format",
+         "seed": "--seed", "num_workers": "--num-workers"}
 
 
 def _apply_flags(cfg: DataConfig, args: argparse.Namespace) -> DataConfig:

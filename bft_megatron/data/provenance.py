@@ -1,9 +1,9 @@
 """What a prepared split was made from, and whether a config still asks for the same data.
 
 A split's ``index.json`` records the settings it was prepared with (``seq_length``, ``packed``,
-``template``, ``supervise``, ``truncation``, ``seed``, ``on_error``, the tokenizer's fingerprint, the version of
-the record-to-token rules, :data:`RULES_VERSION`, compared in both modes) and,
-in ``sources``, each source's path, weight, hub split and format and each of its files' name, size,
+``template``, ``supervise``, ``reasoning_format``, ``truncation``, ``seed``, ``on_error``, the tokenizer's
+fingerprint, the version of the record-to-token rules, :data:`RULES_VERSION`, compared in both modes) and,
+in ``sources``, each source's path, weight, hub split and subset, format and columns, and each of its files' name, size,
 mtime and sha256. :func:`compare` lists every difference between that record and a ``DataConfig``:
 
 * ``strict`` (the config lists the split's sources: it says how the data is prepared): every recorded
@@ -52,7 +52,7 @@ __all__ = ["PreparedDataMismatch", "RULES_VERSION", "source_record", "compare", 
 RULES_VERSION = 4
 
 SETTINGS = {"seq_length": "seq_length", "packing": "packed", "template": "template", "supervise": "supervise",
-            "truncation": "truncation", "seed": "seed"}  # config field -> index key
+            "reasoning_format": "reasoning_format", "truncation": "truncation", "seed": "seed"}  # field -> index key
 
 
 class PreparedDataMismatch(ConfigError):
@@ -200,9 +200,11 @@ def splits_disagree(directory: str | os.PathLike[str], train: dict[str, Any], va
     With only ``data.output_dir`` the config leaves most settings unset, so each split is compared with the
     config only loosely; a ``bft-megatron prepare`` that later rewrote ``train/`` alone (no ``--valid``) leaves an
     older ``valid/`` beside it, and validation would then score text rendered or tokenized otherwise. The splits
-    must agree on what turns records into tokens and masks (template, supervised turns, tokenizer, rules)."""
+    must agree on what turns records into tokens and masks (template, supervised turns, reasoning format,
+    tokenizer, rules)."""
     lines = [f"{name}: train/ {format_value(train[key])}, valid/ {format_value(valid[key])}"
              for name, key in (("data.template", "template"), ("data.supervise", "supervise"),
+                               ("data.reasoning_format", "reasoning_format"),
                                ("preparation rules version", "rules_version"))
              if key in train and key in valid and train[key] != valid[key]]
     tok_t, tok_v = train.get("tokenizer", {}), valid.get("tokenizer", {})

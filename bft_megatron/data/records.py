@@ -14,8 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from bft_megatron.config.data import FIELDS_READ
+from bft_megatron.config.data import FIELDS_READ, REASONING_FORMAT
 from bft_megatron.data.errors import DataError
+from bft_megatron.data.reasoning import joined, reasoning_of
 
 ROLES = ("system", "user", "assistant")
 
@@ -24,8 +25,10 @@ ROLES = ("system", "user", "assistant")
 class Message:
     role: str
     content: str
-    # an earlier answer whose reasoning field was dropped: where it was ("messages[1]"); see _with_last_reasoning
-    dropped_reasoning: str = field(default="", compare=False)
+    # an answer's reasoning kept apart from it, and the field it came from ("messages[1]"); the chat's last answer
+    # has it joined by to_conversation (data/reasoning.py), an earlier one keeps it here, not trained
+    reasoning: str = field(default="", compare=False)
+    reasoning_at: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,6 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
     if not isinstance(raw, (list, tuple)):
         raise DataError("", f"field {field!r} must be a list, got {type(raw).__name__}")
     out: list[Message] = []
-    reasoning: dict[int, tuple[str, str]] = {}  # answer's index in out -> (its reasoning, where)
     for i, item in enumerate(raw):
         where = f"{field}[{i}]"
         if not isinstance(item, Mapping):
@@ -105,56 +107,9 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
         if roles[role] == "system" and i != 0:
             raise DataError("", f"{where}: a system message is only allowed first")
         _check_nonempty(roles[role], content, where)
-        if roles[role] == "assistant":
-            reasoning[len(out)] = (_reasoning_of(item, where), where)
-        out.append(Message(roles[role], content))
-    return _with_last_reasoning(out, reasoning)
-
-
-def _with_last_reasoning(turns: list[Message], reasoning: dict[int, tuple[str, str]]) -> list[Message]:
-    """Only the last answer's reasoning is joined to it: reasoning models' templates drop it from earlier turns, so
-    the model never sees it in a prompt (and under ``template: tokenizer`` such an answer would not be found).
-    An earlier answer that had some is marked: trained (``supervise: all``) it would teach answering without
-    reasoning, which ``tokenize.encode`` refuses."""
-    turns = list(turns)
-    last = max(reasoning, default=None)
-    for i, (text, where) in reasoning.items():
-        if not text.strip():
-            continue
-        if i != last:
-            turns[i] = Message("assistant", turns[i].content, dropped_reasoning=where)
-            continue
-        try:
-            turns[i] = Message("assistant", _with_reasoning(turns[i].content, text))
-        except DataError as err:
-            raise DataError("", f"{where}: {err.message}") from None
-    return turns
-
-
-REASONING_KEYS = ("reasoning_content", "reasoning")  # vLLM's / Qwen3's template's name, and OpenAI-style
-
-
-def _reasoning_of(item: Mapping[str, Any], where: str) -> str:
-    """The first non-blank reasoning field of a message ('' when none)."""
-    for key in REASONING_KEYS:
-        value = item.get(key)
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            raise DataError("", f"{where}: {key!r} must be a string, got {value!r:.60}")
-        _check_unicode(value, f"{where}: {key!r} is")
-        if value.strip():
-            return value
-    return ""
-
-
-def _with_reasoning(answer: str, reasoning: str) -> str:
-    """``answer`` with ``reasoning`` (when any) before it, as a reasoning model writes both."""
-    if not reasoning.strip():
-        return answer
-    if "<think>" in answer:
-        raise DataError("", "reasoning given both in its own field and as '<think>' in the answer")
-    return f"<think>\n{reasoning.strip()}\n</think>\n\n{answer.lstrip()}"
+        reasoning = reasoning_of(item, where) if roles[role] == "assistant" else ""
+        out.append(Message(roles[role], content, reasoning, where if reasoning else ""))
+    return out
 
 
 def rename_columns(record: Mapping[str, Any], columns: Mapping[str, str]) -> Mapping[str, Any]:
@@ -206,8 +161,7 @@ def _from_alpaca(record: Mapping[str, Any]) -> list[Message]:
     output = _text(record, "output", required=True)
     _check_nonempty("user", prompt, "field 'instruction'")
     _check_nonempty("assistant", output, "field 'output'")
-    output = _with_reasoning(output, _text(record, "reasoning", required=False))
-    return _system(record) + [Message("user", prompt), Message("assistant", output)]
+    return _system(record) + [Message("user", prompt), _answer_with_reasoning(record, output)]
 
 
 def _from_prompt_response(record: Mapping[str, Any]) -> list[Message]:
@@ -215,8 +169,12 @@ def _from_prompt_response(record: Mapping[str, Any]) -> list[Message]:
     response = _text(record, "response", required=True)
     _check_nonempty("user", prompt, "field 'prompt'")
     _check_nonempty("assistant", response, "field 'response'")
-    response = _with_reasoning(response, _text(record, "reasoning", required=False))
-    return _system(record) + [Message("user", prompt), Message("assistant", response)]
+    return _system(record) + [Message("user", prompt), _answer_with_reasoning(record, response)]
+
+
+def _answer_with_reasoning(record: Mapping[str, Any], answer: str) -> Message:
+    reasoning = _text(record, "reasoning", required=False)
+    return Message("assistant", answer, reasoning if reasoning.strip() else "", "field 'reasoning'")
 
 
 _BUILDERS = {"messages": _from_messages, "sharegpt": _from_sharegpt, "alpaca": _from_alpaca,
@@ -239,10 +197,10 @@ def _check_turns(messages: list[Message]) -> None:
         raise DataError("", "no assistant turn")
 
 
-def to_conversation(record: Mapping[str, Any], fmt: str, origin: str,
-                    columns: Mapping[str, str] | None = None) -> Conversation:
-    """Validate ``record`` in shape ``fmt`` (or auto-detect), its fields read from ``columns``; errors carry
-    ``origin``."""
+def to_conversation(record: Mapping[str, Any], fmt: str, origin: str, columns: Mapping[str, str] | None = None,
+                    reasoning_format: str = REASONING_FORMAT) -> Conversation:
+    """Validate ``record`` in shape ``fmt`` (or auto-detect), its fields read from ``columns``, the last answer's
+    reasoning joined to it by ``reasoning_format``; errors carry ``origin``."""
     try:
         if not isinstance(record, Mapping):
             raise DataError("", f"record must be a JSON object, got {type(record).__name__}")
@@ -251,10 +209,14 @@ def to_conversation(record: Mapping[str, Any], fmt: str, origin: str,
         _check_columns_read(shape, columns or {})
         messages = _BUILDERS[shape](record)
         _check_turns(messages)
+        # Turns after the last answer train nothing (no supervised token; under causal attention no earlier token
+        # sees them) but cost tokens, and a template that renders the last answer differently (loop.last) would
+        # render it as an earlier one: dropped.
+        last = max(i for i, m in enumerate(messages) if m.role == "assistant")
+        answer = messages[last]
+        if answer.reasoning:
+            text = joined(answer.content, answer.reasoning, reasoning_format, answer.reasoning_at)
+            answer = Message("assistant", text)
     except DataError as err:
         raise DataError(origin, err.message) from None
-    # Turns after the last answer train nothing (no supervised token; under causal attention no earlier token
-    # sees them) but cost tokens, and a template that renders the last answer differently (loop.last) would
-    # render it as an earlier one: dropped.
-    last = max(i for i, m in enumerate(messages) if m.role == "assistant")
-    return Conversation(tuple(messages[:last + 1]), origin)
+    return Conversation((*messages[:last], answer), origin)

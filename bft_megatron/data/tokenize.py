@@ -71,7 +71,7 @@ def _encode_after_prompt(text: str, prompt_end: int | None, tok: Tokenizer) -> t
 
 
 def encode(conv: Conversation, template: str, tok: Tokenizer, supervise: str = "all") -> Encoded:
-    dropped = [m.dropped_reasoning for m in conv.messages if m.dropped_reasoning]
+    dropped = [m.reasoning_at for m in conv.messages if m.reasoning]  # earlier answers' (data/reasoning.py)
     if dropped and supervise == "all":
         raise DataError(conv.origin, f"{dropped[0]}: an earlier answer's reasoning is dropped (as reasoning models' "
                                      "templates drop it from history), so with data.supervise=all that answer would "

@@ -1,0 +1,43 @@
+"""Reasoning kept apart from an answer (a ``reasoning`` column, a message's ``reasoning_content``), joined to it.
+
+Records carry it on the answer's :class:`~bft_megatron.data.records.Message` (``reasoning``, ``reasoning_at``);
+:func:`join_last_reasoning` writes the chat's last answer as ``data.reasoning_format`` says, by default
+``<think>\\n{reasoning}\\n</think>\\n\\n{answer}``, the form reasoning models (DeepSeek-R1 and its distills, QwQ, Qwen3)
+emit. An earlier answer's reasoning is not joined: reasoning models' templates drop it from history, so the model
+never sees it in a prompt, and ``template: tokenizer`` would not find such an answer in the rendering. It stays on
+the message, and ``tokenize.encode`` refuses to train that answer without it (``supervise: all``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from bft_megatron.data.errors import DataError
+
+REASONING_KEYS = ("reasoning_content", "reasoning")  # vLLM's / Qwen3's template's name, and OpenAI-style
+
+
+def reasoning_of(item: Mapping[str, Any], where: str) -> str:
+    """The first non-blank reasoning field of a message ('' when none)."""
+    for key in REASONING_KEYS:
+        value = item.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise DataError("", f"{where}: {key!r} must be a string, got {value!r:.60}")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise DataError("", f"{where}: {key!r} is not valid Unicode (a lone surrogate)") from None
+        if value.strip():
+            return value
+    return ""
+
+
+def joined(answer: str, reasoning: str, reasoning_format: str, where: str) -> str:
+    """``answer`` written after its ``reasoning`` as ``reasoning_format`` says (its text before ``{reasoning}``, e.g.
+    ``<think>``, must not be in the answer already: the reasoning would be there twice)."""
+    opening = reasoning_format.format(reasoning="\x00", answer="").split("\x00")[0].strip()
+    if opening and opening in answer:
+        raise DataError("", f"{where}: reasoning given both in its own field and as {opening!r} in the answer")
+    return reasoning_format.format(reasoning=reasoning.strip(), answer=answer.lstrip())
