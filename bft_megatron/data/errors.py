@@ -21,6 +21,16 @@ class DataError(ValueError):
         return type(self), (self.where, self.message)
 
 
+def check_unicode(text: str, where: str) -> None:
+    """JSON may escape half of a surrogate pair (an emoji cut in two); no tokenizer encodes such a str, and its
+    error would name neither the record nor the field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise DataError("", f"{where} not valid Unicode (lone surrogate {text[exc.start]!r} at character "
+                            f"{exc.start})") from None
+
+
 @dataclass
 class SkipLog:
     """Counts skipped records by reason (``on_error: skip``) and keeps the first few locations."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from bft_megatron.data.errors import DataError
+from bft_megatron.data.errors import DataError, check_unicode
 
 REASONING_KEYS = ("reasoning_content", "reasoning")  # vLLM's / Qwen3's template's name, and OpenAI-style
 
@@ -25,10 +25,7 @@ def reasoning_of(item: Mapping[str, Any], where: str) -> str:
             continue
         if not isinstance(value, str):
             raise DataError("", f"{where}: {key!r} must be a string, got {value!r:.60}")
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise DataError("", f"{where}: {key!r} is not valid Unicode (a lone surrogate)") from None
+        check_unicode(value, f"{where}: {key!r} is")
         if value.strip():
             return value
     return ""

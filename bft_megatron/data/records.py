@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from bft_megatron.config.data import FIELDS_READ, REASONING_FORMAT
-from bft_megatron.data.errors import DataError
+from bft_megatron.data.errors import DataError, check_unicode
 from bft_megatron.data.reasoning import joined, reasoning_of
 
 ROLES = ("system", "user", "assistant")
@@ -62,18 +62,8 @@ def _text(record: Mapping[str, Any], key: str, *, required: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise DataError("", f"field {key!r} must be a string, got {type(value).__name__} {value!r:.60}")
-    _check_unicode(value, f"field {key!r}:")
+    check_unicode(value, f"field {key!r}:")
     return value
-
-
-def _check_unicode(text: str, where: str) -> None:
-    """JSON may escape half of a surrogate pair (an emoji cut in two); no tokenizer encodes such a str, and its
-    error would name neither the record nor the field."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise DataError("", f"{where} not valid Unicode (lone surrogate {text[exc.start]!r} at character "
-                            f"{exc.start})") from None
 
 
 def _system(record: Mapping[str, Any]) -> list[Message]:
@@ -103,7 +93,7 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
             raise DataError("", f"{where}: missing field {text_key!r}")
         if not isinstance(content, str):
             raise DataError("", f"{where}: {text_key!r} must be a string, got {content!r:.60}")
-        _check_unicode(content, f"{where}: {text_key!r} is")
+        check_unicode(content, f"{where}: {text_key!r} is")
         if roles[role] == "system" and i != 0:
             raise DataError("", f"{where}: a system message is only allowed first")
         _check_nonempty(roles[role], content, where)
