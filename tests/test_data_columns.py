@@ -202,3 +202,14 @@ def test_prepare_flag_and_provenance_of_the_reasoning_format(tmp_path, capsys):
             "data.template=chatml", "model.vocab_size=4096"]
     with pytest.raises(PreparedDataMismatch, match=r"data.reasoning_format: prepared"):
         open_datasets(load_config(None, over))  # the default format: other tokens
+
+
+def test_the_medical_o1_recipe_is_a_valid_data_config():
+    from pathlib import Path
+
+    from bft_megatron.data.prepare import load_config as load_data_config
+
+    cfg = load_data_config(str(Path(__file__).resolve().parents[1] / "configs" / "data_medical_o1.yaml"))
+    cfg.validate()
+    assert (cfg.template, cfg.supervise, cfg.train[0].subset) == ("tokenizer_generation", "last", "en")
+    assert cfg.train[0].columns == O1_COLUMNS
