@@ -94,14 +94,16 @@ def test_record_errors_name_the_column_and_field():
     with pytest.raises(DataError, match=r"test:line 1: no column 'Complex_CoT' \(columns.reasoning\); the record "
                                         r"has \['Question', 'Response'\]"):
         _answer({k: v for k, v in O1.items() if k != "Complex_CoT"}, columns=O1_COLUMNS)
-    with pytest.raises(DataError, match="both in its own field and as '<think>'"):
+    with pytest.raises(DataError, match=r"field 'reasoning': reasoning given in its own field, and the answer "
+                                        r"already holds '<think>'"):
         _answer({"prompt": "Q", "response": "<think>x</think>A", "reasoning": "r"})
     bad = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "reasoning": 3}]}
     with pytest.raises(DataError, match=r"messages\[1\]: 'reasoning' must be a string"):
         _answer(bad)
     both = {"messages": [{"role": "user", "content": "Q"},
                          {"role": "assistant", "content": "<think>x</think>A", "reasoning": "r"}]}
-    with pytest.raises(DataError, match=r"messages\[1\]: reasoning given both"):
+    with pytest.raises(DataError, match=r"messages\[1\]: reasoning given in its own field, and the answer already "
+                                        r"holds '<think>'"):
         _answer(both)
     chat = {"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], "CoT": "r"}
     with pytest.raises(DataError, match=r"columns.reasoning: a messages record has no such field \(it reads "
@@ -162,7 +164,7 @@ def test_reasoning_format_writes_another_form():
     conv = to_conversation(O1, "auto", "t", O1_COLUMNS, reasoning_format=HUATUO)
     assert conv.messages[-1].content == ("## Thinking\n\nHead circumference is low.\n\n"
                                          "## Final Response\n\nMicrocephaly.")
-    with pytest.raises(DataError, match=r"reasoning given both in its own field and as '## Thinking' in the answer"):
+    with pytest.raises(DataError, match=r"the answer already holds '## Thinking'"):
         to_conversation({**O1, "Response": "## Thinking\nx"}, "auto", "t", O1_COLUMNS, reasoning_format=HUATUO)
 
 
@@ -213,3 +215,30 @@ def test_the_medical_o1_recipe_is_a_valid_data_config():
     cfg.validate()
     assert (cfg.template, cfg.supervise, cfg.train[0].subset) == ("tokenizer_generation", "last", "en")
     assert cfg.train[0].columns == O1_COLUMNS
+
+
+def test_reasoning_never_doubled_or_misplaced():
+    """The format's markers in the answer or in the reasoning (an answer that continues a think block, '...</think>
+    final', with its reasoning in a field too) would train two blocks; reasoning on a user or system message would be
+    ignored: each is an error naming the field. The answer's leading whitespace gives way to the format's."""
+    with pytest.raises(DataError, match=r"field 'reasoning': reasoning given in its own field, and the answer already "
+                                        r"holds '</think>'"):
+        _answer({"prompt": "Q", "response": "R</think>\n\nA", "reasoning": "r"})
+    with pytest.raises(DataError, match=r"and the reasoning already holds '<think>'"):
+        _answer({"prompt": "Q", "response": "A", "reasoning": "<think>r"})
+    with pytest.raises(DataError, match=r"messages\[0\]: 'reasoning_content' on a user message"):
+        _answer({"messages": [{"role": "user", "content": "Q", "reasoning_content": "x"},
+                              {"role": "assistant", "content": "A"}]})
+    with pytest.raises(DataError, match=r"'reasoning' is not valid Unicode \(lone surrogate"):
+        _answer({"messages": [{"role": "user", "content": "Q"},
+                              {"role": "assistant", "content": "A", "reasoning": "\ud83d"}]})
+    assert _answer({"prompt": "Q", "response": "\n\nA", "reasoning": "r"}) == _reference_with_reasoning("r", "A")
+
+
+def test_reasoning_format_with_escapes_typed_as_text_is_refused(tmp_path):
+    """'<think>\\n{reasoning}...' in bash single quotes or a single-quoted YAML value is a backslash and an n: it
+    would be trained as such."""
+    cfg = DataConfig(train=[SourceConfig(path="a.jsonl")], tokenizer="t", output_dir=str(tmp_path),
+                     reasoning_format=r"<think>\n{reasoning}\n</think>\n\n{answer}")
+    with pytest.raises(ValueError, match=r"data config: reasoning_format=.*holds a backslash escape as text"):
+        cfg.validate()

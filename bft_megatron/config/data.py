@@ -145,6 +145,9 @@ def _check_reasoning_format(value: object) -> None:
     if fields is None or sorted(fields) != ["answer", "reasoning"]:
         _fail("reasoning_format", value, "must hold {reasoning} and {answer} once each and no other {field}, e.g. "
                                          f"{REASONING_FORMAT!r}")
+    if any(escape in value for escape in ("\\n", "\\t", "\\r")):
+        _fail("reasoning_format", value, "holds a backslash escape as text, not a newline or tab: write it in a "
+                                         "double-quoted YAML value, or in bash as $'...\\n...'")
 
 
 def data_config_from_dict(raw: dict) -> DataConfig:

@@ -173,8 +173,8 @@ def _stale_split_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> li
     problem = splits_disagree(cfg.output_dir, read_index(os.path.join(cfg.output_dir, "train")), read_index(valid))
     if problem:  # names both values and the way out; the trainer raises with the same text
         return [f"{problem}\nThe trainer refuses this directory until then."]
-    return [f"{valid} was kept from an earlier preparation (same template, supervise and tokenizer): the trainer "
-            "validates on it beside the new train/ split; pass --valid to rebuild it too"]
+    return [f"{valid} was kept from an earlier preparation (same template, supervise, reasoning format and "
+            "tokenizer): the trainer validates on it beside the new train/ split; pass --valid to rebuild it too"]
 
 
 def run(cfg: DataConfig, progress: bool = False, splits: list[str] | None = None) -> dict[str, Any]:

@@ -17,12 +17,15 @@ from bft_megatron.data.errors import DataError, check_unicode
 REASONING_KEYS = ("reasoning_content", "reasoning")  # vLLM's / Qwen3's template's name, and OpenAI-style
 
 
-def reasoning_of(item: Mapping[str, Any], where: str) -> str:
-    """The first non-blank reasoning field of a message ('' when none)."""
+def reasoning_of(item: Mapping[str, Any], where: str, role: str) -> str:
+    """The first non-blank reasoning field of a message ('' when none); on a user or system message one is an
+    error, not ignored."""
     for key in REASONING_KEYS:
         value = item.get(key)
         if value is None:
             continue
+        if role != "assistant":
+            raise DataError("", f"{where}: {key!r} on a {role} message: only an answer's reasoning is trained")
         if not isinstance(value, str):
             raise DataError("", f"{where}: {key!r} must be a string, got {value!r:.60}")
         check_unicode(value, f"{where}: {key!r} is")
@@ -32,9 +35,18 @@ def reasoning_of(item: Mapping[str, Any], where: str) -> str:
 
 
 def joined(answer: str, reasoning: str, reasoning_format: str, where: str) -> str:
-    """``answer`` written after its ``reasoning`` as ``reasoning_format`` says (its text before ``{reasoning}``, e.g.
-    ``<think>``, must not be in the answer already: the reasoning would be there twice)."""
-    opening = reasoning_format.format(reasoning="\x00", answer="").split("\x00")[0].strip()
-    if opening and opening in answer:
-        raise DataError("", f"{where}: reasoning given both in its own field and as {opening!r} in the answer")
+    """``answer`` written after its ``reasoning`` as ``reasoning_format`` says. Neither may hold the format's own
+    markers (``<think>``, ``</think>``): an answer that continues a think block (``...</think>final``) with its
+    reasoning also in a field would be trained with two."""
+    for marker in _markers(reasoning_format):
+        for text, name in ((answer, "answer"), (reasoning, "reasoning")):
+            if marker in text:
+                raise DataError("", f"{where}: reasoning given in its own field, and the {name} already holds "
+                                    f"{marker!r} (the reasoning would be there twice)")
     return reasoning_format.format(reasoning=reasoning.strip(), answer=answer.lstrip())
+
+
+def _markers(reasoning_format: str) -> list[str]:
+    """The format's literal text around ``{reasoning}`` and ``{answer}``, stripped: ['<think>', '</think>']."""
+    text = reasoning_format.format(reasoning="\x00", answer="\x00")
+    return [piece.strip() for piece in text.split("\x00") if piece.strip()]

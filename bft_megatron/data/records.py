@@ -3,9 +3,9 @@
 Shapes: ``messages`` (system/user/assistant, multi-turn), ShareGPT ``conversations`` (``from``: system/human/gpt,
 ``value``), alpaca (``instruction``/``input``/``output``) and ``prompt``/``response``; each with an optional
 top-level ``system``. Reasoning kept apart from the answer (a ``reasoning`` field next to ``output``/``response``,
-``reasoning_content`` or ``reasoning`` in an assistant message) is written before it as
-``<think>\n{reasoning}\n</think>\n\n{answer}``, the form reasoning models emit. A source's ``columns`` maps these
-field names onto its own (``{prompt: Question, reasoning: Complex_CoT, response: Response}``). Readers built on
+``reasoning_content`` or ``reasoning`` in an assistant message) is joined to the chat's last answer as
+``data.reasoning_format`` says (:mod:`bft_megatron.data.reasoning`). A source's ``columns`` maps these field names
+onto its own (``{prompt: Question, reasoning: Complex_CoT, response: Response}``). Readers built on
 Arrow fill absent keys with None, so "missing" and "null" are reported alike.
 """
 
@@ -97,7 +97,7 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
         if roles[role] == "system" and i != 0:
             raise DataError("", f"{where}: a system message is only allowed first")
         _check_nonempty(roles[role], content, where)
-        reasoning = reasoning_of(item, where) if roles[role] == "assistant" else ""
+        reasoning = reasoning_of(item, where, roles[role])
         out.append(Message(roles[role], content, reasoning, where if reasoning else ""))
     return out
 

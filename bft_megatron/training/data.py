@@ -13,7 +13,8 @@
 Every split opened is checked against the config on rank 0 (:mod:`bft_megatron.data.provenance`: strictly
 when ``data.train`` lists sources, only what the config sets otherwise; one reader of the sources, which other
 nodes need not see); a difference raises on every rank alike, before any model exists. A ``valid/`` read beside
-``train/`` must also have been prepared like it (template, supervise, tokenizer, rules: ``splits_disagree``).
+``train/`` must also have been prepared like it (template, supervise, reasoning format, tokenizer, rules:
+``splits_disagree``).
 """
 
 from __future__ import annotations
