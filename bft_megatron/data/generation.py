@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.records import Conversation
-from bft_megatron.data.templates import (_MARK, Rendered, _common_prefix_len, _eot_end, _partial_render)
+from bft_megatron.data.templates import STAND_IN, Rendered, common_prefix_len, eot_end, partial_render
 from bft_megatron.data.tokenizer import Tokenizer
 
 Chat = list[dict[str, str]]
@@ -44,7 +44,7 @@ def render_generation(conv: Conversation, tok: Tokenizer) -> Rendered:
         full = tok.apply_chat_template(msgs, add_generation_prompt=False)
     except Exception as exc:  # noqa: BLE001 - a template's raise_exception is a jinja TemplateError
         raise DataError(conv.origin, f"the tokenizer's chat template rejects this chat: {exc}") from exc
-    plain = _partial_render(tok, context)
+    plain = partial_render(tok, context)
     turn = _turn_shape(tok, context, plain)
     kept = _as_rendered(full, prompt, plain, answer, turn)
     if kept is not None:
@@ -70,18 +70,18 @@ def _as_rendered(full: str, prompt: str, plain: str | None, answer: str, turn: _
 
 
 def _turn_shape(tok: Tokenizer, context: Chat, plain: str | None) -> _Turn:
-    answer = [{"role": "assistant", "content": _MARK}]
-    marked = _partial_render(tok, context + answer)
-    if marked is None or _MARK not in marked:
+    answer = [{"role": "assistant", "content": STAND_IN}]
+    marked = partial_render(tok, context + answer)
+    if marked is None or STAND_IN not in marked:
         return _Turn(None, "", "", True)
-    at = marked.rfind(_MARK)
-    after = at + len(_MARK)
+    at = marked.rfind(STAND_IN)
+    after = at + len(STAND_IN)
     header = marked[len(plain):at] if plain is not None and marked.startswith(plain) else None
-    eot = _eot_end(marked, after, tok)
+    eot = eot_end(marked, after, tok)
     if eot is not None:
         return _Turn(header, marked[after:eot], marked[eot:], True)
-    longer = _partial_render(tok, context + answer + [{"role": "user", "content": _MARK}])
-    eot = _eot_end(longer, after, tok) if longer is not None and longer.startswith(marked[:after]) else None
+    longer = partial_render(tok, context + answer + [{"role": "user", "content": STAND_IN}])
+    eot = eot_end(longer, after, tok) if longer is not None and longer.startswith(marked[:after]) else None
     if eot is not None:
         return _Turn(header, longer[after:eot], marked[after:], False)
     # no known marker right after it: keep what the template appends (Mistral's ' </s>'; GLM's nothing)
@@ -95,7 +95,7 @@ def _opener(prompt: str, plain: str | None, header: str | None) -> str:
     if plain is None or header is None or not prompt.startswith(plain):
         return ""
     added = prompt[len(plain):]
-    return added[_common_prefix_len(added, header):]
+    return added[common_prefix_len(added, header):]
 
 
 def _after_opener(answer: str, opener: str, where: str) -> str:
@@ -114,7 +114,7 @@ def _after_opener(answer: str, opener: str, where: str) -> str:
                                f"answer does not start with {core!r} (it would be trained inside that block): write "
                                "the answer's reasoning first, or choose another template")
     written = opener[len(opener.rstrip()):]
-    return body[_common_prefix_len(written, body):]
+    return body[common_prefix_len(written, body):]
 
 
 def _squeeze(text: str) -> str:

@@ -139,12 +139,12 @@ def _warn_without_generation_prompt(tok: Tokenizer) -> None:
     header before each answer but none for ``add_generation_prompt`` leaves that header in what is trained.
     (Mistral's writes no header at all: its '[/INST]' ends the user turn.)"""
     chat = [{"role": "user", "content": "Hi"}]
-    plain = _partial_render(tok, chat)
-    marked = _partial_render(tok, chat + [{"role": "assistant", "content": _MARK}])
-    if plain is None or marked is None or not marked.startswith(plain) or _MARK not in marked:
+    plain = partial_render(tok, chat)
+    marked = partial_render(tok, chat + [{"role": "assistant", "content": STAND_IN}])
+    if plain is None or marked is None or not marked.startswith(plain) or STAND_IN not in marked:
         return
-    header = marked[len(plain):marked.index(_MARK)]
-    if header.strip() and _partial_render(tok, chat, generation=True) == plain:
+    header = marked[len(plain):marked.index(STAND_IN)]
+    if header.strip() and partial_render(tok, chat, generation=True) == plain:
         log.warning("%s's chat template writes nothing for add_generation_prompt=True, though it opens each answer "
                     "with %r: with template tokenizer_generation that header is supervised as part of the answer",
                     tok.name, header)
@@ -155,7 +155,7 @@ def _end_markers(tok: Tokenizer) -> tuple[str, ...]:
     return tuple(m for m in (tok.eos_token, *EOT_CANDIDATES) if m)
 
 
-def _eot_end(text: str, pos: int, tok: Tokenizer) -> int | None:
+def eot_end(text: str, pos: int, tok: Tokenizer) -> int | None:
     """End of the end-of-turn marker that follows the answer at ``pos``, if one is there."""
     for marker in _end_markers(tok):
         if text.startswith(marker, pos):
@@ -196,7 +196,7 @@ def _answer_span(text: str, lo: int, hi: int, content: str, tok: Tokenizer, wher
         start -= len(lead)
     if trail and end + len(trail) <= hi and text.startswith(trail, end):
         end += len(trail)
-    eot = _eot_end(text, end, tok)  # also past hi: Qwen1.5 closes a turn only once another follows it
+    eot = eot_end(text, end, tok)  # also past hi: Qwen1.5 closes a turn only once another follows it
     if eot is not None:
         return start, eot
     tail = text[end:hi].rstrip()
@@ -219,11 +219,11 @@ def _render_tokenizer(conv: Conversation, tok: Tokenizer) -> Rendered:
     for i, m in enumerate(conv.messages):
         if m.role != "assistant":
             continue
-        upto = _partial_render(tok, msgs[: i + 1])
+        upto = partial_render(tok, msgs[: i + 1])
         bounded = upto is not None and full.startswith(upto)  # this turn ends where the full chat's does
-        mark = _MARK_ALT if m.content.strip().startswith(_MARK[0]) else _MARK
-        marked = _partial_render(tok, msgs[:i] + [{"role": "assistant", "content": mark}] + msgs[i + 1:])
-        anchor = _common_prefix_len(marked, full) if marked is not None else None
+        mark = STAND_IN_ALT if m.content.strip().startswith(STAND_IN[0]) else STAND_IN
+        marked = partial_render(tok, msgs[:i] + [{"role": "assistant", "content": mark}] + msgs[i + 1:])
+        anchor = common_prefix_len(marked, full) if marked is not None else None
         span = _answer_span(full, cursor, len(upto) if bounded else len(full), m.content, tok, conv.origin,
                             anchor=anchor, open_tail=bounded or i == last)
         spans.append(span)
@@ -238,18 +238,18 @@ def _close_last_answer(full: str, spans: list[Span], msgs: list[dict[str, str]],
     start, end = spans[-1]
     if full[end:].strip() or full[:end].endswith(_end_markers(tok)):
         return Rendered(full, tuple(spans))
-    longer = _partial_render(tok, msgs + [{"role": "user", "content": _MARK}])
-    eot = _eot_end(longer, end, tok) if longer is not None and longer.startswith(full[:end]) else None
+    longer = partial_render(tok, msgs + [{"role": "user", "content": STAND_IN}])
+    eot = eot_end(longer, end, tok) if longer is not None and longer.startswith(full[:end]) else None
     if eot is None:
         return Rendered(full, tuple(spans))
     return Rendered(full[:end] + longer[end:eot] + full[end:], (*spans[:-1], (start, eot)))
 
 
-_MARK = "\x00\x01"  # an answer's stand-in: no chat text starts with it (one that does gets _MARK_ALT)
-_MARK_ALT = "\x01\x00"
+STAND_IN = "\x00\x01"  # an answer's stand-in: no chat text starts with it (one that does gets STAND_IN_ALT)
+STAND_IN_ALT = "\x01\x00"
 
 
-def _common_prefix_len(a: str, b: str) -> int:
+def common_prefix_len(a: str, b: str) -> int:
     """Length of the common prefix, by bisection over C-speed comparisons (os.path.commonprefix compares
     character by character in Python: once per answer over the whole chat, it doubled preparation time)."""
     lo, hi = 0, min(len(a), len(b))
@@ -262,7 +262,7 @@ def _common_prefix_len(a: str, b: str) -> int:
     return lo
 
 
-def _partial_render(tok: Tokenizer, msgs: list[dict[str, str]], generation: bool = False) -> str | None:
+def partial_render(tok: Tokenizer, msgs: list[dict[str, str]], generation: bool = False) -> str | None:
     """The chat template over another chat than the record's (its first turns, a stand-in answer, one more turn);
     None where the template rejects that chat (roles must alternate, ...): the caller then does without."""
     try:
