@@ -136,12 +136,15 @@ class DataConfig:
 
 def _check_reasoning_format(value: object) -> None:
     """Exactly one ``{reasoning}`` and one ``{answer}``, no other fields (literal braces doubled, as str.format)."""
-    try:
+    fields = None
+    if isinstance(value, str):
+        try:
+            parsed = list(string.Formatter().parse(value))
+        except ValueError as exc:  # a single '{' or '}'
+            _fail("reasoning_format", value, f"not a format string ({exc}); write literal braces as {{{{ and }}}}")
+        # a conversion or format spec makes the field another name: '{reasoning!r}' is not '{reasoning}'
         fields = [f + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "")
-                  for _, f, spec, conv in string.Formatter().parse(value) if f is not None] \
-            if isinstance(value, str) else None
-    except ValueError as exc:  # a single '{' or '}'
-        _fail("reasoning_format", value, f"not a format string ({exc}); write literal braces as {{{{ and }}}}")
+                  for _, f, spec, conv in parsed if f is not None]
     if fields is None or sorted(fields) != ["answer", "reasoning"]:
         _fail("reasoning_format", value, "must hold {reasoning} and {answer} once each and no other {field}, e.g. "
                                          f"{REASONING_FORMAT!r}")

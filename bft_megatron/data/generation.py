@@ -13,6 +13,7 @@ strips or rewrites it, the answer's own text follows the prompt, less what the p
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from bft_megatron.data.errors import DataError
@@ -21,6 +22,7 @@ from bft_megatron.data.templates import STAND_IN, Rendered, common_prefix_len, e
 from bft_megatron.data.tokenizer import Tokenizer
 
 Chat = list[dict[str, str]]
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,19 @@ def render_generation(conv: Conversation, tok: Tokenizer) -> Rendered:
     body = _after_opener(answer, _opener(prompt, plain, turn.header), conv.origin)
     text = prompt + body + turn.closing
     return Rendered(text + turn.trailer, ((len(prompt), len(text)),), len(prompt))
+
+
+def warn_without_generation_prompt(tok: Tokenizer) -> None:
+    """What follows the generation prompt is supervised: a template that writes an assistant header before each
+    answer but none for ``add_generation_prompt`` leaves that header in what is trained. (Mistral's writes no
+    header at all: its '[/INST]' ends the user turn.)"""
+    chat = [{"role": "user", "content": "Hi"}]
+    plain = partial_render(tok, chat)
+    header = _turn_shape(tok, chat, plain).header
+    if header and header.strip() and partial_render(tok, chat, generation=True) == plain:
+        log.warning("%s's chat template writes nothing for add_generation_prompt=True, though it opens each answer "
+                    "with %r: with template tokenizer_generation that header is supervised as part of the answer",
+                    tok.name, header)
 
 
 def _as_rendered(full: str, prompt: str, plain: str | None, answer: str, turn: _Turn) -> Rendered | None:

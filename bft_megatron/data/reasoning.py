@@ -1,7 +1,8 @@
 """Reasoning kept apart from an answer (a ``reasoning`` column, a message's ``reasoning_content``), joined to it.
 
 Records carry it on the answer's :class:`~bft_megatron.data.records.Message` (``reasoning``, ``reasoning_at``);
-:func:`join_last_reasoning` writes the chat's last answer as ``data.reasoning_format`` says, by default
+``records.to_conversation`` writes the chat's last answer with it (:func:`joined`) as ``data.reasoning_format`` says,
+by default
 ``<think>\\n{reasoning}\\n</think>\\n\\n{answer}``, the form reasoning models (DeepSeek-R1 and its distills, QwQ, Qwen3)
 emit. An earlier answer's reasoning is not joined: reasoning models' templates drop it from history, so the model
 never sees it in a prompt, and ``template: tokenizer`` would not find such an answer in the rendering. It stays on

@@ -107,7 +107,9 @@ def check_template(name: str, tok: Tokenizer) -> None:
             raise DataError(f"template={name!r}", f"{tok.name} has no chat_template")
         _warn_without_stop(tok)
         if name == GENERATION:
-            _warn_without_generation_prompt(tok)
+            from bft_megatron.data.generation import warn_without_generation_prompt  # builds on this module
+
+            warn_without_generation_prompt(tok)
         return
     for marker in REQUIRED_TOKENS[name]:
         ids, _ = tok.encode_offsets(marker)
@@ -132,22 +134,6 @@ def _warn_without_stop(tok: Tokenizer) -> None:
                     "are supervised without an end-of-turn token, so the model is not trained to stop; choose a "
                     "built-in template (data.template) or a tokenizer whose template ends each turn with one",
                     tok.name, " / ".join(dict.fromkeys(_end_markers(tok))))
-
-
-def _warn_without_generation_prompt(tok: Tokenizer) -> None:
-    """``tokenizer_generation`` supervises what follows the generation prompt: a template that writes an assistant
-    header before each answer but none for ``add_generation_prompt`` leaves that header in what is trained.
-    (Mistral's writes no header at all: its '[/INST]' ends the user turn.)"""
-    chat = [{"role": "user", "content": "Hi"}]
-    plain = partial_render(tok, chat)
-    marked = partial_render(tok, chat + [{"role": "assistant", "content": STAND_IN}])
-    if plain is None or marked is None or not marked.startswith(plain) or STAND_IN not in marked:
-        return
-    header = marked[len(plain):marked.index(STAND_IN)]
-    if header.strip() and partial_render(tok, chat, generation=True) == plain:
-        log.warning("%s's chat template writes nothing for add_generation_prompt=True, though it opens each answer "
-                    "with %r: with template tokenizer_generation that header is supervised as part of the answer",
-                    tok.name, header)
 
 
 def _end_markers(tok: Tokenizer) -> tuple[str, ...]:
