@@ -1,10 +1,14 @@
 """Launch tests/train_worker.py on N gloo processes with torchrun and return rank 0's results."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+
 from bft_megatron.parallel.bootstrap import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,11 +32,37 @@ def _run(nproc: int, runs: list[dict], tmp: str, timeout: int) -> tuple[subproce
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     # Output goes to a file, not a pipe: a stray grandchild holding a pipe would block us until timeout.
     with open(os.path.join(tmp, "log.txt"), "w+") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
-                              timeout=timeout)
+        child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            child.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _dump_stacks_and_kill(child, log)
+            log.seek(0)
+            raise RuntimeError(f"workers still running after {timeout} s; their stacks (SIGUSR2):\n"
+                               f"{log.read()[-40000:]}") from None
         log.seek(0)
-        proc.stdout = log.read()
+        proc = subprocess.CompletedProcess(cmd, child.returncode, log.read())
     return proc, out
+
+
+def _dump_stacks_and_kill(child: subprocess.Popen, log) -> None:
+    """A hung launch: every worker process (and its forks, e.g. an async checkpoint writer) writes all its threads'
+    stacks into the log, one process after another (train_worker.py registers faulthandler on SIGUSR2); then the
+    whole tree is killed, so no orphan keeps running into later tests."""
+    import psutil
+
+    tree = psutil.Process(child.pid).children(recursive=True)
+    for proc in tree:
+        with contextlib.suppress(psutil.Error):
+            if any(part.endswith("train_worker.py") for part in proc.cmdline()):
+                # os.write: at the offset the workers share (the file object's buffer keeps its own position)
+                os.write(log.fileno(), f"\n=== stacks of pid {proc.pid} (parent {proc.ppid()})\n".encode())
+                proc.send_signal(signal.SIGUSR2)
+                time.sleep(1)
+    for proc in tree + [psutil.Process(child.pid)]:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    child.wait()
 
 
 def launch(nproc: int, runs: list[dict], timeout: int = 400) -> list[dict]:

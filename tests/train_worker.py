@@ -11,6 +11,7 @@ too). A run whose checkpoint load raises ``ConfigError`` reports every rank's me
 not train.
 """
 
+import faulthandler
 import json
 import logging
 import os
@@ -156,6 +157,7 @@ def run_one(spec: dict) -> dict:
 def main() -> None:
     import torch.distributed as dist
 
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # tests/launch.py: a hung launch's stacks
     with open(sys.argv[1]) as fh:
         job = json.load(fh)
     results = [run_one(spec) for spec in job["runs"]]
