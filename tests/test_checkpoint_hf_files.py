@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from bft_megatron.checkpoint import pointer
+from bft_megatron.config import to_dict
 from tests.launch import ROOT, TINY
 from tests.test_train_export_hf import CHATS, DEMO_TOKENIZER, _env
 
@@ -221,6 +222,35 @@ def test_hf_files_without_a_tokenizer_and_after_a_resume(tmp_path, log_records):
     assert _hf_writer([f"data.tokenizer={tmp_path / 'tok' / 'sp.model'}"]).write(str(old), torch.float32)
     shutil.rmtree(tmp_path / "tok")
     resumed = _hf_writer([f"data.tokenizer={tmp_path / 'tok' / 'sp.model'}"])
-    resumed.resumed = str(old)
+    resumed.resume(str(old), to_dict(resumed.cfg))
     assert resumed.write(str(new), torch.float32)
     assert _side_files(new / "hf") == _side_files(old / "hf")
+
+
+def test_a_resume_with_another_template_stores_the_configs(tmp_path, log_records):
+    """The resumed checkpoint's hf/ is carried on only while the training tokenizer is gone: resumed with another
+    data.template (the data re-prepared), the new checkpoints carried the old chat template and eos ids, and so
+    did their exports. Without the tokenizer the old files are all there is, and a warning says so."""
+    import torch
+
+    tok = tmp_path / "sp.model"
+    shutil.copy(os.path.join(ROOT, DEMO_TOKENIZER), tok)
+    old, new, gone = tmp_path / "old", tmp_path / "new", tmp_path / "gone"
+    for d in (old, new, gone):
+        d.mkdir()
+    assert _hf_writer([f"data.tokenizer={tok}"]).write(str(old), torch.float32)  # chatml
+    saved = to_dict(_hf_writer([f"data.tokenizer={tok}"]).cfg)
+    resumed = _hf_writer([f"data.tokenizer={tok}", "data.template=llama3"])
+    resumed.resume(str(old), saved)
+    assert resumed.write(str(new), torch.float32)
+    template = (new / "hf" / "chat_template.jinja").read_text()
+    assert "start_header_id" in template and "im_start" not in template
+    assert "im_start" in (old / "hf" / "chat_template.jinja").read_text()
+    assert not [r for r in log_records if r.levelno >= logging.WARNING]
+    tok.unlink()
+    carried = _hf_writer([f"data.tokenizer={tok}", "data.template=llama3"])
+    carried.resume(str(old), saved)
+    assert carried.write(str(gone), torch.float32)
+    assert _side_files(gone / "hf") == _side_files(old / "hf")
+    warnings = [r.getMessage() for r in log_records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "data.template=llama3 (the checkpoint's: chatml)" in warnings[0], warnings

@@ -143,3 +143,81 @@ def test_vp_1_is_the_saved_layout_of_no_virtual_pipeline(tmp_path):
     check_paths(load_config(None, TINY + ["parallel.vp=1", f"checkpoint.save={d}"]), data=False)
     with pytest.raises(ConfigError, match=r"dp_reshardable format .* this run changes tp 1 -> 2"):
         check_paths(load_config(None, TINY + ["parallel.tp=2", f"checkpoint.save={d}"]), data=False)
+
+
+@pytest.mark.parametrize("saved, resumed", [("true", "false"), ("false", "true")])
+def test_a_full_resume_cannot_switch_the_distributed_optimizer(tmp_path, saved, resumed):
+    """megatron's distributed and plain optimizers do not load each other's state: the load failed inside megatron
+    (KeyError 'pre_wd_mult' one way, a missing optimizer.state key the other), after the model was built."""
+    from tests.launch import TINY
+
+    d = _saved(tmp_path, f"parallel.distributed_optimizer={saved}")
+    switched = TINY + [f"parallel.distributed_optimizer={resumed}"]
+    with pytest.raises(ConfigError, match=rf"parallel.distributed_optimizer={resumed}: .*iter_0000002 was saved with "
+                                          rf"parallel.distributed_optimizer={saved}, .*Set it back, or start a new run"):
+        check_paths(load_config(None, switched + [f"checkpoint.save={d}"]), data=False)
+    check_paths(load_config(None, TINY + [f"parallel.distributed_optimizer={saved}", f"checkpoint.save={d}"]),
+                data=False)
+    finetune = [f"checkpoint.load={d}", "checkpoint.finetune=true", f"checkpoint.save={tmp_path}/new"]
+    check_paths(load_config(None, switched + finetune), data=False)  # weights only: a fresh optimizer
+
+
+def test_complete_checkpoints_without_latest_in_checkpoint_save_are_not_trained_over(tmp_path):
+    """``iter_`` directories copied without ``latest`` (or a first save killed between its shards and its commit):
+    the run started from scratch, saying there was no complete checkpoint, and its saves then overwrote or pruned
+    them. Now a config error, unless ``checkpoint.load`` names one of them; an unfinished one is no reason."""
+    from bft_megatron.checkpoint.manager import Checkpointer
+    from tests.launch import TINY
+
+    d = str(tmp_path / "run")
+    os.makedirs(os.path.join(d, pointer.iter_dirname(6)))  # a save that never finished: not a checkpoint
+    save = [f"checkpoint.save={d}", "checkpoint.keep_last=1"]
+    check_paths(load_config(None, TINY + save), data=False)
+    assert Checkpointer(load_config(None, TINY + save), SimpleNamespace(rank=0, control=None)).load(None) is False
+    for i in (2, 4):
+        megatron_marker(os.path.join(d, pointer.iter_dirname(i)), checkpoint_common(load_config(None, TINY), i))
+    message = (rf"checkpoint.save={d} holds 2 complete checkpoints \(iter_0000002, iter_0000004\) but no 'latest' "
+               rf"pointer .* Resume with checkpoint.load={d}/iter_0000004, or move them away")
+    for load in ([], [f"checkpoint.load={d}"]):  # Megatron-LM's --load X --save X: the same
+        cfg = load_config(None, TINY + save + load)
+        with pytest.raises(ConfigError, match=message):
+            check_paths(cfg, data=False)
+        with pytest.raises(ConfigError, match=message):
+            Checkpointer(cfg, SimpleNamespace(rank=0, control=None)).load(trainer=None)
+    check_paths(load_config(None, TINY + save + [f"checkpoint.load={d}/iter_0000002"]), data=False)
+    elsewhere = [f"checkpoint.load={d}/iter_0000004", f"checkpoint.save={tmp_path}/new"]
+    check_paths(load_config(None, TINY + elsewhere), data=False)  # a new run from it leaves them alone
+    finetune_into = save + [f"checkpoint.load={tmp_path}/other", "checkpoint.finetune=true"]
+    with pytest.raises(ConfigError, match=message):  # a fine-tune saving there would prune them too
+        check_paths(load_config(None, TINY + finetune_into), data=False)
+    assert sorted(os.listdir(d)) == ["iter_0000002", "iter_0000004", "iter_0000006"]
+
+
+def test_a_load_the_runs_own_latest_overrides_is_said(tmp_path, log_records):
+    """``checkpoint.save``'s ``latest`` wins over ``checkpoint.load`` (requeues go on): said at info level, and as a
+    warning, with how to go back, where the load names another checkpoint of the same directory."""
+    import logging
+
+    from bft_megatron.checkpoint.manager import Checkpointer
+    from tests.launch import TINY
+
+    d = _run_dir(tmp_path, "latest5")
+    megatron_marker(os.path.join(d, pointer.iter_dirname(5)))
+    pretrained = _run_dir(tmp_path / "pretrained", "latest5")
+    megatron_marker(os.path.join(pretrained, pointer.iter_dirname(5)))
+
+    def source(load: str):
+        cfg = load_config(None, TINY + [f"checkpoint.save={d}", f"checkpoint.load={load}"])
+        return Checkpointer(cfg, SimpleNamespace(rank=0, control=None))._source()
+
+    for load in (d, f"{d}/iter_0000005", f"{d}/"):  # --load X --save X, or its latest by name: nothing to say
+        assert source(load) == ("own", os.path.join(d, "iter_0000005"))
+    assert not [r for r in log_records if "is not read" in r.getMessage()]
+    assert source(f"{d}/iter_0000002")[1] == os.path.join(d, "iter_0000005")
+    assert source(pretrained)[1] == os.path.join(d, "iter_0000005")
+    said = [(r.levelno, r.getMessage()) for r in log_records if "is not read" in r.getMessage()]
+    assert said[0][0] == logging.WARNING and said[0][1].startswith(f"checkpoint.load={d}/iter_0000002 is not read: "
+                                                                   "checkpoint.save's 'latest' names iter_0000005")
+    assert f"To go back to iter_0000002, write its name into {d}/latest" in said[0][1]
+    assert said[1][0] == logging.INFO and f"checkpoint.load={pretrained} is not read: resuming this run's" in said[1][1]
+    assert len(said) == 2

@@ -22,9 +22,9 @@ def check_loadable(common: dict, cfg, path: str, *, finetune: bool, own: bool, l
                    rank: int = 0) -> None:
     """Raise :class:`ConfigError` naming the fields if ``cfg`` cannot load ``path`` (``common``: its common
     state): a weights-only checkpoint (an import) in the run's own ``checkpoint.save``, another model, and for a
-    full resume another learning-rate schedule (``scheduler``: built from ``cfg``) or an optimizer format that
-    cannot be resharded to ``layout`` (tp, pp, vp, cp). ``rank`` 0 logs the warnings and notes (-1: none, for
-    the pre-flight, whose load repeats them)."""
+    full resume another learning-rate schedule (``scheduler``: built from ``cfg``), another optimizer
+    (``parallel.distributed_optimizer``) or an optimizer format that cannot be resharded to ``layout`` (tp, pp, vp,
+    cp). ``rank`` 0 logs the warnings and notes (-1: none, for the pre-flight, whose load repeats them)."""
     if own and "train_state" not in common:
         # checkpoint.save is an import's directory (Megatron-LM's --load X --save X with X from `convert import`):
         # the import wins as "own" and cannot be resumed, whatever checkpoint.finetune says, and keep_last would
@@ -40,9 +40,23 @@ def check_loadable(common: dict, cfg, path: str, *, finetune: bool, own: bool, l
         return
     if scheduler is not None:
         check_schedule(scheduler, common, cfg, path, rank)
-    problem = optimizer_layout_problem(common, layout, path)
+    problem = _optimizer_kind_problem(common, cfg, path) or optimizer_layout_problem(common, layout, path)
     if problem:
         raise ConfigError(problem)
+
+
+def _optimizer_kind_problem(common: dict, cfg, path: str) -> str | None:
+    """Why a full resume cannot switch ``parallel.distributed_optimizer``, or None: megatron's distributed optimizer
+    and its plain one name their state differently (flat DP shards vs per-parameter), and neither loads the
+    other's; the load failed inside megatron with a KeyError (exit 1, a crash to SLURM's requeue)."""
+    saved = ((common.get("config") or {}).get("parallel") or {}).get("distributed_optimizer")
+    now = cfg.parallel.distributed_optimizer
+    if saved is None or bool(saved) == now:
+        return None
+    return (f"parallel.distributed_optimizer={str(now).lower()}: {path} was saved with "
+            f"parallel.distributed_optimizer={str(bool(saved)).lower()}, and a full resume cannot load one "
+            "optimizer's state into the other. Set it back, or start a new run from its weights: "
+            "checkpoint.load=<that run> checkpoint.finetune=true with another checkpoint.save (fresh optimizer state)")
 
 
 def config_scheduler(cfg):

@@ -9,10 +9,11 @@ directory ``data.tokenizer`` names is moved or deleted (the export prefers this 
 has (``pointer.HF_SUBDIR``), but lives in the ``iter_`` directory: it is part of that checkpoint
 (written before ``latest`` names it, pruned with it).
 
-A full resume takes them from the resumed checkpoint's ``hf/`` (:attr:`CheckpointHF.resumed`), as an export
+A full resume takes them from the resumed checkpoint's ``hf/`` (:meth:`CheckpointHF.resume`), as an export
 would: the run's tokenizer directory may be gone by then (prepared data needs none to train), and new checkpoints
 rendered from its recorded path would carry no ``hf/``, and, once ``keep_last`` pruned the old ones, no export of
-the run would have its tokenizer.
+the run would have its tokenizer. Where the training tokenizer is still there, a resume renders them from the
+config instead, so a changed ``data.template`` or ``data.tokenizer`` reaches the new checkpoints.
 
 Global rank 0 renders the files once, at the first save (the tokenizer does not change during a run), keeps
 them in memory (a few MB) and writes them into every checkpoint through a hidden staging directory renamed to
@@ -45,7 +46,25 @@ class CheckpointHF:
         self._files: dict[str, bytes] | None = None  # name -> content, rendered at the first save
         self._no_tokenizer = False  # nothing to store (logged once)
         self._warned = False
-        self.resumed: str | None = None  # the checkpoint a full resume loaded (its hf/ wins); set by the loader
+        self.resumed: str | None = None  # a full resume's checkpoint, whose hf/ is carried on: :meth:`resume`
+
+    def resume(self, path: str, saved: dict) -> None:
+        """A full resume of ``path`` (``saved``: the config it was written with). Where the config's training
+        tokenizer is still there, new checkpoints render the files from the config: the resumed checkpoint's copy
+        predates any change of ``data.template`` or ``data.tokenizer``, and carried on it would give every later
+        checkpoint and export the old chat template and stop ids. Where it is gone, they carry that copy on."""
+        from bft_megatron.config.base import to_dict
+        from bft_megatron.convert.sources import training_tokenizer
+
+        if training_tokenizer(to_dict(self.cfg)) is not None:
+            return
+        self.resumed = path
+        before = (saved.get("data") or {}).get("template")
+        if before is not None and before != self.cfg.data.template:
+            _log.warning("resuming %s with data.template=%s (the checkpoint's: %s) and without the training "
+                         "tokenizer: this run's checkpoints carry the resumed checkpoint's %s/ files, rendered with "
+                         "%s; set data.tokenizer to store the new template", path, self.cfg.data.template, before,
+                         HF_SUBDIR, before)
 
     def write(self, iter_dir: str, dtype) -> bool:
         """Write the files into ``iter_dir/hf``; False (nothing written) when there is no tokenizer or it

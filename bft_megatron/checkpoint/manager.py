@@ -237,7 +237,11 @@ class Checkpointer:
         own = pointer.read_latest(self.ckpt.save) if self.ckpt.save else None
         if own is not None:
             pointer.require_loadable("checkpoint.save", self.ckpt.save, own)
+            self._say_load_is_not_read(own)
             return "own", own
+        unreferenced = pointer.unreferenced_problem(self.ckpt.save, self.ckpt.load)
+        if unreferenced:
+            raise ConfigError(unreferenced)
         if not self.ckpt.load:
             return "none", None
         path = pointer.resolve_load_dir(self.ckpt.load)
@@ -255,6 +259,21 @@ class Checkpointer:
         pointer.require_loadable("checkpoint.load", self.ckpt.load, path)
         return "load", path
 
+    def _say_load_is_not_read(self, own: str) -> None:
+        """Log that ``checkpoint.load`` is not read because the run's own ``latest`` (``own``) wins; a warning where
+        it names another checkpoint of the same run directory (an attempt to go back to it)."""
+        target = pointer.resolve_load_dir(self.ckpt.load) if self.ckpt.load else None
+        if target is None or os.path.realpath(target) == os.path.realpath(own):
+            return
+        if os.path.realpath(os.path.dirname(os.path.normpath(target))) != os.path.realpath(self.ckpt.save):
+            _log.info("checkpoint.load=%s is not read: resuming this run's own checkpoint %s (checkpoint.save's "
+                      "'latest' always wins, so a requeued job goes on)", self.ckpt.load, own)
+            return
+        _log.warning("checkpoint.load=%s is not read: checkpoint.save's 'latest' names %s, and a run's own latest "
+                     "checkpoint always wins (a requeued job goes on from it). To go back to %s, write its name "
+                     "into %s (the newer checkpoints are then removed as the run passes them)", self.ckpt.load,
+                     os.path.basename(own), os.path.basename(target), os.path.join(self.ckpt.save, pointer.LATEST))
+
     def _load_path(self, trainer, path: str, finetune: bool, own: bool = False) -> bool:
         from megatron.core import dist_checkpointing
 
@@ -270,7 +289,7 @@ class Checkpointer:
             warn_data_order(common, self.cfg.data.seed, trainer.train_data.sampler.num_rows, path, self.groups.rank)
             self._load_full(trainer, path, common, same_layout)
             if self._hf is not None:  # the same run goes on: its checkpoints keep the resumed one's HF files
-                self._hf.resumed = path
+                self._hf.resume(path, common.get("config") or {})
         _log.info("loaded %s (%s%s)", path, "weights only" if finetune else "full state",
                   "" if same_layout else f", resharded from {common.get('layout')}")
         return True

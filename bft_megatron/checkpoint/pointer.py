@@ -23,8 +23,7 @@ import shutil
 from bft_megatron.utils.files import atomic_write_text
 
 __all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "load_problem", "require_loadable",
-           "list_iterations",
-           "prune", "commit", "existing_checkpoint", "HF_SUBDIR"]
+           "list_iterations", "unreferenced_problem", "prune", "commit", "existing_checkpoint", "HF_SUBDIR"]
 
 LATEST = "latest"
 # HF files (config.json, tokenizer, chat template) beside the weights: in an import's run directory, and in each
@@ -71,7 +70,7 @@ def load_problem(field: str, value: str, path: str) -> str | None:
         why = "does not exist"
     elif not os.path.isdir(path):
         why = "is not a directory"
-    elif not (_readable_marker(path) and os.path.isfile(os.path.join(path, _COMMON))):
+    elif not _complete(path):
         why = (f"holds no megatron checkpoint (no readable metadata.json or no {_COMMON}: empty, or a save that "
                "never finished)")
     else:
@@ -84,6 +83,28 @@ def load_problem(field: str, value: str, path: str) -> str | None:
     return (f"{field}={value}: its '{LATEST}' names {name}, which {why}; point '{LATEST}' at a "
             f"complete iter_ directory there ({', '.join(complete[-3:]) or 'there is none'}), or remove it to start "
             "without this checkpoint")
+
+
+def unreferenced_problem(save: str, load: str | None) -> str | None:
+    """Why a run cannot save into ``save`` (``checkpoint.save``): it has no ``latest`` but holds complete ``iter_``
+    directories (copied without ``latest``, or a first save killed between its last shard and its commit), and
+    ``load`` (``checkpoint.load``) does not name one of them. Such a run started from scratch (logging "no complete
+    checkpoint yet") and then overwrote them (a save of the same iteration) or pruned them (``keep_last``)."""
+    if not save or os.path.lexists(os.path.join(save, LATEST)):
+        return None
+    names = [n for n in map(iter_dirname, list_iterations(save)) if _complete(os.path.join(save, n))]
+    target = resolve_load_dir(load) if load else None
+    if not names or (target and os.path.realpath(os.path.dirname(os.path.normpath(target))) == os.path.realpath(save)):
+        return None
+    return (f"checkpoint.save={save} holds {len(names)} complete checkpoint{'s' if len(names) > 1 else ''} "
+            f"({', '.join(names[-3:])}) but no '{LATEST}' pointer (copied without it, or a first save killed between "
+            "its last shard and its commit); a run saving there would start from scratch and overwrite or prune "
+            f"{'them' if len(names) > 1 else 'it'}. Resume with checkpoint.load={os.path.join(save, names[-1])}, "
+            "or move them away (or set another checkpoint.save) to start without them")
+
+
+def _complete(path: str) -> bool:
+    return _readable_marker(path) and os.path.isfile(os.path.join(path, _COMMON))
 
 
 def require_loadable(field: str, value: str, path: str) -> None:

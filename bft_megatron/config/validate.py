@@ -307,7 +307,7 @@ def check_paths(cfg: Config, data: bool = True, contents: bool = True) -> None:
     if data:
         _check_data_paths(cfg.data)
     c = cfg.checkpoint
-    from bft_megatron.checkpoint.pointer import read_latest, resolve_load_dir
+    from bft_megatron.checkpoint.pointer import read_latest, resolve_load_dir, unreferenced_problem
 
     # Else the run trains to its first save and dies there with NotADirectoryError, its steps lost (and a
     # TensorBoard directory that is a file fails the start with a FileExistsError traceback).
@@ -322,6 +322,9 @@ def check_paths(cfg: Config, data: bool = True, contents: bool = True) -> None:
         if contents:
             _check_against_checkpoint(cfg, ("checkpoint.save", c.save), own, finetune=False, own=True)
         return
+    if contents:
+        unreferenced = unreferenced_problem(c.save, c.load)
+        _require(unreferenced is None, unreferenced)
     if not c.load or (loads_own_save_dir(c) and not c.finetune):
         return
     why = ("checkpoint.finetune=true starts from it" if c.finetune else

@@ -31,7 +31,7 @@ from bft_megatron.data.tokenizer import has_tokenizer_files
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["TokenizerSource", "ExportSources", "find_sources", "is_tokenizer", "resolve_path", "stored_hf_dir",
-           "CLI_HINT", "TRAINER_HINT"]
+           "training_tokenizer", "CLI_HINT", "TRAINER_HINT"]
 
 _log = get_logger(__name__)
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -120,6 +120,13 @@ def _training_tokenizer(config: dict) -> tuple[str | None, str, str | None, dict
     if record and record.get("path"):
         return record["path"], f"{data.get('output_dir')}'s tokenizer {record['path']}", prepared_template, record
     return None, "data.tokenizer (not set)", None, None
+
+
+def training_tokenizer(config: dict) -> str | None:
+    """Where the tokenizer the training data was tokenized with is (``data.tokenizer``, else the prepared data's
+    record), or None when it is gone or not known."""
+    found = resolve_path(_training_tokenizer(config)[0])
+    return found if is_tokenizer(found) else None
 
 
 def _import_hf_dir(load: str | None) -> str | None:
