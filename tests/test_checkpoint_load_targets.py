@@ -153,8 +153,9 @@ def test_a_full_resume_cannot_switch_the_distributed_optimizer(tmp_path, saved, 
 
     d = _saved(tmp_path, f"parallel.distributed_optimizer={saved}")
     switched = TINY + [f"parallel.distributed_optimizer={resumed}"]
-    with pytest.raises(ConfigError, match=rf"parallel.distributed_optimizer={resumed}: .*iter_0000002 was saved with "
-                                          rf"parallel.distributed_optimizer={saved}, .*Set it back, or start a new run"):
+    message = (rf"parallel.distributed_optimizer={resumed}: .*iter_0000002 was saved with "
+               rf"parallel.distributed_optimizer={saved}, .*Set it back, or start a new run")
+    with pytest.raises(ConfigError, match=message):
         check_paths(load_config(None, switched + [f"checkpoint.save={d}"]), data=False)
     check_paths(load_config(None, TINY + [f"parallel.distributed_optimizer={saved}", f"checkpoint.save={d}"]),
                 data=False)
