@@ -258,3 +258,22 @@ def test_config_warnings_come_from_rank_0_only_and_a_bad_rank_is_no_traceback(mo
     _, layout = load_checked("configs/demo_cpu.yaml", ["data.seq_length=512"], log, check=False, dry_run=True)
     assert layout.world_size == 1
     assert [level for level, _ in log.records] == (["warning"] if warned else [])
+
+
+def test_a_real_run_of_several_processes_without_a_launcher_is_refused():
+    """``WORLD_SIZE=2 bft-megatron train ...`` (WORLD_SIZE exported for --check, then a real start) waited silently
+    for a second process until the collective timeout, and a SIGTERM did not end it; --check and --dry-run still
+    take WORLD_SIZE by hand. (A subprocess: the broken behaviour hangs, and the timeout kills it.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "RANK"}
+    env["WORLD_SIZE"] = "2"
+    cmd = [sys.executable, "-m", "bft_megatron.train", "--config", "configs/demo_cpu.yaml", "train.global_batch_size=8"]
+    run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert ("config error: WORLD_SIZE=2 but RANK is not set: no launcher started this process, and the other 1 "
+            "would never join. Start a run of several processes with launch/torchrun.sh") in run.stderr
+    planned = subprocess.run(cmd + ["--dry-run"], env=env, capture_output=True, text=True, timeout=120)
+    assert planned.returncode == 0, planned.stderr[-2000:]

@@ -22,6 +22,8 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
     try:
         cfg = load_config(config_path, overrides)
         layout = validate(cfg, _world_size())
+        if not (check or dry_run):
+            _require_launcher()
         if not dry_run:  # the checkpoint's contents on global rank 0 alone, as the load decides (check_paths)
             check_paths(cfg, data=check, contents=check or _global_rank_zero())
             if check:  # prepared data the trainer would refuse (another template or tokenizer, valid/ vs train/)
@@ -51,3 +53,18 @@ def _world_size() -> int:
     except ValueError:
         raise ConfigError(f"WORLD_SIZE={text!r} is not a whole number of processes (unset it for 1, or set "
                           "WORLD_SIZE=N to check or plan for N processes)") from None
+
+
+def _require_launcher() -> None:
+    """A real run of WORLD_SIZE > 1 processes needs the launcher that starts them and gives each its ``RANK``. With
+    only ``WORLD_SIZE`` set by hand (as for ``--check`` and ``--dry-run``) the one process waited for the others,
+    silently, until the collective timeout (30 minutes), and a SIGTERM only flagged an exit it never reached."""
+    from bft_megatron.config import ConfigError
+
+    world = os.environ.get("WORLD_SIZE", "1").strip()
+    if world != "1" and "RANK" not in os.environ:
+        raise ConfigError(f"WORLD_SIZE={world} but RANK is not set: no launcher started this process, and the "
+                          f"other {int(world) - 1} would never join. Start a run of several processes with "
+                          "launch/torchrun.sh (or torchrun --nproc-per-node N, or launch/slurm.sbatch), which set "
+                          "RANK for each; WORLD_SIZE by hand is for --check and --dry-run (unset it to train in one "
+                          "process)")
