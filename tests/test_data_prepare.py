@@ -115,6 +115,10 @@ def test_cli_warnings_name_the_flags_the_trainer_names_as_config_keys(tmp_path):
     assert as_flags("(data.seed=1,data.seq_length=8:data.packing=false)") == "(--seed 1,--seq-length 8:--packing false)"
     text = "config file data.seed.yaml: No such file; in/data.train.jsonl:line 2; runs/data.seed=1/x"  # paths stay
     assert as_flags(text) == text
+    # the key where it is meant (a --config key), and a YAML path into the sources (--input[0] is no flag)
+    for text in ("pass --input PATH (or list data.train in --config)", "or set data.tokenizer in --config)",
+                 "unknown key 'pth' in section 'data.train[0]'"):
+        assert as_flags(text) == text
 
 
 @pytest.mark.parametrize("workers, seconds, cores, warned", [(1, 1165.0, 32, True), (1, 30.0, 32, False),

@@ -155,10 +155,11 @@ def main(argv: list[str]) -> int:
 def as_flags(text: str) -> str:
     """The shared warnings name config keys (``data.truncation=drop``, the trainer's spelling); this command's
     user passes flags (``--truncation drop``), which override --config's keys as well. Not inside a path or file
-    name (``runs/data.seed.yaml``)."""
+    name (``runs/data.seed.yaml``), not where the key is meant (``set data.tokenizer in --config``), and not an
+    indexed source (``data.train[0]``, a YAML path: ``--input[0]`` is no flag)."""
     text = re.sub(r"(?<![\w./-])data\.(\w+)=(\S+?)(?=[,):]|\s|$)",
                   lambda m: f"{FLAGS[m[1]]} {m[2]}" if m[1] in FLAGS else m[0], text)
-    return re.sub(r"(?<![\w./-])data\.(\w+)(?!\.\w)", lambda m: FLAGS.get(m[1], m[0]), text)
+    return re.sub(r"(?<![\w./-])data\.(\w+)(?![.\w\[])(?! in --config)", lambda m: FLAGS.get(m[1], m[0]), text)
 
 
 def _stale_split_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> list[str]:
