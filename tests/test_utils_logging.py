@@ -19,6 +19,9 @@ def test_known_third_party_noise_is_hidden_and_nothing_else():
         warnings.warn("The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.", UserWarning)
         warnings.warn("full scope is deprecated. Use empty cuda_graph_scope", UserWarning)
         warnings.warn("barrier(): using the device under current context. You can specify `device_id`", UserWarning)
+        warnings.warn("`load_state_dict` is deprecated and will be removed in future versions. Please use `load` "
+                      "instead.", FutureWarning)
+        warnings.warn("Please use DTensor instead and we are deprecating ShardedTensor.", FutureWarning)
         warnings.warn("Apex is not installed", DeprecationWarning)  # another category: kept
         warnings.warn("something a user should see", UserWarning)
     assert [str(w.message) for w in caught] == ["Apex is not installed", "something a user should see"]

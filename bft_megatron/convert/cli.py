@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Exit code 0 on success, 2 on a bad input (message logged, no traceback)."""
     args = _parser().parse_args(argv)
+    from bft_megatron.utils.logging import quiet_known_warnings
+
+    quiet_known_warnings()
     try:
         if args.direction == "import":
             from bft_megatron.convert.importer import import_hf

@@ -16,8 +16,9 @@ _CONFIGURED = False
 # Third-party warnings every run of ours would print on every rank, none of them actionable for a user:
 # megatron-core's notices that apex / TE are absent (our own warning already says which layer spec runs), its
 # default CUDA-graph scope's deprecation, torch's deprecation of the collectives megatron calls, and torch's
-# notice when megatron reads ``.grad`` of a non-leaf tensor, and its notice that an NCCL barrier uses the current
-# device (ours: each rank's own GPU, set before the process group).
+# notice when megatron reads ``.grad`` of a non-leaf tensor, its notice that an NCCL barrier uses the current
+# device (ours: each rank's own GPU, set before the process group), and its deprecations of the checkpoint APIs
+# megatron's torch_dist loader calls (``load_state_dict``, ShardedTensor), printed at every resume and export.
 _KNOWN_NOISE = (
     (UserWarning, r"Transformer Engine and Apex are not installed"),
     (UserWarning, r"Apex is not installed"),
@@ -25,6 +26,8 @@ _KNOWN_NOISE = (
     (FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
     (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed"),
     (UserWarning, r"barrier\(\): using the device under current context"),
+    (FutureWarning, r"`load_state_dict` is deprecated and will be removed in future versions"),
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
 )
 
 
