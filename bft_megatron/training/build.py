@@ -8,7 +8,7 @@ from bft_megatron.model import build_model_chunks
 from bft_megatron.parallel.bootstrap import ParallelGroups
 from bft_megatron.training.loop import Trainer
 from bft_megatron.training.setup import build_optimizer, build_scheduler, install_schedule_hooks, wrap_model
-from bft_megatron.training.data import data_plan_line, open_datasets
+from bft_megatron.training.data import data_plan_line, open_datasets, validation_plan_warning
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["build_trainer"]
@@ -19,6 +19,9 @@ def build_trainer(cfg: Config, layout: Layout, groups: ParallelGroups) -> Traine
     train_data, valid_data = open_datasets(cfg, groups.control)
     if groups.rank == 0:
         get_logger(__name__).info("%s", data_plan_line(cfg, train_data))
+        twice = validation_plan_warning(cfg, valid_data)
+        if twice:
+            get_logger(__name__).warning("%s", twice)
     chunks, tconfig = build_model_chunks(cfg, groups)
     model = wrap_model(chunks, tconfig, cfg)
     optimizer = build_optimizer(model, cfg)

@@ -189,3 +189,21 @@ def data_plan_line(cfg: Config, train) -> str:
     return (f"training data: {rows} rows of {cfg.data.seq_length} tokens{samples}; train.train_iters="
             f"{t.train_iters} x train.global_batch_size={t.global_batch_size} = {needed} rows = "
             f"{needed / max(rows, 1):.2f} epochs")
+
+
+def validation_plan_warning(cfg: Config, valid) -> str | None:
+    """Why each validation would count some rows twice, or None: it reads ``eval_iters`` global batches, and where
+    they hold more rows than the validation split the reading wraps around (the repeated rows weigh double in the
+    reported means)."""
+    t = cfg.train
+    if valid is None or not (t.eval_interval or t.eval_on_start):
+        return None
+    rows, needed = len(valid), t.eval_iters * t.global_batch_size
+    if needed <= rows:
+        return None
+    fits = rows // t.global_batch_size
+    advice = (f"set train.eval_iters={fits} ({fits * t.global_batch_size} rows) or add validation data" if fits
+              else "add validation data")
+    return (f"validation data: {rows} rows, but train.eval_iters={t.eval_iters} x train.global_batch_size="
+            f"{t.global_batch_size} = {needed} rows per validation: {needed - rows} rows are read twice in each "
+            f"validation and weigh double in its means; {advice}")
