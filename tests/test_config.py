@@ -300,7 +300,12 @@ def test_config_warnings_flag_settings_that_defeat_themselves():
     assert config_warnings(load_config("configs/demo_cpu.yaml", unsaved)) == [
         "checkpoint.async_save=true and checkpoint.keep_last=2 without checkpoint.save: nothing is saved, so they do "
         "nothing"]
-    assert config_warnings(load_config("configs/demo_cpu.yaml", unsaved[:1] + ["checkpoint.keep_last=null"])) == []
+    assert config_warnings(load_config("configs/demo_cpu.yaml", unsaved[:1] + ["checkpoint.keep_last=null"])) == [
+        "checkpoint.save is not set: the trained weights are not saved (no checkpoint at the end or on a signal, no "
+        "HF export)"]  # a finished run said nothing: its weights were gone without a word
+    synthetic_unsaved = unsaved[:1] + ["checkpoint.keep_last=null", "data.train=null", "data.valid=null",
+                                       "data.output_dir="]
+    assert config_warnings(load_config("configs/demo_cpu.yaml", synthetic_unsaved)) == []  # a smoke test
     assert config_warnings(load_config("configs/demo_cpu.yaml", unsaved[::2]))[0].startswith(
         "checkpoint.keep_last=2 without checkpoint.save")
 

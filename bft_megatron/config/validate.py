@@ -265,6 +265,9 @@ def config_warnings(cfg: Config) -> list[str]:
                                                                 ("keep_last", c.keep_last)) if v]
     if unused and not c.save:
         out.append(f"{' and '.join(unused)} without checkpoint.save: nothing is saved, so they do nothing")
+    elif not c.save and (d.train or d.output_dir):  # real data; a synthetic-data run (a smoke test) saves nothing
+        out.append("checkpoint.save is not set: the trained weights are not saved (no checkpoint at the end or on a "
+                   "signal, no HF export)")
     return out
 
 
