@@ -55,3 +55,24 @@ def test_megatron_019s_layout_notice_is_dropped_and_its_other_records_kept():
         logger.removeHandler(records)
         logger.filters[:] = filters
     assert records.messages == ["Setting up DistributedDataParallel with config X"]
+
+
+def test_a_record_logged_under_a_progress_bar_gets_its_own_line():
+    """``prepare`` logs "reading ..." while its tokenize bar is drawn: the record used to continue the bar's line."""
+    import io
+
+    from tqdm import tqdm
+
+    from bft_megatron.utils.logging import _BarAwareHandler
+
+    stream = io.StringIO()
+    handler = _BarAwareHandler(stream)
+    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
+    with tqdm(desc="tokenize train", unit=" rec", file=stream, mininterval=0) as bar:
+        bar.update(3)
+        handler.emit(logging.LogRecord("bft_megatron", logging.INFO, __file__, 1, "reading a.jsonl", None, None))
+        bar.update(1)
+    text = stream.getvalue()
+    assert "[INFO] reading a.jsonl\n" in text
+    before = text[:text.index("[INFO] reading")]
+    assert before.endswith("\r") or before.endswith("\n"), repr(text)  # the bar's line was cleared first

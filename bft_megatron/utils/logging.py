@@ -77,12 +77,27 @@ class _RankFilter(logging.Filter):
         return rank == 0 or record.levelno >= logging.WARNING or getattr(record, "all_ranks", False)
 
 
+class _BarAwareHandler(logging.StreamHandler):
+    """Writes each record through ``tqdm.write``, which clears the progress bars drawn on the same stream first and
+    redraws them after; written directly, a record landed on a bar's line (``0 rec [00:00, ? rec/s][19:39:31 r0
+    INFO] reading ...``)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging's own contract: report through handleError, never raise
+            self.handleError(record)
+
+
 def get_logger(name: str = "bft_megatron") -> logging.Logger:
     """Return a logger under the ``bft_megatron`` hierarchy, configuring the root handler once."""
     global _CONFIGURED
     root = logging.getLogger("bft_megatron")
     if not _CONFIGURED:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _BarAwareHandler(sys.stderr)
         handler.addFilter(_RankFilter())
         handler.setFormatter(logging.Formatter("[%(asctime)s r%(rank)s %(levelname)s] %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
