@@ -1,6 +1,8 @@
 """The train CLI's pre-flight (``training/preflight.py``): ``--check`` / ``--dry-run`` / real runs, the input
 paths each checks (``config.check_paths``) and the hints its config errors carry."""
 
+import os
+
 import pytest
 
 from bft_megatron.config import ConfigError, load_config, validate
@@ -277,3 +279,26 @@ def test_a_real_run_of_several_processes_without_a_launcher_is_refused():
             "would never join. Start a run of several processes with launch/torchrun.sh") in run.stderr
     planned = subprocess.run(cmd + ["--dry-run"], env=env, capture_output=True, text=True, timeout=120)
     assert planned.returncode == 0, planned.stderr[-2000:]
+
+
+def test_check_says_a_finished_run_has_nothing_to_train(tmp_path):
+    """``--check`` of a run whose own checkpoint is at train.train_iters said only "config OK"; the real start then
+    stopped at once (its first log lines said why)."""
+    from bft_megatron.checkpoint import pointer
+    from bft_megatron.training.preflight import load_checked
+    from tests.data_fixtures import checkpoint_common, megatron_marker
+    from tests.launch import TINY
+
+    save = str(tmp_path / "run")
+    over = TINY + [f"checkpoint.save={save}"]
+    megatron_marker(os.path.join(save, pointer.iter_dirname(4)), checkpoint_common(load_config(None, over), 4))
+    pointer.write_latest(save, 4)
+    log = _Log()
+    assert load_checked(None, over, log, check=True, dry_run=False) is not None
+    [(level, message)] = [r for r in log.records if "nothing to train" in r[1]]
+    assert level == "warning" and message.startswith(f"config: checkpoint.save={save}'s latest checkpoint is at "
+                                                     "iteration 4, already train.train_iters=4: nothing to train")
+    log.records.clear()
+    assert load_checked(None, over + ["train.train_iters=6", "checkpoint.override_scheduler=true"], log, check=True,
+                        dry_run=False) is not None
+    assert not [r for r in log.records if "nothing to train" in r[1]]

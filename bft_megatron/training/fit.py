@@ -147,6 +147,14 @@ def _mark_resume(save_dir: str, stopped_early: bool, reason: str) -> None:
         os.remove(marker)
 
 
+def finished_note(cfg, iteration: int, what: str) -> str:
+    """Why a run whose checkpoint (``what``) is at ``iteration`` >= ``train.train_iters`` trains nothing."""
+    return (f"{what} is at iteration {iteration}, already train.train_iters={cfg.train.train_iters}: nothing to "
+            "train (to continue, raise train.train_iters with checkpoint.override_scheduler=true, or with "
+            "train.decay_iters at the old train_iters to keep the schedule; or give a new checkpoint.save to start "
+            "another run)")
+
+
 def idle_notes(cfg, iteration: int, has_valid: bool, from_scratch: bool = False) -> list[str]:
     """Why a run will not train, or not validate, or not learn, although its config suggests it (logged at the
     start). ``from_scratch``: no checkpoint was loaded (the model keeps its random initialisation)."""
@@ -159,10 +167,7 @@ def idle_notes(cfg, iteration: int, has_valid: bool, from_scratch: bool = False)
                      "DIR checkpoint.finetune=true) or set loss.sft_warmup_iters (docs/training.md, 'Random "
                      "initialisation and DFT/BFT')")
     if iteration >= cfg.train.train_iters:
-        notes.append(f"the loaded checkpoint is at iteration {iteration}, already train.train_iters="
-                     f"{cfg.train.train_iters}: nothing to train (to continue, raise train.train_iters with "
-                     "checkpoint.override_scheduler=true, or with train.decay_iters at the old train_iters to keep "
-                     "the schedule; or give a new checkpoint.save to start another run)")
+        notes.append(finished_note(cfg, iteration, "the loaded checkpoint"))
     asked = [f"train.{k}={format_value(v)}" for k, v in (("eval_interval", cfg.train.eval_interval),
                                                           ("eval_on_start", cfg.train.eval_on_start)) if v]
     if asked and not has_valid:

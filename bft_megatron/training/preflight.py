@@ -32,9 +32,21 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
         log.error("config error: %s%s", exc, error_hint(str(exc), config_path))
         return None
     if _global_rank_zero():
-        for warning in config_warnings(cfg):
+        for warning in config_warnings(cfg) + (_finished(cfg) if check else []):
             log.warning("config: %s", warning)
     return cfg, layout
+
+
+def _finished(cfg) -> list[str]:
+    """``--check`` on a run whose own checkpoint already reached ``train.train_iters``: the run would start and stop
+    at once, which only its first log lines said."""
+    from bft_megatron.checkpoint.pointer import latest_iteration
+    from bft_megatron.training.fit import finished_note
+
+    done = latest_iteration(cfg.checkpoint.save) if cfg.checkpoint.save else None
+    if done is None or done < cfg.train.train_iters:
+        return []
+    return [finished_note(cfg, done, f"checkpoint.save={cfg.checkpoint.save}'s latest checkpoint")]
 
 
 def _global_rank_zero() -> bool:
