@@ -113,6 +113,9 @@ def test_export_metadata_from_the_training_sentencepiece_tokenizer(tmp_path):
     tok = AutoTokenizer.from_pretrained(str(tmp_path))
     chat = _chats(1)[0]
     assert _ids(tok.apply_chat_template(chat, tokenize=True)) == encode(_conv(chat), "chatml", ours).tokens.tolist()
+    # transformers 5 saves the generic class as TokenizersBackend, which transformers 4.x (vLLM) cannot load
+    with open(tmp_path / "tokenizer_config.json") as fh:
+        assert json.load(fh)["tokenizer_class"] == "PreTrainedTokenizerFast"
 
 
 def test_hf_tokenizer_without_template_gets_the_training_one_and_explicit_wins(tmp_path, log_records):
@@ -243,6 +246,29 @@ def test_template_config_with_other_rope_or_norm_is_rejected(tmp_path, field, va
     other = ModelConfig(**{**model.__dict__, field: value})
     with pytest.raises(ValueError, match=f"{field}: template"):
         write_hf_metadata(str(tmp_path / "out"), other, torch.float32, find_sources({}, hf_dir=str(tmp_path / "hf")))
+
+
+@pytest.mark.parametrize("vocab_size, kept", [(None, True), (4000, False)])
+def test_a_rejected_template_config_keeps_its_generation_config_for_the_same_vocabulary(tmp_path, vocab_size, kept):
+    """A fine-tune with another rope_theta (longer context) gets a synthesised config.json; its generation config
+    (stop ids such as Llama-3.1's <|eom_id|>, sampling defaults) was rebuilt from scratch too, losing them. Kept
+    where the template has the model's vocabulary; not from a template of another vocabulary."""
+    demo = {"data": {"tokenizer": DEMO_TOKENIZER, "template": "chatml"}, "model": {}}
+    hf = tmp_path / "hf"
+    write_hf_metadata(str(hf), TINY_MODEL, torch.float32, find_sources(demo))
+    with open(hf / "generation_config.json") as fh:
+        gen = json.load(fh)
+    gen.update(do_sample=True, temperature=0.6, eos_token_id=gen["eos_token_id"] + [7])
+    with open(hf / "generation_config.json", "w") as fh:
+        json.dump(gen, fh)
+    changes = {"rope_theta": 1e6, **({"vocab_size": vocab_size} if vocab_size else {})}
+    other = ModelConfig(**{**TINY_MODEL.__dict__, **changes})
+    write_hf_metadata(str(tmp_path / "out"), other, torch.float32, find_sources({**demo, "model": {"from_hf": str(hf)}}))
+    with open(tmp_path / "out" / "config.json") as fh:
+        assert json.load(fh)["rope_theta"] == 1e6  # synthesised
+    with open(tmp_path / "out" / "generation_config.json") as fh:
+        out = json.load(fh)
+    assert (out.get("temperature") == 0.6 and 7 in out["eos_token_id"]) == kept, out
 
 
 @pytest.mark.parametrize("template,expect_builtin", [("llama3", True), ("tokenizer", False)])

@@ -121,6 +121,37 @@ def test_shard_writer_bounds_files_and_reader_streams(tmp_path):
         ShardWriter(out)
 
 
+def test_a_damaged_shard_is_named_with_the_tensor(tmp_path):
+    """A file cut short (an interrupted copy) or an index naming the wrong file gave safetensors' or json's own
+    message (a SafetensorError traceback, "Unterminated string", a bare KeyError), naming neither file nor tensor."""
+    out = str(tmp_path)
+    writer = ShardWriter(out, max_shard_bytes=900)
+    for i in range(3):
+        writer.add(f"t{i}", torch.full((100,), float(i)))
+    writer.flush()
+    finalize_shards(out, [writer.manifest], writer.total_bytes)
+    first, second = (os.path.join(out, f"model-0000{i}-of-00002.safetensors") for i in (1, 2))
+    with open(os.path.join(out, "model.safetensors.index.json")) as fh:
+        index = json.load(fh)
+    index["weight_map"]["t0"] = os.path.basename(second)  # t0 lives in the first file
+    with open(os.path.join(out, "model.safetensors.index.json"), "w") as fh:
+        json.dump(index, fh)
+    with pytest.raises(ValueError, match=r"the index maps tensor 't0' to model-00002-of-00002.safetensors, which"):
+        HFReader(out).nbytes("t0")
+    with pytest.raises(ValueError, match=r"model-00002-of-00002.safetensors: cannot read tensor 't0'"):
+        HFReader(out).get("t0")
+    size = os.path.getsize(first)
+    with open(first, "r+b") as fh:
+        fh.truncate(size - 100)  # the data cut short
+    with pytest.raises(ValueError, match=r"model-00001-of-00002.safetensors: cannot read tensor 't1' .* damaged or "
+                                         r"cut short"):
+        HFReader(out).get("t1")
+    with open(first, "r+b") as fh:
+        fh.truncate(40)  # the header cut short
+    with pytest.raises(ValueError, match=r"model-00001-of-00002.safetensors: unreadable safetensors header"):
+        HFReader(out).nbytes("t1")
+
+
 def test_reader_needs_safetensors(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither model.safetensors.index.json nor model.safetensors"):
         HFReader(str(tmp_path))
@@ -159,6 +190,10 @@ def test_unsupported_configs_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match=r"mlp_bias=true \(Llama with biases on its MLP\) is not supported"):
         model_config_from_hf_dir(_write_config(tmp_path, mlp_bias=True))
     assert model_config_from_hf_dir(_write_config(tmp_path, attention_bias=False, mlp_bias=False)).family == "llama"
+    # another MLP activation is another model (it imported silently, and trained as SwiGLU)
+    with pytest.raises(ConfigError, match=r"hidden_act='gelu' is not supported \(the trainer's MLP is SwiGLU"):
+        model_config_from_hf_dir(_write_config(tmp_path, hidden_act="gelu"))
+    assert model_config_from_hf_dir(_write_config(tmp_path, hidden_act="silu")).family == "llama"
     # without max_window_layers transformers' default 28 applies: a 2-layer model has no sliding layer, 40 layers do
     assert model_config_from_hf_dir(_write_config(tmp_path, architectures=["Qwen2ForCausalLM"],
                                                   use_sliding_window=True)).family == "qwen2"

@@ -71,6 +71,9 @@ def _check_supported(hf: dict, family: str) -> None:
         raise ConfigError(f"model.from_hf: {'/'.join(f'{k}=true' for k in biased)} (Llama with biases on its "
                           f"{'q/k/v/o projections' if biased[0] == 'attention_bias' else 'MLP'}) is not supported; "
                           "biases on q/k/v only are Qwen2's layout (Qwen2ForCausalLM)")
+    act = hf.get("hidden_act", "silu")  # Llama's and Qwen2's default
+    if act not in ("silu", "swish"):  # the MLP megatron builds here is SwiGLU: another activation, another model
+        raise ConfigError(f"model.from_hf: hidden_act={act!r} is not supported (the trainer's MLP is SwiGLU: silu)")
     head_dim = hf.get("head_dim")
     if head_dim is not None and int(head_dim) * heads != hidden:
         raise ConfigError(f"model.from_hf: head_dim={head_dim} != hidden_size/num_attention_heads "

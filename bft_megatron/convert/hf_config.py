@@ -34,11 +34,13 @@ _ARCH_FIELDS = ("family", "hidden_size", "num_layers", "num_attention_heads", "k
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def _template_config(sources: ExportSources, m: ModelConfig) -> dict | None:
-    """The template's config.json if it describes ``m``; a mismatch raises for ``--hf``, else is skipped (warning)."""
+def _template_config(sources: ExportSources, m: ModelConfig) -> tuple[dict | None, bool]:
+    """(the template's config.json if it describes ``m``, whether its generation_config.json applies: the same
+    vocabulary, so its stop ids and sampling defaults are this model's even where the architecture changed, e.g. a
+    longer-context fine-tune's rope_theta). A mismatch raises for ``--hf``, else is skipped (warning)."""
     template_dir = sources.template_dir
     if not (template_dir and os.path.isfile(os.path.join(template_dir, "config.json"))):
-        return None
+        return None, False
     t = model_config_from_hf_dir(template_dir)
     bad = [f"{f}: template {getattr(t, f)!r} vs weights {getattr(m, f)!r}" for f in _ARCH_FIELDS
            if getattr(t, f) != getattr(m, f)]
@@ -46,11 +48,13 @@ def _template_config(sources: ExportSources, m: ModelConfig) -> dict | None:
         message = f"{template_dir}/config.json does not describe the exported model: {'; '.join(bad)}"
         if sources.template_explicit:
             raise ValueError(message)
-        _log.warning("%s; synthesising config.json instead", message)
-        return None
+        same_vocab = t.vocab_size == m.vocab_size
+        _log.warning("%s; synthesising config.json instead%s", message,
+                     " (its generation_config.json still applies: the same vocabulary)" if same_vocab else "")
+        return None, same_vocab
     with open(os.path.join(template_dir, "config.json"), encoding="utf-8") as fh:
         # A transformers-5 config.json has only `rope_parameters`: add the 4.x keys, as a synthesised config has.
-        return legacy_rope_keys(json.load(fh))
+        return legacy_rope_keys(json.load(fh)), True
 
 
 def _llama3_rope_scaling(rs) -> dict:
@@ -126,7 +130,7 @@ def write_hf_metadata(out_dir: str, m: ModelConfig, dtype: torch.dtype, sources:
     Raises (before writing anything) if an explicit template config.json (``--hf``) does not describe ``m``.
     """
     os.makedirs(out_dir, exist_ok=True)
-    config = _template_config(sources, m)
+    config, generation_applies = _template_config(sources, m)
     template_dir = sources.template_dir if config is not None else None
     if config is None:
         _log.info("no HF config.json to start from: synthesising config.json from the model section")
@@ -148,6 +152,7 @@ def write_hf_metadata(out_dir: str, m: ModelConfig, dtype: torch.dtype, sources:
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2, sort_keys=True)
     with open(os.path.join(out_dir, "generation_config.json"), "w", encoding="utf-8") as fh:
-        json.dump(_generation_config(config, template_dir, ids), fh, indent=2, sort_keys=True)
+        json.dump(_generation_config(config, sources.template_dir if generation_applies else None, ids), fh,
+                  indent=2, sort_keys=True)
     if tok is not None:  # AutoTokenizer reads config.json too: only now can the folder be loaded as users will
         check_auto_tokenizer(out_dir, tok)

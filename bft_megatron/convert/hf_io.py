@@ -15,7 +15,7 @@ import os
 import shutil
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from bft_megatron.utils.files import default_file_mode, not_a_directory
@@ -65,10 +65,15 @@ class HFReader:
         if name not in self.weight_map:
             raise KeyError(f"{self.dir}: tensor {name!r} not found in the checkpoint")
         fname = self.weight_map[name]
-        if fname not in self._handles:
-            self._handles[fname] = safe_open(os.path.join(self.dir, fname), framework="pt")
+        try:
+            if fname not in self._handles:
+                self._handles[fname] = safe_open(os.path.join(self.dir, fname), framework="pt")
+            tensor = self._handles[fname].get_tensor(name)
+        except (SafetensorError, OSError) as exc:  # safetensors names neither the file nor the tensor
+            raise ValueError(f"{os.path.join(self.dir, fname)}: cannot read tensor {name!r} ({exc}): the file is "
+                             "damaged or cut short (an interrupted download or copy?), or the index maps the "
+                             "tensor to a file that does not hold it") from None
         self.consumed.add(name)
-        tensor = self._handles[fname].get_tensor(name)
         self.bytes_read += tensor.numel() * tensor.element_size()
         return tensor
 
@@ -76,9 +81,16 @@ class HFReader:
         """Size of tensor ``name`` from its file's header, without reading it (safetensors: an 8-byte
         little-endian header length, then a JSON header giving each tensor's ``data_offsets``)."""
         fname = self.weight_map[name]
+        path = os.path.join(self.dir, fname)
         if fname not in self._headers:
-            with open(os.path.join(self.dir, fname), "rb") as fh:
-                self._headers[fname] = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+            with open(path, "rb") as fh:
+                try:
+                    self._headers[fname] = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+                except (ValueError, UnicodeDecodeError) as exc:  # json's own message names no file
+                    raise ValueError(f"{path}: unreadable safetensors header ({exc}): the file is damaged or cut "
+                                     "short (an interrupted download or copy?)") from None
+        if name not in self._headers[fname]:
+            raise ValueError(f"{self.dir}: the index maps tensor {name!r} to {fname}, which does not hold it")
         start, end = self._headers[fname][name]["data_offsets"]
         return end - start
 

@@ -135,6 +135,21 @@ def _convert_sentencepiece(src: TokenizerSource, out_dir: str):
     return tok
 
 
+def _portable_tokenizer_class(out_dir: str) -> None:
+    """transformers 5 saves a generic fast tokenizer as ``TokenizersBackend`` (our sentencepiece conversion, and
+    tokenizer folders or checkpoint copies saved with it), a class transformers 4.x (and the serving stacks pinned
+    to it) cannot load; ``PreTrainedTokenizerFast`` is the name both load as that class."""
+    path = os.path.join(out_dir, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as fh:
+        config = json.load(fh)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(config, fh, indent=2, ensure_ascii=False)
+
+
 def _check_record(ids: SpecialIds, src: TokenizerSource) -> None:
     """Warn when the tokenizer's ids differ from those the prepared training data recorded."""
     record = src.record or {}
@@ -152,6 +167,7 @@ def write_tokenizer(src: TokenizerSource, out_dir: str, model_vocab: int):
         tok = _copy_stored(src, out_dir)
     else:
         tok = _convert_sentencepiece(src, out_dir) if os.path.isfile(src.path) else _copy_hf(src, out_dir)
+    _portable_tokenizer_class(out_dir)
     ids = _special_ids(tok)
     _check_record(ids, src)
     if ids.size > model_vocab:
