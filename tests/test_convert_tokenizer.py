@@ -263,7 +263,8 @@ def test_a_rejected_template_config_keeps_its_generation_config_for_the_same_voc
         json.dump(gen, fh)
     changes = {"rope_theta": 1e6, **({"vocab_size": vocab_size} if vocab_size else {})}
     other = ModelConfig(**{**TINY_MODEL.__dict__, **changes})
-    write_hf_metadata(str(tmp_path / "out"), other, torch.float32, find_sources({**demo, "model": {"from_hf": str(hf)}}))
+    sources = find_sources({**demo, "model": {"from_hf": str(hf)}})
+    write_hf_metadata(str(tmp_path / "out"), other, torch.float32, sources)
     with open(tmp_path / "out" / "config.json") as fh:
         assert json.load(fh)["rope_theta"] == 1e6  # synthesised
     with open(tmp_path / "out" / "generation_config.json") as fh:
