@@ -317,3 +317,31 @@ def test_import_names_a_mistyped_or_file_hf_path(tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"config.json is a file; .*e.g. --hf {hf}\)"):
         import_hf(str(hf / "config.json"), out)
     assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("vocab_size, kept", [(None, True), (4000, False)])
+def test_a_rejected_template_config_keeps_its_generation_config_for_the_same_vocabulary(tmp_path, vocab_size, kept):
+    """A fine-tune with another rope_theta (longer context) gets a synthesised config.json; its generation config
+    (stop ids such as Llama-3.1's <|eom_id|>, sampling defaults) was rebuilt from scratch too, losing them. Kept
+    where the template has the model's vocabulary; not from a template of another vocabulary."""
+    from bft_megatron.convert.hf_config import write_hf_metadata
+    from bft_megatron.convert.sources import find_sources
+    from tests.test_convert_tokenizer import DEMO_TOKENIZER, TINY_MODEL
+
+    demo = {"data": {"tokenizer": DEMO_TOKENIZER, "template": "chatml"}, "model": {}}
+    hf = tmp_path / "hf"
+    write_hf_metadata(str(hf), TINY_MODEL, torch.float32, find_sources(demo))
+    with open(hf / "generation_config.json") as fh:
+        gen = json.load(fh)
+    gen.update(do_sample=True, temperature=0.6, eos_token_id=gen["eos_token_id"] + [7])
+    with open(hf / "generation_config.json", "w") as fh:
+        json.dump(gen, fh)
+    changes = {"rope_theta": 1e6, **({"vocab_size": vocab_size} if vocab_size else {})}
+    other = ModelConfig(**{**TINY_MODEL.__dict__, **changes})
+    sources = find_sources({**demo, "model": {"from_hf": str(hf)}})
+    write_hf_metadata(str(tmp_path / "out"), other, torch.float32, sources)
+    with open(tmp_path / "out" / "config.json") as fh:
+        assert json.load(fh)["rope_theta"] == 1e6  # synthesised
+    with open(tmp_path / "out" / "generation_config.json") as fh:
+        out = json.load(fh)
+    assert (out.get("temperature") == 0.6 and 7 in out["eos_token_id"]) == kept, out

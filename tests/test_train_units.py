@@ -378,25 +378,3 @@ def test_the_data_plan_line_states_rows_and_epochs():
     assert line == ("training data: 400 rows of 512 tokens (1509 samples); train.train_iters=120 x "
                     "train.global_batch_size=8 = 960 rows = 2.40 epochs")
     assert "samples" not in data_plan_line(cfg, list(range(960))) and "= 1.00 epochs" in data_plan_line(cfg, [0] * 960)
-
-
-def test_a_validation_larger_than_its_split_is_warned_about():
-    """eval_iters global batches beyond the validation split wrap around: rows read twice weigh double in the
-    reported means, silently (the demo's 154 validation rows with train.eval_iters=25 x 8)."""
-    from bft_megatron.config import load_config
-    from bft_megatron.training.data import validation_plan_warning
-
-    def warning(*overrides, rows=154):
-        cfg = load_config(None, ["train.global_batch_size=8", "train.eval_interval=10", *overrides])
-        return validation_plan_warning(cfg, list(range(rows)))
-
-    assert warning("train.eval_iters=25") == (
-        "validation data: 154 rows, but train.eval_iters=25 x train.global_batch_size=8 = 200 rows per validation: "
-        "46 rows are read twice in each validation and weigh double in its means; set train.eval_iters=19 (152 "
-        "rows) or add validation data")
-    assert warning("train.eval_iters=19") is None
-    assert warning("train.eval_iters=1", rows=5).endswith("; add validation data")
-    assert warning("train.eval_iters=25", "train.eval_interval=0") is None  # no validation
-    assert warning("train.eval_iters=25", "train.eval_interval=0", "train.eval_on_start=true") is not None
-    cfg = load_config(None, ["train.eval_interval=10", "train.eval_iters=25"])
-    assert validation_plan_warning(cfg, None) is None

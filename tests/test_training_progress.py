@@ -125,3 +125,25 @@ def test_only_global_rank_0_writes_tensorboard(tmp_path):
     log.line(1, VALUES, step_time=1.0, lr=1e-4, grad_norm=None, skipped=0)
     log.close()
     assert log.writer is None and not list(tmp_path.iterdir())
+
+
+def test_a_validation_larger_than_its_split_is_warned_about():
+    """eval_iters global batches beyond the validation split wrap around: rows read twice weigh double in the
+    reported means, silently (the demo's 154 validation rows with train.eval_iters=25 x 8)."""
+    from bft_megatron.config import load_config
+    from bft_megatron.training.data import validation_plan_warning
+
+    def warning(*overrides, rows=154):
+        cfg = load_config(None, ["train.global_batch_size=8", "train.eval_interval=10", *overrides])
+        return validation_plan_warning(cfg, list(range(rows)))
+
+    assert warning("train.eval_iters=25") == (
+        "validation data: 154 rows, but train.eval_iters=25 x train.global_batch_size=8 = 200 rows per validation: "
+        "46 rows are read twice in each validation and weigh double in its means; set train.eval_iters=19 (152 "
+        "rows) or add validation data")
+    assert warning("train.eval_iters=19") is None
+    assert warning("train.eval_iters=1", rows=5).endswith("; add validation data")
+    assert warning("train.eval_iters=25", "train.eval_interval=0") is None  # no validation
+    assert warning("train.eval_iters=25", "train.eval_interval=0", "train.eval_on_start=true") is not None
+    cfg = load_config(None, ["train.eval_interval=10", "train.eval_iters=25"])
+    assert validation_plan_warning(cfg, None) is None
