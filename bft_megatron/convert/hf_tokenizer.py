@@ -132,13 +132,14 @@ def _convert_sentencepiece(src: TokenizerSource, out_dir: str):
 
     tok = sentencepiece_to_fast(src.path, chat_template=BUILTIN_JINJA.get(src.template or ""))
     tok.save_pretrained(out_dir)
+    _portable_tokenizer_class(out_dir)
     return tok
 
 
 def _portable_tokenizer_class(out_dir: str) -> None:
-    """transformers 5 saves a generic fast tokenizer as ``TokenizersBackend`` (our sentencepiece conversion, and
-    tokenizer folders or checkpoint copies saved with it), a class transformers 4.x (and the serving stacks pinned
-    to it) cannot load; ``PreTrainedTokenizerFast`` is the name both load as that class."""
+    """transformers 5 saves our sentencepiece conversion (a generic fast tokenizer) as ``TokenizersBackend``, a
+    class transformers 4.x (and the serving stacks pinned to it) cannot load; ``PreTrainedTokenizerFast`` is the
+    name both load as that class. HF tokenizer folders are copied as they are (byte for byte)."""
     path = os.path.join(out_dir, "tokenizer_config.json")
     if not os.path.isfile(path):
         return
@@ -167,7 +168,6 @@ def write_tokenizer(src: TokenizerSource, out_dir: str, model_vocab: int):
         tok = _copy_stored(src, out_dir)
     else:
         tok = _convert_sentencepiece(src, out_dir) if os.path.isfile(src.path) else _copy_hf(src, out_dir)
-    _portable_tokenizer_class(out_dir)
     ids = _special_ids(tok)
     _check_record(ids, src)
     if ids.size > model_vocab:
