@@ -118,3 +118,17 @@ def test_cli_no_progress_hides_the_bars_and_changes_no_file(tmp_path):
         exports[label] = _files(out)
     assert len(exports["bars"]) > 5 and exports["bars"] == exports["quiet"]
     assert _files(os.path.join(tmp_path / "ckpt_bars", "hf")) == _files(os.path.join(tmp_path / "ckpt_quiet", "hf"))
+
+
+def test_cli_export_of_a_checkpoint_missing_a_file_is_an_error_naming_it(tmp_path):
+    """torch's CheckpointException is a BaseException: a checkpoint missing a .distcp file (an interrupted copy)
+    escaped as every rank's traceback, exit 1."""
+    hf, ckpt, out = (str(tmp_path / d) for d in ("hf", "ckpt", "out"))
+    make_model("llama31_untied", hf)
+    assert _cli("import", "--hf", hf, "--out", ckpt).returncode == 0
+    os.remove(os.path.join(ckpt, "iter_0000000", "__0_0.distcp"))
+    res = _cli("export", "--ckpt", ckpt, "--out", out)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert f"convert export failed: {ckpt} cannot be read (FileNotFoundError: " in res.stderr
+    assert "__0_0.distcp" in res.stderr and "a file of the checkpoint is missing or damaged" in res.stderr
+    assert not os.path.exists(out) or not os.listdir(out)  # nothing half-written left there

@@ -15,6 +15,7 @@ import argparse
 import re
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from bft_megatron.utils.logging import get_logger
 
@@ -82,4 +83,17 @@ def main(argv: list[str]) -> int:
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:  # ConfigError is a ValueError
         _log.error("convert %s failed: %s", args.direction, exc)
         return 2
+    except CheckpointException as exc:  # a BaseException: it escaped as a traceback (exit 1)
+        _log.error("convert %s failed: %s cannot be read (%s): a file of the checkpoint is missing or damaged (an "
+                   "interrupted copy, or a save that was not complete?)", args.direction, args.ckpt, _cause(exc))
+        return 2
     return 0
+
+
+def _cause(exc: CheckpointException) -> str:
+    """The first rank's error inside torch's CheckpointException (whose own text is every rank's traceback)."""
+    failures = getattr(exc, "failures", None) or {}
+    for wrapped in failures.values():
+        error = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+        return f"{type(error).__name__}: {error}"
+    return type(exc).__name__
