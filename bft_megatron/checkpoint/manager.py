@@ -265,7 +265,7 @@ class Checkpointer:
         target = pointer.resolve_load_dir(self.ckpt.load) if self.ckpt.load else None
         if target is None or os.path.realpath(target) == os.path.realpath(own):
             return
-        if os.path.realpath(os.path.dirname(os.path.normpath(target))) != os.path.realpath(self.ckpt.save):
+        if not pointer.in_run_dir(target, self.ckpt.save):
             _log.info("checkpoint.load=%s is not read: resuming this run's own checkpoint %s (checkpoint.save's "
                       "'latest' always wins, so a requeued job goes on)", self.ckpt.load, own)
             return

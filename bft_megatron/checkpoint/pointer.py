@@ -23,7 +23,7 @@ import shutil
 from bft_megatron.utils.files import atomic_write_text
 
 __all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "load_problem", "require_loadable",
-           "list_iterations", "unreferenced_problem", "prune", "commit", "existing_checkpoint", "HF_SUBDIR"]
+           "list_iterations", "unreferenced_problem", "in_run_dir", "prune", "commit", "existing_checkpoint", "HF_SUBDIR"]
 
 LATEST = "latest"
 # HF files (config.json, tokenizer, chat template) beside the weights: in an import's run directory, and in each
@@ -94,13 +94,18 @@ def unreferenced_problem(save: str, load: str | None) -> str | None:
         return None
     names = [n for n in map(iter_dirname, list_iterations(save)) if _complete(os.path.join(save, n))]
     target = resolve_load_dir(load) if load else None
-    if not names or (target and os.path.realpath(os.path.dirname(os.path.normpath(target))) == os.path.realpath(save)):
+    if not names or (target and in_run_dir(target, save)):
         return None
     return (f"checkpoint.save={save} holds {len(names)} complete checkpoint{'s' if len(names) > 1 else ''} "
             f"({', '.join(names[-3:])}) but no '{LATEST}' pointer (copied without it, or a first save killed between "
             "its last shard and its commit); a run saving there would start from scratch and overwrite or prune "
             f"{'them' if len(names) > 1 else 'it'}. Resume with checkpoint.load={os.path.join(save, names[-1])}, "
             "or move them away (or set another checkpoint.save) to start without them")
+
+
+def in_run_dir(ckpt_dir: str, run_dir: str) -> bool:
+    """Whether the checkpoint directory ``ckpt_dir`` (an ``iter_`` directory) is one of ``run_dir``'s."""
+    return os.path.realpath(os.path.dirname(os.path.normpath(ckpt_dir))) == os.path.realpath(run_dir)
 
 
 def _complete(path: str) -> bool:

@@ -92,8 +92,8 @@ def main(argv: list[str]) -> int:
 
 def _cause(exc: CheckpointException) -> str:
     """The first rank's error inside torch's CheckpointException (whose own text is every rank's traceback)."""
-    failures = getattr(exc, "failures", None) or {}
-    for wrapped in failures.values():
-        error = wrapped[0] if isinstance(wrapped, tuple) else wrapped
-        return f"{type(error).__name__}: {error}"
-    return type(exc).__name__
+    wrapped = next(iter((getattr(exc, "failures", None) or {}).values()), None)
+    if wrapped is None:
+        return type(exc).__name__
+    error = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+    return f"{type(error).__name__}: {error}"

@@ -141,8 +141,6 @@ def _portable_tokenizer_class(out_dir: str) -> None:
     class transformers 4.x (and the serving stacks pinned to it) cannot load; ``PreTrainedTokenizerFast`` is the
     name both load as that class. HF tokenizer folders are copied as they are (byte for byte)."""
     path = os.path.join(out_dir, "tokenizer_config.json")
-    if not os.path.isfile(path):
-        return
     with open(path, encoding="utf-8") as fh:
         config = json.load(fh)
     if config.get("tokenizer_class") == "TokenizersBackend":

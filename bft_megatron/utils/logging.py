@@ -11,6 +11,8 @@ import os
 import sys
 import warnings
 
+from tqdm import tqdm
+
 _CONFIGURED = False
 
 # Third-party warnings every run of ours would print on every rank, none of them actionable for a user:
@@ -84,8 +86,6 @@ class _BarAwareHandler(logging.StreamHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            from tqdm import tqdm
-
             tqdm.write(self.format(record), file=self.stream)
             self.flush()
         except Exception:  # noqa: BLE001 - logging's own contract: report through handleError, never raise
