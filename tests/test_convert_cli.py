@@ -132,3 +132,20 @@ def test_cli_export_of_a_checkpoint_missing_a_file_is_an_error_naming_it(tmp_pat
     assert f"convert export failed: {ckpt} cannot be read (FileNotFoundError: " in res.stderr
     assert "__0_0.distcp" in res.stderr and "a file of the checkpoint is missing or damaged" in res.stderr
     assert not os.path.exists(out) or not os.listdir(out)  # nothing half-written left there
+
+
+def test_cli_export_to_fp16_refuses_a_weight_beyond_its_range(tmp_path):
+    """A trained weight above fp16's 65504 would be exported as inf: exit 2 naming the tensor, nothing published;
+    the same checkpoint exports in bf16."""
+    hf, ckpt, out = (str(tmp_path / d) for d in ("hf", "ckpt", "out"))
+    make_model("llama31_untied", hf)
+    path = os.path.join(hf, "model.safetensors")
+    tensors = load_file(path)
+    tensors["model.layers.1.mlp.down_proj.weight"][0, 0] = 1.0e5
+    save_file(tensors, path, metadata={"format": "pt"})
+    assert _cli("import", "--hf", hf, "--out", ckpt).returncode == 0
+    res = _cli("export", "--ckpt", ckpt, "--out", out, "--dtype", "fp16")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert "model.layers.1.mlp.down_proj.weight: a value of magnitude 100000 does not fit float16" in res.stderr
+    assert not os.path.exists(out) or not os.listdir(out)
+    assert _cli("export", "--ckpt", ckpt, "--out", out, "--dtype", "bf16").returncode == 0

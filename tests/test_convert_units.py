@@ -17,7 +17,7 @@ from bft_megatron.convert.importer import model_config_from_hf_dir
 from bft_megatron.convert.mapping import (EMBEDDING, LAYER_RULES, OUTPUT, detect_spec, global_rules, layer_rules,
                                           rule_by_megatron_name)
 from bft_megatron.convert.qkv import merge_gate_up, merge_qkv, split_gate_up, split_qkv
-from bft_megatron.convert.tensors import to_hf, to_megatron
+from bft_megatron.convert.tensors import cast, to_hf, to_megatron
 from tests.convert_models import read_safetensors_dir
 
 
@@ -345,3 +345,17 @@ def test_a_rejected_template_config_keeps_its_generation_config_for_the_same_voc
     with open(tmp_path / "out" / "generation_config.json") as fh:
         out = json.load(fh)
     assert (out.get("temperature") == 0.6 and 7 in out["eos_token_id"]) == kept, out
+
+
+def test_cast_refuses_values_the_export_dtype_cannot_hold():
+    """fp16 tops out at 65504: a larger trained weight would be written as inf (NaN logits downstream)."""
+    fits = torch.tensor([1.0, -65280.0], dtype=torch.bfloat16)  # bf16 just below 65504
+    assert cast("w", fits, torch.float16).dtype == torch.float16
+    assert cast("w", fits, None) is fits and cast("w", fits, torch.bfloat16) is fits
+    big = torch.tensor([1.0, -7.0e4], dtype=torch.bfloat16)
+    assert cast("w", big, torch.float32).dtype == torch.float32  # a wider type: fine
+    with pytest.raises(ValueError, match=r"model.norm.weight: a value of magnitude 70144 does not fit float16 "
+                                         r"\(largest 65504\); export in bf16 or fp32"):
+        cast("model.norm.weight", big, torch.float16)
+    already = torch.tensor([float("inf"), 1.0])  # not made by the cast: passed on as it is
+    assert torch.isinf(cast("w", already, torch.float16)).any()

@@ -29,7 +29,7 @@ from bft_megatron.convert.importer import model_config_from_hf_dir
 from bft_megatron.convert.mapping import EMBEDDING, FINAL_NORM, OUTPUT, detect_spec, layer_rules
 from bft_megatron.convert.runtime import process_group
 from bft_megatron.convert.sources import CLI_HINT, ExportSources, find_sources, stored_hf_dir
-from bft_megatron.convert.tensors import to_hf
+from bft_megatron.convert.tensors import cast, to_hf
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["export_checkpoint", "resolve_checkpoint_dir"]
@@ -118,7 +118,7 @@ class _Export:
 
     def write(self, rule, tensor: torch.Tensor, layer: int | None) -> None:
         for name, t in to_hf(rule, tensor, self.m, layer):
-            out = t.to(self.dtype) if self.dtype is not None else t
+            out = cast(name, t, self.dtype)
             self.writer.add(name, out)
             if self.bar is not None:
                 self.bar.update(out.numel() * out.element_size())

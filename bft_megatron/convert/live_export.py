@@ -36,7 +36,7 @@ from bft_megatron.convert.hf_io import (DEFAULT_SHARD_BYTES, INDEX, ShardWriter,
                                         publish_staging, staging_path)
 from bft_megatron.convert.mapping import OUTPUT, detect_spec, rule_by_megatron_name
 from bft_megatron.convert.sources import TRAINER_HINT, find_sources, stored_hf_dir
-from bft_megatron.convert.tensors import to_hf
+from bft_megatron.convert.tensors import cast, to_hf
 from bft_megatron.parallel.bootstrap import ParallelGroups
 from bft_megatron.parallel.rank0 import on_rank0
 from bft_megatron.utils.logging import get_logger
@@ -81,7 +81,7 @@ def _write_chunk(model: torch.nn.Module, m: ModelConfig, groups: ParallelGroups,
         if writer is None:
             continue
         for name, tensor in to_hf(rule, full, m, layer, fc1_tp=groups.tp_size):
-            writer.add(name, tensor.to(dtype) if dtype is not None else tensor)
+            writer.add(name, cast(name, tensor, dtype))
 
 
 def _prepare(model_chunks: list[torch.nn.Module], model_cfg: ModelConfig, out_dir: str, recorded: dict,

@@ -16,7 +16,7 @@ from bft_megatron.config.schema import ModelConfig
 from bft_megatron.convert.mapping import Rule
 from bft_megatron.convert.qkv import merge_gate_up, merge_qkv, split_gate_up, split_qkv
 
-__all__ = ["to_megatron", "to_hf", "pad_rows"]
+__all__ = ["to_megatron", "to_hf", "pad_rows", "cast"]
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -66,3 +66,19 @@ def to_hf(rule: Rule, tensor: torch.Tensor, m: ModelConfig, layer: int | None,
             raise ValueError(f"{rule.local} has {tensor.shape[0]} rows, fewer than vocab_size={m.vocab_size}")
         tensor = tensor[: m.vocab_size]  # strip megatron's padding rows
     return [(names[0], tensor)]
+
+
+def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """``tensor`` in ``dtype`` (``None``: unchanged), refusing a cast that turns finite values into inf.
+
+    fp16's largest value is 65504: a bf16/fp32-trained weight beyond it (rare, but embedding and norm weights
+    of long fine-tunes do get there) would be written as inf and the exported model would produce NaNs.
+    """
+    if dtype is None or dtype == tensor.dtype:
+        return tensor
+    out = tensor.to(dtype)
+    if out.is_floating_point() and torch.isinf(out).any() and torch.isfinite(tensor).all():
+        big = tensor.abs().max().item()
+        raise ValueError(f"{name}: a value of magnitude {big:.6g} does not fit {str(dtype).removeprefix('torch.')} "
+                         f"(largest {torch.finfo(dtype).max:.6g}); export in bf16 or fp32 instead")
+    return out
