@@ -52,13 +52,12 @@ def _reference_sample_weights(logc: list[float], method, variant, g, gamma, eps)
     return w, p, 1.0 - p ** gamma
 
 
-def _reference_objective(nll, mask, *, method="bft", variant="v1", group_size=256, gamma=1.0, eps=1e-6,
-                         cu_seqlens=None):
-    """The global-batch objective ``L`` (a mean) as a differentiable scalar, plus per-sample p's.
-
-    sft/dft: token mean over the batch; bft: ``(1/N) sum_b s_b L_b`` over samples with supervised tokens.
-    """
-    terms, units, ps = [], 0, []
+def _reference_terms(nll, mask, *, method="bft", variant="v1", group_size=256, gamma=1.0, eps=1e-6,
+                     cu_seqlens=None):
+    """``(sum, units, samples)``: the objective's numerator (differentiable), its unit count (bft: samples with
+    a supervised token; sft/dft: supervised tokens; the mean is ``sum / units``) and, per sample with a
+    supervised token, ``(p, s, n, sum of token weights)`` (p None for sft/dft)."""
+    terms, units, samples = [], 0, []
     for row, start, end in _reference_segments(tuple(nll.shape), cu_seqlens):
         idx = [t for t in range(start, end) if float(mask[row, t]) != 0]
         if not idx:
@@ -66,17 +65,24 @@ def _reference_objective(nll, mask, *, method="bft", variant="v1", group_size=25
         l = nll[row, idx]
         logc = [-float(x) for x in l.detach().double()]
         w, p, s = _reference_sample_weights(logc, method, variant, group_size, gamma, eps)
+        samples.append((p, s, len(idx), sum(w)))
         w = torch.tensor(w, dtype=l.dtype)
         if method == "bft":
             terms.append(s * (w * l).sum() / len(idx))
             units += 1
-            ps.append(p)
         else:
             terms.append((w * l).sum())
             units += len(idx)
-    if not terms:
-        return nll.sum() * 0.0, ps
-    return torch.stack(terms).sum() / units, ps
+    return (torch.stack(terms).sum() if terms else nll.sum() * 0.0), units, samples
+
+
+def _reference_objective(nll, mask, **kwargs):
+    """The global-batch objective ``L`` (a mean) as a differentiable scalar, plus per-sample p's.
+
+    sft/dft: token mean over the batch; bft: ``(1/N) sum_b s_b L_b`` over samples with supervised tokens.
+    """
+    total, units, samples = _reference_terms(nll, mask, **kwargs)
+    return (total / units if units else total), [x[0] for x in samples if x[0] is not None]
 
 
 def _reference_loss_from_logits(logits, labels, mask, **kwargs):

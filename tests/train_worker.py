@@ -7,8 +7,9 @@ the loss of given iterations NaN on given ranks), ``signal_at`` (rank 0 sends it
 a step), ``signal_in_eval`` (rank 0 sends it during its first validation batch; the validation batches each
 rank ran are recorded), ``die_in_commit`` (exit hard after shards are written, before ``latest`` moves),
 ``evaluate`` (validate before training and twice after it; the iterations ``fit`` validated at are recorded
-too). A run whose checkpoint load raises ``ConfigError`` reports every rank's message (``load_errors``) and does
-not train.
+too), ``grad_check`` (compare one step's gradient with the reference's instead of training,
+tests/gradient_check.py). A run whose checkpoint load raises ``ConfigError`` reports every rank's message
+(``load_errors``) and does not train.
 """
 
 import faulthandler
@@ -108,6 +109,12 @@ def run_one(spec: dict) -> dict:
     p = cfg.parallel
     groups = bootstrap.initialize(p.tp, p.pp, p.vp, p.cp, seed=cfg.train.seed)
     trainer = build_trainer(cfg, layout, groups)
+    if spec.get("grad_check"):  # one step's gradient against the reference's; no training
+        from tests.gradient_check import compare
+
+        out = {"grad_check": compare(trainer, cfg)}
+        bootstrap.destroy(keep_process_group=True)
+        return out
     ckpt = Checkpointer(cfg, groups)
     try:
         with logged(logging.WARNING) as load_records:
