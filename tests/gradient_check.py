@@ -6,8 +6,9 @@ loss histories under Adam with clipping, which barely notice a gradient off by a
 ``1/N``, an extra ``1/DP``). Here one step's reduced ``main_grad`` is compared with autograd's gradient of
 ``tests.loss_reference``'s global objective: full-vocabulary logits, per-sample Python loops, the global unit
 count summed over the data-parallel ranks. The step's statistics reduced over DP (what the progress line and
-TensorBoard report) are compared with the reference's per-sample values gathered from every rank. Single model chunk (PP1), TP1, CP1, non-distributed optimizer (so
-every rank's ``main_grad`` holds the whole reduced gradient).
+TensorBoard report) are compared with the reference's per-sample values gathered from every rank. Single model
+chunk (PP1), TP1, CP1, non-distributed optimizer (so every rank's ``main_grad`` holds the whole reduced
+gradient).
 """
 
 from __future__ import annotations
