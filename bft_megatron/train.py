@@ -25,8 +25,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    from bft_megatron.config import ConfigError
-    from bft_megatron.training.preflight import load_checked
+    from bft_megatron.training.preflight import load_checked, release_save_dir
     from bft_megatron.utils.logging import get_logger, quiet_known_warnings
 
     quiet_known_warnings()
@@ -34,7 +33,15 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_checked(args.config, args.overrides, log, check=args.check, dry_run=args.dry_run)
     if loaded is None:
         return 2
-    cfg, layout = loaded
+    try:  # a real run's rank 0 holds checkpoint.save's run lock from load_checked on
+        return _run(args, *loaded, log)
+    finally:
+        release_save_dir(loaded[0])
+
+
+def _run(args: argparse.Namespace, cfg, layout, log) -> int:
+    from bft_megatron.config import ConfigError
+
     if args.check or args.dry_run:
         log.info("config OK: world=%d dp=%d micro-batches/step=%d", layout.world_size, layout.dp,
                  layout.num_microbatches)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["load_checked"]
+__all__ = ["load_checked", "release_save_dir"]
 
 
 def load_checked(config_path: str | None, overrides: list[str], log, *, check: bool, dry_run: bool):
@@ -19,22 +19,50 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
     from bft_megatron.config.validate import error_hint
     from bft_megatron.training.data import check_prepared
 
+    cfg = None
     try:
         cfg = load_config(config_path, overrides)
         layout = validate(cfg, _world_size())
         if not (check or dry_run):
             _require_launcher()
         if not dry_run:  # the checkpoint's contents on global rank 0 alone, as the load decides (check_paths)
+            _lock_save_dir(cfg, log, check)
             check_paths(cfg, data=check, contents=check or _global_rank_zero())
             if check:  # prepared data the trainer would refuse (another template or tokenizer, valid/ vs train/)
                 check_prepared(cfg)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError and the data layer's checks are ValueErrors
         log.error("config error: %s%s", exc, error_hint(str(exc), config_path))
+        release_save_dir(cfg)
         return None
     if _global_rank_zero():
         for warning in config_warnings(cfg) + (_finished(cfg) if check else []):
             log.warning("config: %s", warning)
     return cfg, layout
+
+
+def _lock_save_dir(cfg, log, check: bool) -> None:
+    """Global rank 0 of a real run locks ``checkpoint.save`` before reading its ``latest`` (kept for the run);
+    ``--check`` only probes. Another run holding it is a config error (:mod:`..checkpoint.run_lock`)."""
+    from bft_megatron.checkpoint import run_lock
+    from bft_megatron.config import ConfigError
+
+    save = cfg.checkpoint.save
+    if not save or not _global_rank_zero():
+        return
+    if check:
+        problem = run_lock.probe(save)
+        if problem:
+            raise ConfigError(problem)
+    else:
+        run_lock.acquire(save, log)
+
+
+def release_save_dir(cfg) -> None:
+    """Drop the lock :func:`load_checked` took on ``checkpoint.save`` (process exit drops it too)."""
+    from bft_megatron.checkpoint import run_lock
+
+    if cfg is not None:
+        run_lock.release(cfg.checkpoint.save)
 
 
 def _finished(cfg) -> list[str]:

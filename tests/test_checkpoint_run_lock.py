@@ -1,0 +1,153 @@
+"""``checkpoint.save``'s run lock (checkpoint/run_lock.py over utils/locks.py): a second run is refused naming the
+first, a requeue of the same SLURM job waits for its previous run, a killed holder or a file system that cannot
+lock does not block anyone, and forks (megatron's async checkpoint writer) keep it held."""
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from bft_megatron.checkpoint import run_lock
+from bft_megatron.config import ConfigError
+from tests.data_fixtures import logged
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_LOG = logging.getLogger("bft_megatron.test_run_lock")  # seen by tests.data_fixtures.logged
+
+# Locks SAVE, says so on stdout, forks a child if FORK (the parent then exits at once, as a job whose async
+# writer outlives it), and holds the lock until RELEASE exists.
+_HOLDER = textwrap.dedent("""
+    import os, sys, time
+    from bft_megatron.utils.locks import try_lock
+    save, release, fork = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+    lock, _ = try_lock(os.path.join(save, ".run.lock"))
+    assert lock is not None
+    if fork and os.fork() != 0:
+        print("locked", flush=True)
+        os._exit(0)
+    if not fork:
+        print("locked", flush=True)
+    deadline = time.monotonic() + 300  # a failed test's holder does not linger
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
+""")
+
+
+class Holder:
+    """Another process holding the lock on ``save`` (a running job) until :meth:`stop` or :meth:`kill`."""
+
+    def __init__(self, save, tmp_path, env=None, fork=False):
+        self.release = tmp_path / f"release-{time.monotonic_ns()}"
+        args = [str(save), str(self.release), "1" if fork else "0"]
+        self.proc = subprocess.Popen([sys.executable, "-c", _HOLDER, *args], cwd=ROOT, stdout=subprocess.PIPE,
+                                     text=True, env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})))
+        assert self.proc.stdout.readline().strip() == "locked"
+        if fork:
+            self.proc.wait()  # the forking parent exits once its child holds the lock
+
+    def stop(self):
+        self.release.write_text("")
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_a_second_run_is_refused_naming_the_first(tmp_path):
+    holder = Holder(tmp_path, tmp_path)
+    try:
+        with pytest.raises(ConfigError, match=rf"checkpoint.save={tmp_path} is in use by another run \(host .*, "
+                                              rf"pid {holder.proc.pid}, since .*\): two runs saving into one"):
+            run_lock.acquire(str(tmp_path), _LOG)
+        assert f"pid {holder.proc.pid}" in run_lock.probe(str(tmp_path))
+    finally:
+        holder.kill()
+    run_lock.acquire(str(tmp_path), _LOG)  # a killed holder (SIGKILL) leaves nothing in the way
+    try:
+        record = json.loads((tmp_path / run_lock.LOCK_NAME).read_text())
+        assert record["pid"] == os.getpid() and record["host"]
+        run_lock.acquire(str(tmp_path), _LOG)  # held by this process already: no-op
+        assert run_lock.probe(str(tmp_path)) is None  # --check in the holder's own process
+    finally:
+        run_lock.release(str(tmp_path))
+    assert run_lock.probe(str(tmp_path)) is None  # released: free for the next run
+
+
+def test_a_forked_child_keeps_the_lock_after_its_parent_exits(tmp_path):
+    """megatron's async checkpoint writer is a fork: a restart must not write while it still does."""
+    holder = Holder(tmp_path, tmp_path, fork=True)
+    assert holder.proc.returncode == 0
+    assert "is in use by another run" in run_lock.probe(str(tmp_path))
+    holder.stop()
+    deadline = time.monotonic() + 30
+    while run_lock.probe(str(tmp_path)) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert run_lock.probe(str(tmp_path)) is None
+
+
+def test_a_requeue_of_the_same_slurm_job_waits_for_its_previous_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(run_lock, "POLL_S", 0.05)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    holder = Holder(tmp_path, tmp_path, env={"SLURM_JOB_ID": "4242"})
+    try:
+        assert run_lock.probe(str(tmp_path)) is None  # --check: the run will wait, not an error
+        monkeypatch.setattr(run_lock, "SAME_JOB_WAIT_S", 0.3)
+        with pytest.raises(ConfigError, match=r"is still locked after 0 s by this SLURM job's previous run \(host "
+                                              r".*SLURM job 4242.*\): one of its processes has not exited"):
+            run_lock.acquire(str(tmp_path), _LOG)
+        monkeypatch.setattr(run_lock, "SAME_JOB_WAIT_S", 60.0)
+        holder.stop()  # exits within the wait: the requeued run goes on
+        with logged(logging.WARNING) as records:
+            run_lock.acquire(str(tmp_path), _LOG)
+        assert "locked by this SLURM job's previous run" in records[0].getMessage()
+    finally:
+        holder.kill()
+        run_lock.release(str(tmp_path))
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job: refused at once
+    holder = Holder(tmp_path, tmp_path, env={"SLURM_JOB_ID": "4242"})
+    try:
+        with pytest.raises(ConfigError, match=r"in use by another run \(.*SLURM job 4242"):
+            run_lock.acquire(str(tmp_path), _LOG)
+    finally:
+        holder.kill()
+
+
+def test_a_file_system_that_cannot_lock_warns_and_goes_on(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # Lustre mounted without -o flock
+    with logged(logging.WARNING) as records:
+        run_lock.acquire(str(tmp_path), _LOG)
+    assert len(records) == 1
+    assert "the file system cannot lock (Function not implemented); a second run saving into this directory at " \
+           "the same time would not be detected" in records[0].getMessage()
+    assert run_lock.probe(str(tmp_path)) is None
+    run_lock.release(str(tmp_path))
+
+
+@pytest.mark.slow
+def test_train_and_check_refuse_a_save_directory_another_run_holds(tmp_path):
+    """The CLI: exit 2 before anything is read or written, from --check and from a real start."""
+    save = tmp_path / "run"
+    save.mkdir()
+    holder = Holder(save, tmp_path)
+    try:
+        for flag in (["--check"], []):
+            res = subprocess.run([sys.executable, "-m", "bft_megatron.train", "--config", "configs/demo_cpu.yaml",
+                                  f"checkpoint.save={save}", f"data.output_dir={tmp_path}/data", *flag], cwd=ROOT,
+                                 capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=ROOT))
+            assert res.returncode == 2, res.stderr[-3000:]
+            assert f"config error: checkpoint.save={save} is in use by another run (host " in res.stderr
+            assert f"pid {holder.proc.pid}" in res.stderr
+        assert sorted(os.listdir(save)) == [run_lock.LOCK_NAME] and not (tmp_path / "data").exists()
+    finally:
+        holder.kill()
