@@ -25,8 +25,34 @@ LOGIT_CASES = [n for n, (_, _, dtype) in CASES.items() if dtype == torch.float32
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 
 
-def _convert_worker(rank: int, world: int, root: str, names: list[str]) -> str:
-    """Imports and exports every case; returns the error of exporting a tied checkpoint as an untied model."""
+def _export_while_pruned(ckpt: str, out: str) -> str:
+    """The error of an export whose checkpoint is removed after it was opened (checkpoint.keep_last of a run
+    still training into the directory), as ``convert export`` reports it."""
+    import shutil
+
+    from bft_megatron.convert import exporter
+
+    copy = os.path.join(os.path.dirname(out), "pruned_ckpt")
+    shutil.copytree(ckpt, copy)
+    layers = exporter._Export.layers
+
+    def pruned_then_layers(self):
+        shutil.rmtree(os.path.join(copy, "iter_0000000"))
+        return layers(self)
+
+    exporter._Export.layers = pruned_then_layers
+    try:
+        exporter.export_checkpoint(copy, out)
+    except FileNotFoundError as exc:
+        return str(exc) + ("" if not os.path.exists(out) else " (and the output exists)")
+    finally:
+        exporter._Export.layers = layers
+    return "no error"
+
+
+def _convert_worker(rank: int, world: int, root: str, names: list[str]) -> tuple[str, str]:
+    """Imports and exports every case; returns the errors of exporting a tied checkpoint as an untied model and
+    of an export whose checkpoint is pruned meanwhile."""
     import dataclasses
 
     from bft_megatron.convert.exporter import _Export, export_checkpoint
@@ -39,11 +65,12 @@ def _convert_worker(rank: int, world: int, root: str, names: list[str]) -> str:
             # a small shard limit so that the export is split over several files
             export_checkpoint(ckpt, os.path.join(root, "out" + suffix, name), max_shard_bytes=40_000)
     untied = dataclasses.replace(model_config_from_hf_dir(os.path.join(root, "hf", "qwen2_tied")), tie_embeddings=False)
+    pruned = _export_while_pruned(os.path.join(root, "ckpt", names[0]), os.path.join(root, "out_pruned"))
     try:
         _Export(os.path.join(root, "ckpt", "qwen2_tied", "iter_0000000"), untied, None)
     except KeyError as exc:
-        return str(exc)
-    return "no error"
+        return str(exc), pruned
+    return "no error", pruned
 
 
 def _scramble_qkv(model, m) -> None:
@@ -97,16 +124,16 @@ def converted(tmp_path_factory):
         if name in LOGIT_CASES:
             with torch.no_grad():
                 refs[name] = model(tokens).logits
-    [untied_error] = run_distributed(_convert_worker, 1, root, list(CASES))
+    [(untied_error, pruned_error)] = run_distributed(_convert_worker, 1, root, list(CASES))
     per_rank = run_distributed(_logits_worker, 2, root, LOGIT_CASES, tokens)
     logits = {k: v for r in per_rank for k, v in r.items()}
-    return root, refs, logits, untied_error
+    return root, refs, logits, untied_error, pruned_error
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("name", LOGIT_CASES)
 def test_megatron_logits_match_hf(converted, name, layout):
-    _, refs, logits, _ = converted
+    _, refs, logits = converted[:3]
     got, ref = logits[(layout, name)], refs[name]
     assert got.shape == ref.shape
     assert ref.abs().max() > 1.0  # the comparison is not between near-zero logits
@@ -116,7 +143,7 @@ def test_megatron_logits_match_hf(converted, name, layout):
 
 def test_wrong_qkv_layout_breaks_logits(converted):
     """The logits comparison is sensitive to the QKV interleave (GQA: 8 heads, 2 groups)."""
-    _, refs, logits, _ = converted
+    _, refs, logits = converted[:3]
     diff = (logits[("tp1_scrambled_qkv", "llama31_untied")] - refs["llama31_untied"]).abs().max().item()
     assert diff > 1000 * ATOL
 
@@ -124,6 +151,14 @@ def test_wrong_qkv_layout_breaks_logits(converted):
 def test_an_untied_export_of_a_tied_checkpoint_fails_before_writing(converted):
     """The missing output layer is found with the other missing tensors, before any shard is written."""
     assert "untied model but 'output_layer.weight' is missing" in converted[3]
+
+
+def test_an_export_whose_checkpoint_is_pruned_meanwhile_says_so(converted):
+    """keep_last of a run still training into the directory removed the iter_ directory being read: the error
+    says that, not only the file megatron or torch missed (or a traceback), and nothing is published."""
+    assert "pruned_ckpt/iter_0000000 was removed while it was being exported: a run still training into " \
+           in converted[4], converted[4]
+    assert converted[4].endswith("(raise keep_last, or export after the run has ended)"), converted[4]
 
 
 @pytest.mark.parametrize("suffix", ["", "_low"], ids=["import", "import_low_memory"])
@@ -151,7 +186,7 @@ def test_export_of_import_is_bit_identical(converted, name, suffix):
 def test_export_loads_with_transformers(converted, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    root, refs, _, _ = converted
+    root, refs = converted[:2]
     out_dir = os.path.join(root, "out", name)
     model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
     torch.manual_seed(1)

@@ -359,3 +359,22 @@ def test_cast_refuses_values_the_export_dtype_cannot_hold():
         cast("model.norm.weight", big, torch.float16)
     already = torch.tensor([float("inf"), 1.0])  # not made by the cast: passed on as it is
     assert torch.isinf(cast("w", already, torch.float16)).any()
+
+
+def test_cli_reports_megatrons_checkpointing_exception_as_an_unreadable_checkpoint(monkeypatch):
+    """megatron's CheckpointingException (an Exception, not torch's BaseException) used to end as a traceback."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    from bft_megatron.convert import cli, exporter
+    from tests.data_fixtures import logged
+
+    def unreadable(*args, **kwargs):
+        raise CheckpointingException("Checkpoint directory /runs/r1/iter_0000030 does not exist")
+
+    monkeypatch.setattr(exporter, "export_checkpoint", unreadable)
+    with logged() as records:
+        assert cli.main(["export", "--ckpt", "/runs/r1", "--out", "/tmp/never"]) == 2
+    assert records[-1].getMessage() == (
+        "convert export failed: /runs/r1 cannot be read (CheckpointingException: Checkpoint directory "
+        "/runs/r1/iter_0000030 does not exist): a file of the checkpoint is missing or damaged (an interrupted copy, "
+        "or a save that was not complete?)")

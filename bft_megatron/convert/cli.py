@@ -69,6 +69,8 @@ def main(argv: list[str]) -> int:
     from bft_megatron.utils.logging import quiet_known_warnings
 
     quiet_known_warnings()
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
     try:
         if args.direction == "import":
             from bft_megatron.convert.importer import import_hf
@@ -83,17 +85,18 @@ def main(argv: list[str]) -> int:
     except (ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:  # ConfigError is a ValueError
         _log.error("convert %s failed: %s", args.direction, exc)
         return 2
-    except CheckpointException as exc:  # a BaseException: it escaped as a traceback (exit 1)
+    except (CheckpointException, CheckpointingException) as exc:  # torch's is a BaseException: it escaped (exit 1)
         _log.error("convert %s failed: %s cannot be read (%s): a file of the checkpoint is missing or damaged (an "
                    "interrupted copy, or a save that was not complete?)", args.direction, args.ckpt, _cause(exc))
         return 2
     return 0
 
 
-def _cause(exc: CheckpointException) -> str:
-    """The first rank's error inside torch's CheckpointException (whose own text is every rank's traceback)."""
+def _cause(exc: BaseException) -> str:
+    """The first rank's error inside torch's CheckpointException (whose own text is every rank's traceback), or
+    megatron's CheckpointingException's message."""
     wrapped = next(iter((getattr(exc, "failures", None) or {}).values()), None)
     if wrapped is None:
-        return type(exc).__name__
+        return f"{type(exc).__name__}: {exc}"
     error = wrapped[0] if isinstance(wrapped, tuple) else wrapped
     return f"{type(error).__name__}: {error}"

@@ -188,12 +188,27 @@ def export_checkpoint(ckpt: str, out_dir: str, hf_dir: str | None = None,
     complete, so a failed export leaves nothing behind that blocks a retry. ``progress``: a bar on stderr
     over the bytes of HF tensors written (:mod:`.progress`).
     """
-    from megatron.core import dist_checkpointing
-
     path = resolve_checkpoint_dir(ckpt)
     stale = stale_weights_error(out_dir)
     if stale:
         raise FileExistsError(stale)
+    try:
+        _export(path, out_dir, hf_dir, max_shard_bytes, dtype, tokenizer, progress)
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) or os.path.isdir(path):
+            raise
+        raise FileNotFoundError(  # the reader saw a missing file, a missing directory or megatron's exception
+            f"{path} was removed while it was being exported: a run still training into {os.path.dirname(path)} "
+            "prunes its older checkpoints (checkpoint.keep_last). Export its newest checkpoint again, or one it "
+            "keeps (raise keep_last, or export after the run has ended)") from exc
+    _log.info("exported %s -> %s", path, out_dir)
+    return out_dir
+
+
+def _export(path: str, out_dir: str, hf_dir: str | None, max_shard_bytes: int, dtype: torch.dtype | None,
+            tokenizer: str | None, progress: bool) -> None:
+    from megatron.core import dist_checkpointing
+
     with process_group():
         common = dist_checkpointing.load_common_state_dict(path)
         m, sources = _sources(path, common, hf_dir, tokenizer)
@@ -208,5 +223,3 @@ def export_checkpoint(ckpt: str, out_dir: str, hf_dir: str | None = None,
             shutil.rmtree(stage, ignore_errors=True)
             raise
     publish_staging(stage, out_dir)
-    _log.info("exported %s -> %s", path, out_dir)
-    return out_dir
