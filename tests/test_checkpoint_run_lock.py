@@ -8,7 +8,6 @@ import logging
 import os
 import subprocess
 import sys
-import textwrap
 import time
 
 import pytest
@@ -16,51 +15,13 @@ import pytest
 from bft_megatron.checkpoint import run_lock
 from bft_megatron.config import ConfigError
 from tests.data_fixtures import logged
+from tests.lock_holder import Holder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _LOG = logging.getLogger("bft_megatron.test_run_lock")  # seen by tests.data_fixtures.logged
 
-# Locks SAVE, says so on stdout, forks a child if FORK (the parent then exits at once, as a job whose async
-# writer outlives it), and holds the lock until RELEASE exists.
-_HOLDER = textwrap.dedent("""
-    import os, sys, time
-    from bft_megatron.utils.locks import try_lock
-    save, release, fork = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
-    lock, _ = try_lock(os.path.join(save, ".run.lock"))
-    assert lock is not None
-    if fork and os.fork() != 0:
-        print("locked", flush=True)
-        os._exit(0)
-    if not fork:
-        print("locked", flush=True)
-    deadline = time.monotonic() + 300  # a failed test's holder does not linger
-    while not os.path.exists(release) and time.monotonic() < deadline:
-        time.sleep(0.05)
-""")
-
-
-class Holder:
-    """Another process holding the lock on ``save`` (a running job) until :meth:`stop` or :meth:`kill`."""
-
-    def __init__(self, save, tmp_path, env=None, fork=False):
-        self.release = tmp_path / f"release-{time.monotonic_ns()}"
-        args = [str(save), str(self.release), "1" if fork else "0"]
-        self.proc = subprocess.Popen([sys.executable, "-c", _HOLDER, *args], cwd=ROOT, stdout=subprocess.PIPE,
-                                     text=True, env=dict(os.environ, PYTHONPATH=ROOT, **(env or {})))
-        assert self.proc.stdout.readline().strip() == "locked"
-        if fork:
-            self.proc.wait()  # the forking parent exits once its child holds the lock
-
-    def stop(self):
-        self.release.write_text("")
-
-    def kill(self):
-        self.proc.kill()
-        self.proc.wait()
-
-
 def test_a_second_run_is_refused_naming_the_first(tmp_path):
-    holder = Holder(tmp_path, tmp_path)
+    holder = Holder(tmp_path / run_lock.LOCK_NAME, tmp_path)
     try:
         with pytest.raises(ConfigError, match=rf"checkpoint.save={tmp_path} is in use by another run \(host .*, "
                                               rf"pid {holder.proc.pid}, since .*\): two runs saving into one"):
@@ -81,7 +42,7 @@ def test_a_second_run_is_refused_naming_the_first(tmp_path):
 
 def test_a_forked_child_keeps_the_lock_after_its_parent_exits(tmp_path):
     """megatron's async checkpoint writer is a fork: a restart must not write while it still does."""
-    holder = Holder(tmp_path, tmp_path, fork=True)
+    holder = Holder(tmp_path / run_lock.LOCK_NAME, tmp_path, fork=True)
     assert holder.proc.returncode == 0
     assert "is in use by another run" in run_lock.probe(str(tmp_path))
     holder.stop()
@@ -94,7 +55,7 @@ def test_a_forked_child_keeps_the_lock_after_its_parent_exits(tmp_path):
 def test_a_requeue_of_the_same_slurm_job_waits_for_its_previous_run(tmp_path, monkeypatch):
     monkeypatch.setattr(run_lock, "POLL_S", 0.05)
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    holder = Holder(tmp_path, tmp_path, env={"SLURM_JOB_ID": "4242"})
+    holder = Holder(tmp_path / run_lock.LOCK_NAME, tmp_path, env={"SLURM_JOB_ID": "4242"})
     try:
         assert run_lock.probe(str(tmp_path)) is None  # --check: the run will wait, not an error
         monkeypatch.setattr(run_lock, "SAME_JOB_WAIT_S", 0.3)
@@ -110,7 +71,7 @@ def test_a_requeue_of_the_same_slurm_job_waits_for_its_previous_run(tmp_path, mo
         holder.kill()
         run_lock.release(str(tmp_path))
     monkeypatch.setenv("SLURM_JOB_ID", "4243")  # another job: refused at once
-    holder = Holder(tmp_path, tmp_path, env={"SLURM_JOB_ID": "4242"})
+    holder = Holder(tmp_path / run_lock.LOCK_NAME, tmp_path, env={"SLURM_JOB_ID": "4242"})
     try:
         with pytest.raises(ConfigError, match=r"in use by another run \(.*SLURM job 4242"):
             run_lock.acquire(str(tmp_path), _LOG)
@@ -139,7 +100,7 @@ def test_train_and_check_refuse_a_save_directory_another_run_holds(tmp_path):
     """The CLI: exit 2 before anything is read or written, from --check and from a real start."""
     save = tmp_path / "run"
     save.mkdir()
-    holder = Holder(save, tmp_path)
+    holder = Holder(save / run_lock.LOCK_NAME, tmp_path)
     try:
         for flag in (["--check"], []):
             res = subprocess.run([sys.executable, "-m", "bft_megatron.train", "--config", "configs/demo_cpu.yaml",

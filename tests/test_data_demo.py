@@ -55,7 +55,7 @@ def test_prepare_demo_twice_is_byte_identical(tmp_path, capsys):
         assert cli_main(["prepare", "--config", str(REPO / "configs" / "data_demo.yaml"), "--output", str(out),
                          "--num-workers", "1", "--no-progress"]) == 0
         digests.append({p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                        for p in sorted(out.rglob("*")) if p.is_file()})
+                        for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".prepare.lock"})
     summary = capsys.readouterr().out
     assert digests[0] == digests[1] and len(digests[0]) == 12
     assert f"[train] records={len(_records(TRAIN))} samples={len(_records(TRAIN))}" in summary

@@ -16,6 +16,7 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bft_megatron.config.data import DataConfig, SourceConfig
@@ -67,18 +68,43 @@ def test_split_interrupted_before_publication_is_prepared_again(tmp_path):
     assert sorted(p.name for p in (out / "valid").iterdir() if p.name.startswith(".")) == []
 
 
-def test_failed_rewrite_unpublishes_and_publish_is_atomic(tmp_path):
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_failed_rewrite_keeps_the_previous_split_and_publish_is_atomic(tmp_path):
+    """A rewrite is written into a staging directory and moved into place complete: a failed one leaves the
+    previous split as it was (published, the same bytes) and no staging directory."""
     train_src, _ = _sources(tmp_path)
     out = tmp_path / "out"
     _prepare_train_only(train_src, out)
     index = read_index(out / "train")
     assert index["stats"]["records"] == 24  # published once, stats included
+    before = _files(out / "train")
     bad = write_jsonl(tmp_path / "bad.jsonl", [], raw_lines=["{"])
     with pytest.raises(DataError, match="no usable samples"):
         run(DataConfig(train=[SourceConfig(path=str(bad))], tokenizer=DEMO_SP, output_dir=str(out), on_error="skip"))
-    assert not is_prepared(out / "train")  # no index naming arrays that a rewrite may have replaced
+    assert is_prepared(out / "train") and _files(out / "train") == before
+    assert sorted(p.name for p in out.iterdir()) == [".prepare.lock", "train"]
     publish_index(out / "train", index)
     assert read_index(out / "train") == index and [p.name for p in (out / "train").glob(".index*")] == []
+
+
+def test_a_rewrite_leaves_the_arrays_a_reader_has_mapped_unchanged(tmp_path):
+    """``prepare`` into the directory of a running training used to rewrite the arrays it had memory-mapped (the
+    same files, opened "w+"): it went on training on the new rows from the first one not yet cached. The
+    rewrite now moves a new directory into place; the mapped arrays keep their contents."""
+    train_src, _ = _sources(tmp_path)
+    out = tmp_path / "out"
+    _prepare_train_only(train_src, out)
+    mapped = np.load(out / "train" / "tokens.npy", mmap_mode="r")
+    kept = np.array(mapped)
+    run(DataConfig(train=[SourceConfig(path=str(train_src))], tokenizer=DEMO_SP, output_dir=str(out), seed=7))
+    assert read_index(out / "train")["seed"] == 7
+    fresh = np.load(out / "train" / "tokens.npy")
+    assert not np.array_equal(fresh, kept)  # another seed: other rows
+    assert np.array_equal(np.array(mapped), kept)
+    assert sorted(p.name for p in out.iterdir()) == [".prepare.lock", "train"]  # the old split removed
 
 
 def test_first_use_logs_the_summary_and_warns_about_truncation(tmp_path):
@@ -219,3 +245,39 @@ def test_failed_first_use_preparation_exits_2_on_every_rank(tmp_path):
         assert "train split: no usable samples: 24 records" in errors[0] and "dropped_too_long" in errors[0]
         assert "raise data.seq_length, or set data.truncation=truncate" in errors[0]
         assert "Traceback" not in out
+
+
+def test_first_use_waits_for_another_preparation_and_takes_its_result(tmp_path, monkeypatch):
+    """Two jobs preparing one data.output_dir on first use: the second waits for the first's lock, then finds the
+    split prepared and prepares nothing (they used to fail on each other's scratch files, FileNotFoundError)."""
+    import shutil
+    import threading
+
+    from bft_megatron.data import pipeline
+    from tests.lock_holder import Holder
+
+    monkeypatch.setattr(pipeline, "LOCK_POLL_S", 0.05)
+    train_src, _ = _sources(tmp_path)
+    _prepare_train_only(train_src, tmp_path / "elsewhere")  # what the other job is about to publish
+    out = tmp_path / "out"
+    out.mkdir()
+    other = Holder(out / pipeline.PREPARE_LOCK, tmp_path)
+    results = {}
+    cfg = DataConfig(train=[SourceConfig(path=str(train_src))], tokenizer=DEMO_SP, seq_length=256, output_dir=str(out))
+    try:
+        with logged() as records:
+            waiter = threading.Thread(target=lambda: results.update(run=run(cfg, splits=["train"])))
+            waiter.start()
+            deadline = time.monotonic() + 60
+            while not any("waiting for another preparation" in r.getMessage() for r in records):
+                assert time.monotonic() < deadline and waiter.is_alive()
+                time.sleep(0.05)
+            shutil.copytree(tmp_path / "elsewhere" / "train", out / "train")  # the other job's result
+            other.stop()
+            waiter.join(60)
+        assert not waiter.is_alive() and results["run"] == {}  # found prepared: nothing done again
+        message = next(r.getMessage() for r in records if "waiting for another" in r.getMessage())
+        assert f"waiting for another preparation into {out} to finish (host " in message
+        assert f"pid {other.proc.pid}" in message
+    finally:
+        other.kill()

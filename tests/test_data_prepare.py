@@ -37,6 +37,7 @@ def test_cli_prints_summary_and_is_byte_reproducible(tmp_path, capsys):
         assert key in summary, key
     assert main(args + ["--output", str(tmp_path / "b")]) == 0
     a, b = _digest(tmp_path / "a"), _digest(tmp_path / "b")
+    assert a.pop(".prepare.lock") and b.pop(".prepare.lock")  # the lock's last holder (pid, time): not data
     assert set(a) == {f"{s}/{f}" for s in ("train", "valid") for f in
                       ("index.json", "tokens.npy", "loss_mask.npy", "sample_offsets.npy", "row_offsets.npy",
                        "sample_ids.npy")}
@@ -213,7 +214,8 @@ def test_split_with_no_usable_sample_is_an_error(tmp_path):
     (tmp_path / "kept" / "valid" / "index.json").write_text("{}")
     with pytest.raises(DataError, match="no usable samples"):
         run(dataclasses.replace(cfg, output_dir=str(tmp_path / "kept")))
-    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["valid"]  # the user's directory stays
+    # the user's directory stays (with the preparation lock file, kept: another job may be waiting on it)
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [".prepare.lock", "valid"]
     assert main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o"),
                  "--on-error", "skip", "--no-progress"]) == 2
     long = write_jsonl(tmp_path / "long.jsonl", synthetic_chats(3, seed=2))
@@ -290,7 +292,7 @@ def test_the_arrow_copy_of_local_sources_goes_beside_the_output_or_to_tmpdir(tmp
     [cache] = seen
     parent = tmp_path / tmpdir if tmpdir else out
     assert os.path.dirname(cache) == str(parent) and os.path.basename(cache).startswith(".bft-prepare-cache-")
-    assert not os.path.exists(cache) and sorted(os.listdir(out)) == ["train"]
+    assert not os.path.exists(cache) and sorted(os.listdir(out)) == [".prepare.lock", "train"]
 
 
 def test_an_empty_tmpdir_is_unset_for_the_arrow_copy(tmp_path, monkeypatch):

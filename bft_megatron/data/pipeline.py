@@ -1,8 +1,8 @@
 """Read -> validate -> tokenize (multiprocess) -> length policy -> mix -> pack -> write, for one split.
 
-A split's ``index.json`` is removed when its preparation starts and published (atomically) only once
-all of the split, stats included, is written; :func:`missing_splits` names the configured splits
-without one (never prepared, or interrupted).
+A split is written into a hidden staging directory, its ``index.json`` (stats included) last, and moved into
+place complete; :func:`missing_splits` names the configured splits without one (never prepared, or interrupted).
+Preparations into one output directory take turns (``.prepare.lock``).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter, deque
@@ -26,16 +27,20 @@ from bft_megatron.data.packing import one_per_row, pack_best_fit
 from bft_megatron.data.provenance import RULES_VERSION, source_record
 from bft_megatron.data.readers import read_records
 from bft_megatron.data.records import Conversation, to_conversation
-from bft_megatron.data.storage import SampleStream, is_prepared, publish_index, unpublish, write_split
+from bft_megatron.data.storage import (SampleStream, is_prepared, publish_index, remove_stale_staging, replace_split,
+                                       staging_dir, write_split)
 from bft_megatron.data.templates import TOKENIZER_TEMPLATES, check_template
 from bft_megatron.data.tokenize import Encoded, apply_length_policy, encode
 from bft_megatron.data.tokenizer import Tokenizer, describe, load_tokenizer
 from bft_megatron.utils.files import file_in_the_way
+from bft_megatron.utils.locks import LockUnsupported, holder_text, try_lock
 from bft_megatron.utils.logging import get_logger
 from bft_megatron.utils.signal_shield import detach_pool_worker
 
 log = get_logger(__name__)
 
+PREPARE_LOCK = ".prepare.lock"
+LOCK_POLL_S = 2.0
 CHUNK = 64  # conversations per worker task: large enough to amortise pickling, small for a smooth bar
 
 _WORKER: dict[str, Any] = {}
@@ -188,10 +193,22 @@ def _no_samples_hint(cfg: DataConfig, stats: SplitStats) -> str:
 
 def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok: Tokenizer,
                   cache_dir: str, progress: bool = True) -> SplitStats:
-    out = Path(cfg.output_dir) / split
+    """Prepare ``split`` into a staging directory and move it to ``output_dir/split`` once complete (a failed
+    preparation leaves the previous split as it was)."""
+    stage = staging_dir(Path(cfg.output_dir), split)
+    try:
+        stats = _prepare_into(stage, cfg, split, sources, tok, cache_dir, progress)
+        replace_split(stage, Path(cfg.output_dir) / split)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    return stats
+
+
+def _prepare_into(out: Path, cfg: DataConfig, split: str, sources: list[SourceConfig], tok: Tokenizer,
+                  cache_dir: str, progress: bool) -> SplitStats:
     stats = SplitStats(skips=SkipLog(policy=cfg.on_error))
     stream = SampleStream(out, split)
-    unpublish(out)
     start = time.perf_counter()
     recorded_sources = [source_record(s) for s in sources]  # before reading: a file changed meanwhile is noticed
     try:
@@ -249,7 +266,8 @@ def _scratch_parent(cfg: DataConfig) -> str:
 
 def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = None,
                 splits: Iterable[str] | None = None) -> dict[str, SplitStats]:
-    """Prepare every configured split (only those in ``splits`` when given)."""
+    """Prepare every configured split; with ``splits`` (the trainer's first use) those of them still missing once
+    this process holds the output directory's lock."""
     blocker = file_in_the_way(cfg.output_dir)
     if blocker is not None:  # else a NotADirectoryError traceback
         where = "" if blocker == cfg.output_dir else f"{blocker} "
@@ -269,19 +287,56 @@ def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = 
     results: dict[str, SplitStats] = {}
     made_output_dir = not os.path.exists(cfg.output_dir)
     try:
-        with tempfile.TemporaryDirectory(prefix=".bft-prepare-cache-", dir=_scratch_parent(cfg)) as tmp:
-            for split, sources in wanted.items():
-                results[split] = prepare_split(cfg, split, sources, tok, cache_dir or tmp, progress)
+        with _output_lock(cfg.output_dir) as locked:
+            if splits is not None:  # the trainer's first use: another job may have prepared them while this waited
+                missing = missing_splits(cfg)
+                wanted = {split: sources for split, sources in wanted.items() if split in missing}
+            if locked:
+                remove_stale_staging(Path(cfg.output_dir))
+            with tempfile.TemporaryDirectory(prefix=".bft-prepare-cache-", dir=_scratch_parent(cfg)) as tmp:
+                for split, sources in wanted.items():
+                    results[split] = prepare_split(cfg, split, sources, tok, cache_dir or tmp, progress)
     except BaseException:
         _remove_empty_outputs(cfg.output_dir, list(wanted), made_output_dir)
         raise
     return results
 
 
+@contextlib.contextmanager
+def _output_lock(output_dir: str) -> Iterator[bool]:
+    """Hold ``output_dir/.prepare.lock`` (waiting for another preparation into it to finish); yields whether it is
+    held (False where the file system cannot lock: preparations are then not serialised). Two preparations at
+    once failed on each other's scratch files, or one replaced the split the other had just checked."""
+    os.makedirs(output_dir, exist_ok=True)
+    said = False
+    while True:
+        try:
+            lock, holder = try_lock(os.path.join(output_dir, PREPARE_LOCK))
+        except (LockUnsupported, PermissionError) as exc:
+            log.info("%s: not locked for preparation (%s): another preparation into it at the same time would not "
+                     "be waited for", output_dir, exc.strerror)
+            lock = None
+            break
+        if lock is not None:
+            break
+        if not said:
+            log.info("waiting for another preparation into %s to finish (%s)", output_dir, holder_text(holder))
+            said = True
+        time.sleep(LOCK_POLL_S)
+    try:
+        yield lock is not None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def _remove_empty_outputs(output_dir: str, splits: list[str], made_output_dir: bool) -> None:
     """After a failed preparation: the split directories it left empty (and the output directory, if this run
     created it), so that a failed first try leaves no empty ``train/`` that looks like a preparation."""
     paths = [os.path.join(output_dir, split) for split in splits] + ([output_dir] if made_output_dir else [])
+    if made_output_dir:  # the lock file made with it (released by now)
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(output_dir, PREPARE_LOCK))
     for path in paths:
         with contextlib.suppress(OSError):  # only an empty directory goes; a kept split or a user's file stays
             os.rmdir(path)

@@ -10,8 +10,9 @@
 
 The arrays are byte-reproducible (same sources and settings, same bytes); ``index.json`` is too, up to the
 sources' recorded mtimes (which the trainer updates when a touched source's contents are unchanged).
-``index.json`` is written last, atomically (:func:`publish_index`), and removed before a split is
-rewritten: a directory with an ``index.json`` holds a complete split (:func:`is_prepared`).
+``index.json`` is written last, atomically (:func:`publish_index`): a directory with an ``index.json`` holds a
+complete split (:func:`is_prepared`). A split is written into a hidden staging directory and moved into place
+complete (:func:`replace_split`), so readers of a previous split keep reading it unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -141,9 +144,37 @@ def is_prepared(directory: str | os.PathLike[str]) -> bool:
     return (Path(directory) / INDEX).is_file()
 
 
-def unpublish(out: Path) -> None:
-    """Remove ``out``'s index (before its arrays are rewritten): an interrupted rewrite is not a split."""
-    (out / INDEX).unlink(missing_ok=True)
+def staging_dir(output_dir: Path, split: str) -> Path:
+    """A new empty hidden directory in ``output_dir`` (``.<split>.partial-XXXX``) to write a split into before
+    :func:`replace_split` moves it into place."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{split}.partial-", dir=output_dir))
+
+
+def replace_split(stage: Path, out: Path) -> None:
+    """Move the complete split ``stage`` to ``out`` by renames, the previous ``out`` (if any) out of the way first
+    and then removed. A trainer reading the previous split keeps its memory-mapped arrays (their inodes live until
+    unmapped): rewritten in place, they changed under it, silently, from the first row not yet cached."""
+    old = None
+    if os.path.lexists(out):
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.rename(out, old / out.name)
+    os.rename(stage, out)
+    fd = os.open(out.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the renames survive a crash
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)  # NFS keeps a mapped file as .nfsXXXX: whatever stays is harmless
+
+
+def remove_stale_staging(output_dir: Path) -> None:
+    """Staging and replaced directories left by a killed preparation (call only while holding the directory's
+    preparation lock: another preparation's would otherwise go)."""
+    for split in ("train", "valid"):
+        for path in [*output_dir.glob(f".{split}.partial-*"), *output_dir.glob(f".{split}.old-*")]:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def publish_index(out: Path, index: dict[str, Any]) -> None:
