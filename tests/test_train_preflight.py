@@ -58,7 +58,7 @@ def test_missing_finetune_checkpoint_is_caught_by_check_but_not_by_dry_run(tmp_p
     with pytest.raises(ConfigError, match=r"holds an HF config.json: import the model first \(bft-megatron convert "):
         check_paths(load_config("configs/demo_cpu.yaml", empty))
     (tmp_path / "iter_0000003").mkdir()  # an iter_ directory that holds nothing (a save that never finished)
-    finetune3 = ["checkpoint.finetune=true", f"checkpoint.load={tmp_path}/iter_0000003"]
+    finetune3 = ["checkpoint.finetune=true", f"checkpoint.load={tmp_path}/iter_0000003", fresh]
     with pytest.raises(ConfigError, match=r"iter_0000003 holds no megatron checkpoint"):
         check_paths(load_config("configs/demo_cpu.yaml", finetune3))
     megatron_marker(str(tmp_path / "iter_0000003"))
@@ -214,7 +214,8 @@ def test_check_reports_a_prepared_split_with_a_missing_array_as_a_config_error(t
 
     src = write_jsonl(tmp_path / "train.jsonl", synthetic_chats(8, seed=3))
     over = [f"data.train={src}", f"data.tokenizer={DEMO_SP}", f"data.output_dir={tmp_path / 'out'}",
-            "data.seq_length=256", "data.template=chatml", "model.vocab_size=4096", "data.valid=null"]
+            "data.seq_length=256", "data.template=chatml", "model.vocab_size=4096", "data.valid=null",
+            f"checkpoint.save={tmp_path / 'run'}"]  # not the demo's (runs/demo_cpu/ckpt, made by the README's set-up)
     open_datasets(load_config(None, over))
     (tmp_path / "out" / "train" / "tokens.npy").unlink()
     log = _Log()
