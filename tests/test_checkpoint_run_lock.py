@@ -112,3 +112,19 @@ def test_train_and_check_refuse_a_save_directory_another_run_holds(tmp_path):
         assert sorted(os.listdir(save)) == [run_lock.LOCK_NAME] and not (tmp_path / "data").exists()
     finally:
         holder.kill()
+
+
+def test_a_save_directory_that_cannot_be_written_is_a_config_error_at_the_start(tmp_path, monkeypatch):
+    """Found when the lock is taken, not at the first save hours later; a file in the directory's place is left
+    to the checkpoint path checks (their message names it)."""
+    def denied(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(run_lock, "try_lock", denied)
+    with pytest.raises(ConfigError, match=rf"checkpoint.save={tmp_path}/run cannot be written \(PermissionError: "
+                                          r".*Permission denied.*\): choose a directory this user can create files"):
+        run_lock.acquire(str(tmp_path / "run"), _LOG)
+    assert run_lock.probe(str(tmp_path / "new")) is None  # --check: not made yet, nothing to probe
+    assert run_lock.probe(str(tmp_path / "run")).startswith(f"checkpoint.save={tmp_path}/run cannot be written")
+    (tmp_path / "file").write_text("")
+    run_lock.acquire(str(tmp_path / "file" / "run"), _LOG)  # no error here

@@ -16,6 +16,7 @@ import os
 import time
 
 from bft_megatron.config.base import ConfigError
+from bft_megatron.utils.files import file_in_the_way
 from bft_megatron.utils.locks import HeldLock, LockUnsupported, holder_text, try_lock
 
 __all__ = ["LOCK_NAME", "acquire", "probe", "release"]
@@ -42,24 +43,28 @@ def _in_use(save_dir: str, holder: dict, waited: float = 0.0) -> str:
             "another checkpoint.save")
 
 
+def _unwritable(save_dir: str, exc: OSError) -> str:
+    return (f"checkpoint.save={save_dir} cannot be written ({type(exc).__name__}: {exc}): choose a directory this "
+            "user can create files in")
+
+
 def acquire(save_dir: str, log) -> None:
     """Lock ``save_dir`` for this process (a no-op when it already holds it). Raises :class:`ConfigError` naming
     the holder when another run holds it; waits up to :data:`SAME_JOB_WAIT_S` for a holder of the same SLURM job."""
     key = os.path.realpath(save_dir)
-    if key in _HELD:
-        return
-    try:
-        os.makedirs(save_dir, exist_ok=True)
-    except OSError:  # not creatable: the checkpoint path checks that follow say so
+    if key in _HELD or file_in_the_way(save_dir):  # a file where the directory goes: the path checks name it
         return
     start, said = time.monotonic(), False
     while True:
         try:
+            os.makedirs(save_dir, exist_ok=True)
             lock, holder = try_lock(os.path.join(save_dir, LOCK_NAME))
         except LockUnsupported as exc:
             log.warning("checkpoint.save=%s: %s; a second run saving into this directory at the same time would "
                         "not be detected", save_dir, exc.strerror)
             return
+        except OSError as exc:  # a run that cannot write there would fail at its first save, hours in
+            raise ConfigError(_unwritable(save_dir, exc)) from None
         if lock is not None:
             _HELD[key] = lock
             return
@@ -76,15 +81,18 @@ def acquire(save_dir: str, log) -> None:
 
 
 def probe(save_dir: str) -> str | None:
-    """For ``--check``: why a run could not take the lock now (another run holds it), else None. Takes and drops
-    it; a holder from this SLURM job (which the run waits for) or a file system that cannot lock is no problem."""
+    """For ``--check``: why a run could not take the lock now (another run holds it, or the directory cannot be
+    written), else None. Takes and drops it; a holder from this SLURM job (which the run waits for), a file system
+    that cannot lock or a directory not made yet is no problem."""
     key = os.path.realpath(save_dir)
     if key in _HELD or not os.path.isdir(save_dir):
         return None
     try:
         lock, holder = try_lock(os.path.join(save_dir, LOCK_NAME))
-    except (LockUnsupported, PermissionError):
+    except LockUnsupported:
         return None
+    except OSError as exc:
+        return _unwritable(save_dir, exc)
     if lock is not None:
         lock.release()
         return None
