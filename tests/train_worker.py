@@ -93,28 +93,41 @@ def _signal_in_validation(trainer) -> list[int]:
     return forward_only_batches
 
 
-def run_one(spec: dict) -> dict:
-    import torch.distributed as dist
-
-    from bft_megatron.checkpoint import Checkpointer
-    from bft_megatron.config import ConfigError, load_config, validate
+def _build(spec: dict):
+    """(cfg, groups, trainer) of ``spec``'s overrides, megatron's groups initialised for its layout."""
+    from bft_megatron.config import load_config, validate
     from bft_megatron.parallel import bootstrap
     from bft_megatron.training.build import build_trainer
-    from bft_megatron.training.fit import ExitRequest, fit
-    from bft_megatron.training.loop import NonFiniteError
-    from tests.data_fixtures import logged
 
     cfg = load_config(None, spec["overrides"])
     layout = validate(cfg, int(os.environ["WORLD_SIZE"]))
     p = cfg.parallel
     groups = bootstrap.initialize(p.tp, p.pp, p.vp, p.cp, seed=cfg.train.seed)
-    trainer = build_trainer(cfg, layout, groups)
-    if spec.get("grad_check"):  # one step's gradient against the reference's; no training
-        from tests.gradient_check import compare
+    return cfg, groups, build_trainer(cfg, layout, groups)
 
-        out = {"grad_check": compare(trainer, cfg)}
-        bootstrap.destroy(keep_process_group=True)
-        return out
+
+def check_gradient(spec: dict) -> dict:
+    """One step's gradient against the reference's, no training (tests/gradient_check.py)."""
+    from bft_megatron.parallel import bootstrap
+    from tests.gradient_check import compare
+
+    cfg, _, trainer = _build(spec)
+    out = {"grad_check": compare(trainer, cfg)}
+    bootstrap.destroy(keep_process_group=True)
+    return out
+
+
+def run_one(spec: dict) -> dict:
+    import torch.distributed as dist
+
+    from bft_megatron.checkpoint import Checkpointer
+    from bft_megatron.config import ConfigError
+    from bft_megatron.parallel import bootstrap
+    from bft_megatron.training.fit import ExitRequest, fit
+    from bft_megatron.training.loop import NonFiniteError
+    from tests.data_fixtures import logged
+
+    cfg, groups, trainer = _build(spec)
     ckpt = Checkpointer(cfg, groups)
     try:
         with logged(logging.WARNING) as load_records:
@@ -167,7 +180,7 @@ def main() -> None:
     faulthandler.register(signal.SIGUSR2, all_threads=True)  # tests/launch.py: a hung launch's stacks
     with open(sys.argv[1]) as fh:
         job = json.load(fh)
-    results = [run_one(spec) for spec in job["runs"]]
+    results = [check_gradient(spec) if spec.get("grad_check") else run_one(spec) for spec in job["runs"]]
     if dist.get_rank() == 0:
         with open(job["out"], "w") as fh:
             json.dump(results, fh)
