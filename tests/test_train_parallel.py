@@ -82,6 +82,10 @@ LAYOUTS = {
 }
 
 
+OBJECTIVES = {"bft_v3": ["loss.variant=v3"], "sft": ["loss.method=sft"]}
+OBJECTIVE_LAYOUTS = {"bft_v3_pp2_vp2": ("bft_v3", "pp2_vp2"), "sft_tp2_pp2": ("sft", "tp2_pp2")}
+
+
 @pytest.fixture(scope="module")
 def layouts(ref, tmp_path_factory):
     run_dir, variant_dir = ref[0], ref[2]
@@ -104,8 +108,25 @@ def layouts(ref, tmp_path_factory):
                  "count_state": True})
     runs.append({"overrides": TINY + PADDED + [f"checkpoint.load={ref[4]}/iter_0000000", "checkpoint.finetune=true",
                                                "parallel.cp=2"]})
+    for objective, layout in OBJECTIVE_LAYOUTS.values():  # the other objectives through pipeline parallelism
+        runs.append({"overrides": TINY + [f"checkpoint.load={init}", "checkpoint.finetune=true"]
+                     + OBJECTIVES[objective] + LAYOUTS[layout]})
     results = launch(4, runs, timeout=500)
-    return dict(zip(LAYOUTS, results)), tp2_dir, results[-2], vp_dir, results[-1], cp_dir, results[len(LAYOUTS)]
+    n = len(LAYOUTS)
+    return (dict(zip(LAYOUTS, results)), tp2_dir, results[n + 1], vp_dir, results[n + 2], cp_dir, results[n],
+            dict(zip(OBJECTIVE_LAYOUTS, results[n + 3:])))
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVE_LAYOUTS))
+def test_other_objectives_through_pipeline_parallelism_match_tp1(ref, layouts, resumed, name):
+    """bft v3 at PP2 x VP2 (x DP2) and sft at TP2 x PP2 against their TP1 runs from the same weights: the
+    objective's units (samples for bft, tokens for sft) reach megatron's contract from the last stage alike."""
+    objective = OBJECTIVE_LAYOUTS[name][0]
+    want = resumed[len(resumed) - len(OBJECTIVES) + list(OBJECTIVES).index(objective)]  # the last runs
+    got = layouts[7][name]
+    assert _losses(want) != _losses(ref[1])  # another objective than the reference's bft v1
+    assert _losses(got) == pytest.approx(_losses(want), rel=RTOL, abs=ATOL)
+    assert _grad_norms(got) == pytest.approx(_grad_norms(want), rel=RTOL, abs=ATOL)
 
 
 def test_reference_trains(ref):
@@ -137,15 +158,16 @@ def killed(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("killed"))
     proc = launch_raw(1, [{"overrides": TINY + [f"checkpoint.save={run_dir}", "checkpoint.save_interval=2"],
                            "die_in_commit": 4}])
-    return run_dir, proc
+    with open(os.path.join(run_dir, "latest")) as fh:  # now: the `resumed` fixture restarts this run
+        latest = fh.read().strip()
+    return run_dir, proc, latest, os.path.isdir(os.path.join(run_dir, "iter_0000004"))
 
 
 def test_kill_during_save_keeps_previous_latest(killed):
-    run_dir, proc = killed
+    _, proc, latest, step4_written = killed
     assert proc.returncode != 0
-    with open(os.path.join(run_dir, "latest")) as fh:
-        assert fh.read().strip() == "iter_0000002"
-    assert os.path.isdir(os.path.join(run_dir, "iter_0000004"))  # written but never committed
+    assert latest == "iter_0000002"
+    assert step4_written  # written but never committed
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +188,9 @@ def resumed(ref, layouts, killed):
         # the word embedding's gradient through DDP's hook instead of straight into main_grad
         {"overrides": TINY + ["train.gradient_accumulation_fusion=false"]},
     ]
+    init = os.path.join(ref_dir, "iter_0000000")
+    runs += [{"overrides": TINY + [f"checkpoint.load={init}", "checkpoint.finetune=true"] + extra}
+             for extra in OBJECTIVES.values()]  # TP1 runs of the other objectives, last
     return launch(1, runs)
 
 
