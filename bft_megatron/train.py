@@ -61,8 +61,15 @@ def _run(args: argparse.Namespace, cfg, layout, log) -> int:
     from bft_megatron.parallel import bootstrap
     from bft_megatron.training.build import build_trainer
 
+    from bft_megatron.parallel.consistency import check_job
+
     p = cfg.parallel
-    groups = bootstrap.initialize(p.tp, p.pp, p.vp, p.cp, seed=cfg.train.seed, timeout_minutes=p.timeout_minutes)
+    try:  # every rank with the same config and one checkpoint.save before megatron's groups are made
+        groups = bootstrap.initialize(p.tp, p.pp, p.vp, p.cp, seed=cfg.train.seed, timeout_minutes=p.timeout_minutes,
+                                      agree=lambda: check_job(cfg))
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        return 2
     try:
         try:
             trainer = build_trainer(cfg, layout, groups)

@@ -14,6 +14,7 @@ NCCL/gloo timeout of the default group and kill the job.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 import random
 import socket
 from dataclasses import dataclass
@@ -127,10 +128,13 @@ def seed_everything(seed: int) -> None:
 
 
 def initialize(tp: int = 1, pp: int = 1, vp: int | None = None, cp: int = 1, seed: int = 1234,
-               timeout_minutes: int = 30) -> ParallelGroups:
+               timeout_minutes: int = 30, agree: Callable[[], None] | None = None) -> ParallelGroups:
     """Initialise distributed state for ``tp x pp x cp x dp`` (dp inferred from the world size).
 
-    ``vp`` is the number of virtual pipeline chunks per rank (None or 1 = no interleaving).
+    ``vp`` is the number of virtual pipeline chunks per rank (None or 1 = no interleaving). ``agree`` runs on every
+    rank once the world group exists and before megatron's groups are made (ranks that disagree on the layout
+    would wait in that creation until the timeout): the trainer's :func:`..consistency.check_job`. Every group gets
+    ``timeout_minutes``.
     Seeding follows Megatron: the default stream gets ``seed + 100 * pp_rank`` (dropout outside
     TP regions), the tensor-parallel stream ``seed + 2718 + tp_rank`` (inside).
     """
@@ -140,6 +144,8 @@ def initialize(tp: int = 1, pp: int = 1, vp: int | None = None, cp: int = 1, see
     else:
         torch.cuda.set_device(local_device_index(int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()))
     _init_process_group("nccl" if on_gpu else "gloo", timeout_minutes)
+    if agree is not None:
+        agree()
 
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -149,7 +155,7 @@ def initialize(tp: int = 1, pp: int = 1, vp: int | None = None, cp: int = 1, see
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                      virtual_pipeline_model_parallel_size=vp, context_parallel_size=cp,
-                                     create_gloo_process_groups=True)
+                                     create_gloo_process_groups=True, distributed_timeout_minutes=timeout_minutes)
     pp_rank = ps.get_pipeline_model_parallel_rank()
     seed_everything(seed + 100 * pp_rank)
     model_parallel_cuda_manual_seed(seed + 100 * pp_rank)
