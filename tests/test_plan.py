@@ -17,8 +17,8 @@ import sys
 
 import pytest
 
-from bft_megatron.config.plan import (GIB, RUNTIME_OVERHEAD_GIB, flops_per_token, format_plan, main, plan_memory,
-                                      total_params)
+from bft_megatron.config.plan import (GIB, RUNTIME_OVERHEAD_GIB, flops_per_token, format_plan, main, pipeline_bubble,
+                                      plan_memory, total_params)
 from bft_megatron.config.schema import load_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -285,6 +285,47 @@ def test_cli_plan_subprocess():
     assert "total (with recompute)" in out and "at MFU 0.50" in out and "tokens/s/GPU (51.5 GFLOP/token)" in out
     total = float(out.split("total (with recompute)")[1].split("GiB")[0])
     assert math.isfinite(total) and 30 < total < 50
+
+
+@pytest.mark.parametrize("gpus, m, bubble, pct", [(32, 64, 3 / 64, "4.69%"), (64, 32, 3 / 32, "9.38%"),
+                                                  (128, 16, 3 / 16, "18.8%"), (256, 8, 3 / 8, "37.5%")])
+def test_pipeline_bubble_of_the_pp4_recipe_divides_its_throughput(gpus, m, bubble, pct):
+    """TP8 x PP4, gbs 64: m = 64/DP micro-batches per step, 1F1B bubble (pp-1)/m (docs/launch.md's table); the
+    assumed MFU is of the busy time, so tokens/s/GPU = MFU * peak / F / (1 + bubble)."""
+    cfg = load_config(os.path.join(ROOT, "configs/llama3.1_70b_tp8pp4.yaml"))
+    report, busy = format_plan(cfg, gpus, 0.4, 989.0), 0.4 * 989e12 / flops_per_token(cfg.model, 8192, 8)  # 881
+    assert pipeline_bubble(cfg.parallel, m) == pytest.approx(bubble) and f"{m} micro-batches/step" in report
+    assert f"pipeline bubble: {pct} of the ideal step time ((pp-1)/(vp*m) = 3/{m})" in report
+    assert f"{busy / (1 + bubble):,.0f} tokens/s/GPU" in report                  # 841 at 32 GPUs, 640 at 256
+    assert f"the MFU is of the busy time: {busy:,.0f} / (1 + bubble 3/{m})" in report
+    assert ("warning: the pipeline bubble" in report) == (bubble > 0.10) and "never full" not in report
+    if bubble > 0.10:                                                              # m = 60: bubble 3/60 = 5%
+        assert f"raise train.global_batch_size (to {60 * gpus // 32}: 60 micro-batches, bubble 5%)" in report
+
+
+def test_interleaving_divides_the_bubble_by_vp():
+    cfg = load_config(os.path.join(ROOT, "configs/llama3.1_70b_tp4pp4vp5_fp8.yaml"))   # PP4 x VP5, DP2: m = 32
+    assert pipeline_bubble(cfg.parallel, 32) == pytest.approx(3 / 160)
+    report, busy = format_plan(cfg, 32, 0.4, 989.0), 0.4 * 989e12 / flops_per_token(cfg.model, 4096, 4)
+    assert "((pp-1)/(vp*m) = 3/160)" in report and f"{busy / (1 + 3 / 160):,.0f} tokens/s/GPU" in report
+    wide = format_plan(cfg, 256, 0.4, 989.0)             # DP16: m = 4, 3/20; m >= 20*3/5 = 12, a multiple of pp
+    assert "bubble (15%) is over 10%" in wide and "(to 192: 12 micro-batches, bubble 5%) or raise parallel.vp" in wide
+
+
+def test_fewer_micro_batches_than_stages_warn_that_the_pipeline_never_fills():
+    cfg = load_config(os.path.join(ROOT, "configs/llama3.1_70b_tp8pp4.yaml"), ["train.global_batch_size=2"])
+    report, busy = format_plan(cfg, 32, 0.4, 989.0), 0.4 * 989e12 / flops_per_token(cfg.model, 8192, 8)
+    assert "pipeline bubble: 150% of the ideal step time ((pp-1)/(vp*m) = 3/2)" in report
+    assert f"{busy / 2.5:,.0f} tokens/s/GPU" in report                          # 881 / (1 + 3/2) = 352
+    assert "warning: only 2 micro-batches/step for 4 pipeline stages: the pipeline is never full" in report
+    assert report.count("warning:") == 1                                       # only the stronger one
+
+
+def test_no_bubble_without_a_pipeline():
+    cfg = load_config(os.path.join(ROOT, "configs/llama3.1_8b.yaml"))            # TP2 x DP64, gbs 64: m = 1
+    report = format_plan(cfg, 128, 0.4, 989.0)
+    assert pipeline_bubble(cfg.parallel, 1) == 0.0 and "1 micro-batches/step" in report
+    assert "bubble" not in report and "warning" not in report and "tokens/s/GPU (51.5 GFLOP/token)\n" in report
 
 
 RECIPES = {"llama3.1_8b.yaml": 8, "llama3.1_8b_32k_cp4.yaml": 8, "llama3.1_70b_tp8pp4.yaml": 32,

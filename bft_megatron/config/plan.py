@@ -6,7 +6,8 @@ weights and two moments (sharded over data-parallel ranks with the distributed o
 ``seq^2`` activations), the Triton NLL on the last pipeline stage (bf16 logits + their bf16 gradient).
 It reports the most loaded pipeline stage (first or last), since that is the one that runs out of memory.
 
-Throughput: Megatron's FLOP count (causal attention halved) divided by an assumed MFU.
+Throughput: Megatron's FLOP count (causal attention halved) divided by an assumed MFU of the busy time, and by
+``1 + bubble`` for the 1F1B pipeline bubble ``(pp-1)/(vp*m)``, ``m`` the micro-batches per step per pipeline.
 """
 
 from __future__ import annotations
@@ -165,9 +166,15 @@ def flops_per_token(m, seq: int, tp: int = 1) -> float:
     return 3 * forward
 
 
-def plan_throughput(cfg, mfu: float, peak_tflops: float) -> float:
-    """Tokens per second per GPU at the given MFU."""
-    return mfu * peak_tflops * 1e12 / flops_per_token(cfg.model, cfg.data.seq_length, cfg.parallel.tp)
+def pipeline_bubble(p, num_microbatches: int) -> float:
+    """Idle time of a 1F1B pipeline stage as a fraction of its busy time: ``(pp-1)/(vp*m)`` (0 without PP)."""
+    return (p.pp - 1) / ((p.vp or 1) * num_microbatches)
+
+
+def plan_throughput(cfg, mfu: float, peak_tflops: float, bubble: float = 0.0) -> float:
+    """Tokens per second per GPU at the given MFU of the busy time, the step lengthened by ``1 + bubble``."""
+    busy = mfu * peak_tflops * 1e12 / flops_per_token(cfg.model, cfg.data.seq_length, cfg.parallel.tp)
+    return busy / (1 + bubble)
 
 
 def _derived_layout(cfg, gpus: int) -> tuple[int, int]:
@@ -208,12 +215,41 @@ def _checkpoint_row(cfg) -> str:
             "skips it")
 
 
+def _bubble_rows(cfg, dp: int, nmb: int) -> tuple[list[str], list[str]]:
+    """Under PP: the bubble line, and a warning when the bubble exceeds 10% (a stronger one when m < pp).
+
+    The suggested batch keeps the bubble under 5%: ``m >= 20*(pp-1)/vp`` (docs/launch.md), a multiple of pp when
+    interleaved.
+    """
+    p = cfg.parallel
+    if p.pp == 1:
+        return [], []
+    vp, bubble = p.vp or 1, pipeline_bubble(p, nmb)
+    pct = f"{100 * bubble:.3g}%"
+    line = f"pipeline bubble: {pct} of the ideal step time ((pp-1)/(vp*m) = {p.pp - 1}/{vp * nmb})"
+    want = -(-20 * (p.pp - 1) // vp)
+    want = -(-want // p.pp) * p.pp if vp > 1 else want
+    advice = (f"raise train.global_batch_size (to {want * cfg.train.micro_batch_size * dp}: {want} micro-batches, "
+              f"bubble {100 * (p.pp - 1) / (vp * want):.2g}%) or "
+              f"{'interleave the pipeline (parallel.vp)' if vp == 1 else 'raise parallel.vp'}")
+    if nmb < p.pp:
+        return [line], [f"warning: only {nmb} micro-batches/step for {p.pp} pipeline stages: the pipeline is never "
+                        f"full and each stage idles {pct} of its busy time; {advice}"]
+    if bubble > 0.10:
+        return [line], [f"warning: the pipeline bubble ({pct}) is over 10% of the step; {advice}"]
+    return [line], []
+
+
 def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
     dp, nmb = _derived_layout(cfg, gpus)
     mem, stage = plan_memory(cfg, dp, nmb)
     p = cfg.parallel
     recompute = cfg.train.recompute == "full"
-    tps = plan_throughput(cfg, mfu, peak_tflops)
+    bubble = pipeline_bubble(p, nmb)
+    bubble_line, bubble_warning = _bubble_rows(cfg, dp, nmb)
+    tps = plan_throughput(cfg, mfu, peak_tflops, bubble)
+    busy = (f"; the MFU is of the busy time: {plan_throughput(cfg, mfu, peak_tflops):,.0f} / (1 + bubble "
+            f"{p.pp - 1}/{(p.vp or 1) * nmb})") if p.pp > 1 else ""
     bf16 = cfg.train.bf16
     terms = [(f"weights ({'bf16' if bf16 else 'fp32'})", mem.weights, ""),
              ("gradients (grad buffers)", mem.gradients, ""),
@@ -227,10 +263,11 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
         f"{nmb} micro-batches/step; params {_count(total_params(cfg.model))}",
         f"most loaded GPU: {stage} pipeline stage",
         *(f"  {label:<31}{gib:8.2f} GiB{note}" for label, gib, note in terms),
+        *bubble_line,
         f"throughput at MFU {mfu:.2f} of {peak_tflops:.0f} TFLOP/s: {tps:,.0f} tokens/s/GPU "
-        f"({_gflop(flops_per_token(cfg.model, cfg.data.seq_length, p.tp))} GFLOP/token)",
+        f"({_gflop(flops_per_token(cfg.model, cfg.data.seq_length, p.tp))} GFLOP/token){busy}",
     ]
-    rows.append(_checkpoint_row(cfg))
+    rows += [*bubble_warning, _checkpoint_row(cfg)]
     if p.cp > 1 and cfg.data.packing:
         from bft_megatron.config.validate import packed_row_multiple
 
