@@ -99,6 +99,15 @@ fi
 
 echo "torchrun.sh: node ${NODE_RANK}/${NNODES}, ${NPROC_PER_NODE} proc/node, master ${MASTER_ADDR}:${MASTER_PORT}, config ${CONFIG}" >&2
 
+# Pre-flight, for the whole job's world size, before torchrun starts: a config error exits 2 here, on the node that
+# has it (inside torchrun it ended as exit 1, and the other nodes waited for this one until their timeout). Node 0
+# also checks the inputs on disk (--check, as slurm.sbatch does); the others the config alone (--dry-run: data may
+# live on node 0 only). Their plan output is not shown.
+preflight=--check
+(( NODE_RANK == 0 )) || preflight=--dry-run
+WORLD_SIZE=$((NNODES * NPROC_PER_NODE)) "$PYTHON" -m bft_megatron.train --config "$CONFIG" "$preflight" "$@" \
+  > /dev/null || exit $?
+
 exec "$PYTHON" -m torch.distributed.run \
   --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE" \
   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" ${signal_args[@]+"${signal_args[@]}"} \

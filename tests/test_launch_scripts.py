@@ -52,6 +52,10 @@ if [[ $* == "-m torch.distributed.run --help" ]]; then
   echo "$FAKE_HELP"
   exit 0
 fi
+if [[ $1 == -m && $2 == bft_megatron.train ]]; then   # the pre-flight: recorded with its WORLD_SIZE
+  printf '%s\\n' "WORLD_SIZE=$WORLD_SIZE" "$@" > "$FAKE_ARGS.preflight"
+  exit "${FAKE_PREFLIGHT_RC:-0}"
+fi
 printf '%s\\n' "$@" > "$FAKE_ARGS"
 """
 FAKE_NVIDIA_SMI = """#!/usr/bin/env bash
@@ -69,6 +73,7 @@ def _torchrun(tmp_path: Path, help_text: str = NEW_HELP, **extra: str) -> tuple[
             (bin_dir / name).chmod(0o755)
     args_file = tmp_path / "args.txt"
     args_file.unlink(missing_ok=True)
+    (tmp_path / "args.txt.preflight").unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items()
            if k not in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "CUDA_VISIBLE_DEVICES",
                         "SHUTDOWN_TIMEOUT", "CONFIG")}
@@ -133,6 +138,21 @@ def test_torchrun_forwards_usr1_and_waits_for_the_exit_save(tmp_path):
     assert args[-4:] == ["-m", "bft_megatron.train", "--config", "configs/demo_cpu.yaml"]   # after the options
     result, args = _torchrun(tmp_path, SHUTDOWN_TIMEOUT="60")
     assert _option(args, "--shutdown-timeout") == "60"
+
+
+def test_torchrun_runs_the_preflight_for_the_whole_job_first(tmp_path):
+    """Node 0 checks config and inputs (--check), the other nodes the config alone (--dry-run), for every node's
+    processes; a failed pre-flight exits with its status before torchrun starts (inside torchrun a config error
+    ended as exit 1, and the other nodes waited for this one until their timeout)."""
+    preflight = tmp_path / "args.txt.preflight"
+    result, args = _torchrun(tmp_path, NNODES="2", MASTER_ADDR="node0", NODE_RANK="0")
+    assert result.returncode == 0, result.stderr
+    assert preflight.read_text().splitlines() == ["WORLD_SIZE=16", "-m", "bft_megatron.train", "--config",
+                                                  "configs/demo_cpu.yaml", "--check"]
+    result, args = _torchrun(tmp_path, NNODES="2", MASTER_ADDR="node0", NODE_RANK="1")
+    assert preflight.read_text().splitlines()[-1] == "--dry-run" and args[-1] == "configs/demo_cpu.yaml"
+    result, args = _torchrun(tmp_path, FAKE_PREFLIGHT_RC="2")
+    assert result.returncode == 2 and args == []  # torchrun never started
 
 
 def test_torchrun_without_the_options_warns(tmp_path):
