@@ -222,7 +222,8 @@ def test_valid_layouts():
     (["parallel.tp=2", "parallel.sequence_parallel=true", "data.seq_length=33"], 2,
      r"data.seq_length/parallel.cp = 33/1 must be divisible by parallel.tp=2"),
     (["parallel.sequence_parallel=true"], 1, r"sequence_parallel=true requires parallel.tp > 1"),
-    (["train.global_batch_size=6"], 2, r"train.global_batch_size=6 must be divisible by train.micro_batch_size\*dp"),
+    (["train.global_batch_size=6"], 2, r"train.global_batch_size=6 must be divisible by train.micro_batch_size\*dp = "
+                                       r"2\*2 = 4 \(e.g. 4 or 8\)"),
     (["train.fp8=hybrid"], 1, r"train.fp8='hybrid' requires Transformer Engine"),
     (["train.min_lr=1.0"], 1, r"train.min_lr=1.0 must be in \[0, train.lr="),
     (["train.warmup_iters=1000"], 1, r"train.warmup_iters=1000 must be in \[0, train.train_iters=100\]"),

@@ -155,9 +155,11 @@ def _check_fp8_widths(m, tp: int, fp8: str) -> None:
 def _check_train(cfg: Config, dp: int, require_te: bool = True) -> int:
     t, p = cfg.train, cfg.parallel
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1, got {t.micro_batch_size}")
-    _require(t.global_batch_size % (t.micro_batch_size * dp) == 0,
+    step = t.micro_batch_size * dp
+    near = sorted({max(step, t.global_batch_size // step * step), -(-t.global_batch_size // step) * step})
+    _require(t.global_batch_size % step == 0,
              f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size*dp = "
-             f"{t.micro_batch_size}*{dp} = {t.micro_batch_size * dp}")
+             f"{t.micro_batch_size}*{dp} = {step} (e.g. {' or '.join(map(str, near))})")
     _require(t.global_batch_size > 0, f"train.global_batch_size must be > 0, got {t.global_batch_size}")
     _require(t.train_iters > 0, f"train.train_iters must be > 0, got {t.train_iters}")
     _require(t.lr > 0, f"train.lr must be > 0, got {t.lr}")
