@@ -230,7 +230,7 @@ def test_main_validates_the_config_for_the_gpus_as_the_dry_run_does(gpus, overri
     with pytest.raises(SystemExit) as exc:
         main(["--config", os.path.join(ROOT, "configs/llama3.1_8b.yaml"), "--gpus", str(gpus), *overrides])
     err = capsys.readouterr().err
-    assert exc.value.code == 2 and f"config error: {message}" in err and "Traceback" not in err
+    assert exc.value.code == 2 and f"config error: {message}" in err and "Traceback" not in err and "usage:" not in err
 
 
 def test_main_reports_a_missing_config_file_as_usage_error(tmp_path, capsys):

@@ -280,7 +280,7 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
 
 def _validated_report(ap: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """The plan of the config as ``train --dry-run`` would validate it for ``--gpus`` processes (minus the check
-    that Transformer Engine is installed); a config problem is a usage error (exit 2) naming field and value."""
+    that Transformer Engine is installed); a config problem exits 2 naming field and value."""
     from bft_megatron.config.validate import validate
 
     try:
@@ -293,7 +293,8 @@ def _validated_report(ap: argparse.ArgumentParser, args: argparse.Namespace) -> 
         return format_plan(cfg, args.gpus, args.mfu, peak)
     except ValueError as exc:                  # ConfigError and the layout checks: no traceback
         hint = f" (--gpus {args.gpus} is the world size)" if "world size" in str(exc) else ""
-        ap.error(f"config error: {exc}{hint}")  # exit status 2
+        sys.stderr.write(f"{ap.prog}: config error: {exc}{hint}\n")  # no usage block: the command line was fine
+        raise SystemExit(2) from None
 
 
 def main(argv: list[str] | None = None) -> int:
