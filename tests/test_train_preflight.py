@@ -303,3 +303,17 @@ def test_check_says_a_finished_run_has_nothing_to_train(tmp_path):
     assert load_checked(None, over + ["train.train_iters=6", "checkpoint.override_scheduler=true"], log, check=True,
                         dry_run=False) is not None
     assert not [r for r in log.records if "nothing to train" in r[1]]
+
+
+def test_check_names_every_missing_input_at_once(tmp_path):
+    """A recipe's placeholder paths all in one --check (it stopped at the first: one fix per run)."""
+    from bft_megatron.config import check_paths
+
+    cfg = load_config("configs/llama3.1_70b_tp8pp4.yaml", [f"checkpoint.save={tmp_path}/run"])
+    with pytest.raises(ConfigError) as exc:
+        check_paths(cfg)
+    lines = str(exc.value).splitlines()
+    assert lines[0] == "4 problems:"
+    assert [line.split("=")[0].strip() for line in lines[1:]] == ["data.train[0].path", "data.valid[0].path",
+                                                                  "data.tokenizer", "checkpoint.load"]
+    assert "checkpoint.load=/path/to/ckpt/llama3.1-70b does not exist" in lines[4]

@@ -273,28 +273,30 @@ def config_warnings(cfg: Config) -> list[str]:
     return out
 
 
-def _check_data_paths(d) -> None:
+def _data_path_problems(d) -> list[str]:
     """Local ``data.train`` / ``data.valid`` sources (a name that may be a hub dataset id is left to the data layer,
-    which loads it), the tokenizer (always local), and prepared data when no sources are listed."""
+    which loads it), the tokenizer (always local), and prepared data when no sources are listed: every problem."""
     from bft_megatron.data.errors import DataError
     from bft_megatron.data.readers import local_source_problem
     from bft_megatron.data.storage import is_prepared
     from bft_megatron.data.tokenizer import check_tokenizer_path
 
+    problems = []
     for split in ("train", "valid"):
         for i, src in enumerate(getattr(d, split)):
             why = local_source_problem(src.path)
-            _require(why is None, f"data.{split}[{i}].path={src.path}: {why} (relative paths are taken from "
-                                  f"{os.getcwd()})")
+            if why is not None:
+                problems.append(f"data.{split}[{i}].path={src.path}: {why} (relative paths are taken from "
+                                f"{os.getcwd()})")
     if d.tokenizer:
         try:
             check_tokenizer_path(d.tokenizer)
-        except DataError as err:
-            raise ConfigError(f"data.{err}") from None  # "data.tokenizer='...': no such file or directory; ..."
-    if d.output_dir and not d.train:
-        _require(is_prepared(os.path.join(d.output_dir, "train")),
-                 f"data.output_dir={d.output_dir}: no prepared train split (run bft-megatron prepare, or list "
-                 "data.train sources)")
+        except DataError as err:  # "data.tokenizer='...': no such file or directory; ..."
+            problems.append(f"data.{err}")
+    if d.output_dir and not d.train and not is_prepared(os.path.join(d.output_dir, "train")):
+        problems.append(f"data.output_dir={d.output_dir}: no prepared train split (run bft-megatron prepare, or list "
+                        "data.train sources)")
+    return problems
 
 
 def check_paths(cfg: Config, data: bool = True, contents: bool = True) -> None:
@@ -308,9 +310,22 @@ def check_paths(cfg: Config, data: bool = True, contents: bool = True) -> None:
 
     ``contents=False`` (real runs, every rank but global rank 0): what ``latest`` names and the checkpoint's
     common state are not judged. A node whose filesystem caches metadata (NFS after a quick requeue) could see an
-    older ``latest`` and refuse a checkpoint the load, decided by rank 0 (``Checkpointer.load``), would use."""
-    if data:
-        _check_data_paths(cfg.data)
+    older ``latest`` and refuse a checkpoint the load, decided by rank 0 (``Checkpointer.load``), would use.
+
+    Every data path problem is named, and the first checkpoint one (a recipe's placeholder paths all at once, not
+    one per ``--check``)."""
+    problems = _data_path_problems(cfg.data) if data else []
+    try:
+        _check_output_and_checkpoint_paths(cfg, contents)
+    except ConfigError as exc:
+        problems.append(str(exc))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems:\n  " + "\n  ".join(problems))
+
+
+def _check_output_and_checkpoint_paths(cfg: Config, contents: bool) -> None:
     c = cfg.checkpoint
     from bft_megatron.checkpoint.pointer import read_latest, resolve_load_dir, unreferenced_problem
 
