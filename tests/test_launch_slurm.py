@@ -67,8 +67,8 @@ case $FAKE_TRAIN in
   term_direct) echo SIGTERM > "$FAKE_SAVE/RESUME"; exit 0 ;;
   crash) exit "$FAKE_STATUS" ;;
   wait_signal)
-    trap 'echo SIGUSR1 > "$FAKE_SAVE/RESUME"; exit 0' USR1
-    trap 'echo SIGTERM > "$FAKE_SAVE/RESUME"; exit 0' TERM
+    trap 'echo SIGUSR1 > "$FAKE_SAVE/RESUME"; echo SIGUSR1 > "$FAKE_DIR/rank_got"; exit 0' USR1
+    trap 'echo SIGTERM > "$FAKE_SAVE/RESUME"; echo SIGTERM > "$FAKE_DIR/rank_got"; exit 0' TERM
     touch "$FAKE_DIR/started"
     for _ in $(seq 300); do sleep 0.1; done
     exit 9 ;;
@@ -232,7 +232,9 @@ def test_term_is_forwarded_but_not_requeued(slurm):
     result = _run_and_signal(slurm, signal.SIGTERM)
     assert result.returncode == 0, _out(result)
     assert "forcing job termination" not in result.stdout
-    assert (slurm.save / "RESUME").read_text().strip() == "SIGUSR1"
+    assert (slurm.tmp / "rank_got").read_text().strip() == "SIGUSR1"    # the fake ranks got it as USR1
+    # RESUME then says what it was (a reader, or a requeue tool, would take SIGUSR1 for a walltime stop)
+    assert (slurm.save / "RESUME").read_text().strip() == "SIGTERM"
     assert slurm.requeues() == [], _out(result)
     assert "not requeueing" in result.stdout
 
