@@ -69,6 +69,7 @@ def _run(args: argparse.Namespace, cfg, layout, log) -> int:
                                       agree=lambda: check_job(cfg))
     except ConfigError as exc:
         log.error("config error: %s", exc)
+        bootstrap.destroy()
         return 2
     try:
         try:

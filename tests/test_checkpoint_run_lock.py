@@ -128,3 +128,32 @@ def test_a_save_directory_that_cannot_be_written_is_a_config_error_at_the_start(
     assert run_lock.probe(str(tmp_path / "run")).startswith(f"checkpoint.save={tmp_path}/run cannot be written")
     (tmp_path / "file").write_text("")
     run_lock.acquire(str(tmp_path / "file" / "run"), _LOG)  # no error here
+
+
+def test_another_user_s_lock_file_is_locked_read_only(tmp_path, monkeypatch):
+    """In a group-writable checkpoint.save, a second user cannot open the first one's .run.lock for writing (its
+    mode is theirs): flock works on a read-only descriptor, so the lock is taken without a holder record."""
+    import fcntl
+
+    from bft_megatron.utils import locks
+
+    lock_file = tmp_path / run_lock.LOCK_NAME
+    lock_file.write_text('{"pid": 1}\n')
+    real_open = os.open
+
+    def not_mine(path, flags, *args):
+        if path == str(lock_file) and flags & os.O_RDWR:
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(locks.os, "open", not_mine)
+    lock, holder = locks.try_lock(str(lock_file))
+    try:
+        assert lock is not None and holder == {}
+        assert lock_file.read_text() == '{"pid": 1}\n'  # the record is not rewritten
+        probe = real_open(str(lock_file), os.O_RDONLY)
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held
+        os.close(probe)
+    finally:
+        lock.release()

@@ -359,6 +359,8 @@ def test_cast_refuses_values_the_export_dtype_cannot_hold():
         cast("model.norm.weight", big, torch.float16)
     already = torch.tensor([float("inf"), 1.0])  # not made by the cast: passed on as it is
     assert torch.isinf(cast("w", already, torch.float16)).any()
+    with pytest.raises(ValueError, match="does not fit float16"):  # a NaN elsewhere does not hide the overflow
+        cast("w", torch.tensor([float("nan"), 7.0e4]), torch.float16)
 
 
 def test_cli_reports_megatrons_checkpointing_exception_as_an_unreadable_checkpoint(monkeypatch):

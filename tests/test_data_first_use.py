@@ -281,3 +281,45 @@ def test_first_use_waits_for_another_preparation_and_takes_its_result(tmp_path, 
         assert f"pid {other.proc.pid}" in message
     finally:
         other.kill()
+
+
+def test_a_prepared_split_gets_a_new_directory_s_permissions_and_replaces_a_link_s_target(tmp_path):
+    """The staging directory (mkdtemp: 0700) is moved into place: the team could not read the split. A split that
+    is a symbolic link (to a larger disk) stays one; its target is replaced."""
+    from bft_megatron.utils.files import default_dir_mode
+
+    train_src, _ = _sources(tmp_path)
+    out, disk = tmp_path / "out", tmp_path / "disk"
+    _prepare_train_only(train_src, out)
+    assert (out / "train").stat().st_mode & 0o777 == default_dir_mode()
+    disk.mkdir()
+    (out / "train").rename(disk / "train")
+    (out / "train").symlink_to(disk / "train")
+    run(DataConfig(train=[SourceConfig(path=str(train_src))], tokenizer=DEMO_SP, output_dir=str(out), seed=7))
+    assert (out / "train").is_symlink() and read_index(disk / "train")["seed"] == 7
+    assert sorted(p.name for p in disk.iterdir()) == ["train"]  # no staging or replaced split left beside it
+
+
+def test_opening_a_split_while_it_is_replaced_waits_for_a_consistent_one(tmp_path, monkeypatch):
+    """Replaced by two renames: an open in between found no split, or an index and arrays of different
+    preparations. PackedDataset retries until the index read before and after the arrays agrees with them."""
+    from bft_megatron.data import storage
+
+    train_src, _ = _sources(tmp_path)
+    out = tmp_path / "out"
+    _prepare_train_only(train_src, out)
+    good = read_index(out / "train")
+    real_load, calls = storage.np.load, []
+
+    def missing_once(path, *args, **kwargs):  # the split is gone for the first array read (between the renames)
+        calls.append(path)
+        if len(calls) == 1:
+            raise FileNotFoundError(path)
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(storage.np, "load", missing_once)
+    index, arrays = storage._open_consistent(out / "train")
+    assert index == good and len(arrays["tokens"]) == good["num_tokens"] and len(calls) > len(storage.ARRAYS)
+    publish_index(out / "train", {**good, "num_tokens": good["num_tokens"] + 1})  # another preparation's index
+    with pytest.raises(ValueError, match="index.json does not describe its arrays"):
+        storage._open_consistent(out / "train", wait_s=0.3)

@@ -179,20 +179,26 @@ class _Log:
         self.records.append(("warning", fmt % args))
 
 
-def test_load_checked_takes_world_size_and_rank_from_the_environment(monkeypatch):
-    """The layout is checked for WORLD_SIZE processes; only global rank 0 logs the config warnings; a real run
-    (neither --check nor --dry-run) does not look for the data sources; a config error names no recipe when
-    --config was given."""
-    from bft_megatron.training.preflight import load_checked
+def test_load_checked_takes_world_size_and_rank_from_the_environment(monkeypatch, tmp_path):
+    """The layout is checked for WORLD_SIZE processes; only global rank 0 logs the config warnings (and takes
+    checkpoint.save's run lock); a real run (neither --check nor --dry-run) does not look for the data sources; a
+    config error names no recipe when --config was given."""
+    from bft_megatron.checkpoint import run_lock
+    from bft_megatron.training.preflight import load_checked, release_save_dir
 
-    over = ["parallel.tp=2", "data.train=[only/on/node0.jsonl]", "data.seq_length=512"]  # > max_position_embeddings
+    over = ["parallel.tp=2", "data.train=[only/on/node0.jsonl]", "data.seq_length=512",  # > max_position_embeddings
+            f"checkpoint.save={tmp_path}/run"]  # not the README demo's: the lock would be held there
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     log = _Log()
     cfg, layout = load_checked("configs/demo_cpu.yaml", over, log, check=False, dry_run=False)
     assert (layout.world_size, layout.dp, cfg.parallel.tp) == (2, 1, 2) and log.records == []
+    assert run_lock.probe(str(tmp_path / "run")) is None and not (tmp_path / "run").exists()  # not rank 0: no lock
     monkeypatch.setenv("RANK", "0")
-    assert load_checked("configs/demo_cpu.yaml", over, log, check=False, dry_run=False) is not None
+    cfg, _ = load_checked("configs/demo_cpu.yaml", over, log, check=False, dry_run=False)
+    assert os.path.realpath(tmp_path / "run") in run_lock._HELD
+    release_save_dir(cfg)
+    assert os.path.realpath(tmp_path / "run") not in run_lock._HELD
     [(level, message)] = log.records
     assert level == "warning" and message.startswith("config: data.seq_length=512 exceeds")
     log.records.clear()

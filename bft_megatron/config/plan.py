@@ -230,13 +230,13 @@ def _bubble_rows(cfg, dp: int, nmb: int) -> tuple[list[str], list[str]]:
     want = -(-20 * (p.pp - 1) // vp)
     want = -(-want // p.pp) * p.pp if vp > 1 else want
     advice = (f"raise train.global_batch_size (to {want * cfg.train.micro_batch_size * dp}: {want} micro-batches, "
-              f"bubble {100 * (p.pp - 1) / (vp * want):.2g}%) or "
-              f"{'interleave the pipeline (parallel.vp)' if vp == 1 else 'raise parallel.vp'}")
-    if nmb < p.pp:
+              f"bubble {100 * (p.pp - 1) / (vp * want):.2g}%)")
+    if nmb < p.pp:  # interleaving needs a multiple of pp micro-batches: no alternative here
         return [line], [f"warning: only {nmb} micro-batches/step for {p.pp} pipeline stages: the pipeline is never "
                         f"full and each stage idles {pct} of its busy time; {advice}"]
     if bubble > 0.10:
-        return [line], [f"warning: the pipeline bubble ({pct}) is over 10% of the step; {advice}"]
+        other = "interleave the pipeline (parallel.vp)" if vp == 1 else "raise parallel.vp"
+        return [line], [f"warning: the pipeline bubble ({pct}) is over 10% of the step; {advice} or {other}"]
     return [line], []
 
 

@@ -77,7 +77,7 @@ def cast(name: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Te
     if dtype is None or dtype == tensor.dtype:
         return tensor
     out = tensor.to(dtype)
-    if out.is_floating_point() and torch.isinf(out).any() and torch.isfinite(tensor).all():
+    if out.is_floating_point() and (torch.isinf(out) & torch.isfinite(tensor)).any():
         big = tensor.abs().max().item()
         raise ValueError(f"{name}: a value of magnitude {big:.6g} does not fit {str(dtype).removeprefix('torch.')} "
                          f"(largest {torch.finfo(dtype).max:.6g}); export in bf16 or fp32 instead")

@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bft_megatron.data.tokenize import MASK_DTYPE, TOKEN_DTYPE
-from bft_megatron.utils.files import atomic_write_text
+from bft_megatron.utils.files import atomic_write_text, default_dir_mode
 
 FORMAT_NAME = "bft-megatron-prepared"
 FORMAT_VERSION = 1
@@ -145,16 +146,21 @@ def is_prepared(directory: str | os.PathLike[str]) -> bool:
 
 
 def staging_dir(output_dir: Path, split: str) -> Path:
-    """A new empty hidden directory in ``output_dir`` (``.<split>.partial-XXXX``) to write a split into before
-    :func:`replace_split` moves it into place."""
+    """A new empty hidden directory beside ``output_dir/split`` (``.<split>.partial-XXXX``; beside its target when
+    the split is a symbolic link, e.g. to a larger disk) to write a split into before :func:`replace_split` moves
+    it into place. Its permissions are a new directory's (``mkdtemp``'s 0700 would lock the team out)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{split}.partial-", dir=output_dir))
+    parent = Path(os.path.realpath(output_dir / split)).parent
+    stage = Path(tempfile.mkdtemp(prefix=f".{split}.partial-", dir=parent))
+    os.chmod(stage, default_dir_mode())
+    return stage
 
 
 def replace_split(stage: Path, out: Path) -> None:
     """Move the complete split ``stage`` to ``out`` by renames, the previous ``out`` (if any) out of the way first
     and then removed. A trainer reading the previous split keeps its memory-mapped arrays (their inodes live until
     unmapped): rewritten in place, they changed under it, silently, from the first row not yet cached."""
+    out = Path(os.path.realpath(out))  # a symbolic link stays, its target is replaced
     old = None
     if os.path.lexists(out):
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
@@ -173,8 +179,9 @@ def remove_stale_staging(output_dir: Path) -> None:
     """Staging and replaced directories left by a killed preparation (call only while holding the directory's
     preparation lock: another preparation's would otherwise go)."""
     for split in ("train", "valid"):
-        for path in [*output_dir.glob(f".{split}.partial-*"), *output_dir.glob(f".{split}.old-*")]:
-            shutil.rmtree(path, ignore_errors=True)
+        for parent in {output_dir, Path(os.path.realpath(output_dir / split)).parent}:  # beside a link's target too
+            for path in [*parent.glob(f".{split}.partial-*"), *parent.glob(f".{split}.old-*")]:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def publish_index(out: Path, index: dict[str, Any]) -> None:
@@ -204,13 +211,33 @@ class Row:
     seq_length: int
 
 
+def _open_consistent(directory: Path, wait_s: float = 10.0) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """``index.json`` and the arrays it describes. A preparation into the same directory replaces the split by two
+    renames (:func:`replace_split`): opened in between, the split is missing, or the index and some arrays come
+    from different preparations. Such an open is retried (``wait_s``) until the index read before and after the
+    arrays is the same and matches their sizes."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            index = read_index(directory)
+            arrays = {n: np.load(directory / f"{n}.npy", mmap_mode="r") for n in ARRAYS}
+            if read_index(directory) == index and len(arrays["tokens"]) == index["num_tokens"] \
+                    and len(arrays["row_offsets"]) == index["num_rows"] + 1:
+                return index, arrays
+            problem: Exception = ValueError(f"{directory}: index.json does not describe its arrays")
+        except (FileNotFoundError, ValueError) as exc:
+            problem = exc
+        if time.monotonic() >= deadline:
+            raise problem
+        time.sleep(0.1)
+
+
 class PackedDataset:
     """Random access to the rows of a prepared split (memory-mapped; cheap to open in every rank)."""
 
     def __init__(self, directory: str | os.PathLike[str]) -> None:
         self.directory = Path(directory)
-        self.index = read_index(self.directory)
-        arrays = {n: np.load(self.directory / f"{n}.npy", mmap_mode="r") for n in ARRAYS}
+        self.index, arrays = _open_consistent(self.directory)
         self.tokens, self.loss_mask = arrays["tokens"], arrays["loss_mask"]
         for mapped in (self.tokens, self.loss_mask):
             advise_random_access(mapped)

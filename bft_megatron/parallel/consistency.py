@@ -67,14 +67,19 @@ def check_shared_directory(path: str, field: str, group=None) -> None:
     """Raise :class:`ConfigError` on every rank unless every rank sees the file global rank 0 writes into ``path``
     (one shared directory). Waits up to :data:`SHARED_WAIT_S` for a slow file system's view to catch up."""
     rank = dist.get_rank()
-    token = uuid.uuid4().hex if rank == 0 else None
-    name = f".shared-check-{_gather(token, group)[0]}"
-    probe = os.path.join(path, name)
+    written = None
     if rank == 0:
-        os.makedirs(path, exist_ok=True)
-        with open(probe, "w", encoding="utf-8") as fh:
-            fh.write(name)
-    dist.barrier(group=group)
+        written = (f".shared-check-{uuid.uuid4().hex}", None)
+        try:
+            os.makedirs(path, exist_ok=True)
+            with open(os.path.join(path, written[0]), "w", encoding="utf-8") as fh:
+                fh.write(written[0])
+        except OSError as exc:
+            written = (written[0], f"{type(exc).__name__}: {exc}")
+    name, error = _gather(written, group)[0]  # after rank 0's write (and the others learn whether it failed)
+    if error:
+        raise ConfigError(f"{field}={path}: global rank 0 cannot write there ({error})")
+    probe = os.path.join(path, name)
     deadline = time.monotonic() + SHARED_WAIT_S
     seen = os.path.isfile(probe)
     while not seen and time.monotonic() < deadline:

@@ -106,8 +106,9 @@ def _check(cfg: Config, prepared_only: bool = False) -> None:
 def _record_new_mtimes(ds, recorded: str) -> None:
     """Sources touched but unchanged (sha256) since preparation: keep their new mtimes in ``index.json``, so
     the next start compares stat() results instead of hashing them again. Best effort (read-only data), and
-    only if ``index.json`` is still what was read (``recorded``): another job may have rebuilt or be rebuilding
-    the split meanwhile (a rebuild removes ``index.json`` first)."""
+    only if ``index.json`` is still what was read (``recorded``): another job may have rebuilt the split meanwhile
+    (a rebuild moves a new directory into place; a rebuild finishing between this check and the write would get
+    the old index, which the next start's checks then refuse as not describing its arrays or sources)."""
     from bft_megatron.data.storage import publish_index, read_index
 
     try:

@@ -34,6 +34,9 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
         log.error("config error: %s%s", exc, error_hint(str(exc), config_path))
         release_save_dir(cfg)
         return None
+    except BaseException:  # anything else (a KeyboardInterrupt, an OSError): the lock goes with it
+        release_save_dir(cfg)
+        raise
     if _global_rank_zero():
         for warning in config_warnings(cfg) + (_finished(cfg) if check else []):
             log.warning("config: %s", warning)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-__all__ = ["atomic_write_text", "default_file_mode", "file_in_the_way", "not_a_directory"]
+__all__ = ["atomic_write_text", "default_dir_mode", "default_file_mode", "file_in_the_way", "not_a_directory"]
 
 
 def file_in_the_way(directory: str | None) -> str | None:
@@ -30,11 +30,20 @@ def not_a_directory(directory: str | None) -> str | None:
         f"{directory}: {blocker} exists and is not a directory"
 
 
-def default_file_mode() -> int:
-    """What ``open(path, "w")`` gives a new file: 0o666 minus the process's umask."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def default_file_mode() -> int:
+    """What ``open(path, "w")`` gives a new file: 0o666 minus the process's umask."""
+    return 0o666 & ~_umask()
+
+
+def default_dir_mode() -> int:
+    """What ``os.mkdir`` gives a new directory: 0o777 minus the process's umask."""
+    return 0o777 & ~_umask()
 
 
 def _new_file_mode(path: str) -> int:

@@ -52,7 +52,10 @@ def try_lock(path: str) -> tuple[HeldLock | None, dict]:
     (empty if it has not written it yet). Raises :class:`LockUnsupported` where the file system cannot lock."""
     import fcntl
 
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True  # the umask decides who else may write
+    except PermissionError:  # another user's lock file: flock works on a read-only descriptor (no holder record)
+        fd, writable = os.open(path, os.O_RDONLY), False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -64,8 +67,9 @@ def try_lock(path: str) -> tuple[HeldLock | None, dict]:
         if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
             raise
         return None, holder
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, _holder_record().encode(), 0)
+    if writable:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, _holder_record().encode(), 0)
     return HeldLock(path, fd), {}
 
 
