@@ -23,7 +23,8 @@ import shutil
 from bft_megatron.utils.files import atomic_write_text
 
 __all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "load_problem", "require_loadable",
-           "list_iterations", "unreferenced_problem", "in_run_dir", "prune", "commit", "existing_checkpoint", "HF_SUBDIR"]
+           "list_iterations", "unreferenced_problem", "in_run_dir", "prune", "commit", "existing_checkpoint",
+           "HF_SUBDIR"]
 
 LATEST = "latest"
 # HF files (config.json, tokenizer, chat template) beside the weights: in an import's run directory, and in each
