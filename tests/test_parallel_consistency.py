@@ -29,6 +29,10 @@ def _scenarios(rank: int, world: int, tmp: str) -> dict:
         "layout": _agree(rank, world, [[], ["parallel.tp=2", "train.global_batch_size=16"]], [same, same]),
     }
     out["probe_left"] = sorted(os.listdir(same))
+    if rank == 0:
+        open(os.path.join(tmp, "blocked"), "w").close()  # a file where rank 0 would make the directory
+    blocked = os.path.join(tmp, "blocked", "ckpt")
+    out["unwritable"] = _agree(rank, world, [[], []], [blocked, blocked])  # every rank answers, none waits
     from bft_megatron.parallel import consistency
 
     consistency.SHARED_WAIT_S = 0.5  # what a rank that does not see the file waits for
@@ -78,6 +82,8 @@ def test_ranks_agree_on_the_config_and_the_save_directory(tmp_path):
             f"{tmp_path}/node1/ckpt) do not see the file rank 0 ({os.uname().nodename}, {tmp_path}/node0/ckpt) wrote "
             "there. Every rank writes its shards into it: use an absolute path on a file system every node mounts")
         assert got["probe_left"] == []  # the probe file is removed
+        assert got["unwritable"].startswith(f"checkpoint.save={tmp_path}/blocked/ckpt: global rank 0 cannot write "
+                                            "there (NotADirectoryError: ")
         assert "parallel.tp=2 (rank 0: 1)" in got["tp_refused"]
         assert got["timeouts"] == ["0:07:00"] * 3
     assert results[0] == results[1]
