@@ -1,5 +1,5 @@
 """Whether a checkpoint can be loaded by a config: one sequence of checks, run by the load (``Checkpointer``) and,
-before any process group or model exists, by the pre-flight (``config.validate.check_paths``: ``--check`` and
+before any process group or model exists, by the pre-flight (``config.paths.check_paths``: ``--check`` and
 every run), so a config the load would refuse fails in seconds instead of after the data preparation.
 
 They read only the checkpoint's common state (``common.pt``: its config, scheduler state, layout, train state),

@@ -33,7 +33,7 @@ from bft_megatron.checkpoint.state import (gather_params, init_optimizer_state, 
                                            tolerate_missing_adam_step, untie_adam_steps, unwrap)
 from bft_megatron.checkpoint.weights import load_model_weights
 from bft_megatron.config.base import ConfigError, to_dict
-from bft_megatron.config.validate import loads_own_save_dir
+from bft_megatron.config.paths import loads_own_save_dir
 from bft_megatron.parallel.rank0 import rank0_value
 from bft_megatron.utils.logging import get_logger
 

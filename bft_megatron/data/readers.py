@@ -175,7 +175,7 @@ def _first_char(path: Path) -> str:
 def local_source_problem(path: str) -> str | None:
     """Why source ``path`` cannot be read (a missing local path, an unsupported file, a directory without data
     files), or None: it can be read, or it may be a hub dataset id (not checked offline). The trainer's pre-flight
-    check (``bft_megatron.config.validate.check_paths``) asks this before any preparation."""
+    check (``bft_megatron.config.paths.check_paths``) asks this before any preparation."""
     if not os.path.exists(path):
         return _missing_local(path)
     try:

@@ -49,7 +49,7 @@ def has_tokenizer_files(directory: str | Path) -> bool:
 
 def check_tokenizer_path(path: str) -> Path:
     """``path`` as an existing HF tokenizer directory or ``.model`` file, or a DataError saying what it is
-    (also the trainer's pre-flight check, ``bft_megatron.config.validate.check_paths``)."""
+    (also the trainer's pre-flight check, ``bft_megatron.config.paths.check_paths``)."""
     p = Path(path)
     expected = "expected an HF tokenizer directory or a sentencepiece .model file"
     if p.is_dir():
