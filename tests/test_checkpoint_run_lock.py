@@ -120,7 +120,10 @@ def test_a_save_directory_that_cannot_be_written_is_a_config_error_at_the_start(
     def denied(path):
         raise PermissionError(13, "Permission denied", path)
 
-    monkeypatch.setattr(run_lock, "try_lock", denied)
+    from bft_megatron.utils import locks
+
+    monkeypatch.setattr(locks, "try_lock", denied)  # the run's wait for the lock
+    monkeypatch.setattr(run_lock, "try_lock", denied)  # --check's probe
     with pytest.raises(ConfigError, match=rf"checkpoint.save={tmp_path}/run cannot be written \(PermissionError: "
                                           r".*Permission denied.*\): choose a directory this user can create files"):
         run_lock.acquire(str(tmp_path / "run"), _LOG)

@@ -13,11 +13,10 @@ unnoticed.
 from __future__ import annotations
 
 import os
-import time
 
 from bft_megatron.config.base import ConfigError
 from bft_megatron.utils.files import file_in_the_way
-from bft_megatron.utils.locks import HeldLock, LockUnsupported, holder_text, try_lock
+from bft_megatron.utils.locks import HeldLock, LockUnsupported, holder_text, try_lock, wait_for_lock
 
 __all__ = ["LOCK_NAME", "acquire", "probe", "release"]
 
@@ -54,30 +53,23 @@ def acquire(save_dir: str, log) -> None:
     key = os.path.realpath(save_dir)
     if key in _HELD or file_in_the_way(save_dir):  # a file where the directory goes: the path checks name it
         return
-    start, said = time.monotonic(), False
-    while True:
-        try:
-            os.makedirs(save_dir, exist_ok=True)
-            lock, holder = try_lock(os.path.join(save_dir, LOCK_NAME))
-        except LockUnsupported as exc:
-            log.warning("checkpoint.save=%s: %s; a second run saving into this directory at the same time would "
-                        "not be detected", save_dir, exc.strerror)
-            return
-        except OSError as exc:  # a run that cannot write there would fail at its first save, hours in
-            raise ConfigError(_unwritable(save_dir, exc)) from None
-        if lock is not None:
-            _HELD[key] = lock
-            return
-        waited = time.monotonic() - start
-        if not _same_job(holder):
-            raise ConfigError(_in_use(save_dir, holder))
-        if waited >= SAME_JOB_WAIT_S:
-            raise ConfigError(_in_use(save_dir, holder, waited))
-        if not said:
-            log.warning("checkpoint.save=%s is locked by this SLURM job's previous run (%s), still exiting: waiting "
-                        "(up to %d s)", save_dir, holder_text(holder), SAME_JOB_WAIT_S)
-            said = True
-        time.sleep(POLL_S)
+    def on_wait(holder: dict) -> None:
+        log.warning("checkpoint.save=%s is locked by this SLURM job's previous run (%s), still exiting: waiting "
+                    "(up to %d s)", save_dir, holder_text(holder), SAME_JOB_WAIT_S)
+
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        lock, holder = wait_for_lock(os.path.join(save_dir, LOCK_NAME), POLL_S,
+                                     lambda holder, waited: _same_job(holder) and waited < SAME_JOB_WAIT_S, on_wait)
+    except LockUnsupported as exc:
+        log.warning("checkpoint.save=%s: %s; a second run saving into this directory at the same time would not be "
+                    "detected", save_dir, exc.strerror)
+        return
+    except OSError as exc:  # a run that cannot write there would fail at its first save, hours in
+        raise ConfigError(_unwritable(save_dir, exc)) from None
+    if lock is None:
+        raise ConfigError(_in_use(save_dir, holder, SAME_JOB_WAIT_S if _same_job(holder) else 0.0))
+    _HELD[key] = lock
 
 
 def probe(save_dir: str) -> str | None:

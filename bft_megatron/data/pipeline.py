@@ -33,7 +33,7 @@ from bft_megatron.data.templates import TOKENIZER_TEMPLATES, check_template
 from bft_megatron.data.tokenize import Encoded, apply_length_policy, encode
 from bft_megatron.data.tokenizer import Tokenizer, describe, load_tokenizer
 from bft_megatron.utils.files import file_in_the_way
-from bft_megatron.utils.locks import LockUnsupported, holder_text, try_lock
+from bft_megatron.utils.locks import LockUnsupported, holder_text, wait_for_lock
 from bft_megatron.utils.logging import get_logger
 from bft_megatron.utils.signal_shield import detach_pool_worker
 
@@ -308,21 +308,14 @@ def _output_lock(output_dir: str) -> Iterator[bool]:
     held (False where the file system cannot lock: preparations are then not serialised). Two preparations at
     once failed on each other's scratch files, or one replaced the split the other had just checked."""
     os.makedirs(output_dir, exist_ok=True)
-    said = False
-    while True:
-        try:
-            lock, holder = try_lock(os.path.join(output_dir, PREPARE_LOCK))
-        except (LockUnsupported, PermissionError) as exc:
-            log.info("%s: not locked for preparation (%s): another preparation into it at the same time would not "
-                     "be waited for", output_dir, exc.strerror)
-            lock = None
-            break
-        if lock is not None:
-            break
-        if not said:
-            log.info("waiting for another preparation into %s to finish (%s)", output_dir, holder_text(holder))
-            said = True
-        time.sleep(LOCK_POLL_S)
+    try:
+        lock, _ = wait_for_lock(os.path.join(output_dir, PREPARE_LOCK), LOCK_POLL_S, lambda holder, waited: True,
+                                lambda holder: log.info("waiting for another preparation into %s to finish (%s)",
+                                                        output_dir, holder_text(holder)))
+    except (LockUnsupported, PermissionError) as exc:
+        log.info("%s: not locked for preparation (%s): another preparation into it at the same time would not be "
+                 "waited for", output_dir, exc.strerror)
+        lock = None
     try:
         yield lock is not None
     finally:

@@ -19,8 +19,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable
 
-__all__ = ["HeldLock", "LockUnsupported", "try_lock", "holder_text"]
+__all__ = ["HeldLock", "LockUnsupported", "try_lock", "wait_for_lock", "holder_text"]
 
 _UNSUPPORTED = {errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL}
 
@@ -71,6 +72,22 @@ def try_lock(path: str) -> tuple[HeldLock | None, dict]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, _holder_record().encode(), 0)
     return HeldLock(path, fd), {}
+
+
+def wait_for_lock(path: str, poll_s: float, may_wait: Callable[[dict, float], bool],
+                  on_wait: Callable[[dict], None]) -> tuple[HeldLock | None, dict]:
+    """:func:`try_lock` every ``poll_s`` until ``path`` is locked (``(lock, {})``) or ``may_wait(holder, waited
+    seconds)`` is False (``(None, holder)``); ``on_wait(holder)`` once, when the waiting starts. Raises as
+    :func:`try_lock`."""
+    start, waiting = time.monotonic(), False
+    while True:
+        lock, holder = try_lock(path)
+        if lock is not None or not may_wait(holder, time.monotonic() - start):
+            return lock, holder
+        if not waiting:
+            on_wait(holder)
+            waiting = True
+        time.sleep(poll_s)
 
 
 def _read_holder(fd: int) -> dict:
