@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+from contextlib import ExitStack
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,7 @@ from bft_megatron.checkpoint.data_order import warn_data_order
 from bft_megatron.checkpoint.disk_space import (checkpoint_bytes, explain_failed_save, free_bytes, keep_last_advice,
                                                 size_text, space_warning)
 from bft_megatron.checkpoint.hf_files import CheckpointHF
+from bft_megatron.checkpoint.read_lock import CheckpointRemoved, reading
 from bft_megatron.checkpoint.schedule import align_saved_group_bounds, group_bounds, restore_group_bounds
 from bft_megatron.checkpoint.state import (gather_params, init_optimizer_state, layout_of, model_sharded_state_dict,
                                            optimizer_metadata, restore_rng, rng_sharded_object, saved_optimizer_format,
@@ -83,6 +85,7 @@ class Checkpointer:
         self._hf = CheckpointHF(cfg) if groups.rank == 0 else None
         self._model_dtype = None  # the parameters' dtype, for the checkpoint's config.json (set by save)
         self._need = 0  # bytes of the last save (an async one's failure surfaces later, in poll/finalize)
+        self._readers = ExitStack()  # rank 0's read lock on another run's checkpoint while it is loaded
 
     # ------------------------------------------------------------------ save
     def write_run_config(self) -> str:
@@ -230,7 +233,13 @@ class Checkpointer:
         kind, path = rank0_value(self._source, "finding the checkpoint to load", self.groups.control)
         if kind == "none":
             return False
-        return self._load_path(trainer, path, finetune=kind == "load" and self.ckpt.finetune, own=kind == "own")
+        try:
+            self._load_path(trainer, path, finetune=kind == "load" and self.ckpt.finetune, own=kind == "own")
+            if kind == "load":
+                dist.barrier()  # every rank has read its files: rank 0 may let the checkpoint be pruned
+        finally:
+            self._readers.close()
+        return True
 
     def _source(self) -> tuple[str, str | None]:
         """("own", the save directory's latest), ("load", checkpoint.load resolved) or ("none", None)."""
@@ -257,6 +266,12 @@ class Checkpointer:
                       "scratch", self.ckpt.load)
             return "none", None
         pointer.require_loadable("checkpoint.load", self.ckpt.load, path)
+        try:  # another run may be saving there with keep_last: it leaves this checkpoint until all ranks read it
+            self._readers.enter_context(reading(path))
+        except CheckpointRemoved as exc:
+            raise ConfigError(f"checkpoint.load={self.ckpt.load}: {exc} before it could be loaded (a run still "
+                              "saving there prunes its older checkpoints, checkpoint.keep_last); start again to load "
+                              "its newest one") from None
         return "load", path
 
     def _say_load_is_not_read(self, own: str) -> None:
@@ -274,7 +289,7 @@ class Checkpointer:
                      "into %s (the newer checkpoints are then removed as the run passes them)", self.ckpt.load,
                      os.path.basename(own), os.path.basename(target), os.path.join(self.ckpt.save, pointer.LATEST))
 
-    def _load_path(self, trainer, path: str, finetune: bool, own: bool = False) -> bool:
+    def _load_path(self, trainer, path: str, finetune: bool, own: bool = False) -> None:
         from megatron.core import dist_checkpointing
 
         common = dist_checkpointing.load_common_state_dict(path)
@@ -292,7 +307,6 @@ class Checkpointer:
                 self._hf.resume(path, common.get("config") or {})
         _log.info("loaded %s (%s%s)", path, "weights only" if finetune else "full state",
                   "" if same_layout else f", resharded from {common.get('layout')}")
-        return True
 
     def _load_weights(self, trainer, path: str) -> None:
         load_model_weights(trainer.model, path, self._load_strategy(path))

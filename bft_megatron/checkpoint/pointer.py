@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 
+from bft_megatron.checkpoint.read_lock import remove_unless_read
 from bft_megatron.utils.files import atomic_write_text
+from bft_megatron.utils.locks import holder_text
+from bft_megatron.utils.logging import get_logger
 
 __all__ = ["iter_dirname", "read_latest", "write_latest", "resolve_load_dir", "load_problem", "require_loadable",
            "list_iterations", "unreferenced_problem", "in_run_dir", "prune", "commit", "existing_checkpoint",
@@ -34,6 +36,7 @@ HF_SUBDIR = "hf"
 # without it megatron's load_common_state_dict fails with an AttributeError on a str path (megatron-core 0.16).
 _COMMON = "common.pt"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
+_log = get_logger(__name__)
 
 
 def iter_dirname(iteration: int) -> str:
@@ -159,9 +162,18 @@ def latest_iteration(run_dir: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _remove(run_dir: str, iterations: list[int]) -> None:
+def _remove(run_dir: str, iterations: list[int]) -> list[int]:
+    """Delete these ``iter_`` directories but those another job is reading (kept for a later commit to prune:
+    :mod:`.read_lock`); returns the deleted iterations."""
+    removed = []
     for i in iterations:
-        shutil.rmtree(os.path.join(run_dir, iter_dirname(i)), ignore_errors=True)
+        reader = remove_unless_read(os.path.join(run_dir, iter_dirname(i)))
+        if reader is None:
+            removed.append(i)
+        else:
+            _log.warning("%s is not pruned yet: another job is reading it (%s); a later save removes it",
+                         os.path.join(run_dir, iter_dirname(i)), holder_text(reader))
+    return removed
 
 
 def prune(run_dir: str, keep_last: int | None, current: int) -> list[int]:
@@ -174,9 +186,7 @@ def prune(run_dir: str, keep_last: int | None, current: int) -> list[int]:
     its = [i for i in list_iterations(run_dir) if i <= current]
     keep = set(its[-keep_last:]) if keep_last else set(its)
     keep.add(current)
-    removed = [i for i in its if i not in keep]
-    _remove(run_dir, removed)
-    return removed
+    return _remove(run_dir, [i for i in its if i not in keep])
 
 
 def commit(run_dir: str, iteration: int, keep_last: int | None) -> list[int]:
@@ -190,6 +200,6 @@ def commit(run_dir: str, iteration: int, keep_last: int | None) -> list[int]:
     """
     previous = latest_iteration(run_dir)
     stale = [] if previous is None else [i for i in list_iterations(run_dir) if previous < i < iteration]
-    _remove(run_dir, stale)
+    removed = _remove(run_dir, stale)
     write_latest(run_dir, iteration)
-    return sorted(stale + prune(run_dir, keep_last, iteration))
+    return sorted(removed + prune(run_dir, keep_last, iteration))

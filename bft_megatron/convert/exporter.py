@@ -19,6 +19,7 @@ import shutil
 import torch
 
 from bft_megatron.checkpoint import pointer
+from bft_megatron.checkpoint.read_lock import CheckpointRemoved, reading
 from bft_megatron.config.base import from_dict
 from bft_megatron.config.schema import ModelConfig
 from bft_megatron.convert import progress as bars
@@ -193,9 +194,10 @@ def export_checkpoint(ckpt: str, out_dir: str, hf_dir: str | None = None,
     if stale:
         raise FileExistsError(stale)
     try:
-        _export(path, out_dir, hf_dir, max_shard_bytes, dtype, tokenizer, progress)
+        with reading(path):  # a run pruning its older checkpoints (keep_last) leaves this one until we are done
+            _export(path, out_dir, hf_dir, max_shard_bytes, dtype, tokenizer, progress)
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt) or os.path.isdir(path):
+        if not isinstance(exc, CheckpointRemoved) and (isinstance(exc, KeyboardInterrupt) or os.path.isdir(path)):
             raise
         raise FileNotFoundError(  # the reader saw a missing file, a missing directory or megatron's exception
             f"{path} was removed while it was being exported: a run still training into {os.path.dirname(path)} "

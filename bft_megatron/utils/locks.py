@@ -31,7 +31,7 @@ class LockUnsupported(OSError):
 
 
 class HeldLock:
-    """An exclusive lock on ``path``, held until :meth:`release` or the process (and its forks) end."""
+    """A lock on ``path``, held until :meth:`release` or the process (and its forks) end."""
 
     def __init__(self, path: str, fd: int) -> None:
         self.path, self.fd = path, fd
@@ -48,9 +48,10 @@ def _holder_record() -> str:
                        "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n"
 
 
-def try_lock(path: str) -> tuple[HeldLock | None, dict]:
+def try_lock(path: str, shared: bool = False) -> tuple[HeldLock | None, dict]:
     """``(lock, {})`` once ``path`` is locked by this process, else ``(None, holder)`` with the holder's record
-    (empty if it has not written it yet). Raises :class:`LockUnsupported` where the file system cannot lock."""
+    (empty if it has not written it yet). ``shared``: a shared lock, which other shared holders may hold too
+    (the record is then the last one's). Raises :class:`LockUnsupported` where the file system cannot lock."""
     import fcntl
 
     try:
@@ -58,7 +59,7 @@ def try_lock(path: str) -> tuple[HeldLock | None, dict]:
     except PermissionError:  # another user's lock file: flock works on a read-only descriptor (no holder record)
         fd, writable = os.open(path, os.O_RDONLY), False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError as exc:
         holder = _read_holder(fd)
         os.close(fd)
