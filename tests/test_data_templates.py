@@ -73,6 +73,19 @@ def test_plain_template_with_sentencepiece_control_eos():
     assert "User: What is microcephaly?\n\nAssistant: " in tok.decode(enc.tokens)
 
 
+def test_plain_template_labels_each_answer_not_each_question():
+    """Two questions in a row are both 'User:' turns, an answer opening the chat is labelled 'Assistant:'; the
+    usual alternation renders as before."""
+    tok = _tok("sp")
+    conv = Conversation((Message("assistant", "Hello."), Message("user", "Hi."), Message("user", "What is ataxia?"),
+                         Message("assistant", "Poor coordination.")), "test:line 3")
+    bos, eos = tok.bos_token or "", tok.eos_token
+    assert render(conv, "plain", tok).text == (f"{bos}Assistant: Hello.{eos}\n\nUser: Hi.\n\nUser: What is ataxia?"
+                                               f"\n\nAssistant: Poor coordination.{eos}")
+    assert render(NO_SYSTEM, "plain", tok).text == (f"{bos}User: What is microcephaly?\n\nAssistant: {ANSWERS[0]}{eos}"
+                                                    f"\n\nUser: Which genes?\n\nAssistant: {ANSWERS[1]}{eos}")
+
+
 def test_supervise_last_only():
     tok = _tok("sp")
     enc = encode(CONV, "chatml", tok, supervise="last")

@@ -30,7 +30,7 @@ from bft_megatron.data.records import Conversation, to_conversation
 from bft_megatron.data.storage import (SampleStream, is_prepared, publish_index, remove_stale_staging, replace_split,
                                        staging_dir, write_split)
 from bft_megatron.data.templates import TOKENIZER_TEMPLATES, check_template
-from bft_megatron.data.tokenize import Encoded, apply_length_policy, encode
+from bft_megatron.data.tokenize import Encoded, apply_length_policy, encode, special_text_finder
 from bft_megatron.data.tokenizer import Tokenizer, describe, load_tokenizer
 from bft_megatron.utils.files import file_in_the_way
 from bft_megatron.utils.locks import LockUnsupported, holder_text, wait_for_lock
@@ -60,6 +60,8 @@ class SplitStats:
     skips: SkipLog = field(default_factory=SkipLog)
     seconds: float = 0.0
     encoded_tokens: int = 0
+    special_text: int = 0  # samples whose messages hold a control-token string (tokenize.special_text_finder)
+    special_examples: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         """Reproducible facts only (no timings), for the index."""
@@ -67,12 +69,13 @@ class SplitStats:
                 "supervised_tokens": self.supervised_tokens, "rows": self.rows,
                 "packing_efficiency": round(self.packing_efficiency, 6),
                 "truncated": self.length["truncated"], "dropped_too_long": self.length["dropped_too_long"],
-                "dropped_no_supervision": self.length["dropped_no_supervision"],
+                "dropped_no_supervision": self.length["dropped_no_supervision"], "special_text": self.special_text,
                 "skipped": dict(sorted(self.skips.counts.items())), "per_source": self.per_source}
 
 
 def _init_worker(tokenizer: str, template: str, supervise: str) -> None:
-    _WORKER.update(tok=load_tokenizer(tokenizer), template=template, supervise=supervise)
+    tok = load_tokenizer(tokenizer)
+    _WORKER.update(tok=tok, template=template, supervise=supervise, special=special_text_finder(tok))
 
 
 def _init_pool_worker(tokenizer: str, template: str, supervise: str) -> None:
@@ -80,15 +83,18 @@ def _init_pool_worker(tokenizer: str, template: str, supervise: str) -> None:
     _init_worker(tokenizer, template, supervise)
 
 
-def _encode_chunk(chunk: list[Conversation]) -> list[tuple[str, Any, Any]]:
-    """("ok", tokens, mask) or ("error", origin, message) per conversation, in order."""
-    out: list[tuple[str, Any, Any]] = []
+def _encode_chunk(chunk: list[Conversation]) -> list[tuple[str, Any, Any, str | None]]:
+    """("ok", tokens, mask, control-token text found or None) or ("error", origin, message, None) per
+    conversation, in order."""
+    out: list[tuple[str, Any, Any, str | None]] = []
     for conv in chunk:
         try:
             enc = encode(conv, _WORKER["template"], _WORKER["tok"], _WORKER["supervise"])
-            out.append(("ok", enc.tokens, enc.loss_mask))
         except DataError as err:
-            out.append(("error", err.where, err.message))
+            out.append(("error", err.where, err.message, None))
+            continue
+        special = _WORKER["special"](conv)
+        out.append(("ok", enc.tokens, enc.loss_mask, special and f"{conv.origin}: {special}"))
     return out
 
 
@@ -143,12 +149,15 @@ def _tokenize_source(cfg: DataConfig, src: SourceConfig, stream: SampleStream, s
     log.info("reading %s (weight %s)", src.path, src.weight)
     convs = _conversations(src, cfg.reasoning_format, stats.skips, cache_dir, stats.parsed, ordinals, seen)
     for results in _encoded(cfg, _chunks(convs)):
-        for kind, a, b in results:
+        for kind, a, b, special in results:
             bar.update(1)
             ordinal = ordinals.popleft()  # results arrive in submission order
             if kind == "error":
                 stats.skips.handle(DataError(a, b), "template_error")
                 continue
+            if special:
+                stats.special_text += 1
+                stats.special_examples += [special][:3 - len(stats.special_examples)]
             stats.encoded_tokens += len(a)
             sample, status = apply_length_policy(Encoded(a, b), cfg.seq_length, cfg.truncation)
             stats.length[status] += 1

@@ -121,11 +121,20 @@ def preparation_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> lis
         if skipped and skipped >= NOTABLE_SHARE * st.records:
             out.append(f"[{split}] {skipped} of {st.records} records ({skipped / st.records:.1%}) were skipped as "
                        "unusable (data.on_error=skip); the summary names the first ones")
+        if st.special_text:
+            out.append(_special_text_warning(split, st))
         if cfg.num_workers == 1 and st.seconds >= SLOW_SECONDS and cores > 1:
             out.append(f"[{split}] preparing {st.records} records took {st.seconds:.0f} s in one process: "
                        f"data.num_workers={min(cores, 16)} tokenizes on {min(cores, 16)} of this machine's {cores} "
                        "cores (the output is byte-identical)")
     return out
+
+
+def _special_text_warning(split: str, st: SplitStats) -> str:
+    return (f"[{split}] {st.special_text} of {sum(st.length.values())} samples hold the tokenizer's control-token "
+            f"text in a message (first: {'; '.join(st.special_examples)}); it is encoded as that control token, as the chat template "
+            "would: inside an answer the model learns to stop there, inside a question it forges a turn. Remove it "
+            "from the data unless it is meant as markup")
 
 
 def main(argv: list[str]) -> int:

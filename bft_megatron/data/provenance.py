@@ -49,7 +49,10 @@ __all__ = ["PreparedDataMismatch", "RULES_VERSION", "source_record", "compare", 
 # (Qwen1.5), closes the answer; a UTF-8 byte-order mark is not part of line 1.
 # 4 (2026-12-04): reasoning in its own field (alpaca/prompt_response 'reasoning', the last answer's
 # 'reasoning_content' or 'reasoning') is trained, as '<think>\n...\n</think>\n\n' before the answer (was ignored).
-RULES_VERSION = 4
+# 5 (2026-12-05): template plain labels each answer 'Assistant: ' (was: each question, so two questions in a row
+# or an answer first were mislabelled); an assistant message with tool_calls/function_call is an invalid record (the
+# call was dropped).
+RULES_VERSION = 5
 
 SETTINGS = {"seq_length": "seq_length", "packing": "packed", "template": "template", "supervise": "supervise",
             "reasoning_format": "reasoning_format", "truncation": "truncation", "seed": "seed"}  # field -> index key

@@ -88,6 +88,10 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
             raise DataError("", f"{where}: missing field {role_key!r}")
         if not isinstance(role, str) or role not in roles:  # a list or object would fail the lookup as unhashable
             raise DataError("", f"{where}: unknown role {role!r} (expected one of {tuple(roles)})")
+        calls = [key for key in ("tool_calls", "function_call") if item.get(key)]
+        if calls:  # no template here renders them: the call would vanish from what the answer trains
+            raise DataError("", f"{where}: {calls[0]!r} is not supported (tool use: the call would be dropped from "
+                                "the trained answer); leave such records out")
         content = item.get(text_key)
         if content is None:
             raise DataError("", f"{where}: missing field {text_key!r}")

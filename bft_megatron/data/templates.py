@@ -88,8 +88,9 @@ def _plain(messages: tuple[Message, ...], tok: Tokenizer) -> Rendered:
         if m.role == "system":
             b.add(m.content + "\n\n")
         elif m.role == "user":
-            b.add(f"User: {m.content}\n\nAssistant: ")
+            b.add(f"User: {m.content}\n\n")
         else:
+            b.add("Assistant: ")  # its own label: two questions in a row, or an answer first, are labelled right
             b.add(m.content + tok.eos_token, supervised=True)
             b.add(sep)
     return b.result()

@@ -7,8 +7,9 @@ token at t+1 of the same sample) is supervised; the last position of every sampl
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -83,6 +84,24 @@ def encode(conv: Conversation, template: str, tok: Tokenizer, supervise: str = "
     if not target.any():
         raise DataError(conv.origin, "no supervised tokens after templating")
     return Encoded(np.asarray(ids, dtype=TOKEN_DTYPE), shift_mask(target))
+
+
+def special_text_finder(tok: Tokenizer) -> Callable[[Conversation], str | None]:
+    """A function saying where a conversation's text holds one of ``tok``'s control-token strings (as
+    ``"'<|eot_id|>' in a user message"``), or None. Such text is encoded as that control token, as the chat
+    template (and HF's ``apply_chat_template``) would: inside an answer it trains the model to stop there, inside a
+    question it forges a turn. Data exported from another chat format often holds them unnoticed."""
+    texts = sorted(tok.special_texts, key=len, reverse=True)  # the longest first: '<|eot_id|>' before '<|eot'
+    pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    def find(conv: Conversation) -> str | None:
+        for m in conv.messages if pattern else ():
+            hit = pattern.search(m.content)
+            if hit:
+                return f"{hit.group(0)!r} in a{'n' if m.role == 'assistant' else ''} {m.role} message"
+        return None
+
+    return find
 
 
 def apply_length_policy(enc: Encoded, seq_length: int, policy: str) -> tuple[Encoded | None, str]:

@@ -105,6 +105,11 @@ class Tokenizer:
     def id_to_token(self, idx: int) -> str:
         raise NotImplementedError
 
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        """The strings this tokenizer encodes as a control token wherever they occur in text (``<|eot_id|>``)."""
+        return ()
+
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         raise ValueError(f"tokenizer {self.name} has no chat template; choose template: llama3|chatml|plain")
 
@@ -141,6 +146,10 @@ class HFTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids))
+
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        return tuple(t.content for t in self._tok.added_tokens_decoder.values() if t.special)
 
     def token_to_id(self, token: str) -> int | None:
         idx = self._tok.convert_tokens_to_ids(token)
@@ -212,6 +221,18 @@ class SPTokenizer(Tokenizer):
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+    @property
+    def special_texts(self) -> tuple[str, ...]:
+        """Control symbols (mapped by :meth:`encode_offsets`) and user-defined pieces that are markup (``<|...|>``;
+        sentencepiece itself finds those in text; others, such as a newline piece, are ordinary text)."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        model = sentencepiece_model_pb2.ModelProto()
+        model.ParseFromString(self._sp.serialized_model_proto())
+        defined = [p.piece for p in model.pieces if p.type == model.SentencePiece.USER_DEFINED
+                   and len(p.piece) > 2 and p.piece[0] == "<" and p.piece[-1] == ">"]
+        return tuple(self._controls) + tuple(defined)
 
     def token_to_id(self, token: str) -> int | None:
         idx = int(self._sp.piece_to_id(token))
