@@ -139,6 +139,28 @@ def test_data_layer_errors_on_first_use_are_config_errors(tmp_path):
         open_datasets(load_config(None, _overrides(bad, None, tmp_path / "out2")))
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused_before_preparing_and_by_check(tmp_path, monkeypatch):
+    """The demo tokenizer's 3000 ids with model.vocab_size=2048: a ConfigError before any record is tokenized (a
+    first use at scale would have spent an hour first), and from the pre-flight (--check) before anything is
+    prepared; a split prepared meanwhile is refused alike."""
+    from bft_megatron.config.base import ConfigError
+    from bft_megatron.data import prepare
+    from bft_megatron.training.data import check_prepared
+
+    train_src, _ = _sources(tmp_path)
+    cfg = load_config(None, _overrides(train_src, None, tmp_path / "out") + ["model.vocab_size=2048"])
+    want = r"data.tokenizer=.*hpo_sp.model has a 3000-token vocabulary but model.vocab_size=2048: .* >= 3000"
+    with pytest.raises(ConfigError, match=want):
+        check_prepared(cfg)
+    monkeypatch.setattr(prepare, "run", lambda *a, **k: pytest.fail("prepared before the vocabulary check"))
+    with pytest.raises(ConfigError, match=want):
+        open_datasets(cfg)
+    monkeypatch.undo()
+    _prepare_train_only(train_src, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"the data was tokenized with a 3000-token vocabulary but model.vocab_size"):
+        check_prepared(cfg)
+
+
 def test_synthetic_data_is_announced():
     with logged(logging.WARNING) as records:
         train, _ = open_datasets(load_config(None, ["model.vocab_size=512", "data.seq_length=64"]))

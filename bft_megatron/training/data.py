@@ -49,12 +49,30 @@ def _prepare_missing(cfg: Config) -> None:
     if missing:
         from bft_megatron.data.prepare import format_summary, preparation_warnings, run
 
+        _check_tokenizer_vocab(cfg)  # before a preparation that may take an hour at scale, not after it
         _log.info("preparing %s into %s (bft-megatron prepare)", "+".join(missing), d.output_dir)
         results = run(d, splits=missing)
         for line in format_summary(d, results).splitlines():
             _log.info("%s", line)
         for warning in preparation_warnings(d, results):
             _log.warning("%s", warning)
+
+
+def _check_tokenizer_vocab(cfg: Config) -> None:
+    """(Rank 0) ``data.tokenizer``'s ids fit ``model.vocab_size`` (raises :class:`ConfigError`)."""
+    from bft_megatron.data.tokenizer import load_tokenizer
+
+    size = load_tokenizer(cfg.data.tokenizer).vocab_size
+    if size > cfg.model.vocab_size:
+        raise _vocab_error(f"data.tokenizer={cfg.data.tokenizer} has a {size}-token vocabulary", size, cfg)
+
+
+def _vocab_error(what: str, size: int, cfg: Config):
+    from bft_megatron.config.base import ConfigError
+
+    return ConfigError(f"{what} but model.vocab_size={cfg.model.vocab_size}: the model has no embedding for ids "
+                       f"from {cfg.model.vocab_size} on. Set model.vocab_size >= {size} (an imported model's own "
+                       "vocabulary), or use the model's own tokenizer")
 
 
 def _splits(cfg: Config) -> dict[str, list[SourceConfig] | None]:
@@ -93,9 +111,9 @@ def _check(cfg: Config, prepared_only: bool = False) -> None:
             _log.warning("%s", unchecked_message(ds.directory, unchecked))
         if not differences and json.dumps(ds.index, sort_keys=True) != recorded:
             _record_new_mtimes(ds, recorded)
-        if split == "train" and int(ds.index["tokenizer"].get("vocab_size", 0)) > cfg.model.vocab_size:
-            raise ConfigError(f"the data was tokenized with a {ds.index['tokenizer']['vocab_size']}-token "
-                              f"vocabulary but model.vocab_size={cfg.model.vocab_size}")
+        size = int(ds.index["tokenizer"].get("vocab_size", 0))
+        if split == "train" and size > cfg.model.vocab_size:
+            raise _vocab_error(f"the data was tokenized with a {size}-token vocabulary", size, cfg)
     if problems:
         raise PreparedDataMismatch(mismatch_message(problems, strict))
     disagreement = "valid" in indexes and splits_disagree(d.output_dir, indexes["train"], indexes["valid"])
@@ -131,6 +149,8 @@ def check_prepared(cfg: Config) -> bool:
     from bft_megatron.data.storage import is_prepared
 
     if not is_prepared(os.path.join(cfg.data.output_dir, "train")):
+        if cfg.data.train and cfg.data.tokenizer:
+            _check_tokenizer_vocab(cfg)
         return False
     _check(cfg, prepared_only=True)
     return True
