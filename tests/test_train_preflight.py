@@ -131,7 +131,8 @@ def test_real_runs_leave_the_data_paths_to_rank_0():
     ("data.train=[nope/train.jsonl]", r"data.train\[0\].path=nope/train.jsonl: no such file or directory"),
     ("data.valid=[bft_megatron/data/assets/hpo_train.jsonl,missing.parquet:0.5]",
      r"data.valid\[1\].path=missing.parquet: no such file or directory .*relative paths are taken from "),
-    ("data.train=[bft_megatron]", r"data.train\[0\].path=bft_megatron: no \['.json', '.jsonl', '.parquet'\] files"),
+    ("data.train=[bft_megatron]",
+     r"data.train\[0\].path=bft_megatron: no data files in directory \(supported: \.jsonl, \.json, "),
     ("data.tokenizer=/nope/tok", r"data.tokenizer='/nope/tok': no such file or directory; expected an HF tokenizer"),
     ("data.tokenizer=configs/demo_cpu.yaml", r"data.tokenizer='configs/demo_cpu.yaml': expected an HF tokenizer "
                                              r"directory or a sentencepiece .model file, got a .yaml file"),

@@ -31,11 +31,12 @@ def _fail(name: str, value: object, why: str) -> None:
 
 @dataclass
 class SourceConfig:
-    """One input: a local json/jsonl/parquet file (or directory of them) or a hub dataset name."""
+    """One input: a local json/jsonl/parquet file (or directory of them, or a save_to_disk folder) or a hub dataset
+    name."""
 
     path: str = ""
     weight: float = 1.0  # passes over this source per epoch; a fraction takes a seeded subsample
-    split: str | None = None  # hub datasets only (default "train")
+    split: str | None = None  # of a hub dataset or a save_to_disk DatasetDict folder (default "train")
     subset: str | None = None  # hub datasets only: the configuration, load_dataset's name ("en")
     format: str = "auto"  # record shape; auto-detected per record when "auto"
     columns: dict = field(default_factory=dict)  # record field -> this source's column ({prompt: Question})

@@ -29,7 +29,7 @@ def _data_path_problems(d) -> list[str]:
     problems = []
     for split in ("train", "valid"):
         for i, src in enumerate(getattr(d, split)):
-            why = local_source_problem(src.path)
+            why = local_source_problem(src.path, src.split)
             if why is not None:
                 problems.append(f"data.{split}[{i}].path={src.path}: {why} (relative paths are taken from "
                                 f"{os.getcwd()})")

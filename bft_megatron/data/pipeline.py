@@ -25,6 +25,7 @@ from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError, SkipLog
 from bft_megatron.data.packing import one_per_row, pack_best_fit
 from bft_megatron.data.provenance import RULES_VERSION, source_record
+from bft_megatron.data.json_text import UNPARSED_REASONS
 from bft_megatron.data.readers import read_records
 from bft_megatron.data.records import Conversation, to_conversation
 from bft_megatron.data.storage import (SampleStream, is_prepared, publish_index, remove_stale_staging, replace_split,
@@ -145,7 +146,7 @@ def _tokenize_source(cfg: DataConfig, src: SourceConfig, stream: SampleStream, s
     ordinals: deque[int] = deque()
     seen = [0]
     mine: list[int] = []
-    skipped_before, malformed_before = stats.skips.total, stats.skips.counts["malformed_json"]
+    skipped_before, unparsed_before = stats.skips.total, _unparsed(stats.skips)
     log.info("reading %s (weight %s)", src.path, src.weight)
     convs = _conversations(src, cfg.reasoning_format, stats.skips, cache_dir, stats.parsed, ordinals, seen)
     for results in _encoded(cfg, _chunks(convs)):
@@ -164,13 +165,17 @@ def _tokenize_source(cfg: DataConfig, src: SourceConfig, stream: SampleStream, s
             if sample is not None:
                 mine.append(len(stream.lengths))
                 stream.append(sample.tokens, sample.loss_mask, ordinal)
-    malformed = stats.skips.counts["malformed_json"] - malformed_before  # lines that never parsed
+    malformed = _unparsed(stats.skips) - unparsed_before  # lines (or files) that never parsed
     stats.parsed += seen[0]
     stats.records += seen[0] + malformed
     stats.per_source.append({"path": src.path, "weight": src.weight, "records": seen[0] + malformed,
                              "parsed": seen[0], "samples": len(mine),
                              "skipped": stats.skips.total - skipped_before})
     return mine
+
+
+def _unparsed(skips: SkipLog) -> int:
+    return sum(skips.counts[reason] for reason in UNPARSED_REASONS)
 
 
 def mix(per_source: list[list[int]], weights: list[float], seed: int) -> np.ndarray:

@@ -63,9 +63,15 @@ class PreparedDataMismatch(ConfigError):
     ConfigError (so a ValueError), raised alike on every rank."""
 
 
-def _file_record(path: Path) -> dict[str, Any]:
+def _file_name(path: Path, source: str) -> str:
+    """A source file's name: its path inside a directory source (a saved DatasetDict has a state.json per split)."""
+    return path.relative_to(source).as_posix() if os.path.isdir(source) else path.name
+
+
+def _file_record(path: Path, source: str) -> dict[str, Any]:
     st = path.stat()
-    return {"name": path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(path)}
+    return {"name": _file_name(path, source), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": sha256_file(path)}
 
 
 def source_record(src: SourceConfig) -> dict[str, Any]:
@@ -73,7 +79,7 @@ def source_record(src: SourceConfig) -> dict[str, Any]:
     rec: dict[str, Any] = {"path": src.path, "weight": src.weight, "split": src.split, "subset": src.subset,
                            "format": src.format, "columns": dict(src.columns)}
     if os.path.exists(src.path):
-        rec["files"] = [_file_record(f) for f in list_files(src.path)]
+        rec["files"] = [_file_record(f, src.path) for f in list_files(src.path)]
     return rec
 
 
@@ -102,7 +108,7 @@ def _local_problems(where: str, rec: dict[str, Any], src: SourceConfig) -> list[
         files = list_files(src.path)
     except DataError as err:
         return [f"{where}: {err}"]
-    before, now = [f["name"] for f in rec["files"]], [f.name for f in files]
+    before, now = [f["name"] for f in rec["files"]], [_file_name(f, src.path) for f in files]
     if len(before) != len(now) or (Path(src.path).is_dir() and before != now):  # a single file may be renamed
         return [f"{where} ({src.path}): files {before} when prepared, {now} now"]
     changes = ((f, _file_change(r, f)) for r, f in zip(rec["files"], files))

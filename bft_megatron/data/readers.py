@@ -1,63 +1,84 @@
-"""Read raw records through ``datasets`` (local json/jsonl/parquet, or a hub dataset name).
+"""Read raw records through ``datasets`` (local json/jsonl/parquet, gzip-compressed json/jsonl, a ``save_to_disk``
+folder, or a hub dataset name).
 
 A path that exists is local. One that does not is a hub dataset id only if it looks like one (``name``
 or ``owner/name``, no data-file suffix) and, for ``owner/name``, no local directory ``owner/`` exists;
 otherwise it is reported as a missing local path, and a failed hub load says both.
 
-Arrow's JSON reader reports a parse error without a line number, and fails outright on records whose
-types disagree. When ``datasets`` refuses a local JSON file we re-read it with the standard library,
-line by line, so the error (or the counted skip) names the exact file and line.
+Arrow's JSON reader reports a parse error without a line number, fails outright on records whose types disagree,
+and misreads some files it accepts (strings as dates, fields of mixed types as JSON text, rows that are not one per
+line). Then we re-read the file with the standard library (``json_text``), line by line, so the records arrive as
+written and an error (or the counted skip) names the exact file and line.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from bft_megatron.data.errors import DataError, SkipLog
+from bft_megatron.data.json_text import (JSON_SUFFIXES, RawRecord, first_char, is_gzip, is_utf8, nonblank_lines,
+                                         read_json_stdlib, read_jsonl_stdlib)
+from bft_megatron.data.saved_datasets import is_saved_dataset, read_saved, saved_dataset_files, split_problem
 from bft_megatron.utils.logging import get_logger
 
 log = get_logger(__name__)
 
+__all__ = ["RawRecord", "list_files", "local_source_problem", "read_records"]
+
 LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SUPPORTED = ".jsonl, .json, .parquet, .jsonl.gz, .json.gz, or a datasets save_to_disk folder"
+# Files a directory may hold that look like data but are not read: named in an error, not skipped silently.
+UNREAD_SUFFIXES = {".gz", ".bz2", ".xz", ".zst", ".zstd", ".lz4", ".zip", ".tar", ".tgz", ".7z", ".arrow", ".csv",
+                   ".tsv", ".ndjson", ".feather", ".orc", ".avro"}
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
 
 
-@dataclass(frozen=True)
-class RawRecord:
-    data: Any
-    where: str  # "path:line N" (jsonl), "path:record N" (json array), "path:row N" (parquet/hub)
+def data_suffix(path: Path) -> str | None:
+    """The reader ``path`` needs: ".jsonl", ".json" or ".parquet" (a ".jsonl.gz" / ".json.gz" file: the suffix
+    inside), or None for a file that is not read."""
+    if is_gzip(path):
+        inner = path.with_suffix("").suffix
+        return inner if inner in JSON_SUFFIXES else None
+    return path.suffix if path.suffix in LOCAL_SUFFIXES else None
+
+
+def _unread_data(files: list[Path]) -> list[str]:
+    """Names of the files in a directory that look like data (compressed, Arrow, CSV, or a supported suffix in
+    other letter case) but would not be read."""
+    return [f.name for f in files
+            if data_suffix(f) is None and (f.suffix.lower() in UNREAD_SUFFIXES or data_suffix(Path(f.name.lower())))]
 
 
 def list_files(path: str) -> list[Path]:
-    """A file, or every supported file directly inside a directory (sorted, for determinism)."""
+    """A file, every supported file directly inside a directory (sorted, for determinism), or the files of a
+    ``save_to_disk`` folder."""
     p = Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix in LOCAL_SUFFIXES and f.is_file())
+        if is_saved_dataset(p):
+            return saved_dataset_files(p)
+        entries = sorted(f for f in p.iterdir() if f.is_file())
+        if unread := _unread_data(entries):
+            raise DataError(path, f"files that would not be read: {', '.join(unread)} (supported: {SUPPORTED}); "
+                                  "convert them, or move them out of the directory")
+        files = [f for f in entries if data_suffix(f)]
         if not files:
-            raise DataError(path, f"no {sorted(LOCAL_SUFFIXES)} files in directory")
+            raise DataError(path, f"no data files in directory (supported: {SUPPORTED})")
         return files
-    if p.suffix not in LOCAL_SUFFIXES:
-        raise DataError(path, f"unsupported file type {p.suffix!r}; expected one of {sorted(LOCAL_SUFFIXES)}")
+    if data_suffix(p) is None:
+        raise DataError(path, f"unsupported file type {''.join(p.suffixes[-2:]) if is_gzip(p) else p.suffix!r}; "
+                              f"expected {SUPPORTED}")
     return [p]
-
-
-def _nonblank_lines(path: Path) -> list[int]:
-    """1-based numbers of the non-blank lines: Arrow skips blank lines, so row i lives on line[i]."""
-    with path.open("rb") as fh:
-        return [i for i, line in enumerate(fh, 1) if line.strip()]
 
 
 def _load_with_datasets(path: Path, cache_dir: str | None) -> Any:
     import datasets
 
     datasets.disable_progress_bars()
-    builder = LOCAL_SUFFIXES[path.suffix]
+    builder = LOCAL_SUFFIXES[data_suffix(path)]  # its json builder decompresses a .gz file itself
     # Its JSON builder logs a failure as "... in row 20" (0-based, and before the fallback below names the line,
     # "line 21"): silenced, the fallback's DataError is the one report.
     quiet = logging.getLogger("datasets.packaged_modules.json.json")
@@ -69,87 +90,74 @@ def _load_with_datasets(path: Path, cache_dir: str | None) -> Any:
         quiet.setLevel(level)
 
 
-def _read_jsonl_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
-    with path.open("r", encoding="utf-8-sig") as fh:  # -sig: a byte-order mark (Windows editors) is not line 1's
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:line {lineno}"
-            try:
-                # Without its newline: else a line cut short fails at "line 2, column 1", past the newline.
-                yield RawRecord(json.loads(line.rstrip("\r\n")), where)
-            except json.JSONDecodeError as exc:
-                snippet = line.strip()[:80]
-                skips.handle(DataError(where, f"malformed JSON ({exc.msg} at column {exc.colno}): {snippet!r}"),
-                             "malformed_json")
-
-
-def _first_line_is_object(text: str) -> bool:
-    line = next((ln for ln in text.splitlines() if ln.strip()), "")
-    try:
-        return isinstance(json.loads(line), dict)
-    except json.JSONDecodeError:
-        return False
-
-
-def _read_json_stdlib(path: Path, skips: SkipLog) -> Iterator[RawRecord]:
-    text = path.read_text(encoding="utf-8-sig")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        if _first_line_is_object(text):  # JSON lines in a .json file (datasets reads them): name the bad line
-            yield from _read_jsonl_stdlib(path, skips)
-            return
-        # one JSON document: under on_error=skip the whole file is the counted skip
-        skips.handle(DataError(f"{path}:line {exc.lineno}", f"malformed JSON ({exc.msg} at column {exc.colno}); "
-                                                            "the whole file is unreadable"), "malformed_json")
-        return
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]  # the {"data": [...]} wrapper that datasets' json builder also accepts
-    if not isinstance(data, list):
-        raise DataError(str(path), f"a .json file must hold a list of records, got {type(data).__name__}")
-    for i, rec in enumerate(data):
-        yield RawRecord(rec, f"{path}:record {i}")
-
-
-def _has_timestamp(t: Any) -> bool:
-    """Whether Arrow type ``t`` is, or nests (records of a {"data": [...]} file, turns of 'messages'), a timestamp."""
+def _is_date(t: Any) -> bool:
     import pyarrow as pa
 
-    if pa.types.is_timestamp(t) or pa.types.is_date(t):
+    return pa.types.is_timestamp(t) or pa.types.is_date(t)
+
+
+def _is_json_text(t: Any) -> bool:
+    # getattr: only extension types have the attribute (an older pyarrow or datasets never produces this one)
+    return getattr(t, "extension_name", None) == "arrow.json"
+
+
+def _has_type(t: Any, predicate: Callable[[Any], bool]) -> bool:
+    """Whether Arrow type ``t`` is, or nests (records of a {"data": [...]} file, turns of 'messages'), a type
+    ``predicate`` accepts."""
+    import pyarrow as pa
+
+    if predicate(t):
         return True
     if pa.types.is_struct(t):
-        return any(_has_timestamp(t.field(i).type) for i in range(t.num_fields))
-    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
-        return _has_timestamp(t.value_type)
-    return False
+        return any(_has_type(t.field(i).type, predicate) for i in range(t.num_fields))
+    if pa.types.is_map(t):
+        return _has_type(t.key_type, predicate) or _has_type(t.item_type, predicate)
+    value_type = getattr(t, "value_type", None)  # list, large list, fixed-size list, list view
+    return value_type is not None and _has_type(value_type, predicate)
 
 
-def _infers_timestamps(ds: Any) -> bool:
-    """Whether Arrow typed a JSON field as a timestamp (it does so for strings like "2021-03-04", at any depth):
-    JSON has no such type, so the field held strings, which must reach the records unchanged."""
-    return any(_has_timestamp(f.type) for f in ds.data.schema)
+def _misread(ds: Any, path: Path, lines: list[int] | None) -> str | None:
+    """Why Arrow's reading of JSON file ``path`` cannot be used, or None.
+
+    Text that is not UTF-8: Arrow keeps its bytes in strings and fails on them only when a row is read (.jsonl),
+    or datasets decodes them as some other encoding (a .json document). Strings like "2021-03-04" become
+    timestamps (JSON has no such type, so they must reach the records unchanged). A field whose type differs
+    between rows (one list-of-parts 'content', one numeric 'output') becomes JSON text that datasets json.loads
+    back: the string '"Yes"' would arrive as Yes, '0012' as 12. And a .jsonl file's row i is on its i-th
+    non-blank line (``lines``, None for .json) only when each line holds one record (not an array, two objects,
+    or an object over several lines)."""
+    if not is_utf8(path):
+        return "text that is not UTF-8"
+    schema = ds.data.schema
+    if any(_has_type(f.type, _is_date) for f in schema):
+        return "strings read as dates"
+    if any(_has_type(f.type, _is_json_text) for f in schema):
+        return "fields of mixed types read as JSON text"
+    if lines is not None and len(ds) != len(lines):
+        return f"{len(ds)} rows from {len(lines)} non-blank line(s), not one record per line"
+    return None
 
 
 def _read_local_file(path: Path, skips: SkipLog, cache_dir: str | None) -> Iterator[RawRecord]:
+    kind, lines = data_suffix(path), None
     try:
         ds = _load_with_datasets(path, cache_dir)
-        if path.suffix != ".parquet" and _infers_timestamps(ds):
-            raise TypeError("strings read as timestamps")
+        lines = nonblank_lines(path) if kind == ".jsonl" else None
+        why = None if kind == ".parquet" else _misread(ds, path, lines)  # parquet's types are its own: read as is
     except Exception as exc:  # noqa: BLE001 - any Arrow/datasets failure: fall back to locate the bad line
-        if path.suffix == ".parquet":
+        if kind == ".parquet":
             raise DataError(str(path), f"cannot read parquet file: {exc}") from exc
-        log.warning("datasets could not read %s (%s); re-reading with the json module", path, type(exc).__name__)
-        reader = _read_jsonl_stdlib(path, skips) if path.suffix == ".jsonl" else _read_json_stdlib(path, skips)
-        yield from reader
+        why = f"it failed ({type(exc).__name__})"
+    if why is not None:
+        log.warning("re-reading %s with the json module, as datasets cannot be used on it: %s", path, why)
+        yield from read_jsonl_stdlib(path, skips) if kind == ".jsonl" else read_json_stdlib(path, skips)
         return
-    if path.suffix == ".jsonl":
-        lines = _nonblank_lines(path)
-        for i, rec in enumerate(ds):
-            yield RawRecord(rec, f"{path}:line {lines[i]}")
+    if lines is not None:
+        for line, rec in zip(lines, ds):
+            yield RawRecord(rec, f"{path}:line {line}")
     else:
-        unit = "record" if path.suffix == ".json" else "row"
-        for i, rec in enumerate(_unwrap_data(ds, path) if path.suffix == ".json" else ds):
+        unit = "record" if kind == ".json" else "row"
+        for i, rec in enumerate(_unwrap_data(ds, path) if kind == ".json" else ds):
             yield RawRecord(rec, f"{path}:{unit} {i}")
 
 
@@ -158,31 +166,23 @@ def _unwrap_data(ds: Any, path: Path) -> Any:
     (the stdlib reader unwraps it the same way), not as the list of records it holds. A list holding one record
     that has a 'data' list field reads the same: only a file that is an object is unwrapped."""
     if (len(ds) == 1 and "data" in ds.column_names and isinstance(ds[0]["data"], list)
-            and _first_char(path) == "{"):
+            and first_char(path) == "{"):
         return ds[0]["data"]
     return ds
 
 
-def _first_char(path: Path) -> str:
-    """The first character of ``path`` that is not whitespace ("" for none)."""
-    with open(path, encoding="utf-8-sig") as fh:
-        while chunk := fh.read(1 << 16):
-            if chunk.strip():
-                return chunk.lstrip()[0]
-    return ""
-
-
-def local_source_problem(path: str) -> str | None:
+def local_source_problem(path: str, split: str | None = None) -> str | None:
     """Why source ``path`` cannot be read (a missing local path, an unsupported file, a directory without data
-    files), or None: it can be read, or it may be a hub dataset id (not checked offline). The trainer's pre-flight
-    check (``bft_megatron.config.paths.check_paths``) asks this before any preparation."""
+    files or with some that would not be read, a saved DatasetDict without ``split``), or None: it can be read, or
+    it may be a hub dataset id (not checked offline). The trainer's pre-flight check
+    (``bft_megatron.config.paths.check_paths``) asks this before any preparation."""
     if not os.path.exists(path):
         return _missing_local(path)
     try:
         list_files(path)
+        return split_problem(Path(path), split) if is_saved_dataset(Path(path)) else None
     except DataError as err:
-        return err.message
-    return None
+        return str(err) if err.where != path else err.message  # a bad metadata file: name it
 
 
 def _missing_local(path: str) -> str | None:
@@ -191,7 +191,7 @@ def _missing_local(path: str) -> str | None:
     if len(parts) > 1 and any(os.path.exists(p) for p in parts):  # a list override without its brackets
         listed = f"[{','.join(parts)}]"
         return f"no such file or directory; several sources are a list: {listed} (an override: 'data.train={listed}')"
-    if Path(path).suffix in LOCAL_SUFFIXES or not HUB_ID.fullmatch(path):
+    if data_suffix(Path(path)) or not HUB_ID.fullmatch(path):
         return "no such file or directory (hub dataset ids look like owner/name)"
     parent = Path(path).parent
     if parent != Path(".") and parent.is_dir():
@@ -217,10 +217,13 @@ def _read_hub(name: str, split: str | None, subset: str | None) -> Iterator[RawR
 
 def read_records(path: str, split: str | None, skips: SkipLog, cache_dir: str | None = None,
                  subset: str | None = None) -> Iterator[RawRecord]:
-    """Every raw record of one source, in a deterministic order; ``cache_dir``: datasets' cache for local files."""
+    """Every raw record of one source, in a deterministic order; ``cache_dir``: datasets' cache for local files.
+    ``split``: of a hub dataset or a saved DatasetDict (default "train"); a file or a saved Dataset has one."""
     if os.path.exists(path) and subset:
         raise DataError(path, f"subset={subset!r} names a configuration of a hub dataset; this is a local path")
-    if os.path.exists(path):
+    if os.path.isdir(path) and is_saved_dataset(Path(path)):
+        yield from read_saved(Path(path), split)
+    elif os.path.exists(path):
         for file in list_files(path):
             yield from _read_local_file(file, skips, cache_dir)
     elif (why := _missing_local(path)) is not None:
