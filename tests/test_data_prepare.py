@@ -275,8 +275,9 @@ def test_hub_datasets_use_the_hugging_face_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("tmpdir", [None, "scratch"])
 def test_the_arrow_copy_of_local_sources_goes_beside_the_output_or_to_tmpdir(tmp_path, monkeypatch, tmpdir):
-    """datasets copies a local source to Arrow first (as large as the source): into $TMPDIR when set, else a hidden
-    folder in data.output_dir, not /tmp (RAM or small on many cluster nodes); removed afterwards either way."""
+    """datasets copies a local .json/.parquet source to Arrow first (as large as the source): into $TMPDIR when
+    set, else a hidden folder in data.output_dir, not /tmp (RAM or small on many cluster nodes); removed afterwards
+    either way. A .jsonl source is read line by line, without one."""
     from bft_megatron.data import readers
 
     seen, load = [], readers._load_with_datasets
@@ -289,6 +290,10 @@ def test_the_arrow_copy_of_local_sources_goes_beside_the_output_or_to_tmpdir(tmp
     out = tmp_path / "o"
     run(DataConfig(train=[SourceConfig(str(write_jsonl(tmp_path / "in.jsonl", CHATS)))], tokenizer=DEMO_SP,
                    seq_length=128, output_dir=str(out)))
+    assert seen == []
+    (tmp_path / "in.json").write_text(json.dumps(CHATS), encoding="utf-8")
+    run(DataConfig(train=[SourceConfig(str(tmp_path / "in.json"))], tokenizer=DEMO_SP, seq_length=128,
+                   output_dir=str(out)))
     [cache] = seen
     parent = tmp_path / tmpdir if tmpdir else out
     assert os.path.dirname(cache) == str(parent) and os.path.basename(cache).startswith(".bft-prepare-cache-")

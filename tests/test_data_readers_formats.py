@@ -33,12 +33,18 @@ def test_fields_of_mixed_types_reach_the_records_as_written(tmp_path):
     answers = ['"Yes"', "0012", '["BRCA1", "BRCA2"]', "true", "null", '  "padded"  ']
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Which genes?"}]},
                           {"role": "assistant", "content": "x"}]}
-    path = write_jsonl(tmp_path / "mixed.jsonl", [_chat("Which genes?", a) for a in answers] + [parts])
+    records = [_chat("Which genes?", a) for a in answers] + [parts]
+    path = write_jsonl(tmp_path / "mixed.jsonl", records)
     with logged(logging.WARNING) as warnings:
         raws, _ = _raw(path)
     assert [r.data["messages"][1]["content"] for r in raws[:-1]] == answers
     assert raws[-1].data == parts and raws[-1].where.endswith("mixed.jsonl:line 7")
-    assert "fields of mixed types" in warnings[0].getMessage() and "mixed.jsonl" in warnings[0].getMessage()
+    assert not warnings  # .jsonl is read with the json module: nothing to re-read
+    (tmp_path / "mixed.json").write_text(json.dumps(records), encoding="utf-8")  # a .json document goes via Arrow
+    with logged(logging.WARNING) as warnings:
+        raws, _ = _raw(tmp_path / "mixed.json")
+    assert [r.data["messages"][1]["content"] for r in raws[:-1]] == answers and raws[-1].data == parts
+    assert "fields of mixed types" in warnings[0].getMessage() and "mixed.json" in warnings[0].getMessage()
     alpaca = [{"instruction": "Count?", "output": "0012"}, {"instruction": "Count?", "output": 12}]
     (tmp_path / "a.json").write_text(json.dumps({"data": alpaca}), encoding="utf-8")  # nested in a {"data"} file
     assert [r.data["output"] for r in _raw(tmp_path / "a.json")[0]] == ["0012", 12]

@@ -158,3 +158,17 @@ def test_shuffled_rows_from_a_cold_cache_read_little_more_than_the_rows(tmp_path
     # Here: 0.3 MB with the advice, the whole 10.4 MB split without it. The bound leaves room for other
     # read-ahead settings (the header reads at open) while staying far below the unadvised reads.
     assert read <= split_bytes / 8, (read, split_bytes)
+
+
+def test_a_killed_preparations_leftovers_are_removed_but_not_other_files(tmp_path):
+    """SIGTERM during a preparation left its staging split and its Arrow cache of the sources (as large as they
+    are) in output_dir; the next preparation (holding the lock) removes both, and nothing else."""
+    out = tmp_path / "out"
+    leftovers = [out / ".train.partial-x1", out / ".valid.old-x2", out / f"{storage.SCRATCH_PREFIX}k3l"]
+    kept = [out / "train", out / ".prepare.lock", out / "notes.txt", tmp_path / f"{storage.SCRATCH_PREFIX}elsewhere"]
+    for path in leftovers + kept[:1] + kept[3:]:
+        (path / "sub").mkdir(parents=True)
+    for path in kept[1:3]:
+        path.write_text("x")
+    storage.remove_stale_staging(out)
+    assert [p for p in leftovers if p.exists()] == [] and all(p.exists() for p in kept)

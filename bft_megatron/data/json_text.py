@@ -1,5 +1,6 @@
 """Local JSON files read with the standard library, byte line by byte line, so that every problem names its file
-and line: what the reader falls back to when ``datasets`` (Arrow) refuses or misreads a file.
+and line: how ``.jsonl`` files are read, and what the reader falls back to when ``datasets`` (Arrow) refuses or
+misreads a ``.json`` document.
 
 Files ending ``.gz`` are gzip-compressed (``datasets`` decompresses them too). Lines are split at ``\\n`` only, as
 Arrow and JSON lines do: ``str.splitlines`` would also split at U+2028 and other separators that JSON strings may
@@ -64,11 +65,6 @@ def is_utf8(path: Path) -> bool:
     except (OSError, EOFError, zlib.error) as exc:
         raise DataError(str(path), f"cannot decompress the gzip file ({exc})") from exc
     return True
-
-
-def nonblank_lines(path: Path) -> list[int]:
-    """1-based numbers of the non-blank lines: Arrow skips blank lines, so row i lives on line[i]."""
-    return [i for i, line in _lines(path) if line.strip()]
 
 
 def first_char(path: Path) -> str:

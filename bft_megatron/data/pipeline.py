@@ -28,8 +28,8 @@ from bft_megatron.data.provenance import RULES_VERSION, source_record
 from bft_megatron.data.json_text import UNPARSED_REASONS
 from bft_megatron.data.readers import read_records
 from bft_megatron.data.records import Conversation, to_conversation
-from bft_megatron.data.storage import (SampleStream, is_prepared, publish_index, remove_stale_staging, replace_split,
-                                       staging_dir, write_split)
+from bft_megatron.data.storage import (SCRATCH_PREFIX, SampleStream, is_prepared, publish_index, remove_stale_staging,
+                                       replace_split, staging_dir, write_split)
 from bft_megatron.data.templates import TOKENIZER_TEMPLATES, check_template
 from bft_megatron.data.tokenize import Encoded, apply_length_policy, encode, special_text_finder
 from bft_megatron.data.tokenizer import Tokenizer, describe, load_tokenizer
@@ -307,7 +307,7 @@ def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = 
                 wanted = {split: sources for split, sources in wanted.items() if split in missing}
             if locked:
                 remove_stale_staging(Path(cfg.output_dir))
-            with tempfile.TemporaryDirectory(prefix=".bft-prepare-cache-", dir=_scratch_parent(cfg)) as tmp:
+            with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=_scratch_parent(cfg)) as tmp:
                 for split, sources in wanted.items():
                     results[split] = prepare_split(cfg, split, sources, tok, cache_dir or tmp, progress)
     except BaseException:

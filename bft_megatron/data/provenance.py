@@ -51,7 +51,8 @@ __all__ = ["PreparedDataMismatch", "RULES_VERSION", "source_record", "compare", 
 # 'reasoning_content' or 'reasoning') is trained, as '<think>\n...\n</think>\n\n' before the answer (was ignored).
 # 5 (2026-12-05): template plain labels each answer 'Assistant: ' (was: each question, so two questions in a row
 # or an answer first were mislabelled); an assistant message with tool_calls/function_call is an invalid record (the
-# call was dropped).
+# call was dropped); a field whose type differs between records keeps its strings as written (datasets decoded them
+# as JSON: '"Yes"' -> Yes).
 RULES_VERSION = 5
 
 SETTINGS = {"seq_length": "seq_length", "packing": "packed", "template": "template", "supervise": "supervise",

@@ -175,13 +175,19 @@ def replace_split(stage: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)  # NFS keeps a mapped file as .nfsXXXX: whatever stays is harmless
 
 
+SCRATCH_PREFIX = ".bft-prepare-cache-"  # a preparation's temporary datasets cache inside output_dir
+
+
 def remove_stale_staging(output_dir: Path) -> None:
-    """Staging and replaced directories left by a killed preparation (call only while holding the directory's
-    preparation lock: another preparation's would otherwise go)."""
+    """Staging and replaced directories, and the Arrow cache of the sources (as large as they are; pipeline.py),
+    left by a killed preparation (call only while holding the directory's preparation lock: another preparation's
+    would otherwise go)."""
     for split in ("train", "valid"):
         for parent in {output_dir, Path(os.path.realpath(output_dir / split)).parent}:  # beside a link's target too
             for path in [*parent.glob(f".{split}.partial-*"), *parent.glob(f".{split}.old-*")]:
                 shutil.rmtree(path, ignore_errors=True)
+    for path in output_dir.glob(f"{SCRATCH_PREFIX}*"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def publish_index(out: Path, index: dict[str, Any]) -> None:
