@@ -107,14 +107,19 @@ def test_a_rewrite_leaves_the_arrays_a_reader_has_mapped_unchanged(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".prepare.lock", "train"]  # the old split removed
 
 
-def test_first_use_logs_the_summary_and_warns_about_truncation(tmp_path):
-    """As ``bft-megatron prepare`` prints it; the demo truncated a quarter of its samples without a word."""
+def test_first_use_logs_the_summary_and_warns_about_truncation(tmp_path, monkeypatch):
+    """As ``bft-megatron prepare`` prints it; the demo truncated a quarter of its samples without a word. While it
+    tokenizes, a progress line (every minute; here every record) says how far it is (it was silent)."""
+    from bft_megatron.data import progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
     train_src, _ = _sources(tmp_path)
     over = _overrides(train_src, None, tmp_path / "out") + ["data.seq_length=64"]
     with logged() as records:
         open_datasets(load_config(None, over))
     infos = [r.getMessage() for r in records if r.levelno == logging.INFO]
     warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert [m for m in infos if m.startswith("tokenize train: ")][-1].startswith("tokenize train: 24 of ~24 records")
     assert any(m.startswith("[train] records=24 samples=") for m in infos)
     assert any("packing_efficiency=" in m and "truncated=" in m for m in infos)
     assert len(warnings) == 1 and "samples (" in warnings[0]

@@ -19,11 +19,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from tqdm import tqdm
 
 from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError, SkipLog
 from bft_megatron.data.packing import one_per_row, pack_best_fit
+from bft_megatron.data.progress import RecordProgress, count_records, progress_mode
 from bft_megatron.data.provenance import RULES_VERSION, source_record
 from bft_megatron.data.json_text import UNPARSED_REASONS
 from bft_megatron.data.readers import read_records
@@ -137,7 +137,7 @@ def _encoded(cfg: DataConfig, chunks: Iterator[list[Conversation]]) -> Iterator[
 
 
 def _tokenize_source(cfg: DataConfig, src: SourceConfig, stream: SampleStream, stats: SplitStats,
-                     cache_dir: str, bar: tqdm) -> list[int]:
+                     cache_dir: str, bar: RecordProgress) -> list[int]:
     """Append one source's samples to ``stream``; return their stream indices.
 
     A sample's id is its record ordinal over all sources of the split, so it traces back to a source
@@ -206,7 +206,7 @@ def _no_samples_hint(cfg: DataConfig, stats: SplitStats) -> str:
 
 
 def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok: Tokenizer,
-                  cache_dir: str, progress: bool = True) -> SplitStats:
+                  cache_dir: str, progress: bool | str = True) -> SplitStats:
     """Prepare ``split`` into a staging directory and move it to ``output_dir/split`` once complete (a failed
     preparation leaves the previous split as it was)."""
     stage = staging_dir(Path(cfg.output_dir), split)
@@ -220,13 +220,15 @@ def prepare_split(cfg: DataConfig, split: str, sources: list[SourceConfig], tok:
 
 
 def _prepare_into(out: Path, cfg: DataConfig, split: str, sources: list[SourceConfig], tok: Tokenizer,
-                  cache_dir: str, progress: bool) -> SplitStats:
+                  cache_dir: str, progress: bool | str) -> SplitStats:
     stats = SplitStats(skips=SkipLog(policy=cfg.on_error))
     stream = SampleStream(out, split)
     start = time.perf_counter()
     recorded_sources = [source_record(s) for s in sources]  # before reading: a file changed meanwhile is noticed
     try:
-        with tqdm(desc=f"tokenize {split}", unit=" rec", disable=not progress, leave=False) as bar:
+        mode = progress_mode(progress)
+        total = count_records(sources) if mode != "off" else None
+        with RecordProgress(f"tokenize {split}", total, mode) as bar:
             per_source = [_tokenize_source(cfg, s, stream, stats, cache_dir, bar) for s in sources]
         stats.seconds = time.perf_counter() - start
         tokens, mask = stream.close()
@@ -278,7 +280,7 @@ def _scratch_parent(cfg: DataConfig) -> str:
     return cfg.output_dir
 
 
-def prepare_all(cfg: DataConfig, progress: bool = True, cache_dir: str | None = None,
+def prepare_all(cfg: DataConfig, progress: bool | str = True, cache_dir: str | None = None,
                 splits: Iterable[str] | None = None) -> dict[str, SplitStats]:
     """Prepare every configured split; with ``splits`` (the trainer's first use) those of them still missing once
     this process holds the output directory's lock."""

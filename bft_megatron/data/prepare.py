@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
                                               "write newlines as $'...\\n...')")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=int)
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (or, when stderr is not a "
+                                                                  "terminal, the progress log lines)")
     return p
 
 
@@ -132,9 +133,9 @@ def preparation_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> lis
 
 def _special_text_warning(split: str, st: SplitStats) -> str:
     return (f"[{split}] {st.special_text} of {sum(st.length.values())} samples hold the tokenizer's control-token "
-            f"text in a message (first: {'; '.join(st.special_examples)}); it is encoded as that control token, as the chat template "
-            "would: inside an answer the model learns to stop there, inside a question it forges a turn. Remove it "
-            "from the data unless it is meant as markup")
+            f"text in a message (first: {'; '.join(st.special_examples)}); it is encoded as that control token, as "
+            "the chat template would: inside an answer the model learns to stop there, inside a question it forges a "
+            "turn. Remove it from the data unless it is meant as markup")
 
 
 def main(argv: list[str]) -> int:
@@ -187,7 +188,7 @@ def _stale_split_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> li
             "tokenizer): the trainer validates on it beside the new train/ split; pass --valid to rebuild it too"]
 
 
-def run(cfg: DataConfig, progress: bool = False, splits: list[str] | None = None) -> dict[str, Any]:
+def run(cfg: DataConfig, progress: bool | str = False, splits: list[str] | None = None) -> dict[str, Any]:
     """Library entry point (trainer, tests, notebooks): validate and prepare (only ``splits`` when
     given), return per-split stats."""
     cfg.validate()

@@ -51,7 +51,7 @@ def _prepare_missing(cfg: Config) -> None:
 
         _check_tokenizer_vocab(cfg)  # before a preparation that may take an hour at scale, not after it
         _log.info("preparing %s into %s (bft-megatron prepare)", "+".join(missing), d.output_dir)
-        results = run(d, splits=missing)
+        results = run(d, progress="log", splits=missing)  # a log line a minute while the other ranks wait
         for line in format_summary(d, results).splitlines():
             _log.info("%s", line)
         for warning in preparation_warnings(d, results):

@@ -1,0 +1,63 @@
+"""Progress of a long tokenization: a bar on a terminal, log lines with a total and an ETA elsewhere (a batch
+job's log, the trainer's first use while the other ranks wait)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+
+import pytest
+
+from bft_megatron.config.data import DataConfig, SourceConfig
+from bft_megatron.data import progress
+from bft_megatron.data.prepare import run
+from tests.data_fixtures import CHATS, DEMO_SP, logged, synthetic_chats, write_jsonl
+
+
+def test_the_total_is_the_non_blank_lines_of_json_lines_sources_else_unknown(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", CHATS)
+    lines = [json.dumps(c) for c in CHATS[:2]]
+    (tmp_path / "blank.jsonl").write_text("\n".join(lines) + "\n\n  \n" + json.dumps(CHATS[0]))  # no final newline
+    with gzip.open(tmp_path / "c.jsonl.gz", "wt") as fh:
+        fh.write("\n".join(json.dumps(c) for c in CHATS) + "\n")
+    sources = [SourceConfig(str(a)), SourceConfig(str(tmp_path / "blank.jsonl"), weight=2.0),
+               SourceConfig(str(tmp_path / "c.jsonl.gz"))]
+    assert progress.count_records(sources) == 2 * len(CHATS) + 3  # records, whatever the weights
+    (tmp_path / "d.json").write_text(json.dumps(CHATS))
+    assert progress.count_records(sources + [SourceConfig(str(tmp_path / "d.json"))]) is None
+    assert progress.count_records([SourceConfig("owner/hub-dataset")]) is None
+
+
+@pytest.mark.parametrize("given, tty, mode", [(True, True, "bar"), (True, False, "log"), ("log", True, "log"),
+                                              (False, True, "off"), (False, False, "off")])
+def test_a_bar_only_on_a_terminal(monkeypatch, given, tty, mode):
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: tty, raising=False)
+    assert progress.progress_mode(given) == mode
+
+
+def test_log_lines_say_how_far_how_fast_and_how_long(monkeypatch):
+    clock = [100.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    with logged(logging.INFO) as records, progress.RecordProgress("tokenize train", 1000, "log") as bar:
+        clock[0] += 30
+        bar.update(100)  # before the first minute: nothing logged
+        clock[0] += 30
+        bar.update(100)
+        clock[0] += 20
+        bar.update(400)
+    assert [r.getMessage() for r in records] == [
+        "tokenize train: 200 of ~1000 records (20%), 3 rec/s, about 4 min left"]
+    assert bar.line() == "tokenize train: 600 of ~1000 records (60%), 8 rec/s, about 53 s left"
+    assert progress.RecordProgress("tokenize valid", None, "off").line().startswith("tokenize valid: 0 records, ")
+
+
+def test_the_trainers_first_use_logs_progress_lines(tmp_path, monkeypatch):
+    """prepare.run(progress="log"), as the trainer calls it, logs the line with the split's record count."""
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    src = write_jsonl(tmp_path / "in.jsonl", synthetic_chats(20, seed=2))
+    cfg = DataConfig(train=[SourceConfig(str(src))], tokenizer=DEMO_SP, seq_length=256, output_dir=str(tmp_path / "o"))
+    with logged(logging.INFO) as records:
+        run(cfg, progress="log")
+    lines = [r.getMessage() for r in records if r.getMessage().startswith("tokenize train: ")]
+    assert lines and lines[-1].startswith("tokenize train: 20 of ~20 records (100%), ")
