@@ -1,5 +1,5 @@
-"""Progress of a long tokenization: a bar on a terminal, log lines with a total and an ETA elsewhere (a batch
-job's log, the trainer's first use while the other ranks wait)."""
+"""Long preparations: progress (a bar on a terminal, log lines with a total and an ETA elsewhere: a batch job's log,
+the trainer's first use while the other ranks wait), workers capped at the cores, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -61,3 +61,31 @@ def test_the_trainers_first_use_logs_progress_lines(tmp_path, monkeypatch):
         run(cfg, progress="log")
     lines = [r.getMessage() for r in records if r.getMessage().startswith("tokenize train: ")]
     assert lines and lines[-1].startswith("tokenize train: 20 of ~20 records (100%), ")
+
+
+def test_workers_are_at_most_the_available_cores(monkeypatch):
+    """A recipe's data.num_workers=16 on a 4-core job step: 4 workers (16 spawned processes thrashed), said once."""
+    from bft_megatron.data import pipeline
+
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 4)
+    with logged(logging.INFO) as records:
+        assert pipeline._workers(DataConfig(num_workers=16)) == 4
+        assert pipeline._workers(DataConfig(num_workers=3)) == 3
+    assert [r.getMessage() for r in records] == ["data.num_workers=16 but 4 core(s) are available: tokenizing with 4"]
+
+
+def test_ctrl_c_in_prepare_is_one_line_and_exit_130(tmp_path, monkeypatch):
+    """A KeyboardInterrupt traceback before; nothing is published or left behind."""
+    from bft_megatron.data import pipeline, prepare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "pack_best_fit", interrupted)
+    src = write_jsonl(tmp_path / "in.jsonl", CHATS)
+    with logged(logging.ERROR) as records:
+        code = prepare.main(["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o"),
+                             "--no-progress"])
+    assert code == 130 and [r.getMessage() for r in records] == [
+        "prepare interrupted: no split was published (one prepared before is kept as it was)"]
+    assert not (tmp_path / "o").exists()  # made by this run: removed with its staging and scratch

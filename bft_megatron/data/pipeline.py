@@ -125,14 +125,28 @@ def _chunks(items: Iterable[Conversation]) -> Iterator[list[Conversation]]:
         yield chunk
 
 
+def available_cores() -> int:
+    """The cores this process may run on (its affinity: a SLURM task's share, not the node's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _workers(cfg: DataConfig) -> int:
+    """``data.num_workers``, at most one per available core (a recipe's 16 on a 4-core login node or job step)."""
+    cores = available_cores()
+    if cfg.num_workers > cores:
+        log.info("data.num_workers=%d but %d core(s) are available: tokenizing with %d", cfg.num_workers, cores,
+                 cores)
+    return min(cfg.num_workers, cores)
+
+
 def _encoded(cfg: DataConfig, chunks: Iterator[list[Conversation]]) -> Iterator[list[tuple[str, Any, Any]]]:
-    """Ordered results; a pool only when asked for more than one worker."""
-    if cfg.num_workers <= 1:
+    """Ordered results; a pool only when more than one worker runs."""
+    workers = _workers(cfg)
+    if workers <= 1:
         _init_worker(cfg.tokenizer, cfg.template, cfg.supervise)
         yield from map(_encode_chunk, chunks)
         return
-    with mp.get_context("spawn").Pool(cfg.num_workers, _init_pool_worker,
-                                      (cfg.tokenizer, cfg.template, cfg.supervise)) as pool:
+    with mp.get_context("spawn").Pool(workers, _init_pool_worker, (cfg.tokenizer, cfg.template, cfg.supervise)) as pool:
         yield from pool.imap(_encode_chunk, chunks)
 
 

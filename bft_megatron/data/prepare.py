@@ -18,7 +18,7 @@ from typing import Any
 
 from bft_megatron.config.data import TEMPLATES, DataConfig, SourceConfig, data_config_from_dict
 from bft_megatron.data.errors import DataError
-from bft_megatron.data.pipeline import SplitStats, prepare_all
+from bft_megatron.data.pipeline import SplitStats, available_cores, prepare_all
 from bft_megatron.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -111,7 +111,7 @@ def format_summary(cfg: DataConfig, results: dict[str, SplitStats]) -> str:
 def preparation_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> list[str]:
     """One line per notable loss: samples truncated or dropped by the length policy, records skipped."""
     out = []
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = available_cores()
     for split, st in results.items():
         total = sum(st.length.values())  # samples that reached the length policy
         for key, hint in _LENGTH_HINTS.items():
@@ -156,6 +156,9 @@ def main(argv: list[str]) -> int:
         # the data layer's hints name config keys ("raise data.seq_length"); this command's own errors name both
         log.error("prepare failed: %s", as_flags(str(err)))
         return 2
+    except KeyboardInterrupt:  # staging and scratch are removed on the way out; a published split is kept
+        log.error("prepare interrupted: no split was published (one prepared before is kept as it was)")
+        return 130
     sys.stdout.write(format_summary(cfg, results))
     for warning in preparation_warnings(cfg, results) + _stale_split_warnings(cfg, results):
         log.warning("%s", as_flags(warning))
