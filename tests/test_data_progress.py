@@ -1,11 +1,16 @@
 """Long preparations: progress (a bar on a terminal, log lines with a total and an ETA elsewhere: a batch job's log,
-the trainer's first use while the other ranks wait), workers capped at the cores, Ctrl-C."""
+the trainer's first use while the other ranks wait), workers (capped at the cores; outliving the launcher's exit
+signals), Ctrl-C."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -89,3 +94,50 @@ def test_ctrl_c_in_prepare_is_one_line_and_exit_130(tmp_path, monkeypatch):
     assert code == 130 and [r.getMessage() for r in records] == [
         "prepare interrupted: no split was published (one prepared before is kept as it was)"]
     assert not (tmp_path / "o").exists()  # made by this run: removed with its staging and scratch
+
+
+WORKERS_UNDER_SIGNAL = """
+import os, signal, sys, time
+from bft_megatron.config.data import DataConfig
+from bft_megatron.data import pipeline
+from bft_megatron.data.records import to_conversation
+
+def signal_the_group():
+    for sig in (signal.SIGUSR1, signal.SIGTERM):
+        os.killpg(0, sig)                              # as torchrun's agent signals the rank's process group
+
+def chunks(when):
+    text = "Short stature with microcephaly and seizures. " * 60
+    conv = to_conversation({"prompt": text, "response": text}, "auto", "x:line 1")
+    for i in range(120):
+        if i == 0 and when == "starting":              # the pool's task thread asks at once: workers still start
+            signal_the_group()
+        yield [conv] * pipeline.CHUNK
+
+if __name__ == "__main__":
+    for sig in (signal.SIGTERM, signal.SIGUSR1):       # the trainer's ExitRequest handles both
+        signal.signal(sig, lambda *_: None)
+    pipeline.available_cores = lambda: 2               # a pool of two whatever this machine has
+    results = pipeline._encoded(DataConfig(tokenizer=%(sp)r, num_workers=2), chunks(sys.argv[1]))
+    done = [next(results)]
+    if sys.argv[1] == "running":                       # a worker has run: every later chunk is queued for them
+        signal_the_group()
+    done += list(results)
+    print("chunks:", len(done))
+"""
+
+
+@pytest.mark.parametrize("when", ["running", "starting"])
+def test_pool_workers_outlive_the_exit_signals_sent_to_the_process_group(tmp_path, when):
+    """torchrun ``killpg``s a rank's process group with SIGUSR1/SIGTERM; a ``data.num_workers`` pool worker killed
+    mid-chunk lost that chunk and ``Pool.imap`` waited forever (first-use preparation hung the job until SIGKILL).
+    Workers now sit in their own session with SIGUSR1 ignored. ``starting``: the signal kills workers that have not
+    detached yet and the pool replaces them from its worker-handler thread; with PR_SET_PDEATHSIG their death at
+    that thread's end in ``Pool.terminate()`` (one holding the task queue's lock) hung the pool's exit. In a
+    subprocess with a timeout: a regression fails."""
+    (tmp_path / "job.py").write_text(WORKERS_UNDER_SIGNAL % {"sp": DEMO_SP}, encoding="utf-8")
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run([sys.executable, str(tmp_path / "job.py"), when], capture_output=True, text=True,
+                          timeout=180, cwd=repo, env=env, start_new_session=True)
+    assert proc.returncode == 0 and "chunks: 120" in proc.stdout, proc.stdout + proc.stderr[-3000:]

@@ -30,11 +30,12 @@ FAKE_SRUN = """#!/usr/bin/env bash
 echo "$*" >> "$FAKE_DIR/srun.args"
 while [[ $# -gt 0 && $1 == -* ]]; do shift; done        # srun's own options
 export SLURM_PROCID=0 SLURM_LOCALID=0 SLURM_NTASKS=1 SLURM_NTASKS_PER_NODE=1
+task=
+trap 'echo "srun: forcing job termination"; [[ -n $task ]] && kill -KILL $task' TERM HUP QUIT
+trap '[[ -n $task ]] && kill -USR1 $task' USR1                   # srun's handlers exist before its tasks do
+trap '[[ -n $task ]] && kill -USR2 $task' USR2
 "$@" &
 task=$!
-trap 'echo "srun: forcing job termination"; kill -KILL $task' TERM HUP QUIT
-trap 'kill -USR1 $task' USR1
-trap 'kill -USR2 $task' USR2
 while :; do
   wait $task; rc=$?
   kill -0 $task 2>/dev/null || break                    # reaped: rc is the task's status (128+n if killed)

@@ -20,6 +20,7 @@ import functools
 import os
 import signal
 import threading
+import time
 from typing import Callable
 
 __all__ = ["EXIT_SIGNALS", "ignore_exit_signals", "detach_pool_worker", "start_compile_workers", "native_handler",
@@ -48,7 +49,22 @@ def detach_pool_worker() -> None:
     except OSError:  # already a session leader
         pass
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    _die_with_parent()
+    _exit_with_parent_process()
+
+
+def _exit_with_parent_process(interval: float = 0.5) -> None:
+    """SIGKILL this process once the *process* that started it is gone. Not PR_SET_PDEATHSIG: that fires when the
+    *thread* that forked it ends, and ``Pool`` forks the replacement of a dead worker from its worker-handler thread,
+    which ends in ``Pool.terminate()`` while that worker holds the task queue's read lock: ``terminate()`` then
+    waited for the lock forever."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="bft-parent-watch", daemon=True).start()
 
 
 def start_compile_workers() -> bool:
