@@ -94,8 +94,11 @@ def test_tokenizer_path_errors_say_what_is_wrong(tmp_path):
 
     with pytest.raises(ValueError, match=r"nonexist.model': no such file or directory; expected an HF"):
         load_tokenizer(str(tmp_path / "nonexist.model"))
-    with pytest.raises(ValueError, match=r"no such file or directory \(a hub id is not downloaded"):
+    with pytest.raises(ValueError, match=r"no such file or directory \(relative paths are taken from .*\) \(a hub id "
+                                         r"is not downloaded"):
         load_tokenizer("meta-llama/Llama-3.1-8B")
+    with pytest.raises(ValueError, match=r"'tok/x.model': no such file or directory \(relative paths are taken from "):
+        load_tokenizer("tok/x.model")  # a config's relative path, from another working directory
     (tmp_path / "tok.txt").write_text("x")
     with pytest.raises(ValueError, match=r"got a \.txt file"):
         load_tokenizer(str(tmp_path / "tok.txt"))

@@ -8,6 +8,7 @@ token ids plus the character span each token covers. Special-token strings that 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Any, Sequence
@@ -68,7 +69,8 @@ def check_tokenizer_path(path: str) -> Path:
     if not p.exists():
         looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
         hub = " (a hub id is not downloaded: fetch the tokenizer and give its directory)" if looks_like_hub_id else ""
-        raise DataError(f"tokenizer={path!r}", f"no such file or directory{hub}; {expected}")
+        cwd = "" if p.is_absolute() else f" (relative paths are taken from {os.getcwd()})"
+        raise DataError(f"tokenizer={path!r}", f"no such file or directory{cwd}{hub}; {expected}")
     raise DataError(f"tokenizer={path!r}", f"{expected}, got a {p.suffix or 'suffix-less'} file")
 
 
