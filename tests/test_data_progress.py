@@ -32,6 +32,9 @@ def test_the_total_is_the_non_blank_lines_of_json_lines_sources_else_unknown(tmp
     (tmp_path / "d.json").write_text(json.dumps(CHATS))
     assert progress.count_records(sources + [SourceConfig(str(tmp_path / "d.json"))]) is None
     assert progress.count_records([SourceConfig("owner/hub-dataset")]) is None
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "q"}\n' * 50)[:30])
+    for missing in ("missing.jsonl", "cut.jsonl.gz"):  # left for the reader to report, with its file and line
+        assert progress.count_records(sources + [SourceConfig(str(tmp_path / missing))]) is None
 
 
 @pytest.mark.parametrize("given, tty, mode", [(True, True, "bar"), (True, False, "log"), ("log", True, "log"),

@@ -9,8 +9,10 @@ one line. The total is the sources' non-blank line count where all of them are `
 
 from __future__ import annotations
 
+import os
 import sys
 import time
+import zlib
 from pathlib import Path
 
 from tqdm import tqdm
@@ -47,13 +49,13 @@ def count_records(sources: list[SourceConfig]) -> int | None:
 
     total = 0
     for src in sources:
-        try:
-            files = list_files(src.path)
-        except (OSError, ValueError):  # a hub id, or a problem the reader reports properly
+        try:  # a hub id, a missing or unreadable source: unknown here, and the reader reports it properly
+            files = list_files(src.path) if os.path.exists(src.path) else []
+            if not files or any(data_suffix(f) != ".jsonl" for f in files):
+                return None
+            total += sum(_lines(f) for f in files)
+        except (OSError, EOFError, zlib.error, ValueError):  # DataError is a ValueError; EOFError: a cut gzip file
             return None
-        if any(data_suffix(f) != ".jsonl" for f in files):
-            return None
-        total += sum(_lines(f) for f in files)
     return total
 
 

@@ -224,6 +224,6 @@ def read_records(path: str, split: str | None, skips: SkipLog, cache_dir: str | 
         for file in list_files(path):
             yield from _read_local_file(file, skips, cache_dir)
     elif (why := _missing_local(path)) is not None:
-        raise DataError(path, why)
+        raise DataError(path, why + ("" if os.path.isabs(path) else f" (relative paths are taken from {os.getcwd()})"))
     else:
         yield from _read_hub(path, split, subset)
