@@ -154,3 +154,32 @@ def test_a_checkpoint_pruned_before_it_could_be_loaded_is_a_config_error(tmp_pat
                                           r"could be loaded \(a run still saving there prunes"):
         ckpt.load(trainer=None)
     pruner.release()
+
+
+def test_a_reader_arriving_while_the_pruner_deletes_finds_it_removed(tmp_path, monkeypatch):
+    """rmtree deletes in listing order: a reader coming after the lock file went but before metadata.json did made
+    a new lock file, locked it and read a directory being deleted (left holding only that lock file). The pruner
+    renames the directory aside first; a pruner killed mid-deletion leaves that aside, removed at the next commit."""
+    run = _run(tmp_path, 1, 2)
+    ckpt = os.path.join(run, "iter_0000001")
+    seen, rmtree = [], read_lock.shutil.rmtree
+
+    def reader_arrives_then_rmtree(path, ignore_errors=False):
+        try:
+            with reading(ckpt):
+                seen.append("read")
+        except CheckpointRemoved:
+            seen.append("removed")
+        if "killed" not in seen:
+            rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(read_lock.shutil, "rmtree", reader_arrives_then_rmtree)
+    assert remove_unless_read(ckpt) is None
+    assert seen == ["removed"] and sorted(os.listdir(run)) == ["iter_0000002"]
+    seen.append("killed")  # the next deletion stops before rmtree: a pruner killed there
+    assert remove_unless_read(os.path.join(run, "iter_0000002")) is None
+    assert sorted(os.listdir(run)) == [f".iter_0000002.pruning-{os.getpid()}"]
+    monkeypatch.undo()
+    megatron_marker(os.path.join(run, "iter_0000003"))
+    pointer.commit(run, 3, keep_last=1)
+    assert sorted(os.listdir(run)) == ["iter_0000003", "latest"]

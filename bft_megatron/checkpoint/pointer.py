@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 import re
 
-from bft_megatron.checkpoint.read_lock import remove_unless_read
+from bft_megatron.checkpoint.read_lock import remove_pruning_leftovers, remove_unless_read
 from bft_megatron.utils.files import atomic_write_text
 from bft_megatron.utils.locks import holder_text
 from bft_megatron.utils.logging import get_logger
@@ -198,6 +198,7 @@ def commit(run_dir: str, iteration: int, keep_last: int | None) -> list[int]:
     moves ``latest``, then prunes to ``keep_last`` (:func:`prune`). A crash between the steps leaves
     ``latest`` on a complete checkpoint.
     """
+    remove_pruning_leftovers(run_dir)
     previous = latest_iteration(run_dir)
     stale = [] if previous is None else [i for i in list_iterations(run_dir) if previous < i < iteration]
     removed = _remove(run_dir, stale)

@@ -4,13 +4,14 @@ A run saving with ``checkpoint.keep_last`` deletes its older ``iter_`` directori
 reading one of them at that moment (``convert export`` of an intermediate checkpoint, a run fine-tuning from a
 live run's ``latest``) lost its files midway. A reader now holds a shared ``flock`` on ``<iter_dir>/.readers.lock``
 while it reads; the pruner takes the same file exclusively (non-blocking) before it deletes the directory, and
-keeps a directory somebody reads for a later commit (which prunes it by age once it is free).
+keeps a directory somebody reads for a later commit (which prunes it by age once it is free). A directory to delete
+is first renamed aside, under the lock, so that no reader can start on it while it is being deleted.
 
 Races, all resolved toward "the reader sees the directory gone": a pruner holding the file exclusively (deleting
-now), a lock file unlinked between the reader's open and its lock, a lock file created in a directory whose other
-files are already deleted (the completeness check after locking). Where the lock cannot be taken (a read-only
-directory or file system, a file system without ``flock``) the reader reads unprotected, as before, and the
-pruner deletes as before.
+now), a lock file unlinked between the reader's open and its lock, a directory renamed aside between them, a lock
+file created in a directory whose other files are already deleted (where it could not be renamed: the completeness
+check after locking). Where the lock cannot be taken (a read-only directory or file system, a file system without
+``flock``) the reader reads unprotected, as before, and the pruner deletes as before.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from contextlib import contextmanager
 from bft_megatron.utils.locks import HeldLock, LockUnsupported, try_lock
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["READ_LOCK", "CheckpointRemoved", "reading", "remove_unless_read"]
+__all__ = ["READ_LOCK", "CheckpointRemoved", "reading", "remove_unless_read", "remove_pruning_leftovers"]
 
 READ_LOCK = ".readers.lock"
+PRUNING = ".pruning-"  # a directory renamed aside for deletion: .iter_N.pruning-<pid>
 _MARKER = "metadata.json"  # megatron's: written with the checkpoint, gone once a deletion reached it
 _log = get_logger(__name__)
 
@@ -85,8 +87,33 @@ def remove_unless_read(ckpt_dir: str) -> dict | None:
         if lock is None:
             return holder
     try:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        shutil.rmtree(_moved_aside(ckpt_dir), ignore_errors=True)
     finally:
         if lock is not None:
             lock.release()
     return None
+
+
+def _moved_aside(ckpt_dir: str) -> str:
+    """Rename ``ckpt_dir`` to a hidden sibling (``.iter_N.pruning-<pid>``) before deleting it: ``rmtree`` deletes in
+    listing order, and a reader arriving after the lock file went but before ``metadata.json`` did would create a
+    new lock file, lock it and read a directory being deleted. Renamed, its path is gone at once (a reader's open
+    fails: removed). Returns the path to delete (``ckpt_dir`` itself where it cannot be renamed)."""
+    aside = os.path.join(os.path.dirname(os.path.normpath(ckpt_dir)),
+                         f".{os.path.basename(os.path.normpath(ckpt_dir))}{PRUNING}{os.getpid()}")
+    try:
+        os.rename(ckpt_dir, aside)
+    except OSError:
+        return ckpt_dir
+    return aside
+
+
+def remove_pruning_leftovers(run_dir: str) -> None:
+    """Directories a pruner killed mid-deletion left behind (``.iter_N.pruning-<pid>``)."""
+    try:
+        names = os.listdir(run_dir)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(".iter_") and PRUNING in name:
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
