@@ -91,9 +91,15 @@ def test_multi_turn_reasoning_renders_with_a_template_that_strips_earlier_reason
 
 
 def test_record_errors_name_the_column_and_field():
-    with pytest.raises(DataError, match=r"test:line 1: no column 'Complex_CoT' \(columns.reasoning\); the record "
-                                        r"has \['Question', 'Response'\]"):
-        _answer({k: v for k, v in O1.items() if k != "Complex_CoT"}, columns=O1_COLUMNS)
+    """A record lacking an optional column (reasoning in some records only) trains without it, as the rows Arrow
+    filled with None did; a required one is named by field and column; none of them at all is an error."""
+    assert _answer({k: v for k, v in O1.items() if k != "Complex_CoT"}, columns=O1_COLUMNS) == O1["Response"]
+    with pytest.raises(DataError, match=r"test:line 1: missing field 'response' \(column 'Response'\)$"):
+        _answer({k: v for k, v in O1.items() if k != "Response"}, columns=O1_COLUMNS)
+    with pytest.raises(DataError, match=r"test:line 1: no column 'Question' \(columns.prompt\), 'Complex_CoT' "
+                                        r"\(columns.reasoning\), 'Response' \(columns.response\); the record has "
+                                        r"\['question', 'response'\]"):
+        _answer({"question": "Q", "response": "A"}, columns=O1_COLUMNS)
     with pytest.raises(DataError, match=r"field 'reasoning': reasoning given in its own field, and the answer "
                                         r"already holds '<think>'"):
         _answer({"prompt": "Q", "response": "<think>x</think>A", "reasoning": "r"})
@@ -242,3 +248,19 @@ def test_reasoning_format_with_escapes_typed_as_text_is_refused(tmp_path):
                      reasoning_format=r"<think>\n{reasoning}\n</think>\n\n{answer}")
     with pytest.raises(ValueError, match=r"data config: reasoning_format=.*holds a backslash escape as text"):
         cfg.validate()
+
+
+def test_a_column_no_record_of_the_source_has_is_an_error(tmp_path):
+    """columns.reasoning=Complex_Cot (a typo): each record alone may lack an optional column, so the source as a
+    whole must have it, or every answer would train without its reasoning unnoticed."""
+    from bft_megatron.data.prepare import run
+
+    src = write_jsonl(tmp_path / "o1.jsonl", [O1, {k: v for k, v in O1.items() if k != "Complex_CoT"}])
+    typo = {**O1_COLUMNS, "reasoning": "Complex_Cot"}
+    cfg = DataConfig(train=[SourceConfig(path=str(src), columns=typo)], tokenizer=DEMO_SP, seq_length=256,
+                     output_dir=str(tmp_path / "out"), template="chatml")
+    with pytest.raises(DataError, match=rf"{src}: no record has the column 'Complex_Cot' \(columns.reasoning\): "
+                                        r"check the source's columns"):
+        run(cfg)
+    stats = run(DataConfig(**{**cfg.__dict__, "train": [SourceConfig(path=str(src), columns=O1_COLUMNS)]}))
+    assert stats["train"].samples == 2  # the record without its reasoning trains its answer

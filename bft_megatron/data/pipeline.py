@@ -16,7 +16,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -102,9 +102,13 @@ def _encode_chunk(chunk: list[Conversation]) -> list[tuple[str, Any, Any, str | 
 def _conversations(src: SourceConfig, reasoning_format: str, skips: SkipLog, cache_dir: str, first: int,
                    ordinals: deque[int], seen: list[int]) -> Iterator[Conversation]:
     """Valid conversations of one source. Each one's ordinal (``first`` + its position among the
-    source's parseable records) is queued on ``ordinals``; ``seen[0]`` counts parseable records."""
+    source's parseable records) is queued on ``ordinals``; ``seen[0]`` counts parseable records. A ``columns``
+    entry that no record has (a typo) is an error at the end: a record may lack an optional one."""
+    present: set[str] = set()
     for i, raw in enumerate(read_records(src.path, src.split, skips, cache_dir, src.subset)):
         seen[0] = i + 1
+        if src.columns and isinstance(raw.data, Mapping):
+            present.update(k for k, v in raw.data.items() if v is not None)  # Arrow fills absent keys with None
         try:
             conv = to_conversation(raw.data, src.format, raw.where, src.columns, reasoning_format)
         except DataError as err:
@@ -112,6 +116,9 @@ def _conversations(src: SourceConfig, reasoning_format: str, skips: SkipLog, cac
             continue
         ordinals.append(first + i)
         yield conv
+    never = [f"{column!r} (columns.{name})" for name, column in src.columns.items() if column not in present]
+    if seen[0] and never:
+        raise DataError(src.path, f"no record has the column {', '.join(never)}: check the source's columns")
 
 
 def _chunks(items: Iterable[Conversation]) -> Iterator[list[Conversation]]:

@@ -107,15 +107,25 @@ def _turns(record: Mapping[str, Any], field: str, role_key: str, text_key: str,
 
 
 def rename_columns(record: Mapping[str, Any], columns: Mapping[str, str]) -> Mapping[str, Any]:
-    """``record`` with each field read from the column ``columns`` names for it (a source's ``columns``)."""
+    """``record`` with each field read from the column ``columns`` names for it (a source's ``columns``). A column
+    this record lacks leaves its field absent (an optional one, e.g. reasoning in some records only; a required one
+    is then reported by its field and column, :func:`_name_columns`); a record with none of them is an error. A
+    column no record of a source has is the pipeline's error (``data/pipeline.py``)."""
     if not columns or not isinstance(record, Mapping):
         return record
-    missing = [f"{column!r} (columns.{name})" for name, column in columns.items() if column not in record]
-    if missing:
+    if not any(column in record for column in columns.values()):
+        missing = [f"{column!r} (columns.{name})" for name, column in columns.items()]
         raise DataError("", f"no column {', '.join(missing)}; the record has {sorted(record)}")
     renamed = {k: v for k, v in record.items() if k not in columns.values()}
-    renamed.update({name: record[column] for name, column in columns.items()})
+    renamed.update({name: record[column] for name, column in columns.items() if column in record})
     return renamed
+
+
+def _name_columns(message: str, columns: Mapping[str, str]) -> str:
+    """An error about field ``response`` read from column ``Response`` names the column too."""
+    for name, column in columns.items():
+        message = message.replace(f"field {name!r}", f"field {name!r} (column {column!r})")
+    return message
 
 
 def _check_nonempty(role: str, content: str, where: str) -> None:
@@ -212,5 +222,5 @@ def to_conversation(record: Mapping[str, Any], fmt: str, origin: str, columns: M
             text = joined(answer.content, answer.reasoning, reasoning_format, answer.reasoning_at)
             answer = Message("assistant", text)
     except DataError as err:
-        raise DataError(origin, err.message) from None
+        raise DataError(origin, _name_columns(err.message, columns or {})) from None
     return Conversation((*messages[:last], answer), origin)
