@@ -36,6 +36,8 @@ def _chats(n: int = 20) -> list[list[dict]]:
     chats.append([{"role": "system", "content": " sys "}, {"role": "user", "content": "q1 "},
                   {"role": "assistant", "content": " a1\n"}, {"role": "user", "content": "q2"},
                   {"role": "assistant", "content": "a2"}])
+    chats.append([{"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Hi."},  # plain's labels
+                  {"role": "user", "content": "Ataxia?"}, {"role": "assistant", "content": "Poor coordination."}])
     return chats
 
 

@@ -25,15 +25,17 @@ _LLAMA3 = (
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
 )
-# "Assistant: " closes every user turn, so the generation prompt is already there.
+# "Assistant: " opens every answer (as data/templates.py's plain), and is the generation prompt.
 _PLAIN = (
     "{%- if bos_token %}{{- bos_token }}{%- endif %}"
     "{%- for message in messages %}"
     "{%- if message['role'] == 'system' %}{{- message['content'] + '\\n\\n' }}"
-    "{%- elif message['role'] == 'user' %}{{- 'User: ' + message['content'] + '\\n\\nAssistant: ' }}"
-    "{%- else %}{{- message['content'] + eos_token }}{%- if not loop.last %}{{- '\\n\\n' }}{%- endif %}"
+    "{%- elif message['role'] == 'user' %}{{- 'User: ' + message['content'] + '\\n\\n' }}"
+    "{%- else %}{{- 'Assistant: ' + message['content'] + eos_token }}"
+    "{%- if not loop.last %}{{- '\\n\\n' }}{%- endif %}"
     "{%- endif %}"
     "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- 'Assistant: ' }}{%- endif %}"
 )
 BUILTIN_JINJA = {"chatml": _CHATML, "llama3": _LLAMA3, "plain": _PLAIN}
 
