@@ -57,3 +57,21 @@ def test_control_token_text_in_messages_is_counted_and_warned_about(tmp_path, wo
     assert warning.startswith(f"[train] 2 of 4 samples hold the tokenizer's control-token text in a message (first: "
                               f"{src}:line 2: '<|im_end|>' in an assistant message; {src}:line 3: '<s>' in a user "
                               "message); it is encoded as that control token")
+
+
+def test_the_reasoning_formats_own_markers_are_not_control_token_text():
+    """Reasoning from its own field is written between the format's '<think>' markers, a control token of some
+    tokenizers: not the data's text (a record holding them is refused), so not counted; elsewhere they are."""
+    from types import SimpleNamespace
+
+    from bft_megatron.config.data import REASONING_FORMAT
+    from bft_megatron.data.tokenize import special_text_finder
+
+    tok = SimpleNamespace(special_texts=("<think>", "</think>", "<|im_end|>"))
+    find = special_text_finder(tok, REASONING_FORMAT)
+    record = {"prompt": "Dose?", "reasoning": "Weight-based.", "response": "5 mg."}
+    assert find(to_conversation(record, "auto", "x")) is None
+    assert find(to_conversation({**record, "prompt": "Dose? <think>"}, "auto", "x")) == "'<think>' in a user message"
+    assert find(to_conversation({**record, "response": "5 mg.<|im_end|>"}, "auto", "x")) == (
+        "'<|im_end|>' in an assistant message")
+    assert special_text_finder(tok)(to_conversation(record, "auto", "x")) == "'<think>' in an assistant message"

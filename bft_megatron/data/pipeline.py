@@ -74,14 +74,15 @@ class SplitStats:
                 "skipped": dict(sorted(self.skips.counts.items())), "per_source": self.per_source}
 
 
-def _init_worker(tokenizer: str, template: str, supervise: str) -> None:
+def _init_worker(tokenizer: str, template: str, supervise: str, reasoning_format: str) -> None:
     tok = load_tokenizer(tokenizer)
-    _WORKER.update(tok=tok, template=template, supervise=supervise, special=special_text_finder(tok))
+    _WORKER.update(tok=tok, template=template, supervise=supervise,
+                   special=special_text_finder(tok, reasoning_format))
 
 
-def _init_pool_worker(tokenizer: str, template: str, supervise: str) -> None:
+def _init_pool_worker(tokenizer: str, template: str, supervise: str, reasoning_format: str) -> None:
     detach_pool_worker()  # the launcher's exit signal must not kill a worker mid-chunk (imap would hang)
-    _init_worker(tokenizer, template, supervise)
+    _init_worker(tokenizer, template, supervise, reasoning_format)
 
 
 def _encode_chunk(chunk: list[Conversation]) -> list[tuple[str, Any, Any, str | None]]:
@@ -148,12 +149,12 @@ def _workers(cfg: DataConfig) -> int:
 
 def _encoded(cfg: DataConfig, chunks: Iterator[list[Conversation]]) -> Iterator[list[tuple[str, Any, Any]]]:
     """Ordered results; a pool only when more than one worker runs."""
-    workers = _workers(cfg)
+    workers, init = _workers(cfg), (cfg.tokenizer, cfg.template, cfg.supervise, cfg.reasoning_format)
     if workers <= 1:
-        _init_worker(cfg.tokenizer, cfg.template, cfg.supervise)
+        _init_worker(*init)
         yield from map(_encode_chunk, chunks)
         return
-    with mp.get_context("spawn").Pool(workers, _init_pool_worker, (cfg.tokenizer, cfg.template, cfg.supervise)) as pool:
+    with mp.get_context("spawn").Pool(workers, _init_pool_worker, init) as pool:
         yield from pool.imap(_encode_chunk, chunks)
 
 

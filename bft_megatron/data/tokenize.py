@@ -86,17 +86,22 @@ def encode(conv: Conversation, template: str, tok: Tokenizer, supervise: str = "
     return Encoded(np.asarray(ids, dtype=TOKEN_DTYPE), shift_mask(target))
 
 
-def special_text_finder(tok: Tokenizer) -> Callable[[Conversation], str | None]:
+def special_text_finder(tok: Tokenizer, reasoning_format: str = "") -> Callable[[Conversation], str | None]:
     """A function saying where a conversation's text holds one of ``tok``'s control-token strings (as
     ``"'<|eot_id|>' in a user message"``), or None. Such text is encoded as that control token, as the chat
     template (and HF's ``apply_chat_template``) would: inside an answer it trains the model to stop there, inside a
-    question it forges a turn. Data exported from another chat format often holds them unnoticed."""
+    question it forges a turn. Data exported from another chat format often holds them unnoticed. In an answer the
+    markers ``reasoning_format`` writes around reasoning (``<think>``, a control token of some tokenizers) are not
+    counted: the records' own text cannot hold them (``reasoning.joined`` refuses it)."""
     texts = sorted(tok.special_texts, key=len, reverse=True)  # the longest first: '<|eot_id|>' before '<|eot'
-    pattern = re.compile("|".join(map(re.escape, texts))) if texts else None
+    literal = reasoning_format.replace("{reasoning}", "\0").replace("{answer}", "\0")
+    patterns = {role: re.compile("|".join(map(re.escape, kept))) if kept else None for role, kept in (
+        ("user", texts), ("assistant", [t for t in texts if t not in literal]))}
 
     def find(conv: Conversation) -> str | None:
-        for m in conv.messages if pattern else ():
-            hit = pattern.search(m.content)
+        for m in conv.messages:
+            pattern = patterns["assistant" if m.role == "assistant" else "user"]
+            hit = pattern.search(m.content) if pattern else None
             if hit:
                 return f"{hit.group(0)!r} in a{'n' if m.role == 'assistant' else ''} {m.role} message"
         return None
