@@ -97,6 +97,15 @@ def test_ctrl_c_in_prepare_is_one_line_and_exit_130(tmp_path, monkeypatch):
     assert code == 130 and [r.getMessage() for r in records] == [
         "prepare interrupted: no split was published (one prepared before is kept as it was)"]
     assert not (tmp_path / "o").exists()  # made by this run: removed with its staging and scratch
+    monkeypatch.undo()
+    calls, pack = [], pipeline.pack_best_fit
+    monkeypatch.setattr(pipeline, "pack_best_fit", lambda *a: pack(*a) if not calls.append(1) and len(calls) == 1
+                        else interrupted())
+    with logged(logging.ERROR) as records:  # during valid/, train/ being done
+        code = prepare.main(["--input", str(src), "--valid", str(src), "--tokenizer", DEMO_SP, "--output",
+                             str(tmp_path / "o"), "--no-progress"])
+    assert code == 130 and [r.getMessage() for r in records] == [
+        "prepare interrupted: train was published before it; the rest was not"]
 
 
 WORKERS_UNDER_SIGNAL = """

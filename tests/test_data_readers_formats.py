@@ -202,3 +202,14 @@ def test_json_lines_with_a_raw_line_separator_name_the_bad_line(tmp_path):
     raws, skips = _raw(path, policy="skip")
     assert [r.data for r in raws] == [rec] * 3 and skips.counts == {"malformed_json": 1}
     assert "u.json:line 4: malformed JSON" in skips.examples[0]
+
+
+def test_an_unreadable_file_says_so_and_a_damaged_gzip_file_says_that(tmp_path):
+    from bft_megatron.data.json_text import read_jsonl_stdlib
+
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(b'{"prompt": "q", "response": "a"}\n' * 50)[:40])
+    with pytest.raises(DataError, match=r"cut\.jsonl\.gz:line \d+: cannot decompress the gzip file \("):
+        list(read_jsonl_stdlib(tmp_path / "cut.jsonl.gz", SkipLog()))
+    (tmp_path / "d.jsonl").mkdir()  # any OSError of a plain file (here: a directory), not a gzip problem
+    with pytest.raises(DataError, match=r"d\.jsonl:line 1: cannot read the file \(\[Errno 21\]"):
+        list(read_jsonl_stdlib(tmp_path / "d.jsonl", SkipLog()))

@@ -49,7 +49,11 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
                 yield lineno, (line[len(codecs.BOM_UTF8):] if lineno == 1 and line.startswith(codecs.BOM_UTF8)
                                else line)
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(f"{path}:line {lineno + 1}", f"cannot decompress the gzip file ({exc})") from exc
+        raise DataError(f"{path}:line {lineno + 1}", f"{_cannot(path)} ({exc})") from exc
+
+
+def _cannot(path: Path) -> str:
+    return "cannot decompress the gzip file" if is_gzip(path) else "cannot read the file"
 
 
 def is_utf8(path: Path) -> bool:
@@ -63,7 +67,7 @@ def is_utf8(path: Path) -> bool:
     except UnicodeDecodeError:
         return False
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(str(path), f"cannot decompress the gzip file ({exc})") from exc
+        raise DataError(str(path), f"{_cannot(path)} ({exc})") from exc
     return True
 
 
@@ -117,7 +121,7 @@ def _read_document(path: Path) -> bytes:
         with open_bytes(path) as fh:
             data = fh.read()
     except (OSError, EOFError, zlib.error) as exc:
-        raise DataError(str(path), f"cannot decompress the gzip file ({exc})") from exc
+        raise DataError(str(path), f"{_cannot(path)} ({exc})") from exc
     return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
 
 

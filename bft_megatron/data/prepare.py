@@ -14,6 +14,7 @@ import argparse
 import os
 import re
 import sys
+import time
 from typing import Any
 
 from bft_megatron.config.data import TEMPLATES, DataConfig, SourceConfig, data_config_from_dict
@@ -140,6 +141,7 @@ def _special_text_warning(split: str, st: SplitStats) -> str:
 
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
+    cfg, start = None, time.time()
     try:
         cfg = _apply_flags(load_config(args.config), args)
         # The config's own messages would name data.* fields ("train=[]: needs at least one source"), not the flags.
@@ -157,12 +159,23 @@ def main(argv: list[str]) -> int:
         log.error("prepare failed: %s", as_flags(str(err)))
         return 2
     except KeyboardInterrupt:  # staging and scratch are removed on the way out; a published split is kept
-        log.error("prepare interrupted: no split was published (one prepared before is kept as it was)")
+        log.error("prepare interrupted: %s", _published_since(cfg.output_dir if cfg else "", start))
         return 130
     sys.stdout.write(format_summary(cfg, results))
     for warning in preparation_warnings(cfg, results) + _stale_split_warnings(cfg, results):
         log.warning("%s", as_flags(warning))
     return 0
+
+
+def _published_since(output_dir: str, start: float) -> str:
+    """Which splits this run published before it was interrupted (train is done before valid begins)."""
+    from bft_megatron.data.storage import INDEX
+
+    done = [split for split in ("train", "valid")
+            if os.path.isfile(index := os.path.join(output_dir, split, INDEX)) and os.stat(index).st_mtime >= start]
+    if not done:
+        return "no split was published (one prepared before is kept as it was)"
+    return f"{' and '.join(done)} {'was' if len(done) == 1 else 'were'} published before it; the rest was not"
 
 
 def as_flags(text: str) -> str:
