@@ -183,3 +183,14 @@ def test_a_reader_arriving_while_the_pruner_deletes_finds_it_removed(tmp_path, m
     megatron_marker(os.path.join(run, "iter_0000003"))
     pointer.commit(run, 3, keep_last=1)
     assert sorted(os.listdir(run)) == ["iter_0000003", "latest"]
+
+
+def test_an_uncommitted_save_being_read_is_named_for_removal_by_hand_without_keep_last(tmp_path, log_records):
+    """Without keep_last nothing is pruned by age: a leftover kept for its reader stays, and the warning says so."""
+    run = _run(tmp_path, 1, 2, 3)
+    pointer.write_latest(run, 1)
+    with reading(os.path.join(run, "iter_0000002")):  # a save killed before its commit, being read
+        assert pointer.commit(run, 3, keep_last=None) == []
+    [warning] = [r.getMessage() for r in log_records if r.levelno == logging.WARNING]
+    assert warning.endswith("an uncommitted save: remove it once it is no longer read")
+    assert pointer.list_iterations(run) == [1, 2, 3]

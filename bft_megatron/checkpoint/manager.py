@@ -28,7 +28,7 @@ from bft_megatron.checkpoint.data_order import warn_data_order
 from bft_megatron.checkpoint.disk_space import (checkpoint_bytes, explain_failed_save, free_bytes, keep_last_advice,
                                                 size_text, space_warning)
 from bft_megatron.checkpoint.hf_files import CheckpointHF
-from bft_megatron.checkpoint.read_lock import CheckpointRemoved, reading
+from bft_megatron.checkpoint.read_lock import CheckpointRemoved, moved_aside, reading
 from bft_megatron.checkpoint.schedule import align_saved_group_bounds, group_bounds, restore_group_bounds
 from bft_megatron.checkpoint.state import (gather_params, init_optimizer_state, layout_of, model_sharded_state_dict,
                                            optimizer_metadata, restore_rng, rng_sharded_object, saved_optimizer_format,
@@ -132,8 +132,8 @@ class Checkpointer:
             _log.info("checkpoint %s is already complete; not rewriting it", path)
             return path
         if self.groups.rank == 0:
-            if os.path.isdir(path):  # a stale, uncommitted save of this iteration (crash): start clean
-                shutil.rmtree(path)
+            if os.path.isdir(path):  # a stale, uncommitted save of this iteration (crash): start clean; renamed
+                shutil.rmtree(moved_aside(path))  # aside first, so that a reader sees it gone, not half deleted
             os.makedirs(path, exist_ok=True)
         dist.barrier()
         self._model_dtype = next(unwrap(trainer.model[0]).parameters()).dtype

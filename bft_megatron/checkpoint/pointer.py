@@ -162,17 +162,18 @@ def latest_iteration(run_dir: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def _remove(run_dir: str, iterations: list[int]) -> list[int]:
-    """Delete these ``iter_`` directories but those another job is reading (kept for a later commit to prune:
-    :mod:`.read_lock`); returns the deleted iterations."""
+def _remove(run_dir: str, iterations: list[int], later: bool = True) -> list[int]:
+    """Delete these ``iter_`` directories but those another job is reading (:mod:`.read_lock`); returns the deleted
+    iterations. ``later``: whether a later commit prunes a kept one (by age, with ``keep_last``)."""
     removed = []
     for i in iterations:
         reader = remove_unless_read(os.path.join(run_dir, iter_dirname(i)))
         if reader is None:
             removed.append(i)
         else:
-            _log.warning("%s is not pruned yet: another job is reading it (%s); a later save removes it",
-                         os.path.join(run_dir, iter_dirname(i)), holder_text(reader))
+            _log.warning("%s is not pruned yet: another job is reading it (%s); %s",
+                         os.path.join(run_dir, iter_dirname(i)), holder_text(reader),
+                         "a later save removes it" if later else "an uncommitted save: remove it once it is no longer read")
     return removed
 
 
@@ -201,6 +202,6 @@ def commit(run_dir: str, iteration: int, keep_last: int | None) -> list[int]:
     remove_pruning_leftovers(run_dir)
     previous = latest_iteration(run_dir)
     stale = [] if previous is None else [i for i in list_iterations(run_dir) if previous < i < iteration]
-    removed = _remove(run_dir, stale)
+    removed = _remove(run_dir, stale, later=bool(keep_last))  # without keep_last nothing is pruned by age
     write_latest(run_dir, iteration)
     return sorted(removed + prune(run_dir, keep_last, iteration))

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from bft_megatron.utils.locks import HeldLock, LockUnsupported, try_lock
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["READ_LOCK", "CheckpointRemoved", "reading", "remove_unless_read", "remove_pruning_leftovers"]
+__all__ = ["READ_LOCK", "CheckpointRemoved", "reading", "remove_unless_read", "remove_pruning_leftovers", "moved_aside"]
 
 READ_LOCK = ".readers.lock"
 PRUNING = ".pruning-"  # a directory renamed aside for deletion: .iter_N.pruning-<pid>
@@ -87,14 +87,14 @@ def remove_unless_read(ckpt_dir: str) -> dict | None:
         if lock is None:
             return holder
     try:
-        shutil.rmtree(_moved_aside(ckpt_dir), ignore_errors=True)
+        shutil.rmtree(moved_aside(ckpt_dir), ignore_errors=True)
     finally:
         if lock is not None:
             lock.release()
     return None
 
 
-def _moved_aside(ckpt_dir: str) -> str:
+def moved_aside(ckpt_dir: str) -> str:
     """Rename ``ckpt_dir`` to a hidden sibling (``.iter_N.pruning-<pid>``) before deleting it: ``rmtree`` deletes in
     listing order, and a reader arriving after the lock file went but before ``metadata.json`` did would create a
     new lock file, lock it and read a directory being deleted. Renamed, its path is gone at once (a reader's open
