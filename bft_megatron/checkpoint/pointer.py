@@ -171,9 +171,9 @@ def _remove(run_dir: str, iterations: list[int], later: bool = True) -> list[int
         if reader is None:
             removed.append(i)
         else:
+            then = "a later save removes it" if later else "an uncommitted save: remove it once it is no longer read"
             _log.warning("%s is not pruned yet: another job is reading it (%s); %s",
-                         os.path.join(run_dir, iter_dirname(i)), holder_text(reader),
-                         "a later save removes it" if later else "an uncommitted save: remove it once it is no longer read")
+                         os.path.join(run_dir, iter_dirname(i)), holder_text(reader), then)
     return removed
 
 

@@ -71,6 +71,11 @@ def is_utf8(path: Path) -> bool:
     return True
 
 
+def count_nonblank_lines(path: Path) -> int:
+    """The records of a JSON lines file, as :func:`read_jsonl_stdlib` reads them (a DataError as it raises)."""
+    return sum(1 for _, line in _lines(path) if line.strip())
+
+
 def first_char(path: Path) -> str:
     """The first character of ``path`` that is not whitespace ("" for none)."""
     for _, line in _lines(path):

@@ -22,10 +22,10 @@ import numpy as np
 
 from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError, SkipLog
+from bft_megatron.data.json_text import UNPARSED_REASONS
 from bft_megatron.data.packing import one_per_row, pack_best_fit
 from bft_megatron.data.progress import RecordProgress, count_records, progress_mode
 from bft_megatron.data.provenance import RULES_VERSION, source_record
-from bft_megatron.data.json_text import UNPARSED_REASONS
 from bft_megatron.data.readers import read_records
 from bft_megatron.data.records import Conversation, to_conversation
 from bft_megatron.data.storage import (SCRATCH_PREFIX, SampleStream, is_prepared, publish_index, remove_stale_staging,
@@ -147,7 +147,8 @@ def _workers(cfg: DataConfig) -> int:
     return min(cfg.num_workers, cores)
 
 
-def _encoded(cfg: DataConfig, chunks: Iterator[list[Conversation]]) -> Iterator[list[tuple[str, Any, Any]]]:
+def _encoded(cfg: DataConfig,
+             chunks: Iterator[list[Conversation]]) -> Iterator[list[tuple[str, Any, Any, str | None]]]:
     """Ordered results; a pool only when more than one worker runs."""
     workers, init = _workers(cfg), (cfg.tokenizer, cfg.template, cfg.supervise, cfg.reasoning_format)
     if workers <= 1:

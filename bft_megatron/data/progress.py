@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 import sys
 import time
-import zlib
-from pathlib import Path
 
 from tqdm import tqdm
 
 from bft_megatron.config.data import SourceConfig
-from bft_megatron.data.json_text import open_bytes
+from bft_megatron.data.json_text import count_nonblank_lines
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["RecordProgress", "count_records", "progress_mode"]
@@ -36,13 +34,6 @@ def progress_mode(progress: bool | str) -> str:
     return "bar" if sys.stderr.isatty() else "log"
 
 
-def _lines(path: Path) -> int:
-    """Non-blank lines of a (possibly gzip-compressed) JSON lines file (chat records are long lines: few
-    iterations)."""
-    with open_bytes(path) as fh:
-        return sum(1 for line in fh if line.strip())
-
-
 def count_records(sources: list[SourceConfig]) -> int | None:
     """Records in ``sources`` where every file is JSON lines, else None."""
     from bft_megatron.data.readers import data_suffix, list_files
@@ -53,8 +44,8 @@ def count_records(sources: list[SourceConfig]) -> int | None:
             files = list_files(src.path) if os.path.exists(src.path) else []
             if not files or any(data_suffix(f) != ".jsonl" for f in files):
                 return None
-            total += sum(_lines(f) for f in files)
-        except (OSError, EOFError, zlib.error, ValueError):  # DataError is a ValueError; EOFError: a cut gzip file
+            total += sum(count_nonblank_lines(f) for f in files)
+        except (OSError, ValueError):  # DataError (a cut gzip file, an unreadable one) is a ValueError
             return None
     return total
 
