@@ -112,14 +112,14 @@ def test_read_only_prepared_data_is_still_used_after_a_touch(tmp_path, monkeypat
 def test_new_mtimes_are_not_written_over_an_index_changed_meanwhile(tmp_path):
     """Another job rebuilt the split (or is rebuilding it) between our read and our write: leave its index."""
     from bft_megatron.data.storage import PackedDataset
-    from bft_megatron.training.data import _record_new_mtimes
+    from bft_megatron.data.provenance import record_new_mtimes
 
     _setup(tmp_path)
     ds = PackedDataset(tmp_path / "out" / "train")
     before = (tmp_path / "out" / "train" / "index.json").read_text()
     ds.index["sources"][0]["files"][0]["mtime_ns"] = 1
     with logged(logging.INFO) as records:
-        _record_new_mtimes(ds, json.dumps({"an": "older read"}, sort_keys=True))
+        record_new_mtimes(ds.directory, ds.index, json.dumps({"an": "older read"}, sort_keys=True))
     assert (tmp_path / "out" / "train" / "index.json").read_text() == before
     assert any("changed since it was read" in r.getMessage() for r in records)
 

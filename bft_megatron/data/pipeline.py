@@ -13,8 +13,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, field
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -25,11 +24,12 @@ from bft_megatron.data.errors import DataError, SkipLog
 from bft_megatron.data.json_text import UNPARSED_REASONS
 from bft_megatron.data.packing import one_per_row, pack_best_fit
 from bft_megatron.data.progress import RecordProgress, count_records, progress_mode
-from bft_megatron.data.provenance import RULES_VERSION, source_record
+from bft_megatron.data.provenance import RULES_VERSION, rebuild_reason, source_record
 from bft_megatron.data.readers import read_records
 from bft_megatron.data.records import Conversation, to_conversation
-from bft_megatron.data.storage import (SCRATCH_PREFIX, SampleStream, is_prepared, publish_index, remove_stale_staging,
-                                       replace_split, staging_dir, write_split)
+from bft_megatron.data.split_stats import SplitStats
+from bft_megatron.data.storage import (SCRATCH_PREFIX, SampleStream, is_prepared, publish_index, read_index,
+                                       remove_stale_staging, replace_split, staging_dir, write_split)
 from bft_megatron.data.templates import TOKENIZER_TEMPLATES, check_template
 from bft_megatron.data.tokenize import Encoded, apply_length_policy, encode, special_text_finder
 from bft_megatron.data.tokenizer import Tokenizer, describe, load_tokenizer
@@ -45,33 +45,6 @@ LOCK_POLL_S = 2.0
 CHUNK = 64  # conversations per worker task: large enough to amortise pickling, small for a smooth bar
 
 _WORKER: dict[str, Any] = {}
-
-
-@dataclass
-class SplitStats:
-    records: int = 0
-    parsed: int = 0  # records that were valid JSON (sample ids count these)
-    samples: int = 0
-    tokens: int = 0
-    supervised_tokens: int = 0
-    rows: int = 0
-    packing_efficiency: float = 0.0
-    length: Counter = field(default_factory=Counter)  # ok / truncated / dropped_*
-    per_source: list[dict[str, Any]] = field(default_factory=list)
-    skips: SkipLog = field(default_factory=SkipLog)
-    seconds: float = 0.0
-    encoded_tokens: int = 0
-    special_text: int = 0  # samples whose messages hold a control-token string (tokenize.special_text_finder)
-    special_examples: list[str] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        """Reproducible facts only (no timings), for the index."""
-        return {"records": self.records, "samples": self.samples, "tokens": self.tokens,
-                "supervised_tokens": self.supervised_tokens, "rows": self.rows,
-                "packing_efficiency": round(self.packing_efficiency, 6),
-                "truncated": self.length["truncated"], "dropped_too_long": self.length["dropped_too_long"],
-                "dropped_no_supervision": self.length["dropped_no_supervision"], "special_text": self.special_text,
-                "skipped": dict(sorted(self.skips.counts.items())), "per_source": self.per_source}
 
 
 def _init_worker(tokenizer: str, template: str, supervise: str, reasoning_format: str) -> None:
@@ -304,9 +277,10 @@ def _scratch_parent(cfg: DataConfig) -> str:
 
 
 def prepare_all(cfg: DataConfig, progress: bool | str = True, cache_dir: str | None = None,
-                splits: Iterable[str] | None = None) -> dict[str, SplitStats]:
+                splits: Iterable[str] | None = None, reuse: bool = False) -> dict[str, SplitStats]:
     """Prepare every configured split; with ``splits`` (the trainer's first use) those of them still missing once
-    this process holds the output directory's lock."""
+    this process holds the output directory's lock. ``reuse`` (the ``prepare`` CLI without --force): a split
+    already prepared exactly as ``cfg`` would prepare it now is kept (its stats ``reused``)."""
     blocker = file_in_the_way(cfg.output_dir)
     if blocker is not None:  # else a NotADirectoryError traceback
         where = "" if blocker == cfg.output_dir else f"{blocker} "
@@ -330,6 +304,9 @@ def prepare_all(cfg: DataConfig, progress: bool | str = True, cache_dir: str | N
             if splits is not None:  # the trainer's first use: another job may have prepared them while this waited
                 missing = missing_splits(cfg)
                 wanted = {split: sources for split, sources in wanted.items() if split in missing}
+            if reuse:
+                results.update(_up_to_date(cfg, wanted))
+                wanted = {split: sources for split, sources in wanted.items() if split not in results}
             if locked:
                 remove_stale_staging(Path(cfg.output_dir))
             with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=_scratch_parent(cfg)) as tmp:
@@ -339,6 +316,22 @@ def prepare_all(cfg: DataConfig, progress: bool | str = True, cache_dir: str | N
         _remove_empty_outputs(cfg.output_dir, list(wanted), made_output_dir)
         raise
     return results
+
+
+def _up_to_date(cfg: DataConfig, wanted: dict[str, list[SourceConfig]]) -> dict[str, SplitStats]:
+    """The prepared splits among ``wanted`` that need no rebuild, with their recorded stats; says why others do."""
+    kept = {}
+    for split, sources in wanted.items():
+        directory = Path(cfg.output_dir) / split
+        if not is_prepared(directory):
+            continue
+        reason = rebuild_reason(directory, cfg, split, sources)
+        if reason is None:
+            log.info("%s is up to date (same sources, tokenizer and settings): kept", directory)
+            kept[split] = SplitStats.from_index(read_index(directory))
+        else:
+            log.info("%s is rebuilt: %s", directory, reason)
+    return kept
 
 
 @contextlib.contextmanager

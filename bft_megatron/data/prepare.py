@@ -5,7 +5,9 @@ Usage::
     bft-megatron prepare --config configs/data_demo.yaml [--output DIR] [--num-workers N]
     bft-megatron prepare --input a.jsonl [--input b.jsonl:2.0] --tokenizer tok.model --output DIR
 
-The YAML's top-level ``data:`` section is a DataConfig; flags given on the command line override it.
+The YAML's top-level ``data:`` section is a DataConfig; flags given on the command line override it. A split
+already prepared in the output directory from the same sources (by content), tokenizer and settings is kept
+(``up to date``); ``--force`` rebuilds it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 
 from bft_megatron.config.data import TEMPLATES, DataConfig, SourceConfig, data_config_from_dict
 from bft_megatron.data.errors import DataError
-from bft_megatron.data.pipeline import SplitStats, available_cores, prepare_all
+from bft_megatron.data.pipeline import available_cores, prepare_all
+from bft_megatron.data.split_stats import SplitStats
 from bft_megatron.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -54,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                                               "write newlines as $'...\\n...')")
     p.add_argument("--seed", type=int)
     p.add_argument("--num-workers", type=int)
+    p.add_argument("--force", action="store_true", help="rebuild a split even when the one prepared in the output "
+                                                         "directory is up to date (same sources, tokenizer, settings)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar (or, when stderr is not a "
                                                                   "terminal, the progress log lines)")
     return p
@@ -91,7 +96,8 @@ def _apply_flags(cfg: DataConfig, args: argparse.Namespace) -> DataConfig:
 
 
 def format_summary(cfg: DataConfig, results: dict[str, SplitStats]) -> str:
-    lines = [f"prepared {cfg.output_dir} (seq_length={cfg.seq_length}, packing={cfg.packing}, "
+    done = "up to date:" if all(st.reused for st in results.values()) else "prepared"
+    lines = [f"{done} {cfg.output_dir} (seq_length={cfg.seq_length}, packing={cfg.packing}, "
              f"template={cfg.template}, supervise={cfg.supervise})"]
     for split, st in results.items():
         rate = st.encoded_tokens / st.seconds if st.seconds > 0 else 0.0
@@ -102,6 +108,8 @@ def format_summary(cfg: DataConfig, results: dict[str, SplitStats]) -> str:
             f"[{split}] packing_efficiency={st.packing_efficiency:.2%} truncated={st.length['truncated']} "
             f"dropped_too_long={st.length['dropped_too_long']} "
             f"dropped_no_supervision={st.length['dropped_no_supervision']} skipped={skipped}",
+            f"[{split}] up to date: kept as prepared before from the same sources, tokenizer and settings "
+            "(--force rebuilds it)" if st.reused else
             f"[{split}] tokenized {st.records} records in {st.seconds:.2f}s "
             f"({st.records / max(st.seconds, 1e-9):.0f} rec/s, {rate:.0f} tok/s, workers={cfg.num_workers})",
         ]
@@ -133,8 +141,9 @@ def preparation_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> lis
 
 
 def _special_text_warning(split: str, st: SplitStats) -> str:
+    first = f" (first: {'; '.join(st.special_examples)})" if st.special_examples else ""
     return (f"[{split}] {st.special_text} of {sum(st.length.values())} samples hold the tokenizer's control-token "
-            f"text in a message (first: {'; '.join(st.special_examples)}); it is encoded as that control token, as "
+            f"text in a message{first}; it is encoded as that control token, as "
             "the chat template would: inside an answer the model learns to stop there, inside a question it forges a "
             "turn. Remove it from the data unless it is meant as markup")
 
@@ -153,7 +162,7 @@ def main(argv: list[str]) -> int:
         if not cfg.output_dir:
             raise ValueError("no output directory: pass --output DIR (or set data.output_dir in --config)")
         cfg.validate()
-        results = prepare_all(cfg, progress=not args.no_progress)
+        results = prepare_all(cfg, progress=not args.no_progress, reuse=not args.force)
     except (DataError, ValueError, FileNotFoundError) as err:
         # the data layer's hints name config keys ("raise data.seq_length"); this command's own errors name both
         log.error("prepare failed: %s", as_flags(str(err)))
@@ -200,6 +209,8 @@ def _stale_split_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> li
     problem = splits_disagree(cfg.output_dir, read_index(os.path.join(cfg.output_dir, "train")), read_index(valid))
     if problem:  # names both values and the way out; the trainer raises with the same text
         return [f"{problem}\nThe trainer refuses this directory until then."]
+    if results["train"].reused:  # nothing changed beside it
+        return []
     return [f"{valid} was kept from an earlier preparation (same template, supervise, reasoning format and "
             "tokenizer): the trainer validates on it beside the new train/ split; pass --valid to rebuild it too"]
 

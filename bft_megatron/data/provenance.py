@@ -23,6 +23,7 @@ What an older index does not record is returned as unchecked, not as a differenc
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,15 @@ from bft_megatron.config.base import ConfigError, format_value
 from bft_megatron.config.data import DataConfig, SourceConfig
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.readers import list_files
-from bft_megatron.data.storage import sha256_file
+from bft_megatron.data import storage
+from bft_megatron.data.storage import PackedDataset, sha256_file
 from bft_megatron.data.tokenizer import FINGERPRINT_VERSION, tokenizer_fingerprint
+from bft_megatron.utils.logging import get_logger
 
 __all__ = ["PreparedDataMismatch", "RULES_VERSION", "source_record", "compare", "mismatch_message",
-           "unchecked_message", "splits_disagree"]
+           "unchecked_message", "splits_disagree", "record_new_mtimes", "rebuild_reason"]
+
+_log = get_logger(__name__)
 
 # The rules that turn records into tokens and masks, recorded in index.json: bumped when the same sources and
 # settings would now give other tokens or masks, so that data prepared by an older version is not reused unnoticed.
@@ -249,3 +254,46 @@ def unchecked_message(directory: str | os.PathLike[str], unchecked: list[str]) -
     return (f"{directory} was prepared by an older version whose index.json does not record "
             f"{'; '.join(unchecked)}: these cannot be checked against the config. Delete the directory to "
             "prepare it again with a complete record.")
+
+
+def record_new_mtimes(directory: str | os.PathLike[str], index: dict[str, Any], recorded: str) -> None:
+    """Sources touched but unchanged (sha256) since preparation (``compare`` updated ``index``): keep their new
+    mtimes in ``index.json``, so the next check compares stat() results instead of hashing them again. Best effort
+    (read-only data), and only if ``index.json`` is still what was read (``recorded``, its sorted JSON): another job
+    may have rebuilt the split meanwhile (a rebuild moves a new directory into place; a rebuild finishing between
+    this check and the write would get the old index, which the next checks then refuse as not describing its
+    arrays or sources)."""
+    try:
+        if json.dumps(storage.read_index(directory), sort_keys=True) != recorded:
+            _log.info("%s: index.json changed since it was read; not recording source mtimes", directory)
+            return
+        storage.publish_index(Path(directory), index)
+    except (OSError, ValueError) as err:
+        _log.info("%s: sources touched since preparation (contents unchanged) are hashed on every check; could "
+                  "not record their new mtimes (%s)", directory, err)
+        return
+    _log.info("%s: recorded the new mtimes of sources touched since preparation (contents unchanged)", directory)
+
+
+def rebuild_reason(directory: str | os.PathLike[str], cfg: DataConfig, split: str,
+                   sources: list[SourceConfig]) -> str | None:
+    """Why ``bft-megatron prepare`` must rebuild the split in ``directory``, or None when it holds exactly what
+    ``cfg`` would prepare from ``sources`` now: readable arrays, and the strict comparison the trainer makes (same
+    settings, rules, tokenizer fingerprint, and sources unchanged by content) with nothing the index cannot tell.
+    A hub dataset is always rebuilt: only its name and split are recorded, not which revision was read."""
+    try:
+        index = PackedDataset(directory).index
+    except (OSError, ValueError) as err:
+        return f"it cannot be read ({err})"
+    recorded = json.dumps(index, sort_keys=True)
+    differences, unchecked = compare(index, cfg, split, sources, strict=True)
+    if differences:
+        return "; ".join(differences)
+    if unchecked:
+        return f"its index.json does not record {'; '.join(unchecked)}"
+    hub = [src.path for src, rec in zip(sources, index["sources"]) if "files" not in rec]
+    if hub:
+        return f"{', '.join(hub)}: a hub dataset's revision is not recorded, so it is read again"
+    if json.dumps(index, sort_keys=True) != recorded:
+        record_new_mtimes(directory, index, recorded)
+    return None

@@ -89,8 +89,8 @@ def _check(cfg: Config, prepared_only: bool = False) -> None:
     """(Rank 0) the prepared splits exist and match the config (provenance; tokenizer vocabulary).
     ``prepared_only``: skip a configured split not prepared yet (``--check``: the trainer would prepare it)."""
     from bft_megatron.config.base import ConfigError
-    from bft_megatron.data.provenance import (PreparedDataMismatch, compare, mismatch_message, splits_disagree,
-                                             unchecked_message)
+    from bft_megatron.data.provenance import (PreparedDataMismatch, compare, mismatch_message, record_new_mtimes,
+                                             splits_disagree, unchecked_message)
     from bft_megatron.data.storage import PackedDataset, is_prepared
 
     d = cfg.data
@@ -110,7 +110,7 @@ def _check(cfg: Config, prepared_only: bool = False) -> None:
         elif unchecked:
             _log.warning("%s", unchecked_message(ds.directory, unchecked))
         if not differences and json.dumps(ds.index, sort_keys=True) != recorded:
-            _record_new_mtimes(ds, recorded)
+            record_new_mtimes(ds.directory, ds.index, recorded)
         size = int(ds.index["tokenizer"].get("vocab_size", 0))
         if split == "train" and size > cfg.model.vocab_size:
             raise _vocab_error(f"the data was tokenized with a {size}-token vocabulary", size, cfg)
@@ -119,27 +119,6 @@ def _check(cfg: Config, prepared_only: bool = False) -> None:
     disagreement = "valid" in indexes and splits_disagree(d.output_dir, indexes["train"], indexes["valid"])
     if disagreement:
         raise PreparedDataMismatch(disagreement)
-
-
-def _record_new_mtimes(ds, recorded: str) -> None:
-    """Sources touched but unchanged (sha256) since preparation: keep their new mtimes in ``index.json``, so
-    the next start compares stat() results instead of hashing them again. Best effort (read-only data), and
-    only if ``index.json`` is still what was read (``recorded``): another job may have rebuilt the split meanwhile
-    (a rebuild moves a new directory into place; a rebuild finishing between this check and the write would get
-    the old index, which the next start's checks then refuse as not describing its arrays or sources)."""
-    from bft_megatron.data.storage import publish_index, read_index
-
-    try:
-        if json.dumps(read_index(ds.directory), sort_keys=True) != recorded:
-            _log.info("%s: index.json changed since it was read; not recording source mtimes", ds.directory)
-            return
-        publish_index(ds.directory, ds.index)
-    except (OSError, ValueError) as err:
-        _log.info("%s: sources touched since preparation (contents unchanged) are hashed on every start; could "
-                  "not record their new mtimes (%s)", ds.directory, err)
-        return
-    _log.info("%s: recorded the new mtimes of sources touched since preparation (contents unchanged)",
-              ds.directory)
 
 
 def check_prepared(cfg: Config) -> bool:
