@@ -1,4 +1,4 @@
-"""Tiny random HF models (Llama-3.1/3.2-like and Qwen2-like) and a tiny tokenizer for the convert tests.
+"""Tiny random HF models (Llama-3.1/3.2-, Qwen2- and Qwen3-like) and a tiny tokenizer for the convert tests.
 
 Weights are re-drawn with a large spread (not the 0.02 init) so that logits are O(1) and a wrong
 layout (e.g. QKV not interleaved per group) changes them far beyond the comparison tolerance.
@@ -26,6 +26,9 @@ CASES = {
                                  tie_word_embeddings=True, rope_theta=1000000.0), torch.float32),
     "qwen2_untied_bf16": ("qwen2", dict(vocab_size=272, num_attention_heads=8, num_key_value_heads=4,
                                         tie_word_embeddings=False), torch.bfloat16),
+    # query/key head norms; head_dim 32 with hidden 64 and 4 heads: queries 128 wide (Qwen3-32B: 64 x 128 > 5120)
+    "qwen3_untied": ("qwen3", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                   tie_word_embeddings=False, rope_theta=1000000.0), torch.float32),
 }
 
 
@@ -47,12 +50,13 @@ def make_model(name: str, out_dir: str, seed: int = 0, num_layers: int = 2, max_
 
     ``max_shard_size`` (e.g. ``"100KB"``) saves several safetensors files plus an index.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     family, overrides, dtype = CASES[name]
     common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers, max_position_embeddings=256,
                   rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
-    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if family == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    config_cls, model_cls = getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
     torch.manual_seed(seed)
     model = model_cls(config_cls(**common, **overrides)).eval()
     with torch.no_grad():

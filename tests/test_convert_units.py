@@ -182,8 +182,10 @@ def test_transformers5_rope_parameters_are_read(tmp_path):
 def test_unsupported_configs_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match="MistralForCausalLM"):
         model_config_from_hf_dir(_write_config(tmp_path, architectures=["MistralForCausalLM"]))
-    with pytest.raises(ValueError, match="head_dim=32"):
-        model_config_from_hf_dir(_write_config(tmp_path, head_dim=32))
+    with pytest.raises(ValueError, match="head_dim=31 is not a positive even number"):
+        model_config_from_hf_dir(_write_config(tmp_path, head_dim=31))
+    # a head_dim other than hidden/heads is read (megatron's kv_channels; transformers' Llama takes it too)
+    assert model_config_from_hf_dir(_write_config(tmp_path, head_dim=32)).kv_channels == 32
     # Llama's attention_bias biases o_proj too: said before any tensor is read ("no megatron mapping" before)
     with pytest.raises(ConfigError, match=r"attention_bias=true \(Llama with biases on its q/k/v/o projections\)"):
         model_config_from_hf_dir(_write_config(tmp_path, attention_bias=True))

@@ -21,7 +21,10 @@ Every other layout fine-tunes from the same initial weights, so all runs start i
   path through DDP's hook;
 * a Qwen2-style variant (tied embeddings, QKV bias) with llama3 RoPE scaling matches its own TP1
   reference at TP2 x PP2 (tied embedding/output gradients are all-reduced across the first and last
-  pipeline stages).
+  pipeline stages);
+* a Qwen3-style variant (query/key head norms, head_dim 32 with hidden 64 and 4 heads: 128-wide queries) matches
+  its own TP1 reference at TP2 and at TP2 + SP (x DP2): each TP rank's head-norm gradient covers other heads, and
+  megatron all-reduces those weights' gradients over TP by name (``finalize_model_grads``; once under SP too).
 """
 
 import os
@@ -46,6 +49,8 @@ def _grad_norms(result):
 PADDED = ["data.packing=false"]
 VARIANT = ["model.tie_embeddings=true", "model.qkv_bias=true", "model.family=qwen2", "model.rope_scaling.factor=4",
            "model.rope_scaling.original_max_position_embeddings=16"]
+QWEN3 = ["model.family=qwen3", "model.qk_norm=true", "model.head_dim=32"]
+QWEN3_LAYOUTS = {"qwen3_tp2": ["parallel.tp=2"], "qwen3_tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"]}
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +58,17 @@ def ref(tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("ref"))
     variant_dir = str(tmp_path_factory.mktemp("variant"))
     padded_dir = str(tmp_path_factory.mktemp("padded"))
-    result, variant, padded = launch(1, [
+    qwen3_dir = str(tmp_path_factory.mktemp("qwen3"))
+    result, variant, padded, qwen3 = launch(1, [
         {"overrides": TINY + [f"checkpoint.save={run_dir}", "checkpoint.save_interval=2"], "save_init": True},
         {"overrides": TINY + VARIANT + [f"checkpoint.save={variant_dir}", "checkpoint.save_interval=100"],
          "save_init": True},
         {"overrides": TINY + PADDED + [f"checkpoint.save={padded_dir}", "checkpoint.save_interval=100"],
          "save_init": True},
+        {"overrides": TINY + QWEN3 + [f"checkpoint.save={qwen3_dir}", "checkpoint.save_interval=100"],
+         "save_init": True},
     ])
-    return run_dir, result, variant_dir, variant, padded_dir, padded
+    return run_dir, result, variant_dir, variant, padded_dir, padded, qwen3_dir, qwen3
 
 
 LAYOUTS = {
@@ -111,10 +119,14 @@ def layouts(ref, tmp_path_factory):
     for objective, layout in OBJECTIVE_LAYOUTS.values():  # the other objectives through pipeline parallelism
         runs.append({"overrides": TINY + [f"checkpoint.load={init}", "checkpoint.finetune=true"]
                      + OBJECTIVES[objective] + LAYOUTS[layout]})
+    for extra in QWEN3_LAYOUTS.values():
+        runs.append({"overrides": TINY + QWEN3 + extra + [f"checkpoint.load={ref[6]}/iter_0000000",
+                                                          "checkpoint.finetune=true"], "count_state": True})
     results = launch(4, runs, timeout=500)
     n = len(LAYOUTS)
     return (dict(zip(LAYOUTS, results)), tp2_dir, results[n + 1], vp_dir, results[n + 2], cp_dir, results[n],
-            dict(zip(OBJECTIVE_LAYOUTS, results[n + 3:])))
+            dict(zip(OBJECTIVE_LAYOUTS, results[n + 3:n + 3 + len(OBJECTIVE_LAYOUTS)])),
+            dict(zip(QWEN3_LAYOUTS, results[-len(QWEN3_LAYOUTS):])))
 
 
 @pytest.mark.parametrize("name", list(OBJECTIVE_LAYOUTS))
@@ -258,7 +270,16 @@ def test_tied_qkv_bias_rope_scaled_variant_tp2_pp2(ref, layouts):
     assert _losses(layouts[2]) == pytest.approx(want, rel=RTOL, abs=ATOL)
 
 
-@pytest.mark.parametrize("name", ["dp4", "tp2", "tp2_sp", "pp2", "pp2_vp2", "tp2_pp2", "cp2_pp2", "variant_tp2_pp2"])
+@pytest.mark.parametrize("name", list(QWEN3_LAYOUTS))
+def test_qk_norm_head_dim_variant_matches_its_tp1_run(ref, layouts, name):
+    want, got = ref[7], layouts[8][name]
+    assert _losses(want) != _losses(ref[1])  # the variant is a different model
+    assert _losses(got) == pytest.approx(_losses(want), rel=RTOL, abs=ATOL)
+    assert _grad_norms(got) == pytest.approx(_grad_norms(want), rel=RTOL, abs=ATOL)
+
+
+@pytest.mark.parametrize("name", ["dp4", "tp2", "tp2_sp", "pp2", "pp2_vp2", "tp2_pp2", "cp2_pp2", "variant_tp2_pp2",
+                                  *QWEN3_LAYOUTS])
 def test_planner_state_terms_match_megatrons_model(layouts, name):
     """The planner's weight, gradient and optimizer terms per GPU against megatron's real model on every rank:
     parameters per pipeline stage (TP-split linears, replicated norms, the tied table's copy on the last stage,
@@ -270,6 +291,8 @@ def test_planner_state_terms_match_megatrons_model(layouts, name):
 
     if name == "variant_tp2_pp2":
         overrides, result = TINY + VARIANT + ["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"], layouts[2]
+    elif name in QWEN3_LAYOUTS:
+        overrides, result = TINY + QWEN3 + QWEN3_LAYOUTS[name], layouts[8][name]
     else:
         overrides, result = TINY + LAYOUTS[name], layouts[0][name]
     cfg = load_config(None, overrides)

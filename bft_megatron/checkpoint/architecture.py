@@ -29,15 +29,20 @@ _log = get_logger(__name__)
 
 # Fields that change parameter shapes or the function the weights compute: a difference is an error.
 FIELDS = ("family", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-          "vocab_size", "rope_theta", "rope_scaling", "norm_epsilon", "tie_embeddings", "qkv_bias")
+          "vocab_size", "rope_theta", "rope_scaling", "norm_epsilon", "tie_embeddings", "qkv_bias", "head_dim",
+          "qk_norm")
 WARN_FIELDS = ("max_position_embeddings",)
+# Fields added after checkpoints were first written: what a checkpoint without them was built with.
+LATER_FIELDS = {"head_dim": None, "qk_norm": False}
 
 
 def _value(model: dict, name: str):
     """A field as it acts on the model: ``num_query_groups: null`` means one group per head (MHA)."""
-    value = model[name]
+    value = model[name] if name in model else LATER_FIELDS[name]
     if name == "num_query_groups" and value is None:
         return model.get("num_attention_heads")
+    if name == "head_dim" and value is None and model.get("num_attention_heads"):  # what head_dim: null means
+        return model["hidden_size"] // model["num_attention_heads"]
     return value
 
 
@@ -58,7 +63,7 @@ def architecture_changes(saved: dict, current: dict) -> tuple[list[str], list[st
     errors, warnings, unchecked = [], [], []
     for names, out in ((FIELDS, errors), (WARN_FIELDS, warnings)):
         for name in names:
-            if name not in saved:
+            if name not in saved and name not in LATER_FIELDS:
                 unchecked.append(name)
             elif not _same(_value(saved, name), _value(current, name)):
                 out.append(_line(name, _value(saved, name), _value(current, name)))

@@ -1,4 +1,4 @@
-"""Read a Hugging Face ``config.json`` (Llama-3.x, Qwen2.x) into :class:`ModelConfig`."""
+"""Read a Hugging Face ``config.json`` (Llama-3.x, Qwen2.x, Qwen3 dense) into :class:`ModelConfig`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from bft_megatron.utils.logging import get_logger
 __all__ = ["model_fields_from_hf", "merge_hf_config", "legacy_rope_keys"]
 
 _log = get_logger(__name__)
-_FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
+_FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 
 
 def _rope_scaling(raw):
@@ -66,18 +66,21 @@ def _optional(hf: dict, key: str, default):
 
 def _check_supported(hf: dict, family: str) -> None:
     heads, hidden = int(_required(hf, "num_attention_heads")), int(_required(hf, "hidden_size"))
-    biased = [k for k in ("attention_bias", "mlp_bias") if hf.get(k) and family == "llama"]
-    if biased:  # Llama's attention_bias also biases o_proj, which megatron's qkv bias does not cover
-        raise ConfigError(f"model.from_hf: {'/'.join(f'{k}=true' for k in biased)} (Llama with biases on its "
+    biased = [k for k in ("attention_bias", "mlp_bias") if hf.get(k) and family != "qwen2"]
+    if biased:  # Llama's and Qwen3's attention_bias also biases o_proj, which megatron's qkv bias does not cover
+        name = "Llama" if family == "llama" else "Qwen3"
+        raise ConfigError(f"model.from_hf: {'/'.join(f'{k}=true' for k in biased)} ({name} with biases on its "
                           f"{'q/k/v/o projections' if biased[0] == 'attention_bias' else 'MLP'}) is not supported; "
                           "biases on q/k/v only are Qwen2's layout (Qwen2ForCausalLM)")
     act = hf.get("hidden_act", "silu")  # Llama's and Qwen2's default
     if act not in ("silu", "swish"):  # the MLP megatron builds here is SwiGLU: another activation, another model
         raise ConfigError(f"model.from_hf: hidden_act={act!r} is not supported (the trainer's MLP is SwiGLU: silu)")
     head_dim = hf.get("head_dim")
-    if head_dim is not None and int(head_dim) * heads != hidden:
-        raise ConfigError(f"model.from_hf: head_dim={head_dim} != hidden_size/num_attention_heads "
-                          f"({hidden}/{heads}); not supported")
+    if head_dim is not None and (int(head_dim) <= 0 or int(head_dim) % 2):
+        raise ConfigError(f"model.from_hf: head_dim={head_dim} is not a positive even number")
+    if head_dim is None and hidden % heads:
+        raise ConfigError(f"model.from_hf: hidden_size={hidden} is not divisible by num_attention_heads={heads} and "
+                          "config.json has no head_dim")
     # Qwen2 slides its attention window only in layers >= max_window_layers: with none of those, attention is global.
     # 28: transformers' Qwen2Config default, which applies when config.json has no max_window_layers.
     layers, window_layers = int(_required(hf, "num_hidden_layers")), hf.get("max_window_layers", 28)
@@ -95,7 +98,7 @@ def model_fields_from_hf(hf: dict) -> dict:
     if family is None:
         raise ConfigError(f"model.from_hf: unsupported architectures {archs!r}; expected one of {list(_FAMILIES)}")
     _check_supported(hf, family)
-    heads = int(hf["num_attention_heads"])
+    heads, head_dim = int(hf["num_attention_heads"]), hf.get("head_dim")
     return {
         "family": family,
         "hidden_size": int(hf["hidden_size"]),
@@ -110,6 +113,9 @@ def model_fields_from_hf(hf: dict) -> dict:
         "norm_epsilon": float(_optional(hf, "rms_norm_eps", 1e-6)),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "qkv_bias": family == "qwen2",  # Llama with attention_bias is refused above
+        # only where it differs from hidden/heads (Qwen3-32B: 128, not 5120/64), so that a Llama config stays null
+        "head_dim": int(head_dim) if head_dim is not None and int(head_dim) * heads != int(hf["hidden_size"]) else None,
+        "qk_norm": family == "qwen3",
     }
 
 

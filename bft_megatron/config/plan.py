@@ -46,13 +46,16 @@ def _padded_vocab(m, tp: int) -> int:
     return padded_vocab_size(m.vocab_size, m.make_vocab_size_divisible_by, tp)
 
 
+def _norm_params(m) -> int:
+    """A layer's norm weights, replicated on every TP rank: two RMSNorms, and Qwen3's query and key head norms."""
+    return 2 * m.hidden_size + (2 * m.kv_channels if m.qk_norm else 0)
+
+
 def layer_params(m) -> int:
-    """Parameters of one transformer layer (attention + SwiGLU MLP + two norms)."""
-    head_dim = m.hidden_size // m.num_attention_heads
-    qkv_out = m.hidden_size + 2 * m.kv_groups * head_dim
-    attn = m.hidden_size * qkv_out + m.hidden_size * m.hidden_size + (qkv_out if m.qkv_bias else 0)
+    """Parameters of one transformer layer (attention + SwiGLU MLP + norms)."""
+    attn = m.hidden_size * m.qkv_size + m.query_size * m.hidden_size + (m.qkv_size if m.qkv_bias else 0)
     mlp = 3 * m.hidden_size * m.ffn_hidden_size
-    return attn + mlp + 2 * m.hidden_size
+    return attn + mlp + _norm_params(m)
 
 
 def total_params(m) -> int:
@@ -63,8 +66,8 @@ def total_params(m) -> int:
 def _stage_params(m, p, stage: str) -> float:
     """Parameters held by one GPU of the ``first``, ``last`` or ``only`` (PP=1) pipeline stage."""
     table = _padded_vocab(m, p.tp) * m.hidden_size / p.tp
-    # A layer's linear weights (and the QKV bias) are split over TP; its two norm weights are replicated.
-    params = m.num_layers / p.pp * ((layer_params(m) - 2 * m.hidden_size) / p.tp + 2 * m.hidden_size)
+    # A layer's linear weights (and the QKV bias) are split over TP; its norm weights are replicated.
+    params = m.num_layers / p.pp * ((layer_params(m) - _norm_params(m)) / p.tp + _norm_params(m))
     if stage in ("first", "only"):
         params += table
     if stage == "last" or (stage == "only" and not m.tie_embeddings):
@@ -78,9 +81,9 @@ def _layer_activation_bytes(m, seq: int, mbs: int, p) -> float:
     """Bytes one layer keeps for backward per micro-batch (bf16, TE fused attention, no dropout)."""
     sb = seq / p.cp * mbs
     h, f = m.hidden_size, m.ffn_hidden_size
-    head_dim = h // m.num_attention_heads
-    qkv_out = h + 2 * m.kv_groups * head_dim
-    split = 2 * (2 * h + qkv_out + 3 * f)      # proj input, attn out, q/k/v, fc1 out, swiglu out (= fc2 input)
+    # proj input, attn out, q/k/v, fc1 out, swiglu out (= fc2 input); with qk norms also their q and k inputs
+    qk_norm_inputs = m.query_size + m.kv_groups * m.kv_channels if m.qk_norm else 0
+    split = 2 * (h + m.query_size + m.qkv_size + qk_norm_inputs + 3 * f)
     # The two norm inputs and the two norm outputs (the qkv and fc1 inputs, kept for their weight gradients):
     # full on every TP rank unless sequence parallel shards them (Korthikanti et al.: sbh(10 + 24/t) without SP).
     replicated = 2 * 2 * h + 2 * 2 * h
@@ -158,10 +161,8 @@ def flops_per_token(m, seq: int, tp: int = 1) -> float:
     model's output GEMM has that many columns, and Megatron-LM's ``num_floating_point_operations`` counts
     ``padded_vocab_size`` too.
     """
-    head_dim = m.hidden_size // m.num_attention_heads
-    qkv_out = m.hidden_size + 2 * m.kv_groups * head_dim
-    dense = m.hidden_size * qkv_out + m.hidden_size ** 2 + 3 * m.hidden_size * m.ffn_hidden_size
-    attention = 2 * seq * m.hidden_size * 0.5                     # QK^T and AV, causal half
+    dense = m.hidden_size * m.qkv_size + m.query_size * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
+    attention = 2 * seq * m.query_size * 0.5                      # QK^T and AV, causal half
     forward = 2 * m.num_layers * (dense + attention) + 2 * m.hidden_size * _padded_vocab(m, tp)
     return 3 * forward
 

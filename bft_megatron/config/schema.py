@@ -34,7 +34,7 @@ class ModelConfig:
     """Architecture, HF naming. ``from_hf: DIR`` fills unset fields from ``DIR/config.json``."""
 
     from_hf: str | None = None
-    family: Literal["llama", "qwen2"] = "llama"
+    family: Literal["llama", "qwen2", "qwen3"] = "llama"
     hidden_size: int = 0
     num_layers: int = 0
     num_attention_heads: int = 0
@@ -47,12 +47,29 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    head_dim: int | None = None  # None = hidden_size / num_attention_heads; Qwen3 sets its own (e.g. 128 at 32B)
+    qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3's q_norm / k_norm)
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
 
     @property
     def kv_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def kv_channels(self) -> int:
+        """Channels per attention head (megatron's ``kv_channels``)."""
+        return self.head_dim or self.hidden_size // max(self.num_attention_heads, 1)
+
+    @property
+    def query_size(self) -> int:
+        """Width of all query heads together: linear_qkv's query rows and linear_proj's input."""
+        return self.num_attention_heads * self.kv_channels
+
+    @property
+    def qkv_size(self) -> int:
+        """linear_qkv's output rows: the query heads, then one key and one value head per query group."""
+        return self.query_size + 2 * self.kv_groups * self.kv_channels
 
 
 @dataclass

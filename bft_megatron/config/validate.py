@@ -42,9 +42,13 @@ def _check_model(m) -> None:
     # embedding table *down* (-128 gives 2944 rows for 3000 tokens).
     _require(m.make_vocab_size_divisible_by >= 1,
              f"model.make_vocab_size_divisible_by must be >= 1, got {m.make_vocab_size_divisible_by}")
-    _require(m.hidden_size % m.num_attention_heads == 0,
+    _require(m.head_dim is not None or m.hidden_size % m.num_attention_heads == 0,
              f"model.hidden_size={m.hidden_size} must be divisible by "
-             f"model.num_attention_heads={m.num_attention_heads}")
+             f"model.num_attention_heads={m.num_attention_heads} (or set model.head_dim)")
+    # RoPE rotates channel pairs: an odd head width has a channel it cannot pair
+    _require(m.head_dim is None or (m.head_dim > 0 and m.head_dim % 2 == 0),
+             f"model.head_dim must be a positive even number or null (= hidden_size/num_attention_heads), "
+             f"got {m.head_dim}")
     # 0 used to mean MHA silently (kv_groups falls back to the heads); null is the documented spelling.
     _require(m.num_query_groups is None or m.num_query_groups >= 1,
              f"model.num_query_groups must be >= 1 or null (= model.num_attention_heads), got {m.num_query_groups}")
@@ -54,9 +58,12 @@ def _check_model(m) -> None:
     # model.family names the HF architecture of the export: its attention biases must be what that class builds.
     _require(m.family != "qwen2" or m.qkv_bias, "model.qkv_bias=false with model.family=qwen2: Qwen2 attention "
              "always has q/k/v biases (and the export would not match the weights); set model.qkv_bias=true")
-    _require(m.family != "llama" or not m.qkv_bias, "model.qkv_bias=true with model.family=llama: HF Llama's "
-             "attention_bias also adds an o_proj bias this model does not have, so its export would not load; use "
-             "model.family=qwen2 for q/k/v biases")
+    _require(m.family not in ("llama", "qwen3") or not m.qkv_bias, f"model.qkv_bias=true with model.family="
+             f"{m.family}: HF {'Llama' if m.family == 'llama' else 'Qwen3'}'s attention_bias also adds an o_proj bias "
+             "this model does not have, so its export would not load; use model.family=qwen2 for q/k/v biases")
+    _require((m.family == "qwen3") == m.qk_norm, f"model.qk_norm={str(m.qk_norm).lower()} with model.family="
+             f"{m.family}: of the exported architectures only Qwen3 normalises query and key heads (q_norm, k_norm); "
+             + ("set model.qk_norm=true" if m.family == "qwen3" else "use model.family=qwen3 for it"))
     _require(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
     _require(m.norm_epsilon > 0, f"model.norm_epsilon must be > 0, got {m.norm_epsilon}")
     # torch's normal_ rejects a negative std only at model build (after the process groups exist), and 0 would
@@ -141,12 +148,11 @@ def _check_fp8_widths(m, tp: int, fp8: str) -> None:
     """TE's FP8 GEMMs assert (``assert_dim_for_fp8_exec``, at the first forward on the GPU) that every input's
     last dimension is a multiple of 16 and a weight's rows a multiple of 8: the inputs of linear_qkv / fc1
     (hidden), of linear_proj (hidden/tp per rank) and of fc2 (ffn/tp), and linear_qkv's rows per rank."""
-    head_dim = m.hidden_size // m.num_attention_heads
-    qkv_rows = (m.hidden_size + 2 * m.kv_groups * head_dim) // tp
+    queries = "model.hidden_size" if m.head_dim is None else "model.num_attention_heads*head_dim"
     for name, width, multiple in (("model.hidden_size", m.hidden_size, 16),
-                                  ("model.hidden_size/parallel.tp", m.hidden_size // tp, 16),
+                                  (f"{queries}/parallel.tp", m.query_size // tp, 16),
                                   ("model.ffn_hidden_size/parallel.tp", m.ffn_hidden_size // tp, 16),
-                                  ("(model.hidden_size + 2*num_query_groups*head_dim)/parallel.tp", qkv_rows, 8)):
+                                  (f"({queries} + 2*num_query_groups*head_dim)/parallel.tp", m.qkv_size // tp, 8)):
         _require(width % multiple == 0, f"train.fp8={fp8!r}: {name} = {width} must be a multiple of {multiple} "
                                         "(Transformer Engine's FP8 GEMM shapes)")
 

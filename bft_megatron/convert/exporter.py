@@ -106,7 +106,7 @@ class _Export:
         self.bar = None  # set by run(): a tqdm over the bytes of HF tensors written
         self.metadata = dist_checkpointing.load_tensors_metadata(path)
         self.spec = detect_spec(self.metadata.keys())
-        self.rules = layer_rules(m.qkv_bias)
+        self.rules = layer_rules(m.qkv_bias, m.qk_norm)
         self.layer_keys = [_LAYER_PREFIX + r.megatron(self.spec) for r in self.rules]
         for key in self.layer_keys + [EMBEDDING.local, FINAL_NORM.local]:
             if key not in self.metadata:

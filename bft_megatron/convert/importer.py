@@ -117,7 +117,7 @@ def _convert(rule, reader: HFReader, m: ModelConfig, layer: int | None, padded_v
 def _groups(m: ModelConfig) -> list[tuple]:
     """``(layer or None, rules, megatron name prefix, spill file name)`` of each conversion group, in order."""
     groups = [(None, global_rules(m.tie_embeddings), "", "global")]
-    return groups + [(i, layer_rules(m.qkv_bias), f"decoder.layers.{i}.", f"layer_{i:05d}")
+    return groups + [(i, layer_rules(m.qkv_bias, m.qk_norm), f"decoder.layers.{i}.", f"layer_{i:05d}")
                      for i in range(m.num_layers)]
 
 

@@ -65,9 +65,9 @@ def _params(model: torch.nn.Module, spec: str, m: ModelConfig):
         if name.startswith(_LAYERS):
             index, local = name[len(_LAYERS):].split(".", 1)
             layer = model.decoder.layers[int(index)].layer_number - 1  # layer_number is global, 1-based
-            yield rule_by_megatron_name(local, spec, m.qkv_bias), layer, param
+            yield rule_by_megatron_name(local, spec, m.qkv_bias, m.qk_norm), layer, param
             continue
-        rule = rule_by_megatron_name(name, spec, m.qkv_bias)
+        rule = rule_by_megatron_name(name, spec, m.qkv_bias, m.qk_norm)
         if rule is OUTPUT and m.tie_embeddings:
             continue  # the last stage's copy of the tied embedding
         yield rule, None, param

@@ -1,4 +1,4 @@
-"""Declarative HF <-> megatron-core parameter name table for Llama-3.x and Qwen2.x.
+"""Declarative HF <-> megatron-core parameter name table for Llama-3.x, Qwen2.x and Qwen3 (dense).
 
 Megatron names are *layer-local* (``self_attention.linear_qkv.weight``) for per-layer rules and
 model-global (``embedding.word_embeddings.weight``) for the others. In a model's ``state_dict`` a
@@ -7,7 +7,9 @@ sharded key ``decoder.layers.<name>`` with a leading layer axis of size ``num_la
 
 The two layer specs differ only in where the RMSNorm weights live: Transformer Engine fuses them
 into the following linear (``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight``);
-the local spec has separate ``input_layernorm`` / ``pre_mlp_layernorm`` modules.
+the local spec has separate ``input_layernorm`` / ``pre_mlp_layernorm`` modules. Qwen3's per-head query and
+key norms (``q_norm`` / ``k_norm``, ``[head_dim]`` each, replicated over TP) are ``self_attention.q_layernorm`` /
+``k_layernorm`` under both specs.
 
 ``kind`` says how HF tensors combine into one megatron tensor:
 
@@ -42,6 +44,7 @@ class Rule:
     tp_axis: int | None = None
     te: str | None = None  # megatron name under the TE spec, when different
     bias: bool = False  # exists only for models with QKV bias (Qwen2)
+    qk_norm: bool = False  # exists only for models with query/key norms (Qwen3)
 
     def megatron(self, spec: str) -> str:
         if spec not in SPECS:
@@ -62,6 +65,8 @@ LAYER_RULES: tuple[Rule, ...] = (
                                               f"{_ATTN}.v_proj.weight"), kind="qkv", tp_axis=0),
     Rule("self_attention.linear_qkv.bias", (f"{_ATTN}.q_proj.bias", f"{_ATTN}.k_proj.bias", f"{_ATTN}.v_proj.bias"),
          kind="qkv", tp_axis=0, bias=True),
+    Rule("self_attention.q_layernorm.weight", (f"{_ATTN}.q_norm.weight",), qk_norm=True),
+    Rule("self_attention.k_layernorm.weight", (f"{_ATTN}.k_norm.weight",), qk_norm=True),
     Rule("self_attention.linear_proj.weight", (f"{_ATTN}.o_proj.weight",), tp_axis=1),
     Rule("pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",),
          te="mlp.linear_fc1.layer_norm_weight"),
@@ -75,9 +80,9 @@ OUTPUT = Rule("output_layer.weight", ("lm_head.weight",), kind="vocab", tp_axis=
 GLOBAL_RULES: tuple[Rule, ...] = (EMBEDDING, FINAL_NORM, OUTPUT)
 
 
-def layer_rules(qkv_bias: bool) -> tuple[Rule, ...]:
-    """Per-layer rules for a model with or without QKV bias."""
-    return tuple(r for r in LAYER_RULES if qkv_bias or not r.bias)
+def layer_rules(qkv_bias: bool, qk_norm: bool = False) -> tuple[Rule, ...]:
+    """Per-layer rules for a model with or without QKV bias and query/key norms."""
+    return tuple(r for r in LAYER_RULES if (qkv_bias or not r.bias) and (qk_norm or not r.qk_norm))
 
 
 def global_rules(tied: bool) -> tuple[Rule, ...]:
@@ -85,9 +90,9 @@ def global_rules(tied: bool) -> tuple[Rule, ...]:
     return tuple(r for r in GLOBAL_RULES if not (tied and r is OUTPUT))
 
 
-def rule_by_megatron_name(name: str, spec: str, qkv_bias: bool = True) -> Rule:
+def rule_by_megatron_name(name: str, spec: str, qkv_bias: bool = True, qk_norm: bool = True) -> Rule:
     """The rule whose megatron name (layer-local or global) under ``spec`` is ``name``."""
-    for rule in layer_rules(qkv_bias) + GLOBAL_RULES:
+    for rule in layer_rules(qkv_bias, qk_norm) + GLOBAL_RULES:
         if rule.megatron(spec) == name:
             return rule
     raise KeyError(f"no HF mapping for megatron parameter {name!r} (spec {spec!r})")

@@ -29,7 +29,7 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _head_dim(m: ModelConfig) -> int:
-    return m.hidden_size // m.num_attention_heads
+    return m.kv_channels
 
 
 def to_megatron(rule: Rule, read: Callable[[str], torch.Tensor], m: ModelConfig, layer: int | None,

@@ -1,4 +1,4 @@
-"""Build megatron-core ``GPTModel`` chunks (Llama-3.x / Qwen2.x) from the typed config.
+"""Build megatron-core ``GPTModel`` chunks (Llama-3.x / Qwen2.x / Qwen3) from the typed config.
 
 One chunk per virtual pipeline stage (``parallel.vp``; one chunk without interleaving). Chunk ``i``
 of pipeline rank ``r`` holds the embedding iff ``r == 0 and i == 0`` and the output layer iff
@@ -49,7 +49,7 @@ def transformer_config(cfg: Config, groups: ParallelGroups):
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.kv_groups, ffn_hidden_size=m.ffn_hidden_size,
-        kv_channels=m.hidden_size // m.num_attention_heads,
+        kv_channels=m.kv_channels, qk_layernorm=m.qk_norm,
         normalization="RMSNorm", layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=m.qkv_bias,
         hidden_dropout=cfg.train.dropout, attention_dropout=cfg.train.dropout,
@@ -74,9 +74,8 @@ def _install_llama3_rope(model, cfg: Config) -> None:
     rs = cfg.model.rope_scaling
     if rs is None or not hasattr(model, "rotary_pos_emb"):
         return
-    emb = model.rotary_pos_emb
-    head_dim = cfg.model.hidden_size // cfg.model.num_attention_heads
-    inv = llama3_inv_freq(head_dim, cfg.model.rope_theta, rs.factor, rs.low_freq_factor, rs.high_freq_factor,
+    emb, m = model.rotary_pos_emb, cfg.model
+    inv = llama3_inv_freq(m.kv_channels, m.rope_theta, rs.factor, rs.low_freq_factor, rs.high_freq_factor,
                           rs.original_max_position_embeddings)
     emb.inv_freq = inv.to(emb.inv_freq.device)
 

@@ -25,6 +25,9 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
     Local: megatron-core's local layer spec with :class:`RMSNorm` (sequence-parallel capable) for
     the layer norms and the final norm, and :class:`ReferenceAttention` as core attention (THD
     packing and context parallelism, like TE's; dense O(T^2) scores: fine for CPU tests, slow on GPU).
+    With ``config.qk_layernorm`` (Qwen3) both specs normalise each query and key head (TE: ``TENorm``; local:
+    :class:`RMSNorm` over ``kv_channels``); megatron's ``finalize_model_grads`` all-reduces those weights'
+    gradients over TP by their names, since every TP rank holds other heads.
     """
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_layer_with_transformer_engine_spec)
@@ -32,7 +35,8 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
 
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     if use_te:
-        layer = get_gpt_layer_with_transformer_engine_spec(use_te_op_fuser=te_op_fuser)
+        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm,
+                                                           use_te_op_fuser=te_op_fuser)
         from megatron.core.extensions.transformer_engine import TENorm
 
         return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
@@ -42,8 +46,11 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
         _WARNED["local"] = True
     from bft_megatron.model.reference_attention import ReferenceAttention
 
-    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
     layer.submodules.input_layernorm = RMSNorm
     layer.submodules.pre_mlp_layernorm = RMSNorm
-    layer.submodules.self_attention.submodules.core_attention = ReferenceAttention
+    attention = layer.submodules.self_attention.submodules
+    attention.core_attention = ReferenceAttention
+    if config.qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = RMSNorm
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
