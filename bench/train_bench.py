@@ -12,6 +12,7 @@ difference between the two).
     python bench/train_bench.py --suite 8b-fp8 --rounds 3   # bft BF16 vs FP8 delayed only, interleaved
     python bench/train_bench.py --suite 8b-emb --rounds 2   # embedding wgrad into main_grad vs DDP's hook
     python bench/train_bench.py --suite 70b     # Llama-3.1-70B layer shapes x 4 layers (an H200), planner check
+    python bench/train_bench.py --suite qwen3-32b   # Qwen3-32B layer shapes x 6 layers (an H200), planner check
     python bench/train_bench.py --suite demo    # demo data: packed vs padded effective tokens/s
 ``--rounds N`` runs the settings N times interleaved (A B A B ...) and reports medians over the rounds,
 with each run's time in the JSON (``ms_runs``): use it for ratios near a target.
@@ -105,6 +106,12 @@ SUITES = {
         ("sft bf16", ["loss.method=sft", FUSER]),
         ("bft bf16", ["loss.method=bft", FUSER]),
         ("bft bf16 full recompute", ["loss.method=bft", FUSER, "train.recompute=full"]),
+        ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
+    ]),
+    # Qwen3-32B layer shapes x 6 layers (head norms, 8192-wide queries; ~94 GiB planned: an H200); planner check.
+    "qwen3-32b": ("configs/bench/qwen3_32b_proxy.yaml", [
+        ("sft bf16", ["loss.method=sft", FUSER]),
+        ("bft bf16", ["loss.method=bft", FUSER]),
         ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
     ]),
     "demo": ("configs/bench/demo_gpu.yaml", [
