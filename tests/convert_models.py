@@ -29,6 +29,12 @@ CASES = {
     # query/key head norms; head_dim 32 with hidden 64 and 4 heads: queries 128 wide (Qwen3-32B: 64 x 128 > 5120)
     "qwen3_untied": ("qwen3", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                    tie_word_embeddings=False, rope_theta=1000000.0), torch.float32),
+    # review: tied (0.6B-4B), 8 heads x 8 = hidden (head_dim equal to hidden/heads: read as null), GQA 4:1
+    "qwen3_tied": ("qwen3", dict(vocab_size=300, num_attention_heads=8, num_key_value_heads=2, head_dim=8,
+                                 tie_word_embeddings=True, rope_theta=1000000.0), torch.float32),
+    # review: tied, like Qwen3-0.6B (16 x 128 over 1024): queries twice the hidden width, kv 2
+    "qwen3_tied_wide": ("qwen3", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                      tie_word_embeddings=True, rope_theta=1000000.0), torch.float32),
 }
 
 

@@ -40,7 +40,9 @@ def test_a_qwen3_config_json_reads_head_dim_and_query_key_norms():
 @pytest.mark.parametrize("change, message", [
     ({"attention_bias": True}, "attention_bias=true (Qwen3 with biases on its q/k/v/o projections) is not supported"),
     ({"head_dim": 127}, "head_dim=127 is not a positive even number"),
-    ({"head_dim": None, "hidden_size": 5121}, "hidden_size=5121 is not divisible by num_attention_heads=64"),
+    ({"use_sliding_window": True, "sliding_window": 4096,
+      "layer_types": ["full_attention"] * 63 + ["sliding_attention"]},
+     "use_sliding_window=true with layer_types naming 1 sliding_attention layer(s) (first: 63) is not supported"),
 ])
 def test_unsupported_qwen3_configs_are_refused_by_name(change, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -120,3 +122,45 @@ def test_a_synthesised_export_config_loads_as_qwen3_and_reads_back_the_same():
     assert hf.head_dim == 128 and hf.attention_bias is False
     back = ModelConfig(**model_fields_from_hf(hf.to_dict()))
     assert back == m
+
+
+def test_a_qwen3_config_json_is_read_as_transformers_reads_it(tmp_path):
+    """What transformers' Qwen3Config makes of keys config.json leaves out: head_dim 128 (not hidden/heads) and 32
+    key/value heads; and layer_types, which it takes over max_window_layers."""
+    import json
+
+    from transformers import AutoConfig
+
+    def both(hf):
+        with open(tmp_path / "config.json", "w", encoding="utf-8") as fh:
+            json.dump({"model_type": "qwen3", **hf}, fh)
+        return AutoConfig.from_pretrained(str(tmp_path)), ModelConfig(**model_fields_from_hf(hf))
+
+    small = dict(QWEN3_32B, hidden_size=1024, num_attention_heads=16)  # hidden/heads = 64
+    del small["head_dim"], small["num_key_value_heads"]
+    theirs, ours = both(small)
+    assert (ours.kv_channels, ours.kv_groups) == (theirs.head_dim, theirs.num_key_value_heads) == (128, 32)
+    # a window in every layer of an explicit list (max_window_layers = all layers would say none) is refused
+    slid = dict(QWEN3_32B, use_sliding_window=True, sliding_window=4096, layer_types=["sliding_attention"] * 64)
+    assert both(dict(slid, layer_types=None))[0].layer_types.count("sliding_attention") == 0
+    with pytest.raises(ConfigError, match="layer_types naming 64 sliding_attention layer"):
+        model_fields_from_hf(slid)
+    # the list without a window (use_sliding_window false) attends globally: accepted
+    assert model_fields_from_hf(dict(slid, use_sliding_window=False))["family"] == "qwen3"
+
+
+def test_an_explicit_head_dim_equal_to_config_jsons_null_is_not_a_difference(tmp_path):
+    """Qwen3-8B's config.json head_dim 128 = 4096/32 reads as null; a recipe that spells out head_dim: 128 names
+    the same model: no 'explicit model fields differ' warning (one for another width)."""
+    import dataclasses
+    import json
+
+    from bft_megatron.config.hf import merge_hf_config
+
+    with open(tmp_path / "config.json", "w", encoding="utf-8") as fh:
+        json.dump(dict(QWEN3_32B, hidden_size=4096, num_attention_heads=32), fh)
+    for head_dim, warned in ((128, False), (64, True)):
+        with logged(logging.WARNING) as records:
+            merged = merge_hf_config(ModelConfig(from_hf=str(tmp_path), head_dim=head_dim), explicit={"head_dim"})
+        assert merged.kv_channels == head_dim and bool(records) == warned, [r.getMessage() for r in records]
+        assert dataclasses.replace(merged, head_dim=None).kv_channels == 128

@@ -85,7 +85,14 @@ def _check_supported(hf: dict, family: str) -> None:
     # 28: transformers' Qwen2Config default, which applies when config.json has no max_window_layers.
     layers, window_layers = int(_required(hf, "num_hidden_layers")), hf.get("max_window_layers", 28)
     sliding = hf.get("use_sliding_window") and hf.get("sliding_window", 4096)  # 4096: transformers' default
-    if sliding and (window_layers is None or int(window_layers) < layers):
+    layer_types = hf.get("layer_types")
+    if sliding and layer_types is not None:  # transformers >= 4.53 takes an explicit list over max_window_layers
+        slid = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+        if slid:
+            raise ConfigError(f"model.from_hf: use_sliding_window=true with layer_types naming "
+                              f"{len(slid)} sliding_attention layer(s) (first: {slid[0]}) is not supported (the "
+                              "model attends globally in every layer)")
+    elif sliding and (window_layers is None or int(window_layers) < layers):
         raise ConfigError(f"model.from_hf: use_sliding_window=true with max_window_layers={window_layers} < "
                           f"num_hidden_layers={layers} is not supported (the model attends globally in every layer)")
 
@@ -97,14 +104,20 @@ def model_fields_from_hf(hf: dict) -> dict:
     family = next((_FAMILIES[a] for a in archs if a in _FAMILIES), None)
     if family is None:
         raise ConfigError(f"model.from_hf: unsupported architectures {archs!r}; expected one of {list(_FAMILIES)}")
+    if family == "qwen3" and hf.get("head_dim") is None:
+        # transformers' Qwen3Config has head_dim=128 of its own (not hidden/heads, as Llama's and Qwen2's null means):
+        # a config.json without it builds 128-wide heads there
+        hf = {**hf, "head_dim": 128}
     _check_supported(hf, family)
     heads, head_dim = int(hf["num_attention_heads"]), hf.get("head_dim")
+    # Qwen2Config and Qwen3Config default an absent num_key_value_heads to 32 (null: one per head, MHA), Llama to MHA
+    kv_default = heads if family == "llama" or "num_key_value_heads" in hf else 32
     return {
         "family": family,
         "hidden_size": int(hf["hidden_size"]),
         "num_layers": int(hf["num_hidden_layers"]),
         "num_attention_heads": heads,
-        "num_query_groups": int(_optional(hf, "num_key_value_heads", heads)),  # transformers: None = MHA
+        "num_query_groups": int(_optional(hf, "num_key_value_heads", kv_default)),  # transformers: None = MHA
         "ffn_hidden_size": int(_required(hf, "intermediate_size")),
         "vocab_size": int(_required(hf, "vocab_size")),
         "max_position_embeddings": int(_optional(hf, "max_position_embeddings", 4096)),
@@ -121,6 +134,17 @@ def model_fields_from_hf(hf: dict) -> dict:
 
 def _shown(value) -> str:
     return format_value(dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value)
+
+
+def _same_field(model, fields: dict, explicit: set[str], key: str) -> bool:
+    """Whether the explicit ``model.<key>`` means config.json's value. ``head_dim``: null and hidden/heads are one
+    width (Qwen3-8B's config.json 128 = 4096/32 reads as null; a recipe spelling out 128 names the same model)."""
+    if key != "head_dim":
+        return getattr(model, key) == fields[key]
+    heads = model.num_attention_heads if "num_attention_heads" in explicit else fields["num_attention_heads"]
+    hidden = model.hidden_size if "hidden_size" in explicit else fields["hidden_size"]
+    width = [d if d is not None else hidden // max(heads, 1) for d in (model.head_dim, fields["head_dim"])]
+    return width[0] == width[1]
 
 
 def merge_hf_config(model, explicit: set[str]):
@@ -140,7 +164,7 @@ def merge_hf_config(model, explicit: set[str]):
     with open(path, encoding="utf-8") as fh:
         fields = model_fields_from_hf(json.load(fh))
     differ = [f"model.{k}={_shown(getattr(model, k))} (config.json: {_shown(v)})"
-              for k, v in fields.items() if k in explicit and getattr(model, k) != v]
+              for k, v in fields.items() if k in explicit and not _same_field(model, fields, explicit, k)]
     if differ and int(os.environ.get("RANK", "0")) == 0:
         _log.warning("model.from_hf=%s: explicit model fields differ from its config.json and are used instead: %s",
                      model.from_hf, "; ".join(differ))

@@ -138,7 +138,7 @@ def plan_memory(cfg, dp: int, num_microbatches: int, seq_length: float | None = 
         shard = dp * p.cp if p.distributed_optimizer else 1
         logits = width * 2 * 2 * seq / p.cp * mbs * vocab / p.tp if stage != "first" else 0.0
         flight = _in_flight(p, num_microbatches, stage)
-        linear_params = layers_here * (layer_params(m) - 2 * m.hidden_size) / p.tp
+        linear_params = layers_here * (layer_params(m) - _norm_params(m)) / p.tp
         plans[stage] = MemoryPlan(
             weights=2 * width * params / GIB,
             gradients=grad_bytes * params / GIB,
