@@ -1,4 +1,5 @@
-"""Tiny random HF models (Llama-3.1/3.2-, Qwen2- and Qwen3-like) and a tiny tokenizer for the convert tests.
+"""Tiny random HF models (Llama-3.1/3.2-, Qwen2-, Qwen3- and Mistral-like) and a tiny tokenizer for the convert
+tests.
 
 Weights are re-drawn with a large spread (not the 0.02 init) so that logits are O(1) and a wrong
 layout (e.g. QKV not interleaved per group) changes them far beyond the comparison tolerance.
@@ -35,6 +36,10 @@ CASES = {
     # review: tied, like Qwen3-0.6B (16 x 128 over 1024): queries twice the hidden width, kv 2
     "qwen3_tied_wide": ("qwen3", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                       tie_word_embeddings=True, rope_theta=1000000.0), torch.float32),
+    # Mistral (BioMistral's v0.1 base: a 4096-token window; here 64, longer than the test's rows, so that attention
+    # is global there as in the trainer); head_dim 24 over hidden 64 and 4 heads, like Mistral-Nemo's 128 over 5120/32
+    "mistral_untied": ("mistral", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                       sliding_window=64, tie_word_embeddings=False), torch.float32),
 }
 
 
@@ -61,7 +66,7 @@ def make_model(name: str, out_dir: str, seed: int = 0, num_layers: int = 2, max_
     family, overrides, dtype = CASES[name]
     common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers, max_position_embeddings=256,
                   rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
-    prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[family]
+    prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
     config_cls, model_cls = getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
     torch.manual_seed(seed)
     model = model_cls(config_cls(**common, **overrides)).eval()

@@ -182,7 +182,8 @@ def test_export_of_import_is_bit_identical(converted, name, suffix):
         assert os.path.isfile(os.path.join(out_dir, fname)), fname
 
 
-@pytest.mark.parametrize("name", ["llama31_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied", "qwen3_tied_wide"])
+@pytest.mark.parametrize("name", ["llama31_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied", "qwen3_tied_wide",
+                                  "mistral_untied"])
 def test_export_loads_with_transformers(converted, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

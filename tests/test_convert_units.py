@@ -180,8 +180,8 @@ def test_transformers5_rope_parameters_are_read(tmp_path):
 
 
 def test_unsupported_configs_are_rejected(tmp_path):
-    with pytest.raises(ConfigError, match="MistralForCausalLM"):
-        model_config_from_hf_dir(_write_config(tmp_path, architectures=["MistralForCausalLM"]))
+    with pytest.raises(ConfigError, match="GemmaForCausalLM"):  # (1 + weight) norms, GeGLU: another model
+        model_config_from_hf_dir(_write_config(tmp_path, architectures=["GemmaForCausalLM"]))
     with pytest.raises(ValueError, match="head_dim=31 is not a positive even number"):
         model_config_from_hf_dir(_write_config(tmp_path, head_dim=31))
     # a head_dim other than hidden/heads is read (megatron's kv_channels; transformers' Llama takes it too)

@@ -1,4 +1,4 @@
-"""Read a Hugging Face ``config.json`` (Llama-3.x, Qwen2.x, Qwen3 dense) into :class:`ModelConfig`."""
+"""Read a Hugging Face ``config.json`` (Llama-3.x, Qwen2.x, Qwen3 dense, Mistral) into :class:`ModelConfig`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ from bft_megatron.utils.logging import get_logger
 __all__ = ["model_fields_from_hf", "merge_hf_config", "legacy_rope_keys"]
 
 _log = get_logger(__name__)
-_FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+_FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+             "MistralForCausalLM": "mistral"}
+# transformers' default for a num_key_value_heads absent from config.json (a null one means one per head everywhere)
+_KV_HEADS_DEFAULT = {"qwen2": 32, "qwen3": 32, "mistral": 8}
+MISTRAL_WINDOW_DEFAULT = 4096  # MistralConfig's sliding_window when config.json has none (null: no window)
 
 
 def _rope_scaling(raw):
@@ -68,7 +72,7 @@ def _check_supported(hf: dict, family: str) -> None:
     heads, hidden = int(_required(hf, "num_attention_heads")), int(_required(hf, "hidden_size"))
     biased = [k for k in ("attention_bias", "mlp_bias") if hf.get(k) and family != "qwen2"]
     if biased:  # Llama's and Qwen3's attention_bias also biases o_proj, which megatron's qkv bias does not cover
-        name = "Llama" if family == "llama" else "Qwen3"
+        name = {"llama": "Llama", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
         raise ConfigError(f"model.from_hf: {'/'.join(f'{k}=true' for k in biased)} ({name} with biases on its "
                           f"{'q/k/v/o projections' if biased[0] == 'attention_bias' else 'MLP'}) is not supported; "
                           "biases on q/k/v only are Qwen2's layout (Qwen2ForCausalLM)")
@@ -110,8 +114,7 @@ def model_fields_from_hf(hf: dict) -> dict:
         hf = {**hf, "head_dim": 128}
     _check_supported(hf, family)
     heads, head_dim = int(hf["num_attention_heads"]), hf.get("head_dim")
-    # Qwen2Config and Qwen3Config default an absent num_key_value_heads to 32 (null: one per head, MHA), Llama to MHA
-    kv_default = heads if family == "llama" or "num_key_value_heads" in hf else 32
+    kv_default = heads if "num_key_value_heads" in hf else _KV_HEADS_DEFAULT.get(family, heads)
     return {
         "family": family,
         "hidden_size": int(hf["hidden_size"]),
@@ -129,7 +132,15 @@ def model_fields_from_hf(hf: dict) -> dict:
         # only where it differs from hidden/heads (Qwen3-32B: 128, not 5120/64), so that a Llama config stays null
         "head_dim": int(head_dim) if head_dim is not None and int(head_dim) * heads != int(hf["hidden_size"]) else None,
         "qk_norm": family == "qwen3",
+        "sliding_window": _mistral_window(hf) if family == "mistral" else None,  # Qwen's windows: refused above
     }
+
+
+def _mistral_window(hf: dict) -> int | None:
+    """Mistral's attention window: every layer slides (no use_sliding_window switch); an absent key is
+    MistralConfig's default, a null one no window (Mistral v0.2+, Nemo)."""
+    window = hf.get("sliding_window", MISTRAL_WINDOW_DEFAULT)
+    return None if window is None else int(window)
 
 
 def _shown(value) -> str:

@@ -33,6 +33,18 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+_HF_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
+
+
+def _check_window(cfg: Config) -> None:
+    """A Mistral model with a sliding window trains exactly only on rows that fit in the window: the trainer's
+    attention is global (causal within each sample), which is the window's function up to its length."""
+    w, seq = cfg.model.sliding_window, cfg.data.seq_length
+    _require(w is None or seq <= w, f"data.seq_length={seq} exceeds model.sliding_window={w}: the model attends to "
+                                    f"the last {w} tokens only, the trainer to the whole row (no sliding window "
+                                    f"here); set data.seq_length <= {w}")
+
+
 def _check_model(m) -> None:
     for name in ("hidden_size", "num_layers", "num_attention_heads", "ffn_hidden_size", "vocab_size",
                  "max_position_embeddings"):
@@ -58,9 +70,13 @@ def _check_model(m) -> None:
     # model.family names the HF architecture of the export: its attention biases must be what that class builds.
     _require(m.family != "qwen2" or m.qkv_bias, "model.qkv_bias=false with model.family=qwen2: Qwen2 attention "
              "always has q/k/v biases (and the export would not match the weights); set model.qkv_bias=true")
-    _require(m.family not in ("llama", "qwen3") or not m.qkv_bias, f"model.qkv_bias=true with model.family="
-             f"{m.family}: HF {'Llama' if m.family == 'llama' else 'Qwen3'}'s attention_bias also adds an o_proj bias "
-             "this model does not have, so its export would not load; use model.family=qwen2 for q/k/v biases")
+    why = ("HF Mistral's attention has no biases" if m.family == "mistral" else f"HF {_HF_NAMES.get(m.family)}'s "
+           "attention_bias also adds an o_proj bias this model does not have")
+    _require(m.family == "qwen2" or not m.qkv_bias, f"model.qkv_bias=true with model.family={m.family}: {why}, so "
+             "its export would not load; use model.family=qwen2 for q/k/v biases")
+    _require(m.sliding_window is None or (m.family == "mistral" and m.sliding_window >= 1),
+             f"model.sliding_window={m.sliding_window} with model.family={m.family}: only Mistral's export has a "
+             "sliding window (>= 1), and the trainer attends over whole samples; leave it null")
     _require((m.family == "qwen3") == m.qk_norm, f"model.qk_norm={str(m.qk_norm).lower()} with model.family="
              f"{m.family}: of the exported architectures only Qwen3 normalises query and key heads (q_norm, k_norm); "
              + ("set model.qk_norm=true" if m.family == "qwen3" else "use model.family=qwen3 for it"))
@@ -238,6 +254,7 @@ def validate(cfg: Config, world_size: int, require_te: bool = True) -> Layout:
     if bad:
         raise ConfigError(f"{bad[0][0]} must be a finite number, got {bad[0][1]}")
     _check_model(cfg.model)
+    _check_window(cfg)
     dp = _check_parallel(cfg, world_size)
     num_micro = _check_train(cfg, dp, require_te)
     _check_loss_ckpt(cfg)

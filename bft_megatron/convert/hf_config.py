@@ -30,8 +30,8 @@ _log = get_logger(__name__)
 # What a template config.json must agree on with the exported weights: everything that changes the model's
 # outputs (max_position_embeddings does not: a run may train at another context length).
 _ARCH_FIELDS = ("family", "hidden_size", "num_layers", "num_attention_heads", "kv_groups", "ffn_hidden_size",
-                "vocab_size", "tie_embeddings", "qkv_bias", "kv_channels", "qk_norm", "rope_theta", "rope_scaling",
-                "norm_epsilon")
+                "vocab_size", "tie_embeddings", "qkv_bias", "kv_channels", "qk_norm", "sliding_window", "rope_theta",
+                "rope_scaling", "norm_epsilon")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -65,7 +65,7 @@ def _llama3_rope_scaling(rs) -> dict:
 
 
 def _synthesised_config(m: ModelConfig) -> dict:
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     kwargs = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
                   num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
@@ -77,6 +77,9 @@ def _synthesised_config(m: ModelConfig) -> dict:
     if m.family == "qwen3":
         cfg = Qwen3Config(attention_bias=False, **kwargs)
         cfg.architectures = ["Qwen3ForCausalLM"]
+    elif m.family == "mistral":
+        cfg = MistralConfig(sliding_window=m.sliding_window, **kwargs)
+        cfg.architectures = ["MistralForCausalLM"]
     elif m.family == "qwen2":
         cfg = Qwen2Config(**kwargs)
         cfg.architectures = ["Qwen2ForCausalLM"]

@@ -1,4 +1,4 @@
-"""Declarative HF <-> megatron-core parameter name table for Llama-3.x, Qwen2.x and Qwen3 (dense).
+"""Declarative HF <-> megatron-core parameter name table for Llama-3.x, Qwen2.x, Qwen3 (dense) and Mistral.
 
 Megatron names are *layer-local* (``self_attention.linear_qkv.weight``) for per-layer rules and
 model-global (``embedding.word_embeddings.weight``) for the others. In a model's ``state_dict`` a

@@ -1,4 +1,4 @@
-"""megatron-core GPTModel construction for Llama-3.x and Qwen2.x."""
+"""megatron-core GPTModel construction for Llama-3.x, Qwen2.x, Qwen3 and Mistral."""
 
 from bft_megatron.model.builder import build_model_chunks, padded_vocab_size, transformer_config
 
