@@ -130,11 +130,12 @@ if __name__ == "__main__":
     for sig in (signal.SIGTERM, signal.SIGUSR1):       # the trainer's ExitRequest handles both
         signal.signal(sig, lambda *_: None)
     pipeline.available_cores = lambda: 2               # a pool of two whatever this machine has
-    results = pipeline._encoded(DataConfig(tokenizer=%(sp)r, num_workers=2), chunks(sys.argv[1]))
-    done = [next(results)]
-    if sys.argv[1] == "running":                       # a worker has run: every later chunk is queued for them
-        signal_the_group()
-    done += list(results)
+    with pipeline._encoder(DataConfig(tokenizer=%(sp)r, num_workers=2)) as encode:
+        results = encode(chunks(sys.argv[1]))
+        done = [next(results)]
+        if sys.argv[1] == "running":                   # a worker has run: every later chunk is queued for them
+            signal_the_group()
+        done += list(results)
     print("chunks:", len(done))
 """
 
@@ -153,3 +154,29 @@ def test_pool_workers_outlive_the_exit_signals_sent_to_the_process_group(tmp_pat
     proc = subprocess.run([sys.executable, str(tmp_path / "job.py"), when], capture_output=True, text=True,
                           timeout=180, cwd=repo, env=env, start_new_session=True)
     assert proc.returncode == 0 and "chunks: 120" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+def test_one_worker_pool_serves_every_source_of_a_split(tmp_path, monkeypatch):
+    """Each pool worker imports the data layer and loads the tokenizer (seconds at 16 workers): a pool per source
+    repeated that for every source of a mix. The output is the one-process output."""
+    from bft_megatron.data import pipeline
+
+    pools = []
+    spawn = pipeline.mp.get_context("spawn")
+
+    class Counting:
+        def Pool(self, *args, **kwargs):  # noqa: N802 (multiprocessing's name)
+            pools.append(args[0])
+            return spawn.Pool(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline.mp, "get_context", lambda method: Counting())
+    monkeypatch.setattr(pipeline, "available_cores", lambda: 2)
+    sources = [SourceConfig(str(write_jsonl(tmp_path / f"{i}.jsonl", synthetic_chats(30, seed=i)))) for i in range(3)]
+    outputs = {}
+    for workers in (2, 1):
+        cfg = DataConfig(train=sources, valid=sources[:1], tokenizer=DEMO_SP, seq_length=256,
+                         output_dir=str(tmp_path / f"w{workers}"), num_workers=workers)
+        run(cfg)
+        outputs[workers] = [(tmp_path / f"w{workers}" / s / "tokens.npy").read_bytes() for s in ("train", "valid")]
+    assert pools == [2, 2]  # one per split (train: 3 sources, valid: 1), none without workers
+    assert outputs[2] == outputs[1]

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
@@ -45,6 +45,7 @@ LOCK_POLL_S = 2.0
 CHUNK = 64  # conversations per worker task: large enough to amortise pickling, small for a smooth bar
 
 _WORKER: dict[str, Any] = {}
+ChunkResults = list[tuple[str, Any, Any, str | None]]  # _encode_chunk's results for one chunk
 
 
 def _init_worker(tokenizer: str, template: str, supervise: str, reasoning_format: str) -> None:
@@ -58,7 +59,7 @@ def _init_pool_worker(tokenizer: str, template: str, supervise: str, reasoning_f
     _init_worker(tokenizer, template, supervise, reasoning_format)
 
 
-def _encode_chunk(chunk: list[Conversation]) -> list[tuple[str, Any, Any, str | None]]:
+def _encode_chunk(chunk: list[Conversation]) -> ChunkResults:
     """("ok", tokens, mask, control-token text found or None) or ("error", origin, message, None) per
     conversation, in order."""
     out: list[tuple[str, Any, Any, str | None]] = []
@@ -120,20 +121,22 @@ def _workers(cfg: DataConfig) -> int:
     return min(cfg.num_workers, cores)
 
 
-def _encoded(cfg: DataConfig,
-             chunks: Iterator[list[Conversation]]) -> Iterator[list[tuple[str, Any, Any, str | None]]]:
-    """Ordered results; a pool only when more than one worker runs."""
+@contextlib.contextmanager
+def _encoder(cfg: DataConfig) -> Iterator[Callable[[Iterable[list[Conversation]]], Iterator[ChunkResults]]]:
+    """A function from chunks to their results, in order, for every source of a split: one pool of workers (when
+    more than one runs), started once, not per source (each worker imports the data layer and loads the tokenizer:
+    seconds each)."""
     workers, init = _workers(cfg), (cfg.tokenizer, cfg.template, cfg.supervise, cfg.reasoning_format)
     if workers <= 1:
         _init_worker(*init)
-        yield from map(_encode_chunk, chunks)
+        yield lambda chunks: map(_encode_chunk, chunks)
         return
     with mp.get_context("spawn").Pool(workers, _init_pool_worker, init) as pool:
-        yield from pool.imap(_encode_chunk, chunks)
+        yield lambda chunks: pool.imap(_encode_chunk, chunks)
 
 
 def _tokenize_source(cfg: DataConfig, src: SourceConfig, stream: SampleStream, stats: SplitStats,
-                     cache_dir: str, bar: RecordProgress) -> list[int]:
+                     cache_dir: str, bar: RecordProgress, encode_chunks) -> list[int]:
     """Append one source's samples to ``stream``; return their stream indices.
 
     A sample's id is its record ordinal over all sources of the split, so it traces back to a source
@@ -145,7 +148,7 @@ def _tokenize_source(cfg: DataConfig, src: SourceConfig, stream: SampleStream, s
     skipped_before, unparsed_before = stats.skips.total, _unparsed(stats.skips)
     log.info("reading %s (weight %s)", src.path, src.weight)
     convs = _conversations(src, cfg.reasoning_format, stats.skips, cache_dir, stats.parsed, ordinals, seen)
-    for results in _encoded(cfg, _chunks(convs)):
+    for results in encode_chunks(_chunks(convs)):
         for kind, a, b, special in results:
             bar.update(1)
             ordinal = ordinals.popleft()  # results arrive in submission order
@@ -224,8 +227,8 @@ def _prepare_into(out: Path, cfg: DataConfig, split: str, sources: list[SourceCo
     try:
         mode = progress_mode(progress)
         total = count_records(sources) if mode != "off" else None
-        with RecordProgress(f"tokenize {split}", total, mode) as bar:
-            per_source = [_tokenize_source(cfg, s, stream, stats, cache_dir, bar) for s in sources]
+        with RecordProgress(f"tokenize {split}", total, mode) as bar, _encoder(cfg) as encode_chunks:
+            per_source = [_tokenize_source(cfg, s, stream, stats, cache_dir, bar, encode_chunks) for s in sources]
         stats.seconds = time.perf_counter() - start
         tokens, mask = stream.close()
         if not stream.lengths:
