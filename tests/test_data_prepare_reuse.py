@@ -131,3 +131,81 @@ def test_a_split_the_index_cannot_vouch_for_is_rebuilt(prepared, capsys):
     index_path.write_text(json.dumps(index))
     _, messages = _run(args, capsys)
     assert any("is rebuilt: its index.json does not record data.reasoning_format" in m for m in messages), messages
+
+
+def test_a_kept_split_records_where_its_tokenizer_and_sources_are_now(prepared, capsys, tmp_path):
+    """The same tokenizer and source files (by content) moved: the split is kept, and its index.json names them
+    where they are now, as a rebuild would. The exporter and the checkpoint's hf/ copy take the tokenizer of data
+    prepared into data.output_dir from that record: the old path, gone, exported no tokenizer."""
+    from bft_megatron.convert.sources import training_tokenizer
+
+    args, src, out, _ = prepared
+    (tmp_path / "moved").mkdir()
+    tok = shutil.copy(DEMO_SP, tmp_path / "moved")  # its file name is part of its fingerprint
+    moved_src = shutil.move(src, tmp_path / "moved" / "chats.jsonl")
+    before = _inode(out)
+    _, messages = _run(["--input", str(moved_src), "--tokenizer", str(tok)] + args[4:], capsys)
+    assert _inode(out) == before and any("recorded the tokenizer's path" in m for m in messages), messages
+    index = json.loads((out / "train" / "index.json").read_text())
+    assert index["tokenizer"]["path"] == str(tok) and index["sources"][0]["path"] == str(moved_src)
+    assert index["sources"][0]["files"][0]["name"] == "chats.jsonl"
+    assert index["stats"]["per_source"][0]["path"] == str(moved_src)
+    assert training_tokenizer({"data": {"output_dir": str(out)}}) == str(tok)
+    _, messages = _run(["--input", str(moved_src), "--tokenizer", str(tok)] + args[4:], capsys)
+    assert _inode(out) == before and not any("recorded" in m for m in messages)  # nothing more to record
+
+
+def test_an_up_to_date_output_directory_is_not_written_to(prepared, capsys, monkeypatch):
+    """Every split kept: no scratch directory is made in the output directory (a team's prepared data, read-only to
+    this user, failed with a PermissionError traceback although nothing was to be prepared)."""
+    from bft_megatron.data import pipeline
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", kwargs.get("dir"))
+
+    monkeypatch.setattr(pipeline.tempfile, "TemporaryDirectory", refused)
+    args, _, out, _ = prepared
+    again, _ = _run(args, capsys)
+    assert again.startswith(f"up to date: {out} ")
+
+
+def test_a_kept_split_with_skipped_records_does_not_promise_their_names(tmp_path, capsys):
+    src = write_jsonl(tmp_path / "in.jsonl", CHATS, raw_lines=["{not json"])
+    args = ["--input", str(src), "--tokenizer", DEMO_SP, "--output", str(tmp_path / "o"), "--on-error", "skip"] + RUN
+    first, messages = _run(args, capsys)
+    assert "skipped: " in first and any("the summary names the first ones" in m for m in messages)
+    again, messages = _run(args, capsys)
+    assert "skipped: " not in again and not any("the summary names the first ones" in m for m in messages)
+    assert any("records only their counts: --force rebuilds it naming the first ones" in m for m in messages)
+
+
+def test_an_interrupted_run_does_not_call_a_kept_split_published(prepared, capsys, monkeypatch, tmp_path):
+    """Train kept (its index.json rewritten with a touched source's new mtime), valid interrupted: nothing was
+    published by this run."""
+    from bft_megatron.data import pipeline
+
+    args, src, out, _ = prepared
+    os.utime(src, ns=(10**18, 10**18))
+    real = pipeline.prepare_split
+
+    def interrupted(cfg, split, *rest, **kwargs):
+        if split == "valid":
+            raise KeyboardInterrupt
+        return real(cfg, split, *rest, **kwargs)
+
+    monkeypatch.setattr(pipeline, "prepare_split", interrupted)
+    with logged(logging.INFO) as records:
+        assert main(args + ["--valid", str(src)]) == 130
+    messages = [r.getMessage() for r in records]
+    assert any("recorded the new mtimes" in m for m in messages)
+    assert "prepare interrupted: no split was published (one prepared before is kept as it was)" in messages
+
+
+def test_a_valid_split_left_from_an_earlier_run_is_named_beside_a_kept_train_split(prepared, capsys):
+    """`prepare` run again without --valid: train/ is up to date and kept, and the valid/ of an earlier run with
+    --valid stays beside it, which the trainer validates on: said, as when train/ is rebuilt."""
+    args, src, _, _ = prepared
+    _run(args + ["--valid", str(src)], capsys)
+    _, messages = _run(args, capsys)
+    assert any("was kept from an earlier preparation" in m and "beside the kept train/ split" in m
+               and "delete it to train without validation" in m for m in messages), messages

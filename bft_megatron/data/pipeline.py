@@ -312,9 +312,10 @@ def prepare_all(cfg: DataConfig, progress: bool | str = True, cache_dir: str | N
                 wanted = {split: sources for split, sources in wanted.items() if split not in results}
             if locked:
                 remove_stale_staging(Path(cfg.output_dir))
-            with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=_scratch_parent(cfg)) as tmp:
-                for split, sources in wanted.items():
-                    results[split] = prepare_split(cfg, split, sources, tok, cache_dir or tmp, progress)
+            if wanted:  # else nothing to write (every split kept: the output directory may be another user's)
+                with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=_scratch_parent(cfg)) as tmp:
+                    for split, sources in wanted.items():
+                        results[split] = prepare_split(cfg, split, sources, tok, cache_dir or tmp, progress)
     except BaseException:
         _remove_empty_outputs(cfg.output_dir, list(wanted), made_output_dir)
         raise

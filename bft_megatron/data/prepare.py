@@ -129,8 +129,10 @@ def preparation_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> lis
                 out.append(f"[{split}] {n} of {total} samples ({n / total:.1%}) were {hint.format(L=cfg.seq_length)}")
         skipped = st.skips.total
         if skipped and skipped >= NOTABLE_SHARE * st.records:
+            where = ("the split was kept, and its index.json records only their counts: --force rebuilds it "
+                     "naming the first ones" if st.reused else "the summary names the first ones")
             out.append(f"[{split}] {skipped} of {st.records} records ({skipped / st.records:.1%}) were skipped as "
-                       "unusable (data.on_error=skip); the summary names the first ones")
+                       f"unusable (data.on_error=skip); {where}")
         if st.special_text:
             out.append(_special_text_warning(split, st))
         if cfg.num_workers == 1 and st.seconds >= SLOW_SECONDS and cores > 1:
@@ -180,8 +182,10 @@ def _published_since(output_dir: str, start: float) -> str:
     """Which splits this run published before it was interrupted (train is done before valid begins)."""
     from bft_megatron.data.storage import INDEX
 
-    done = [split for split in ("train", "valid")
-            if os.path.isfile(index := os.path.join(output_dir, split, INDEX)) and os.stat(index).st_mtime >= start]
+    # by its arrays' age: a kept split's index.json may have been rewritten (the new mtimes or paths it records)
+    done = [split for split in ("train", "valid") if os.path.isfile(os.path.join(output_dir, split, INDEX))
+            and os.path.isfile(tokens := os.path.join(output_dir, split, "tokens.npy"))
+            and os.stat(tokens).st_mtime >= start]
     if not done:
         return "no split was published (one prepared before is kept as it was)"
     return f"{' and '.join(done)} {'was' if len(done) == 1 else 'were'} published before it; the rest was not"
@@ -209,10 +213,10 @@ def _stale_split_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> li
     problem = splits_disagree(cfg.output_dir, read_index(os.path.join(cfg.output_dir, "train")), read_index(valid))
     if problem:  # names both values and the way out; the trainer raises with the same text
         return [f"{problem}\nThe trainer refuses this directory until then."]
-    if results["train"].reused:  # nothing changed beside it
-        return []
+    beside = "the kept" if results["train"].reused else "the new"
     return [f"{valid} was kept from an earlier preparation (same template, supervise, reasoning format and "
-            "tokenizer): the trainer validates on it beside the new train/ split; pass --valid to rebuild it too"]
+            f"tokenizer): the trainer validates on it beside {beside} train/ split; pass --valid to rebuild it too, "
+            f"or delete it to train without validation"]
 
 
 def run(cfg: DataConfig, progress: bool | str = False, splits: list[str] | None = None) -> dict[str, Any]:

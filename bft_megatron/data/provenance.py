@@ -41,6 +41,7 @@ __all__ = ["PreparedDataMismatch", "RULES_VERSION", "source_record", "compare", 
            "unchecked_message", "splits_disagree", "record_new_mtimes", "rebuild_reason"]
 
 _log = get_logger(__name__)
+MTIMES = "the new mtimes of sources touched since preparation (contents unchanged)"
 
 # The rules that turn records into tokens and masks, recorded in index.json: bumped when the same sources and
 # settings would now give other tokens or masks, so that data prepared by an older version is not reused unnoticed.
@@ -256,23 +257,46 @@ def unchecked_message(directory: str | os.PathLike[str], unchecked: list[str]) -
             "prepare it again with a complete record.")
 
 
-def record_new_mtimes(directory: str | os.PathLike[str], index: dict[str, Any], recorded: str) -> None:
+def record_new_mtimes(directory: str | os.PathLike[str], index: dict[str, Any], recorded: str,
+                      what: str = MTIMES) -> None:
     """Sources touched but unchanged (sha256) since preparation (``compare`` updated ``index``): keep their new
     mtimes in ``index.json``, so the next check compares stat() results instead of hashing them again. Best effort
     (read-only data), and only if ``index.json`` is still what was read (``recorded``, its sorted JSON): another job
     may have rebuilt the split meanwhile (a rebuild moves a new directory into place; a rebuild finishing between
     this check and the write would get the old index, which the next checks then refuse as not describing its
-    arrays or sources)."""
+    arrays or sources). ``what``: what ``index`` records anew, for the log (a kept split's paths, too)."""
     try:
         if json.dumps(storage.read_index(directory), sort_keys=True) != recorded:
-            _log.info("%s: index.json changed since it was read; not recording source mtimes", directory)
+            _log.info("%s: index.json changed since it was read; not recording %s", directory, what)
             return
         storage.publish_index(Path(directory), index)
     except (OSError, ValueError) as err:
-        _log.info("%s: sources touched since preparation (contents unchanged) are hashed on every check; could "
-                  "not record their new mtimes (%s)", directory, err)
+        hashed = " (sources touched since preparation are hashed on every check)" if what == MTIMES else ""
+        _log.info("%s: could not record %s%s (%s)", directory, "their new mtimes" if what == MTIMES else what,
+                  hashed, err)
         return
-    _log.info("%s: recorded the new mtimes of sources touched since preparation (contents unchanged)", directory)
+    _log.info("%s: recorded %s", directory, what)
+
+
+def _record_paths(index: dict[str, Any], cfg: DataConfig, sources: list[SourceConfig]) -> list[str]:
+    """Give a kept split's ``index`` the tokenizer and source paths a rebuild would record (the same tokenizer and
+    files, found by content, may have moved): the exporter and the checkpoint's ``hf/`` copy find the tokenizer of
+    data prepared into ``data.output_dir`` by its recorded path. Returns what changed."""
+    changed = []
+    tok = index.get("tokenizer", {})
+    if tok.get("path") != cfg.tokenizer:
+        changed.append(f"the tokenizer's path {cfg.tokenizer} (was {tok.get('path')})")
+        tok["path"] = cfg.tokenizer
+    per_source = index.get("stats", {}).get("per_source", [])
+    for i, (rec, src) in enumerate(zip(index["sources"], sources)):
+        if rec["path"] != src.path:
+            changed.append(f"data.{index.get('split')}[{i}]'s path {src.path} (was {rec['path']})")
+            rec["path"] = src.path
+            if not os.path.isdir(src.path) and len(rec.get("files", [])) == 1:  # a single file, maybe renamed
+                rec["files"][0]["name"] = Path(src.path).name
+        if i < len(per_source):
+            per_source[i]["path"] = src.path
+    return changed
 
 
 def rebuild_reason(directory: str | os.PathLike[str], cfg: DataConfig, split: str,
@@ -294,6 +318,9 @@ def rebuild_reason(directory: str | os.PathLike[str], cfg: DataConfig, split: st
     hub = [src.path for src, rec in zip(sources, index["sources"]) if "files" not in rec]
     if hub:
         return f"{', '.join(hub)}: a hub dataset's revision is not recorded, so it is read again"
-    if json.dumps(index, sort_keys=True) != recorded:
-        record_new_mtimes(directory, index, recorded)
+    touched = json.dumps(index, sort_keys=True) != recorded  # compare() took the new mtimes of unchanged files
+    moved = _record_paths(index, cfg, sources)
+    if touched or moved:
+        what = ([MTIMES] if touched else []) + moved
+        record_new_mtimes(directory, index, recorded, what="; ".join(what))
     return None
