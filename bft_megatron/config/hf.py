@@ -9,11 +9,12 @@ import os
 from bft_megatron.config.base import ConfigError, format_value
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["model_fields_from_hf", "merge_hf_config", "legacy_rope_keys"]
+__all__ = ["model_fields_from_hf", "merge_hf_config", "legacy_rope_keys", "HF_NAMES"]
 
 _log = get_logger(__name__)
 _FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
              "MistralForCausalLM": "mistral"}
+HF_NAMES = {family: arch.removesuffix("ForCausalLM") for arch, family in _FAMILIES.items()}  # qwen3 -> Qwen3
 # transformers' default for a num_key_value_heads absent from config.json (a null one means one per head everywhere)
 _KV_HEADS_DEFAULT = {"qwen2": 32, "qwen3": 32, "mistral": 8}
 MISTRAL_WINDOW_DEFAULT = 4096  # MistralConfig's sliding_window when config.json has none (null: no window)
@@ -72,9 +73,9 @@ def _check_supported(hf: dict, family: str) -> None:
     heads, hidden = int(_required(hf, "num_attention_heads")), int(_required(hf, "hidden_size"))
     biased = [k for k in ("attention_bias", "mlp_bias") if hf.get(k) and family != "qwen2"]
     if biased:  # Llama's and Qwen3's attention_bias also biases o_proj, which megatron's qkv bias does not cover
-        name = {"llama": "Llama", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
-        raise ConfigError(f"model.from_hf: {'/'.join(f'{k}=true' for k in biased)} ({name} with biases on its "
-                          f"{'q/k/v/o projections' if biased[0] == 'attention_bias' else 'MLP'}) is not supported; "
+        where = "q/k/v/o projections" if biased[0] == "attention_bias" else "MLP"
+        raise ConfigError(f"model.from_hf: {'/'.join(f'{k}=true' for k in biased)} ({HF_NAMES[family]} with biases "
+                          f"on its {where}) is not supported; "
                           "biases on q/k/v only are Qwen2's layout (Qwen2ForCausalLM)")
     act = hf.get("hidden_act", "silu")  # Llama's and Qwen2's default
     if act not in ("silu", "swish"):  # the MLP megatron builds here is SwiGLU: another activation, another model
@@ -152,10 +153,8 @@ def _same_field(model, fields: dict, explicit: set[str], key: str) -> bool:
     width (Qwen3-8B's config.json 128 = 4096/32 reads as null; a recipe spelling out 128 names the same model)."""
     if key != "head_dim":
         return getattr(model, key) == fields[key]
-    heads = model.num_attention_heads if "num_attention_heads" in explicit else fields["num_attention_heads"]
-    hidden = model.hidden_size if "hidden_size" in explicit else fields["hidden_size"]
-    width = [d if d is not None else hidden // max(heads, 1) for d in (model.head_dim, fields["head_dim"])]
-    return width[0] == width[1]
+    merged = dataclasses.replace(model, **{k: v for k, v in fields.items() if k not in explicit})
+    return merged.kv_channels == dataclasses.replace(merged, head_dim=fields["head_dim"]).kv_channels
 
 
 def merge_hf_config(model, explicit: set[str]):

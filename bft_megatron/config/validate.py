@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from bft_megatron.config.base import ConfigError, format_value, non_finite_floats
+from bft_megatron.config.hf import HF_NAMES
 from bft_megatron.config.schema import Config
 
 __all__ = ["Layout", "validate", "config_warnings", "error_hint", "have_transformer_engine"]
@@ -31,9 +32,6 @@ def have_transformer_engine() -> bool:
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
-
-
-_HF_NAMES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
 
 
 def _check_window(cfg: Config) -> None:
@@ -70,7 +68,7 @@ def _check_model(m) -> None:
     # model.family names the HF architecture of the export: its attention biases must be what that class builds.
     _require(m.family != "qwen2" or m.qkv_bias, "model.qkv_bias=false with model.family=qwen2: Qwen2 attention "
              "always has q/k/v biases (and the export would not match the weights); set model.qkv_bias=true")
-    why = ("HF Mistral's attention has no biases" if m.family == "mistral" else f"HF {_HF_NAMES.get(m.family)}'s "
+    why = ("HF Mistral's attention has no biases" if m.family == "mistral" else f"HF {HF_NAMES[m.family]}'s "
            "attention_bias also adds an o_proj bias this model does not have")
     _require(m.family == "qwen2" or not m.qkv_bias, f"model.qkv_bias=true with model.family={m.family}: {why}, so "
              "its export would not load; use model.family=qwen2 for q/k/v biases")

@@ -28,10 +28,6 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat((t, t.new_zeros(rows - t.shape[0], *t.shape[1:])))
 
 
-def _head_dim(m: ModelConfig) -> int:
-    return m.kv_channels
-
-
 def to_megatron(rule: Rule, read: Callable[[str], torch.Tensor], m: ModelConfig, layer: int | None,
                 padded_vocab: int) -> torch.Tensor:
     """One megatron tensor (global layout, ``[gate; up]`` for fc1) from the HF tensors of ``rule``.
@@ -41,7 +37,7 @@ def to_megatron(rule: Rule, read: Callable[[str], torch.Tensor], m: ModelConfig,
     names = rule.hf_names(layer)
     if rule.kind == "qkv":
         q, k, v = (read(n) for n in names)
-        return merge_qkv(q, k, v, m.num_attention_heads, m.kv_groups, _head_dim(m))
+        return merge_qkv(q, k, v, m.num_attention_heads, m.kv_groups, m.kv_channels)
     if rule.kind == "gate_up":
         gate, up = (read(n) for n in names)
         return merge_gate_up(gate, up, tp=1)
@@ -58,7 +54,7 @@ def to_hf(rule: Rule, tensor: torch.Tensor, m: ModelConfig, layer: int | None,
     """HF ``(name, tensor)`` pairs from one megatron tensor (global layout; see module doc for fc1)."""
     names = rule.hf_names(layer)
     if rule.kind == "qkv":
-        return list(zip(names, split_qkv(tensor, m.num_attention_heads, m.kv_groups, _head_dim(m))))
+        return list(zip(names, split_qkv(tensor, m.num_attention_heads, m.kv_groups, m.kv_channels)))
     if rule.kind == "gate_up":
         return list(zip(names, split_gate_up(tensor, tp=fc1_tp)))
     if rule.kind == "vocab":

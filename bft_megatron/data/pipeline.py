@@ -62,7 +62,7 @@ def _init_pool_worker(tokenizer: str, template: str, supervise: str, reasoning_f
 def _encode_chunk(chunk: list[Conversation]) -> ChunkResults:
     """("ok", tokens, mask, control-token text found or None) or ("error", origin, message, None) per
     conversation, in order."""
-    out: list[tuple[str, Any, Any, str | None]] = []
+    out: ChunkResults = []
     for conv in chunk:
         try:
             enc = encode(conv, _WORKER["template"], _WORKER["tok"], _WORKER["supervise"])
