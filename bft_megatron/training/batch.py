@@ -29,6 +29,7 @@ import torch
 from bft_megatron.config.validate import packed_row_multiple
 from bft_megatron.data.collate import collate, round_up
 from bft_megatron.data.loader import GlobalBatchSampler
+from bft_megatron.loss.units import unit_counts
 from bft_megatron.parallel.context_parallel import split_for_cp
 from bft_megatron.utils.logging import get_logger
 
@@ -48,6 +49,8 @@ class MicroBatch:
     cu_seqlens: torch.Tensor | None  # [S+1] int64 global (padded) sample boundaries of the row; None = padded
     max_seqlen: int = 0  # longest segment (THD attention needs it as a host int)
     poison: bool = False  # fault injection (tests): the loss of this micro-batch becomes NaN
+    # [2] int64 (supervised tokens, samples with one) of the whole micro-batch, all CP shards: loss.units
+    units: torch.Tensor | None = None
 
     def packed_seq_params(self):
         """THD view for Transformer Engine attention."""
@@ -102,9 +105,10 @@ def to_micro_batch(d: dict, device: torch.device, *, total: int, pad_id: int, cp
     cu = d["cu_seqlens"].long() if packed else None
     fields = {"tokens": d["tokens"].long(), "labels": d["labels"].long(), "loss_mask": d["loss_mask"].float(),
               "position_ids": d["position_ids"].long()}
+    units = unit_counts(fields["loss_mask"], cu)
     if cp_size > 1:
         fields = {k: split_for_cp(v, cp_size, cp_rank, cu) for k, v in fields.items()}
-    fields["cu_seqlens"] = cu
+    fields["cu_seqlens"], fields["units"] = cu, units
 
     def move(t: torch.Tensor | None) -> torch.Tensor | None:
         # CUDA: pinned host memory, so the copy is truly asynchronous (a copy from pageable memory

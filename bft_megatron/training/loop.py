@@ -18,8 +18,9 @@ import torch.distributed as dist
 from bft_megatron.config.schema import Config
 from bft_megatron.config.validate import Layout
 from bft_megatron.loss import MetricPartials, reduce_metrics
+from bft_megatron.loss.units import UNIT_INDEX
 from bft_megatron.parallel.bootstrap import ParallelGroups
-from bft_megatron.training.batch import StepData
+from bft_megatron.training.batch import MicroBatch, StepData
 from bft_megatron.training.progress import ProgressLog, reporter_rank, to_rank0
 from bft_megatron.training.step import make_forward_step
 from bft_megatron.utils.logging import get_logger
@@ -118,13 +119,26 @@ class Trainer:
         iters = [iter(micro) for _ in self.model]
         fwd_bwd = get_forward_backward_func(pp_size=self.groups.pp_size, vp_size=self.groups.vp_size)
         cp_group = self.groups.cp if self.groups.cp_size > 1 else None
-        step_fn = make_forward_step(self._loss_cfg(), self.groups.tp, cp_group, self.cfg.train.bf16,
-                                    vocab_size=self.cfg.model.vocab_size)
+        loss_cfg = self._loss_cfg()
+        step_fn = make_forward_step(loss_cfg, self.groups.tp, cp_group, self.cfg.train.bf16,
+                                    vocab_size=self.cfg.model.vocab_size,
+                                    loss_scale=None if forward_only else self._loss_scale(micro, loss_cfg.method))
         out = fwd_bwd(forward_step_func=step_fn,
                       data_iterator=iters if len(iters) > 1 else iters[0], model=self.model,
                       num_microbatches=len(micro), seq_length=seq_length, micro_batch_size=micro_batch_size,
                       forward_only=forward_only)
         return list(out) if self.groups.is_last_pp_stage else []
+
+    def _loss_scale(self, micro: list[MicroBatch], method: str) -> torch.Tensor:
+        """0-dim fp32 ``1 / units`` of this step's global batch (:mod:`bft_megatron.loss.units`; 1 without any).
+
+        Every rank counts its own micro-batches (whole, before the CP split), so a sum over DP alone gives the
+        global count; no host sync (the counts came to the device with the batches).
+        """
+        units = torch.stack([mb.units for mb in micro]).sum(dim=0)[UNIT_INDEX[method]]
+        if self.groups.dp_size > 1:
+            dist.all_reduce(units, group=self.groups.dp)
+        return units.clamp(min=1).double().reciprocal().float()
 
     def _grad_tensors(self) -> list[torch.Tensor]:
         """The contiguous DDP gradient buffers (one check per buffer), or per-parameter grads as fallback."""

@@ -14,8 +14,8 @@ __all__ = ["wrap_model", "build_optimizer", "build_scheduler", "install_schedule
 def wrap_model(chunks: list[torch.nn.Module], tconfig, cfg: Config) -> list[torch.nn.Module]:
     """bf16 -> ``Float16Module``; then megatron DDP (contiguous grad buffers, bucketed reduce).
 
-    ``average_in_collective=False``: grads are summed over DP; the per-token-loss contract divides
-    by the global unit count in ``finalize_model_grads`` instead. ``parallel.grad_reduce_in_fp32`` (default)
+    ``average_in_collective=False``: grads are summed over DP; each micro-batch's loss already carries
+    ``1/global units`` (training/step.py), so the sum is the gradient of the global mean. ``parallel.grad_reduce_in_fp32`` (default)
     keeps accumulation and reduction in fp32 in bf16 runs. Only the first chunk uses buckets (as megatron does): the
     others' grads are reduced in one go when their backward finishes.
     """
@@ -83,4 +83,11 @@ def install_schedule_hooks(model: list[torch.nn.Module], tconfig, optimizer, cfg
     if cfg.parallel.overlap_param_gather:
         param_sync = [m.start_param_sync for m in model]
         tconfig.param_sync_func = param_sync[0] if len(model) == 1 else param_sync
-    tconfig.finalize_model_grads_func = partial(finalize_model_grads)
+    tconfig.finalize_model_grads_func = partial(finalize_unscaled, finalize_model_grads)
+
+
+def finalize_unscaled(finalize, model, num_tokens=None, *args, **kwargs):
+    """Megatron's ``finalize_model_grads`` without its ``1/num_tokens`` gradient scaling: each micro-batch's
+    loss already carries ``1/global units`` (training/step.py). ``num_tokens`` (the schedule's sum of the
+    loss's units) is dropped: scaling by it would divide twice and costs a pass over the gradient buffer."""
+    return finalize(model, None, *args, **kwargs)

@@ -2,14 +2,17 @@
 
 ``forward_step(data_iterator, model)`` runs one micro-batch through one model chunk and returns
 ``(output_tensor, partial(loss_func, ...))``; the pipeline schedule calls the loss function on the
-last stage only. ``loss_func`` returns ``(loss_sum, num_units, metrics)``:
+last stage only. ``loss_func`` returns ``(loss, num_units, metrics)``:
 
-* ``loss_sum`` — fp32 scalar, a SUM over this micro-batch (``sum_b s_b * L_b`` for BFT). The
-  schedule back-propagates it unscaled; ``finalize_model_grads`` all-reduces the accumulated
-  ``num_units`` over DP x CP and scales every gradient by ``1/total``: an exact global mean.
+* ``loss`` — fp32 scalar: this micro-batch's SUM (``sum_b s_b * L_b`` for BFT) times ``loss_scale``, the
+  reciprocal of the step's global unit count over DP (:mod:`bft_megatron.loss.units`, counted by the
+  trainer before the forward pass). The schedule back-propagates it as is and the trainer's
+  ``finalize_model_grads`` leaves the gradients unscaled: their sum over micro-batches and DP ranks is the
+  gradient of the exact global mean. (Megatron's own contract would scale the whole gradient buffer by
+  ``1/total`` after the backward pass instead: a pass over 4 bytes per parameter and a host sync.)
 * ``num_units`` — 0-dim integer tensor (tokens for sft/dft, samples for bft).
-* ``metrics`` — :class:`bft_megatron.loss.MetricPartials` (plus the objective's own sum/count under
-  ``loss``), reduced once per logging interval by the training loop.
+* ``metrics`` — :class:`bft_megatron.loss.MetricPartials` (plus the objective's own unscaled sum/count
+  under ``loss``), reduced once per logging interval by the training loop.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ __all__ = ["forward_step", "loss_func", "make_forward_step", "loss_compile_backe
 
 
 def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: torch.Tensor, cp_group=None,
-              vocab_size: int | None = None):
+              vocab_size: int | None = None, loss_scale: torch.Tensor | None = None):
     """Per-token NLL from ``[b, s, V/TP]`` (or THD ``[1, b*s, V/TP]``) logits, then the objective.
 
     Under context parallelism the logits, labels and mask are this rank's shard (``s/CP``) and
     ``cp_group`` lets the objective gather per-sample statistics (BFT's window minimum spans ranks).
     ``loss.compile`` runs BFT's weight math through ``torch.compile``. ``vocab_size`` (the model's, unpadded)
     leaves megatron's vocabulary padding out of the softmax: the loss is the HF model's at any padding.
+    ``loss_scale`` (training; 0-dim fp32): multiplies the returned loss, not the metrics.
     """
     # GPTModel (labels=None) returns logits [b, s, V/TP]; padding labels are masked below.
     labels = batch.labels.reshape(output_tensor.shape[:-1])
@@ -51,11 +55,11 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
     if batch.poison:
         loss_sum = loss_sum * float("nan")
     metrics.add_sum("loss", loss_sum.detach(), num_units)
-    return loss_sum, num_units, metrics
+    return (loss_sum if loss_scale is None else loss_sum * loss_scale), num_units, metrics
 
 
 def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, loss_scale: torch.Tensor | None = None):
     """One micro-batch through ``model`` (one chunk). Every stage reads the full micro-batch itself.
 
     Packed rows (``cu_seqlens``) run as one ``[1, T]`` THD sequence with ``PackedSeqParams``; padded
@@ -70,15 +74,16 @@ def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_gro
                        packed_seq_params=batch.packed_seq_params(), **kwargs)
     else:
         output = model(batch.tokens, batch.position_ids, None, **kwargs)
-    return output, partial(loss_func, batch, loss_cfg, tp_group, cp_group=cp_group, vocab_size=vocab_size)
+    return output, partial(loss_func, batch, loss_cfg, tp_group, cp_group=cp_group, vocab_size=vocab_size,
+                           loss_scale=loss_scale)
 
 
 def make_forward_step(loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False,
-                      vocab_size: int | None = None):
+                      vocab_size: int | None = None, loss_scale: torch.Tensor | None = None):
     """The two-argument callable megatron's schedules expect (``cp_group``: None unless CP > 1;
-    ``vocab_size``: the model's unpadded vocabulary, see :func:`loss_func`)."""
+    ``vocab_size``, ``loss_scale``: see :func:`loss_func`)."""
     return partial(forward_step, loss_cfg=loss_cfg, tp_group=tp_group, cp_group=cp_group, bf16=bf16,
-                   vocab_size=vocab_size)
+                   vocab_size=vocab_size, loss_scale=loss_scale)
 
 
 def loss_compile_backend(loss_cfg: LossConfig) -> str | None:
