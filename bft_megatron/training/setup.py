@@ -15,9 +15,10 @@ def wrap_model(chunks: list[torch.nn.Module], tconfig, cfg: Config) -> list[torc
     """bf16 -> ``Float16Module``; then megatron DDP (contiguous grad buffers, bucketed reduce).
 
     ``average_in_collective=False``: grads are summed over DP; each micro-batch's loss already carries
-    ``1/global units`` (training/step.py), so the sum is the gradient of the global mean. ``parallel.grad_reduce_in_fp32`` (default)
-    keeps accumulation and reduction in fp32 in bf16 runs. Only the first chunk uses buckets (as megatron does): the
-    others' grads are reduced in one go when their backward finishes.
+    ``1/global units`` (training/step.py), so the sum is the gradient of the global mean.
+    ``parallel.grad_reduce_in_fp32`` (default) keeps accumulation and reduction in fp32 in bf16 runs. Only the
+    first chunk uses buckets (as megatron does): the others' grads are reduced in one go when their backward
+    finishes.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
