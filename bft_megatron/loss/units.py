@@ -6,7 +6,8 @@ over every micro-batch of the step on every DP rank. The units depend only on th
 boundaries, so the trainer counts them when it builds the step's micro-batches (:func:`unit_counts`, on the
 host, the whole micro-batch before its context-parallel split) and scales each ``loss_sum`` by
 ``1/global units`` before the backward pass. That replaces megatron's scaling of the whole fp32 gradient buffer
-after it (a read and a write of 4 bytes per parameter, and a host sync, per step) with one scalar multiply.
+after it (a read and a write of 4 bytes per parameter per step, and a host sync in megatron-core 0.16/0.17) with
+one scalar multiply.
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ def transformer_config(cfg: Config, groups: ParallelGroups):
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=groups.vp_size, context_parallel_size=p.cp,
         sequence_parallel=p.sequence_parallel,
-        # The loss returns a sum and a unit count; the schedule divides by the global count.
+        # The loss returns a sum (already divided by the step's global units, training/step.py) and a unit count;
+        # this keeps the schedule from dividing by the units or the micro-batch count.
         calculate_per_token_loss=True,
         # CUDA-only fusions off on CPU; gradient accumulation fusion: TE layers only (see _build_chunk).
         gradient_accumulation_fusion=_grad_accum_fusion(cfg, on_cpu), use_cpu_initialization=on_cpu,

@@ -90,5 +90,7 @@ def install_schedule_hooks(model: list[torch.nn.Module], tconfig, optimizer, cfg
 def finalize_unscaled(finalize, model, num_tokens=None, *args, **kwargs):
     """Megatron's ``finalize_model_grads`` without its ``1/num_tokens`` gradient scaling: each micro-batch's
     loss already carries ``1/global units`` (training/step.py). ``num_tokens`` (the schedule's sum of the
-    loss's units) is dropped: scaling by it would divide twice and costs a pass over the gradient buffer."""
+    loss's units) is dropped: scaling by it would divide twice and costs a pass over the gradient buffer.
+    Megatron's MoE auxiliary and MTP losses count on that scaling (their gradients would come out ``units``
+    times too large): the trainer builds neither; a model that adds them must scale them itself."""
     return finalize(model, None, *args, **kwargs)

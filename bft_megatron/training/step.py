@@ -9,7 +9,8 @@ last stage only. ``loss_func`` returns ``(loss, num_units, metrics)``:
   trainer before the forward pass). The schedule back-propagates it as is and the trainer's
   ``finalize_model_grads`` leaves the gradients unscaled: their sum over micro-batches and DP ranks is the
   gradient of the exact global mean. (Megatron's own contract would scale the whole gradient buffer by
-  ``1/total`` after the backward pass instead: a pass over 4 bytes per parameter and a host sync.)
+  ``1/total`` after the backward pass instead: a pass over 4 bytes per parameter, and a host sync in
+  megatron-core 0.16/0.17.)
 * ``num_units`` — 0-dim integer tensor (tokens for sft/dft, samples for bft).
 * ``metrics`` — :class:`bft_megatron.loss.MetricPartials` (plus the objective's own unscaled sum/count
   under ``loss``), reduced once per logging interval by the training loop.
