@@ -121,7 +121,7 @@ class TrainConfig:
     te_op_fuser: bool = False
     seed: int = 1234
     eval_interval: int = 0  # 0 = no validation
-    eval_iters: int = 1
+    eval_iters: int | None = 1  # global batches per validation; null = the whole validation split once
     # Also validate before the first step of a run that starts at step 0 (a fresh or fine-tuning run, not a
     # resume): the baseline of the loaded weights (HF TrainingArguments' eval_on_start).
     eval_on_start: bool = False

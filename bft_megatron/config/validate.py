@@ -188,8 +188,9 @@ def _check_train(cfg: Config, dp: int, require_te: bool = True) -> int:
     _check_optimizer(t)
     _require(0.0 <= t.dropout < 1.0, f"train.dropout must be in [0, 1), got {t.dropout}")
     _require(t.max_consecutive_skips >= 1, f"train.max_consecutive_skips must be >= 1, got {t.max_consecutive_skips}")
-    _require(t.eval_interval >= 0 and t.eval_iters >= 1,
-             f"train.eval_interval must be >= 0 and train.eval_iters >= 1, got {t.eval_interval}, {t.eval_iters}")
+    _require(t.eval_interval >= 0, f"train.eval_interval must be >= 0, got {t.eval_interval}")
+    _require(t.eval_iters is None or t.eval_iters >= 1,
+             f"train.eval_iters must be >= 1 or null (the whole validation split once), got {t.eval_iters}")
     # 0 would stop after the first step (and save), while Megatron-LM's --exit-duration-in-mins 0 means no limit.
     _require(t.exit_duration_minutes is None or t.exit_duration_minutes > 0,
              f"train.exit_duration_minutes must be > 0 or null (no time limit), got {t.exit_duration_minutes}")

@@ -22,8 +22,10 @@ attention and the loss's CP gather both need them.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from bft_megatron.config.validate import packed_row_multiple
@@ -142,8 +144,11 @@ class StepData:
 
     def __init__(self, dataset, *, packed: bool, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, seed: int, seq_length: int, device: torch.device, cp_size: int = 1, cp_rank: int = 0,
-                 tp_sp: int = 1) -> None:
+                 tp_sp: int = 1, end_row: int | None = None) -> None:
         self.dataset, self.packed, self.device = dataset, packed, device
+        # Rows at stream positions >= end_row are padding (loss mask zeroed: they count for nothing): a validation
+        # pass over the whole split fills its last global batch with them. None = an endless stream.
+        self.end_row = end_row
         self.cp_size, self.cp_rank = cp_size, cp_rank
         self.sampler = GlobalBatchSampler(len(dataset), global_batch_size=global_batch_size,
                                           micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,
@@ -162,13 +167,21 @@ class StepData:
     def _build(self, consumed_rows: int) -> tuple[list[MicroBatch], int]:
         """This DP rank's micro-batches of the global batch starting at ``consumed_rows``, and their real tokens."""
         out, real = [], 0
-        for rows in self.sampler.rank_microbatches(self.sampler.global_batch(consumed_rows)):
-            samples = [self.dataset[int(r)] for r in rows]
-            real += sum(len(s.tokens) for s in samples)
+        s = self.sampler
+        first = consumed_rows + s.dp_rank * s.per_rank  # stream position of this rank's first row
+        for i, rows in enumerate(s.rank_microbatches(s.global_batch(consumed_rows))):
+            kept = [self.end_row is None or first + i * s.mbs + j < self.end_row for j in range(len(rows))]
+            samples = [self._row(int(r), keep) for r, keep in zip(rows, kept)]
+            real += sum(len(x.tokens) for x, keep in zip(samples, kept) if keep)
             d = collate(samples, packed=self.packed, pad_multiple=self.pad_multiple, pad_id=self.dataset.pad_id)
             out.append(to_micro_batch(d, self.device, total=self.total, pad_id=self.dataset.pad_id,
                                       cp_size=self.cp_size, cp_rank=self.cp_rank))
         return out, real
+
+    def _row(self, r: int, keep: bool):
+        """Row ``r`` of the dataset; a padding row (``keep`` false: past ``end_row``) with its loss mask zeroed."""
+        row = self.dataset[r]
+        return row if keep else dataclasses.replace(row, loss_mask=np.zeros_like(row.loss_mask))
 
     def prefetch(self) -> None:
         """Build the next step's micro-batches now (the trainer calls this while the GPU runs the backward).

@@ -172,7 +172,7 @@ def open_datasets(cfg: Config, wait_group: dist.ProcessGroup | None = None):
         _log.warning("neither data.train nor data.output_dir is set: training on SYNTHETIC data (%d random chat "
                      "rows, bft_megatron/training/synthetic.py), not on any dataset; list data.train sources to "
                      "train on real data", SYNTHETIC_TRAIN_ROWS)
-    valid_rows = max(64, cfg.train.global_batch_size * cfg.train.eval_iters)
+    valid_rows = max(64, cfg.train.global_batch_size * (cfg.train.eval_iters or 1))
     return (SyntheticChatDataset(SYNTHETIC_TRAIN_ROWS, d.seq_length, cfg.model.vocab_size, d.packing, seed=d.seed),
             SyntheticChatDataset(valid_rows, d.seq_length, cfg.model.vocab_size, d.packing, seed=d.seed + 7919))
 
@@ -196,7 +196,7 @@ def validation_plan_warning(cfg: Config, valid) -> str | None:
     they hold more rows than the validation split the reading wraps around (the repeated rows weigh double in the
     reported means)."""
     t = cfg.train
-    if valid is None or not (t.eval_interval or t.eval_on_start):
+    if valid is None or not (t.eval_interval or t.eval_on_start) or t.eval_iters is None:
         return None
     rows, needed = len(valid), t.eval_iters * t.global_batch_size
     if needed <= rows:

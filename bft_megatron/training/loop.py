@@ -95,12 +95,12 @@ class Trainer:
         _log.info("memory plan at the grown micro-batch length (%.0f tokens per row instead of %d): %.2f GiB "
                   "per GPU (%.2f GiB planned at data.seq_length)", grown, seq, after, before)
 
-    def _step_data(self, dataset, seed: int) -> StepData:
+    def _step_data(self, dataset, seed: int, end_row: int | None = None) -> StepData:
         t, g = self.cfg.train, self.groups
         return StepData(dataset, packed=bool(dataset.packed), global_batch_size=t.global_batch_size,
                         micro_batch_size=t.micro_batch_size, dp_rank=g.dp_rank, dp_size=g.dp_size, seed=seed,
                         seq_length=self.cfg.data.seq_length, device=g.device, cp_size=g.cp_size, cp_rank=g.cp_rank,
-                        tp_sp=g.tp_size if self.cfg.parallel.sequence_parallel else 1)
+                        tp_sp=g.tp_size if self.cfg.parallel.sequence_parallel else 1, end_row=end_row)
 
     def _loss_cfg(self):
         """The configured loss, or plain SFT during ``loss.sft_warmup_iters`` (validation follows suit)."""
@@ -206,28 +206,32 @@ class Trainer:
 
     # ---------------------------------------------------------------- validation
     def evaluate(self, stop: Callable[[], bool] | None = None) -> dict:
-        """Forward-only over ``eval_iters`` global batches of the validation rows (same every time).
+        """Forward-only over ``eval_iters`` global batches of the validation rows (same every time); with
+        ``eval_iters`` null over every row once: ``ceil(rows / global_batch_size)`` batches, the last one filled with
+        padding rows that count for nothing.
 
         ``stop``: asked before each batch (a collective: every rank calls it at the same point); when it
         returns True, validation ends there and reports nothing (partial means would read like a full
         validation), so a SIGTERM's grace period is not spent on a long validation.
         """
         t, g = self.cfg.train, self.groups
-        data = self._step_data(self.valid_data, self.cfg.data.seed + 1)
+        whole = len(self.valid_data) if t.eval_iters is None else None
+        data = self._step_data(self.valid_data, self.cfg.data.seed + 1, end_row=whole)
+        batches = t.eval_iters or -(-whole // t.global_batch_size)
         partials: list[MetricPartials] = []
         done = 0
         for chunk in self.model:
             chunk.eval()
         with torch.no_grad():
-            while done < t.eval_iters and not (stop is not None and stop()):
+            while done < batches and not (stop is not None and stop()):
                 partials += self._fwd_bwd(data, forward_only=True)
                 done += 1
         for chunk in self.model:
             chunk.train()
-        if done < t.eval_iters:
+        if done < batches:
             if g.rank == 0:
                 _log.info("validation at step %d stopped after %d of %d batches (exit requested): not reported",
-                          self.state.iteration, done, t.eval_iters)
+                          self.state.iteration, done, batches)
             return {}
         values = reduce_metrics(partials, g.dp_cp) if partials else {}
         values = to_rank0(values if g.rank == self.reporter else None, self.reporter, g)
