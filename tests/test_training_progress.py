@@ -140,9 +140,11 @@ def test_a_validation_larger_than_its_split_is_warned_about():
     assert warning("train.eval_iters=25") == (
         "validation data: 154 rows, but train.eval_iters=25 x train.global_batch_size=8 = 200 rows per validation: "
         "46 rows are read twice in each validation and weigh double in its means; set train.eval_iters=19 (152 "
-        "rows) or add validation data")
+        "rows), or null (every row once), or add validation data")
     assert warning("train.eval_iters=19") is None
-    assert warning("train.eval_iters=1", rows=5).endswith("; add validation data")
+    assert warning("train.eval_iters=null") is None
+    assert warning("train.eval_iters=1", rows=5).endswith("; set train.eval_iters=null (every row once) or add "
+                                                          "validation data")
     assert warning("train.eval_iters=25", "train.eval_interval=0") is None  # no validation
     assert warning("train.eval_iters=25", "train.eval_interval=0", "train.eval_on_start=true") is not None
     cfg = load_config(None, ["train.eval_interval=10", "train.eval_iters=25"])

@@ -202,8 +202,8 @@ def validation_plan_warning(cfg: Config, valid) -> str | None:
     if needed <= rows:
         return None
     fits = rows // t.global_batch_size
-    advice = (f"set train.eval_iters={fits} ({fits * t.global_batch_size} rows) or add validation data" if fits
-              else "add validation data")
+    advice = (f"set train.eval_iters={fits} ({fits * t.global_batch_size} rows), or null (every row once), or add "
+              "validation data" if fits else "set train.eval_iters=null (every row once) or add validation data")
     return (f"validation data: {rows} rows, but train.eval_iters={t.eval_iters} x train.global_batch_size="
             f"{t.global_batch_size} = {needed} rows per validation: {needed - rows} rows are read twice in each "
             f"validation and weigh double in its means; {advice}")
