@@ -1,5 +1,5 @@
-"""Tiny random HF models (Llama-3.1/3.2-, Qwen2-, Qwen3- and Mistral-like) and a tiny tokenizer for the convert
-tests.
+"""Tiny random HF models (Llama-3.1/3.2-, Qwen2-, Qwen3-, Mistral- and Phi-3/phi-4-like) and a tiny tokenizer for the
+convert tests.
 
 Weights are re-drawn with a large spread (not the 0.02 init) so that logits are O(1) and a wrong
 layout (e.g. QKV not interleaved per group) changes them far beyond the comparison tolerance.
@@ -40,6 +40,13 @@ CASES = {
     # is global there as in the trainer); head_dim 24 over hidden 64 and 4 heads, like Mistral-Nemo's 128 over 5120/32
     "mistral_untied": ("mistral", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
                                        sliding_window=64, tie_word_embeddings=False), torch.float32),
+    # Phi3ForCausalLM: fused qkv_proj [q; k; v] and gate_up_proj [gate; up]. phi-4-like: GQA 4:1 (phi-4: 40 heads,
+    # 10 kv), untied, no window, theta 250000. pad_token_id: Phi3Config's 32000 is outside the tiny vocabulary.
+    "phi3_untied": ("phi3", dict(vocab_size=300, num_attention_heads=8, num_key_value_heads=2, sliding_window=None,
+                                 tie_word_embeddings=False, rope_theta=250000.0, pad_token_id=None), torch.float32),
+    # Phi-3-mini-4k-like: MHA, tied (review: a tied Phi3), a window (2047 there; 64 > the test's rows here)
+    "phi3_tied": ("phi3", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=4, sliding_window=64,
+                               tie_word_embeddings=True, pad_token_id=None), torch.float32),
 }
 
 
@@ -66,7 +73,7 @@ def make_model(name: str, out_dir: str, seed: int = 0, num_layers: int = 2, max_
     family, overrides, dtype = CASES[name]
     common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers, max_position_embeddings=256,
                   rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
-    prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}[family]
+    prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3"}[family]
     config_cls, model_cls = getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
     torch.manual_seed(seed)
     model = model_cls(config_cls(**common, **overrides)).eval()

@@ -2,7 +2,8 @@
 
 Flow (spawned gloo processes): import (1 process) -> ``bft_megatron.training`` build/finetune-load/fit for
 3 steps at TP2 and PP2 (Qwen2, tied, QKV bias), PP2 and PP2 x VP2 (Llama-3.1, untied, rope scaling), TP2
-(Qwen3: head norms, head_dim 32 over hidden 64) and PP2 (Mistral: a 64-token window over 32-token rows), then
+(Qwen3: head norms, head_dim 32 over hidden 64), PP2 (Mistral: a 64-token window over 32-token rows) and TP2 (Phi3:
+fused qkv_proj / gate_up_proj, written from TP-sharded fc1 and QKV), then
 ``export_to_hf`` from the in-memory chunks, with the trainer's final checkpoint saved too ->
 offline export of that checkpoint (1 process). Checks: both exports are bit-identical, the weights
 moved, transformers' logits of the export equal the trained megatron model's (fp32, <= 1e-4), and
@@ -30,7 +31,8 @@ RUNS = {"qwen2_tp2": ("qwen2_tied", 2, ["parallel.tp=2"], True),
         "llama31_pp2_vp2": ("llama31_untied", 4, ["parallel.pp=2", "parallel.vp=2"], True),
         # head norms replicated over TP (gathered from rank 0's copy on export); Mistral's window over the rows
         "qwen3_tp2": ("qwen3_untied", 2, ["parallel.tp=2"], True),
-        "mistral_pp2": ("mistral_untied", 2, ["parallel.pp=2"], True)}
+        "mistral_pp2": ("mistral_untied", 2, ["parallel.pp=2"], True),
+        "phi3_tp2": ("phi3_untied", 2, ["parallel.tp=2"], True)}
 SAVED = [r for r, spec in RUNS.items() if spec[3]]
 TRAIN = ["data.seq_length=32", "data.packing=true", "train.bf16=false",
          "train.global_batch_size=4", "train.micro_batch_size=2", "train.lr=3e-3", "train.warmup_iters=0",

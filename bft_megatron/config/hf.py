@@ -1,4 +1,5 @@
-"""Read a Hugging Face ``config.json`` (Llama-3.x, Qwen2.x, Qwen3 dense, Mistral) into :class:`ModelConfig`."""
+"""Read a Hugging Face ``config.json`` (Llama-3.x, Qwen2.x, Qwen3 dense, Mistral, Phi-3/Phi-4) into
+:class:`ModelConfig`."""
 
 from __future__ import annotations
 
@@ -13,11 +14,14 @@ __all__ = ["model_fields_from_hf", "merge_hf_config", "legacy_rope_keys", "HF_NA
 
 _log = get_logger(__name__)
 _FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-             "MistralForCausalLM": "mistral"}
+             "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3"}
 HF_NAMES = {family: arch.removesuffix("ForCausalLM") for arch, family in _FAMILIES.items()}  # qwen3 -> Qwen3
 # transformers' default for a num_key_value_heads absent from config.json (a null one means one per head everywhere)
 _KV_HEADS_DEFAULT = {"qwen2": 32, "qwen3": 32, "mistral": 8}
-MISTRAL_WINDOW_DEFAULT = 4096  # MistralConfig's sliding_window when config.json has none (null: no window)
+# sliding_window when config.json has none: MistralConfig's 4096, Phi3Config's None (null: no window either way)
+_WINDOW_DEFAULT = {"mistral": 4096, "phi3": None}
+# transformers' rms_norm_eps for an absent key (Phi3Config: 1e-5; Llama/Qwen/Mistral: 1e-6)
+_NORM_EPS_DEFAULT = {"phi3": 1e-5}
 
 
 def _rope_scaling(raw):
@@ -71,7 +75,9 @@ def _optional(hf: dict, key: str, default):
 
 def _check_supported(hf: dict, family: str) -> None:
     heads, hidden = int(_required(hf, "num_attention_heads")), int(_required(hf, "hidden_size"))
-    biased = [k for k in ("attention_bias", "mlp_bias") if hf.get(k) and family != "qwen2"]
+    # Phi3 has neither key: its attention and MLP never have biases, whatever config.json says (transformers ignores
+    # them, and a stray bias tensor would fail the import as unmapped)
+    biased = [k for k in ("attention_bias", "mlp_bias") if hf.get(k) and family not in ("qwen2", "phi3")]
     if biased:  # Llama's and Qwen3's attention_bias also biases o_proj, which megatron's qkv bias does not cover
         where = "q/k/v/o projections" if biased[0] == "attention_bias" else "MLP"
         raise ConfigError(f"model.from_hf: {'/'.join(f'{k}=true' for k in biased)} ({HF_NAMES[family]} with biases "
@@ -80,6 +86,8 @@ def _check_supported(hf: dict, family: str) -> None:
     act = hf.get("hidden_act", "silu")  # Llama's and Qwen2's default
     if act not in ("silu", "swish"):  # the MLP megatron builds here is SwiGLU: another activation, another model
         raise ConfigError(f"model.from_hf: hidden_act={act!r} is not supported (the trainer's MLP is SwiGLU: silu)")
+    if family == "phi3":
+        _check_phi3(hf)
     head_dim = hf.get("head_dim")
     if head_dim is not None and (int(head_dim) <= 0 or int(head_dim) % 2):
         raise ConfigError(f"model.from_hf: head_dim={head_dim} is not a positive even number")
@@ -100,6 +108,24 @@ def _check_supported(hf: dict, family: str) -> None:
     elif sliding and (window_layers is None or int(window_layers) < layers):
         raise ConfigError(f"model.from_hf: use_sliding_window=true with max_window_layers={window_layers} < "
                           f"num_hidden_layers={layers} is not supported (the model attends globally in every layer)")
+
+
+def _check_phi3(hf: dict) -> None:
+    """What Phi3ForCausalLM computes beyond Llama's function: RoPE on part of each head (Phi-4-mini: 0.75) and
+    longrope (su) scaling of the 128k variants. Phi3Config accepts no other scaling, so llama3's is refused too."""
+    rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    scaling = hf.get("rope_scaling") if isinstance(hf.get("rope_scaling"), dict) else {}
+    # transformers 4.x keeps it top-level, 5.x inside rope_parameters
+    for where, src in (("partial_rotary_factor", hf), ("rope_parameters.partial_rotary_factor", rope)):
+        factor = src.get("partial_rotary_factor")
+        if factor is not None and float(factor) != 1.0:
+            raise ConfigError(f"model.from_hf: {where}={factor} (Phi3 rotating part of each head, e.g. Phi-4-mini) "
+                              "is not supported: the trainer rotates whole heads (partial_rotary_factor 1.0)")
+    if scaling:  # legacy_rope_keys moved a non-default rope_parameters here
+        kind = scaling.get("rope_type", scaling.get("type"))
+        raise ConfigError(f"model.from_hf: rope_scaling with rope_type={kind!r} (Phi3's longrope/su scaling of the "
+                          "128k-context variants) is not supported; Phi3 without rope scaling is (phi-4, the 4k "
+                          "Phi-3 models)")
 
 
 def model_fields_from_hf(hf: dict) -> dict:
@@ -127,20 +153,20 @@ def model_fields_from_hf(hf: dict) -> dict:
         "max_position_embeddings": int(_optional(hf, "max_position_embeddings", 4096)),
         "rope_theta": float(_optional(hf, "rope_theta", 10000.0)),
         "rope_scaling": _rope_scaling(hf.get("rope_scaling")),
-        "norm_epsilon": float(_optional(hf, "rms_norm_eps", 1e-6)),
+        "norm_epsilon": float(_optional(hf, "rms_norm_eps", _NORM_EPS_DEFAULT.get(family, 1e-6))),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "qkv_bias": family == "qwen2",  # Llama with attention_bias is refused above
         # only where it differs from hidden/heads (Qwen3-32B: 128, not 5120/64), so that a Llama config stays null
         "head_dim": int(head_dim) if head_dim is not None and int(head_dim) * heads != int(hf["hidden_size"]) else None,
         "qk_norm": family == "qwen3",
-        "sliding_window": _mistral_window(hf) if family == "mistral" else None,  # Qwen's windows: refused above
+        "sliding_window": _window(hf, family) if family in _WINDOW_DEFAULT else None,  # Qwen's: refused above
     }
 
 
-def _mistral_window(hf: dict) -> int | None:
-    """Mistral's attention window: every layer slides (no use_sliding_window switch); an absent key is
-    MistralConfig's default, a null one no window (Mistral v0.2+, Nemo)."""
-    window = hf.get("sliding_window", MISTRAL_WINDOW_DEFAULT)
+def _window(hf: dict, family: str) -> int | None:
+    """Mistral's and Phi3's attention window: every layer slides (no use_sliding_window switch); an absent key is
+    the config class's default, a null one no window (Mistral v0.2+, Nemo, phi-4; Phi-3-mini-4k has 2047)."""
+    window = hf.get("sliding_window", _WINDOW_DEFAULT[family])
     return None if window is None else int(window)
 
 

@@ -34,7 +34,7 @@ class ModelConfig:
     """Architecture, HF naming. ``from_hf: DIR`` fills unset fields from ``DIR/config.json``."""
 
     from_hf: str | None = None
-    family: Literal["llama", "qwen2", "qwen3", "mistral"] = "llama"
+    family: Literal["llama", "qwen2", "qwen3", "mistral", "phi3"] = "llama"
     hidden_size: int = 0
     num_layers: int = 0
     num_attention_heads: int = 0
@@ -49,8 +49,8 @@ class ModelConfig:
     qkv_bias: bool = False
     head_dim: int | None = None  # None = hidden_size / num_attention_heads; Qwen3 sets its own (e.g. 128 at 32B)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3's q_norm / k_norm)
-    # Mistral's attention window (tokens; None: global). The trainer attends over whole samples, which is the same
-    # function while data.seq_length <= the window (validated); kept for the export's config.json.
+    # Mistral's / Phi3's attention window (tokens; None: global). The trainer attends over whole samples, which is the
+    # same function while data.seq_length <= the window (validated); kept for the export's config.json.
     sliding_window: int | None = None
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02

@@ -68,13 +68,16 @@ def _check_model(m) -> None:
     # model.family names the HF architecture of the export: its attention biases must be what that class builds.
     _require(m.family != "qwen2" or m.qkv_bias, "model.qkv_bias=false with model.family=qwen2: Qwen2 attention "
              "always has q/k/v biases (and the export would not match the weights); set model.qkv_bias=true")
-    why = ("HF Mistral's attention has no biases" if m.family == "mistral" else f"HF {HF_NAMES[m.family]}'s "
-           "attention_bias also adds an o_proj bias this model does not have")
+    why = (f"HF {HF_NAMES[m.family]}'s attention has no biases" if m.family in ("mistral", "phi3") else
+           f"HF {HF_NAMES[m.family]}'s attention_bias also adds an o_proj bias this model does not have")
     _require(m.family == "qwen2" or not m.qkv_bias, f"model.qkv_bias=true with model.family={m.family}: {why}, so "
              "its export would not load; use model.family=qwen2 for q/k/v biases")
-    _require(m.sliding_window is None or (m.family == "mistral" and m.sliding_window >= 1),
-             f"model.sliding_window={m.sliding_window} with model.family={m.family}: only Mistral's export has a "
-             "sliding window (>= 1), and the trainer attends over whole samples; leave it null")
+    _require(m.sliding_window is None or (m.family in ("mistral", "phi3") and m.sliding_window >= 1),
+             f"model.sliding_window={m.sliding_window} with model.family={m.family}: only Mistral's and Phi3's "
+             "exports have a sliding window (>= 1), and the trainer attends over whole samples; leave it null")
+    # Phi3Config knows only longrope scaling (not implemented here): a llama3 one would not load in transformers
+    _require(m.family != "phi3" or m.rope_scaling is None, "model.rope_scaling is set with model.family=phi3: HF "
+             "Phi3 has no llama3 rope scaling (and longrope is not supported here); leave it null")
     _require((m.family == "qwen3") == m.qk_norm, f"model.qk_norm={str(m.qk_norm).lower()} with model.family="
              f"{m.family}: of the exported architectures only Qwen3 normalises query and key heads (q_norm, k_norm); "
              + ("set model.qk_norm=true" if m.family == "qwen3" else "use model.family=qwen3 for it"))

@@ -1,4 +1,4 @@
-"""Hugging Face <-> megatron-core conversion (Llama-3.x, Qwen2.x, Qwen3, Mistral). See docs/convert.md.
+"""Hugging Face <-> megatron-core conversion (Llama-3.x, Qwen2.x, Qwen3, Mistral, Phi3). See docs/convert.md.
 
 * :func:`import_hf` - HF safetensors -> dist checkpoint run directory (streamed, one process);
 * :func:`export_checkpoint` - dist checkpoint (any TP/PP) -> HF shards + index, bounded memory;

@@ -65,7 +65,7 @@ def _llama3_rope_scaling(rs) -> dict:
 
 
 def _synthesised_config(m: ModelConfig) -> dict:
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
 
     kwargs = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
                   num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
@@ -77,6 +77,13 @@ def _synthesised_config(m: ModelConfig) -> dict:
     if m.family == "qwen3":
         cfg = Qwen3Config(attention_bias=False, **kwargs)
         cfg.architectures = ["Qwen3ForCausalLM"]
+    elif m.family == "phi3":
+        # Phi3Config's own token ids (32000: Phi-3's vocabulary) would outlive _set_token_ids (which keeps a set
+        # pad id) and be out of range for another vocabulary: none here, the tokenizer's are written later.
+        # original_max_position_embeddings matters only to longrope (refused); phi-4 has it equal to the context.
+        cfg = Phi3Config(sliding_window=m.sliding_window, bos_token_id=None, eos_token_id=None, pad_token_id=None,
+                         original_max_position_embeddings=m.max_position_embeddings, **kwargs)
+        cfg.architectures = ["Phi3ForCausalLM"]
     elif m.family == "mistral":
         cfg = MistralConfig(sliding_window=m.sliding_window, **kwargs)
         cfg.architectures = ["MistralForCausalLM"]

@@ -1,4 +1,4 @@
-"""Declarative HF <-> megatron-core parameter name table for Llama-3.x, Qwen2.x, Qwen3 (dense) and Mistral.
+"""Declarative HF <-> megatron-core parameter name table for Llama-3.x, Qwen2.x, Qwen3 (dense), Mistral and Phi3.
 
 Megatron names are *layer-local* (``self_attention.linear_qkv.weight``) for per-layer rules and
 model-global (``embedding.word_embeddings.weight``) for the others. In a model's ``state_dict`` a
@@ -18,6 +18,11 @@ key norms (``q_norm`` / ``k_norm``, ``[head_dim]`` each, replicated over TP) are
 * ``gate_up`` - gate and up projections concatenated (per TP shard in memory, see :mod:`.qkv`);
 * ``vocab``   - one HF tensor, rows padded to megatron's padded vocabulary size.
 
+Phi3 (``Phi3ForCausalLM``: Phi-3, phi-4) is Llama's model with two HF tensors fused: ``qkv_proj``
+``[q; k; v]`` (rows ``heads*d``, ``groups*d``, ``groups*d``, not interleaved per group) and ``gate_up_proj``
+``[gate; up]`` (``Phi3MLP`` chunks it in that order). Its rules (``fused=True``) name the one fused tensor; the
+``qkv`` / ``gate_up`` transforms split it by those row counts (:mod:`.tensors`), so the megatron side is Llama's.
+
 ``tp_axis`` is the axis megatron splits over tensor-parallel ranks (0 = column parallel /
 vocab parallel, 1 = row parallel, None = replicated).
 """
@@ -27,8 +32,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Rule", "SPECS", "GLOBAL_RULES", "LAYER_RULES", "layer_rules", "global_rules", "rule_by_megatron_name",
-           "detect_spec"]
+__all__ = ["Rule", "SPECS", "GLOBAL_RULES", "LAYER_RULES", "FUSED_FAMILIES", "layer_rules", "global_rules",
+           "rule_by_megatron_name", "detect_spec"]
 
 Kind = Literal["copy", "qkv", "gate_up", "vocab"]
 SPECS = ("local", "te")
@@ -45,6 +50,7 @@ class Rule:
     te: str | None = None  # megatron name under the TE spec, when different
     bias: bool = False  # exists only for models with QKV bias (Qwen2)
     qk_norm: bool = False  # exists only for models with query/key norms (Qwen3)
+    fused: bool = False  # ``hf`` is one HF tensor holding the parts of a qkv / gate_up rule (Phi3)
 
     def megatron(self, spec: str) -> str:
         if spec not in SPECS:
@@ -74,15 +80,25 @@ LAYER_RULES: tuple[Rule, ...] = (
     Rule("mlp.linear_fc2.weight", (f"{_MLP}.down_proj.weight",), tp_axis=1),
 )
 
+# Phi3's fused HF tensors: the same megatron tensors as the Llama rules they replace
+_FUSED_RULES: tuple[Rule, ...] = (
+    Rule("self_attention.linear_qkv.weight", (f"{_ATTN}.qkv_proj.weight",), kind="qkv", tp_axis=0, fused=True),
+    Rule("mlp.linear_fc1.weight", (f"{_MLP}.gate_up_proj.weight",), kind="gate_up", tp_axis=0, fused=True),
+)
+FUSED_FAMILIES = frozenset({"phi3"})  # model.family values whose HF checkpoints use _FUSED_RULES
+
 EMBEDDING = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), kind="vocab", tp_axis=0)
 FINAL_NORM = Rule("decoder.final_layernorm.weight", ("model.norm.weight",))
 OUTPUT = Rule("output_layer.weight", ("lm_head.weight",), kind="vocab", tp_axis=0)
 GLOBAL_RULES: tuple[Rule, ...] = (EMBEDDING, FINAL_NORM, OUTPUT)
 
 
-def layer_rules(qkv_bias: bool, qk_norm: bool = False) -> tuple[Rule, ...]:
-    """Per-layer rules for a model with or without QKV bias and query/key norms."""
-    return tuple(r for r in LAYER_RULES if (qkv_bias or not r.bias) and (qk_norm or not r.qk_norm))
+def layer_rules(qkv_bias: bool, qk_norm: bool = False, fused: bool = False) -> tuple[Rule, ...]:
+    """Per-layer rules for a model with or without QKV bias and query/key norms; ``fused``: Phi3's HF tensors
+    (``model.family in FUSED_FAMILIES``), in the place of the Llama rules of the same megatron tensors."""
+    by_local = {r.local: r for r in _FUSED_RULES} if fused else {}
+    return tuple(by_local.get(r.local, r) for r in LAYER_RULES
+                 if (qkv_bias or not r.bias) and (qk_norm or not r.qk_norm))
 
 
 def global_rules(tied: bool) -> tuple[Rule, ...]:
@@ -90,9 +106,10 @@ def global_rules(tied: bool) -> tuple[Rule, ...]:
     return tuple(r for r in GLOBAL_RULES if not (tied and r is OUTPUT))
 
 
-def rule_by_megatron_name(name: str, spec: str, qkv_bias: bool = True, qk_norm: bool = True) -> Rule:
+def rule_by_megatron_name(name: str, spec: str, qkv_bias: bool = True, qk_norm: bool = True,
+                          fused: bool = False) -> Rule:
     """The rule whose megatron name (layer-local or global) under ``spec`` is ``name``."""
-    for rule in layer_rules(qkv_bias, qk_norm) + GLOBAL_RULES:
+    for rule in layer_rules(qkv_bias, qk_norm, fused) + GLOBAL_RULES:
         if rule.megatron(spec) == name:
             return rule
     raise KeyError(f"no HF mapping for megatron parameter {name!r} (spec {spec!r})")

@@ -28,6 +28,19 @@ def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat((t, t.new_zeros(rows - t.shape[0], *t.shape[1:])))
 
 
+def _qkv_rows(m: ModelConfig) -> tuple[int, int, int]:
+    """Rows of q, k and v in an HF projection: ``heads*d``, ``groups*d``, ``groups*d``."""
+    return m.num_attention_heads * m.kv_channels, m.kv_groups * m.kv_channels, m.kv_groups * m.kv_channels
+
+
+def _fused(name: str, read: Callable[[str], torch.Tensor], rows: tuple[int, ...]) -> torch.Tensor:
+    """The fused HF tensor ``name`` (Phi3), checked to be its parts' ``rows`` one after another."""
+    fused = read(name)
+    if fused.shape[0] != sum(rows):
+        raise ValueError(f"{name} has {fused.shape[0]} rows, expected {' + '.join(map(str, rows))} = {sum(rows)}")
+    return fused
+
+
 def to_megatron(rule: Rule, read: Callable[[str], torch.Tensor], m: ModelConfig, layer: int | None,
                 padded_vocab: int) -> torch.Tensor:
     """One megatron tensor (global layout, ``[gate; up]`` for fc1) from the HF tensors of ``rule``.
@@ -36,9 +49,12 @@ def to_megatron(rule: Rule, read: Callable[[str], torch.Tensor], m: ModelConfig,
     """
     names = rule.hf_names(layer)
     if rule.kind == "qkv":
-        q, k, v = (read(n) for n in names)
+        rows = _qkv_rows(m)
+        q, k, v = torch.split(_fused(names[0], read, rows), rows) if rule.fused else (read(n) for n in names)
         return merge_qkv(q, k, v, m.num_attention_heads, m.kv_groups, m.kv_channels)
     if rule.kind == "gate_up":
+        if rule.fused:  # Phi3's gate_up_proj [gate; up] is already fc1's TP-independent layout: no copy
+            return _fused(names[0], read, (m.ffn_hidden_size, m.ffn_hidden_size))
         gate, up = (read(n) for n in names)
         return merge_gate_up(gate, up, tp=1)
     tensor = read(names[0])
@@ -53,10 +69,11 @@ def to_hf(rule: Rule, tensor: torch.Tensor, m: ModelConfig, layer: int | None,
           fc1_tp: int = 1) -> list[tuple[str, torch.Tensor]]:
     """HF ``(name, tensor)`` pairs from one megatron tensor (global layout; see module doc for fc1)."""
     names = rule.hf_names(layer)
-    if rule.kind == "qkv":
-        return list(zip(names, split_qkv(tensor, m.num_attention_heads, m.kv_groups, m.kv_channels)))
-    if rule.kind == "gate_up":
-        return list(zip(names, split_gate_up(tensor, tp=fc1_tp)))
+    if rule.kind in ("qkv", "gate_up"):
+        parts = (split_qkv(tensor, m.num_attention_heads, m.kv_groups, m.kv_channels) if rule.kind == "qkv"
+                 else split_gate_up(tensor, tp=fc1_tp))
+        # fused (Phi3): the parts one after another, [q; k; v] or [gate; up], under the one HF name
+        return [(names[0], torch.cat(parts))] if rule.fused else list(zip(names, parts))
     if rule.kind == "vocab":
         if tensor.shape[0] < m.vocab_size:
             raise ValueError(f"{rule.local} has {tensor.shape[0]} rows, fewer than vocab_size={m.vocab_size}")

@@ -1,4 +1,4 @@
-"""Build megatron-core ``GPTModel`` chunks (Llama-3.x / Qwen2.x / Qwen3 / Mistral) from the typed config.
+"""Build megatron-core ``GPTModel`` chunks (Llama-3.x / Qwen2.x / Qwen3 / Mistral / Phi3) from the typed config.
 
 One chunk per virtual pipeline stage (``parallel.vp``; one chunk without interleaving). Chunk ``i``
 of pipeline rank ``r`` holds the embedding iff ``r == 0 and i == 0`` and the output layer iff
