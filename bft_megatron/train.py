@@ -20,7 +20,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         "check the inputs on disk (checkpoint.load, data sources, tokenizer, prepared data), then exit")
     parser.add_argument("--dry-run", action="store_true", help="validate for WORLD_SIZE processes (no paths checked), "
                         "print the memory/throughput plan, exit")
-    return parser.parse_args(argv)
+    parser.add_argument("--eval-only", action="store_true", help="validate the weights the run would start from "
+                        "once (its latest checkpoint, else checkpoint.load), train and save nothing, exit")
+    parser.add_argument("--eval-out", metavar="FILE", help="with --eval-only: write the metrics there as JSON")
+    args = parser.parse_intermixed_args(argv)  # overrides may follow the flags, too
+    if args.eval_out and not args.eval_only:
+        parser.error("--eval-out needs --eval-only")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_known_warnings()
     log = get_logger("bft_megatron.train")
-    loaded = load_checked(args.config, args.overrides, log, check=args.check, dry_run=args.dry_run)
+    loaded = load_checked(args.config, args.overrides, log, check=args.check, dry_run=args.dry_run,
+                          eval_only=args.eval_only)
     if loaded is None:
         return 2
     try:  # a real run's rank 0 holds checkpoint.save's run lock from load_checked on
@@ -43,25 +50,18 @@ def _run(args: argparse.Namespace, cfg, layout, log) -> int:
     from bft_megatron.config import ConfigError
 
     if args.check or args.dry_run:
-        log.info("config OK: world=%d dp=%d micro-batches/step=%d", layout.world_size, layout.dp,
-                 layout.num_microbatches)
-        if args.dry_run:
-            from bft_megatron.config.plan import DEFAULT_PEAK_TFLOPS, format_plan
-
-            peak = cfg.logging.peak_tflops or DEFAULT_PEAK_TFLOPS  # as bft-megatron plan's default
-            sys.stdout.write(format_plan(cfg, layout.world_size, 0.40, peak) + "\n")
+        from bft_megatron.training.preflight import report_check
+        report_check(cfg, layout, log, args.dry_run)
         return 0
 
     from bft_megatron.training.fit import ExitRequest, fit
-
     # From here on a SIGTERM/SIGUSR1 (data preparation, checkpoint loading included) asks for a clean exit, and
     # train.exit_duration_minutes counts from here, as Megatron-LM counts from process start.
     exit_request = ExitRequest(install=cfg.checkpoint.save_on_signal)
     from bft_megatron.checkpoint import Checkpointer
     from bft_megatron.parallel import bootstrap
-    from bft_megatron.training.build import build_trainer
-
     from bft_megatron.parallel.consistency import check_job
+    from bft_megatron.training.build import build_trainer
 
     p = cfg.parallel
     try:  # every rank with the same config and one checkpoint.save before megatron's groups are made
@@ -79,6 +79,9 @@ def _run(args: argparse.Namespace, cfg, layout, log) -> int:
         except ConfigError as exc:  # prepared data, checkpoint's model or LR schedule vs config (on every rank)
             log.error("config error: %s", exc)
             return 2
+        if args.eval_only:
+            from bft_megatron.training.evaluation import evaluate_only
+            return evaluate_only(trainer, checkpointer.loaded_from, args.eval_out)
         state = fit(trainer, checkpointer if cfg.checkpoint.save else None, exit_request, from_scratch)
         early = f" of {cfg.train.train_iters} (stopped early)" if state.iteration < cfg.train.train_iters else ""
         log.info("done: %d steps%s, %d skipped, %d rows consumed", state.iteration, early, state.skipped_steps,

@@ -86,6 +86,7 @@ class Checkpointer:
         self._model_dtype = None  # the parameters' dtype, for the checkpoint's config.json (set by save)
         self._need = 0  # bytes of the last save (an async one's failure surfaces later, in poll/finalize)
         self._readers = ExitStack()  # rank 0's read lock on another run's checkpoint while it is loaded
+        self.loaded_from: str | None = None  # the checkpoint directory load() read, if any
 
     # ------------------------------------------------------------------ save
     def write_run_config(self) -> str:
@@ -235,6 +236,7 @@ class Checkpointer:
             return False
         try:
             self._load_path(trainer, path, finetune=kind == "load" and self.ckpt.finetune, own=kind == "own")
+            self.loaded_from = path
             if kind == "load":
                 dist.barrier()  # every rank has read its files: rank 0 may let the checkpoint be pruned
         finally:

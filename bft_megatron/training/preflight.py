@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["load_checked", "release_save_dir"]
+__all__ = ["load_checked", "release_save_dir", "report_check"]
 
 
-def load_checked(config_path: str | None, overrides: list[str], log, *, check: bool, dry_run: bool):
-    """(cfg, layout), or None after logging a config error (the CLI then exits 2)."""
+def load_checked(config_path: str | None, overrides: list[str], log, *, check: bool, dry_run: bool,
+                 eval_only: bool = False):
+    """(cfg, layout), or None after logging a config error (the CLI then exits 2). ``eval_only`` (``--eval-only``)
+    reads ``checkpoint.save`` without locking it (it writes nothing there) and needs validation data."""
     from bft_megatron.config import check_paths, config_warnings, load_config, validate
     from bft_megatron.config.validate import error_hint
     from bft_megatron.training.data import check_prepared
@@ -25,8 +27,11 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
         layout = validate(cfg, _world_size())
         if not (check or dry_run):
             _require_launcher()
+        if eval_only:
+            _require_validation_data(cfg)
         if not dry_run:  # the checkpoint's contents on global rank 0 alone, as the load decides (check_paths)
-            _lock_save_dir(cfg, log, check)
+            if not eval_only:
+                _lock_save_dir(cfg, log, check)
             check_paths(cfg, data=check, contents=check or _global_rank_zero())
             if check:  # prepared data the trainer would refuse (another template or tokenizer, valid/ vs train/)
                 check_prepared(cfg)
@@ -58,6 +63,31 @@ def _lock_save_dir(cfg, log, check: bool) -> None:
             raise ConfigError(problem)
     else:
         run_lock.acquire(save, log)
+
+
+def _require_validation_data(cfg) -> None:
+    """``--eval-only`` evaluates on the validation split: configured sources, a prepared ``valid/``, or synthetic
+    data (no ``data.train`` and no ``data.output_dir``)."""
+    from bft_megatron.config import ConfigError
+    from bft_megatron.data.storage import is_prepared
+
+    d = cfg.data
+    if d.valid or not (d.train or d.output_dir) or (d.output_dir and is_prepared(os.path.join(d.output_dir, "valid"))):
+        return
+    raise ConfigError(f"--eval-only evaluates on validation data, but data.valid is empty and data.output_dir="
+                      f"{d.output_dir} has no prepared valid/ split: list data.valid sources (or prepare them)")
+
+
+def report_check(cfg, layout, log, dry_run: bool) -> None:
+    """What ``--check`` / ``--dry-run`` print once the config passed: the layout, and for a dry run the plan."""
+    import sys
+
+    log.info("config OK: world=%d dp=%d micro-batches/step=%d", layout.world_size, layout.dp, layout.num_microbatches)
+    if dry_run:
+        from bft_megatron.config.plan import DEFAULT_PEAK_TFLOPS, format_plan
+
+        peak = cfg.logging.peak_tflops or DEFAULT_PEAK_TFLOPS  # as bft-megatron plan's default
+        sys.stdout.write(format_plan(cfg, layout.world_size, 0.40, peak) + "\n")
 
 
 def release_save_dir(cfg) -> None:
