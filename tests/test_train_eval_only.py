@@ -19,10 +19,13 @@ from tests.launch import ROOT, TINY
 pytestmark = pytest.mark.slow
 
 
-def _train(*args: str) -> subprocess.CompletedProcess:
+def _train(*args: str, nproc: int = 1) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, PYTHONWARNINGS="ignore",
                MASTER_PORT=str(free_port()))
-    cmd = [sys.executable, "-m", "bft_megatron.train", *TINY, "train.train_iters=2", "train.eval_iters=null", *args]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                 f"--master-port={free_port()}", "--master-addr=127.0.0.1", "-m"] if nproc > 1
+                else [sys.executable, "-m"])
+    cmd = [*launcher, "bft_megatron.train", *TINY, "train.train_iters=2", "train.eval_iters=null", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -60,6 +63,17 @@ def test_eval_only_validates_the_latest_checkpoint_and_writes_nothing_there(run,
     assert _validation_lines(proc) == [(2, pytest.approx(trained[0][1], abs=2e-6))]
     assert sorted(os.listdir(save)) == before  # no checkpoint, no config.yaml rewritten
     assert "step 1/" not in proc.stdout + proc.stderr  # no training step
+
+
+def test_eval_only_on_two_ranks_resharded_exits_0_everywhere(run, tmp_path):
+    """DP2 reading the DP1 run's checkpoint (the same rows, another batch split): every rank exits 0 (torchrun fails
+    the job otherwise), global rank 0 alone writes the metrics, equal to the one-process run's."""
+    save, trained = run
+    out = tmp_path / "dp2.json"
+    proc = _train(f"checkpoint.save={save}", "--eval-only", "--eval-out", str(out), nproc=2)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    result = json.loads(out.read_text())
+    assert result["iteration"] == 2 and result["metrics"]["lm_loss"] == pytest.approx(trained[0][1], abs=2e-6)
 
 
 def test_eval_only_without_a_checkpoint_says_it_evaluates_the_initial_weights(run, tmp_path):

@@ -23,14 +23,13 @@ _log = get_logger(__name__)
 
 def evaluate_only(trainer, loaded_from: str | None, out: str | None) -> int:
     """Validate ``trainer``'s loaded model once; ``loaded_from``: the checkpoint directory, or None (initial weights).
-    Returns the CLI's exit status (0; 3 when an exit was requested during it and nothing was reported)."""
+    Returns the CLI's exit status on every rank (0). No ``stop`` is polled: an exit signal does not cut it short
+    (the metrics, on global rank 0 only, are those of the whole validation)."""
     first = trainer.groups.rank == 0
     if first and loaded_from is None:
         _log.warning("--eval-only: no checkpoint to load (checkpoint.save has none and checkpoint.load is unset): "
                      "evaluating the initial weights")
     values = trainer.evaluate()
-    if not values:
-        return 3
     if first and out:
         t = trainer.cfg.train
         atomic_write_text(out, json.dumps({
