@@ -57,7 +57,7 @@ def _run(args: argparse.Namespace, cfg, layout, log) -> int:
     from bft_megatron.training.fit import ExitRequest, fit
     # From here on a SIGTERM/SIGUSR1 (data preparation, checkpoint loading included) asks for a clean exit, and
     # train.exit_duration_minutes counts from here, as Megatron-LM counts from process start.
-    exit_request = ExitRequest(install=cfg.checkpoint.save_on_signal)
+    exit_request = ExitRequest(install=cfg.checkpoint.save_on_signal and not args.eval_only)  # eval: a signal ends it
     from bft_megatron.checkpoint import Checkpointer
     from bft_megatron.parallel import bootstrap
     from bft_megatron.parallel.consistency import check_job
@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace, cfg, layout, log) -> int:
     p = cfg.parallel
     try:  # every rank with the same config and one checkpoint.save before megatron's groups are made
         groups = bootstrap.initialize(p.tp, p.pp, p.vp, p.cp, seed=cfg.train.seed, timeout_minutes=p.timeout_minutes,
-                                      agree=lambda: check_job(cfg))
+                                      agree=lambda: check_job(cfg, writes=not args.eval_only))
     except ConfigError as exc:
         log.error("config error: %s", exc)
         bootstrap.destroy()

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from bft_megatron.checkpoint import run_lock
+from bft_megatron.config import ConfigError
 from bft_megatron.parallel.bootstrap import free_port
 from tests.launch import ROOT, TINY
 
@@ -51,7 +52,8 @@ def test_eval_only_validates_the_latest_checkpoint_and_writes_nothing_there(run,
     out = tmp_path / "metrics.json"
     run_lock.acquire(str(save), logging.getLogger(__name__))  # a training run still holding the directory
     try:
-        proc = _train(f"checkpoint.save={save}", "--eval-only", "--eval-out", str(out))
+        proc = _train(f"checkpoint.save={save}", "--eval-only", "--eval-out", str(out),
+                      f"logging.tensorboard_dir={tmp_path / 'tb'}")
     finally:
         run_lock.release(str(save))
     assert proc.returncode == 0, proc.stderr[-3000:]  # read-only: it neither takes nor needs the run's lock
@@ -62,6 +64,7 @@ def test_eval_only_validates_the_latest_checkpoint_and_writes_nothing_there(run,
     assert result["metrics"]["lm_loss"] == pytest.approx(trained[0][1], abs=2e-6)
     assert _validation_lines(proc) == [(2, pytest.approx(trained[0][1], abs=2e-6))]
     assert sorted(os.listdir(save)) == before  # no checkpoint, no config.yaml rewritten
+    assert not (tmp_path / "tb").exists()  # nothing appended to the run's TensorBoard (or W&B) logs
     assert "step 1/" not in proc.stdout + proc.stderr  # no training step
 
 
@@ -70,8 +73,10 @@ def test_eval_only_on_two_ranks_resharded_exits_0_everywhere(run, tmp_path):
     the job otherwise), global rank 0 alone writes the metrics, equal to the one-process run's."""
     save, trained = run
     out = tmp_path / "dp2.json"
+    touched = os.stat(save).st_mtime_ns
     proc = _train(f"checkpoint.save={save}", "--eval-only", "--eval-out", str(out), nproc=2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert os.stat(save).st_mtime_ns == touched  # not even the shared-directory probe of a training job
     result = json.loads(out.read_text())
     assert result["iteration"] == 2 and result["metrics"]["lm_loss"] == pytest.approx(trained[0][1], abs=2e-6)
 
@@ -99,3 +104,16 @@ def test_eval_only_needs_validation_data_and_eval_out_needs_eval_only(tmp_path):
     assert not (tmp_path / "prepared").exists()  # refused before any data preparation
     proc = _train("--eval-out", str(tmp_path / "x.json"))
     assert proc.returncode == 2 and "--eval-out needs --eval-only" in proc.stderr
+
+
+def test_eval_only_needs_the_validation_split_the_trainer_opens(tmp_path):
+    """Validation sources without training sources are not prepared by the trainer: only a prepared valid/ counts
+    (the check and the trainer share one predicate; before, this passed the check and failed after the load)."""
+    from bft_megatron.config.schema import load_config
+    from bft_megatron.training.preflight import _require_validation_data
+
+    valid_only = load_config(None, TINY + [f"data.valid=[{tmp_path / 'v.jsonl'}]", f"data.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="--eval-only evaluates on validation data, but data.valid is only "
+                                          "prepared along with data.train sources"):
+        _require_validation_data(valid_only)
+    _require_validation_data(load_config(None, TINY))  # synthetic data has validation rows

@@ -96,10 +96,11 @@ def check_shared_directory(path: str, field: str, group=None) -> None:
                           "use an absolute path on a file system every node mounts")
 
 
-def check_job(cfg, group=None) -> None:
-    """The trainer's agreement checks (a no-op in a one-process job)."""
+def check_job(cfg, group=None, writes: bool = True) -> None:
+    """The trainer's agreement checks (a no-op in a one-process job); ``writes`` false (``--eval-only``): nothing
+    will be written into ``checkpoint.save``, so it is not probed."""
     if dist.get_world_size(group) == 1:
         return
     check_same_config(cfg, group)
-    if cfg.checkpoint.save:
+    if cfg.checkpoint.save and writes:
         check_shared_directory(cfg.checkpoint.save, "checkpoint.save", group)

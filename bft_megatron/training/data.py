@@ -30,7 +30,7 @@ from bft_megatron.parallel.rank0 import on_rank0
 from bft_megatron.training.synthetic import SyntheticChatDataset
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["open_datasets"]
+__all__ = ["open_datasets", "has_validation"]
 
 _log = get_logger(__name__)
 SYNTHETIC_TRAIN_ROWS = 4096
@@ -78,11 +78,19 @@ def _vocab_error(what: str, size: int, cfg: Config):
 def _splits(cfg: Config) -> dict[str, list[SourceConfig] | None]:
     """The splits to open (name -> configured sources): train, and valid when configured (then required:
     PackedDataset raises if absent) or present."""
+    d = cfg.data
+    return {"train": d.train, **({"valid": d.valid} if has_validation(cfg) else {})}
+
+
+def has_validation(cfg: Config) -> bool:
+    """Whether the trainer will have validation rows: synthetic data (no ``data.train``, no ``data.output_dir``) has
+    them; otherwise configured sources with training sources (prepared on first use) or a prepared ``valid/``."""
     from bft_megatron.data.storage import is_prepared
 
     d = cfg.data
-    use_valid = bool(d.train and d.valid) or is_prepared(os.path.join(d.output_dir, "valid"))
-    return {"train": d.train, **({"valid": d.valid} if use_valid else {})}
+    if not (d.train or d.output_dir):
+        return True
+    return bool(d.train and d.valid) or is_prepared(os.path.join(d.output_dir, "valid"))
 
 
 def _check(cfg: Config, prepared_only: bool = False) -> None:

@@ -36,4 +36,5 @@ def evaluate_only(trainer, loaded_from: str | None, out: str | None) -> int:
             "iteration": trainer.state.iteration, "checkpoint": loaded_from, "eval_iters": t.eval_iters,
             "validation_rows": len(trainer.valid_data), "metrics": values}, indent=1) + "\n")
         _log.info("--eval-only: metrics written to %s", out)
+    trainer.progress.close()
     return 0

@@ -29,6 +29,7 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
             _require_launcher()
         if eval_only:
             _require_validation_data(cfg)
+            cfg = _without_run_logs(cfg, log)
         if not dry_run:  # the checkpoint's contents on global rank 0 alone, as the load decides (check_paths)
             if not eval_only:
                 _lock_save_dir(cfg, log, check)
@@ -66,16 +67,31 @@ def _lock_save_dir(cfg, log, check: bool) -> None:
 
 
 def _require_validation_data(cfg) -> None:
-    """``--eval-only`` evaluates on the validation split: configured sources, a prepared ``valid/``, or synthetic
-    data (no ``data.train`` and no ``data.output_dir``)."""
+    """``--eval-only`` evaluates on the validation split the trainer opens (``training.data.has_validation``)."""
     from bft_megatron.config import ConfigError
-    from bft_megatron.data.storage import is_prepared
+    from bft_megatron.training.data import has_validation
 
     d = cfg.data
-    if d.valid or not (d.train or d.output_dir) or (d.output_dir and is_prepared(os.path.join(d.output_dir, "valid"))):
+    if has_validation(cfg):
         return
-    raise ConfigError(f"--eval-only evaluates on validation data, but data.valid is empty and data.output_dir="
-                      f"{d.output_dir} has no prepared valid/ split: list data.valid sources (or prepare them)")
+    why = ("data.valid is empty" if not d.valid else
+           "data.valid is only prepared along with data.train sources (none are listed)")
+    raise ConfigError(f"--eval-only evaluates on validation data, but {why} and data.output_dir={d.output_dir} has "
+                      "no prepared valid/ split: list data.valid sources, or prepare them (bft-megatron prepare)")
+
+
+def _without_run_logs(cfg, log):
+    """``cfg`` with TensorBoard and W&B off: an evaluation appends nothing to the run's logs (a W&B run in progress
+    would be resumed)."""
+    import dataclasses
+
+    lg = cfg.logging
+    if lg.tensorboard_dir or lg.wandb_project:
+        if _global_rank_zero():
+            log.info("--eval-only: logging.tensorboard_dir and logging.wandb_project are not used (the metrics go "
+                     "to the log and --eval-out)")
+        cfg = dataclasses.replace(cfg, logging=dataclasses.replace(lg, tensorboard_dir=None, wandb_project=None))
+    return cfg
 
 
 def report_check(cfg, layout, log, dry_run: bool) -> None:
