@@ -138,6 +138,10 @@ ALTERNATING = (
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
+# microsoft/phi-4's template: '<|im_sep|>' between role and content, no newlines, '<|im_end|>' closes each turn.
+PHI4_LIKE = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content'] + '<|im_end|>' }}"
+             "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant<|im_sep|>' }}{%- endif %}")
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "Hello, how are you today?",
     "Microcephaly is a head circumference below the normal range.", "Which genes are linked to ataxia?",
@@ -147,6 +151,7 @@ CORPUS = [
 SPECIALS = {
     "llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
     "qwen": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+    "phi": ["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"],
     "r1": ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
 }
 
@@ -222,7 +227,7 @@ def hf_tokenizer(name: str) -> str:
             "qwen15": ("qwen", QWEN15_LIKE),
             "role_tags": ("qwen", ROLE_TAGS), "r1": ("r1", R1_LIKE),
             "r1_newlines": ("r1", R1_LIKE, ("<think>\n\nHello",) * 40),  # '>\n\n' one token
-            "mistral": ("qwen", MISTRAL_LIKE),
+            "mistral": ("qwen", MISTRAL_LIKE), "phi4": ("phi", PHI4_LIKE),
             "no_generation_prompt": ("qwen", QWEN25_LIKE.split("{%- if add_generation_prompt %}")[0]),
             "rewriting_hashes": ("qwen", REWRITING.replace("<|im_start|>", "### ").replace("<|im_end|>", " ###")),
             "hashes": ("qwen", "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + ' ###\\n' }}"

@@ -43,7 +43,7 @@ CASES = [  # tokenizer, template, end-of-turn text
     ("sp", "chatml", "<|im_end|>"), ("sp", "llama3", "<|eot_id|>"),
     ("llama31", "llama3", "<|eot_id|>"), ("llama31", "tokenizer", "<|eot_id|>"),
     ("qwen25", "chatml", "<|im_end|>"), ("qwen25", "tokenizer", "<|im_end|>"), ("qwen25", "plain", "<|im_end|>"),
-    ("rewriting", "tokenizer", "<|im_end|>"),
+    ("rewriting", "tokenizer", "<|im_end|>"), ("phi4", "tokenizer", "<|im_end|>"),
 ]
 
 
