@@ -16,12 +16,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bft-megatron train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", "-c", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 parallel.tp=2")
-    parser.add_argument("--check", action="store_true", help="validate the config for WORLD_SIZE processes and "
-                        "check the inputs on disk (checkpoint.load, data sources, tokenizer, prepared data), then exit")
-    parser.add_argument("--dry-run", action="store_true", help="validate for WORLD_SIZE processes (no paths checked), "
-                        "print the memory/throughput plan, exit")
-    parser.add_argument("--eval-only", action="store_true", help="validate the weights the run would start from "
-                        "once (its latest checkpoint, else checkpoint.load), train and save nothing, exit")
+    mode = parser.add_mutually_exclusive_group()  # --check with --dry-run skipped the checks of the paths
+    mode.add_argument("--check", action="store_true", help="validate the config for WORLD_SIZE processes and "
+                      "check the inputs on disk (checkpoint.load, data sources, tokenizer, prepared data), then exit")
+    mode.add_argument("--dry-run", action="store_true", help="validate for WORLD_SIZE processes (no paths checked), "
+                      "print the memory/throughput plan, exit")
+    mode.add_argument("--eval-only", action="store_true", help="validate the weights the run would start from once "
+                      "(its latest checkpoint, else checkpoint.load; weights only), train and save nothing, exit")
     parser.add_argument("--eval-out", metavar="FILE", help="with --eval-only: write the metrics there as JSON")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the flags, too
     if args.eval_out and not args.eval_only:
@@ -55,8 +56,7 @@ def _run(args: argparse.Namespace, cfg, layout, log) -> int:
         return 0
 
     from bft_megatron.training.fit import ExitRequest, fit
-    # From here on a SIGTERM/SIGUSR1 (data preparation, checkpoint loading included) asks for a clean exit, and
-    # train.exit_duration_minutes counts from here, as Megatron-LM counts from process start.
+    # From here a SIGTERM/SIGUSR1 asks for a clean exit (loading included) and train.exit_duration_minutes counts
     exit_request = ExitRequest(install=cfg.checkpoint.save_on_signal and not args.eval_only)  # eval: a signal ends it
     from bft_megatron.checkpoint import Checkpointer
     from bft_megatron.parallel import bootstrap
@@ -74,7 +74,7 @@ def _run(args: argparse.Namespace, cfg, layout, log) -> int:
     try:
         try:
             trainer = build_trainer(cfg, layout, groups)
-            checkpointer = Checkpointer(cfg, groups)
+            checkpointer = Checkpointer(cfg, groups, weights_only=args.eval_only)
             from_scratch = not checkpointer.load(trainer)
         except ConfigError as exc:  # prepared data, checkpoint's model or LR schedule vs config (on every rank)
             log.error("config error: %s", exc)

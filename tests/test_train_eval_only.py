@@ -74,7 +74,9 @@ def test_eval_only_on_two_ranks_resharded_exits_0_everywhere(run, tmp_path):
     save, trained = run
     out = tmp_path / "dp2.json"
     touched = os.stat(save).st_mtime_ns
-    proc = _train(f"checkpoint.save={save}", "--eval-only", "--eval-out", str(out), nproc=2)
+    # another LR schedule than the run's (an evaluation reads the weights alone: nothing to compare the schedule with)
+    proc = _train(f"checkpoint.save={save}", "train.lr=1e-4", "train.warmup_iters=0", "train.train_iters=9",
+                  "--eval-only", "--eval-out", str(out), nproc=2)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     assert os.stat(save).st_mtime_ns == touched  # not even the shared-directory probe of a training job
     result = json.loads(out.read_text())
@@ -83,7 +85,7 @@ def test_eval_only_on_two_ranks_resharded_exits_0_everywhere(run, tmp_path):
 
 def test_eval_only_without_a_checkpoint_says_it_evaluates_the_initial_weights(run, tmp_path):
     _, trained = run
-    out = tmp_path / "init.json"
+    out = tmp_path / "new" / "folder" / "init.json"  # made before the validation runs
     proc = _train("--eval-only", "--eval-out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "evaluating the initial weights" in proc.stdout + proc.stderr
@@ -104,6 +106,8 @@ def test_eval_only_needs_validation_data_and_eval_out_needs_eval_only(tmp_path):
     assert not (tmp_path / "prepared").exists()  # refused before any data preparation
     proc = _train("--eval-out", str(tmp_path / "x.json"))
     assert proc.returncode == 2 and "--eval-out needs --eval-only" in proc.stderr
+    proc = _train("--check", "--dry-run")  # together, --dry-run skipped --check's checks of the paths
+    assert proc.returncode == 2 and "not allowed with argument" in proc.stderr
 
 
 def test_eval_only_needs_the_validation_split_the_trainer_opens(tmp_path):

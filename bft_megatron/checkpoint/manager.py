@@ -77,8 +77,11 @@ def _shield_mcore_results_queue() -> None:
 
 
 class Checkpointer:
-    def __init__(self, cfg, groups) -> None:
+    def __init__(self, cfg, groups, weights_only: bool = False) -> None:
+        """``weights_only`` (``--eval-only``): every load reads the model alone (no optimizer, scheduler or data
+        position, so no schedule check) and keeps the checkpoint's iteration for the report."""
         self.cfg, self.groups = cfg, groups
+        self.weights_only = weights_only
         self.ckpt = cfg.checkpoint
         self._async_queue = None
         self.before_commit = None  # test seam: called on every rank after shards are written
@@ -235,7 +238,8 @@ class Checkpointer:
         if kind == "none":
             return False
         try:
-            self._load_path(trainer, path, finetune=kind == "load" and self.ckpt.finetune, own=kind == "own")
+            finetune = self.weights_only or (kind == "load" and self.ckpt.finetune)
+            self._load_path(trainer, path, finetune=finetune, own=kind == "own" and not self.weights_only)
             self.loaded_from = path
             if kind == "load":
                 dist.barrier()  # every rank has read its files: rank 0 may let the checkpoint be pruned
@@ -302,6 +306,8 @@ class Checkpointer:
                        scheduler=trainer.scheduler if not finetune else None, rank=self.groups.rank)
         if finetune:
             self._load_weights(trainer, path)  # fresh optimizer and scheduler: the config's schedule from step 0
+            if self.weights_only:  # an evaluation reports the step the weights are from
+                trainer.state.iteration = int((common.get("train_state") or {}).get("iteration", 0))
         else:
             warn_data_order(common, self.cfg.data.seed, trainer.train_data.sampler.num_rows, path, self.groups.rank)
             self._load_full(trainer, path, common, same_layout)

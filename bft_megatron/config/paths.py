@@ -44,7 +44,7 @@ def _data_path_problems(d) -> list[str]:
     return problems
 
 
-def check_paths(cfg: Config, data: bool = True, contents: bool = True) -> None:
+def check_paths(cfg: Config, data: bool = True, contents: bool = True, weights_only: bool = False) -> None:
     """Inputs that must exist on disk for a run (``--check`` and real runs; not ``--dry-run`` / ``plan``,
     which plan recipes whose paths are placeholders): raises :class:`ConfigError` naming the field.
 
@@ -58,10 +58,11 @@ def check_paths(cfg: Config, data: bool = True, contents: bool = True) -> None:
     older ``latest`` and refuse a checkpoint the load, decided by rank 0 (``Checkpointer.load``), would use.
 
     Every data path problem is named, and the first checkpoint one (a recipe's placeholder paths all at once, not
-    one per ``--check``)."""
+    one per ``--check``). ``weights_only`` (``--eval-only``): any checkpoint is judged as a weights-only load (its
+    model, not the schedule or optimizer format)."""
     problems = _data_path_problems(cfg.data) if data else []
     try:
-        _check_output_and_checkpoint_paths(cfg, contents)
+        _check_output_and_checkpoint_paths(cfg, contents, weights_only)
     except ConfigError as exc:
         problems.append(str(exc))
     if len(problems) == 1:
@@ -70,7 +71,7 @@ def check_paths(cfg: Config, data: bool = True, contents: bool = True) -> None:
         raise ConfigError(f"{len(problems)} problems:\n  " + "\n  ".join(problems))
 
 
-def _check_output_and_checkpoint_paths(cfg: Config, contents: bool) -> None:
+def _check_output_and_checkpoint_paths(cfg: Config, contents: bool, weights_only: bool = False) -> None:
     c = cfg.checkpoint
     from bft_megatron.checkpoint.pointer import read_latest, resolve_load_dir, unreferenced_problem
 
@@ -85,7 +86,8 @@ def _check_output_and_checkpoint_paths(cfg: Config, contents: bool) -> None:
     own = read_latest(c.save) if c.save else None  # a complete checkpoint there: checkpoint.load is not read
     if own is not None:
         if contents:
-            _check_against_checkpoint(cfg, ("checkpoint.save", c.save), own, finetune=False, own=True)
+            _check_against_checkpoint(cfg, ("checkpoint.save", c.save), own, finetune=weights_only,
+                                      own=not weights_only)
         return
     if contents:
         unreferenced = unreferenced_problem(c.save, c.load)
@@ -103,7 +105,8 @@ def _check_output_and_checkpoint_paths(cfg: Config, contents: bool) -> None:
              f"checkpoint.load={c.load}: no complete checkpoint there (no 'latest' pointer and not an iter_ "
              f"directory; {why}){hint}")
     if contents:
-        _check_against_checkpoint(cfg, ("checkpoint.load", c.load), path, finetune=c.finetune, own=False)
+        _check_against_checkpoint(cfg, ("checkpoint.load", c.load), path, finetune=c.finetune or weights_only,
+                                  own=False)
 
 
 def _check_against_checkpoint(cfg: Config, named_by: tuple[str, str], path: str, finetune: bool, own: bool) -> None:

@@ -12,6 +12,7 @@ weights (warned). The validation is the trainer's own (``train.eval_iters`` glob
 from __future__ import annotations
 
 import json
+import os
 
 from bft_megatron.utils.files import atomic_write_text
 from bft_megatron.utils.logging import get_logger
@@ -29,6 +30,8 @@ def evaluate_only(trainer, loaded_from: str | None, out: str | None) -> int:
     if first and loaded_from is None:
         _log.warning("--eval-only: no checkpoint to load (checkpoint.save has none and checkpoint.load is unset): "
                      "evaluating the initial weights")
+    if first and out:  # a missing folder fails now, not after the whole validation
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     values = trainer.evaluate()
     if first and out:
         t = trainer.cfg.train

@@ -33,7 +33,7 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
         if not dry_run:  # the checkpoint's contents on global rank 0 alone, as the load decides (check_paths)
             if not eval_only:
                 _lock_save_dir(cfg, log, check)
-            check_paths(cfg, data=check, contents=check or _global_rank_zero())
+            check_paths(cfg, data=check, contents=check or _global_rank_zero(), weights_only=eval_only)
             if check:  # prepared data the trainer would refuse (another template or tokenizer, valid/ vs train/)
                 check_prepared(cfg)
     except (ValueError, FileNotFoundError) as exc:  # ConfigError and the data layer's checks are ValueErrors
