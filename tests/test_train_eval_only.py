@@ -76,8 +76,9 @@ def test_eval_only_on_two_ranks_resharded_exits_0_everywhere(run, tmp_path):
     touched = os.stat(save).st_mtime_ns
     # another LR schedule than the run's (an evaluation reads the weights alone: nothing to compare the schedule with)
     proc = _train(f"checkpoint.save={save}", "train.lr=1e-4", "train.warmup_iters=0", "train.train_iters=9",
-                  "--eval-only", "--eval-out", str(out), nproc=2)
+                  "--eval-only", "--eval-out", str(out), "train.eval_iters=8", nproc=2)  # 8 x 8: every row, in order
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "train.eval_iters=8 x train.global_batch_size=8 = 64 rows of the 64 validation rows" in proc.stderr
     assert os.stat(save).st_mtime_ns == touched  # not even the shared-directory probe of a training job
     result = json.loads(out.read_text())
     assert result["iteration"] == 2 and result["metrics"]["lm_loss"] == pytest.approx(trained[0][1], abs=2e-6)

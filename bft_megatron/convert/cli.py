@@ -41,14 +41,18 @@ def parse_size(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bft-megatron convert", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="direction", required=True, metavar="{import,export}")
-    imp = sub.add_parser("import", help="HF safetensors directory -> megatron dist checkpoint (run directory)")
+    imp = sub.add_parser("import", help="HF safetensors directory -> megatron dist checkpoint (run directory)",
+                         description="Import an HF model (Llama-3.x, Qwen2.x, Qwen3, Mistral, Phi3) as a megatron "
+                         "dist checkpoint that trains at any TP/PP (docs/convert.md).")
     imp.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     imp.add_argument("--out", required=True, help="output run directory (gets latest, iter_0000000/, hf/)")
     imp.add_argument("--low-memory", action="store_true",
                      help="spill each layer's transformed tensors (QKV, fc1) to OUT/.import_spill and memory-map them: "
                           "about one layer of resident host memory, for ~65%% of the model's size in temporary disk")
     imp.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    exp = sub.add_parser("export", help="megatron dist checkpoint -> HF safetensors directory")
+    exp = sub.add_parser("export", help="megatron dist checkpoint -> HF safetensors directory",
+                         description="Export a checkpoint (any TP/PP) as an HF model folder: safetensors, config.json, "
+                         "the training tokenizer and chat template, generation_config.json (docs/convert.md).")
     exp.add_argument("--ckpt", required=True, help="run directory (uses 'latest'), iter_ directory or dist checkpoint")
     exp.add_argument("--out", required=True, help="output HF directory")
     exp.add_argument("--tokenizer", default=None,

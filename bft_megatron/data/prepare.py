@@ -41,22 +41,25 @@ _LENGTH_HINTS = {
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bft-megatron prepare", description=__doc__.split("\n\n")[0])
+    d = DataConfig()  # the defaults a flag (or --config key) left out takes
     p.add_argument("--config", help="YAML file whose top-level 'data:' section is a DataConfig")
     p.add_argument("--input", action="append", help="training source: path[:weight] (repeatable)")
     p.add_argument("--valid", action="append", help="validation source: path[:weight] (repeatable)")
     p.add_argument("--tokenizer", help="HF tokenizer directory or sentencepiece .model")
     p.add_argument("--output", help="output directory")
-    p.add_argument("--template", choices=TEMPLATES)
-    p.add_argument("--seq-length", type=int)
-    p.add_argument("--packing", choices=("true", "false"))
-    p.add_argument("--truncation", choices=("truncate", "drop"))
-    p.add_argument("--on-error", choices=("raise", "skip"))
-    p.add_argument("--supervise", choices=("all", "last"))
+    p.add_argument("--template", choices=TEMPLATES, help=f"chat template (default {d.template}; docs/data.md)")
+    p.add_argument("--seq-length", type=int, help=f"tokens per row (default {d.seq_length})")
+    p.add_argument("--packing", choices=("true", "false"), help=f"pack samples into rows (default "
+                                                               f"{str(d.packing).lower()})")
+    p.add_argument("--truncation", choices=("truncate", "drop"), help=f"samples longer than a row (default "
+                                                                     f"{d.truncation})")
+    p.add_argument("--on-error", choices=("raise", "skip"), help=f"an invalid record (default {d.on_error})")
+    p.add_argument("--supervise", choices=("all", "last"), help=f"which answers are trained (default {d.supervise})")
     p.add_argument("--reasoning-format", help="how a reasoning field joins its answer, with {reasoning} and {answer} "
                                               "(default: '<think>\\n{reasoning}\\n</think>\\n\\n{answer}'; in bash "
                                               "write newlines as $'...\\n...')")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num-workers", type=int)
+    p.add_argument("--seed", type=int, help=f"subsampling and packing order (default {d.seed})")
+    p.add_argument("--num-workers", type=int, help=f"tokenization processes (default {d.num_workers})")
     p.add_argument("--force", action="store_true", help="rebuild a split even when the one prepared in the output "
                                                          "directory is up to date (same sources, tokenizer, settings)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar (or, when stderr is not a "
