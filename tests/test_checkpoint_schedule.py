@@ -157,7 +157,7 @@ def test_cli_reports_a_load_config_error_and_exits_2(monkeypatch):
     from bft_megatron.parallel import bootstrap
 
     class Refusing:
-        def __init__(self, cfg, groups):
+        def __init__(self, cfg, groups, weights_only=False):
             pass
 
         def load(self, trainer):

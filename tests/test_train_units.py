@@ -334,7 +334,8 @@ def test_cli_listens_for_exit_signals_before_building_and_loading(monkeypatch):
     monkeypatch.setattr(bootstrap, "initialize", lambda *a, **k: SimpleNamespace())
     monkeypatch.setattr(bootstrap, "destroy", lambda *a, **k: None)
     monkeypatch.setattr(build, "build_trainer", build_trainer)
-    monkeypatch.setattr(checkpoint, "Checkpointer", lambda cfg, groups: SimpleNamespace(load=lambda trainer: None))
+    monkeypatch.setattr(checkpoint, "Checkpointer",
+                        lambda cfg, groups, weights_only=False: SimpleNamespace(load=lambda trainer: None))
     monkeypatch.setattr(fit_mod, "fit", fit)
     try:
         assert train.main(TINY) == 0
