@@ -51,7 +51,8 @@ class MicroBatch:
     cu_seqlens: torch.Tensor | None  # [S+1] int64 global (padded) sample boundaries of the row; None = padded
     max_seqlen: int = 0  # longest segment (THD attention needs it as a host int)
     poison: bool = False  # fault injection (tests): the loss of this micro-batch becomes NaN
-    # [2] int64 (supervised tokens, samples with one) of the whole micro-batch, all CP shards: loss.units
+    # [2] int64 on the host (the trainer sums a step's and copies that once): (supervised tokens, samples with
+    # one) of the whole micro-batch, all CP shards (loss.units)
     units: torch.Tensor | None = None
 
     def packed_seq_params(self):
@@ -110,7 +111,7 @@ def to_micro_batch(d: dict, device: torch.device, *, total: int, pad_id: int, cp
     units = unit_counts(fields["loss_mask"], cu)
     if cp_size > 1:
         fields = {k: split_for_cp(v, cp_size, cp_rank, cu) for k, v in fields.items()}
-    fields["cu_seqlens"], fields["units"] = cu, units
+    fields["cu_seqlens"] = cu
 
     def move(t: torch.Tensor | None) -> torch.Tensor | None:
         # CUDA: pinned host memory, so the copy is truly asynchronous (a copy from pageable memory
@@ -119,7 +120,8 @@ def to_micro_batch(d: dict, device: torch.device, *, total: int, pad_id: int, cp
             return None
         return (t.pin_memory() if device.type == "cuda" else t).to(device=device, non_blocking=True)
 
-    return MicroBatch(**{k: move(v) for k, v in fields.items()}, max_seqlen=int(d["max_seqlen"]) if packed else 0)
+    return MicroBatch(**{k: move(v) for k, v in fields.items()}, max_seqlen=int(d["max_seqlen"]) if packed else 0,
+                      units=units)
 
 
 def micro_batch_length(dataset, *, packed: bool, micro_batch_size: int, seq_length: int, cp_size: int,
