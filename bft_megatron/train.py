@@ -13,7 +13,7 @@ __all__ = ["main"]
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="bft-megatron train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="bft-megatron train", description=__doc__.splitlines()[0].replace("``", ""))
     parser.add_argument("--config", "-c", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=1e-5 parallel.tp=2")
     mode = parser.add_mutually_exclusive_group()  # --check with --dry-run skipped the checks of the paths

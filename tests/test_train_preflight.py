@@ -17,6 +17,10 @@ def test_train_cli_check_and_config_errors():
                          "--dry-run"], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "layout: 1 GPUs = TP1 x PP1" in ok.stdout
+    import torch
+
+    # On a machine without CUDA (a login node, CI) the plan says its figures are the GPUs'.
+    assert ("note: no CUDA device here: the figures above are for the GPUs" in ok.stdout) != torch.cuda.is_available()
     bad = subprocess.run([sys.executable, "-m", "bft_megatron.train", "--config", "configs/demo_cpu.yaml",
                           "parallel.tp=3", "--check"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "world size 1 is not divisible by parallel.tp*pp*cp" in bad.stderr

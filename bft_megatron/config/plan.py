@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass
 
 from bft_megatron.config.schema import load_config, padded_vocab_size
+from bft_megatron.utils.cli_text import plain
 
 GIB = 2**30
 # CUDA context, cuBLAS/cuDNN workspaces, NCCL buffers, allocator fragmentation: measured ~2.5 GiB on H100.
@@ -299,7 +300,7 @@ def _validated_report(ap: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="bft-megatron plan", description=__doc__,
+    ap = argparse.ArgumentParser(prog="bft-megatron plan", description=plain(__doc__),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="training config YAML (validated for --gpus processes as "
                     "train --dry-run does, except that train.fp8, train.te_op_fuser and logging.wandb_project do not "

@@ -17,6 +17,7 @@ import re
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from bft_megatron.utils.cli_text import plain
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["main", "parse_size"]
@@ -39,7 +40,7 @@ def parse_size(text: str) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bft-megatron convert", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="bft-megatron convert", description=plain(__doc__.split("\n\n")[0]))
     sub = parser.add_subparsers(dest="direction", required=True, metavar="{import,export}")
     imp = sub.add_parser("import", help="HF safetensors directory -> megatron dist checkpoint (run directory)",
                          description="Import an HF model (Llama-3.x, Qwen2.x, Qwen3, Mistral, Phi3) as a megatron "

@@ -23,6 +23,7 @@ from bft_megatron.config.data import TEMPLATES, DataConfig, SourceConfig, data_c
 from bft_megatron.data.errors import DataError
 from bft_megatron.data.pipeline import available_cores, prepare_all
 from bft_megatron.data.split_stats import SplitStats
+from bft_megatron.utils.cli_text import plain
 from bft_megatron.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -40,7 +41,7 @@ _LENGTH_HINTS = {
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bft-megatron prepare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bft-megatron prepare", description=plain(__doc__.split("\n\n")[0]))
     d = DataConfig()  # the defaults a flag (or --config key) left out takes
     p.add_argument("--config", help="YAML file whose top-level 'data:' section is a DataConfig")
     p.add_argument("--input", action="append", help="training source: path[:weight] (repeatable)")

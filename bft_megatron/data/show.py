@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from bft_megatron.data.errors import DataError
+from bft_megatron.utils.cli_text import plain
 from bft_megatron.utils.logging import get_logger
 
 log = get_logger(__name__)
@@ -27,7 +28,7 @@ OPEN, CLOSE = "[[", "]]"
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bft-megatron show-data", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bft-megatron show-data", description=plain(__doc__.split("\n\n")[0]))
     p.add_argument("directory", help="a prepared data directory (data.output_dir) or one of its splits")
     p.add_argument("--split", default="train", help="split under DIRECTORY [train]")
     p.add_argument("--samples", type=int, default=3, help="how many samples to print [3]")

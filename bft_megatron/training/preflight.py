@@ -103,7 +103,17 @@ def report_check(cfg, layout, log, dry_run: bool) -> None:
         from bft_megatron.config.plan import DEFAULT_PEAK_TFLOPS, format_plan
 
         peak = cfg.logging.peak_tflops or DEFAULT_PEAK_TFLOPS  # as bft-megatron plan's default
-        sys.stdout.write(format_plan(cfg, layout.world_size, 0.40, peak) + "\n")
+        sys.stdout.write(format_plan(cfg, layout.world_size, 0.40, peak) + "\n" + _no_gpu_note())
+
+
+def _no_gpu_note() -> str:
+    """A dry run on a login node plans the GPU job; on a machine without CUDA say that the figures are the GPUs'."""
+    import torch
+
+    if torch.cuda.is_available():
+        return ""
+    return ("note: no CUDA device here: the figures above are for the GPUs the config is planned for (a run on this "
+            "machine uses gloo on CPU, fp32 or bf16 without Transformer Engine, at a small fraction of that speed)\n")
 
 
 def release_save_dir(cfg) -> None:
