@@ -24,8 +24,8 @@ from __future__ import annotations
 from bft_megatron.config.base import ConfigError, format_value, to_dict
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["SOURCES", "ADAM_FIELDS", "schedule_changes", "describe_changes", "adam_changes", "check_schedule",
-           "group_bounds", "restore_group_bounds", "align_saved_group_bounds"]
+__all__ = ["SOURCES", "ADAM_FIELDS", "WSD_FIELDS", "schedule_changes", "describe_changes", "adam_changes",
+           "check_schedule", "group_bounds", "restore_group_bounds", "align_saved_group_bounds"]
 
 _log = get_logger(__name__)
 
@@ -50,6 +50,8 @@ _MISSING = object()
 _GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd", "betas", "eps")
 # Config fields that reach the optimizer only through its parameter groups (compared like the schedule).
 ADAM_FIELDS = ("train.adam_beta1", "train.adam_beta2", "train.adam_eps")
+# The WSD anneal's settings: arguments of megatron's scheduler that its state_dict leaves out.
+WSD_FIELDS = ("train.wsd_decay_iters", "train.wsd_decay_style")
 
 
 def _lookup(cfg_dict: dict | None, dotted: str):
@@ -96,13 +98,16 @@ def describe_changes(changes: dict[str, tuple], saved_cfg: dict | None, cfg_dict
 
 
 def adam_changes(saved_cfg: dict | None, cfg_dict: dict) -> list[str]:
-    """One line per Adam hyper-parameter (:data:`ADAM_FIELDS`) that differs from the checkpoint's config."""
+    """One line per Adam hyper-parameter (:data:`ADAM_FIELDS`) that differs from the checkpoint's config, and, for a
+    WSD schedule, per WSD field (:data:`WSD_FIELDS`: megatron's scheduler state does not hold them)."""
+    fields = [(name, "Adam's parameter groups") for name in ADAM_FIELDS]
+    if _lookup(cfg_dict, "train.decay") == "wsd":
+        fields += [(name, "the WSD anneal") for name in WSD_FIELDS]
     lines = []
-    for name in ADAM_FIELDS:
+    for name, where in fields:
         before, after = _lookup(saved_cfg, name), _lookup(cfg_dict, name)
         if before is not _MISSING and after is not _MISSING and before != after:
-            lines.append(f"{name}: checkpoint {format_value(before)}, config {format_value(after)} "
-                         "(Adam's parameter groups)")
+            lines.append(f"{name}: checkpoint {format_value(before)}, config {format_value(after)} ({where})")
     return lines
 
 

@@ -101,8 +101,12 @@ class TrainConfig:
     lr: float = 1e-5
     min_lr: float = 0.0
     warmup_iters: int = 0
-    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    decay: Literal["cosine", "linear", "constant", "wsd"] = "cosine"
     decay_iters: int | None = None  # None = train_iters
+    # decay: wsd (warmup-stable-decay, megatron's WSD): lr stays at train.lr until the last wsd_decay_iters steps
+    # before decay_iters, then anneals to min_lr in wsd_decay_style (Megatron-LM's --lr-wsd-decay-style default).
+    wsd_decay_iters: int | None = None
+    wsd_decay_style: Literal["exponential", "linear", "cosine", "minus_sqrt"] = "exponential"
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95

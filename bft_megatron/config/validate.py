@@ -159,6 +159,20 @@ def _check_optimizer(t) -> None:
         _require(t.decay_iters >= t.warmup_iters,
                  f"train.decay_iters={t.decay_iters} must be >= train.warmup_iters={t.warmup_iters}: the decay to "
                  f"train.min_lr ends at decay_iters, after the warmup (null: train.train_iters)")
+    _check_wsd(t)
+
+
+def _check_wsd(t) -> None:
+    """megatron's WSD anneal spans the last ``wsd_decay_iters`` steps before ``decay_iters``, after the warmup."""
+    if t.decay != "wsd":
+        _require(t.wsd_decay_iters is None, f"train.wsd_decay_iters={t.wsd_decay_iters} is only used with "
+                                            f"train.decay=wsd (got train.decay={t.decay}); leave it null")
+        return
+    room = (t.decay_iters or t.train_iters) - t.warmup_iters
+    got = format_value(t.wsd_decay_iters)
+    _require(t.wsd_decay_iters is not None and 1 <= t.wsd_decay_iters <= room,
+             f"train.decay=wsd needs train.wsd_decay_iters in [1, {room}] (the anneal steps at the end of "
+             f"train.decay_iters or train.train_iters, after train.warmup_iters), got {got}")
 
 
 def _check_fp8_widths(m, tp: int, fp8: str) -> None:

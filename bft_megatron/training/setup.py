@@ -52,7 +52,8 @@ def build_optimizer(model: list[torch.nn.Module], cfg: Config):
 
 
 def build_scheduler(optimizer, cfg: Config):
-    """Linear warmup from 0 to ``lr`` over ``warmup_iters``, then cosine/linear decay to ``min_lr``.
+    """Linear warmup from 0 to ``lr`` over ``warmup_iters``, then cosine/linear decay to ``min_lr`` (or ``lr`` held
+    until the last ``wsd_decay_iters`` before ``decay_iters``, then the WSD anneal to ``min_lr``).
 
     Steps are optimizer steps (the scheduler is stepped with increment 1 per successful step). On resume
     megatron's ``load_state_dict`` takes the step count from the checkpoint and, as in Megatron-LM, asserts that
@@ -65,7 +66,8 @@ def build_scheduler(optimizer, cfg: Config):
     decay_iters = t.decay_iters or t.train_iters
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup_iters,
-        lr_decay_steps=max(decay_iters, t.warmup_iters + 1), lr_decay_style=t.decay, start_wd=t.weight_decay,
+        lr_decay_steps=max(decay_iters, t.warmup_iters + 1), lr_decay_style="WSD" if t.decay == "wsd" else t.decay,
+        wsd_decay_steps=t.wsd_decay_iters, lr_wsd_decay_style=t.wsd_decay_style, start_wd=t.weight_decay,
         end_wd=t.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=cfg.checkpoint.override_scheduler,
     )
