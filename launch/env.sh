@@ -27,7 +27,9 @@ major, minor = re.match(r'(\d+)\.(\d+)', m.version('torch')).groups()
 header = os.path.join(u.find_spec('torch').submodule_search_locations[0],
                       'include/torch/csrc/distributed/c10d/FlightRecorder.hpp')
 print(int(major) * 100 + int(minor), int(os.path.exists(header) and 'TORCH_FR_BUFFER_SIZE' in open(header).read()))"
-_bft_torch=$("${PYTHON:-python3}" -c "$_bft_probe" 2>/dev/null || true)
+# BFT_NO_HOST_PROBE=1 (slurm.sbatch with CONTAINER_IMAGE): the ranks run another Python than this shell's; no lookup.
+_bft_torch=
+[[ -n ${BFT_NO_HOST_PROBE:-} ]] || _bft_torch=$("${PYTHON:-python3}" -c "$_bft_probe" 2>/dev/null || true)
 _bft_torch_version=${_bft_torch%% *} _bft_torch_fr=${_bft_torch##* }
 [[ $_bft_torch_version =~ ^[0-9]+$ ]] || _bft_torch_version=0
 # Free the memory of tensors used by asynchronous collectives when the collective finishes, instead of through
@@ -63,8 +65,9 @@ unset _bft_probe _bft_torch _bft_torch_version _bft_torch_fr
 
 # Transformer Engine's fused attention must load torch's own cuDNN (the nvidia-cudnn wheel), not an older system
 # copy found first on the library path: with the older one TE silently falls back to unfused attention (half the
-# throughput, three times the activation memory). Skipped when CUDNN_HOME is set or the wheel is absent (CPU).
-if [[ -z ${CUDNN_HOME:-} ]]; then
+# throughput, three times the activation memory). Skipped when CUDNN_HOME is set, the wheel is absent (CPU) or
+# BFT_NO_HOST_PROBE is set.
+if [[ -z ${CUDNN_HOME:-} && -z ${BFT_NO_HOST_PROBE:-} ]]; then
   _bft_cudnn_dir=$("${PYTHON:-python3}" -c "import nvidia.cudnn, os; print(list(nvidia.cudnn.__path__)[0])" \
                    2>/dev/null || true)
   if [[ -n $_bft_cudnn_dir && -d $_bft_cudnn_dir/lib ]]; then
