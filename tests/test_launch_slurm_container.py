@@ -93,3 +93,22 @@ def test_env_sh_does_not_probe_the_hosts_python_for_a_container(slurm):
     assert result.returncode == 0, _out(result)
     env = slurm.read("train.env")
     assert "CUDNN_HOME=" not in env and "TORCH_NCCL_TRACE_BUFFER_SIZE=20000" in env, env
+
+
+def test_markers_are_read_on_the_host_through_a_mount_with_another_path(slurm, tmp_path):
+    """checkpoint.save=/ckpt/run inside the container is TMP/ckpt on the host (CONTAINER_MOUNTS=TMP:/ckpt... as the
+    fake srun does not remap, the stand-in trainer writes the host path): the script must look for RESUME and
+    CRASH_REQUEUES under the mount's source, not at /ckpt/run on the host."""
+    env = slurm.env("early", CONTAINER_IMAGE="img.sqsh", CONTAINER_MOUNTS=f"{slurm.save}:/ckpt/run:rw")
+    slurm.submit.mkdir(exist_ok=True)
+    result = subprocess.run(["bash", slurm.args()[1], slurm.args()[2], "checkpoint.save=/ckpt/run"], env=env,
+                            cwd=slurm.submit, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, _out(result)
+    assert "stopped early (exit_duration_minutes) after saving" in result.stdout  # RESUME found at TMP/ckpt
+    assert slurm.requeues() == [f"requeue {JOB_ID}"], _out(result)
+    slurm.reset_logs()
+    env.update(FAKE_TRAIN="crash", FAKE_STATUS="1", MAX_CRASH_REQUEUES="1")
+    result = subprocess.run(["bash", slurm.args()[1], slurm.args()[2], "checkpoint.save=/ckpt/run/sub"], env=env,
+                            cwd=slurm.submit, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and slurm.requeues() == [f"requeue {JOB_ID}"], _out(result)
+    assert (slurm.save / "sub" / "CRASH_REQUEUES").read_text().split() == [JOB_ID, "1"]
