@@ -40,6 +40,11 @@ def test_validation_sources_alone_are_prepared_and_evaluated_but_not_trained_on(
     train_src = write_jsonl(tmp_path / "train.jsonl", synthetic_chats(16, seed=3))
     train, valid = open_datasets(load_config(None, [*TINY, *config, f"data.train=[{train_src}]"]), eval_only=True)
     assert train is None and len(valid) == result["validation_rows"] and not (out / "train").exists()
+    # data.valid says how valid/ is prepared: every setting is compared, also one at its default (chatml)
+    other = tmp_path / "llama3"
+    assert prepare.main(["--valid", str(held_out), "--output", str(other), *PREPARE, "--template", "llama3"]) == 0
+    with pytest.raises(ConfigError, match="data.template: prepared llama3, configured chatml"):
+        open_datasets(load_config(None, [*TINY, *config[:-1], f"data.output_dir={other}"]), eval_only=True)
     # training on it is refused, naming data.train: without data.output_dir before anything (it trained on
     # synthetic data, with a warning), with it on rank 0 before any model exists
     from bft_megatron.training.preflight import load_checked
