@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace, cfg, layout, log) -> int:
         return 2
     try:
         try:
-            trainer = build_trainer(cfg, layout, groups, eval_only=args.eval_only)
+            trainer = build_trainer(cfg, layout, groups, args.eval_only)
             checkpointer = Checkpointer(cfg, groups, weights_only=args.eval_only)
             from_scratch = not checkpointer.load(trainer)
         except ConfigError as exc:  # prepared data, checkpoint's model or LR schedule vs config (on every rank)
