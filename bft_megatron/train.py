@@ -22,7 +22,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--dry-run", action="store_true", help="validate for WORLD_SIZE processes (no paths checked), "
                       "print the memory/throughput plan, exit")
     mode.add_argument("--eval-only", action="store_true", help="validate the weights the run would start from once "
-                      "(its latest checkpoint, else checkpoint.load; weights only), train and save nothing, exit")
+                      "(its latest checkpoint, else checkpoint.load; weights only) on the validation split alone "
+                      "(data.valid, prepared if missing; data.train not needed nor read), train and save nothing, exit")
     parser.add_argument("--eval-out", metavar="FILE", help="with --eval-only: write the metrics there as JSON")
     args = parser.parse_intermixed_args(argv)  # overrides may follow the flags, too
     if args.eval_out and not args.eval_only:
@@ -34,7 +35,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     from bft_megatron.training.preflight import load_checked, release_save_dir
     from bft_megatron.utils.logging import get_logger, quiet_known_warnings
-
     quiet_known_warnings()
     log = get_logger("bft_megatron.train")
     loaded = load_checked(args.config, args.overrides, log, check=args.check, dry_run=args.dry_run,
@@ -73,7 +73,7 @@ def _run(args: argparse.Namespace, cfg, layout, log) -> int:
         return 2
     try:
         try:
-            trainer = build_trainer(cfg, layout, groups)
+            trainer = build_trainer(cfg, layout, groups, args.eval_only)
             checkpointer = Checkpointer(cfg, groups, weights_only=args.eval_only)
             from_scratch = not checkpointer.load(trainer)
         except ConfigError as exc:  # prepared data, checkpoint's model or LR schedule vs config (on every rank)

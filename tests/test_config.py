@@ -290,13 +290,12 @@ def test_config_warnings_flag_settings_that_defeat_themselves():
     assert "loss.sft_warmup_iters=120 >= train.train_iters=120: loss.method=bft never runs" in got[1]
     assert config_warnings(load_config("configs/demo_cpu.yaml", ["loss.method=sft", "loss.sft_warmup_iters=500"])) == []
     valid_only = config_warnings(load_config("configs/demo_cpu.yaml", ["data.train=null"]))  # silently unused before
-    assert valid_only == ["data.valid lists 1 source(s) but data.train none: they are neither prepared nor compared; "
-                          "the run reads runs/demo_cpu/data as prepared (its valid/ split only if present). List "
-                          "data.train too to prepare both"]
-    synthetic = config_warnings(load_config("configs/demo_cpu.yaml", ["data.train=null", "data.output_dir="]))
-    assert synthetic == ["data.valid lists 1 source(s) but data.train none: they are neither prepared nor compared; "
-                         "without data.output_dir the run trains and validates on synthetic data. List data.train "
-                         "too to prepare both"]  # not "reads (no data.output_dir: synthetic data) as prepared"
+    assert valid_only == ["data.valid lists 1 source(s) but data.train none: a training run neither prepares nor "
+                          "compares them; it reads runs/demo_cpu/data as prepared (its valid/ split only if present). "
+                          "List data.train too to prepare both (--eval-only prepares and checks data.valid alone)"]
+    assert config_warnings(load_config("configs/demo_cpu.yaml", ["data.train=null"]), eval_only=True) == []
+    # without data.output_dir a training run is refused (preflight), an evaluation too
+    assert config_warnings(load_config("configs/demo_cpu.yaml", ["data.train=null", "data.output_dir="])) == []
     unsaved = ["checkpoint.save=null", "checkpoint.async_save=true", "checkpoint.keep_last=2"]
     assert config_warnings(load_config("configs/demo_cpu.yaml", unsaved)) == [
         "checkpoint.async_save=true and checkpoint.keep_last=2 without checkpoint.save: nothing is saved, so they do "

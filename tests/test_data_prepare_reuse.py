@@ -209,3 +209,26 @@ def test_a_valid_split_left_from_an_earlier_run_is_named_beside_a_kept_train_spl
     _, messages = _run(args, capsys)
     assert any("was kept from an earlier preparation" in m and "beside the kept train/ split" in m
                and "delete it to train without validation" in m for m in messages), messages
+
+
+def test_valid_sources_alone_prepare_the_validation_split_only(prepared, capsys, tmp_path):
+    """For ``train --eval-only`` on a held-out set: --valid without --input (and without data.train in --config)
+    prepares valid/ alone; beside a kept train/ it leaves train/ as it was and says when the two disagree."""
+    args, _, out, _ = prepared
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", CHATS)
+    alone = tmp_path / "alone"
+    stdout, _ = _run(["--valid", str(held_out), "--tokenizer", DEMO_SP, "--output", str(alone)] + RUN, capsys)
+    assert (alone / "valid" / "index.json").is_file() and not (alone / "train").exists()
+    assert "[valid] records=4" in stdout and "[train]" not in stdout
+    train = _inode(out)
+    only_valid = ["--valid", str(held_out), "--tokenizer", DEMO_SP, "--output", str(out)] + RUN
+    _, logs = _run(only_valid, capsys)
+    assert _inode(out) == train and (out / "valid" / "index.json").is_file()
+    assert not [m for m in logs if "prepared otherwise" in m]  # prepared as train/ was
+    _, logs = _run(only_valid + ["--template", "llama3"], capsys)
+    assert _inode(out) == train
+    assert [m for m in logs if "its valid/ split was prepared otherwise than its train/ split" in m
+            and "--template: train/ chatml, valid/ llama3" in m]
+    with logged(logging.ERROR) as records:
+        assert main(["--tokenizer", DEMO_SP, "--output", str(tmp_path / "none")]) == 2
+    assert "no data: pass --input PATH[:WEIGHT] for the training split and/or --valid" in records[0].getMessage()

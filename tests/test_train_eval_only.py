@@ -112,13 +112,16 @@ def test_eval_only_needs_validation_data_and_eval_out_needs_eval_only(tmp_path):
 
 
 def test_eval_only_needs_the_validation_split_the_trainer_opens(tmp_path):
-    """Validation sources without training sources are not prepared by the trainer: only a prepared valid/ counts
-    (the check and the trainer share one predicate; before, this passed the check and failed after the load)."""
+    """The check and the trainer share one predicate (before, a config passed the check and failed after the load):
+    validation sources alone are prepared for an evaluation, into data.output_dir (without one the evaluation ran
+    on synthetic data); their data config is checked as training sources' are."""
     from bft_megatron.config.schema import load_config
     from bft_megatron.training.preflight import _require_validation_data
 
-    valid_only = load_config(None, TINY + [f"data.valid=[{tmp_path / 'v.jsonl'}]", f"data.output_dir={tmp_path}"])
-    with pytest.raises(ConfigError, match="--eval-only evaluates on validation data, but data.valid is only "
-                                          "prepared along with data.train sources"):
-        _require_validation_data(valid_only)
+    valid = [f"data.valid=[{tmp_path / 'v.jsonl'}]", "data.tokenizer=bft_megatron/data/assets/hpo_sp.model"]
+    _require_validation_data(load_config(None, TINY + valid + [f"data.output_dir={tmp_path}"]))
+    with pytest.raises(ConfigError, match="--eval-only: data.valid lists 1 source.s. but data.output_dir is empty"):
+        _require_validation_data(load_config(None, TINY + valid))
+    with pytest.raises(ValueError, match="data config: tokenizer='': must name"):  # as with data.train sources
+        _require_validation_data(load_config(None, TINY + valid[:1] + [f"data.output_dir={tmp_path}"]))
     _require_validation_data(load_config(None, TINY))  # synthetic data has validation rows

@@ -101,8 +101,11 @@ class DataConfig:
     output_dir: str = ""
 
     def validate(self) -> None:
-        if not self.train:
-            _fail("train", self.train, "needs at least one source")
+        """Raise ValueError naming the field. ``valid`` alone (no ``train``) is a config that prepares the
+        validation split only (``prepare``, ``train --eval-only``); the trainer refuses to train on it."""
+        if not (self.train or self.valid):
+            _fail("train", self.train, "needs at least one source (or valid sources alone, to prepare only the "
+                                       "validation split)")
         for name in ("train", "valid"):
             for i, src in enumerate(getattr(self, name)):
                 if not isinstance(src, SourceConfig):

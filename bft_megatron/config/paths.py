@@ -10,7 +10,7 @@ from bft_megatron.config.base import ConfigError
 from bft_megatron.config.schema import Config
 from bft_megatron.utils.files import not_a_directory
 
-__all__ = ["check_paths", "loads_own_save_dir"]
+__all__ = ["check_paths", "loads_own_save_dir", "no_train_split"]
 
 
 def _require(cond: bool, message: str) -> None:
@@ -39,9 +39,16 @@ def _data_path_problems(d) -> list[str]:
         except DataError as err:  # "data.tokenizer='...': no such file or directory; ..."
             problems.append(f"data.{err}")
     if d.output_dir and not d.train and not is_prepared(os.path.join(d.output_dir, "train")):
-        problems.append(f"data.output_dir={d.output_dir}: no prepared train split (run bft-megatron prepare, or list "
-                        "data.train sources)")
+        problems.append(no_train_split(d))
     return problems
+
+
+def no_train_split(d) -> str:
+    """Why ``data.output_dir`` cannot be trained on: no prepared train split, and no ``data.train`` sources."""
+    valid = (f"; data.valid's {len(d.valid)} source(s) alone are for evaluation (bft-megatron train --eval-only), "
+             "not for training" if d.valid else "")
+    return (f"data.output_dir={d.output_dir}: no prepared train split (run bft-megatron prepare, or list data.train "
+            f"sources){valid}")
 
 
 def check_paths(cfg: Config, data: bool = True, contents: bool = True, weights_only: bool = False) -> None:

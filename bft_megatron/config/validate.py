@@ -280,9 +280,9 @@ def validate(cfg: Config, world_size: int, require_te: bool = True) -> Layout:
     return Layout(world_size=world_size, dp=dp, num_microbatches=num_micro)
 
 
-def config_warnings(cfg: Config) -> list[str]:
+def config_warnings(cfg: Config, eval_only: bool = False) -> list[str]:
     """Settings that are valid but probably not what was meant (logged by the trainer, ``--check`` and
-    ``--dry-run``)."""
+    ``--dry-run``); ``eval_only`` (``--eval-only``): those about training (prepares and checks data.valid alone)."""
     out = []
     m, t, lo = cfg.model, cfg.train, cfg.loss
     unused = [f"logging.{k}" for k in ("wandb_entity", "wandb_run_name", "wandb_dir") if getattr(cfg.logging, k)]
@@ -295,11 +295,10 @@ def config_warnings(cfg: Config) -> list[str]:
         out.append(f"loss.sft_warmup_iters={lo.sft_warmup_iters} >= train.train_iters={t.train_iters}: "
                    f"loss.method={lo.method} never runs (every step is SFT)")
     d = cfg.data
-    if d.valid and not d.train:  # validate() checks the data config only with data.train sources
-        reads = (f"the run reads {d.output_dir} as prepared (its valid/ split only if present)" if d.output_dir
-                 else "without data.output_dir the run trains and validates on synthetic data")
-        out.append(f"data.valid lists {len(d.valid)} source(s) but data.train none: they are neither prepared nor "
-                   f"compared; {reads}. List data.train too to prepare both")
+    if d.valid and not d.train and d.output_dir and not eval_only:  # without data.output_dir: refused (preflight)
+        out.append(f"data.valid lists {len(d.valid)} source(s) but data.train none: a training run neither prepares "
+                   f"nor compares them; it reads {d.output_dir} as prepared (its valid/ split only if present). List "
+                   "data.train too to prepare both (--eval-only prepares and checks data.valid alone)")
     c = cfg.checkpoint
     unused = [f"checkpoint.{k}={format_value(v)}" for k, v in (("async_save", c.async_save),
                                                                 ("keep_last", c.keep_last)) if v]

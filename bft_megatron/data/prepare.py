@@ -4,6 +4,7 @@ Usage::
 
     bft-megatron prepare --config configs/data_demo.yaml [--output DIR] [--num-workers N]
     bft-megatron prepare --input a.jsonl [--input b.jsonl:2.0] --tokenizer tok.model --output DIR
+    bft-megatron prepare --valid held_out.jsonl --tokenizer tok.model --output DIR   # valid/ alone (--eval-only)
 
 The YAML's top-level ``data:`` section is a DataConfig; flags given on the command line override it. A split
 already prepared in the output directory from the same sources (by content), tokenizer and settings is kept
@@ -44,8 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bft-megatron prepare", description=plain(__doc__.split("\n\n")[0]))
     d = DataConfig()  # the defaults a flag (or --config key) left out takes
     p.add_argument("--config", help="YAML file whose top-level 'data:' section is a DataConfig")
-    p.add_argument("--input", action="append", help="training source: path[:weight] (repeatable)")
-    p.add_argument("--valid", action="append", help="validation source: path[:weight] (repeatable)")
+    p.add_argument("--input", action="append", help="training source: path[:weight] (repeatable; none, in the flags "
+                                                     "and --config: only the validation split is prepared)")
+    p.add_argument("--valid", action="append", help="validation source: path[:weight] (repeatable; alone, for "
+                                                     "`bft-megatron train --eval-only`)")
     p.add_argument("--tokenizer", help="HF tokenizer directory or sentencepiece .model")
     p.add_argument("--output", help="output directory")
     p.add_argument("--template", choices=TEMPLATES, help=f"chat template (default {d.template}; docs/data.md)")
@@ -160,8 +163,10 @@ def main(argv: list[str]) -> int:
     try:
         cfg = _apply_flags(load_config(args.config), args)
         # The config's own messages would name data.* fields ("train=[]: needs at least one source"), not the flags.
-        if not cfg.train:
-            raise ValueError("no training data: pass --input PATH[:WEIGHT] (or list data.train in --config)")
+        if not (cfg.train or cfg.valid):
+            raise ValueError("no data: pass --input PATH[:WEIGHT] for the training split and/or --valid PATH[:WEIGHT] "
+                             "for the validation split (alone: valid/ only, for bft-megatron train --eval-only), or "
+                             "list data.train in --config or data.valid in --config")
         if not cfg.tokenizer:
             raise ValueError("no tokenizer: pass --tokenizer (an HF tokenizer directory or a sentencepiece .model; "
                              "or set data.tokenizer in --config)")
@@ -206,15 +211,20 @@ def as_flags(text: str) -> str:
 
 
 def _stale_split_warnings(cfg: DataConfig, results: dict[str, SplitStats]) -> list[str]:
-    """A split this run did not write (no --valid) but an earlier one left in the output directory: the trainer
-    reads it beside the new one, and refuses it if it was prepared otherwise (provenance.splits_disagree)."""
+    """A split this run did not write (no --valid, or --valid alone) but an earlier one left in the output directory:
+    the trainer reads it beside the new one, and refuses it if it was prepared otherwise (provenance.splits_disagree;
+    an evaluation of data.valid alone opens valid/ only)."""
     from bft_megatron.data.provenance import splits_disagree
     from bft_megatron.data.storage import is_prepared, read_index
 
-    if "train" not in results or "valid" in results or not is_prepared(os.path.join(cfg.output_dir, "valid")):
+    train, valid = os.path.join(cfg.output_dir, "train"), os.path.join(cfg.output_dir, "valid")
+    if "valid" in results and "train" not in results and is_prepared(train):
+        problem = splits_disagree(cfg.output_dir, read_index(train), read_index(valid))
+        return [f"{problem}\nTraining refuses this directory until then (train --eval-only with data.valid alone "
+                "evaluates on valid/)."] if problem else []
+    if "train" not in results or "valid" in results or not is_prepared(valid):
         return []
-    valid = os.path.join(cfg.output_dir, "valid")
-    problem = splits_disagree(cfg.output_dir, read_index(os.path.join(cfg.output_dir, "train")), read_index(valid))
+    problem = splits_disagree(cfg.output_dir, read_index(train), read_index(valid))
     if problem:  # names both values and the way out; the trainer raises with the same text
         return [f"{problem}\nThe trainer refuses this directory until then."]
     beside = "the kept" if results["train"].reused else "the new"

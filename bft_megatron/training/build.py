@@ -14,11 +14,13 @@ from bft_megatron.utils.logging import get_logger
 __all__ = ["build_trainer"]
 
 
-def build_trainer(cfg: Config, layout: Layout, groups: ParallelGroups) -> Trainer:
+def build_trainer(cfg: Config, layout: Layout, groups: ParallelGroups, eval_only: bool = False) -> Trainer:
+    """``eval_only`` (``--eval-only``): prepared data's train split is neither prepared nor opened (None)."""
     # first: a missing or bad dataset fails before any model exists
-    train_data, valid_data = open_datasets(cfg, groups.control)
+    train_data, valid_data = open_datasets(cfg, groups.control, eval_only)
     if groups.rank == 0:
-        get_logger(__name__).info("%s", data_plan_line(cfg, train_data))
+        if train_data is not None:
+            get_logger(__name__).info("%s", data_plan_line(cfg, train_data))
         twice = validation_plan_warning(cfg, valid_data)
         if twice:
             get_logger(__name__).warning("%s", twice)

@@ -7,6 +7,9 @@
   verdict in one broadcast (an error raises on every rank) and opens the splits. A configured ``valid`` split is
   then required on every rank (so all ranks evaluate, or none); an unconfigured one is used when present.
 * only ``data.output_dir``: read its prepared ``train/`` split (``valid/`` too when present).
+* ``--eval-only`` (``eval_only``): the ``valid`` split alone, never ``train``: prepared when missing from
+  ``data.valid`` sources (with or without ``data.train``), checked strictly against them (a changed ``data.valid``
+  is refused like any changed split, never rebuilt silently); the training sources are neither tokenized nor read.
 * neither: the synthetic chain dataset (:mod:`bft_megatron.training.synthetic`), vocabulary from
   ``model.vocab_size``, with a warning.
 
@@ -40,12 +43,12 @@ def _rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _prepare_missing(cfg: Config) -> None:
-    """(Rank 0) prepare the configured splits that are missing and log the summary."""
+def _prepare_missing(cfg: Config, eval_only: bool) -> None:
+    """(Rank 0) prepare the configured splits that are missing (``eval_only``: ``valid`` alone) and log the summary."""
     from bft_megatron.data.pipeline import missing_splits
 
     d = cfg.data
-    missing = missing_splits(d)
+    missing = [split for split in missing_splits(d) if split == "valid" or not eval_only]
     if missing:
         from bft_megatron.data.prepare import format_summary, preparation_warnings, run
 
@@ -75,38 +78,45 @@ def _vocab_error(what: str, size: int, cfg: Config):
                        "vocabulary), or use the model's own tokenizer")
 
 
-def _splits(cfg: Config) -> dict[str, list[SourceConfig] | None]:
-    """The splits to open (name -> configured sources): train, and valid when configured (then required:
-    PackedDataset raises if absent) or present."""
+def _splits(cfg: Config, eval_only: bool = False) -> dict[str, list[SourceConfig] | None]:
+    """The splits to open (name -> configured sources): train (not with ``eval_only``), and valid when configured
+    (then required: PackedDataset raises if absent) or present."""
     d = cfg.data
-    return {"train": d.train, **({"valid": d.valid} if has_validation(cfg) else {})}
+    train = {} if eval_only else {"train": d.train}
+    return {**train, **({"valid": d.valid} if has_validation(cfg, eval_only) else {})}
 
 
-def has_validation(cfg: Config) -> bool:
+def has_validation(cfg: Config, eval_only: bool = False) -> bool:
     """Whether the trainer will have validation rows: synthetic data (no ``data.train``, no ``data.output_dir``) has
-    them; otherwise configured sources with training sources (prepared on first use) or a prepared ``valid/``."""
+    them; otherwise configured sources that are prepared on first use (with training sources, or for ``eval_only``
+    alone) or a prepared ``valid/``."""
     from bft_megatron.data.storage import is_prepared
 
     d = cfg.data
     if not (d.train or d.output_dir):
         return True
-    return bool(d.train and d.valid) or is_prepared(os.path.join(d.output_dir, "valid"))
+    return bool(d.valid and (d.train or eval_only)) or is_prepared(os.path.join(d.output_dir, "valid"))
 
 
-def _check(cfg: Config, prepared_only: bool = False) -> None:
+def _check(cfg: Config, prepared_only: bool = False, eval_only: bool = False) -> None:
     """(Rank 0) the prepared splits exist and match the config (provenance; tokenizer vocabulary).
-    ``prepared_only``: skip a configured split not prepared yet (``--check``: the trainer would prepare it)."""
+    ``prepared_only``: skip a configured split not prepared yet (``--check``: the trainer would prepare it).
+    ``eval_only``: the valid split alone (strictly with ``data.valid`` sources; beside a prepared train/ only when
+    it defines the data: ``splits_disagree`` reads train/'s index, not its sources)."""
     from bft_megatron.config.base import ConfigError
+    from bft_megatron.config.paths import no_train_split
     from bft_megatron.data.provenance import (PreparedDataMismatch, compare, mismatch_message, record_new_mtimes,
                                              splits_disagree, unchecked_message)
-    from bft_megatron.data.storage import PackedDataset, is_prepared
+    from bft_megatron.data.storage import PackedDataset, is_prepared, read_index
 
     d = cfg.data
-    if not is_prepared(os.path.join(d.output_dir, "train")):
-        raise ConfigError(f"data.output_dir={d.output_dir}: no prepared train split (run bft-megatron prepare, or "
-                          "list data.train sources)")
-    strict, problems, indexes = bool(d.train), {}, {}
-    for split, sources in _splits(cfg).items():
+    train_dir = os.path.join(d.output_dir, "train")
+    if not (eval_only or is_prepared(train_dir)):
+        raise ConfigError(no_train_split(d))
+    strict, problems, indexes = bool(d.train or (eval_only and d.valid)), {}, {}
+    if eval_only and not d.valid and is_prepared(train_dir):
+        indexes["train"] = read_index(train_dir)
+    for split, sources in _splits(cfg, eval_only).items():
         if prepared_only and not is_prepared(os.path.join(d.output_dir, split)):
             continue
         ds = PackedDataset(os.path.join(d.output_dir, split))
@@ -120,11 +130,12 @@ def _check(cfg: Config, prepared_only: bool = False) -> None:
         if not differences and json.dumps(ds.index, sort_keys=True) != recorded:
             record_new_mtimes(ds.directory, ds.index, recorded)
         size = int(ds.index["tokenizer"].get("vocab_size", 0))
-        if split == "train" and size > cfg.model.vocab_size:
+        if size > cfg.model.vocab_size:  # every split opened (an evaluation opens valid/ alone)
             raise _vocab_error(f"the data was tokenized with a {size}-token vocabulary", size, cfg)
     if problems:
         raise PreparedDataMismatch(mismatch_message(problems, strict))
-    disagreement = "valid" in indexes and splits_disagree(d.output_dir, indexes["train"], indexes["valid"])
+    both = indexes.keys() == {"train", "valid"}
+    disagreement = both and splits_disagree(d.output_dir, indexes["train"], indexes["valid"])
     if disagreement:
         raise PreparedDataMismatch(disagreement)
 
@@ -143,7 +154,7 @@ def check_prepared(cfg: Config) -> bool:
     return True
 
 
-def _prepare_and_check(cfg: Config) -> None:
+def _prepare_and_check(cfg: Config, eval_only: bool) -> None:
     """(Rank 0) The data layer's user errors (a bad record, a missing source or tokenizer, a template the tokenizer
     cannot express, a split with no usable sample) become a :class:`ConfigError`, which :func:`on_rank0` raises on
     every rank as one: the CLI exits 2 everywhere, and a requeue would fail the same way."""
@@ -151,15 +162,16 @@ def _prepare_and_check(cfg: Config) -> None:
     from bft_megatron.data.errors import DataError
 
     try:
-        if cfg.data.train:
-            _prepare_missing(cfg)
-        _check(cfg)
+        if cfg.data.train or (eval_only and cfg.data.valid):
+            _prepare_missing(cfg, eval_only)
+        _check(cfg, eval_only=eval_only)
     except DataError as err:
         raise ConfigError(f"data preparation for data.output_dir={cfg.data.output_dir} failed: {err}") from err
 
 
-def open_datasets(cfg: Config, wait_group: dist.ProcessGroup | None = None):
-    """(train, valid or None) datasets with ``__len__``, ``__getitem__ -> Row``, ``pad_id``, ``packed``.
+def open_datasets(cfg: Config, wait_group: dist.ProcessGroup | None = None, eval_only: bool = False):
+    """(train, valid or None) datasets with ``__len__``, ``__getitem__ -> Row``, ``pad_id``, ``packed``;
+    ``eval_only`` (``--eval-only``): prepared data's train is None (neither prepared, read nor checked).
 
     ``wait_group``: the world-sized group the other ranks wait on while rank 0 prepares missing splits
     (``ParallelGroups.control``, whose timeout outlasts a long preparation; None: the default group)."""
@@ -173,9 +185,9 @@ def open_datasets(cfg: Config, wait_group: dist.ProcessGroup | None = None):
             raise ConfigError("data.train names sources but data.output_dir is empty: set where prepared data goes")
         # Rank 0 alone prepares what is missing and checks the splits against the config (one reader of
         # the sources, even for a multi-node job); every rank then opens the same splits.
-        on_rank0(lambda: _prepare_and_check(cfg), "data preparation / check", wait_group)
-        train, *valid = [PackedDataset(os.path.join(d.output_dir, split)) for split in _splits(cfg)]
-        return train, valid[0] if valid else None
+        on_rank0(lambda: _prepare_and_check(cfg, eval_only), "data preparation / check", wait_group)
+        opened = {split: PackedDataset(os.path.join(d.output_dir, split)) for split in _splits(cfg, eval_only)}
+        return opened.get("train"), opened.get("valid")
     if _rank0():
         _log.warning("neither data.train nor data.output_dir is set: training on SYNTHETIC data (%d random chat "
                      "rows, bft_megatron/training/synthetic.py), not on any dataset; list data.train sources to "

@@ -74,7 +74,8 @@ class Trainer:
         self.cfg, self.layout, self.groups = cfg, layout, groups
         self.model, self.tconfig, self.optimizer, self.scheduler = model, tconfig, optimizer, scheduler
         self.state = TrainState()
-        self.train_data = self._step_data(train_data, cfg.data.seed)
+        # None: an evaluation (--eval-only) of prepared validation data alone, which never steps
+        self.train_data = None if train_data is None else self._step_data(train_data, cfg.data.seed)
         self.valid_data = valid_data
         self.progress = ProgressLog(cfg, groups)
         self.reporter = reporter_rank(groups)
@@ -84,7 +85,7 @@ class Trainer:
     def _log_grown_plan(self) -> None:
         """Under CP, packed micro-batches grow past ``mbs * seq_length`` (sample padding): re-plan memory."""
         t, seq = self.cfg.train, self.cfg.data.seq_length
-        grown = self.train_data.total / t.micro_batch_size
+        grown = self.train_data.total / t.micro_batch_size if self.train_data is not None else 0
         if grown <= seq or self.groups.rank != 0:
             return
         from bft_megatron.config.plan import plan_memory

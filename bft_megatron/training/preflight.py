@@ -16,7 +16,8 @@ __all__ = ["load_checked", "release_save_dir", "report_check"]
 def load_checked(config_path: str | None, overrides: list[str], log, *, check: bool, dry_run: bool,
                  eval_only: bool = False):
     """(cfg, layout), or None after logging a config error (the CLI then exits 2). ``eval_only`` (``--eval-only``)
-    reads ``checkpoint.save`` without locking it (it writes nothing there) and needs validation data."""
+    reads ``checkpoint.save`` without locking it (it writes nothing there) and needs validation data (``data.valid``
+    alone will do); training needs training data (``data.valid`` alone is refused, naming ``data.train``)."""
     from bft_megatron.config import check_paths, config_warnings, load_config, validate
     from bft_megatron.config.validate import error_hint
     from bft_megatron.training.data import check_prepared
@@ -30,6 +31,8 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
         if eval_only:
             _require_validation_data(cfg)
             cfg = _without_run_logs(cfg, log)
+        else:
+            _require_training_data(cfg)
         if not dry_run:  # the checkpoint's contents on global rank 0 alone, as the load decides (check_paths)
             if not eval_only:
                 _lock_save_dir(cfg, log, check)
@@ -44,7 +47,7 @@ def load_checked(config_path: str | None, overrides: list[str], log, *, check: b
         release_save_dir(cfg)
         raise
     if _global_rank_zero():
-        for warning in config_warnings(cfg) + (_finished(cfg) if check else []):
+        for warning in config_warnings(cfg, eval_only) + (_finished(cfg) if check else []):
             log.warning("config: %s", warning)
     return cfg, layout
 
@@ -67,17 +70,35 @@ def _lock_save_dir(cfg, log, check: bool) -> None:
 
 
 def _require_validation_data(cfg) -> None:
-    """``--eval-only`` evaluates on the validation split the trainer opens (``training.data.has_validation``)."""
+    """``--eval-only`` evaluates on the validation split the trainer opens (``training.data.has_validation``):
+    ``data.valid`` sources, with or without ``data.train`` (then checked as the data layer checks them), prepared
+    into ``data.output_dir``, or a ``valid/`` prepared there."""
     from bft_megatron.config import ConfigError
     from bft_megatron.training.data import has_validation
 
     d = cfg.data
-    if has_validation(cfg):
+    if d.valid and not d.output_dir:  # else synthetic data, silently instead of the configured validation set
+        raise ConfigError(f"--eval-only: data.valid lists {len(d.valid)} source(s) but data.output_dir is empty: set "
+                          "data.output_dir, where their prepared validation split goes")
+    if d.valid and not d.train:
+        d.validate()  # the data layer's own checks (data.tokenizer, data.template, ...), as validate() with data.train
+    if has_validation(cfg, eval_only=True):
         return
-    why = ("data.valid is empty" if not d.valid else
-           "data.valid is only prepared along with data.train sources (none are listed)")
-    raise ConfigError(f"--eval-only evaluates on validation data, but {why} and data.output_dir={d.output_dir} has "
-                      "no prepared valid/ split: list data.valid sources, or prepare them (bft-megatron prepare)")
+    raise ConfigError(f"--eval-only evaluates on validation data, but data.valid is empty and data.output_dir="
+                      f"{d.output_dir} has no prepared valid/ split: list data.valid sources (prepared on first use), "
+                      "or prepare them (bft-megatron prepare --valid PATH)")
+
+
+def _require_training_data(cfg) -> None:
+    """A run that trains needs ``data.train`` sources or prepared data; ``data.valid`` alone without
+    ``data.output_dir`` would train on synthetic data (the prepared case: ``training.data`` on rank 0)."""
+    from bft_megatron.config import ConfigError
+
+    d = cfg.data
+    if d.valid and not d.train and not d.output_dir:
+        raise ConfigError(f"data.train lists no sources (and data.output_dir is empty), but data.valid lists "
+                          f"{len(d.valid)}: training needs data.train sources. To evaluate a checkpoint on data.valid "
+                          "alone, set data.output_dir and pass --eval-only")
 
 
 def _without_run_logs(cfg, log):
