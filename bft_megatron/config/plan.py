@@ -47,8 +47,9 @@ def _padded_vocab(m, tp: int) -> int:
 
 
 def _norm_params(m) -> int:
-    """A layer's norm weights, replicated on every TP rank: two RMSNorms, and Qwen3's query and key head norms."""
-    return 2 * m.hidden_size + (2 * m.kv_channels if m.qk_norm else 0)
+    """A layer's norm weights, replicated on every TP rank: two RMSNorms (Gemma 3: four), and Qwen3's / Gemma 3's
+    query and key head norms."""
+    return (4 if m.family == "gemma3" else 2) * m.hidden_size + (2 * m.kv_channels if m.qk_norm else 0)
 
 
 def layer_params(m) -> int:
@@ -86,7 +87,7 @@ def _layer_activation_bytes(m, seq: int, mbs: int, p) -> float:
     split = 2 * (h + m.query_size + m.qkv_size + qk_norm_inputs + 3 * f)
     # The two norm inputs and the two norm outputs (the qkv and fc1 inputs, kept for their weight gradients):
     # full on every TP rank unless sequence parallel shards them (Korthikanti et al.: sbh(10 + 24/t) without SP).
-    replicated = 2 * 2 * h + 2 * 2 * h
+    replicated = 2 * 2 * h + 2 * 2 * h + (2 * 2 * h if m.family == "gemma3" else 0)  # Gemma 3: 2 post-norm inputs
     softmax_stats = 4 * m.num_attention_heads  # fp32 log-sum-exp per head (flash attention)
     per_token = split / p.tp + (replicated / p.tp if p.sequence_parallel else replicated) + softmax_stats / p.tp
     return sb * per_token
