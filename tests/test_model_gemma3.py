@@ -277,3 +277,35 @@ def test_gemma3_template_writes_one_bos_and_supervises_each_model_turn(conv):
     assert text.count("<start_of_turn>model\n") == 2 and "assistant" not in text
     assert ("Be brief.\n\nWhat is microcephaly?" in text) == (conv is CONV)
     assert [tok.decode(r) for r in supervised_runs(enc)] == [a + "<end_of_turn>" for a in ANSWERS]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_embedding_scale_is_gemma3s_bit_for_bit(dtype):
+    """sqrt(hidden) cast to the embedding dtype first (bf16 at 5376: 73.5, not 73.32), as HF's scaled embedding."""
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    from bft_megatron.model.gemma3 import _EmbeddingScale
+
+    hidden = 5376
+    ref = Gemma3TextScaledWordEmbedding(16, hidden, 0, embed_scale=hidden ** 0.5).to(dtype)
+    ids = torch.tensor([[1, 5, 7]])
+    with torch.no_grad():
+        looked_up = torch.nn.functional.embedding(ids, ref.weight)
+        assert torch.equal(_EmbeddingScale(hidden)(None, (ids,), looked_up), ref(ids))
+
+
+def test_flops_count_the_window_of_the_sliding_layers():
+    """Attention FLOPs per token: a global layer's causal half (seq/2 keys per query, Megatron's count), a sliding
+    layer's mean of min(i, W) keys over the row, counted here by brute force; no change while seq <= W."""
+    import dataclasses
+
+    from bft_megatron.config.plan import flops_per_token
+
+    seq = 16
+    m = _tiny(sliding_window=4, sliding_window_pattern=2)  # layers 1 and 3 slide, layer 2 is global
+    sliding = sum(min(i, 4) for i in range(1, seq + 1)) / seq
+    dense = 64 * m.qkv_size + m.query_size * 64 + 3 * 64 * 96
+    want = 3 * (2 * sum(dense + 2 * m.query_size * keys for keys in (sliding, seq / 2, sliding)) + 2 * 64 * 384)
+    assert flops_per_token(m, seq) == pytest.approx(want, rel=1e-12)
+    wide = dataclasses.replace(m, sliding_window=seq)  # the window covers the row: every layer counts as global
+    assert flops_per_token(wide, seq) == flops_per_token(dataclasses.replace(wide, sliding_window_pattern=1), seq)
