@@ -81,7 +81,8 @@ class Gemma3SelfAttention(SelfAttention):
     def forward(self, hidden_states, attention_mask, *args, rotary_pos_emb=None, **kwargs):
         if isinstance(rotary_pos_emb, torch.Tensor) and rotary_pos_emb.dim() == 4 and rotary_pos_emb.shape[1] == 2:
             half = 1 if is_sliding(self.config, self.layer_number) else 0
-            rotary_pos_emb = rotary_pos_emb[:, half:half + 1]  # [s, 1, 1, d]
+            # [s, 1, 1, d], contiguous: TE's fused RoPE kernel reads the frequencies by their dense layout
+            rotary_pos_emb = rotary_pos_emb[:, half:half + 1].contiguous()
         return super().forward(hidden_states, attention_mask, *args, rotary_pos_emb=rotary_pos_emb, **kwargs)
 
 
