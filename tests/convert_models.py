@@ -59,6 +59,12 @@ CASES = {
                                    query_pre_attn_scalar=20, sliding_window=4, tie_word_embeddings=True,
                                    layer_types=["sliding_attention", "full_attention"],
                                    rope_parameters=GEMMA3_ROPE, pad_token_id=0), torch.float32),
+    # MedGemma-27B's other proportion: queries narrower than the model (27B: 32 x 128 = 4096 < 5376) and the softmax
+    # scale from hidden/heads (168 = 5376/32, here 16 = 64/4), untied (review: the output layer's own table)
+    "gemma3_narrow": ("gemma3", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                     query_pre_attn_scalar=16, sliding_window=3, tie_word_embeddings=False,
+                                     layer_types=["sliding_attention", "full_attention"],
+                                     rope_parameters=GEMMA3_ROPE, pad_token_id=0), torch.float32),
     # gemma-3-1b-like in bf16: one kv head (1B: 4 heads, 1 kv, head_dim 256), no rope scaling (bit-identical export)
     "gemma3_1b_bf16": ("gemma3", dict(vocab_size=272, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
                                       query_pre_attn_scalar=32, sliding_window=4, tie_word_embeddings=True,

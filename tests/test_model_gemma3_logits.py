@@ -3,9 +3,10 @@ whose rows are longer than the sliding window, at TP1, TP2 and PP2; packed sampl
 :class:`ReferenceAttention`) = each sample alone in transformers; and the same logits *differ* beyond tolerance when
 one Gemma-specific piece is broken (so the comparison sees each of them).
 
-Case ``gemma3_tied`` (tests/convert_models.py): 2 layers [sliding, global], window 4 over 11-token rows, head_dim
-24 != hidden/heads, softmax scale 20**-0.5, linear RoPE factor 8 on the global layer, theta 1e4 on the sliding one.
-The import/export round trip of this case and of ``gemma3_1b_bf16`` is in test_convert_e2e.
+Cases (tests/convert_models.py): ``gemma3_tied``: 2 layers [sliding, global], window 4 over 11-token rows, head_dim
+24 (queries 96 wide over hidden 64), softmax scale 20**-0.5, linear RoPE factor 8 on the global layer, theta 1e4 on
+the sliding one; ``gemma3_narrow``: MedGemma-27B's proportions (queries 48 < hidden 64, scale (hidden/heads)**-0.5),
+untied, window 3. The import/export round trip of these and of ``gemma3_1b_bf16`` is in test_convert_e2e.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tests.dist_harness import run_distributed
 pytestmark = pytest.mark.slow
 
 ATOL = 1e-4
-CASE = "gemma3_tied"
+CASES = ("gemma3_tied", "gemma3_narrow")  # queries wider / narrower than the model (27B: narrower)
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2)}
 # name -> how the megatron model is broken after loading (each must move the logits far beyond ATOL)
 BROKEN = ("no_window", "window_off_by_one", "global_rope_unscaled", "no_embed_scale", "default_softmax_scale",
@@ -33,21 +34,22 @@ PACKED = (7, 9, 5)  # sample lengths of the packed row (> window 4)
 def _import(rank: int, world: int, root: str) -> None:
     from bft_megatron.convert.importer import import_hf
 
-    import_hf(os.path.join(root, "hf"), os.path.join(root, "ckpt"))
+    for case in CASES:
+        import_hf(os.path.join(root, "hf", case), os.path.join(root, "ckpt", case))
 
 
-def _build(root: str, tp: int, pp: int, groups, **model_changes):
+def _build(root: str, case: str, tp: int, pp: int, groups):
     from bft_megatron.config.schema import Config
     from bft_megatron.convert.importer import model_config_from_hf_dir
     from bft_megatron.convert.load import load_weights
     from bft_megatron.model import build_model_chunks
 
-    m = dataclasses.replace(model_config_from_hf_dir(os.path.join(root, "hf")), **model_changes)
+    m = model_config_from_hf_dir(os.path.join(root, "hf", case))
     cfg = Config(model=m)
     cfg.train = dataclasses.replace(cfg.train, bf16=False)
     cfg.parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp)
     chunks, _ = build_model_chunks(cfg, groups)
-    load_weights(chunks, os.path.join(root, "ckpt"))
+    load_weights(chunks, os.path.join(root, "ckpt", case))
     return chunks, m
 
 
@@ -95,14 +97,16 @@ def _worker(rank: int, world: int, root: str, tokens: torch.Tensor, packed: torc
     results = {}
     for layout, (tp, pp) in LAYOUTS.items():
         groups = initialize(tp=tp, pp=pp)
-        chunks, m = _build(root, tp, pp, groups)
-        results[layout] = megatron_logits(chunks, tokens, groups, m.vocab_size)
+        for case in CASES:
+            chunks, m = _build(root, case, tp, pp, groups)
+            results[(case, layout)] = megatron_logits(chunks, tokens, groups, m.vocab_size)
+            if layout == "tp1":
+                results[(case, "packed")] = _packed_logits(chunks[0], packed)[..., :m.vocab_size]
         if layout == "tp1":
-            results["packed"] = _packed_logits(chunks[0], packed)[..., :m.vocab_size]
             for how in BROKEN:
-                chunks, m = _build(root, tp, pp, groups)
+                chunks, m = _build(root, CASES[0], tp, pp, groups)
                 _break(chunks[0], how)
-                results[how] = megatron_logits(chunks, tokens, groups, m.vocab_size)
+                results[(CASES[0], how)] = megatron_logits(chunks, tokens, groups, m.vocab_size)
         ps.destroy_model_parallel()
     return {k: v for k, v in results.items() if v is not None}
 
@@ -110,37 +114,39 @@ def _worker(rank: int, world: int, root: str, tokens: torch.Tensor, packed: torc
 @pytest.fixture(scope="module")
 def logits(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("gemma3"))
-    model = make_model(CASE, os.path.join(root, "hf"))
     torch.manual_seed(1)
     tokens = torch.randint(3, 250, (2, 11))
     packed = torch.randint(3, 250, (1, sum(PACKED)))
-    with torch.no_grad():
-        ref = model(tokens).logits
-        pieces = torch.split(packed, list(PACKED), dim=1)
-        ref_packed = torch.cat([model(p).logits for p in pieces], dim=1)
+    refs = {}
+    for case in CASES:
+        model = make_model(case, os.path.join(root, "hf", case))
+        with torch.no_grad():
+            pieces = torch.split(packed, list(PACKED), dim=1)
+            refs[case] = model(tokens).logits, torch.cat([model(p).logits for p in pieces], dim=1)
     run_distributed(_import, 1, root)
     per_rank = run_distributed(_worker, 2, root, tokens, packed)
-    got = {k: v for r in per_rank for k, v in r.items()}
-    return ref, ref_packed, got
+    return refs, {k: v for r in per_rank for k, v in r.items()}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_logits_match_transformers_past_the_window(logits, layout):
-    ref, _, got = logits
-    assert got[layout].shape == ref.shape and ref.abs().max() > 1.0
-    diff = (got[layout] - ref).abs().max().item()
-    assert diff <= ATOL, f"{layout}: max |logits diff| {diff:.3g} > {ATOL}"
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_transformers_past_the_window(logits, case, layout):
+    (ref, _), got = logits[0][case], logits[1][(case, layout)]
+    assert got.shape == ref.shape and ref.abs().max() > 1.0
+    diff = (got - ref).abs().max().item()
+    assert diff <= ATOL, f"{case} at {layout}: max |logits diff| {diff:.3g} > {ATOL}"
 
 
-def test_packed_samples_match_each_sample_alone(logits):
+@pytest.mark.parametrize("case", CASES)
+def test_packed_samples_match_each_sample_alone(logits, case):
     """Within a packed row the window and RoPE restart per sample (THD: cu_seqlens, positions per sample)."""
-    _, ref_packed, got = logits
-    diff = (got["packed"] - ref_packed).abs().max().item()
-    assert diff <= ATOL, f"packed: max |logits diff| {diff:.3g} > {ATOL}"
+    (_, ref_packed), got = logits[0][case], logits[1][(case, "packed")]
+    diff = (got - ref_packed).abs().max().item()
+    assert diff <= ATOL, f"{case} packed: max |logits diff| {diff:.3g} > {ATOL}"
 
 
 @pytest.mark.parametrize("how", BROKEN)
 def test_each_gemma3_piece_is_seen_by_the_comparison(logits, how):
-    ref, _, got = logits
-    diff = (got[how] - ref).abs().max().item()
+    (ref, _), got = logits[0][CASES[0]], logits[1][(CASES[0], how)]
+    diff = (got - ref).abs().max().item()
     assert diff > 100 * ATOL, f"{how}: logits moved only {diff:.3g}"

@@ -5,7 +5,8 @@ window over 32-token packed rows, linear RoPE scaling on the global layers) trai
 * TP2 + sequence parallel (x DP2): the post-attention / post-MLP norms sit after the row-parallel linears' reduce-
   scatter, so each TP rank normalises its own tokens and their weights' gradients are all-reduced over TP (the
   ``sequence_parallel`` flag); the head norms' by name;
-* PP2 (x DP2): the sliding/global choice and the RoPE half follow the global layer number on the second stage;
+* PP2 and PP2 x VP2 (x DP2): the sliding/global choice and the RoPE half follow the global layer number on every
+  stage and virtual chunk (VP2: one layer per chunk, chunks 1 and 3 sliding);
 * CP2 (x DP2): the window compares global token positions across the two CP shards of each sample;
 * DP4 with full activation recompute: the [s, 2, 1, d] RoPE tensor goes through megatron's checkpoint function.
 """
@@ -24,6 +25,7 @@ GEMMA = ["model.family=gemma3", "model.qk_norm=true", "model.head_dim=24", "mode
          "model.rope_linear_factor=8", "model.query_pre_attn_scalar=20", "model.tie_embeddings=true"]
 LAYOUTS = {"tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
            "pp2": ["parallel.pp=2", "train.micro_batch_size=1"],
+           "pp2_vp2": ["parallel.pp=2", "parallel.vp=2", "train.micro_batch_size=1"],
            "cp2": ["parallel.cp=2"],
            "dp4_recompute": ["train.recompute=full"]}
 
