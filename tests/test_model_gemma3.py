@@ -86,6 +86,7 @@ def test_absent_keys_read_as_gemma3textconfig_defaults():
 @pytest.mark.parametrize("change, message", [
     ({"architectures": ["Gemma2ForCausalLM"]}, r"\['Gemma2ForCausalLM'\]: Gemma 2 .*softcapping.* is not supported"),
     ({"architectures": ["Gemma3ForConditionalGeneration"]}, "multimodal Gemma 3 checkpoint .* is not supported"),
+    ({"architectures": ["GemmaForCausalLM"]}, r"\['GemmaForCausalLM'\]: Gemma 1 is not supported"),
     ({"final_logit_softcapping": 30.0}, r"final_logit_softcapping=30.0 \(Gemma 2's logit softcapping\)"),
     ({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping=50.0"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 8.0}}, "rope_scaling with rope_type='yarn' is not supported"),
