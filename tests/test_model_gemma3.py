@@ -138,6 +138,19 @@ def test_rows_longer_than_the_window_validate_for_gemma3_only():
                  require_te=False)
 
 
+def test_context_parallelism_is_refused_under_transformer_engine(monkeypatch):
+    """TE's p2p context parallelism asserts on a sliding window: refused before anything is built; without TE
+    (reference attention) CP2 runs (tests/test_train_gemma3.py)."""
+    import importlib
+
+    validate_mod = importlib.import_module("bft_megatron.config.validate")  # the package exports the function
+    cfg = load_config(None, TINY + GEMMA + ["parallel.cp=2"])
+    validate(cfg, world_size=2, require_te=False)
+    monkeypatch.setattr(validate_mod, "have_transformer_engine", lambda: True)
+    with pytest.raises(ConfigError, match="parallel.cp=2 with model.family=gemma3 under Transformer Engine"):
+        validate(cfg, world_size=2, require_te=False)
+
+
 def _tiny(**kw) -> ModelConfig:
     return ModelConfig(**model_fields_from_hf({**MEDGEMMA_27B, "hidden_size": 64, "intermediate_size": 96,
                                                "num_hidden_layers": 3, "num_attention_heads": 4,

@@ -39,6 +39,12 @@ def _check_window(cfg: Config) -> None:
     attention is global (causal within each sample), which is the window's function up to its length."""
     w, seq = cfg.model.sliding_window, cfg.data.seq_length
     if cfg.model.family == "gemma3":  # Gemma 3's window is applied in its sliding layers (model/gemma3.py)
+        # TE's context parallelism exchanges keys/values point to point (megatron's default cp_comm_type p2p), which
+        # asserts at the first forward that no window is set; our reference attention (no TE) handles both
+        cp = cfg.parallel.cp
+        _require(cp == 1 or not have_transformer_engine(), f"parallel.cp={cp} with model.family=gemma3 under "
+                 "Transformer Engine is not supported: TE's context parallelism (p2p) has no sliding-window "
+                 "attention; use parallel.cp=1")
         return
     _require(w is None or seq <= w, f"data.seq_length={seq} exceeds model.sliding_window={w}: the model attends to "
                                     f"the last {w} tokens only, the trainer to the whole row (no sliding window "
