@@ -1,5 +1,5 @@
-"""Tiny random HF models (Llama-3.1/3.2-, Qwen2-, Qwen3-, Mistral- and Phi-3/phi-4-like) and a tiny tokenizer for the
-convert tests.
+"""Tiny random HF models (Llama-3.1/3.2-, Qwen2-, Qwen3-, Mistral-, Phi-3/phi-4- and Gemma-3-like) and a tiny
+tokenizer for the convert tests.
 
 Weights are re-drawn with a large spread (not the 0.02 init) so that logits are O(1) and a wrong
 layout (e.g. QKV not interleaved per group) changes them far beyond the comparison tolerance.
@@ -7,6 +7,7 @@ layout (e.g. QKV not interleaved per group) changes them far beyond the comparis
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
@@ -14,6 +15,9 @@ import torch
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                # small so that the tiny head_dim has frequencies in all three llama3 bands
                "original_max_position_embeddings": 64}
+
+GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
 
 # name -> (family, config overrides, dtype). vocab 300 pads to 384 at TP1 but 512 at TP2.
 CASES = {
@@ -47,6 +51,28 @@ CASES = {
     # Phi-3-mini-4k-like: MHA, tied (review: a tied Phi3), a window (2047 there; 64 > the test's rows here)
     "phi3_tied": ("phi3", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=4, sliding_window=64,
                                tie_word_embeddings=True, pad_token_id=None), torch.float32),
+    # Gemma3ForCausalLM, MedGemma-27B-text-like: tied, GQA 2:1, head_dim 24 over hidden 64 / 4 heads and a softmax
+    # scale of its own (27B: head_dim 128, query_pre_attn_scalar 168 = 5376/32), linear RoPE scaling 8 on the global
+    # layer, theta 1e4 on the sliding one. Window 4 (27B: 1024) under the test's 9-11 token rows and 32-token packed
+    # rows, so the window cuts; layer_types [sliding, full]: both kinds, one per stage at PP2.
+    "gemma3_tied": ("gemma3", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                   query_pre_attn_scalar=20, sliding_window=4, tie_word_embeddings=True,
+                                   layer_types=["sliding_attention", "full_attention"],
+                                   rope_parameters=GEMMA3_ROPE, pad_token_id=0), torch.float32),
+    # MedGemma-27B's other proportion: queries narrower than the model (27B: 32 x 128 = 4096 < 5376) and the softmax
+    # scale from hidden/heads (168 = 5376/32, here 16 = 64/4), untied (review: the output layer's own table)
+    "gemma3_narrow": ("gemma3", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
+                                     query_pre_attn_scalar=16, sliding_window=3, tie_word_embeddings=False,
+                                     layer_types=["sliding_attention", "full_attention"],
+                                     rope_parameters=GEMMA3_ROPE, pad_token_id=0), torch.float32),
+    # gemma-3-1b-like in bf16: one kv head (1B: 4 heads, 1 kv, head_dim 256), no rope scaling (bit-identical export)
+    "gemma3_1b_bf16": ("gemma3", dict(vocab_size=272, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                      query_pre_attn_scalar=32, sliding_window=4, tie_word_embeddings=True,
+                                      layer_types=["sliding_attention", "full_attention"],
+                                      rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                                       "sliding_attention": {"rope_type": "default",
+                                                                             "rope_theta": 1e4}},
+                                      pad_token_id=0), torch.bfloat16),
 }
 
 
@@ -73,14 +99,19 @@ def make_model(name: str, out_dir: str, seed: int = 0, num_layers: int = 2, max_
     family, overrides, dtype = CASES[name]
     common = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=num_layers, max_position_embeddings=256,
                   rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
-    prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3"}[family]
-    config_cls, model_cls = getattr(transformers, f"{prefix}Config"), getattr(transformers, f"{prefix}ForCausalLM")
+    prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "phi3": "Phi3",
+              "gemma3": "Gemma3Text"}[family]
+    config_cls = getattr(transformers, f"{prefix}Config")
+    model_cls = getattr(transformers, f"{prefix.removesuffix('Text')}ForCausalLM")
+    if family == "gemma3":  # one layer type per layer; a copy: transformers fills rope_parameters in place
+        types = [overrides["layer_types"][i % 2] for i in range(num_layers)]
+        overrides = dict(copy.deepcopy(overrides), layer_types=types)
     torch.manual_seed(seed)
     model = model_cls(config_cls(**common, **overrides)).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if pname.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            if pname.endswith("norm.weight"):  # Gemma 3's are zero-centred: x/rms * (1 + w)
+                p.copy_((0.0 if family == "gemma3" else 1.0) + 0.2 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.15)
     model.to(dtype).save_pretrained(out_dir, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
@@ -111,8 +142,16 @@ def write_hub_style_config(hf_dir: str) -> None:
     with open(path, encoding="utf-8") as fh:
         config = json.load(fh)
     rope = config.pop("rope_parameters", None) or {}
-    config["rope_theta"] = rope.pop("rope_theta", 10000.0)
-    config["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    if "full_attention" in rope:  # Gemma 3 (MedGemma-27B-text's file): per-type RoPE keys, a pattern, no layer_types
+        full, local = rope["full_attention"], rope["sliding_attention"]
+        types = config.pop("layer_types")
+        config.update(rope_theta=full.pop("rope_theta"), rope_local_base_freq=local["rope_theta"],
+                      sliding_window_pattern=types.index("full_attention") + 1,
+                      rope_scaling=full if full.get("rope_type", "default") != "default" else None)
+        rope = {}
+    config["rope_theta"] = rope.pop("rope_theta", config.get("rope_theta", 10000.0))
+    if "rope_local_base_freq" not in config:
+        config["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(config, fh, indent=2)
 

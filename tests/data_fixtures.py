@@ -142,6 +142,22 @@ ALTERNATING = (
 PHI4_LIKE = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '<|im_sep|>' + m['content'] + '<|im_end|>' }}"
              "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant<|im_sep|>' }}{%- endif %}")
 
+# google/gemma-3-*-it's template (string contents): bos_token written by the template, the system prompt merged
+# into the first user turn, 'assistant' written as 'model', contents trimmed, '<end_of_turn>\n' closes every turn.
+GEMMA3_LIKE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}"
+    "{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.", "Hello, how are you today?",
     "Microcephaly is a head circumference below the normal range.", "Which genes are linked to ataxia?",
@@ -152,6 +168,7 @@ SPECIALS = {
     "llama": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
     "qwen": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
     "phi": ["<|endoftext|>", "<|im_start|>", "<|im_sep|>", "<|im_end|>"],
+    "gemma": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>"],
     "r1": ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
 }
 
@@ -179,6 +196,12 @@ def _build_hf(kind: str, template: str | None, corpus: tuple[str, ...] = ()) -> 
     tok.train_from_iterator(CORPUS + list(corpus), trainer)
     if kind == "llama":
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>")
+    elif kind == "gemma":  # Gemma's tokenizer adds <bos> itself when asked for special tokens
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
+                                                           special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
     elif kind == "r1":
         fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=SPECIALS["r1"][0], eos_token=SPECIALS["r1"][1])
     else:
@@ -228,6 +251,7 @@ def hf_tokenizer(name: str) -> str:
             "role_tags": ("qwen", ROLE_TAGS), "r1": ("r1", R1_LIKE),
             "r1_newlines": ("r1", R1_LIKE, ("<think>\n\nHello",) * 40),  # '>\n\n' one token
             "mistral": ("qwen", MISTRAL_LIKE), "phi4": ("phi", PHI4_LIKE),
+            "gemma3": ("gemma", GEMMA3_LIKE),
             "no_generation_prompt": ("qwen", QWEN25_LIKE.split("{%- if add_generation_prompt %}")[0]),
             "rewriting_hashes": ("qwen", REWRITING.replace("<|im_start|>", "### ").replace("<|im_end|>", " ###")),
             "hashes": ("qwen", "{%- for m in messages %}{{- '### ' + m['role'] + ':\\n' + m['content'] + ' ###\\n' }}"

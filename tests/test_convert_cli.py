@@ -72,7 +72,7 @@ def test_cli_import_names_the_hf_config_file_not_a_training_field(tmp_path):
     (hf / "config.json").write_text(json.dumps({"architectures": ["GemmaForCausalLM"]}))
     res = _cli("import", "--hf", str(hf), "--out", str(tmp_path / "ckpt"))
     assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-3000:]
-    assert f"{hf}/config.json: unsupported architectures ['GemmaForCausalLM']" in res.stderr
+    assert f"{hf}/config.json: architectures ['GemmaForCausalLM']: Gemma 1 is not supported" in res.stderr
     assert "model.from_hf" not in res.stderr
 
 

@@ -183,7 +183,8 @@ def test_export_of_import_is_bit_identical(converted, name, suffix):
 
 
 @pytest.mark.parametrize("name", ["llama31_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied", "qwen3_tied_wide",
-                                  "mistral_untied", "phi3_untied", "phi3_tied"])
+                                  "mistral_untied", "phi3_untied", "phi3_tied", "gemma3_tied",
+                                  "gemma3_narrow"])
 def test_export_loads_with_transformers(converted, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -200,3 +201,18 @@ def test_export_loads_with_transformers(converted, name):
     for fname in ("tokenizer.json", "tokenizer_config.json"):
         with open(os.path.join(out_dir, fname), "rb") as a, open(os.path.join(root, "hf", name, fname), "rb") as b:
             assert a.read() == b.read(), fname
+
+
+def test_a_bf16_gemma3_export_computes_what_its_source_computes(converted):
+    """gemma-3-1b-like in bf16 (one kv head, no RoPE scaling): the export loads, its logits are the source model's
+    bit for bit (same weights, same config), and it generates."""
+    from transformers import AutoModelForCausalLM
+
+    root = converted[0]
+    tokens = torch.randint(3, 250, (2, 11), generator=torch.Generator().manual_seed(1))
+    src, out = (AutoModelForCausalLM.from_pretrained(os.path.join(root, d, "gemma3_1b_bf16")).eval()
+                for d in ("hf", "out"))
+    assert type(out).__name__ == "Gemma3ForCausalLM" and out.dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(out(tokens).logits, src(tokens).logits)
+    assert out.generate(tokens[:1, :4], max_new_tokens=4, do_sample=False).shape == (1, 8)

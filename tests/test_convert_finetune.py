@@ -2,8 +2,9 @@
 
 Flow (spawned gloo processes): import (1 process) -> ``bft_megatron.training`` build/finetune-load/fit for
 3 steps at TP2 and PP2 (Qwen2, tied, QKV bias), PP2 and PP2 x VP2 (Llama-3.1, untied, rope scaling), TP2
-(Qwen3: head norms, head_dim 32 over hidden 64), PP2 (Mistral: a 64-token window over 32-token rows) and TP2 (Phi3:
-fused qkv_proj / gate_up_proj, written from TP-sharded fc1 and QKV), then
+(Qwen3: head norms, head_dim 32 over hidden 64), PP2 (Mistral: a 64-token window over 32-token rows), TP2 (Phi3:
+fused qkv_proj / gate_up_proj, written from TP-sharded fc1 and QKV) and TP2 (Gemma 3: post-attention/post-MLP norms,
+scaled tied embedding, a real 4-token window), then
 ``export_to_hf`` from the in-memory chunks, with the trainer's final checkpoint saved too ->
 offline export of that checkpoint (1 process). Checks: both exports are bit-identical, the weights
 moved, transformers' logits of the export equal the trained megatron model's (fp32, <= 1e-4), and
@@ -32,7 +33,10 @@ RUNS = {"qwen2_tp2": ("qwen2_tied", 2, ["parallel.tp=2"], True),
         # head norms replicated over TP (gathered from rank 0's copy on export); Mistral's window over the rows
         "qwen3_tp2": ("qwen3_untied", 2, ["parallel.tp=2"], True),
         "mistral_pp2": ("mistral_untied", 2, ["parallel.pp=2"], True),
-        "phi3_tp2": ("phi3_untied", 2, ["parallel.tp=2"], True)}
+        "phi3_tp2": ("phi3_untied", 2, ["parallel.tp=2"], True),
+        # Gemma 3: four norms per layer (post-norms in the row-parallel linears), scaled tied embedding, a 4-token
+        # window in the sliding layer over 32-token packed rows, config.json in the Hub's 4.x spelling
+        "gemma3_tp2": ("gemma3_tied", 2, ["parallel.tp=2"], True)}
 SAVED = [r for r, spec in RUNS.items() if spec[3]]
 TRAIN = ["data.seq_length=32", "data.packing=true", "train.bf16=false",
          "train.global_batch_size=4", "train.micro_batch_size=2", "train.lr=3e-3", "train.warmup_iters=0",

@@ -15,7 +15,8 @@ import torch
 from tests.convert_models import make_model, megatron_logits, read_safetensors_dir
 from tests.dist_harness import run_distributed
 
-NAMES = ["llama31_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied_wide", "mistral_untied", "phi3_untied"]
+NAMES = ["llama31_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied_wide", "mistral_untied", "phi3_untied",
+         "gemma3_tied"]
 ATOL = 2e-3  # fp32 on GPU: TE's GEMMs and attention kernels sum in another order than HF on CPU
 
 

@@ -125,7 +125,8 @@ def _checkpoint_tensor_bytes(iter_dir: str) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("low_memory", [False, True], ids=["import", "import_low_memory"])
-@pytest.mark.parametrize("case", ["qwen2_untied_bf16", "phi3_untied"])  # Phi3: the fused qkv_proj / gate_up_proj
+# Phi3: the fused qkv_proj / gate_up_proj; Gemma3: four norms per layer, two of them inside linear_proj / fc2
+@pytest.mark.parametrize("case", ["qwen2_untied_bf16", "phi3_untied", "gemma3_1b_bf16"])
 def test_bar_totals_are_the_bytes_processed(tmp_path, recorded_bars, low_memory, case):
     from bft_megatron.convert.exporter import export_checkpoint
     from bft_megatron.convert.importer import import_hf

@@ -44,6 +44,7 @@ CASES = [  # tokenizer, template, end-of-turn text
     ("llama31", "llama3", "<|eot_id|>"), ("llama31", "tokenizer", "<|eot_id|>"),
     ("qwen25", "chatml", "<|im_end|>"), ("qwen25", "tokenizer", "<|im_end|>"), ("qwen25", "plain", "<|im_end|>"),
     ("rewriting", "tokenizer", "<|im_end|>"), ("phi4", "tokenizer", "<|im_end|>"),
+    ("gemma3", "tokenizer", "<end_of_turn>"),
 ]
 
 
@@ -386,3 +387,4 @@ def test_an_answer_that_starts_like_the_stand_in_is_found():
     conv = Conversation((Message("user", "Q"), Message("assistant", "\x00\x01"), Message("user", "R"),
                          Message("assistant", "\x00y")), "t:7")
     assert [r[1] - r[0] for r in render(conv, "tokenizer", tok).spans] == [2 + len("<|im_end|>"), 2 + len("<|im_end|>")]
+

@@ -45,7 +45,8 @@ def test_rows_longer_than_the_window_are_refused():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["model.sliding_window=4096"], "model.sliding_window=4096 with model.family=llama: only Mistral's and Phi3's"),
+    (["model.sliding_window=4096"],
+     "model.sliding_window=4096 with model.family=llama: only Mistral's, Phi3's and Gemma3's"),
     (["model.family=qwen2", "model.qkv_bias=true", "model.sliding_window=64"], "with model.family=qwen2: only"),
     (["model.family=mistral", "model.sliding_window=0"], "model.sliding_window=0 with model.family=mistral"),
     (MISTRAL + ["model.qkv_bias=true"], "model.qkv_bias=true with model.family=mistral: HF Mistral's attention has "

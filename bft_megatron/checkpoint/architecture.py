@@ -30,10 +30,12 @@ _log = get_logger(__name__)
 # Fields that change parameter shapes or the function the weights compute: a difference is an error.
 FIELDS = ("family", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
           "vocab_size", "rope_theta", "rope_scaling", "norm_epsilon", "tie_embeddings", "qkv_bias", "head_dim",
-          "qk_norm", "sliding_window")
+          "qk_norm", "sliding_window", "sliding_window_pattern", "rope_local_theta", "rope_linear_factor",
+          "query_pre_attn_scalar")
 WARN_FIELDS = ("max_position_embeddings",)
 # Fields added after checkpoints were first written: what a checkpoint without them was built with.
-LATER_FIELDS = {"head_dim": None, "qk_norm": False, "sliding_window": None}
+LATER_FIELDS = {"head_dim": None, "qk_norm": False, "sliding_window": None, "sliding_window_pattern": None,
+                "rope_local_theta": None, "rope_linear_factor": None, "query_pre_attn_scalar": None}
 
 
 def _value(model: dict, name: str):

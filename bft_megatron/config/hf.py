@@ -1,5 +1,5 @@
-"""Read a Hugging Face ``config.json`` (Llama-3.x, Qwen2.x, Qwen3 dense, Mistral, Phi-3/Phi-4) into
-:class:`ModelConfig`."""
+"""Read a Hugging Face ``config.json`` (Llama-3.x, Qwen2.x, Qwen3 dense, Mistral, Phi-3/Phi-4, Gemma 3 text) into
+:class:`ModelConfig`. Gemma 3's keys: :mod:`bft_megatron.config.hf_gemma3`."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import json
 import os
 
 from bft_megatron.config.base import ConfigError, format_value
+from bft_megatron.config.hf_gemma3 import REFUSED_ARCHITECTURES, gemma3_fields
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["model_fields_from_hf", "merge_hf_config", "legacy_rope_keys", "HF_NAMES"]
 
 _log = get_logger(__name__)
 _FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
-             "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3"}
+             "MistralForCausalLM": "mistral", "Phi3ForCausalLM": "phi3", "Gemma3ForCausalLM": "gemma3"}
 HF_NAMES = {family: arch.removesuffix("ForCausalLM") for arch, family in _FAMILIES.items()}  # qwen3 -> Qwen3
 # transformers' default for a num_key_value_heads absent from config.json (a null one means one per head everywhere)
 _KV_HEADS_DEFAULT = {"qwen2": 32, "qwen3": 32, "mistral": 8}
@@ -133,6 +134,11 @@ def model_fields_from_hf(hf: dict) -> dict:
     hf = legacy_rope_keys(hf)
     archs = hf.get("architectures") or []
     family = next((_FAMILIES[a] for a in archs if a in _FAMILIES), None)
+    refused = next((a for a in archs if a in REFUSED_ARCHITECTURES), None)
+    if family is None and refused is not None:
+        raise ConfigError(f"model.from_hf: architectures {archs!r}: {REFUSED_ARCHITECTURES[refused]}")
+    if family == "gemma3":
+        return gemma3_fields(hf)
     if family is None:
         raise ConfigError(f"model.from_hf: unsupported architectures {archs!r}; expected one of {list(_FAMILIES)}")
     if family == "qwen3" and hf.get("head_dim") is None:

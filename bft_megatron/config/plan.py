@@ -48,8 +48,9 @@ def _padded_vocab(m, tp: int) -> int:
 
 
 def _norm_params(m) -> int:
-    """A layer's norm weights, replicated on every TP rank: two RMSNorms, and Qwen3's query and key head norms."""
-    return 2 * m.hidden_size + (2 * m.kv_channels if m.qk_norm else 0)
+    """A layer's norm weights, replicated on every TP rank: two RMSNorms (Gemma 3: four), and Qwen3's / Gemma 3's
+    query and key head norms."""
+    return (4 if m.family == "gemma3" else 2) * m.hidden_size + (2 * m.kv_channels if m.qk_norm else 0)
 
 
 def layer_params(m) -> int:
@@ -87,7 +88,7 @@ def _layer_activation_bytes(m, seq: int, mbs: int, p) -> float:
     split = 2 * (h + m.query_size + m.qkv_size + qk_norm_inputs + 3 * f)
     # The two norm inputs and the two norm outputs (the qkv and fc1 inputs, kept for their weight gradients):
     # full on every TP rank unless sequence parallel shards them (Korthikanti et al.: sbh(10 + 24/t) without SP).
-    replicated = 2 * 2 * h + 2 * 2 * h
+    replicated = 2 * 2 * h + 2 * 2 * h + (2 * 2 * h if m.family == "gemma3" else 0)  # Gemma 3: 2 post-norm inputs
     softmax_stats = 4 * m.num_attention_heads  # fp32 log-sum-exp per head (flash attention)
     per_token = split / p.tp + (replicated / p.tp if p.sequence_parallel else replicated) + softmax_stats / p.tp
     return sb * per_token
@@ -164,7 +165,13 @@ def flops_per_token(m, seq: int, tp: int = 1) -> float:
     """
     dense = m.hidden_size * m.qkv_size + m.query_size * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
     attention = 2 * seq * m.query_size * 0.5                      # QK^T and AV, causal half
-    forward = 2 * m.num_layers * (dense + attention) + 2 * m.hidden_size * _padded_vocab(m, tp)
+    layers = m.num_layers * (dense + attention)
+    if m.family == "gemma3" and m.sliding_window is not None and m.sliding_window < seq:
+        # Gemma 3's sliding layers: query i sees min(i, W) keys, W*(1 - (W-1)/(2*seq)) on average (exact for W <= seq)
+        w = m.sliding_window
+        sliding = sum(1 for n in range(1, m.num_layers + 1) if n % m.sliding_window_pattern)
+        layers -= sliding * 2 * m.query_size * (seq * 0.5 - w * (1 - (w - 1) / (2 * seq)))
+    forward = 2 * layers + 2 * m.hidden_size * _padded_vocab(m, tp)
     return 3 * forward
 
 

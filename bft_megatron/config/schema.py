@@ -34,7 +34,7 @@ class ModelConfig:
     """Architecture, HF naming. ``from_hf: DIR`` fills unset fields from ``DIR/config.json``."""
 
     from_hf: str | None = None
-    family: Literal["llama", "qwen2", "qwen3", "mistral", "phi3"] = "llama"
+    family: Literal["llama", "qwen2", "qwen3", "mistral", "phi3", "gemma3"] = "llama"
     hidden_size: int = 0
     num_layers: int = 0
     num_attention_heads: int = 0
@@ -49,9 +49,17 @@ class ModelConfig:
     qkv_bias: bool = False
     head_dim: int | None = None  # None = hidden_size / num_attention_heads; Qwen3 sets its own (e.g. 128 at 32B)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3's q_norm / k_norm)
-    # Mistral's / Phi3's attention window (tokens; None: global). The trainer attends over whole samples, which is the
-    # same function while data.seq_length <= the window (validated); kept for the export's config.json.
+    # Mistral's / Phi3's / Gemma3's attention window (tokens; None: global). Mistral and Phi3: the trainer attends over
+    # whole samples, which is the same function while data.seq_length <= the window (validated); kept for the export's
+    # config.json. Gemma3: the window is applied (sliding layers, see sliding_window_pattern).
     sliding_window: int | None = None
+    # Gemma 3 only (model.family=gemma3, which also implies its scaled embedding, zero-centred RMSNorms, the norms
+    # after attention and MLP, and the gelu-tanh MLP). Its window is real: a layer slides model.sliding_window
+    # unless its number (1-based) is a multiple of this pattern (HF's sliding_window_pattern: 6, every 6th global).
+    sliding_window_pattern: int | None = None
+    rope_local_theta: float | None = None  # RoPE base of the sliding layers (HF rope_local_base_freq: 10000)
+    rope_linear_factor: float | None = None  # linear RoPE scaling of the global layers (HF rope_type linear: 8)
+    query_pre_attn_scalar: float | None = None  # softmax scale query_pre_attn_scalar**-0.5 (None: head width)
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
 

@@ -38,6 +38,14 @@ def _check_window(cfg: Config) -> None:
     """A Mistral model with a sliding window trains exactly only on rows that fit in the window: the trainer's
     attention is global (causal within each sample), which is the window's function up to its length."""
     w, seq = cfg.model.sliding_window, cfg.data.seq_length
+    if cfg.model.family == "gemma3":  # Gemma 3's window is applied in its sliding layers (model/gemma3.py)
+        # TE's context parallelism exchanges keys/values point to point (megatron's default cp_comm_type p2p), which
+        # asserts at the first forward that no window is set; our reference attention (no TE) handles both
+        cp = cfg.parallel.cp
+        _require(cp == 1 or not have_transformer_engine(), f"parallel.cp={cp} with model.family=gemma3 under "
+                 "Transformer Engine is not supported: TE's context parallelism (p2p) has no sliding-window "
+                 "attention; use parallel.cp=1")
+        return
     _require(w is None or seq <= w, f"data.seq_length={seq} exceeds model.sliding_window={w}: the model attends to "
                                     f"the last {w} tokens only, the trainer to the whole row (no sliding window "
                                     f"here); set data.seq_length <= {w}")
@@ -72,15 +80,17 @@ def _check_model(m) -> None:
            f"HF {HF_NAMES[m.family]}'s attention_bias also adds an o_proj bias this model does not have")
     _require(m.family == "qwen2" or not m.qkv_bias, f"model.qkv_bias=true with model.family={m.family}: {why}, so "
              "its export would not load; use model.family=qwen2 for q/k/v biases")
-    _require(m.sliding_window is None or (m.family in ("mistral", "phi3") and m.sliding_window >= 1),
-             f"model.sliding_window={m.sliding_window} with model.family={m.family}: only Mistral's and Phi3's "
-             "exports have a sliding window (>= 1), and the trainer attends over whole samples; leave it null")
+    _require(m.sliding_window is None or (m.family in ("mistral", "phi3", "gemma3") and m.sliding_window >= 1),
+             f"model.sliding_window={m.sliding_window} with model.family={m.family}: only Mistral's, Phi3's and "
+             "Gemma3's exports have a sliding window (>= 1); leave it null")
+    _check_gemma3(m)
     # Phi3Config knows only longrope scaling (not implemented here): a llama3 one would not load in transformers
     _require(m.family != "phi3" or m.rope_scaling is None, "model.rope_scaling is set with model.family=phi3: HF "
              "Phi3 has no llama3 rope scaling (and longrope is not supported here); leave it null")
-    _require((m.family == "qwen3") == m.qk_norm, f"model.qk_norm={str(m.qk_norm).lower()} with model.family="
-             f"{m.family}: of the exported architectures only Qwen3 normalises query and key heads (q_norm, k_norm); "
-             + ("set model.qk_norm=true" if m.family == "qwen3" else "use model.family=qwen3 for it"))
+    head_norms = m.family in ("qwen3", "gemma3")
+    _require(head_norms == m.qk_norm, f"model.qk_norm={str(m.qk_norm).lower()} with model.family="
+             f"{m.family}: of the exported architectures only Qwen3 and Gemma3 normalise query and key heads (q_norm, "
+             "k_norm); " + ("set model.qk_norm=true" if head_norms else "use model.family=qwen3 for it"))
     _require(m.rope_theta > 0, f"model.rope_theta must be > 0, got {m.rope_theta}")
     _require(m.norm_epsilon > 0, f"model.norm_epsilon must be > 0, got {m.norm_epsilon}")
     # torch's normal_ rejects a negative std only at model build (after the process groups exist), and 0 would
@@ -96,6 +106,29 @@ def _check_model(m) -> None:
         # low and is divided by factor, a silently different model.
         _require(rs.original_max_position_embeddings >= 1, "model.rope_scaling.original_max_position_embeddings "
                  f"must be >= 1, got {rs.original_max_position_embeddings}")
+
+
+_GEMMA3_FIELDS = ("sliding_window_pattern", "rope_local_theta", "rope_linear_factor", "query_pre_attn_scalar")
+
+
+def _check_gemma3(m) -> None:
+    """Gemma 3's own fields: set (and positive) with model.family=gemma3, null with every other family."""
+    if m.family != "gemma3":
+        for name in _GEMMA3_FIELDS:
+            _require(getattr(m, name) is None, f"model.{name}={getattr(m, name)} with model.family={m.family}: only "
+                     "Gemma 3 (model.family=gemma3) has it; leave it null")
+        return
+    for name in ("sliding_window_pattern", "rope_local_theta", "query_pre_attn_scalar"):
+        value = getattr(m, name)
+        _require(value is not None and value > 0, f"model.{name} must be > 0 with model.family=gemma3, got {value} "
+                 "(model.from_hf fills it from config.json)")
+    _require(m.rope_linear_factor is None or m.rope_linear_factor > 0,
+             f"model.rope_linear_factor must be > 0 or null (no scaling), got {m.rope_linear_factor}")
+    _require(m.rope_scaling is None, "model.rope_scaling (llama3) is set with model.family=gemma3: Gemma 3 scales "
+             "its global layers' RoPE linearly (model.rope_linear_factor); leave model.rope_scaling null")
+    slides = m.sliding_window_pattern <= m.num_layers
+    _require(m.sliding_window is not None or not slides, f"model.sliding_window=null with model.family=gemma3 and "
+             f"model.sliding_window_pattern={m.sliding_window_pattern} (sliding layers need a window)")
 
 
 def _check_parallel(cfg: Config, world_size: int) -> int:
@@ -228,6 +261,9 @@ def _check_train(cfg: Config, dp: int, require_te: bool = True) -> int:
     if t.te_op_fuser:
         _require(not require_te or have_transformer_engine(),
                  "train.te_op_fuser=true requires Transformer Engine, which is not installed")
+        # TE's fused MLP has no gated tanh-gelu, and its norm no place for Gemma 3's norm after fc2
+        _require(cfg.model.family != "gemma3", "train.te_op_fuser=true with model.family=gemma3 is not supported "
+                 "(TE's fused MLP has no gelu-tanh gate nor Gemma 3's post-MLP norm); set train.te_op_fuser=false")
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)
     if p.vp is not None and p.vp > 1:
         _require(num_micro % p.pp == 0, f"interleaved pipeline: micro-batches per step = global_batch_size/"

@@ -27,7 +27,7 @@ from bft_megatron.convert.hf_config import write_hf_metadata
 from bft_megatron.convert.hf_io import (DEFAULT_SHARD_BYTES, ShardWriter, begin_staging, finalize_shards,
                                         publish_staging, stale_weights_error)
 from bft_megatron.convert.importer import model_config_from_hf_dir
-from bft_megatron.convert.mapping import EMBEDDING, FINAL_NORM, FUSED_FAMILIES, OUTPUT, detect_spec, layer_rules
+from bft_megatron.convert.mapping import EMBEDDING, FINAL_NORM, OUTPUT, detect_spec, model_layer_rules
 from bft_megatron.convert.runtime import process_group
 from bft_megatron.convert.sources import CLI_HINT, ExportSources, find_sources, stored_hf_dir
 from bft_megatron.convert.tensors import cast, to_hf
@@ -106,7 +106,7 @@ class _Export:
         self.bar = None  # set by run(): a tqdm over the bytes of HF tensors written
         self.metadata = dist_checkpointing.load_tensors_metadata(path)
         self.spec = detect_spec(self.metadata.keys())
-        self.rules = layer_rules(m.qkv_bias, m.qk_norm, m.family in FUSED_FAMILIES)
+        self.rules = model_layer_rules(m)
         self.layer_keys = [_LAYER_PREFIX + r.megatron(self.spec) for r in self.rules]
         for key in self.layer_keys + [EMBEDDING.local, FINAL_NORM.local]:
             if key not in self.metadata:

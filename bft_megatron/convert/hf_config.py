@@ -31,7 +31,8 @@ _log = get_logger(__name__)
 # outputs (max_position_embeddings does not: a run may train at another context length).
 _ARCH_FIELDS = ("family", "hidden_size", "num_layers", "num_attention_heads", "kv_groups", "ffn_hidden_size",
                 "vocab_size", "tie_embeddings", "qkv_bias", "kv_channels", "qk_norm", "sliding_window", "rope_theta",
-                "rope_scaling", "norm_epsilon")
+                "rope_scaling", "norm_epsilon", "sliding_window_pattern", "rope_local_theta", "rope_linear_factor",
+                "query_pre_attn_scalar")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -64,8 +65,41 @@ def _llama3_rope_scaling(rs) -> dict:
             "original_max_position_embeddings": rs.original_max_position_embeddings}
 
 
+def _gemma3_config(m: ModelConfig) -> dict:
+    """Gemma3TextConfig's config.json, with transformers 4.x's keys too (rope_theta, rope_local_base_freq,
+    rope_scaling, sliding_window_pattern: what the Hub's Gemma 3 files have and 4.x reads)."""
+    from transformers import Gemma3TextConfig
+
+    full = {"rope_type": "default", "rope_theta": m.rope_theta}
+    if m.rope_linear_factor is not None:
+        full = {"rope_type": "linear", "factor": m.rope_linear_factor, "rope_theta": m.rope_theta}
+    pattern = m.sliding_window_pattern
+    scalar = m.query_pre_attn_scalar  # Gemma3TextConfig (strict) types it int; every Gemma 3 has an integral one
+    cfg = Gemma3TextConfig(
+        vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads, num_key_value_heads=m.kv_groups,
+        head_dim=m.kv_channels, max_position_embeddings=m.max_position_embeddings, rms_norm_eps=m.norm_epsilon,
+        tie_word_embeddings=m.tie_embeddings, sliding_window=m.sliding_window,
+        query_pre_attn_scalar=int(scalar) if float(scalar).is_integer() else scalar,
+        layer_types=["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(m.num_layers)],
+        rope_parameters={"full_attention": full,
+                         "sliding_attention": {"rope_type": "default", "rope_theta": m.rope_local_theta}},
+        # Gemma's own ids (pad 0, eos 1, bos 2) belong to its tokenizer: the training tokenizer's are written later
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg.architectures = ["Gemma3ForCausalLM"]
+    config = cfg.to_diff_dict()
+    config.pop("_sliding_window_pattern", None)  # the config class's private copy of sliding_window_pattern
+    config.update(rope_theta=m.rope_theta, rope_local_base_freq=m.rope_local_theta, sliding_window_pattern=pattern,
+                  rope_scaling=None if m.rope_linear_factor is None else
+                  {"rope_type": "linear", "factor": m.rope_linear_factor})
+    return config
+
+
 def _synthesised_config(m: ModelConfig) -> dict:
     from transformers import LlamaConfig, MistralConfig, Phi3Config, Qwen2Config, Qwen3Config
+
+    if m.family == "gemma3":
+        return _gemma3_config(m)
 
     kwargs = dict(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.ffn_hidden_size,
                   num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,

@@ -33,7 +33,7 @@ from bft_megatron.config.hf import model_fields_from_hf
 from bft_megatron.config.schema import Config, ModelConfig
 from bft_megatron.convert import progress as bars
 from bft_megatron.convert.hf_io import HFReader, copy_side_files
-from bft_megatron.convert.mapping import FUSED_FAMILIES, detect_spec, global_rules, layer_rules
+from bft_megatron.convert.mapping import detect_spec, global_rules, model_layer_rules
 from bft_megatron.convert.tensors import to_megatron
 from bft_megatron.convert.runtime import process_group
 from bft_megatron.model import build_model_chunks, builder, padded_vocab_size
@@ -117,7 +117,7 @@ def _convert(rule, reader: HFReader, m: ModelConfig, layer: int | None, padded_v
 def _groups(m: ModelConfig) -> list[tuple]:
     """``(layer or None, rules, megatron name prefix, spill file name)`` of each conversion group, in order."""
     groups = [(None, global_rules(m.tie_embeddings), "", "global")]
-    rules = layer_rules(m.qkv_bias, m.qk_norm, m.family in FUSED_FAMILIES)
+    rules = model_layer_rules(m)
     return groups + [(i, rules, f"decoder.layers.{i}.", f"layer_{i:05d}") for i in range(m.num_layers)]
 
 

@@ -34,7 +34,8 @@ from bft_megatron.config.schema import Config, ModelConfig
 from bft_megatron.convert.hf_config import write_hf_metadata
 from bft_megatron.convert.hf_io import (DEFAULT_SHARD_BYTES, INDEX, ShardWriter, begin_staging, finalize_shards,
                                         publish_staging, staging_path)
-from bft_megatron.convert.mapping import FUSED_FAMILIES, OUTPUT, detect_spec, rule_by_megatron_name
+from bft_megatron.convert.mapping import (FUSED_FAMILIES, OUTPUT, SANDWICH_FAMILIES, detect_spec,
+                                         rule_by_megatron_name)
 from bft_megatron.convert.sources import TRAINER_HINT, find_sources, stored_hf_dir
 from bft_megatron.convert.tensors import cast, to_hf
 from bft_megatron.parallel.bootstrap import ParallelGroups
@@ -62,13 +63,14 @@ def _gather_tp(param: torch.Tensor, axis: int | None, groups: ParallelGroups) ->
 def _params(model: torch.nn.Module, spec: str, m: ModelConfig):
     """Yield ``(rule, global layer or None, parameter)`` for every parameter of one chunk."""
     fused = m.family in FUSED_FAMILIES  # Phi3: q/k/v and gate/up go out as one HF tensor each
+    sandwich = m.family in SANDWICH_FAMILIES  # Gemma3: norms after attention and MLP
     for name, param in model.named_parameters():
         if name.startswith(_LAYERS):
             index, local = name[len(_LAYERS):].split(".", 1)
             layer = model.decoder.layers[int(index)].layer_number - 1  # layer_number is global, 1-based
-            yield rule_by_megatron_name(local, spec, m.qkv_bias, m.qk_norm, fused), layer, param
+            yield rule_by_megatron_name(local, spec, m.qkv_bias, m.qk_norm, fused, sandwich), layer, param
             continue
-        rule = rule_by_megatron_name(name, spec, m.qkv_bias, m.qk_norm, fused)
+        rule = rule_by_megatron_name(name, spec, m.qkv_bias, m.qk_norm, fused, sandwich)
         if rule is OUTPUT and m.tie_embeddings:
             continue  # the last stage's copy of the tied embedding
         yield rule, None, param

@@ -1,4 +1,5 @@
-"""Declarative HF <-> megatron-core parameter name table for Llama-3.x, Qwen2.x, Qwen3 (dense), Mistral and Phi3.
+"""Declarative HF <-> megatron-core parameter name table for Llama-3.x, Qwen2.x, Qwen3 (dense), Mistral, Phi3 and
+Gemma 3 (text).
 
 Megatron names are *layer-local* (``self_attention.linear_qkv.weight``) for per-layer rules and
 model-global (``embedding.word_embeddings.weight``) for the others. In a model's ``state_dict`` a
@@ -23,6 +24,12 @@ Phi3 (``Phi3ForCausalLM``: Phi-3, phi-4) is Llama's model with two HF tensors fu
 ``[gate; up]`` (``Phi3MLP`` chunks it in that order). Its rules (``fused=True``) name the one fused tensor; the
 ``qkv`` / ``gate_up`` transforms split it by those row counts (:mod:`.tensors`), so the megatron side is Llama's.
 
+Gemma 3 (``Gemma3ForCausalLM``) normalises the output of attention and of the MLP too: ``post_attention_layernorm``
+maps to ``self_attention.linear_proj.post_layernorm`` and ``post_feedforward_layernorm`` to
+``mlp.linear_fc2.post_layernorm`` (the norm lives in the row-parallel linear before it, see
+:mod:`bft_megatron.model.gemma3`), ``pre_feedforward_layernorm`` to the pre-MLP norm. Its norm weights are HF's
+zero-centred ``w`` of ``x/rms * (1 + w)``, copied as they are.
+
 ``tp_axis`` is the axis megatron splits over tensor-parallel ranks (0 = column parallel /
 vocab parallel, 1 = row parallel, None = replicated).
 """
@@ -32,8 +39,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["Rule", "SPECS", "GLOBAL_RULES", "LAYER_RULES", "FUSED_FAMILIES", "layer_rules", "global_rules",
-           "rule_by_megatron_name", "detect_spec"]
+__all__ = ["Rule", "SPECS", "GLOBAL_RULES", "LAYER_RULES", "FUSED_FAMILIES", "SANDWICH_FAMILIES", "layer_rules",
+           "model_layer_rules", "global_rules", "rule_by_megatron_name", "detect_spec"]
 
 Kind = Literal["copy", "qkv", "gate_up", "vocab"]
 SPECS = ("local", "te")
@@ -87,18 +94,42 @@ _FUSED_RULES: tuple[Rule, ...] = (
 )
 FUSED_FAMILIES = frozenset({"phi3"})  # model.family values whose HF checkpoints use _FUSED_RULES
 
+# Gemma 3's four norms per layer: HF's post_attention_layernorm is the norm *after* attention (megatron: inside
+# linear_proj), pre_feedforward_layernorm the one before the MLP (Llama's post_attention_layernorm), and
+# post_feedforward_layernorm the one after it (inside linear_fc2). Same names under both specs.
+_PRE_MLP_NORM = Rule("pre_mlp_layernorm.weight", ("model.layers.{i}.pre_feedforward_layernorm.weight",),
+                     te="mlp.linear_fc1.layer_norm_weight")
+_POST_ATTN_NORM = Rule("self_attention.linear_proj.post_layernorm.weight",
+                       ("model.layers.{i}.post_attention_layernorm.weight",))
+_POST_MLP_NORM = Rule("mlp.linear_fc2.post_layernorm.weight", ("model.layers.{i}.post_feedforward_layernorm.weight",))
+SANDWICH_FAMILIES = frozenset({"gemma3"})  # model.family values with the four-norm layer
+
 EMBEDDING = Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), kind="vocab", tp_axis=0)
 FINAL_NORM = Rule("decoder.final_layernorm.weight", ("model.norm.weight",))
 OUTPUT = Rule("output_layer.weight", ("lm_head.weight",), kind="vocab", tp_axis=0)
 GLOBAL_RULES: tuple[Rule, ...] = (EMBEDDING, FINAL_NORM, OUTPUT)
 
 
-def layer_rules(qkv_bias: bool, qk_norm: bool = False, fused: bool = False) -> tuple[Rule, ...]:
+def layer_rules(qkv_bias: bool, qk_norm: bool = False, fused: bool = False,
+                sandwich: bool = False) -> tuple[Rule, ...]:
     """Per-layer rules for a model with or without QKV bias and query/key norms; ``fused``: Phi3's HF tensors
-    (``model.family in FUSED_FAMILIES``), in the place of the Llama rules of the same megatron tensors."""
+    (``model.family in FUSED_FAMILIES``), in the place of the Llama rules of the same megatron tensors;
+    ``sandwich``: Gemma 3's norms after attention and after the MLP (``model.family in SANDWICH_FAMILIES``)."""
     by_local = {r.local: r for r in _FUSED_RULES} if fused else {}
-    return tuple(by_local.get(r.local, r) for r in LAYER_RULES
-                 if (qkv_bias or not r.bias) and (qk_norm or not r.qk_norm))
+    if sandwich:
+        by_local[_PRE_MLP_NORM.local] = _PRE_MLP_NORM
+    rules = []
+    for r in LAYER_RULES:
+        if (qkv_bias or not r.bias) and (qk_norm or not r.qk_norm):
+            rules.append(by_local.get(r.local, r))
+            if sandwich and r.local == "self_attention.linear_proj.weight":
+                rules.append(_POST_ATTN_NORM)
+    return tuple(rules) + ((_POST_MLP_NORM,) if sandwich else ())
+
+
+def model_layer_rules(m) -> tuple[Rule, ...]:
+    """:func:`layer_rules` of a :class:`~bft_megatron.config.schema.ModelConfig`."""
+    return layer_rules(m.qkv_bias, m.qk_norm, m.family in FUSED_FAMILIES, m.family in SANDWICH_FAMILIES)
 
 
 def global_rules(tied: bool) -> tuple[Rule, ...]:
@@ -107,9 +138,9 @@ def global_rules(tied: bool) -> tuple[Rule, ...]:
 
 
 def rule_by_megatron_name(name: str, spec: str, qkv_bias: bool = True, qk_norm: bool = True,
-                          fused: bool = False) -> Rule:
+                          fused: bool = False, sandwich: bool = False) -> Rule:
     """The rule whose megatron name (layer-local or global) under ``spec`` is ``name``."""
-    for rule in layer_rules(qkv_bias, qk_norm, fused) + GLOBAL_RULES:
+    for rule in layer_rules(qkv_bias, qk_norm, fused, sandwich) + GLOBAL_RULES:
         if rule.megatron(spec) == name:
             return rule
     raise KeyError(f"no HF mapping for megatron parameter {name!r} (spec {spec!r})")

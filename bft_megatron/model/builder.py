@@ -1,4 +1,5 @@
-"""Build megatron-core ``GPTModel`` chunks (Llama-3.x / Qwen2.x / Qwen3 / Mistral / Phi3) from the typed config.
+"""Build megatron-core ``GPTModel`` chunks (Llama-3.x / Qwen2.x / Qwen3 / Mistral / Phi3 / Gemma3) from the typed
+config.
 
 One chunk per virtual pipeline stage (``parallel.vp``; one chunk without interleaving). Chunk ``i``
 of pipeline rank ``r`` holds the embedding iff ``r == 0 and i == 0`` and the output layer iff
@@ -46,7 +47,7 @@ def transformer_config(cfg: Config, groups: ParallelGroups):
 
     m, p = cfg.model, cfg.parallel
     on_cpu = groups.device.type == "cpu"
-    return TransformerConfig(
+    kwargs = dict(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.kv_groups, ffn_hidden_size=m.ffn_hidden_size,
         kv_channels=m.kv_channels, qk_layernorm=m.qk_norm,
@@ -69,6 +70,11 @@ def transformer_config(cfg: Config, groups: ParallelGroups):
         batch_p2p_sync=not on_cpu, deallocate_pipeline_outputs=True,
         **_precision_kwargs(cfg, on_cpu), **_recompute_kwargs(cfg),
     )
+    if m.family == "gemma3":  # norms, activation, softmax scale and windows (see model/gemma3.py)
+        from bft_megatron.model.gemma3 import gemma3_config_kwargs
+
+        kwargs.update(gemma3_config_kwargs(m))
+    return TransformerConfig(**kwargs)
 
 
 def _install_llama3_rope(model, cfg: Config) -> None:
@@ -86,7 +92,8 @@ def _build_chunk(cfg: Config, groups: ParallelGroups, tconfig, vp_stage: int | N
     chunk = vp_stage or 0
     pre = groups.is_first_pp_stage and chunk == 0
     post = groups.is_last_pp_stage and chunk == num_chunks - 1
-    spec = block_spec(tconfig, use_te, vp_stage, groups.pp_rank, te_op_fuser=cfg.train.te_op_fuser)
+    spec = block_spec(tconfig, use_te, vp_stage, groups.pp_rank, te_op_fuser=cfg.train.te_op_fuser,
+                      gemma3=cfg.model.family == "gemma3")
     with output_layer_without_apex(tconfig.gradient_accumulation_fusion) as patched:
         model = _gpt_model(cfg, tconfig, spec, groups, vp_stage, pre, post)
     if patched:
@@ -94,6 +101,10 @@ def _build_chunk(cfg: Config, groups: ParallelGroups, tconfig, vp_stage: int | N
     if cfg.train.gradient_accumulation_fusion:
         fuse_embedding_wgrad(model)  # pure torch: on CPU too
     _install_llama3_rope(model, cfg)
+    if cfg.model.family == "gemma3":
+        from bft_megatron.model.gemma3 import install_gemma3
+
+        install_gemma3(model, cfg.model)
     return model
 
 

@@ -14,18 +14,27 @@ __all__ = ["RMSNorm", "llama3_inv_freq"]
 
 
 class RMSNorm(torch.nn.Module):
-    """Llama RMSNorm: ``x / rms(x) * weight``, statistics in fp32, result in the input dtype."""
+    """Llama RMSNorm: ``x / rms(x) * weight``, statistics in fp32, result in the input dtype.
+
+    With megatron's ``config.layernorm_zero_centered_gamma`` (Gemma 3) it is Gemma's ``x / rms(x) * (1 + weight)``
+    (weight initialised to zeros, as HF's), all in fp32 and cast once at the end, as ``Gemma3RMSNorm``: the stored
+    weight is HF's own tensor, so import and export copy it bit for bit (no ``1 + w`` rounded into bf16).
+    """
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.zero_centered = bool(getattr(config, "layernorm_zero_centered_gamma", False))
+        init = torch.zeros if self.zero_centered else torch.ones
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
         # Tells finalize_model_grads to all-reduce this grad over TP when sequence parallel is on.
         self.weight.sequence_parallel = bool(config.sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.zero_centered:
+            return (normed * (1.0 + self.weight.float())).to(x.dtype)
         return normed.to(x.dtype) * self.weight
 
 

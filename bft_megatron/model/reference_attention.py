@@ -47,6 +47,13 @@ class ReferenceAttention(MegatronModule):
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         p = config.attention_dropout if attention_dropout is None else attention_dropout
         self.dropout = torch.nn.Dropout(p)
+        # Sliding window (Gemma 3's local layers): megatron/TE's window_size (left, right), inclusive bounds, on the
+        # layers is_layer_window_attention picks; query i then sees keys i-left <= j <= i (right: causal anyway).
+        from megatron.core.transformer.utils import is_layer_window_attention
+
+        window = getattr(config, "window_size", None)
+        slides = bool(window) and is_layer_window_attention(window, config.window_attn_skip_freq, layer_number)
+        self.window_left = window[0] if slides and window[0] >= 0 else None
 
     # ------------------------------------------------------------------ mask
     def _positions(self, local_len: int, cu: torch.Tensor | None, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +69,8 @@ class ReferenceAttention(MegatronModule):
         """Bool ``[sq, sk]`` (or ``[b, 1, sq, sk]`` with an explicit mask): True = query may attend key."""
         pos_q, pos_k = self._positions(local_len, cu, device)
         allowed = pos_k.unsqueeze(0) <= pos_q.unsqueeze(1)
+        if self.window_left is not None:  # positions are global in the row; the sample check below keeps it within one
+            allowed = allowed & (pos_q.unsqueeze(1) - pos_k.unsqueeze(0) <= self.window_left)
         if cu is not None:  # THD: also the same sample
             seg_q = torch.searchsorted(cu[1:], pos_q, right=True)
             seg_k = torch.searchsorted(cu[1:], pos_k, right=True)

@@ -17,7 +17,8 @@ def have_te() -> bool:
     return importlib.util.find_spec("transformer_engine") is not None
 
 
-def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_fuser: bool = False):
+def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_fuser: bool = False,
+               gemma3: bool = False):
     """The decoder-block spec for this pipeline stage / virtual chunk.
 
     TE: megatron-core's TE layer spec (norms fused into ``linear_qkv`` / ``linear_fc1``); with
@@ -28,6 +29,8 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
     With ``config.qk_layernorm`` (Qwen3) both specs normalise each query and key head (TE: ``TENorm``; local:
     :class:`RMSNorm` over ``kv_channels``); megatron's ``finalize_model_grads`` all-reduces those weights'
     gradients over TP by their names, since every TP rank holds other heads.
+    ``gemma3``: Gemma 3's layer (:mod:`bft_megatron.model.gemma3`): post-attention / post-MLP norms in the
+    row-parallel linears, per-layer RoPE in the self-attention (TE: wired, not yet run on a GPU).
     """
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                           get_gpt_layer_with_transformer_engine_spec)
@@ -39,6 +42,10 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
                                                            use_te_op_fuser=te_op_fuser)
         from megatron.core.extensions.transformer_engine import TENorm
 
+        if gemma3:
+            from bft_megatron.model.gemma3 import gemma3_layer_spec
+
+            layer = gemma3_layer_spec(layer, use_te=True, norm_cls=TENorm)
         return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
     if not _WARNED["local"]:
         _log.warning("Transformer Engine not importable: using megatron-core's local layer spec "
@@ -53,4 +60,8 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
     attention.core_attention = ReferenceAttention
     if config.qk_layernorm:
         attention.q_layernorm = attention.k_layernorm = RMSNorm
+    if gemma3:
+        from bft_megatron.model.gemma3 import gemma3_layer_spec
+
+        layer = gemma3_layer_spec(layer, use_te=False, norm_cls=RMSNorm)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
