@@ -329,8 +329,7 @@ def test_no_bubble_without_a_pipeline():
 
 
 RECIPES = {"llama3.1_8b.yaml": 8, "llama3.1_8b_32k_cp4.yaml": 8, "llama3.1_70b_tp8pp4.yaml": 32, "phi4.yaml": 8,
-           "llama3.1_70b_tp4pp4vp5_fp8.yaml": 32, "qwen2.5_72b.yaml": 32, "qwen3_32b.yaml": 16,
-           "medgemma27b.yaml": 16}
+           "llama3.1_70b_tp4pp4vp5_fp8.yaml": 32, "qwen2.5_72b.yaml": 32, "qwen3_32b.yaml": 16, "medgemma27b.yaml": 16}
 
 
 @pytest.mark.parametrize("name, gpus", sorted(RECIPES.items()))
