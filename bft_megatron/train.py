@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from bft_megatron.training.evaluation import parse_with_eval_flags
+
 __all__ = ["main"]
 
 
@@ -24,11 +26,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--eval-only", action="store_true", help="validate the weights the run would start from once "
                       "(its latest checkpoint, else checkpoint.load; weights only) on the validation split alone "
                       "(data.valid, prepared if missing; data.train not needed nor read), train and save nothing, exit")
-    parser.add_argument("--eval-out", metavar="FILE", help="with --eval-only: write the metrics there as JSON")
-    args = parser.parse_intermixed_args(argv)  # overrides may follow the flags, too
-    if args.eval_out and not args.eval_only:
-        parser.error("--eval-out needs --eval-only")
-    return args
+    return parse_with_eval_flags(parser, argv)  # adds --eval-out, --eval-samples (usage errors without --eval-only)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,7 +79,7 @@ def _run(args: argparse.Namespace, cfg, layout, log) -> int:
             return 2
         if args.eval_only:
             from bft_megatron.training.evaluation import evaluate_only
-            return evaluate_only(trainer, checkpointer.loaded_from, args.eval_out)
+            return evaluate_only(trainer, checkpointer.loaded_from, args.eval_out, args.eval_samples)
         state = fit(trainer, checkpointer if cfg.checkpoint.save else None, exit_request, from_scratch)
         early = f" of {cfg.train.train_iters} (stopped early)" if state.iteration < cfg.train.train_iters else ""
         log.info("done: %d steps%s, %d skipped, %d rows consumed", state.iteration, early, state.skipped_steps,

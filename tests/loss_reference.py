@@ -88,3 +88,20 @@ def _reference_objective(nll, mask, **kwargs):
 def _reference_loss_from_logits(logits, labels, mask, **kwargs):
     """Materialise full-vocab logits ``[b, s, V]``, compute NLL and the objective (a mean)."""
     return _reference_objective(_reference_nll(logits, labels), mask, **kwargs)[0]
+
+
+def _reference_sample_statistics(nll, mask, *, variant="v1", group_size=256, gamma=1.0, eps=1e-6, cu_seqlens=None):
+    """One dict per sample (every segment, empty ones included), in order: ``tokens``, ``nll_sum``, ``lm_loss``,
+    ``p_conf``, ``sample_weight`` (the last three None without a supervised token) and ``short``; in float64."""
+    out = []
+    for row, start, end in _reference_segments(tuple(nll.shape), cu_seqlens):
+        idx = [t for t in range(start, end) if float(mask[row, t]) != 0]
+        if not idx:
+            out.append({"tokens": 0, "nll_sum": 0.0, "lm_loss": None, "p_conf": None, "sample_weight": None,
+                        "short": False})
+            continue
+        l = [float(x) for x in nll[row, idx].detach().double()]
+        _, p, s = _reference_sample_weights([-x for x in l], "bft", variant, group_size, gamma, eps)
+        out.append({"tokens": len(idx), "nll_sum": sum(l), "lm_loss": sum(l) / len(idx), "p_conf": p,
+                    "sample_weight": s, "short": len(idx) < group_size})
+    return out

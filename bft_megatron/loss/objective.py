@@ -62,6 +62,14 @@ def _sample_ids(shape: tuple[int, int], cu_seqlens: torch.Tensor | None, device)
     return seg, cu_seqlens.numel() - 1
 
 
+def _segments(m: torch.Tensor, global_shape: tuple[int, int], cu_seqlens: torch.Tensor | None):
+    """``(m, seg, S)``: the supervised flags ``[N]`` restricted to real samples, each token's sample ``seg[N]`` (``S``
+    for every unsupervised token: the discarded slot of the per-sample reductions) and the sample count ``S``."""
+    seg, num_samples = _sample_ids(global_shape, cu_seqlens, m.device)
+    m = m & (seg < num_samples)
+    return m, torch.where(m, seg, num_samples), num_samples
+
+
 def _gather_cp(a: torch.Tensor, m: torch.Tensor, global_len: int, positions: list[torch.Tensor], cp_group):
     """All-gather ``(a, m)`` of every CP rank and scatter them into global token order."""
     local = torch.stack((a, m))
@@ -166,12 +174,7 @@ def objective(
         (bft; counted on CP rank 0 only); ``metrics`` local :class:`MetricPartials`.
     """
     _check_args(nll, loss_mask, method, variant, group_size, gamma, eps, cu_seqlens)
-    l_loc = nll.float().reshape(-1)
-    m_loc = loss_mask.reshape(-1) != 0
-    positions = _cp_positions(tuple(nll.shape), cu_seqlens, cp_group, nll.device, every_rank=method == "bft")
-    if cu_seqlens is not None:  # every method: tokens after the last sample are padding, whatever their mask
-        mine = positions[_cp_rank(cp_group)] if positions else torch.arange(nll.shape[1], device=nll.device)
-        m_loc = m_loc & (mine < cu_seqlens[-1])
+    l_loc, m_loc, positions = _local_tokens(nll, loss_mask, cu_seqlens, cp_group, every_rank=method == "bft")
     # The NLL with unsupervised positions zeroed (gradient 0 there): a zero coefficient times an inf/NaN NLL at
     # a label the caller never meant to supervise would otherwise make the sum NaN.
     l_sup = torch.where(m_loc, l_loc, 0.0)
@@ -187,6 +190,32 @@ def objective(
         return (coef * l_sup).sum(), tokens.to(torch.int64), metrics
     return _bft(l_loc, l_sup, m_loc, tuple(nll.shape), variant, group_size, gamma, eps, cu_seqlens, cp_group,
                 positions, metrics, compile_backend)
+
+
+def _local_tokens(nll, loss_mask, cu_seqlens, cp_group, every_rank: bool):
+    """This rank's flat fp32 NLL ``[n]`` and supervised flags ``[n]`` (tokens past ``cu_seqlens[-1]`` unsupervised
+    for every method), and the CP ranks' global token positions (:func:`_cp_positions`)."""
+    l_loc = nll.float().reshape(-1)
+    m_loc = loss_mask.reshape(-1) != 0
+    positions = _cp_positions(tuple(nll.shape), cu_seqlens, cp_group, nll.device, every_rank=every_rank)
+    if cu_seqlens is not None:  # every method: tokens after the last sample are padding, whatever their mask
+        mine = positions[_cp_rank(cp_group)] if positions else torch.arange(nll.shape[1], device=nll.device)
+        m_loc = m_loc & (mine < cu_seqlens[-1])
+    return l_loc, m_loc, positions
+
+
+def _global_tokens(a_loc, m_loc, local_shape, cp_group, positions):
+    """The whole samples' ``a = log c`` and supervised flags (CP: all-gathered into global order, identical on every
+    CP rank), the global ``[b, s]`` shape, this CP rank's positions in it (None without CP) and the CP rank."""
+    cp_size = len(positions) if positions else 1
+    cp_rank = _cp_rank(cp_group)
+    batch, local_len = local_shape
+    global_shape = (batch, local_len * cp_size)
+    if not positions:
+        return a_loc, m_loc, global_shape, None, cp_rank
+    ordered = [positions[r] for r in range(cp_size)]
+    a, m_f = _gather_cp(a_loc, m_loc.float(), batch * local_len * cp_size, ordered, cp_group)
+    return a, m_f != 0, global_shape, positions[cp_rank], cp_rank
 
 
 def _cp_rank(cp_group) -> int:
@@ -210,17 +239,7 @@ def _bft(l_loc, l_sup, m_loc, local_shape, variant, g, gamma, eps, cu_seqlens, c
          compile_backend):
     """``l_sup``: the NLL zeroed outside the supervised positions; ``positions``: every CP rank's global token
     positions (:func:`_cp_positions`), or None without CP."""
-    cp_size = len(positions) if positions else 1
-    cp_rank = _cp_rank(cp_group)
-    a_loc = -l_loc.detach()
-    batch, local_len = local_shape
-    global_shape = (batch, local_len * cp_size)
-    if positions:
-        ordered = [positions[r] for r in range(cp_size)]
-        a, m_f = _gather_cp(a_loc, m_loc.float(), batch * local_len * cp_size, ordered, cp_group)
-        m, mine = m_f != 0, positions[cp_rank]
-    else:
-        a, m, mine = a_loc, m_loc, None
+    a, m, global_shape, mine, cp_rank = _global_tokens(-l_loc.detach(), m_loc, local_shape, cp_group, positions)
     args = (a, m, global_shape, cu_seqlens, mine, variant, g, gamma, eps, cp_rank == 0)
     coef, stats = _bft_math(*args) if compile_backend is None else _run_compiled(compile_backend, args)
     loss_sum = (coef * l_sup).sum()
@@ -244,9 +263,7 @@ def _bft_math(a, m, global_shape, cu_seqlens, mine, variant, g, gamma, eps, coun
     CP rank's tokens from the global sequence (None without CP). Pure tensor code, so that
     ``torch.compile`` can fuse its ~110 small ops into a few kernels (see :func:`compiled_bft_math`).
     """
-    seg, num_samples = _sample_ids(global_shape, cu_seqlens, a.device)
-    m = m & (seg < num_samples)
-    seg = torch.where(m, seg, num_samples)
+    m, seg, num_samples = _segments(m, global_shape, cu_seqlens)
     w, p, s, n_b = _bft_weights(a, m, seg, num_samples, variant, g, gamma, eps)
     sid = seg.clamp(max=num_samples - 1)
     coef = torch.where(m, w.double() * (s / n_b.clamp(min=1))[sid], 0.0).float()

@@ -54,6 +54,10 @@ class MicroBatch:
     # [2] int64 on the host (the trainer sums a step's and copies that once): (supervised tokens, samples with
     # one) of the whole micro-batch, all CP shards (loss.units)
     units: torch.Tensor | None = None
+    # [S, 3] int64 on the host, one row per sample (padded: per row; packed: per cu_seqlens segment): (row of the
+    # split, the sample's index in that row, its sample_id); -1s for padding (a row past the stream's end_row, the
+    # packed filler segment). --eval-samples names each sample's statistics by it.
+    origins: torch.Tensor | None = None
 
     def packed_seq_params(self):
         """THD view for Transformer Engine attention."""
@@ -98,8 +102,9 @@ def _pad_columns(d: dict, width: int, pad_id: int) -> dict:
 
 
 def to_micro_batch(d: dict, device: torch.device, *, total: int, pad_id: int, cp_size: int = 1,
-                   cp_rank: int = 0) -> MicroBatch:
-    """Data-layer micro-batch dict -> :class:`MicroBatch`: fixed length, this CP rank's shard, on ``device``."""
+                   cp_rank: int = 0, origins: torch.Tensor | None = None) -> MicroBatch:
+    """Data-layer micro-batch dict -> :class:`MicroBatch`: fixed length, this CP rank's shard, on ``device``.
+    ``origins``: :attr:`MicroBatch.origins` of the collated samples (the packed filler segment is added here)."""
     packed = "cu_seqlens" in d
     if packed:
         d = _pad_packed(d, total, pad_id)
@@ -120,8 +125,22 @@ def to_micro_batch(d: dict, device: torch.device, *, total: int, pad_id: int, cp
             return None
         return (t.pin_memory() if device.type == "cuda" else t).to(device=device, non_blocking=True)
 
+    if origins is not None:  # -1s for the filler segment _pad_packed appended
+        segments = cu.numel() - 1 if packed else fields["tokens"].shape[0]
+        origins = torch.cat((origins, origins.new_full((segments - origins.shape[0], 3), -1)))
     return MicroBatch(**{k: move(v) for k, v in fields.items()}, max_seqlen=int(d["max_seqlen"]) if packed else 0,
-                      units=units)
+                      units=units, origins=origins)
+
+
+def _origins(rows: list[int], samples: list, kept: list[bool]) -> torch.Tensor:
+    """:attr:`MicroBatch.origins` of the collated ``samples`` (the data layer's rows ``rows``; ``kept`` false: a
+    padding row, whose samples get -1s)."""
+    parts = []
+    for r, row, keep in zip(rows, samples, kept):
+        n = len(row.seqlens)
+        ids = (np.full(n, r), np.arange(n), np.asarray(row.sample_ids)) if keep else (np.full(n, -1),) * 3
+        parts.append(np.stack(ids, axis=1).astype(np.int64))
+    return torch.from_numpy(np.concatenate(parts))
 
 
 def micro_batch_length(dataset, *, packed: bool, micro_batch_size: int, seq_length: int, cp_size: int,
@@ -177,7 +196,8 @@ class StepData:
             real += sum(len(x.tokens) for x, keep in zip(samples, kept) if keep)
             d = collate(samples, packed=self.packed, pad_multiple=self.pad_multiple, pad_id=self.dataset.pad_id)
             out.append(to_micro_batch(d, self.device, total=self.total, pad_id=self.dataset.pad_id,
-                                      cp_size=self.cp_size, cp_rank=self.cp_rank))
+                                      cp_size=self.cp_size, cp_rank=self.cp_rank,
+                                      origins=_origins(rows, samples, kept)))
         return out, real
 
     def _row(self, r: int, keep: bool):

@@ -109,7 +109,8 @@ class Trainer:
         return dataclasses.replace(lo, method="sft") if self.state.iteration < lo.sft_warmup_iters else lo
 
     # ---------------------------------------------------------------- one step
-    def _fwd_bwd(self, data: StepData, forward_only: bool, poison: bool = False) -> list[MetricPartials]:
+    def _fwd_bwd(self, data: StepData, forward_only: bool, poison: bool = False,
+                 sample_sink: list | None = None) -> list[MetricPartials]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         micro = data.next_step()
@@ -123,7 +124,8 @@ class Trainer:
         loss_cfg = self._loss_cfg()
         step_fn = make_forward_step(loss_cfg, self.groups.tp, cp_group, self.cfg.train.bf16,
                                     vocab_size=self.cfg.model.vocab_size,
-                                    loss_scale=None if forward_only else self._loss_scale(micro, loss_cfg.method))
+                                    loss_scale=None if forward_only else self._loss_scale(micro, loss_cfg.method),
+                                    sample_sink=sample_sink)
         out = fwd_bwd(forward_step_func=step_fn,
                       data_iterator=iters if len(iters) > 1 else iters[0], model=self.model,
                       num_microbatches=len(micro), seq_length=seq_length, micro_batch_size=micro_batch_size,
@@ -208,7 +210,7 @@ class Trainer:
             s.consecutive_skips = 0
 
     # ---------------------------------------------------------------- validation
-    def evaluate(self, stop: Callable[[], bool] | None = None) -> dict:
+    def evaluate(self, stop: Callable[[], bool] | None = None, sample_sink: list | None = None) -> dict:
         """Forward-only over ``eval_iters`` global batches of the validation rows (same every time); with
         ``eval_iters`` null over every row once: ``ceil(rows / global_batch_size)`` batches, the last one filled with
         padding rows that count for nothing.
@@ -216,6 +218,8 @@ class Trainer:
         ``stop``: asked before each batch (a collective: every rank calls it at the same point); when it
         returns True, validation ends there and reports nothing (partial means would read like a full
         validation), so a SIGTERM's grace period is not spent on a long validation.
+        ``sample_sink`` (``--eval-samples``): gets each micro-batch's per-sample statistics on the last pipeline
+        stage (:func:`~bft_megatron.training.step.loss_func`).
         """
         t, g = self.cfg.train, self.groups
         whole = len(self.valid_data) if t.eval_iters is None else None
@@ -227,7 +231,7 @@ class Trainer:
             chunk.eval()
         with torch.no_grad():
             while done < batches and not (stop is not None and stop()):
-                partials += self._fwd_bwd(data, forward_only=True)
+                partials += self._fwd_bwd(data, forward_only=True, sample_sink=sample_sink)
                 done += 1
         for chunk in self.model:
             chunk.train()

@@ -23,21 +23,23 @@ from functools import partial
 import torch
 
 from bft_megatron.config.schema import LossConfig
-from bft_megatron.loss import objective, vocab_parallel_nll
+from bft_megatron.loss import objective, sample_statistics, vocab_parallel_nll
 from bft_megatron.training.batch import MicroBatch
 
 __all__ = ["forward_step", "loss_func", "make_forward_step", "loss_compile_backend"]
 
 
 def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: torch.Tensor, cp_group=None,
-              vocab_size: int | None = None, loss_scale: torch.Tensor | None = None):
+              vocab_size: int | None = None, loss_scale: torch.Tensor | None = None, sample_sink: list | None = None):
     """Per-token NLL from ``[b, s, V/TP]`` (or THD ``[1, b*s, V/TP]``) logits, then the objective.
 
     Under context parallelism the logits, labels and mask are this rank's shard (``s/CP``) and
     ``cp_group`` lets the objective gather per-sample statistics (BFT's window minimum spans ranks).
     ``loss.compile`` runs BFT's weight math through ``torch.compile``. ``vocab_size`` (the model's, unpadded)
     leaves megatron's vocabulary padding out of the softmax: the loss is the HF model's at any padding.
-    ``loss_scale`` (training; 0-dim fp32): multiplies the returned loss, not the metrics.
+    ``loss_scale`` (training; 0-dim fp32): multiplies the returned loss, not the metrics. ``sample_sink``
+    (``--eval-samples``): a list that gets ``(batch.origins, sample_statistics(...))`` of this micro-batch
+    (:func:`bft_megatron.loss.sample_statistics` with the loss config's BFT settings, whatever its method).
     """
     # GPTModel (labels=None) returns logits [b, s, V/TP]; padding labels are masked below.
     labels = batch.labels.reshape(output_tensor.shape[:-1])
@@ -53,6 +55,10 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
         gamma=loss_cfg.gamma, eps=loss_cfg.eps, cu_seqlens=batch.cu_seqlens, cp_group=cp_group,
         compile_backend=loss_compile_backend(loss_cfg),
     )
+    if sample_sink is not None:
+        sample_sink.append((batch.origins, sample_statistics(
+            nll, mask, variant=loss_cfg.variant, group_size=loss_cfg.group_size, gamma=loss_cfg.gamma,
+            eps=loss_cfg.eps, cu_seqlens=batch.cu_seqlens, cp_group=cp_group)))
     if batch.poison:
         loss_sum = loss_sum * float("nan")
     metrics.add_sum("loss", loss_sum.detach(), num_units)
@@ -60,7 +66,8 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
 
 
 def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False,
-                 vocab_size: int | None = None, loss_scale: torch.Tensor | None = None):
+                 vocab_size: int | None = None, loss_scale: torch.Tensor | None = None,
+                 sample_sink: list | None = None):
     """One micro-batch through ``model`` (one chunk). Every stage reads the full micro-batch itself.
 
     Packed rows (``cu_seqlens``) run as one ``[1, T]`` THD sequence with ``PackedSeqParams``; padded
@@ -76,15 +83,16 @@ def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_gro
     else:
         output = model(batch.tokens, batch.position_ids, None, **kwargs)
     return output, partial(loss_func, batch, loss_cfg, tp_group, cp_group=cp_group, vocab_size=vocab_size,
-                           loss_scale=loss_scale)
+                           loss_scale=loss_scale, sample_sink=sample_sink)
 
 
 def make_forward_step(loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False,
-                      vocab_size: int | None = None, loss_scale: torch.Tensor | None = None):
+                      vocab_size: int | None = None, loss_scale: torch.Tensor | None = None,
+                      sample_sink: list | None = None):
     """The two-argument callable megatron's schedules expect (``cp_group``: None unless CP > 1;
-    ``vocab_size``, ``loss_scale``: see :func:`loss_func`)."""
+    ``vocab_size``, ``loss_scale``, ``sample_sink``: see :func:`loss_func`)."""
     return partial(forward_step, loss_cfg=loss_cfg, tp_group=tp_group, cp_group=cp_group, bf16=bf16,
-                   vocab_size=vocab_size, loss_scale=loss_scale)
+                   vocab_size=vocab_size, loss_scale=loss_scale, sample_sink=sample_sink)
 
 
 def loss_compile_backend(loss_cfg: LossConfig) -> str | None:
