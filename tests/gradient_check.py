@@ -1,14 +1,13 @@
 """The trainer's gradient against the spec's, at its absolute scale (run inside tests/train_worker.py).
 
-The trainer divides each micro-batch's loss sum by the step's global unit count ``N`` (counted ahead from the
-masks, summed over DP) and megatron's ``finalize_model_grads`` leaves the summed gradient unscaled.
-Layout-equivalence tests compare loss histories under Adam with clipping, which barely notice a gradient off by a
-constant factor (a missing ``1/N``, an extra ``1/DP``). Here one step's reduced ``main_grad`` is compared with autograd's gradient of
-``tests.loss_reference``'s global objective: full-vocabulary logits, per-sample Python loops, the global unit
-count summed over the data-parallel ranks. The step's statistics reduced over DP (what the progress line and
-TensorBoard report) are compared with the reference's per-sample values gathered from every rank. Single model
-chunk (PP1), TP1, CP1, non-distributed optimizer (so every rank's ``main_grad`` holds the whole reduced
-gradient).
+The trainer divides each micro-batch's loss sum by the step's global unit count ``N`` (counted ahead from the masks,
+summed over DP) and megatron's ``finalize_model_grads`` leaves the summed gradient unscaled. Layout-equivalence
+tests compare loss histories under Adam with clipping, which barely notice a gradient off by a constant factor (a
+missing ``1/N``, an extra ``1/DP``). Here one step's reduced ``main_grad`` is compared with autograd's gradient of
+``tests.loss_reference``'s global objective: full-vocabulary logits, per-sample Python loops, the global unit count
+summed over the data-parallel ranks. The step's statistics reduced over DP (what the progress line and TensorBoard
+report) are compared with the reference's per-sample values gathered from every rank. Single model chunk (PP1), TP1,
+CP1, non-distributed optimizer (so every rank's ``main_grad`` holds the whole reduced gradient).
 """
 
 from __future__ import annotations
