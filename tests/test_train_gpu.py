@@ -1,7 +1,7 @@
 """GPU checks of the trainer with Transformer Engine (run on the device machine; skipped on CPU).
 
 * THD packing: logits of a packed micro-batch through TE's THD attention equal those of each sample
-  run alone (no attention across samples), bf16 tolerance.
+  run alone (no attention across samples), bf16 tolerance; also for Gemma 3's sliding-window layers.
 * A short BF16 BFT run with the TE spec and THD packing trains (lm loss falls) and its checkpoint
   resumes bitwise at the same layout; FP8 (tensorwise) runs finite.
 """
@@ -37,11 +37,19 @@ def _trainer(groups, extra=()):
     return build_trainer(cfg, validate(cfg, 1), groups)
 
 
-def test_thd_packing_matches_samples_alone(groups):
+# Gemma 3 (tests/test_train_gemma3.py's shape on GPU_TINY): every other layer slides a 16-token window, so TE's
+# fused attention must apply the window within each packed sample (cu_seqlens) and not across them.
+GEMMA3 = ["model.family=gemma3", "model.qk_norm=true", "model.sliding_window=16", "model.sliding_window_pattern=2",
+          "model.rope_local_theta=10000", "model.rope_theta=1000000", "model.rope_linear_factor=8",
+          "model.query_pre_attn_scalar=32", "model.tie_embeddings=true"]
+
+
+@pytest.mark.parametrize("family", [[], GEMMA3], ids=["llama", "gemma3"])
+def test_thd_packing_matches_samples_alone(groups, family):
     from bft_megatron.data.collate import collate
     from bft_megatron.training.batch import to_micro_batch
 
-    trainer = _trainer(groups)
+    trainer = _trainer(groups, family)
     model = trainer.model[0]
     data = trainer.train_data
     rows = [data.dataset[i] for i in range(2)]
