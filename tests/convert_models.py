@@ -51,6 +51,12 @@ CASES = {
     # Phi-3-mini-4k-like: MHA, tied (review: a tied Phi3), a window (2047 there; 64 > the test's rows here)
     "phi3_tied": ("phi3", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=4, sliding_window=64,
                                tie_word_embeddings=True, pad_token_id=None), torch.float32),
+    # Windows narrower than the test's rows (4 < 9-11 tokens): the trainer applies them in every layer (BioMistral's
+    # 4096 and Phi-3-mini-4k's 2047 at longer data.seq_length)
+    "mistral_window": ("mistral", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                       sliding_window=4, tie_word_embeddings=False), torch.float32),
+    "phi3_window": ("phi3", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=4, sliding_window=3,
+                                 tie_word_embeddings=True, pad_token_id=None), torch.float32),
     # Gemma3ForCausalLM, MedGemma-27B-text-like: tied, GQA 2:1, head_dim 24 over hidden 64 / 4 heads and a softmax
     # scale of its own (27B: head_dim 128, query_pre_attn_scalar 168 = 5376/32), linear RoPE scaling 8 on the global
     # layer, theta 1e4 on the sliding one. Window 4 (27B: 1024) under the test's 9-11 token rows and 32-token packed

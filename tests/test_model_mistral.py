@@ -1,11 +1,12 @@
 """Mistral (``MistralForCausalLM``: Mistral-7B v0.1-v0.3, BioMistral, Mistral-Nemo): its config.json, the sliding
-window the trainer can honour only by fitting rows into it, the checkpoint architecture check and the synthesised
+window (applied when rows exceed it; logits in test_model_window_logits), the checkpoint architecture check and the synthesised
 export config. Logits against transformers at TP1/TP2/PP2 and the bit-identical export round trip are in
 test_convert_e2e (case ``mistral_untied``)."""
 
 from __future__ import annotations
 
 import pytest
+import torch
 
 from bft_megatron.checkpoint.architecture import architecture_changes
 from bft_megatron.config import load_config, to_dict
@@ -35,13 +36,28 @@ def test_mistral_config_json_reads_its_window_and_head_width():
     assert (model_fields_from_hf(bare)["sliding_window"], model_fields_from_hf(bare)["num_query_groups"]) == (4096, 8)
 
 
-def test_rows_longer_than_the_window_are_refused():
-    """The trainer attends over whole samples: equal to Mistral's window only while a row fits in it."""
-    validate(load_config(None, TINY + MISTRAL), world_size=1, require_te=False)  # TINY rows: 32 tokens
-    with pytest.raises(ValueError, match="data.seq_length=32 exceeds model.sliding_window=16: the model attends to "
-                                         "the last 16 tokens only.* set data.seq_length <= 16"):
-        validate(load_config(None, TINY + ["model.family=mistral", "model.sliding_window=16"]), world_size=1,
-                 require_te=False)
+def test_rows_longer_than_the_window_apply_it_in_every_layer(monkeypatch):
+    """data.seq_length above the window: megatron's window_size (W-1, 0) on every layer (keys i-W < j <= i, as HF's
+    sliding-window mask; logits in tests/test_model_window_logits.py); at or below it no window (it changes nothing
+    and TE keeps its causal kernels). Under TE, context parallelism is refused while the window applies."""
+    import importlib
+    from types import SimpleNamespace
+
+    from bft_megatron.model.builder import transformer_config
+
+    groups = SimpleNamespace(device=torch.device("cpu"), vp_size=None)
+    for window, want in ((16, (15, 0)), (32, None), (64, None)):  # TINY rows: 32 tokens
+        cfg = load_config(None, TINY + ["model.family=mistral", f"model.sliding_window={window}"])
+        validate(cfg, world_size=1, require_te=False)
+        tconfig = transformer_config(cfg, groups)
+        assert (tconfig.window_size, tconfig.window_attn_skip_freq) == (want, None), window
+    validate_mod = importlib.import_module("bft_megatron.config.validate")
+    monkeypatch.setattr(validate_mod, "have_transformer_engine", lambda: True)
+    narrow = TINY + ["model.family=mistral", "model.sliding_window=16", "parallel.cp=2"]
+    with pytest.raises(ValueError, match=r"parallel.cp=2 with model.family=mistral under Transformer Engine is not "
+                                         r"supported \(model.sliding_window=16 < data.seq_length=32"):
+        validate(load_config(None, narrow), world_size=2, require_te=False)
+    validate(load_config(None, TINY + MISTRAL + ["parallel.cp=2"]), world_size=2, require_te=False)  # 32: no window
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -1,7 +1,8 @@
 """GPU checks of the trainer with Transformer Engine (run on the device machine; skipped on CPU).
 
 * THD packing: logits of a packed micro-batch through TE's THD attention equal those of each sample
-  run alone (no attention across samples), bf16 tolerance; also for Gemma 3's sliding-window layers.
+  run alone (no attention across samples), bf16 tolerance; also for Gemma 3's sliding-window layers and
+  a Mistral window narrower than the rows.
 * A short BF16 BFT run with the TE spec and THD packing trains (lm loss falls) and its checkpoint
   resumes bitwise at the same layout; FP8 (tensorwise) runs finite.
 """
@@ -44,7 +45,10 @@ GEMMA3 = ["model.family=gemma3", "model.qk_norm=true", "model.sliding_window=16"
           "model.query_pre_attn_scalar=32", "model.tie_embeddings=true"]
 
 
-@pytest.mark.parametrize("family", [[], GEMMA3], ids=["llama", "gemma3"])
+MISTRAL_WINDOW = ["model.family=mistral", "model.sliding_window=16"]  # every layer slides (rows of 128)
+
+
+@pytest.mark.parametrize("family", [[], GEMMA3, MISTRAL_WINDOW], ids=["llama", "gemma3", "mistral_window"])
 def test_thd_packing_matches_samples_alone(groups, family):
     from bft_megatron.data.collate import collate
     from bft_megatron.training.batch import to_micro_batch

@@ -166,10 +166,12 @@ def flops_per_token(m, seq: int, tp: int = 1) -> float:
     dense = m.hidden_size * m.qkv_size + m.query_size * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
     attention = 2 * seq * m.query_size * 0.5                      # QK^T and AV, causal half
     layers = m.num_layers * (dense + attention)
-    if m.family == "gemma3" and m.sliding_window is not None and m.sliding_window < seq:
-        # Gemma 3's sliding layers: query i sees min(i, W) keys, W*(1 - (W-1)/(2*seq)) on average (exact for W <= seq)
+    if m.sliding_window is not None and m.sliding_window < seq and (m.family == "gemma3" or m.window_binds(seq)):
+        # sliding layers (Gemma 3's; all of Mistral's / Phi3's): query i sees min(i, W) keys, W*(1 - (W-1)/(2*seq))
+        # on average (exact for W <= seq)
         w = m.sliding_window
-        sliding = sum(1 for n in range(1, m.num_layers + 1) if n % m.sliding_window_pattern)
+        sliding = (sum(1 for n in range(1, m.num_layers + 1) if n % m.sliding_window_pattern)
+                   if m.family == "gemma3" else m.num_layers)
         layers -= sliding * 2 * m.query_size * (seq * 0.5 - w * (1 - (w - 1) / (2 * seq)))
     forward = 2 * layers + 2 * m.hidden_size * _padded_vocab(m, tp)
     return 3 * forward

@@ -49,9 +49,9 @@ class ModelConfig:
     qkv_bias: bool = False
     head_dim: int | None = None  # None = hidden_size / num_attention_heads; Qwen3 sets its own (e.g. 128 at 32B)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3's q_norm / k_norm)
-    # Mistral's / Phi3's / Gemma3's attention window (tokens; None: global). Mistral and Phi3: the trainer attends over
-    # whole samples, which is the same function while data.seq_length <= the window (validated); kept for the export's
-    # config.json. Gemma3: the window is applied (sliding layers, see sliding_window_pattern).
+    # Mistral's / Phi3's / Gemma3's attention window (tokens; None: global). Mistral and Phi3: applied in every layer
+    # once data.seq_length exceeds it (window_binds; below, it changes nothing). Gemma3: applied in its sliding layers
+    # (see sliding_window_pattern).
     sliding_window: int | None = None
     # Gemma 3 only (model.family=gemma3, which also implies its scaled embedding, zero-centred RMSNorms, the norms
     # after attention and MLP, and the gelu-tanh MLP). Its window is real: a layer slides model.sliding_window
@@ -62,6 +62,12 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # softmax scale query_pre_attn_scalar**-0.5 (None: head width)
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
+
+    def window_binds(self, seq_length: int) -> bool:
+        """Whether a Mistral / Phi3 window is narrower than the rows (``data.seq_length``), so that the trainer must
+        apply it (every layer); Gemma 3 applies its own in its sliding layers whatever the row length."""
+        window = self.sliding_window
+        return self.family in ("mistral", "phi3") and window is not None and window < seq_length
 
     @property
     def kv_groups(self) -> int:

@@ -35,20 +35,18 @@ def _require(cond: bool, message: str) -> None:
 
 
 def _check_window(cfg: Config) -> None:
-    """A Mistral model with a sliding window trains exactly only on rows that fit in the window: the trainer's
-    attention is global (causal within each sample), which is the window's function up to its length."""
-    w, seq = cfg.model.sliding_window, cfg.data.seq_length
-    if cfg.model.family == "gemma3":  # Gemma 3's window is applied in its sliding layers (model/gemma3.py)
-        # TE's context parallelism exchanges keys/values point to point (megatron's default cp_comm_type p2p), which
-        # asserts at the first forward that no window is set; our reference attention (no TE) handles both
-        cp = cfg.parallel.cp
-        _require(cp == 1 or not have_transformer_engine(), f"parallel.cp={cp} with model.family=gemma3 under "
-                 "Transformer Engine is not supported: TE's context parallelism (p2p) has no sliding-window "
-                 "attention; use parallel.cp=1")
+    """A sliding window (Gemma 3's sliding layers; Mistral's / Phi3's every layer once data.seq_length exceeds it) is
+    applied by the attention (model/builder.py, model/gemma3.py). TE's context parallelism exchanges keys/values point
+    to point (megatron's default cp_comm_type p2p), which asserts at the first forward that no window is set; our
+    reference attention (no TE) handles both."""
+    m, cp = cfg.model, cfg.parallel.cp
+    if not (m.family == "gemma3" or m.window_binds(cfg.data.seq_length)):
         return
-    _require(w is None or seq <= w, f"data.seq_length={seq} exceeds model.sliding_window={w}: the model attends to "
-                                    f"the last {w} tokens only, the trainer to the whole row (no sliding window "
-                                    f"here); set data.seq_length <= {w}")
+    why = ("" if m.family == "gemma3" else
+           f" (model.sliding_window={m.sliding_window} < data.seq_length={cfg.data.seq_length}: the window applies)")
+    _require(cp == 1 or not have_transformer_engine(), f"parallel.cp={cp} with model.family={m.family} under "
+             f"Transformer Engine is not supported{why}: TE's context parallelism (p2p) has no sliding-window "
+             "attention; use parallel.cp=1")
 
 
 def _check_model(m) -> None:

@@ -74,6 +74,10 @@ def transformer_config(cfg: Config, groups: ParallelGroups):
         from bft_megatron.model.gemma3 import gemma3_config_kwargs
 
         kwargs.update(gemma3_config_kwargs(m))
+    elif m.window_binds(cfg.data.seq_length):
+        # Mistral / Phi3: every layer sees the last W keys (HF: i-W < j <= i; megatron/TE: inclusive (W-1, 0)). Set
+        # only where a sample can outgrow it: below, the window changes nothing and TE keeps its causal kernels.
+        kwargs.update(window_size=(m.sliding_window - 1, 0), window_attn_skip_freq=None)
     return TransformerConfig(**kwargs)
 
 
