@@ -130,12 +130,12 @@ def test_inconsistent_gemma3_fields_are_config_errors(overrides, message):
         validate(load_config(None, TINY + overrides), world_size=1, require_te=False)
 
 
-def test_rows_longer_than_the_window_validate_for_gemma3_only():
-    """Gemma 3 applies its window (seq 32 over a window of 8); Mistral still needs the rows inside it."""
+def test_rows_longer_than_the_window_validate():
+    """Gemma 3 applies its window (seq 32 over a window of 8), and so does Mistral now (every layer; its own test in
+    test_model_mistral)."""
     validate(load_config(None, TINY + GEMMA), world_size=1, require_te=False)
-    with pytest.raises(ValueError, match="data.seq_length=32 exceeds model.sliding_window=8"):
-        validate(load_config(None, TINY + ["model.family=mistral", "model.sliding_window=8"]), world_size=1,
-                 require_te=False)
+    validate(load_config(None, TINY + ["model.family=mistral", "model.sliding_window=8"]), world_size=1,
+             require_te=False)
 
 
 def test_context_parallelism_is_refused_under_transformer_engine(monkeypatch):
