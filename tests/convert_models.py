@@ -51,6 +51,20 @@ CASES = {
     # Phi-3-mini-4k-like: MHA, tied (review: a tied Phi3), a window (2047 there; 64 > the test's rows here)
     "phi3_tied": ("phi3", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=4, sliding_window=64,
                                tie_word_embeddings=True, pad_token_id=None), torch.float32),
+    # YaRN (Qwen2.5 / Qwen3 long context: factor 4 over 32768; here 4 x 64 = max_position_embeddings 256, as
+    # transformers expects): a short original length so that the tiny head_dim has interpolated, ramped and kept
+    # frequencies; the attention factor 0.1 ln 4 + 1 scales the scores
+    "qwen2_yarn": ("qwen2", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=True, rope_theta=10000.0,
+                                 rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                               "original_max_position_embeddings": 64}), torch.float32),
+    # YaRN with every optional key: beta bounds, an mscale ratio (DeepSeek-style attention factor), no truncation
+    "qwen3_yarn": ("qwen3", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                 tie_word_embeddings=False, rope_theta=1000000.0,
+                                 rope_scaling={"rope_type": "yarn", "factor": 8.0,
+                                               "original_max_position_embeddings": 32, "beta_fast": 16.0,
+                                               "beta_slow": 2.0, "mscale": 1.5, "mscale_all_dim": 0.5,
+                                               "truncate": False}), torch.float32),
     # Windows narrower than the test's rows (4 < 9-11 tokens): the trainer applies them in every layer (BioMistral's
     # 4096 and Phi-3-mini-4k's 2047 at longer data.seq_length)
     "mistral_window": ("mistral", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=2, head_dim=24,

@@ -120,7 +120,7 @@ def test_a_periodic_layer_types_list_gives_its_pattern():
     (GEMMA + ["model.sliding_window_pattern=0"], "model.sliding_window_pattern must be > 0 .* got 0"),
     (GEMMA + ["model.rope_linear_factor=-1"], "model.rope_linear_factor must be > 0 or null"),
     (GEMMA + ["model.sliding_window=null"], "model.sliding_window=null with model.family=gemma3"),
-    (GEMMA + ["model.rope_scaling.factor=8.0"], r"model.rope_scaling \(llama3\) is set with model.family=gemma3"),
+    (GEMMA + ["model.rope_scaling.factor=8.0"], r"model.rope_scaling \(llama3/yarn\) is set with model.family=gemma3"),
     (GEMMA + ["train.te_op_fuser=true"], "train.te_op_fuser=true with model.family=gemma3"),
     (["model.sliding_window_pattern=6"], "model.sliding_window_pattern=6 with model.family=llama: only Gemma 3"),
     (["model.family=mistral", "model.query_pre_attn_scalar=16"], "model.query_pre_attn_scalar=16.0 with model.family"),

@@ -1,7 +1,7 @@
 """Mistral (``MistralForCausalLM``: Mistral-7B v0.1-v0.3, BioMistral, Mistral-Nemo): its config.json, the sliding
-window (applied when rows exceed it; logits in test_model_window_logits), the checkpoint architecture check and the synthesised
-export config. Logits against transformers at TP1/TP2/PP2 and the bit-identical export round trip are in
-test_convert_e2e (case ``mistral_untied``)."""
+window (applied when rows exceed it; logits in test_model_window_logits), the checkpoint architecture check and the
+synthesised export config. Logits against transformers at TP1/TP2/PP2 and the bit-identical export round trip are
+in test_convert_e2e (case ``mistral_untied``)."""
 
 from __future__ import annotations
 

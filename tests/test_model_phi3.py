@@ -89,7 +89,7 @@ def test_a_partial_rotary_factor_of_one_and_bias_keys_are_the_llama_function():
     (PHI3 + ["model.qk_norm=true"], "model.qk_norm=true with model.family=phi3"),
     (PHI3 + ["model.rope_scaling.factor=8.0", "model.rope_scaling.low_freq_factor=1.0",
              "model.rope_scaling.high_freq_factor=4.0", "model.rope_scaling.original_max_position_embeddings=32"],
-     "model.rope_scaling is set with model.family=phi3: HF Phi3 has no llama3 rope scaling"),
+     "model.rope_scaling is set with model.family=phi3: HF Phi3 has no llama3 or yarn rope scaling"),
     (PHI3 + ["model.sliding_window=0"], "model.sliding_window=0 with model.family=phi3"),
 ])
 def test_inconsistent_phi3_fields_are_config_errors(overrides, message):

@@ -25,14 +25,16 @@ _WINDOW_DEFAULT = {"mistral": 4096, "phi3": None}
 _NORM_EPS_DEFAULT = {"phi3": 1e-5}
 
 
-def _rope_scaling(raw):
+def _rope_scaling(raw, max_positions: int | None = None):
     from bft_megatron.config.schema import RopeScaling
 
     if not raw:
         return None
     kind = raw.get("rope_type", raw.get("type"))
+    if kind == "yarn":
+        return _yarn_scaling(raw, max_positions)
     if kind != "llama3":
-        raise ConfigError(f"model.rope_scaling: only rope_type 'llama3' is supported, got {kind!r}")
+        raise ConfigError(f"model.rope_scaling: only rope_type 'llama3' and 'yarn' are supported, got {kind!r}")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     missing = [k for k in keys if raw.get(k) is None]
     if missing:  # a KeyError / TypeError from float(None) before
@@ -41,6 +43,27 @@ def _rope_scaling(raw):
     return RopeScaling(factor=float(raw["factor"]), low_freq_factor=float(raw["low_freq_factor"]),
                        high_freq_factor=float(raw["high_freq_factor"]),
                        original_max_position_embeddings=int(raw["original_max_position_embeddings"]))
+
+
+def _yarn_scaling(raw: dict, max_positions: int | None):
+    """HF's YaRN parameters (``_compute_yarn_parameters``): a null ``factor`` is max_position_embeddings over the
+    original length, as there; the optional keys keep HF's defaults."""
+    from bft_megatron.config.schema import RopeScaling
+
+    original = raw.get("original_max_position_embeddings")
+    if original is None:
+        raise ConfigError("model.from_hf: config.json's yarn rope_scaling has no original_max_position_embeddings "
+                          "(or it is null): YaRN needs the pre-training context length")
+    factor = raw.get("factor")
+    if factor is None and max_positions:
+        factor = max_positions / int(original)
+    if factor is None:
+        raise ConfigError("model.from_hf: config.json's yarn rope_scaling has no factor (and no "
+                          "max_position_embeddings to derive it from)")
+    optional = {k: float(raw[k]) for k in ("mscale", "mscale_all_dim", "attention_factor") if raw.get(k) is not None}
+    return RopeScaling(rope_type="yarn", factor=float(factor), original_max_position_embeddings=int(original),
+                       beta_fast=float(raw.get("beta_fast") or 32.0), beta_slow=float(raw.get("beta_slow") or 1.0),
+                       truncate=bool(raw.get("truncate", True)), **optional)
 
 
 def legacy_rope_keys(hf: dict) -> dict:
@@ -158,7 +181,7 @@ def model_fields_from_hf(hf: dict) -> dict:
         "vocab_size": int(_required(hf, "vocab_size")),
         "max_position_embeddings": int(_optional(hf, "max_position_embeddings", 4096)),
         "rope_theta": float(_optional(hf, "rope_theta", 10000.0)),
-        "rope_scaling": _rope_scaling(hf.get("rope_scaling")),
+        "rope_scaling": _rope_scaling(hf.get("rope_scaling"), hf.get("max_position_embeddings")),
         "norm_epsilon": float(_optional(hf, "rms_norm_eps", _NORM_EPS_DEFAULT.get(family, 1e-6))),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "qkv_bias": family == "qwen2",  # Llama with attention_bias is refused above

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,12 +22,34 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 @dataclass
 class RopeScaling:
-    """Llama-3.x ``rope_scaling`` (``rope_type: llama3``)."""
+    """HF ``rope_scaling``: Llama-3.x's ``llama3`` (the defaults: Llama-3.1's values) or YaRN (``yarn``: Qwen2.5 /
+    Qwen3 long context; ``factor`` and ``original_max_position_embeddings`` are then the model's own)."""
 
+    rope_type: Literal["llama3", "yarn"] = "llama3"
     factor: float = 8.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
+    low_freq_factor: float = 1.0   # llama3 only
+    high_freq_factor: float = 4.0  # llama3 only
     original_max_position_embeddings: int = 8192
+    # yarn only (HF's names and defaults): the correction range's rotation bounds, and the attention factor that
+    # scales cos/sin (null: 0.1 ln(factor) + 1, or the mscale / mscale_all_dim ratio when both are set)
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True  # floor/ceil the correction range (HF's default; false: gpt-oss)
+
+    def yarn_attention_factor(self) -> float:
+        """The factor HF multiplies YaRN's cos and sin by (``_compute_yarn_parameters``)."""
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+
+        def get_mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        if self.mscale and self.mscale_all_dim:
+            return get_mscale(self.factor, self.mscale) / get_mscale(self.factor, self.mscale_all_dim)
+        return get_mscale(self.factor)
 
 
 @dataclass

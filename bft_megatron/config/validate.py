@@ -84,7 +84,7 @@ def _check_model(m) -> None:
     _check_gemma3(m)
     # Phi3Config knows only longrope scaling (not implemented here): a llama3 one would not load in transformers
     _require(m.family != "phi3" or m.rope_scaling is None, "model.rope_scaling is set with model.family=phi3: HF "
-             "Phi3 has no llama3 rope scaling (and longrope is not supported here); leave it null")
+             "Phi3 has no llama3 or yarn rope scaling (and longrope is not supported here); leave it null")
     head_norms = m.family in ("qwen3", "gemma3")
     _require(head_norms == m.qk_norm, f"model.qk_norm={str(m.qk_norm).lower()} with model.family="
              f"{m.family}: of the exported architectures only Qwen3 and Gemma3 normalise query and key heads (q_norm, "
@@ -95,7 +95,9 @@ def _check_model(m) -> None:
     # make every weight of a from-scratch model zero, and with them every gradient: it could never train.
     _require(m.init_method_std > 0, f"model.init_method_std must be > 0, got {m.init_method_std}")
     rs = m.rope_scaling
-    if rs is not None:
+    if rs is not None and rs.rope_type == "yarn":
+        _check_yarn(rs)
+    elif rs is not None:
         _require(rs.factor > 0, f"model.rope_scaling.factor must be > 0, got {rs.factor}")
         _require(rs.high_freq_factor > rs.low_freq_factor > 0,
                  f"model.rope_scaling needs high_freq_factor > low_freq_factor > 0, got "
@@ -104,6 +106,19 @@ def _check_model(m) -> None:
         # low and is divided by factor, a silently different model.
         _require(rs.original_max_position_embeddings >= 1, "model.rope_scaling.original_max_position_embeddings "
                  f"must be >= 1, got {rs.original_max_position_embeddings}")
+
+
+def _check_yarn(rs) -> None:
+    """YaRN's ranges as HF validates them (``_validate_yarn_parameters``), as errors: a factor below 1 would shrink
+    the context, a correction range with beta_fast <= beta_slow is empty."""
+    _require(rs.factor >= 1, f"model.rope_scaling.factor must be >= 1 for rope_type yarn, got {rs.factor}")
+    _require(rs.original_max_position_embeddings >= 1, "model.rope_scaling.original_max_position_embeddings must be "
+             f">= 1, got {rs.original_max_position_embeddings}")
+    _require(rs.beta_fast > rs.beta_slow > 0, f"model.rope_scaling needs beta_fast > beta_slow > 0 for rope_type "
+             f"yarn, got {rs.beta_fast} and {rs.beta_slow}")
+    for name in ("mscale", "mscale_all_dim", "attention_factor"):
+        value = getattr(rs, name)
+        _require(value is None or value > 0, f"model.rope_scaling.{name} must be > 0 or null, got {value}")
 
 
 _GEMMA3_FIELDS = ("sliding_window_pattern", "rope_local_theta", "rope_linear_factor", "query_pre_attn_scalar")
@@ -122,7 +137,7 @@ def _check_gemma3(m) -> None:
                  "(model.from_hf fills it from config.json)")
     _require(m.rope_linear_factor is None or m.rope_linear_factor > 0,
              f"model.rope_linear_factor must be > 0 or null (no scaling), got {m.rope_linear_factor}")
-    _require(m.rope_scaling is None, "model.rope_scaling (llama3) is set with model.family=gemma3: Gemma 3 scales "
+    _require(m.rope_scaling is None, "model.rope_scaling (llama3/yarn) is set with model.family=gemma3: Gemma 3 scales "
              "its global layers' RoPE linearly (model.rope_linear_factor); leave model.rope_scaling null")
     slides = m.sliding_window_pattern <= m.num_layers
     _require(m.sliding_window is not None or not slides, f"model.sliding_window=null with model.family=gemma3 and "

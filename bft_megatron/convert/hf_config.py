@@ -59,7 +59,15 @@ def _template_config(sources: ExportSources, m: ModelConfig) -> tuple[dict | Non
         return legacy_rope_keys(json.load(fh)), True
 
 
-def _llama3_rope_scaling(rs) -> dict:
+def _rope_scaling(rs) -> dict:
+    """HF's ``rope_scaling`` of ``rs`` (llama3 or yarn; yarn's optional keys only where set, as HF reads them)."""
+    if rs.rope_type == "yarn":
+        out = {"rope_type": "yarn", "factor": rs.factor,
+               "original_max_position_embeddings": rs.original_max_position_embeddings,
+               "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow}
+        out.update({k: getattr(rs, k) for k in ("mscale", "mscale_all_dim", "attention_factor")
+                    if getattr(rs, k) is not None})
+        return out if rs.truncate else {**out, "truncate": False}
     return {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
             "high_freq_factor": rs.high_freq_factor,
             "original_max_position_embeddings": rs.original_max_position_embeddings}
@@ -107,7 +115,7 @@ def _synthesised_config(m: ModelConfig) -> dict:
                   rms_norm_eps=m.norm_epsilon, tie_word_embeddings=m.tie_embeddings, rope_theta=m.rope_theta,
                   head_dim=m.kv_channels)
     if m.rope_scaling is not None:
-        kwargs["rope_scaling"] = _llama3_rope_scaling(m.rope_scaling)
+        kwargs["rope_scaling"] = _rope_scaling(m.rope_scaling)
     if m.family == "qwen3":
         cfg = Qwen3Config(attention_bias=False, **kwargs)
         cfg.architectures = ["Qwen3ForCausalLM"]
@@ -135,7 +143,7 @@ def _synthesised_config(m: ModelConfig) -> dict:
     # 4.x form).
     config["rope_theta"] = m.rope_theta
     if m.rope_scaling is not None:  # built afresh: transformers adds rope_theta into the dict it was given
-        config["rope_scaling"] = _llama3_rope_scaling(m.rope_scaling)
+        config["rope_scaling"] = _rope_scaling(m.rope_scaling)
     return config
 
 

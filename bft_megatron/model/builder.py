@@ -8,11 +8,13 @@ of pipeline rank ``r`` holds the embedding iff ``r == 0 and i == 0`` and the out
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from bft_megatron.config.schema import Config, padded_vocab_size
-from bft_megatron.model.layers import llama3_inv_freq
+from bft_megatron.model.layers import llama3_inv_freq, yarn_inv_freq
 from bft_megatron.model.spec import block_spec, have_te
 from bft_megatron.model.wgrad import fuse_embedding_wgrad, output_layer_without_apex, unfuse_output_layer
 from bft_megatron.parallel.bootstrap import ParallelGroups
@@ -78,16 +80,25 @@ def transformer_config(cfg: Config, groups: ParallelGroups):
         # Mistral / Phi3: every layer sees the last W keys (HF: i-W < j <= i; megatron/TE: inclusive (W-1, 0)). Set
         # only where a sample can outgrow it: below, the window changes nothing and TE keeps its causal kernels.
         kwargs.update(window_size=(m.sliding_window - 1, 0), window_attn_skip_freq=None)
+    if m.rope_scaling is not None and m.rope_scaling.rope_type == "yarn":
+        # HF multiplies YaRN's cos and sin by the attention factor a: queries and keys both scaled by a, so the
+        # scores by a^2, which is this softmax scale (the same in TE's fused RoPE and attention, THD and CP)
+        kwargs["softmax_scale"] = m.rope_scaling.yarn_attention_factor() ** 2 / math.sqrt(m.kv_channels)
     return TransformerConfig(**kwargs)
 
 
-def _install_llama3_rope(model, cfg: Config) -> None:
+def _install_rope_scaling(model, cfg: Config) -> None:
+    """llama3 / YaRN inverse frequencies on the chunk's rotary embedding (megatron 0.16 knows only llama3's factor)."""
     rs = cfg.model.rope_scaling
     if rs is None or not hasattr(model, "rotary_pos_emb"):
         return
     emb, m = model.rotary_pos_emb, cfg.model
-    inv = llama3_inv_freq(m.kv_channels, m.rope_theta, rs.factor, rs.low_freq_factor, rs.high_freq_factor,
-                          rs.original_max_position_embeddings)
+    if rs.rope_type == "yarn":
+        inv = yarn_inv_freq(m.kv_channels, m.rope_theta, rs.factor, rs.original_max_position_embeddings,
+                            rs.beta_fast, rs.beta_slow, rs.truncate)
+    else:
+        inv = llama3_inv_freq(m.kv_channels, m.rope_theta, rs.factor, rs.low_freq_factor, rs.high_freq_factor,
+                              rs.original_max_position_embeddings)
     emb.inv_freq = inv.to(emb.inv_freq.device)
 
 
@@ -104,7 +115,7 @@ def _build_chunk(cfg: Config, groups: ParallelGroups, tconfig, vp_stage: int | N
         unfuse_output_layer(model)
     if cfg.train.gradient_accumulation_fusion:
         fuse_embedding_wgrad(model)  # pure torch: on CPU too
-    _install_llama3_rope(model, cfg)
+    _install_rope_scaling(model, cfg)
     if cfg.model.family == "gemma3":
         from bft_megatron.model.gemma3 import install_gemma3
 
@@ -123,7 +134,7 @@ def _gpt_model(cfg: Config, tconfig, spec, groups: ParallelGroups, vp_stage, pre
         pre_process=pre, post_process=post, parallel_output=True,
         share_embeddings_and_output_weights=m.tie_embeddings, position_embedding_type="rope",
         # float, as HF: megatron only computes rotary_base ** (2i / d), and int() would truncate e.g. 1e4 + 0.5
-        rotary_base=m.rope_theta, rope_scaling=m.rope_scaling is not None,
+        rotary_base=m.rope_theta, rope_scaling=m.rope_scaling is not None and m.rope_scaling.rope_type == "llama3",
         rope_scaling_factor=m.rope_scaling.factor if m.rope_scaling else 8.0,
         pg_collection=groups.pg_collection, vp_stage=vp_stage,
     )

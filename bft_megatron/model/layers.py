@@ -8,9 +8,11 @@ that must be all-reduced over TP. ``finalize_model_grads`` does that for every p
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["RMSNorm", "llama3_inv_freq"]
+__all__ = ["RMSNorm", "llama3_inv_freq", "yarn_inv_freq"]
 
 
 class RMSNorm(torch.nn.Module):
@@ -54,3 +56,24 @@ def llama3_inv_freq(head_dim: int, theta: float, factor: float, low_freq_factor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
+
+
+def yarn_inv_freq(head_dim: int, theta: float, factor: float, original_max_position_embeddings: int,
+                  beta_fast: float = 32.0, beta_slow: float = 1.0, truncate: bool = True) -> torch.Tensor:
+    """YaRN's inverse frequencies ``[head_dim/2]`` (HF ``rope_type: yarn``, ``_compute_yarn_parameters``): the
+    high-frequency dimensions (more than ``beta_fast`` rotations over the original context) keep theirs, the
+    low-frequency ones (fewer than ``beta_slow``) are interpolated by ``factor``, a linear ramp in between.
+    The attention factor HF multiplies cos and sin by is applied as a softmax scale (model/builder.py)."""
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # HF's guard against a zero-width ramp
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # 1: keep the original frequency
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
