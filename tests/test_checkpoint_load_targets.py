@@ -25,7 +25,8 @@ CASES = {  # name -> (what the directory holds, field, expected message)
                                                r"\(iter_0000002\), or remove it"),
     "save_latest_empty": ("latest5_empty", "save", r"checkpoint.save={d}: its 'latest' names iter_0000005, which "
                                                    r"holds no megatron checkpoint \(no readable metadata.json "
-                                                   r"or no common.pt"),
+                                                   r"or no common state, common.pt or the torch_dist "
+                                                   r"checkpoint.s common_state"),
     "load_latest_missing": ("latest5", "load", r"checkpoint.load={d}: its 'latest' names iter_0000005, which does "
                                                r"not exist"),
     "load_iter_empty": ("latest5_empty", "load_iter", r"checkpoint.load={d}/iter_0000005 holds no megatron "
@@ -222,3 +223,29 @@ def test_a_load_the_runs_own_latest_overrides_is_said(tmp_path, log_records):
     assert f"To go back to iter_0000002, write its name into {d}/latest" in said[0][1]
     assert said[1][0] == logging.INFO and f"checkpoint.load={pretrained} is not read: resuming this run's" in said[1][1]
     assert len(said) == 2
+
+
+def test_a_checkpoint_with_its_common_state_inside_the_torch_dist_files_is_complete(tmp_path):
+    """megatron-core 0.19 writes no common.pt: the common state is the ShardedObject "common_state" of the torch_dist
+    checkpoint, listed in its .metadata. Such checkpoints were refused as incomplete (every resume and --eval-only
+    on 0.19.2 failed with "holds no megatron checkpoint")."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+
+    from bft_megatron.checkpoint.pointer import load_problem
+
+    def checkpoint(name: str, keys: list[str]) -> str:
+        path = str(tmp_path / name)
+        os.makedirs(path)
+        save_config(CheckpointingConfig("torch_dist"), path)  # metadata.json
+        dcp.save({k: torch.zeros(2) for k in keys}, storage_writer=dcp.FileSystemWriter(path), no_dist=True)
+        return path
+
+    new = checkpoint("iter_0000003", ["common_state/shard_0_1", "decoder.weight"])
+    assert load_problem("checkpoint.load", new, new) is None
+    weights = checkpoint("iter_0000004", ["decoder.weight"])  # a torch_dist save with no common state at all
+    assert "holds no megatron checkpoint" in load_problem("checkpoint.load", weights, weights)
+    cut = checkpoint("iter_0000005", ["common_state/shard_0_1"])
+    (tmp_path / "iter_0000005" / ".metadata").write_bytes(b"\x80\x04cut")  # a save killed while writing .metadata
+    assert "holds no megatron checkpoint" in load_problem("checkpoint.load", cut, cut)

@@ -32,9 +32,11 @@ LATEST = "latest"
 # HF files (config.json, tokenizer, chat template) beside the weights: in an import's run directory, and in each
 # trainer checkpoint's iter_ directory.
 HF_SUBDIR = "hf"
-# What megatron's torch_dist save always writes beside metadata.json (rank 0's common state: config, iteration);
+# Where megatron-core <= 0.18's torch_dist save writes rank 0's common state (config, iteration) beside metadata.json;
 # without it megatron's load_common_state_dict fails with an AttributeError on a str path (megatron-core 0.16).
+# megatron-core 0.19 keeps it inside the torch_dist checkpoint instead, as the ShardedObject "common_state".
 _COMMON = "common.pt"
+_COMMON_OBJECT = "common_state/"
 _ITER_RE = re.compile(r"^iter_(\d{7,})$")
 _log = get_logger(__name__)
 
@@ -75,8 +77,8 @@ def load_problem(field: str, value: str, path: str) -> str | None:
     elif not os.path.isdir(path):
         why = "is not a directory"
     elif not _complete(path):
-        why = (f"holds no megatron checkpoint (no readable metadata.json or no {_COMMON}: empty, or a save that "
-               "never finished)")
+        why = (f"holds no megatron checkpoint (no readable metadata.json or no common state, {_COMMON} or the "
+               "torch_dist checkpoint's common_state: empty, or a save that never finished)")
     else:
         return None
     if os.path.normpath(path) == os.path.normpath(value):
@@ -113,7 +115,21 @@ def in_run_dir(ckpt_dir: str, run_dir: str) -> bool:
 
 
 def _complete(path: str) -> bool:
-    return _readable_marker(path) and os.path.isfile(os.path.join(path, _COMMON))
+    return _readable_marker(path) and _has_common_state(path)
+
+
+def _has_common_state(path: str) -> bool:
+    """The checkpoint's common state is there: ``common.pt`` (megatron-core <= 0.18), or in the torch_dist metadata
+    (0.19: ``.metadata``, which torch's distributed checkpoint writes last, lists the ``common_state`` object)."""
+    if os.path.isfile(os.path.join(path, _COMMON)):
+        return True
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        keys = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception:  # noqa: BLE001 - a missing, cut or foreign .metadata (pickle) means: not a complete checkpoint
+        return False
+    return any(key.startswith(_COMMON_OBJECT) for key in keys)
 
 
 def require_loadable(field: str, value: str, path: str) -> None:
