@@ -262,7 +262,7 @@ def test_the_te_layer_spec_gets_gemma3s_modules(monkeypatch):
     from megatron.core.extensions import transformer_engine as te
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from bft_megatron.model.gemma3 import Gemma3SelfAttention, gemma3_layer_spec
+    from bft_megatron.model.gemma3 import Gemma3SelfAttention, gemma3_layer_spec, mlp_submodules
 
     class FakeRow:
         def __init__(self, input_size, output_size, *, config, **kwargs):
@@ -275,7 +275,7 @@ def test_the_te_layer_spec_gets_gemma3s_modules(monkeypatch):
     assert attn.module is Gemma3SelfAttention
     proj = attn.submodules.linear_proj(16, 8, config=SimpleNamespace(layernorm_epsilon=1e-6))
     assert isinstance(proj, FakeRow) and proj.post_layernorm.hidden_size == 8
-    assert layer.submodules.mlp.submodules.linear_fc2 is attn.submodules.linear_proj
+    assert mlp_submodules(layer).linear_fc2 is attn.submodules.linear_proj
 
 
 @pytest.mark.parametrize("conv", [CONV, CONV_NO_SYSTEM], ids=["system", "nosystem"])

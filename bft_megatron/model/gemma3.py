@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -32,7 +33,7 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.utils import is_layer_window_attention
 
 __all__ = ["gelu_tanh", "gemma3_config_kwargs", "post_norm_linear", "Gemma3SelfAttention",
-           "Gemma3RotaryEmbedding", "install_gemma3", "gemma3_layer_spec"]
+           "Gemma3RotaryEmbedding", "install_gemma3", "gemma3_layer_spec", "mlp_submodules"]
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -135,5 +136,12 @@ def gemma3_layer_spec(layer, use_te: bool, norm_cls):
     layer.submodules.self_attention.module = Gemma3SelfAttention
     post_linear = post_norm_linear(Row, norm_cls)
     layer.submodules.self_attention.submodules.linear_proj = post_linear
-    layer.submodules.mlp.submodules.linear_fc2 = post_linear
+    mlp_submodules(layer).linear_fc2 = post_linear
     return layer
+
+
+def mlp_submodules(layer):
+    """The ``MLPSubmodules`` of a layer spec's MLP: a ``ModuleSpec``'s ``submodules`` (megatron-core <= 0.18) or the
+    ``submodules=`` keyword of the ``functools.partial(MLP.as_mlp_submodule, ...)`` that 0.19 builds instead."""
+    mlp = layer.submodules.mlp
+    return mlp.keywords["submodules"] if isinstance(mlp, functools.partial) else mlp.submodules
