@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from bft_megatron.training.batch import StepData
-from bft_megatron.training.eval_samples import COLUMNS, first_samples, local_sample_rows, write_sample_lines
+from bft_megatron.training.eval_samples import (COLUMNS, first_samples, host_statistics, local_sample_rows,
+                                                write_sample_lines)
 from bft_megatron.training.synthetic import SyntheticChatDataset
 
 
@@ -45,7 +46,7 @@ def _sink_entry(origins, tokens, seed=0):
     stats = {"tokens": tokens, "nll_sum": tokens * 2.0, "lm_loss": torch.where(present, 2.0, nan),
              "p_conf": torch.where(present, p, nan), "sample_weight": torch.where(present, 1 - p, nan),
              "short": present & (tokens < 4)}
-    return torch.tensor(origins), stats
+    return torch.tensor(origins), host_statistics(stats)
 
 
 def test_writer_sorts_by_index_writes_each_sample_once_and_nulls_for_empty_samples(tmp_path):
@@ -65,7 +66,7 @@ def test_writer_sorts_by_index_writes_each_sample_once_and_nulls_for_empty_sampl
     assert lines[0] == {"index": 1, "sample_id": 11, "tokens": 0, "lm_loss": None, "p_conf": None,
                         "sample_weight": None, "short": None}
     assert lines[1]["short"] is True and lines[2]["short"] is False and lines[1]["lm_loss"] == 2.0
-    assert lines[2]["p_conf"] == float(sink[1][1]["p_conf"][2])
+    assert lines[2]["p_conf"] == float(sink[1][1][COLUMNS.index("p_conf") - 3][2])
     assert lines[2]["sample_weight"] == pytest.approx(1 - lines[2]["p_conf"], abs=1e-15)
 
 
@@ -73,3 +74,17 @@ def test_first_samples_counts_rows_without_row_offsets():
     ds = SyntheticChatDataset(5, 64, 50, packed=True, seed=4)
     assert first_samples(ds).tolist() == np.concatenate([[0], np.cumsum([len(ds[r].seqlens) for r in range(5)])]
                                                         ).tolist()
+
+
+def test_a_non_finite_statistic_is_written_as_null(tmp_path):
+    """A supervised sample whose loss overflowed: bare NaN/Infinity is not JSON (jq refuses the file)."""
+    origins, stats = _sink_entry([[0, 0, 7], [0, 1, 8]], [4, 4])
+    stats[COLUMNS.index("lm_loss") - 3, 0] = float("inf")
+    stats[COLUMNS.index("p_conf") - 3, 1] = float("nan")
+    rows = local_sample_rows([(origins, stats)], SimpleNamespace(is_last_pp_stage=True, tp_rank=0, cp_rank=0))
+    path = tmp_path / "s.jsonl"
+    write_sample_lines(rows, SimpleNamespace(row_offsets=np.array([0, 2])), str(path))
+    assert "NaN" not in path.read_text() and "Infinity" not in path.read_text()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert (lines[0]["lm_loss"], lines[1]["p_conf"]) == (None, None) and lines[0]["tokens"] == 4
+    assert lines[0]["p_conf"] is not None and lines[1]["lm_loss"] == 2.0

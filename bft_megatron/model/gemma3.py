@@ -112,7 +112,9 @@ class _EmbeddingScale:
         self.scale = torch.tensor(math.sqrt(hidden_size))  # fp32, as HF's buffer
 
     def __call__(self, module, inputs, output):
-        return output * self.scale.to(device=output.device, dtype=output.dtype)
+        # the 0-dim scale stays on the host: a CUDA kernel takes it as a scalar, while .to(output.device) was a
+        # blocking host-to-device copy (a stream sync) on every micro-batch
+        return output * self.scale.to(dtype=output.dtype)
 
 
 def install_gemma3(model, m) -> None:

@@ -20,13 +20,17 @@ from __future__ import annotations
 
 import json
 
+import math
+
 import numpy as np
+import torch
 import torch.distributed as dist
 
 from bft_megatron.utils.files import atomic_write_text
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["local_sample_rows", "gather_sample_rows", "write_sample_lines", "first_samples", "COLUMNS"]
+__all__ = ["host_statistics", "local_sample_rows", "gather_sample_rows", "write_sample_lines", "first_samples",
+           "COLUMNS"]
 
 _log = get_logger(__name__)
 
@@ -34,15 +38,28 @@ _log = get_logger(__name__)
 COLUMNS = ("row", "position", "sample_id", "tokens", "nll_sum", "lm_loss", "p_conf", "sample_weight", "short")
 
 
+def host_statistics(stats: dict) -> torch.Tensor:
+    """``[len(COLUMNS) - 3, S]`` float64 host copy of one micro-batch's :func:`~bft_megatron.loss.sample_statistics`
+    (``COLUMNS[3:]``): one stacked tensor, copied without blocking into pinned memory on CUDA (the evaluation keeps
+    launching; :func:`local_sample_rows` synchronises once), so nothing piles up in device memory."""
+    stacked = torch.stack([stats[k].double() for k in COLUMNS[3:]])
+    if not stacked.is_cuda:
+        return stacked
+    host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+    return host.copy_(stacked, non_blocking=True)
+
+
 def local_sample_rows(sink: list, groups) -> np.ndarray:
     """This rank's ``[K, len(COLUMNS)]`` float64 statistics of real samples from ``sink`` (the evaluation's
-    ``(origins, statistics)`` per micro-batch); empty where another rank reports the same samples."""
+    ``(origins, host_statistics)`` per micro-batch); empty where another rank reports the same samples."""
     reports = groups.is_last_pp_stage and groups.tp_rank == 0 and groups.cp_rank == 0
+    if reports and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # the non-blocking copies of host_statistics have landed
     parts = []
     for origins, stats in (sink if reports else []):
         if origins is None:
             raise ValueError("--eval-samples: a micro-batch without sample origins (MicroBatch.origins)")
-        cols = [origins[:, 0], origins[:, 1], origins[:, 2]] + [stats[k].cpu() for k in COLUMNS[3:]]
+        cols = [origins[:, 0], origins[:, 1], origins[:, 2], *stats]
         block = np.stack([c.double().numpy() for c in cols], axis=1)
         parts.append(block[origins[:, 0].numpy() >= 0])  # -1: a padding row or the packed filler segment
     return np.concatenate(parts) if parts else np.zeros((0, len(COLUMNS)))
@@ -71,9 +88,10 @@ def _line(index: int, values: np.ndarray) -> str:
     tokens = int(values[COLUMNS.index("tokens")])
     fields = {"index": index, "sample_id": int(values[COLUMNS.index("sample_id")]), "tokens": tokens}
     for name in ("lm_loss", "p_conf", "sample_weight"):
-        fields[name] = float(values[COLUMNS.index(name)]) if tokens else None
+        value = float(values[COLUMNS.index(name)])
+        fields[name] = value if tokens and math.isfinite(value) else None  # JSON has no NaN/Infinity (jq refuses)
     fields["short"] = bool(values[COLUMNS.index("short")]) if tokens else None
-    return json.dumps(fields)
+    return json.dumps(fields, allow_nan=False)
 
 
 def write_sample_lines(rows: np.ndarray, dataset, path: str) -> int:

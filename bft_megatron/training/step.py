@@ -38,8 +38,9 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
     ``loss.compile`` runs BFT's weight math through ``torch.compile``. ``vocab_size`` (the model's, unpadded)
     leaves megatron's vocabulary padding out of the softmax: the loss is the HF model's at any padding.
     ``loss_scale`` (training; 0-dim fp32): multiplies the returned loss, not the metrics. ``sample_sink``
-    (``--eval-samples``): a list that gets ``(batch.origins, sample_statistics(...))`` of this micro-batch
-    (:func:`bft_megatron.loss.sample_statistics` with the loss config's BFT settings, whatever its method).
+    (``--eval-samples``): a list that gets ``(batch.origins, host_statistics(sample_statistics(...)))`` of this
+    micro-batch (:func:`bft_megatron.loss.sample_statistics` with the loss config's BFT settings, whatever its
+    method).
     """
     # GPTModel (labels=None) returns logits [b, s, V/TP]; padding labels are masked below.
     labels = batch.labels.reshape(output_tensor.shape[:-1])
@@ -56,9 +57,11 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
         compile_backend=loss_compile_backend(loss_cfg),
     )
     if sample_sink is not None:
-        sample_sink.append((batch.origins, sample_statistics(
+        from bft_megatron.training.eval_samples import host_statistics
+
+        sample_sink.append((batch.origins, host_statistics(sample_statistics(
             nll, mask, variant=loss_cfg.variant, group_size=loss_cfg.group_size, gamma=loss_cfg.gamma,
-            eps=loss_cfg.eps, cu_seqlens=batch.cu_seqlens, cp_group=cp_group)))
+            eps=loss_cfg.eps, cu_seqlens=batch.cu_seqlens, cp_group=cp_group))))
     if batch.poison:
         loss_sum = loss_sum * float("nan")
     metrics.add_sum("loss", loss_sum.detach(), num_units)
