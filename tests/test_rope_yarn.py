@@ -45,6 +45,7 @@ def _hf(scaling: dict, theta: float = 1e6, head_dim: int = 16, max_positions: in
     dict(YARN, attention_factor=1.25),
     dict(YARN, factor=1.0),                       # no scaling at all: the original frequencies, factor 1
     {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 32768},  # factor = 131072 / 32768
+    {"rope_type": "yarn", "factor": 4.0},  # original length = max_position_embeddings
 ])
 @pytest.mark.parametrize("theta, head_dim", [(1e6, 16), (1e4, 128)])
 def test_inverse_frequencies_and_attention_factor_equal_transformers(scaling, theta, head_dim):
@@ -64,8 +65,12 @@ def test_config_json_in_both_spellings_reads_the_same():
     new = model_fields_from_hf(dict(v5, rope_parameters=dict(YARN, rope_theta=1e6)))
     assert legacy["rope_scaling"] == new["rope_scaling"] and new["rope_theta"] == 1e6
     assert (legacy["rope_scaling"].rope_type, legacy["rope_scaling"].factor) == ("yarn", 4.0)
+    # no original length: max_position_embeddings, as transformers' standardize_rope_params fills it
+    assert model_fields_from_hf(dict(QWEN25, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+                                )["rope_scaling"].original_max_position_embeddings == 32768
+    no_length = {k: v for k, v in QWEN25.items() if k != "max_position_embeddings"}
     with pytest.raises(ConfigError, match="yarn rope_scaling has no original_max_position_embeddings"):
-        model_fields_from_hf(dict(QWEN25, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+        model_fields_from_hf(dict(no_length, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
     with pytest.raises(ConfigError, match="only rope_type 'llama3' and 'yarn' are supported, got 'dynamic'"):
         model_fields_from_hf(dict(QWEN25, rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
 

@@ -47,13 +47,15 @@ def _rope_scaling(raw, max_positions: int | None = None):
 
 def _yarn_scaling(raw: dict, max_positions: int | None):
     """HF's YaRN parameters (``_compute_yarn_parameters``): a null ``factor`` is max_position_embeddings over the
-    original length, as there; the optional keys keep HF's defaults."""
+    original length, as there; a missing original length is max_position_embeddings (transformers'
+    ``standardize_rope_params``); the optional keys keep HF's defaults."""
     from bft_megatron.config.schema import RopeScaling
 
-    original = raw.get("original_max_position_embeddings")
+    original = raw.get("original_max_position_embeddings") or max_positions
     if original is None:
         raise ConfigError("model.from_hf: config.json's yarn rope_scaling has no original_max_position_embeddings "
-                          "(or it is null): YaRN needs the pre-training context length")
+                          "and config.json no max_position_embeddings (or they are null): YaRN needs the "
+                          "pre-training context length")
     factor = raw.get("factor")
     if factor is None and max_positions:
         factor = max_positions / int(original)
