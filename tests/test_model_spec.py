@@ -126,3 +126,21 @@ def test_gpt_model_gets_the_exact_rope_theta(monkeypatch):
     inv = RotaryEmbedding(16, 1.0, rotary_base=captured["rotary_base"], use_cpu_initialization=True).inv_freq
     want = 1.0 / (12345.75 ** (torch.arange(0, 16, 2, dtype=torch.int64).float() / 16))
     assert torch.allclose(inv, want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("cudnn, flash, dropout, packed, problem", [
+    (90600, None, 0.0, True, None),            # cuDNN's fused attention takes the window on packed rows
+    (90500, None, 0.0, True, "cuDNN 90500 (a window on packed rows needs >= 90600)"),
+    (90500, None, 0.0, False, None),           # padded rows: 9.2 is enough
+    (90100, None, 0.0, False, "cuDNN 90100 (a window on padded rows needs >= 90200)"),
+    (91000, None, 0.1, True, "train.dropout=0.1 (TE's fused attention takes a window only without attention"),
+    (91000, "2.7.4", 0.1, True, None),         # flash-attn takes over
+    (None, "2.2.0", 0.0, True, "no flash-attn >= 2.3 (found 2.2.0)"),
+])
+def test_window_backend_problem_names_what_is_missing(cudnn, flash, dropout, packed, problem):
+    """Review: TE's fused attention has a window only from cuDNN 9.2 (padded) / 9.6 (THD) and without attention
+    dropout; otherwise flash-attn >= 2.3, or the first forward fails (no backend)."""
+    from bft_megatron.model.spec import window_backend_problem
+
+    got = window_backend_problem(cudnn, flash, dropout, packed)
+    assert got is None if problem is None else problem in got

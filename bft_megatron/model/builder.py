@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from bft_megatron.config.schema import Config, padded_vocab_size
 from bft_megatron.model.layers import llama3_inv_freq, yarn_inv_freq
-from bft_megatron.model.spec import block_spec, have_te
+from bft_megatron.model.spec import block_spec, have_te, warn_window_backend
 from bft_megatron.model.wgrad import fuse_embedding_wgrad, output_layer_without_apex, unfuse_output_layer
 from bft_megatron.parallel.bootstrap import ParallelGroups
 
@@ -146,6 +146,8 @@ def build_model_chunks(cfg: Config, groups: ParallelGroups) -> tuple[list[torch.
 
     tconfig = transformer_config(cfg, groups)
     use_te = have_te()
+    if use_te:
+        warn_window_backend(cfg, tconfig)
     stages = list(range(groups.vp_size)) if groups.vp_size else [None]
     chunks = [_build_chunk(cfg, groups, tconfig, vp, use_te) for vp in stages]
     for chunk in chunks:

@@ -7,7 +7,7 @@ import importlib.util
 from bft_megatron.model.layers import RMSNorm
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["have_te", "block_spec"]
+__all__ = ["have_te", "block_spec", "window_backend_problem", "warn_window_backend"]
 
 _log = get_logger(__name__)
 _WARNED = {"local": False}
@@ -65,3 +65,47 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
 
         layer = gemma3_layer_spec(layer, use_te=False, norm_cls=RMSNorm)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
+
+
+# cuDNN releases whose fused attention takes a sliding window (left, 0) with a causal mask (TE 2.x,
+# common/fused_attn/fused_attn.cpp): 9.2 on padded rows, 9.6 on packed (THD) rows.
+_CUDNN_WINDOW = {False: 90200, True: 90600}
+
+
+def window_backend_problem(cudnn: int | None, flash_attn: str | None, dropout: float, packed: bool) -> str | None:
+    """Why Transformer Engine may find no attention backend for a sliding window, or None. TE's fused (cuDNN)
+    attention takes a window only without attention dropout and from the cuDNN release above; else flash-attn
+    (>= 2.3 has windows) must be installed, and TE's unfused attention has no packed rows."""
+    fused = cudnn is not None and cudnn >= _CUDNN_WINDOW[packed] and dropout == 0
+    if fused or _version(flash_attn) >= (2, 3):
+        return None
+    need = _CUDNN_WINDOW[packed]
+    why = (f"train.dropout={dropout} (TE's fused attention takes a window only without attention dropout)"
+           if dropout else f"cuDNN {cudnn} (a window on {'packed' if packed else 'padded'} rows needs >= {need})")
+    return (f"sliding-window attention under Transformer Engine: {why} and no flash-attn >= 2.3 (found "
+            f"{flash_attn or 'none'}); the first forward may fail with 'No dot product attention backend is available'")
+
+
+def _version(text: str | None) -> tuple[int, ...]:
+    """(major, minor) of a version string; (0,) for None or an unreadable one."""
+    try:
+        return tuple(int(part) for part in (text or "").split(".")[:2])
+    except ValueError:
+        return (0,)
+
+
+def warn_window_backend(cfg, tconfig) -> None:
+    """Log :func:`window_backend_problem` once at model build on a GPU with TE, when some layer has a window."""
+    import importlib.metadata
+
+    import torch
+
+    if not tconfig.window_size or not torch.cuda.is_available():
+        return
+    try:
+        flash = importlib.metadata.version("flash_attn")
+    except importlib.metadata.PackageNotFoundError:
+        flash = None
+    problem = window_backend_problem(torch.backends.cudnn.version(), flash, cfg.train.dropout, cfg.data.packing)
+    if problem:
+        _log.warning("%s", problem)
