@@ -25,7 +25,6 @@ class RopeScaling:
     """HF ``rope_scaling``: Llama-3.x's ``llama3`` (the defaults: Llama-3.1's values) or YaRN (``yarn``: Qwen2.5 /
     Qwen3 long context; ``factor`` and ``original_max_position_embeddings`` are then the model's own)."""
 
-    rope_type: Literal["llama3", "yarn"] = "llama3"
     factor: float = 8.0
     low_freq_factor: float = 1.0   # llama3 only
     high_freq_factor: float = 4.0  # llama3 only
@@ -38,6 +37,7 @@ class RopeScaling:
     mscale_all_dim: float | None = None
     attention_factor: float | None = None
     truncate: bool = True  # floor/ceil the correction range (HF's default; false: gpt-oss)
+    rope_type: Literal["llama3", "yarn"] = "llama3"  # last: the four llama3 fields keep their positions
 
     def yarn_attention_factor(self) -> float:
         """The factor HF multiplies YaRN's cos and sin by (``_compute_yarn_parameters``)."""
