@@ -20,7 +20,9 @@ _CONFIGURED = False
 # default CUDA-graph scope's deprecation, torch's deprecation of the collectives megatron calls, and torch's
 # notice when megatron reads ``.grad`` of a non-leaf tensor, its notice that an NCCL barrier uses the current
 # device (ours: each rank's own GPU, set before the process group), and its deprecations of the checkpoint APIs
-# megatron's torch_dist loader calls (``load_state_dict``, ShardedTensor), printed at every resume and export.
+# megatron's torch_dist loader calls (``load_state_dict``, ShardedTensor), printed at every resume and export; with
+# megatron-core 0.19 also torch's notes that a distributed-checkpoint load runs in one process (the export and the
+# pre-flight read checkpoints without a process group, on purpose) and that its ``load`` argument order changed.
 _KNOWN_NOISE = (
     (UserWarning, r"Transformer Engine and Apex are not installed"),
     (UserWarning, r"Apex is not installed"),
@@ -30,6 +32,9 @@ _KNOWN_NOISE = (
     (UserWarning, r"barrier\(\): using the device under current context"),
     (FutureWarning, r"`load_state_dict` is deprecated and will be removed in future versions"),
     (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor"),
+    (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load in "
+                  r"a single process"),
+    (UserWarning, r"The argument order of load has been changed"),
 )
 
 
