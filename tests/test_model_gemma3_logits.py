@@ -31,11 +31,29 @@ BROKEN = ("no_window", "window_off_by_one", "global_rope_unscaled", "no_embed_sc
 PACKED = (7, 9, 5)  # sample lengths of the packed row (> window 4)
 
 
-def _import(rank: int, world: int, root: str) -> None:
+def _import(rank: int, world: int, root: str, cases: list[str]) -> None:
     from bft_megatron.convert.importer import import_hf
 
-    for case in CASES:
+    for case in cases:
         import_hf(os.path.join(root, "hf", case), os.path.join(root, "ckpt", case))
+
+
+def collect_logits(root: str, cases, worker, seed: int) -> tuple[dict, dict]:
+    """``(refs, results)``: transformers' logits per case (two 11-token rows, and the samples of ``PACKED`` each run
+    alone, concatenated), and what ``worker(rank, world, root, tokens, packed)`` returns from 2 gloo ranks, merged,
+    after the cases were saved under ``root/hf`` and imported to ``root/ckpt``."""
+    torch.manual_seed(seed)
+    tokens = torch.randint(3, 250, (2, 11))
+    packed = torch.randint(3, 250, (1, sum(PACKED)))
+    refs = {}
+    for case in cases:
+        model = make_model(case, os.path.join(root, "hf", case))
+        with torch.no_grad():
+            pieces = torch.split(packed, list(PACKED), dim=1)
+            refs[case] = model(tokens).logits, torch.cat([model(p).logits for p in pieces], dim=1)
+    run_distributed(_import, 1, root, list(cases))
+    per_rank = run_distributed(worker, 2, root, tokens, packed)
+    return refs, {k: v for r in per_rank for k, v in r.items()}
 
 
 def _build(root: str, case: str, tp: int, pp: int, groups):
@@ -111,42 +129,33 @@ def _worker(rank: int, world: int, root: str, tokens: torch.Tensor, packed: torc
     return {k: v for k, v in results.items() if v is not None}
 
 
+def logits_diff(logits, case: str, key: str) -> float:
+    """max |megatron - transformers| of :func:`collect_logits`'s result ``key`` of ``case``: a layout or a broken
+    variant against the rows' logits, ``"packed"`` against each sample run alone."""
+    refs, got = logits
+    ref = refs[case][1 if key == "packed" else 0]
+    assert got[(case, key)].shape == ref.shape and ref.abs().max() > 1.0
+    return (got[(case, key)] - ref).abs().max().item()
+
+
 @pytest.fixture(scope="module")
 def logits(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("gemma3"))
-    torch.manual_seed(1)
-    tokens = torch.randint(3, 250, (2, 11))
-    packed = torch.randint(3, 250, (1, sum(PACKED)))
-    refs = {}
-    for case in CASES:
-        model = make_model(case, os.path.join(root, "hf", case))
-        with torch.no_grad():
-            pieces = torch.split(packed, list(PACKED), dim=1)
-            refs[case] = model(tokens).logits, torch.cat([model(p).logits for p in pieces], dim=1)
-    run_distributed(_import, 1, root)
-    per_rank = run_distributed(_worker, 2, root, tokens, packed)
-    return refs, {k: v for r in per_rank for k, v in r.items()}
+    return collect_logits(str(tmp_path_factory.mktemp("gemma3")), CASES, _worker, seed=1)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", CASES)
 def test_logits_match_transformers_past_the_window(logits, case, layout):
-    (ref, _), got = logits[0][case], logits[1][(case, layout)]
-    assert got.shape == ref.shape and ref.abs().max() > 1.0
-    diff = (got - ref).abs().max().item()
-    assert diff <= ATOL, f"{case} at {layout}: max |logits diff| {diff:.3g} > {ATOL}"
+    assert logits_diff(logits, case, layout) <= ATOL, f"{case} at {layout}"
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_packed_samples_match_each_sample_alone(logits, case):
     """Within a packed row the window and RoPE restart per sample (THD: cu_seqlens, positions per sample)."""
-    (_, ref_packed), got = logits[0][case], logits[1][(case, "packed")]
-    diff = (got - ref_packed).abs().max().item()
-    assert diff <= ATOL, f"{case} packed: max |logits diff| {diff:.3g} > {ATOL}"
+    assert logits_diff(logits, case, "packed") <= ATOL, f"{case} packed"
 
 
 @pytest.mark.parametrize("how", BROKEN)
 def test_each_gemma3_piece_is_seen_by_the_comparison(logits, how):
-    (ref, _), got = logits[0][CASES[0]], logits[1][(CASES[0], how)]
-    diff = (got - ref).abs().max().item()
+    diff = logits_diff(logits, CASES[0], how)
     assert diff > 100 * ATOL, f"{how}: logits moved only {diff:.3g}"

@@ -10,27 +10,17 @@ Cases (tests/convert_models.py): ``mistral_window`` (window 4, GQA, head_dim 24 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-from tests.convert_models import make_model, megatron_logits
-from tests.dist_harness import run_distributed
-from tests.test_model_gemma3_logits import PACKED, _build, _packed_logits
+from tests.convert_models import megatron_logits
+from tests.test_model_gemma3_logits import _build, _packed_logits, collect_logits, logits_diff
 
 pytestmark = pytest.mark.slow
 
 ATOL = 1e-4
 CASES = ("mistral_window", "phi3_window")
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1)}
-
-
-def _import(rank: int, world: int, root: str) -> None:
-    from bft_megatron.convert.importer import import_hf
-
-    for case in CASES:
-        import_hf(os.path.join(root, "hf", case), os.path.join(root, "ckpt", case))
 
 
 def _widen(model, by: int | None) -> None:
@@ -64,40 +54,22 @@ def _worker(rank: int, world: int, root: str, tokens: torch.Tensor, packed: torc
 
 @pytest.fixture(scope="module")
 def logits(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("window"))
-    torch.manual_seed(2)
-    tokens = torch.randint(3, 250, (2, 11))
-    packed = torch.randint(3, 250, (1, sum(PACKED)))
-    refs = {}
-    for case in CASES:
-        model = make_model(case, os.path.join(root, "hf", case))
-        with torch.no_grad():
-            pieces = torch.split(packed, list(PACKED), dim=1)
-            refs[case] = model(tokens).logits, torch.cat([model(p).logits for p in pieces], dim=1)
-    run_distributed(_import, 1, root)
-    per_rank = run_distributed(_worker, 2, root, tokens, packed)
-    return refs, {k: v for r in per_rank for k, v in r.items()}
+    return collect_logits(str(tmp_path_factory.mktemp("window")), CASES, _worker, seed=2)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", CASES)
 def test_logits_match_transformers_past_the_window(logits, case, layout):
-    (ref, _), got = logits[0][case], logits[1][(case, layout)]
-    assert got.shape == ref.shape and ref.abs().max() > 1.0
-    diff = (got - ref).abs().max().item()
-    assert diff <= ATOL, f"{case} at {layout}: max |logits diff| {diff:.3g} > {ATOL}"
+    assert logits_diff(logits, case, layout) <= ATOL, f"{case} at {layout}"
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_packed_samples_match_each_sample_alone(logits, case):
-    (_, ref_packed), got = logits[0][case], logits[1][(case, "packed")]
-    diff = (got - ref_packed).abs().max().item()
-    assert diff <= ATOL, f"{case} packed: max |logits diff| {diff:.3g} > {ATOL}"
+    assert logits_diff(logits, case, "packed") <= ATOL, f"{case} packed"
 
 
 @pytest.mark.parametrize("how", ["no_window", "one_wider"])
 @pytest.mark.parametrize("case", CASES)
 def test_the_comparison_sees_the_window(logits, case, how):
-    (ref, _), got = logits[0][case], logits[1][(case, how)]
-    diff = (got - ref).abs().max().item()
+    diff = logits_diff(logits, case, how)
     assert diff > 100 * ATOL, f"{case} {how}: logits moved only {diff:.3g}"
