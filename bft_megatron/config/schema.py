@@ -92,6 +92,11 @@ class ModelConfig:
         window = self.sliding_window
         return self.family in ("mistral", "phi3") and window is not None and window < seq_length
 
+    def has_window_attention(self, seq_length: int) -> bool:
+        """Whether the built model has windowed attention layers at rows of ``seq_length``: Gemma 3 always (its
+        sliding layers), Mistral / Phi3 where :meth:`window_binds`."""
+        return self.family == "gemma3" or self.window_binds(seq_length)
+
     @property
     def kv_groups(self) -> int:
         return self.num_query_groups or self.num_attention_heads

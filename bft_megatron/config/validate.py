@@ -40,7 +40,7 @@ def _check_window(cfg: Config) -> None:
     to point (megatron's default cp_comm_type p2p), which asserts at the first forward that no window is set; our
     reference attention (no TE) handles both."""
     m, cp = cfg.model, cfg.parallel.cp
-    if not (m.family == "gemma3" or m.window_binds(cfg.data.seq_length)):
+    if not m.has_window_attention(cfg.data.seq_length):
         return
     why = ("" if m.family == "gemma3" else
            f" (model.sliding_window={m.sliding_window} < data.seq_length={cfg.data.seq_length}: the window applies)")

@@ -32,21 +32,29 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
     ``gemma3``: Gemma 3's layer (:mod:`bft_megatron.model.gemma3`): post-attention / post-MLP norms in the
     row-parallel linears, per-layer RoPE in the self-attention (TE: wired, not yet run on a GPU).
     """
-    from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
-                                                          get_gpt_layer_with_transformer_engine_spec)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     if use_te:
-        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm,
-                                                           use_te_op_fuser=te_op_fuser)
         from megatron.core.extensions.transformer_engine import TENorm
 
-        if gemma3:
-            from bft_megatron.model.gemma3 import gemma3_layer_spec
+        layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm,
+                                                           use_te_op_fuser=te_op_fuser)
+        norm = TENorm
+    else:
+        layer, norm = _local_layer_spec(config), RMSNorm
+    if gemma3:
+        from bft_megatron.model.gemma3 import gemma3_layer_spec
 
-            layer = gemma3_layer_spec(layer, use_te=True, norm_cls=TENorm)
-        return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TENorm)
+        layer = gemma3_layer_spec(layer, use_te=use_te, norm_cls=norm)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
+
+
+def _local_layer_spec(config):
+    """megatron-core's local layer spec with :class:`RMSNorm` and :class:`ReferenceAttention` (warned once)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
     if not _WARNED["local"]:
         _log.warning("Transformer Engine not importable: using megatron-core's local layer spec "
                      "(dense O(T^2) reference attention: for tests and tiny models; no FP8)")
@@ -60,11 +68,7 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
     attention.core_attention = ReferenceAttention
     if config.qk_layernorm:
         attention.q_layernorm = attention.k_layernorm = RMSNorm
-    if gemma3:
-        from bft_megatron.model.gemma3 import gemma3_layer_spec
-
-        layer = gemma3_layer_spec(layer, use_te=False, norm_cls=RMSNorm)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=RMSNorm)
+    return layer
 
 
 # cuDNN releases whose fused attention takes a sliding window (left, 0) with a causal mask (TE 2.x,
