@@ -22,7 +22,8 @@ from bft_megatron.training.synthetic import SyntheticChatDataset
 def test_origins_name_every_sample_of_the_stream_once_and_padding_minus_one(packed, cp):
     ds = SyntheticChatDataset(11, 64, 50, packed=packed, seed=2)
     data = StepData(ds, packed=packed, global_batch_size=4, micro_batch_size=2, dp_rank=0, dp_size=1, seed=1,
-                    seq_length=64, device=torch.device("cpu"), cp_size=cp, cp_rank=cp - 1, end_row=len(ds))
+                    seq_length=64, device=torch.device("cpu"), cp_size=cp, cp_rank=cp - 1, end_row=len(ds),
+                    origins=True)
     seen = []
     for _ in range(3):  # 12 stream positions: the last one a padding row
         for mb in data.next_step():

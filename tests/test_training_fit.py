@@ -326,7 +326,7 @@ def test_evaluate_runs_eval_iters_batches_unless_stopped(monkeypatch, stop_befor
     trainer = SimpleNamespace(
         cfg=load_config(None, TINY + ["train.eval_iters=3"]), state=TrainState(), valid_data=object(),
         groups=SimpleNamespace(rank=0, dp_cp=None), reporter=0, model=[chunk],
-        _step_data=lambda data, seed, end_row=None: data,
+        _step_data=lambda data, seed, end_row=None, origins=False: data,
         _fwd_bwd=lambda data, forward_only, sample_sink=None: ran.append(forward_only) or ["p"],
         progress=SimpleNamespace(eval=lambda it, values: shown.append(values)))
 

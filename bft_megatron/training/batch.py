@@ -165,8 +165,10 @@ class StepData:
 
     def __init__(self, dataset, *, packed: bool, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, seed: int, seq_length: int, device: torch.device, cp_size: int = 1, cp_rank: int = 0,
-                 tp_sp: int = 1, end_row: int | None = None) -> None:
+                 tp_sp: int = 1, end_row: int | None = None, origins: bool = False) -> None:
         self.dataset, self.packed, self.device = dataset, packed, device
+        # MicroBatch.origins (--eval-samples) built per micro-batch only where asked: not on the training stream
+        self.origins = origins
         # Rows at stream positions >= end_row are padding (loss mask zeroed: they count for nothing): a validation
         # pass over the whole split fills its last global batch with them. None = an endless stream.
         self.end_row = end_row
@@ -197,7 +199,7 @@ class StepData:
             d = collate(samples, packed=self.packed, pad_multiple=self.pad_multiple, pad_id=self.dataset.pad_id)
             out.append(to_micro_batch(d, self.device, total=self.total, pad_id=self.dataset.pad_id,
                                       cp_size=self.cp_size, cp_rank=self.cp_rank,
-                                      origins=_origins(rows, samples, kept)))
+                                      origins=_origins(rows, samples, kept) if self.origins else None))
         return out, real
 
     def _row(self, r: int, keep: bool):

@@ -96,12 +96,13 @@ class Trainer:
         _log.info("memory plan at the grown micro-batch length (%.0f tokens per row instead of %d): %.2f GiB "
                   "per GPU (%.2f GiB planned at data.seq_length)", grown, seq, after, before)
 
-    def _step_data(self, dataset, seed: int, end_row: int | None = None) -> StepData:
+    def _step_data(self, dataset, seed: int, end_row: int | None = None, origins: bool = False) -> StepData:
         t, g = self.cfg.train, self.groups
         return StepData(dataset, packed=bool(dataset.packed), global_batch_size=t.global_batch_size,
                         micro_batch_size=t.micro_batch_size, dp_rank=g.dp_rank, dp_size=g.dp_size, seed=seed,
                         seq_length=self.cfg.data.seq_length, device=g.device, cp_size=g.cp_size, cp_rank=g.cp_rank,
-                        tp_sp=g.tp_size if self.cfg.parallel.sequence_parallel else 1, end_row=end_row)
+                        tp_sp=g.tp_size if self.cfg.parallel.sequence_parallel else 1, end_row=end_row,
+                        origins=origins)
 
     def _loss_cfg(self):
         """The configured loss, or plain SFT during ``loss.sft_warmup_iters`` (validation follows suit)."""
@@ -223,7 +224,7 @@ class Trainer:
         """
         t, g = self.cfg.train, self.groups
         whole = len(self.valid_data) if t.eval_iters is None else None
-        data = self._step_data(self.valid_data, self.cfg.data.seed + 1, end_row=whole)
+        data = self._step_data(self.valid_data, self.cfg.data.seed + 1, end_row=whole, origins=sample_sink is not None)
         batches = t.eval_iters or -(-whole // t.global_batch_size)
         partials: list[MetricPartials] = []
         done = 0
