@@ -7,6 +7,7 @@ test_convert_e2e (``gemma3_tied``, ``gemma3_1b_bf16``); fine-tune + live export 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -149,6 +150,8 @@ def test_context_parallelism_is_refused_under_transformer_engine(monkeypatch):
     monkeypatch.setattr(validate_mod, "have_transformer_engine", lambda: True)
     with pytest.raises(ConfigError, match="parallel.cp=2 with model.family=gemma3 under Transformer Engine"):
         validate(cfg, world_size=2, require_te=False)
+    # rows no longer than the window: it cuts nothing, is left off, and TE's CP takes the model
+    validate(load_config(None, TINY + GEMMA + ["parallel.cp=2", "data.seq_length=8"]), world_size=2, require_te=False)
 
 
 def _tiny(**kw) -> ModelConfig:
@@ -254,6 +257,24 @@ def test_transformer_config_of_gemma3_and_llamas_unchanged():
     llama = transformer_config(load_config(None, TINY), cpu)
     assert (llama.window_size, llama.softmax_scale, llama.layernorm_zero_centered_gamma) == (None, None, False)
     assert llama.activation_func is F.silu
+
+
+@pytest.mark.parametrize("seq_length, window", [(8, None), (9, (7, 0))])
+def test_gemma3_window_only_in_rows_longer_than_it(seq_length, window):
+    """The window (8) is set only where it cuts keys (rows of 9+ tokens; the planner counts it likewise); the
+    sliding layers are the pattern's either way (their local RoPE: logits in test_model_gemma3_logits)."""
+    from bft_megatron.config.plan import flops_per_token
+    from bft_megatron.model.builder import transformer_config
+    from bft_megatron.model.gemma3 import is_sliding
+
+    cfg = load_config(None, TINY + GEMMA + [f"data.seq_length={seq_length}"])
+    tc = transformer_config(cfg, SimpleNamespace(device=torch.device("cpu"), vp_size=None))
+    assert (tc.window_size, tc.window_attn_skip_freq) == (window, 2)
+    assert [is_sliding(tc, n) for n in (1, 2, 3, 4)] == [True, False, True, False]
+    assert cfg.model.window_binds(seq_length) == (window is not None)
+    llama = load_config(None, TINY + [f"data.seq_length={seq_length}"]).model
+    dense = flops_per_token(cfg.model, seq_length) == flops_per_token(replace(cfg.model, sliding_window=None), seq_length)
+    assert dense == (window is None) and not llama.window_binds(seq_length)
 
 
 def test_the_te_layer_spec_gets_gemma3s_modules(monkeypatch):

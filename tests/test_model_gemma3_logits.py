@@ -56,7 +56,7 @@ def collect_logits(root: str, cases, worker, seed: int) -> tuple[dict, dict]:
     return refs, {k: v for r in per_rank for k, v in r.items()}
 
 
-def _build(root: str, case: str, tp: int, pp: int, groups):
+def _build(root: str, case: str, tp: int, pp: int, groups, seq_length: int | None = None):
     from bft_megatron.config.schema import Config
     from bft_megatron.convert.importer import model_config_from_hf_dir
     from bft_megatron.convert.load import load_weights
@@ -66,6 +66,8 @@ def _build(root: str, case: str, tp: int, pp: int, groups):
     cfg = Config(model=m)
     cfg.train = dataclasses.replace(cfg.train, bf16=False)
     cfg.parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=pp)
+    if seq_length is not None:
+        cfg.data = dataclasses.replace(cfg.data, seq_length=seq_length)
     chunks, _ = build_model_chunks(cfg, groups)
     load_weights(chunks, os.path.join(root, "ckpt", case))
     return chunks, m
@@ -120,6 +122,11 @@ def _worker(rank: int, world: int, root: str, tokens: torch.Tensor, packed: torc
             results[(case, layout)] = megatron_logits(chunks, tokens, groups, m.vocab_size)
             if layout == "tp1":
                 results[(case, "packed")] = _packed_logits(chunks[0], packed)[..., :m.vocab_size]
+                # rows as long as the window: built without it (it cuts nothing), sliding layers on local RoPE
+                w = m.sliding_window
+                chunks, m = _build(root, case, tp, pp, groups, seq_length=w)
+                assert chunks[0].config.window_size is None
+                results[(case, "short")] = megatron_logits(chunks, tokens[:, :w], groups, m.vocab_size)
         if layout == "tp1":
             for how in BROKEN:
                 chunks, m = _build(root, CASES[0], tp, pp, groups)
@@ -134,6 +141,8 @@ def logits_diff(logits, case: str, key: str) -> float:
     variant against the rows' logits, ``"packed"`` against each sample run alone."""
     refs, got = logits
     ref = refs[case][1 if key == "packed" else 0]
+    if key == "short":  # causal: the first W positions of the full rows
+        ref = ref[:, :got[(case, key)].shape[1]]
     assert got[(case, key)].shape == ref.shape and ref.abs().max() > 1.0
     return (got[(case, key)] - ref).abs().max().item()
 
@@ -147,6 +156,12 @@ def logits(tmp_path_factory):
 @pytest.mark.parametrize("case", CASES)
 def test_logits_match_transformers_past_the_window(logits, case, layout):
     assert logits_diff(logits, case, layout) <= ATOL, f"{case} at {layout}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_rows_no_longer_than_the_window_match_transformers(logits, case):
+    """data.seq_length = the window: the model is built without it, and its sliding layers keep local RoPE."""
+    assert logits_diff(logits, case, "short") <= ATOL, f"{case} short rows"
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -166,7 +166,7 @@ def flops_per_token(m, seq: int, tp: int = 1) -> float:
     dense = m.hidden_size * m.qkv_size + m.query_size * m.hidden_size + 3 * m.hidden_size * m.ffn_hidden_size
     attention = 2 * seq * m.query_size * 0.5                      # QK^T and AV, causal half
     layers = m.num_layers * (dense + attention)
-    if m.sliding_window is not None and m.sliding_window < seq and m.has_window_attention(seq):
+    if m.window_binds(seq):
         # sliding layers (Gemma 3's; all of Mistral's / Phi3's): query i sees min(i, W) keys, W*(1 - (W-1)/(2*seq))
         # on average (exact for W <= seq)
         w = m.sliding_window

@@ -72,9 +72,9 @@ class ModelConfig:
     qkv_bias: bool = False
     head_dim: int | None = None  # None = hidden_size / num_attention_heads; Qwen3 sets its own (e.g. 128 at 32B)
     qk_norm: bool = False  # RMSNorm of each query and key head before RoPE (Qwen3's q_norm / k_norm)
-    # Mistral's / Phi3's / Gemma3's attention window (tokens; None: global). Mistral and Phi3: applied in every layer
-    # once data.seq_length exceeds it (window_binds; below, it changes nothing). Gemma3: applied in its sliding layers
-    # (see sliding_window_pattern).
+    # Mistral's / Phi3's / Gemma3's attention window (tokens; None: global), applied once data.seq_length exceeds it
+    # (window_binds; below, it changes nothing): Mistral and Phi3 in every layer, Gemma3 in its sliding layers (see
+    # sliding_window_pattern).
     sliding_window: int | None = None
     # Gemma 3 only (model.family=gemma3, which also implies its scaled embedding, zero-centred RMSNorms, the norms
     # after attention and MLP, and the gelu-tanh MLP). Its window is real: a layer slides model.sliding_window
@@ -87,15 +87,12 @@ class ModelConfig:
     init_method_std: float = 0.02
 
     def window_binds(self, seq_length: int) -> bool:
-        """Whether a Mistral / Phi3 window is narrower than the rows (``data.seq_length``), so that the trainer must
-        apply it (every layer); Gemma 3 applies its own in its sliding layers whatever the row length."""
+        """Whether the attention window is narrower than the rows (``data.seq_length``), so that the built model
+        applies it: Mistral / Phi3 in every layer, Gemma 3 in its sliding layers. In rows no longer than the window
+        it cuts no key and is left off (TE keeps its plain causal kernels; context parallelism stays available);
+        Gemma 3's sliding layers keep their local RoPE either way."""
         window = self.sliding_window
-        return self.family in ("mistral", "phi3") and window is not None and window < seq_length
-
-    def has_window_attention(self, seq_length: int) -> bool:
-        """Whether the built model has windowed attention layers at rows of ``seq_length``: Gemma 3 always (its
-        sliding layers), Mistral / Phi3 where :meth:`window_binds`."""
-        return self.family == "gemma3" or self.window_binds(seq_length)
+        return self.family in ("mistral", "phi3", "gemma3") and window is not None and window < seq_length
 
     @property
     def kv_groups(self) -> int:

@@ -40,13 +40,12 @@ def _check_window(cfg: Config) -> None:
     to point (megatron's default cp_comm_type p2p), which asserts at the first forward that no window is set; our
     reference attention (no TE) handles both."""
     m, cp = cfg.model, cfg.parallel.cp
-    if not m.has_window_attention(cfg.data.seq_length):
+    if not m.window_binds(cfg.data.seq_length):
         return
-    why = ("" if m.family == "gemma3" else
-           f" (model.sliding_window={m.sliding_window} < data.seq_length={cfg.data.seq_length}: the window applies)")
     _require(cp == 1 or not have_transformer_engine(), f"parallel.cp={cp} with model.family={m.family} under "
-             f"Transformer Engine is not supported{why}: TE's context parallelism (p2p) has no sliding-window "
-             "attention; use parallel.cp=1")
+             f"Transformer Engine is not supported (model.sliding_window={m.sliding_window} < data.seq_length="
+             f"{cfg.data.seq_length}: the window applies): TE's context parallelism (p2p) has no sliding-window "
+             "attention; use parallel.cp=1, or rows no longer than the window")
 
 
 def _check_model(m) -> None:

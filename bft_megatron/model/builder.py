@@ -75,7 +75,7 @@ def transformer_config(cfg: Config, groups: ParallelGroups):
     if m.family == "gemma3":  # norms, activation, softmax scale and windows (see model/gemma3.py)
         from bft_megatron.model.gemma3 import gemma3_config_kwargs
 
-        kwargs.update(gemma3_config_kwargs(m))
+        kwargs.update(gemma3_config_kwargs(m, cfg.data.seq_length))
     elif m.window_binds(cfg.data.seq_length):
         # Mistral / Phi3: every layer sees the last W keys (HF: i-W < j <= i; megatron/TE: inclusive (W-1, 0)). Set
         # only where a sample can outgrow it: below, the window changes nothing and TE keeps its causal kernels.

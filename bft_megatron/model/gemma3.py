@@ -41,18 +41,20 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def gemma3_config_kwargs(m) -> dict:
-    """``TransformerConfig`` arguments of a Gemma 3 model (they override the Llama ones of the builder)."""
-    window = None if m.sliding_window is None else (m.sliding_window - 1, 0)  # W keys: i-(W-1) .. i inclusive
+def gemma3_config_kwargs(m, seq_length: int) -> dict:
+    """``TransformerConfig`` arguments of a Gemma 3 model (they override the Llama ones of the builder). The window
+    only where it cuts keys in rows of ``seq_length`` (``window_binds``); the pattern always (:func:`is_sliding`)."""
+    window = (m.sliding_window - 1, 0) if m.window_binds(seq_length) else None  # W keys: i-(W-1) .. i inclusive
     return dict(activation_func=gelu_tanh, bias_activation_fusion=False, layernorm_zero_centered_gamma=True,
                 softmax_scale=m.query_pre_attn_scalar ** -0.5, window_size=window,
                 window_attn_skip_freq=m.sliding_window_pattern)
 
 
 def is_sliding(config, layer_number: int) -> bool:
-    """Whether layer ``layer_number`` (1-based, global over pipeline stages) attends through the window."""
-    return bool(config.window_size) and is_layer_window_attention(config.window_size, config.window_attn_skip_freq,
-                                                                  layer_number)
+    """Whether layer ``layer_number`` (1-based, global over pipeline stages) is a sliding layer (HF's
+    ``layer_types`` "sliding_attention"): local RoPE, and the window where ``config.window_size`` is set. By the
+    pattern alone: in rows no longer than the window none is set, and the sliding layers still use local RoPE."""
+    return is_layer_window_attention((1, 0), config.window_attn_skip_freq, layer_number)
 
 
 def post_norm_linear(linear_cls, norm_cls):
