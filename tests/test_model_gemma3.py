@@ -139,19 +139,35 @@ def test_rows_longer_than_the_window_validate():
              require_te=False)
 
 
-def test_context_parallelism_is_refused_under_transformer_engine(monkeypatch):
-    """TE's p2p context parallelism asserts on a sliding window: refused before anything is built; without TE
-    (reference attention) CP2 runs (tests/test_train_gemma3.py)."""
+def test_context_parallelism_with_the_window_runs_all_to_all_under_transformer_engine(monkeypatch):
+    """TE's p2p context parallelism asserts on a sliding window: where the window applies, CP > 1 gets TE's
+    all-to-all CP (cp_comm_type a2a), which splits each TP rank's heads over the CP ranks, so the (key/value) heads
+    per rank must be multiples of parallel.cp (refused by name before anything is built). Without TE (reference
+    attention) any CP runs (tests/test_train_gemma3.py). Rows no longer than the window keep megatron's p2p."""
     import importlib
 
+    from bft_megatron.model.builder import transformer_config
+
     validate_mod = importlib.import_module("bft_megatron.config.validate")  # the package exports the function
-    cfg = load_config(None, TINY + GEMMA + ["parallel.cp=2"])
-    validate(cfg, world_size=2, require_te=False)
+    cpu = SimpleNamespace(device=torch.device("cpu"), vp_size=None)
+    four = load_config(None, TINY + GEMMA + ["parallel.cp=4"])  # 4 heads, 2 key/value heads: 2 % 4
+    validate(four, world_size=4, require_te=False)  # the reference attention: any CP
     monkeypatch.setattr(validate_mod, "have_transformer_engine", lambda: True)
-    with pytest.raises(ConfigError, match="parallel.cp=2 with model.family=gemma3 under Transformer Engine"):
-        validate(cfg, world_size=2, require_te=False)
-    # rows no longer than the window: it cuts nothing, is left off, and TE's CP takes the model
-    validate(load_config(None, TINY + GEMMA + ["parallel.cp=2", "data.seq_length=8"]), world_size=2, require_te=False)
+    for cp in (2, 4):
+        cfg = load_config(None, TINY + GEMMA + [f"parallel.cp={cp}"])
+        if cp == 2:
+            validate(cfg, world_size=2, require_te=False)
+        else:
+            with pytest.raises(ConfigError, match=r"parallel.cp=4 with model.family=gemma3 under Transformer Engine: "
+                               r"the window applies .* heads per tensor-parallel rank \(4 = model.num_attention_heads"
+                               r" / parallel.tp\) and the key/value heads per rank \(2 = model.num_query_groups"):
+                validate(cfg, world_size=4, require_te=False)
+        assert transformer_config(cfg, cpu).cp_comm_type == "a2a"
+    # rows no longer than the window: it cuts nothing, is left off, and TE's p2p CP takes the model at any cp
+    short = load_config(None, TINY + GEMMA + ["parallel.cp=4", "data.seq_length=8"])
+    validate(short, world_size=4, require_te=False)
+    assert transformer_config(short, cpu).cp_comm_type is None
+    assert transformer_config(load_config(None, TINY + GEMMA), cpu).cp_comm_type is None  # cp 1
 
 
 def _tiny(**kw) -> ModelConfig:

@@ -39,7 +39,8 @@ def test_mistral_config_json_reads_its_window_and_head_width():
 def test_rows_longer_than_the_window_apply_it_in_every_layer(monkeypatch):
     """data.seq_length above the window: megatron's window_size (W-1, 0) on every layer (keys i-W < j <= i, as HF's
     sliding-window mask; logits in tests/test_model_window_logits.py); at or below it no window (it changes nothing
-    and TE keeps its causal kernels). Under TE, context parallelism is refused while the window applies."""
+    and TE keeps its causal kernels). Under TE, context parallelism runs all-to-all while the window applies
+    (cp_comm_type a2a: TE's p2p ring has no window), refused where the heads per TP rank do not split over CP."""
     import importlib
     from types import SimpleNamespace
 
@@ -53,11 +54,16 @@ def test_rows_longer_than_the_window_apply_it_in_every_layer(monkeypatch):
         assert (tconfig.window_size, tconfig.window_attn_skip_freq) == (want, None), window
     validate_mod = importlib.import_module("bft_megatron.config.validate")
     monkeypatch.setattr(validate_mod, "have_transformer_engine", lambda: True)
-    narrow = TINY + ["model.family=mistral", "model.sliding_window=16", "parallel.cp=2"]
-    with pytest.raises(ValueError, match=r"parallel.cp=2 with model.family=mistral under Transformer Engine is not "
-                                         r"supported \(model.sliding_window=16 < data.seq_length=32"):
-        validate(load_config(None, narrow), world_size=2, require_te=False)
-    validate(load_config(None, TINY + MISTRAL + ["parallel.cp=2"]), world_size=2, require_te=False)  # 32: no window
+    narrow = TINY + ["model.family=mistral", "model.sliding_window=16", "parallel.cp=4"]  # 2 kv heads
+    with pytest.raises(ValueError, match=r"parallel.cp=4 with model.family=mistral under Transformer Engine: the "
+                                         r"window applies \(model.sliding_window=16 < data.seq_length=32\)"):
+        validate(load_config(None, narrow), world_size=4, require_te=False)
+    cp2 = load_config(None, TINY + ["model.family=mistral", "model.sliding_window=16", "parallel.cp=2"])
+    validate(cp2, world_size=2, require_te=False)  # TE's all-to-all CP takes it
+    assert transformer_config(cp2, groups).cp_comm_type == "a2a"
+    wide = load_config(None, TINY + MISTRAL + ["parallel.cp=4"])  # 32: no window, p2p
+    validate(wide, world_size=4, require_te=False)
+    assert transformer_config(wide, groups).cp_comm_type is None
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -36,16 +36,22 @@ def _require(cond: bool, message: str) -> None:
 
 def _check_window(cfg: Config) -> None:
     """A sliding window (Gemma 3's sliding layers; Mistral's / Phi3's every layer once data.seq_length exceeds it) is
-    applied by the attention (model/builder.py, model/gemma3.py). TE's context parallelism exchanges keys/values point
-    to point (megatron's default cp_comm_type p2p), which asserts at the first forward that no window is set; our
-    reference attention (no TE) handles both."""
-    m, cp = cfg.model, cfg.parallel.cp
-    if not m.window_binds(cfg.data.seq_length):
+    applied by the attention (model/builder.py, model/gemma3.py). TE's point-to-point context parallelism (megatron's
+    default cp_comm_type p2p) asserts that no window is set, so the builder switches such models to TE's all-to-all
+    CP (cp_comm_type a2a, which takes windows; from TE 2.20's source), which swaps sequence shards for head shards:
+    the query and the key/value heads of each tensor-parallel rank must split over the CP ranks. Our reference
+    attention (no TE) needs neither."""
+    m, p = cfg.model, cfg.parallel
+    if not m.window_binds(cfg.data.seq_length) or p.cp == 1 or not have_transformer_engine():
         return
-    _require(cp == 1 or not have_transformer_engine(), f"parallel.cp={cp} with model.family={m.family} under "
-             f"Transformer Engine is not supported (model.sliding_window={m.sliding_window} < data.seq_length="
-             f"{cfg.data.seq_length}: the window applies): TE's context parallelism (p2p) has no sliding-window "
-             "attention; use parallel.cp=1, or rows no longer than the window")
+    heads, kv = m.num_attention_heads // p.tp, m.kv_groups // p.tp
+    _require(heads % p.cp == 0 and kv % p.cp == 0, f"parallel.cp={p.cp} with model.family={m.family} under "
+             f"Transformer Engine: the window applies (model.sliding_window={m.sliding_window} < data.seq_length="
+             f"{cfg.data.seq_length}), so context parallelism runs all-to-all (TE's cp_comm_type a2a; its p2p ring "
+             f"has no sliding-window attention), which needs the attention heads per tensor-parallel rank "
+             f"({heads} = model.num_attention_heads / parallel.tp) and the key/value heads per rank ({kv} = "
+             f"model.num_query_groups / parallel.tp) to be multiples of parallel.cp; use a parallel.cp dividing both, "
+             "or rows no longer than the window")
 
 
 def _check_model(m) -> None:

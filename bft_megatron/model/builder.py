@@ -80,6 +80,9 @@ def transformer_config(cfg: Config, groups: ParallelGroups):
         # Mistral / Phi3: every layer sees the last W keys (HF: i-W < j <= i; megatron/TE: inclusive (W-1, 0)). Set
         # only where a sample can outgrow it: below, the window changes nothing and TE keeps its causal kernels.
         kwargs.update(window_size=(m.sliding_window - 1, 0), window_attn_skip_freq=None)
+    if m.window_binds(cfg.data.seq_length) and p.cp > 1:
+        # TE's p2p CP ring has no sliding-window attention; its all-to-all CP has (config/validate.py::_check_window)
+        kwargs["cp_comm_type"] = "a2a"
     if m.rope_scaling is not None and m.rope_scaling.rope_type == "yarn":
         # HF multiplies YaRN's cos and sin by the attention factor a: queries and keys both scaled by a, so the
         # scores by a^2, which is this softmax scale (the same in TE's fused RoPE and attention, THD and CP)
