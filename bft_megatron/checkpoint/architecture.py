@@ -46,7 +46,7 @@ def _value(model: dict, name: str):
         return model.get("num_attention_heads")
     if name == "head_dim" and value is None and model.get("num_attention_heads"):  # what head_dim: null means
         return model["hidden_size"] // model["num_attention_heads"]
-    if name == "rope_scaling" and isinstance(value, dict):  # keys added later (rope_type, YaRN's, longrope's): their defaults
+    if name == "rope_scaling" and isinstance(value, dict):  # keys added later (rope_type, YaRN's, longrope's)
         from dataclasses import asdict
 
         from bft_megatron.config.schema import RopeScaling
