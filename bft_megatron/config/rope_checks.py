@@ -19,8 +19,9 @@ def check_phi3_rope(m) -> None:
     _require(0 < p <= 1, f"model.partial_rotary_factor must be in (0, 1], got {p}")
     _require(p == 1 or m.family == "phi3", f"model.partial_rotary_factor={p} with model.family={m.family}: only "
              "Phi3 (model.family=phi3, e.g. Phi-4-mini) rotates part of each head here; leave it 1.0")
-    _require(m.rotary_dim >= 2 and m.rotary_dim % 2 == 0, f"model.partial_rotary_factor={p} rotates int(head width "
-             f"{m.kv_channels} * {p}) = {m.rotary_dim} channels per head: RoPE needs a positive even number")
+    even = m.rotary_dim >= 2 and m.rotary_dim % 2 == 0  # (whole heads: the head width's own checks)
+    _require(p == 1 or even, f"model.partial_rotary_factor={p} rotates int(head width {m.kv_channels} * {p}) = "
+             f"{m.rotary_dim} channels per head: RoPE needs a positive even number")
     rs = m.rope_scaling
     longrope = rs is not None and rs.rope_type == "longrope"
     # Phi3Config knows only longrope: llama3 or yarn scaling would not load in transformers
