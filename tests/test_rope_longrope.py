@@ -172,6 +172,19 @@ def test_config_errors_name_the_field_and_value(overrides, message):
         _validate(*LONGROPE, *overrides)
 
 
+def test_a_factor_other_than_the_length_ratio_is_a_warning():
+    """transformers 4.x's Phi3 derives the attention factor from max_position_embeddings / original length."""
+    from bft_megatron.config.validate import config_warnings
+
+    assert not [w for w in config_warnings(load_config(None, TINY + LONGROPE + ["model.max_position_embeddings=128"]))
+                if "rope_scaling" in w]
+    for extra in (["model.max_position_embeddings=64"], ["model.rope_scaling.factor=3"]):
+        [warning] = [w for w in config_warnings(load_config(None, TINY + LONGROPE + extra)) if "rope_scaling" in w]
+        assert warning.startswith("model.rope_scaling.factor=") and "attention_factor to pin it" in warning
+    pinned = TINY + LONGROPE + ["model.rope_scaling.factor=3", "model.rope_scaling.attention_factor=1.1"]
+    assert not [w for w in config_warnings(load_config(None, pinned)) if "rope_scaling" in w]
+
+
 def test_partial_rotary_is_phi3_only():
     with pytest.raises(ConfigError, match=r"model.partial_rotary_factor=0.75 with model.family=llama: only Phi3"):
         _validate("model.partial_rotary_factor=0.75")

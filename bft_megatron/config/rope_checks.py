@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bft_megatron.config.base import ConfigError
 
-__all__ = ["check_phi3_rope", "check_longrope_rows"]
+__all__ = ["check_phi3_rope", "check_longrope_rows", "longrope_warnings"]
 
 
 def _require(cond: bool, message: str) -> None:
@@ -65,3 +65,18 @@ def check_longrope_rows(cfg) -> None:
              f"{original} with rope_type longrope is not supported: transformers uses the long factors only for "
              f"samples longer than {original} tokens and the short ones for every shorter sample, which one built "
              f"model cannot do for all samples of such rows; use data.seq_length <= {original}")
+
+
+def longrope_warnings(m) -> list[str]:
+    """A longrope ``factor`` other than max_position_embeddings / original length: transformers 5 uses the factor for
+    the default attention factor, transformers 4.x's Phi3 the ratio of the exported config.json's lengths."""
+    rs = m.rope_scaling
+    if rs is None or rs.rope_type != "longrope" or rs.attention_factor is not None:
+        return []
+    ratio = m.max_position_embeddings / rs.original_max_position_embeddings
+    if abs(rs.factor - ratio) <= 1e-9 * ratio:
+        return []
+    return [f"model.rope_scaling.factor={rs.factor} differs from model.max_position_embeddings / "
+            f"model.rope_scaling.original_max_position_embeddings = {ratio:g}: the attention factor is the factor's "
+            "(as transformers 5), but transformers 4.x derives it from that ratio of an exported config.json; set "
+            "model.rope_scaling.attention_factor to pin it for both"]

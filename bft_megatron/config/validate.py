@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from bft_megatron.config.base import ConfigError, format_value, non_finite_floats
 from bft_megatron.config.hf import HF_NAMES
-from bft_megatron.config.rope_checks import check_longrope_rows, check_phi3_rope
+from bft_megatron.config.rope_checks import check_longrope_rows, check_phi3_rope, longrope_warnings
 from bft_megatron.config.schema import Config
 
 __all__ = ["Layout", "validate", "config_warnings", "error_hint", "have_transformer_engine"]
@@ -339,6 +339,7 @@ def config_warnings(cfg: Config, eval_only: bool = False) -> list[str]:
     if cfg.data.seq_length > m.max_position_embeddings:
         out.append(f"data.seq_length={cfg.data.seq_length} exceeds model.max_position_embeddings="
                    f"{m.max_position_embeddings}: positions beyond the model's context length")
+    out += longrope_warnings(m)
     if lo.method != "sft" and lo.sft_warmup_iters >= t.train_iters:
         out.append(f"loss.sft_warmup_iters={lo.sft_warmup_iters} >= train.train_iters={t.train_iters}: "
                    f"loss.method={lo.method} never runs (every step is SFT)")
