@@ -27,11 +27,11 @@ def rotary_channel_scale(heads_per_group: int, head_dim: int, rotary_dim: int, f
 
 def _hook(scale: torch.Tensor):
     def scale_qkv(module, args, output):
-        out, *rest = output
+        out, rest = (output, None) if isinstance(output, torch.Tensor) else (output[0], tuple(output[1:]))
         width = scale.numel()
         assert out.shape[-1] % width == 0, f"linear_qkv output width {out.shape[-1]} is not a multiple of {width}"
-        local = scale.to(device=out.device, dtype=out.dtype).repeat(out.shape[-1] // width)
-        return (out * local, *rest)
+        scaled = out * scale.to(device=out.device, dtype=out.dtype).repeat(out.shape[-1] // width)
+        return scaled if rest is None else (scaled, *rest)  # megatron's linear layers: (output, bias)
 
     return scale_qkv
 
