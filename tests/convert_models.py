@@ -19,6 +19,10 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
 
+# longrope factors (Phi-3.5-mini's short ones rise from 1.0 to ~2.7 over 48 frequencies, the long ones to ~60)
+PHI3_SHORT = [1.0, 1.25, 1.5, 1.9, 2.3, 2.6, 3.0, 3.5]
+PHI3_LONG = [1.1, 2.0, 3.5, 6.0, 10.0, 17.0, 30.0, 55.0]
+
 # name -> (family, config overrides, dtype). vocab 300 pads to 384 at TP1 but 512 at TP2.
 CASES = {
     "llama31_untied": ("llama", dict(vocab_size=300, num_attention_heads=8, num_key_value_heads=2,
@@ -71,6 +75,24 @@ CASES = {
                                        sliding_window=4, tie_word_embeddings=False), torch.float32),
     "phi3_window": ("phi3", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=4, sliding_window=3,
                                  tie_word_embeddings=True, pad_token_id=None), torch.float32),
+        # Phi3 longrope (Phi-3.5-mini / Phi-3-*-128k: MHA, whole heads rotated, 4096 -> 131072): original length 64 ->
+    # max_position_embeddings 256 (factor 4, attention factor sqrt(1 + ln 4 / ln 64) folded into the softmax scale),
+    # non-trivial short factors (the test's rows are shorter than 64: transformers uses them), other long ones
+    "phi3_longrope": ("phi3", dict(vocab_size=300, num_attention_heads=4, num_key_value_heads=4, sliding_window=None,
+                                   tie_word_embeddings=False, pad_token_id=None, original_max_position_embeddings=64,
+                                   rope_scaling={"type": "longrope", "short_factor": PHI3_SHORT[:8],
+                                                 "long_factor": PHI3_LONG[:8]}), torch.float32),
+    # Phi-4-mini-like partial rotary without scaling: 0.75 of each 16-wide head rotated (12 channels), GQA 2:1, tied
+    "phi3_partial": ("phi3", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+                                  tie_word_embeddings=True, pad_token_id=None, partial_rotary_factor=0.75),
+                     torch.float32),
+    # Phi-4-mini-like (partial 0.75, GQA 3:1 there, tied, longrope): partial rotary *with* an attention factor != 1,
+    # which scales only the rotated channels (model/rotary_scale.py); 6 factor pairs, GQA 2:1 (one group per TP2 rank)
+    "phi3_partial_longrope": ("phi3", dict(vocab_size=256, num_attention_heads=4, num_key_value_heads=2,
+                                           sliding_window=None, tie_word_embeddings=True, pad_token_id=None,
+                                           partial_rotary_factor=0.75, original_max_position_embeddings=64,
+                                           rope_scaling={"rope_type": "longrope", "short_factor": PHI3_SHORT[:6],
+                                                         "long_factor": PHI3_LONG[:6]}), torch.float32),
     # Gemma3ForCausalLM, MedGemma-27B-text-like: tied, GQA 2:1, head_dim 24 over hidden 64 / 4 heads and a softmax
     # scale of its own (27B: head_dim 128, query_pre_attn_scalar 168 = 5376/32), linear RoPE scaling 8 on the global
     # layer, theta 1e4 on the sliding one. Window 4 (27B: 1024) under the test's 9-11 token rows and 32-token packed

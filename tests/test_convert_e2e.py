@@ -183,8 +183,8 @@ def test_export_of_import_is_bit_identical(converted, name, suffix):
 
 
 @pytest.mark.parametrize("name", ["llama31_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied", "qwen3_tied_wide",
-                                  "mistral_untied", "phi3_untied", "phi3_tied", "gemma3_tied",
-                                  "gemma3_narrow"])
+                                  "mistral_untied", "phi3_untied", "phi3_tied", "phi3_longrope", "phi3_partial",
+                                  "phi3_partial_longrope", "gemma3_tied", "gemma3_narrow"])
 def test_export_loads_with_transformers(converted, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

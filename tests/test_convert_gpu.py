@@ -18,7 +18,8 @@ from tests.dist_harness import run_distributed
 # windows narrower than the rows (TE's windowed attention) and YaRN (TE's fused RoPE with our frequencies and the
 # attention factor in the softmax scale) as well as the plain families
 NAMES = ["llama31_untied", "qwen2_tied", "qwen3_untied", "qwen3_tied_wide", "mistral_untied", "phi3_untied",
-         "gemma3_tied", "gemma3_narrow", "mistral_window", "phi3_window", "qwen2_yarn", "qwen3_yarn"]
+         "gemma3_tied", "gemma3_narrow", "mistral_window", "phi3_window", "qwen2_yarn", "qwen3_yarn",
+         "phi3_longrope", "phi3_partial", "phi3_partial_longrope"]
 ATOL = 2e-3  # fp32 on GPU: TE's GEMMs and attention kernels sum in another order than HF on CPU
 
 

@@ -1,5 +1,6 @@
 """Phi3 (``Phi3ForCausalLM``: microsoft/phi-4, Phi-3-mini/medium 4k): its config.json read with Phi3Config's defaults,
-what Phi3 computes beyond Llama refused by name (partial rotary, longrope), the fused HF tensors (``qkv_proj``,
+its longrope scaling and partial rotary read (su / yarn as longrope, as transformers does), other RoPE scaling refused
+by name, the fused HF tensors (``qkv_proj``,
 ``gate_up_proj``) in the name table and the tensor transforms, and the synthesised export config. Logits against
 transformers at TP1/TP2/PP2, the bit-identical export round trip and loading the export in transformers are in
 test_convert_e2e (cases ``phi3_untied``, ``phi3_tied``); fine-tuning and exporting at TP2 in test_convert_finetune."""
@@ -57,15 +58,25 @@ def test_absent_keys_read_as_phi3config_defaults():
     assert fields["sliding_window"] is ref.sliding_window is None
 
 
+@pytest.mark.parametrize("change, partial, longrope", [
+    ({"partial_rotary_factor": 0.75}, 0.75, False),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}}, 0.5, False),
+    ({"rope_scaling": LONGROPE}, 1.0, True),
+    ({"rope_scaling": dict(LONGROPE, type="su")}, 1.0, True),  # Phi3Config's old names for longrope
+    ({"rope_scaling": dict(LONGROPE, type="yarn")}, 1.0, True),
+    ({"rope_parameters": dict(LONGROPE, rope_type="longrope", rope_theta=1e4)}, 1.0, True),
+])
+def test_partial_rotary_and_longrope_are_read(change, partial, longrope):
+    """(Their semantics against transformers: tests/test_rope_longrope.py.)"""
+    fields = model_fields_from_hf({**PHI4, **change})
+    assert fields["partial_rotary_factor"] == partial
+    assert (fields["rope_scaling"] is not None and fields["rope_scaling"].rope_type == "longrope") is longrope
+
+
 @pytest.mark.parametrize("change, message", [
-    ({"partial_rotary_factor": 0.75}, r"config.json: partial_rotary_factor=0.75 \(Phi3 rotating part of each head"),
-    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
-     "rope_parameters.partial_rotary_factor=0.5"),
-    ({"rope_scaling": LONGROPE}, "rope_scaling with rope_type='longrope' .*not supported"),
-    ({"rope_scaling": dict(LONGROPE, type="su")}, "rope_scaling with rope_type='su'"),
-    ({"rope_parameters": dict(LONGROPE, rope_type="longrope", rope_theta=1e4)}, "rope_type='longrope'"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                       "original_max_position_embeddings": 8192}}, "rope_scaling with rope_type='llama3'"),
+                       "original_max_position_embeddings": 8192}},
+     "rope_scaling with rope_type='llama3' is not supported for Phi3"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
 ])
 def test_what_phi3_computes_beyond_llama_is_refused_by_name(change, message):
@@ -89,7 +100,7 @@ def test_a_partial_rotary_factor_of_one_and_bias_keys_are_the_llama_function():
     (PHI3 + ["model.qk_norm=true"], "model.qk_norm=true with model.family=phi3"),
     (PHI3 + ["model.rope_scaling.factor=8.0", "model.rope_scaling.low_freq_factor=1.0",
              "model.rope_scaling.high_freq_factor=4.0", "model.rope_scaling.original_max_position_embeddings=32"],
-     "model.rope_scaling is set with model.family=phi3: HF Phi3 has no llama3 or yarn rope scaling"),
+     "model.rope_scaling.rope_type=llama3 with model.family=phi3: HF Phi3 has only longrope scaling"),
     (PHI3 + ["model.sliding_window=0"], "model.sliding_window=0 with model.family=phi3"),
 ])
 def test_inconsistent_phi3_fields_are_config_errors(overrides, message):

@@ -31,11 +31,12 @@ _log = get_logger(__name__)
 FIELDS = ("family", "hidden_size", "num_layers", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
           "vocab_size", "rope_theta", "rope_scaling", "norm_epsilon", "tie_embeddings", "qkv_bias", "head_dim",
           "qk_norm", "sliding_window", "sliding_window_pattern", "rope_local_theta", "rope_linear_factor",
-          "query_pre_attn_scalar")
+          "query_pre_attn_scalar", "partial_rotary_factor")
 WARN_FIELDS = ("max_position_embeddings",)
 # Fields added after checkpoints were first written: what a checkpoint without them was built with.
 LATER_FIELDS = {"head_dim": None, "qk_norm": False, "sliding_window": None, "sliding_window_pattern": None,
-                "rope_local_theta": None, "rope_linear_factor": None, "query_pre_attn_scalar": None}
+                "rope_local_theta": None, "rope_linear_factor": None, "query_pre_attn_scalar": None,
+                "partial_rotary_factor": 1.0}
 
 
 def _value(model: dict, name: str):
@@ -45,7 +46,7 @@ def _value(model: dict, name: str):
         return model.get("num_attention_heads")
     if name == "head_dim" and value is None and model.get("num_attention_heads"):  # what head_dim: null means
         return model["hidden_size"] // model["num_attention_heads"]
-    if name == "rope_scaling" and isinstance(value, dict):  # keys added later (rope_type, YaRN's): their defaults
+    if name == "rope_scaling" and isinstance(value, dict):  # keys added later (rope_type, YaRN's, longrope's)
         from dataclasses import asdict
 
         from bft_megatron.config.schema import RopeScaling

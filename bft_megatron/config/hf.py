@@ -9,6 +9,7 @@ import os
 
 from bft_megatron.config.base import ConfigError, format_value
 from bft_megatron.config.hf_gemma3 import REFUSED_ARCHITECTURES, gemma3_fields
+from bft_megatron.config.hf_phi3 import phi3_rope_fields
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["model_fields_from_hf", "merge_hf_config", "legacy_rope_keys", "HF_NAMES"]
@@ -34,7 +35,8 @@ def _rope_scaling(raw, max_positions: int | None = None):
     if kind == "yarn":
         return _yarn_scaling(raw, max_positions)
     if kind != "llama3":
-        raise ConfigError(f"model.rope_scaling: only rope_type 'llama3' and 'yarn' are supported, got {kind!r}")
+        raise ConfigError(f"model.rope_scaling: only rope_type 'llama3' and 'yarn' are supported, got {kind!r} "
+                          "(and 'longrope' with Phi3ForCausalLM)")
     keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
     missing = [k for k in keys if raw.get(k) is None]
     if missing:  # a KeyError / TypeError from float(None) before
@@ -112,8 +114,6 @@ def _check_supported(hf: dict, family: str) -> None:
     act = hf.get("hidden_act", "silu")  # Llama's and Qwen2's default
     if act not in ("silu", "swish"):  # the MLP megatron builds here is SwiGLU: another activation, another model
         raise ConfigError(f"model.from_hf: hidden_act={act!r} is not supported (the trainer's MLP is SwiGLU: silu)")
-    if family == "phi3":
-        _check_phi3(hf)
     head_dim = hf.get("head_dim")
     if head_dim is not None and (int(head_dim) <= 0 or int(head_dim) % 2):
         raise ConfigError(f"model.from_hf: head_dim={head_dim} is not a positive even number")
@@ -134,24 +134,6 @@ def _check_supported(hf: dict, family: str) -> None:
     elif sliding and (window_layers is None or int(window_layers) < layers):
         raise ConfigError(f"model.from_hf: use_sliding_window=true with max_window_layers={window_layers} < "
                           f"num_hidden_layers={layers} is not supported (the model attends globally in every layer)")
-
-
-def _check_phi3(hf: dict) -> None:
-    """What Phi3ForCausalLM computes beyond Llama's function: RoPE on part of each head (Phi-4-mini: 0.75) and
-    longrope (su) scaling of the 128k variants. Phi3Config accepts no other scaling, so llama3's is refused too."""
-    rope = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
-    scaling = hf.get("rope_scaling") if isinstance(hf.get("rope_scaling"), dict) else {}
-    # transformers 4.x keeps it top-level, 5.x inside rope_parameters
-    for where, src in (("partial_rotary_factor", hf), ("rope_parameters.partial_rotary_factor", rope)):
-        factor = src.get("partial_rotary_factor")
-        if factor is not None and float(factor) != 1.0:
-            raise ConfigError(f"model.from_hf: {where}={factor} (Phi3 rotating part of each head, e.g. Phi-4-mini) "
-                              "is not supported: the trainer rotates whole heads (partial_rotary_factor 1.0)")
-    if scaling:  # legacy_rope_keys moved a non-default rope_parameters here
-        kind = scaling.get("rope_type", scaling.get("type"))
-        raise ConfigError(f"model.from_hf: rope_scaling with rope_type={kind!r} (Phi3's longrope/su scaling of the "
-                          "128k-context variants) is not supported; Phi3 without rope scaling is (phi-4, the 4k "
-                          "Phi-3 models)")
 
 
 def model_fields_from_hf(hf: dict) -> dict:
@@ -183,7 +165,9 @@ def model_fields_from_hf(hf: dict) -> dict:
         "vocab_size": int(_required(hf, "vocab_size")),
         "max_position_embeddings": int(_optional(hf, "max_position_embeddings", 4096)),
         "rope_theta": float(_optional(hf, "rope_theta", 10000.0)),
-        "rope_scaling": _rope_scaling(hf.get("rope_scaling"), hf.get("max_position_embeddings")),
+        **(phi3_rope_fields(hf) if family == "phi3" else {  # longrope, partial rotary: config/hf_phi3.py
+            "rope_scaling": _rope_scaling(hf.get("rope_scaling"), hf.get("max_position_embeddings")),
+            "partial_rotary_factor": 1.0}),
         "norm_epsilon": float(_optional(hf, "rms_norm_eps", _NORM_EPS_DEFAULT.get(family, 1e-6))),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "qkv_bias": family == "qwen2",  # Llama with attention_bias is refused above

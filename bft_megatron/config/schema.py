@@ -22,8 +22,10 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
 
 @dataclass
 class RopeScaling:
-    """HF ``rope_scaling``: Llama-3.x's ``llama3`` (the defaults: Llama-3.1's values) or YaRN (``yarn``: Qwen2.5 /
-    Qwen3 long context; ``factor`` and ``original_max_position_embeddings`` are then the model's own)."""
+    """HF ``rope_scaling``: Llama-3.x's ``llama3`` (the defaults: Llama-3.1's values), YaRN (``yarn``: Qwen2.5 /
+    Qwen3 long context; ``factor`` and ``original_max_position_embeddings`` are then the model's own) or Phi3's
+    ``longrope`` (Phi-3.5-mini, Phi-3-*-128k, Phi-4-mini: ``short_factor`` / ``long_factor`` per frequency;
+    ``factor`` only sets the default attention factor, HF's max_position_embeddings / original length)."""
 
     factor: float = 8.0
     low_freq_factor: float = 1.0   # llama3 only
@@ -35,9 +37,14 @@ class RopeScaling:
     beta_slow: float = 1.0
     mscale: float | None = None
     mscale_all_dim: float | None = None
-    attention_factor: float | None = None
+    attention_factor: float | None = None  # yarn and longrope
     truncate: bool = True  # floor/ceil the correction range (HF's default; false: gpt-oss)
-    rope_type: Literal["llama3", "yarn"] = "llama3"  # last: the four llama3 fields keep their positions
+    rope_type: Literal["llama3", "yarn", "longrope"] = "llama3"  # the four llama3 fields keep their positions
+    # longrope only (added after rope_type, so that every earlier field keeps its position): the divisors of the
+    # rotary inverse frequencies (rotary_dim/2 each) for rows up to original_max_position_embeddings (short) and
+    # beyond (long; rows that long are refused, docs/training.md)
+    short_factor: list[float] | None = None
+    long_factor: list[float] | None = None
 
     def yarn_attention_factor(self) -> float:
         """The factor HF multiplies YaRN's cos and sin by (``_compute_yarn_parameters``)."""
@@ -50,6 +57,14 @@ class RopeScaling:
         if self.mscale and self.mscale_all_dim:
             return get_mscale(self.factor, self.mscale) / get_mscale(self.factor, self.mscale_all_dim)
         return get_mscale(self.factor)
+
+    def longrope_attention_factor(self) -> float:
+        """The factor HF multiplies longrope's cos and sin by (``_compute_longrope_parameters``), short or long."""
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        if self.factor <= 1.0:
+            return 1.0
+        return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position_embeddings))
 
 
 @dataclass
@@ -85,6 +100,9 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # softmax scale query_pre_attn_scalar**-0.5 (None: head width)
     make_vocab_size_divisible_by: int = 128
     init_method_std: float = 0.02
+    # Phi3 only (HF partial_rotary_factor; Phi-4-mini: 0.75): RoPE rotates the first int(head width * factor)
+    # channels of each query and key head, the rest pass unrotated (megatron's rotary_percent)
+    partial_rotary_factor: float = 1.0
 
     def window_binds(self, seq_length: int) -> bool:
         """Whether the attention window is narrower than the rows (``data.seq_length``), so that the built model
@@ -102,6 +120,11 @@ class ModelConfig:
     def kv_channels(self) -> int:
         """Channels per attention head (megatron's ``kv_channels``)."""
         return self.head_dim or self.hidden_size // max(self.num_attention_heads, 1)
+
+    @property
+    def rotary_dim(self) -> int:
+        """Rotated channels per query / key head (HF's ``int(head_dim * partial_rotary_factor)``)."""
+        return int(self.kv_channels * self.partial_rotary_factor)
 
     @property
     def query_size(self) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from bft_megatron.config.base import ConfigError, format_value, non_finite_floats
 from bft_megatron.config.hf import HF_NAMES
+from bft_megatron.config.rope_checks import check_longrope_rows, check_phi3_rope, longrope_warnings
 from bft_megatron.config.schema import Config
 
 __all__ = ["Layout", "validate", "config_warnings", "error_hint", "have_transformer_engine"]
@@ -87,9 +88,7 @@ def _check_model(m) -> None:
              f"model.sliding_window={m.sliding_window} with model.family={m.family}: only Mistral's, Phi3's and "
              "Gemma3's exports have a sliding window (>= 1); leave it null")
     _check_gemma3(m)
-    # Phi3Config knows only longrope scaling (not implemented here): a llama3 one would not load in transformers
-    _require(m.family != "phi3" or m.rope_scaling is None, "model.rope_scaling is set with model.family=phi3: HF "
-             "Phi3 has no llama3 or yarn rope scaling (and longrope is not supported here); leave it null")
+    check_phi3_rope(m)  # longrope and partial rotary (Phi3 only; config/rope_checks.py)
     head_norms = m.family in ("qwen3", "gemma3")
     _require(head_norms == m.qk_norm, f"model.qk_norm={str(m.qk_norm).lower()} with model.family="
              f"{m.family}: of the exported architectures only Qwen3 and Gemma3 normalise query and key heads (q_norm, "
@@ -102,7 +101,7 @@ def _check_model(m) -> None:
     rs = m.rope_scaling
     if rs is not None and rs.rope_type == "yarn":
         _check_yarn(rs)
-    elif rs is not None:
+    elif rs is not None and rs.rope_type == "llama3":
         _require(rs.factor > 0, f"model.rope_scaling.factor must be > 0, got {rs.factor}")
         _require(rs.high_freq_factor > rs.low_freq_factor > 0,
                  f"model.rope_scaling needs high_freq_factor > low_freq_factor > 0, got "
@@ -325,6 +324,7 @@ def validate(cfg: Config, world_size: int, require_te: bool = True) -> Layout:
         raise ConfigError(f"{bad[0][0]} must be a finite number, got {bad[0][1]}")
     _check_model(cfg.model)
     _check_window(cfg)
+    check_longrope_rows(cfg)
     dp = _check_parallel(cfg, world_size)
     num_micro = _check_train(cfg, dp, require_te)
     _check_loss_ckpt(cfg)
@@ -345,6 +345,7 @@ def config_warnings(cfg: Config, eval_only: bool = False) -> list[str]:
     if cfg.data.seq_length > m.max_position_embeddings:
         out.append(f"data.seq_length={cfg.data.seq_length} exceeds model.max_position_embeddings="
                    f"{m.max_position_embeddings}: positions beyond the model's context length")
+    out += longrope_warnings(m)
     if lo.method != "sft" and lo.sft_warmup_iters >= t.train_iters:
         out.append(f"loss.sft_warmup_iters={lo.sft_warmup_iters} >= train.train_iters={t.train_iters}: "
                    f"loss.method={lo.method} never runs (every step is SFT)")

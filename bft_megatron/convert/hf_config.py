@@ -32,7 +32,7 @@ _log = get_logger(__name__)
 _ARCH_FIELDS = ("family", "hidden_size", "num_layers", "num_attention_heads", "kv_groups", "ffn_hidden_size",
                 "vocab_size", "tie_embeddings", "qkv_bias", "kv_channels", "qk_norm", "sliding_window", "rope_theta",
                 "rope_scaling", "norm_epsilon", "sliding_window_pattern", "rope_local_theta", "rope_linear_factor",
-                "query_pre_attn_scalar")
+                "query_pre_attn_scalar", "partial_rotary_factor")
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -60,7 +60,14 @@ def _template_config(sources: ExportSources, m: ModelConfig) -> tuple[dict | Non
 
 
 def _rope_scaling(rs) -> dict:
-    """HF's ``rope_scaling`` of ``rs`` (llama3 or yarn; yarn's optional keys only where set, as HF reads them)."""
+    """HF's ``rope_scaling`` of ``rs`` (llama3, yarn or longrope; the optional keys only where set, as HF reads
+    them). longrope's factor is written out: transformers would otherwise derive it from max_position_embeddings,
+    which a run may have changed."""
+    if rs.rope_type == "longrope":
+        out = {"rope_type": "longrope", "factor": rs.factor, "short_factor": list(rs.short_factor),
+               "long_factor": list(rs.long_factor),
+               "original_max_position_embeddings": rs.original_max_position_embeddings}
+        return out if rs.attention_factor is None else {**out, "attention_factor": rs.attention_factor}
     if rs.rope_type == "yarn":
         out = {"rope_type": "yarn", "factor": rs.factor,
                "original_max_position_embeddings": rs.original_max_position_embeddings,
@@ -122,9 +129,13 @@ def _synthesised_config(m: ModelConfig) -> dict:
     elif m.family == "phi3":
         # Phi3Config's own token ids (32000: Phi-3's vocabulary) would outlive _set_token_ids (which keeps a set
         # pad id) and be out of range for another vocabulary: none here, the tokenizer's are written later.
-        # original_max_position_embeddings matters only to longrope (refused); phi-4 has it equal to the context.
+        # original_max_position_embeddings: longrope's (the top-level key wins over the one in rope_scaling in
+        # transformers); without longrope it matters to nothing (phi-4 has it equal to the context).
+        rs = m.rope_scaling
+        original = rs.original_max_position_embeddings if rs is not None else m.max_position_embeddings
         cfg = Phi3Config(sliding_window=m.sliding_window, bos_token_id=None, eos_token_id=None, pad_token_id=None,
-                         original_max_position_embeddings=m.max_position_embeddings, **kwargs)
+                         original_max_position_embeddings=original, partial_rotary_factor=m.partial_rotary_factor,
+                         **kwargs)
         cfg.architectures = ["Phi3ForCausalLM"]
     elif m.family == "mistral":
         cfg = MistralConfig(sliding_window=m.sliding_window, **kwargs)
@@ -144,6 +155,8 @@ def _synthesised_config(m: ModelConfig) -> dict:
     config["rope_theta"] = m.rope_theta
     if m.rope_scaling is not None:  # built afresh: transformers adds rope_theta into the dict it was given
         config["rope_scaling"] = _rope_scaling(m.rope_scaling)
+    if m.partial_rotary_factor != 1:  # 4.x reads it top-level (5.x in rope_parameters, which to_diff_dict wrote)
+        config["partial_rotary_factor"] = m.partial_rotary_factor
     return config
 
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from bft_megatron.config.schema import Config, padded_vocab_size
-from bft_megatron.model.layers import llama3_inv_freq, yarn_inv_freq
+from bft_megatron.model.layers import llama3_inv_freq, longrope_inv_freq, yarn_inv_freq
+from bft_megatron.model.rotary_scale import install_rotary_attention_factor
 from bft_megatron.model.spec import block_spec, have_te, warn_window_backend
 from bft_megatron.model.wgrad import fuse_embedding_wgrad, output_layer_without_apex, unfuse_output_layer
 from bft_megatron.parallel.bootstrap import ParallelGroups
@@ -87,16 +88,30 @@ def transformer_config(cfg: Config, groups: ParallelGroups):
         # HF multiplies YaRN's cos and sin by the attention factor a: queries and keys both scaled by a, so the
         # scores by a^2, which is this softmax scale (the same in TE's fused RoPE and attention, THD and CP)
         kwargs["softmax_scale"] = m.rope_scaling.yarn_attention_factor() ** 2 / math.sqrt(m.kv_channels)
+    elif _longrope(m) and m.partial_rotary_factor == 1:
+        # longrope's a, the same way when whole heads rotate; with partial rotary: model/rotary_scale.py
+        kwargs["softmax_scale"] = m.rope_scaling.longrope_attention_factor() ** 2 / math.sqrt(m.kv_channels)
     return TransformerConfig(**kwargs)
 
 
+def _longrope(m) -> bool:
+    return m.rope_scaling is not None and m.rope_scaling.rope_type == "longrope"
+
+
 def _install_rope_scaling(model, cfg: Config) -> None:
-    """llama3 / YaRN inverse frequencies on the chunk's rotary embedding (megatron 0.16 knows only llama3's factor)."""
-    rs = cfg.model.rope_scaling
+    """llama3 / YaRN / longrope inverse frequencies on the chunk's rotary embedding (megatron 0.16 knows only
+    llama3's factor). longrope: the short factors, which transformers uses for every sample of rows no longer than
+    original_max_position_embeddings (longer rows are refused: config/rope_checks.py); with partial rotary its
+    attention factor goes on the rotated query/key channels (model/rotary_scale.py)."""
+    rs, m = cfg.model.rope_scaling, cfg.model
+    if _longrope(m) and m.partial_rotary_factor != 1 and rs.longrope_attention_factor() != 1:
+        install_rotary_attention_factor(model, m)
     if rs is None or not hasattr(model, "rotary_pos_emb"):
         return
-    emb, m = model.rotary_pos_emb, cfg.model
-    if rs.rope_type == "yarn":
+    emb = model.rotary_pos_emb
+    if rs.rope_type == "longrope":
+        inv = longrope_inv_freq(m.rotary_dim, m.rope_theta, rs.short_factor)
+    elif rs.rope_type == "yarn":
         inv = yarn_inv_freq(m.kv_channels, m.rope_theta, rs.factor, rs.original_max_position_embeddings,
                             rs.beta_fast, rs.beta_slow, rs.truncate)
     else:
@@ -139,6 +154,7 @@ def _gpt_model(cfg: Config, tconfig, spec, groups: ParallelGroups, vp_stage, pre
         # float, as HF: megatron only computes rotary_base ** (2i / d), and int() would truncate e.g. 1e4 + 0.5
         rotary_base=m.rope_theta, rope_scaling=m.rope_scaling is not None and m.rope_scaling.rope_type == "llama3",
         rope_scaling_factor=m.rope_scaling.factor if m.rope_scaling else 8.0,
+        rotary_percent=m.partial_rotary_factor,  # Phi-4-mini's partial rotary: int(kv_channels * it) channels, as HF
         pg_collection=groups.pg_collection, vp_stage=vp_stage,
     )
 

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-__all__ = ["RMSNorm", "llama3_inv_freq", "yarn_inv_freq"]
+__all__ = ["RMSNorm", "llama3_inv_freq", "yarn_inv_freq", "longrope_inv_freq"]
 
 
 class RMSNorm(torch.nn.Module):
@@ -77,3 +77,12 @@ def yarn_inv_freq(head_dim: int, theta: float, factor: float, original_max_posit
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
     extrapolation = 1 - ramp  # 1: keep the original frequency
     return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+
+
+def longrope_inv_freq(rotary_dim: int, theta: float, ext_factors: list[float]) -> torch.Tensor:
+    """Phi3 longrope's inverse frequencies ``[rotary_dim/2]`` (HF ``rope_type: longrope``,
+    ``_compute_longrope_parameters``): the plain RoPE frequencies over the rotated channels, each divided by its
+    factor (the short or the long list). The attention factor is applied by model/builder.py."""
+    factors = torch.tensor(ext_factors, dtype=torch.float32)
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    return 1.0 / (factors * theta ** exponents)
