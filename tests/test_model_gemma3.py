@@ -289,7 +289,8 @@ def test_gemma3_window_only_in_rows_longer_than_it(seq_length, window):
     assert [is_sliding(tc, n) for n in (1, 2, 3, 4)] == [True, False, True, False]
     assert cfg.model.window_binds(seq_length) == (window is not None)
     llama = load_config(None, TINY + [f"data.seq_length={seq_length}"]).model
-    dense = flops_per_token(cfg.model, seq_length) == flops_per_token(replace(cfg.model, sliding_window=None), seq_length)
+    unwindowed = replace(cfg.model, sliding_window=None)
+    dense = flops_per_token(cfg.model, seq_length) == flops_per_token(unwindowed, seq_length)
     assert dense == (window is None) and not llama.window_binds(seq_length)
 
 
