@@ -26,11 +26,18 @@ def rotary_channel_scale(heads_per_group: int, head_dim: int, rotary_dim: int, f
 
 
 def _hook(scale: torch.Tensor):
+    # the full-width vector per (device, dtype, width), made once: a host-to-device copy on every forward would be
+    # a blocking copy (a stream sync) per layer and micro-batch
+    cache: dict[tuple, torch.Tensor] = {}
+
     def scale_qkv(module, args, output):
         out, rest = (output, None) if isinstance(output, torch.Tensor) else (output[0], tuple(output[1:]))
         width = scale.numel()
         assert out.shape[-1] % width == 0, f"linear_qkv output width {out.shape[-1]} is not a multiple of {width}"
-        scaled = out * scale.to(device=out.device, dtype=out.dtype).repeat(out.shape[-1] // width)
+        key = (out.device, out.dtype, out.shape[-1])
+        if key not in cache:
+            cache[key] = scale.repeat(out.shape[-1] // width).to(device=out.device, dtype=out.dtype)
+        scaled = out * cache[key]
         return scaled if rest is None else (scaled, *rest)  # megatron's linear layers: (output, bias)
 
     return scale_qkv
