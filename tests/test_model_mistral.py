@@ -11,6 +11,7 @@ import torch
 from bft_megatron.checkpoint.architecture import architecture_changes
 from bft_megatron.config import load_config, to_dict
 from bft_megatron.config.hf import model_fields_from_hf
+from bft_megatron.config.plan import format_plan
 from bft_megatron.config.schema import ModelConfig
 from bft_megatron.config.validate import validate
 from tests.launch import TINY
@@ -61,9 +62,11 @@ def test_rows_longer_than_the_window_apply_it_in_every_layer(monkeypatch):
     cp2 = load_config(None, TINY + ["model.family=mistral", "model.sliding_window=16", "parallel.cp=2"])
     validate(cp2, world_size=2, require_te=False)  # TE's all-to-all CP takes it
     assert transformer_config(cp2, groups).cp_comm_type == "a2a"
+    assert "CP2 runs all-to-all (cp_comm_type a2a" in format_plan(cp2, 2, 0.4, 989.0)
     wide = load_config(None, TINY + MISTRAL + ["parallel.cp=4"])  # 32: no window, p2p
     validate(wide, world_size=4, require_te=False)
     assert transformer_config(wide, groups).cp_comm_type is None
+    assert "all-to-all" not in format_plan(wide, 4, 0.4, 989.0)
 
 
 @pytest.mark.parametrize("overrides, message", [

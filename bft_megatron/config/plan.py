@@ -286,6 +286,10 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
         rows.append(f"note: under CP{p.cp} each packed sample is padded to a multiple of {2 * p.cp} tokens, so rows "
                     f"grow past data.seq_length by up to {2 * p.cp - 1} tokens per sample (plus rounding to a "
                     f"multiple of {rounding}); the trainer logs the plan again at the measured length")
+    if p.cp > 1 and cfg.model.window_binds(cfg.data.seq_length):
+        rows.append(f"note: model.sliding_window={cfg.model.sliding_window} < data.seq_length={cfg.data.seq_length}: "
+                    f"under Transformer Engine CP{p.cp} runs all-to-all (cp_comm_type a2a; its p2p ring has no "
+                    "windowed attention), exchanging heads instead of key/value blocks")
     return "\n".join(rows)
 
 
