@@ -144,3 +144,23 @@ def test_window_backend_problem_names_what_is_missing(cudnn, flash, dropout, pac
 
     got = window_backend_problem(cudnn, flash, dropout, packed)
     assert got is None if problem is None else problem in got
+
+
+def test_fp8_weight_cache_maps_to_megatron_and_the_plan():
+    """``train.fp8_weight_cache`` (default on) is megatron's ``disable_parameter_transpose_cache`` inverted (TE's
+    Linear and our fused MLP read it); the planner keeps both FP8 copies of every linear weight for the step
+    with it, and one (column-wise, for the backward pass) per micro-batch in flight without it."""
+    from bft_megatron.config.plan import GIB, plan_memory
+
+    fp8 = ["train.fp8=hybrid", "train.bf16=true"]
+    assert transformer_config(load_config(None, TINY + fp8), CPU).disable_parameter_transpose_cache is False
+    off = load_config(None, TINY + fp8 + ["train.fp8_weight_cache=false"])
+    assert transformer_config(off, CPU).disable_parameter_transpose_cache is True
+    linear = 4 * (64 * 128 + 64 * 64 + 3 * 64 * 128)  # TINY: 4 layers of QKV, projection, SwiGLU fc1 + fc2
+    cached, _ = plan_memory(load_config(None, TINY + fp8), dp=1, num_microbatches=4)
+    assert cached.fp8_buffers == pytest.approx(2 * linear / GIB)
+    assert plan_memory(off, dp=1, num_microbatches=4)[0].fp8_buffers == pytest.approx(linear / GIB)
+    pp = ["parallel.pp=2", "model.num_layers=4"]  # first stage of 1F1B: 2 micro-batches in flight, 2 layers
+    first, _ = plan_memory(load_config(None, TINY + fp8 + pp + ["train.fp8_weight_cache=false"]), dp=1,
+                           num_microbatches=4)
+    assert first.fp8_buffers == pytest.approx(2 * (linear / 2) / GIB)

@@ -113,6 +113,8 @@ def test_te_performance_options_keep_parameters_and_losses(groups):
     """gradient_accumulation_fusion (TE layers write main_grad; without apex the output layer through
     TorchWgradAccum) and te_op_fuser (TEFusedMLP) change kernels, not the model: same parameter names, same
     losses (bf16)."""
+    from megatron.core.extensions.transformer_engine import TEFusedMLP
+
     from bft_megatron.training.fit import fit
 
     steps = ["train.train_iters=6", "train.warmup_iters=1", "loss.method=sft"]
@@ -120,7 +122,7 @@ def test_te_performance_options_keep_parameters_and_losses(groups):
     fast = _reseeded_trainer(groups, steps + ["train.gradient_accumulation_fusion=true", "train.te_op_fuser=true"])
     names = [n for n, _ in base.model[0].named_parameters()]
     assert names == [n for n, _ in fast.model[0].named_parameters()]
-    assert type(fast.model[0].module.module.decoder.layers[0].mlp).__name__ == "TEFusedMLP"
+    assert isinstance(fast.model[0].module.module.decoder.layers[0].mlp, TEFusedMLP)
     assert fast.tconfig.gradient_accumulation_fusion and not base.tconfig.gradient_accumulation_fusion
     assert fast.model[0].module.module.output_layer.gradient_accumulation_fusion
     fit(base, None)
@@ -185,3 +187,37 @@ def test_bf16_gradient_buffers_train_like_fp32(groups):
     got = [h["loss"] for h in half.state.history]
     assert want[-1] < 0.9 * want[0], want
     assert got == pytest.approx(want, rel=2e-2), (got, want)
+
+
+def _fused_mlp_linears(trainer):
+    from bft_megatron.model.te_fused_mlp import _StepCachedLinear
+
+    layers = trainer.model[0].module.module.decoder.layers
+    return [op for layer in layers for op in layer.mlp._fused_impl[0] if isinstance(op, _StepCachedLinear)]
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+def test_fused_mlp_casts_fp8_weights_once_per_step(groups, recipe):
+    """te_op_fuser + FP8: fc1 / fc2 are quantized at each step's first micro-batch only (4 micro-batches a
+    step here) and the losses equal those of a run that casts every weight for every micro-batch
+    (fp8_weight_cache=false). Tensorwise casts of the same weights are the same bits, so the losses must match
+    exactly; a copy kept across an optimizer step would have trained on old weights and shown. Delayed
+    scaling may pick another scale for the later micro-batches' casts: close, not equal (as TE's Linear)."""
+    from bft_megatron.training.fit import fit
+
+    steps = ["train.train_iters=5", "train.warmup_iters=1", "loss.method=sft", "train.fp8=hybrid",
+             f"train.fp8_recipe={recipe}", "train.te_op_fuser=true"]
+    base = _reseeded_trainer(groups, steps + ["train.fp8_weight_cache=false"])
+    fast = _reseeded_trainer(groups, steps)
+    fit(base, None)
+    fit(fast, None)
+    assert not _fused_mlp_linears(base)  # the uncached run keeps TE's own BasicLinear
+    linears = _fused_mlp_linears(fast)
+    assert len(linears) == 2 * 2 and all(op.casts == 5 for op in linears), [op.casts for op in linears]
+    want = [h["loss"] for h in base.state.history]
+    got = [h["loss"] for h in fast.state.history]
+    assert want[-1] < 0.9 * want[0], want
+    if recipe == "tensorwise":
+        assert got == want
+    else:
+        assert got == pytest.approx(want, rel=2e-2), (got, want)

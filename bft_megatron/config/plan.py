@@ -112,6 +112,14 @@ def _in_flight(p, num_microbatches: int, stage: str) -> float:
     return chunks / vp
 
 
+def _fp8_weight_copies(t, linear_params: float, flight: float) -> float:
+    """GiB of FP8 weight copies (1 byte each, row- and column-wise): cached for the step, both copies of every
+    linear weight; else each micro-batch in flight keeps the column-wise copy for its backward pass."""
+    if not t.fp8:
+        return 0.0
+    return (2.0 if t.fp8_weight_cache else flight) * linear_params / GIB
+
+
 def _stages(p) -> tuple[str, ...]:
     """The pipeline stages whose GPUs differ: one without PP, else the first and the last."""
     return ("only",) if p.pp == 1 else ("first", "last")
@@ -148,7 +156,7 @@ def plan_memory(cfg, dp: int, num_microbatches: int, seq_length: float | None = 
             activations=flight * layers_here * act_layer / GIB,
             activations_recompute=(flight * layers_here * layer_input + act_layer) / GIB,
             logits=logits / GIB,
-            fp8_buffers=(2 * linear_params / GIB) if t.fp8 else 0.0,
+            fp8_buffers=_fp8_weight_copies(t, linear_params, flight),
             overhead=RUNTIME_OVERHEAD_GIB,
         )
     recompute = t.recompute == "full"

@@ -185,6 +185,10 @@ class TrainConfig:
     # the MLP (norm, fc1, SwiGLU, fc2) runs through TE's fused operation API (te.ops), same parameters
     # (needs TE).
     te_op_fuser: bool = False
+    # FP8: each weight's FP8 copy is cast at a step's first micro-batch and reused by its other micro-batches
+    # (TE's Linear; the fused MLP through bft_megatron.model.te_fused_mlp). false: cast for every micro-batch
+    # (megatron's disable_parameter_transpose_cache; less memory with several micro-batches in flight, slower).
+    fp8_weight_cache: bool = True
     seed: int = 1234
     eval_interval: int = 0  # 0 = no validation
     eval_iters: int | None = 1  # global batches per validation; null = the whole validation split once

@@ -28,7 +28,7 @@ def _precision_kwargs(cfg: Config, on_cpu: bool) -> dict:
     dtype = torch.bfloat16 if t.bf16 else torch.float32
     kw = dict(bf16=t.bf16, params_dtype=dtype, pipeline_dtype=dtype)
     if t.fp8 is not None:
-        kw.update(fp8=t.fp8, fp8_recipe=t.fp8_recipe)
+        kw.update(fp8=t.fp8, fp8_recipe=t.fp8_recipe, disable_parameter_transpose_cache=not t.fp8_weight_cache)
     return kw
 
 

@@ -22,7 +22,8 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
     """The decoder-block spec for this pipeline stage / virtual chunk.
 
     TE: megatron-core's TE layer spec (norms fused into ``linear_qkv`` / ``linear_fc1``); with
-    ``te_op_fuser`` the MLP is megatron's ``TEFusedMLP`` (TE's operation API; same parameters).
+    ``te_op_fuser`` the MLP is megatron's ``TEFusedMLP`` (TE's operation API; same parameters), with its FP8
+    weights cast once per step (:mod:`bft_megatron.model.te_fused_mlp`).
     Local: megatron-core's local layer spec with :class:`RMSNorm` (sequence-parallel capable) for
     the layer norms and the final norm, and :class:`ReferenceAttention` as core attention (THD
     packing and context parallelism, like TE's; dense O(T^2) scores: fine for CPU tests, slow on GPU).
@@ -41,6 +42,8 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
 
         layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm,
                                                            use_te_op_fuser=te_op_fuser)
+        if te_op_fuser:
+            _cache_fused_mlp_weights(layer)
         norm = TENorm
     else:
         layer, norm = _local_layer_spec(config), RMSNorm
@@ -49,6 +52,20 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
 
         layer = gemma3_layer_spec(layer, use_te=use_te, norm_cls=norm)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
+
+
+def _cache_fused_mlp_weights(layer) -> None:
+    """megatron's ``TEFusedMLP`` -> :class:`StepCachedFusedMLP` (FP8 weights cast once per step, as TE's
+    ``Linear``); the same submodules and parameters."""
+    from megatron.core.extensions.transformer_engine import TEFusedMLP
+
+    from bft_megatron.model.te_fused_mlp import StepCachedFusedMLP
+
+    mlp = layer.submodules.mlp
+    if mlp.module is not TEFusedMLP:
+        raise RuntimeError(f"megatron-core's TE layer spec with use_te_op_fuser=True built {mlp.module!r} as the "
+                           "MLP, not TEFusedMLP: unsupported megatron-core version for train.te_op_fuser")
+    mlp.module = StepCachedFusedMLP
 
 
 def _local_layer_spec(config):
