@@ -59,15 +59,17 @@ class _StepCachedLinear(te.ops.BasicLinear):
         self._step_weight, self._step_columnwise, self.casts = w, requires_grad, self.casts + 1
         return w
 
-    def op_forward(self, ctx, input_, prev_op_grad_output_quantizer, next_op_input_quantizer):
+    def op_forward(self, ctx, input_, prev_op_grad_output_quantizer, next_op_input_quantizer, **kwargs):
+        quantizers = dict(prev_op_grad_output_quantizer=prev_op_grad_output_quantizer,
+                          next_op_input_quantizer=next_op_input_quantizer, **kwargs)
         if not FP8GlobalStateManager.is_fp8_enabled() or _recipe_overrides_backward():
-            return super().op_forward(ctx, input_, prev_op_grad_output_quantizer, next_op_input_quantizer)
+            return super().op_forward(ctx, input_, **quantizers)
         # op_forward reads self.weight for the GEMM (a quantized tensor is used as is, and kept whole for the
         # backward GEMM) and for its dtype / requires_grad; an instance attribute shadows the registered
         # parameter for this call only, so the backward pass (main_grad, wgrad fusion) sees the parameter.
         self.__dict__["weight"] = self._quantized_weight(ctx.requires_grad)
         try:
-            return super().op_forward(ctx, input_, prev_op_grad_output_quantizer, next_op_input_quantizer)
+            return super().op_forward(ctx, input_, **quantizers)
         finally:
             del self.__dict__["weight"]
 
