@@ -33,19 +33,19 @@ __all__ = ["StepCachedFusedMLP"]
 class _StepCachedLinear(te.ops.BasicLinear):
     """``BasicLinear`` whose FP8 weight is quantized once and reused until :meth:`drop_step_weight`."""
 
-    _step_weight = None
-    _step_columnwise = False
+    # (FP8 weight, has column-wise data) of this step, or None. A tuple: nn.Module would register a bare
+    # Parameter assigned to an attribute as a parameter of the op.
+    _step_cache = None
     casts = 0  # how many times the weight was quantized (tests check one per optimizer step)
 
     def drop_step_weight(self) -> None:
-        self._step_weight = None
+        self._step_cache = None
 
     def _quantized_weight(self, requires_grad: bool):
         """The step's FP8 copy of ``self.weight``: row-wise for the forward GEMM, column-wise for the input
         gradient's (made by TE's own weight quantizer: scale, amax bookkeeping and kernels are TE's)."""
-        w = self._step_weight
-        if w is not None and (self._step_columnwise or not requires_grad):
-            return w
+        if self._step_cache is not None and (self._step_cache[1] or not requires_grad):
+            return self._step_cache[0]
         quantizer = self.get_quantizer("forward", 1)
         quantizer.set_usage(rowwise=True, columnwise=requires_grad)
         internal, quantizer.internal = quantizer.internal, False  # a tensor (dtype, requires_grad), not storage
@@ -56,7 +56,7 @@ class _StepCachedLinear(te.ops.BasicLinear):
             quantizer.internal = internal
         # a parameter, as TE wraps FP8 parameters: op_forward reads requires_grad to decide on the weight gradient
         w = torch.nn.Parameter(w, requires_grad=self.weight.requires_grad)
-        self._step_weight, self._step_columnwise, self.casts = w, requires_grad, self.casts + 1
+        self._step_cache, self.casts = (w, requires_grad), self.casts + 1
         return w
 
     def op_forward(self, ctx, input_, prev_op_grad_output_quantizer, next_op_input_quantizer, **kwargs):
