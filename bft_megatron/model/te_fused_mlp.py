@@ -86,7 +86,8 @@ class StepCachedFusedMLP(TEFusedMLP):
         impl = super()._make_fused_impl()
         if not self.config.disable_parameter_transpose_cache:
             for op in impl:
-                if type(op) is te.ops.BasicLinear:
+                # TE releases whose ops predate quantizer objects keep their own per-micro-batch casts
+                if type(op) is te.ops.BasicLinear and hasattr(op, "get_quantizer"):
                     op.__class__ = _StepCachedLinear  # adds methods only: no new state to initialise
         return impl
 
