@@ -164,3 +164,35 @@ def test_fp8_weight_cache_maps_to_megatron_and_the_plan():
     first, _ = plan_memory(load_config(None, TINY + fp8 + pp + ["train.fp8_weight_cache=false"]), dp=1,
                            num_microbatches=4)
     assert first.fp8_buffers == pytest.approx(2 * (linear / 2) / GIB)
+
+
+class _FusedMLP:  # stands in for megatron's TEFusedMLP (None without Transformer Engine)
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+    @classmethod
+    def as_mlp_submodule(cls, submodules, config):
+        return cls(submodules=submodules, config=config)
+
+
+class _CachedMLP(_FusedMLP):
+    pass
+
+
+def test_swap_mlp_class_in_both_spec_spellings():
+    """te_op_fuser's MLP class swap works on megatron-core <= 0.18's ``ModuleSpec(module=TEFusedMLP)`` and on
+    0.19's ``partial(TEFusedMLP.as_mlp_submodule, submodules=...)``; anything else is refused by name."""
+    import functools
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    old = SimpleNamespace(submodules=SimpleNamespace(mlp=ModuleSpec(module=_FusedMLP, submodules="subs")))
+    spec.swap_mlp_class(old, _FusedMLP, _CachedMLP)
+    assert old.submodules.mlp.module is _CachedMLP and old.submodules.mlp.submodules == "subs"
+    new = SimpleNamespace(submodules=SimpleNamespace(mlp=functools.partial(_FusedMLP.as_mlp_submodule, submodules="s")))
+    spec.swap_mlp_class(new, _FusedMLP, _CachedMLP)
+    built = new.submodules.mlp(config="c")
+    assert type(built) is _CachedMLP and built.kwargs == {"submodules": "s", "config": "c"}
+    other = SimpleNamespace(submodules=SimpleNamespace(mlp=ModuleSpec(module=dict)))
+    with pytest.raises(RuntimeError, match="builds the MLP with .* not _FusedMLP"):
+        spec.swap_mlp_class(other, _FusedMLP, _CachedMLP)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 from bft_megatron.model.layers import RMSNorm
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["have_te", "block_spec", "window_backend_problem", "warn_window_backend"]
+__all__ = ["have_te", "block_spec", "swap_mlp_class", "window_backend_problem", "warn_window_backend"]
 
 _log = get_logger(__name__)
 _WARNED = {"local": False}
@@ -43,7 +44,11 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
         layer = get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm,
                                                            use_te_op_fuser=te_op_fuser)
         if te_op_fuser:
-            _cache_fused_mlp_weights(layer)
+            from megatron.core.extensions.transformer_engine import TEFusedMLP
+
+            from bft_megatron.model.te_fused_mlp import StepCachedFusedMLP
+
+            swap_mlp_class(layer, TEFusedMLP, StepCachedFusedMLP)
         norm = TENorm
     else:
         layer, norm = _local_layer_spec(config), RMSNorm
@@ -54,18 +59,23 @@ def block_spec(config, use_te: bool, vp_stage: int | None, pp_rank: int, te_op_f
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm)
 
 
-def _cache_fused_mlp_weights(layer) -> None:
-    """megatron's ``TEFusedMLP`` -> :class:`StepCachedFusedMLP` (FP8 weights cast once per step, as TE's
-    ``Linear``); the same submodules and parameters."""
-    from megatron.core.extensions.transformer_engine import TEFusedMLP
+def swap_mlp_class(layer, base: type, replacement: type) -> None:
+    """Build ``replacement`` (a subclass of megatron's ``base`` MLP class) where the layer spec builds ``base``:
+    megatron's ``TEFusedMLP`` -> :class:`~bft_megatron.model.te_fused_mlp.StepCachedFusedMLP` (FP8 weights cast once
+    per step, as TE's ``Linear``; the same submodules and parameters).
 
-    from bft_megatron.model.te_fused_mlp import StepCachedFusedMLP
-
+    megatron-core <= 0.18 spells the MLP as ``ModuleSpec(module=TEFusedMLP, ...)``; 0.19 as
+    ``functools.partial(TEFusedMLP.as_mlp_submodule, submodules=...)`` (a class-method builder).
+    """
     mlp = layer.submodules.mlp
-    if mlp.module is not TEFusedMLP:
-        raise RuntimeError(f"megatron-core's TE layer spec with use_te_op_fuser=True built {mlp.module!r} as the "
-                           "MLP, not TEFusedMLP: unsupported megatron-core version for train.te_op_fuser")
-    mlp.module = StepCachedFusedMLP
+    func = getattr(mlp, "func", None)
+    if isinstance(mlp, functools.partial) and getattr(func, "__self__", None) is base:
+        layer.submodules.mlp = functools.partial(getattr(replacement, func.__name__), *mlp.args, **mlp.keywords)
+    elif getattr(mlp, "module", None) is base:
+        mlp.module = replacement
+    else:
+        raise RuntimeError(f"megatron-core's layer spec builds the MLP with {mlp!r}, not {base.__name__}: "
+                           f"this megatron-core version is not supported with train.te_op_fuser")
 
 
 def _local_layer_spec(config):
