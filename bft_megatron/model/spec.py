@@ -75,7 +75,7 @@ def swap_mlp_class(layer, base: type, replacement: type) -> None:
         mlp.module = replacement
     else:
         raise RuntimeError(f"megatron-core's layer spec builds the MLP with {mlp!r}, not {base.__name__}: "
-                           f"this megatron-core version is not supported with train.te_op_fuser")
+                           "this megatron-core version is not supported with train.te_op_fuser")
 
 
 def _local_layer_spec(config):
