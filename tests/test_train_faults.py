@@ -2,7 +2,8 @@
 
 * A NaN loss on data-parallel rank 1 only must skip the step on *every* rank (rank 0's own loss is
   finite; it learns about the NaN through the all-reduced flag): no optimizer step, no grad norm,
-  the run goes on. ``max_consecutive_skips`` bad steps in a row abort the run on all ranks.
+  the run goes on. ``max_consecutive_skips`` bad steps in a row abort the run on all ranks. Infinite gradients
+  on rank 1 with finite losses everywhere skip the step on every rank too (megatron's global gradient norm).
 * SIGUSR1 delivered to rank 0 after step 2 makes all ranks save step 2 and leave the loop;
   ``latest`` names that checkpoint and a RESUME marker records the early stop.
 * A signal during validation ends it after the batch in progress, then the same save and exit.
@@ -73,6 +74,7 @@ def results(tmp_path_factory):
                                  "checkpoint.fully_parallel_save=false"]},
         {"overrides": OVERLAP + [f"checkpoint.load={sig_dir}/overlap/iter_0000002",
                                  "checkpoint.fully_parallel_load=true"]},
+        {"overrides": TINY, "poison_grad": [1], "poison_ranks": [1]},
     ]
     return launch(2, runs), sig_dir
 
@@ -86,6 +88,17 @@ def test_nan_on_one_rank_skips_step_everywhere(results):
     # Step 1 is untouched; afterwards the skipped update changes the trajectory but stays finite.
     assert hist[0]["loss"] == clean["history"][0]["loss"]
     assert all(math.isfinite(h["loss"]) for i, h in enumerate(hist) if i != 1)
+    assert hist[2]["loss"] != clean["history"][2]["loss"]
+
+
+def test_inf_gradients_on_one_rank_skip_the_step_everywhere(results):
+    """Finite losses, +inf in rank 1's gradients after the backward of step 2: megatron's global gradient norm (the
+    verdict, reused by the optimizer step) is inf on every rank, so rank 0 skips too, and the run goes on."""
+    poisoned, clean = results[0][22], results[0][3]
+    hist = poisoned["history"]
+    assert [h["skipped"] for h in hist] == [False, True, False, False] and poisoned["error"] is None
+    assert hist[1]["grad_norm"] is None and hist[1]["loss"] == clean["history"][1]["loss"]
+    assert hist[0]["grad_norm"] == clean["history"][0]["grad_norm"] and math.isfinite(hist[2]["loss"])
     assert hist[2]["loss"] != clean["history"][2]["loss"]
 
 

@@ -3,8 +3,8 @@
 Runs a list of training runs in one process group, re-initialising megatron's model-parallel groups
 per run (so several layouts share one launch and its import cost). Rank 0 writes per-run results
 (loss history, skipped steps, latest pointer) as JSON. Test seams used here: ``poison`` (make
-the loss of given iterations NaN on given ranks), ``signal_at`` (rank 0 sends itself SIGUSR1 after
-a step), ``signal_in_eval`` (rank 0 sends it during its first validation batch; the validation batches each
+the loss of given iterations NaN on given ranks), ``poison_grad`` (their gradients inf, losses finite),
+``signal_at`` (rank 0 sends itself SIGUSR1 after a step), ``signal_in_eval`` (rank 0 sends it during its first validation batch; the validation batches each
 rank ran are recorded), ``die_in_commit`` (exit hard after shards are written, before ``latest`` moves),
 ``evaluate`` (validate before training and twice after it; the iterations ``fit`` validated at are recorded
 too), ``grad_check`` (compare one step's gradient with the reference's instead of training,
@@ -40,6 +40,24 @@ def _embedding_wgrad_fused(trainer) -> bool | None:
         if name.endswith("embedding.word_embeddings.weight"):
             return bool(param.grad_added_to_main_grad)
     return None
+
+
+def _poison_gradients(trainer, iterations: set[int]) -> None:
+    """After the backward of ``iterations`` (0-based, as ``poison``), +inf in every element of this rank's gradient
+    buffers, its own shard included: the losses stay finite, so only the gradient verdict can catch it."""
+    if not iterations:
+        return
+    fwd_bwd = trainer._fwd_bwd
+
+    def poisoned(data, forward_only, **kwargs):
+        out = fwd_bwd(data, forward_only, **kwargs)
+        if not forward_only and trainer.state.iteration in iterations:
+            for chunk in trainer.model:
+                for buffer in chunk.buffers:
+                    buffer.grad_data.fill_(float("inf"))
+        return out
+
+    trainer._fwd_bwd = poisoned
 
 
 def _state_counts(trainer) -> list[dict]:
@@ -139,6 +157,7 @@ def run_one(spec: dict) -> dict:
         return {"load_errors": errors, "history": [], "iteration": trainer.state.iteration}
     if dist.get_rank() in spec.get("poison_ranks", [dist.get_rank()]):
         trainer.poison_steps = set(spec.get("poison", []))
+        _poison_gradients(trainer, set(spec.get("poison_grad", [])))
     if "die_in_commit" in spec:
         ckpt.before_commit = lambda it: _die(17) if it == spec["die_in_commit"] else None
     exit_request = ExitRequest(install=True)

@@ -1,14 +1,17 @@
 """The training loop: one optimizer step per global batch, validation, logging, checkpoints, exits.
 
 Non-finite handling: after the forward/backward pass every rank checks its loss partials (last
-stage) and its gradient buffer; one all-reduce over the world agrees on the verdict. A bad step is
+stage), one all-reduce over the world agrees on them, and the gradients are judged by megatron's global
+gradient norm, which the optimizer step then reuses (so the gradients are read once, not twice). A bad step is
 skipped everywhere (no optimizer or scheduler step; its rows count as consumed; global rank 0 alone warns); after
 ``train.max_consecutive_skips`` bad steps in a row the run aborts with an error on every rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,7 +28,7 @@ from bft_megatron.training.progress import ProgressLog, reporter_rank, to_rank0
 from bft_megatron.training.step import make_forward_step
 from bft_megatron.utils.logging import get_logger
 
-__all__ = ["TrainState", "NonFiniteError", "Trainer", "all_finite"]
+__all__ = ["TrainState", "NonFiniteError", "Trainer", "all_finite", "known_grad_norm"]
 
 _log = get_logger(__name__)
 
@@ -39,6 +42,22 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     """
     flags = [torch.isfinite(torch.linalg.vector_norm(t, ord=float("inf"))) for t in tensors if t.numel()]
     return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+@contextlib.contextmanager
+def known_grad_norm(optimizer, grad_norm: float):
+    """Within: megatron's (chained) ``optimizer.step()`` clips with ``grad_norm`` instead of computing the norm
+    again, and skips the gradient preparation already done for it (:meth:`Trainer._verdict`).
+
+    ``ChainedOptimizer.step`` reads both through ``self.prepare_grads()`` / ``self.get_grad_norm()`` (megatron-core
+    0.16-0.19), so instance attributes take their place for one call; deleting them restores the class methods.
+    """
+    optimizer.prepare_grads = lambda: False
+    optimizer.get_grad_norm = lambda: grad_norm
+    try:
+        yield
+    finally:
+        del optimizer.prepare_grads, optimizer.get_grad_norm
 
 
 class NonFiniteError(RuntimeError):
@@ -168,6 +187,26 @@ class Trainer:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    def _verdict(self, partials: list[MetricPartials]) -> tuple[bool, float | None]:
+        """(finite, grad norm): whether this step's losses and gradients are finite on every rank, and megatron's
+        global gradient norm (None where the optimizer is not megatron's chained one: then :meth:`_all_finite`).
+
+        The norm is the one ``optimizer.step()`` clips with (over every rank's share of the gradients, all-reduced
+        by megatron); a NaN or inf in any gradient makes it non-finite, as does a sum of squares beyond fp32's range
+        (a step that clipping would zero anyway). The loss flag's all-reduce runs while the norm is computed; the
+        norm's ``.item()`` is the step's first host sync.
+        """
+        opt = self.optimizer
+        if not hasattr(opt, "chained_optimizers"):
+            return self._all_finite(partials), None
+        loss_ok = all_finite([p.sums["loss"] for p in partials])
+        flag = loss_ok.to(device=self.groups.device, dtype=torch.int32).reshape(1)
+        pending = dist.all_reduce(flag, op=dist.ReduceOp.MIN, async_op=True)
+        found_inf = opt.prepare_grads()  # megatron: the main grads point into the DDP buffers (no fp16 scaler here)
+        grad_norm = float(opt.get_grad_norm())
+        pending.wait()
+        return bool(flag.item()) and not found_inf and math.isfinite(grad_norm), grad_norm
+
     def train_step(self, report: bool = True) -> StepResult:
         """One optimizer step. ``report``: reduce the metrics over DP x CP (only steps that get logged need
         them; skipping it saves two small all-reduces and a host sync per step)."""
@@ -181,10 +220,11 @@ class Trainer:
             # The host has queued the whole backward; build the next batch while the GPU runs it (the
             # finiteness check below is the step's first host sync).
             self.train_data.prefetch()
-        finite = self._all_finite(partials)
+        finite, known_norm = self._verdict(partials)
         grad_norm, lr = None, self.optimizer.param_groups[0]["lr"]
         if finite:
-            updated, grad_norm, _ = self.optimizer.step()
+            with known_grad_norm(self.optimizer, known_norm) if known_norm is not None else contextlib.nullcontext():
+                updated, grad_norm, _ = self.optimizer.step()
             if updated:
                 self.scheduler.step(increment=1)
         metrics = reduce_metrics(partials, g.dp_cp) if partials and report else {}
