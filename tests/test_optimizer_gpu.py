@@ -1,7 +1,7 @@
 """GPU checks of ``train.precision_aware_optimizer`` (TE's FusedAdam holds the master weights; skipped on CPU).
 
-* It trains like megatron's own fp32 master weights: the same losses for 30 steps (fp32 masters and TE's Adam
-  kernel in both; only where the bf16 parameters are written from the masters differs).
+* It trains like megatron's own fp32 master weights: the same losses for 30 steps (the master weight is the bf16
+  parameter plus a 16-bit remainder, which reconstructs the fp32 value exactly; the update kernel is TE's in both).
 * Its checkpoint resumes bitwise at the same layout, in both optimizer formats, and a checkpoint written without
   it resumes with it (and the other way round) to the same losses as the uninterrupted run: both store fp32 masters.
 """
@@ -45,18 +45,21 @@ def _run(groups, extra=(), load=None):
     if load:
         assert ck.load(trainer)
     fit(trainer, ck if trainer.cfg.checkpoint.save else None)
-    return [(h["loss"], h["lm_loss"]) for h in trainer.state.history]
+    return [h["loss"] for h in trainer.state.history]
+
+
+def _adam_state_keys(trainer) -> set:
+    inner = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+    return {k for opt in inner for st in opt.optimizer.state.values() for k in st}
 
 
 def test_precision_aware_optimizer_trains_like_fp32_master_weights(groups):
     plain, aware = _run(groups), _run(groups, AWARE)
-    assert aware[-1][1] < 0.7 * aware[0][1], aware  # the plain CE mean falls (BFT's objective need not)
+    assert aware[-1] < 0.7 * aware[0], aware
     torch.testing.assert_close(torch.tensor(aware), torch.tensor(plain), rtol=1e-3, atol=0)
     trainer = _trainer(groups, AWARE)
     trainer.train_step()
-    inner = [opt.optimizer for opt in trainer.optimizer.chained_optimizers]  # TE holds the fp32 masters, not megatron
-    masters = [st["master_param"] for opt in inner for st in opt.state.values()]
-    assert masters and all(m.dtype == torch.float32 for m in masters)
+    assert "master_param" in _adam_state_keys(trainer)  # TE holds the masters (megatron keeps none of its own)
     assert all(getattr(p, "main_param", None) is None for c in trainer.model for p in c.parameters())
 
 

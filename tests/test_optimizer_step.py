@@ -3,9 +3,10 @@
 * ``known_grad_norm``: within it, megatron's own ``ChainedOptimizer.step`` (the installed version's code) clips
   with the norm the trainer's finiteness verdict already computed, never reads the gradients for a norm again
   nor prepares them twice, and returns that norm; afterwards the class methods are back.
-* ``train.precision_aware_optimizer``: megatron's ``use_precision_aware_optimizer`` with full fp32 masters (TE's
-  16-bit remainders off: megatron-core checkpoints a remainder as if it were the master); refused by name without
-  TE, bf16 or the distributed optimizer. Its training and resume run on the GPU (tests/test_optimizer_gpu.py).
+* ``train.precision_aware_optimizer``: megatron's ``use_precision_aware_optimizer``; refused by name without TE,
+  bf16 or the distributed optimizer; the planner counts 10 optimizer bytes per parameter instead of 12 (the master
+  weight as the bf16 parameter plus a 16-bit remainder). Its training and resume run on the GPU
+  (tests/test_optimizer_gpu.py).
 """
 
 from types import SimpleNamespace
@@ -98,7 +99,6 @@ def test_precision_aware_optimizer_maps_to_megatron(monkeypatch):
     for flag in (False, True):
         build_optimizer([], load_config(None, BF16 + [f"train.precision_aware_optimizer={flag}"]))
     assert [c.use_precision_aware_optimizer for c in seen] == [False, True]
-    assert [c.store_param_remainders for c in seen] == [False, False]
     assert all(c.use_distributed_optimizer and c.bf16 for c in seen)
 
 
@@ -113,6 +113,16 @@ def test_precision_aware_optimizer_is_refused_by_name(extra, require_te, message
     with pytest.raises(ConfigError, match=message):
         validate(cfg, 1, require_te=require_te)
     validate(load_config(None, BF16 + extra), 1, require_te=require_te)  # the same config without the flag is fine
+
+
+def test_precision_aware_optimizer_plans_two_bytes_less_per_parameter():
+    from bft_megatron.config.plan import plan_memory
+
+    plain, _ = plan_memory(load_config(None, BF16), dp=2, num_microbatches=2)
+    aware, _ = plan_memory(load_config(None, BF16 + ["train.precision_aware_optimizer=true"]), dp=2,
+                           num_microbatches=2)
+    assert aware.optimizer == pytest.approx(plain.optimizer * 10 / 12)
+    assert aware.total(False) < plain.total(False)
 
 
 class _TeAdam:

@@ -171,8 +171,7 @@ def tolerate_missing_adam_step(optimizer):
       requires grad is being used in an in-place operation".
 
     Within this context each DistributedOptimizer copies the checkpoint's keys other than ``step`` (which
-    keeps the param groups' value), under ``torch.no_grad``; with ``train.precision_aware_optimizer`` megatron's
-    own copy into TE's FusedAdam runs, given the checkpoint's tensors only.
+    keeps the param groups' value), under ``torch.no_grad``.
     """
     patched = []
     for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
@@ -182,10 +181,7 @@ def tolerate_missing_adam_step(optimizer):
 
         def copy_present(model_param, tensors, _opt=opt, _orig=original):
             if _opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-                # TE's FusedAdam holds the states: megatron hands each key to its set_scaled_state, including
-                # dp_reshardable's non-tensor "padding" flag (AttributeError in TE)
-                return _orig(model_param, {k: v for k, v in tensors.items()
-                                           if isinstance(v, torch.Tensor) and k != "step"})
+                return _orig(model_param, tensors)
             group_index, group_order = _opt.model_param_group_index_map[model_param]
             main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
             dst = {"param": main_param, **_opt.optimizer.state[main_param]}

@@ -38,8 +38,8 @@ def wrap_model(chunks: list[torch.nn.Module], tconfig, cfg: Config) -> list[torc
 
 def build_optimizer(model: list[torch.nn.Module], cfg: Config):
     """megatron Adam (distributed optimizer when configured) with global-norm clipping; with
-    ``train.precision_aware_optimizer`` TE's FusedAdam holds the fp32 master weights and writes the bf16 parameters
-    in its update kernel (no separate copy)."""
+    ``train.precision_aware_optimizer`` TE's FusedAdam holds the master weights (megatron's default
+    ``store_param_remainders``: the bf16 parameter plus a 16-bit remainder, which reconstructs the fp32 value)."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     t = cfg.train
@@ -50,9 +50,6 @@ def build_optimizer(model: list[torch.nn.Module], cfg: Config):
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
         use_precision_aware_optimizer=t.precision_aware_optimizer,
-        # TE could keep each master as the bf16 parameter + a 16-bit remainder, but megatron-core (0.16-0.19)
-        # checkpoints that remainder as if it were the fp32 master (and then refuses to load it): full fp32 masters
-        store_param_remainders=False,
     )
     return get_megatron_optimizer(opt_config, model)
 
