@@ -10,7 +10,6 @@ difference between the two).
     python bench/train_bench.py --suite 8b      # Llama-3-8B layer shapes x 8 layers, seq 8192, packed
     python bench/train_bench.py --suite 8b-te   # the same with TE performance options, BF16 vs FP8
     python bench/train_bench.py --suite 8b-fp8 --rounds 3   # bft BF16 vs FP8 delayed only, interleaved
-    python bench/train_bench.py --suite 8b-opt --rounds 2   # the same without / with the precision-aware optimizer
     python bench/train_bench.py --suite 8b-emb --rounds 2   # embedding wgrad into main_grad vs DDP's hook
     python bench/train_bench.py --suite 70b     # Llama-3.1-70B layer shapes x 4 layers (an H200), planner check
     python bench/train_bench.py --suite qwen3-32b   # Qwen3-32B layer shapes x 6 layers (an H200), planner check
@@ -58,7 +57,6 @@ def _median(rows: list[dict], key: str):
 
 # gradient_accumulation_fusion is on by default (TE on CUDA); te_op_fuser is opt-in.
 NO_GAF, FUSER = "train.gradient_accumulation_fusion=false", "train.te_op_fuser=true"
-AWARE = "train.precision_aware_optimizer=true"
 # Not an override: run_setting starts bench/train_unfused_embedding.py instead of bft_megatron.train.
 UNFUSED_EMB = "<unfused embedding wgrad>"
 SUITES = {
@@ -79,13 +77,6 @@ SUITES = {
     "8b-fp8": ("configs/bench/llama8b_proxy.yaml", [
         ("bft bf16", ["loss.method=bft", FUSER]),
         ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
-    ]),
-    # megatron's precision-aware optimizer (TE's FusedAdam holds the master weights) off / on, BF16 and FP8.
-    "8b-opt": ("configs/bench/llama8b_proxy.yaml", [
-        ("bft bf16", ["loss.method=bft", FUSER]),
-        ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
-        ("bft bf16 +aware", ["loss.method=bft", FUSER, AWARE]),
-        ("bft fp8 delayed +aware", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER, AWARE]),
     ]),
     # TE performance options (docs/training.md): gradient-accumulation fusion and TE's fused MLP ops.
     "8b-te": ("configs/bench/llama8b_proxy.yaml", [

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 
 import torch
 
@@ -97,16 +96,13 @@ def init_optimizer_state(optimizer) -> None:
     """Create zero optimizer state so a sharded save/load has targets (no-op where state exists).
 
     megatron's own ``init_state_fn`` creates the Adam moments (TE FusedAdam keeps its step in the param
-    groups); torch Adam/AdamW additionally need one ``step`` tensor per parameter. With
-    ``train.precision_aware_optimizer`` TE's FusedAdam creates its states itself (:func:`_init_te_master_state`).
+    groups); torch Adam/AdamW additionally need one ``step`` tensor per parameter.
     """
     chained = getattr(optimizer, "chained_optimizers", None)
     for m in chained if chained is not None else [optimizer]:
         inner = getattr(m, "optimizer", None)
         if inner is None:
             continue
-        if getattr(getattr(m, "config", None), "use_precision_aware_optimizer", False):
-            _init_te_master_state(inner)
         if getattr(m, "init_state_fn", None) is not None:
             m.init_state_fn(inner, getattr(m, "config", None))
         if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
@@ -117,21 +113,6 @@ def init_optimizer_state(optimizer) -> None:
                         st["exp_avg"] = torch.zeros_like(p.data)
                         st["exp_avg_sq"] = torch.zeros_like(p.data)
                     st.setdefault("step", torch.zeros((), dtype=torch.float32))
-
-
-def _init_te_master_state(inner) -> None:
-    """TE FusedAdam's states (moments, master weight or its 16-bit remainder) for every parameter without any.
-
-    megatron-core (0.16-0.19) calls ``initialize_state(param)``, but TE 2.x's FusedAdam takes
-    ``store_param_remainders`` too (TypeError on a checkpoint load before the first step); this passes what TE's own
-    ``step`` would, so megatron's call then finds the states and skips them.
-    """
-    takes_flag = "store_param_remainders" in inspect.signature(inner.initialize_state).parameters  # TE >= 2.1
-    for group in inner.param_groups:
-        for p in group["params"]:
-            if len(inner.state[p]) == 0:
-                remainders = getattr(inner, "store_param_remainders", False) and p.dtype == torch.bfloat16
-                inner.initialize_state(p, remainders) if takes_flag else inner.initialize_state(p)
 
 
 def untie_adam_steps(optimizer) -> int:

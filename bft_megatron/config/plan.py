@@ -141,8 +141,7 @@ def plan_memory(cfg, dp: int, num_microbatches: int, seq_length: float | None = 
     grad_bytes = 4 if p.grad_reduce_in_fp32 or not t.bf16 else 2  # the buffers have the parameters' dtype
     # bf16 runs: bf16 weights and activations, fp32 master weights + two Adam moments in the optimizer;
     # fp32 runs (train.bf16=false): fp32 weights and activations, the optimizer holds only the two moments.
-    # train.precision_aware_optimizer: TE keeps each master weight as the bf16 parameter + a 16-bit remainder.
-    width, opt_bytes = (1.0, 10 if t.precision_aware_optimizer else 12) if t.bf16 else (2.0, 8)
+    width, opt_bytes = (1.0, 12) if t.bf16 else (2.0, 8)
     act_layer, layer_input = width * act_layer, width * layer_input
     for stage in _stages(p):
         params = _stage_params(m, p, stage)
@@ -271,10 +270,9 @@ def format_plan(cfg, gpus: int, mfu: float, peak_tflops: float) -> str:
     busy = (f"; the MFU is of the busy time: {plan_throughput(cfg, mfu, peak_tflops):,.0f} / (1 + bubble "
             f"{p.pp - 1}/{(p.vp or 1) * nmb})") if p.pp > 1 else ""
     bf16 = cfg.train.bf16
-    master = "master remainders" if cfg.train.precision_aware_optimizer else "fp32 master"
     terms = [(f"weights ({'bf16' if bf16 else 'fp32'})", mem.weights, ""),
              ("gradients (grad buffers)", mem.gradients, ""),
-             (f"optimizer ({master + ' + Adam' if bf16 else 'Adam moments'})", mem.optimizer, ""),
+             (f"optimizer ({'fp32 master + Adam' if bf16 else 'Adam moments'})", mem.optimizer, ""),
              ("activations", mem.activations, f" (full recompute: {mem.activations_recompute:.2f})"),
              ("logits + their gradient", mem.logits, ""), ("fp8 weight copies", mem.fp8_buffers, ""),
              ("runtime overhead", mem.overhead, ""),

@@ -189,11 +189,6 @@ class TrainConfig:
     # (TE's Linear; the fused MLP through bft_megatron.model.te_fused_mlp). false: cast for every micro-batch
     # (megatron's disable_parameter_transpose_cache; less memory with several micro-batches in flight, slower).
     fp8_weight_cache: bool = True
-    # megatron's use_precision_aware_optimizer: TE's FusedAdam keeps the fp32 master weights itself, as the bf16
-    # parameter plus its lower 16 bits (exact), and writes the bf16 parameters in the update kernel: 2 bytes per
-    # parameter less optimizer state and no separate fp32 -> bf16 copy per step (needs TE, bf16, the distributed
-    # optimizer).
-    precision_aware_optimizer: bool = False
     seed: int = 1234
     eval_interval: int = 0  # 0 = no validation
     eval_iters: int | None = 1  # global batches per validation; null = the whole validation split once

@@ -275,30 +275,17 @@ def _check_train(cfg: Config, dp: int, require_te: bool = True) -> int:
                  f"train.fp8={t.fp8!r}: data.seq_length={cfg.data.seq_length} must be a multiple of 8*cp*(tp with "
                  f"sequence parallel) = {8 * shards} (FP8 GEMMs need a multiple of 8 tokens per rank)")
         _check_fp8_widths(cfg.model, p.tp, t.fp8)
-    _check_te_options(cfg, require_te)
-    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
-    if p.vp is not None and p.vp > 1:
-        _require(num_micro % p.pp == 0, f"interleaved pipeline: micro-batches per step = global_batch_size/"
-                                        f"(micro_batch_size*dp) = {num_micro} must be divisible by parallel.pp={p.pp}")
-    return num_micro
-
-
-def _check_te_options(cfg: Config, require_te: bool) -> None:
-    """Performance options built on Transformer Engine: the fused MLP and TE's FusedAdam with master weights."""
-    t = cfg.train
     if t.te_op_fuser:
         _require(not require_te or have_transformer_engine(),
                  "train.te_op_fuser=true requires Transformer Engine, which is not installed")
         # TE's fused MLP has no gated tanh-gelu, and its norm no place for Gemma 3's norm after fc2
         _require(cfg.model.family != "gemma3", "train.te_op_fuser=true with model.family=gemma3 is not supported "
                  "(TE's fused MLP has no gelu-tanh gate nor Gemma 3's post-MLP norm); set train.te_op_fuser=false")
-    if t.precision_aware_optimizer:
-        _require(not require_te or have_transformer_engine(), "train.precision_aware_optimizer=true requires "
-                 "Transformer Engine (its FusedAdam keeps the master weights), which is not installed")
-        _require(t.bf16, "train.precision_aware_optimizer=true requires train.bf16=true (it keeps fp32 master "
-                 "weights beside bf16 parameters)")
-        _require(cfg.parallel.distributed_optimizer, "train.precision_aware_optimizer=true requires "
-                 "parallel.distributed_optimizer=true (megatron-core supports it there only)")
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    if p.vp is not None and p.vp > 1:
+        _require(num_micro % p.pp == 0, f"interleaved pipeline: micro-batches per step = global_batch_size/"
+                                        f"(micro_batch_size*dp) = {num_micro} must be divisible by parallel.pp={p.pp}")
+    return num_micro
 
 
 def _check_loss_ckpt(cfg: Config) -> None:

@@ -37,9 +37,7 @@ def wrap_model(chunks: list[torch.nn.Module], tconfig, cfg: Config) -> list[torc
 
 
 def build_optimizer(model: list[torch.nn.Module], cfg: Config):
-    """megatron Adam (distributed optimizer when configured) with global-norm clipping; with
-    ``train.precision_aware_optimizer`` TE's FusedAdam holds the master weights (megatron's default
-    ``store_param_remainders``: the bf16 parameter plus a 16-bit remainder, which reconstructs the fp32 value)."""
+    """megatron Adam (distributed optimizer when configured) with global-norm clipping."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     t = cfg.train
@@ -49,7 +47,6 @@ def build_optimizer(model: list[torch.nn.Module], cfg: Config):
         params_dtype=torch.bfloat16 if t.bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
-        use_precision_aware_optimizer=t.precision_aware_optimizer,
     )
     return get_megatron_optimizer(opt_config, model)
 
