@@ -189,6 +189,9 @@ class TrainConfig:
     # (TE's Linear; the fused MLP through bft_megatron.model.te_fused_mlp). false: cast for every micro-batch
     # (megatron's disable_parameter_transpose_cache; less memory with several micro-batches in flight, slower).
     fp8_weight_cache: bool = True
+    # The output layer and the NLL run on supervised positions only (every objective reads only those): fewer rows
+    # in the step's largest GEMMs, by the unsupervised share of the tokens (prompts, padding); false: every row.
+    supervised_logits_only: bool = True
     seed: int = 1234
     eval_interval: int = 0  # 0 = no validation
     eval_iters: int | None = 1  # global batches per validation; null = the whole validation split once

@@ -33,6 +33,7 @@ from bft_megatron.data.collate import collate, round_up
 from bft_megatron.data.loader import GlobalBatchSampler
 from bft_megatron.loss.units import unit_counts
 from bft_megatron.parallel.context_parallel import split_for_cp
+from bft_megatron.training.logit_rows import supervised_rows
 from bft_megatron.utils.logging import get_logger
 
 __all__ = ["MicroBatch", "to_micro_batch", "StepData", "micro_batch_length"]
@@ -58,6 +59,10 @@ class MicroBatch:
     # split, the sample's index in that row, its sample_id); -1s for padding (a row past the stream's end_row, the
     # packed filler segment). --eval-samples names each sample's statistics by it.
     origins: torch.Tensor | None = None
+    # train.supervised_logits_only (bft_megatron.training.logit_rows): the output layer's rows to compute on this
+    # rank, and each (gathered) logits row's s-major position in [s * b] (s * b: a padding row); None = every row
+    logit_rows: torch.Tensor | None = None
+    logit_positions: torch.Tensor | None = None
 
     def packed_seq_params(self):
         """THD view for Transformer Engine attention."""
@@ -102,9 +107,11 @@ def _pad_columns(d: dict, width: int, pad_id: int) -> dict:
 
 
 def to_micro_batch(d: dict, device: torch.device, *, total: int, pad_id: int, cp_size: int = 1,
-                   cp_rank: int = 0, origins: torch.Tensor | None = None) -> MicroBatch:
+                   cp_rank: int = 0, origins: torch.Tensor | None = None,
+                   logit_rows: tuple[int, int] | None = None) -> MicroBatch:
     """Data-layer micro-batch dict -> :class:`MicroBatch`: fixed length, this CP rank's shard, on ``device``.
-    ``origins``: :attr:`MicroBatch.origins` of the collated samples (the packed filler segment is added here)."""
+    ``origins``: :attr:`MicroBatch.origins` of the collated samples (the packed filler segment is added here).
+    ``logit_rows``: ``(tp_sp, tp_rank)`` to compute logits for supervised positions only (:mod:`.logit_rows`)."""
     packed = "cu_seqlens" in d
     if packed:
         d = _pad_packed(d, total, pad_id)
@@ -117,6 +124,8 @@ def to_micro_batch(d: dict, device: torch.device, *, total: int, pad_id: int, cp
     if cp_size > 1:
         fields = {k: split_for_cp(v, cp_size, cp_rank, cu) for k, v in fields.items()}
     fields["cu_seqlens"] = cu
+    if logit_rows is not None:
+        fields["logit_rows"], fields["logit_positions"] = supervised_rows(fields["loss_mask"], *logit_rows)
 
     def move(t: torch.Tensor | None) -> torch.Tensor | None:
         # CUDA: pinned host memory, so the copy is truly asynchronous (a copy from pageable memory
@@ -165,8 +174,10 @@ class StepData:
 
     def __init__(self, dataset, *, packed: bool, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                  dp_size: int, seed: int, seq_length: int, device: torch.device, cp_size: int = 1, cp_rank: int = 0,
-                 tp_sp: int = 1, end_row: int | None = None, origins: bool = False) -> None:
+                 tp_sp: int = 1, end_row: int | None = None, origins: bool = False,
+                 logit_rows: tuple[int, int] | None = None) -> None:
         self.dataset, self.packed, self.device = dataset, packed, device
+        self.logit_rows = logit_rows  # (tp_sp, tp_rank): logits for supervised positions only (to_micro_batch)
         # MicroBatch.origins (--eval-samples) built per micro-batch only where asked: not on the training stream
         self.origins = origins
         # Rows at stream positions >= end_row are padding (loss mask zeroed: they count for nothing): a validation
@@ -199,7 +210,8 @@ class StepData:
             d = collate(samples, packed=self.packed, pad_multiple=self.pad_multiple, pad_id=self.dataset.pad_id)
             out.append(to_micro_batch(d, self.device, total=self.total, pad_id=self.dataset.pad_id,
                                       cp_size=self.cp_size, cp_rank=self.cp_rank,
-                                      origins=_origins(rows, samples, kept) if self.origins else None))
+                                      origins=_origins(rows, samples, kept) if self.origins else None,
+                                      logit_rows=self.logit_rows))
         return out, real
 
     def _row(self, r: int, keep: bool):

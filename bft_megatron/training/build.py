@@ -7,6 +7,7 @@ from bft_megatron.config.validate import Layout
 from bft_megatron.model import build_model_chunks
 from bft_megatron.parallel.bootstrap import ParallelGroups
 from bft_megatron.training.loop import Trainer
+from bft_megatron.training.logit_rows import install_row_selection
 from bft_megatron.training.setup import build_optimizer, build_scheduler, install_schedule_hooks, wrap_model
 from bft_megatron.training.data import data_plan_line, open_datasets, validation_plan_warning
 from bft_megatron.utils.logging import get_logger
@@ -25,6 +26,8 @@ def build_trainer(cfg: Config, layout: Layout, groups: ParallelGroups, eval_only
         if twice:
             get_logger(__name__).warning("%s", twice)
     chunks, tconfig = build_model_chunks(cfg, groups)
+    if cfg.train.supervised_logits_only:
+        install_row_selection(chunks)
     model = wrap_model(chunks, tconfig, cfg)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)

@@ -117,11 +117,12 @@ class Trainer:
 
     def _step_data(self, dataset, seed: int, end_row: int | None = None, origins: bool = False) -> StepData:
         t, g = self.cfg.train, self.groups
+        tp_sp = g.tp_size if self.cfg.parallel.sequence_parallel else 1
         return StepData(dataset, packed=bool(dataset.packed), global_batch_size=t.global_batch_size,
                         micro_batch_size=t.micro_batch_size, dp_rank=g.dp_rank, dp_size=g.dp_size, seed=seed,
                         seq_length=self.cfg.data.seq_length, device=g.device, cp_size=g.cp_size, cp_rank=g.cp_rank,
-                        tp_sp=g.tp_size if self.cfg.parallel.sequence_parallel else 1, end_row=end_row,
-                        origins=origins)
+                        tp_sp=tp_sp, end_row=end_row, origins=origins,
+                        logit_rows=(tp_sp, g.tp_rank if tp_sp > 1 else 0) if t.supervised_logits_only else None)
 
     def _loss_cfg(self):
         """The configured loss, or plain SFT during ``loss.sft_warmup_iters`` (validation follows suit)."""

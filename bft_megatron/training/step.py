@@ -25,13 +25,15 @@ import torch
 from bft_megatron.config.schema import LossConfig
 from bft_megatron.loss import objective, sample_statistics, vocab_parallel_nll
 from bft_megatron.training.batch import MicroBatch
+from bft_megatron.training.logit_rows import scatter_rows, selecting_rows
 
 __all__ = ["forward_step", "loss_func", "make_forward_step", "loss_compile_backend"]
 
 
 def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: torch.Tensor, cp_group=None,
               vocab_size: int | None = None, loss_scale: torch.Tensor | None = None, sample_sink: list | None = None):
-    """Per-token NLL from ``[b, s, V/TP]`` (or THD ``[1, b*s, V/TP]``) logits, then the objective.
+    """Per-token NLL from ``[b, s, V/TP]`` (or THD ``[1, b*s, V/TP]``, or the supervised rows' ``[1, n, V/TP]``)
+    logits, then the objective.
 
     Under context parallelism the logits, labels and mask are this rank's shard (``s/CP``) and
     ``cp_group`` lets the objective gather per-sample statistics (BFT's window minimum spans ranks).
@@ -42,12 +44,7 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
     micro-batch (:func:`bft_megatron.loss.sample_statistics` with the loss config's BFT settings, whatever its
     method).
     """
-    # GPTModel (labels=None) returns logits [b, s, V/TP]; padding labels are masked below.
-    labels = batch.labels.reshape(output_tensor.shape[:-1])
-    # inplace: the logits are not needed after the loss (the output layer's backward saves its input and
-    # weight, not its output), so the NLL backward may write the logits' gradient into their storage.
-    nll = vocab_parallel_nll(output_tensor, labels, tp_group, inplace=True,  # fp32, equal on all TP ranks
-                             vocab_size=vocab_size)
+    nll = _token_nll(batch, output_tensor, tp_group, vocab_size)
     mask = batch.loss_mask
     if batch.cu_seqlens is not None:  # packed rows: samples are segments of the flattened [1, b*s] view
         nll, mask = nll.reshape(1, -1), mask.reshape(1, -1)
@@ -68,6 +65,22 @@ def loss_func(batch: MicroBatch, loss_cfg: LossConfig, tp_group, output_tensor: 
     return (loss_sum if loss_scale is None else loss_sum * loss_scale), num_units, metrics
 
 
+def _token_nll(batch: MicroBatch, logits: torch.Tensor, tp_group, vocab_size: int | None) -> torch.Tensor:
+    """fp32 ``[b, s]`` per-token NLL (equal on all TP ranks) from GPTModel's logits: ``[b, s, V/TP]``, or with
+    :attr:`MicroBatch.logit_rows` ``[1, n, V/TP]`` for the kept rows only (scattered back; 0 elsewhere)."""
+    # inplace: the logits are not needed after the loss (the output layer's backward saves its input and
+    # weight, not its output), so the NLL backward may write the logits' gradient into their storage.
+    if batch.logit_positions is None:
+        labels = batch.labels.reshape(logits.shape[:-1])  # padding labels are masked by the objective
+        return vocab_parallel_nll(logits, labels, tp_group, inplace=True, vocab_size=vocab_size)
+    shape = tuple(batch.labels.shape)
+    flat_labels = batch.labels.t().reshape(-1)  # s-major, as the rows were counted
+    labels = flat_labels.index_select(0, batch.logit_positions.clamp(max=flat_labels.numel() - 1))
+    nll = vocab_parallel_nll(logits, labels.reshape(logits.shape[:-1]), tp_group, inplace=True,
+                             vocab_size=vocab_size)
+    return scatter_rows(nll.reshape(-1), batch.logit_positions, shape)
+
+
 def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_group=None, bf16: bool = False,
                  vocab_size: int | None = None, loss_scale: torch.Tensor | None = None,
                  sample_sink: list | None = None):
@@ -80,11 +93,12 @@ def forward_step(data_iterator, model, *, loss_cfg: LossConfig, tp_group, cp_gro
     """
     batch: MicroBatch = next(data_iterator)
     kwargs = {"fp32_output": False} if bf16 else {}
-    if batch.cu_seqlens is not None:
-        output = model(batch.tokens.reshape(1, -1), batch.position_ids.reshape(1, -1), None,
-                       packed_seq_params=batch.packed_seq_params(), **kwargs)
-    else:
-        output = model(batch.tokens, batch.position_ids, None, **kwargs)
+    with selecting_rows(model, batch.logit_rows):  # train.supervised_logits_only: the output layer's rows
+        if batch.cu_seqlens is not None:
+            output = model(batch.tokens.reshape(1, -1), batch.position_ids.reshape(1, -1), None,
+                           packed_seq_params=batch.packed_seq_params(), **kwargs)
+        else:
+            output = model(batch.tokens, batch.position_ids, None, **kwargs)
     return output, partial(loss_func, batch, loss_cfg, tp_group, cp_group=cp_group, vocab_size=vocab_size,
                            loss_scale=loss_scale, sample_sink=sample_sink)
 
