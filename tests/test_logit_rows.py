@@ -85,8 +85,8 @@ def test_padding_rows_land_in_the_dropped_slot():
     assert values.grad.tolist() == [1.0, 1.0, 0.0, 0.0]
 
 
-LAYOUTS = {"dp2": [], "dp2_padded": ["data.packing=false"], "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"],
-           "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2"]}
+LAYOUTS = {"dp2": [], "dp2_padded": ["data.packing=false"], "tp2": ["parallel.tp=2"],
+           "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"], "pp2": ["parallel.pp=2"]}
 
 
 @pytest.fixture(scope="module")
