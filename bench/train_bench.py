@@ -10,6 +10,7 @@ difference between the two).
     python bench/train_bench.py --suite 8b      # Llama-3-8B layer shapes x 8 layers, seq 8192, packed
     python bench/train_bench.py --suite 8b-te   # the same with TE performance options, BF16 vs FP8
     python bench/train_bench.py --suite 8b-fp8 --rounds 3   # bft BF16 vs FP8 delayed only, interleaved
+    python bench/train_bench.py --suite 8b-rows --rounds 2  # output layer on supervised rows only vs every row
     python bench/train_bench.py --suite 8b-emb --rounds 2   # embedding wgrad into main_grad vs DDP's hook
     python bench/train_bench.py --suite 70b     # Llama-3.1-70B layer shapes x 4 layers (an H200), planner check
     python bench/train_bench.py --suite qwen3-32b   # Qwen3-32B layer shapes x 6 layers (an H200), planner check
@@ -57,6 +58,7 @@ def _median(rows: list[dict], key: str):
 
 # gradient_accumulation_fusion is on by default (TE on CUDA); te_op_fuser is opt-in.
 NO_GAF, FUSER = "train.gradient_accumulation_fusion=false", "train.te_op_fuser=true"
+ALL_ROWS = "train.supervised_logits_only=false"
 # Not an override: run_setting starts bench/train_unfused_embedding.py instead of bft_megatron.train.
 UNFUSED_EMB = "<unfused embedding wgrad>"
 SUITES = {
@@ -77,6 +79,14 @@ SUITES = {
     "8b-fp8": ("configs/bench/llama8b_proxy.yaml", [
         ("bft bf16", ["loss.method=bft", FUSER]),
         ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
+    ]),
+    # The output layer on supervised rows only (default) against every row, BF16 and FP8 (use with --rounds).
+    "8b-rows": ("configs/bench/llama8b_proxy.yaml", [
+        ("bft bf16", ["loss.method=bft", FUSER]),
+        ("bft fp8 delayed", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER]),
+        ("bft bf16 every row", ["loss.method=bft", FUSER, ALL_ROWS]),
+        ("bft fp8 delayed every row", ["loss.method=bft", "train.fp8=hybrid", "train.fp8_recipe=delayed", FUSER,
+                                       ALL_ROWS]),
     ]),
     # TE performance options (docs/training.md): gradient-accumulation fusion and TE's fused MLP ops.
     "8b-te": ("configs/bench/llama8b_proxy.yaml", [
