@@ -362,7 +362,8 @@ def test_trainer_rounds_packed_cp_micro_batches_for_sequence_parallel(sequence_p
     cfg = load_config(None, ["data.seq_length=64", "train.global_batch_size=4", "train.micro_batch_size=1",
                              f"parallel.sequence_parallel={str(sequence_parallel).lower()}", "parallel.tp=2",
                              "parallel.cp=2"])
-    groups = SimpleNamespace(tp_size=2, tp_rank=0, cp_size=2, cp_rank=0, dp_rank=0, dp_size=1, device=torch.device("cpu"))
+    groups = SimpleNamespace(tp_size=2, tp_rank=0, cp_size=2, cp_rank=0, dp_rank=0, dp_size=1,
+                             device=torch.device("cpu"))
     stub = SimpleNamespace(cfg=cfg, groups=groups)
     assert Trainer._step_data(stub, ds, seed=1).total == total
 
