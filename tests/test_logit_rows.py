@@ -5,9 +5,10 @@
   back to the positions (padding to the dropped slot); at least one row is kept.
 * The output layer's pre-hook and the scatter back give, at kept rows, the values and gradients of the full
   computation (``_reference_full_rows``), and zeros elsewhere; outside ``selecting_rows`` every row is computed.
+  Full logits arriving with row positions (no hook installed) are refused.
 * Training (2 gloo processes, fp32): on and off give the same losses and gradient norms (rtol 1e-5) at DP2 with
-  packed rows, DP2 with padded rows (micro-batch 2, so ``b > 1``), TP2 + SP, TP2 without SP and PP2 (the output
-  layer on the last stage only).
+  packed rows, DP2 with padded rows (micro-batch 2, so ``b > 1``), TP2 + SP, TP2 without SP, PP2 (the output
+  layer on the last stage only), CP2 (rows listed per CP shard) and PP2 x VP2 with tied embeddings.
 """
 
 import numpy as np
@@ -85,8 +86,24 @@ def test_padding_rows_land_in_the_dropped_slot():
     assert values.grad.tolist() == [1.0, 1.0, 0.0, 0.0]
 
 
+def test_full_logits_with_row_positions_are_refused():
+    """A micro-batch listing rows but a model without the row selection (full ``[b, s, V]`` logits) is an error,
+    not a silent pairing of labels with the wrong rows (all positions supervised: the sizes would match)."""
+    from types import SimpleNamespace
+
+    from bft_megatron.training.step import _token_nll
+
+    mask = torch.ones(2, 3)
+    _, positions = supervised_rows(mask)
+    batch = SimpleNamespace(labels=torch.zeros(2, 3, dtype=torch.long), logit_positions=positions)
+    with pytest.raises(RuntimeError, match="has no row selection"):
+        _token_nll(batch, torch.zeros(2, 3, 5), None, None)
+    assert _token_nll(batch, torch.zeros(1, 6, 5), None, None).shape == (2, 3)
+
+
 LAYOUTS = {"dp2": [], "dp2_padded": ["data.packing=false"], "tp2": ["parallel.tp=2"],
-           "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"], "pp2": ["parallel.pp=2"]}
+           "tp2_sp": ["parallel.tp=2", "parallel.sequence_parallel=true"], "pp2": ["parallel.pp=2"],
+           "cp2": ["parallel.cp=2"], "pp2_vp2_tied": ["parallel.pp=2", "parallel.vp=2", "model.tie_embeddings=true"]}
 
 
 @pytest.fixture(scope="module")

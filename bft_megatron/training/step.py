@@ -73,6 +73,11 @@ def _token_nll(batch: MicroBatch, logits: torch.Tensor, tp_group, vocab_size: in
     if batch.logit_positions is None:
         labels = batch.labels.reshape(logits.shape[:-1])  # padding labels are masked by the objective
         return vocab_parallel_nll(logits, labels, tp_group, inplace=True, vocab_size=vocab_size)
+    n = batch.logit_positions.numel()
+    if logits.dim() != 3 or logits.shape[:2] != (1, n):  # else labels could pair with the wrong rows silently
+        raise RuntimeError(f"train.supervised_logits_only: the model returned logits of shape {tuple(logits.shape)} "
+                           f"for {n} selected rows; its output layer has no row selection (build the model through "
+                           "build_trainer, which calls training.logit_rows.install_row_selection)")
     shape = tuple(batch.labels.shape)
     flat_labels = batch.labels.t().reshape(-1)  # s-major, as the rows were counted
     labels = flat_labels.index_select(0, batch.logit_positions.clamp(max=flat_labels.numel() - 1))
