@@ -2,7 +2,7 @@
 
 * Host side: the kept rows are exactly the supervised positions in megatron's s-major order; under sequence
   parallelism every TP rank keeps its own slice's rows, padded to one count, and the rank-major gathered order maps
-  back to the positions (padding to the dropped slot); at least one row is kept.
+  back to the positions (padding to the dropped slot); each rank keeps a multiple of 8 rows, at least 8.
 * The output layer's pre-hook and the scatter back give, at kept rows, the values and gradients of the full
   computation (``_reference_full_rows``), and zeros elsewhere; outside ``selecting_rows`` every row is computed.
   Full logits arriving with row positions (no hook installed) are refused.
@@ -32,7 +32,8 @@ def test_rows_are_the_supervised_positions_in_s_major_order(b, s_per, tp_sp, den
     for rank in range(tp_sp):
         rows, positions = supervised_rows(mask, tp_sp, rank)
         n = rows.numel()
-        assert n == max(1, max(int(flat[k * chunk:(k + 1) * chunk].sum()) for k in range(tp_sp)))
+        most = max(int(flat[k * chunk:(k + 1) * chunk].sum()) for k in range(tp_sp))
+        assert n % 8 == 0 and most <= n < max(most, 1) + 8  # padded to GEMM-friendly multiples of 8
         assert positions.numel() == tp_sp * n and rows.max() < chunk
         if rank == 0:
             first = positions
@@ -68,7 +69,7 @@ def test_selected_rows_give_the_full_rows_values_and_gradients():
     rows, positions = supervised_rows(mask)
     with selecting_rows(model, rows):
         picked = model(hidden)  # [1, n, V]
-    assert picked.shape == (1, int(mask.sum()), 5)
+    assert picked.shape == (1, 8, 5) and int(mask.sum()) == 6  # 6 supervised rows + 2 padding rows
     values = scatter_rows(picked.pow(2).sum(-1).reshape(-1), positions, tuple(mask.shape))
     full = _reference_full_rows(model, hidden).pow(2).sum(-1)  # [b, s]
     torch.testing.assert_close(values, full * mask, rtol=0, atol=0)
@@ -98,7 +99,7 @@ def test_full_logits_with_row_positions_are_refused():
     batch = SimpleNamespace(labels=torch.zeros(2, 3, dtype=torch.long), logit_positions=positions)
     with pytest.raises(RuntimeError, match="has no row selection"):
         _token_nll(batch, torch.zeros(2, 3, 5), None, None)
-    assert _token_nll(batch, torch.zeros(1, 6, 5), None, None).shape == (2, 3)
+    assert _token_nll(batch, torch.zeros(1, positions.numel(), 5), None, None).shape == (2, 3)
 
 
 LAYOUTS = {"dp2": [], "dp2_padded": ["data.packing=false"], "tp2": ["parallel.tp=2"],

@@ -26,6 +26,9 @@ import torch
 __all__ = ["supervised_rows", "install_row_selection", "selecting_rows", "scatter_rows", "output_layer_of"]
 
 _ATTR = "_bft_logit_rows"
+# Rows kept per rank, rounded up with padding rows: the output layer's weight-gradient GEMM reduces over them, and
+# GEMM kernels want that dimension aligned (bf16: multiples of 8 elements = 16 bytes).
+_ROW_MULTIPLE = 8
 
 
 def supervised_rows(loss_mask: torch.Tensor, tp_sp: int = 1, tp_rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,13 +36,13 @@ def supervised_rows(loss_mask: torch.Tensor, tp_sp: int = 1, tp_rank: int = 0) -
 
     ``rows``: indices into this rank's s-major ``[s/tp_sp * b]`` output-layer input (``tp_sp``: TP with sequence
     parallelism, else 1). ``positions``: for each row of the (gathered) logits, its s-major index in ``[s * b]``,
-    or ``s * b`` for a padding row. At least one row is kept (an all-padding micro-batch still runs a GEMM).
+    or ``s * b`` for a padding row. Each rank keeps a multiple of 8 rows, at least 8 (padding rows read row 0).
     """
     b, s = loss_mask.shape
     flat = loss_mask.t().reshape(-1).numpy() > 0  # s-major
     chunk = flat.size // tp_sp
     picked = [np.flatnonzero(flat[k * chunk:(k + 1) * chunk]) for k in range(tp_sp)]
-    n = max(1, max(p.size for p in picked))
+    n = -(-max(1, max(p.size for p in picked)) // _ROW_MULTIPLE) * _ROW_MULTIPLE
     rows = np.zeros(n, dtype=np.int64)
     rows[:picked[tp_rank].size] = picked[tp_rank]
     positions = np.full(tp_sp * n, s * b, dtype=np.int64)
