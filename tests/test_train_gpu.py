@@ -237,7 +237,7 @@ def test_supervised_logits_only_matches_every_row_under_te(groups):
         fit(trainer, None)
         runs.append(trainer.state.history)
     selected, full = runs
-    assert selected[0]["loss"] == pytest.approx(full[0]["loss"], rel=2e-3)
-    assert selected[0]["lm_loss"] == pytest.approx(full[0]["lm_loss"], rel=2e-3)
+    assert selected[0]["loss"] == pytest.approx(full[0]["loss"], rel=5e-3)
+    assert selected[0]["lm_loss"] == pytest.approx(full[0]["lm_loss"], rel=5e-3)
     assert selected[0]["grad_norm"] == pytest.approx(full[0]["grad_norm"], rel=2e-2)
     assert selected[-1]["lm_loss"] < selected[0]["lm_loss"]
