@@ -14,7 +14,10 @@ from hypothesis import strategies as st
 
 from bft_megatron.model import wgrad
 
-TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
+# fp32: a row can accumulate up to 99 gradient rows (batch 3 x seq 33) of N(0, 1) values in fp32, whose rounding
+# reaches ~2e-6 (hypothesis found vocab=2, hidden=11, batch=3, seq=28, seed=42807 at 1e-6); 1e-5 holds that with a
+# 10x margin over 3000 random cases, while a dropped, doubled or misplaced row errs by O(1).
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1e-2, atol=1e-2)}
 
 
 def _weight(vocab: int, hidden: int, dtype, gen) -> torch.nn.Parameter:
