@@ -7,8 +7,8 @@ the loss of given iterations NaN on given ranks), ``poison_grad`` (their gradien
 ``signal_at`` (rank 0 sends itself SIGUSR1 after a step), ``signal_in_eval`` (rank 0 sends it during its first
 validation batch; the validation batches each rank ran are recorded), ``die_in_commit`` (exit hard after shards
 are written, before ``latest`` moves), ``evaluate`` (validate before training and twice after it; the iterations
-``fit`` validated at are recorded too), ``grad_check`` (compare one step's gradient with the reference's instead of training,
-tests/gradient_check.py). A run whose checkpoint load raises ``ConfigError`` reports every rank's message
+``fit`` validated at are recorded too), ``grad_check`` (compare one step's gradient with the reference's instead
+of training, tests/gradient_check.py). A run whose checkpoint load raises ``ConfigError`` reports every rank's message
 (``load_errors``) and does not train.
 """
 
