@@ -53,9 +53,9 @@ def supervised_rows(loss_mask: torch.Tensor, tp_sp: int = 1, tp_rank: int = 0) -
 
 def output_layer_of(chunk: torch.nn.Module) -> torch.nn.Module | None:
     """The GPTModel's ``output_layer`` inside a (DDP / Float16Module wrapped) chunk; None off the last stage."""
-    module = chunk
-    while hasattr(module, "module"):
-        module = module.module
+    from bft_megatron.checkpoint.state import unwrap  # lazily: the data path imports this module
+
+    module = unwrap(chunk)
     return getattr(module, "output_layer", None) if getattr(module, "post_process", True) else None
 
 

@@ -183,10 +183,13 @@ class Trainer:
         Gradients are checked in the DDP buffers after the DP reduction: a NaN on any rank reaches the
         reduced shard of its owner, and every rank's local buffer; the MIN all-reduce spreads the verdict.
         """
-        ok = all_finite([p.sums["loss"] for p in partials] + self._grad_tensors())
-        flag = ok.to(device=self.groups.device, dtype=torch.int32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        flag, _ = self._agree(all_finite([p.sums["loss"] for p in partials] + self._grad_tensors()))
         return bool(flag.item())
+
+    def _agree(self, ok: torch.Tensor, async_op: bool = False):
+        """(flag, pending work): ``ok`` (0-dim bool) as an int32 device tensor MIN-all-reduced over the world."""
+        flag = ok.to(device=self.groups.device, dtype=torch.int32).reshape(1)
+        return flag, dist.all_reduce(flag, op=dist.ReduceOp.MIN, async_op=async_op)
 
     def _verdict(self, partials: list[MetricPartials]) -> tuple[bool, float | None]:
         """(finite, grad norm): whether this step's losses and gradients are finite on every rank, and megatron's
@@ -200,9 +203,7 @@ class Trainer:
         opt = self.optimizer
         if not hasattr(opt, "chained_optimizers"):
             return self._all_finite(partials), None
-        loss_ok = all_finite([p.sums["loss"] for p in partials])
-        flag = loss_ok.to(device=self.groups.device, dtype=torch.int32).reshape(1)
-        pending = dist.all_reduce(flag, op=dist.ReduceOp.MIN, async_op=True)
+        flag, pending = self._agree(all_finite([p.sums["loss"] for p in partials]), async_op=True)
         found_inf = opt.prepare_grads()  # megatron: the main grads point into the DDP buffers (no fp16 scaler here)
         grad_norm = float(opt.get_grad_norm())
         pending.wait()
