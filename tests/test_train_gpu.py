@@ -226,18 +226,32 @@ def test_fused_mlp_casts_fp8_weights_once_per_step(groups, recipe):
 
 def test_supervised_logits_only_matches_every_row_under_te(groups):
     """The output layer on supervised rows only (the default) against every row, BF16 under TE with THD packing:
-    the first step's loss and gradient norm agree to bf16 GEMM tolerance (other row counts may pick other cuBLAS
-    kernels), and training with it still lowers the CE mean."""
+    each kept row's logits are the every-row logits at its position (so labels pair with the right rows); from
+    the same initial weights the first step's loss and gradient norm agree to bf16 GEMM tolerance (other row
+    counts may pick other cuBLAS kernels), and training with it still lowers the CE mean."""
+    from bft_megatron.data.collate import collate
+    from bft_megatron.training.batch import to_micro_batch
     from bft_megatron.training.fit import fit
+    from bft_megatron.training.logit_rows import selecting_rows
 
-    runs = []
-    for flag in (True, False):
-        steps = ["train.train_iters=3", "train.warmup_iters=1"]
-        trainer = _trainer(groups, [f"train.supervised_logits_only={flag}"] + steps)
+    steps = ["train.train_iters=3", "train.warmup_iters=1"]
+    runs = [_reseeded_trainer(groups, [f"train.supervised_logits_only={flag}"] + steps) for flag in (True, False)]
+    model, data = runs[0].model[0], runs[0].train_data
+    mb = to_micro_batch(collate([data.dataset[i] for i in range(2)], packed=True, pad_id=data.dataset.pad_id),
+                        groups.device, total=2 * runs[0].cfg.data.seq_length, pad_id=data.dataset.pad_id,
+                        logit_rows=(1, 0))
+    args = (mb.tokens.reshape(1, -1), mb.position_ids.reshape(1, -1), None)
+    with torch.no_grad():
+        full = model(*args, packed_seq_params=mb.packed_seq_params())[0].float()  # [T, V]
+        with selecting_rows(model, mb.logit_rows):
+            picked = model(*args, packed_seq_params=mb.packed_seq_params())[0].float()  # [n, V]
+    kept = mb.logit_positions < full.shape[0]
+    assert int(kept.sum()) == int(mb.loss_mask.sum()) > 0
+    torch.testing.assert_close(picked[kept], full[mb.logit_positions[kept]], atol=3e-2, rtol=3e-2)
+    for trainer in runs:
         fit(trainer, None)
-        runs.append(trainer.state.history)
-    selected, full = runs
-    assert selected[0]["loss"] == pytest.approx(full[0]["loss"], rel=5e-3)
-    assert selected[0]["lm_loss"] == pytest.approx(full[0]["lm_loss"], rel=5e-3)
-    assert selected[0]["grad_norm"] == pytest.approx(full[0]["grad_norm"], rel=2e-2)
+    selected, every = (trainer.state.history for trainer in runs)
+    assert selected[0]["loss"] == pytest.approx(every[0]["loss"], rel=5e-3)
+    assert selected[0]["lm_loss"] == pytest.approx(every[0]["lm_loss"], rel=5e-3)
+    assert selected[0]["grad_norm"] == pytest.approx(every[0]["grad_norm"], rel=2e-2)
     assert selected[-1]["lm_loss"] < selected[0]["lm_loss"]
