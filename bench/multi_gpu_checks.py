@@ -4,7 +4,7 @@
     python bench/multi_gpu_checks.py --out runs/mgpu_cpu --config configs/demo_cpu.yaml --steps 4 --warmup 1 \\
         data.output_dir=runs/mgpu_cpu/data                                       # the same on CPU (gloo)
 
-1. ``init``: one process trains 1 step at learning rate 0 (``warmup_iters`` = 2) and saves it: the initial
+1. ``init``: one process trains 1 step at learning rate 0 (the first warm-up step) and saves it: the initial
    weights, which every layout then loads with ``checkpoint.finetune=true`` (weights only, step 0), so all of them
    start from the same weights and read the same rows in the same order.
 2. Each layout trains ``--steps`` steps under ``torchrun --nproc-per-node N`` (TP2, TP2 with sequence parallelism,
@@ -111,8 +111,8 @@ class Runner:
     def init_checkpoint(self) -> str:
         """Step 1 at learning rate 0 (the first warm-up step), saved: the initial weights for every layout."""
         save = os.path.join(self.out, "init")
-        res = self.run("init", 1, ["train.train_iters=2", "train.warmup_iters=2", "train.decay_iters=2",
-                                   f"checkpoint.save={save}", "checkpoint.save_interval=1"])
+        res = self.run("init", 1, ["train.train_iters=1", "train.warmup_iters=1", "train.decay_iters=1",
+                                   f"checkpoint.save={save}", "checkpoint.save_interval=0"])
         if "error" in res:
             raise SystemExit(f"the initial checkpoint failed:\n{res['error']}")
         return os.path.join(save, "iter_0000001")
