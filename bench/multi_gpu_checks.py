@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from train_bench import FIELDS  # noqa: E402  (bench/ is not a package)
+from train_bench import FIELDS, parse_steps  # noqa: E402  (bench/ is not a package)
 
 LOSSES = {"loss": r"\| loss ([\d.eE+-]+)", "lm_loss": r"\| lm loss ([\d.eE+-]+)"}
 TP2, SP, PP2, VP2, CP2 = "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2", "parallel.vp=2", \
@@ -63,17 +62,7 @@ RESUMES = [("tp2 -> tp1", 1, []), ("tp2 -> pp2", 2, [PP2])]
 
 def parse_log(out: str) -> list[dict]:
     """One dict per progress line: step, loss, lm_loss, ms, tok, mfu (None where a field is absent)."""
-    rows = []
-    for line in out.splitlines():
-        if "ms/step" not in line or "validation" in line:
-            continue
-        row = {}
-        for key, pattern in {**FIELDS, **LOSSES}.items():
-            m = re.search(pattern, line)
-            row[key] = float(m.group(1)) if m else None
-        if row["step"] is not None:
-            rows.append(row)
-    return rows
+    return parse_steps(out, 0, {**FIELDS, **LOSSES})
 
 
 def max_rel_diff(got: list[dict], want: list[dict], key: str) -> float | None:

@@ -37,14 +37,15 @@ FIELDS = {"step": r"step (\d+)/\d+", "tok": r"\| tok/s/GPU ([\d.]+)", "mfu": r"M
           "ms": r"([\d.]+) ms/step", "mem": r"mem ([\d.]+) GiB", "eff": r"effective tok/s/GPU ([\d.]+)"}
 
 
-def _parse_steps(out: str, warmup: int) -> list[dict]:
-    """One dict per progress line after the warm-up steps (fields absent from a line are None)."""
+def parse_steps(out: str, warmup: int, fields: dict[str, str] = FIELDS) -> list[dict]:
+    """One dict per progress line after the warm-up steps (``fields``: name -> regex with one group; fields
+    absent from a line are None)."""
     rows = []
     for line in out.splitlines():
         if "ms/step" not in line or "validation" in line:
             continue
         row = {}
-        for key, pattern in FIELDS.items():
+        for key, pattern in fields.items():
             m = re.search(pattern, line)
             row[key] = float(m.group(1)) if m else None
         if row["step"] is not None and row["step"] > warmup:
@@ -170,7 +171,7 @@ def run_setting(config: str, overrides: list[str], iters: int, warmup: int, time
     with DevicePeak() as device:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
-    steps = _parse_steps(out, warmup)
+    steps = parse_steps(out, warmup)
     if proc.returncode != 0 or not steps:
         return {"error": out[-3000:], "cmd": " ".join(cmd)}
     mem = [r["mem"] for r in steps if r["mem"] is not None]
