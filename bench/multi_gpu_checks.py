@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from train_bench import FIELDS, parse_steps  # noqa: E402  (bench/ is not a package)
+from train_bench import FIELDS, median_field, parse_steps  # noqa: E402  (bench/ is not a package)
 
 LOSSES = {"loss": r"\| loss ([\d.eE+-]+)", "lm_loss": r"\| lm loss ([\d.eE+-]+)"}
 TP2, SP, PP2, VP2, CP2 = "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2", "parallel.vp=2", \
@@ -81,9 +80,9 @@ class Runner:
         os.makedirs(self.out, exist_ok=True)
 
     def run(self, name: str, nproc: int, overrides: list[str]) -> dict:
-        port = 29500 + sum(map(ord, name)) % 400  # a distinct rendezvous port per run name
+        # --standalone: torchrun picks a free rendezvous port itself
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               f"--master-port={port}", "-m", "bft_megatron.train", "--config", self.args.config,
+               "-m", "bft_megatron.train", "--config", self.args.config,
                "logging.log_interval=1", "logging.tensorboard_dir=null", *self.args.overrides, *overrides]
         proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True,
                               text=True, timeout=self.args.timeout)
@@ -109,9 +108,15 @@ class Runner:
 
 def _throughput(steps: list[dict], warmup: int) -> dict:
     after = [r for r in steps if r["step"] > warmup]
-    med = {k: (statistics.median([r[k] for r in after if r[k] is not None] or [0]) or None)
-           for k in ("ms", "tok", "mfu")}
-    return {"ms": med["ms"], "tok_s_gpu": med["tok"], "mfu": med["mfu"]}
+    return {"ms": median_field(after, "ms"), "tok_s_gpu": median_field(after, "tok"), "mfu": median_field(after, "mfu")}
+
+
+def _judge(row: dict, got: list[dict], want: list[dict], tol: float) -> bool:
+    """Adds the largest relative loss / lm-loss differences, the tolerance and the verdict to ``row``."""
+    diffs = {k: max_rel_diff(got, want, k) for k in ("loss", "lm_loss")}
+    passed = all(d is not None and d <= tol for d in diffs.values())
+    row.update(diffs, tol=tol, verdict="ok" if passed else "FAILED")
+    return passed
 
 
 def run_layouts(runner: Runner, init: str, layouts, steps: int) -> dict:
@@ -145,10 +150,7 @@ def compare(results: dict, layouts, resumes: dict, args) -> tuple[list[dict], bo
         if "error" in res or (ref and "error" in results[ref]):
             row["verdict"], ok = "run failed", False
         elif ref:
-            diffs = {k: max_rel_diff(res["steps"], results[ref]["steps"], k) for k in ("loss", "lm_loss")}
-            passed = all(d is not None and d <= tol for d in diffs.values())
-            row.update(diffs, tol=tol, verdict="ok" if passed else "FAILED")
-            ok &= passed
+            ok &= _judge(row, res["steps"], results[ref]["steps"], tol)
         rows.append(row)
     half = args.steps // 2
     for name, res in resumes.items():
@@ -158,14 +160,12 @@ def compare(results: dict, layouts, resumes: dict, args) -> tuple[list[dict], bo
         if "error" in res or not want or not got:
             row["verdict"], ok = "run failed", False
         else:
-            row.update({k: max_rel_diff(got, want, k) for k in ("loss", "lm_loss")})
-            passed = max(row["loss"], row["lm_loss"]) <= args.rtol
-            row["verdict"], ok = ("ok" if passed else "FAILED"), ok and passed
+            ok &= _judge(row, got, want, args.rtol)
         rows.append(row)
     return rows, ok
 
 
-def report(rows: list[dict], results: dict, args) -> str:
+def report(rows: list[dict], args) -> str:
     fmt = (lambda v, f: f.format(v) if v is not None else "")
     lines = [f"config {args.config} {' '.join(args.overrides)}; {args.steps} steps from one initial checkpoint; "
              f"throughput: median after step {args.warmup}",
@@ -204,7 +204,7 @@ def main() -> None:
     results = run_layouts(runner, init, layouts, args.steps)
     resumes = run_resumes(runner, args.steps) if "error" not in results["tp2"] else {}
     rows, ok = compare(results, layouts, resumes, args)
-    text = report(rows, results, args)
+    text = report(rows, args)
     sys.stdout.write(text)
     with open(os.path.join(runner.out, "report.md"), "w") as fh:
         fh.write(text)

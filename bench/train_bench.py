@@ -53,9 +53,11 @@ def parse_steps(out: str, warmup: int, fields: dict[str, str] = FIELDS) -> list[
     return rows
 
 
-def _median(rows: list[dict], key: str):
+def median_field(rows: list[dict], key: str):
+    """Median of ``key`` over the rows that have it (None if none does)."""
     values = [r[key] for r in rows if r[key] is not None]
     return statistics.median(values) if values else None
+
 
 # gradient_accumulation_fusion is on by default (TE on CUDA); te_op_fuser is opt-in.
 NO_GAF, FUSER = "train.gradient_accumulation_fusion=false", "train.te_op_fuser=true"
@@ -175,9 +177,9 @@ def run_setting(config: str, overrides: list[str], iters: int, warmup: int, time
     if proc.returncode != 0 or not steps:
         return {"error": out[-3000:], "cmd": " ".join(cmd)}
     mem = [r["mem"] for r in steps if r["mem"] is not None]
-    return {"ms": _median(steps, "ms"), "tok_s_gpu": _median(steps, "tok"), "mfu": _median(steps, "mfu"),
+    return {"ms": median_field(steps, "ms"), "tok_s_gpu": median_field(steps, "tok"), "mfu": median_field(steps, "mfu"),
             "peak_gib": max(mem) if mem else None, "device_gib": device.gib,
-            "effective_tok_s_gpu": _median(steps, "eff"),
+            "effective_tok_s_gpu": median_field(steps, "eff"),
             "wall_s": time.time() - start, "cmd": " ".join(cmd)}
 
 

@@ -49,17 +49,21 @@ GEMMA3 = ["model.family=gemma3", "model.qk_norm=true", "model.sliding_window=16"
 MISTRAL_WINDOW = ["model.family=mistral", "model.sliding_window=16"]  # every layer slides (rows of 128)
 
 
-@pytest.mark.parametrize("family", [[], GEMMA3, MISTRAL_WINDOW], ids=["llama", "gemma3", "mistral_window"])
-def test_thd_packing_matches_samples_alone(groups, family):
+def _packed_micro_batch(trainer, groups, **kwargs):
+    """The trainer's first two training rows packed into one THD micro-batch on the GPU."""
     from bft_megatron.data.collate import collate
     from bft_megatron.training.batch import to_micro_batch
 
+    dataset = trainer.train_data.dataset
+    return to_micro_batch(collate([dataset[i] for i in range(2)], packed=True, pad_id=dataset.pad_id), groups.device,
+                          total=2 * trainer.cfg.data.seq_length, pad_id=dataset.pad_id, **kwargs)
+
+
+@pytest.mark.parametrize("family", [[], GEMMA3, MISTRAL_WINDOW], ids=["llama", "gemma3", "mistral_window"])
+def test_thd_packing_matches_samples_alone(groups, family):
     trainer = _trainer(groups, family)
     model = trainer.model[0]
-    data = trainer.train_data
-    rows = [data.dataset[i] for i in range(2)]
-    mb = to_micro_batch(collate(rows, packed=True, pad_id=data.dataset.pad_id), groups.device,
-                        total=2 * trainer.cfg.data.seq_length, pad_id=data.dataset.pad_id)
+    mb = _packed_micro_batch(trainer, groups)
     with torch.no_grad():
         packed = model(mb.tokens.reshape(1, -1), mb.position_ids.reshape(1, -1), None,
                        packed_seq_params=mb.packed_seq_params())[0].float()
@@ -229,17 +233,13 @@ def test_supervised_logits_only_matches_every_row_under_te(groups):
     each kept row's logits are the every-row logits at its position (so labels pair with the right rows); from
     the same initial weights the first step's loss and gradient norm agree to bf16 GEMM tolerance (other row
     counts may pick other cuBLAS kernels), and training with it still lowers the CE mean."""
-    from bft_megatron.data.collate import collate
-    from bft_megatron.training.batch import to_micro_batch
     from bft_megatron.training.fit import fit
     from bft_megatron.training.logit_rows import selecting_rows
 
     steps = ["train.train_iters=3", "train.warmup_iters=1"]
     runs = [_reseeded_trainer(groups, [f"train.supervised_logits_only={flag}"] + steps) for flag in (True, False)]
-    model, data = runs[0].model[0], runs[0].train_data
-    mb = to_micro_batch(collate([data.dataset[i] for i in range(2)], packed=True, pad_id=data.dataset.pad_id),
-                        groups.device, total=2 * runs[0].cfg.data.seq_length, pad_id=data.dataset.pad_id,
-                        logit_rows=(1, 0))
+    model = runs[0].model[0]
+    mb = _packed_micro_batch(runs[0], groups, logit_rows=(1, 0))
     args = (mb.tokens.reshape(1, -1), mb.position_ids.reshape(1, -1), None)
     with torch.no_grad():
         full = model(*args, packed_seq_params=mb.packed_seq_params())[0].float()  # [T, V]
